@@ -1,0 +1,33 @@
+//! Engine limits and defaults, units last.
+
+/// Log block size: every record starts on a block boundary and every flush writes whole blocks.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Bytes of a record header.
+pub const RECORD_HEADER_BYTES: usize = 40;
+/// Bytes of a log file header (one block).
+pub const FILE_HEADER_BYTES: u64 = BLOCK_BYTES;
+/// Default size of one preallocated log file.
+pub const LOG_FILE_BYTES_DEFAULT: u64 = 64 << 20;
+/// Smallest allowed log file (tests use small files to exercise rolling).
+pub const LOG_FILE_BYTES_MIN: u64 = 64 << 10;
+/// Default cap on the bytes one group-commit flush takes (a single larger append still goes alone).
+pub const FLUSH_BYTES_MAX_DEFAULT: usize = 4 << 20;
+/// Default read-cache budget per container.
+pub const CACHE_BYTES_MAX_DEFAULT: usize = 32 << 20;
+/// Default number of containers per shard.
+pub const CONTAINERS_PER_SHARD_DEFAULT: u32 = 4;
+/// Parsed file indexes kept per container for reads that miss the cache.
+pub const FILE_INDEXES_CACHED_MAX: usize = 4;
+/// Bytes per write while zero-filling a new log file.
+pub const PREFILL_CHUNK_BYTES: usize = 1 << 20;
+/// Longest wait a reader may ask for at the tail.
+pub const READ_WAIT_MS_MAX: u32 = 60_000;
+/// Largest read reply payload.
+pub const READ_BYTES_MAX: u32 = 8 << 20;
+/// Bytes appended but not yet durable, per container, above which appends are refused (overloaded).
+pub const PENDING_BYTES_MAX_DEFAULT: usize = 256 << 20;
+
+/// Rounds up to the block size.
+pub fn align_up(v: u64) -> u64 {
+    v.div_ceil(BLOCK_BYTES) * BLOCK_BYTES
+}

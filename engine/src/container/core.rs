@@ -1,0 +1,955 @@
+//! The container as a plain state machine (sans-IO). It validates and orders operations,
+//! plans group-commit flushes (which bytes go where in which log file), applies flushed
+//! operations to the durable state, serves reads from its cache and file indexes, and
+//! rebuilds itself from log file images on recovery. The glommio layer (`container::io`)
+//! and the power-loss simulator drive it with real or simulated I/O.
+//!
+//! Two views of every segment: the *accepted* view (durable plus queued operations) decides
+//! offsets, conditional appends and duplicate detection; the *durable* view (only what a
+//! completed fdatasync covers) is what reads, segment info and checkpoints see.
+//!
+//! Invariants: at most one flush is in flight; flushes complete in order; within a flush
+//! the checkpoint (on a file roll) and the batch are separate records, each written and
+//! synced before the next is written; blocks below the write position are never rewritten.
+
+use crate::constants::{
+    BLOCK_BYTES, FILE_HEADER_BYTES, FILE_INDEXES_CACHED_MAX, RECORD_HEADER_BYTES,
+};
+use crate::container::cache::ReadCache;
+use crate::container::index::FileIndex;
+use crate::error::EngineError;
+use crate::log::checkpoint::{CheckpointState, SegmentCheckpoint};
+use crate::log::entry::{APPEND_HEADER_BYTES, LogEntry, decode_entries};
+use crate::log::format::{RecordHeader, RecordKind, encode_record};
+use crate::log::scan::{FileScan, ScanEnd, scan_file};
+use bytes::Bytes;
+use sluice_net::event::{skip_events, validate_events};
+use std::collections::{HashMap, VecDeque};
+
+/// Sizes and budgets of one container.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub container: u32,
+    /// Size of each new log file.
+    pub file_bytes: u64,
+    pub flush_bytes_max: usize,
+    pub cache_bytes_max: usize,
+    pub pending_bytes_max: usize,
+}
+
+impl CoreConfig {
+    /// Largest append payload a log file of this size can carry next to a checkpoint.
+    pub fn append_bytes_max(&self) -> usize {
+        ((self.file_bytes - FILE_HEADER_BYTES) / 2) as usize
+            - RECORD_HEADER_BYTES
+            - APPEND_HEADER_BYTES
+            - BLOCK_BYTES as usize
+    }
+}
+
+/// An operation on a segment, by qualified name.
+#[derive(Clone, Debug)]
+pub enum Request {
+    Create {
+        name: String,
+    },
+    Append {
+        name: String,
+        writer: u128,
+        first_event_number: u64,
+        event_count: u32,
+        expected_offset: Option<u64>,
+        data: Bytes,
+    },
+    Seal {
+        name: String,
+    },
+    Truncate {
+        name: String,
+        offset: u64,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+/// What an operation returns once durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpResult {
+    Done,
+    Appended {
+        offset: u64,
+        length: u64,
+        last_event_number: u64,
+        duplicate: bool,
+    },
+}
+
+/// Outcome of `submit`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// Already settled (for instance a replay of durable events): answer now.
+    Ready(OpResult),
+    /// Queued: the answer comes from the flush that covers it, in submission order.
+    Queued,
+}
+
+/// One write the I/O layer must perform, then fdatasync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteStep {
+    pub file_seq: u64,
+    pub pos: u64,
+    pub len: u64,
+}
+
+/// A planned flush: optionally prepare a new file, write+sync its checkpoint, write+sync the batch.
+#[derive(Clone, Debug, Default)]
+pub struct FlushPlan {
+    /// Create (zero-filled, header written, synced) this new file first.
+    pub prepare: Option<u64>,
+    pub checkpoint: Option<WriteStep>,
+    pub batch: Option<WriteStep>,
+    /// Operations this flush settles.
+    pub ops: usize,
+}
+
+/// Where read data comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    Data(Bytes),
+    /// Read `len` bytes at `pos` of log file `file_seq`.
+    Log {
+        file_seq: u64,
+        pos: u64,
+        len: u64,
+    },
+    /// The index of this file must be loaded (`insert_file_index`) first.
+    NeedIndex {
+        file_seq: u64,
+    },
+    /// No durable data at this offset yet.
+    Tail,
+}
+
+/// Durable segment state, as reads and info see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentStatus {
+    pub id: u64,
+    pub name: String,
+    pub start_offset: u64,
+    pub length: u64,
+    pub sealed: bool,
+    pub writers: Vec<(u128, u64)>,
+}
+
+struct Segment {
+    name: String,
+    created: bool,
+    start_offset: u64,
+    length: u64,
+    sealed: bool,
+    writers: HashMap<u128, u64>,
+    /// (first offset with data in the file, file seq), ascending.
+    files: Vec<(u64, u64)>,
+    acc_length: u64,
+    acc_start_offset: u64,
+    acc_sealed: bool,
+    acc_writers: HashMap<u128, u64>,
+}
+
+impl Segment {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            created: false,
+            start_offset: 0,
+            length: 0,
+            sealed: false,
+            writers: HashMap::new(),
+            files: Vec::new(),
+            acc_length: 0,
+            acc_start_offset: 0,
+            acc_sealed: false,
+            acc_writers: HashMap::new(),
+        }
+    }
+
+    fn sync_accepted(&mut self) {
+        self.acc_length = self.length;
+        self.acc_start_offset = self.start_offset;
+        self.acc_sealed = self.sealed;
+        self.acc_writers = self.writers.clone();
+    }
+}
+
+struct Pending {
+    entry: Option<LogEntry>,
+    result: OpResult,
+}
+
+struct InFlight {
+    plan: FlushPlan,
+    ops: Vec<Pending>,
+    checkpoint: Option<Vec<u8>>,
+    checkpoint_lsn: u64,
+    batch_lsn: u64,
+    payload_len: usize,
+}
+
+/// Results of a completed flush.
+pub struct Completion {
+    /// One per settled operation, in submission order.
+    pub results: Vec<OpResult>,
+    /// Segments whose durable tail, seal or existence changed (wake their readers).
+    pub changed: Vec<u64>,
+    /// A file that stopped being the current one (its index moved to the cold set).
+    pub rolled_from: Option<u64>,
+}
+
+/// What recovery found, besides the rebuilt core.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    /// The current file, if there is one; `None` means a new file must be prepared first.
+    pub current_file: Option<u64>,
+    /// Torn garbage to zero (file seq, from, to) before any new record is written.
+    pub zero_range: Option<(u64, u64, u64)>,
+    /// Files after the current one that hold no valid record (unused or torn at creation).
+    pub discard_files: Vec<u64>,
+    pub records_replayed: u64,
+    pub torn_tail_at: Option<u64>,
+}
+
+/// A recovery failure, before it is tied to a path.
+#[derive(Debug)]
+pub enum RecoverFault {
+    Corrupt {
+        file_seq: u64,
+        at: u64,
+        valid_at: u64,
+    },
+    Invalid {
+        file_seq: u64,
+        reason: String,
+    },
+}
+
+pub struct ContainerCore {
+    cfg: CoreConfig,
+    epoch: u64,
+    next_lsn: u64,
+    file_seq: u64,
+    /// False until the first file is prepared.
+    has_file: bool,
+    file_pos: u64,
+    current_file_bytes: u64,
+    segments: HashMap<u64, Segment>,
+    by_name: HashMap<String, u64>,
+    next_segment_id: u64,
+    pending: VecDeque<Pending>,
+    pending_bytes: usize,
+    in_flight: Option<InFlight>,
+    poisoned: Option<String>,
+    cache: ReadCache,
+    current_index: FileIndex,
+    cold_indexes: VecDeque<(u64, FileIndex)>,
+}
+
+impl ContainerCore {
+    /// A container with no log file yet; `begin_flush` will prepare file `first_file_seq`.
+    pub fn new(cfg: CoreConfig, epoch: u64, first_file_seq: u64) -> Self {
+        let cache = ReadCache::new(cfg.cache_bytes_max);
+        Self {
+            epoch,
+            next_lsn: 1,
+            file_seq: first_file_seq,
+            has_file: false,
+            file_pos: u64::MAX,
+            current_file_bytes: cfg.file_bytes,
+            segments: HashMap::new(),
+            by_name: HashMap::new(),
+            next_segment_id: 1,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            in_flight: None,
+            poisoned: None,
+            cache,
+            current_index: FileIndex::default(),
+            cold_indexes: VecDeque::new(),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn current_file(&self) -> u64 {
+        self.file_seq
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.values().filter(|s| s.created).count()
+    }
+
+    fn poisoned_error(&self) -> Option<EngineError> {
+        self.poisoned.as_ref().map(|r| EngineError::Poisoned {
+            container: self.cfg.container,
+            reason: r.clone(),
+        })
+    }
+
+    fn lookup(&self, name: &str) -> Result<u64, EngineError> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| EngineError::NoSuchSegment(name.to_string()))
+    }
+
+    fn queue(&mut self, entry: Option<LogEntry>, result: OpResult) -> Submitted {
+        self.pending_bytes += entry.as_ref().map_or(0, LogEntry::encoded_len);
+        self.pending.push_back(Pending { entry, result });
+        Submitted::Queued
+    }
+
+    /// Validates an operation against the accepted state and queues it.
+    pub fn submit(&mut self, req: Request) -> Result<Submitted, EngineError> {
+        if let Some(e) = self.poisoned_error() {
+            return Err(e);
+        }
+        match req {
+            Request::Create { name } => {
+                if name.is_empty() || name.len() > u16::MAX as usize {
+                    return Err(EngineError::BadRequest(format!(
+                        "invalid segment name length {}",
+                        name.len()
+                    )));
+                }
+                if self.by_name.contains_key(&name) {
+                    return Err(EngineError::SegmentExists(name));
+                }
+                let id = self.next_segment_id;
+                self.next_segment_id += 1;
+                self.by_name.insert(name.clone(), id);
+                self.segments.insert(id, Segment::new(name.clone()));
+                Ok(self.queue(Some(LogEntry::Create { segment: id, name }), OpResult::Done))
+            }
+            Request::Append {
+                name,
+                writer,
+                first_event_number,
+                event_count,
+                expected_offset,
+                data,
+            } => self.submit_append(
+                name,
+                writer,
+                first_event_number,
+                event_count,
+                expected_offset,
+                data,
+            ),
+            Request::Seal { name } => {
+                let id = self.lookup(&name)?;
+                let s = self.segments.get_mut(&id).expect("named segment exists");
+                if s.sealed {
+                    return Ok(Submitted::Ready(OpResult::Done));
+                }
+                if s.acc_sealed {
+                    return Ok(self.queue(None, OpResult::Done));
+                }
+                s.acc_sealed = true;
+                Ok(self.queue(Some(LogEntry::Seal { segment: id }), OpResult::Done))
+            }
+            Request::Truncate { name, offset } => {
+                let id = self.lookup(&name)?;
+                let s = self.segments.get_mut(&id).expect("named segment exists");
+                if offset > s.acc_length {
+                    return Err(EngineError::BadRequest(format!(
+                        "cannot truncate {name} at {offset}: beyond its length {}",
+                        s.acc_length
+                    )));
+                }
+                if offset <= s.acc_start_offset {
+                    return Ok(self.queue(None, OpResult::Done));
+                }
+                s.acc_start_offset = offset;
+                Ok(self.queue(
+                    Some(LogEntry::Truncate {
+                        segment: id,
+                        offset,
+                    }),
+                    OpResult::Done,
+                ))
+            }
+            Request::Delete { name } => {
+                let id = self.lookup(&name)?;
+                self.by_name.remove(&name);
+                Ok(self.queue(Some(LogEntry::Delete { segment: id }), OpResult::Done))
+            }
+        }
+    }
+
+    fn submit_append(
+        &mut self,
+        name: String,
+        writer: u128,
+        mut first: u64,
+        mut count: u32,
+        expected_offset: Option<u64>,
+        mut data: Bytes,
+    ) -> Result<Submitted, EngineError> {
+        let id = self.lookup(&name)?;
+        let max = self.cfg.append_bytes_max();
+        let s = self.segments.get(&id).expect("named segment exists");
+        if s.acc_sealed {
+            return Err(EngineError::Sealed(name));
+        }
+        if data.len() > max {
+            return Err(EngineError::TooLarge(format!(
+                "append of {} bytes exceeds the {max}-byte limit",
+                data.len()
+            )));
+        }
+        if count > 0 {
+            validate_events(&data, u64::from(count))
+                .map_err(|e| EngineError::BadRequest(format!("append to {name}: {e}")))?;
+        }
+        let units = u64::from(count.max(1));
+        let mut last = 0;
+        if writer != 0 {
+            last = first
+                .checked_add(units - 1)
+                .ok_or_else(|| EngineError::InvalidEventNumber("event number overflow".into()))?;
+            if let Some(&accepted) = s.acc_writers.get(&writer) {
+                if last <= accepted {
+                    let result = OpResult::Appended {
+                        offset: 0,
+                        length: s.acc_length,
+                        last_event_number: last,
+                        duplicate: true,
+                    };
+                    return Ok(if s.writers.get(&writer).is_some_and(|&d| d >= last) {
+                        Submitted::Ready(result)
+                    } else {
+                        // The original is queued or in flight: answer once it is durable.
+                        self.queue(None, result)
+                    });
+                }
+                if first <= accepted {
+                    if count == 0 {
+                        return Err(EngineError::InvalidEventNumber(format!(
+                            "raw append numbered {first}..={last} overlaps accepted number {accepted}"
+                        )));
+                    }
+                    let skip = accepted - first + 1;
+                    let at = skip_events(&data, skip)
+                        .map_err(|e| EngineError::BadRequest(e.to_string()))?;
+                    data = data.slice(at..);
+                    first = accepted + 1;
+                    count -= skip as u32;
+                }
+            }
+        }
+        let _ = (first, count);
+        if let Some(expected) = expected_offset {
+            if expected != s.acc_length {
+                return Err(EngineError::ConditionalCheckFailed {
+                    segment: name,
+                    expected,
+                    actual: s.acc_length,
+                });
+            }
+        }
+        if self.pending_bytes + data.len() > self.cfg.pending_bytes_max && !self.pending.is_empty()
+        {
+            return Err(EngineError::Overloaded(format!(
+                "container {} has {} bytes waiting for the disk",
+                self.cfg.container, self.pending_bytes
+            )));
+        }
+        let s = self.segments.get_mut(&id).expect("named segment exists");
+        let offset = s.acc_length;
+        s.acc_length += data.len() as u64;
+        if writer != 0 {
+            s.acc_writers.insert(writer, last);
+        }
+        let result = OpResult::Appended {
+            offset,
+            length: s.acc_length,
+            last_event_number: last,
+            duplicate: false,
+        };
+        Ok(self.queue(
+            Some(LogEntry::Append {
+                segment: id,
+                offset,
+                writer,
+                last_event_number: last,
+                data,
+            }),
+            result,
+        ))
+    }
+
+    fn checkpoint_state(&self) -> CheckpointState {
+        let mut segments: Vec<SegmentCheckpoint> = self
+            .segments
+            .iter()
+            .filter(|(_, s)| s.created)
+            .map(|(&id, s)| SegmentCheckpoint {
+                id,
+                name: s.name.clone(),
+                start_offset: s.start_offset,
+                length: s.length,
+                sealed: s.sealed,
+                writers: s.writers.iter().map(|(&w, &n)| (w, n)).collect(),
+                files: s.files.clone(),
+            })
+            .collect();
+        segments.sort_by_key(|s| s.id);
+        CheckpointState {
+            container: self.cfg.container,
+            epoch: self.epoch,
+            next_segment_id: self.next_segment_id,
+            segments,
+        }
+    }
+
+    /// Takes queued operations into a flush. `None` when nothing is queued. At most one
+    /// flush may be in flight. An error poisons the container (the caller fails everything).
+    pub fn begin_flush(&mut self) -> Result<Option<FlushPlan>, String> {
+        assert!(self.in_flight.is_none(), "one flush at a time");
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let mut ops = Vec::new();
+        let mut payload_len = 0usize;
+        while let Some(p) = self.pending.front() {
+            let len = p.entry.as_ref().map_or(0, LogEntry::encoded_len);
+            if !ops.is_empty() && payload_len + len > self.cfg.flush_bytes_max {
+                break;
+            }
+            payload_len += len;
+            ops.push(self.pending.pop_front().expect("front exists"));
+        }
+        self.pending_bytes -= payload_len;
+        let mut plan = FlushPlan {
+            ops: ops.len(),
+            ..FlushPlan::default()
+        };
+        let mut checkpoint = None;
+        let (checkpoint_lsn, mut batch_lsn) = (self.next_lsn, self.next_lsn);
+        if payload_len > 0 {
+            let rec_len = RecordHeader::disk_len(payload_len);
+            let fits = self
+                .file_pos
+                .checked_add(rec_len)
+                .is_some_and(|end| end <= self.current_file_bytes);
+            let (seq, pos) = if fits {
+                (self.file_seq, self.file_pos)
+            } else {
+                let seq = if self.has_file {
+                    self.file_seq + 1
+                } else {
+                    self.file_seq
+                };
+                let ck = self.checkpoint_state().encode();
+                let ck_len = RecordHeader::disk_len(ck.len());
+                let pos = FILE_HEADER_BYTES + ck_len;
+                if pos + rec_len > self.cfg.file_bytes {
+                    let reason = format!(
+                        "checkpoint of {} bytes plus a batch of {} bytes do not fit a {}-byte log file; raise the log file size",
+                        ck.len(),
+                        payload_len,
+                        self.cfg.file_bytes
+                    );
+                    self.fail_with(reason.clone(), ops);
+                    return Err(reason);
+                }
+                plan.prepare = Some(seq);
+                plan.checkpoint = Some(WriteStep {
+                    file_seq: seq,
+                    pos: FILE_HEADER_BYTES,
+                    len: ck_len,
+                });
+                checkpoint = Some(ck);
+                batch_lsn += 1;
+                (seq, pos)
+            };
+            plan.batch = Some(WriteStep {
+                file_seq: seq,
+                pos,
+                len: rec_len,
+            });
+            self.next_lsn = batch_lsn + 1;
+        }
+        self.in_flight = Some(InFlight {
+            plan: plan.clone(),
+            ops,
+            checkpoint,
+            checkpoint_lsn,
+            batch_lsn,
+            payload_len,
+        });
+        Ok(Some(plan))
+    }
+
+    /// Encodes the in-flight checkpoint record into `buf` (exactly its step's length).
+    pub fn encode_checkpoint(&self, buf: &mut [u8]) {
+        let f = self.in_flight.as_ref().expect("a flush in flight");
+        let ck = f.checkpoint.as_ref().expect("the flush rolls");
+        encode_record(
+            buf,
+            RecordKind::Checkpoint,
+            self.epoch,
+            f.checkpoint_lsn,
+            ck.len(),
+            |p| p.copy_from_slice(ck),
+        );
+    }
+
+    /// Encodes the in-flight batch record into `buf` (exactly its step's length).
+    pub fn encode_batch(&self, buf: &mut [u8]) {
+        let f = self.in_flight.as_ref().expect("a flush in flight");
+        encode_record(
+            buf,
+            RecordKind::Batch,
+            self.epoch,
+            f.batch_lsn,
+            f.payload_len,
+            |p| {
+                let mut at = 0;
+                for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
+                    at += e.encode(&mut p[at..]);
+                }
+            },
+        );
+    }
+
+    /// The in-flight flush is durable: apply it.
+    pub fn complete_flush(&mut self) -> Completion {
+        let f = self.in_flight.take().expect("a flush in flight");
+        let mut rolled_from = None;
+        if let Some(seq) = f.plan.prepare {
+            if self.has_file {
+                rolled_from = Some(self.file_seq);
+                let old = std::mem::take(&mut self.current_index);
+                self.remember_index(self.file_seq, old);
+            }
+            self.file_seq = seq;
+            self.has_file = true;
+            self.current_file_bytes = self.cfg.file_bytes;
+        }
+        let mut changed = Vec::new();
+        if let Some(step) = f.plan.batch {
+            self.file_pos = step.pos + step.len;
+            let mut data_pos = step.pos + RECORD_HEADER_BYTES as u64;
+            for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
+                let pos = data_pos + APPEND_HEADER_BYTES as u64;
+                data_pos += e.encoded_len() as u64;
+                if let Some(seg) = self.apply_durable(e, step.file_seq, pos, true) {
+                    changed.push(seg);
+                }
+            }
+        }
+        changed.dedup();
+        Completion {
+            results: f.ops.into_iter().map(|o| o.result).collect(),
+            changed,
+            rolled_from,
+        }
+    }
+
+    /// The in-flight flush failed: the container is poisoned. Returns how many queued
+    /// operations (in flight first, then the rest, in order) must be failed.
+    pub fn fail_flush(&mut self, reason: String) -> usize {
+        let ops = self.in_flight.take().map(|f| f.ops).unwrap_or_default();
+        self.fail_with(reason, ops)
+    }
+
+    fn fail_with(&mut self, reason: String, ops: Vec<Pending>) -> usize {
+        self.poisoned = Some(reason);
+        let n = ops.len() + self.pending.len();
+        self.pending.clear();
+        self.pending_bytes = 0;
+        n
+    }
+
+    /// Applies a durable entry; returns the segment whose readers should wake.
+    fn apply_durable(
+        &mut self,
+        entry: &LogEntry,
+        file_seq: u64,
+        data_pos: u64,
+        cache: bool,
+    ) -> Option<u64> {
+        match entry {
+            LogEntry::Create { segment, name } => {
+                let s = self
+                    .segments
+                    .entry(*segment)
+                    .or_insert_with(|| Segment::new(name.clone()));
+                s.created = true;
+                self.by_name.entry(name.clone()).or_insert(*segment);
+                self.next_segment_id = self.next_segment_id.max(segment + 1);
+                None
+            }
+            LogEntry::Append {
+                segment,
+                offset,
+                writer,
+                last_event_number,
+                data,
+            } => {
+                let s = self.segments.get_mut(segment)?;
+                assert_eq!(*offset, s.length, "appends become durable in offset order");
+                s.length += data.len() as u64;
+                if *writer != 0 {
+                    s.writers.insert(*writer, *last_event_number);
+                }
+                if !data.is_empty() {
+                    if s.files.last().is_none_or(|&(_, f)| f != file_seq) {
+                        s.files.push((*offset, file_seq));
+                    }
+                    self.current_index
+                        .push(*segment, *offset, data_pos, data.len() as u32);
+                    if cache {
+                        self.cache.insert(*segment, *offset, data.clone());
+                    }
+                }
+                Some(*segment)
+            }
+            LogEntry::Seal { segment } => {
+                self.segments.get_mut(segment)?.sealed = true;
+                Some(*segment)
+            }
+            LogEntry::Truncate { segment, offset } => {
+                let s = self.segments.get_mut(segment)?;
+                s.start_offset = s.start_offset.max(*offset);
+                self.cache.truncate(*segment, *offset);
+                None
+            }
+            LogEntry::Delete { segment } => {
+                let s = self.segments.remove(segment)?;
+                if self.by_name.get(&s.name) == Some(segment) {
+                    self.by_name.remove(&s.name);
+                }
+                self.cache.remove_segment(*segment);
+                Some(*segment)
+            }
+        }
+    }
+
+    fn remember_index(&mut self, seq: u64, index: FileIndex) {
+        self.cold_indexes.retain(|(s, _)| *s != seq);
+        self.cold_indexes.push_back((seq, index));
+        while self.cold_indexes.len() > FILE_INDEXES_CACHED_MAX {
+            self.cold_indexes.pop_front();
+        }
+    }
+
+    /// Installs the index of an older file (after `ReadOutcome::NeedIndex`).
+    pub fn insert_file_index(&mut self, seq: u64, index: FileIndex) {
+        self.remember_index(seq, index);
+    }
+
+    /// Durable state of a segment.
+    pub fn status(&self, name: &str) -> Result<SegmentStatus, EngineError> {
+        let id = self.lookup(name)?;
+        let s = &self.segments[&id];
+        if !s.created {
+            return Err(EngineError::NoSuchSegment(name.to_string()));
+        }
+        let mut writers: Vec<_> = s.writers.iter().map(|(&w, &n)| (w, n)).collect();
+        writers.sort_unstable();
+        Ok(SegmentStatus {
+            id,
+            name: s.name.clone(),
+            start_offset: s.start_offset,
+            length: s.length,
+            sealed: s.sealed,
+            writers,
+        })
+    }
+
+    /// Where to read up to `max` bytes of `name` from `offset`.
+    pub fn read(
+        &self,
+        name: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<(ReadOutcome, SegmentStatus), EngineError> {
+        let status = self.status(name)?;
+        let s = &self.segments[&status.id];
+        if offset < s.start_offset {
+            return Err(EngineError::Truncated {
+                segment: name.to_string(),
+                offset,
+                start: s.start_offset,
+            });
+        }
+        if offset >= s.length {
+            if offset > s.acc_length {
+                return Err(EngineError::BadRequest(format!(
+                    "offset {offset} is beyond the end ({}) of {name}",
+                    s.acc_length
+                )));
+            }
+            return Ok((ReadOutcome::Tail, status));
+        }
+        let max = max.max(1);
+        if let Some(data) = self.cache.get(status.id, offset, max) {
+            return Ok((ReadOutcome::Data(data), status));
+        }
+        let i = s.files.partition_point(|&(o, _)| o <= offset);
+        let Some(&(_, file_seq)) = i.checked_sub(1).and_then(|i| s.files.get(i)) else {
+            return Err(EngineError::BadRequest(format!(
+                "no log file holds offset {offset} of {name}"
+            )));
+        };
+        let index = if file_seq == self.file_seq {
+            &self.current_index
+        } else {
+            match self.cold_indexes.iter().find(|(seq, _)| *seq == file_seq) {
+                Some((_, idx)) => idx,
+                None => return Ok((ReadOutcome::NeedIndex { file_seq }, status)),
+            }
+        };
+        let Some((pos, avail)) = index.locate(status.id, offset) else {
+            return Err(EngineError::BadRequest(format!(
+                "log file {file_seq:x} has no data for offset {offset} of {name}"
+            )));
+        };
+        Ok((
+            ReadOutcome::Log {
+                file_seq,
+                pos,
+                len: avail.min(max as u64),
+            },
+            status,
+        ))
+    }
+
+    /// Rebuilds a container from its log files (ascending sequence, whole file images).
+    /// The new core writes with `epoch` one above anything in the log.
+    pub fn recover(
+        cfg: CoreConfig,
+        files: &[(u64, Bytes)],
+    ) -> Result<(Self, RecoveryReport), RecoverFault> {
+        let scans: Vec<FileScan> = files.iter().map(|(_, b)| scan_file(b)).collect();
+        let mut report = RecoveryReport::default();
+        let header_ok = |i: usize| {
+            scans[i]
+                .header
+                .as_ref()
+                .is_ok_and(|h| h.seq == files[i].0 && h.container == cfg.container)
+        };
+        let active = (0..files.len()).rev().find(|&i| {
+            header_ok(i)
+                && scans[i]
+                    .records
+                    .first()
+                    .is_some_and(|r| r.header.kind == RecordKind::Checkpoint)
+        });
+        let max_epoch = scans
+            .iter()
+            .filter_map(|s| s.header.as_ref().ok().map(|h| h.epoch))
+            .max()
+            .unwrap_or(0);
+        let first_later = active.map_or(0, |a| a + 1);
+        for (i, scan) in scans.iter().enumerate().skip(first_later) {
+            if let ScanEnd::Corrupt { at, valid_at, .. } = scan.stop {
+                return Err(RecoverFault::Corrupt {
+                    file_seq: files[i].0,
+                    at,
+                    valid_at,
+                });
+            }
+            if let Some(r) = scan.records.first() {
+                return Err(RecoverFault::Invalid {
+                    file_seq: files[i].0,
+                    reason: format!(
+                        "valid record at byte {} but no checkpoint opens the file",
+                        r.pos
+                    ),
+                });
+            }
+            report.discard_files.push(files[i].0);
+        }
+        let Some(a) = active else {
+            let next = files.last().map_or(0, |(s, _)| s + 1);
+            return Ok((Self::new(cfg, max_epoch + 1, next), report));
+        };
+        let (seq, scan) = (files[a].0, &scans[a]);
+        if let ScanEnd::Corrupt { at, valid_at, .. } = scan.stop {
+            return Err(RecoverFault::Corrupt {
+                file_seq: seq,
+                at,
+                valid_at,
+            });
+        }
+        let invalid = |reason: String| RecoverFault::Invalid {
+            file_seq: seq,
+            reason,
+        };
+        let ck = CheckpointState::decode(&scan.records[0].payload).map_err(invalid)?;
+        let file_bytes = scan.header.as_ref().expect("checked").file_bytes;
+        let mut core = Self::new(cfg, 0, seq);
+        core.has_file = true;
+        core.file_pos = scan.end;
+        core.current_file_bytes = file_bytes;
+        core.next_segment_id = ck.next_segment_id;
+        for sc in ck.segments {
+            let mut s = Segment::new(sc.name.clone());
+            s.created = true;
+            s.start_offset = sc.start_offset;
+            s.length = sc.length;
+            s.sealed = sc.sealed;
+            s.writers = sc.writers.into_iter().collect();
+            s.files = sc.files;
+            core.by_name.insert(sc.name, sc.id);
+            core.segments.insert(sc.id, s);
+        }
+        let mut epoch = ck.epoch.max(max_epoch);
+        for rec in &scan.records[1..] {
+            if rec.header.kind != RecordKind::Batch {
+                return Err(invalid(format!(
+                    "unexpected checkpoint at byte {}",
+                    rec.pos
+                )));
+            }
+            for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(invalid)? {
+                core.apply_durable(&entry, seq, pos, false);
+            }
+            report.records_replayed += 1;
+        }
+        for r in &scan.records {
+            epoch = epoch.max(r.header.epoch);
+        }
+        core.epoch = epoch + 1;
+        core.next_lsn = scan.records.last().expect("checkpoint exists").header.lsn + 1;
+        for s in core.segments.values_mut() {
+            s.sync_accepted();
+        }
+        if let ScanEnd::Torn { at, .. } = scan.stop {
+            report.torn_tail_at = Some(at);
+        }
+        if scan.dirty_end > scan.end {
+            report.zero_range = Some((seq, scan.end, scan.dirty_end));
+        }
+        report.current_file = Some(seq);
+        Ok((core, report))
+    }
+}

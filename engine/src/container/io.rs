@@ -1,0 +1,512 @@
+//! The glommio driver of a container: direct-IO log files (DmaFile, O_DIRECT), the group
+//! commit loop, waiters for acknowledgements and for data at a segment's tail, and reads
+//! that miss the cache. Runs on the shard that owns the container; everything here is
+//! single-threaded (Rc/RefCell), and no call blocks the executor.
+//!
+//! Group commit: submitting an operation queues it in the core; if no flush is running one
+//! starts. A flush takes everything queued (up to the flush size cap), writes it as one
+//! record, fdatasyncs, and only then answers the waiters. Operations queued meanwhile go
+//! into the next flush. A failed write or fdatasync poisons the container: every waiter and
+//! every later request gets `ContainerPoisoned`; nothing is retried.
+
+use crate::constants::{FILE_HEADER_BYTES, PREFILL_CHUNK_BYTES};
+use crate::container::core::{
+    ContainerCore, CoreConfig, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
+};
+use crate::container::index::FileIndex;
+use crate::error::{EngineError, RecoveryError};
+use crate::log::format::FileHeader;
+use crate::log::scan::scan_file;
+use crate::log::{file_name, parse_file_name};
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::future::{Either, select};
+use glommio::io::{DmaFile, OpenOptions};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+type Waiter = oneshot::Sender<Result<OpResult, EngineError>>;
+
+/// Durable data read from a segment.
+#[derive(Debug)]
+pub struct ReadData {
+    pub data: Bytes,
+    pub status: SegmentStatus,
+}
+
+struct Files {
+    current: Option<Rc<DmaFile>>,
+    current_seq: u64,
+    next: Option<(u64, glommio::task::JoinHandle<Result<DmaFile, String>>)>,
+    readers: HashMap<u64, Rc<DmaFile>>,
+}
+
+pub struct Container {
+    id: u32,
+    dir: PathBuf,
+    core: RefCell<ContainerCore>,
+    waiters: RefCell<VecDeque<Waiter>>,
+    tail_waiters: RefCell<HashMap<u64, Vec<oneshot::Sender<()>>>>,
+    flushing: Cell<bool>,
+    files: RefCell<Files>,
+}
+
+fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+/// Reads a whole file with direct I/O.
+async fn read_whole(path: &Path) -> Result<Bytes, String> {
+    let f = DmaFile::open(path)
+        .await
+        .map_err(|e| io_err("opening", path, e))?;
+    let size = f.file_size().await.map_err(|e| io_err("sizing", path, e))?;
+    let mut out = Vec::with_capacity(size as usize);
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(PREFILL_CHUNK_BYTES as u64) as usize;
+        let r = f
+            .read_at_aligned(pos, n)
+            .await
+            .map_err(|e| io_err("reading", path, e))?;
+        if r.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&r);
+        pos += r.len() as u64;
+    }
+    let _ = f.close().await;
+    Ok(Bytes::from(out))
+}
+
+async fn write_all_at(
+    file: &DmaFile,
+    buf: glommio::io::DmaBuffer,
+    pos: u64,
+    path: &Path,
+) -> Result<(), String> {
+    let len = buf.len();
+    let n = file
+        .write_at(buf, pos)
+        .await
+        .map_err(|e| io_err("writing", path, e))?;
+    if n != len {
+        return Err(format!(
+            "short write to {}: {n} of {len} bytes at {pos}",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+async fn sync_dir(dir: &Path) -> Result<(), String> {
+    let d = glommio::io::Directory::open(dir)
+        .await
+        .map_err(|e| io_err("opening directory", dir, e))?;
+    d.sync()
+        .await
+        .map_err(|e| io_err("syncing directory", dir, e))?;
+    let _ = d.close().await;
+    Ok(())
+}
+
+/// Creates log file `seq`: header block, zero fill to its full size (so later fdatasyncs
+/// carry no allocation metadata), fdatasync, directory fsync.
+async fn prepare_log_file(dir: PathBuf, header: FileHeader) -> Result<DmaFile, String> {
+    let path = dir.join(file_name(header.seq));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .dma_open(&path)
+        .await
+        .map_err(|e| io_err("creating", &path, e))?;
+    let _ = f.pre_allocate(header.file_bytes, false).await;
+    let mut pos = 0u64;
+    while pos < header.file_bytes {
+        let n = (header.file_bytes - pos).min(PREFILL_CHUNK_BYTES as u64) as usize;
+        let mut buf = f.alloc_dma_buffer(n);
+        buf.as_bytes_mut().fill(0);
+        if pos == 0 {
+            header.encode(&mut buf.as_bytes_mut()[..FILE_HEADER_BYTES as usize]);
+        }
+        write_all_at(&f, buf, pos, &path).await?;
+        pos += n as u64;
+    }
+    f.fdatasync()
+        .await
+        .map_err(|e| io_err("syncing", &path, e))?;
+    sync_dir(&dir).await?;
+    Ok(f)
+}
+
+impl Container {
+    /// Opens (recovering) or creates container `cfg.container` under `dir`.
+    pub async fn open(cfg: CoreConfig, dir: PathBuf) -> Result<Rc<Self>, RecoveryError> {
+        let ioerr = |source: std::io::Error| RecoveryError::Io {
+            file: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(ioerr)?;
+        let mut seqs: Vec<u64> = std::fs::read_dir(&dir)
+            .map_err(ioerr)?
+            .filter_map(|e| {
+                e.ok()
+                    .and_then(|e| e.file_name().to_str().and_then(parse_file_name))
+            })
+            .collect();
+        seqs.sort_unstable();
+        // Read files newest first until one opens with a checkpoint: recovery needs only those.
+        let mut images: Vec<(u64, Bytes)> = Vec::new();
+        for &seq in seqs.iter().rev() {
+            let path = dir.join(file_name(seq));
+            let bytes = read_whole(&path)
+                .await
+                .map_err(|reason| RecoveryError::Invalid {
+                    file: path.clone(),
+                    reason,
+                })?;
+            let has_checkpoint = scan_file(&bytes)
+                .records
+                .first()
+                .is_some_and(|r| r.header.kind == crate::log::format::RecordKind::Checkpoint);
+            images.insert(0, (seq, bytes));
+            if has_checkpoint {
+                break;
+            }
+        }
+        let (core, report) = ContainerCore::recover(cfg.clone(), &images).map_err(|f| match f {
+            crate::container::core::RecoverFault::Corrupt {
+                file_seq,
+                at,
+                valid_at,
+            } => RecoveryError::Corrupt {
+                file: dir.join(file_name(file_seq)),
+                offset: at,
+                valid_at,
+            },
+            crate::container::core::RecoverFault::Invalid { file_seq, reason } => {
+                RecoveryError::Invalid {
+                    file: dir.join(file_name(file_seq)),
+                    reason,
+                }
+            }
+        })?;
+        drop(images);
+        for seq in &report.discard_files {
+            let path = dir.join(file_name(*seq));
+            std::fs::remove_file(&path)
+                .map_err(|source| RecoveryError::Io { file: path, source })?;
+        }
+        let mut files = Files {
+            current: None,
+            current_seq: core.current_file(),
+            next: None,
+            readers: HashMap::new(),
+        };
+        if let Some(seq) = report.current_file {
+            let path = dir.join(file_name(seq));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .dma_open(&path)
+                .await
+                .map_err(|e| RecoveryError::Invalid {
+                    file: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if let Some((_, from, to)) = report.zero_range {
+                // Clear the torn tail so no stale bytes sit after future records.
+                let invalid = |reason| RecoveryError::Invalid {
+                    file: path.clone(),
+                    reason,
+                };
+                let mut buf = f.alloc_dma_buffer((to - from) as usize);
+                buf.as_bytes_mut().fill(0);
+                write_all_at(&f, buf, from, &path).await.map_err(invalid)?;
+                f.fdatasync().await.map_err(|e| invalid(e.to_string()))?;
+            }
+            files.current = Some(Rc::new(f));
+        }
+        if report.torn_tail_at.is_some() || report.records_replayed > 0 {
+            tracing::info!(
+                container = cfg.container,
+                replayed = report.records_replayed,
+                torn_tail_at = ?report.torn_tail_at,
+                segments = core.segment_count(),
+                epoch = core.epoch(),
+                "container recovered"
+            );
+        }
+        Ok(Rc::new(Self {
+            id: cfg.container,
+            dir,
+            core: RefCell::new(core),
+            waiters: RefCell::new(VecDeque::new()),
+            tail_waiters: RefCell::new(HashMap::new()),
+            flushing: Cell::new(false),
+            files: RefCell::new(files),
+        }))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Queues an operation now (ordering is fixed at call time) and returns its answer,
+    /// which arrives once the operation is durable.
+    pub fn submit(
+        self: &Rc<Self>,
+        req: Request,
+    ) -> impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static {
+        let state = match self.core.borrow_mut().submit(req) {
+            Err(e) => Err(e),
+            Ok(Submitted::Ready(r)) => Ok(Either::Left(r)),
+            Ok(Submitted::Queued) => {
+                let (tx, rx) = oneshot::channel();
+                self.waiters.borrow_mut().push_back(tx);
+                Ok(Either::Right(rx))
+            }
+        };
+        if matches!(state, Ok(Either::Right(_))) && !self.flushing.get() {
+            self.flushing.set(true);
+            glommio::spawn_local(Self::flush_loop(self.clone())).detach();
+        }
+        let id = self.id;
+        async move {
+            match state? {
+                Either::Left(r) => Ok(r),
+                Either::Right(rx) => rx.await.unwrap_or_else(|_| {
+                    Err(EngineError::Poisoned {
+                        container: id,
+                        reason: "container stopped".into(),
+                    })
+                }),
+            }
+        }
+    }
+
+    async fn flush_loop(self: Rc<Self>) {
+        loop {
+            let plan = self.core.borrow_mut().begin_flush();
+            let plan = match plan {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(reason) => {
+                    tracing::error!(container = self.id, %reason, "container poisoned");
+                    self.fail_waiters(usize::MAX, &reason);
+                    break;
+                }
+            };
+            match self.execute(&plan).await {
+                Ok(()) => {
+                    let done = self.core.borrow_mut().complete_flush();
+                    {
+                        let mut waiters = self.waiters.borrow_mut();
+                        for r in done.results {
+                            let w = waiters.pop_front().expect("a waiter per queued operation");
+                            let _ = w.send(Ok(r));
+                        }
+                    }
+                    if let Some(old) = done.rolled_from {
+                        self.files.borrow_mut().readers.remove(&old);
+                    }
+                    let mut tails = self.tail_waiters.borrow_mut();
+                    for seg in done.changed {
+                        for w in tails.remove(&seg).unwrap_or_default() {
+                            let _ = w.send(());
+                        }
+                    }
+                }
+                Err(reason) => {
+                    tracing::error!(container = self.id, %reason, "log write failed; container poisoned");
+                    let n = self.core.borrow_mut().fail_flush(reason.clone());
+                    self.fail_waiters(n, &reason);
+                    break;
+                }
+            }
+        }
+        self.flushing.set(false);
+    }
+
+    fn fail_waiters(&self, n: usize, reason: &str) {
+        let mut waiters = self.waiters.borrow_mut();
+        for _ in 0..n.min(waiters.len()) {
+            let w = waiters.pop_front().expect("counted");
+            let _ = w.send(Err(EngineError::Poisoned {
+                container: self.id,
+                reason: reason.to_string(),
+            }));
+        }
+    }
+
+    fn start_prepare(&self, seq: u64) {
+        let core = self.core.borrow();
+        let header = FileHeader {
+            container: self.id,
+            seq,
+            epoch: core.epoch(),
+            file_bytes: core.config().file_bytes,
+        };
+        let task = glommio::spawn_local(prepare_log_file(self.dir.clone(), header)).detach();
+        self.files.borrow_mut().next = Some((seq, task));
+    }
+
+    async fn take_prepared(&self, seq: u64) -> Result<DmaFile, String> {
+        if self
+            .files
+            .borrow()
+            .next
+            .as_ref()
+            .is_none_or(|(s, _)| *s != seq)
+        {
+            self.start_prepare(seq);
+        }
+        let (_, task) = self.files.borrow_mut().next.take().expect("just started");
+        task.await
+            .unwrap_or_else(|| Err("log file preparation was cancelled".into()))
+    }
+
+    async fn write_step(
+        &self,
+        file: &DmaFile,
+        step: crate::container::core::WriteStep,
+        checkpoint: bool,
+    ) -> Result<(), String> {
+        let path = self.dir.join(file_name(step.file_seq));
+        let mut buf = file.alloc_dma_buffer(step.len as usize);
+        {
+            let core = self.core.borrow();
+            if checkpoint {
+                core.encode_checkpoint(buf.as_bytes_mut());
+            } else {
+                core.encode_batch(buf.as_bytes_mut());
+            }
+        }
+        write_all_at(file, buf, step.pos, &path).await?;
+        file.fdatasync()
+            .await
+            .map_err(|e| io_err("syncing", &path, e))
+    }
+
+    async fn execute(&self, plan: &FlushPlan) -> Result<(), String> {
+        if let Some(seq) = plan.prepare {
+            let f = Rc::new(self.take_prepared(seq).await?);
+            let mut files = self.files.borrow_mut();
+            if let Some(old) = files.current.replace(f) {
+                let old_seq = files.current_seq;
+                files.readers.insert(old_seq, old);
+            }
+            files.current_seq = seq;
+        }
+        let file = self
+            .files
+            .borrow()
+            .current
+            .clone()
+            .ok_or("no current log file")?;
+        if let Some(step) = plan.checkpoint {
+            self.write_step(&file, step, true).await?;
+        }
+        if let Some(step) = plan.batch {
+            self.write_step(&file, step, false).await?;
+            // Prepare the next file once this one is half used, off the commit path.
+            let (half, next_seq) = {
+                let c = self.core.borrow();
+                (
+                    step.pos + step.len > c.config().file_bytes / 2,
+                    step.file_seq + 1,
+                )
+            };
+            if half && self.files.borrow().next.is_none() {
+                self.start_prepare(next_seq);
+            }
+        }
+        Ok(())
+    }
+
+    async fn reader_file(&self, seq: u64) -> Result<Rc<DmaFile>, EngineError> {
+        {
+            let files = self.files.borrow();
+            if seq == files.current_seq {
+                if let Some(f) = &files.current {
+                    return Ok(f.clone());
+                }
+            }
+            if let Some(f) = files.readers.get(&seq) {
+                return Ok(f.clone());
+            }
+        }
+        let path = self.dir.join(file_name(seq));
+        let f = Rc::new(
+            DmaFile::open(&path)
+                .await
+                .map_err(|e| EngineError::Io(io_err("opening", &path, e)))?,
+        );
+        let mut files = self.files.borrow_mut();
+        if files.readers.len() >= 8 {
+            files.readers.clear();
+        }
+        files.readers.insert(seq, f.clone());
+        Ok(f)
+    }
+
+    /// Reads durable bytes from `offset`. At the tail waits up to `wait` for data (or a seal).
+    pub async fn read(
+        self: &Rc<Self>,
+        name: &str,
+        offset: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<ReadData, EngineError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let (outcome, status) = self.core.borrow().read(name, offset, max)?;
+            match outcome {
+                ReadOutcome::Data(data) => return Ok(ReadData { data, status }),
+                ReadOutcome::Log { file_seq, pos, len } => {
+                    let f = self.reader_file(file_seq).await?;
+                    let r = f.read_at(pos, len as usize).await.map_err(|e| {
+                        EngineError::Io(format!("reading log file {file_seq:x}: {e}"))
+                    })?;
+                    return Ok(ReadData {
+                        data: Bytes::copy_from_slice(&r),
+                        status,
+                    });
+                }
+                ReadOutcome::NeedIndex { file_seq } => {
+                    let path = self.dir.join(file_name(file_seq));
+                    let bytes = read_whole(&path).await.map_err(EngineError::Io)?;
+                    let index = FileIndex::build(&scan_file(&bytes)).map_err(EngineError::Io)?;
+                    self.core.borrow_mut().insert_file_index(file_seq, index);
+                }
+                ReadOutcome::Tail => {
+                    let now = Instant::now();
+                    if status.sealed || now >= deadline {
+                        return Ok(ReadData {
+                            data: Bytes::new(),
+                            status,
+                        });
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    self.tail_waiters
+                        .borrow_mut()
+                        .entry(status.id)
+                        .or_default()
+                        .push(tx);
+                    let sleep = glommio::timer::sleep(deadline - now);
+                    futures::pin_mut!(sleep);
+                    let _ = select(rx, sleep).await;
+                }
+            }
+        }
+    }
+
+    /// Durable state of a segment.
+    pub fn status(&self, name: &str) -> Result<SegmentStatus, EngineError> {
+        self.core.borrow().status(name)
+    }
+}

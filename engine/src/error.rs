@@ -1,0 +1,83 @@
+//! Engine errors. Operating errors are typed; each maps to a wire code a client can act on.
+
+use sluice_net::ErrorCode;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum EngineError {
+    #[error("no such segment: {0}")]
+    NoSuchSegment(String),
+    #[error("segment {0} already exists")]
+    SegmentExists(String),
+    #[error("segment {0} is sealed")]
+    Sealed(String),
+    #[error("offset {offset} is below the start offset {start} of segment {segment}")]
+    Truncated {
+        segment: String,
+        offset: u64,
+        start: u64,
+    },
+    #[error(
+        "conditional append failed: segment {segment} has length {actual}, expected {expected}"
+    )]
+    ConditionalCheckFailed {
+        segment: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("container {container} is poisoned after an I/O failure: {reason}")]
+    Poisoned { container: u32, reason: String },
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("invalid event number: {0}")]
+    InvalidEventNumber(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl EngineError {
+    /// Wire code and the optional offset detail.
+    pub fn code(&self) -> (ErrorCode, Option<u64>) {
+        match self {
+            EngineError::NoSuchSegment(_) => (ErrorCode::NoSuchSegment, None),
+            EngineError::SegmentExists(_) => (ErrorCode::AlreadyExists, None),
+            EngineError::Sealed(_) => (ErrorCode::Sealed, None),
+            EngineError::Truncated { start, .. } => (ErrorCode::Truncated, Some(*start)),
+            EngineError::ConditionalCheckFailed { actual, .. } => {
+                (ErrorCode::ConditionalCheckFailed, Some(*actual))
+            }
+            EngineError::TooLarge(_) => (ErrorCode::TooLarge, None),
+            EngineError::Poisoned { .. } => (ErrorCode::ContainerPoisoned, None),
+            EngineError::Overloaded(_) => (ErrorCode::Overloaded, None),
+            EngineError::BadRequest(_) => (ErrorCode::BadRequest, None),
+            EngineError::InvalidEventNumber(_) => (ErrorCode::InvalidEventNumber, None),
+            EngineError::Io(_) => (ErrorCode::Internal, None),
+        }
+    }
+}
+
+/// Why a container log cannot be recovered. Recovery refuses to start rather than lose
+/// acknowledged data.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error(
+        "corrupt log {file}: invalid record at byte {offset} is followed by a valid record at byte {valid_at}; \
+         this is damage to acknowledged data, not a torn write. Refusing to start; inspect with `sluice log dump`"
+    )]
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+        valid_at: u64,
+    },
+    #[error("log {file}: {reason}")]
+    Invalid { file: PathBuf, reason: String },
+    #[error("I/O error on {file}: {source}")]
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,20 @@
+//! Sluice storage engine. A node runs one glommio executor per core ("shard"); each shard
+//! owns a fixed set of segment containers and serves their segments over its own port.
+//! Each container keeps a durable log of direct-IO files with group commit; an operation is
+//! acknowledged only after the fdatasync that covers it returned.
+//!
+//! - `log`: on-disk format, entries, checkpoints, file scanning (pure)
+//! - `container`: the container state machine, cache, indexes, and its glommio I/O driver
+//! - `shard`: executors, container placement, cross-shard messages, the node handle
+//! - `server`: per-connection protocol handling on each shard
+
+pub mod config;
+pub mod constants;
+pub mod container;
+pub mod error;
+pub mod log;
+pub mod server;
+pub mod shard;
+
+pub use config::EngineConfig;
+pub use error::{EngineError, RecoveryError};

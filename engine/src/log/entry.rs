@@ -1,0 +1,252 @@
+//! Entries inside a batch record: what a container did, in order.
+
+use bytes::Bytes;
+
+const CREATE: u8 = 1;
+const APPEND: u8 = 2;
+const SEAL: u8 = 3;
+const TRUNCATE: u8 = 4;
+const DELETE: u8 = 5;
+
+/// Bytes of an append entry before its data.
+pub const APPEND_HEADER_BYTES: usize = 1 + 8 + 8 + 16 + 8 + 4;
+
+/// One operation in the log. Segment ids are local to the container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogEntry {
+    Create {
+        segment: u64,
+        name: String,
+    },
+    /// `data` lands at `offset`; `writer` 0 means no idempotent writer.
+    Append {
+        segment: u64,
+        offset: u64,
+        writer: u128,
+        last_event_number: u64,
+        data: Bytes,
+    },
+    Seal {
+        segment: u64,
+    },
+    Truncate {
+        segment: u64,
+        offset: u64,
+    },
+    Delete {
+        segment: u64,
+    },
+}
+
+impl LogEntry {
+    /// Encoded size.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            LogEntry::Create { name, .. } => 1 + 8 + 2 + name.len(),
+            LogEntry::Append { data, .. } => APPEND_HEADER_BYTES + data.len(),
+            LogEntry::Seal { .. } | LogEntry::Delete { .. } => 1 + 8,
+            LogEntry::Truncate { .. } => 1 + 8 + 8,
+        }
+    }
+
+    /// Encodes into the front of `out`; returns the bytes written.
+    pub fn encode(&self, out: &mut [u8]) -> usize {
+        let mut w = Writer { out, pos: 0 };
+        match self {
+            LogEntry::Create { segment, name } => {
+                w.u8(CREATE);
+                w.u64(*segment);
+                w.u16(name.len() as u16);
+                w.bytes(name.as_bytes());
+            }
+            LogEntry::Append {
+                segment,
+                offset,
+                writer,
+                last_event_number,
+                data,
+            } => {
+                w.u8(APPEND);
+                w.u64(*segment);
+                w.u64(*offset);
+                w.bytes(&writer.to_le_bytes());
+                w.u64(*last_event_number);
+                w.u32(data.len() as u32);
+                w.bytes(data);
+            }
+            LogEntry::Seal { segment } => {
+                w.u8(SEAL);
+                w.u64(*segment);
+            }
+            LogEntry::Truncate { segment, offset } => {
+                w.u8(TRUNCATE);
+                w.u64(*segment);
+                w.u64(*offset);
+            }
+            LogEntry::Delete { segment } => {
+                w.u8(DELETE);
+                w.u64(*segment);
+            }
+        }
+        w.pos
+    }
+}
+
+/// Decodes all entries of a batch payload. `data_base` is the payload's position in the
+/// file; each entry comes with the file position of its data (for appends).
+pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, u64)>, String> {
+    let mut r = Reader {
+        buf: payload,
+        pos: 0,
+    };
+    let mut out = Vec::new();
+    while r.pos < payload.len() {
+        let tag = r.u8()?;
+        let entry = match tag {
+            CREATE => {
+                let segment = r.u64()?;
+                let len = r.u16()? as usize;
+                let name = std::str::from_utf8(r.take(len)?)
+                    .map_err(|_| "segment name is not UTF-8")?
+                    .to_owned();
+                LogEntry::Create { segment, name }
+            }
+            APPEND => {
+                let segment = r.u64()?;
+                let offset = r.u64()?;
+                let writer = u128::from_le_bytes(r.take(16)?.try_into().expect("16 bytes"));
+                let last_event_number = r.u64()?;
+                let len = r.u32()? as usize;
+                let at = r.pos;
+                r.take(len)?;
+                let data = payload.slice(at..at + len);
+                out.push((
+                    LogEntry::Append {
+                        segment,
+                        offset,
+                        writer,
+                        last_event_number,
+                        data,
+                    },
+                    data_base + at as u64,
+                ));
+                continue;
+            }
+            SEAL => LogEntry::Seal { segment: r.u64()? },
+            TRUNCATE => LogEntry::Truncate {
+                segment: r.u64()?,
+                offset: r.u64()?,
+            },
+            DELETE => LogEntry::Delete { segment: r.u64()? },
+            t => {
+                return Err(format!(
+                    "unknown entry type {t} at payload byte {}",
+                    r.pos - 1
+                ));
+            }
+        };
+        out.push((entry, 0));
+    }
+    Ok(out)
+}
+
+struct Writer<'a> {
+    out: &'a mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        self.out[self.pos..self.pos + b.len()].copy_from_slice(b);
+        self.pos += b.len();
+    }
+    fn u8(&mut self, v: u8) {
+        self.bytes(&[v]);
+    }
+    fn u16(&mut self, v: u16) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let s = self
+            .buf
+            .get(self.pos..self.pos + n)
+            .ok_or_else(|| format!("entry cut short at payload byte {}", self.pos))?;
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_roundtrip() {
+        let entries = vec![
+            LogEntry::Create {
+                segment: 1,
+                name: "s/t/0".into(),
+            },
+            LogEntry::Append {
+                segment: 1,
+                offset: 0,
+                writer: 99 << 70,
+                last_event_number: 5,
+                data: Bytes::from_static(b"abc"),
+            },
+            LogEntry::Seal { segment: 1 },
+            LogEntry::Truncate {
+                segment: 1,
+                offset: 2,
+            },
+            LogEntry::Delete { segment: 1 },
+        ];
+        let total: usize = entries.iter().map(|e| e.encoded_len()).sum();
+        let mut buf = vec![0u8; total];
+        let mut pos = 0;
+        for e in &entries {
+            pos += e.encode(&mut buf[pos..]);
+        }
+        assert_eq!(pos, total);
+        let decoded = decode_entries(&Bytes::from(buf), 1000).unwrap();
+        assert_eq!(
+            decoded.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
+            entries
+        );
+        assert_eq!(decoded[1].1, 1000 + 16 + APPEND_HEADER_BYTES as u64);
+        assert!(decode_entries(&Bytes::from_static(&[2, 0, 0]), 0).is_err());
+        assert!(decode_entries(&Bytes::from_static(&[9]), 0).is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! File header and record header layouts (little-endian, crc32c).
+
+use crate::constants::{BLOCK_BYTES, RECORD_HEADER_BYTES};
+
+/// Magic at the start of every log file.
+pub const FILE_MAGIC: &[u8; 8] = b"SLUICELG";
+/// Magic at the start of every record ("SLRC").
+pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"SLRC");
+/// Current on-disk format version.
+pub const FORMAT_VERSION: u16 = 1;
+/// Bytes of the file header covered by its checksum.
+const FILE_HEADER_CRC_AT: usize = 40;
+
+/// Record kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// A group-commit batch of entries.
+    Batch = 1,
+    /// A container metadata checkpoint (first record of every file).
+    Checkpoint = 2,
+}
+
+impl RecordKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Batch),
+            2 => Some(Self::Checkpoint),
+            _ => None,
+        }
+    }
+}
+
+/// The first block of a log file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileHeader {
+    pub container: u32,
+    pub seq: u64,
+    pub epoch: u64,
+    pub file_bytes: u64,
+}
+
+impl FileHeader {
+    /// Writes the header into the first bytes of `block` (the rest must be zero).
+    pub fn encode(&self, block: &mut [u8]) {
+        block[0..8].copy_from_slice(FILE_MAGIC);
+        block[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        block[10..12].copy_from_slice(&0u16.to_le_bytes());
+        block[12..16].copy_from_slice(&self.container.to_le_bytes());
+        block[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        block[24..32].copy_from_slice(&self.epoch.to_le_bytes());
+        block[32..40].copy_from_slice(&self.file_bytes.to_le_bytes());
+        let crc = crc32c::crc32c(&block[..FILE_HEADER_CRC_AT]);
+        block[40..44].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Parses and verifies a file header.
+    pub fn decode(block: &[u8]) -> Result<Self, String> {
+        if block.len() < 44 {
+            return Err("file shorter than its header".into());
+        }
+        if &block[0..8] != FILE_MAGIC {
+            return Err("bad file magic".into());
+        }
+        let crc = u32::from_le_bytes(block[40..44].try_into().expect("4 bytes"));
+        if crc != crc32c::crc32c(&block[..FILE_HEADER_CRC_AT]) {
+            return Err("file header checksum mismatch".into());
+        }
+        let version = u16::from_le_bytes([block[8], block[9]]);
+        if version != FORMAT_VERSION {
+            return Err(format!("unsupported log format version {version}"));
+        }
+        Ok(Self {
+            container: u32::from_le_bytes(block[12..16].try_into().expect("4 bytes")),
+            seq: u64::from_le_bytes(block[16..24].try_into().expect("8 bytes")),
+            epoch: u64::from_le_bytes(block[24..32].try_into().expect("8 bytes")),
+            file_bytes: u64::from_le_bytes(block[32..40].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+/// A record header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub kind: RecordKind,
+    pub epoch: u64,
+    pub lsn: u64,
+    pub payload_len: u32,
+    pub payload_crc: u32,
+}
+
+/// Why the bytes at a position are not a valid record header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderFault {
+    /// All zero: nothing was ever written here.
+    Zero,
+    /// Something was written, but it is not a valid header.
+    Invalid,
+}
+
+impl RecordHeader {
+    /// Bytes the record takes on disk, padded to the block size.
+    pub fn disk_len(payload_len: usize) -> u64 {
+        crate::constants::align_up((RECORD_HEADER_BYTES + payload_len) as u64)
+    }
+
+    pub fn encode(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        out[4] = FORMAT_VERSION as u8;
+        out[5] = self.kind as u8;
+        out[6..8].copy_from_slice(&0u16.to_le_bytes());
+        out[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        out[16..24].copy_from_slice(&self.lsn.to_le_bytes());
+        out[24..28].copy_from_slice(&self.payload_len.to_le_bytes());
+        out[28..32].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&out[0..32]);
+        out[32..36].copy_from_slice(&crc.to_le_bytes());
+        out[36..40].copy_from_slice(&0u32.to_le_bytes());
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, HeaderFault> {
+        let Some(b) = bytes.get(..RECORD_HEADER_BYTES) else {
+            return Err(HeaderFault::Invalid);
+        };
+        if b.iter().all(|&x| x == 0) {
+            return Err(HeaderFault::Zero);
+        }
+        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != RECORD_MAGIC
+            || b[4] != FORMAT_VERSION as u8
+        {
+            return Err(HeaderFault::Invalid);
+        }
+        let crc = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes"));
+        if crc != crc32c::crc32c(&b[0..32]) {
+            return Err(HeaderFault::Invalid);
+        }
+        let kind = RecordKind::from_u8(b[5]).ok_or(HeaderFault::Invalid)?;
+        Ok(Self {
+            kind,
+            epoch: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            lsn: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
+            payload_len: u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
+            payload_crc: u32::from_le_bytes(b[28..32].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+/// Encodes a whole record (header, payload written by `fill`, zero padding) into `out`,
+/// which must be exactly `RecordHeader::disk_len(payload_len)` bytes and zeroed past the payload.
+pub fn encode_record(
+    out: &mut [u8],
+    kind: RecordKind,
+    epoch: u64,
+    lsn: u64,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) {
+    debug_assert_eq!(out.len() as u64, RecordHeader::disk_len(payload_len));
+    let (head, rest) = out.split_at_mut(RECORD_HEADER_BYTES);
+    let payload = &mut rest[..payload_len];
+    fill(payload);
+    let payload_crc = crc32c::crc32c(payload);
+    RecordHeader {
+        kind,
+        epoch,
+        lsn,
+        payload_len: payload_len as u32,
+        payload_crc,
+    }
+    .encode(head);
+    rest[payload_len..].fill(0);
+    debug_assert_eq!(out.len() as u64 % BLOCK_BYTES, 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_roundtrip_and_damage() {
+        let len = RecordHeader::disk_len(10) as usize;
+        let mut buf = vec![0u8; len];
+        encode_record(&mut buf, RecordKind::Batch, 3, 77, 10, |p| {
+            p.copy_from_slice(b"0123456789")
+        });
+        let h = RecordHeader::decode(&buf).unwrap();
+        assert_eq!(
+            (h.kind, h.epoch, h.lsn, h.payload_len),
+            (RecordKind::Batch, 3, 77, 10)
+        );
+        assert_eq!(h.payload_crc, crc32c::crc32c(b"0123456789"));
+        assert_eq!(RecordHeader::decode(&vec![0u8; 40]), Err(HeaderFault::Zero));
+        buf[17] ^= 1;
+        assert_eq!(RecordHeader::decode(&buf), Err(HeaderFault::Invalid));
+    }
+
+    #[test]
+    fn file_header_roundtrip() {
+        let mut block = vec![0u8; 4096];
+        let h = FileHeader {
+            container: 5,
+            seq: 9,
+            epoch: 2,
+            file_bytes: 1 << 20,
+        };
+        h.encode(&mut block);
+        assert_eq!(FileHeader::decode(&block).unwrap(), h);
+        block[20] ^= 0xff;
+        assert!(FileHeader::decode(&block).is_err());
+    }
+}

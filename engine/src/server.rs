@@ -1,0 +1,590 @@
+//! Protocol handling for one client connection, on the shard that accepted it.
+//!
+//! The reader loop decodes frames one at a time (length checked before the body is
+//! allocated; control archives validated before use) and dispatches them. Appends are
+//! queued in their container *before* the next frame is read, so a connection's appends
+//! keep their order; their answers (and those of every other request) are sent by a
+//! writer task as they complete, matched by request id (pipelining). A broken frame gets an
+//! error reply and the connection is closed; an unknown kind or invalid archive gets an
+//! error reply and the connection goes on. Nothing a client sends can panic the shard.
+
+use crate::container::core::{OpResult, Request};
+use crate::error::EngineError;
+use crate::shard::{Owner, Shard};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::channel::mpsc;
+use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use glommio::sync::Semaphore;
+use sluice_meta::StreamState;
+use sluice_meta::controller::ControllerError;
+use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
+use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
+use sluice_net::messages::*;
+use sluice_net::{ErrorCode, ProtocolError};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Requests a connection may have in flight before the server stops reading from it.
+const CONNECTION_REQUESTS_MAX: u64 = 4096;
+
+/// A reply: header+control, then an optional raw payload.
+type Reply = (Vec<u8>, Bytes);
+
+fn reply<T: Control>(request_id: u64, msg: &T) -> Reply {
+    (encode_frame_head(request_id, msg, 0), Bytes::new())
+}
+
+fn error_reply(
+    request_id: u64,
+    code: ErrorCode,
+    message: String,
+    endpoint: Option<String>,
+    offset: Option<u64>,
+) -> Reply {
+    reply(
+        request_id,
+        &ErrorReply {
+            code: code as u16,
+            message,
+            endpoint,
+            offset,
+        },
+    )
+}
+
+fn engine_error(request_id: u64, e: &EngineError) -> Reply {
+    let (code, offset) = e.code();
+    error_reply(request_id, code, e.to_string(), None, offset)
+}
+
+fn controller_error(request_id: u64, e: &ControllerError) -> Reply {
+    error_reply(request_id, e.code(), e.to_string(), None, None)
+}
+
+fn protocol_error(request_id: u64, e: &ProtocolError) -> Reply {
+    error_reply(request_id, ErrorCode::BadRequest, e.to_string(), None, None)
+}
+
+fn wrong_host(request_id: u64, segment: &str, shard: u32, endpoint: String) -> Reply {
+    error_reply(
+        request_id,
+        ErrorCode::WrongHost,
+        format!("segment {segment} is served by shard {shard} at {endpoint}"),
+        Some(endpoint),
+        None,
+    )
+}
+
+/// Serves one connection until it closes or breaks.
+pub async fn serve_connection(shard: Rc<Shard>, stream: glommio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let (read_half, write_half) = stream.split();
+    let (tx, mut rx) = mpsc::unbounded::<Reply>();
+    let writer = glommio::spawn_local(async move {
+        let mut w = BufWriter::with_capacity(256 << 10, write_half);
+        while let Some((head, payload)) = rx.next().await {
+            let mut batch = Some((head, payload));
+            while let Some((head, payload)) = batch.take() {
+                if w.write_all(&head).await.is_err() || w.write_all(&payload).await.is_err() {
+                    return;
+                }
+                if let Ok(next) = rx.try_recv() {
+                    batch = Some(next);
+                }
+            }
+            if w.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = w.close().await;
+    })
+    .detach();
+    let mut reader = BufReader::with_capacity(256 << 10, read_half);
+    if let Err(e) = read_loop(&shard, &mut reader, &tx).await {
+        tracing::debug!(?peer, error = %e, "connection closed");
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn read_loop<R: futures::AsyncRead + Unpin>(
+    shard: &Rc<Shard>,
+    r: &mut R,
+    tx: &mpsc::UnboundedSender<Reply>,
+) -> Result<(), String> {
+    let max = shard.cfg.frame_bytes_max;
+    let send = |rep: Reply| {
+        let _ = tx.unbounded_send(rep);
+    };
+    // Handshake.
+    let mut head = [0u8; FRAME_HEADER_BYTES];
+    if r.read_exact(&mut head).await.is_err() {
+        return Ok(());
+    }
+    let header = match FrameHeader::parse(&head, max) {
+        Ok(h) => h,
+        Err(e) => {
+            send(protocol_error(0, &e));
+            return Err(e.to_string());
+        }
+    };
+    let mut body = vec![0u8; header.body_len as usize];
+    r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    let hello = Frame::from_parts(&header, Bytes::from(body)).and_then(|f| f.decode::<Hello>());
+    let hello = match hello {
+        Ok(h) if h.magic == HELLO_MAGIC => h,
+        Ok(_) => {
+            send(error_reply(
+                header.request_id,
+                ErrorCode::BadRequest,
+                "bad handshake magic".into(),
+                None,
+                None,
+            ));
+            return Err("bad handshake magic".into());
+        }
+        Err(e) => {
+            send(error_reply(
+                header.request_id,
+                ErrorCode::BadRequest,
+                format!("expected Hello first: {e}"),
+                None,
+                None,
+            ));
+            return Err(e.to_string());
+        }
+    };
+    if hello.min_version > PROTOCOL_VERSION || hello.max_version < PROTOCOL_VERSION {
+        let msg = format!(
+            "client speaks versions {}..={}, server {PROTOCOL_VERSION}",
+            hello.min_version, hello.max_version
+        );
+        send(error_reply(
+            header.request_id,
+            ErrorCode::UnsupportedVersion,
+            msg.clone(),
+            None,
+            None,
+        ));
+        return Err(msg);
+    }
+    send(reply(
+        header.request_id,
+        &HelloReply {
+            version: PROTOCOL_VERSION,
+            node: shard.cfg.node_name.clone(),
+            container_count: shard.cfg.container_count(),
+            shards: shard.endpoints.clone(),
+        },
+    ));
+    let limit = Rc::new(Semaphore::new(CONNECTION_REQUESTS_MAX));
+    loop {
+        let mut head = [0u8; FRAME_HEADER_BYTES];
+        match r.read_exact(&mut head).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let header = match FrameHeader::parse(&head, max) {
+            Ok(h) => h,
+            Err(e) => {
+                // A bad length cannot be skipped: answer and close.
+                send(protocol_error(
+                    u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")),
+                    &e,
+                ));
+                return Err(e.to_string());
+            }
+        };
+        let mut body = vec![0u8; header.body_len as usize];
+        r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        let frame = match Frame::from_parts(&header, Bytes::from(body)) {
+            Ok(f) => f,
+            Err(e) => {
+                send(protocol_error(header.request_id, &e));
+                continue;
+            }
+        };
+        let permit = limit
+            .clone()
+            .acquire_static_permit(1)
+            .await
+            .map_err(|e| e.to_string())?;
+        let id = frame.request_id;
+        match dispatch(shard, frame) {
+            Ok(Dispatched::Now(rep)) => {
+                drop(permit);
+                send(rep)
+            }
+            Ok(Dispatched::Later(fut)) => {
+                let tx = tx.clone();
+                glommio::spawn_local(async move {
+                    let rep = fut.await;
+                    drop(permit);
+                    let _ = tx.unbounded_send(rep);
+                })
+                .detach();
+            }
+            Err(e) => {
+                drop(permit);
+                send(protocol_error(id, &e))
+            }
+        }
+    }
+}
+
+enum Dispatched {
+    Now(Reply),
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
+}
+
+fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
+    Dispatched::Later(Box::pin(f))
+}
+
+/// Routes a segment request to its local container, or answers `WrongHost`.
+fn local_segment_op(shard: &Shard, id: u64, segment: String, req: Request) -> Dispatched {
+    match shard.owner(&segment) {
+        Owner::Local(c) => {
+            let fut = c.submit(req);
+            later(async move {
+                match fut.await {
+                    Ok(OpResult::Appended {
+                        offset,
+                        length,
+                        last_event_number,
+                        duplicate,
+                    }) => reply(
+                        id,
+                        &AppendAck {
+                            offset,
+                            length,
+                            last_event_number,
+                            duplicate,
+                        },
+                    ),
+                    Ok(OpResult::Done) => reply(id, &Done {}),
+                    Err(e) => engine_error(id, &e),
+                }
+            })
+        }
+        Owner::Remote(s, ep) => Dispatched::Now(wrong_host(id, &segment, s, ep)),
+    }
+}
+
+fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Result<Dispatched, ProtocolError> {
+    let id = frame.request_id;
+    Ok(match frame.kind {
+        Kind::Append => {
+            let a: Append = frame.decode()?;
+            let req = Request::Append {
+                name: a.segment.clone(),
+                writer: a.writer_id,
+                first_event_number: a.first_event_number,
+                event_count: a.event_count,
+                expected_offset: a.expected_offset,
+                data: frame.payload,
+            };
+            local_segment_op(shard, id, a.segment, req)
+        }
+        Kind::Read => {
+            let rd: Read = frame.decode()?;
+            match shard.owner(&rd.segment) {
+                Owner::Local(c) => later(async move {
+                    let max = rd.max_bytes.clamp(1, crate::constants::READ_BYTES_MAX) as usize;
+                    let wait = Duration::from_millis(u64::from(
+                        rd.wait_ms.min(crate::constants::READ_WAIT_MS_MAX),
+                    ));
+                    match c.read(&rd.segment, rd.offset, max, wait).await {
+                        Ok(d) => {
+                            let end = d.status.sealed
+                                && rd.offset + d.data.len() as u64 >= d.status.length;
+                            let msg = ReadReply {
+                                offset: rd.offset,
+                                length: d.status.length,
+                                sealed: d.status.sealed,
+                                end_of_segment: end,
+                            };
+                            (encode_frame_head(id, &msg, d.data.len()), d.data)
+                        }
+                        Err(e) => engine_error(id, &e),
+                    }
+                }),
+                Owner::Remote(s, ep) => Dispatched::Now(wrong_host(id, &rd.segment, s, ep)),
+            }
+        }
+        Kind::GetSegmentInfo => {
+            let g: GetSegmentInfo = frame.decode()?;
+            match shard.owner(&g.segment) {
+                Owner::Local(c) => Dispatched::Now(match c.status(&g.segment) {
+                    Ok(s) => reply(
+                        id,
+                        &SegmentInfo {
+                            segment: s.name,
+                            start_offset: s.start_offset,
+                            length: s.length,
+                            sealed: s.sealed,
+                            writers: s
+                                .writers
+                                .into_iter()
+                                .map(|(w, n)| WriterState {
+                                    writer_id: w,
+                                    event_number: n,
+                                })
+                                .collect(),
+                        },
+                    ),
+                    Err(e) => engine_error(id, &e),
+                }),
+                Owner::Remote(s, ep) => Dispatched::Now(wrong_host(id, &g.segment, s, ep)),
+            }
+        }
+        Kind::CreateSegment => {
+            let m: CreateSegment = frame.decode()?;
+            local_segment_op(
+                shard,
+                id,
+                m.segment.clone(),
+                Request::Create { name: m.segment },
+            )
+        }
+        Kind::SealSegment => {
+            let m: SealSegment = frame.decode()?;
+            local_segment_op(
+                shard,
+                id,
+                m.segment.clone(),
+                Request::Seal { name: m.segment },
+            )
+        }
+        Kind::TruncateSegment => {
+            let m: TruncateSegment = frame.decode()?;
+            local_segment_op(
+                shard,
+                id,
+                m.segment.clone(),
+                Request::Truncate {
+                    name: m.segment,
+                    offset: m.offset,
+                },
+            )
+        }
+        Kind::DeleteSegment => {
+            let m: DeleteSegment = frame.decode()?;
+            local_segment_op(
+                shard,
+                id,
+                m.segment.clone(),
+                Request::Delete { name: m.segment },
+            )
+        }
+        Kind::CreateScope => {
+            let m: CreateScope = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match shard.controller.create_scope(&m.scope).await {
+                    Ok(()) => reply(id, &Done {}),
+                    Err(e) => controller_error(id, &e),
+                }
+            })
+        }
+        Kind::DeleteScope => {
+            let m: DeleteScope = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match shard.controller.delete_scope(&m.scope).await {
+                    Ok(()) => reply(id, &Done {}),
+                    Err(e) => controller_error(id, &e),
+                }
+            })
+        }
+        Kind::ListScopes => {
+            let shard = shard.clone();
+            later(async move {
+                match shard.controller.list_scopes().await {
+                    Ok(scopes) => reply(id, &ScopeList { scopes }),
+                    Err(e) => controller_error(id, &e),
+                }
+            })
+        }
+        Kind::ListStreams => {
+            let m: ListStreams = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match shard.controller.list_streams(&m.scope).await {
+                    Ok(streams) => reply(id, &StreamList { streams }),
+                    Err(e) => controller_error(id, &e),
+                }
+            })
+        }
+        Kind::GetStream => {
+            let m: GetStream = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match shard.controller.get_stream(&m.scope, &m.stream).await {
+                    Ok(r) if r.state == StreamState::Creating => controller_error(
+                        id,
+                        &ControllerError::NoSuchStream(format!(
+                            "{}/{} (still being created)",
+                            m.scope, m.stream
+                        )),
+                    ),
+                    Ok(r) => reply(
+                        id,
+                        &StreamInfo {
+                            scope: m.scope,
+                            stream: m.stream,
+                            sealed: matches!(r.state, StreamState::Sealed | StreamState::Sealing),
+                            segments: r.ranges(),
+                        },
+                    ),
+                    Err(e) => controller_error(id, &e),
+                }
+            })
+        }
+        Kind::CreateStream => {
+            let m: CreateStream = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                stream_admin(
+                    &shard,
+                    id,
+                    StreamAdmin::Create(m.segments),
+                    &m.scope,
+                    &m.stream,
+                )
+                .await
+            })
+        }
+        Kind::SealStream => {
+            let m: SealStream = frame.decode()?;
+            let shard = shard.clone();
+            later(
+                async move { stream_admin(&shard, id, StreamAdmin::Seal, &m.scope, &m.stream).await },
+            )
+        }
+        Kind::DeleteStream => {
+            let m: DeleteStream = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                stream_admin(&shard, id, StreamAdmin::Delete, &m.scope, &m.stream).await
+            })
+        }
+        Kind::Hello => Dispatched::Now(error_reply(
+            id,
+            ErrorCode::BadRequest,
+            "handshake already done".into(),
+            None,
+            None,
+        )),
+        other => Dispatched::Now(error_reply(
+            id,
+            ErrorCode::BadRequest,
+            format!("{other:?} is not a request"),
+            None,
+            None,
+        )),
+    })
+}
+
+enum StreamAdmin {
+    Create(u32),
+    Seal,
+    Delete,
+}
+
+/// Stream lifecycle: record first, then the segments on their shards, then the record's
+/// final state. Each step tolerates having been done before, so a retry finishes the work.
+async fn stream_admin(shard: &Shard, id: u64, op: StreamAdmin, scope: &str, stream: &str) -> Reply {
+    let ctl = &shard.controller;
+    let name = |n: u64| format!("{scope}/{stream}/{n}");
+    let result: Result<(), Reply> = async {
+        match op {
+            StreamAdmin::Create(n) => {
+                let record = ctl
+                    .begin_create_stream(scope, stream, n)
+                    .await
+                    .map_err(|e| controller_error(id, &e))?;
+                for s in &record.segments {
+                    match shard
+                        .segment_op(
+                            name(s.number),
+                            Request::Create {
+                                name: name(s.number),
+                            },
+                        )
+                        .await
+                    {
+                        Ok(_) | Err(EngineError::SegmentExists(_)) => {}
+                        Err(e) => return Err(engine_error(id, &e)),
+                    }
+                }
+                ctl.set_state(scope, stream, StreamState::Active)
+                    .await
+                    .map_err(|e| controller_error(id, &e))?;
+            }
+            StreamAdmin::Seal => {
+                let record = ctl
+                    .get_stream(scope, stream)
+                    .await
+                    .map_err(|e| controller_error(id, &e))?;
+                if record.state != StreamState::Sealed {
+                    ctl.set_state(scope, stream, StreamState::Sealing)
+                        .await
+                        .map_err(|e| controller_error(id, &e))?;
+                    for s in &record.segments {
+                        match shard
+                            .segment_op(
+                                name(s.number),
+                                Request::Seal {
+                                    name: name(s.number),
+                                },
+                            )
+                            .await
+                        {
+                            Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
+                            Err(e) => return Err(engine_error(id, &e)),
+                        }
+                    }
+                    ctl.set_state(scope, stream, StreamState::Sealed)
+                        .await
+                        .map_err(|e| controller_error(id, &e))?;
+                }
+            }
+            StreamAdmin::Delete => {
+                let record = ctl
+                    .get_stream(scope, stream)
+                    .await
+                    .map_err(|e| controller_error(id, &e))?;
+                if record.state != StreamState::Sealed {
+                    return Err(controller_error(
+                        id,
+                        &ControllerError::NotSealed(format!("{scope}/{stream}")),
+                    ));
+                }
+                for s in &record.segments {
+                    match shard
+                        .segment_op(
+                            name(s.number),
+                            Request::Delete {
+                                name: name(s.number),
+                            },
+                        )
+                        .await
+                    {
+                        Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
+                        Err(e) => return Err(engine_error(id, &e)),
+                    }
+                }
+                ctl.delete_stream_record(scope, stream)
+                    .await
+                    .map_err(|e| controller_error(id, &e))?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    result.map_or_else(|r| r, |()| reply(id, &Done {}))
+}

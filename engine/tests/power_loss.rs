@@ -1,0 +1,505 @@
+//! Power-loss simulation of the container log. A simulated disk keeps only what a completed
+//! fdatasync covers; a crash tears the write in flight (each of its blocks lost, kept, or
+//! half written, in any combination). The real container core plans every flush; after
+//! each crash the core is recovered from the disk images, every acknowledged append must be
+//! readable at its acknowledged offset, and after the client resends every unacknowledged
+//! append (same writer ids and event numbers) each event is present exactly once, in order.
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sluice_engine::constants::{BLOCK_BYTES, FILE_HEADER_BYTES};
+use sluice_engine::container::core::{
+    ContainerCore, CoreConfig, OpResult, ReadOutcome, Request, Submitted, WriteStep,
+};
+use sluice_engine::container::index::FileIndex;
+use sluice_engine::log::format::FileHeader;
+use sluice_engine::log::scan::scan_file;
+use sluice_net::event::{EventIter, encode_event};
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Default, Clone)]
+struct Disk {
+    files: BTreeMap<u64, Vec<u8>>,
+}
+
+struct Crash;
+
+struct Sim {
+    rng: StdRng,
+    disk: Disk,
+    steps_left: u64,
+}
+
+impl Sim {
+    /// Applies a write; if the crash point is reached the write is torn and Crash returned.
+    fn write(&mut self, seq: u64, pos: u64, buf: &[u8]) -> Result<(), Crash> {
+        let crash = self.steps_left == 0;
+        self.steps_left = self.steps_left.saturating_sub(1);
+        let file = self.disk.files.get_mut(&seq).expect("file prepared");
+        let at = pos as usize;
+        if !crash {
+            file[at..at + buf.len()].copy_from_slice(buf);
+            return Ok(());
+        }
+        for (i, block) in buf.chunks(BLOCK_BYTES as usize).enumerate() {
+            let dst = at + i * BLOCK_BYTES as usize;
+            match self.rng.random_range(0..3) {
+                0 => {}
+                1 => file[dst..dst + block.len()].copy_from_slice(block),
+                _ => {
+                    let k = self.rng.random_range(1..block.len());
+                    file[dst..dst + k].copy_from_slice(&block[..k]);
+                }
+            }
+        }
+        Err(Crash)
+    }
+
+    fn prepare(&mut self, cfg: &CoreConfig, seq: u64, epoch: u64) -> Result<(), Crash> {
+        let mut image = vec![0u8; cfg.file_bytes as usize];
+        FileHeader {
+            container: cfg.container,
+            seq,
+            epoch,
+            file_bytes: cfg.file_bytes,
+        }
+        .encode(&mut image[..FILE_HEADER_BYTES as usize]);
+        if self.steps_left == 0 {
+            // Torn creation: the file may be missing, or its header partly written.
+            if self.rng.random_bool(0.5) {
+                let k = self.rng.random_range(0..64);
+                image[k..FILE_HEADER_BYTES as usize].fill(0);
+                self.disk.files.insert(seq, image);
+            }
+            return Err(Crash);
+        }
+        self.steps_left -= 1;
+        self.disk.files.insert(seq, image);
+        Ok(())
+    }
+}
+
+fn step_buf(core: &ContainerCore, step: WriteStep, checkpoint: bool) -> Vec<u8> {
+    let mut buf = vec![0xAAu8; step.len as usize];
+    if checkpoint {
+        core.encode_checkpoint(&mut buf);
+    } else {
+        core.encode_batch(&mut buf);
+    }
+    buf
+}
+
+/// Runs one flush; returns the results, or Crash.
+fn flush(core: &mut ContainerCore, sim: &mut Sim) -> Result<Option<Vec<OpResult>>, Crash> {
+    let Some(plan) = core.begin_flush().expect("no poison in the simulation") else {
+        return Ok(None);
+    };
+    if let Some(seq) = plan.prepare {
+        sim.prepare(core.config(), seq, core.epoch())?;
+    }
+    if let Some(step) = plan.checkpoint {
+        let buf = step_buf(core, step, true);
+        sim.write(step.file_seq, step.pos, &buf)?;
+    }
+    if let Some(step) = plan.batch {
+        let buf = step_buf(core, step, false);
+        sim.write(step.file_seq, step.pos, &buf)?;
+    }
+    Ok(Some(core.complete_flush().results))
+}
+
+fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
+    let images: Vec<(u64, Bytes)> = disk
+        .files
+        .iter()
+        .map(|(s, b)| (*s, Bytes::from(b.clone())))
+        .collect();
+    let (core, report) = match ContainerCore::recover(cfg.clone(), &images) {
+        Ok(r) => r,
+        Err(e) => panic!("recovery failed: {e:?}"),
+    };
+    for seq in report.discard_files {
+        disk.files.remove(&seq);
+    }
+    if let Some((seq, from, to)) = report.zero_range {
+        disk.files.get_mut(&seq).unwrap()[from as usize..to as usize].fill(0);
+    }
+    core
+}
+
+fn read_segment(core: &mut ContainerCore, disk: &Disk, name: &str) -> Vec<u8> {
+    let status = core.status(name).unwrap();
+    let mut out = Vec::new();
+    let mut off = status.start_offset;
+    loop {
+        match core.read(name, off, 1 << 16).unwrap().0 {
+            ReadOutcome::Data(d) => {
+                off += d.len() as u64;
+                out.extend_from_slice(&d);
+            }
+            ReadOutcome::Log { file_seq, pos, len } => {
+                out.extend_from_slice(&disk.files[&file_seq][pos as usize..(pos + len) as usize]);
+                off += len;
+            }
+            ReadOutcome::NeedIndex { file_seq } => {
+                let scan = scan_file(&Bytes::from(disk.files[&file_seq].clone()));
+                core.insert_file_index(file_seq, FileIndex::build(&scan).unwrap());
+            }
+            ReadOutcome::Tail => return out,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Send {
+    segment: usize,
+    writer: u128,
+    first: u64,
+    payload: Vec<u8>,
+    count: u32,
+}
+
+fn event(writer: u128, n: u64, rng: &mut StdRng) -> Vec<u8> {
+    let mut e = format!("{writer}:{n}:").into_bytes();
+    e.extend(std::iter::repeat_n(b'x', rng.random_range(0..300)));
+    e
+}
+
+fn run_seed(seed: u64) -> (u64, usize) {
+    let (mut crashes, mut max_files) = (0u64, 0usize);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let cfg = CoreConfig {
+        container: 3,
+        file_bytes: [64u64 << 10, 128 << 10, 256 << 10][rng.random_range(0..3)],
+        flush_bytes_max: rng.random_range(2_000..40_000),
+        cache_bytes_max: rng.random_range(0..20_000),
+        pending_bytes_max: 1 << 30,
+    };
+    let names: Vec<String> = (0..3).map(|i| format!("s/t/{i}")).collect();
+    let mut disk = Disk::default();
+    let mut core = recover(&cfg, &mut disk);
+    let mut sim = Sim {
+        rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+        disk: Disk::default(),
+        steps_left: u64::MAX,
+    };
+    for n in &names {
+        assert_eq!(
+            core.submit(Request::Create { name: n.clone() }).unwrap(),
+            Submitted::Queued
+        );
+    }
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    disk = sim.disk.clone();
+    let writers: Vec<u128> = (1..=3u128)
+        .map(|w| w << 64 | u128::from(seed as u32))
+        .collect();
+    let mut next_number: HashMap<u128, u64> = writers.iter().map(|&w| (w, 1)).collect();
+    // Acknowledged appends: (segment, offset, bytes).
+    let mut acked: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+    let mut unacked: Vec<Send> = Vec::new();
+    for _cycle in 0..3 {
+        sim.disk = disk.clone();
+        sim.steps_left = rng.random_range(0..40);
+        let crashed = loop {
+            // Queue a few appends (and sometimes a resend of an unacknowledged one).
+            let mut queued: Vec<Send> = Vec::new();
+            // Like a real writer after a reconnect: resend what was never acknowledged, in
+            // order, before anything new.
+            let resends = unacked.len();
+            for _ in 0..rng.random_range(1..6) + resends {
+                let send = if !unacked.is_empty() {
+                    unacked.remove(0)
+                } else {
+                    let writer = writers[rng.random_range(0..writers.len())];
+                    let first = next_number[&writer];
+                    let count = rng.random_range(1..5u32);
+                    let mut payload = Vec::new();
+                    for n in first..first + u64::from(count) {
+                        encode_event(&mut payload, &event(writer, n, &mut rng));
+                    }
+                    next_number.insert(writer, first + u64::from(count));
+                    Send {
+                        segment: rng.random_range(0..names.len()),
+                        writer,
+                        first,
+                        payload,
+                        count,
+                    }
+                };
+                let req = Request::Append {
+                    name: names[send.segment].clone(),
+                    writer: send.writer,
+                    first_event_number: send.first,
+                    event_count: send.count,
+                    expected_offset: None,
+                    data: Bytes::from(send.payload.clone()),
+                };
+                match core.submit(req).unwrap() {
+                    Submitted::Queued => queued.push(send),
+                    Submitted::Ready(OpResult::Appended {
+                        duplicate: true, ..
+                    }) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            // Flush everything queued; results come in submission order.
+            let mut results = Vec::new();
+            let mut crash = false;
+            loop {
+                match flush(&mut core, &mut sim) {
+                    Ok(Some(r)) => results.extend(r),
+                    Ok(None) => break,
+                    Err(Crash) => {
+                        crash = true;
+                        break;
+                    }
+                }
+            }
+            for (send, r) in queued.iter().zip(results.iter()) {
+                match r {
+                    OpResult::Appended {
+                        offset,
+                        duplicate: false,
+                        ..
+                    } => {
+                        acked.push((send.segment, *offset, send.payload.clone()));
+                    }
+                    OpResult::Appended {
+                        duplicate: true, ..
+                    } => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            unacked.extend(queued.into_iter().skip(results.len()));
+            if crash {
+                break true;
+            }
+            if rng.random_bool(0.05) {
+                break false;
+            }
+        };
+        // Power loss (or a clean stop): recover from what the disk kept.
+        disk = sim.disk.clone();
+        crashes += u64::from(crashed);
+        max_files = max_files.max(disk.files.len());
+        core = recover(&cfg, &mut disk);
+        for (seg, offset, bytes) in &acked {
+            let all = read_segment(&mut core, &disk, &names[*seg]);
+            assert_eq!(
+                &all[*offset as usize..*offset as usize + bytes.len()],
+                &bytes[..],
+                "seed {seed}: acknowledged append at {offset} of segment {seg} lost"
+            );
+        }
+    }
+    // The client resends everything it never saw acknowledged.
+    sim.disk = disk.clone();
+    sim.steps_left = u64::MAX;
+    for send in unacked.drain(..) {
+        let req = Request::Append {
+            name: names[send.segment].clone(),
+            writer: send.writer,
+            first_event_number: send.first,
+            event_count: send.count,
+            expected_offset: None,
+            data: Bytes::from(send.payload),
+        };
+        core.submit(req).unwrap();
+        while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    }
+    disk = sim.disk.clone();
+    core = recover(&cfg, &mut disk);
+    // Every event exactly once; per writer and segment in increasing number order.
+    let mut seen: HashMap<(u128, u64), usize> = HashMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let all = read_segment(&mut core, &disk, name);
+        let mut last: HashMap<u128, u64> = HashMap::new();
+        for ev in EventIter::new(&all) {
+            let ev = std::str::from_utf8(ev.unwrap()).unwrap();
+            let mut parts = ev.split(':');
+            let w: u128 = parts.next().unwrap().parse().unwrap();
+            let n: u64 = parts.next().unwrap().parse().unwrap();
+            assert!(
+                seen.insert((w, n), i).is_none(),
+                "seed {seed}: event {w}:{n} appears twice"
+            );
+            assert!(
+                last.get(&w).is_none_or(|&l| l < n),
+                "seed {seed}: order broken for writer {w}"
+            );
+            last.insert(w, n);
+        }
+    }
+    for (&w, &next) in &next_number {
+        for n in 1..next {
+            assert!(
+                seen.contains_key(&(w, n)),
+                "seed {seed}: event {w}:{n} lost"
+            );
+        }
+    }
+    (crashes, max_files)
+}
+
+#[test]
+fn power_loss_500_seeds() {
+    let (mut crashes, mut max_files) = (0, 0);
+    for seed in 0..500 {
+        let (c, f) = run_seed(seed);
+        crashes += c;
+        max_files = max_files.max(f);
+    }
+    // The simulation must really crash, and crash across log file rolls.
+    assert!(crashes >= 500, "only {crashes} crashes in 500 seeds");
+    assert!(max_files >= 3, "logs never rolled past {max_files} files");
+    eprintln!("power loss: {crashes} crashes over 500 seeds, up to {max_files} log files");
+}
+
+fn fresh_cfg() -> CoreConfig {
+    CoreConfig {
+        container: 0,
+        file_bytes: 64 << 10,
+        flush_bytes_max: 1 << 20,
+        cache_bytes_max: 0,
+        pending_bytes_max: 1 << 30,
+    }
+}
+
+fn write_some(core: &mut ContainerCore, sim: &mut Sim, n: usize) {
+    for i in 0..n {
+        let mut p = Vec::new();
+        encode_event(&mut p, format!("event-{i}").as_bytes());
+        core.submit(Request::Append {
+            name: "a/b/0".into(),
+            writer: 0,
+            first_event_number: 0,
+            event_count: 1,
+            expected_offset: None,
+            data: Bytes::from(p),
+        })
+        .unwrap();
+        while flush(core, sim).ok().flatten().is_some() {}
+    }
+}
+
+fn setup() -> (ContainerCore, Sim) {
+    let cfg = fresh_cfg();
+    let mut disk = Disk::default();
+    let mut core = recover(&cfg, &mut disk);
+    let mut sim = Sim {
+        rng: StdRng::seed_from_u64(1),
+        disk,
+        steps_left: u64::MAX,
+    };
+    core.submit(Request::Create {
+        name: "a/b/0".into(),
+    })
+    .unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    (core, sim)
+}
+
+#[test]
+fn empty_log_recovers_to_nothing() {
+    let mut disk = Disk::default();
+    let core = recover(&fresh_cfg(), &mut disk);
+    assert_eq!(core.segment_count(), 0);
+    assert_eq!(core.epoch(), 1);
+}
+
+#[test]
+fn torn_tail_is_cut_and_cleared() {
+    let (mut core, mut sim) = setup();
+    write_some(&mut core, &mut sim, 5);
+    // Garbage in the next block: an incomplete record after which nothing valid follows.
+    let file = sim.disk.files.get_mut(&0).unwrap();
+    let tail = scan_file(&Bytes::from(file.clone())).end as usize;
+    file[tail..tail + 100].fill(0x5A);
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&fresh_cfg(), &mut disk);
+    assert!(
+        disk.files[&0][tail..tail + 100].iter().all(|&b| b == 0),
+        "torn bytes cleared"
+    );
+    let data = read_segment(&mut core, &disk, "a/b/0");
+    assert_eq!(EventIter::new(&data).count(), 5);
+    assert!(core.epoch() > 1);
+}
+
+#[test]
+fn corrupt_middle_refuses_to_start() {
+    let (mut core, mut sim) = setup();
+    write_some(&mut core, &mut sim, 5);
+    let file = sim.disk.files.get_mut(&0).unwrap();
+    let scan = scan_file(&Bytes::from(file.clone()));
+    let victim = scan.records[2].pos as usize + 50;
+    file[victim] ^= 0xFF;
+    let images: Vec<(u64, Bytes)> = sim
+        .disk
+        .files
+        .iter()
+        .map(|(s, b)| (*s, Bytes::from(b.clone())))
+        .collect();
+    match ContainerCore::recover(fresh_cfg(), &images) {
+        Err(sluice_engine::container::core::RecoverFault::Corrupt {
+            file_seq: 0,
+            at,
+            valid_at,
+        }) => {
+            assert_eq!(at, scan.records[2].pos);
+            assert!(valid_at > at);
+        }
+        Err(e) => panic!("wrong error {e:?}"),
+        Ok(_) => panic!("recovery accepted a corrupt log"),
+    }
+}
+
+#[test]
+fn writer_dedupe_across_recovery() {
+    let (mut core, mut sim) = setup();
+    let mut p = Vec::new();
+    encode_event(&mut p, b"one");
+    encode_event(&mut p, b"two");
+    let req = |first: u64, data: &[u8], count| Request::Append {
+        name: "a/b/0".into(),
+        writer: 42,
+        first_event_number: first,
+        event_count: count,
+        expected_offset: None,
+        data: Bytes::copy_from_slice(data),
+    };
+    core.submit(req(1, &p, 2)).unwrap();
+    // The same events again before the first copy is durable: answered after it, not appended.
+    assert_eq!(core.submit(req(1, &p, 2)).unwrap(), Submitted::Queued);
+    let results = flush(&mut core, &mut sim).ok().flatten().unwrap();
+    assert!(matches!(
+        results[1],
+        OpResult::Appended {
+            duplicate: true,
+            last_event_number: 2,
+            ..
+        }
+    ));
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&fresh_cfg(), &mut disk);
+    assert!(matches!(
+        core.submit(req(1, &p, 2)).unwrap(),
+        Submitted::Ready(OpResult::Appended {
+            duplicate: true,
+            ..
+        })
+    ));
+    // Partial overlap: event 2 again plus a new event 3; only 3 is appended.
+    let mut q = Vec::new();
+    encode_event(&mut q, b"two");
+    encode_event(&mut q, b"three");
+    sim.disk = disk;
+    core.submit(req(2, &q, 2)).unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    let data = read_segment(&mut core, &sim.disk, "a/b/0");
+    let evs: Vec<&[u8]> = EventIter::new(&data).map(|e| e.unwrap()).collect();
+    assert_eq!(evs, vec![&b"one"[..], b"two", b"three"]);
+    assert_eq!(core.status("a/b/0").unwrap().writers, vec![(42, 3)]);
+}

@@ -1,0 +1,392 @@
+//! Embedded durable metadata store for standalone mode. One thread owns an in-memory
+//! ordered map and an append-only file (`meta.log`) of checksummed records; every change is
+//! appended and fdatasync'd before it is answered. On open the file is replayed and a torn
+//! tail (an incomplete or checksum-failing last record) is cut. When the file grows well
+//! past the live data it is rewritten (temp file, fsync, rename, directory fsync).
+//!
+//! Record: `len u32 | crc32c u32 (of body) | body`, body = `op u8 (1 put, 2 delete) |
+//! key_len u16 | key | version u64 | value_len u32 | value`, little-endian.
+
+use crate::store::{MetaError, MetaStore, Versioned};
+use futures::channel::oneshot;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+const FILE_NAME: &str = "meta.log";
+const COMPACT_BYTES_MIN: u64 = 1 << 20;
+
+enum Cmd {
+    Get(
+        String,
+        oneshot::Sender<Result<Option<Versioned>, MetaError>>,
+    ),
+    Put(
+        String,
+        Option<u64>,
+        Vec<u8>,
+        oneshot::Sender<Result<u64, MetaError>>,
+    ),
+    Delete(
+        String,
+        Option<u64>,
+        oneshot::Sender<Result<bool, MetaError>>,
+    ),
+    Range(
+        String,
+        oneshot::Sender<Result<Vec<(String, Versioned)>, MetaError>>,
+    ),
+}
+
+/// Handle to the embedded store; cheap to clone, usable from any thread or executor.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    tx: crossbeam_channel::Sender<Cmd>,
+}
+
+struct State {
+    dir: PathBuf,
+    file: File,
+    file_bytes: u64,
+    map: BTreeMap<String, Versioned>,
+}
+
+fn encode(op: u8, key: &str, version: u64, value: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(15 + key.len() + value.len());
+    body.push(op);
+    body.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    body.extend_from_slice(key.as_bytes());
+    body.extend_from_slice(&version.to_le_bytes());
+    body.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    body.extend_from_slice(value);
+    let mut rec = Vec::with_capacity(8 + body.len());
+    rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    rec.extend_from_slice(&body);
+    rec
+}
+
+/// Replays records; returns the map and the length of the valid prefix.
+fn replay(bytes: &[u8]) -> (BTreeMap<String, Versioned>, usize) {
+    let mut map = BTreeMap::new();
+    let mut pos = 0;
+    while let Some(head) = bytes.get(pos..pos + 8) {
+        let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+        let Some(body) = bytes.get(pos + 8..pos + 8 + len) else {
+            break;
+        };
+        if crc32c::crc32c(body) != crc || body.len() < 15 {
+            break;
+        }
+        let klen = u16::from_le_bytes([body[1], body[2]]) as usize;
+        let Some(key) = body
+            .get(3..3 + klen)
+            .and_then(|k| std::str::from_utf8(k).ok())
+        else {
+            break;
+        };
+        let Some(rest) = body.get(3 + klen..) else {
+            break;
+        };
+        if rest.len() < 12 {
+            break;
+        }
+        let version = u64::from_le_bytes(rest[0..8].try_into().expect("8 bytes"));
+        let vlen = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
+        let Some(value) = rest.get(12..12 + vlen) else {
+            break;
+        };
+        match body[0] {
+            1 => {
+                map.insert(
+                    key.to_string(),
+                    Versioned {
+                        value: value.to_vec(),
+                        version,
+                    },
+                );
+            }
+            2 => {
+                map.remove(key);
+            }
+            _ => break,
+        }
+        pos += 8 + len;
+    }
+    (map, pos)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl State {
+    fn append(&mut self, rec: &[u8]) -> Result<(), MetaError> {
+        let io = |e: std::io::Error| MetaError::Io(e.to_string());
+        self.file.write_all(rec).map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        self.file_bytes += rec.len() as u64;
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), MetaError> {
+        let live: u64 = self
+            .map
+            .iter()
+            .map(|(k, v)| (23 + k.len() + v.value.len()) as u64)
+            .sum();
+        if self.file_bytes < COMPACT_BYTES_MIN || self.file_bytes < 4 * live {
+            return Ok(());
+        }
+        let io = |e: std::io::Error| MetaError::Io(e.to_string());
+        let tmp = self.dir.join("meta.log.tmp");
+        let mut f = File::create(&tmp).map_err(io)?;
+        let mut bytes = 0;
+        for (k, v) in &self.map {
+            let rec = encode(1, k, v.version, &v.value);
+            f.write_all(&rec).map_err(io)?;
+            bytes += rec.len() as u64;
+        }
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, self.dir.join(FILE_NAME)).map_err(io)?;
+        sync_dir(&self.dir).map_err(io)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(self.dir.join(FILE_NAME))
+            .map_err(io)?;
+        self.file_bytes = bytes;
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        key: String,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> Result<u64, MetaError> {
+        let actual = self.map.get(&key).map_or(0, |v| v.version);
+        if let Some(expected) = expected {
+            if expected != actual {
+                return Err(MetaError::Conflict {
+                    key,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        let version = actual + 1;
+        self.append(&encode(1, &key, version, &value))?;
+        self.map.insert(key, Versioned { value, version });
+        self.maybe_compact()?;
+        Ok(version)
+    }
+
+    fn delete(&mut self, key: String, expected: Option<u64>) -> Result<bool, MetaError> {
+        let Some(actual) = self.map.get(&key).map(|v| v.version) else {
+            return match expected {
+                Some(e) if e != 0 => Err(MetaError::Conflict {
+                    key,
+                    expected: e,
+                    actual: 0,
+                }),
+                _ => Ok(false),
+            };
+        };
+        if let Some(expected) = expected {
+            if expected != actual {
+                return Err(MetaError::Conflict {
+                    key,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        self.append(&encode(2, &key, actual, &[]))?;
+        self.map.remove(&key);
+        Ok(true)
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir` and starts its thread.
+    pub fn open(dir: &Path) -> Result<Self, MetaError> {
+        let io = |e: std::io::Error| MetaError::Io(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join(FILE_NAME);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io)?;
+        let (map, valid) = replay(&bytes);
+        if valid < bytes.len() {
+            tracing::warn!(file = %path.display(), at = valid, "cutting torn tail of the metadata log");
+            file.set_len(valid as u64).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        sync_dir(dir).map_err(io)?;
+        let mut state = State {
+            dir: dir.to_path_buf(),
+            file,
+            file_bytes: valid as u64,
+            map,
+        };
+        let (tx, rx) = crossbeam_channel::unbounded::<Cmd>();
+        std::thread::Builder::new()
+            .name("sluice-meta".into())
+            .spawn(move || {
+                for cmd in rx {
+                    match cmd {
+                        Cmd::Get(k, r) => {
+                            let _ = r.send(Ok(state.map.get(&k).cloned()));
+                        }
+                        Cmd::Put(k, e, v, r) => {
+                            let _ = r.send(state.write(k, e, v));
+                        }
+                        Cmd::Delete(k, e, r) => {
+                            let _ = r.send(state.delete(k, e));
+                        }
+                        Cmd::Range(p, r) => {
+                            let out = state
+                                .map
+                                .range(p.clone()..)
+                                .take_while(|(k, _)| k.starts_with(&p));
+                            let _ = r.send(Ok(out.map(|(k, v)| (k.clone(), v.clone())).collect()));
+                        }
+                    }
+                }
+            })
+            .map_err(io)?;
+        Ok(Self { tx })
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, MetaError>>) -> Cmd,
+    ) -> Result<T, MetaError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| MetaError::Closed)?;
+        rx.await.map_err(|_| MetaError::Closed)?
+    }
+}
+
+impl MetaStore for EmbeddedStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, MetaError> {
+        let key = key.to_string();
+        self.call(|r| Cmd::Get(key, r)).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, MetaError> {
+        let key = key.to_string();
+        self.call(|r| Cmd::Put(key, None, value, r)).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: u64,
+        value: Vec<u8>,
+    ) -> Result<u64, MetaError> {
+        let key = key.to_string();
+        self.call(|r| Cmd::Put(key, Some(expected), value, r)).await
+    }
+    async fn delete(&self, key: &str, expected: Option<u64>) -> Result<bool, MetaError> {
+        let key = key.to_string();
+        self.call(|r| Cmd::Delete(key, expected, r)).await
+    }
+    async fn range(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, MetaError> {
+        let prefix = prefix.to_string();
+        self.call(|r| Cmd::Range(prefix, r)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sluice-meta-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn versions_cas_range_and_restart() {
+        let dir = tmp("basic");
+        {
+            let s = EmbeddedStore::open(&dir).unwrap();
+            block_on(async {
+                assert_eq!(
+                    s.compare_and_swap("a/1", 0, b"x".to_vec()).await.unwrap(),
+                    1
+                );
+                assert!(matches!(
+                    s.compare_and_swap("a/1", 0, b"y".to_vec()).await,
+                    Err(MetaError::Conflict { actual: 1, .. })
+                ));
+                assert_eq!(
+                    s.compare_and_swap("a/1", 1, b"y".to_vec()).await.unwrap(),
+                    2
+                );
+                s.put("a/2", b"z".to_vec()).await.unwrap();
+                s.put("b/1", b"w".to_vec()).await.unwrap();
+                assert!(s.delete("b/1", Some(1)).await.unwrap());
+                assert!(!s.delete("b/1", None).await.unwrap());
+                let r = s.range("a/").await.unwrap();
+                assert_eq!(
+                    r.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+                    vec!["a/1", "a/2"]
+                );
+            });
+        }
+        // A torn tail is cut on open.
+        let path = dir.join(FILE_NAME);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+        drop(f);
+        let s = EmbeddedStore::open(&dir).unwrap();
+        block_on(async {
+            assert_eq!(
+                s.get("a/1").await.unwrap().unwrap(),
+                Versioned {
+                    value: b"y".to_vec(),
+                    version: 2
+                }
+            );
+            assert_eq!(s.get("b/1").await.unwrap(), None);
+            s.put("c", vec![1]).await.unwrap();
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn compaction_keeps_data() {
+        let dir = tmp("compact");
+        let s = EmbeddedStore::open(&dir).unwrap();
+        block_on(async {
+            for i in 0..3000u32 {
+                s.put("hot", vec![0u8; 1000]).await.unwrap();
+                if i % 1000 == 0 {
+                    s.put(&format!("k{i}"), i.to_le_bytes().to_vec())
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        drop(s);
+        assert!(std::fs::metadata(dir.join(FILE_NAME)).unwrap().len() < 2 << 20);
+        let s = EmbeddedStore::open(&dir).unwrap();
+        block_on(async {
+            assert_eq!(s.get("hot").await.unwrap().unwrap().version, 3000);
+            assert_eq!(
+                s.get("k2000").await.unwrap().unwrap().value,
+                2000u32.to_le_bytes()
+            );
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,15 @@
+//! Metadata: the `MetaStore` trait (a small versioned key-value store), the embedded
+//! durable backend used in standalone mode, name rules, and the controller functions that
+//! keep scope and stream records (segments, key ranges, state) in a store.
+//!
+//! Thread model: a store handle is `Send + Sync + Clone`; its futures complete from the
+//! store's own thread, so shard executors can await them without blocking.
+
+pub mod controller;
+pub mod embedded;
+pub mod names;
+pub mod store;
+
+pub use controller::{Controller, StreamRecord, StreamState};
+pub use embedded::EmbeddedStore;
+pub use store::{MetaError, MetaStore, Versioned};

@@ -1,0 +1,20 @@
+//! Protocol limits and fixed sizes, units last.
+
+/// Version spoken by this build; the handshake picks the highest common version.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Magic carried in the `Hello` message ("SLCE").
+pub const HELLO_MAGIC: u32 = 0x534C_4345;
+/// Bytes of the fixed frame header: length u32, kind u16, flags u16, request id u64, control length u32.
+pub const FRAME_HEADER_BYTES: usize = 20;
+/// Bytes of the header counted by the length field (everything after the length itself).
+pub const FRAME_HEADER_AFTER_LENGTH_BYTES: usize = FRAME_HEADER_BYTES - 4;
+/// Default maximum frame size (header included).
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 16 << 20;
+/// Maximum size of one control archive.
+pub const CONTROL_BYTES_MAX: usize = 1 << 20;
+/// Maximum size of one event's payload.
+pub const EVENT_BYTES_MAX: usize = 8 << 20;
+/// Bytes of the length prefix that frames an event inside segment bytes.
+pub const EVENT_HEADER_BYTES: usize = 4;
+/// Longest scope or stream name.
+pub const NAME_BYTES_MAX: usize = 64;

@@ -1,0 +1,90 @@
+//! Typed errors: wire error codes a client can act on, and codec failures.
+
+use thiserror::Error;
+
+/// Error codes carried by an `ErrorReply`. Each one names something a client can act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The request reached a shard or node that does not own the container; `endpoint` says where to go.
+    WrongHost = 1,
+    NoSuchSegment = 2,
+    NoSuchStream = 3,
+    NoSuchScope = 4,
+    /// The segment is sealed: no more appends.
+    Sealed = 5,
+    /// The read offset is below the segment's start offset (given in `offset`).
+    Truncated = 6,
+    /// A conditional append found another length (given in `offset`).
+    ConditionalCheckFailed = 7,
+    /// An event or request above the size limits.
+    TooLarge = 8,
+    /// The container hit an I/O failure and stopped accepting work until it is recovered.
+    ContainerPoisoned = 9,
+    /// The server sheds load; retry later.
+    Overloaded = 10,
+    /// Malformed request.
+    BadRequest = 11,
+    AlreadyExists = 12,
+    InvalidName = 13,
+    /// A scope that still has streams cannot be deleted.
+    NotEmpty = 14,
+    /// A stream must be sealed before it is deleted.
+    StreamNotSealed = 15,
+    /// Event numbers overlap in a way the server cannot reconcile.
+    InvalidEventNumber = 16,
+    UnsupportedVersion = 17,
+    Internal = 18,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> Option<Self> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => WrongHost,
+            2 => NoSuchSegment,
+            3 => NoSuchStream,
+            4 => NoSuchScope,
+            5 => Sealed,
+            6 => Truncated,
+            7 => ConditionalCheckFailed,
+            8 => TooLarge,
+            9 => ContainerPoisoned,
+            10 => Overloaded,
+            11 => BadRequest,
+            12 => AlreadyExists,
+            13 => InvalidName,
+            14 => NotEmpty,
+            15 => StreamNotSealed,
+            16 => InvalidEventNumber,
+            17 => UnsupportedVersion,
+            18 => Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// Failures decoding frames or control archives.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("frame length {len} is shorter than the header")]
+    FrameTooShort { len: usize },
+    #[error("control section of {control} bytes does not fit a frame of {len} bytes")]
+    ControlOverrun { control: usize, len: usize },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    UnexpectedKind {
+        expected: crate::messages::Kind,
+        got: crate::messages::Kind,
+    },
+    #[error("invalid control archive for {kind:?}: {reason}")]
+    InvalidArchive {
+        kind: crate::messages::Kind,
+        reason: String,
+    },
+    #[error("frame is cut short")]
+    Truncated,
+}

@@ -1,0 +1,280 @@
+//! Control messages: one rkyv-archived struct per frame kind. Event payload bytes never go
+//! through rkyv; they follow the control archive raw.
+
+use crate::error::ProtocolError;
+use rkyv::{Archive, Deserialize, Serialize};
+
+macro_rules! kinds {
+    ($($name:ident = $v:expr),* $(,)?) => {
+        /// Frame kinds (u16 on the wire).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum Kind { $($name = $v),* }
+        impl Kind {
+            pub fn from_u16(v: u16) -> Option<Kind> {
+                match v { $($v => Some(Kind::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+kinds! {
+    Hello = 1, HelloReply = 2, ErrorReply = 3, Done = 4,
+    CreateScope = 10, DeleteScope = 11, ListScopes = 12, ScopeList = 13,
+    CreateStream = 20, ListStreams = 21, StreamList = 22, GetStream = 23, StreamInfo = 24,
+    SealStream = 25, DeleteStream = 26,
+    CreateSegment = 30, Append = 31, AppendAck = 32, Read = 33, ReadReply = 34,
+    GetSegmentInfo = 35, SegmentInfo = 36, SealSegment = 37, TruncateSegment = 38,
+    DeleteSegment = 39,
+}
+
+/// A control message: its kind and its archive.
+pub trait Control: Sized {
+    const KIND: Kind;
+
+    /// Serializes the control archive.
+    fn to_control_bytes(&self) -> rkyv::util::AlignedVec;
+
+    /// Validates (bytecheck) and deserializes a control archive.
+    fn from_control_bytes(bytes: &[u8]) -> Result<Self, ProtocolError>;
+}
+
+macro_rules! control {
+    ($kind:ident, $(#[$m:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $f:ident : $t:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+        pub struct $name { $($(#[$fm])* pub $f: $t),* }
+        impl Control for $name {
+            const KIND: Kind = Kind::$kind;
+            fn to_control_bytes(&self) -> rkyv::util::AlignedVec {
+                // Serializing plain owned structs into a growable buffer cannot fail.
+                rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a control message")
+            }
+            fn from_control_bytes(bytes: &[u8]) -> Result<Self, ProtocolError> {
+                rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes)
+                    .map_err(|e| ProtocolError::InvalidArchive { kind: Self::KIND, reason: e.to_string() })
+            }
+        }
+    };
+}
+
+control!(
+    Hello,
+    /// First frame on a connection.
+    pub struct Hello {
+        pub magic: u32,
+        pub min_version: u16,
+        pub max_version: u16,
+        pub client: String,
+    }
+);
+control!(
+    HelloReply,
+    /// The server's half of the handshake, with its shard map.
+    pub struct HelloReply {
+        pub version: u16,
+        pub node: String,
+        pub container_count: u32,
+        pub shards: Vec<ShardEndpoint>,
+    }
+);
+control!(
+    ErrorReply,
+    /// A typed error answering a request.
+    pub struct ErrorReply {
+        pub code: u16,
+        pub message: String,
+        /// For `WrongHost`: where the request belongs.
+        pub endpoint: Option<String>,
+        /// For `Truncated`: the start offset; for `ConditionalCheckFailed`: the actual length.
+        pub offset: Option<u64>,
+    }
+);
+control!(
+    Done,
+    /// Success without a body.
+    pub struct Done {}
+);
+control!(
+    CreateScope,
+    pub struct CreateScope {
+        pub scope: String,
+    }
+);
+control!(
+    DeleteScope,
+    pub struct DeleteScope {
+        pub scope: String,
+    }
+);
+control!(ListScopes, pub struct ListScopes {});
+control!(
+    ScopeList,
+    pub struct ScopeList {
+        pub scopes: Vec<String>,
+    }
+);
+control!(
+    CreateStream,
+    pub struct CreateStream {
+        pub scope: String,
+        pub stream: String,
+        pub segments: u32,
+    }
+);
+control!(
+    ListStreams,
+    pub struct ListStreams {
+        pub scope: String,
+    }
+);
+control!(
+    StreamList,
+    pub struct StreamList {
+        pub streams: Vec<String>,
+    }
+);
+control!(
+    GetStream,
+    pub struct GetStream {
+        pub scope: String,
+        pub stream: String,
+    }
+);
+control!(
+    StreamInfo,
+    /// A stream's current segments and state.
+    pub struct StreamInfo {
+        pub scope: String,
+        pub stream: String,
+        pub sealed: bool,
+        pub segments: Vec<SegmentRange>,
+    }
+);
+control!(
+    SealStream,
+    pub struct SealStream {
+        pub scope: String,
+        pub stream: String,
+    }
+);
+control!(
+    DeleteStream,
+    pub struct DeleteStream {
+        pub scope: String,
+        pub stream: String,
+    }
+);
+control!(
+    CreateSegment,
+    pub struct CreateSegment {
+        pub segment: String,
+    }
+);
+control!(
+    Append,
+    /// Appends the frame's payload to a segment. With `event_count > 0` the payload
+    /// must be exactly that many framed events, numbered from `first_event_number`; with
+    /// `event_count == 0` it is raw bytes (byte streams). A non-zero writer makes it idempotent.
+    pub struct Append {
+        pub segment: String,
+        pub writer_id: u128,
+        pub first_event_number: u64,
+        pub event_count: u32,
+        /// Conditional append: only if the segment's length equals this.
+        pub expected_offset: Option<u64>,
+    }
+);
+control!(
+    AppendAck,
+    /// The append is durable.
+    pub struct AppendAck {
+        /// Segment offset where the data begins (0 for a duplicate).
+        pub offset: u64,
+        /// Segment length after the append.
+        pub length: u64,
+        pub last_event_number: u64,
+        /// The events were already durable; nothing was appended.
+        pub duplicate: bool,
+    }
+);
+control!(
+    Read,
+    /// Reads from `offset`; at the tail waits up to `wait_ms` for data.
+    pub struct Read {
+        pub segment: String,
+        pub offset: u64,
+        pub max_bytes: u32,
+        pub wait_ms: u32,
+    }
+);
+control!(
+    ReadReply,
+    /// Bytes of the segment from `offset` follow as payload.
+    pub struct ReadReply {
+        pub offset: u64,
+        /// Durable length of the segment at the time of the read.
+        pub length: u64,
+        pub sealed: bool,
+        /// Sealed and `offset` is the end: no more data will ever come.
+        pub end_of_segment: bool,
+    }
+);
+control!(
+    GetSegmentInfo,
+    pub struct GetSegmentInfo {
+        pub segment: String,
+    }
+);
+control!(
+    SegmentInfo,
+    /// Durable state of a segment.
+    pub struct SegmentInfo {
+        pub segment: String,
+        pub start_offset: u64,
+        pub length: u64,
+        pub sealed: bool,
+        pub writers: Vec<WriterState>,
+    }
+);
+control!(
+    SealSegment,
+    pub struct SealSegment {
+        pub segment: String,
+    }
+);
+control!(
+    TruncateSegment,
+    pub struct TruncateSegment {
+        pub segment: String,
+        pub offset: u64,
+    }
+);
+control!(
+    DeleteSegment,
+    pub struct DeleteSegment {
+        pub segment: String,
+    }
+);
+
+/// One shard's listening address.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ShardEndpoint {
+    pub shard: u32,
+    pub address: String,
+}
+
+/// A segment of a stream and its routing-key range [key_low, key_high).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SegmentRange {
+    pub number: u64,
+    pub key_low: f64,
+    pub key_high: f64,
+}
+
+/// Last durable event number of one writer on a segment.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WriterState {
+    pub writer_id: u128,
+    pub event_number: u64,
+}
