@@ -53,12 +53,7 @@ impl EngineConfig {
                 "log file size must be a multiple of {BLOCK_BYTES} and at least {LOG_FILE_BYTES_MIN} bytes"
             ));
         }
-        if self
-            .listen
-            .port()
-            .checked_add(self.shards as u16 - 1)
-            .is_none()
-        {
+        if self.listen.port().checked_add(self.shards as u16 - 1).is_none() {
             return Err("listen port + shard count overflows".into());
         }
         Ok(())

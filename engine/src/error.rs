@@ -12,19 +12,9 @@ pub enum EngineError {
     #[error("segment {0} is sealed")]
     Sealed(String),
     #[error("offset {offset} is below the start offset {start} of segment {segment}")]
-    Truncated {
-        segment: String,
-        offset: u64,
-        start: u64,
-    },
-    #[error(
-        "conditional append failed: segment {segment} has length {actual}, expected {expected}"
-    )]
-    ConditionalCheckFailed {
-        segment: String,
-        expected: u64,
-        actual: u64,
-    },
+    Truncated { segment: String, offset: u64, start: u64 },
+    #[error("conditional append failed: segment {segment} has length {actual}, expected {expected}")]
+    ConditionalCheckFailed { segment: String, expected: u64, actual: u64 },
     #[error("{0}")]
     TooLarge(String),
     #[error("container {container} is poisoned after an I/O failure: {reason}")]
@@ -47,9 +37,7 @@ impl EngineError {
             EngineError::SegmentExists(_) => (ErrorCode::AlreadyExists, None),
             EngineError::Sealed(_) => (ErrorCode::Sealed, None),
             EngineError::Truncated { start, .. } => (ErrorCode::Truncated, Some(*start)),
-            EngineError::ConditionalCheckFailed { actual, .. } => {
-                (ErrorCode::ConditionalCheckFailed, Some(*actual))
-            }
+            EngineError::ConditionalCheckFailed { actual, .. } => (ErrorCode::ConditionalCheckFailed, Some(*actual)),
             EngineError::TooLarge(_) => (ErrorCode::TooLarge, None),
             EngineError::Poisoned { .. } => (ErrorCode::ContainerPoisoned, None),
             EngineError::Overloaded(_) => (ErrorCode::Overloaded, None),
@@ -68,16 +56,9 @@ pub enum RecoveryError {
         "corrupt log {file}: invalid record at byte {offset} is followed by a valid record at byte {valid_at}; \
          this is damage to acknowledged data, not a torn write. Refusing to start; inspect with `sluice log dump`"
     )]
-    Corrupt {
-        file: PathBuf,
-        offset: u64,
-        valid_at: u64,
-    },
+    Corrupt { file: PathBuf, offset: u64, valid_at: u64 },
     #[error("log {file}: {reason}")]
     Invalid { file: PathBuf, reason: String },
     #[error("I/O error on {file}: {source}")]
-    Io {
-        file: PathBuf,
-        source: std::io::Error,
-    },
+    Io { file: PathBuf, source: std::io::Error },
 }

@@ -42,15 +42,7 @@ fn error_reply(
     endpoint: Option<String>,
     offset: Option<u64>,
 ) -> Reply {
-    reply(
-        request_id,
-        &ErrorReply {
-            code: code as u16,
-            message,
-            endpoint,
-            offset,
-        },
-    )
+    reply(request_id, &ErrorReply { code: code as u16, message, endpoint, offset })
 }
 
 fn engine_error(request_id: u64, e: &EngineError) -> Reply {
@@ -136,13 +128,7 @@ async fn read_loop<R: futures::AsyncRead + Unpin>(
     let hello = match hello {
         Ok(h) if h.magic == HELLO_MAGIC => h,
         Ok(_) => {
-            send(error_reply(
-                header.request_id,
-                ErrorCode::BadRequest,
-                "bad handshake magic".into(),
-                None,
-                None,
-            ));
+            send(error_reply(header.request_id, ErrorCode::BadRequest, "bad handshake magic".into(), None, None));
             return Err("bad handshake magic".into());
         }
         Err(e) => {
@@ -157,17 +143,9 @@ async fn read_loop<R: futures::AsyncRead + Unpin>(
         }
     };
     if hello.min_version > PROTOCOL_VERSION || hello.max_version < PROTOCOL_VERSION {
-        let msg = format!(
-            "client speaks versions {}..={}, server {PROTOCOL_VERSION}",
-            hello.min_version, hello.max_version
-        );
-        send(error_reply(
-            header.request_id,
-            ErrorCode::UnsupportedVersion,
-            msg.clone(),
-            None,
-            None,
-        ));
+        let msg =
+            format!("client speaks versions {}..={}, server {PROTOCOL_VERSION}", hello.min_version, hello.max_version);
+        send(error_reply(header.request_id, ErrorCode::UnsupportedVersion, msg.clone(), None, None));
         return Err(msg);
     }
     send(reply(
@@ -191,10 +169,7 @@ async fn read_loop<R: futures::AsyncRead + Unpin>(
             Ok(h) => h,
             Err(e) => {
                 // A bad length cannot be skipped: answer and close.
-                send(protocol_error(
-                    u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")),
-                    &e,
-                ));
+                send(protocol_error(u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")), &e));
                 return Err(e.to_string());
             }
         };
@@ -207,16 +182,16 @@ async fn read_loop<R: futures::AsyncRead + Unpin>(
                 continue;
             }
         };
-        let permit = limit
-            .clone()
-            .acquire_static_permit(1)
-            .await
-            .map_err(|e| e.to_string())?;
+        let permit = limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?;
         let id = frame.request_id;
         match dispatch(shard, frame) {
             Ok(Dispatched::Now(rep)) => {
                 drop(permit);
                 send(rep)
+            }
+            Ok(Dispatched::Close(rep)) => {
+                send(rep);
+                return Err("closed after a refused append".into());
             }
             Ok(Dispatched::Later(fut)) => {
                 let tx = tx.clone();
@@ -237,6 +212,8 @@ async fn read_loop<R: futures::AsyncRead + Unpin>(
 
 enum Dispatched {
     Now(Reply),
+    /// Answer, then close the connection.
+    Close(Reply),
     Later(std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
 }
 
@@ -248,23 +225,20 @@ fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
 fn local_segment_op(shard: &Shard, id: u64, segment: String, req: Request) -> Dispatched {
     match shard.owner(&segment) {
         Owner::Local(c) => {
-            let fut = c.submit(req);
+            let fut = match c.submit(req) {
+                Ok(f) => f,
+                // A refused append must not be followed by later appends of the same writer
+                // on this connection (the client resends them all in order): close it.
+                Err(e @ (EngineError::Overloaded(_) | EngineError::Poisoned { .. })) => {
+                    return Dispatched::Close(engine_error(id, &e));
+                }
+                Err(e) => return Dispatched::Now(engine_error(id, &e)),
+            };
             later(async move {
                 match fut.await {
-                    Ok(OpResult::Appended {
-                        offset,
-                        length,
-                        last_event_number,
-                        duplicate,
-                    }) => reply(
-                        id,
-                        &AppendAck {
-                            offset,
-                            length,
-                            last_event_number,
-                            duplicate,
-                        },
-                    ),
+                    Ok(OpResult::Appended { offset, length, last_event_number, duplicate }) => {
+                        reply(id, &AppendAck { offset, length, last_event_number, duplicate })
+                    }
                     Ok(OpResult::Done) => reply(id, &Done {}),
                     Err(e) => engine_error(id, &e),
                 }
@@ -294,13 +268,10 @@ fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Result<Dispatched, ProtocolError
             match shard.owner(&rd.segment) {
                 Owner::Local(c) => later(async move {
                     let max = rd.max_bytes.clamp(1, crate::constants::READ_BYTES_MAX) as usize;
-                    let wait = Duration::from_millis(u64::from(
-                        rd.wait_ms.min(crate::constants::READ_WAIT_MS_MAX),
-                    ));
+                    let wait = Duration::from_millis(u64::from(rd.wait_ms.min(crate::constants::READ_WAIT_MS_MAX)));
                     match c.read(&rd.segment, rd.offset, max, wait).await {
                         Ok(d) => {
-                            let end = d.status.sealed
-                                && rd.offset + d.data.len() as u64 >= d.status.length;
+                            let end = d.status.sealed && rd.offset + d.data.len() as u64 >= d.status.length;
                             let msg = ReadReply {
                                 offset: rd.offset,
                                 length: d.status.length,
@@ -329,10 +300,7 @@ fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Result<Dispatched, ProtocolError
                             writers: s
                                 .writers
                                 .into_iter()
-                                .map(|(w, n)| WriterState {
-                                    writer_id: w,
-                                    event_number: n,
-                                })
+                                .map(|(w, n)| WriterState { writer_id: w, event_number: n })
                                 .collect(),
                         },
                     ),
@@ -343,42 +311,19 @@ fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Result<Dispatched, ProtocolError
         }
         Kind::CreateSegment => {
             let m: CreateSegment = frame.decode()?;
-            local_segment_op(
-                shard,
-                id,
-                m.segment.clone(),
-                Request::Create { name: m.segment },
-            )
+            local_segment_op(shard, id, m.segment.clone(), Request::Create { name: m.segment })
         }
         Kind::SealSegment => {
             let m: SealSegment = frame.decode()?;
-            local_segment_op(
-                shard,
-                id,
-                m.segment.clone(),
-                Request::Seal { name: m.segment },
-            )
+            local_segment_op(shard, id, m.segment.clone(), Request::Seal { name: m.segment })
         }
         Kind::TruncateSegment => {
             let m: TruncateSegment = frame.decode()?;
-            local_segment_op(
-                shard,
-                id,
-                m.segment.clone(),
-                Request::Truncate {
-                    name: m.segment,
-                    offset: m.offset,
-                },
-            )
+            local_segment_op(shard, id, m.segment.clone(), Request::Truncate { name: m.segment, offset: m.offset })
         }
         Kind::DeleteSegment => {
             let m: DeleteSegment = frame.decode()?;
-            local_segment_op(
-                shard,
-                id,
-                m.segment.clone(),
-                Request::Delete { name: m.segment },
-            )
+            local_segment_op(shard, id, m.segment.clone(), Request::Delete { name: m.segment })
         }
         Kind::CreateScope => {
             let m: CreateScope = frame.decode()?;
@@ -426,10 +371,7 @@ fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Result<Dispatched, ProtocolError
                 match shard.controller.get_stream(&m.scope, &m.stream).await {
                     Ok(r) if r.state == StreamState::Creating => controller_error(
                         id,
-                        &ControllerError::NoSuchStream(format!(
-                            "{}/{} (still being created)",
-                            m.scope, m.stream
-                        )),
+                        &ControllerError::NoSuchStream(format!("{}/{} (still being created)", m.scope, m.stream)),
                     ),
                     Ok(r) => reply(
                         id,
@@ -447,45 +389,24 @@ fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Result<Dispatched, ProtocolError
         Kind::CreateStream => {
             let m: CreateStream = frame.decode()?;
             let shard = shard.clone();
-            later(async move {
-                stream_admin(
-                    &shard,
-                    id,
-                    StreamAdmin::Create(m.segments),
-                    &m.scope,
-                    &m.stream,
-                )
-                .await
-            })
+            later(async move { stream_admin(&shard, id, StreamAdmin::Create(m.segments), &m.scope, &m.stream).await })
         }
         Kind::SealStream => {
             let m: SealStream = frame.decode()?;
             let shard = shard.clone();
-            later(
-                async move { stream_admin(&shard, id, StreamAdmin::Seal, &m.scope, &m.stream).await },
-            )
+            later(async move { stream_admin(&shard, id, StreamAdmin::Seal, &m.scope, &m.stream).await })
         }
         Kind::DeleteStream => {
             let m: DeleteStream = frame.decode()?;
             let shard = shard.clone();
-            later(async move {
-                stream_admin(&shard, id, StreamAdmin::Delete, &m.scope, &m.stream).await
-            })
+            later(async move { stream_admin(&shard, id, StreamAdmin::Delete, &m.scope, &m.stream).await })
         }
-        Kind::Hello => Dispatched::Now(error_reply(
-            id,
-            ErrorCode::BadRequest,
-            "handshake already done".into(),
-            None,
-            None,
-        )),
-        other => Dispatched::Now(error_reply(
-            id,
-            ErrorCode::BadRequest,
-            format!("{other:?} is not a request"),
-            None,
-            None,
-        )),
+        Kind::Hello => {
+            Dispatched::Now(error_reply(id, ErrorCode::BadRequest, "handshake already done".into(), None, None))
+        }
+        other => {
+            Dispatched::Now(error_reply(id, ErrorCode::BadRequest, format!("{other:?} is not a request"), None, None))
+        }
     })
 }
 
@@ -503,84 +424,40 @@ async fn stream_admin(shard: &Shard, id: u64, op: StreamAdmin, scope: &str, stre
     let result: Result<(), Reply> = async {
         match op {
             StreamAdmin::Create(n) => {
-                let record = ctl
-                    .begin_create_stream(scope, stream, n)
-                    .await
-                    .map_err(|e| controller_error(id, &e))?;
+                let record = ctl.begin_create_stream(scope, stream, n).await.map_err(|e| controller_error(id, &e))?;
                 for s in &record.segments {
-                    match shard
-                        .segment_op(
-                            name(s.number),
-                            Request::Create {
-                                name: name(s.number),
-                            },
-                        )
-                        .await
-                    {
+                    match shard.segment_op(name(s.number), Request::Create { name: name(s.number) }).await {
                         Ok(_) | Err(EngineError::SegmentExists(_)) => {}
                         Err(e) => return Err(engine_error(id, &e)),
                     }
                 }
-                ctl.set_state(scope, stream, StreamState::Active)
-                    .await
-                    .map_err(|e| controller_error(id, &e))?;
+                ctl.set_state(scope, stream, StreamState::Active).await.map_err(|e| controller_error(id, &e))?;
             }
             StreamAdmin::Seal => {
-                let record = ctl
-                    .get_stream(scope, stream)
-                    .await
-                    .map_err(|e| controller_error(id, &e))?;
+                let record = ctl.get_stream(scope, stream).await.map_err(|e| controller_error(id, &e))?;
                 if record.state != StreamState::Sealed {
-                    ctl.set_state(scope, stream, StreamState::Sealing)
-                        .await
-                        .map_err(|e| controller_error(id, &e))?;
+                    ctl.set_state(scope, stream, StreamState::Sealing).await.map_err(|e| controller_error(id, &e))?;
                     for s in &record.segments {
-                        match shard
-                            .segment_op(
-                                name(s.number),
-                                Request::Seal {
-                                    name: name(s.number),
-                                },
-                            )
-                            .await
-                        {
+                        match shard.segment_op(name(s.number), Request::Seal { name: name(s.number) }).await {
                             Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
                             Err(e) => return Err(engine_error(id, &e)),
                         }
                     }
-                    ctl.set_state(scope, stream, StreamState::Sealed)
-                        .await
-                        .map_err(|e| controller_error(id, &e))?;
+                    ctl.set_state(scope, stream, StreamState::Sealed).await.map_err(|e| controller_error(id, &e))?;
                 }
             }
             StreamAdmin::Delete => {
-                let record = ctl
-                    .get_stream(scope, stream)
-                    .await
-                    .map_err(|e| controller_error(id, &e))?;
+                let record = ctl.get_stream(scope, stream).await.map_err(|e| controller_error(id, &e))?;
                 if record.state != StreamState::Sealed {
-                    return Err(controller_error(
-                        id,
-                        &ControllerError::NotSealed(format!("{scope}/{stream}")),
-                    ));
+                    return Err(controller_error(id, &ControllerError::NotSealed(format!("{scope}/{stream}"))));
                 }
                 for s in &record.segments {
-                    match shard
-                        .segment_op(
-                            name(s.number),
-                            Request::Delete {
-                                name: name(s.number),
-                            },
-                        )
-                        .await
-                    {
+                    match shard.segment_op(name(s.number), Request::Delete { name: name(s.number) }).await {
                         Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
                         Err(e) => return Err(engine_error(id, &e)),
                     }
                 }
-                ctl.delete_stream_record(scope, stream)
-                    .await
-                    .map_err(|e| controller_error(id, &e))?;
+                ctl.delete_stream_record(scope, stream).await.map_err(|e| controller_error(id, &e))?;
             }
         }
         Ok(())

@@ -23,11 +23,7 @@ use std::time::Duration;
 
 /// Work sent to another shard.
 pub enum ShardMsg {
-    Segment {
-        segment: String,
-        req: Request,
-        reply: oneshot::Sender<Result<OpResult, EngineError>>,
-    },
+    Segment { segment: String, req: Request, reply: oneshot::Sender<Result<OpResult, EngineError>> },
     Stop,
 }
 
@@ -63,18 +59,13 @@ impl Shard {
     /// Runs a segment operation on whichever shard owns the segment, and waits for it.
     pub async fn segment_op(&self, segment: String, req: Request) -> Result<OpResult, EngineError> {
         match self.owner(&segment) {
-            Owner::Local(c) => c.submit(req).await,
+            Owner::Local(c) => c.submit(req)?.await,
             Owner::Remote(s, _) => {
                 let (tx, rx) = oneshot::channel();
                 self.peers[s as usize]
-                    .unbounded_send(ShardMsg::Segment {
-                        segment,
-                        req,
-                        reply: tx,
-                    })
+                    .unbounded_send(ShardMsg::Segment { segment, req, reply: tx })
                     .map_err(|_| EngineError::Io(format!("shard {s} is gone")))?;
-                rx.await
-                    .map_err(|_| EngineError::Io(format!("shard {s} dropped a request")))?
+                rx.await.map_err(|_| EngineError::Io(format!("shard {s} dropped a request")))?
             }
         }
     }
@@ -101,15 +92,40 @@ fn advertised(addr: SocketAddr) -> SocketAddr {
 async fn probe_dma(dir: &std::path::Path, shard: u32) -> Result<(), String> {
     let path = dir.join(format!(".probe-{shard}"));
     std::fs::write(&path, vec![0u8; 4096]).map_err(|e| format!("{}: {e}", path.display()))?;
-    let f = glommio::io::DmaFile::open(&path)
-        .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.read_at_aligned(0, 4096)
-        .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let f = glommio::io::DmaFile::open(&path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+    f.read_at_aligned(0, 4096).await.map_err(|e| format!("{}: {e}", path.display()))?;
     let _ = f.close().await;
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// The container count is fixed by the first start of a data directory: segments are
+/// placed by hashing over it, so another count would lose track of them.
+fn check_layout(cfg: &EngineConfig) -> Result<(), String> {
+    let path = cfg.data_dir.join("containers").join("COUNT");
+    let want = cfg.container_count();
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let have: u32 = s.trim().parse().map_err(|_| format!("{} does not hold a number", path.display()))?;
+            if have != want {
+                return Err(format!(
+                    "{} was created with {have} containers, but {} shards x {} containers per shard gives {want}; \
+                     restart with a shard count and --containers-per-core whose product is {have}",
+                    cfg.data_dir.display(),
+                    cfg.shards,
+                    cfg.containers_per_shard
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = path.parent().expect("has a parent");
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::write(&path, format!("{want}\n")).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 impl Node {
@@ -117,50 +133,34 @@ impl Node {
     /// returns once all shards serve (or the first failure).
     pub fn start(cfg: EngineConfig) -> Result<Node, String> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+        check_layout(&cfg)?;
         let store = EmbeddedStore::open(&cfg.data_dir.join("meta")).map_err(|e| e.to_string())?;
         let mut listeners = Vec::new();
         let mut endpoints = Vec::new();
         for k in 0..cfg.shards {
             let mut addr = cfg.listen;
             addr.set_port(cfg.listen.port() + k as u16);
-            let l = std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let l = std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             let bound = l.local_addr().map_err(|e| e.to_string())?;
-            endpoints.push(ShardEndpoint {
-                shard: k,
-                address: advertised(bound).to_string(),
-            });
+            endpoints.push(ShardEndpoint { shard: k, address: advertised(bound).to_string() });
             listeners.push(l);
         }
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards)
-            .map(|_| mpsc::unbounded::<ShardMsg>())
-            .unzip();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| mpsc::unbounded::<ShardMsg>()).unzip();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u32, String>>();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut handles = Vec::new();
         for ((k, listener), inbox) in (0..cfg.shards).zip(listeners).zip(rxs) {
-            let placement = if cfg.pin {
-                Placement::Fixed(k as usize % cpus)
-            } else {
-                Placement::Unbound
-            };
-            let (cfg, peers, endpoints, store, ready) = (
-                cfg.clone(),
-                txs.clone(),
-                endpoints.clone(),
-                store.clone(),
-                ready_tx.clone(),
-            );
+            let placement = if cfg.pin { Placement::Fixed(k as usize % cpus) } else { Placement::Unbound };
+            let (cfg, peers, endpoints, store, ready) =
+                (cfg.clone(), txs.clone(), endpoints.clone(), store.clone(), ready_tx.clone());
             let fd = listener.into_raw_fd();
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("sluice-shard-{k}"))
                 .spawn(move || async move {
                     // SAFETY: `fd` is a listening TCP socket we own; ownership moves to glommio.
                     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
-                    let r =
-                        shard_main(k, cfg, peers, endpoints, store, listener, inbox, &ready).await;
+                    let r = shard_main(k, cfg, peers, endpoints, store, listener, inbox, &ready).await;
                     if let Err(e) = &r {
                         let _ = ready.send(Err(e.clone()));
                     }
@@ -170,11 +170,7 @@ impl Node {
             handles.push(h);
         }
         drop(ready_tx);
-        let node = Node {
-            handles,
-            peers: txs,
-            endpoints,
-        };
+        let node = Node { handles, peers: txs, endpoints };
         for _ in 0..cfg.shards {
             match ready_rx.recv() {
                 Ok(Ok(_)) => {}
@@ -236,19 +232,10 @@ async fn shard_main(
             pending_bytes_max: cfg.pending_bytes_max,
         };
         let dir = cfg.data_dir.join("containers").join(format!("{c:04}"));
-        let container = Container::open(core_cfg, dir)
-            .await
-            .map_err(|e| format!("container {c}: {e}"))?;
+        let container = Container::open(core_cfg, dir).await.map_err(|e| format!("container {c}: {e}"))?;
         containers.insert(c, container);
     }
-    let shard = Rc::new(Shard {
-        index,
-        cfg,
-        containers,
-        peers,
-        endpoints,
-        controller: Controller::new(store),
-    });
+    let shard = Rc::new(Shard { index, cfg, containers, peers, endpoints, controller: Controller::new(store) });
     let _ = ready.send(Ok(index));
     let accept = {
         let shard = shard.clone();
@@ -256,8 +243,7 @@ async fn shard_main(
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
-                        glommio::spawn_local(server::serve_connection(shard.clone(), stream))
-                            .detach();
+                        glommio::spawn_local(server::serve_connection(shard.clone(), stream)).detach();
                     }
                     Err(e) => {
                         tracing::warn!(shard = shard.index, error = %e, "accept failed");
@@ -270,24 +256,23 @@ async fn shard_main(
     };
     while let Some(msg) = inbox.next().await {
         match msg {
-            ShardMsg::Segment {
-                segment,
-                req,
-                reply,
-            } => {
-                let fut = match shard.owner(&segment) {
-                    Owner::Local(c) => futures::future::Either::Left(c.submit(req)),
-                    Owner::Remote(s, _) => futures::future::Either::Right(futures::future::ready(
-                        Err(EngineError::Io(format!(
-                            "segment {segment} belongs to shard {s}, not {index}"
-                        ))),
-                    )),
-                };
-                glommio::spawn_local(async move {
-                    let _ = reply.send(fut.await);
-                })
-                .detach();
-            }
+            ShardMsg::Segment { segment, req, reply } => match shard.owner(&segment) {
+                Owner::Local(c) => match c.submit(req) {
+                    Ok(fut) => {
+                        glommio::spawn_local(async move {
+                            let _ = reply.send(fut.await);
+                        })
+                        .detach();
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Owner::Remote(s, _) => {
+                    let _ = reply
+                        .send(Err(EngineError::Io(format!("segment {segment} belongs to shard {s}, not {index}"))));
+                }
+            },
             ShardMsg::Stop => break,
         }
     }

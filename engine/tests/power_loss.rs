@@ -9,9 +9,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_engine::constants::{BLOCK_BYTES, FILE_HEADER_BYTES};
-use sluice_engine::container::core::{
-    ContainerCore, CoreConfig, OpResult, ReadOutcome, Request, Submitted, WriteStep,
-};
+use sluice_engine::container::core::{ContainerCore, CoreConfig, OpResult, ReadOutcome, Request, Submitted, WriteStep};
 use sluice_engine::container::index::FileIndex;
 use sluice_engine::log::format::FileHeader;
 use sluice_engine::log::scan::scan_file;
@@ -58,13 +56,8 @@ impl Sim {
 
     fn prepare(&mut self, cfg: &CoreConfig, seq: u64, epoch: u64) -> Result<(), Crash> {
         let mut image = vec![0u8; cfg.file_bytes as usize];
-        FileHeader {
-            container: cfg.container,
-            seq,
-            epoch,
-            file_bytes: cfg.file_bytes,
-        }
-        .encode(&mut image[..FILE_HEADER_BYTES as usize]);
+        FileHeader { container: cfg.container, seq, epoch, file_bytes: cfg.file_bytes }
+            .encode(&mut image[..FILE_HEADER_BYTES as usize]);
         if self.steps_left == 0 {
             // Torn creation: the file may be missing, or its header partly written.
             if self.rng.random_bool(0.5) {
@@ -110,11 +103,7 @@ fn flush(core: &mut ContainerCore, sim: &mut Sim) -> Result<Option<Vec<OpResult>
 }
 
 fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
-    let images: Vec<(u64, Bytes)> = disk
-        .files
-        .iter()
-        .map(|(s, b)| (*s, Bytes::from(b.clone())))
-        .collect();
+    let images: Vec<(u64, Bytes)> = disk.files.iter().map(|(s, b)| (*s, Bytes::from(b.clone()))).collect();
     let (core, report) = match ContainerCore::recover(cfg.clone(), &images) {
         Ok(r) => r,
         Err(e) => panic!("recovery failed: {e:?}"),
@@ -179,22 +168,13 @@ fn run_seed(seed: u64) -> (u64, usize) {
     let names: Vec<String> = (0..3).map(|i| format!("s/t/{i}")).collect();
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim {
-        rng: StdRng::seed_from_u64(seed ^ 0x5eed),
-        disk: Disk::default(),
-        steps_left: u64::MAX,
-    };
+    let mut sim = Sim { rng: StdRng::seed_from_u64(seed ^ 0x5eed), disk: Disk::default(), steps_left: u64::MAX };
     for n in &names {
-        assert_eq!(
-            core.submit(Request::Create { name: n.clone() }).unwrap(),
-            Submitted::Queued
-        );
+        assert_eq!(core.submit(Request::Create { name: n.clone() }).unwrap(), Submitted::Queued);
     }
     while flush(&mut core, &mut sim).ok().flatten().is_some() {}
     disk = sim.disk.clone();
-    let writers: Vec<u128> = (1..=3u128)
-        .map(|w| w << 64 | u128::from(seed as u32))
-        .collect();
+    let writers: Vec<u128> = (1..=3u128).map(|w| w << 64 | u128::from(seed as u32)).collect();
     let mut next_number: HashMap<u128, u64> = writers.iter().map(|&w| (w, 1)).collect();
     // Acknowledged appends: (segment, offset, bytes).
     let mut acked: Vec<(usize, u64, Vec<u8>)> = Vec::new();
@@ -220,13 +200,7 @@ fn run_seed(seed: u64) -> (u64, usize) {
                         encode_event(&mut payload, &event(writer, n, &mut rng));
                     }
                     next_number.insert(writer, first + u64::from(count));
-                    Send {
-                        segment: rng.random_range(0..names.len()),
-                        writer,
-                        first,
-                        payload,
-                        count,
-                    }
+                    Send { segment: rng.random_range(0..names.len()), writer, first, payload, count }
                 };
                 let req = Request::Append {
                     name: names[send.segment].clone(),
@@ -238,9 +212,7 @@ fn run_seed(seed: u64) -> (u64, usize) {
                 };
                 match core.submit(req).unwrap() {
                     Submitted::Queued => queued.push(send),
-                    Submitted::Ready(OpResult::Appended {
-                        duplicate: true, ..
-                    }) => {}
+                    Submitted::Ready(OpResult::Appended { duplicate: true, .. }) => {}
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -259,16 +231,10 @@ fn run_seed(seed: u64) -> (u64, usize) {
             }
             for (send, r) in queued.iter().zip(results.iter()) {
                 match r {
-                    OpResult::Appended {
-                        offset,
-                        duplicate: false,
-                        ..
-                    } => {
+                    OpResult::Appended { offset, duplicate: false, .. } => {
                         acked.push((send.segment, *offset, send.payload.clone()));
                     }
-                    OpResult::Appended {
-                        duplicate: true, ..
-                    } => {}
+                    OpResult::Appended { duplicate: true, .. } => {}
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -321,23 +287,14 @@ fn run_seed(seed: u64) -> (u64, usize) {
             let mut parts = ev.split(':');
             let w: u128 = parts.next().unwrap().parse().unwrap();
             let n: u64 = parts.next().unwrap().parse().unwrap();
-            assert!(
-                seen.insert((w, n), i).is_none(),
-                "seed {seed}: event {w}:{n} appears twice"
-            );
-            assert!(
-                last.get(&w).is_none_or(|&l| l < n),
-                "seed {seed}: order broken for writer {w}"
-            );
+            assert!(seen.insert((w, n), i).is_none(), "seed {seed}: event {w}:{n} appears twice");
+            assert!(last.get(&w).is_none_or(|&l| l < n), "seed {seed}: order broken for writer {w}");
             last.insert(w, n);
         }
     }
     for (&w, &next) in &next_number {
         for n in 1..next {
-            assert!(
-                seen.contains_key(&(w, n)),
-                "seed {seed}: event {w}:{n} lost"
-            );
+            assert!(seen.contains_key(&(w, n)), "seed {seed}: event {w}:{n} lost");
         }
     }
     (crashes, max_files)
@@ -388,15 +345,8 @@ fn setup() -> (ContainerCore, Sim) {
     let cfg = fresh_cfg();
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim {
-        rng: StdRng::seed_from_u64(1),
-        disk,
-        steps_left: u64::MAX,
-    };
-    core.submit(Request::Create {
-        name: "a/b/0".into(),
-    })
-    .unwrap();
+    let mut sim = Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX };
+    core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     while flush(&mut core, &mut sim).ok().flatten().is_some() {}
     (core, sim)
 }
@@ -419,10 +369,7 @@ fn torn_tail_is_cut_and_cleared() {
     file[tail..tail + 100].fill(0x5A);
     let mut disk = sim.disk.clone();
     let mut core = recover(&fresh_cfg(), &mut disk);
-    assert!(
-        disk.files[&0][tail..tail + 100].iter().all(|&b| b == 0),
-        "torn bytes cleared"
-    );
+    assert!(disk.files[&0][tail..tail + 100].iter().all(|&b| b == 0), "torn bytes cleared");
     let data = read_segment(&mut core, &disk, "a/b/0");
     assert_eq!(EventIter::new(&data).count(), 5);
     assert!(core.epoch() > 1);
@@ -436,18 +383,9 @@ fn corrupt_middle_refuses_to_start() {
     let scan = scan_file(&Bytes::from(file.clone()));
     let victim = scan.records[2].pos as usize + 50;
     file[victim] ^= 0xFF;
-    let images: Vec<(u64, Bytes)> = sim
-        .disk
-        .files
-        .iter()
-        .map(|(s, b)| (*s, Bytes::from(b.clone())))
-        .collect();
+    let images: Vec<(u64, Bytes)> = sim.disk.files.iter().map(|(s, b)| (*s, Bytes::from(b.clone()))).collect();
     match ContainerCore::recover(fresh_cfg(), &images) {
-        Err(sluice_engine::container::core::RecoverFault::Corrupt {
-            file_seq: 0,
-            at,
-            valid_at,
-        }) => {
+        Err(sluice_engine::container::core::RecoverFault::Corrupt { file_seq: 0, at, valid_at }) => {
             assert_eq!(at, scan.records[2].pos);
             assert!(valid_at > at);
         }
@@ -474,22 +412,12 @@ fn writer_dedupe_across_recovery() {
     // The same events again before the first copy is durable: answered after it, not appended.
     assert_eq!(core.submit(req(1, &p, 2)).unwrap(), Submitted::Queued);
     let results = flush(&mut core, &mut sim).ok().flatten().unwrap();
-    assert!(matches!(
-        results[1],
-        OpResult::Appended {
-            duplicate: true,
-            last_event_number: 2,
-            ..
-        }
-    ));
+    assert!(matches!(results[1], OpResult::Appended { duplicate: true, last_event_number: 2, .. }));
     let mut disk = sim.disk.clone();
     let mut core = recover(&fresh_cfg(), &mut disk);
     assert!(matches!(
         core.submit(req(1, &p, 2)).unwrap(),
-        Submitted::Ready(OpResult::Appended {
-            duplicate: true,
-            ..
-        })
+        Submitted::Ready(OpResult::Appended { duplicate: true, .. })
     ));
     // Partial overlap: event 2 again plus a new event 3; only 3 is appended.
     let mut q = Vec::new();

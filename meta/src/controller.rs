@@ -37,18 +37,12 @@ impl StreamRecord {
     pub fn ranges(&self) -> Vec<SegmentRange> {
         self.segments
             .iter()
-            .map(|s| SegmentRange {
-                number: s.number,
-                key_low: s.key_low,
-                key_high: s.key_high,
-            })
+            .map(|s| SegmentRange { number: s.number, key_low: s.key_low, key_high: s.key_high })
             .collect()
     }
 
     fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self)
-            .expect("serializing a stream record")
-            .to_vec()
+        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a stream record").to_vec()
     }
 
     fn decode(key: &str, bytes: &[u8]) -> Result<Self, ControllerError> {
@@ -86,9 +80,7 @@ impl ControllerError {
         match self {
             ControllerError::NoSuchScope(_) => ErrorCode::NoSuchScope,
             ControllerError::NoSuchStream(_) => ErrorCode::NoSuchStream,
-            ControllerError::ScopeExists(_) | ControllerError::StreamExists(_) => {
-                ErrorCode::AlreadyExists
-            }
+            ControllerError::ScopeExists(_) | ControllerError::StreamExists(_) => ErrorCode::AlreadyExists,
             ControllerError::InvalidName(_) => ErrorCode::InvalidName,
             ControllerError::NotEmpty(_) => ErrorCode::NotEmpty,
             ControllerError::NotSealed(_) => ErrorCode::StreamNotSealed,
@@ -116,9 +108,7 @@ fn stream_key(scope: &str, stream: &str) -> String {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl<S: MetaStore> Controller<S> {
@@ -128,11 +118,7 @@ impl<S: MetaStore> Controller<S> {
 
     pub async fn create_scope(&self, scope: &str) -> Result<(), ControllerError> {
         validate("scope", scope).map_err(ControllerError::InvalidName)?;
-        match self
-            .store
-            .compare_and_swap(&scope_key(scope), 0, Vec::new())
-            .await
-        {
+        match self.store.compare_and_swap(&scope_key(scope), 0, Vec::new()).await {
             Ok(_) => Ok(()),
             Err(MetaError::Conflict { .. }) => Err(ControllerError::ScopeExists(scope.into())),
             Err(e) => Err(e.into()),
@@ -140,13 +126,7 @@ impl<S: MetaStore> Controller<S> {
     }
 
     pub async fn list_scopes(&self) -> Result<Vec<String>, ControllerError> {
-        Ok(self
-            .store
-            .range("scopes/")
-            .await?
-            .into_iter()
-            .map(|(k, _)| k["scopes/".len()..].to_string())
-            .collect())
+        Ok(self.store.range("scopes/").await?.into_iter().map(|(k, _)| k["scopes/".len()..].to_string()).collect())
     }
 
     async fn require_scope(&self, scope: &str) -> Result<(), ControllerError> {
@@ -189,11 +169,7 @@ impl<S: MetaStore> Controller<S> {
                 .map(|i| StreamSegment {
                     number: u64::from(i),
                     key_low: f64::from(i) / n,
-                    key_high: if i + 1 == segments {
-                        1.0
-                    } else {
-                        f64::from(i + 1) / n
-                    },
+                    key_high: if i + 1 == segments { 1.0 } else { f64::from(i + 1) / n },
                 })
                 .collect(),
             created_unix_ms: now_ms(),
@@ -203,9 +179,7 @@ impl<S: MetaStore> Controller<S> {
             Ok(_) => Ok(record),
             Err(MetaError::Conflict { .. }) => {
                 let (existing, _) = self.get_versioned(scope, stream).await?;
-                if existing.state == StreamState::Creating
-                    && existing.segments.len() == segments as usize
-                {
+                if existing.state == StreamState::Creating && existing.segments.len() == segments as usize {
                     Ok(existing)
                 } else {
                     Err(ControllerError::StreamExists(format!("{scope}/{stream}")))
@@ -215,25 +189,14 @@ impl<S: MetaStore> Controller<S> {
         }
     }
 
-    async fn get_versioned(
-        &self,
-        scope: &str,
-        stream: &str,
-    ) -> Result<(StreamRecord, u64), ControllerError> {
+    async fn get_versioned(&self, scope: &str, stream: &str) -> Result<(StreamRecord, u64), ControllerError> {
         let key = stream_key(scope, stream);
-        let v = self
-            .store
-            .get(&key)
-            .await?
-            .ok_or_else(|| ControllerError::NoSuchStream(format!("{scope}/{stream}")))?;
+        let v =
+            self.store.get(&key).await?.ok_or_else(|| ControllerError::NoSuchStream(format!("{scope}/{stream}")))?;
         Ok((StreamRecord::decode(&key, &v.value)?, v.version))
     }
 
-    pub async fn get_stream(
-        &self,
-        scope: &str,
-        stream: &str,
-    ) -> Result<StreamRecord, ControllerError> {
+    pub async fn get_stream(&self, scope: &str, stream: &str) -> Result<StreamRecord, ControllerError> {
         validate("scope", scope).map_err(ControllerError::InvalidName)?;
         validate("stream", stream).map_err(ControllerError::InvalidName)?;
         Ok(self.get_versioned(scope, stream).await?.0)
@@ -248,36 +211,22 @@ impl<S: MetaStore> Controller<S> {
     ) -> Result<StreamRecord, ControllerError> {
         let (mut record, version) = self.get_versioned(scope, stream).await?;
         record.state = state;
-        self.store
-            .compare_and_swap(&stream_key(scope, stream), version, record.encode())
-            .await?;
+        self.store.compare_and_swap(&stream_key(scope, stream), version, record.encode()).await?;
         Ok(record)
     }
 
     pub async fn list_streams(&self, scope: &str) -> Result<Vec<String>, ControllerError> {
         let prefix = format!("streams/{scope}/");
-        Ok(self
-            .store
-            .range(&prefix)
-            .await?
-            .into_iter()
-            .map(|(k, _)| k[prefix.len()..].to_string())
-            .collect())
+        Ok(self.store.range(&prefix).await?.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect())
     }
 
     /// Removes a sealed stream's record (its segments must be gone already).
-    pub async fn delete_stream_record(
-        &self,
-        scope: &str,
-        stream: &str,
-    ) -> Result<(), ControllerError> {
+    pub async fn delete_stream_record(&self, scope: &str, stream: &str) -> Result<(), ControllerError> {
         let (record, version) = self.get_versioned(scope, stream).await?;
         if record.state != StreamState::Sealed {
             return Err(ControllerError::NotSealed(format!("{scope}/{stream}")));
         }
-        self.store
-            .delete(&stream_key(scope, stream), Some(version))
-            .await?;
+        self.store.delete(&stream_key(scope, stream), Some(version)).await?;
         Ok(())
     }
 }
@@ -294,41 +243,20 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let c = Controller::new(EmbeddedStore::open(&dir).unwrap());
         block_on(async {
-            assert!(matches!(
-                c.begin_create_stream("s", "t", 2).await,
-                Err(ControllerError::NoSuchScope(_))
-            ));
+            assert!(matches!(c.begin_create_stream("s", "t", 2).await, Err(ControllerError::NoSuchScope(_))));
             c.create_scope("s").await.unwrap();
-            assert!(matches!(
-                c.create_scope("s").await,
-                Err(ControllerError::ScopeExists(_))
-            ));
-            assert!(matches!(
-                c.create_scope("bad/name").await,
-                Err(ControllerError::InvalidName(_))
-            ));
+            assert!(matches!(c.create_scope("s").await, Err(ControllerError::ScopeExists(_))));
+            assert!(matches!(c.create_scope("bad/name").await, Err(ControllerError::InvalidName(_))));
             let r = c.begin_create_stream("s", "t", 3).await.unwrap();
             assert_eq!(r.segments.len(), 3);
             assert_eq!(r.segments[2].key_high, 1.0);
             // Resuming an interrupted create is allowed; a different one is not.
             c.begin_create_stream("s", "t", 3).await.unwrap();
-            assert!(matches!(
-                c.begin_create_stream("s", "t", 4).await,
-                Err(ControllerError::StreamExists(_))
-            ));
+            assert!(matches!(c.begin_create_stream("s", "t", 4).await, Err(ControllerError::StreamExists(_))));
             c.set_state("s", "t", StreamState::Active).await.unwrap();
-            assert!(matches!(
-                c.begin_create_stream("s", "t", 3).await,
-                Err(ControllerError::StreamExists(_))
-            ));
-            assert!(matches!(
-                c.delete_scope("s").await,
-                Err(ControllerError::NotEmpty(_))
-            ));
-            assert!(matches!(
-                c.delete_stream_record("s", "t").await,
-                Err(ControllerError::NotSealed(_))
-            ));
+            assert!(matches!(c.begin_create_stream("s", "t", 3).await, Err(ControllerError::StreamExists(_))));
+            assert!(matches!(c.delete_scope("s").await, Err(ControllerError::NotEmpty(_))));
+            assert!(matches!(c.delete_stream_record("s", "t").await, Err(ControllerError::NotSealed(_))));
             c.set_state("s", "t", StreamState::Sealed).await.unwrap();
             c.delete_stream_record("s", "t").await.unwrap();
             c.delete_scope("s").await.unwrap();

@@ -18,25 +18,10 @@ const FILE_NAME: &str = "meta.log";
 const COMPACT_BYTES_MIN: u64 = 1 << 20;
 
 enum Cmd {
-    Get(
-        String,
-        oneshot::Sender<Result<Option<Versioned>, MetaError>>,
-    ),
-    Put(
-        String,
-        Option<u64>,
-        Vec<u8>,
-        oneshot::Sender<Result<u64, MetaError>>,
-    ),
-    Delete(
-        String,
-        Option<u64>,
-        oneshot::Sender<Result<bool, MetaError>>,
-    ),
-    Range(
-        String,
-        oneshot::Sender<Result<Vec<(String, Versioned)>, MetaError>>,
-    ),
+    Get(String, oneshot::Sender<Result<Option<Versioned>, MetaError>>),
+    Put(String, Option<u64>, Vec<u8>, oneshot::Sender<Result<u64, MetaError>>),
+    Delete(String, Option<u64>, oneshot::Sender<Result<bool, MetaError>>),
+    Range(String, oneshot::Sender<Result<Vec<(String, Versioned)>, MetaError>>),
 }
 
 /// Handle to the embedded store; cheap to clone, usable from any thread or executor.
@@ -81,10 +66,7 @@ fn replay(bytes: &[u8]) -> (BTreeMap<String, Versioned>, usize) {
             break;
         }
         let klen = u16::from_le_bytes([body[1], body[2]]) as usize;
-        let Some(key) = body
-            .get(3..3 + klen)
-            .and_then(|k| std::str::from_utf8(k).ok())
-        else {
+        let Some(key) = body.get(3..3 + klen).and_then(|k| std::str::from_utf8(k).ok()) else {
             break;
         };
         let Some(rest) = body.get(3 + klen..) else {
@@ -100,13 +82,7 @@ fn replay(bytes: &[u8]) -> (BTreeMap<String, Versioned>, usize) {
         };
         match body[0] {
             1 => {
-                map.insert(
-                    key.to_string(),
-                    Versioned {
-                        value: value.to_vec(),
-                        version,
-                    },
-                );
+                map.insert(key.to_string(), Versioned { value: value.to_vec(), version });
             }
             2 => {
                 map.remove(key);
@@ -132,11 +108,7 @@ impl State {
     }
 
     fn maybe_compact(&mut self) -> Result<(), MetaError> {
-        let live: u64 = self
-            .map
-            .iter()
-            .map(|(k, v)| (23 + k.len() + v.value.len()) as u64)
-            .sum();
+        let live: u64 = self.map.iter().map(|(k, v)| (23 + k.len() + v.value.len()) as u64).sum();
         if self.file_bytes < COMPACT_BYTES_MIN || self.file_bytes < 4 * live {
             return Ok(());
         }
@@ -152,28 +124,16 @@ impl State {
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, self.dir.join(FILE_NAME)).map_err(io)?;
         sync_dir(&self.dir).map_err(io)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join(FILE_NAME))
-            .map_err(io)?;
+        self.file = OpenOptions::new().append(true).open(self.dir.join(FILE_NAME)).map_err(io)?;
         self.file_bytes = bytes;
         Ok(())
     }
 
-    fn write(
-        &mut self,
-        key: String,
-        expected: Option<u64>,
-        value: Vec<u8>,
-    ) -> Result<u64, MetaError> {
+    fn write(&mut self, key: String, expected: Option<u64>, value: Vec<u8>) -> Result<u64, MetaError> {
         let actual = self.map.get(&key).map_or(0, |v| v.version);
         if let Some(expected) = expected {
             if expected != actual {
-                return Err(MetaError::Conflict {
-                    key,
-                    expected,
-                    actual,
-                });
+                return Err(MetaError::Conflict { key, expected, actual });
             }
         }
         let version = actual + 1;
@@ -186,21 +146,13 @@ impl State {
     fn delete(&mut self, key: String, expected: Option<u64>) -> Result<bool, MetaError> {
         let Some(actual) = self.map.get(&key).map(|v| v.version) else {
             return match expected {
-                Some(e) if e != 0 => Err(MetaError::Conflict {
-                    key,
-                    expected: e,
-                    actual: 0,
-                }),
+                Some(e) if e != 0 => Err(MetaError::Conflict { key, expected: e, actual: 0 }),
                 _ => Ok(false),
             };
         };
         if let Some(expected) = expected {
             if expected != actual {
-                return Err(MetaError::Conflict {
-                    key,
-                    expected,
-                    actual,
-                });
+                return Err(MetaError::Conflict { key, expected, actual });
             }
         }
         self.append(&encode(2, &key, actual, &[]))?;
@@ -215,12 +167,7 @@ impl EmbeddedStore {
         let io = |e: std::io::Error| MetaError::Io(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join(FILE_NAME);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(io)?;
+        let mut file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io)?;
         let (map, valid) = replay(&bytes);
@@ -230,12 +177,7 @@ impl EmbeddedStore {
             file.sync_all().map_err(io)?;
         }
         sync_dir(dir).map_err(io)?;
-        let mut state = State {
-            dir: dir.to_path_buf(),
-            file,
-            file_bytes: valid as u64,
-            map,
-        };
+        let mut state = State { dir: dir.to_path_buf(), file, file_bytes: valid as u64, map };
         let (tx, rx) = crossbeam_channel::unbounded::<Cmd>();
         std::thread::Builder::new()
             .name("sluice-meta".into())
@@ -252,10 +194,7 @@ impl EmbeddedStore {
                             let _ = r.send(state.delete(k, e));
                         }
                         Cmd::Range(p, r) => {
-                            let out = state
-                                .map
-                                .range(p.clone()..)
-                                .take_while(|(k, _)| k.starts_with(&p));
+                            let out = state.map.range(p.clone()..).take_while(|(k, _)| k.starts_with(&p));
                             let _ = r.send(Ok(out.map(|(k, v)| (k.clone(), v.clone())).collect()));
                         }
                     }
@@ -265,10 +204,7 @@ impl EmbeddedStore {
         Ok(Self { tx })
     }
 
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, MetaError>>) -> Cmd,
-    ) -> Result<T, MetaError> {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, MetaError>>) -> Cmd) -> Result<T, MetaError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).map_err(|_| MetaError::Closed)?;
         rx.await.map_err(|_| MetaError::Closed)?
@@ -284,12 +220,7 @@ impl MetaStore for EmbeddedStore {
         let key = key.to_string();
         self.call(|r| Cmd::Put(key, None, value, r)).await
     }
-    async fn compare_and_swap(
-        &self,
-        key: &str,
-        expected: u64,
-        value: Vec<u8>,
-    ) -> Result<u64, MetaError> {
+    async fn compare_and_swap(&self, key: &str, expected: u64, value: Vec<u8>) -> Result<u64, MetaError> {
         let key = key.to_string();
         self.call(|r| Cmd::Put(key, Some(expected), value, r)).await
     }
@@ -320,27 +251,18 @@ mod tests {
         {
             let s = EmbeddedStore::open(&dir).unwrap();
             block_on(async {
-                assert_eq!(
-                    s.compare_and_swap("a/1", 0, b"x".to_vec()).await.unwrap(),
-                    1
-                );
+                assert_eq!(s.compare_and_swap("a/1", 0, b"x".to_vec()).await.unwrap(), 1);
                 assert!(matches!(
                     s.compare_and_swap("a/1", 0, b"y".to_vec()).await,
                     Err(MetaError::Conflict { actual: 1, .. })
                 ));
-                assert_eq!(
-                    s.compare_and_swap("a/1", 1, b"y".to_vec()).await.unwrap(),
-                    2
-                );
+                assert_eq!(s.compare_and_swap("a/1", 1, b"y".to_vec()).await.unwrap(), 2);
                 s.put("a/2", b"z".to_vec()).await.unwrap();
                 s.put("b/1", b"w".to_vec()).await.unwrap();
                 assert!(s.delete("b/1", Some(1)).await.unwrap());
                 assert!(!s.delete("b/1", None).await.unwrap());
                 let r = s.range("a/").await.unwrap();
-                assert_eq!(
-                    r.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-                    vec!["a/1", "a/2"]
-                );
+                assert_eq!(r.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["a/1", "a/2"]);
             });
         }
         // A torn tail is cut on open.
@@ -350,13 +272,7 @@ mod tests {
         drop(f);
         let s = EmbeddedStore::open(&dir).unwrap();
         block_on(async {
-            assert_eq!(
-                s.get("a/1").await.unwrap().unwrap(),
-                Versioned {
-                    value: b"y".to_vec(),
-                    version: 2
-                }
-            );
+            assert_eq!(s.get("a/1").await.unwrap().unwrap(), Versioned { value: b"y".to_vec(), version: 2 });
             assert_eq!(s.get("b/1").await.unwrap(), None);
             s.put("c", vec![1]).await.unwrap();
         });
@@ -371,9 +287,7 @@ mod tests {
             for i in 0..3000u32 {
                 s.put("hot", vec![0u8; 1000]).await.unwrap();
                 if i % 1000 == 0 {
-                    s.put(&format!("k{i}"), i.to_le_bytes().to_vec())
-                        .await
-                        .unwrap();
+                    s.put(&format!("k{i}"), i.to_le_bytes().to_vec()).await.unwrap();
                 }
             }
         });
@@ -382,10 +296,7 @@ mod tests {
         let s = EmbeddedStore::open(&dir).unwrap();
         block_on(async {
             assert_eq!(s.get("hot").await.unwrap().unwrap().version, 3000);
-            assert_eq!(
-                s.get("k2000").await.unwrap().unwrap().value,
-                2000u32.to_le_bytes()
-            );
+            assert_eq!(s.get("k2000").await.unwrap().unwrap().value, 2000u32.to_le_bytes());
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -9,23 +9,13 @@ pub fn validate(kind: &str, name: &str) -> Result<(), String> {
         return Err(format!("{kind} name is empty"));
     }
     if name.len() > NAME_BYTES_MAX {
-        return Err(format!(
-            "{kind} name '{name}' is {} characters long; the limit is {NAME_BYTES_MAX}",
-            name.len()
-        ));
+        return Err(format!("{kind} name '{name}' is {} characters long; the limit is {NAME_BYTES_MAX}", name.len()));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{kind} name '{name}' contains '{c}'; allowed are letters, digits, '.', '_' and '-'"
-        ));
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("{kind} name '{name}' contains '{c}'; allowed are letters, digits, '.', '_' and '-'"));
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(format!(
-            "{kind} name '{name}' must not start with '.' or '-'"
-        ));
+        return Err(format!("{kind} name '{name}' must not start with '.' or '-'"));
     }
     Ok(())
 }

@@ -76,15 +76,9 @@ pub enum ProtocolError {
     #[error("unknown frame kind {0}")]
     UnknownKind(u16),
     #[error("expected a {expected:?} frame, got {got:?}")]
-    UnexpectedKind {
-        expected: crate::messages::Kind,
-        got: crate::messages::Kind,
-    },
+    UnexpectedKind { expected: crate::messages::Kind, got: crate::messages::Kind },
     #[error("invalid control archive for {kind:?}: {reason}")]
-    InvalidArchive {
-        kind: crate::messages::Kind,
-        reason: String,
-    },
+    InvalidArchive { kind: crate::messages::Kind, reason: String },
     #[error("frame is cut short")]
     Truncated,
 }

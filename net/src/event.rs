@@ -29,10 +29,7 @@ pub enum FramingError {
 pub fn validate_events(data: &[u8], count: u64) -> Result<(), FramingError> {
     let found = EventIter::new(data).try_fold(0u64, |n, ev| ev.map(|_| n + 1))?;
     if found != count {
-        return Err(FramingError::CountMismatch {
-            expected: count,
-            found,
-        });
+        return Err(FramingError::CountMismatch { expected: count, found });
     }
     Ok(())
 }
@@ -47,10 +44,7 @@ pub fn skip_events(data: &[u8], n: u64) -> Result<usize, FramingError> {
     Ok(pos)
 }
 
-fn next_event(
-    data: &[u8],
-    pos: usize,
-) -> Result<Option<(std::ops::Range<usize>, usize)>, FramingError> {
+fn next_event(data: &[u8], pos: usize) -> Result<Option<(std::ops::Range<usize>, usize)>, FramingError> {
     if pos == data.len() {
         return Ok(None);
     }
@@ -59,11 +53,7 @@ fn next_event(
     };
     let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize;
     if len > EVENT_BYTES_MAX {
-        return Err(FramingError::TooLarge {
-            at: pos,
-            len,
-            max: EVENT_BYTES_MAX,
-        });
+        return Err(FramingError::TooLarge { at: pos, len, max: EVENT_BYTES_MAX });
     }
     let start = pos + EVENT_HEADER_BYTES;
     if data.len() - start < len {
@@ -81,11 +71,7 @@ pub struct EventIter<'a> {
 
 impl<'a> EventIter<'a> {
     pub fn new(data: &'a [u8]) -> Self {
-        Self {
-            data,
-            pos: 0,
-            failed: false,
-        }
+        Self { data, pos: 0, failed: false }
     }
 
     /// Bytes consumed by the events returned so far.
@@ -117,9 +103,7 @@ impl<'a> Iterator for EventIter<'a> {
 
 /// Splits a buffer that may end in a partial event: returns the whole events and the byte
 /// count they take. Used by readers that receive raw segment bytes in arbitrary chunks.
-pub fn split_whole_events(
-    data: &[u8],
-) -> Result<(Vec<std::ops::Range<usize>>, usize), FramingError> {
+pub fn split_whole_events(data: &[u8]) -> Result<(Vec<std::ops::Range<usize>>, usize), FramingError> {
     let mut out = Vec::new();
     let mut pos = 0;
     loop {
@@ -145,14 +129,8 @@ mod tests {
         encode_event(&mut buf, b"");
         encode_event(&mut buf, b"world!");
         assert_eq!(validate_events(&buf, 3), Ok(()));
-        assert!(matches!(
-            validate_events(&buf, 2),
-            Err(FramingError::CountMismatch { .. })
-        ));
-        assert!(matches!(
-            validate_events(&buf[..buf.len() - 1], 3),
-            Err(FramingError::Truncated { .. })
-        ));
+        assert!(matches!(validate_events(&buf, 2), Err(FramingError::CountMismatch { .. })));
+        assert!(matches!(validate_events(&buf[..buf.len() - 1], 3), Err(FramingError::Truncated { .. })));
         let evs: Vec<_> = EventIter::new(&buf).map(|e| e.unwrap().to_vec()).collect();
         assert_eq!(evs, vec![b"hello".to_vec(), vec![], b"world!".to_vec()]);
         assert_eq!(skip_events(&buf, 1), Ok(9));
@@ -165,9 +143,6 @@ mod tests {
     fn oversized_length_is_rejected() {
         let mut buf = ((EVENT_BYTES_MAX + 1) as u32).to_le_bytes().to_vec();
         buf.extend_from_slice(&[0; 16]);
-        assert!(matches!(
-            validate_events(&buf, 1),
-            Err(FramingError::TooLarge { .. })
-        ));
+        assert!(matches!(validate_events(&buf, 1), Err(FramingError::TooLarge { .. })));
     }
 }

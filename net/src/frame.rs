@@ -31,19 +31,13 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// Parses and checks a header. Fails before anything is allocated when the declared
     /// length is above `frame_bytes_max` or inconsistent.
-    pub fn parse(
-        buf: &[u8; FRAME_HEADER_BYTES],
-        frame_bytes_max: usize,
-    ) -> Result<Self, ProtocolError> {
+    pub fn parse(buf: &[u8; FRAME_HEADER_BYTES], frame_bytes_max: usize) -> Result<Self, ProtocolError> {
         let length = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if length < FRAME_HEADER_AFTER_LENGTH_BYTES {
             return Err(ProtocolError::FrameTooShort { len: length });
         }
         if length + 4 > frame_bytes_max {
-            return Err(ProtocolError::FrameTooLarge {
-                len: length + 4,
-                max: frame_bytes_max,
-            });
+            return Err(ProtocolError::FrameTooLarge { len: length + 4, max: frame_bytes_max });
         }
         let kind = u16::from_le_bytes([buf[4], buf[5]]);
         let flags = u16::from_le_bytes([buf[6], buf[7]]);
@@ -51,18 +45,9 @@ impl FrameHeader {
         let control_len = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes"));
         let body_len = length - FRAME_HEADER_AFTER_LENGTH_BYTES;
         if control_len as usize > body_len || control_len as usize > CONTROL_BYTES_MAX {
-            return Err(ProtocolError::ControlOverrun {
-                control: control_len as usize,
-                len: length + 4,
-            });
+            return Err(ProtocolError::ControlOverrun { control: control_len as usize, len: length + 4 });
         }
-        Ok(Self {
-            kind,
-            flags,
-            request_id,
-            control_len,
-            body_len: body_len as u32,
-        })
+        Ok(Self { kind, flags, request_id, control_len, body_len: body_len as u32 })
     }
 
     /// The kind, if this build knows it.
@@ -72,12 +57,7 @@ impl FrameHeader {
 }
 
 /// Encodes a fixed header.
-pub fn encode_header(
-    kind: Kind,
-    request_id: u64,
-    control_len: usize,
-    payload_len: usize,
-) -> [u8; FRAME_HEADER_BYTES] {
+pub fn encode_header(kind: Kind, request_id: u64, control_len: usize, payload_len: usize) -> [u8; FRAME_HEADER_BYTES] {
     let length = (FRAME_HEADER_AFTER_LENGTH_BYTES + control_len + payload_len) as u32;
     let mut h = [0u8; FRAME_HEADER_BYTES];
     h[0..4].copy_from_slice(&length.to_le_bytes());
@@ -90,12 +70,7 @@ pub fn encode_header(
 /// Appends a whole frame (header, control, payload) to `out`.
 pub fn encode_frame<T: Control>(out: &mut Vec<u8>, request_id: u64, msg: &T, payload: &[u8]) {
     let control = msg.to_control_bytes();
-    out.extend_from_slice(&encode_header(
-        T::KIND,
-        request_id,
-        control.len(),
-        payload.len(),
-    ));
+    out.extend_from_slice(&encode_header(T::KIND, request_id, control.len(), payload.len()));
     out.extend_from_slice(&control);
     out.extend_from_slice(payload);
 }
@@ -104,12 +79,7 @@ pub fn encode_frame<T: Control>(out: &mut Vec<u8>, request_id: u64, msg: &T, pay
 pub fn encode_frame_head<T: Control>(request_id: u64, msg: &T, payload_len: usize) -> Vec<u8> {
     let control = msg.to_control_bytes();
     let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + control.len());
-    out.extend_from_slice(&encode_header(
-        T::KIND,
-        request_id,
-        control.len(),
-        payload_len,
-    ));
+    out.extend_from_slice(&encode_header(T::KIND, request_id, control.len(), payload_len));
     out.extend_from_slice(&control);
     out
 }
@@ -132,21 +102,13 @@ impl Frame {
         let kind = header.known_kind()?;
         let control = body.slice(..header.control_len as usize);
         let payload = body.slice(header.control_len as usize..);
-        Ok(Self {
-            kind,
-            request_id: header.request_id,
-            control,
-            payload,
-        })
+        Ok(Self { kind, request_id: header.request_id, control, payload })
     }
 
     /// Validates and decodes the control archive as `T`.
     pub fn decode<T: Control>(&self) -> Result<T, ProtocolError> {
         if self.kind != T::KIND {
-            return Err(ProtocolError::UnexpectedKind {
-                expected: T::KIND,
-                got: self.kind,
-            });
+            return Err(ProtocolError::UnexpectedKind { expected: T::KIND, got: self.kind });
         }
         T::from_control_bytes(&self.control)
     }
@@ -160,10 +122,7 @@ pub struct FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(frame_bytes_max: usize) -> Self {
-        Self {
-            buf: bytes::BytesMut::with_capacity(64 << 10),
-            frame_bytes_max,
-        }
+        Self { buf: bytes::BytesMut::with_capacity(64 << 10), frame_bytes_max }
     }
 
     /// Adds received bytes.
@@ -176,9 +135,7 @@ impl FrameDecoder {
         if self.buf.len() < FRAME_HEADER_BYTES {
             return Ok(None);
         }
-        let head: &[u8; FRAME_HEADER_BYTES] = self.buf[..FRAME_HEADER_BYTES]
-            .try_into()
-            .expect("header bytes");
+        let head: &[u8; FRAME_HEADER_BYTES] = self.buf[..FRAME_HEADER_BYTES].try_into().expect("header bytes");
         let header = FrameHeader::parse(head, self.frame_bytes_max)?;
         let total = FRAME_HEADER_BYTES + header.body_len as usize;
         if self.buf.len() < total {
@@ -226,31 +183,19 @@ mod tests {
         assert_eq!(frames[0].decode::<Append>().unwrap(), append());
         assert_eq!(&frames[0].payload[..], b"payload bytes");
         assert_eq!(frames[1].kind, Kind::Done);
-        assert!(matches!(
-            frames[1].decode::<Append>(),
-            Err(ProtocolError::UnexpectedKind { .. })
-        ));
+        assert!(matches!(frames[1].decode::<Append>(), Err(ProtocolError::UnexpectedKind { .. })));
     }
 
     #[test]
     fn oversized_and_short_lengths_fail_before_allocation() {
         let mut h = encode_header(Kind::Append, 1, 0, 0);
         h[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            FrameHeader::parse(&h, 1 << 20),
-            Err(ProtocolError::FrameTooLarge { .. })
-        ));
+        assert!(matches!(FrameHeader::parse(&h, 1 << 20), Err(ProtocolError::FrameTooLarge { .. })));
         h[0..4].copy_from_slice(&3u32.to_le_bytes());
-        assert!(matches!(
-            FrameHeader::parse(&h, 1 << 20),
-            Err(ProtocolError::FrameTooShort { .. })
-        ));
+        assert!(matches!(FrameHeader::parse(&h, 1 << 20), Err(ProtocolError::FrameTooShort { .. })));
         let mut h = encode_header(Kind::Append, 1, 100, 0);
         h[16..20].copy_from_slice(&200u32.to_le_bytes());
-        assert!(matches!(
-            FrameHeader::parse(&h, 1 << 20),
-            Err(ProtocolError::ControlOverrun { .. })
-        ));
+        assert!(matches!(FrameHeader::parse(&h, 1 << 20), Err(ProtocolError::ControlOverrun { .. })));
     }
 
     #[test]
@@ -259,10 +204,7 @@ mod tests {
         let mut raw = h;
         raw[4..6].copy_from_slice(&999u16.to_le_bytes());
         let header = FrameHeader::parse(&raw, 1 << 20).unwrap();
-        assert_eq!(
-            Frame::from_parts(&header, Bytes::new()).unwrap_err(),
-            ProtocolError::UnknownKind(999)
-        );
+        assert_eq!(Frame::from_parts(&header, Bytes::new()).unwrap_err(), ProtocolError::UnknownKind(999));
     }
 
     #[test]
@@ -270,11 +212,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let valid = append().to_control_bytes().to_vec();
         for i in 0..20_000 {
-            let mut bytes = if i % 2 == 0 {
-                valid.clone()
-            } else {
-                vec![0u8; rng.random_range(0..96)]
-            };
+            let mut bytes = if i % 2 == 0 { valid.clone() } else { vec![0u8; rng.random_range(0..96)] };
             for _ in 0..rng.random_range(1..6) {
                 if bytes.is_empty() {
                     break;

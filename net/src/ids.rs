@@ -39,10 +39,7 @@ pub struct ScopedStream {
 
 impl ScopedStream {
     pub fn new(scope: impl Into<String>, stream: impl Into<String>) -> Self {
-        Self {
-            scope: scope.into(),
-            stream: stream.into(),
-        }
+        Self { scope: scope.into(), stream: stream.into() }
     }
 
     /// Parses `scope/stream`.

@@ -24,18 +24,8 @@ pub enum ChunkError {
 pub trait ChunkStore {
     fn create(&self, name: &str) -> impl Future<Output = Result<(), ChunkError>>;
     /// Writes `data` at `offset`, which must equal the chunk's current size.
-    fn append(
-        &self,
-        name: &str,
-        offset: u64,
-        data: Bytes,
-    ) -> impl Future<Output = Result<(), ChunkError>>;
-    fn read(
-        &self,
-        name: &str,
-        offset: u64,
-        len: usize,
-    ) -> impl Future<Output = Result<Bytes, ChunkError>>;
+    fn append(&self, name: &str, offset: u64, data: Bytes) -> impl Future<Output = Result<(), ChunkError>>;
+    fn read(&self, name: &str, offset: u64, len: usize) -> impl Future<Output = Result<Bytes, ChunkError>>;
     fn seal(&self, name: &str) -> impl Future<Output = Result<(), ChunkError>>;
     fn delete(&self, name: &str) -> impl Future<Output = Result<(), ChunkError>>;
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, ChunkError>>;

@@ -14,12 +14,7 @@ pub struct ReadCache {
 
 impl ReadCache {
     pub fn new(budget: usize) -> Self {
-        Self {
-            budget,
-            used: 0,
-            order: VecDeque::new(),
-            segments: HashMap::new(),
-        }
+        Self { budget, used: 0, order: VecDeque::new(), segments: HashMap::new() }
     }
 
     pub fn used_bytes(&self) -> usize {
@@ -33,10 +28,7 @@ impl ReadCache {
         }
         self.used += data.len();
         self.order.push_back((segment, offset));
-        self.segments
-            .entry(segment)
-            .or_default()
-            .push_back((offset, data));
+        self.segments.entry(segment).or_default().push_back((offset, data));
         while self.used > self.budget {
             let Some((seg, off)) = self.order.pop_front() else {
                 break;

@@ -12,9 +12,7 @@
 //! the checkpoint (on a file roll) and the batch are separate records, each written and
 //! synced before the next is written; blocks below the write position are never rewritten.
 
-use crate::constants::{
-    BLOCK_BYTES, FILE_HEADER_BYTES, FILE_INDEXES_CACHED_MAX, RECORD_HEADER_BYTES,
-};
+use crate::constants::{BLOCK_BYTES, FILE_HEADER_BYTES, FILE_INDEXES_CACHED_MAX, RECORD_HEADER_BYTES};
 use crate::container::cache::ReadCache;
 use crate::container::index::FileIndex;
 use crate::error::EngineError;
@@ -77,12 +75,7 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpResult {
     Done,
-    Appended {
-        offset: u64,
-        length: u64,
-        last_event_number: u64,
-        duplicate: bool,
-    },
+    Appended { offset: u64, length: u64, last_event_number: u64, duplicate: bool },
 }
 
 /// Outcome of `submit`.
@@ -222,15 +215,8 @@ pub struct RecoveryReport {
 /// A recovery failure, before it is tied to a path.
 #[derive(Debug)]
 pub enum RecoverFault {
-    Corrupt {
-        file_seq: u64,
-        at: u64,
-        valid_at: u64,
-    },
-    Invalid {
-        file_seq: u64,
-        reason: String,
-    },
+    Corrupt { file_seq: u64, at: u64, valid_at: u64 },
+    Invalid { file_seq: u64, reason: String },
 }
 
 pub struct ContainerCore {
@@ -304,17 +290,11 @@ impl ContainerCore {
     }
 
     fn poisoned_error(&self) -> Option<EngineError> {
-        self.poisoned.as_ref().map(|r| EngineError::Poisoned {
-            container: self.cfg.container,
-            reason: r.clone(),
-        })
+        self.poisoned.as_ref().map(|r| EngineError::Poisoned { container: self.cfg.container, reason: r.clone() })
     }
 
     fn lookup(&self, name: &str) -> Result<u64, EngineError> {
-        self.by_name
-            .get(name)
-            .copied()
-            .ok_or_else(|| EngineError::NoSuchSegment(name.to_string()))
+        self.by_name.get(name).copied().ok_or_else(|| EngineError::NoSuchSegment(name.to_string()))
     }
 
     fn queue(&mut self, entry: Option<LogEntry>, result: OpResult) -> Submitted {
@@ -331,10 +311,7 @@ impl ContainerCore {
         match req {
             Request::Create { name } => {
                 if name.is_empty() || name.len() > u16::MAX as usize {
-                    return Err(EngineError::BadRequest(format!(
-                        "invalid segment name length {}",
-                        name.len()
-                    )));
+                    return Err(EngineError::BadRequest(format!("invalid segment name length {}", name.len())));
                 }
                 if self.by_name.contains_key(&name) {
                     return Err(EngineError::SegmentExists(name));
@@ -345,21 +322,9 @@ impl ContainerCore {
                 self.segments.insert(id, Segment::new(name.clone()));
                 Ok(self.queue(Some(LogEntry::Create { segment: id, name }), OpResult::Done))
             }
-            Request::Append {
-                name,
-                writer,
-                first_event_number,
-                event_count,
-                expected_offset,
-                data,
-            } => self.submit_append(
-                name,
-                writer,
-                first_event_number,
-                event_count,
-                expected_offset,
-                data,
-            ),
+            Request::Append { name, writer, first_event_number, event_count, expected_offset, data } => {
+                self.submit_append(name, writer, first_event_number, event_count, expected_offset, data)
+            }
             Request::Seal { name } => {
                 let id = self.lookup(&name)?;
                 let s = self.segments.get_mut(&id).expect("named segment exists");
@@ -385,13 +350,7 @@ impl ContainerCore {
                     return Ok(self.queue(None, OpResult::Done));
                 }
                 s.acc_start_offset = offset;
-                Ok(self.queue(
-                    Some(LogEntry::Truncate {
-                        segment: id,
-                        offset,
-                    }),
-                    OpResult::Done,
-                ))
+                Ok(self.queue(Some(LogEntry::Truncate { segment: id, offset }), OpResult::Done))
             }
             Request::Delete { name } => {
                 let id = self.lookup(&name)?;
@@ -417,10 +376,7 @@ impl ContainerCore {
             return Err(EngineError::Sealed(name));
         }
         if data.len() > max {
-            return Err(EngineError::TooLarge(format!(
-                "append of {} bytes exceeds the {max}-byte limit",
-                data.len()
-            )));
+            return Err(EngineError::TooLarge(format!("append of {} bytes exceeds the {max}-byte limit", data.len())));
         }
         if count > 0 {
             validate_events(&data, u64::from(count))
@@ -454,8 +410,7 @@ impl ContainerCore {
                         )));
                     }
                     let skip = accepted - first + 1;
-                    let at = skip_events(&data, skip)
-                        .map_err(|e| EngineError::BadRequest(e.to_string()))?;
+                    let at = skip_events(&data, skip).map_err(|e| EngineError::BadRequest(e.to_string()))?;
                     data = data.slice(at..);
                     first = accepted + 1;
                     count -= skip as u32;
@@ -465,15 +420,10 @@ impl ContainerCore {
         let _ = (first, count);
         if let Some(expected) = expected_offset {
             if expected != s.acc_length {
-                return Err(EngineError::ConditionalCheckFailed {
-                    segment: name,
-                    expected,
-                    actual: s.acc_length,
-                });
+                return Err(EngineError::ConditionalCheckFailed { segment: name, expected, actual: s.acc_length });
             }
         }
-        if self.pending_bytes + data.len() > self.cfg.pending_bytes_max && !self.pending.is_empty()
-        {
+        if self.pending_bytes + data.len() > self.cfg.pending_bytes_max && !self.pending.is_empty() {
             return Err(EngineError::Overloaded(format!(
                 "container {} has {} bytes waiting for the disk",
                 self.cfg.container, self.pending_bytes
@@ -485,22 +435,8 @@ impl ContainerCore {
         if writer != 0 {
             s.acc_writers.insert(writer, last);
         }
-        let result = OpResult::Appended {
-            offset,
-            length: s.acc_length,
-            last_event_number: last,
-            duplicate: false,
-        };
-        Ok(self.queue(
-            Some(LogEntry::Append {
-                segment: id,
-                offset,
-                writer,
-                last_event_number: last,
-                data,
-            }),
-            result,
-        ))
+        let result = OpResult::Appended { offset, length: s.acc_length, last_event_number: last, duplicate: false };
+        Ok(self.queue(Some(LogEntry::Append { segment: id, offset, writer, last_event_number: last, data }), result))
     }
 
     fn checkpoint_state(&self) -> CheckpointState {
@@ -545,26 +481,16 @@ impl ContainerCore {
             ops.push(self.pending.pop_front().expect("front exists"));
         }
         self.pending_bytes -= payload_len;
-        let mut plan = FlushPlan {
-            ops: ops.len(),
-            ..FlushPlan::default()
-        };
+        let mut plan = FlushPlan { ops: ops.len(), ..FlushPlan::default() };
         let mut checkpoint = None;
         let (checkpoint_lsn, mut batch_lsn) = (self.next_lsn, self.next_lsn);
         if payload_len > 0 {
             let rec_len = RecordHeader::disk_len(payload_len);
-            let fits = self
-                .file_pos
-                .checked_add(rec_len)
-                .is_some_and(|end| end <= self.current_file_bytes);
+            let fits = self.file_pos.checked_add(rec_len).is_some_and(|end| end <= self.current_file_bytes);
             let (seq, pos) = if fits {
                 (self.file_seq, self.file_pos)
             } else {
-                let seq = if self.has_file {
-                    self.file_seq + 1
-                } else {
-                    self.file_seq
-                };
+                let seq = if self.has_file { self.file_seq + 1 } else { self.file_seq };
                 let ck = self.checkpoint_state().encode();
                 let ck_len = RecordHeader::disk_len(ck.len());
                 let pos = FILE_HEADER_BYTES + ck_len;
@@ -579,30 +505,15 @@ impl ContainerCore {
                     return Err(reason);
                 }
                 plan.prepare = Some(seq);
-                plan.checkpoint = Some(WriteStep {
-                    file_seq: seq,
-                    pos: FILE_HEADER_BYTES,
-                    len: ck_len,
-                });
+                plan.checkpoint = Some(WriteStep { file_seq: seq, pos: FILE_HEADER_BYTES, len: ck_len });
                 checkpoint = Some(ck);
                 batch_lsn += 1;
                 (seq, pos)
             };
-            plan.batch = Some(WriteStep {
-                file_seq: seq,
-                pos,
-                len: rec_len,
-            });
+            plan.batch = Some(WriteStep { file_seq: seq, pos, len: rec_len });
             self.next_lsn = batch_lsn + 1;
         }
-        self.in_flight = Some(InFlight {
-            plan: plan.clone(),
-            ops,
-            checkpoint,
-            checkpoint_lsn,
-            batch_lsn,
-            payload_len,
-        });
+        self.in_flight = Some(InFlight { plan: plan.clone(), ops, checkpoint, checkpoint_lsn, batch_lsn, payload_len });
         Ok(Some(plan))
     }
 
@@ -610,32 +521,18 @@ impl ContainerCore {
     pub fn encode_checkpoint(&self, buf: &mut [u8]) {
         let f = self.in_flight.as_ref().expect("a flush in flight");
         let ck = f.checkpoint.as_ref().expect("the flush rolls");
-        encode_record(
-            buf,
-            RecordKind::Checkpoint,
-            self.epoch,
-            f.checkpoint_lsn,
-            ck.len(),
-            |p| p.copy_from_slice(ck),
-        );
+        encode_record(buf, RecordKind::Checkpoint, self.epoch, f.checkpoint_lsn, ck.len(), |p| p.copy_from_slice(ck));
     }
 
     /// Encodes the in-flight batch record into `buf` (exactly its step's length).
     pub fn encode_batch(&self, buf: &mut [u8]) {
         let f = self.in_flight.as_ref().expect("a flush in flight");
-        encode_record(
-            buf,
-            RecordKind::Batch,
-            self.epoch,
-            f.batch_lsn,
-            f.payload_len,
-            |p| {
-                let mut at = 0;
-                for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
-                    at += e.encode(&mut p[at..]);
-                }
-            },
-        );
+        encode_record(buf, RecordKind::Batch, self.epoch, f.batch_lsn, f.payload_len, |p| {
+            let mut at = 0;
+            for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
+                at += e.encode(&mut p[at..]);
+            }
+        });
     }
 
     /// The in-flight flush is durable: apply it.
@@ -665,11 +562,7 @@ impl ContainerCore {
             }
         }
         changed.dedup();
-        Completion {
-            results: f.ops.into_iter().map(|o| o.result).collect(),
-            changed,
-            rolled_from,
-        }
+        Completion { results: f.ops.into_iter().map(|o| o.result).collect(), changed, rolled_from }
     }
 
     /// The in-flight flush failed: the container is poisoned. Returns how many queued
@@ -688,31 +581,16 @@ impl ContainerCore {
     }
 
     /// Applies a durable entry; returns the segment whose readers should wake.
-    fn apply_durable(
-        &mut self,
-        entry: &LogEntry,
-        file_seq: u64,
-        data_pos: u64,
-        cache: bool,
-    ) -> Option<u64> {
+    fn apply_durable(&mut self, entry: &LogEntry, file_seq: u64, data_pos: u64, cache: bool) -> Option<u64> {
         match entry {
             LogEntry::Create { segment, name } => {
-                let s = self
-                    .segments
-                    .entry(*segment)
-                    .or_insert_with(|| Segment::new(name.clone()));
+                let s = self.segments.entry(*segment).or_insert_with(|| Segment::new(name.clone()));
                 s.created = true;
                 self.by_name.entry(name.clone()).or_insert(*segment);
                 self.next_segment_id = self.next_segment_id.max(segment + 1);
                 None
             }
-            LogEntry::Append {
-                segment,
-                offset,
-                writer,
-                last_event_number,
-                data,
-            } => {
+            LogEntry::Append { segment, offset, writer, last_event_number, data } => {
                 let s = self.segments.get_mut(segment)?;
                 assert_eq!(*offset, s.length, "appends become durable in offset order");
                 s.length += data.len() as u64;
@@ -723,8 +601,7 @@ impl ContainerCore {
                     if s.files.last().is_none_or(|&(_, f)| f != file_seq) {
                         s.files.push((*offset, file_seq));
                     }
-                    self.current_index
-                        .push(*segment, *offset, data_pos, data.len() as u32);
+                    self.current_index.push(*segment, *offset, data_pos, data.len() as u32);
                     if cache {
                         self.cache.insert(*segment, *offset, data.clone());
                     }
@@ -785,20 +662,11 @@ impl ContainerCore {
     }
 
     /// Where to read up to `max` bytes of `name` from `offset`.
-    pub fn read(
-        &self,
-        name: &str,
-        offset: u64,
-        max: usize,
-    ) -> Result<(ReadOutcome, SegmentStatus), EngineError> {
+    pub fn read(&self, name: &str, offset: u64, max: usize) -> Result<(ReadOutcome, SegmentStatus), EngineError> {
         let status = self.status(name)?;
         let s = &self.segments[&status.id];
         if offset < s.start_offset {
-            return Err(EngineError::Truncated {
-                segment: name.to_string(),
-                offset,
-                start: s.start_offset,
-            });
+            return Err(EngineError::Truncated { segment: name.to_string(), offset, start: s.start_offset });
         }
         if offset >= s.length {
             if offset > s.acc_length {
@@ -815,9 +683,7 @@ impl ContainerCore {
         }
         let i = s.files.partition_point(|&(o, _)| o <= offset);
         let Some(&(_, file_seq)) = i.checked_sub(1).and_then(|i| s.files.get(i)) else {
-            return Err(EngineError::BadRequest(format!(
-                "no log file holds offset {offset} of {name}"
-            )));
+            return Err(EngineError::BadRequest(format!("no log file holds offset {offset} of {name}")));
         };
         let index = if file_seq == self.file_seq {
             &self.current_index
@@ -832,58 +698,29 @@ impl ContainerCore {
                 "log file {file_seq:x} has no data for offset {offset} of {name}"
             )));
         };
-        Ok((
-            ReadOutcome::Log {
-                file_seq,
-                pos,
-                len: avail.min(max as u64),
-            },
-            status,
-        ))
+        Ok((ReadOutcome::Log { file_seq, pos, len: avail.min(max as u64) }, status))
     }
 
     /// Rebuilds a container from its log files (ascending sequence, whole file images).
     /// The new core writes with `epoch` one above anything in the log.
-    pub fn recover(
-        cfg: CoreConfig,
-        files: &[(u64, Bytes)],
-    ) -> Result<(Self, RecoveryReport), RecoverFault> {
+    pub fn recover(cfg: CoreConfig, files: &[(u64, Bytes)]) -> Result<(Self, RecoveryReport), RecoverFault> {
         let scans: Vec<FileScan> = files.iter().map(|(_, b)| scan_file(b)).collect();
         let mut report = RecoveryReport::default();
-        let header_ok = |i: usize| {
-            scans[i]
-                .header
-                .as_ref()
-                .is_ok_and(|h| h.seq == files[i].0 && h.container == cfg.container)
-        };
+        let header_ok =
+            |i: usize| scans[i].header.as_ref().is_ok_and(|h| h.seq == files[i].0 && h.container == cfg.container);
         let active = (0..files.len()).rev().find(|&i| {
-            header_ok(i)
-                && scans[i]
-                    .records
-                    .first()
-                    .is_some_and(|r| r.header.kind == RecordKind::Checkpoint)
+            header_ok(i) && scans[i].records.first().is_some_and(|r| r.header.kind == RecordKind::Checkpoint)
         });
-        let max_epoch = scans
-            .iter()
-            .filter_map(|s| s.header.as_ref().ok().map(|h| h.epoch))
-            .max()
-            .unwrap_or(0);
+        let max_epoch = scans.iter().filter_map(|s| s.header.as_ref().ok().map(|h| h.epoch)).max().unwrap_or(0);
         let first_later = active.map_or(0, |a| a + 1);
         for (i, scan) in scans.iter().enumerate().skip(first_later) {
             if let ScanEnd::Corrupt { at, valid_at, .. } = scan.stop {
-                return Err(RecoverFault::Corrupt {
-                    file_seq: files[i].0,
-                    at,
-                    valid_at,
-                });
+                return Err(RecoverFault::Corrupt { file_seq: files[i].0, at, valid_at });
             }
             if let Some(r) = scan.records.first() {
                 return Err(RecoverFault::Invalid {
                     file_seq: files[i].0,
-                    reason: format!(
-                        "valid record at byte {} but no checkpoint opens the file",
-                        r.pos
-                    ),
+                    reason: format!("valid record at byte {} but no checkpoint opens the file", r.pos),
                 });
             }
             report.discard_files.push(files[i].0);
@@ -894,16 +731,9 @@ impl ContainerCore {
         };
         let (seq, scan) = (files[a].0, &scans[a]);
         if let ScanEnd::Corrupt { at, valid_at, .. } = scan.stop {
-            return Err(RecoverFault::Corrupt {
-                file_seq: seq,
-                at,
-                valid_at,
-            });
+            return Err(RecoverFault::Corrupt { file_seq: seq, at, valid_at });
         }
-        let invalid = |reason: String| RecoverFault::Invalid {
-            file_seq: seq,
-            reason,
-        };
+        let invalid = |reason: String| RecoverFault::Invalid { file_seq: seq, reason };
         let ck = CheckpointState::decode(&scan.records[0].payload).map_err(invalid)?;
         let file_bytes = scan.header.as_ref().expect("checked").file_bytes;
         let mut core = Self::new(cfg, 0, seq);
@@ -925,10 +755,7 @@ impl ContainerCore {
         let mut epoch = ck.epoch.max(max_epoch);
         for rec in &scan.records[1..] {
             if rec.header.kind != RecordKind::Batch {
-                return Err(invalid(format!(
-                    "unexpected checkpoint at byte {}",
-                    rec.pos
-                )));
+                return Err(invalid(format!("unexpected checkpoint at byte {}", rec.pos)));
             }
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(invalid)? {
                 core.apply_durable(&entry, seq, pos, false);

@@ -23,19 +23,9 @@ impl FileIndex {
     /// Builds the index of a scanned file.
     pub fn build(scan: &FileScan) -> Result<Self, String> {
         let mut index = Self::default();
-        for rec in scan
-            .records
-            .iter()
-            .filter(|r| r.header.kind == RecordKind::Batch)
-        {
+        for rec in scan.records.iter().filter(|r| r.header.kind == RecordKind::Batch) {
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos())? {
-                if let LogEntry::Append {
-                    segment,
-                    offset,
-                    data,
-                    ..
-                } = entry
-                {
+                if let LogEntry::Append { segment, offset, data, .. } = entry {
                     index.push(segment, offset, pos, data.len() as u32);
                 }
             }
@@ -45,11 +35,7 @@ impl FileIndex {
 
     pub fn push(&mut self, segment: u64, offset: u64, file_pos: u64, len: u32) {
         if len > 0 {
-            self.segments.entry(segment).or_default().push(IndexEntry {
-                offset,
-                file_pos,
-                len,
-            });
+            self.segments.entry(segment).or_default().push(IndexEntry { offset, file_pos, len });
         }
     }
 
@@ -58,11 +44,6 @@ impl FileIndex {
         let v = self.segments.get(&segment)?;
         let i = v.partition_point(|e| e.offset + u64::from(e.len) <= offset);
         let e = v.get(i)?;
-        (e.offset <= offset).then(|| {
-            (
-                e.file_pos + (offset - e.offset),
-                e.offset + u64::from(e.len) - offset,
-            )
-        })
+        (e.offset <= offset).then(|| (e.file_pos + (offset - e.offset), e.offset + u64::from(e.len) - offset))
     }
 }

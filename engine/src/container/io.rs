@@ -60,18 +60,13 @@ fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> String {
 
 /// Reads a whole file with direct I/O.
 async fn read_whole(path: &Path) -> Result<Bytes, String> {
-    let f = DmaFile::open(path)
-        .await
-        .map_err(|e| io_err("opening", path, e))?;
+    let f = DmaFile::open(path).await.map_err(|e| io_err("opening", path, e))?;
     let size = f.file_size().await.map_err(|e| io_err("sizing", path, e))?;
     let mut out = Vec::with_capacity(size as usize);
     let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(PREFILL_CHUNK_BYTES as u64) as usize;
-        let r = f
-            .read_at_aligned(pos, n)
-            .await
-            .map_err(|e| io_err("reading", path, e))?;
+        let r = f.read_at_aligned(pos, n).await.map_err(|e| io_err("reading", path, e))?;
         if r.is_empty() {
             break;
         }
@@ -82,33 +77,18 @@ async fn read_whole(path: &Path) -> Result<Bytes, String> {
     Ok(Bytes::from(out))
 }
 
-async fn write_all_at(
-    file: &DmaFile,
-    buf: glommio::io::DmaBuffer,
-    pos: u64,
-    path: &Path,
-) -> Result<(), String> {
+async fn write_all_at(file: &DmaFile, buf: glommio::io::DmaBuffer, pos: u64, path: &Path) -> Result<(), String> {
     let len = buf.len();
-    let n = file
-        .write_at(buf, pos)
-        .await
-        .map_err(|e| io_err("writing", path, e))?;
+    let n = file.write_at(buf, pos).await.map_err(|e| io_err("writing", path, e))?;
     if n != len {
-        return Err(format!(
-            "short write to {}: {n} of {len} bytes at {pos}",
-            path.display()
-        ));
+        return Err(format!("short write to {}: {n} of {len} bytes at {pos}", path.display()));
     }
     Ok(())
 }
 
 async fn sync_dir(dir: &Path) -> Result<(), String> {
-    let d = glommio::io::Directory::open(dir)
-        .await
-        .map_err(|e| io_err("opening directory", dir, e))?;
-    d.sync()
-        .await
-        .map_err(|e| io_err("syncing directory", dir, e))?;
+    let d = glommio::io::Directory::open(dir).await.map_err(|e| io_err("opening directory", dir, e))?;
+    d.sync().await.map_err(|e| io_err("syncing directory", dir, e))?;
     let _ = d.close().await;
     Ok(())
 }
@@ -136,9 +116,7 @@ async fn prepare_log_file(dir: PathBuf, header: FileHeader) -> Result<DmaFile, S
         write_all_at(&f, buf, pos, &path).await?;
         pos += n as u64;
     }
-    f.fdatasync()
-        .await
-        .map_err(|e| io_err("syncing", &path, e))?;
+    f.fdatasync().await.map_err(|e| io_err("syncing", &path, e))?;
     sync_dir(&dir).await?;
     Ok(f)
 }
@@ -146,29 +124,19 @@ async fn prepare_log_file(dir: PathBuf, header: FileHeader) -> Result<DmaFile, S
 impl Container {
     /// Opens (recovering) or creates container `cfg.container` under `dir`.
     pub async fn open(cfg: CoreConfig, dir: PathBuf) -> Result<Rc<Self>, RecoveryError> {
-        let ioerr = |source: std::io::Error| RecoveryError::Io {
-            file: dir.clone(),
-            source,
-        };
+        let ioerr = |source: std::io::Error| RecoveryError::Io { file: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(ioerr)?;
         let mut seqs: Vec<u64> = std::fs::read_dir(&dir)
             .map_err(ioerr)?
-            .filter_map(|e| {
-                e.ok()
-                    .and_then(|e| e.file_name().to_str().and_then(parse_file_name))
-            })
+            .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(parse_file_name)))
             .collect();
         seqs.sort_unstable();
         // Read files newest first until one opens with a checkpoint: recovery needs only those.
         let mut images: Vec<(u64, Bytes)> = Vec::new();
         for &seq in seqs.iter().rev() {
             let path = dir.join(file_name(seq));
-            let bytes = read_whole(&path)
-                .await
-                .map_err(|reason| RecoveryError::Invalid {
-                    file: path.clone(),
-                    reason,
-                })?;
+            let bytes =
+                read_whole(&path).await.map_err(|reason| RecoveryError::Invalid { file: path.clone(), reason })?;
             let has_checkpoint = scan_file(&bytes)
                 .records
                 .first()
@@ -179,34 +147,19 @@ impl Container {
             }
         }
         let (core, report) = ContainerCore::recover(cfg.clone(), &images).map_err(|f| match f {
-            crate::container::core::RecoverFault::Corrupt {
-                file_seq,
-                at,
-                valid_at,
-            } => RecoveryError::Corrupt {
-                file: dir.join(file_name(file_seq)),
-                offset: at,
-                valid_at,
-            },
+            crate::container::core::RecoverFault::Corrupt { file_seq, at, valid_at } => {
+                RecoveryError::Corrupt { file: dir.join(file_name(file_seq)), offset: at, valid_at }
+            }
             crate::container::core::RecoverFault::Invalid { file_seq, reason } => {
-                RecoveryError::Invalid {
-                    file: dir.join(file_name(file_seq)),
-                    reason,
-                }
+                RecoveryError::Invalid { file: dir.join(file_name(file_seq)), reason }
             }
         })?;
         drop(images);
         for seq in &report.discard_files {
             let path = dir.join(file_name(*seq));
-            std::fs::remove_file(&path)
-                .map_err(|source| RecoveryError::Io { file: path, source })?;
+            std::fs::remove_file(&path).map_err(|source| RecoveryError::Io { file: path, source })?;
         }
-        let mut files = Files {
-            current: None,
-            current_seq: core.current_file(),
-            next: None,
-            readers: HashMap::new(),
-        };
+        let mut files = Files { current: None, current_seq: core.current_file(), next: None, readers: HashMap::new() };
         if let Some(seq) = report.current_file {
             let path = dir.join(file_name(seq));
             let f = OpenOptions::new()
@@ -214,16 +167,10 @@ impl Container {
                 .write(true)
                 .dma_open(&path)
                 .await
-                .map_err(|e| RecoveryError::Invalid {
-                    file: path.clone(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| RecoveryError::Invalid { file: path.clone(), reason: e.to_string() })?;
             if let Some((_, from, to)) = report.zero_range {
                 // Clear the torn tail so no stale bytes sit after future records.
-                let invalid = |reason| RecoveryError::Invalid {
-                    file: path.clone(),
-                    reason,
-                };
+                let invalid = |reason| RecoveryError::Invalid { file: path.clone(), reason };
                 let mut buf = f.alloc_dma_buffer((to - from) as usize);
                 buf.as_bytes_mut().fill(0);
                 write_all_at(&f, buf, from, &path).await.map_err(invalid)?;
@@ -256,37 +203,36 @@ impl Container {
         self.id
     }
 
-    /// Queues an operation now (ordering is fixed at call time) and returns its answer,
-    /// which arrives once the operation is durable.
+    /// Queues an operation now (ordering is fixed at call time) and returns a future for
+    /// its answer, which arrives once the operation is durable. Requests refused at once
+    /// (unknown segment, sealed, overloaded, ...) fail here, before anything is queued.
     pub fn submit(
         self: &Rc<Self>,
         req: Request,
-    ) -> impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static {
-        let state = match self.core.borrow_mut().submit(req) {
-            Err(e) => Err(e),
-            Ok(Submitted::Ready(r)) => Ok(Either::Left(r)),
-            Ok(Submitted::Queued) => {
+    ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
+        // End the borrow before spawning: glommio may run a new task at once.
+        let submitted = self.core.borrow_mut().submit(req)?;
+        let state = match submitted {
+            Submitted::Ready(r) => Either::Left(r),
+            Submitted::Queued => {
                 let (tx, rx) = oneshot::channel();
                 self.waiters.borrow_mut().push_back(tx);
-                Ok(Either::Right(rx))
+                if !self.flushing.get() {
+                    self.flushing.set(true);
+                    glommio::spawn_local(Self::flush_loop(self.clone())).detach();
+                }
+                Either::Right(rx)
             }
         };
-        if matches!(state, Ok(Either::Right(_))) && !self.flushing.get() {
-            self.flushing.set(true);
-            glommio::spawn_local(Self::flush_loop(self.clone())).detach();
-        }
         let id = self.id;
-        async move {
-            match state? {
+        Ok(async move {
+            match state {
                 Either::Left(r) => Ok(r),
                 Either::Right(rx) => rx.await.unwrap_or_else(|_| {
-                    Err(EngineError::Poisoned {
-                        container: id,
-                        reason: "container stopped".into(),
-                    })
+                    Err(EngineError::Poisoned { container: id, reason: "container stopped".into() })
                 }),
             }
-        }
+        })
     }
 
     async fn flush_loop(self: Rc<Self>) {
@@ -336,38 +282,25 @@ impl Container {
         let mut waiters = self.waiters.borrow_mut();
         for _ in 0..n.min(waiters.len()) {
             let w = waiters.pop_front().expect("counted");
-            let _ = w.send(Err(EngineError::Poisoned {
-                container: self.id,
-                reason: reason.to_string(),
-            }));
+            let _ = w.send(Err(EngineError::Poisoned { container: self.id, reason: reason.to_string() }));
         }
     }
 
     fn start_prepare(&self, seq: u64) {
-        let core = self.core.borrow();
-        let header = FileHeader {
-            container: self.id,
-            seq,
-            epoch: core.epoch(),
-            file_bytes: core.config().file_bytes,
+        let header = {
+            let core = self.core.borrow();
+            FileHeader { container: self.id, seq, epoch: core.epoch(), file_bytes: core.config().file_bytes }
         };
         let task = glommio::spawn_local(prepare_log_file(self.dir.clone(), header)).detach();
         self.files.borrow_mut().next = Some((seq, task));
     }
 
     async fn take_prepared(&self, seq: u64) -> Result<DmaFile, String> {
-        if self
-            .files
-            .borrow()
-            .next
-            .as_ref()
-            .is_none_or(|(s, _)| *s != seq)
-        {
+        if self.files.borrow().next.as_ref().is_none_or(|(s, _)| *s != seq) {
             self.start_prepare(seq);
         }
         let (_, task) = self.files.borrow_mut().next.take().expect("just started");
-        task.await
-            .unwrap_or_else(|| Err("log file preparation was cancelled".into()))
+        task.await.unwrap_or_else(|| Err("log file preparation was cancelled".into()))
     }
 
     async fn write_step(
@@ -387,9 +320,7 @@ impl Container {
             }
         }
         write_all_at(file, buf, step.pos, &path).await?;
-        file.fdatasync()
-            .await
-            .map_err(|e| io_err("syncing", &path, e))
+        file.fdatasync().await.map_err(|e| io_err("syncing", &path, e))
     }
 
     async fn execute(&self, plan: &FlushPlan) -> Result<(), String> {
@@ -402,12 +333,7 @@ impl Container {
             }
             files.current_seq = seq;
         }
-        let file = self
-            .files
-            .borrow()
-            .current
-            .clone()
-            .ok_or("no current log file")?;
+        let file = self.files.borrow().current.clone().ok_or("no current log file")?;
         if let Some(step) = plan.checkpoint {
             self.write_step(&file, step, true).await?;
         }
@@ -416,10 +342,7 @@ impl Container {
             // Prepare the next file once this one is half used, off the commit path.
             let (half, next_seq) = {
                 let c = self.core.borrow();
-                (
-                    step.pos + step.len > c.config().file_bytes / 2,
-                    step.file_seq + 1,
-                )
+                (step.pos + step.len > c.config().file_bytes / 2, step.file_seq + 1)
             };
             if half && self.files.borrow().next.is_none() {
                 self.start_prepare(next_seq);
@@ -441,11 +364,7 @@ impl Container {
             }
         }
         let path = self.dir.join(file_name(seq));
-        let f = Rc::new(
-            DmaFile::open(&path)
-                .await
-                .map_err(|e| EngineError::Io(io_err("opening", &path, e)))?,
-        );
+        let f = Rc::new(DmaFile::open(&path).await.map_err(|e| EngineError::Io(io_err("opening", &path, e)))?);
         let mut files = self.files.borrow_mut();
         if files.readers.len() >= 8 {
             files.readers.clear();
@@ -469,13 +388,11 @@ impl Container {
                 ReadOutcome::Data(data) => return Ok(ReadData { data, status }),
                 ReadOutcome::Log { file_seq, pos, len } => {
                     let f = self.reader_file(file_seq).await?;
-                    let r = f.read_at(pos, len as usize).await.map_err(|e| {
-                        EngineError::Io(format!("reading log file {file_seq:x}: {e}"))
-                    })?;
-                    return Ok(ReadData {
-                        data: Bytes::copy_from_slice(&r),
-                        status,
-                    });
+                    let r = f
+                        .read_at(pos, len as usize)
+                        .await
+                        .map_err(|e| EngineError::Io(format!("reading log file {file_seq:x}: {e}")))?;
+                    return Ok(ReadData { data: Bytes::copy_from_slice(&r), status });
                 }
                 ReadOutcome::NeedIndex { file_seq } => {
                     let path = self.dir.join(file_name(file_seq));
@@ -486,17 +403,10 @@ impl Container {
                 ReadOutcome::Tail => {
                     let now = Instant::now();
                     if status.sealed || now >= deadline {
-                        return Ok(ReadData {
-                            data: Bytes::new(),
-                            status,
-                        });
+                        return Ok(ReadData { data: Bytes::new(), status });
                     }
                     let (tx, rx) = oneshot::channel();
-                    self.tail_waiters
-                        .borrow_mut()
-                        .entry(status.id)
-                        .or_default()
-                        .push(tx);
+                    self.tail_waiters.borrow_mut().entry(status.id).or_default().push(tx);
                     let sleep = glommio::timer::sleep(deadline - now);
                     futures::pin_mut!(sleep);
                     let _ = select(rx, sleep).await;

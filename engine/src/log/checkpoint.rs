@@ -27,13 +27,10 @@ pub struct SegmentCheckpoint {
 
 impl CheckpointState {
     pub fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self)
-            .expect("serializing a checkpoint")
-            .to_vec()
+        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a checkpoint").to_vec()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes)
-            .map_err(|e| format!("invalid checkpoint: {e}"))
+        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes).map_err(|e| format!("invalid checkpoint: {e}"))
     }
 }

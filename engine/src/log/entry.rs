@@ -59,13 +59,7 @@ impl LogEntry {
                 w.u16(name.len() as u16);
                 w.bytes(name.as_bytes());
             }
-            LogEntry::Append {
-                segment,
-                offset,
-                writer,
-                last_event_number,
-                data,
-            } => {
+            LogEntry::Append { segment, offset, writer, last_event_number, data } => {
                 w.u8(APPEND);
                 w.u64(*segment);
                 w.u64(*offset);
@@ -95,10 +89,7 @@ impl LogEntry {
 /// Decodes all entries of a batch payload. `data_base` is the payload's position in the
 /// file; each entry comes with the file position of its data (for appends).
 pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, u64)>, String> {
-    let mut r = Reader {
-        buf: payload,
-        pos: 0,
-    };
+    let mut r = Reader { buf: payload, pos: 0 };
     let mut out = Vec::new();
     while r.pos < payload.len() {
         let tag = r.u8()?;
@@ -106,9 +97,7 @@ pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, 
             CREATE => {
                 let segment = r.u64()?;
                 let len = r.u16()? as usize;
-                let name = std::str::from_utf8(r.take(len)?)
-                    .map_err(|_| "segment name is not UTF-8")?
-                    .to_owned();
+                let name = std::str::from_utf8(r.take(len)?).map_err(|_| "segment name is not UTF-8")?.to_owned();
                 LogEntry::Create { segment, name }
             }
             APPEND => {
@@ -121,28 +110,16 @@ pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, 
                 r.take(len)?;
                 let data = payload.slice(at..at + len);
                 out.push((
-                    LogEntry::Append {
-                        segment,
-                        offset,
-                        writer,
-                        last_event_number,
-                        data,
-                    },
+                    LogEntry::Append { segment, offset, writer, last_event_number, data },
                     data_base + at as u64,
                 ));
                 continue;
             }
             SEAL => LogEntry::Seal { segment: r.u64()? },
-            TRUNCATE => LogEntry::Truncate {
-                segment: r.u64()?,
-                offset: r.u64()?,
-            },
+            TRUNCATE => LogEntry::Truncate { segment: r.u64()?, offset: r.u64()? },
             DELETE => LogEntry::Delete { segment: r.u64()? },
             t => {
-                return Err(format!(
-                    "unknown entry type {t} at payload byte {}",
-                    r.pos - 1
-                ));
+                return Err(format!("unknown entry type {t} at payload byte {}", r.pos - 1));
             }
         };
         out.push((entry, 0));
@@ -192,19 +169,13 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
 }
 
@@ -215,10 +186,7 @@ mod tests {
     #[test]
     fn entries_roundtrip() {
         let entries = vec![
-            LogEntry::Create {
-                segment: 1,
-                name: "s/t/0".into(),
-            },
+            LogEntry::Create { segment: 1, name: "s/t/0".into() },
             LogEntry::Append {
                 segment: 1,
                 offset: 0,
@@ -227,10 +195,7 @@ mod tests {
                 data: Bytes::from_static(b"abc"),
             },
             LogEntry::Seal { segment: 1 },
-            LogEntry::Truncate {
-                segment: 1,
-                offset: 2,
-            },
+            LogEntry::Truncate { segment: 1, offset: 2 },
             LogEntry::Delete { segment: 1 },
         ];
         let total: usize = entries.iter().map(|e| e.encoded_len()).sum();
@@ -241,10 +206,7 @@ mod tests {
         }
         assert_eq!(pos, total);
         let decoded = decode_entries(&Bytes::from(buf), 1000).unwrap();
-        assert_eq!(
-            decoded.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
-            entries
-        );
+        assert_eq!(decoded.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(), entries);
         assert_eq!(decoded[1].1, 1000 + 16 + APPEND_HEADER_BYTES as u64);
         assert!(decode_entries(&Bytes::from_static(&[2, 0, 0]), 0).is_err());
         assert!(decode_entries(&Bytes::from_static(&[9]), 0).is_err());

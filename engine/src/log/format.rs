@@ -125,9 +125,7 @@ impl RecordHeader {
         if b.iter().all(|&x| x == 0) {
             return Err(HeaderFault::Zero);
         }
-        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != RECORD_MAGIC
-            || b[4] != FORMAT_VERSION as u8
-        {
+        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != RECORD_MAGIC || b[4] != FORMAT_VERSION as u8 {
             return Err(HeaderFault::Invalid);
         }
         let crc = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes"));
@@ -160,14 +158,7 @@ pub fn encode_record(
     let payload = &mut rest[..payload_len];
     fill(payload);
     let payload_crc = crc32c::crc32c(payload);
-    RecordHeader {
-        kind,
-        epoch,
-        lsn,
-        payload_len: payload_len as u32,
-        payload_crc,
-    }
-    .encode(head);
+    RecordHeader { kind, epoch, lsn, payload_len: payload_len as u32, payload_crc }.encode(head);
     rest[payload_len..].fill(0);
     debug_assert_eq!(out.len() as u64 % BLOCK_BYTES, 0);
 }
@@ -180,14 +171,9 @@ mod tests {
     fn record_roundtrip_and_damage() {
         let len = RecordHeader::disk_len(10) as usize;
         let mut buf = vec![0u8; len];
-        encode_record(&mut buf, RecordKind::Batch, 3, 77, 10, |p| {
-            p.copy_from_slice(b"0123456789")
-        });
+        encode_record(&mut buf, RecordKind::Batch, 3, 77, 10, |p| p.copy_from_slice(b"0123456789"));
         let h = RecordHeader::decode(&buf).unwrap();
-        assert_eq!(
-            (h.kind, h.epoch, h.lsn, h.payload_len),
-            (RecordKind::Batch, 3, 77, 10)
-        );
+        assert_eq!((h.kind, h.epoch, h.lsn, h.payload_len), (RecordKind::Batch, 3, 77, 10));
         assert_eq!(h.payload_crc, crc32c::crc32c(b"0123456789"));
         assert_eq!(RecordHeader::decode(&vec![0u8; 40]), Err(HeaderFault::Zero));
         buf[17] ^= 1;
@@ -197,12 +183,7 @@ mod tests {
     #[test]
     fn file_header_roundtrip() {
         let mut block = vec![0u8; 4096];
-        let h = FileHeader {
-            container: 5,
-            seq: 9,
-            epoch: 2,
-            file_bytes: 1 << 20,
-        };
+        let h = FileHeader { container: 5, seq: 9, epoch: 2, file_bytes: 1 << 20 };
         h.encode(&mut block);
         assert_eq!(FileHeader::decode(&block).unwrap(), h);
         block[20] ^= 0xff;

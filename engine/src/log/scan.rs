@@ -34,11 +34,7 @@ pub enum ScanEnd {
     /// A torn (incomplete or checksum-failing) record at `at`, and nothing valid after it.
     Torn { at: u64, reason: String },
     /// An invalid record at `at` followed by a valid one at `valid_at`.
-    Corrupt {
-        at: u64,
-        valid_at: u64,
-        reason: String,
-    },
+    Corrupt { at: u64, valid_at: u64, reason: String },
 }
 
 /// Result of scanning a file.
@@ -56,8 +52,7 @@ pub struct FileScan {
 /// Checks the record at `pos` in isolation (header and payload checksums).
 fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Option<u64>, String)> {
     let p = pos as usize;
-    let header = RecordHeader::decode(&bytes[p..])
-        .map_err(|f| (f, None, "invalid record header".to_string()))?;
+    let header = RecordHeader::decode(&bytes[p..]).map_err(|f| (f, None, "invalid record header".to_string()))?;
     let start = p + RECORD_HEADER_BYTES;
     let end = start + header.payload_len as usize;
     let extent = Some(RecordHeader::disk_len(header.payload_len as usize));
@@ -65,24 +60,13 @@ fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Opt
         return Err((
             HeaderFault::Invalid,
             None,
-            format!(
-                "payload of {} bytes runs past the file end",
-                header.payload_len
-            ),
+            format!("payload of {} bytes runs past the file end", header.payload_len),
         ));
     }
     if crc32c::crc32c(&bytes[start..end]) != header.payload_crc {
-        return Err((
-            HeaderFault::Invalid,
-            extent,
-            "payload checksum mismatch".into(),
-        ));
+        return Err((HeaderFault::Invalid, extent, "payload checksum mismatch".into()));
     }
-    Ok(ScannedRecord {
-        pos,
-        header,
-        payload: bytes.slice(start..end),
-    })
+    Ok(ScannedRecord { pos, header, payload: bytes.slice(start..end) })
 }
 
 /// Scans a whole log file held in memory.
@@ -129,21 +113,11 @@ pub fn scan_file(bytes: &Bytes) -> FileScan {
                 .take_while(|&b| b < dirty_end)
                 .find(|&b| b + RECORD_HEADER_BYTES as u64 <= len && record_at(bytes, b).is_ok());
             match valid_after {
-                Some(valid_at) => ScanEnd::Corrupt {
-                    at,
-                    valid_at,
-                    reason,
-                },
+                Some(valid_at) => ScanEnd::Corrupt { at, valid_at, reason },
                 None if fault == HeaderFault::Zero && dirty_end == end => ScanEnd::Clean,
                 None => ScanEnd::Torn { at, reason },
             }
         }
     };
-    FileScan {
-        header,
-        records,
-        end,
-        stop,
-        dirty_end,
-    }
+    FileScan { header, records, end, stop, dirty_end }
 }

@@ -1,0 +1,272 @@
+//! The client: bootstraps from one node address, learns the shard map (container count and
+//! one endpoint per shard), routes each segment request straight to the shard that owns the
+//! segment's container, and keeps one connection per endpoint. A `WrongHost` reply
+//! refreshes the map. Also the stream manager (scopes and streams) and raw segment calls.
+
+use crate::connection::Connection;
+use crate::error::ClientError;
+use crate::reader::{EventReader, ReadFrom};
+use crate::writer::{EventWriter, WriterConfig};
+use bytes::Bytes;
+use sluice_net::messages::*;
+use sluice_net::routing::{container_of, shard_of};
+use sluice_net::{ErrorCode, ScopedStream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    /// How long calls keep retrying while the server is unreachable or restarting.
+    pub retry_for: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self { connect_timeout: Duration::from_secs(5), retry_for: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ShardMap {
+    container_count: u32,
+    endpoints: Vec<String>,
+}
+
+struct Inner {
+    bootstrap: String,
+    config: ClientConfig,
+    map: Mutex<ShardMap>,
+    conns: Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+/// A handle to a Sluice node; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// Normalizes `sluice://host:port`, `host:port` or `:port`.
+fn normalize(url: &str) -> Result<String, ClientError> {
+    let s = url.trim().trim_start_matches("sluice://").trim_end_matches('/');
+    let s = if s.starts_with(':') { format!("127.0.0.1{s}") } else { s.to_string() };
+    if !s.contains(':') {
+        return Err(ClientError::InvalidArgument(format!("server address '{url}' needs host:port")));
+    }
+    Ok(s)
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Result<Client, ClientError> {
+        Self::connect_with(url, ClientConfig::default()).await
+    }
+
+    pub async fn connect_with(url: &str, config: ClientConfig) -> Result<Client, ClientError> {
+        let bootstrap = normalize(url)?;
+        let (conn, hello) = Connection::connect(&bootstrap, config.connect_timeout).await?;
+        let map = ShardMap {
+            container_count: hello.container_count,
+            endpoints: hello.shards.into_iter().map(|s| s.address).collect(),
+        };
+        let mut conns = HashMap::new();
+        conns.insert(bootstrap.clone(), conn);
+        Ok(Client { inner: Arc::new(Inner { bootstrap, config, map: Mutex::new(map), conns: Mutex::new(conns) }) })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Number of shards of the node.
+    pub fn shard_count(&self) -> usize {
+        self.inner.map.lock().expect("lock").endpoints.len()
+    }
+
+    /// A live connection to `addr` (cached; reconnects if the cached one broke).
+    pub async fn connection(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
+        if let Some(c) = self.inner.conns.lock().expect("lock").get(addr) {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let (conn, hello) = Connection::connect(addr, self.inner.config.connect_timeout).await?;
+        *self.inner.map.lock().expect("lock") = ShardMap {
+            container_count: hello.container_count,
+            endpoints: hello.shards.into_iter().map(|s| s.address).collect(),
+        };
+        self.inner.conns.lock().expect("lock").insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Endpoint of the shard that owns `segment`.
+    pub fn endpoint_of(&self, segment: &str) -> String {
+        let map = self.inner.map.lock().expect("lock");
+        let c = container_of(segment, map.container_count);
+        map.endpoints[shard_of(c, map.endpoints.len() as u32) as usize].clone()
+    }
+
+    /// Connection to the shard that owns `segment`.
+    pub async fn segment_connection(&self, segment: &str) -> Result<Arc<Connection>, ClientError> {
+        let ep = self.endpoint_of(segment);
+        self.connection(&ep).await
+    }
+
+    /// Refreshes the shard map from the bootstrap node.
+    pub async fn refresh(&self) -> Result<(), ClientError> {
+        self.inner.conns.lock().expect("lock").remove(&self.inner.bootstrap);
+        self.connection(&self.inner.bootstrap.clone()).await.map(|_| ())
+    }
+
+    /// Runs `f` until it succeeds, fails with a non-retryable error, or `retry_for` passes.
+    pub(crate) async fn with_retry<T, F, Fut>(&self, mut f: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = Instant::now() + self.inner.config.retry_for;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    if e.code() == Some(ErrorCode::WrongHost) {
+                        let _ = self.refresh().await;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn admin<T: Control + Clone, R: Control>(&self, msg: T) -> Result<R, ClientError> {
+        let bootstrap = self.inner.bootstrap.clone();
+        self.with_retry(|| {
+            let (msg, bootstrap) = (msg.clone(), bootstrap.clone());
+            async move { self.connection(&bootstrap).await?.call(&msg, Bytes::new()).await }
+        })
+        .await
+    }
+
+    async fn segment_call<T: Control + Clone, R: Control>(
+        &self,
+        segment: &str,
+        msg: T,
+        payload: Bytes,
+    ) -> Result<R, ClientError> {
+        self.with_retry(|| {
+            let (msg, payload) = (msg.clone(), payload.clone());
+            async move { self.segment_connection(segment).await?.call(&msg, payload).await }
+        })
+        .await
+    }
+
+    pub async fn create_scope(&self, scope: &str) -> Result<(), ClientError> {
+        self.admin::<_, Done>(CreateScope { scope: scope.into() }).await.map(|_| ())
+    }
+
+    pub async fn delete_scope(&self, scope: &str) -> Result<(), ClientError> {
+        self.admin::<_, Done>(DeleteScope { scope: scope.into() }).await.map(|_| ())
+    }
+
+    pub async fn list_scopes(&self) -> Result<Vec<String>, ClientError> {
+        Ok(self.admin::<_, ScopeList>(ListScopes {}).await?.scopes)
+    }
+
+    /// Creates a stream with a fixed number of segments.
+    pub async fn create_stream(&self, scope: &str, stream: &str, segments: u32) -> Result<(), ClientError> {
+        self.admin::<_, Done>(CreateStream { scope: scope.into(), stream: stream.into(), segments }).await.map(|_| ())
+    }
+
+    pub async fn list_streams(&self, scope: &str) -> Result<Vec<String>, ClientError> {
+        Ok(self.admin::<_, StreamList>(ListStreams { scope: scope.into() }).await?.streams)
+    }
+
+    pub async fn get_stream(&self, scope: &str, stream: &str) -> Result<StreamInfo, ClientError> {
+        self.admin(GetStream { scope: scope.into(), stream: stream.into() }).await
+    }
+
+    pub async fn seal_stream(&self, scope: &str, stream: &str) -> Result<(), ClientError> {
+        self.admin::<_, Done>(SealStream { scope: scope.into(), stream: stream.into() }).await.map(|_| ())
+    }
+
+    pub async fn delete_stream(&self, scope: &str, stream: &str) -> Result<(), ClientError> {
+        self.admin::<_, Done>(DeleteStream { scope: scope.into(), stream: stream.into() }).await.map(|_| ())
+    }
+
+    pub async fn segment_info(&self, segment: &str) -> Result<SegmentInfo, ClientError> {
+        self.segment_call(segment, GetSegmentInfo { segment: segment.into() }, Bytes::new()).await
+    }
+
+    /// Reads raw segment bytes from `offset`, waiting up to `wait` at the tail.
+    pub async fn read_segment(
+        &self,
+        segment: &str,
+        offset: u64,
+        max_bytes: u32,
+        wait: Duration,
+    ) -> Result<(ReadReply, Bytes), ClientError> {
+        let msg = Read {
+            segment: segment.into(),
+            offset,
+            max_bytes,
+            wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        self.with_retry(|| {
+            let msg = msg.clone();
+            async move {
+                let frame = self.segment_connection(segment).await?.send(&msg, Bytes::new()).await?;
+                let payload = frame.payload.clone();
+                Ok((crate::connection::expect::<ReadReply>(frame)?, payload))
+            }
+        })
+        .await
+    }
+
+    /// Appends raw bytes, optionally only if the segment length equals `expected_offset`.
+    pub async fn append_raw(
+        &self,
+        segment: &str,
+        data: Bytes,
+        expected_offset: Option<u64>,
+    ) -> Result<AppendAck, ClientError> {
+        let msg =
+            Append { segment: segment.into(), writer_id: 0, first_event_number: 0, event_count: 0, expected_offset };
+        self.segment_call(segment, msg, data).await
+    }
+
+    pub async fn truncate_segment(&self, segment: &str, offset: u64) -> Result<(), ClientError> {
+        self.segment_call::<_, Done>(segment, TruncateSegment { segment: segment.into(), offset }, Bytes::new())
+            .await
+            .map(|_| ())
+    }
+
+    /// A writer for `scope/stream`.
+    pub async fn event_writer(&self, stream: &str) -> Result<EventWriter, ClientError> {
+        self.event_writer_with(stream, WriterConfig::default()).await
+    }
+
+    pub async fn event_writer_with(&self, stream: &str, config: WriterConfig) -> Result<EventWriter, ClientError> {
+        let s = parse_stream(stream)?;
+        let info = self.get_stream(&s.scope, &s.stream).await?;
+        if info.sealed {
+            return Err(ClientError::InvalidArgument(format!("stream {s} is sealed")));
+        }
+        Ok(EventWriter::new(self.clone(), s, info.segments, config))
+    }
+
+    /// A reader over all segments of `scope/stream`.
+    pub async fn event_reader(&self, stream: &str, from: ReadFrom) -> Result<EventReader, ClientError> {
+        let s = parse_stream(stream)?;
+        let info = self.get_stream(&s.scope, &s.stream).await?;
+        EventReader::start(self.clone(), s, info.segments, from).await
+    }
+}
+
+/// Parses `scope/stream` with a clear error.
+pub fn parse_stream(s: &str) -> Result<ScopedStream, ClientError> {
+    ScopedStream::parse(s)
+        .ok_or_else(|| ClientError::InvalidArgument(format!("'{s}' is not a stream name; expected scope/stream")))
+}

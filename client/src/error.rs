@@ -1,0 +1,42 @@
+//! Client errors.
+
+use sluice_net::{ErrorCode, ProtocolError};
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("connection to {0} lost")]
+    ConnectionLost(String),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("server error {code:?}: {message}")]
+    Server { code: ErrorCode, message: String, endpoint: Option<String>, offset: Option<u64> },
+    #[error("unknown server error code {0}: {1}")]
+    UnknownServerError(u16, String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl ClientError {
+    /// The server error code, if this is a server error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Worth retrying after reconnecting (the server may be restarting or shedding load).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::ConnectionLost(_) | ClientError::Timeout(_) => true,
+            ClientError::Server { code, .. } => {
+                matches!(code, ErrorCode::WrongHost | ErrorCode::Overloaded | ErrorCode::ContainerPoisoned)
+            }
+            _ => false,
+        }
+    }
+}

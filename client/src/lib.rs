@@ -1,0 +1,38 @@
+//! Rust client for Sluice (tokio).
+//!
+//! ```no_run
+//! use sluice_client::{Client, ReadFrom};
+//! use std::time::Duration;
+//!
+//! # async fn demo() -> Result<(), sluice_client::ClientError> {
+//! let client = Client::connect("127.0.0.1:9090").await?;
+//! client.create_scope("shop").await.ok();
+//! client.create_stream("shop", "orders", 4).await.ok();
+//!
+//! let writer = client.event_writer("shop/orders").await?;
+//! let ack = writer.write_event(b"customer-17", &b"order #1"[..]);
+//! ack.await?; // durable on disk now
+//! writer.flush().await?;
+//!
+//! let mut reader = client.event_reader("shop/orders", ReadFrom::Head).await?;
+//! while let Some(event) = reader.read_next(Duration::from_secs(1)).await? {
+//!     println!("{}", String::from_utf8_lossy(&event.payload));
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Modules: `connection` (one multiplexed TCP connection per shard endpoint), `client`
+//! (bootstrap, shard map, routing, stream manager, segment calls), `writer` (batching,
+//! pipelining, idempotent resend), `reader` (all segments of a stream, tail long-poll).
+
+pub mod client;
+pub mod connection;
+pub mod error;
+pub mod reader;
+pub mod writer;
+
+pub use client::{Client, ClientConfig};
+pub use error::ClientError;
+pub use reader::{Event, EventReader, ReadFrom};
+pub use writer::{AckFuture, EventWriter, WriterConfig};

@@ -1,0 +1,102 @@
+//! `sluice log dump`: a human-readable listing of container logs for operators.
+
+use bytes::Bytes;
+use sluice_engine::log::checkpoint::CheckpointState;
+use sluice_engine::log::entry::{LogEntry, decode_entries};
+use sluice_engine::log::format::RecordKind;
+use sluice_engine::log::parse_file_name;
+use sluice_engine::log::scan::{ScanEnd, scan_file};
+use std::path::Path;
+
+fn log_files(dir: &Path) -> Result<Vec<(u64, std::path::PathBuf)>, String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(parse_file_name).map(|s| (s, e.path())))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+pub fn dump(dir: &Path, entries: bool) -> Result<(), String> {
+    let containers = dir.join("containers");
+    if containers.is_dir() {
+        let mut dirs: Vec<_> = std::fs::read_dir(&containers)
+            .map_err(|e| format!("{}: {e}", containers.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        for d in dirs {
+            dump_container(&d, entries)?;
+        }
+        return Ok(());
+    }
+    dump_container(dir, entries)
+}
+
+fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
+    let files = log_files(dir)?;
+    if files.is_empty() {
+        return Err(format!("{} holds no log files (*.log)", dir.display()));
+    }
+    println!("container log {}", dir.display());
+    for (_, path) in files {
+        let bytes = Bytes::from(std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?);
+        let scan = scan_file(&bytes);
+        match &scan.header {
+            Ok(h) => println!(
+                "  file {} container {} seq {} epoch {} size {} bytes",
+                path.file_name().unwrap_or_default().to_string_lossy(),
+                h.container,
+                h.seq,
+                h.epoch,
+                h.file_bytes
+            ),
+            Err(e) => println!("  file {}: bad header: {e}", path.display()),
+        }
+        for rec in &scan.records {
+            let h = &rec.header;
+            let kind = match h.kind {
+                RecordKind::Batch => "batch",
+                RecordKind::Checkpoint => "checkpoint",
+            };
+            print!(
+                "    @{:<10} lsn {:<8} epoch {:<4} {:<10} {:>9} bytes crc {:08x} ok",
+                rec.pos, h.lsn, h.epoch, kind, h.payload_len, h.payload_crc
+            );
+            match h.kind {
+                RecordKind::Checkpoint => match CheckpointState::decode(&rec.payload) {
+                    Ok(ck) => println!("  ({} segments, next segment id {})", ck.segments.len(), ck.next_segment_id),
+                    Err(e) => println!("  ({e})"),
+                },
+                RecordKind::Batch => match decode_entries(&rec.payload, rec.payload_pos()) {
+                    Ok(list) => {
+                        let appends = list.iter().filter(|(e, _)| matches!(e, LogEntry::Append { .. })).count();
+                        println!("  ({} entries, {appends} appends)", list.len());
+                        if entries {
+                            for (e, _) in list {
+                                match e {
+                                    LogEntry::Append { segment, offset, writer, last_event_number, data } => println!(
+                                        "        append segment {segment} offset {offset} len {} writer {writer:x} event {last_event_number}",
+                                        data.len()
+                                    ),
+                                    other => println!("        {other:?}"),
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => println!("  (undecodable entries: {e})"),
+                },
+            }
+        }
+        match scan.stop {
+            ScanEnd::Clean => println!("    end at {} (clean)", scan.end),
+            ScanEnd::Torn { at, reason } => println!("    end at {} (torn record: {reason})", at),
+            ScanEnd::Corrupt { at, valid_at, reason } => {
+                println!("    CORRUPT at {at}: {reason}; a valid record follows at {valid_at}")
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The `sluice` binary: `standalone` runs a single node (engine shards + embedded metadata
+//! store); every other subcommand is a client of a running node (admin, write, read), except
+//! `log dump`, which reads a container log directory offline.
+
+mod dump;
+mod io;
+
+use clap::{Parser, Subcommand};
+use sluice_client::{Client, ClientError};
+use sluice_net::ScopedStream;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Sluice: durable, ordered event streams", long_about = None)]
+struct Cli {
+    /// Server address (any shard of the node).
+    #[arg(long, global = true, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
+    url: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a single node with an embedded metadata store.
+    Standalone(StandaloneArgs),
+    /// Manage scopes.
+    #[command(subcommand)]
+    Scope(ScopeCmd),
+    /// Manage streams.
+    #[command(subcommand)]
+    Stream(StreamCmd),
+    /// Write events: one per stdin line, or generated with --count.
+    Write(io::WriteArgs),
+    /// Read events and print one per line.
+    Read(io::ReadArgs),
+    /// Inspect container logs offline.
+    #[command(subcommand)]
+    Log(LogCmd),
+}
+
+#[derive(clap::Args)]
+struct StandaloneArgs {
+    /// Where logs and metadata live.
+    #[arg(long, default_value = "sluice-data")]
+    data_dir: PathBuf,
+    /// Address of shard 0; shard k listens on port + k.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    listen: SocketAddr,
+    /// Number of shards (one pinned executor per core). Default: all cores.
+    #[arg(long)]
+    cores: Option<u32>,
+    /// Segment containers per shard. Fixed for the life of the data directory.
+    #[arg(long, default_value_t = sluice_engine::constants::CONTAINERS_PER_SHARD_DEFAULT)]
+    containers_per_core: u32,
+    /// Size of each preallocated log file, in MiB.
+    #[arg(long, default_value_t = 64)]
+    log_file_mb: u64,
+    /// Read cache per container, in MiB.
+    #[arg(long, default_value_t = 32)]
+    cache_mb: usize,
+    /// Do not pin shards to cores.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+#[derive(Subcommand)]
+enum ScopeCmd {
+    /// Create a scope.
+    Create { scope: String },
+    /// Delete an empty scope.
+    Delete { scope: String },
+    /// List scopes.
+    List,
+}
+
+#[derive(Subcommand)]
+enum StreamCmd {
+    /// Create a stream with a fixed number of segments.
+    Create {
+        /// scope/stream
+        stream: String,
+        #[arg(long, default_value_t = 1)]
+        segments: u32,
+    },
+    /// List the streams of a scope.
+    List { scope: String },
+    /// Show a stream's segments, key ranges, lengths and state.
+    Describe { stream: String },
+    /// Seal a stream: no more writes.
+    Seal { stream: String },
+    /// Delete a sealed stream and its data.
+    Delete { stream: String },
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    /// List the records of a container log (a container directory, or a data directory).
+    Dump {
+        dir: PathBuf,
+        /// Also list every entry of every batch.
+        #[arg(long)]
+        entries: bool,
+    },
+}
+
+fn parse_stream(s: &str) -> Result<ScopedStream, String> {
+    ScopedStream::parse(s).ok_or_else(|| format!("'{s}' is not a stream name; expected scope/stream"))
+}
+
+fn standalone(a: StandaloneArgs) -> Result<(), String> {
+    let cores = a.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let mut cfg = sluice_engine::EngineConfig::new(a.data_dir.clone(), a.listen, cores);
+    cfg.containers_per_shard = a.containers_per_core;
+    cfg.log_file_bytes = a.log_file_mb << 20;
+    cfg.cache_bytes_max = a.cache_mb << 20;
+    cfg.pin = !a.no_pin;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let started = std::time::Instant::now();
+    let node = sluice_engine::shard::Node::start(cfg.clone())?;
+    let ports: Vec<&str> = node.endpoints.iter().map(|e| e.address.as_str()).collect();
+    println!(
+        "sluice standalone ready in {:.2?}: {} shards on {}, {} containers, data in {}",
+        started.elapsed(),
+        cores,
+        ports.join(", "),
+        cfg.container_count(),
+        a.data_dir.display()
+    );
+    println!("try:  sluice scope create demo && sluice stream create demo/events --segments 4");
+    println!("      echo hello | sluice write demo/events --key k1 && sluice read demo/events --timeout-ms 1000");
+    if let Some(sig) = signals.forever().next() {
+        println!("signal {sig}: stopping");
+    }
+    node.stop();
+    Ok(())
+}
+
+async fn client(url: &str) -> Result<Client, String> {
+    Client::connect(url).await.map_err(|e| format!("{e} (is `sluice standalone` running? set --url or SLUICE_URL)"))
+}
+
+fn err(e: ClientError) -> String {
+    e.to_string()
+}
+
+async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
+    let c = client(url).await?;
+    match cmd {
+        Cmd::Scope(ScopeCmd::Create { scope }) => {
+            c.create_scope(&scope).await.map_err(err)?;
+            println!("created scope {scope}");
+        }
+        Cmd::Scope(ScopeCmd::Delete { scope }) => {
+            c.delete_scope(&scope).await.map_err(err)?;
+            println!("deleted scope {scope}");
+        }
+        Cmd::Scope(ScopeCmd::List) => {
+            for s in c.list_scopes().await.map_err(err)? {
+                println!("{s}");
+            }
+        }
+        Cmd::Stream(StreamCmd::Create { stream, segments }) => {
+            let s = parse_stream(&stream)?;
+            c.create_stream(&s.scope, &s.stream, segments).await.map_err(err)?;
+            println!("created stream {s} with {segments} segment(s)");
+        }
+        Cmd::Stream(StreamCmd::List { scope }) => {
+            for s in c.list_streams(&scope).await.map_err(err)? {
+                println!("{s}");
+            }
+        }
+        Cmd::Stream(StreamCmd::Describe { stream }) => {
+            let s = parse_stream(&stream)?;
+            let info = c.get_stream(&s.scope, &s.stream).await.map_err(err)?;
+            println!("stream {s}: {}", if info.sealed { "sealed" } else { "active" });
+            println!(
+                "{:>8}  {:>19}  {:>12}  {:>14}  {:>7}  {:>7}",
+                "segment", "key range", "start", "length", "sealed", "writers"
+            );
+            for seg in &info.segments {
+                let name = s.segment_name(sluice_net::SegmentNumber(seg.number));
+                let si = c.segment_info(&name).await.map_err(err)?;
+                println!(
+                    "{:>8}  [{:.6}, {:.6})  {:>12}  {:>14}  {:>7}  {:>7}",
+                    seg.number,
+                    seg.key_low,
+                    seg.key_high,
+                    si.start_offset,
+                    si.length,
+                    si.sealed,
+                    si.writers.len()
+                );
+            }
+        }
+        Cmd::Stream(StreamCmd::Seal { stream }) => {
+            let s = parse_stream(&stream)?;
+            c.seal_stream(&s.scope, &s.stream).await.map_err(err)?;
+            println!("sealed stream {s}");
+        }
+        Cmd::Stream(StreamCmd::Delete { stream }) => {
+            let s = parse_stream(&stream)?;
+            c.delete_stream(&s.scope, &s.stream).await.map_err(err)?;
+            println!("deleted stream {s}");
+        }
+        Cmd::Write(a) => io::write(&c, a).await?,
+        Cmd::Read(a) => io::read(&c, a).await?,
+        Cmd::Standalone(_) | Cmd::Log(_) => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.cmd {
+        Cmd::Standalone(a) => standalone(a),
+        Cmd::Log(LogCmd::Dump { dir, entries }) => dump::dump(&dir, entries),
+        cmd => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(admin(&cli.url, cmd))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
