@@ -96,6 +96,7 @@ impl EventWriter {
                     config: config.clone(),
                     inflight: VecDeque::new(),
                     acks: FuturesOrdered::new(),
+                    conn: None,
                 };
                 tokio::spawn(task.run(rx));
                 tx
@@ -178,6 +179,11 @@ struct SegmentWriter {
     config: WriterConfig,
     inflight: VecDeque<Batch>,
     acks: FuturesOrdered<AckFut>,
+    /// The one connection this segment's appends go over. Appends of one writer must reach
+    /// the server in order, and two connections give no order between them: a new batch on
+    /// a new connection could overtake a resent older one, which the server would then drop
+    /// as a duplicate. So the writer switches connections only when resending everything.
+    conn: Option<Arc<Connection>>,
 }
 
 impl SegmentWriter {
@@ -213,6 +219,7 @@ impl SegmentWriter {
             match self.client.segment_connection(&self.segment).await {
                 Ok(conn) => {
                     self.acks = self.inflight.iter().map(|b| self.send(&conn, b)).collect();
+                    self.conn = Some(conn);
                     return;
                 }
                 Err(e) => err = e,
@@ -226,6 +233,12 @@ impl SegmentWriter {
         loop {
             if !input_open && self.inflight.is_empty() && carry.is_none() {
                 return;
+            }
+            if self.acks.is_empty() && !self.inflight.is_empty() {
+                // Batches held back after their connection broke, with nothing left in
+                // flight to fail and trigger the resend: resend them now.
+                self.resend(ClientError::ConnectionLost(self.segment.clone())).await;
+                continue;
             }
             let can_send = self.inflight.len() < self.config.inflight_batches_max;
             tokio::select! {
@@ -297,19 +310,31 @@ impl SegmentWriter {
         let count = acks.len() as u32;
         let first = self.numbers.fetch_add(u64::from(count), Ordering::Relaxed);
         let batch = Batch { first, count, payload: payload.freeze(), acks, flushes };
-        match self.client.segment_connection(&self.segment).await {
-            Ok(conn) if self.acks.len() == self.inflight.len() => {
-                let fut = self.send(&conn, &batch);
+        let usable = self.conn.as_ref().filter(|c| !c.is_closed()).cloned();
+        let conn = match usable {
+            Some(c) => c,
+            // The connection broke with batches in flight: their failures are on their way
+            // and will resend everything in order, this batch included.
+            None if !self.inflight.is_empty() => {
                 self.inflight.push_back(batch);
-                self.acks.push_back(fut);
+                return leftover;
             }
-            Ok(_) => self.inflight.push_back(batch),
-            Err(e) => {
-                self.inflight.push_back(batch);
-                self.acks = FuturesOrdered::new();
-                self.resend(e).await;
-            }
-        }
+            None => match self.client.segment_connection(&self.segment).await {
+                Ok(c) => {
+                    self.conn = Some(c.clone());
+                    c
+                }
+                Err(e) => {
+                    self.inflight.push_back(batch);
+                    self.acks = FuturesOrdered::new();
+                    self.resend(e).await;
+                    return leftover;
+                }
+            },
+        };
+        let fut = self.send(&conn, &batch);
+        self.inflight.push_back(batch);
+        self.acks.push_back(fut);
         leftover
     }
 }

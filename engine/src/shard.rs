@@ -99,6 +99,21 @@ async fn probe_dma(dir: &std::path::Path, shard: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Binds a listening socket. A crashed predecessor's socket can outlive its process for a
+/// moment (io_uring tears down asynchronously), so "address in use" is retried briefly.
+fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+        }
+    }
+}
+
 /// The container count is fixed by the first start of a data directory: segments are
 /// placed by hashing over it, so another count would lose track of them.
 fn check_layout(cfg: &EngineConfig) -> Result<(), String> {
@@ -141,7 +156,7 @@ impl Node {
         for k in 0..cfg.shards {
             let mut addr = cfg.listen;
             addr.set_port(cfg.listen.port() + k as u16);
-            let l = std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let l = bind_listener(addr)?;
             let bound = l.local_addr().map_err(|e| e.to_string())?;
             endpoints.push(ShardEndpoint { shard: k, address: advertised(bound).to_string() });
             listeners.push(l);

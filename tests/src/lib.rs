@@ -1,0 +1,210 @@
+//! Helpers for end-to-end tests: build and locate the `sluice` binary, pick free loopback
+//! ports, and run a standalone server that is always killed (drop guard).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `sluice` binary of this build profile, built on first use (cargo is a no-op when it
+/// is up to date). `SLUICE_BIN` overrides.
+pub fn sluice_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("SLUICE_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "sluice-tools", "--bin", "sluice"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the sluice binary");
+        assert!(status.success(), "building the sluice binary failed");
+        let bin = profile_dir.join("sluice");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A base port with `n` consecutive free ports on 127.0.0.1, taken below the kernel's
+/// ephemeral range (so a client's outgoing connection cannot grab it while a test restarts
+/// its server) and spread by process id and a counter so parallel tests do not collide.
+pub fn free_ports(n: u16) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let (low, span) = (20_000u32, 12_000u32);
+    for _ in 0..500 {
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = low + (std::process::id().wrapping_mul(7919).wrapping_add(k.wrapping_mul(104_729))) % span;
+        let base = base as u16;
+        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports found");
+}
+
+/// True when a server answers the protocol handshake at `addr` (a bare TCP connect is not
+/// enough: a killed server's listening socket can outlive it for a moment).
+pub fn handshake(addr: SocketAddr) -> bool {
+    use sluice_net::messages::{Hello, Kind};
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(300)));
+    let mut hello = Vec::new();
+    let msg = Hello {
+        magic: sluice_net::constants::HELLO_MAGIC,
+        min_version: sluice_net::constants::PROTOCOL_VERSION,
+        max_version: sluice_net::constants::PROTOCOL_VERSION,
+        client: "probe".into(),
+    };
+    sluice_net::frame::encode_frame(&mut hello, 0, &msg, b"");
+    let mut head = [0u8; sluice_net::constants::FRAME_HEADER_BYTES];
+    s.write_all(&hello).is_ok()
+        && s.read_exact(&mut head).is_ok()
+        && u16::from_le_bytes([head[4], head[5]]) == Kind::HelloReply as u16
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("sluice-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("SLUICE_KEEP_FAILED").is_some() {
+            eprintln!("kept {} for inspection", self.0.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `sluice standalone` process, SIGKILLed when dropped.
+pub struct Server {
+    child: Option<Child>,
+    extra: Vec<String>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cores: u32,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, port: u16, cores: u32) -> Server {
+        Self::start_with(data_dir, port, cores, &[])
+    }
+
+    /// Starts with extra `sluice standalone` arguments.
+    pub fn start_with(data_dir: &Path, port: u16, cores: u32, extra: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            data_dir: data_dir.into(),
+            cores,
+        };
+        s.restart();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Starts the process (again) and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .expect("server log");
+        let child = Command::new(sluice_bin())
+            .args(["standalone", "--data-dir"])
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                &self.addr.to_string(),
+                "--cores",
+                &self.cores.to_string(),
+                "--log-file-mb",
+                "8",
+                "--no-pin",
+            ])
+            .args(&self.extra)
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning sluice standalone");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if handshake(self.addr) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "server exited during start-up with {status}; see {}",
+                    self.data_dir.with_extension("log").display()
+                );
+            }
+            assert!(Instant::now() < deadline, "server did not start within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no warning, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Is the process still alive?
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        let log = self.data_dir.with_extension("log");
+        if std::thread::panicking() {
+            eprintln!("--- server log {} ---\n{}", log.display(), std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        let _ = std::fs::remove_file(log);
+    }
+}
+
+/// Runs the `sluice` CLI against `url`; returns (success, stdout, stderr).
+pub fn cli(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(sluice_bin())
+        .args(args)
+        .env("SLUICE_URL", url)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running sluice");
+    if let Some(input) = stdin {
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing stdin");
+    }
+    let out = child.wait_with_output().expect("sluice output");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
