@@ -85,10 +85,8 @@ impl Client {
 
     /// A live connection to `addr` (cached; reconnects if the cached one broke).
     pub async fn connection(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
-        if let Some(c) = self.inner.conns.lock().expect("lock").get(addr) {
-            if !c.is_closed() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.inner.conns.lock().expect("lock").get(addr).filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
         }
         let (conn, hello) = Connection::connect(addr, self.inner.config.connect_timeout).await?;
         *self.inner.map.lock().expect("lock") = ShardMap {

@@ -36,3 +36,8 @@ pub use client::{Client, ClientConfig};
 pub use error::ClientError;
 pub use reader::{Event, EventReader, ReadFrom};
 pub use writer::{AckFuture, EventWriter, WriterConfig};
+
+/// The README's Rust example, compiled as a doc test so it cannot rot.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

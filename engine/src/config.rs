@@ -48,7 +48,7 @@ impl EngineConfig {
         if self.shards == 0 || self.containers_per_shard == 0 {
             return Err("need at least one shard and one container per shard".into());
         }
-        if self.log_file_bytes < LOG_FILE_BYTES_MIN || self.log_file_bytes % BLOCK_BYTES != 0 {
+        if self.log_file_bytes < LOG_FILE_BYTES_MIN || !self.log_file_bytes.is_multiple_of(BLOCK_BYTES) {
             return Err(format!(
                 "log file size must be a multiple of {BLOCK_BYTES} and at least {LOG_FILE_BYTES_MIN} bytes"
             ));

@@ -131,10 +131,10 @@ impl State {
 
     fn write(&mut self, key: String, expected: Option<u64>, value: Vec<u8>) -> Result<u64, MetaError> {
         let actual = self.map.get(&key).map_or(0, |v| v.version);
-        if let Some(expected) = expected {
-            if expected != actual {
-                return Err(MetaError::Conflict { key, expected, actual });
-            }
+        if let Some(expected) = expected
+            && expected != actual
+        {
+            return Err(MetaError::Conflict { key, expected, actual });
         }
         let version = actual + 1;
         self.append(&encode(1, &key, version, &value))?;
@@ -150,10 +150,10 @@ impl State {
                 _ => Ok(false),
             };
         };
-        if let Some(expected) = expected {
-            if expected != actual {
-                return Err(MetaError::Conflict { key, expected, actual });
-            }
+        if let Some(expected) = expected
+            && expected != actual
+        {
+            return Err(MetaError::Conflict { key, expected, actual });
         }
         self.append(&encode(2, &key, actual, &[]))?;
         self.map.remove(&key);

@@ -28,18 +28,22 @@ pub fn dump(dir: &Path, entries: bool) -> Result<(), String> {
             .collect();
         dirs.sort();
         for d in dirs {
-            dump_container(&d, entries)?;
+            if log_files(&d)?.is_empty() {
+                println!("container log {} (empty: never written)", d.display());
+            } else {
+                dump_container(&d, entries)?;
+            }
         }
         return Ok(());
+    }
+    if log_files(dir)?.is_empty() {
+        return Err(format!("{} holds no log files (*.log) and no containers/ directory", dir.display()));
     }
     dump_container(dir, entries)
 }
 
 fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
     let files = log_files(dir)?;
-    if files.is_empty() {
-        return Err(format!("{} holds no log files (*.log)", dir.display()));
-    }
     println!("container log {}", dir.display());
     for (_, path) in files {
         let bytes = Bytes::from(std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?);

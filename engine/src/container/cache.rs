@@ -33,13 +33,13 @@ impl ReadCache {
             let Some((seg, off)) = self.order.pop_front() else {
                 break;
             };
-            if let Some(q) = self.segments.get_mut(&seg) {
-                if q.front().is_some_and(|(o, _)| *o == off) {
-                    let (_, d) = q.pop_front().expect("front exists");
-                    self.used -= d.len();
-                    if q.is_empty() {
-                        self.segments.remove(&seg);
-                    }
+            if let Some(q) = self.segments.get_mut(&seg)
+                && q.front().is_some_and(|(o, _)| *o == off)
+            {
+                let (_, d) = q.pop_front().expect("front exists");
+                self.used -= d.len();
+                if q.is_empty() {
+                    self.segments.remove(&seg);
                 }
             }
         }

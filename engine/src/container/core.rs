@@ -418,10 +418,10 @@ impl ContainerCore {
             }
         }
         let _ = (first, count);
-        if let Some(expected) = expected_offset {
-            if expected != s.acc_length {
-                return Err(EngineError::ConditionalCheckFailed { segment: name, expected, actual: s.acc_length });
-            }
+        if let Some(expected) = expected_offset
+            && expected != s.acc_length
+        {
+            return Err(EngineError::ConditionalCheckFailed { segment: name, expected, actual: s.acc_length });
         }
         if self.pending_bytes + data.len() > self.cfg.pending_bytes_max && !self.pending.is_empty() {
             return Err(EngineError::Overloaded(format!(

@@ -354,10 +354,10 @@ impl Container {
     async fn reader_file(&self, seq: u64) -> Result<Rc<DmaFile>, EngineError> {
         {
             let files = self.files.borrow();
-            if seq == files.current_seq {
-                if let Some(f) = &files.current {
-                    return Ok(f.clone());
-                }
+            if seq == files.current_seq
+                && let Some(f) = &files.current
+            {
+                return Ok(f.clone());
             }
             if let Some(f) = files.readers.get(&seq) {
                 return Ok(f.clone());

@@ -175,7 +175,7 @@ mod tests {
         let h = RecordHeader::decode(&buf).unwrap();
         assert_eq!((h.kind, h.epoch, h.lsn, h.payload_len), (RecordKind::Batch, 3, 77, 10));
         assert_eq!(h.payload_crc, crc32c::crc32c(b"0123456789"));
-        assert_eq!(RecordHeader::decode(&vec![0u8; 40]), Err(HeaderFault::Zero));
+        assert_eq!(RecordHeader::decode(&[0u8; 40]), Err(HeaderFault::Zero));
         buf[17] ^= 1;
         assert_eq!(RecordHeader::decode(&buf), Err(HeaderFault::Invalid));
     }

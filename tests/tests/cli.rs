@@ -1,0 +1,70 @@
+//! The `sluice` command line against a real standalone server.
+
+use sluice_tests::{Server, TempDir, cli, free_ports};
+
+#[test]
+fn cli_end_to_end() {
+    let dir = TempDir::new("cli");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let url = server.url();
+    let run = |args: &[&str]| {
+        let (ok, out, err) = cli(&url, args, None);
+        assert!(ok, "sluice {args:?} failed: {err}");
+        out
+    };
+    assert!(run(&["scope", "create", "demo"]).contains("created scope demo"));
+    assert!(run(&["stream", "create", "demo/ev", "--segments", "3"]).contains("3 segment"));
+    assert_eq!(run(&["stream", "list", "demo"]).trim(), "ev");
+    assert_eq!(run(&["scope", "list"]).trim(), "demo");
+
+    let (ok, _, err) = cli(&url, &["write", "demo/ev", "--key", "k"], Some("alpha\nbeta\ngamma\n"));
+    assert!(ok && err.contains("wrote 3 event"), "{err}");
+    assert_eq!(run(&["read", "demo/ev", "--timeout-ms", "500"]), "alpha\nbeta\ngamma\n");
+    assert_eq!(run(&["read", "demo/ev", "--count", "2"]), "alpha\nbeta\n");
+    assert_eq!(run(&["read", "demo/ev", "--from", "tail", "--timeout-ms", "300"]), "");
+
+    let out = run(&["write", "demo/ev", "--count", "2000", "--size", "64", "--keys", "4", "--inflight", "100"]);
+    assert!(out.contains("2000 events of 64 B") && out.contains("p99.9"), "{out}");
+    let all = run(&["read", "demo/ev", "--timeout-ms", "500"]);
+    assert_eq!(all.lines().count(), 2003);
+    // Generated payloads carry key and sequence: per key in order.
+    for k in 0..4 {
+        let prefix = format!("key-{k}:");
+        let seqs: Vec<u64> = all
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|r| r.split(':').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(seqs, (0..500).collect::<Vec<_>>(), "key {k} out of order");
+    }
+
+    let describe = run(&["stream", "describe", "demo/ev"]);
+    assert!(describe.contains("active") && describe.lines().count() == 5, "{describe}");
+
+    let (ok, _, err) = cli(&url, &["stream", "delete", "demo/ev"], None);
+    assert!(!ok && err.contains("seal it before deleting"), "{err}");
+    assert!(run(&["stream", "seal", "demo/ev"]).contains("sealed"));
+    let (ok, _, err) = cli(&url, &["write", "demo/ev"], Some("late\n"));
+    assert!(!ok && err.contains("sealed"), "{err}");
+    assert!(run(&["stream", "describe", "demo/ev"]).contains("sealed"));
+    assert!(run(&["stream", "delete", "demo/ev"]).contains("deleted"));
+    assert!(run(&["scope", "delete", "demo"]).contains("deleted"));
+
+    // Clear errors.
+    let (ok, _, err) = cli(&url, &["stream", "create", "no-slash"], None);
+    assert!(!ok && err.contains("expected scope/stream"), "{err}");
+    let (ok, _, err) = cli(&url, &["read", "nope/x"], None);
+    assert!(!ok && err.contains("no such"), "{err}");
+    let (ok, _, err) = cli(&url, &["scope", "create", "bad name"], None);
+    assert!(!ok && err.contains("contains ' '"), "{err}");
+    let (ok, _, err) = cli("127.0.0.1:1", &["scope", "list"], None);
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+
+    // The log inspector reads the data directory offline.
+    let (ok, out, err) = cli(&url, &["log", "dump", dir.0.join("data").to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("checkpoint") && out.contains("batch") && out.contains("(clean)"), "{out}");
+
+    let (ok, out, _) = cli(&url, &["--help"], None);
+    assert!(ok && out.contains("standalone") && out.contains("log"));
+}
