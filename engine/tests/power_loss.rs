@@ -431,3 +431,35 @@ fn writer_dedupe_across_recovery() {
     assert_eq!(evs, vec![&b"one"[..], b"two", b"three"]);
     assert_eq!(core.status("a/b/0").unwrap().writers, vec![(42, 3)]);
 }
+
+#[test]
+fn failed_flush_poisons_the_container() {
+    let (mut core, mut sim) = setup();
+    write_some(&mut core, &mut sim, 2);
+    let append = || Request::Append {
+        name: "a/b/0".into(),
+        writer: 0,
+        first_event_number: 0,
+        event_count: 0,
+        expected_offset: None,
+        data: Bytes::from_static(b"raw"),
+    };
+    core.submit(append()).unwrap();
+    core.submit(append()).unwrap();
+    let plan = core.begin_flush().unwrap().unwrap();
+    assert_eq!(plan.ops, 2);
+    core.submit(append()).unwrap();
+    // The write (or its fdatasync) failed: everything queued fails, nothing is retried.
+    assert_eq!(core.fail_flush("injected EIO".into()), 3);
+    assert!(core.is_poisoned());
+    match core.submit(append()) {
+        Err(sluice_engine::EngineError::Poisoned { reason, .. }) => assert!(reason.contains("EIO")),
+        other => panic!("expected poisoned, got {other:?}"),
+    }
+    assert!(core.begin_flush().unwrap().is_none());
+    // Recovery from the disk brings it back with the acknowledged data only.
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&fresh_cfg(), &mut disk);
+    assert!(!core.is_poisoned());
+    assert_eq!(EventIter::new(&read_segment(&mut core, &disk, "a/b/0")).count(), 2);
+}

@@ -177,6 +177,9 @@ impl EmbeddedStore {
             file.sync_all().map_err(io)?;
         }
         sync_dir(dir).map_err(io)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent).map_err(io)?;
+        }
         let mut state = State { dir: dir.to_path_buf(), file, file_bytes: valid as u64, map };
         let (tx, rx) = crossbeam_channel::unbounded::<Cmd>();
         std::thread::Builder::new()

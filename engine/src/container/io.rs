@@ -126,6 +126,12 @@ impl Container {
     pub async fn open(cfg: CoreConfig, dir: PathBuf) -> Result<Rc<Self>, RecoveryError> {
         let ioerr = |source: std::io::Error| RecoveryError::Io { file: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(ioerr)?;
+        // Make the directory chain itself durable (containers/ and the data directory).
+        for d in dir.ancestors().skip(1).take(2) {
+            std::fs::File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| RecoveryError::Io { file: d.into(), source })?;
+        }
         let mut seqs: Vec<u64> = std::fs::read_dir(&dir)
             .map_err(ioerr)?
             .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(parse_file_name)))
