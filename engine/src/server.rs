@@ -54,6 +54,14 @@ fn controller_error(request_id: u64, e: &ControllerError) -> Reply {
     error_reply(request_id, e.code(), e.to_string(), None, None)
 }
 
+/// The reply to a controller call.
+fn ctl_reply<T: Control>(request_id: u64, r: Result<T, ControllerError>) -> Reply {
+    match r {
+        Ok(msg) => reply(request_id, &msg),
+        Err(e) => controller_error(request_id, &e),
+    }
+}
+
 fn protocol_error(request_id: u64, e: &ProtocolError) -> Reply {
     error_reply(request_id, ErrorCode::BadRequest, e.to_string(), None, None)
 }
@@ -328,40 +336,22 @@ fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Result<Dispatched, ProtocolError
         Kind::CreateScope => {
             let m: CreateScope = frame.decode()?;
             let shard = shard.clone();
-            later(async move {
-                match shard.controller.create_scope(&m.scope).await {
-                    Ok(()) => reply(id, &Done {}),
-                    Err(e) => controller_error(id, &e),
-                }
-            })
+            later(async move { ctl_reply(id, shard.controller.create_scope(&m.scope).await.map(|()| Done {})) })
         }
         Kind::DeleteScope => {
             let m: DeleteScope = frame.decode()?;
             let shard = shard.clone();
-            later(async move {
-                match shard.controller.delete_scope(&m.scope).await {
-                    Ok(()) => reply(id, &Done {}),
-                    Err(e) => controller_error(id, &e),
-                }
-            })
+            later(async move { ctl_reply(id, shard.controller.delete_scope(&m.scope).await.map(|()| Done {})) })
         }
         Kind::ListScopes => {
             let shard = shard.clone();
-            later(async move {
-                match shard.controller.list_scopes().await {
-                    Ok(scopes) => reply(id, &ScopeList { scopes }),
-                    Err(e) => controller_error(id, &e),
-                }
-            })
+            later(async move { ctl_reply(id, shard.controller.list_scopes().await.map(|scopes| ScopeList { scopes })) })
         }
         Kind::ListStreams => {
             let m: ListStreams = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                match shard.controller.list_streams(&m.scope).await {
-                    Ok(streams) => reply(id, &StreamList { streams }),
-                    Err(e) => controller_error(id, &e),
-                }
+                ctl_reply(id, shard.controller.list_streams(&m.scope).await.map(|streams| StreamList { streams }))
             })
         }
         Kind::GetStream => {

@@ -291,6 +291,14 @@ async fn shard_main(
             ShardMsg::Stop => break,
         }
     }
+    // Stop taking connections, then let running flushes finish so that what is on its way
+    // to the disk is answered (bounded: a stuck disk must not block shutdown forever).
     accept.cancel();
+    for _ in 0..500 {
+        if shard.containers.values().all(|c| c.is_idle()) {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
     Ok(())
 }

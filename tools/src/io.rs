@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 pub struct WriteArgs {
     /// scope/stream
     stream: String,
-    /// Routing key for stdin lines (default: each line is its own key... none: spread).
+    /// Routing key for stdin lines (default: the line number, which spreads lines over segments).
     #[arg(long)]
     key: Option<String>,
     /// Generate this many events instead of reading stdin.
@@ -61,13 +61,16 @@ pub async fn write(c: &Client, a: WriteArgs) -> Result<(), String> {
     let writer = c.event_writer(&a.stream).await.map_err(|e| e.to_string())?;
     let Some(count) = a.count else {
         let stdin = std::io::stdin();
-        let mut acks = Vec::new();
+        let mut acks = std::collections::VecDeque::new();
         let mut n = 0u64;
         for line in stdin.lock().lines() {
             let line = line.map_err(|e| format!("reading stdin: {e}"))?;
             let key = a.key.clone().unwrap_or_else(|| n.to_string());
-            acks.push(writer.write_event(key.as_bytes(), line.into_bytes()));
+            acks.push_back(writer.write_event(key.as_bytes(), line.into_bytes()));
             n += 1;
+            if acks.len() >= a.inflight.max(1) {
+                acks.pop_front().expect("non-empty").await.map_err(|e| e.to_string())?;
+            }
         }
         for ack in acks {
             ack.await.map_err(|e| e.to_string())?;

@@ -209,6 +209,11 @@ impl Container {
         self.id
     }
 
+    /// No flush is running (everything submitted so far is answered).
+    pub fn is_idle(&self) -> bool {
+        !self.flushing.get()
+    }
+
     /// Queues an operation now (ordering is fixed at call time) and returns a future for
     /// its answer, which arrives once the operation is durable. Requests refused at once
     /// (unknown segment, sealed, overloaded, ...) fail here, before anything is queued.
