@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::channel::mpsc;
 use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use glommio::sync::Semaphore;
+use glommio::sync::{Semaphore, StaticPermit};
 use sluice_meta::StreamState;
 use sluice_meta::controller::ControllerError;
 use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
@@ -30,6 +30,10 @@ const CONNECTION_REQUESTS_MAX: u64 = 4096;
 
 /// A reply: header+control, then an optional raw payload.
 type Reply = (Vec<u8>, Bytes);
+
+/// A reply on its way to the socket, with the request slot it frees once written: a client
+/// that sends without reading cannot pile up more than `CONNECTION_REQUESTS_MAX` replies.
+type Outgoing = (Reply, Option<StaticPermit>);
 
 fn reply<T: Control>(request_id: u64, msg: &T) -> Reply {
     (encode_frame_head(request_id, msg, 0), Bytes::new())
@@ -81,15 +85,16 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: glommio::net::TcpStream)
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let (read_half, write_half) = stream.split();
-    let (tx, mut rx) = mpsc::unbounded::<Reply>();
+    let (tx, mut rx) = mpsc::unbounded::<Outgoing>();
     let writer = glommio::spawn_local(async move {
         let mut w = BufWriter::with_capacity(256 << 10, write_half);
-        while let Some((head, payload)) = rx.next().await {
-            let mut batch = Some((head, payload));
-            while let Some((head, payload)) = batch.take() {
+        while let Some(first) = rx.next().await {
+            let mut batch = Some(first);
+            while let Some(((head, payload), permit)) = batch.take() {
                 if w.write_all(&head).await.is_err() || w.write_all(&payload).await.is_err() {
                     return;
                 }
+                drop(permit);
                 if let Ok(next) = rx.try_recv() {
                     batch = Some(next);
                 }
@@ -112,11 +117,11 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: glommio::net::TcpStream)
 async fn read_loop<R: futures::AsyncRead + Unpin>(
     shard: &Rc<Shard>,
     r: &mut R,
-    tx: &mpsc::UnboundedSender<Reply>,
+    tx: &mpsc::UnboundedSender<Outgoing>,
 ) -> Result<(), String> {
     let max = shard.cfg.frame_bytes_max;
     let send = |rep: Reply| {
-        let _ = tx.unbounded_send(rep);
+        let _ = tx.unbounded_send((rep, None));
     };
     // Handshake.
     let mut head = [0u8; FRAME_HEADER_BYTES];
@@ -183,19 +188,18 @@ async fn read_loop<R: futures::AsyncRead + Unpin>(
         };
         let mut body = vec![0u8; header.body_len as usize];
         r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        let permit = Some(limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?);
         let frame = match Frame::from_parts(&header, Bytes::from(body)) {
             Ok(f) => f,
             Err(e) => {
-                send(protocol_error(header.request_id, &e));
+                let _ = tx.unbounded_send((protocol_error(header.request_id, &e), permit));
                 continue;
             }
         };
-        let permit = limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?;
         let id = frame.request_id;
         match dispatch(shard, frame) {
             Ok(Dispatched::Now(rep)) => {
-                drop(permit);
-                send(rep)
+                let _ = tx.unbounded_send((rep, permit));
             }
             Ok(Dispatched::Close(rep)) => {
                 send(rep);
@@ -205,14 +209,12 @@ async fn read_loop<R: futures::AsyncRead + Unpin>(
                 let tx = tx.clone();
                 glommio::spawn_local(async move {
                     let rep = fut.await;
-                    drop(permit);
-                    let _ = tx.unbounded_send(rep);
+                    let _ = tx.unbounded_send((rep, permit));
                 })
                 .detach();
             }
             Err(e) => {
-                drop(permit);
-                send(protocol_error(id, &e))
+                let _ = tx.unbounded_send((protocol_error(id, &e), permit));
             }
         }
     }

@@ -69,6 +69,14 @@ fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Opt
     Ok(ScannedRecord { pos, header, payload: bytes.slice(start..end) })
 }
 
+/// Whether the file's first record is a valid checkpoint (what makes a file a recovery
+/// starting point), checked without scanning the rest.
+pub fn opens_with_checkpoint(bytes: &Bytes) -> bool {
+    (bytes.len() as u64) >= FILE_HEADER_BYTES + RECORD_HEADER_BYTES as u64
+        && record_at(bytes, FILE_HEADER_BYTES)
+            .is_ok_and(|r| r.header.kind == crate::log::format::RecordKind::Checkpoint)
+}
+
 /// Scans a whole log file held in memory.
 pub fn scan_file(bytes: &Bytes) -> FileScan {
     let header = FileHeader::decode(bytes);
