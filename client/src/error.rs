@@ -18,6 +18,12 @@ pub enum ClientError {
     Timeout(String),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("invalid stream cut: {0}")]
+    InvalidStreamCut(String),
+    #[error("state synchronizer {name}: update still conflicting after {attempts} attempts")]
+    SyncConflict { name: String, attempts: u32 },
+    #[error("corrupt synchronizer state in {name}: {reason}")]
+    SyncCorrupt { name: String, reason: String },
 }
 
 impl ClientError {

@@ -24,17 +24,27 @@
 //!
 //! Modules: `connection` (one multiplexed TCP connection per shard endpoint), `client`
 //! (bootstrap, shard map, routing, stream manager, segment calls), `writer` (batching,
-//! pipelining, idempotent resend), `reader` (all segments of a stream, tail long-poll).
+//! pipelining, idempotent resend), `reader` (all segments of a stream, tail long-poll),
+//! `cut` (stream cuts), `sync` (state synchronizer), `batch` (reads between cuts),
+//! `bytestream` (byte streams).
 
+pub mod batch;
+pub mod bytestream;
 pub mod client;
 pub mod connection;
+pub mod cut;
 pub mod error;
 pub mod reader;
+pub mod sync;
 pub mod writer;
 
+pub use batch::{SegmentSlice, SliceReader};
+pub use bytestream::{ByteReader, ByteWriter};
 pub use client::{Client, ClientConfig};
+pub use cut::{CutAt, StreamCut};
 pub use error::ClientError;
 pub use reader::{Event, EventReader, ReadFrom};
+pub use sync::{StateSynchronizer, Synchronized};
 pub use writer::{AckFuture, EventWriter, WriterConfig};
 
 /// The README's Rust example, compiled as a doc test so it cannot rot.

@@ -463,3 +463,19 @@ fn failed_flush_poisons_the_container() {
     assert!(!core.is_poisoned());
     assert_eq!(EventIter::new(&read_segment(&mut core, &disk, "a/b/0")).count(), 2);
 }
+
+#[test]
+fn concurrent_create_answers_after_the_first_is_durable() {
+    let (mut core, mut sim) = setup();
+    assert_eq!(core.submit(Request::Create { name: "x/y/0".into() }).unwrap(), Submitted::Queued);
+    // A second create while the first is queued waits for it rather than failing.
+    assert_eq!(core.submit(Request::Create { name: "x/y/0".into() }).unwrap(), Submitted::Queued);
+    assert!(core.status("x/y/0").is_err(), "not visible before it is durable");
+    let results = flush(&mut core, &mut sim).ok().flatten().unwrap();
+    assert_eq!(results, vec![OpResult::Done, OpResult::Done]);
+    assert!(core.status("x/y/0").is_ok());
+    assert!(matches!(
+        core.submit(Request::Create { name: "x/y/0".into() }),
+        Err(sluice_engine::EngineError::SegmentExists(_))
+    ));
+}

@@ -203,16 +203,25 @@ impl<S: MetaStore> Controller<S> {
     }
 
     /// Moves a stream to `state` (compare-and-swap on the record's version).
+    /// Concurrent callers moving the stream to the same state both succeed.
     pub async fn set_state(
         &self,
         scope: &str,
         stream: &str,
         state: StreamState,
     ) -> Result<StreamRecord, ControllerError> {
-        let (mut record, version) = self.get_versioned(scope, stream).await?;
-        record.state = state;
-        self.store.compare_and_swap(&stream_key(scope, stream), version, record.encode()).await?;
-        Ok(record)
+        loop {
+            let (mut record, version) = self.get_versioned(scope, stream).await?;
+            if record.state == state {
+                return Ok(record);
+            }
+            record.state = state;
+            match self.store.compare_and_swap(&stream_key(scope, stream), version, record.encode()).await {
+                Ok(_) => return Ok(record),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub async fn list_streams(&self, scope: &str) -> Result<Vec<String>, ControllerError> {

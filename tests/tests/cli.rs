@@ -38,6 +38,11 @@ fn cli_end_to_end() {
         assert_eq!(seqs, (0..500).collect::<Vec<_>>(), "key {k} out of order");
     }
 
+    let cut = run(&["stream", "cut", "demo/ev", "--at", "tail"]);
+    let cut = sluice_client::StreamCut::from_text(cut.trim()).unwrap();
+    assert_eq!(cut.positions.len(), 3);
+    assert!(cut.positions.values().sum::<u64>() > 0);
+
     let describe = run(&["stream", "describe", "demo/ev"]);
     assert!(describe.contains("active") && describe.lines().count() == 5, "{describe}");
 

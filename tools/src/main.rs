@@ -93,6 +93,18 @@ enum StreamCmd {
     Seal { stream: String },
     /// Delete a sealed stream and its data.
     Delete { stream: String },
+    /// Print a stream cut (a position in every segment) as text.
+    Cut {
+        stream: String,
+        #[arg(long, value_enum, default_value = "tail")]
+        at: CutPos,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CutPos {
+    Head,
+    Tail,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +217,13 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
             let s = parse_stream(&stream)?;
             c.delete_stream(&s.scope, &s.stream).await.map_err(err)?;
             println!("deleted stream {s}");
+        }
+        Cmd::Stream(StreamCmd::Cut { stream, at }) => {
+            let at = match at {
+                CutPos::Head => sluice_client::CutAt::Head,
+                CutPos::Tail => sluice_client::CutAt::Tail,
+            };
+            println!("{}", c.stream_cut(&stream, at).await.map_err(err)?);
         }
         Cmd::Write(a) => io::write(&c, a).await?,
         Cmd::Read(a) => io::read(&c, a).await?,

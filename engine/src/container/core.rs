@@ -313,8 +313,13 @@ impl ContainerCore {
                 if name.is_empty() || name.len() > u16::MAX as usize {
                     return Err(EngineError::BadRequest(format!("invalid segment name length {}", name.len())));
                 }
-                if self.by_name.contains_key(&name) {
-                    return Err(EngineError::SegmentExists(name));
+                if let Some(id) = self.by_name.get(&name) {
+                    if self.segments[id].created {
+                        return Err(EngineError::SegmentExists(name));
+                    }
+                    // Another create of this name is on its way to the disk: answer when it is
+                    // durable, so no caller sees the segment before it exists.
+                    return Ok(self.queue(None, OpResult::Done));
                 }
                 let id = self.next_segment_id;
                 self.next_segment_id += 1;

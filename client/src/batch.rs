@@ -1,0 +1,115 @@
+//! Batch reads: the segment ranges of a stream between two stream cuts, and a reader for
+//! one range, so a job can read ranges in parallel (the shape Spark and Flink batch
+//! readers need).
+
+use crate::client::Client;
+use crate::cut::{CutAt, StreamCut};
+use crate::error::ClientError;
+use crate::reader::Event;
+use bytes::BytesMut;
+use sluice_net::event::split_whole_events;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Bytes [start, end) of one segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentSlice {
+    pub segment: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Client {
+    /// The slices of `stream` between `from` (default: head) and `to` (default: tail).
+    pub async fn segment_slices(
+        &self,
+        stream: &str,
+        from: Option<&StreamCut>,
+        to: Option<&StreamCut>,
+    ) -> Result<Vec<SegmentSlice>, ClientError> {
+        let head;
+        let from = match from {
+            Some(c) => c,
+            None => {
+                head = self.stream_cut(stream, CutAt::Head).await?;
+                &head
+            }
+        };
+        let tail;
+        let to = match to {
+            Some(c) => c,
+            None => {
+                tail = self.stream_cut(stream, CutAt::Tail).await?;
+                &tail
+            }
+        };
+        let s = crate::client::parse_stream(stream)?;
+        for cut in [from, to] {
+            if cut.stream != s {
+                return Err(ClientError::InvalidStreamCut(format!("the cut is for {}, not {s}", cut.stream)));
+            }
+            self.validate_cut(cut).await?;
+        }
+        let mut out = Vec::new();
+        for (&seg, &start) in &from.positions {
+            let end = to.positions[&seg];
+            if start > end {
+                return Err(ClientError::InvalidStreamCut(format!("segment {seg}: start {start} is after end {end}")));
+            }
+            out.push(SegmentSlice { segment: s.segment_name(sluice_net::SegmentNumber(seg)), start, end });
+        }
+        Ok(out)
+    }
+
+    /// A reader of the events in one slice.
+    pub fn read_slice(&self, slice: SegmentSlice) -> SliceReader {
+        SliceReader {
+            client: self.clone(),
+            offset: slice.start,
+            slice,
+            pending: BytesMut::new(),
+            ready: VecDeque::new(),
+        }
+    }
+}
+
+pub struct SliceReader {
+    client: Client,
+    slice: SegmentSlice,
+    /// Offset of the first byte of `pending`.
+    offset: u64,
+    pending: BytesMut,
+    ready: VecDeque<Event>,
+}
+
+impl SliceReader {
+    /// The next event of the slice, or `None` at its end.
+    pub async fn next_event(&mut self) -> Result<Option<Event>, ClientError> {
+        loop {
+            if let Some(ev) = self.ready.pop_front() {
+                return Ok(Some(ev));
+            }
+            let at = self.offset + self.pending.len() as u64;
+            if at >= self.slice.end {
+                if !self.pending.is_empty() {
+                    return Err(ClientError::InvalidStreamCut(format!(
+                        "{} ends inside an event at {}",
+                        self.slice.segment, self.slice.end
+                    )));
+                }
+                return Ok(None);
+            }
+            let want = (self.slice.end - at).min(1 << 20) as u32;
+            let (_, data) = self.client.read_segment(&self.slice.segment, at, want, Duration::from_secs(1)).await?;
+            self.pending.extend_from_slice(&data[..data.len().min(want as usize)]);
+            let (ranges, used) =
+                split_whole_events(&self.pending).map_err(|e| ClientError::InvalidStreamCut(e.to_string()))?;
+            let whole = self.pending.split_to(used).freeze();
+            for r in ranges {
+                let offset = self.offset + r.start as u64 - 4;
+                self.ready.push_back(Event { segment: self.slice.segment.clone(), offset, payload: whole.slice(r) });
+            }
+            self.offset += used as u64;
+        }
+    }
+}

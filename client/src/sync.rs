@@ -1,0 +1,209 @@
+//! State synchronizer: a shared, versioned state kept in a one-segment stream. The segment
+//! holds framed records: a snapshot of the whole state, then updates. Every change is a
+//! conditional append at the revision (segment length) the writer last saw, so concurrent
+//! updaters never lose an update: the loser of a race re-reads and tries again.
+//! Compaction appends a snapshot and truncates the segment before it.
+//!
+//! Record: event framing (`len u32`), then a type byte (1 snapshot, 2 update) and the
+//! encoded snapshot or update.
+
+use crate::client::Client;
+use crate::error::ClientError;
+use bytes::{Bytes, BytesMut};
+use sluice_net::ErrorCode;
+use sluice_net::event::{encode_event, split_whole_events};
+use std::time::Duration;
+
+const SNAPSHOT: u8 = 1;
+const UPDATE: u8 = 2;
+
+/// A state that can be shared through a synchronizer.
+pub trait Synchronized: Clone + Send + Sized + 'static {
+    type Update: Send;
+    fn encode(&self) -> Vec<u8>;
+    fn decode(bytes: &[u8]) -> Result<Self, String>;
+    fn encode_update(update: &Self::Update) -> Vec<u8>;
+    fn decode_update(bytes: &[u8]) -> Result<Self::Update, String>;
+    fn apply(&mut self, update: &Self::Update);
+}
+
+pub struct StateSynchronizer<S: Synchronized> {
+    client: Client,
+    segment: String,
+    state: Option<S>,
+    revision: u64,
+    /// Attempts of `update_state` before `SyncConflict`.
+    pub max_attempts: u32,
+}
+
+fn record(kind: u8, body: &[u8], out: &mut Vec<u8>) {
+    let mut r = Vec::with_capacity(1 + body.len());
+    r.push(kind);
+    r.extend_from_slice(body);
+    encode_event(out, &r);
+}
+
+impl Client {
+    /// A synchronizer over the stream `scope/name` (created with one segment if missing).
+    pub async fn state_synchronizer<S: Synchronized>(
+        &self,
+        scope: &str,
+        name: &str,
+    ) -> Result<StateSynchronizer<S>, ClientError> {
+        match self.create_stream(scope, name, 1).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::AlreadyExists) => {}
+            Err(e) => return Err(e),
+        }
+        let info = self.get_stream(scope, name).await?;
+        if info.segments.len() != 1 {
+            return Err(ClientError::InvalidArgument(format!(
+                "{scope}/{name} has {} segments; a synchronizer needs one",
+                info.segments.len()
+            )));
+        }
+        let segment =
+            sluice_net::ScopedStream::new(scope, name).segment_name(sluice_net::SegmentNumber(info.segments[0].number));
+        Ok(StateSynchronizer { client: self.clone(), segment, state: None, revision: 0, max_attempts: 1000 })
+    }
+}
+
+impl<S: Synchronized> StateSynchronizer<S> {
+    /// The state as of the last fetch or update (`None` before initialization).
+    pub fn state(&self) -> Option<&S> {
+        self.state.as_ref()
+    }
+
+    /// Segment offset up to which updates are applied.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    fn corrupt(&self, reason: String) -> ClientError {
+        ClientError::SyncCorrupt { name: self.segment.clone(), reason }
+    }
+
+    /// Applies every record written since the last fetch.
+    pub async fn fetch_updates(&mut self) -> Result<(), ClientError> {
+        let mut pending = BytesMut::new();
+        loop {
+            let at = self.revision + pending.len() as u64;
+            let (reply, data) = match self.client.read_segment(&self.segment, at, 1 << 20, Duration::ZERO).await {
+                Ok(r) => r,
+                Err(ClientError::Server { code: ErrorCode::Truncated, offset: Some(start), .. }) => {
+                    // Compacted past us: start over from the snapshot at the new start.
+                    self.state = None;
+                    self.revision = start;
+                    pending.clear();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            pending.extend_from_slice(&data);
+            let (ranges, used) = split_whole_events(&pending).map_err(|e| self.corrupt(e.to_string()))?;
+            let whole: Bytes = pending.split_to(used).freeze();
+            for r in ranges {
+                self.apply_record(&whole[r])?;
+            }
+            self.revision += used as u64;
+            if data.is_empty() || self.revision + pending.len() as u64 >= reply.length {
+                if pending.is_empty() {
+                    return Ok(());
+                }
+                if data.is_empty() {
+                    return Err(self.corrupt(format!("partial record at the end, offset {}", self.revision)));
+                }
+            }
+        }
+    }
+
+    fn apply_record(&mut self, rec: &[u8]) -> Result<(), ClientError> {
+        match rec.first() {
+            Some(&SNAPSHOT) => self.state = Some(S::decode(&rec[1..]).map_err(|e| self.corrupt(e))?),
+            Some(&UPDATE) => {
+                let u = S::decode_update(&rec[1..]).map_err(|e| self.corrupt(e))?;
+                match self.state.as_mut() {
+                    Some(s) => s.apply(&u),
+                    None => return Err(self.corrupt("update before any snapshot".into())),
+                }
+            }
+            _ => return Err(self.corrupt("unknown record type".into())),
+        }
+        Ok(())
+    }
+
+    /// Writes `initial` if nobody initialized the state yet. Returns whether it did.
+    pub async fn initialize(&mut self, initial: S) -> Result<bool, ClientError> {
+        loop {
+            self.fetch_updates().await?;
+            if self.state.is_some() {
+                return Ok(false);
+            }
+            let mut buf = Vec::new();
+            record(SNAPSHOT, &initial.encode(), &mut buf);
+            match self.client.append_raw(&self.segment, Bytes::from(buf), Some(self.revision)).await {
+                Ok(ack) => {
+                    self.state = Some(initial);
+                    self.revision = ack.length;
+                    return Ok(true);
+                }
+                Err(e) if e.code() == Some(ErrorCode::ConditionalCheckFailed) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Applies the updates `f` derives from the current state, atomically: if another
+    /// writer got in first, re-reads and calls `f` again.
+    pub async fn update_state<F>(&mut self, mut f: F) -> Result<(), ClientError>
+    where
+        F: FnMut(&S) -> Vec<S::Update>,
+    {
+        for _ in 0..self.max_attempts {
+            self.fetch_updates().await?;
+            let state = self
+                .state
+                .as_ref()
+                .ok_or_else(|| ClientError::InvalidArgument(format!("{} is not initialized", self.segment)))?;
+            let updates = f(state);
+            if updates.is_empty() {
+                return Ok(());
+            }
+            let mut buf = Vec::new();
+            for u in &updates {
+                record(UPDATE, &S::encode_update(u), &mut buf);
+            }
+            match self.client.append_raw(&self.segment, Bytes::from(buf), Some(self.revision)).await {
+                Ok(ack) => {
+                    let s = self.state.as_mut().expect("checked above");
+                    for u in &updates {
+                        s.apply(u);
+                    }
+                    self.revision = ack.length;
+                    return Ok(());
+                }
+                Err(e) if e.code() == Some(ErrorCode::ConditionalCheckFailed) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::SyncConflict { name: self.segment.clone(), attempts: self.max_attempts })
+    }
+
+    /// Writes a snapshot of the current state and truncates everything before it.
+    pub async fn compact(&mut self) -> Result<(), ClientError> {
+        loop {
+            self.fetch_updates().await?;
+            let Some(state) = &self.state else { return Ok(()) };
+            let mut buf = Vec::new();
+            record(SNAPSHOT, &state.encode(), &mut buf);
+            match self.client.append_raw(&self.segment, Bytes::from(buf), Some(self.revision)).await {
+                Ok(ack) => {
+                    self.revision = ack.length;
+                    return self.client.truncate_segment(&self.segment, ack.offset).await;
+                }
+                Err(e) if e.code() == Some(ErrorCode::ConditionalCheckFailed) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Client building blocks against the real server: the state synchronizer (concurrent
+//! updaters in tasks and in separate processes, with compaction), stream cuts, batch reads
+//! between cuts, and byte streams.
+
+use bytes::Bytes;
+use sluice_client::{Client, ClientError, CutAt, StreamCut, Synchronized};
+use sluice_tests::{Server, TempDir, free_ports};
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// A counter whose update is "set to v", computed from the value seen: a lost update would
+/// show as a final count below the number of increments.
+#[derive(Clone, Debug)]
+struct Counter(u64);
+
+impl Synchronized for Counter {
+    type Update = u64;
+    fn encode(&self) -> Vec<u8> {
+        self.0.to_le_bytes().to_vec()
+    }
+    fn decode(b: &[u8]) -> Result<Self, String> {
+        Ok(Counter(u64::from_le_bytes(b.try_into().map_err(|_| "bad counter")?)))
+    }
+    fn encode_update(u: &u64) -> Vec<u8> {
+        u.to_le_bytes().to_vec()
+    }
+    fn decode_update(b: &[u8]) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(b.try_into().map_err(|_| "bad update")?))
+    }
+    fn apply(&mut self, u: &u64) {
+        self.0 = *u;
+    }
+}
+
+const K: u64 = 40;
+
+async fn increment(url: &str, times: u64, compact_every: Option<u64>) {
+    let c = Client::connect(url).await.unwrap();
+    let mut sync = c.state_synchronizer::<Counter>("sync", "counter").await.unwrap();
+    sync.initialize(Counter(0)).await.unwrap();
+    for i in 0..times {
+        sync.update_state(|s| vec![s.0 + 1]).await.unwrap();
+        if compact_every.is_some_and(|n| i % n == n - 1) {
+            sync.compact().await.unwrap();
+        }
+    }
+}
+
+/// Child-process half of the synchronizer test (does nothing unless spawned by it).
+#[tokio::test]
+async fn child_increment() {
+    if let Ok(url) = std::env::var("SLUICE_SYNC_CHILD_URL") {
+        increment(&url, K, None).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronizer_counter_has_no_lost_updates() {
+    let dir = TempDir::new("sync");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let url = server.url();
+    Client::connect(&url).await.unwrap().create_scope("sync").await.unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args(["child_increment", "--exact", "--quiet"])
+                .env("SLUICE_SYNC_CHILD_URL", &url)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let tasks: Vec<_> = (0..4)
+        .map(|t| {
+            let url = url.clone();
+            tokio::spawn(async move { increment(&url, K, (t == 0).then_some(15)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for mut ch in children {
+        assert!(tokio::task::spawn_blocking(move || ch.wait().unwrap()).await.unwrap().success());
+    }
+    let c = Client::connect(&url).await.unwrap();
+    let mut sync = c.state_synchronizer::<Counter>("sync", "counter").await.unwrap();
+    sync.fetch_updates().await.unwrap();
+    assert_eq!(sync.state().unwrap().0, 6 * K, "6 updaters x {K} increments");
+    // Compaction really truncated: the segment starts past 0 and a fresh reader still agrees.
+    assert!(c.segment_info("sync/counter/0").await.unwrap().start_offset > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_batch_reads_and_byte_streams() {
+    let dir = TempDir::new("cuts");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("b").await.unwrap();
+    c.create_stream("b", "s", 4).await.unwrap();
+    let w = c.event_writer("b/s").await.unwrap();
+    for i in 0..1000 {
+        w.write_event(format!("k{}", i % 10).as_bytes(), format!("before-{i}").into_bytes());
+    }
+    w.flush().await.unwrap();
+    let from = c.stream_cut("b/s", CutAt::Tail).await.unwrap();
+    for i in 0..3000 {
+        w.write_event(format!("k{}", i % 10).as_bytes(), format!("between-{i}").into_bytes());
+    }
+    w.flush().await.unwrap();
+    let to = c.stream_cut("b/s", CutAt::Tail).await.unwrap();
+    for i in 0..500 {
+        w.write_event(format!("k{}", i % 10).as_bytes(), format!("after-{i}").into_bytes());
+    }
+    w.flush().await.unwrap();
+
+    // Cuts survive their text form; bad ones get typed errors.
+    let text = from.to_text();
+    assert_eq!(StreamCut::from_text(&text).unwrap(), from);
+    assert!(matches!(StreamCut::from_text("bm90IGEgY3V0"), Err(ClientError::InvalidStreamCut(_))));
+    let mut foreign = from.clone();
+    foreign.stream = sluice_net::ScopedStream::new("b", "other");
+    assert!(matches!(c.segment_slices("b/s", Some(&foreign), Some(&to)).await, Err(ClientError::InvalidStreamCut(_))));
+    let mut beyond = to.clone();
+    *beyond.positions.get_mut(&0).unwrap() += 1_000_000;
+    assert!(matches!(c.validate_cut(&beyond).await, Err(ClientError::InvalidStreamCut(_))));
+    let mut unknown = to.clone();
+    unknown.positions.insert(99, 0);
+    assert!(matches!(c.validate_cut(&unknown).await, Err(ClientError::InvalidStreamCut(_))));
+
+    // Batch: all slices read in parallel give exactly the events between the cuts.
+    let slices = c.segment_slices("b/s", Some(&from), Some(&to)).await.unwrap();
+    assert_eq!(slices.len(), 4);
+    let mut jobs = Vec::new();
+    for s in slices {
+        let c = c.clone();
+        jobs.push(tokio::spawn(async move {
+            let mut r = c.read_slice(s);
+            let mut out = Vec::new();
+            while let Some(ev) = r.next_event().await.unwrap() {
+                out.push(String::from_utf8(ev.payload.to_vec()).unwrap());
+            }
+            out
+        }));
+    }
+    let mut got = HashSet::new();
+    for j in jobs {
+        for e in j.await.unwrap() {
+            assert!(e.starts_with("between-"), "{e} is outside the cuts");
+            assert!(got.insert(e));
+        }
+    }
+    assert_eq!(got.len(), 3000);
+
+    // Byte streams: write, read with seek and available, truncate, seal.
+    c.create_byte_stream("b", "bytes").await.unwrap();
+    let mut bw = c.byte_writer("b/bytes").await.unwrap();
+    assert_eq!(bw.write(Bytes::from_static(b"hello ")).await.unwrap(), 0);
+    assert_eq!(bw.write(Bytes::from_static(b"world")).await.unwrap(), 6);
+    bw.flush().await.unwrap();
+    let mut br = c.byte_reader("b/bytes").await.unwrap();
+    assert_eq!(br.available().await.unwrap(), 11);
+    assert_eq!(&br.read(5, Duration::ZERO).await.unwrap()[..], b"hello");
+    br.seek(6);
+    assert_eq!(&br.read(100, Duration::ZERO).await.unwrap()[..], b"world");
+    assert_eq!(br.available().await.unwrap(), 0);
+    bw.truncate_before(6).await.unwrap();
+    br.seek(0);
+    assert_eq!(br.read(10, Duration::ZERO).await.unwrap_err().code(), Some(sluice_net::ErrorCode::Truncated));
+    bw.seal().await.unwrap();
+    assert_eq!(bw.write(Bytes::from_static(b"!")).await.unwrap_err().code(), Some(sluice_net::ErrorCode::Sealed));
+    br.seek(11);
+    assert!(br.read(10, Duration::from_secs(2)).await.unwrap().is_empty());
+}
