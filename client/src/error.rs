@@ -22,6 +22,14 @@ pub enum ClientError {
     InvalidStreamCut(String),
     #[error("state synchronizer {name}: update still conflicting after {attempts} attempts")]
     SyncConflict { name: String, attempts: u32 },
+    #[error("reader group {0} already exists")]
+    GroupExists(String),
+    #[error("no reader group {0}")]
+    NoSuchGroup(String),
+    #[error("reader {reader} is not in reader group {group}")]
+    NotInGroup { group: String, reader: String },
+    #[error("reader {reader} is already in reader group {group}")]
+    AlreadyInGroup { group: String, reader: String },
     #[error("corrupt synchronizer state in {name}: {reason}")]
     SyncCorrupt { name: String, reason: String },
 }

@@ -1,0 +1,710 @@
+//! Reader groups: readers that share streams, each segment read by exactly one reader at a
+//! time, with checkpoints the group agrees on. The group's state lives in a state
+//! synchronizer (stream `<scope>/_rg_<group>`): which reader holds which segment at which
+//! offset, unassigned segments, end offsets from end cuts, finished segments, the pending
+//! checkpoint and the completed ones. Every change is an update applied by all members in
+//! the same order, so they agree without talking to each other.
+//!
+//! Rules: a reader takes unassigned segments while it holds fewer than its fair share
+//! (ceil(segments / readers)) and gives one back while it holds more; nobody takes a
+//! segment while a checkpoint is pending, so every segment's position at the checkpoint is
+//! known (reported by its reader when it passes the marker, else where it was released or
+//! finished). A reader that goes offline returns its segments at the position given (or its
+//! last reported one).
+
+use crate::client::Client;
+use crate::cut::{CutAt, StreamCut};
+use crate::error::ClientError;
+use crate::reader::Event;
+use crate::sync::{StateSynchronizer, Synchronized};
+use bytes::BytesMut;
+use rkyv::{Archive, Deserialize, Serialize};
+use sluice_net::ScopedStream;
+use sluice_net::event::split_whole_events;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Completed checkpoints kept in the state.
+const CHECKPOINTS_KEPT: usize = 10;
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct PendingCheckpoint {
+    pub name: String,
+    pub waiting: BTreeSet<String>,
+    pub positions: BTreeMap<String, u64>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct CompletedCheckpoint {
+    pub name: String,
+    /// Qualified segment name → offset.
+    pub positions: BTreeMap<String, u64>,
+}
+
+/// The shared state of a reader group.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct GroupState {
+    /// Grows on every reset; readers drop what they hold when it changes.
+    pub generation: u64,
+    /// Reader → (segment → offset of the next event to deliver).
+    pub readers: BTreeMap<String, BTreeMap<String, u64>>,
+    pub unassigned: BTreeMap<String, u64>,
+    /// Segment → offset where reading stops (end cuts).
+    pub ends: BTreeMap<String, u64>,
+    /// Segments read to their end, and where.
+    pub finished: BTreeMap<String, u64>,
+    pub checkpoint: Option<PendingCheckpoint>,
+    pub completed: Vec<CompletedCheckpoint>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum GroupUpdate {
+    AddReader { reader: String },
+    RemoveReader { reader: String, positions: Option<BTreeMap<String, u64>> },
+    Acquire { reader: String, segment: String },
+    Release { reader: String, segment: String, offset: u64 },
+    Positions { reader: String, positions: BTreeMap<String, u64> },
+    Finish { reader: String, segment: String, offset: u64 },
+    StartCheckpoint { name: String },
+    CheckpointReached { reader: String, name: String, positions: BTreeMap<String, u64> },
+    Reset { positions: BTreeMap<String, u64>, ends: BTreeMap<String, u64> },
+}
+
+impl GroupState {
+    fn complete_checkpoint(&mut self) {
+        let Some(cp) = self.checkpoint.take() else { return };
+        let mut positions: BTreeMap<String, u64> = self.finished.clone();
+        positions.extend(self.unassigned.iter().map(|(s, o)| (s.clone(), *o)));
+        positions.extend(cp.positions);
+        self.completed.push(CompletedCheckpoint { name: cp.name, positions });
+        if self.completed.len() > CHECKPOINTS_KEPT {
+            self.completed.remove(0);
+        }
+    }
+
+    /// Segments not yet finished.
+    pub fn active_segments(&self) -> usize {
+        self.unassigned.len() + self.readers.values().map(BTreeMap::len).sum::<usize>()
+    }
+
+    /// The share of segments one reader should hold.
+    pub fn fair_share(&self) -> usize {
+        self.active_segments().div_ceil(self.readers.len().max(1))
+    }
+}
+
+fn encode<T>(v: &T) -> Vec<u8>
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                rkyv::util::AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rkyv::rancor::Error,
+            >,
+        >,
+{
+    rkyv::to_bytes::<rkyv::rancor::Error>(v).expect("serializing group state").to_vec()
+}
+
+impl Synchronized for GroupState {
+    type Update = GroupUpdate;
+
+    fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes).map_err(|e| e.to_string())
+    }
+    fn encode_update(update: &GroupUpdate) -> Vec<u8> {
+        encode(update)
+    }
+    fn decode_update(bytes: &[u8]) -> Result<GroupUpdate, String> {
+        rkyv::from_bytes::<GroupUpdate, rkyv::rancor::Error>(bytes).map_err(|e| e.to_string())
+    }
+
+    fn apply(&mut self, u: &GroupUpdate) {
+        match u {
+            GroupUpdate::AddReader { reader } => {
+                self.readers.entry(reader.clone()).or_default();
+            }
+            GroupUpdate::RemoveReader { reader, positions } => {
+                let Some(held) = self.readers.remove(reader) else { return };
+                let mut released = BTreeMap::new();
+                for (seg, off) in held {
+                    let off = positions.as_ref().and_then(|p| p.get(&seg)).copied().unwrap_or(off);
+                    released.insert(seg.clone(), off);
+                    self.unassigned.insert(seg, off);
+                }
+                if let Some(cp) = self.checkpoint.as_mut() {
+                    if cp.waiting.remove(reader) {
+                        cp.positions.extend(released);
+                    }
+                    if cp.waiting.is_empty() {
+                        self.complete_checkpoint();
+                    }
+                }
+            }
+            GroupUpdate::Acquire { reader, segment } => {
+                if self.checkpoint.is_none()
+                    && let (Some(held), Some(off)) =
+                        (self.readers.get_mut(reader), self.unassigned.get(segment).copied())
+                    {
+                        self.unassigned.remove(segment);
+                        held.insert(segment.clone(), off);
+                    }
+            }
+            GroupUpdate::Release { reader, segment, offset } => {
+                if self.readers.get_mut(reader).and_then(|h| h.remove(segment)).is_some() {
+                    self.unassigned.insert(segment.clone(), *offset);
+                }
+            }
+            GroupUpdate::Positions { reader, positions } => {
+                if let Some(held) = self.readers.get_mut(reader) {
+                    for (seg, off) in positions {
+                        if let Some(o) = held.get_mut(seg) {
+                            *o = *off;
+                        }
+                    }
+                }
+            }
+            GroupUpdate::Finish { reader, segment, offset } => {
+                if self.readers.get_mut(reader).and_then(|h| h.remove(segment)).is_some() {
+                    self.finished.insert(segment.clone(), *offset);
+                }
+            }
+            GroupUpdate::StartCheckpoint { name } => {
+                if self.checkpoint.is_none() {
+                    let waiting = self.readers.keys().cloned().collect();
+                    self.checkpoint =
+                        Some(PendingCheckpoint { name: name.clone(), waiting, positions: BTreeMap::new() });
+                    if self.readers.is_empty() {
+                        self.complete_checkpoint();
+                    }
+                }
+            }
+            GroupUpdate::CheckpointReached { reader, name, positions } => {
+                if let Some(cp) = self.checkpoint.as_mut().filter(|cp| &cp.name == name) {
+                    if cp.waiting.remove(reader) {
+                        cp.positions.extend(positions.iter().map(|(s, o)| (s.clone(), *o)));
+                    }
+                    if cp.waiting.is_empty() {
+                        self.complete_checkpoint();
+                    }
+                }
+            }
+            GroupUpdate::Reset { positions, ends } => {
+                self.generation += 1;
+                for held in self.readers.values_mut() {
+                    held.clear();
+                }
+                self.unassigned = positions.clone();
+                self.ends = ends.clone();
+                self.finished.clear();
+                self.checkpoint = None;
+            }
+        }
+    }
+}
+
+/// A stream read by a group, optionally between two cuts.
+#[derive(Clone, Debug)]
+pub struct GroupStream {
+    /// `scope/stream`.
+    pub stream: String,
+    /// Where reading starts (default: the head).
+    pub from: Option<StreamCut>,
+    /// Where reading stops (default: never).
+    pub to: Option<StreamCut>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReaderGroupConfig {
+    pub streams: Vec<GroupStream>,
+    /// How often readers re-read the group state (rebalance, checkpoints, positions).
+    pub refresh: Duration,
+}
+
+impl ReaderGroupConfig {
+    pub fn stream(stream: &str) -> Self {
+        Self {
+            streams: vec![GroupStream { stream: stream.into(), from: None, to: None }],
+            refresh: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A completed checkpoint: one cut per stream.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub name: String,
+    pub cuts: Vec<StreamCut>,
+}
+
+/// What a group reader returns: an event, or the marker of a checkpoint it just passed.
+#[derive(Clone, Debug)]
+pub enum GroupItem {
+    Event(Event),
+    Checkpoint(String),
+}
+
+/// Handle to a reader group.
+#[derive(Clone)]
+pub struct ReaderGroup {
+    client: Client,
+    scope: String,
+    name: String,
+    refresh: Duration,
+}
+
+fn state_stream(group: &str) -> String {
+    format!("_rg_{group}")
+}
+
+/// Splits `scope/stream/N` into the stream and the segment number.
+fn split_segment(segment: &str) -> Option<(ScopedStream, u64)> {
+    let (stream, n) = segment.rsplit_once('/')?;
+    Some((ScopedStream::parse(stream)?, n.parse().ok()?))
+}
+
+impl Client {
+    /// Creates a reader group `scope/name` over the configured streams.
+    pub async fn create_reader_group(
+        &self,
+        scope: &str,
+        name: &str,
+        config: ReaderGroupConfig,
+    ) -> Result<ReaderGroup, ClientError> {
+        let mut state = GroupState::default();
+        for gs in &config.streams {
+            let from = match &gs.from {
+                Some(c) => c.clone(),
+                None => self.stream_cut(&gs.stream, CutAt::Head).await?,
+            };
+            for cut in std::iter::once(&from).chain(gs.to.as_ref()) {
+                if cut.stream.to_string() != gs.stream {
+                    return Err(ClientError::InvalidStreamCut(format!(
+                        "the cut is for {}, not {}",
+                        cut.stream, gs.stream
+                    )));
+                }
+                self.validate_cut(cut).await?;
+            }
+            for (&seg, &off) in &from.positions {
+                state.unassigned.insert(from.segment_name(seg), off);
+            }
+            if let Some(to) = &gs.to {
+                for (&seg, &off) in &to.positions {
+                    state.ends.insert(to.segment_name(seg), off);
+                }
+            }
+        }
+        let mut sync = self.state_synchronizer::<GroupState>(scope, &state_stream(name)).await?;
+        if !sync.initialize(state).await? {
+            return Err(ClientError::GroupExists(format!("{scope}/{name}")));
+        }
+        Ok(ReaderGroup { client: self.clone(), scope: scope.into(), name: name.into(), refresh: config.refresh })
+    }
+
+    /// An existing reader group.
+    pub async fn reader_group(&self, scope: &str, name: &str) -> Result<ReaderGroup, ClientError> {
+        let group = ReaderGroup {
+            client: self.clone(),
+            scope: scope.into(),
+            name: name.into(),
+            refresh: Duration::from_millis(100),
+        };
+        group.state().await?;
+        Ok(group)
+    }
+}
+
+impl ReaderGroup {
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.scope, self.name)
+    }
+
+    async fn sync(&self) -> Result<StateSynchronizer<GroupState>, ClientError> {
+        let info = self.client.get_stream(&self.scope, &state_stream(&self.name)).await;
+        if let Err(e) = info {
+            return Err(if e.code() == Some(sluice_net::ErrorCode::NoSuchStream) {
+                ClientError::NoSuchGroup(self.name())
+            } else {
+                e
+            });
+        }
+        self.client.state_synchronizer(&self.scope, &state_stream(&self.name)).await
+    }
+
+    /// The current group state.
+    pub async fn state(&self) -> Result<GroupState, ClientError> {
+        let mut sync = self.sync().await?;
+        sync.fetch_updates().await?;
+        sync.state().cloned().ok_or_else(|| ClientError::NoSuchGroup(self.name()))
+    }
+
+    /// Adds a reader with this id to the group.
+    pub async fn create_reader(&self, id: &str) -> Result<GroupReader, ClientError> {
+        let mut sync = self.sync().await?;
+        let mut existed = false;
+        sync.update_state(|s| {
+            existed = s.readers.contains_key(id);
+            if existed { vec![] } else { vec![GroupUpdate::AddReader { reader: id.into() }] }
+        })
+        .await?;
+        if existed {
+            return Err(ClientError::AlreadyInGroup { group: self.name(), reader: id.into() });
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let generation = sync.state().map_or(0, |s| s.generation);
+        Ok(GroupReader {
+            id: id.into(),
+            group: self.name(),
+            client: self.client.clone(),
+            sync,
+            generation,
+            owned: BTreeMap::new(),
+            tx,
+            rx,
+            refresh: self.refresh,
+            next_refresh: Instant::now(),
+            next_token: 0,
+            reported: BTreeMap::new(),
+        })
+    }
+
+    /// Takes a reader out of the group; its segments go back to the pool at `positions`
+    /// (default: the positions it last reported).
+    pub async fn reader_offline(&self, id: &str, positions: Option<BTreeMap<String, u64>>) -> Result<(), ClientError> {
+        let mut sync = self.sync().await?;
+        let mut present = false;
+        sync.update_state(|s| {
+            present = s.readers.contains_key(id);
+            if present {
+                vec![GroupUpdate::RemoveReader { reader: id.into(), positions: positions.clone() }]
+            } else {
+                vec![]
+            }
+        })
+        .await?;
+        if !present {
+            return Err(ClientError::NotInGroup { group: self.name(), reader: id.into() });
+        }
+        Ok(())
+    }
+
+    /// Starts a checkpoint and waits (up to `timeout`) until every reader passed its marker.
+    pub async fn initiate_checkpoint(&self, name: &str, timeout: Duration) -> Result<Checkpoint, ClientError> {
+        let mut sync = self.sync().await?;
+        let mut busy = None;
+        sync.update_state(|s| match &s.checkpoint {
+            Some(cp) => {
+                busy = Some(cp.name.clone());
+                vec![]
+            }
+            None => {
+                busy = None;
+                vec![GroupUpdate::StartCheckpoint { name: name.into() }]
+            }
+        })
+        .await?;
+        if let Some(other) = busy {
+            return Err(ClientError::InvalidArgument(format!(
+                "checkpoint {other} is still pending in {}",
+                self.name()
+            )));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            sync.fetch_updates().await?;
+            let state = sync.state().expect("initialized");
+            if let Some(done) = state.completed.iter().rev().find(|c| c.name == name) {
+                return Ok(Checkpoint { name: name.into(), cuts: positions_to_cuts(&done.positions) });
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout(format!(
+                    "checkpoint {name}: readers still to pass it: {:?}",
+                    state.checkpoint.as_ref().map(|c| &c.waiting)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Restarts the group at these cuts (e.g. a checkpoint's): every reader drops what it
+    /// holds and the segments are handed out again from there.
+    pub async fn reset(&self, cuts: &[StreamCut]) -> Result<(), ClientError> {
+        let mut positions = BTreeMap::new();
+        for cut in cuts {
+            self.client.validate_cut(cut).await?;
+            for (&seg, &off) in &cut.positions {
+                positions.insert(cut.segment_name(seg), off);
+            }
+        }
+        let mut sync = self.sync().await?;
+        sync.update_state(|s| vec![GroupUpdate::Reset { positions: positions.clone(), ends: s.ends.clone() }]).await
+    }
+
+    /// Deletes the group's state.
+    pub async fn delete(&self) -> Result<(), ClientError> {
+        let stream = state_stream(&self.name);
+        self.client.seal_stream(&self.scope, &stream).await?;
+        self.client.delete_stream(&self.scope, &stream).await
+    }
+}
+
+/// Groups segment positions into one cut per stream.
+pub fn positions_to_cuts(positions: &BTreeMap<String, u64>) -> Vec<StreamCut> {
+    let mut cuts: BTreeMap<ScopedStream, BTreeMap<u64, u64>> = BTreeMap::new();
+    for (seg, &off) in positions {
+        if let Some((stream, n)) = split_segment(seg) {
+            cuts.entry(stream).or_default().insert(n, off);
+        }
+    }
+    cuts.into_iter().map(|(stream, positions)| StreamCut { stream, positions }).collect()
+}
+
+struct Owned {
+    /// Offset of the next event to deliver.
+    offset: u64,
+    token: u64,
+    task: JoinHandle<()>,
+}
+
+enum Fetched {
+    Event { token: u64, event: Event, next: u64 },
+    End { token: u64, segment: String, offset: u64 },
+    Error { token: u64, error: ClientError },
+}
+
+/// One reader of a group.
+pub struct GroupReader {
+    id: String,
+    group: String,
+    client: Client,
+    sync: StateSynchronizer<GroupState>,
+    generation: u64,
+    owned: BTreeMap<String, Owned>,
+    tx: mpsc::Sender<Fetched>,
+    rx: mpsc::Receiver<Fetched>,
+    refresh: Duration,
+    next_refresh: Instant,
+    next_token: u64,
+    reported: BTreeMap<String, u64>,
+}
+
+impl Drop for GroupReader {
+    fn drop(&mut self) {
+        for o in self.owned.values() {
+            o.task.abort();
+        }
+    }
+}
+
+async fn fetch_segment(
+    client: Client,
+    segment: String,
+    start: u64,
+    end: Option<u64>,
+    token: u64,
+    tx: mpsc::Sender<Fetched>,
+) {
+    let mut pending = BytesMut::new();
+    let mut pending_offset = start;
+    loop {
+        let at = pending_offset + pending.len() as u64;
+        if end.is_some_and(|e| at >= e) {
+            let _ = tx.send(Fetched::End { token, segment, offset: pending_offset }).await;
+            return;
+        }
+        let max = end.map_or(1 << 20, |e| (e - at).min(1 << 20)) as u32;
+        let (reply, data) = match client.read_segment(&segment, at, max, Duration::from_millis(500)).await {
+            Ok(r) => r,
+            Err(error) => {
+                let _ = tx.send(Fetched::Error { token, error }).await;
+                return;
+            }
+        };
+        pending.extend_from_slice(&data);
+        let (ranges, used) = match split_whole_events(&pending) {
+            Ok(r) => r,
+            Err(e) => {
+                let error = ClientError::InvalidArgument(format!("{segment} at {pending_offset}: {e}"));
+                let _ = tx.send(Fetched::Error { token, error }).await;
+                return;
+            }
+        };
+        let whole = pending.split_to(used).freeze();
+        for r in ranges {
+            let next = pending_offset + r.end as u64;
+            let event = Event {
+                segment: segment.clone(),
+                offset: pending_offset + r.start as u64 - 4,
+                payload: whole.slice(r),
+            };
+            if tx.send(Fetched::Event { token, event, next }).await.is_err() {
+                return;
+            }
+        }
+        pending_offset += used as u64;
+        if reply.end_of_segment && pending.is_empty() {
+            let _ = tx.send(Fetched::End { token, segment, offset: pending_offset }).await;
+            return;
+        }
+    }
+}
+
+impl GroupReader {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Offsets of the next event to deliver, per held segment.
+    pub fn positions(&self) -> BTreeMap<String, u64> {
+        self.owned.iter().map(|(s, o)| (s.clone(), o.offset)).collect()
+    }
+
+    fn start(&mut self, segment: String, offset: u64, end: Option<u64>) {
+        self.next_token += 1;
+        let token = self.next_token;
+        let task =
+            tokio::spawn(fetch_segment(self.client.clone(), segment.clone(), offset, end, token, self.tx.clone()));
+        self.owned.insert(segment, Owned { offset, token, task });
+    }
+
+    fn stop(&mut self, segment: &str) {
+        if let Some(o) = self.owned.remove(segment) {
+            o.task.abort();
+        }
+    }
+
+    /// Makes the held segments match the state.
+    fn reconcile(&mut self) -> Result<(), ClientError> {
+        let state = self.sync.state().cloned().expect("initialized");
+        let Some(held) = state.readers.get(&self.id) else {
+            return Err(ClientError::NotInGroup { group: self.group.clone(), reader: self.id.clone() });
+        };
+        if state.generation != self.generation {
+            self.generation = state.generation;
+            let all: Vec<String> = self.owned.keys().cloned().collect();
+            for s in all {
+                self.stop(&s);
+            }
+        }
+        let gone: Vec<String> = self.owned.keys().filter(|s| !held.contains_key(*s)).cloned().collect();
+        for s in gone {
+            self.stop(&s);
+        }
+        for (seg, &off) in held {
+            if !self.owned.contains_key(seg) {
+                self.start(seg.clone(), off, state.ends.get(seg).copied());
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the group state: passes a pending checkpoint, reports positions, rebalances.
+    async fn refresh(&mut self) -> Result<Option<GroupItem>, ClientError> {
+        self.sync.fetch_updates().await?;
+        self.reconcile()?;
+        let me = self.id.clone();
+        let positions = self.positions();
+        let reported = self.reported.clone();
+        let mut passed = None;
+        self.sync
+            .update_state(|s| {
+                passed = None;
+                let mut ups = Vec::new();
+                if let Some(cp) = s.checkpoint.as_ref().filter(|cp| cp.waiting.contains(&me)) {
+                    passed = Some(cp.name.clone());
+                    ups.push(GroupUpdate::CheckpointReached {
+                        reader: me.clone(),
+                        name: cp.name.clone(),
+                        positions: positions.clone(),
+                    });
+                    return ups;
+                }
+                if positions != reported {
+                    ups.push(GroupUpdate::Positions { reader: me.clone(), positions: positions.clone() });
+                }
+                if s.checkpoint.is_none() {
+                    let held = s.readers.get(&me).map_or(0, BTreeMap::len);
+                    let fair = s.fair_share();
+                    if held < fair {
+                        for seg in s.unassigned.keys().take(fair - held) {
+                            ups.push(GroupUpdate::Acquire { reader: me.clone(), segment: seg.clone() });
+                        }
+                    } else if held > fair
+                        && let Some((seg, _)) = s.readers.get(&me).and_then(|h| h.iter().next_back()) {
+                            let offset = positions.get(seg).copied().unwrap_or(0);
+                            ups.push(GroupUpdate::Release { reader: me.clone(), segment: seg.clone(), offset });
+                        }
+                }
+                ups
+            })
+            .await?;
+        self.reported = positions;
+        self.reconcile()?;
+        Ok(passed.map(GroupItem::Checkpoint))
+    }
+
+    /// The next event (or checkpoint marker), or `None` if nothing came within `timeout`.
+    pub async fn read_next(&mut self, timeout: Duration) -> Result<Option<GroupItem>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = Instant::now();
+            if now >= self.next_refresh {
+                self.next_refresh = now + self.refresh;
+                if let Some(item) = self.refresh().await? {
+                    return Ok(Some(item));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let wait = (deadline - now).min(self.next_refresh.saturating_duration_since(now));
+            let msg = match tokio::time::timeout(wait, self.rx.recv()).await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => continue,
+            };
+            match msg {
+                Fetched::Event { token, event, next } => {
+                    if let Some(o) = self.owned.get_mut(&event.segment).filter(|o| o.token == token) {
+                        o.offset = next;
+                        return Ok(Some(GroupItem::Event(event)));
+                    }
+                }
+                Fetched::End { token, segment, offset } => {
+                    if self.owned.get(&segment).is_some_and(|o| o.token == token) {
+                        self.stop(&segment);
+                        let me = self.id.clone();
+                        self.sync
+                            .update_state(|_| {
+                                vec![GroupUpdate::Finish { reader: me.clone(), segment: segment.clone(), offset }]
+                            })
+                            .await?;
+                        self.next_refresh = Instant::now();
+                    }
+                }
+                Fetched::Error { token, error } => {
+                    if self.owned.values().any(|o| o.token == token) {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leaves the group, handing its segments back at the current positions.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        let me = self.id.clone();
+        let positions = self.positions();
+        self.sync
+            .update_state(|_| {
+                vec![GroupUpdate::RemoveReader { reader: me.clone(), positions: Some(positions.clone()) }]
+            })
+            .await
+    }
+}

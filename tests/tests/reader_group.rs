@@ -1,0 +1,193 @@
+//! Reader groups against the real server: exactly-once delivery across readers joining and
+//! leaving, per-key order, checkpoints and reset, typed errors.
+
+use sluice_client::{Client, ClientError, GroupItem, ReaderGroupConfig};
+use sluice_tests::{Server, TempDir, free_ports};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const EVENTS: u64 = 100_000;
+const KEYS: u64 = 64;
+
+async fn write_events(c: &Client, stream: &str, n: u64) {
+    let w = c.event_writer(stream).await.unwrap();
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let k = i % KEYS;
+        acks.push(w.write_event(format!("k{k}").as_bytes(), format!("{k}:{}", i / KEYS).into_bytes()));
+        if acks.len() >= 5000 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+}
+
+/// (global delivery order, key, seq)
+type Log = Arc<Mutex<Vec<(u64, u64, u64)>>>;
+
+fn parse(p: &[u8]) -> (u64, u64) {
+    let s = std::str::from_utf8(p).unwrap();
+    let (k, q) = s.split_once(':').unwrap();
+    (k.parse().unwrap(), q.parse().unwrap())
+}
+
+/// Reads until `stop` says so; returns the reader's final positions.
+fn spawn_reader(
+    group: sluice_client::ReaderGroup,
+    id: &str,
+    log: Log,
+    order: Arc<AtomicU64>,
+    stop: Arc<AtomicU64>,
+    stop_at: u64,
+) -> tokio::task::JoinHandle<BTreeMap<String, u64>> {
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let mut r = group.create_reader(&id).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while order.load(Ordering::SeqCst) < stop_at && stop.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "reader {id} timed out");
+            if let Some(GroupItem::Event(ev)) = r.read_next(Duration::from_millis(50)).await.unwrap() {
+                let (k, q) = parse(&ev.payload);
+                let n = order.fetch_add(1, Ordering::SeqCst);
+                log.lock().unwrap().push((n, k, q));
+            }
+        }
+        r.positions()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_join_and_leave_and_every_event_is_delivered_once() {
+    let dir = TempDir::new("rg");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("rg").await.unwrap();
+    c.create_stream("rg", "s", 6).await.unwrap();
+    write_events(&c, "rg/s", EVENTS).await;
+
+    let group = c.create_reader_group("rg", "g", ReaderGroupConfig::stream("rg/s")).await.unwrap();
+    assert!(matches!(
+        c.create_reader_group("rg", "g", ReaderGroupConfig::stream("rg/s")).await,
+        Err(ClientError::GroupExists(_))
+    ));
+    let log: Log = Arc::default();
+    let order = Arc::new(AtomicU64::new(0));
+    let never = Arc::new(AtomicU64::new(0));
+    let r1_stop = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for id in ["r2", "r3"] {
+        tasks.push(spawn_reader(group.clone(), id, log.clone(), order.clone(), never.clone(), EVENTS));
+    }
+    let r1 = spawn_reader(group.clone(), "r1", log.clone(), order.clone(), r1_stop.clone(), EVENTS);
+
+    // A fourth reader joins a third of the way in.
+    while order.load(Ordering::SeqCst) < EVENTS / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(matches!(group.create_reader("r2").await, Err(ClientError::AlreadyInGroup { .. })));
+    tasks.push(spawn_reader(group.clone(), "r4", log.clone(), order.clone(), never.clone(), EVENTS));
+    // Reader 1 stops two thirds of the way in; its segments go to the others from where it was.
+    while order.load(Ordering::SeqCst) < EVENTS * 2 / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    r1_stop.store(1, Ordering::SeqCst);
+    let r1_positions = r1.await.unwrap();
+    group.reader_offline("r1", Some(r1_positions)).await.unwrap();
+    assert!(matches!(group.reader_offline("r1", None).await, Err(ClientError::NotInGroup { .. })));
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let log = log.lock().unwrap();
+    assert_eq!(log.len() as u64, EVENTS, "delivered count");
+    let mut seen = HashSet::new();
+    let mut by_key: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+    for &(n, k, q) in log.iter() {
+        assert!(seen.insert((k, q)), "event {k}:{q} delivered twice");
+        by_key.entry(k).or_default().push((n, q));
+    }
+    for (k, mut v) in by_key {
+        v.sort();
+        assert!(v.windows(2).all(|w| w[0].1 < w[1].1), "key {k} out of order");
+        let written = EVENTS / KEYS + u64::from(k < EVENTS % KEYS);
+        assert_eq!(v.len() as u64, written, "key {k}");
+    }
+    let state = group.state().await.unwrap();
+    assert!(!state.readers.contains_key("r1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_then_reset_rereads_exactly_what_came_after() {
+    let dir = TempDir::new("rgcp");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("cp").await.unwrap();
+    c.create_stream("cp", "s", 3).await.unwrap();
+    let total = 40_000;
+    write_events(&c, "cp/s", total).await;
+    let group = c.create_reader_group("cp", "g", ReaderGroupConfig::stream("cp/s")).await.unwrap();
+
+    let delivered = Arc::new(AtomicU64::new(0));
+    let after: Arc<Mutex<HashSet<(u64, u64)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for id in ["a", "b"] {
+        let (group, delivered, after) = (group.clone(), delivered.clone(), after.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut r = group.create_reader(id).await.unwrap();
+            let mut passed = false;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while delivered.load(Ordering::SeqCst) < total {
+                assert!(Instant::now() < deadline);
+                match r.read_next(Duration::from_millis(50)).await.unwrap() {
+                    Some(GroupItem::Event(ev)) => {
+                        if passed {
+                            after.lock().unwrap().insert(parse(&ev.payload));
+                        }
+                        // Read slowly, so the checkpoint lands in the middle of the stream.
+                        if delivered.fetch_add(1, Ordering::SeqCst) % 50 == 0 {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                    Some(GroupItem::Checkpoint(name)) => {
+                        assert_eq!(name, "cp1");
+                        passed = true;
+                    }
+                    None => {}
+                }
+            }
+            // Keep answering the group until the checkpoint is surely complete, then leave.
+            for _ in 0..5 {
+                let _ = r.read_next(Duration::from_millis(20)).await.unwrap();
+            }
+            r.close().await.unwrap();
+        }));
+    }
+    while delivered.load(Ordering::SeqCst) < total / 4 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let cp = group.initiate_checkpoint("cp1", Duration::from_secs(60)).await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = after.lock().unwrap().clone();
+    assert!(!after.is_empty() && (after.len() as u64) < total);
+    assert_eq!(cp.cuts.len(), 1);
+
+    // Reset to the checkpoint: a fresh reader gets exactly the events after it.
+    group.reset(&cp.cuts).await.unwrap();
+    let mut r = group.create_reader("c").await.unwrap();
+    let mut again = HashSet::new();
+    while let Some(item) = r.read_next(Duration::from_secs(2)).await.unwrap() {
+        if let GroupItem::Event(ev) = item {
+            assert!(again.insert(parse(&ev.payload)), "duplicate after reset");
+        }
+    }
+    assert_eq!(again.len(), after.len(), "re-read count");
+    assert!(again == after, "re-read set differs");
+}
