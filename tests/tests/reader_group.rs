@@ -104,7 +104,7 @@ async fn readers_join_and_leave_and_every_event_is_delivered_once() {
         t.await.unwrap();
     }
 
-    let log = log.lock().unwrap();
+    let log = log.lock().unwrap().clone();
     assert_eq!(log.len() as u64, EVENTS, "delivered count");
     let mut seen = HashSet::new();
     let mut by_key: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
