@@ -150,10 +150,10 @@ impl Synchronized for GroupState {
                 if self.checkpoint.is_none()
                     && let (Some(held), Some(off)) =
                         (self.readers.get_mut(reader), self.unassigned.get(segment).copied())
-                    {
-                        self.unassigned.remove(segment);
-                        held.insert(segment.clone(), off);
-                    }
+                {
+                    self.unassigned.remove(segment);
+                    held.insert(segment.clone(), off);
+                }
             }
             GroupUpdate::Release { reader, segment, offset } => {
                 if self.readers.get_mut(reader).and_then(|h| h.remove(segment)).is_some() {
@@ -636,10 +636,11 @@ impl GroupReader {
                             ups.push(GroupUpdate::Acquire { reader: me.clone(), segment: seg.clone() });
                         }
                     } else if held > fair
-                        && let Some((seg, _)) = s.readers.get(&me).and_then(|h| h.iter().next_back()) {
-                            let offset = positions.get(seg).copied().unwrap_or(0);
-                            ups.push(GroupUpdate::Release { reader: me.clone(), segment: seg.clone(), offset });
-                        }
+                        && let Some((seg, _)) = s.readers.get(&me).and_then(|h| h.iter().next_back())
+                    {
+                        let offset = positions.get(seg).copied().unwrap_or(0);
+                        ups.push(GroupUpdate::Release { reader: me.clone(), segment: seg.clone(), offset });
+                    }
                 }
                 ups
             })
@@ -706,5 +707,88 @@ impl GroupReader {
                 vec![GroupUpdate::RemoveReader { reader: me.clone(), positions: Some(positions.clone()) }]
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(s: &mut GroupState, ups: &[GroupUpdate]) {
+        for u in ups {
+            s.apply(u);
+        }
+    }
+
+    fn state(segments: &[&str]) -> GroupState {
+        GroupState { unassigned: segments.iter().map(|s| (s.to_string(), 0)).collect(), ..GroupState::default() }
+    }
+
+    #[test]
+    fn assignment_release_offline_and_finish() {
+        let mut s = state(&["a/b/0", "a/b/1"]);
+        apply(
+            &mut s,
+            &[GroupUpdate::AddReader { reader: "r1".into() }, GroupUpdate::AddReader { reader: "r2".into() }],
+        );
+        assert_eq!(s.fair_share(), 1);
+        apply(&mut s, &[GroupUpdate::Acquire { reader: "r1".into(), segment: "a/b/0".into() }]);
+        // A segment cannot be taken twice.
+        apply(&mut s, &[GroupUpdate::Acquire { reader: "r2".into(), segment: "a/b/0".into() }]);
+        assert_eq!(s.readers["r2"].len(), 0);
+        apply(&mut s, &[GroupUpdate::Positions { reader: "r1".into(), positions: [("a/b/0".into(), 40)].into() }]);
+        apply(&mut s, &[GroupUpdate::RemoveReader { reader: "r1".into(), positions: None }]);
+        assert_eq!(s.unassigned["a/b/0"], 40);
+        apply(&mut s, &[GroupUpdate::Acquire { reader: "r2".into(), segment: "a/b/0".into() }]);
+        apply(&mut s, &[GroupUpdate::Finish { reader: "r2".into(), segment: "a/b/0".into(), offset: 90 }]);
+        assert_eq!(s.finished["a/b/0"], 90);
+        assert_eq!(s.active_segments(), 1);
+    }
+
+    #[test]
+    fn checkpoint_positions_and_no_acquire_while_pending() {
+        let mut s = state(&["a/b/0", "a/b/1", "a/b/2"]);
+        apply(
+            &mut s,
+            &[
+                GroupUpdate::AddReader { reader: "r1".into() },
+                GroupUpdate::AddReader { reader: "r2".into() },
+                GroupUpdate::Acquire { reader: "r1".into(), segment: "a/b/0".into() },
+                GroupUpdate::Acquire { reader: "r2".into(), segment: "a/b/1".into() },
+                GroupUpdate::StartCheckpoint { name: "c".into() },
+                GroupUpdate::Acquire { reader: "r2".into(), segment: "a/b/2".into() },
+            ],
+        );
+        assert!(s.unassigned.contains_key("a/b/2"), "no acquire during a checkpoint");
+        apply(
+            &mut s,
+            &[GroupUpdate::CheckpointReached {
+                reader: "r1".into(),
+                name: "c".into(),
+                positions: [("a/b/0".into(), 10)].into(),
+            }],
+        );
+        assert!(s.checkpoint.is_some());
+        // r2 releases before passing the marker, then goes offline: its position counts.
+        apply(&mut s, &[GroupUpdate::Release { reader: "r2".into(), segment: "a/b/1".into(), offset: 7 }]);
+        apply(&mut s, &[GroupUpdate::RemoveReader { reader: "r2".into(), positions: None }]);
+        assert!(s.checkpoint.is_none());
+        let done = s.completed[0].clone();
+        assert_eq!(done.positions, [("a/b/0".into(), 10), ("a/b/1".into(), 7), ("a/b/2".into(), 0)].into());
+        let cuts = positions_to_cuts(&done.positions);
+        assert_eq!(cuts.len(), 1);
+        assert_eq!(cuts[0].positions, [(0, 10), (1, 7), (2, 0)].into());
+        apply(&mut s, &[GroupUpdate::Reset { positions: done.positions.clone(), ends: BTreeMap::new() }]);
+        assert_eq!((s.generation, s.unassigned.len()), (1, 3));
+    }
+
+    #[test]
+    fn state_and_updates_roundtrip() {
+        let mut s = state(&["a/b/0"]);
+        s.apply(&GroupUpdate::AddReader { reader: "r".into() });
+        assert_eq!(GroupState::decode(&s.encode()).unwrap(), s);
+        let u = GroupUpdate::Release { reader: "r".into(), segment: "a/b/0".into(), offset: 5 };
+        assert_eq!(GroupState::decode_update(&GroupState::encode_update(&u)).unwrap(), u);
+        assert!(GroupState::decode(&[1, 2, 3]).is_err());
     }
 }

@@ -43,6 +43,24 @@ fn cli_end_to_end() {
     assert_eq!(cut.positions.len(), 3);
     assert!(cut.positions.values().sum::<u64>() > 0);
 
+    // Reader groups: two CLI readers split the stream; together they see every event once.
+    assert!(run(&["rg", "create", "demo/g", "demo/ev"]).contains("created reader group"));
+    let first = run(&["rg", "read", "demo/g", "--reader", "r1", "--count", "1000"]);
+    assert_eq!(first.lines().count(), 1000);
+    let cp = run(&["rg", "checkpoint", "demo/g", "cp1"]);
+    assert!(cp.starts_with("demo/ev "), "{cp}");
+    let rest = run(&["rg", "read", "demo/g", "--reader", "r2", "--timeout-ms", "700"]);
+    let mut all_rg: Vec<&str> = first.lines().chain(rest.lines()).collect();
+    assert_eq!(all_rg.len(), 2003);
+    all_rg.sort_unstable();
+    all_rg.dedup();
+    assert_eq!(all_rg.len(), 2003, "an event was read twice");
+    let d = run(&["rg", "describe", "demo/g"]);
+    assert!(d.contains("0 reader(s)") && d.contains("(unassigned)") && d.contains("cp1 completed"), "{d}");
+    let (ok, _, err) = cli(&url, &["rg", "describe", "demo/nope"], None);
+    assert!(!ok && err.contains("no reader group"), "{err}");
+    assert!(run(&["rg", "delete", "demo/g"]).contains("deleted"));
+
     let describe = run(&["stream", "describe", "demo/ev"]);
     assert!(describe.contains("active") && describe.lines().count() == 5, "{describe}");
 

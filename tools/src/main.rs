@@ -4,6 +4,7 @@
 
 mod dump;
 mod io;
+mod rg;
 
 use clap::{Parser, Subcommand};
 use sluice_client::{Client, ClientError};
@@ -36,6 +37,9 @@ enum Cmd {
     Write(io::WriteArgs),
     /// Read events and print one per line.
     Read(io::ReadArgs),
+    /// Reader groups: readers sharing a stream, with checkpoints.
+    #[command(subcommand)]
+    Rg(rg::RgCmd),
     /// Inspect container logs offline.
     #[command(subcommand)]
     Log(LogCmd),
@@ -225,6 +229,7 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
             };
             println!("{}", c.stream_cut(&stream, at).await.map_err(err)?);
         }
+        Cmd::Rg(cmd) => rg::run(&c, cmd).await?,
         Cmd::Write(a) => io::write(&c, a).await?,
         Cmd::Read(a) => io::read(&c, a).await?,
         Cmd::Standalone(_) | Cmd::Log(_) => unreachable!("handled before connecting"),
