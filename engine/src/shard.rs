@@ -146,9 +146,11 @@ fn check_layout(cfg: &EngineConfig) -> Result<(), String> {
 impl Node {
     /// Opens the metadata store, binds every shard's port, recovers every container, and
     /// returns once all shards serve (or the first failure).
-    pub fn start(cfg: EngineConfig) -> Result<Node, String> {
+    pub fn start(mut cfg: EngineConfig) -> Result<Node, String> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+        // Absolute paths everywhere: glommio's directory handles fail on relative ones.
+        cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| format!("resolving {}: {e}", cfg.data_dir.display()))?;
         check_layout(&cfg)?;
         let store = EmbeddedStore::open(&cfg.data_dir.join("meta")).map_err(|e| e.to_string())?;
         let mut listeners = Vec::new();

@@ -91,3 +91,39 @@ fn cli_end_to_end() {
     let (ok, out, _) = cli(&url, &["--help"], None);
     assert!(ok && out.contains("standalone") && out.contains("log"));
 }
+
+/// The quick start as a new user runs it: the default, relative data directory.
+#[test]
+fn standalone_with_relative_data_dir() {
+    let dir = TempDir::new("reldir");
+    let port = free_ports(2);
+    let url = format!("127.0.0.1:{port}");
+    let mut server = std::process::Command::new(sluice_tests::sluice_bin())
+        .args(["standalone", "--listen", &url, "--cores", "2", "--no-pin"])
+        .current_dir(&dir.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = (0..500).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        sluice_tests::handshake(url.parse().unwrap())
+    });
+    let result = std::panic::catch_unwind(|| {
+        assert!(ready, "server did not start");
+        for args in [&["scope", "create", "shop"][..], &["stream", "create", "shop/orders", "--segments", "4"]] {
+            let (ok, _, err) = cli(&url, args, None);
+            assert!(ok, "{err}");
+        }
+        let (ok, _, err) = cli(&url, &["write", "shop/orders", "--count", "1000", "--size", "100"], None);
+        assert!(ok, "{err}");
+        let (ok, out, err) = cli(&url, &["read", "shop/orders", "--timeout-ms", "500"], None);
+        assert!(ok && out.lines().count() == 1000, "{err}");
+        assert!(dir.0.join("sluice-data/containers/COUNT").exists());
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}

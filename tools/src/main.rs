@@ -237,6 +237,15 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
     Ok(())
 }
 
+/// Client commands end quietly when their output pipe closes (`sluice read ... | head`),
+/// like other command-line tools. The server keeps Rust's default (SIGPIPE ignored).
+fn restore_sigpipe() {
+    // SAFETY: setting a signal disposition to its default before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -248,8 +257,12 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.cmd {
         Cmd::Standalone(a) => standalone(a),
-        Cmd::Log(LogCmd::Dump { dir, entries }) => dump::dump(&dir, entries),
+        Cmd::Log(LogCmd::Dump { dir, entries }) => {
+            restore_sigpipe();
+            dump::dump(&dir, entries)
+        }
         cmd => {
+            restore_sigpipe();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
