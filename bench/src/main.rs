@@ -1,7 +1,11 @@
-//! `sluice-bench`: load generator for a running Sluice node. This first version has the
-//! closed-loop `produce` workload (P producers, each its own connection and idempotent
-//! writer, a bounded number of events in flight); open-loop rates, consumers, end-to-end
-//! latency, plots and peer drivers come with the benchmark issue.
+//! `sluice-bench`: load generator for a running Sluice node. Workloads so far:
+//! - `produce`: closed loop; P producers, each its own connection and idempotent writer,
+//!   a bounded number of events in flight;
+//! - `end-to-end`: an open-loop producer at a fixed rate and a reader group tailing the
+//!   stream; latency from each event's *scheduled* send time to its delivery (so a stall is
+//!   not hidden by coordinated omission).
+//!
+//! Consumers, plots and peer drivers come with the benchmark issue.
 
 use clap::Parser;
 use futures::StreamExt;
@@ -36,11 +40,156 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         inflight: usize,
     },
+    /// Produce at a fixed rate while a reader group tails the stream.
+    EndToEnd {
+        #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
+        url: String,
+        /// Target events per second (open loop).
+        #[arg(long, default_value_t = 100_000)]
+        rate: u64,
+        /// Measured seconds (after a 2 s warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Readers in the group.
+        #[arg(long, default_value_t = 2)]
+        readers: u32,
+        #[arg(long, default_value_t = 4)]
+        segments: u32,
+        /// Event payload size in bytes (at least 16).
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+    },
+}
+
+const WARMUP_S: u64 = 2;
+
+fn report(name: &str, hist: &Histogram<u64>) {
+    println!(
+        "{name} latency (us): p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {}",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.9),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.value_at_quantile(0.9999),
+        hist.max()
+    );
+}
+
+async fn end_to_end(
+    url: String,
+    rate: u64,
+    seconds: u64,
+    readers: u32,
+    segments: u32,
+    size: usize,
+) -> Result<(), String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let e = |e: sluice_client::ClientError| e.to_string();
+    let admin = Client::connect(&url).await.map_err(e)?;
+    let run = format!("e2e{}", std::process::id());
+    let _ = admin.create_scope("bench").await;
+    admin.create_stream("bench", &run, segments).await.map_err(e)?;
+    let stream = format!("bench/{run}");
+    let mut config = sluice_client::ReaderGroupConfig::stream(&stream);
+    config.streams[0].from = Some(admin.stream_cut(&stream, sluice_client::CutAt::Tail).await.map_err(e)?);
+    let group = admin.create_reader_group("bench", &format!("{run}g"), config).await.map_err(e)?;
+    let start = std::time::Instant::now();
+    let total = rate * (seconds + WARMUP_S);
+    let done = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for r in 0..readers {
+        let (group, done, received) = (group.clone(), done.clone(), received.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut reader = group.create_reader(&format!("r{r}")).await.map_err(e)?;
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            while !done.load(Ordering::Relaxed) {
+                if let Some(sluice_client::GroupItem::Event(ev)) =
+                    reader.read_next(std::time::Duration::from_millis(100)).await.map_err(e)?
+                {
+                    let now = start.elapsed().as_micros() as u64;
+                    let sent = u64::from_le_bytes(ev.payload[..8].try_into().expect("8 bytes"));
+                    if sent >= WARMUP_S * 1_000_000 {
+                        hist.saturating_record(now.saturating_sub(sent).max(1));
+                    }
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            reader.close().await.map_err(e)?;
+            Ok::<_, String>(hist)
+        }));
+    }
+    let client = Client::connect(&url).await.map_err(e)?;
+    let writer = client.event_writer(&stream).await.map_err(e)?;
+    let mut acks = FuturesUnordered::new();
+    let mut ack_hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let interval_us = 1_000_000.0 / rate as f64;
+    let mut last_report = std::time::Instant::now();
+    for i in 0..total {
+        let due = (i as f64 * interval_us) as u64;
+        loop {
+            let now = start.elapsed().as_micros() as u64;
+            if now >= due {
+                break;
+            }
+            // Drain acknowledgements while waiting for the schedule.
+            tokio::select! {
+                Some((r, sched)) = acks.next(), if !acks.is_empty() => {
+                    let r: Result<(), sluice_client::ClientError> = r;
+                    r.map_err(e)?;
+                    let lat = (start.elapsed().as_micros() as u64).saturating_sub(sched);
+                    if sched >= WARMUP_S * 1_000_000 { ack_hist.saturating_record(lat.max(1)); }
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_micros(due - now)) => {}
+            }
+        }
+        let mut payload = vec![b'.'; size.max(16)];
+        payload[..8].copy_from_slice(&due.to_le_bytes());
+        payload[8..16].copy_from_slice(&i.to_le_bytes());
+        let ack = writer.write_event(&(i % 1024).to_le_bytes(), payload);
+        acks.push(async move { (ack.await, due) });
+        if last_report.elapsed() > std::time::Duration::from_secs(1) {
+            last_report = std::time::Instant::now();
+            eprint!("\r{i} sent, {} received   ", received.load(Ordering::Relaxed));
+        }
+    }
+    while let Some((r, sched)) = acks.next().await {
+        r.map_err(e)?;
+        ack_hist.saturating_record((start.elapsed().as_micros() as u64).saturating_sub(sched).max(1));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < total && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    for t in tasks {
+        hist.add(t.await.map_err(|e| e.to_string())??).map_err(|e| e.to_string())?;
+    }
+    eprintln!();
+    println!(
+        "end-to-end: {rate} events/s x {size} B for {seconds} s (+{WARMUP_S} s warm-up), {segments} segments, {readers} readers: sent {total}, received {}",
+        received.load(Ordering::Relaxed)
+    );
+    report("ack", &ack_hist);
+    report("end-to-end", &hist);
+    let _ = group.delete().await;
+    let _ = admin.seal_stream("bench", &run).await;
+    let _ = admin.delete_stream("bench", &run).await;
+    Ok(())
 }
 
 fn main() -> Result<(), String> {
-    let Cmd::Produce { url, stream, segments, producers, count, size, inflight } = Cmd::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let (url, stream, segments, producers, count, size, inflight) = match Cmd::parse() {
+        Cmd::EndToEnd { url, rate, seconds, readers, segments, size } => {
+            return rt.block_on(end_to_end(url, rate.max(1), seconds, readers, segments, size));
+        }
+        Cmd::Produce { url, stream, segments, producers, count, size, inflight } => {
+            (url, stream, segments, producers, count, size, inflight)
+        }
+    };
     rt.block_on(async move {
         let admin = Client::connect(&url).await.map_err(|e| e.to_string())?;
         let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
@@ -84,15 +233,7 @@ fn main() -> Result<(), String> {
             events as f64 / secs,
             events as f64 * size as f64 / secs / 1e6
         );
-        println!(
-            "ack latency (us): p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {}",
-            hist.value_at_quantile(0.5),
-            hist.value_at_quantile(0.9),
-            hist.value_at_quantile(0.99),
-            hist.value_at_quantile(0.999),
-            hist.value_at_quantile(0.9999),
-            hist.max()
-        );
+        report("ack", &hist);
         Ok(())
     })
 }

@@ -20,6 +20,8 @@ pub struct EngineConfig {
     pub pending_bytes_max: usize,
     pub frame_bytes_max: usize,
     pub node_name: String,
+    /// The node's log flushes per second (split evenly over shards; 0: unlimited).
+    pub flushes_per_second: u64,
 }
 
 impl EngineConfig {
@@ -36,6 +38,7 @@ impl EngineConfig {
             pending_bytes_max: PENDING_BYTES_MAX_DEFAULT,
             frame_bytes_max: sluice_net::constants::FRAME_BYTES_MAX_DEFAULT,
             node_name: "standalone".into(),
+            flushes_per_second: 0,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Sluice storage engine. A node runs one glommio executor per core ("shard"); each shard
 //! owns a fixed set of segment containers and serves their segments over its own port.
 //! Each container keeps a durable log of direct-IO files with group commit; an operation is
-//! acknowledged only after the fdatasync that covers it returned.
+//! acknowledged only once the write that carries it is durable (O_DIRECT | O_DSYNC).
 //!
 //! - `log`: on-disk format, entries, checkpoints, file scanning (pure)
 //! - `container`: the container state machine, cache, indexes, and its glommio I/O driver

@@ -239,6 +239,7 @@ async fn shard_main(
     ready: &std::sync::mpsc::Sender<Result<u32, String>>,
 ) -> Result<(), String> {
     probe_dma(&cfg.data_dir, index).await?;
+    let pacer = Rc::new(crate::container::io::IoPacer::new(cfg.flushes_per_second.div_ceil(u64::from(cfg.shards))));
     let mut containers = HashMap::new();
     for c in (0..cfg.container_count()).filter(|c| c % cfg.shards == index) {
         let core_cfg = CoreConfig {
@@ -249,7 +250,8 @@ async fn shard_main(
             pending_bytes_max: cfg.pending_bytes_max,
         };
         let dir = cfg.data_dir.join("containers").join(format!("{c:04}"));
-        let container = Container::open(core_cfg, dir).await.map_err(|e| format!("container {c}: {e}"))?;
+        let container =
+            Container::open(core_cfg, dir, pacer.clone()).await.map_err(|e| format!("container {c}: {e}"))?;
         containers.insert(c, container);
     }
     let shard = Rc::new(Shard { index, cfg, containers, peers, endpoints, controller: Controller::new(store) });

@@ -6,7 +6,7 @@
 //!
 //! Two views of every segment: the *accepted* view (durable plus queued operations) decides
 //! offsets, conditional appends and duplicate detection; the *durable* view (only what a
-//! completed fdatasync covers) is what reads, segment info and checkpoints see.
+//! completed durable write covers) is what reads, segment info and checkpoints see.
 //!
 //! Invariants: at most one flush is in flight; flushes complete in order; within a flush
 //! the checkpoint (on a file roll) and the batch are separate records, each written and
@@ -87,7 +87,7 @@ pub enum Submitted {
     Queued,
 }
 
-/// One write the I/O layer must perform, then fdatasync.
+/// One durable write the I/O layer must perform (O_DSYNC, or a write then fdatasync).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriteStep {
     pub file_seq: u64,
