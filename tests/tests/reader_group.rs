@@ -191,3 +191,30 @@ async fn checkpoint_then_reset_rereads_exactly_what_came_after() {
     assert_eq!(again.len(), after.len(), "re-read count");
     assert!(again == after, "re-read set differs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_cut_stops_readers_and_marks_segments_finished() {
+    let dir = TempDir::new("rgend");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("e").await.unwrap();
+    c.create_stream("e", "s", 3).await.unwrap();
+    write_events(&c, "e/s", 3000).await;
+    let end = c.stream_cut("e/s", sluice_client::CutAt::Tail).await.unwrap();
+    write_events(&c, "e/s", 1000).await;
+    let mut config = ReaderGroupConfig::stream("e/s");
+    config.streams[0].to = Some(end);
+    let group = c.create_reader_group("e", "g", config).await.unwrap();
+    let mut r = group.create_reader("only").await.unwrap();
+    let mut n = 0;
+    while let Some(item) = r.read_next(Duration::from_secs(1)).await.unwrap() {
+        if let GroupItem::Event(_) = item {
+            n += 1;
+        }
+    }
+    // 3000 events before the cut, 1000 after it: exactly the first 3000 are read.
+    assert_eq!(n, 3000, "exactly the events before the end cut");
+    let state = group.state().await.unwrap();
+    assert_eq!(state.finished.len(), 3, "every segment finished at the cut");
+    assert!(state.readers["only"].is_empty());
+}
