@@ -1,15 +1,19 @@
 //! Metadata: the `MetaStore` trait (a small versioned key-value store), the embedded
-//! durable backend used in standalone mode, name rules, and the controller functions that
-//! keep scope and stream records (segments, key ranges, state) in a store.
+//! durable backend used in standalone mode, the etcd backend for clusters, the conformance
+//! suite both pass, name rules, and the controller functions that keep scope and stream
+//! records (segments, key ranges, state) in a store.
 //!
 //! Thread model: a store handle is `Send + Sync + Clone`; its futures complete from the
 //! store's own thread, so shard executors can await them without blocking.
 
+pub mod conformance;
 pub mod controller;
 pub mod embedded;
+pub mod etcd;
 pub mod names;
 pub mod store;
 
 pub use controller::{Controller, StreamRecord, StreamState};
 pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
 pub use store::{MetaError, MetaStore, Versioned};

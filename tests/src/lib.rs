@@ -208,3 +208,47 @@ pub fn cli(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, Stri
     let out = child.wait_with_output().expect("sluice output");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// A real etcd (Debian `etcd-server`) on 127.0.0.1 with a temporary data directory,
+/// SIGKILLed and removed when dropped.
+pub struct Etcd {
+    child: Child,
+    _dir: TempDir,
+    pub endpoint: String,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = TempDir::new("etcd");
+        let base = free_ports(2);
+        let client = format!("http://127.0.0.1:{base}");
+        let peer = format!("http://127.0.0.1:{}", base + 1);
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.0.join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}"), "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting etcd: install Debian's etcd-server (scripts/test.sh does)");
+        let mut e = Etcd { child, _dir: dir, endpoint: client };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", base)).is_err() {
+            if let Ok(Some(status)) = e.child.try_wait() {
+                panic!("etcd exited during start-up with {status}");
+            }
+            assert!(Instant::now() < deadline, "etcd did not start within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        e
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
