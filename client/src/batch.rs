@@ -27,24 +27,16 @@ impl Client {
         from: Option<&StreamCut>,
         to: Option<&StreamCut>,
     ) -> Result<Vec<SegmentSlice>, ClientError> {
-        let head;
         let from = match from {
-            Some(c) => c,
-            None => {
-                head = self.stream_cut(stream, CutAt::Head).await?;
-                &head
-            }
+            Some(c) => c.clone(),
+            None => self.stream_cut(stream, CutAt::Head).await?,
         };
-        let tail;
         let to = match to {
-            Some(c) => c,
-            None => {
-                tail = self.stream_cut(stream, CutAt::Tail).await?;
-                &tail
-            }
+            Some(c) => c.clone(),
+            None => self.stream_cut(stream, CutAt::Tail).await?,
         };
         let s = crate::client::parse_stream(stream)?;
-        for cut in [from, to] {
+        for cut in [&from, &to] {
             if cut.stream != s {
                 return Err(ClientError::InvalidStreamCut(format!("the cut is for {}, not {s}", cut.stream)));
             }

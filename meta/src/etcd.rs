@@ -18,6 +18,17 @@ pub struct EtcdStore {
     runtime: Arc<tokio::runtime::Runtime>,
 }
 
+/// The key's version from the transaction's get (0: absent).
+fn read_version(resp: &etcd_client::TxnResponse) -> u64 {
+    resp.op_responses()
+        .into_iter()
+        .find_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().map_or(0, |kv| kv.version() as u64)),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 fn err(e: etcd_client::Error) -> MetaError {
     MetaError::Io(format!("etcd: {e}"))
 }
@@ -71,14 +82,7 @@ impl EtcdStore {
                 .and_then(vec![TxnOp::put(full.clone(), value, None), TxnOp::get(full.clone(), None)])
                 .or_else(vec![TxnOp::get(full.clone(), None)]);
             let resp = c.txn(txn).await.map_err(err)?;
-            let version = resp
-                .op_responses()
-                .into_iter()
-                .find_map(|r| match r {
-                    TxnOpResponse::Get(g) => Some(g.kvs().first().map_or(0, |kv| kv.version() as u64)),
-                    _ => None,
-                })
-                .unwrap_or(0);
+            let version = read_version(&resp);
             Ok(if resp.succeeded() { Ok(version) } else { Err(version) })
         })
         .await
@@ -128,15 +132,7 @@ impl MetaStore for EtcdStore {
                     resp.op_responses().into_iter().any(|r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0));
                 return Ok(deleted);
             }
-            let actual = resp
-                .op_responses()
-                .into_iter()
-                .find_map(|r| match r {
-                    TxnOpResponse::Get(g) => Some(g.kvs().first().map_or(0, |kv| kv.version() as u64)),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            Err(MetaError::Conflict { key, expected: expected.unwrap_or(0), actual })
+            Err(MetaError::Conflict { key, expected: expected.unwrap_or(0), actual: read_version(&resp) })
         })
         .await
     }
