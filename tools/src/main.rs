@@ -254,6 +254,14 @@ fn restore_sigpipe() {
 }
 
 fn main() -> ExitCode {
+    // A panic is a broken invariant: stop the whole process (a node recovers from its logs
+    // on restart) rather than leave a shard thread dead inside a live server. Done with a
+    // hook, not `panic = "abort"`, so tests and this binary share one build of the deps.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
