@@ -2,7 +2,8 @@
 //! controller behaves the same in standalone and cluster mode. Each run works under its own
 //! key prefix.
 
-use crate::store::{MetaError, MetaStore, Versioned};
+use crate::store::{MetaError, MetaStore, Versioned, Watch, WatchEvent};
+use std::time::{Duration, Instant};
 
 macro_rules! check {
     ($cond:expr, $what:expr) => {
@@ -82,4 +83,88 @@ pub async fn concurrent_increments<S: MetaStore>(store: &S, key: &str, tasks: u6
     }
     let v = store.get(key).await.map_err(|x| e("get", x))?.ok_or("counter missing")?;
     Ok(u64::from_le_bytes(v.value.try_into().map_err(|_| "bad counter")?))
+}
+
+async fn next_event(w: &mut Watch, timeout: Duration) -> Result<WatchEvent, String> {
+    let deadline = Instant::now() + timeout;
+    let next = w.next();
+    futures::pin_mut!(next);
+    // Poll with a bounded wait (executor-agnostic: a thread sleeps for the deadline).
+    let timer = async {
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+    };
+    futures::pin_mut!(timer);
+    match futures::future::select(next, timer).await {
+        futures::future::Either::Left((Some(Ok(ev)), _)) => Ok(ev),
+        futures::future::Either::Left((Some(Err(x)), _)) => Err(e("watch", x)),
+        futures::future::Either::Left((None, _)) => Err("watch closed".into()),
+        futures::future::Either::Right(_) => Err("no watch event in time".into()),
+    }
+}
+
+/// Watches and leases: a watch sees puts and deletes under its prefix in order; a key put
+/// under a lease goes away when the lease is revoked or expires, and watchers see it go.
+pub async fn run_watch_and_leases<S: MetaStore>(store: &S, prefix: &str) -> Result<(), String> {
+    let k = |n: &str| format!("{prefix}/{n}");
+    let t = Duration::from_secs(10);
+    let mut w = store.watch(&format!("{prefix}/")).await.map_err(|x| e("watch", x))?;
+    store.put(&format!("{prefix}-outside"), vec![9]).await.map_err(|x| e("put", x))?;
+    store.put(&k("w1"), b"a".to_vec()).await.map_err(|x| e("put", x))?;
+    store.compare_and_swap(&k("w1"), 1, b"b".to_vec()).await.map_err(|x| e("cas", x))?;
+    store.delete(&k("w1"), None).await.map_err(|x| e("delete", x))?;
+    let evs = [next_event(&mut w, t).await?, next_event(&mut w, t).await?, next_event(&mut w, t).await?];
+    check!(
+        evs[0] == WatchEvent { key: k("w1"), value: Some(b"a".to_vec()), version: 1 },
+        format!("first event {:?}", evs[0])
+    );
+    check!(
+        evs[1] == WatchEvent { key: k("w1"), value: Some(b"b".to_vec()), version: 2 },
+        format!("second event {:?}", evs[1])
+    );
+    check!(evs[2].key == k("w1") && evs[2].value.is_none(), format!("delete event {:?}", evs[2]));
+
+    // Revoking a lease deletes its keys.
+    let lease = store.grant_lease(Duration::from_secs(30)).await.map_err(|x| e("grant", x))?;
+    check!(store.put_with_lease(&k("node-1"), b"up".to_vec(), lease).await == Ok(1), "leased put");
+    check!(next_event(&mut w, t).await?.value == Some(b"up".to_vec()), "watch sees the leased put");
+    store.keep_alive(lease).await.map_err(|x| e("keep alive", x))?;
+    store.revoke_lease(lease).await.map_err(|x| e("revoke", x))?;
+    let gone = next_event(&mut w, t).await?;
+    check!(gone.key == k("node-1") && gone.value.is_none(), format!("watch sees the revoked key go: {gone:?}"));
+    check!(store.get(&k("node-1")).await == Ok(None), "revoked key is gone");
+    let ka = store.keep_alive(lease).await;
+    check!(matches!(ka, Err(MetaError::LeaseNotFound(_))), format!("keep-alive of a revoked lease: {ka:?}"));
+    check!(
+        matches!(store.put_with_lease(&k("x"), vec![], lease).await, Err(MetaError::LeaseNotFound(_))),
+        "put under a revoked lease"
+    );
+
+    // An expired lease deletes its keys too; a kept-alive one keeps them.
+    let short = store.grant_lease(Duration::from_secs(2)).await.map_err(|x| e("grant", x))?;
+    let kept = store.grant_lease(Duration::from_secs(2)).await.map_err(|x| e("grant", x))?;
+    store.put_with_lease(&k("node-2"), b"up".to_vec(), short).await.map_err(|x| e("leased put", x))?;
+    store.put_with_lease(&k("node-3"), b"up".to_vec(), kept).await.map_err(|x| e("leased put", x))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        store.keep_alive(kept).await.map_err(|x| e("keep alive", x))?;
+        if store.get(&k("node-2")).await.map_err(|x| e("get", x))?.is_none() {
+            break;
+        }
+        check!(Instant::now() < deadline, "an unrenewed lease expired within 15 s");
+        let (tx, rx) = futures::channel::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+    }
+    check!(store.get(&k("node-3")).await.map_err(|x| e("get", x))?.is_some(), "a renewed lease keeps its key");
+    store.revoke_lease(kept).await.map_err(|x| e("revoke", x))?;
+    store.delete(&format!("{prefix}-outside"), None).await.map_err(|x| e("delete", x))?;
+    Ok(())
 }

@@ -2,17 +2,21 @@
 //! ordered map and an append-only file (`meta.log`) of checksummed records; every change is
 //! appended and fdatasync'd before it is answered. On open the file is replayed and a torn
 //! tail (an incomplete or checksum-failing last record) is cut. When the file grows well
-//! past the live data it is rewritten (temp file, fsync, rename, directory fsync).
+//! past the live data it is rewritten (temp file, fsync, rename, directory fsync). Watches
+//! are notified after each change; keys put under a lease live in memory only and vanish
+//! when the lease expires or is revoked (leases do not survive a restart of a standalone
+//! node, and neither do their keys).
 //!
 //! Record: `len u32 | crc32c u32 (of body) | body`, body = `op u8 (1 put, 2 delete) |
 //! key_len u16 | key | version u64 | value_len u32 | value`, little-endian.
 
-use crate::store::{MetaError, MetaStore, Versioned};
-use futures::channel::oneshot;
-use std::collections::BTreeMap;
+use crate::store::{LeaseId, MetaError, MetaStore, Versioned, Watch, WatchEvent};
+use futures::channel::{mpsc, oneshot};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 const FILE_NAME: &str = "meta.log";
 const COMPACT_BYTES_MIN: u64 = 1 << 20;
@@ -22,6 +26,20 @@ enum Cmd {
     Put(String, Option<u64>, Vec<u8>, oneshot::Sender<Result<u64, MetaError>>),
     Delete(String, Option<u64>, oneshot::Sender<Result<bool, MetaError>>),
     Range(String, oneshot::Sender<Result<Vec<(String, Versioned)>, MetaError>>),
+    Watch(String, mpsc::UnboundedSender<Result<WatchEvent, MetaError>>),
+    Grant(Duration, oneshot::Sender<Result<LeaseId, MetaError>>),
+    KeepAlive(LeaseId, oneshot::Sender<Result<(), MetaError>>),
+    Revoke(LeaseId, oneshot::Sender<Result<(), MetaError>>),
+    PutLeased(String, Vec<u8>, LeaseId, oneshot::Sender<Result<u64, MetaError>>),
+}
+
+/// How often the store thread looks for expired leases.
+const LEASE_CHECK: Duration = Duration::from_millis(50);
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+    keys: BTreeSet<String>,
 }
 
 /// Handle to the embedded store; cheap to clone, usable from any thread or executor.
@@ -35,6 +53,11 @@ struct State {
     file: File,
     file_bytes: u64,
     map: BTreeMap<String, Versioned>,
+    watchers: Vec<(String, mpsc::UnboundedSender<Result<WatchEvent, MetaError>>)>,
+    /// Leased keys live in memory only: like their leases, they do not survive a restart.
+    leases: HashMap<LeaseId, Lease>,
+    leased_keys: HashMap<String, LeaseId>,
+    next_lease: LeaseId,
 }
 
 fn encode(op: u8, key: &str, version: u64, value: &[u8]) -> Vec<u8> {
@@ -116,7 +139,7 @@ impl State {
         let tmp = self.dir.join("meta.log.tmp");
         let mut f = File::create(&tmp).map_err(io)?;
         let mut bytes = 0;
-        for (k, v) in &self.map {
+        for (k, v) in self.map.iter().filter(|(k, _)| !self.leased_keys.contains_key(*k)) {
             let rec = encode(1, k, v.version, &v.value);
             f.write_all(&rec).map_err(io)?;
             bytes += rec.len() as u64;
@@ -137,10 +160,66 @@ impl State {
             return Err(MetaError::Conflict { key, expected, actual });
         }
         let version = actual + 1;
+        self.detach_lease(&key);
         self.append(&encode(1, &key, version, &value))?;
+        self.notify(&key, Some(&value), version);
         self.map.insert(key, Versioned { value, version });
         self.maybe_compact()?;
         Ok(version)
+    }
+
+    fn notify(&mut self, key: &str, value: Option<&Vec<u8>>, version: u64) {
+        self.watchers.retain(|(prefix, tx)| {
+            !key.starts_with(prefix.as_str())
+                || tx.unbounded_send(Ok(WatchEvent { key: key.to_string(), value: value.cloned(), version })).is_ok()
+        });
+    }
+
+    fn detach_lease(&mut self, key: &str) {
+        if let Some(id) = self.leased_keys.remove(key) {
+            if let Some(l) = self.leases.get_mut(&id) {
+                l.keys.remove(key);
+            }
+        }
+    }
+
+    fn put_leased(&mut self, key: String, value: Vec<u8>, lease: LeaseId) -> Result<u64, MetaError> {
+        let l = self.leases.get_mut(&lease).ok_or(MetaError::LeaseNotFound(lease))?;
+        l.keys.insert(key.clone());
+        let version = self.map.get(&key).map_or(0, |v| v.version) + 1;
+        if self.leased_keys.get(&key) != Some(&lease) {
+            // A persistent key becoming leased: the file must forget it.
+            if self.map.contains_key(&key) && !self.leased_keys.contains_key(&key) {
+                self.append(&encode(2, &key, version - 1, &[]))?;
+            }
+            if let Some(old) = self.leased_keys.insert(key.clone(), lease) {
+                if let Some(ol) = self.leases.get_mut(&old) {
+                    ol.keys.remove(&key);
+                }
+            }
+        }
+        self.notify(&key, Some(&value), version);
+        self.map.insert(key, Versioned { value, version });
+        Ok(version)
+    }
+
+    fn end_lease(&mut self, id: LeaseId) {
+        if let Some(l) = self.leases.remove(&id) {
+            for key in l.keys {
+                self.leased_keys.remove(&key);
+                if let Some(v) = self.map.remove(&key) {
+                    self.notify(&key, None, v.version);
+                }
+            }
+        }
+    }
+
+    fn expire_leases(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            self.end_lease(id);
+        }
     }
 
     fn delete(&mut self, key: String, expected: Option<u64>) -> Result<bool, MetaError> {
@@ -155,8 +234,13 @@ impl State {
         {
             return Err(MetaError::Conflict { key, expected, actual });
         }
-        self.append(&encode(2, &key, actual, &[]))?;
+        if self.leased_keys.contains_key(&key) {
+            self.detach_lease(&key);
+        } else {
+            self.append(&encode(2, &key, actual, &[]))?;
+        }
         self.map.remove(&key);
+        self.notify(&key, None, actual);
         Ok(true)
     }
 }
@@ -180,12 +264,30 @@ impl EmbeddedStore {
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync_dir(parent).map_err(io)?;
         }
-        let mut state = State { dir: dir.to_path_buf(), file, file_bytes: valid as u64, map };
+        let mut state = State {
+            dir: dir.to_path_buf(),
+            file,
+            file_bytes: valid as u64,
+            map,
+            watchers: Vec::new(),
+            leases: HashMap::new(),
+            leased_keys: HashMap::new(),
+            next_lease: 1,
+        };
         let (tx, rx) = crossbeam_channel::unbounded::<Cmd>();
         std::thread::Builder::new()
             .name("sluice-meta".into())
             .spawn(move || {
-                for cmd in rx {
+                loop {
+                    let cmd = match rx.recv_timeout(LEASE_CHECK) {
+                        Ok(cmd) => cmd,
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                            state.expire_leases();
+                            continue;
+                        }
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                    };
+                    state.expire_leases();
                     match cmd {
                         Cmd::Get(k, r) => {
                             let _ = r.send(Ok(state.map.get(&k).cloned()));
@@ -199,6 +301,34 @@ impl EmbeddedStore {
                         Cmd::Range(p, r) => {
                             let out = state.map.range(p.clone()..).take_while(|(k, _)| k.starts_with(&p));
                             let _ = r.send(Ok(out.map(|(k, v)| (k.clone(), v.clone())).collect()));
+                        }
+                        Cmd::Watch(p, tx) => state.watchers.push((p, tx)),
+                        Cmd::Grant(ttl, r) => {
+                            let id = state.next_lease;
+                            state.next_lease += 1;
+                            state
+                                .leases
+                                .insert(id, Lease { ttl, deadline: Instant::now() + ttl, keys: BTreeSet::new() });
+                            let _ = r.send(Ok(id));
+                        }
+                        Cmd::KeepAlive(id, r) => {
+                            let res = match state.leases.get_mut(&id) {
+                                Some(l) => {
+                                    l.deadline = Instant::now() + l.ttl;
+                                    Ok(())
+                                }
+                                None => Err(MetaError::LeaseNotFound(id)),
+                            };
+                            let _ = r.send(res);
+                        }
+                        Cmd::Revoke(id, r) => {
+                            let res =
+                                if state.leases.contains_key(&id) { Ok(()) } else { Err(MetaError::LeaseNotFound(id)) };
+                            state.end_lease(id);
+                            let _ = r.send(res);
+                        }
+                        Cmd::PutLeased(k, v, id, r) => {
+                            let _ = r.send(state.put_leased(k, v, id));
                         }
                     }
                 }
@@ -234,6 +364,26 @@ impl MetaStore for EmbeddedStore {
     async fn range(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, MetaError> {
         let prefix = prefix.to_string();
         self.call(|r| Cmd::Range(prefix, r)).await
+    }
+    async fn watch(&self, prefix: &str) -> Result<Watch, MetaError> {
+        let (tx, rx) = mpsc::unbounded();
+        self.tx.send(Cmd::Watch(prefix.to_string(), tx)).map_err(|_| MetaError::Closed)?;
+        // A round trip so the watch is registered before this returns.
+        self.call(|r| Cmd::Range("\u{10FFFF}".into(), r)).await?;
+        Ok(Watch::new(rx, None))
+    }
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, MetaError> {
+        self.call(|r| Cmd::Grant(ttl, r)).await
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), MetaError> {
+        self.call(|r| Cmd::KeepAlive(lease, r)).await
+    }
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), MetaError> {
+        self.call(|r| Cmd::Revoke(lease, r)).await
+    }
+    async fn put_with_lease(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<u64, MetaError> {
+        let key = key.to_string();
+        self.call(|r| Cmd::PutLeased(key, value, lease, r)).await
     }
 }
 

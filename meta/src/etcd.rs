@@ -6,16 +6,28 @@
 //! per-key version (1 on creation, +1 per change, 0 when absent), and every conditional
 //! change is one etcd transaction comparing it.
 
-use crate::store::{MetaError, MetaStore, Versioned};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
+use crate::store::{LeaseId, MetaError, MetaStore, Versioned, Watch, WatchEvent};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
 use futures::channel::oneshot;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     prefix: Arc<String>,
     runtime: Arc<tokio::runtime::Runtime>,
+}
+
+/// Cancels the watch task when the `Watch` is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The key's version from the transaction's get (0: absent).
@@ -133,6 +145,96 @@ impl MetaStore for EtcdStore {
                 return Ok(deleted);
             }
             Err(MetaError::Conflict { key, expected: expected.unwrap_or(0), actual: read_version(&resp) })
+        })
+        .await
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<Watch, MetaError> {
+        let full = self.key(prefix);
+        let strip = self.prefix.len();
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        // Created on the runtime; the task then forwards events until the Watch is dropped.
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), MetaError>>();
+        let mut client = self.client.clone();
+        let task = self.runtime.spawn(async move {
+            let mut stream = match client.watch(full, Some(WatchOptions::new().with_prefix())).await {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(err(e)));
+                    return;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(resp)) => {
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            let Ok(k) = std::str::from_utf8(kv.key()) else { continue };
+                            let value = (ev.event_type() == EventType::Put).then(|| kv.value().to_vec());
+                            let we = WatchEvent { key: k[strip..].to_string(), value, version: kv.version() as u64 };
+                            if tx.unbounded_send(Ok(we)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.unbounded_send(Err(err(e)));
+                        return;
+                    }
+                }
+            }
+        });
+        ready_rx.await.map_err(|_| MetaError::Closed)??;
+        Ok(Watch::new(rx, Some(Box::new(AbortOnDrop(task)))))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, MetaError> {
+        let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
+        self.run(move |mut c| async move { Ok(c.lease_grant(secs, None).await.map_err(err)?.id()) }).await
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), MetaError> {
+        let lease_err = move |e: etcd_client::Error| {
+            if e.to_string().contains("not found") { MetaError::LeaseNotFound(lease) } else { err(e) }
+        };
+        self.run(move |mut c| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await.map_err(lease_err)?;
+            keeper.keep_alive().await.map_err(lease_err)?;
+            match stream.message().await.map_err(lease_err)? {
+                Some(resp) if resp.ttl() > 0 => Ok(()),
+                _ => Err(MetaError::LeaseNotFound(lease)),
+            }
+        })
+        .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), MetaError> {
+        self.run(move |mut c| async move {
+            match c.lease_revoke(lease).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.to_string().contains("not found") => Err(MetaError::LeaseNotFound(lease)),
+                Err(e) => Err(err(e)),
+            }
+        })
+        .await
+    }
+
+    async fn put_with_lease(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<u64, MetaError> {
+        let full = self.key(key);
+        self.run(move |mut c| async move {
+            let txn = Txn::new().and_then(vec![
+                TxnOp::put(full.clone(), value, Some(PutOptions::new().with_lease(lease))),
+                TxnOp::get(full.clone(), None),
+            ]);
+            match c.txn(txn).await {
+                Ok(resp) => Ok(read_version(&resp)),
+                Err(e) if e.to_string().contains("not found") => Err(MetaError::LeaseNotFound(lease)),
+                Err(e) => Err(err(e)),
+            }
         })
         .await
     }

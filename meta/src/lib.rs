@@ -16,4 +16,4 @@ pub mod store;
 pub use controller::{Controller, StreamRecord, StreamState};
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
-pub use store::{MetaError, MetaStore, Versioned};
+pub use store::{LeaseId, MetaError, MetaStore, Versioned, Watch, WatchEvent};

@@ -1,7 +1,42 @@
-//! The `MetaStore` contract: get, put, compare-and-swap on versions, delete, prefix range.
-//! Versions start at 1 for a new key and grow by one per change; "absent" is version 0.
+//! The `MetaStore` contract: get, put, compare-and-swap on versions, delete, prefix range,
+//! watches and leases. Versions start at 1 for a new key and grow by one per change;
+//! "absent" is version 0. A key put under a lease vanishes when the lease expires or is
+//! revoked (a delete that watchers see).
 
 use std::future::Future;
+use std::time::Duration;
+
+/// A change seen by a watch: a put (`value` is `Some`) or a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub version: u64,
+}
+
+/// The changes under a prefix from the moment the watch was created, in order.
+pub struct Watch {
+    rx: futures::channel::mpsc::UnboundedReceiver<Result<WatchEvent, MetaError>>,
+    /// Keeps the backend's side of the watch alive.
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl Watch {
+    pub fn new(
+        rx: futures::channel::mpsc::UnboundedReceiver<Result<WatchEvent, MetaError>>,
+        guard: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
+        Self { rx, _guard: guard }
+    }
+
+    /// The next change (`None` when the store closed the watch).
+    pub async fn next(&mut self) -> Option<Result<WatchEvent, MetaError>> {
+        futures::StreamExt::next(&mut self.rx).await
+    }
+}
+
+/// Id of a lease.
+pub type LeaseId = i64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
@@ -19,6 +54,8 @@ pub enum MetaError {
     Closed,
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+    #[error("lease {0} not found (expired or revoked)")]
+    LeaseNotFound(LeaseId),
 }
 
 pub trait MetaStore: Send + Sync + Clone + 'static {
@@ -36,4 +73,20 @@ pub trait MetaStore: Send + Sync + Clone + 'static {
     fn delete(&self, key: &str, expected: Option<u64>) -> impl Future<Output = Result<bool, MetaError>> + Send;
     /// All keys starting with `prefix`, in key order.
     fn range(&self, prefix: &str) -> impl Future<Output = Result<Vec<(String, Versioned)>, MetaError>> + Send;
+    /// Changes to keys starting with `prefix` from now on.
+    fn watch(&self, prefix: &str) -> impl Future<Output = Result<Watch, MetaError>> + Send;
+    /// A lease that expires unless kept alive within `ttl` (backends may round it up to
+    /// their minimum, e.g. whole seconds).
+    fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId, MetaError>> + Send;
+    /// Renews a lease for another `ttl`; `LeaseNotFound` once it has expired.
+    fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<(), MetaError>> + Send;
+    /// Ends a lease now; its keys are deleted.
+    fn revoke_lease(&self, lease: LeaseId) -> impl Future<Output = Result<(), MetaError>> + Send;
+    /// Unconditional write of a key that lives as long as `lease`; returns the new version.
+    fn put_with_lease(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> impl Future<Output = Result<u64, MetaError>> + Send;
 }

@@ -10,6 +10,28 @@ fn embedded_store_conforms() {
     let store = EmbeddedStore::open(&dir.0).unwrap();
     block_on(conformance::run(&store, "conf")).unwrap();
     assert_eq!(block_on(conformance::concurrent_increments(&store, "counter", 8, 25)).unwrap(), 200);
+    block_on(conformance::run_watch_and_leases(&store, "wl")).unwrap();
+}
+
+#[test]
+fn embedded_leased_keys_do_not_survive_restart() {
+    let dir = TempDir::new("meta-lease");
+    {
+        let store = EmbeddedStore::open(&dir.0).unwrap();
+        block_on(async {
+            use sluice_meta::MetaStore;
+            store.put("persistent", vec![1]).await.unwrap();
+            let lease = store.grant_lease(std::time::Duration::from_secs(60)).await.unwrap();
+            store.put_with_lease("ephemeral", vec![2], lease).await.unwrap();
+            store.put_with_lease("persistent", vec![3], lease).await.unwrap();
+        });
+    }
+    let store = EmbeddedStore::open(&dir.0).unwrap();
+    block_on(async {
+        use sluice_meta::MetaStore;
+        assert_eq!(store.get("ephemeral").await.unwrap(), None);
+        assert_eq!(store.get("persistent").await.unwrap(), None, "a key moved under a lease left the file");
+    });
 }
 
 #[test]
@@ -18,6 +40,7 @@ fn etcd_store_conforms() {
     let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "conf-cluster").unwrap();
     block_on(conformance::run(&store, "conf")).unwrap();
     assert_eq!(block_on(conformance::concurrent_increments(&store, "counter", 8, 25)).unwrap(), 200);
+    block_on(conformance::run_watch_and_leases(&store, "wl")).unwrap();
     // Clusters are isolated by their key prefix.
     let other = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "another").unwrap();
     assert_eq!(block_on(sluice_meta::MetaStore::get(&other, "counter")).unwrap(), None);
