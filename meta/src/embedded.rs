@@ -176,10 +176,10 @@ impl State {
     }
 
     fn detach_lease(&mut self, key: &str) {
-        if let Some(id) = self.leased_keys.remove(key) {
-            if let Some(l) = self.leases.get_mut(&id) {
-                l.keys.remove(key);
-            }
+        if let Some(id) = self.leased_keys.remove(key)
+            && let Some(l) = self.leases.get_mut(&id)
+        {
+            l.keys.remove(key);
         }
     }
 
@@ -192,10 +192,10 @@ impl State {
             if self.map.contains_key(&key) && !self.leased_keys.contains_key(&key) {
                 self.append(&encode(2, &key, version - 1, &[]))?;
             }
-            if let Some(old) = self.leased_keys.insert(key.clone(), lease) {
-                if let Some(ol) = self.leases.get_mut(&old) {
-                    ol.keys.remove(&key);
-                }
+            if let Some(old) = self.leased_keys.insert(key.clone(), lease)
+                && let Some(ol) = self.leases.get_mut(&old)
+            {
+                ol.keys.remove(&key);
             }
         }
         self.notify(&key, Some(&value), version);
