@@ -3,9 +3,11 @@
 //!   a bounded number of events in flight;
 //! - `end-to-end`: an open-loop producer at a fixed rate and a reader group tailing the
 //!   stream; latency from each event's *scheduled* send time to its delivery (so a stall is
-//!   not hidden by coordinated omission).
+//!   not hidden by coordinated omission);
+//! - `consume`: C readers in a group catching up on a stream from its head.
 //!
-//! Consumers, plots and peer drivers come with the benchmark issue.
+//! Every run prints its figures and, with `--json FILE`, appends one JSON object per run to
+//! FILE (for history and comparisons). Plots and peer drivers come with the benchmark issue.
 
 use clap::Parser;
 use futures::StreamExt;
@@ -15,7 +17,16 @@ use sluice_client::Client;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "sluice-bench", about = "Throughput and ack latency of a Sluice node")]
+#[command(name = "sluice-bench", about = "Throughput and latency of a Sluice node")]
+struct Cli {
+    /// Append the run's results as one JSON line to this file.
+    #[arg(long, global = true)]
+    json: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
 enum Cmd {
     /// Write generated events as fast as acknowledgements allow.
     Produce {
@@ -59,6 +70,88 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         size: usize,
     },
+    /// Read a whole stream from its head with a reader group of C readers.
+    Consume {
+        #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
+        url: String,
+        /// scope/stream to read (e.g. one written by `produce`).
+        #[arg(long, default_value = "bench/produce")]
+        stream: String,
+        #[arg(long, default_value_t = 1)]
+        readers: u32,
+        /// Stop after this long without an event.
+        #[arg(long, default_value_t = 1000)]
+        idle_ms: u64,
+    },
+}
+
+/// Latency percentiles as JSON.
+fn hist_json(hist: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "p50_us": hist.value_at_quantile(0.5), "p90_us": hist.value_at_quantile(0.9),
+        "p99_us": hist.value_at_quantile(0.99), "p999_us": hist.value_at_quantile(0.999),
+        "p9999_us": hist.value_at_quantile(0.9999), "max_us": hist.max(), "count": hist.len(),
+    })
+}
+
+/// Appends one result line to the JSON file, with the time of the run.
+fn write_json(path: &Option<std::path::PathBuf>, mut result: serde_json::Value) -> Result<(), String> {
+    let Some(path) = path else { return Ok(()) };
+    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    result["unix_time"] = unix.into();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::io::Write;
+    writeln!(f, "{result}").map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn consume(url: String, stream: String, readers: u32, idle_ms: u64) -> Result<serde_json::Value, String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let e = |e: sluice_client::ClientError| e.to_string();
+    let c = Client::connect(&url).await.map_err(e)?;
+    let (scope, _) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
+    let group_name = format!("consume{}", std::process::id());
+    let group = c
+        .create_reader_group(scope, &group_name, sluice_client::ReaderGroupConfig::stream(&stream))
+        .await
+        .map_err(e)?;
+    let (events, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for r in 0..readers {
+        let (group, events, bytes) = (group.clone(), events.clone(), bytes.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut reader = group.create_reader(&format!("r{r}")).await.map_err(e)?;
+            let mut last = Instant::now();
+            while let Some(item) = reader.read_next(std::time::Duration::from_millis(idle_ms)).await.map_err(e)? {
+                if let sluice_client::GroupItem::Event(ev) = item {
+                    events.fetch_add(1, Ordering::Relaxed);
+                    bytes.fetch_add(ev.payload.len() as u64, Ordering::Relaxed);
+                    last = Instant::now();
+                }
+            }
+            reader.close().await.map_err(e)?;
+            Ok::<Instant, String>(last)
+        }));
+    }
+    let mut end = start;
+    for t in tasks {
+        end = end.max(t.await.map_err(|e| e.to_string())??);
+    }
+    let _ = group.delete().await;
+    let secs = (end - start).as_secs_f64().max(1e-9);
+    let (n, b) = (events.load(Ordering::Relaxed), bytes.load(Ordering::Relaxed));
+    println!(
+        "consume: {n} events, {b} payload bytes, {readers} reader(s): {:.0} events/s, {:.1} MB/s",
+        n as f64 / secs,
+        b as f64 / secs / 1e6
+    );
+    Ok(serde_json::json!({"workload": "consume", "stream": stream, "readers": readers, "events": n, "bytes": b,
+        "seconds": secs, "events_per_s": n as f64 / secs, "mb_per_s": b as f64 / secs / 1e6}))
 }
 
 const WARMUP_S: u64 = 2;
@@ -82,7 +175,7 @@ async fn end_to_end(
     readers: u32,
     segments: u32,
     size: usize,
-) -> Result<(), String> {
+) -> Result<serde_json::Value, String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let e = |e: sluice_client::ClientError| e.to_string();
@@ -177,20 +270,48 @@ async fn end_to_end(
     let _ = group.delete().await;
     let _ = admin.seal_stream("bench", &run).await;
     let _ = admin.delete_stream("bench", &run).await;
-    Ok(())
+    Ok(serde_json::json!({"workload": "end-to-end", "rate": rate, "seconds": seconds, "warmup_s": WARMUP_S,
+        "readers": readers, "segments": segments, "size": size, "sent": total,
+        "received": received.load(Ordering::Relaxed), "ack": hist_json(&ack_hist), "end_to_end": hist_json(&hist)}))
 }
 
 fn main() -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let (url, stream, segments, producers, count, size, inflight) = match Cmd::parse() {
+    let cli = Cli::parse();
+    // Producer and reader loops each keep a thread busy; the client's connection and segment
+    // tasks need threads of their own beside them, or they starve and latency explodes.
+    let loops = match &cli.cmd {
+        Cmd::Produce { producers, .. } => *producers as usize,
+        Cmd::Consume { readers, .. } => *readers as usize,
+        Cmd::EndToEnd { readers, .. } => *readers as usize + 1,
+    };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores + loops)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let result = match cli.cmd {
         Cmd::EndToEnd { url, rate, seconds, readers, segments, size } => {
-            return rt.block_on(end_to_end(url, rate.max(1), seconds, readers, segments, size));
+            rt.block_on(end_to_end(url, rate.max(1), seconds, readers, segments, size))?
         }
+        Cmd::Consume { url, stream, readers, idle_ms } => rt.block_on(consume(url, stream, readers.max(1), idle_ms))?,
         Cmd::Produce { url, stream, segments, producers, count, size, inflight } => {
-            (url, stream, segments, producers, count, size, inflight)
+            rt.block_on(produce(url, stream, segments, producers, count, size, inflight))?
         }
     };
-    rt.block_on(async move {
+    write_json(&cli.json, result)
+}
+
+async fn produce(
+    url: String,
+    stream: String,
+    segments: u32,
+    producers: u32,
+    count: u64,
+    size: usize,
+    inflight: usize,
+) -> Result<serde_json::Value, String> {
+    {
         let admin = Client::connect(&url).await.map_err(|e| e.to_string())?;
         let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
         let _ = admin.create_scope(scope).await;
@@ -199,7 +320,9 @@ fn main() -> Result<(), String> {
         let mut tasks = Vec::new();
         for p in 0..producers {
             let (url, stream) = (url.clone(), stream.clone());
-            tasks.push(tokio::spawn(async move {
+            // Unconstrained: tokio's cooperative budget would make a FuturesUnordered of thousands of
+            // acknowledgements yield over and over, which throttles the producer (6x here).
+            tasks.push(tokio::spawn(tokio::task::unconstrained(async move {
                 let client = Client::connect(&url).await.map_err(|e| e.to_string())?;
                 let writer = client.event_writer(&stream).await.map_err(|e| e.to_string())?;
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -220,7 +343,7 @@ fn main() -> Result<(), String> {
                     hist.saturating_record(lat.as_micros() as u64);
                 }
                 Ok::<_, String>(hist)
-            }));
+            })));
         }
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
         for t in tasks {
@@ -234,6 +357,8 @@ fn main() -> Result<(), String> {
             events as f64 * size as f64 / secs / 1e6
         );
         report("ack", &hist);
-        Ok(())
-    })
+        Ok(serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
+            "size": size, "inflight": inflight, "seconds": secs, "events_per_s": events as f64 / secs,
+            "mb_per_s": events as f64 * size as f64 / secs / 1e6, "ack": hist_json(&hist)}))
+    }
 }
