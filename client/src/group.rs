@@ -690,7 +690,12 @@ impl GroupReader {
                     }
                 }
                 Fetched::Error { token, error } => {
-                    if self.owned.values().any(|o| o.token == token) {
+                    let failed = self.owned.iter().find(|(_, o)| o.token == token).map(|(s, o)| (s.clone(), o.offset));
+                    if let Some((segment, offset)) = failed {
+                        // Report it, and keep reading the segment from where delivery stands.
+                        let end = self.sync.state().and_then(|s| s.ends.get(&segment).copied());
+                        self.stop(&segment);
+                        self.start(segment, offset, end);
                         return Err(error);
                     }
                 }

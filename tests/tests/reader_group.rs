@@ -218,3 +218,62 @@ async fn end_cut_stops_readers_and_marks_segments_finished() {
     assert_eq!(state.finished.len(), 3, "every segment finished at the cut");
     assert!(state.readers["only"].is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_survive_a_server_kill() {
+    let dir = TempDir::new("rgkill");
+    let server = Arc::new(Mutex::new(Server::start(&dir.0.join("data"), free_ports(2), 2)));
+    let url = server.lock().unwrap().url();
+    let c = Client::connect(&url).await.unwrap();
+    c.create_scope("k").await.unwrap();
+    c.create_stream("k", "s", 4).await.unwrap();
+    let total = 20_000;
+    write_events(&c, "k/s", total).await;
+    let group = c.create_reader_group("k", "g", ReaderGroupConfig::stream("k/s")).await.unwrap();
+    let log: Log = Arc::default();
+    let order = Arc::new(AtomicU64::new(0));
+    let never = Arc::new(AtomicU64::new(0));
+    let _ = never;
+    let tasks: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|id| {
+            let (group, log, order) = (group.clone(), log.clone(), order.clone());
+            tokio::spawn(async move {
+                let mut r = group.create_reader(id).await.unwrap();
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while order.load(Ordering::SeqCst) < total {
+                    assert!(Instant::now() < deadline, "reader {id} timed out");
+                    if let Some(GroupItem::Event(ev)) = r.read_next(Duration::from_millis(50)).await.unwrap() {
+                        let (k, q) = parse(&ev.payload);
+                        let n = order.fetch_add(1, Ordering::SeqCst);
+                        log.lock().unwrap().push((n, k, q));
+                        // Slow enough that the kill lands mid-stream.
+                        if n % 20 == 0 {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    while order.load(Ordering::SeqCst) < total / 4 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = s.lock().unwrap();
+        s.kill();
+        s.restart();
+    })
+    .await
+    .unwrap();
+    let at_restart = order.load(Ordering::SeqCst);
+    assert!(at_restart < total, "the kill came after the readers were done");
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    let unique: HashSet<(u64, u64)> = log.iter().map(|&(_, k, q)| (k, q)).collect();
+    assert_eq!(unique.len() as u64, total, "every event delivered");
+    assert_eq!(log.len() as u64, total, "none delivered twice");
+}
