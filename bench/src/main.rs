@@ -85,6 +85,20 @@ enum Cmd {
     },
 }
 
+/// Prints a progress line to stderr every second (only when stderr is a terminal).
+async fn progress_line(done: std::sync::Arc<std::sync::atomic::AtomicU64>, total: u64) {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let n = done.load(std::sync::atomic::Ordering::Relaxed);
+        eprint!("\r{n}/{total} acknowledged, {:.0} events/s   ", n as f64 / start.elapsed().as_secs_f64());
+    }
+}
+
 /// Latency percentiles as JSON.
 fn hist_json(hist: &Histogram<u64>) -> serde_json::Value {
     serde_json::json!({
@@ -317,9 +331,11 @@ async fn produce(
         let _ = admin.create_scope(scope).await;
         let _ = admin.create_stream(scope, name, segments).await;
         let start = Instant::now();
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = tokio::spawn(progress_line(acked.clone(), count * u64::from(producers)));
         let mut tasks = Vec::new();
         for p in 0..producers {
-            let (url, stream) = (url.clone(), stream.clone());
+            let (url, stream, acked) = (url.clone(), stream.clone(), acked.clone());
             // Unconstrained: tokio's cooperative budget would make a FuturesUnordered of thousands of
             // acknowledgements yield over and over, which throttles the producer (6x here).
             tasks.push(tokio::spawn(tokio::task::unconstrained(async move {
@@ -336,6 +352,7 @@ async fn produce(
                         let (r, lat) = pending.next().await.expect("non-empty");
                         r.map_err(|e| e.to_string())?;
                         hist.saturating_record(lat.as_micros() as u64);
+                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 while let Some((r, lat)) = pending.next().await {
@@ -349,6 +366,7 @@ async fn produce(
         for t in tasks {
             hist.add(t.await.map_err(|e| e.to_string())??).map_err(|e| e.to_string())?;
         }
+        progress.abort();
         let secs = start.elapsed().as_secs_f64();
         let events = count * u64::from(producers);
         println!(
