@@ -16,8 +16,8 @@ use futures::StreamExt;
 use futures::channel::mpsc;
 use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use glommio::sync::{Semaphore, StaticPermit};
-use sluice_meta::StreamState;
 use sluice_meta::controller::ControllerError;
+use sluice_meta::{MetaStore, StreamState};
 use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
@@ -81,7 +81,7 @@ fn wrong_host(request_id: u64, segment: &str, shard: u32, endpoint: String) -> R
 }
 
 /// Serves one connection until it closes or breaks.
-pub async fn serve_connection(shard: Rc<Shard>, stream: glommio::net::TcpStream) {
+pub async fn serve_connection<S: MetaStore>(shard: Rc<Shard<S>>, stream: glommio::net::TcpStream) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let (read_half, write_half) = stream.split();
@@ -114,8 +114,8 @@ pub async fn serve_connection(shard: Rc<Shard>, stream: glommio::net::TcpStream)
     let _ = writer.await;
 }
 
-async fn read_loop<R: futures::AsyncRead + Unpin>(
-    shard: &Rc<Shard>,
+async fn read_loop<S: MetaStore, R: futures::AsyncRead + Unpin>(
+    shard: &Rc<Shard<S>>,
     r: &mut R,
     tx: &mpsc::UnboundedSender<Outgoing>,
 ) -> Result<(), String> {
@@ -232,7 +232,7 @@ fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
 }
 
 /// Routes a segment request to its local container, or answers `WrongHost`.
-fn local_segment_op(shard: &Shard, id: u64, segment: String, req: Request) -> Dispatched {
+fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, req: Request) -> Dispatched {
     match shard.owner(&segment) {
         Owner::Local(c) => {
             let fut = match c.submit(req) {
@@ -258,7 +258,7 @@ fn local_segment_op(shard: &Shard, id: u64, segment: String, req: Request) -> Di
     }
 }
 
-fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Result<Dispatched, ProtocolError> {
+fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatched, ProtocolError> {
     let id = frame.request_id;
     Ok(match frame.kind {
         Kind::Append => {
@@ -410,7 +410,7 @@ enum StreamAdmin {
 
 /// Stream lifecycle: record first, then the segments on their shards, then the record's
 /// final state. Each step tolerates having been done before, so a retry finishes the work.
-async fn stream_admin(shard: &Shard, id: u64, op: StreamAdmin, scope: &str, stream: &str) -> Reply {
+async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, scope: &str, stream: &str) -> Reply {
     let ctl = &shard.controller;
     let name = |n: u64| format!("{scope}/{stream}/{n}");
     let result: Result<(), Reply> = async {

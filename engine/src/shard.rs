@@ -12,7 +12,7 @@ use crate::server;
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
 use glommio::{LocalExecutorBuilder, Placement};
-use sluice_meta::{Controller, EmbeddedStore};
+use sluice_meta::{Controller, EmbeddedStore, MetaStore};
 use sluice_net::ShardEndpoint;
 use sluice_net::routing::{container_of, shard_of};
 use std::collections::HashMap;
@@ -28,13 +28,13 @@ pub enum ShardMsg {
 }
 
 /// Per-shard state shared by its connections (single-threaded).
-pub struct Shard {
+pub struct Shard<S: MetaStore> {
     pub index: u32,
     pub cfg: EngineConfig,
     pub containers: HashMap<u32, Rc<Container>>,
     pub peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     pub endpoints: Vec<ShardEndpoint>,
-    pub controller: Controller<EmbeddedStore>,
+    pub controller: Controller<S>,
 }
 
 /// Where a segment lives.
@@ -44,7 +44,7 @@ pub enum Owner {
     Remote(u32, String),
 }
 
-impl Shard {
+impl<S: MetaStore> Shard<S> {
     pub fn owner(&self, segment: &str) -> Owner {
         let c = container_of(segment, self.cfg.container_count());
         match self.containers.get(&c.0) {
@@ -146,13 +146,19 @@ fn check_layout(cfg: &EngineConfig) -> Result<(), String> {
 impl Node {
     /// Opens the metadata store, binds every shard's port, recovers every container, and
     /// returns once all shards serve (or the first failure).
-    pub fn start(mut cfg: EngineConfig) -> Result<Node, String> {
+    pub fn start(cfg: EngineConfig) -> Result<Node, String> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+        let store = EmbeddedStore::open(&cfg.data_dir.join("meta")).map_err(|e| e.to_string())?;
+        Self::start_with_store(cfg, store)
+    }
+
+    /// Starts a node whose scopes and streams live in `store` (embedded or etcd).
+    pub fn start_with_store<S: MetaStore>(mut cfg: EngineConfig, store: S) -> Result<Node, String> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
         // Absolute paths everywhere: glommio's directory handles fail on relative ones.
         cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| format!("resolving {}: {e}", cfg.data_dir.display()))?;
         check_layout(&cfg)?;
-        let store = EmbeddedStore::open(&cfg.data_dir.join("meta")).map_err(|e| e.to_string())?;
         let mut listeners = Vec::new();
         let mut endpoints = Vec::new();
         for k in 0..cfg.shards {
@@ -228,12 +234,12 @@ impl Node {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn shard_main(
+async fn shard_main<S: MetaStore>(
     index: u32,
     cfg: EngineConfig,
     peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     endpoints: Vec<ShardEndpoint>,
-    store: EmbeddedStore,
+    store: S,
     listener: glommio::net::TcpListener,
     mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
     ready: &std::sync::mpsc::Sender<Result<u32, String>>,

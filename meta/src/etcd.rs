@@ -18,7 +18,25 @@ use std::time::Duration;
 pub struct EtcdStore {
     client: Client,
     prefix: Arc<String>,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<OwnedRuntime>,
+}
+
+/// The store's tokio runtime. Shut down in the background when the last handle goes, so a
+/// store may be dropped anywhere, even inside another runtime.
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnedRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Cancels the watch task when the `Watch` is dropped.
@@ -55,12 +73,24 @@ impl EtcdStore {
             .build()
             .map_err(|e| MetaError::Io(e.to_string()))?;
         let eps = endpoints.to_vec();
-        let client = runtime.block_on(async move {
-            let opts = etcd_client::ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
-            Client::connect(eps, Some(opts)).await
-        });
+        // Connect on a plain thread: the caller may itself be inside a tokio runtime.
+        let client = std::thread::scope(|s| {
+            s.spawn(|| {
+                runtime.block_on(async move {
+                    let opts =
+                        etcd_client::ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
+                    Client::connect(eps, Some(opts)).await
+                })
+            })
+            .join()
+        })
+        .map_err(|_| MetaError::Io("etcd connect thread panicked".into()))?;
         let client = client.map_err(|e| MetaError::Io(format!("connecting to etcd at {endpoints:?}: {e}")))?;
-        Ok(Self { client, prefix: Arc::new(format!("/sluice/{cluster}/")), runtime: Arc::new(runtime) })
+        Ok(Self {
+            client,
+            prefix: Arc::new(format!("/sluice/{cluster}/")),
+            runtime: Arc::new(OwnedRuntime(Some(runtime))),
+        })
     }
 
     fn key(&self, key: &str) -> String {
@@ -74,7 +104,7 @@ impl EtcdStore {
     {
         let (tx, rx) = oneshot::channel();
         let client = self.client.clone();
-        self.runtime.spawn(async move {
+        self.runtime.get().spawn(async move {
             let _ = tx.send(f(client).await);
         });
         rx.await.map_err(|_| MetaError::Closed)?
@@ -156,7 +186,7 @@ impl MetaStore for EtcdStore {
         // Created on the runtime; the task then forwards events until the Watch is dropped.
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), MetaError>>();
         let mut client = self.client.clone();
-        let task = self.runtime.spawn(async move {
+        let task = self.runtime.get().spawn(async move {
             let mut stream = match client.watch(full, Some(WatchOptions::new().with_prefix())).await {
                 Ok(s) => {
                     let _ = ready_tx.send(Ok(()));
