@@ -6,6 +6,7 @@
 //! Thread model: a store handle is `Send + Sync + Clone`; its futures complete from the
 //! store's own thread, so shard executors can await them without blocking.
 
+pub mod cluster;
 pub mod conformance;
 pub mod controller;
 pub mod embedded;

@@ -60,3 +60,43 @@ fn controller_runs_on_etcd() {
         assert!(c.delete_scope("s").await.is_err());
     });
 }
+
+/// Registration under a lease: live nodes are listed; a node that stops renewing vanishes
+/// after its TTL; one that leaves vanishes at once; ids are unique among live nodes.
+async fn membership<S: sluice_meta::MetaStore>(store: &S) {
+    use sluice_meta::cluster::{ClusterError, NodeInfo, list_nodes, register_node};
+    let info =
+        |id: &str| NodeInfo { node_id: id.into(), endpoints: vec![format!("127.0.0.1:1/{id}")], started_unix_ms: 1 };
+    let ttl = std::time::Duration::from_secs(2);
+    let n1 = register_node(store, &info("n1"), ttl).await.unwrap();
+    let n2 = register_node(store, &info("n2"), ttl).await.unwrap();
+    assert!(matches!(register_node(store, &info("n1"), ttl).await, Err(ClusterError::NodeIdTaken(_))));
+    // Renewals keep n1 and n2 registered well past the TTL.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let ids: Vec<String> = list_nodes(store).await.unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(ids, vec!["n1", "n2"]);
+    // n2 dies (stops renewing): gone after its TTL.
+    drop(n2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while list_nodes(store).await.unwrap().len() > 1 {
+        assert!(std::time::Instant::now() < deadline, "a dead node's registration did not expire");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(list_nodes(store).await.unwrap()[0], info("n1"));
+    n1.leave().await.unwrap();
+    assert!(list_nodes(store).await.unwrap().is_empty());
+}
+
+#[test]
+fn membership_on_embedded() {
+    let dir = TempDir::new("meta-members");
+    let store = EmbeddedStore::open(&dir.0).unwrap();
+    block_on(membership(&store));
+}
+
+#[test]
+fn membership_on_etcd() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "members").unwrap();
+    block_on(membership(&store));
+}
