@@ -252,3 +252,23 @@ impl Drop for Etcd {
         let _ = self.child.wait();
     }
 }
+
+/// A running 2-shard server with one scope and one stream, and a client connected to it.
+/// Fields drop in order: client, server (killed), then the data directory.
+pub struct Harness {
+    pub client: sluice_client::Client,
+    pub server: Server,
+    _dir: TempDir,
+}
+
+impl Harness {
+    /// Starts a server in a fresh directory and creates `scope/stream` with `segments`.
+    pub async fn with_stream(scope: &str, stream: &str, segments: u32) -> Harness {
+        let dir = TempDir::new(scope);
+        let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+        let client = sluice_client::Client::connect(&server.url()).await.expect("connecting to the test server");
+        client.create_scope(scope).await.expect("creating the test scope");
+        client.create_stream(scope, stream, segments).await.expect("creating the test stream");
+        Harness { client, server, _dir: dir }
+    }
+}

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use sluice_client::{Client, ClientError, CutAt, StreamCut, Synchronized};
-use sluice_tests::{Server, TempDir, free_ports};
+use sluice_tests::{Harness, Server, TempDir, free_ports};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -92,11 +92,8 @@ async fn synchronizer_counter_has_no_lost_updates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cuts_batch_reads_and_byte_streams() {
-    let dir = TempDir::new("cuts");
-    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
-    let c = Client::connect(&server.url()).await.unwrap();
-    c.create_scope("b").await.unwrap();
-    c.create_stream("b", "s", 4).await.unwrap();
+    let h = Harness::with_stream("b", "s", 4).await;
+    let c = h.client.clone();
     let w = c.event_writer("b/s").await.unwrap();
     for i in 0..1000 {
         w.write_event(format!("k{}", i % 10).as_bytes(), format!("before-{i}").into_bytes());

@@ -2,7 +2,7 @@
 //! leaving, per-key order, checkpoints and reset, typed errors.
 
 use sluice_client::{Client, ClientError, GroupItem, ReaderGroupConfig};
-use sluice_tests::{Server, TempDir, free_ports};
+use sluice_tests::{Harness, Server, TempDir, free_ports};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,11 +64,8 @@ fn spawn_reader(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_join_and_leave_and_every_event_is_delivered_once() {
-    let dir = TempDir::new("rg");
-    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
-    let c = Client::connect(&server.url()).await.unwrap();
-    c.create_scope("rg").await.unwrap();
-    c.create_stream("rg", "s", 6).await.unwrap();
+    let h = Harness::with_stream("rg", "s", 6).await;
+    let c = h.client.clone();
     write_events(&c, "rg/s", EVENTS).await;
 
     let group = c.create_reader_group("rg", "g", ReaderGroupConfig::stream("rg/s")).await.unwrap();
@@ -124,11 +121,8 @@ async fn readers_join_and_leave_and_every_event_is_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_then_reset_rereads_exactly_what_came_after() {
-    let dir = TempDir::new("rgcp");
-    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
-    let c = Client::connect(&server.url()).await.unwrap();
-    c.create_scope("cp").await.unwrap();
-    c.create_stream("cp", "s", 3).await.unwrap();
+    let h = Harness::with_stream("cp", "s", 3).await;
+    let c = h.client.clone();
     let total = 40_000;
     write_events(&c, "cp/s", total).await;
     let group = c.create_reader_group("cp", "g", ReaderGroupConfig::stream("cp/s")).await.unwrap();
@@ -194,11 +188,8 @@ async fn checkpoint_then_reset_rereads_exactly_what_came_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_cut_stops_readers_and_marks_segments_finished() {
-    let dir = TempDir::new("rgend");
-    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
-    let c = Client::connect(&server.url()).await.unwrap();
-    c.create_scope("e").await.unwrap();
-    c.create_stream("e", "s", 3).await.unwrap();
+    let h = Harness::with_stream("e", "s", 3).await;
+    let c = h.client.clone();
     write_events(&c, "e/s", 3000).await;
     let end = c.stream_cut("e/s", sluice_client::CutAt::Tail).await.unwrap();
     write_events(&c, "e/s", 1000).await;

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use sluice_client::{Client, ClientError, ReadFrom};
 use sluice_net::ErrorCode;
-use sluice_tests::{Server, TempDir, free_ports};
+use sluice_tests::{Harness, Server, TempDir, free_ports};
 use std::time::{Duration, Instant};
 
 fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
@@ -14,11 +14,8 @@ fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_operations() {
-    let dir = TempDir::new("segments");
-    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
-    let c = Client::connect(&server.url()).await.unwrap();
-    c.create_scope("seg").await.unwrap();
-    c.create_stream("seg", "raw", 1).await.unwrap();
+    let h = Harness::with_stream("seg", "raw", 1).await;
+    let c = h.client.clone();
     let seg = "seg/raw/0";
 
     // Conditional appends: only at the expected length.
