@@ -369,8 +369,8 @@ impl ContainerCore {
         &mut self,
         name: String,
         writer: u128,
-        mut first: u64,
-        mut count: u32,
+        first: u64,
+        count: u32,
         expected_offset: Option<u64>,
         mut data: Bytes,
     ) -> Result<Submitted, EngineError> {
@@ -417,12 +417,9 @@ impl ContainerCore {
                     let skip = accepted - first + 1;
                     let at = skip_events(&data, skip).map_err(|e| EngineError::BadRequest(e.to_string()))?;
                     data = data.slice(at..);
-                    first = accepted + 1;
-                    count -= skip as u32;
                 }
             }
         }
-        let _ = (first, count);
         if let Some(expected) = expected_offset
             && expected != s.acc_length
         {
