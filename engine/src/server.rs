@@ -114,6 +114,32 @@ pub async fn serve_connection<S: MetaStore>(shard: Rc<Shard<S>>, stream: glommio
     let _ = writer.await;
 }
 
+/// Reads one frame's header and body: `None` at a clean end of stream. The length is checked
+/// before the body is allocated; a bad header cannot be skipped, so it is answered and the
+/// connection ends.
+async fn read_frame<R: futures::AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    send: &impl Fn(Reply),
+) -> Result<Option<(FrameHeader, Bytes)>, String> {
+    let mut head = [0u8; FRAME_HEADER_BYTES];
+    match r.read_exact(&mut head).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let header = match FrameHeader::parse(&head, max) {
+        Ok(h) => h,
+        Err(e) => {
+            send(protocol_error(u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")), &e));
+            return Err(e.to_string());
+        }
+    };
+    let mut body = vec![0u8; header.body_len as usize];
+    r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    Ok(Some((header, Bytes::from(body))))
+}
+
 async fn read_loop<S: MetaStore, R: futures::AsyncRead + Unpin>(
     shard: &Rc<Shard<S>>,
     r: &mut R,
@@ -124,20 +150,8 @@ async fn read_loop<S: MetaStore, R: futures::AsyncRead + Unpin>(
         let _ = tx.unbounded_send((rep, None));
     };
     // Handshake.
-    let mut head = [0u8; FRAME_HEADER_BYTES];
-    if r.read_exact(&mut head).await.is_err() {
-        return Ok(());
-    }
-    let header = match FrameHeader::parse(&head, max) {
-        Ok(h) => h,
-        Err(e) => {
-            send(protocol_error(0, &e));
-            return Err(e.to_string());
-        }
-    };
-    let mut body = vec![0u8; header.body_len as usize];
-    r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-    let hello = Frame::from_parts(&header, Bytes::from(body)).and_then(|f| f.decode::<Hello>());
+    let Some((header, body)) = read_frame(r, max, &send).await? else { return Ok(()) };
+    let hello = Frame::from_parts(&header, body).and_then(|f| f.decode::<Hello>());
     let hello = match hello {
         Ok(h) if h.magic == HELLO_MAGIC => h,
         Ok(_) => {
@@ -172,24 +186,9 @@ async fn read_loop<S: MetaStore, R: futures::AsyncRead + Unpin>(
     ));
     let limit = Rc::new(Semaphore::new(CONNECTION_REQUESTS_MAX));
     loop {
-        let mut head = [0u8; FRAME_HEADER_BYTES];
-        match r.read_exact(&mut head).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        }
-        let header = match FrameHeader::parse(&head, max) {
-            Ok(h) => h,
-            Err(e) => {
-                // A bad length cannot be skipped: answer and close.
-                send(protocol_error(u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")), &e));
-                return Err(e.to_string());
-            }
-        };
-        let mut body = vec![0u8; header.body_len as usize];
-        r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        let Some((header, body)) = read_frame(r, max, &send).await? else { return Ok(()) };
         let permit = Some(limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?);
-        let frame = match Frame::from_parts(&header, Bytes::from(body)) {
+        let frame = match Frame::from_parts(&header, body) {
             Ok(f) => f,
             Err(e) => {
                 let _ = tx.unbounded_send((protocol_error(header.request_id, &e), permit));
