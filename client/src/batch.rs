@@ -5,9 +5,7 @@
 use crate::client::Client;
 use crate::cut::{CutAt, StreamCut};
 use crate::error::ClientError;
-use crate::reader::Event;
-use bytes::BytesMut;
-use sluice_net::event::split_whole_events;
+use crate::reader::{Event, EventCutter};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -57,9 +55,8 @@ impl Client {
     pub fn read_slice(&self, slice: SegmentSlice) -> SliceReader {
         SliceReader {
             client: self.clone(),
-            offset: slice.start,
+            cut: EventCutter::new(slice.segment.clone(), slice.start),
             slice,
-            pending: BytesMut::new(),
             ready: VecDeque::new(),
         }
     }
@@ -68,9 +65,7 @@ impl Client {
 pub struct SliceReader {
     client: Client,
     slice: SegmentSlice,
-    /// Offset of the first byte of `pending`.
-    offset: u64,
-    pending: BytesMut,
+    cut: EventCutter,
     ready: VecDeque<Event>,
 }
 
@@ -81,9 +76,9 @@ impl SliceReader {
             if let Some(ev) = self.ready.pop_front() {
                 return Ok(Some(ev));
             }
-            let at = self.offset + self.pending.len() as u64;
+            let at = self.cut.read_offset();
             if at >= self.slice.end {
-                if !self.pending.is_empty() {
+                if self.cut.has_partial() {
                     return Err(ClientError::InvalidStreamCut(format!(
                         "{} ends inside an event at {}",
                         self.slice.segment, self.slice.end
@@ -93,15 +88,11 @@ impl SliceReader {
             }
             let want = (self.slice.end - at).min(1 << 20) as u32;
             let (_, data) = self.client.read_segment(&self.slice.segment, at, want, Duration::from_secs(1)).await?;
-            self.pending.extend_from_slice(&data[..data.len().min(want as usize)]);
-            let (ranges, used) =
-                split_whole_events(&self.pending).map_err(|e| ClientError::InvalidStreamCut(e.to_string()))?;
-            let whole = self.pending.split_to(used).freeze();
-            for r in ranges {
-                let offset = self.offset + r.start as u64 - 4;
-                self.ready.push_back(Event { segment: self.slice.segment.clone(), offset, payload: whole.slice(r) });
-            }
-            self.offset += used as u64;
+            let events = self.cut.push(&data[..data.len().min(want as usize)]).map_err(|e| match e {
+                ClientError::InvalidArgument(m) => ClientError::InvalidStreamCut(m),
+                other => other,
+            })?;
+            self.ready.extend(events.into_iter().map(|(ev, _)| ev));
         }
     }
 }

@@ -15,12 +15,10 @@
 use crate::client::Client;
 use crate::cut::{CutAt, StreamCut};
 use crate::error::ClientError;
-use crate::reader::Event;
+use crate::reader::{Event, EventCutter};
 use crate::sync::{StateSynchronizer, Synchronized};
-use bytes::BytesMut;
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::ScopedStream;
-use sluice_net::event::split_whole_events;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -510,46 +508,29 @@ async fn fetch_segment(
     token: u64,
     tx: mpsc::Sender<Fetched>,
 ) {
-    let mut pending = BytesMut::new();
-    let mut pending_offset = start;
+    let mut cut = EventCutter::new(segment.clone(), start);
     loop {
-        let at = pending_offset + pending.len() as u64;
+        let at = cut.read_offset();
         if end.is_some_and(|e| at >= e) {
-            let _ = tx.send(Fetched::End { token, segment, offset: pending_offset }).await;
+            let _ = tx.send(Fetched::End { token, segment, offset: cut.offset() }).await;
             return;
         }
         let max = end.map_or(1 << 20, |e| (e - at).min(1 << 20)) as u32;
-        let (reply, data) = match client.read_segment(&segment, at, max, Duration::from_millis(500)).await {
+        let read = client.read_segment(&segment, at, max, Duration::from_millis(500)).await;
+        let (reply, events) = match read.and_then(|(reply, data)| Ok((reply, cut.push(&data)?))) {
             Ok(r) => r,
             Err(error) => {
                 let _ = tx.send(Fetched::Error { token, error }).await;
                 return;
             }
         };
-        pending.extend_from_slice(&data);
-        let (ranges, used) = match split_whole_events(&pending) {
-            Ok(r) => r,
-            Err(e) => {
-                let error = ClientError::InvalidArgument(format!("{segment} at {pending_offset}: {e}"));
-                let _ = tx.send(Fetched::Error { token, error }).await;
-                return;
-            }
-        };
-        let whole = pending.split_to(used).freeze();
-        for r in ranges {
-            let next = pending_offset + r.end as u64;
-            let event = Event {
-                segment: segment.clone(),
-                offset: pending_offset + r.start as u64 - 4,
-                payload: whole.slice(r),
-            };
+        for (event, next) in events {
             if tx.send(Fetched::Event { token, event, next }).await.is_err() {
                 return;
             }
         }
-        pending_offset += used as u64;
-        if reply.end_of_segment && pending.is_empty() {
-            let _ = tx.send(Fetched::End { token, segment, offset: pending_offset }).await;
+        if reply.end_of_segment && !cut.has_partial() {
+            let _ = tx.send(Fetched::End { token, segment, offset: cut.offset() }).await;
             return;
         }
     }

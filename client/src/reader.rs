@@ -72,41 +72,77 @@ impl Drop for EventReader {
     }
 }
 
-async fn read_segment(client: Client, segment: String, mut offset: u64, tx: mpsc::Sender<Result<Event, ClientError>>) {
-    let mut pending = BytesMut::new();
-    let mut pending_offset = offset;
+/// Cuts raw segment bytes, arriving in chunks of any size, into whole events with their
+/// offsets. Shared by every reader (stream, group, batch slice).
+pub(crate) struct EventCutter {
+    segment: String,
+    pending: BytesMut,
+    /// Offset of `pending[0]`: the first event not yet cut.
+    offset: u64,
+}
+
+impl EventCutter {
+    pub(crate) fn new(segment: String, offset: u64) -> Self {
+        Self { segment, pending: BytesMut::new(), offset }
+    }
+
+    pub(crate) fn segment(&self) -> &str {
+        &self.segment
+    }
+
+    /// Offset just after the last whole event cut.
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Offset of the next byte to read.
+    pub(crate) fn read_offset(&self) -> u64 {
+        self.offset + self.pending.len() as u64
+    }
+
+    /// A partial event is waiting for its remaining bytes.
+    pub(crate) fn has_partial(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Adds bytes read at `read_offset()`; returns the events now whole, each with the
+    /// offset just after it.
+    pub(crate) fn push(&mut self, data: &[u8]) -> Result<Vec<(Event, u64)>, ClientError> {
+        self.pending.extend_from_slice(data);
+        let (ranges, used) = split_whole_events(&self.pending)
+            .map_err(|e| ClientError::InvalidArgument(format!("segment {} at {}: {e}", self.segment, self.offset)))?;
+        let whole = self.pending.split_to(used).freeze();
+        let base = self.offset;
+        self.offset += used as u64;
+        Ok(ranges
+            .into_iter()
+            .map(|r| {
+                let next = base + r.end as u64;
+                let offset = base + r.start as u64 - 4;
+                (Event { segment: self.segment.clone(), offset, payload: whole.slice(r) }, next)
+            })
+            .collect())
+    }
+}
+
+async fn read_segment(client: Client, segment: String, offset: u64, tx: mpsc::Sender<Result<Event, ClientError>>) {
+    let mut cut = EventCutter::new(segment, offset);
     loop {
-        let (reply, data) = match client.read_segment(&segment, offset, READ_CHUNK_BYTES, TAIL_WAIT).await {
+        let read = client.read_segment(cut.segment(), cut.read_offset(), READ_CHUNK_BYTES, TAIL_WAIT).await;
+        let events = read.and_then(|(reply, data)| Ok((reply, cut.push(&data)?)));
+        let (reply, events) = match events {
             Ok(r) => r,
             Err(e) => {
                 let _ = tx.send(Err(e)).await;
                 return;
             }
         };
-        offset += data.len() as u64;
-        pending.extend_from_slice(&data);
-        let (ranges, used) = match split_whole_events(&pending) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = tx
-                    .send(Err(ClientError::InvalidArgument(format!("segment {segment} at {pending_offset}: {e}"))))
-                    .await;
-                return;
-            }
-        };
-        let whole = pending.split_to(used).freeze();
-        for r in ranges {
-            let ev = Event {
-                segment: segment.clone(),
-                offset: pending_offset + r.start as u64 - 4,
-                payload: whole.slice(r),
-            };
+        for (ev, _) in events {
             if tx.send(Ok(ev)).await.is_err() {
                 return;
             }
         }
-        pending_offset += used as u64;
-        if reply.end_of_segment && pending.is_empty() {
+        if reply.end_of_segment && !cut.has_partial() {
             return;
         }
     }
