@@ -48,7 +48,13 @@ impl ClientError {
         match self {
             ClientError::Connect { .. } | ClientError::ConnectionLost(_) | ClientError::Timeout(_) => true,
             ClientError::Server { code, .. } => {
-                matches!(code, ErrorCode::WrongHost | ErrorCode::Overloaded | ErrorCode::ContainerPoisoned)
+                matches!(
+                    code,
+                    ErrorCode::WrongHost
+                        | ErrorCode::Overloaded
+                        | ErrorCode::Tier2Unavailable
+                        | ErrorCode::ContainerPoisoned
+                )
             }
             _ => false,
         }

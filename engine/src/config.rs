@@ -22,6 +22,14 @@ pub struct EngineConfig {
     pub node_name: String,
     /// The node's log flushes per second (split evenly over shards; 0: unlimited).
     pub flushes_per_second: u64,
+    /// Tier-2 store URL (`fs:DIR`); without one, log files are never freed.
+    pub tier2: Option<String>,
+    /// Per-container budget for log files on disk (with tier-2 only).
+    pub log_bytes_max: u64,
+    /// Size at which a tier-2 chunk is closed and the next one starts.
+    pub chunk_bytes: u64,
+    /// Data gathered in the current log file before the mover copies it.
+    pub move_bytes_min: u64,
 }
 
 impl EngineConfig {
@@ -39,6 +47,10 @@ impl EngineConfig {
             frame_bytes_max: sluice_net::constants::FRAME_BYTES_MAX_DEFAULT,
             node_name: "standalone".into(),
             flushes_per_second: 0,
+            tier2: None,
+            log_bytes_max: LOG_BYTES_MAX_DEFAULT,
+            chunk_bytes: CHUNK_BYTES_DEFAULT,
+            move_bytes_min: MOVE_BYTES_MIN_DEFAULT,
         }
     }
 
@@ -55,6 +67,15 @@ impl EngineConfig {
             return Err(format!(
                 "log file size must be a multiple of {BLOCK_BYTES} and at least {LOG_FILE_BYTES_MIN} bytes"
             ));
+        }
+        if self.tier2.is_some() && self.log_bytes_max < 4 * self.log_file_bytes {
+            return Err(format!(
+                "the log budget ({} bytes) must hold at least 4 log files of {} bytes",
+                self.log_bytes_max, self.log_file_bytes
+            ));
+        }
+        if self.chunk_bytes == 0 {
+            return Err("the chunk size must be above zero".into());
         }
         if self.listen.port().checked_add(self.shards as u16 - 1).is_none() {
             return Err("listen port + shard count overflows".into());

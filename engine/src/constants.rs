@@ -27,6 +27,15 @@ pub const READ_BYTES_MAX: u32 = 8 << 20;
 /// Bytes appended but not yet durable, per container, above which appends are refused (overloaded).
 pub const PENDING_BYTES_MAX_DEFAULT: usize = 256 << 20;
 
+/// Default per-container budget for log files when tier-2 is configured.
+pub const LOG_BYTES_MAX_DEFAULT: u64 = 1 << 30;
+/// Default tier-2 chunk size.
+pub const CHUNK_BYTES_DEFAULT: u64 = 64 << 20;
+/// Default amount of a segment's data gathered in the current log file before it is moved.
+pub const MOVE_BYTES_MIN_DEFAULT: u64 = 1 << 20;
+/// Pause between mover rounds with nothing to do.
+pub const MOVE_INTERVAL_MS: u64 = 100;
+
 /// Rounds up to the block size.
 pub fn align_up(v: u64) -> u64 {
     v.div_ceil(BLOCK_BYTES) * BLOCK_BYTES

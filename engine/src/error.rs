@@ -21,6 +21,12 @@ pub enum EngineError {
     Poisoned { container: u32, reason: String },
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The log reached its budget because tier-2 is behind or unavailable.
+    #[error("tier-2 unavailable or behind: {0}")]
+    LogFull(String),
+    /// A read from tier-2 failed.
+    #[error("tier-2 read failed: {0}")]
+    Tier2(String),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("invalid event number: {0}")]
@@ -41,6 +47,7 @@ impl EngineError {
             EngineError::TooLarge(_) => (ErrorCode::TooLarge, None),
             EngineError::Poisoned { .. } => (ErrorCode::ContainerPoisoned, None),
             EngineError::Overloaded(_) => (ErrorCode::Overloaded, None),
+            EngineError::LogFull(_) | EngineError::Tier2(_) => (ErrorCode::Tier2Unavailable, None),
             EngineError::BadRequest(_) => (ErrorCode::BadRequest, None),
             EngineError::InvalidEventNumber(_) => (ErrorCode::InvalidEventNumber, None),
             EngineError::Io(_) => (ErrorCode::Internal, None),

@@ -238,7 +238,7 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
                 Ok(f) => f,
                 // A refused append must not be followed by later appends of the same writer
                 // on this connection (the client resends them all in order): close it.
-                Err(e @ (EngineError::Overloaded(_) | EngineError::Poisoned { .. })) => {
+                Err(e @ (EngineError::Overloaded(_) | EngineError::LogFull(_) | EngineError::Poisoned { .. })) => {
                     return Dispatched::Close(engine_error(id, &e));
                 }
                 Err(e) => return Dispatched::Now(engine_error(id, &e)),

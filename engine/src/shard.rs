@@ -7,6 +7,7 @@
 use crate::config::EngineConfig;
 use crate::container::core::{CoreConfig, OpResult, Request};
 use crate::container::io::Container;
+use crate::container::mover::Tier2Config;
 use crate::error::EngineError;
 use crate::server;
 use futures::StreamExt;
@@ -159,6 +160,10 @@ impl Node {
         // Absolute paths everywhere: glommio's directory handles fail on relative ones.
         cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| format!("resolving {}: {e}", cfg.data_dir.display()))?;
         check_layout(&cfg)?;
+        let tier2 = match &cfg.tier2 {
+            Some(url) => Some(sluice_tier2::open_url(url).map_err(|e| format!("tier-2 {url}: {e}"))?),
+            None => None,
+        };
         let mut listeners = Vec::new();
         let mut endpoints = Vec::new();
         for k in 0..cfg.shards {
@@ -175,15 +180,15 @@ impl Node {
         let mut handles = Vec::new();
         for ((k, listener), inbox) in (0..cfg.shards).zip(listeners).zip(rxs) {
             let placement = if cfg.pin { Placement::Fixed(k as usize % cpus) } else { Placement::Unbound };
-            let (cfg, peers, endpoints, store, ready) =
-                (cfg.clone(), txs.clone(), endpoints.clone(), store.clone(), ready_tx.clone());
+            let (cfg, peers, endpoints, store, ready, tier2) =
+                (cfg.clone(), txs.clone(), endpoints.clone(), store.clone(), ready_tx.clone(), tier2.clone());
             let fd = listener.into_raw_fd();
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("sluice-shard-{k}"))
                 .spawn(move || async move {
                     // SAFETY: `fd` is a listening TCP socket we own; ownership moves to glommio.
                     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
-                    let r = shard_main(k, cfg, peers, endpoints, store, listener, inbox, &ready).await;
+                    let r = shard_main(k, cfg, peers, endpoints, store, tier2, listener, inbox, &ready).await;
                     if let Err(e) = &r {
                         let _ = ready.send(Err(e.clone()));
                     }
@@ -240,6 +245,7 @@ async fn shard_main<S: MetaStore>(
     peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     endpoints: Vec<ShardEndpoint>,
     store: S,
+    tier2: Option<sluice_tier2::DynStore>,
     listener: glommio::net::TcpListener,
     mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
     ready: &std::sync::mpsc::Sender<Result<u32, String>>,
@@ -251,13 +257,21 @@ async fn shard_main<S: MetaStore>(
         let core_cfg = CoreConfig {
             container: c,
             file_bytes: cfg.log_file_bytes,
-            flush_bytes_max: cfg.flush_bytes_max,
+            // A flush must leave room in a file for a checkpoint and waste little at its end.
+            flush_bytes_max: cfg.flush_bytes_max.min((cfg.log_file_bytes / 4) as usize),
             cache_bytes_max: cfg.cache_bytes_max,
             pending_bytes_max: cfg.pending_bytes_max,
+            log_bytes_max: if tier2.is_some() { cfg.log_bytes_max } else { u64::MAX },
         };
+        let t2 = tier2.as_ref().map(|store| Tier2Config {
+            store: store.clone(),
+            chunk_bytes: cfg.chunk_bytes,
+            move_bytes_min: cfg.move_bytes_min,
+            interval: Duration::from_millis(crate::constants::MOVE_INTERVAL_MS),
+        });
         let dir = cfg.data_dir.join("containers").join(format!("{c:04}"));
         let container =
-            Container::open(core_cfg, dir, pacer.clone()).await.map_err(|e| format!("container {c}: {e}"))?;
+            Container::open(core_cfg, dir, pacer.clone(), t2).await.map_err(|e| format!("container {c}: {e}"))?;
         containers.insert(c, container);
     }
     let shard = Rc::new(Shard { index, cfg, containers, peers, endpoints, controller: Controller::new(store) });

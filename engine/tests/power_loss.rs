@@ -136,6 +136,7 @@ fn read_segment(core: &mut ContainerCore, disk: &Disk, name: &str) -> Vec<u8> {
                 core.insert_file_index(file_seq, FileIndex::build(&scan).unwrap());
             }
             ReadOutcome::Tail => return out,
+            ReadOutcome::Chunk { chunk, .. } => panic!("no tier-2 in this simulation, yet {chunk} was asked for"),
         }
     }
 }
@@ -163,6 +164,7 @@ fn run_seed(seed: u64) -> (u64, usize) {
         file_bytes: [64u64 << 10, 128 << 10, 256 << 10][rng.random_range(0..3)],
         flush_bytes_max: rng.random_range(2_000..40_000),
         cache_bytes_max: rng.random_range(0..20_000),
+        log_bytes_max: u64::MAX,
         pending_bytes_max: 1 << 30,
     };
     let names: Vec<String> = (0..3).map(|i| format!("s/t/{i}")).collect();
@@ -320,6 +322,7 @@ fn fresh_cfg() -> CoreConfig {
         file_bytes: 64 << 10,
         flush_bytes_max: 1 << 20,
         cache_bytes_max: 0,
+        log_bytes_max: u64::MAX,
         pending_bytes_max: 1 << 30,
     }
 }

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     InvalidEventNumber = 16,
     UnsupportedVersion = 17,
     Internal = 18,
+    /// The container's log is at its budget because tier-2 is behind or unavailable; retry later.
+    Tier2Unavailable = 19,
 }
 
 impl ErrorCode {
@@ -59,6 +61,7 @@ impl ErrorCode {
             16 => InvalidEventNumber,
             17 => UnsupportedVersion,
             18 => Internal,
+            19 => Tier2Unavailable,
             _ => return None,
         })
     }

@@ -131,18 +131,18 @@ impl Server {
             .append(true)
             .open(self.data_dir.with_extension("log"))
             .expect("server log");
-        let child = Command::new(sluice_bin())
-            .args(["standalone", "--data-dir"])
-            .arg(&self.data_dir)
-            .args([
-                "--listen",
-                &self.addr.to_string(),
-                "--cores",
-                &self.cores.to_string(),
-                "--log-file-mb",
-                "8",
-                "--no-pin",
-            ])
+        let mut cmd = Command::new(sluice_bin());
+        cmd.args(["standalone", "--data-dir"]).arg(&self.data_dir).args([
+            "--listen",
+            &self.addr.to_string(),
+            "--cores",
+            &self.cores.to_string(),
+            "--no-pin",
+        ]);
+        if !self.extra.iter().any(|a| a == "--log-file-mb") {
+            cmd.args(["--log-file-mb", "8"]);
+        }
+        let child = cmd
             .args(&self.extra)
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)

@@ -1,5 +1,7 @@
 //! SIGKILL the real server under load, three times, and restart it: every acknowledged event
-//! must be read back exactly once, with per-key order kept for every writer.
+//! must be read back exactly once, with per-key order kept for every writer. Run once on
+//! the log alone and once with tier-2, where a small log budget and small chunks keep the
+//! mover uploading (and the log freeing files) at every kill.
 
 use futures_lite::JoinSet;
 use sluice_client::{Client, ReadFrom};
@@ -22,8 +24,40 @@ const KILLS: u64 = 3;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_nothing() {
     let dir = TempDir::new("crash");
+    sigkill_under_load(&dir, &[], 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_tier2_uploads_loses_nothing() {
+    let dir = TempDir::new("crash-tier2");
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    let args =
+        ["--tier2", &tier2, "--log-file-mb", "1", "--log-budget-mb", "8", "--chunk-mb", "1", "--move-min-kb", "64"];
+    sigkill_under_load(&dir, &args, 200).await;
+    let chunks = walk_files(&dir.0.join("tier2"));
+    eprintln!("{} chunk files on tier-2", chunks.len());
+    assert!(chunks.len() > 8, "the mover uploaded chunks: {chunks:?}");
+    let logs = walk_files(&dir.0.join("data").join("containers")).len();
+    // 4 containers, each within its 8 MiB budget of 1 MiB files.
+    assert!(logs <= 4 * 8 + 1, "{logs} log files: the mover freed the log");
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() { stack.push(p) } else { out.push(p) }
+        }
+    }
+    out
+}
+
+/// Events carry `pad` extra bytes.
+async fn sigkill_under_load(dir: &TempDir, extra: &[&str], pad: usize) {
     let port = free_ports(2);
-    let server = Arc::new(Mutex::new(Server::start(&dir.0.join("data"), port, 2)));
+    let server = Arc::new(Mutex::new(Server::start_with(&dir.0.join("data"), port, 2, extra)));
     let url = server.lock().unwrap().url();
     let admin = Client::connect(&url).await.unwrap();
     admin.create_scope("crash").await.unwrap();
@@ -43,8 +77,10 @@ async fn sigkill_under_load_loses_nothing() {
                 let k = (i * 7 + w) % KEYS;
                 let s = seq[k as usize];
                 seq[k as usize] += 1;
-                let ack =
-                    writer.write_event(format!("key-{k}").as_bytes(), format!("{w}:{k}:{s}:payload").into_bytes());
+                let ack = writer.write_event(
+                    format!("key-{k}").as_bytes(),
+                    format!("{w}:{k}:{s}:payload{}", "p".repeat(pad)).into_bytes(),
+                );
                 inflight.spawn(async move { ack.await.map(|_| (w, k, s)) });
                 while inflight.len() >= INFLIGHT {
                     let r = inflight.join_next().await.unwrap().unwrap();

@@ -1,7 +1,7 @@
-//! Tier-2 (long-term storage): the `ChunkStore` contract, the filesystem backend, and the
-//! conformance suite every backend must pass. The mover that streams sealed log data into
-//! chunks, the layout of chunks per segment, and the HDFS backend come with the rest of the
-//! tier-2 issue; nothing in the engine calls this crate yet.
+//! Tier-2 (long-term storage): the `ChunkStore` contract, the filesystem backend, the
+//! conformance suite every backend must pass, the chunk layout (`layout`), and `DynStore`,
+//! the object-safe handle the engine's mover holds. The mover itself lives in the engine
+//! (it runs on the shard that owns the container).
 //!
 //! Thread model: a store handle is `Send + Sync + Clone` and its futures complete from the
 //! store's own threads, so shard executors (glommio) and tokio tasks can both await them
@@ -9,9 +9,12 @@
 
 pub mod conformance;
 pub mod fs;
+pub mod layout;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use std::future::Future;
+use std::sync::Arc;
 
 /// Failures of a chunk store, typed so the mover can decide what to retry.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -63,4 +66,61 @@ pub fn validate_name(name: &str) -> Result<(), ChunkError> {
                 && c.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
         });
     if ok { Ok(()) } else { Err(ChunkError::InvalidName(name.to_string())) }
+}
+
+/// An object-safe view of a `ChunkStore`, so a container can hold any backend.
+pub trait DynChunkStore: Send + Sync {
+    fn create<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>>;
+    fn append<'a>(&'a self, name: &'a str, offset: u64, data: Bytes) -> BoxFuture<'a, Result<(), ChunkError>>;
+    fn read<'a>(&'a self, name: &'a str, offset: u64, len: usize) -> BoxFuture<'a, Result<Bytes, ChunkError>>;
+    fn seal<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>>;
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>>;
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, ChunkError>>;
+    fn size<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, ChunkError>>;
+    /// Where the store is, for messages (`fs:/data/tier2`).
+    fn describe(&self) -> String;
+}
+
+/// A shared handle to some chunk store.
+pub type DynStore = Arc<dyn DynChunkStore>;
+
+impl DynChunkStore for fs::FsChunkStore {
+    fn create<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
+        Box::pin(ChunkStore::create(self, name))
+    }
+    fn append<'a>(&'a self, name: &'a str, offset: u64, data: Bytes) -> BoxFuture<'a, Result<(), ChunkError>> {
+        Box::pin(ChunkStore::append(self, name, offset, data))
+    }
+    fn read<'a>(&'a self, name: &'a str, offset: u64, len: usize) -> BoxFuture<'a, Result<Bytes, ChunkError>> {
+        Box::pin(ChunkStore::read(self, name, offset, len))
+    }
+    fn seal<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
+        Box::pin(ChunkStore::seal(self, name))
+    }
+    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
+        Box::pin(ChunkStore::delete(self, name))
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, ChunkError>> {
+        Box::pin(ChunkStore::list(self, prefix))
+    }
+    fn size<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, ChunkError>> {
+        Box::pin(ChunkStore::size(self, name))
+    }
+    fn describe(&self) -> String {
+        format!("fs:{}", self.root().display())
+    }
+}
+
+/// Opens a store from its URL: `fs:DIR` (or a plain path). `hdfs://` is not built yet.
+pub fn open_url(url: &str) -> Result<DynStore, ChunkError> {
+    if url.starts_with("hdfs://") {
+        return Err(ChunkError::Unavailable(format!(
+            "{url}: the HDFS backend is not built yet; use fs:DIR (a local or NFS directory)"
+        )));
+    }
+    let dir = url.strip_prefix("fs:").unwrap_or(url);
+    if dir.is_empty() {
+        return Err(ChunkError::Unavailable("empty tier-2 directory".into()));
+    }
+    Ok(Arc::new(fs::FsChunkStore::open(std::path::Path::new(dir), 4)?))
 }

@@ -74,6 +74,22 @@ struct StandaloneArgs {
     /// latency.
     #[arg(long, default_value_t = 0)]
     iops_limit: u64,
+    /// Long-term storage (tier-2): `fs:DIR` (a local or NFS directory). The mover copies
+    /// segment data there and frees log files, so streams can outgrow the local disk and
+    /// are read seamlessly from either tier. Without it, log files are never freed.
+    #[arg(long, value_name = "fs:DIR")]
+    tier2: Option<String>,
+    /// With --tier2: log space per container, in MiB. When tier-2 is down or slow and the
+    /// log reaches it, appends fail with `tier2 unavailable` until the mover catches up.
+    #[arg(long, default_value_t = 1024)]
+    log_budget_mb: u64,
+    /// With --tier2: size of a tier-2 chunk file, in MiB.
+    #[arg(long, default_value_t = 64)]
+    chunk_mb: u64,
+    /// With --tier2: a segment's data in the current log file is moved once this many KiB
+    /// have gathered (older log files and sealed segments are moved at once).
+    #[arg(long, default_value_t = 1024)]
+    move_min_kb: u64,
 }
 
 #[derive(Subcommand)]
@@ -140,18 +156,23 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.cache_bytes_max = a.cache_mb << 20;
     cfg.pin = !a.no_pin;
     cfg.flushes_per_second = a.iops_limit;
+    cfg.tier2 = a.tier2.clone();
+    cfg.log_bytes_max = a.log_budget_mb << 20;
+    cfg.chunk_bytes = a.chunk_mb << 20;
+    cfg.move_bytes_min = a.move_min_kb << 10;
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let started = std::time::Instant::now();
     let node = sluice_engine::shard::Node::start(cfg.clone())?;
     let ports: Vec<&str> = node.endpoints.iter().map(|e| e.address.as_str()).collect();
     println!(
-        "sluice standalone ready in {:.2?}: {} shards on {}, {} containers, data in {}",
+        "sluice standalone ready in {:.2?}: {} shards on {}, {} containers, data in {}, tier-2 {}",
         started.elapsed(),
         cores,
         ports.join(", "),
         cfg.container_count(),
-        a.data_dir.display()
+        a.data_dir.display(),
+        a.tier2.as_deref().unwrap_or("off")
     );
     println!("try:  sluice scope create demo && sluice stream create demo/events --segments 4");
     println!("      echo hello | sluice write demo/events --key k1 && sluice read demo/events --timeout-ms 1000");

@@ -33,6 +33,9 @@ pub struct CoreConfig {
     pub flush_bytes_max: usize,
     pub cache_bytes_max: usize,
     pub pending_bytes_max: usize,
+    /// Budget for the container's log files on disk (`u64::MAX`: none). Only a container
+    /// with tier-2 ever frees log files; at the budget, appends fail with `LogFull`.
+    pub log_bytes_max: u64,
 }
 
 impl CoreConfig {
@@ -68,6 +71,13 @@ pub enum Request {
     },
     Delete {
         name: String,
+    },
+    /// From the mover only: chunk `(start, epoch)` now durably holds `len` bytes.
+    Chunk {
+        name: String,
+        start: u64,
+        epoch: u64,
+        len: u64,
     },
 }
 
@@ -120,6 +130,13 @@ pub enum ReadOutcome {
     NeedIndex {
         file_seq: u64,
     },
+    /// Read `len` bytes at `offset` of tier-2 chunk `chunk` (which holds `chunk_len` valid bytes).
+    Chunk {
+        chunk: String,
+        offset: u64,
+        len: u64,
+        chunk_len: u64,
+    },
     /// No durable data at this offset yet.
     Tail,
 }
@@ -133,6 +150,29 @@ pub struct SegmentStatus {
     pub length: u64,
     pub sealed: bool,
     pub writers: Vec<(u128, u64)>,
+    /// Bytes below this offset are in tier-2 (and possibly still in the log).
+    pub tier2_end: u64,
+}
+
+/// A tier-2 chunk of a segment: `len` valid bytes from segment offset `start`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkMeta {
+    pub start: u64,
+    pub epoch: u64,
+    pub len: u64,
+}
+
+/// Durable segment data the mover should copy to tier-2: `[from, to)` of `name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveTask {
+    pub name: String,
+    pub from: u64,
+    pub to: u64,
+    /// The segment's last chunk (the mover extends it when it is its own and has room).
+    pub last_chunk: Option<ChunkMeta>,
+    pub sealed: bool,
+    /// The data sits in a log file older than the current one (it pins that file).
+    pub pins_old_file: bool,
 }
 
 struct Segment {
@@ -144,6 +184,8 @@ struct Segment {
     writers: HashMap<u128, u64>,
     /// (first offset with data in the file, file seq), ascending.
     files: Vec<(u64, u64)>,
+    tier2_end: u64,
+    chunks: Vec<ChunkMeta>,
     acc_length: u64,
     acc_start_offset: u64,
     acc_sealed: bool,
@@ -160,6 +202,8 @@ impl Segment {
             sealed: false,
             writers: HashMap::new(),
             files: Vec::new(),
+            tier2_end: 0,
+            chunks: Vec::new(),
             acc_length: 0,
             acc_start_offset: 0,
             acc_sealed: false,
@@ -172,6 +216,17 @@ impl Segment {
         self.acc_start_offset = self.start_offset;
         self.acc_sealed = self.sealed;
         self.acc_writers = self.writers.clone();
+    }
+
+    /// First offset the log must still hold for this segment.
+    fn log_needed_from(&self) -> u64 {
+        self.tier2_end.max(self.start_offset)
+    }
+
+    /// The log file holding `offset`, if the log holds it.
+    fn file_of(&self, offset: u64) -> Option<u64> {
+        let i = self.files.partition_point(|&(o, _)| o <= offset);
+        i.checked_sub(1).and_then(|i| self.files.get(i)).map(|&(_, f)| f)
     }
 }
 
@@ -238,6 +293,10 @@ pub struct ContainerCore {
     cache: ReadCache,
     current_index: FileIndex,
     cold_indexes: VecDeque<(u64, FileIndex)>,
+    /// Lowest log file sequence still on disk.
+    oldest_file: u64,
+    /// Tier-2 chunks no segment refers to any more (truncated or deleted), to delete.
+    garbage: Vec<String>,
 }
 
 impl ContainerCore {
@@ -261,6 +320,8 @@ impl ContainerCore {
             cache,
             current_index: FileIndex::default(),
             cold_indexes: VecDeque::new(),
+            oldest_file: first_file_seq,
+            garbage: Vec::new(),
             cfg,
         }
     }
@@ -362,6 +423,17 @@ impl ContainerCore {
                 self.by_name.remove(&name);
                 Ok(self.queue(Some(LogEntry::Delete { segment: id }), OpResult::Done))
             }
+            Request::Chunk { name, start, epoch, len } => {
+                let id = self.lookup(&name)?;
+                let s = &self.segments[&id];
+                if start + len > s.length {
+                    return Err(EngineError::BadRequest(format!(
+                        "chunk of {name} at {start} with {len} bytes reaches beyond its durable length {}",
+                        s.length
+                    )));
+                }
+                Ok(self.queue(Some(LogEntry::Chunk { segment: id, start, epoch, len }), OpResult::Done))
+            }
         }
     }
 
@@ -425,6 +497,20 @@ impl ContainerCore {
         {
             return Err(EngineError::ConditionalCheckFailed { segment: name, expected, actual: s.acc_length });
         }
+        if self.cfg.log_bytes_max != u64::MAX {
+            // Files on disk (counted whole) plus everything queued must leave a file of room
+            // for the next roll; beyond that the log waits for tier-2 to free files.
+            let live = self.file_seq + 1 - self.oldest_file.min(self.file_seq);
+            // Queued bytes may waste up to a quarter of each file they roll into.
+            let queued = (self.pending_bytes + data.len()) as u64;
+            let need = live * self.cfg.file_bytes + queued + queued / 3;
+            if need + self.cfg.file_bytes > self.cfg.log_bytes_max {
+                return Err(EngineError::LogFull(format!(
+                    "container {}: the log holds {live} files ({} bytes budget) of data not yet moved to tier-2",
+                    self.cfg.container, self.cfg.log_bytes_max
+                )));
+            }
+        }
         if self.pending_bytes + data.len() > self.cfg.pending_bytes_max && !self.pending.is_empty() {
             return Err(EngineError::Overloaded(format!(
                 "container {} has {} bytes waiting for the disk",
@@ -454,6 +540,8 @@ impl ContainerCore {
                 sealed: s.sealed,
                 writers: s.writers.iter().map(|(&w, &n)| (w, n)).collect(),
                 files: s.files.clone(),
+                tier2_end: s.tier2_end,
+                chunks: s.chunks.iter().map(|c| (c.start, c.epoch, c.len)).collect(),
             })
             .collect();
         segments.sort_by_key(|s| s.id);
@@ -617,6 +705,12 @@ impl ContainerCore {
             LogEntry::Truncate { segment, offset } => {
                 let s = self.segments.get_mut(segment)?;
                 s.start_offset = s.start_offset.max(*offset);
+                let start = s.start_offset;
+                // Chunks wholly below the start offset are garbage.
+                let keep = s.chunks.partition_point(|c| c.start + c.len <= start);
+                let dropped: Vec<ChunkMeta> = s.chunks.drain(..keep).collect();
+                let name = s.name.clone();
+                self.garbage.extend(dropped.iter().map(|c| sluice_tier2::layout::chunk_name(&name, c.start, c.epoch)));
                 self.cache.truncate(*segment, *offset);
                 None
             }
@@ -625,8 +719,19 @@ impl ContainerCore {
                 if self.by_name.get(&s.name) == Some(segment) {
                     self.by_name.remove(&s.name);
                 }
+                self.garbage
+                    .extend(s.chunks.iter().map(|c| sluice_tier2::layout::chunk_name(&s.name, c.start, c.epoch)));
                 self.cache.remove_segment(*segment);
                 Some(*segment)
+            }
+            LogEntry::Chunk { segment, start, epoch, len } => {
+                let s = self.segments.get_mut(segment)?;
+                match s.chunks.last_mut() {
+                    Some(c) if c.start == *start && c.epoch == *epoch => c.len = c.len.max(*len),
+                    _ => s.chunks.push(ChunkMeta { start: *start, epoch: *epoch, len: *len }),
+                }
+                s.tier2_end = s.tier2_end.max(start + len);
+                None
             }
         }
     }
@@ -637,6 +742,97 @@ impl ContainerCore {
         while self.cold_indexes.len() > FILE_INDEXES_CACHED_MAX {
             self.cold_indexes.pop_front();
         }
+    }
+
+    fn has_file_index_for(&self, s: &Segment, offset: u64) -> bool {
+        s.file_of(offset).is_some_and(|f| f == self.file_seq || self.cold_indexes.iter().any(|(seq, _)| *seq == f))
+    }
+
+    /// Lowest log file sequence still on disk.
+    pub fn oldest_file(&self) -> u64 {
+        self.oldest_file
+    }
+
+    /// Log files on disk from the oldest to the current one.
+    pub fn live_files(&self) -> u64 {
+        self.file_seq + 1 - self.oldest_file.min(self.file_seq)
+    }
+
+    /// The lowest log file any segment still needs (data not yet in tier-2 and not
+    /// truncated); files below it may be deleted. Never above the current file.
+    pub fn files_needed_from(&self) -> u64 {
+        let mut needed = self.file_seq;
+        for s in self.segments.values() {
+            let from = s.log_needed_from();
+            if from < s.length
+                && let Some(f) = s.file_of(from).or(s.files.first().map(|&(_, f)| f))
+            {
+                needed = needed.min(f);
+            }
+        }
+        if let Some(f) = &self.in_flight
+            && let Some(p) = f.plan.prepare
+        {
+            needed = needed.min(p);
+        }
+        needed
+    }
+
+    /// Files below `seq` are gone from disk (deleted, or found missing at recovery): forget them.
+    pub fn forget_files_below(&mut self, seq: u64) {
+        self.oldest_file = seq.min(self.file_seq);
+        for s in self.segments.values_mut() {
+            let gone = s.files.partition_point(|&(_, f)| f < seq);
+            s.files.drain(..gone);
+        }
+        self.cold_indexes.retain(|(f, _)| *f >= seq);
+    }
+
+    /// Durable data waiting for tier-2, one task per segment, segments that pin old log
+    /// files or are sealed first. Segments with less than `min_bytes` waiting in the
+    /// current file are left to accumulate.
+    pub fn move_tasks(&self, min_bytes: u64) -> Vec<MoveTask> {
+        let mut tasks: Vec<MoveTask> = self
+            .segments
+            .values()
+            .filter(|s| s.created)
+            .filter_map(|s| {
+                let from = s.log_needed_from();
+                let pins_old_file = from < s.length && s.file_of(from).is_some_and(|f| f < self.file_seq);
+                let unsealed_chunk = s.sealed && s.chunks.last().is_some_and(|c| c.start + c.len == s.length);
+                if from >= s.length && !unsealed_chunk {
+                    return None;
+                }
+                if from < s.length && !pins_old_file && !s.sealed && s.length - from < min_bytes {
+                    return None;
+                }
+                Some(MoveTask {
+                    name: s.name.clone(),
+                    from,
+                    to: s.length,
+                    last_chunk: s.chunks.last().copied(),
+                    sealed: s.sealed,
+                    pins_old_file,
+                })
+            })
+            .collect();
+        tasks.sort_by_key(|t| (!t.pins_old_file, !t.sealed, t.from));
+        tasks
+    }
+
+    /// Every segment's chunks (for reconciliation with tier-2 after recovery).
+    pub fn chunk_map(&self) -> Vec<(String, u64, Vec<ChunkMeta>)> {
+        self.segments.values().filter(|s| s.created).map(|s| (s.name.clone(), s.length, s.chunks.clone())).collect()
+    }
+
+    /// Takes the names of chunks to delete from tier-2.
+    pub fn take_garbage(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.garbage)
+    }
+
+    /// Puts back chunk names whose deletion failed.
+    pub fn return_garbage(&mut self, names: Vec<String>) {
+        self.garbage.extend(names);
     }
 
     /// Installs the index of an older file (after `ReadOutcome::NeedIndex`).
@@ -660,6 +856,7 @@ impl ContainerCore {
             length: s.length,
             sealed: s.sealed,
             writers,
+            tier2_end: s.tier2_end,
         })
     }
 
@@ -683,9 +880,27 @@ impl ContainerCore {
         if let Some(data) = self.cache.get(status.id, offset, max) {
             return Ok((ReadOutcome::Data(data), status));
         }
-        let i = s.files.partition_point(|&(o, _)| o <= offset);
-        let Some(&(_, file_seq)) = i.checked_sub(1).and_then(|i| s.files.get(i)) else {
-            return Err(EngineError::BadRequest(format!("no log file holds offset {offset} of {name}")));
+        let in_log = s.files.first().is_some_and(|&(o, _)| o <= offset);
+        if !in_log || offset < s.tier2_end && !self.has_file_index_for(s, offset) {
+            // Below the log: tier-2 holds it.
+            let i = s.chunks.partition_point(|c| c.start <= offset);
+            if let Some(c) = i.checked_sub(1).map(|i| s.chunks[i])
+                && offset < c.start + c.len
+            {
+                let within = offset - c.start;
+                return Ok((
+                    ReadOutcome::Chunk {
+                        chunk: sluice_tier2::layout::chunk_name(name, c.start, c.epoch),
+                        offset: within,
+                        len: (c.len - within).min(max as u64),
+                        chunk_len: c.len,
+                    },
+                    status,
+                ));
+            }
+        }
+        let Some(file_seq) = s.file_of(offset) else {
+            return Err(EngineError::BadRequest(format!("neither the log nor tier-2 holds offset {offset} of {name}")));
         };
         let index = if file_seq == self.file_seq {
             &self.current_index
@@ -751,6 +966,8 @@ impl ContainerCore {
             s.sealed = sc.sealed;
             s.writers = sc.writers.into_iter().collect();
             s.files = sc.files;
+            s.tier2_end = sc.tier2_end;
+            s.chunks = sc.chunks.into_iter().map(|(start, epoch, len)| ChunkMeta { start, epoch, len }).collect();
             core.by_name.insert(sc.name, sc.id);
             core.segments.insert(sc.id, s);
         }

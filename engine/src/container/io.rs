@@ -16,6 +16,7 @@ use crate::container::core::{
     ContainerCore, CoreConfig, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
 };
 use crate::container::index::FileIndex;
+use crate::container::mover::{Tier2Config, Tier2State};
 use crate::error::{EngineError, RecoveryError};
 use crate::log::format::FileHeader;
 use crate::log::scan::scan_file;
@@ -42,22 +43,23 @@ pub struct ReadData {
     pub status: SegmentStatus,
 }
 
-struct Files {
+pub(crate) struct Files {
     current: Option<Rc<DmaFile>>,
     current_seq: u64,
     next: Option<(u64, glommio::task::JoinHandle<Result<DmaFile, String>>)>,
-    readers: HashMap<u64, Rc<DmaFile>>,
+    pub(crate) readers: HashMap<u64, Rc<DmaFile>>,
 }
 
 pub struct Container {
     id: u32,
-    dir: PathBuf,
-    core: RefCell<ContainerCore>,
+    pub(crate) dir: PathBuf,
+    pub(crate) core: RefCell<ContainerCore>,
     waiters: RefCell<VecDeque<Waiter>>,
     tail_waiters: RefCell<HashMap<u64, Vec<oneshot::Sender<()>>>>,
     flushing: Cell<bool>,
-    files: RefCell<Files>,
+    pub(crate) files: RefCell<Files>,
     pacer: Rc<IoPacer>,
+    pub(crate) tier2: Option<Tier2State>,
 }
 
 /// A shard's I/O budget (flushes per second), as a GCRA rate limiter: a burst of up to
@@ -174,8 +176,14 @@ async fn open_log_for_writing(path: &Path) -> Result<DmaFile, String> {
 
 impl Container {
     /// Opens (recovering) or creates container `cfg.container` under `dir`.
-    /// `pacer` is the shard's I/O budget, shared by its containers.
-    pub async fn open(cfg: CoreConfig, dir: PathBuf, pacer: Rc<IoPacer>) -> Result<Rc<Self>, RecoveryError> {
+    /// `pacer` is the shard's I/O budget, shared by its containers. With `tier2`, a mover
+    /// task starts that copies data to tier-2 and frees log files.
+    pub async fn open(
+        cfg: CoreConfig,
+        dir: PathBuf,
+        pacer: Rc<IoPacer>,
+        tier2: Option<Tier2Config>,
+    ) -> Result<Rc<Self>, RecoveryError> {
         let ioerr = |source: std::io::Error| RecoveryError::Io { file: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(ioerr)?;
         // Make the directory chain itself durable (containers/ and the data directory).
@@ -204,7 +212,7 @@ impl Container {
                 break;
             }
         }
-        let (core, report) = ContainerCore::recover(cfg.clone(), &images).map_err(|f| match f {
+        let (mut core, report) = ContainerCore::recover(cfg.clone(), &images).map_err(|f| match f {
             crate::container::core::RecoverFault::Corrupt { file_seq, at, valid_at } => {
                 RecoveryError::Corrupt { file: dir.join(file_name(file_seq)), offset: at, valid_at }
             }
@@ -213,6 +221,10 @@ impl Container {
             }
         })?;
         drop(images);
+        // Files below the oldest one on disk were freed after their data went to tier-2.
+        if let Some(&first) = seqs.first() {
+            core.forget_files_below(first);
+        }
         for seq in &report.discard_files {
             let path = dir.join(file_name(*seq));
             std::fs::remove_file(&path).map_err(|source| RecoveryError::Io { file: path, source })?;
@@ -243,7 +255,7 @@ impl Container {
                 "container recovered"
             );
         }
-        Ok(Rc::new(Self {
+        let container = Rc::new(Self {
             id: cfg.container,
             dir,
             core: RefCell::new(core),
@@ -252,7 +264,12 @@ impl Container {
             flushing: Cell::new(false),
             files: RefCell::new(files),
             pacer,
-        }))
+            tier2: tier2.map(Tier2State::new),
+        });
+        if container.tier2.is_some() {
+            glommio::spawn_local(Self::mover_loop(container.clone())).detach();
+        }
+        Ok(container)
     }
 
     pub fn id(&self) -> u32 {
@@ -272,7 +289,11 @@ impl Container {
         req: Request,
     ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
         // End the borrow before spawning: glommio may run a new task at once.
-        let submitted = self.core.borrow_mut().submit(req)?;
+        let submitted = self.core.borrow_mut().submit(req);
+        if let Err(EngineError::LogFull(_)) = &submitted {
+            self.wake_mover();
+        }
+        let submitted = submitted?;
         let state = match submitted {
             Submitted::Ready(r) => Either::Left(r),
             Submitted::Queued => {
@@ -336,6 +357,7 @@ impl Container {
                     }
                     if let Some(old) = done.rolled_from {
                         self.files.borrow_mut().readers.remove(&old);
+                        self.wake_mover();
                     }
                     let mut tails = self.tail_waiters.borrow_mut();
                     for seg in done.changed {
@@ -419,7 +441,8 @@ impl Container {
             // Prepare the next file once this one is half used, off the commit path.
             let (half, next_seq) = {
                 let c = self.core.borrow();
-                (step.pos + step.len > c.config().file_bytes / 2, step.file_seq + 1)
+                let in_budget = (c.live_files() + 1).saturating_mul(c.config().file_bytes) <= c.config().log_bytes_max;
+                (in_budget && step.pos + step.len > c.config().file_bytes / 2, step.file_seq + 1)
             };
             if half && self.files.borrow().next.is_none() {
                 self.start_prepare(next_seq);
@@ -463,8 +486,17 @@ impl Container {
             let (outcome, status) = self.core.borrow().read(name, offset, max)?;
             match outcome {
                 ReadOutcome::Data(data) => return Ok(ReadData { data, status }),
+                ReadOutcome::Chunk { chunk, offset: within, len, chunk_len } => {
+                    let data = self.read_chunk(&chunk, within, len, chunk_len).await?;
+                    return Ok(ReadData { data, status });
+                }
                 ReadOutcome::Log { file_seq, pos, len } => {
-                    let f = self.reader_file(file_seq).await?;
+                    let f = match self.reader_file(file_seq).await {
+                        Ok(f) => f,
+                        // Freed meanwhile (its data is in tier-2 now): look again.
+                        Err(_) if file_seq < self.core.borrow().oldest_file() => continue,
+                        Err(e) => return Err(e),
+                    };
                     let r = f
                         .read_at(pos, len as usize)
                         .await
@@ -473,7 +505,11 @@ impl Container {
                 }
                 ReadOutcome::NeedIndex { file_seq } => {
                     let path = self.dir.join(file_name(file_seq));
-                    let bytes = read_whole(&path).await.map_err(EngineError::Io)?;
+                    let bytes = match read_whole(&path).await {
+                        Ok(b) => b,
+                        Err(_) if file_seq < self.core.borrow().oldest_file() => continue,
+                        Err(e) => return Err(EngineError::Io(e)),
+                    };
                     let index = FileIndex::build(&scan_file(&bytes)).map_err(EngineError::Io)?;
                     self.core.borrow_mut().insert_file_index(file_seq, index);
                 }

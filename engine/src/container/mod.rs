@@ -1,7 +1,9 @@
 //! Segment containers: the sans-IO state machine (`core`), its read cache and file
-//! indexes, and the glommio driver that gives it direct-IO log files (`io`).
+//! indexes, the glommio driver that gives it direct-IO log files (`io`), and its tier-2
+//! mover and tier-2 reads (`mover`).
 
 pub mod cache;
 pub mod core;
 pub mod index;
 pub mod io;
+pub mod mover;

@@ -23,6 +23,10 @@ pub struct SegmentCheckpoint {
     pub writers: Vec<(u128, u64)>,
     /// (first segment offset with data in the file, file sequence), ascending.
     pub files: Vec<(u64, u64)>,
+    /// Segment bytes below this offset are in tier-2.
+    pub tier2_end: u64,
+    /// Tier-2 chunks (start offset, owner epoch, bytes), ascending.
+    pub chunks: Vec<(u64, u64, u64)>,
 }
 
 impl CheckpointState {

@@ -7,6 +7,7 @@ const APPEND: u8 = 2;
 const SEAL: u8 = 3;
 const TRUNCATE: u8 = 4;
 const DELETE: u8 = 5;
+const CHUNK: u8 = 6;
 
 /// Bytes of an append entry before its data.
 pub const APPEND_HEADER_BYTES: usize = 1 + 8 + 8 + 16 + 8 + 4;
@@ -36,6 +37,14 @@ pub enum LogEntry {
     Delete {
         segment: u64,
     },
+    /// Tier-2 chunk `(start, epoch)` of the segment durably holds `len` bytes from `start`
+    /// (a new chunk when it is not the segment's last one).
+    Chunk {
+        segment: u64,
+        start: u64,
+        epoch: u64,
+        len: u64,
+    },
 }
 
 impl LogEntry {
@@ -46,6 +55,7 @@ impl LogEntry {
             LogEntry::Append { data, .. } => APPEND_HEADER_BYTES + data.len(),
             LogEntry::Seal { .. } | LogEntry::Delete { .. } => 1 + 8,
             LogEntry::Truncate { .. } => 1 + 8 + 8,
+            LogEntry::Chunk { .. } => 1 + 8 * 4,
         }
     }
 
@@ -80,6 +90,12 @@ impl LogEntry {
             LogEntry::Delete { segment } => {
                 w.u8(DELETE);
                 w.u64(*segment);
+            }
+            LogEntry::Chunk { segment, start, epoch, len } => {
+                w.u8(CHUNK);
+                for v in [*segment, *start, *epoch, *len] {
+                    w.u64(v);
+                }
             }
         }
         w.pos
@@ -118,6 +134,7 @@ pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, 
             SEAL => LogEntry::Seal { segment: r.u64()? },
             TRUNCATE => LogEntry::Truncate { segment: r.u64()?, offset: r.u64()? },
             DELETE => LogEntry::Delete { segment: r.u64()? },
+            CHUNK => LogEntry::Chunk { segment: r.u64()?, start: r.u64()?, epoch: r.u64()?, len: r.u64()? },
             t => {
                 return Err(format!("unknown entry type {t} at payload byte {}", r.pos - 1));
             }
@@ -197,6 +214,7 @@ mod tests {
             LogEntry::Seal { segment: 1 },
             LogEntry::Truncate { segment: 1, offset: 2 },
             LogEntry::Delete { segment: 1 },
+            LogEntry::Chunk { segment: 1, start: 10, epoch: 3, len: 4096 },
         ];
         let total: usize = entries.iter().map(|e| e.encoded_len()).sum();
         let mut buf = vec![0u8; total];

@@ -1,0 +1,444 @@
+//! The tier-2 side of a container, on the shard that owns it: the mover that copies durable
+//! segment data from the log into tier-2 chunks and then frees log files, reconciliation of
+//! chunk metadata with what tier-2 holds after a restart, deletion of truncated chunks, and
+//! chunk-aligned tier-2 reads with read-ahead.
+//!
+//! Invariants:
+//! - Only durable log data is copied, so every byte in a chunk is a correct segment byte,
+//!   even past the length the log recorded (an upload interrupted before its `Chunk` entry).
+//! - A chunk's bytes count only once its `Chunk` entry is durable in the log; a log file is
+//!   deleted only when every segment's data in it is below its durable tier-2 end (or
+//!   truncated away).
+//! - The mover creates chunks only under the container's current epoch, and seals the last
+//!   chunk of an older epoch before writing more, so a deposed owner cannot append to it.
+//! - The mover never blocks appends: it runs as its own task, one segment piece at a time;
+//!   when tier-2 fails it backs off and retries, and the log's budget (`LogFull`) is the
+//!   only back-pressure writers see.
+
+use crate::container::core::{ChunkMeta, MoveTask, Request};
+use crate::container::io::Container;
+use crate::error::EngineError;
+use crate::log::file_name;
+use bytes::{Bytes, BytesMut};
+use futures::channel::oneshot;
+use sluice_tier2::layout::{chunk_name, parse_chunk_file, segment_dir};
+use sluice_tier2::{ChunkError, DynStore};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Bytes copied per tier-2 append (and per `Chunk` log entry).
+const MOVE_PIECE_BYTES: u64 = 4 << 20;
+/// Size of an aligned tier-2 read (the unit of the tier-2 read cache and of read-ahead).
+const READ_BLOCK_BYTES: u64 = 4 << 20;
+/// Tier-2 read blocks cached per container.
+const READ_BLOCKS_CACHED: usize = 8;
+/// Blocks read ahead of a sequential reader.
+const READ_AHEAD_BLOCKS: u64 = 2;
+/// Longest pause between retries while tier-2 fails.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Tier-2 settings of a container.
+#[derive(Clone)]
+pub struct Tier2Config {
+    pub store: DynStore,
+    /// A chunk is closed (sealed) and a new one started at this size.
+    pub chunk_bytes: u64,
+    /// Data of a segment waiting in the current log file is moved once this much has gathered
+    /// (data in older files, and of sealed segments, is moved at once).
+    pub move_bytes_min: u64,
+    /// Pause between mover rounds when there is nothing to do.
+    pub interval: Duration,
+}
+
+/// A tier-2 read block: (chunk name, block number).
+type BlockKey = (String, u64);
+
+/// Mover and tier-2 read state of one container.
+pub struct Tier2State {
+    pub cfg: Tier2Config,
+    /// Chunks known sealed on tier-2 (so they are sealed once).
+    sealed: RefCell<HashSet<String>>,
+    /// The last tier-2 failure, until a round succeeds.
+    pub last_error: RefCell<Option<String>>,
+    /// Wakes a sleeping mover (a log file rolled, or an append hit the budget).
+    wake: RefCell<Option<oneshot::Sender<()>>>,
+    blocks: RefCell<VecDeque<(BlockKey, Bytes)>>,
+    loading: RefCell<HashMap<BlockKey, Vec<oneshot::Sender<()>>>>,
+}
+
+impl Tier2State {
+    pub fn new(cfg: Tier2Config) -> Self {
+        Self {
+            cfg,
+            sealed: RefCell::new(HashSet::new()),
+            last_error: RefCell::new(None),
+            wake: RefCell::new(None),
+            blocks: RefCell::new(VecDeque::new()),
+            loading: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+fn t2err(e: ChunkError) -> String {
+    e.to_string()
+}
+
+impl Container {
+    fn t2(&self) -> &Tier2State {
+        self.tier2.as_ref().expect("container has tier-2")
+    }
+
+    /// Wakes the mover if it sleeps.
+    pub(crate) fn wake_mover(&self) {
+        if let Some(t) = &self.tier2
+            && let Some(tx) = t.wake.borrow_mut().take()
+        {
+            let _ = tx.send(());
+        }
+    }
+
+    async fn mover_sleep(&self, d: Duration) {
+        let (tx, rx) = oneshot::channel();
+        *self.t2().wake.borrow_mut() = Some(tx);
+        let sleep = glommio::timer::sleep(d);
+        futures::pin_mut!(sleep);
+        let _ = futures::future::select(rx, sleep).await;
+        self.t2().wake.borrow_mut().take();
+    }
+
+    /// The mover task: reconcile once, then move, collect garbage and free log files until
+    /// the container is poisoned.
+    pub(crate) async fn mover_loop(self: Rc<Self>) {
+        let interval = self.t2().cfg.interval;
+        let mut backoff = interval;
+        let mut reconciled = false;
+        let mut last_warn: Option<Instant> = None;
+        loop {
+            if self.core.borrow().is_poisoned() {
+                return;
+            }
+            let round = async {
+                if !reconciled {
+                    self.reconcile().await?;
+                    reconciled = true;
+                }
+                let moved = self.move_round().await?;
+                self.collect_garbage().await?;
+                self.free_log_files().await?;
+                Ok::<bool, String>(moved)
+            }
+            .await;
+            match round {
+                Ok(moved) => {
+                    if let Some(e) = self.t2().last_error.borrow_mut().take() {
+                        tracing::info!(container = self.id(), previous_error = %e, "tier-2 is back; moving again");
+                    }
+                    backoff = interval;
+                    if !moved {
+                        self.mover_sleep(interval).await;
+                    }
+                }
+                Err(reason) => {
+                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(container = self.id(), %reason, "tier-2 move failed; retrying");
+                        last_warn = Some(Instant::now());
+                    }
+                    *self.t2().last_error.borrow_mut() = Some(reason);
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Makes chunk metadata and tier-2 agree after a restart: an older epoch's last chunk
+    /// keeps any extra (valid) bytes an interrupted upload left and is sealed; chunks of
+    /// older epochs that the metadata does not name (partial uploads) are deleted.
+    async fn reconcile(self: &Rc<Self>) -> Result<(), String> {
+        let store = self.t2().cfg.store.clone();
+        let (epoch, map) = {
+            let core = self.core.borrow();
+            (core.epoch(), core.chunk_map())
+        };
+        for (name, length, chunks) in map {
+            if length == 0 {
+                continue;
+            }
+            let dir = format!("{}/", segment_dir(&name));
+            for listed in store.list(&dir).await.map_err(t2err)? {
+                let Some((start, e)) = listed.rsplit('/').next().and_then(parse_chunk_file) else {
+                    continue;
+                };
+                let known = chunks.iter().any(|c| c.start == start && c.epoch == e);
+                if !known && e < epoch {
+                    tracing::info!(container = self.id(), chunk = %listed, "deleting a partial tier-2 upload");
+                    match store.delete(&listed).await {
+                        Ok(()) | Err(ChunkError::NotFound(_)) => {}
+                        Err(e) => return Err(t2err(e)),
+                    }
+                }
+            }
+            let Some(last) = chunks.last().copied().filter(|c| c.epoch < epoch) else {
+                continue;
+            };
+            let chunk = chunk_name(&name, last.start, last.epoch);
+            let size = store.size(&chunk).await.map_err(t2err)?;
+            if size < last.len {
+                tracing::error!(
+                    container = self.id(),
+                    %chunk,
+                    size,
+                    recorded = last.len,
+                    "tier-2 chunk is shorter than recorded: tier-2 lost acknowledged bytes"
+                );
+            } else if size > last.len {
+                let len = size.min(length - last.start);
+                if len > last.len {
+                    self.record_chunk(&name, last.start, last.epoch, len).await?;
+                }
+            }
+            self.seal_chunk(&chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_chunk(self: &Rc<Self>, name: &str, start: u64, epoch: u64, len: u64) -> Result<(), String> {
+        let fut = self
+            .submit(Request::Chunk { name: name.to_string(), start, epoch, len })
+            .map_err(|e| format!("recording chunk of {name}: {e}"))?;
+        fut.await.map(|_| ()).map_err(|e| format!("recording chunk of {name}: {e}"))
+    }
+
+    async fn seal_chunk(&self, chunk: &str) -> Result<(), String> {
+        if self.t2().sealed.borrow().contains(chunk) {
+            return Ok(());
+        }
+        self.t2().cfg.store.seal(chunk).await.map_err(t2err)?;
+        self.t2().sealed.borrow_mut().insert(chunk.to_string());
+        Ok(())
+    }
+
+    /// One pass over the segments with data waiting; true if anything moved.
+    async fn move_round(self: &Rc<Self>) -> Result<bool, String> {
+        let tasks = self.core.borrow().move_tasks(self.t2().cfg.move_bytes_min);
+        let mut moved = false;
+        for task in tasks {
+            moved |= self.move_segment(task).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn move_segment(self: &Rc<Self>, task: MoveTask) -> Result<bool, String> {
+        let store = self.t2().cfg.store.clone();
+        let chunk_bytes = self.t2().cfg.chunk_bytes;
+        let epoch = self.core.borrow().epoch();
+        let mut chunk: Option<ChunkMeta> =
+            task.last_chunk.filter(|c| c.epoch == epoch && c.start + c.len == task.from && c.len < chunk_bytes);
+        if let Some(old) = task.last_chunk.filter(|c| c.epoch < epoch) {
+            // Fence the previous owner's chunk before writing past it.
+            self.seal_chunk(&chunk_name(&task.name, old.start, old.epoch)).await?;
+        }
+        let mut off = task.from;
+        let mut moved = false;
+        while off < task.to {
+            let c = match chunk {
+                Some(c) => c,
+                None => {
+                    let name = chunk_name(&task.name, off, epoch);
+                    match store.create(&name).await {
+                        Ok(()) => {}
+                        Err(ChunkError::AlreadyExists(_)) => {
+                            // Our own earlier attempt that was never recorded: start it over.
+                            store.delete(&name).await.map_err(t2err)?;
+                            store.create(&name).await.map_err(t2err)?;
+                        }
+                        Err(e) => return Err(t2err(e)),
+                    }
+                    ChunkMeta { start: off, epoch, len: 0 }
+                }
+            };
+            let want = (chunk_bytes - c.len).min(task.to - off).min(MOVE_PIECE_BYTES);
+            let data = match self.read_log_range(&task.name, off, want).await {
+                Ok(d) => d,
+                // Truncated or deleted meanwhile: nothing more to move for it now.
+                Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(moved),
+                Err(e) => return Err(format!("reading {} at {off} for tier-2: {e}", task.name)),
+            };
+            if data.is_empty() {
+                break;
+            }
+            let n = data.len() as u64;
+            let name = chunk_name(&task.name, c.start, epoch);
+            store.append(&name, c.len, data).await.map_err(t2err)?;
+            match self.record_chunk(&task.name, c.start, epoch, c.len + n).await {
+                Ok(()) => {}
+                Err(_) if self.core.borrow().status(&task.name).is_err() => return Ok(moved),
+                Err(e) => return Err(e),
+            }
+            moved = true;
+            off += n;
+            let c = ChunkMeta { len: c.len + n, ..c };
+            if c.len >= chunk_bytes {
+                self.seal_chunk(&name).await?;
+                chunk = None;
+            } else {
+                chunk = Some(c);
+            }
+        }
+        if task.sealed && off >= task.to {
+            let last = self.core.borrow().chunk_map().into_iter().find(|(n, _, _)| *n == task.name);
+            if let Some((_, _, chunks)) = last
+                && let Some(c) = chunks.last()
+            {
+                self.seal_chunk(&chunk_name(&task.name, c.start, c.epoch)).await?;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Reads up to `want` durable bytes of `name` from `offset` out of the cache and the log.
+    async fn read_log_range(self: &Rc<Self>, name: &str, offset: u64, want: u64) -> Result<Bytes, EngineError> {
+        let mut out = BytesMut::new();
+        let mut at = offset;
+        while (out.len() as u64) < want {
+            let left = (want - out.len() as u64) as usize;
+            let r = self.read(name, at, left, Duration::ZERO).await?;
+            if r.data.is_empty() {
+                break;
+            }
+            let take = r.data.len().min(left);
+            if out.is_empty() && take == want as usize {
+                return Ok(r.data.slice(..take));
+            }
+            out.extend_from_slice(&r.data[..take]);
+            at += take as u64;
+        }
+        Ok(out.freeze())
+    }
+
+    async fn collect_garbage(&self) -> Result<(), String> {
+        let garbage = self.core.borrow_mut().take_garbage();
+        let store = self.t2().cfg.store.clone();
+        for (i, chunk) in garbage.iter().enumerate() {
+            match store.delete(chunk).await {
+                Ok(()) | Err(ChunkError::NotFound(_)) => {
+                    self.t2().sealed.borrow_mut().remove(chunk);
+                }
+                Err(e) => {
+                    self.core.borrow_mut().return_garbage(garbage[i..].to_vec());
+                    return Err(t2err(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes log files whose data is all in tier-2 (or truncated).
+    async fn free_log_files(&self) -> Result<(), String> {
+        let (oldest, needed) = {
+            let core = self.core.borrow();
+            (core.oldest_file(), core.files_needed_from())
+        };
+        if needed <= oldest {
+            return Ok(());
+        }
+        for seq in oldest..needed {
+            self.files.borrow_mut().readers.remove(&seq);
+            let path = self.dir.join(file_name(seq));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("deleting {}: {e}", path.display())),
+            }
+        }
+        // The deletions need not be durable: a file that comes back after a crash is found
+        // unneeded again.
+        self.core.borrow_mut().forget_files_below(needed);
+        tracing::debug!(container = self.id(), from = oldest, to = needed, "freed log files");
+        Ok(())
+    }
+
+    /// Reads from a tier-2 chunk through the block cache, reading ahead.
+    pub(crate) async fn read_chunk(
+        self: &Rc<Self>,
+        chunk: &str,
+        offset: u64,
+        len: u64,
+        chunk_len: u64,
+    ) -> Result<Bytes, EngineError> {
+        let block = offset / READ_BLOCK_BYTES;
+        let data = self.chunk_block(chunk, block, chunk_len).await?;
+        for ahead in 1..=READ_AHEAD_BLOCKS {
+            let b = block + ahead;
+            let key = (chunk.to_string(), b);
+            if b * READ_BLOCK_BYTES < chunk_len
+                && !self.t2().loading.borrow().contains_key(&key)
+                && !self.t2().blocks.borrow().iter().any(|(k, _)| *k == key)
+            {
+                let this = self.clone();
+                let chunk = chunk.to_string();
+                glommio::spawn_local(async move {
+                    let _ = this.chunk_block(&chunk, b, chunk_len).await;
+                })
+                .detach();
+            }
+        }
+        let from = (offset - block * READ_BLOCK_BYTES) as usize;
+        let to = (from as u64 + len).min(data.len() as u64) as usize;
+        Ok(data.slice(from.min(to)..to))
+    }
+
+    async fn chunk_block(&self, chunk: &str, block: u64, chunk_len: u64) -> Result<Bytes, EngineError> {
+        let key = (chunk.to_string(), block);
+        loop {
+            if let Some((_, b)) = self.t2().blocks.borrow().iter().find(|(k, _)| *k == key) {
+                return Ok(b.clone());
+            }
+            let wait = {
+                let mut loading = self.t2().loading.borrow_mut();
+                match loading.get_mut(&key) {
+                    Some(waiters) => {
+                        let (tx, rx) = oneshot::channel();
+                        waiters.push(tx);
+                        Some(rx)
+                    }
+                    None => {
+                        loading.insert(key.clone(), Vec::new());
+                        None
+                    }
+                }
+            };
+            if let Some(rx) = wait {
+                let _ = rx.await;
+                continue;
+            }
+            let start = block * READ_BLOCK_BYTES;
+            let len = READ_BLOCK_BYTES.min(chunk_len.saturating_sub(start)) as usize;
+            let result = self.t2().cfg.store.read(chunk, start, len).await;
+            let waiters = self.t2().loading.borrow_mut().remove(&key).unwrap_or_default();
+            for w in waiters {
+                let _ = w.send(());
+            }
+            let data = result.map_err(|e| EngineError::Tier2(e.to_string()))?;
+            if data.len() < len {
+                return Err(EngineError::Tier2(format!(
+                    "chunk {chunk} holds {} bytes at {start}, {len} expected",
+                    data.len()
+                )));
+            }
+            let mut blocks = self.t2().blocks.borrow_mut();
+            blocks.push_back((key, data.clone()));
+            while blocks.len() > READ_BLOCKS_CACHED {
+                blocks.pop_front();
+            }
+            return Ok(data);
+        }
+    }
+
+    /// Bytes of tier-2 status for describe: the last tier-2 error, if the mover is failing.
+    pub fn tier2_error(&self) -> Option<String> {
+        self.tier2.as_ref().and_then(|t| t.last_error.borrow().clone())
+    }
+}

@@ -1,0 +1,220 @@
+//! Tier-2 end to end with the real binary and the filesystem store: a stream far larger than
+//! the log budget is written and read back from its first byte; tier-2 going away stops
+//! writes with the typed error once the log is full, and nothing is lost when it returns.
+
+use sluice_client::{Client, ClientConfig, ReadFrom};
+use sluice_net::ErrorCode;
+use sluice_tests::{Server, TempDir, free_ports};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+fn bytes_under(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Samples the size of `dir` until stopped; returns the largest.
+fn watch_size(dir: std::path::PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut max = 0;
+        while !stop.load(Ordering::Relaxed) {
+            max = max.max(bytes_under(&dir));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        max.max(bytes_under(&dir))
+    })
+}
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gibibyte_through_a_small_log_reads_back_from_the_head() {
+    const CONTAINERS: u64 = 2;
+    const BUDGET_MIB: u64 = 24;
+    const WRITERS: u64 = 4;
+    const KEYS: u64 = 4;
+    const EVENT_BYTES: usize = 1024;
+    const PER_WRITER: u64 = (1 << 30) / EVENT_BYTES as u64 / WRITERS;
+
+    let dir = TempDir::new("tier2-gib");
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    let budget = BUDGET_MIB.to_string();
+    let args = ["--tier2", &tier2, "--log-file-mb", "4", "--log-budget-mb", &budget, "--containers-per-core", "2"];
+    let server = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &args);
+    let url = server.url();
+    let admin = Client::connect(&url).await.unwrap();
+    admin.create_scope("big").await.unwrap();
+    admin.create_stream("big", "events", 4).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_size(dir.0.join("data").join("containers"), stop.clone());
+    let started = Instant::now();
+    let mut writers = JoinSet::new();
+    for w in 0..WRITERS {
+        let url = url.clone();
+        writers.spawn(async move {
+            let client = Client::connect(&url).await.unwrap();
+            let writer = client.event_writer("big/events").await.unwrap();
+            let mut inflight = JoinSet::new();
+            for i in 0..PER_WRITER {
+                let k = (i + w) % KEYS;
+                let mut payload = format!("{w}:{k}:{i}:").into_bytes();
+                payload.resize(EVENT_BYTES, b'x');
+                let ack = writer.write_event(format!("key-{k}").as_bytes(), payload);
+                inflight.spawn(ack);
+                while inflight.len() >= 512 {
+                    inflight.join_next().await.unwrap().unwrap().expect("write acknowledged");
+                }
+            }
+            while let Some(r) = inflight.join_next().await {
+                r.unwrap().expect("write acknowledged");
+            }
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r.unwrap();
+    }
+    let wrote = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let max_log = watcher.join().unwrap();
+    let total = WRITERS * PER_WRITER * EVENT_BYTES as u64;
+    eprintln!(
+        "wrote {} MiB in {wrote:.1?} ({:.0} MB/s); the log peaked at {} MiB",
+        total / MIB,
+        total as f64 / wrote.as_secs_f64() / 1e6,
+        max_log / MIB
+    );
+    assert!(
+        max_log <= CONTAINERS * BUDGET_MIB * MIB,
+        "the log grew to {max_log} bytes, beyond {CONTAINERS} x {BUDGET_MIB} MiB"
+    );
+    assert!(bytes_under(&dir.0.join("tier2")) >= total * 9 / 10, "tier-2 holds most of the data by now");
+
+    // Read everything back from the head: most of it comes from tier-2.
+    let started = Instant::now();
+    let mut reader = admin.event_reader("big/events", ReadFrom::Head).await.unwrap();
+    let mut next: HashMap<(u64, u64), u64> = HashMap::new();
+    let mut count = 0u64;
+    while let Some(ev) = reader.read_next(Duration::from_secs(5)).await.unwrap() {
+        assert_eq!(ev.payload.len(), EVENT_BYTES);
+        let head = std::str::from_utf8(&ev.payload[..ev.payload.iter().position(|&b| b == b'x').unwrap()]).unwrap();
+        let mut f = head.split(':').map(|x| x.parse::<u64>().unwrap_or(u64::MAX));
+        let (w, k, i) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+        let expect = next.entry((w, k)).or_insert(k.wrapping_sub(w).rem_euclid(KEYS));
+        // Writer w sends key k at i = k - w (mod KEYS), k - w + KEYS, ...
+        assert_eq!(i, *expect, "writer {w} key {k}: event {i} out of order or missing (expected {expect})");
+        *expect += KEYS;
+        count += 1;
+    }
+    let read = started.elapsed();
+    eprintln!("read {count} events in {read:.1?} ({:.0} MB/s)", total as f64 / read.as_secs_f64() / 1e6);
+    assert_eq!(count, WRITERS * PER_WRITER, "every event read back exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier2_outage_fills_the_log_then_refuses_and_loses_nothing() {
+    let dir = TempDir::new("tier2-outage");
+    let t2dir = dir.0.join("tier2");
+    let tier2 = format!("fs:{}", t2dir.display());
+    let args = [
+        "--tier2",
+        &tier2,
+        "--log-file-mb",
+        "1",
+        "--log-budget-mb",
+        "6",
+        "--containers-per-core",
+        "1",
+        "--move-min-kb",
+        "64",
+    ];
+    let server = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &args);
+    // No client-side retries: the test wants to see the server's answer.
+    let config = ClientConfig { retry_for: Duration::ZERO, ..ClientConfig::default() };
+    let client = Client::connect_with(&server.url(), config).await.unwrap();
+    client.create_scope("o").await.unwrap();
+    client.create_stream("o", "s", 1).await.unwrap();
+    let segment = "o/s/0";
+    let block = bytes::Bytes::from(vec![b'a'; 64 << 10]);
+    let acked = AtomicU64::new(0);
+    let append = |n: u64| {
+        let client = &client;
+        let block = block.clone();
+        let acked = &acked;
+        async move {
+            for _ in 0..n {
+                client.append_raw(segment, block.clone(), None).await?;
+                acked.fetch_add(block.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<(), sluice_client::ClientError>(())
+        }
+    };
+    // While tier-2 works, a writer faster than the mover may briefly meet the budget too.
+    let append_patiently = |n: u64| {
+        let append = &append;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for _ in 0..n {
+                loop {
+                    match append(1).await {
+                        Ok(()) => break,
+                        Err(e) if e.code() == Some(ErrorCode::Tier2Unavailable) && Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("append failed while tier-2 works: {e}"),
+                    }
+                }
+            }
+        }
+    };
+    let t0 = Instant::now();
+    append_patiently(32).await;
+    eprintln!("before the outage: {:?}", t0.elapsed());
+
+    // Take tier-2 away: the directory is replaced by a plain file.
+    let aside = dir.0.join("tier2-away");
+    std::fs::rename(&t2dir, &aside).unwrap();
+    std::fs::write(&t2dir, b"not a directory").unwrap();
+    let before = acked.load(Ordering::Relaxed);
+    let err = append(4096).await.expect_err("the log fills up without tier-2");
+    assert_eq!(err.code(), Some(ErrorCode::Tier2Unavailable), "typed error, got {err}");
+    let during = acked.load(Ordering::Relaxed) - before;
+    eprintln!("{during} bytes acknowledged while tier-2 was away, then: {err}");
+    assert!(during >= MIB, "writes kept succeeding for a while ({during} bytes)");
+    assert!(during <= 6 * MIB, "the budget bounds the log ({during} bytes)");
+    assert!(bytes_under(&dir.0.join("data").join("containers")) <= 6 * MIB + 4096);
+
+    // Tier-2 returns: the mover catches up and writes are accepted again.
+    std::fs::remove_file(&t2dir).unwrap();
+    std::fs::rename(&aside, &t2dir).unwrap();
+    let t0 = Instant::now();
+    append_patiently(96).await;
+    eprintln!("after the outage: {:?}", t0.elapsed());
+
+    // Every acknowledged byte reads back, from tier-2 and the log.
+    let length = acked.load(Ordering::Relaxed);
+    let info = client.segment_info(segment).await.unwrap();
+    assert_eq!(info.length, length);
+    let mut offset = 0;
+    while offset < length {
+        let (_, data) = client.read_segment(segment, offset, 1 << 20, Duration::ZERO).await.unwrap();
+        assert!(!data.is_empty(), "no data at {offset} of {length}");
+        assert!(data.iter().all(|&b| b == b'a'), "bytes at {offset} are intact");
+        offset += data.len() as u64;
+    }
+    assert_eq!(offset, length);
+}
