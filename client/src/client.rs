@@ -10,7 +10,7 @@ use crate::writer::{EventWriter, WriterConfig};
 use bytes::Bytes;
 use sluice_net::messages::*;
 use sluice_net::routing::{container_of, shard_of};
-use sluice_net::{ErrorCode, ScopedStream};
+use sluice_net::{ErrorCode, Retention, ScopedStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -175,7 +175,25 @@ impl Client {
 
     /// Creates a stream with a fixed number of segments.
     pub async fn create_stream(&self, scope: &str, stream: &str, segments: u32) -> Result<(), ClientError> {
-        self.admin::<_, Done>(CreateStream { scope: scope.into(), stream: stream.into(), segments }).await.map(|_| ())
+        self.create_stream_with(scope, stream, segments, Retention::None).await
+    }
+
+    /// Creates a stream with a retention policy.
+    pub async fn create_stream_with(
+        &self,
+        scope: &str,
+        stream: &str,
+        segments: u32,
+        retention: Retention,
+    ) -> Result<(), ClientError> {
+        let msg = CreateStream { scope: scope.into(), stream: stream.into(), segments, retention };
+        self.admin::<_, Done>(msg).await.map(|_| ())
+    }
+
+    /// Changes the retention policy of a live stream.
+    pub async fn update_retention(&self, scope: &str, stream: &str, retention: Retention) -> Result<(), ClientError> {
+        let msg = UpdateStream { scope: scope.into(), stream: stream.into(), retention };
+        self.admin::<_, Done>(msg).await.map(|_| ())
     }
 
     pub async fn list_streams(&self, scope: &str) -> Result<Vec<String>, ClientError> {

@@ -141,6 +141,17 @@ impl Client {
         }
         Ok(())
     }
+
+    /// Truncates the stream at `cut`: data before it is deleted (from the log and tier-2)
+    /// and reads below it fail with `Truncated`. Positions at or below a segment's start
+    /// offset change nothing.
+    pub async fn truncate_stream(&self, cut: &StreamCut) -> Result<(), ClientError> {
+        self.validate_cut(cut).await?;
+        for (&seg, &off) in &cut.positions {
+            self.truncate_segment(&cut.segment_name(seg), off).await?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use sluice_meta::{MetaStore, StreamState};
 use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
-use sluice_net::{ErrorCode, ProtocolError};
+use sluice_net::{ErrorCode, ProtocolError, Retention};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -311,6 +311,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                                 .into_iter()
                                 .map(|(w, n)| WriterState { writer_id: w, event_number: n })
                                 .collect(),
+                            tier2_end: s.tier2_end,
                         },
                     ),
                     Err(e) => engine_error(id, &e),
@@ -371,6 +372,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                             stream: m.stream,
                             sealed: matches!(r.state, StreamState::Sealed | StreamState::Sealing),
                             segments: r.ranges(),
+                            retention: r.retention,
                         },
                     ),
                     Err(e) => controller_error(id, &e),
@@ -380,7 +382,16 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
         Kind::CreateStream => {
             let m: CreateStream = frame.decode()?;
             let shard = shard.clone();
-            later(async move { stream_admin(&shard, id, StreamAdmin::Create(m.segments), &m.scope, &m.stream).await })
+            later(async move {
+                stream_admin(&shard, id, StreamAdmin::Create(m.segments, m.retention), &m.scope, &m.stream).await
+            })
+        }
+        Kind::UpdateStream => {
+            let m: UpdateStream = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                ctl_reply(id, shard.controller.set_retention(&m.scope, &m.stream, m.retention).await.map(|_| Done {}))
+            })
         }
         Kind::SealStream => {
             let m: SealStream = frame.decode()?;
@@ -402,7 +413,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
 }
 
 enum StreamAdmin {
-    Create(u32),
+    Create(u32, Retention),
     Seal,
     Delete,
 }
@@ -414,8 +425,9 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
     let name = |n: u64| format!("{scope}/{stream}/{n}");
     let result: Result<(), Reply> = async {
         match op {
-            StreamAdmin::Create(n) => {
-                let record = ctl.begin_create_stream(scope, stream, n).await.map_err(|e| controller_error(id, &e))?;
+            StreamAdmin::Create(n, retention) => {
+                let record =
+                    ctl.begin_create_stream(scope, stream, n, retention).await.map_err(|e| controller_error(id, &e))?;
                 for s in &record.segments {
                     match shard.segment_op(name(s.number), Request::Create { name: name(s.number) }).await {
                         Ok(_) | Err(EngineError::SegmentExists(_)) => {}

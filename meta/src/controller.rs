@@ -8,6 +8,7 @@ use crate::names::validate;
 use crate::store::{MetaError, MetaStore};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::ErrorCode;
+use sluice_net::Retention;
 use sluice_net::messages::SegmentRange;
 
 /// Lifecycle of a stream. `Creating` and `Sealing` mark work in progress that a retry resumes.
@@ -31,6 +32,7 @@ pub struct StreamRecord {
     pub state: StreamState,
     pub segments: Vec<StreamSegment>,
     pub created_unix_ms: u64,
+    pub retention: Retention,
 }
 
 impl StreamRecord {
@@ -154,6 +156,7 @@ impl<S: MetaStore> Controller<S> {
         scope: &str,
         stream: &str,
         segments: u32,
+        retention: Retention,
     ) -> Result<StreamRecord, ControllerError> {
         self.require_scope(scope).await?;
         validate("stream", stream).map_err(ControllerError::InvalidName)?;
@@ -173,6 +176,7 @@ impl<S: MetaStore> Controller<S> {
                 })
                 .collect(),
             created_unix_ms: now_ms(),
+            retention,
         };
         let key = stream_key(scope, stream);
         match self.store.compare_and_swap(&key, 0, record.encode()).await {
@@ -224,6 +228,27 @@ impl<S: MetaStore> Controller<S> {
         }
     }
 
+    /// Changes a stream's retention policy.
+    pub async fn set_retention(
+        &self,
+        scope: &str,
+        stream: &str,
+        retention: Retention,
+    ) -> Result<StreamRecord, ControllerError> {
+        loop {
+            let (mut record, version) = self.get_versioned(scope, stream).await?;
+            if record.state == StreamState::Creating {
+                return Err(ControllerError::NoSuchStream(format!("{scope}/{stream} (still being created)")));
+            }
+            record.retention = retention;
+            match self.store.compare_and_swap(&stream_key(scope, stream), version, record.encode()).await {
+                Ok(_) => return Ok(record),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     pub async fn list_streams(&self, scope: &str) -> Result<Vec<String>, ControllerError> {
         let prefix = format!("streams/{scope}/");
         Ok(self.store.range(&prefix).await?.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect())
@@ -252,18 +277,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let c = Controller::new(EmbeddedStore::open(&dir).unwrap());
         block_on(async {
-            assert!(matches!(c.begin_create_stream("s", "t", 2).await, Err(ControllerError::NoSuchScope(_))));
+            assert!(matches!(
+                c.begin_create_stream("s", "t", 2, Retention::None).await,
+                Err(ControllerError::NoSuchScope(_))
+            ));
             c.create_scope("s").await.unwrap();
             assert!(matches!(c.create_scope("s").await, Err(ControllerError::ScopeExists(_))));
             assert!(matches!(c.create_scope("bad/name").await, Err(ControllerError::InvalidName(_))));
-            let r = c.begin_create_stream("s", "t", 3).await.unwrap();
+            let r = c.begin_create_stream("s", "t", 3, Retention::None).await.unwrap();
             assert_eq!(r.segments.len(), 3);
             assert_eq!(r.segments[2].key_high, 1.0);
             // Resuming an interrupted create is allowed; a different one is not.
-            c.begin_create_stream("s", "t", 3).await.unwrap();
-            assert!(matches!(c.begin_create_stream("s", "t", 4).await, Err(ControllerError::StreamExists(_))));
+            c.begin_create_stream("s", "t", 3, Retention::None).await.unwrap();
+            assert!(matches!(
+                c.begin_create_stream("s", "t", 4, Retention::None).await,
+                Err(ControllerError::StreamExists(_))
+            ));
             c.set_state("s", "t", StreamState::Active).await.unwrap();
-            assert!(matches!(c.begin_create_stream("s", "t", 3).await, Err(ControllerError::StreamExists(_))));
+            assert!(matches!(
+                c.begin_create_stream("s", "t", 3, Retention::None).await,
+                Err(ControllerError::StreamExists(_))
+            ));
             assert!(matches!(c.delete_scope("s").await, Err(ControllerError::NotEmpty(_))));
             assert!(matches!(c.delete_stream_record("s", "t").await, Err(ControllerError::NotSealed(_))));
             c.set_state("s", "t", StreamState::Sealed).await.unwrap();

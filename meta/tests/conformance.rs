@@ -53,7 +53,7 @@ fn controller_runs_on_etcd() {
     let c = sluice_meta::Controller::new(store);
     block_on(async {
         c.create_scope("s").await.unwrap();
-        let r = c.begin_create_stream("s", "t", 4).await.unwrap();
+        let r = c.begin_create_stream("s", "t", 4, sluice_net::Retention::None).await.unwrap();
         assert_eq!(r.segments.len(), 4);
         c.set_state("s", "t", sluice_meta::StreamState::Active).await.unwrap();
         assert_eq!(c.list_streams("s").await.unwrap(), vec!["t".to_string()]);

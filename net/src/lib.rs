@@ -13,9 +13,11 @@ pub mod event;
 pub mod frame;
 pub mod ids;
 pub mod messages;
+pub mod retention;
 pub mod routing;
 
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{Frame, FrameHeader};
 pub use ids::*;
 pub use messages::*;
+pub use retention::Retention;

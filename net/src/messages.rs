@@ -22,7 +22,7 @@ kinds! {
     Hello = 1, HelloReply = 2, ErrorReply = 3, Done = 4,
     CreateScope = 10, DeleteScope = 11, ListScopes = 12, ScopeList = 13,
     CreateStream = 20, ListStreams = 21, StreamList = 22, GetStream = 23, StreamInfo = 24,
-    SealStream = 25, DeleteStream = 26,
+    SealStream = 25, DeleteStream = 26, UpdateStream = 27,
     CreateSegment = 30, Append = 31, AppendAck = 32, Read = 33, ReadReply = 34,
     GetSegmentInfo = 35, SegmentInfo = 36, SealSegment = 37, TruncateSegment = 38,
     DeleteSegment = 39,
@@ -120,6 +120,7 @@ control!(
         pub scope: String,
         pub stream: String,
         pub segments: u32,
+        pub retention: crate::Retention,
     }
 );
 control!(
@@ -149,6 +150,16 @@ control!(
         pub stream: String,
         pub sealed: bool,
         pub segments: Vec<SegmentRange>,
+        pub retention: crate::Retention,
+    }
+);
+control!(
+    UpdateStream,
+    /// Changes a live stream's policies.
+    pub struct UpdateStream {
+        pub scope: String,
+        pub stream: String,
+        pub retention: crate::Retention,
     }
 );
 control!(
@@ -235,6 +246,8 @@ control!(
         pub length: u64,
         pub sealed: bool,
         pub writers: Vec<WriterState>,
+        /// Bytes below this offset are in tier-2 (0 without tier-2).
+        pub tier2_end: u64,
     }
 );
 control!(

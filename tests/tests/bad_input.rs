@@ -125,7 +125,14 @@ async fn bad_input_gets_errors_and_server_keeps_serving() {
         let info: SegmentInfo = by_id(13).decode().unwrap_or_else(|_| {
             // The segment may live on the other shard: then a typed redirect.
             assert_eq!(error_code(by_id(13)), sluice_net::ErrorCode::WrongHost as u16);
-            SegmentInfo { segment: String::new(), start_offset: 0, length: 0, sealed: false, writers: vec![] }
+            SegmentInfo {
+                segment: String::new(),
+                start_offset: 0,
+                length: 0,
+                sealed: false,
+                writers: vec![],
+                tier2_end: 0,
+            }
         });
         let _ = info;
         let c14 = error_code(by_id(14));

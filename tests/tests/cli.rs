@@ -22,6 +22,7 @@ fn cli_end_to_end() {
     assert_eq!(run(&["read", "demo/ev", "--timeout-ms", "500"]), "alpha\nbeta\ngamma\n");
     assert_eq!(run(&["read", "demo/ev", "--count", "2"]), "alpha\nbeta\n");
     assert_eq!(run(&["read", "demo/ev", "--from", "tail", "--timeout-ms", "300"]), "");
+    let early = run(&["stream", "cut", "demo/ev", "--at", "tail"]);
 
     let out = run(&["write", "demo/ev", "--count", "2000", "--size", "64", "--keys", "4", "--inflight", "100"]);
     assert!(out.contains("2000 events of 64 B") && out.contains("p99.9"), "{out}");
@@ -63,6 +64,20 @@ fn cli_end_to_end() {
 
     let describe = run(&["stream", "describe", "demo/ev"]);
     assert!(describe.contains("active") && describe.lines().count() == 5, "{describe}");
+    assert!(describe.contains("retention none") && describe.contains("in tier-2"), "{describe}");
+
+    // Truncate at the cut taken after the first three events: only the 2000 generated remain.
+    let (ok, _, err) = cli(&url, &["stream", "truncate", "demo/ev", "--at", "bogus!"], None);
+    assert!(!ok && err.contains("cut"), "{err}");
+    let (ok, _, err) = cli(&url, &["stream", "truncate", "demo/ev", "--at", early.trim()], None);
+    assert!(ok, "{err}");
+    let after = run(&["read", "demo/ev", "--timeout-ms", "500"]);
+    assert_eq!(after.lines().count(), 2000, "events before the cut are gone");
+    assert!(!after.contains("alpha"));
+    assert!(run(&["stream", "update", "demo/ev", "--retention", "size:1G,2G"]).contains("retention size:"));
+    assert!(run(&["stream", "describe", "demo/ev"]).contains("retention size:1073741824,2147483648"));
+    let (ok, _, err) = cli(&url, &["stream", "update", "demo/ev", "--retention", "size:2G,1G"], None);
+    assert!(!ok && err.contains("MIN <= MAX"), "{err}");
 
     let (ok, _, err) = cli(&url, &["stream", "delete", "demo/ev"], None);
     assert!(!ok && err.contains("seal it before deleting"), "{err}");

@@ -4,11 +4,12 @@
 
 mod dump;
 mod io;
+mod retention;
 mod rg;
 
 use clap::{Parser, Subcommand};
 use sluice_client::{Client, ClientError};
-use sluice_net::ScopedStream;
+use sluice_net::{Retention, ScopedStream};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,6 +91,9 @@ struct StandaloneArgs {
     /// have gathered (older log files and sealed segments are moved at once).
     #[arg(long, default_value_t = 1024)]
     move_min_kb: u64,
+    /// How often the retention service checks streams with a retention policy, in ms.
+    #[arg(long, default_value_t = 30_000)]
+    retention_interval_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +114,28 @@ enum StreamCmd {
         stream: String,
         #[arg(long, default_value_t = 1)]
         segments: u32,
+        /// none, time:MIN[,MAX] (e.g. time:7d or time:12h,1d) or size:MIN[,MAX] (e.g.
+        /// size:10G,12G): keep at least MIN; once more than MAX (default MIN) is held, the
+        /// server truncates the stream back to about MIN (needs --tier2 to free the space).
+        #[arg(long, default_value = "none", value_parser = parse_retention)]
+        retention: Retention,
+    },
+    /// Change a live stream's retention policy.
+    Update {
+        /// scope/stream
+        stream: String,
+        /// none, time:MIN[,MAX] or size:MIN[,MAX], as for `stream create`.
+        #[arg(long, value_parser = parse_retention)]
+        retention: Retention,
+    },
+    /// Delete everything before a stream cut (from `sluice stream cut` or a reader-group
+    /// checkpoint); reads below it then fail with `truncated`.
+    Truncate {
+        /// scope/stream
+        stream: String,
+        /// The cut, as text.
+        #[arg(long)]
+        at: String,
     },
     /// List the streams of a scope.
     List { scope: String },
@@ -144,6 +170,10 @@ enum LogCmd {
     },
 }
 
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    Retention::parse(s)
+}
+
 fn parse_stream(s: &str) -> Result<ScopedStream, String> {
     ScopedStream::parse(s).ok_or_else(|| format!("'{s}' is not a stream name; expected scope/stream"))
 }
@@ -174,6 +204,15 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
         a.data_dir.display(),
         a.tier2.as_deref().unwrap_or("off")
     );
+    let url = node.endpoints[0].address.clone();
+    let interval = std::time::Duration::from_millis(a.retention_interval_ms.max(10));
+    std::thread::Builder::new()
+        .name("sluice-retention".into())
+        .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(retention::run(url, interval)),
+            Err(e) => tracing::error!(error = %e, "cannot start the retention service"),
+        })
+        .map_err(|e| format!("starting the retention service: {e}"))?;
     println!("try:  sluice scope create demo && sluice stream create demo/events --segments 4");
     println!("      echo hello | sluice write demo/events --key k1 && sluice read demo/events --timeout-ms 1000");
     if let Some(sig) = signals.forever().next() {
@@ -207,10 +246,24 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
                 println!("{s}");
             }
         }
-        Cmd::Stream(StreamCmd::Create { stream, segments }) => {
+        Cmd::Stream(StreamCmd::Create { stream, segments, retention }) => {
             let s = parse_stream(&stream)?;
-            c.create_stream(&s.scope, &s.stream, segments).await.map_err(err)?;
-            println!("created stream {s} with {segments} segment(s)");
+            c.create_stream_with(&s.scope, &s.stream, segments, retention).await.map_err(err)?;
+            println!("created stream {s} with {segments} segment(s), retention {retention}");
+        }
+        Cmd::Stream(StreamCmd::Update { stream, retention }) => {
+            let s = parse_stream(&stream)?;
+            c.update_retention(&s.scope, &s.stream, retention).await.map_err(err)?;
+            println!("stream {s}: retention {retention}");
+        }
+        Cmd::Stream(StreamCmd::Truncate { stream, at }) => {
+            let s = parse_stream(&stream)?;
+            let cut = sluice_client::StreamCut::from_text(&at).map_err(err)?;
+            if cut.stream != s {
+                return Err(format!("the cut is for stream {}, not {s}", cut.stream));
+            }
+            c.truncate_stream(&cut).await.map_err(err)?;
+            println!("truncated stream {s} at {at}");
         }
         Cmd::Stream(StreamCmd::List { scope }) => {
             for s in c.list_streams(&scope).await.map_err(err)? {
@@ -220,21 +273,24 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
         Cmd::Stream(StreamCmd::Describe { stream }) => {
             let s = parse_stream(&stream)?;
             let info = c.get_stream(&s.scope, &s.stream).await.map_err(err)?;
-            println!("stream {s}: {}", if info.sealed { "sealed" } else { "active" });
+            println!("stream {s}: {}, retention {}", if info.sealed { "sealed" } else { "active" }, info.retention);
             println!(
-                "{:>8}  {:>19}  {:>12}  {:>14}  {:>7}  {:>7}",
-                "segment", "key range", "start", "length", "sealed", "writers"
+                "{:>8}  {:>19}  {:>12}  {:>14}  {:>12}  {:>14}  {:>7}  {:>7}",
+                "segment", "key range", "start", "length", "tier-1 only", "in tier-2", "sealed", "writers"
             );
             for seg in &info.segments {
                 let name = s.segment_name(sluice_net::SegmentNumber(seg.number));
                 let si = c.segment_info(&name).await.map_err(err)?;
+                let tiered = si.tier2_end.max(si.start_offset);
                 println!(
-                    "{:>8}  [{:.6}, {:.6})  {:>12}  {:>14}  {:>7}  {:>7}",
+                    "{:>8}  [{:.6}, {:.6})  {:>12}  {:>14}  {:>12}  {:>14}  {:>7}  {:>7}",
                     seg.number,
                     seg.key_low,
                     seg.key_high,
                     si.start_offset,
                     si.length,
+                    si.length - tiered.min(si.length),
+                    tiered - si.start_offset,
                     si.sealed,
                     si.writers.len()
                 );
