@@ -9,6 +9,7 @@
 
 pub mod conformance;
 pub mod fs;
+pub mod hdfs;
 pub mod layout;
 
 use bytes::Bytes;
@@ -84,39 +85,45 @@ pub trait DynChunkStore: Send + Sync {
 /// A shared handle to some chunk store.
 pub type DynStore = Arc<dyn DynChunkStore>;
 
-impl DynChunkStore for fs::FsChunkStore {
-    fn create<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
-        Box::pin(ChunkStore::create(self, name))
-    }
-    fn append<'a>(&'a self, name: &'a str, offset: u64, data: Bytes) -> BoxFuture<'a, Result<(), ChunkError>> {
-        Box::pin(ChunkStore::append(self, name, offset, data))
-    }
-    fn read<'a>(&'a self, name: &'a str, offset: u64, len: usize) -> BoxFuture<'a, Result<Bytes, ChunkError>> {
-        Box::pin(ChunkStore::read(self, name, offset, len))
-    }
-    fn seal<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
-        Box::pin(ChunkStore::seal(self, name))
-    }
-    fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
-        Box::pin(ChunkStore::delete(self, name))
-    }
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, ChunkError>> {
-        Box::pin(ChunkStore::list(self, prefix))
-    }
-    fn size<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, ChunkError>> {
-        Box::pin(ChunkStore::size(self, name))
-    }
-    fn describe(&self) -> String {
-        format!("fs:{}", self.root().display())
-    }
+macro_rules! dyn_store {
+    ($t:ty, $describe:expr) => {
+        impl DynChunkStore for $t {
+            fn create<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
+                Box::pin(ChunkStore::create(self, name))
+            }
+            fn append<'a>(&'a self, name: &'a str, offset: u64, data: Bytes) -> BoxFuture<'a, Result<(), ChunkError>> {
+                Box::pin(ChunkStore::append(self, name, offset, data))
+            }
+            fn read<'a>(&'a self, name: &'a str, offset: u64, len: usize) -> BoxFuture<'a, Result<Bytes, ChunkError>> {
+                Box::pin(ChunkStore::read(self, name, offset, len))
+            }
+            fn seal<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
+                Box::pin(ChunkStore::seal(self, name))
+            }
+            fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), ChunkError>> {
+                Box::pin(ChunkStore::delete(self, name))
+            }
+            fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, ChunkError>> {
+                Box::pin(ChunkStore::list(self, prefix))
+            }
+            fn size<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, ChunkError>> {
+                Box::pin(ChunkStore::size(self, name))
+            }
+            fn describe(&self) -> String {
+                let f: fn(&$t) -> String = $describe;
+                f(self)
+            }
+        }
+    };
 }
 
-/// Opens a store from its URL: `fs:DIR` (or a plain path). `hdfs://` is not built yet.
+dyn_store!(fs::FsChunkStore, |s| format!("fs:{}", s.root().display()));
+dyn_store!(hdfs::HdfsChunkStore, |s| s.url().to_string());
+
+/// Opens a store from its URL: `fs:DIR` (or a plain path), or `hdfs://namenode:port/path`.
 pub fn open_url(url: &str) -> Result<DynStore, ChunkError> {
     if url.starts_with("hdfs://") {
-        return Err(ChunkError::Unavailable(format!(
-            "{url}: the HDFS backend is not built yet; use fs:DIR (a local or NFS directory)"
-        )));
+        return Ok(Arc::new(hdfs::HdfsChunkStore::open(url)?));
     }
     let dir = url.strip_prefix("fs:").unwrap_or(url);
     if dir.is_empty() {

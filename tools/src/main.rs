@@ -75,10 +75,11 @@ struct StandaloneArgs {
     /// latency.
     #[arg(long, default_value_t = 0)]
     iops_limit: u64,
-    /// Long-term storage (tier-2): `fs:DIR` (a local or NFS directory). The mover copies
-    /// segment data there and frees log files, so streams can outgrow the local disk and
-    /// are read seamlessly from either tier. Without it, log files are never freed.
-    #[arg(long, value_name = "fs:DIR")]
+    /// Long-term storage (tier-2): `fs:DIR` (a local or NFS directory) or
+    /// `hdfs://namenode:port/path`. The mover copies segment data there and frees log files,
+    /// so streams can outgrow the local disk and are read seamlessly from either tier.
+    /// Without it, log files are never freed.
+    #[arg(long, value_name = "fs:DIR|hdfs://HOST:PORT/PATH")]
     tier2: Option<String>,
     /// With --tier2: log space per container, in MiB. When tier-2 is down or slow and the
     /// log reaches it, appends fail with `tier2 unavailable` until the mover catches up.
