@@ -29,7 +29,11 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Bytes copied per tier-2 append (and per `Chunk` log entry).
-const MOVE_PIECE_BYTES: u64 = 4 << 20;
+const MOVE_PIECE_BYTES: u64 = 8 << 20;
+/// `Chunk` entries a mover may have queued in the log while it uploads the next pieces
+/// (each waits behind the writers' queued appends; waiting for each in turn would cap the
+/// mover far below the write rate).
+const RECORDS_IN_FLIGHT_MAX: usize = 4;
 /// Size of an aligned tier-2 read (the unit of the tier-2 read cache and of read-ahead).
 const READ_BLOCK_BYTES: u64 = 4 << 20;
 /// Tier-2 read blocks cached per container.
@@ -205,10 +209,23 @@ impl Container {
     }
 
     async fn record_chunk(self: &Rc<Self>, name: &str, start: u64, epoch: u64, len: u64) -> Result<(), String> {
+        self.queue_record(name, start, epoch, len)?.await
+    }
+
+    /// Queues a `Chunk` entry now (its place in the log is fixed at this call); the future
+    /// resolves once it is durable.
+    fn queue_record(
+        self: &Rc<Self>,
+        name: &str,
+        start: u64,
+        epoch: u64,
+        len: u64,
+    ) -> Result<impl std::future::Future<Output = Result<(), String>> + 'static, String> {
+        let what = format!("recording chunk of {name}");
         let fut = self
             .submit(Request::Chunk { name: name.to_string(), start, epoch, len })
-            .map_err(|e| format!("recording chunk of {name}: {e}"))?;
-        fut.await.map(|_| ()).map_err(|e| format!("recording chunk of {name}: {e}"))
+            .map_err(|e| format!("{what}: {e}"))?;
+        Ok(async move { fut.await.map(|_| ()).map_err(|e| format!("{what}: {e}")) })
     }
 
     async fn seal_chunk(&self, chunk: &str) -> Result<(), String> {
@@ -231,7 +248,6 @@ impl Container {
     }
 
     async fn move_segment(self: &Rc<Self>, task: MoveTask) -> Result<bool, String> {
-        let store = self.t2().cfg.store.clone();
         let chunk_bytes = self.t2().cfg.chunk_bytes;
         let epoch = self.core.borrow().epoch();
         let mut chunk: Option<ChunkMeta> =
@@ -242,50 +258,20 @@ impl Container {
         }
         let mut off = task.from;
         let mut moved = false;
-        while off < task.to {
-            let c = match chunk {
-                Some(c) => c,
-                None => {
-                    let name = chunk_name(&task.name, off, epoch);
-                    match store.create(&name).await {
-                        Ok(()) => {}
-                        Err(ChunkError::AlreadyExists(_)) => {
-                            // Our own earlier attempt that was never recorded: start it over.
-                            store.delete(&name).await.map_err(t2err)?;
-                            store.create(&name).await.map_err(t2err)?;
-                        }
-                        Err(e) => return Err(t2err(e)),
-                    }
-                    ChunkMeta { start: off, epoch, len: 0 }
-                }
-            };
-            let want = (chunk_bytes - c.len).min(task.to - off).min(MOVE_PIECE_BYTES);
-            let data = match self.read_log_range(&task.name, off, want).await {
-                Ok(d) => d,
-                // Truncated or deleted meanwhile: nothing more to move for it now.
-                Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(moved),
-                Err(e) => return Err(format!("reading {} at {off} for tier-2: {e}", task.name)),
-            };
-            if data.is_empty() {
-                break;
+        let mut records = VecDeque::new();
+        let result = self.move_pieces(&task, epoch, &mut chunk, &mut off, &mut moved, &mut records).await;
+        // Whatever happened, wait for the entries already queued: they are valid.
+        let mut recorded = Ok(());
+        for r in records {
+            if let Err(e) = r.await {
+                recorded = Err(e);
             }
-            let n = data.len() as u64;
-            let name = chunk_name(&task.name, c.start, epoch);
-            store.append(&name, c.len, data).await.map_err(t2err)?;
-            match self.record_chunk(&task.name, c.start, epoch, c.len + n).await {
-                Ok(()) => {}
-                Err(_) if self.core.borrow().status(&task.name).is_err() => return Ok(moved),
-                Err(e) => return Err(e),
-            }
-            moved = true;
-            off += n;
-            let c = ChunkMeta { len: c.len + n, ..c };
-            if c.len >= chunk_bytes {
-                self.seal_chunk(&name).await?;
-                chunk = None;
-            } else {
-                chunk = Some(c);
-            }
+        }
+        match (result, recorded) {
+            (Err(e), _) => return Err(e),
+            (Ok(()), Err(_)) if self.core.borrow().status(&task.name).is_err() => return Ok(moved),
+            (Ok(()), Err(e)) => return Err(e),
+            (Ok(()), Ok(())) => {}
         }
         if task.sealed && off >= task.to {
             let last = self.core.borrow().chunk_map().into_iter().find(|(n, _, _)| *n == task.name);
@@ -296,6 +282,75 @@ impl Container {
             }
         }
         Ok(moved)
+    }
+
+    /// Uploads `[*off, task.to)` piece by piece, queueing a `Chunk` entry after each upload
+    /// and keeping at most `RECORDS_IN_FLIGHT_MAX` of them unanswered.
+    async fn move_pieces(
+        self: &Rc<Self>,
+        task: &MoveTask,
+        epoch: u64,
+        chunk: &mut Option<ChunkMeta>,
+        off: &mut u64,
+        moved: &mut bool,
+        records: &mut VecDeque<futures::future::LocalBoxFuture<'static, Result<(), String>>>,
+    ) -> Result<(), String> {
+        let store = self.t2().cfg.store.clone();
+        let chunk_bytes = self.t2().cfg.chunk_bytes;
+        while *off < task.to {
+            let at = *off;
+            let c = match *chunk {
+                Some(c) => c,
+                None => {
+                    let name = chunk_name(&task.name, at, epoch);
+                    match store.create(&name).await {
+                        Ok(()) => {}
+                        Err(ChunkError::AlreadyExists(_)) => {
+                            // Our own earlier attempt that was never recorded: start it over.
+                            store.delete(&name).await.map_err(t2err)?;
+                            store.create(&name).await.map_err(t2err)?;
+                        }
+                        Err(e) => return Err(t2err(e)),
+                    }
+                    ChunkMeta { start: at, epoch, len: 0 }
+                }
+            };
+            let want = (chunk_bytes - c.len).min(task.to - at).min(MOVE_PIECE_BYTES);
+            let data = match self.read_log_range(&task.name, at, want).await {
+                Ok(d) => d,
+                // Truncated or deleted meanwhile: nothing more to move for it now.
+                Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(()),
+                Err(e) => return Err(format!("reading {} at {at} for tier-2: {e}", task.name)),
+            };
+            if data.is_empty() {
+                break;
+            }
+            let n = data.len() as u64;
+            let name = chunk_name(&task.name, c.start, epoch);
+            store.append(&name, c.len, data).await.map_err(t2err)?;
+            match self.queue_record(&task.name, c.start, epoch, c.len + n) {
+                Ok(f) => records.push_back(Box::pin(f)),
+                Err(_) if self.core.borrow().status(&task.name).is_err() => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            *moved = true;
+            *off += n;
+            let c = ChunkMeta { len: c.len + n, ..c };
+            if c.len >= chunk_bytes {
+                // The chunk is full: seal it once its final length is durable.
+                while let Some(r) = records.pop_front() {
+                    r.await?;
+                }
+                self.seal_chunk(&name).await?;
+                *chunk = None;
+            } else {
+                *chunk = Some(c);
+            }
+            while records.len() > RECORDS_IN_FLIGHT_MAX {
+                records.pop_front().expect("non-empty").await?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads up to `want` durable bytes of `name` from `offset` out of the cache and the log.
