@@ -4,6 +4,10 @@
 //! each crash the core is recovered from the disk images, every acknowledged append must be
 //! readable at its acknowledged offset, and after the client resends every unacknowledged
 //! append (same writer ids and event numbers) each event is present exactly once, in order.
+//! In half the seeds a sans-IO mover copies durable data to a simulated tier-2 (durable on
+//! append, like the fsync'd stores), records `Chunk` entries through the same flushes (which
+//! crash too), and deletes the log files the core says are no longer needed; reads of old
+//! data then come from tier-2.
 
 use bytes::Bytes;
 use rand::rngs::StdRng;
@@ -19,6 +23,8 @@ use std::collections::{BTreeMap, HashMap};
 #[derive(Default, Clone)]
 struct Disk {
     files: BTreeMap<u64, Vec<u8>>,
+    /// Tier-2 chunks by name.
+    tier2: HashMap<String, Vec<u8>>,
 }
 
 struct Crash;
@@ -114,18 +120,27 @@ fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
     if let Some((seq, from, to)) = report.zero_range {
         disk.files.get_mut(&seq).unwrap()[from as usize..to as usize].fill(0);
     }
+    let mut core = core;
+    if let Some(&first) = disk.files.keys().next() {
+        core.forget_files_below(first);
+    }
     core
 }
 
-fn read_segment(core: &mut ContainerCore, disk: &Disk, name: &str) -> Vec<u8> {
-    let status = core.status(name).unwrap();
+/// Reads served from tier-2 (the simulation must exercise them).
+static TIER2_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Reads durable bytes `[from, to)` (or to the tail) of a segment from cache, log and tier-2.
+fn read_range(core: &mut ContainerCore, disk: &Disk, name: &str, from: u64, to: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut off = status.start_offset;
-    loop {
-        match core.read(name, off, 1 << 16).unwrap().0 {
+    let mut off = from;
+    while off < to {
+        let max = (to - off).min(1 << 16) as usize;
+        match core.read(name, off, max).unwrap().0 {
             ReadOutcome::Data(d) => {
+                let d = &d[..d.len().min(max)];
                 off += d.len() as u64;
-                out.extend_from_slice(&d);
+                out.extend_from_slice(d);
             }
             ReadOutcome::Log { file_seq, pos, len } => {
                 out.extend_from_slice(&disk.files[&file_seq][pos as usize..(pos + len) as usize]);
@@ -135,10 +150,53 @@ fn read_segment(core: &mut ContainerCore, disk: &Disk, name: &str) -> Vec<u8> {
                 let scan = scan_file(&Bytes::from(disk.files[&file_seq].clone()));
                 core.insert_file_index(file_seq, FileIndex::build(&scan).unwrap());
             }
-            ReadOutcome::Tail => return out,
-            ReadOutcome::Chunk { chunk, .. } => panic!("no tier-2 in this simulation, yet {chunk} was asked for"),
+            ReadOutcome::Chunk { chunk, offset, len, chunk_len } => {
+                TIER2_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let c = &disk.tier2[&chunk];
+                assert!(c.len() as u64 >= chunk_len, "tier-2 chunk {chunk} shorter than recorded");
+                out.extend_from_slice(&c[offset as usize..(offset + len) as usize]);
+                off += len;
+            }
+            ReadOutcome::Tail => break,
         }
     }
+    out
+}
+
+/// One mover step: copy a piece of one segment's durable data to tier-2, record it (a flush
+/// that may crash), then delete log files nothing needs. Returns files deleted.
+fn mover_step(core: &mut ContainerCore, sim: &mut Sim, rng: &mut StdRng) -> Result<usize, Crash> {
+    let tasks = core.move_tasks(0);
+    if let Some(t) = tasks.get(rng.random_range(0..tasks.len().max(1))).cloned() {
+        let epoch = core.epoch();
+        let to = t.to.min(t.from + rng.random_range(1..30_000));
+        let data = read_range(core, &sim.disk, &t.name, t.from, to);
+        if !data.is_empty() {
+            let (start, len0) = match t.last_chunk {
+                Some(c) if c.epoch == epoch && c.start + c.len == t.from && rng.random_bool(0.7) => (c.start, c.len),
+                _ => (t.from, 0),
+            };
+            let name = sluice_tier2::layout::chunk_name(&t.name, start, epoch);
+            let chunk = sim.disk.tier2.entry(name).or_default();
+            assert_eq!(chunk.len() as u64, len0, "a chunk is only appended at its recorded end within an epoch");
+            chunk.extend_from_slice(&data);
+            let req = Request::Chunk { name: t.name.clone(), start, epoch, len: len0 + data.len() as u64 };
+            assert_eq!(core.submit(req).unwrap(), Submitted::Queued);
+            while flush(core, sim)?.is_some() {}
+        }
+    }
+    let needed = core.files_needed_from();
+    let gone: Vec<u64> = sim.disk.files.range(..needed).map(|(s, _)| *s).collect();
+    for seq in &gone {
+        sim.disk.files.remove(seq);
+    }
+    core.forget_files_below(needed);
+    Ok(gone.len())
+}
+
+fn read_segment(core: &mut ContainerCore, disk: &Disk, name: &str) -> Vec<u8> {
+    let status = core.status(name).unwrap();
+    read_range(core, disk, name, status.start_offset, u64::MAX)
 }
 
 #[derive(Clone)]
@@ -156,8 +214,9 @@ fn event(writer: u128, n: u64, rng: &mut StdRng) -> Vec<u8> {
     e
 }
 
-fn run_seed(seed: u64) -> (u64, usize) {
-    let (mut crashes, mut max_files) = (0u64, 0usize);
+fn run_seed(seed: u64) -> (u64, usize, usize) {
+    let (mut crashes, mut max_files, mut freed) = (0u64, 0usize, 0usize);
+    let with_tier2 = seed % 2 == 1;
     let mut rng = StdRng::seed_from_u64(seed);
     let cfg = CoreConfig {
         container: 3,
@@ -244,6 +303,12 @@ fn run_seed(seed: u64) -> (u64, usize) {
             if crash {
                 break true;
             }
+            if with_tier2 && rng.random_bool(0.5) {
+                match mover_step(&mut core, &mut sim, &mut rng) {
+                    Ok(n) => freed += n,
+                    Err(Crash) => break true,
+                }
+            }
             if rng.random_bool(0.05) {
                 break false;
             }
@@ -299,21 +364,27 @@ fn run_seed(seed: u64) -> (u64, usize) {
             assert!(seen.contains_key(&(w, n)), "seed {seed}: event {w}:{n} lost");
         }
     }
-    (crashes, max_files)
+    (crashes, max_files, freed)
 }
 
 #[test]
 fn power_loss_500_seeds() {
-    let (mut crashes, mut max_files) = (0, 0);
+    let (mut crashes, mut max_files, mut freed) = (0, 0, 0);
     for seed in 0..500 {
-        let (c, f) = run_seed(seed);
+        let (c, f, d) = run_seed(seed);
         crashes += c;
         max_files = max_files.max(f);
+        freed += d;
     }
+    assert!(freed >= 100, "the mover freed only {freed} log files");
+    let tier2_reads = TIER2_READS.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(tier2_reads >= 100, "only {tier2_reads} reads came from tier-2");
     // The simulation must really crash, and crash across log file rolls.
     assert!(crashes >= 500, "only {crashes} crashes in 500 seeds");
     assert!(max_files >= 3, "logs never rolled past {max_files} files");
-    eprintln!("power loss: {crashes} crashes over 500 seeds, up to {max_files} log files");
+    eprintln!(
+        "power loss: {crashes} crashes over 500 seeds, up to {max_files} log files, {freed} freed after moves, {tier2_reads} tier-2 reads"
+    );
 }
 
 fn fresh_cfg() -> CoreConfig {
@@ -481,4 +552,56 @@ fn concurrent_create_answers_after_the_first_is_durable() {
         core.submit(Request::Create { name: "x/y/0".into() }),
         Err(sluice_engine::EngineError::SegmentExists(_))
     ));
+}
+
+#[test]
+fn log_budget_refuses_appends_until_files_are_freed() {
+    let mut cfg = fresh_cfg();
+    cfg.log_bytes_max = 4 * cfg.file_bytes;
+    let mut disk = Disk::default();
+    let mut core = recover(&cfg, &mut disk);
+    let mut sim = Sim { rng: StdRng::seed_from_u64(7), disk, steps_left: u64::MAX };
+    core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    let append = |core: &mut ContainerCore| {
+        let mut p = Vec::new();
+        encode_event(&mut p, &[7u8; 8000]);
+        core.submit(Request::Append {
+            name: "a/b/0".into(),
+            writer: 0,
+            first_event_number: 0,
+            event_count: 1,
+            expected_offset: None,
+            data: Bytes::from(p),
+        })
+    };
+    let mut accepted = 0;
+    let refused = loop {
+        match append(&mut core) {
+            Ok(_) => {
+                accepted += 1;
+                while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+            }
+            Err(e) => break e,
+        }
+        assert!(accepted < 1000, "the budget never applied");
+    };
+    assert!(matches!(refused, sluice_engine::error::EngineError::LogFull(_)), "{refused:?}");
+    assert!(sim.disk.files.len() as u64 <= 4, "{} files on disk", sim.disk.files.len());
+    // Nothing can be freed before tier-2 holds the data.
+    assert_eq!(core.files_needed_from(), core.oldest_file());
+    // Move everything, free the files, and appends are accepted again.
+    let mut rng = StdRng::seed_from_u64(8);
+    for _ in 0..200 {
+        mover_step(&mut core, &mut sim, &mut rng).ok().unwrap();
+    }
+    assert!(core.move_tasks(0).is_empty(), "everything moved");
+    assert_eq!(sim.disk.files.len(), 1, "only the current file is left");
+    append(&mut core).expect("room again");
+    // Truncation turns the chunks below the new start into garbage, and reads below it fail.
+    let len = core.status("a/b/0").unwrap().length;
+    core.submit(Request::Truncate { name: "a/b/0".into(), offset: len }).unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    assert!(!core.take_garbage().is_empty(), "chunks below the cut are garbage");
+    assert!(matches!(core.read("a/b/0", 0, 10), Err(sluice_engine::error::EngineError::Truncated { .. })));
 }

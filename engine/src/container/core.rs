@@ -816,7 +816,9 @@ impl ContainerCore {
                 })
             })
             .collect();
-        tasks.sort_by_key(|t| (!t.pins_old_file, !t.sealed, t.from));
+        tasks.sort_by(|a, b| {
+            (!a.pins_old_file, !a.sealed, a.from, &a.name).cmp(&(!b.pins_old_file, !b.sealed, b.from, &b.name))
+        });
         tasks
     }
 
