@@ -7,7 +7,11 @@
 //! - `consume`: C readers in a group catching up on a stream from its head.
 //!
 //! Every run prints its figures and, with `--json FILE`, appends one JSON object per run to
-//! FILE (for history and comparisons). Plots and peer drivers come with the benchmark issue.
+//! FILE (for history and comparisons), and with `--plot FILE` saves an HDR percentile plot
+//! of its latencies as FILE.svg and FILE.png (`plot`). Peer drivers come with the benchmark
+//! issue.
+
+mod plot;
 
 use clap::Parser;
 use futures::StreamExt;
@@ -22,6 +26,9 @@ struct Cli {
     /// Append the run's results as one JSON line to this file.
     #[arg(long, global = true)]
     json: Option<std::path::PathBuf>,
+    /// Save an HDR percentile plot of the run's latencies as FILE.svg and FILE.png.
+    #[arg(long, global = true, value_name = "FILE")]
+    plot: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -182,14 +189,7 @@ fn report(name: &str, hist: &Histogram<u64>) {
     );
 }
 
-async fn end_to_end(
-    url: String,
-    rate: u64,
-    seconds: u64,
-    readers: u32,
-    segments: u32,
-    size: usize,
-) -> Result<serde_json::Value, String> {
+async fn end_to_end(url: String, rate: u64, seconds: u64, readers: u32, segments: u32, size: usize) -> RunResult {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let e = |e: sluice_client::ClientError| e.to_string();
@@ -284,9 +284,10 @@ async fn end_to_end(
     let _ = group.delete().await;
     let _ = admin.seal_stream("bench", &run).await;
     let _ = admin.delete_stream("bench", &run).await;
-    Ok(serde_json::json!({"workload": "end-to-end", "rate": rate, "seconds": seconds, "warmup_s": WARMUP_S,
+    let json = serde_json::json!({"workload": "end-to-end", "rate": rate, "seconds": seconds, "warmup_s": WARMUP_S,
         "readers": readers, "segments": segments, "size": size, "sent": total,
-        "received": received.load(Ordering::Relaxed), "ack": hist_json(&ack_hist), "end_to_end": hist_json(&hist)}))
+        "received": received.load(Ordering::Relaxed), "ack": hist_json(&ack_hist), "end_to_end": hist_json(&hist)});
+    Ok((json, vec![("ack".to_string(), ack_hist), ("end-to-end".to_string(), hist)]))
 }
 
 fn main() -> Result<(), String> {
@@ -304,17 +305,42 @@ fn main() -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let result = match cli.cmd {
+    if let Some(base) = &cli.plot {
+        // Fail before the run, not after it, when plots cannot be drawn.
+        let dir = base.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(format!("--plot {}: directory {} does not exist", base.display(), dir.display()));
+        }
+        plot::hdr_plot(&std::env::temp_dir().join(format!("sluice-plot-probe-{}", std::process::id())), "", &[])
+            .map(|files| files.iter().for_each(|f| drop(std::fs::remove_file(f))))?;
+    }
+    let (result, series) = match cli.cmd {
         Cmd::EndToEnd { url, rate, seconds, readers, segments, size } => {
             rt.block_on(end_to_end(url, rate.max(1), seconds, readers, segments, size))?
         }
-        Cmd::Consume { url, stream, readers, idle_ms } => rt.block_on(consume(url, stream, readers.max(1), idle_ms))?,
+        Cmd::Consume { url, stream, readers, idle_ms } => {
+            (rt.block_on(consume(url, stream, readers.max(1), idle_ms))?, Vec::new())
+        }
         Cmd::Produce { url, stream, segments, producers, count, size, inflight } => {
             rt.block_on(produce(url, stream, segments, producers, count, size, inflight))?
         }
     };
-    write_json(&cli.json, result)
+    write_json(&cli.json, result.clone())?;
+    if let Some(base) = &cli.plot {
+        if series.is_empty() {
+            eprintln!("--plot: this workload records no latencies; nothing plotted");
+        } else {
+            let title = result["workload"].as_str().unwrap_or("run").to_string();
+            for f in plot::hdr_plot(base, &format!("sluice {title}"), &series)? {
+                println!("plot: {}", f.display());
+            }
+        }
+    }
+    Ok(())
 }
+
+/// A run's JSON result and its latency histograms (for plots).
+type RunResult = Result<(serde_json::Value, Vec<(String, Histogram<u64>)>), String>;
 
 async fn produce(
     url: String,
@@ -324,7 +350,7 @@ async fn produce(
     count: u64,
     size: usize,
     inflight: usize,
-) -> Result<serde_json::Value, String> {
+) -> RunResult {
     {
         let admin = Client::connect(&url).await.map_err(|e| e.to_string())?;
         let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
@@ -375,8 +401,9 @@ async fn produce(
             events as f64 * size as f64 / secs / 1e6
         );
         report("ack", &hist);
-        Ok(serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
+        let json = serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
             "size": size, "inflight": inflight, "seconds": secs, "events_per_s": events as f64 / secs,
-            "mb_per_s": events as f64 * size as f64 / secs / 1e6, "ack": hist_json(&hist)}))
+            "mb_per_s": events as f64 * size as f64 / secs / 1e6, "ack": hist_json(&hist)});
+        Ok((json, vec![("ack".to_string(), hist)]))
     }
 }
