@@ -398,19 +398,23 @@ fn fresh_cfg() -> CoreConfig {
     }
 }
 
+/// An unnumbered append of one event to `a/b/0`.
+fn one_event(payload: &[u8]) -> Request {
+    let mut p = Vec::new();
+    encode_event(&mut p, payload);
+    Request::Append {
+        name: "a/b/0".into(),
+        writer: 0,
+        first_event_number: 0,
+        event_count: 1,
+        expected_offset: None,
+        data: Bytes::from(p),
+    }
+}
+
 fn write_some(core: &mut ContainerCore, sim: &mut Sim, n: usize) {
     for i in 0..n {
-        let mut p = Vec::new();
-        encode_event(&mut p, format!("event-{i}").as_bytes());
-        core.submit(Request::Append {
-            name: "a/b/0".into(),
-            writer: 0,
-            first_event_number: 0,
-            event_count: 1,
-            expected_offset: None,
-            data: Bytes::from(p),
-        })
-        .unwrap();
+        core.submit(one_event(format!("event-{i}").as_bytes())).unwrap();
         while flush(core, sim).ok().flatten().is_some() {}
     }
 }
@@ -563,18 +567,7 @@ fn log_budget_refuses_appends_until_files_are_freed() {
     let mut sim = Sim { rng: StdRng::seed_from_u64(7), disk, steps_left: u64::MAX };
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     while flush(&mut core, &mut sim).ok().flatten().is_some() {}
-    let append = |core: &mut ContainerCore| {
-        let mut p = Vec::new();
-        encode_event(&mut p, &[7u8; 8000]);
-        core.submit(Request::Append {
-            name: "a/b/0".into(),
-            writer: 0,
-            first_event_number: 0,
-            event_count: 1,
-            expected_offset: None,
-            data: Bytes::from(p),
-        })
-    };
+    let append = |core: &mut ContainerCore| core.submit(one_event(&[7u8; 8000]));
     let mut accepted = 0;
     let refused = loop {
         match append(&mut core) {

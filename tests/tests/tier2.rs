@@ -125,24 +125,20 @@ async fn a_gibibyte_through_a_small_log_reads_back_from_the_head() {
     assert_eq!(count, WRITERS * PER_WRITER, "every event read back exactly once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tier2_outage_fills_the_log_then_refuses_and_loses_nothing() {
-    let dir = TempDir::new("tier2-outage");
+/// A one-shard server with tier-2 in `<dir>/tier2`, 1 MiB log files and 64 KiB moves.
+fn tier2_server(tag: &str, extra: &[&str]) -> (TempDir, std::path::PathBuf, Server) {
+    let dir = TempDir::new(tag);
     let t2dir = dir.0.join("tier2");
     let tier2 = format!("fs:{}", t2dir.display());
-    let args = [
-        "--tier2",
-        &tier2,
-        "--log-file-mb",
-        "1",
-        "--log-budget-mb",
-        "6",
-        "--containers-per-core",
-        "1",
-        "--move-min-kb",
-        "64",
-    ];
+    let mut args = vec!["--tier2", &tier2, "--log-file-mb", "1", "--move-min-kb", "64"];
+    args.extend_from_slice(extra);
     let server = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &args);
+    (dir, t2dir, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier2_outage_fills_the_log_then_refuses_and_loses_nothing() {
+    let (dir, t2dir, server) = tier2_server("tier2-outage", &["--log-budget-mb", "6", "--containers-per-core", "1"]);
     // No client-side retries: the test wants to see the server's answer.
     let config = ClientConfig { retry_for: Duration::ZERO, ..ClientConfig::default() };
     let client = Client::connect_with(&server.url(), config).await.unwrap();
@@ -252,24 +248,8 @@ async fn held(client: &Client, scope: &str, stream: &str, segments: u64) -> (u64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_by_size_and_time_truncates_and_frees_space() {
-    let dir = TempDir::new("tier2-retention");
-    let t2dir = dir.0.join("tier2");
-    let tier2 = format!("fs:{}", t2dir.display());
-    let args = [
-        "--tier2",
-        &tier2,
-        "--log-file-mb",
-        "1",
-        "--log-budget-mb",
-        "8",
-        "--chunk-mb",
-        "1",
-        "--move-min-kb",
-        "64",
-        "--retention-interval-ms",
-        "200",
-    ];
-    let server = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &args);
+    let (_dir, t2dir, server) =
+        tier2_server("tier2-retention", &["--log-budget-mb", "8", "--chunk-mb", "1", "--retention-interval-ms", "200"]);
     let client = Client::connect(&server.url()).await.unwrap();
     client.create_scope("r").await.unwrap();
     let size = sluice_net::Retention::parse("size:2M,4M").unwrap();
