@@ -303,6 +303,9 @@ impl Container {
                 Some(c) => c,
                 None => {
                     let name = chunk_name(&task.name, at, epoch);
+                    // A deleted segment of the same name may have left this very name as
+                    // garbage: delete it first, or a later collection would take ours.
+                    self.collect_garbage().await?;
                     match store.create(&name).await {
                         Ok(()) => {}
                         Err(ChunkError::AlreadyExists(_)) => {
@@ -373,8 +376,23 @@ impl Container {
         Ok(out.freeze())
     }
 
+    /// Deletes chunks no segment refers to any more. A name a live segment's chunk list
+    /// holds is never deleted: a stream deleted and created again reuses segment names, so
+    /// the old segment's garbage (re-listed when recovery replays its deletion) can name a
+    /// chunk that now belongs to the new segment.
     async fn collect_garbage(&self) -> Result<(), String> {
-        let garbage = self.core.borrow_mut().take_garbage();
+        let mut garbage = self.core.borrow_mut().take_garbage();
+        if garbage.is_empty() {
+            return Ok(());
+        }
+        let live: HashSet<String> = self
+            .core
+            .borrow()
+            .chunk_map()
+            .into_iter()
+            .flat_map(|(name, _, chunks)| chunks.into_iter().map(move |c| chunk_name(&name, c.start, c.epoch)))
+            .collect();
+        garbage.retain(|g| !live.contains(g));
         let store = self.t2().cfg.store.clone();
         for (i, chunk) in garbage.iter().enumerate() {
             match store.delete(chunk).await {
