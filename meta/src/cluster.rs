@@ -1,5 +1,7 @@
 //! Cluster membership: a node registers itself under a lease (`nodes/<id>`) and keeps the
 //! lease alive from its own thread; when the node dies the key vanishes with the lease.
+//! The cluster's fixed settings (`cluster`: the container count, set once when the first
+//! node creates the cluster) are checked by every node that joins.
 //! Works on any `MetaStore` (etcd in clusters; the embedded store for tests and tools).
 
 use crate::store::{LeaseId, MetaError, MetaStore};
@@ -27,8 +29,59 @@ pub enum ClusterError {
     NodeIdTaken(String),
     #[error("invalid node id: {0}")]
     InvalidNodeId(String),
+    #[error(
+        "cluster {cluster} was created with {have} containers, this node is configured for {want}; \
+         start it with a shard count and --containers-per-core whose product is {have}"
+    )]
+    ContainerCountMismatch { cluster: String, have: u32, want: u32 },
     #[error(transparent)]
     Meta(#[from] MetaError),
+}
+
+/// Settings fixed for the life of a cluster.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// Segment containers in the cluster (segments are placed by hashing over this count).
+    pub containers: u32,
+    pub created_unix_ms: u64,
+}
+
+const CLUSTER_KEY: &str = "cluster";
+
+/// The cluster's settings, if a node ever created it.
+pub async fn cluster_config<S: MetaStore>(store: &S) -> Result<Option<ClusterConfig>, MetaError> {
+    match store.get(CLUSTER_KEY).await? {
+        None => Ok(None),
+        Some(v) => rkyv::from_bytes::<ClusterConfig, rkyv::rancor::Error>(&v.value)
+            .map(Some)
+            .map_err(|e| MetaError::Corrupt(format!("{CLUSTER_KEY}: {e}"))),
+    }
+}
+
+/// Creates the cluster with `containers` containers, or checks that an existing cluster has
+/// that many (a node with another count refuses to join).
+pub async fn ensure_cluster<S: MetaStore>(
+    store: &S,
+    cluster: &str,
+    containers: u32,
+) -> Result<ClusterConfig, ClusterError> {
+    let want = ClusterConfig { containers, created_unix_ms: crate::controller::now_ms() };
+    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&want).expect("serializing cluster config").to_vec();
+    let have = match store.compare_and_swap(CLUSTER_KEY, 0, bytes).await {
+        Ok(_) => return Ok(want),
+        Err(MetaError::Conflict { .. }) => cluster_config(store)
+            .await?
+            .ok_or_else(|| MetaError::Corrupt(format!("{CLUSTER_KEY} vanished while a node was joining")))?,
+        Err(e) => return Err(e.into()),
+    };
+    if have.containers != containers {
+        return Err(ClusterError::ContainerCountMismatch {
+            cluster: cluster.to_string(),
+            have: have.containers,
+            want: containers,
+        });
+    }
+    Ok(have)
 }
 
 /// A live registration; dropping it stops the keep-alive (the key expires after the TTL),

@@ -109,7 +109,7 @@ fn stream_key(scope: &str, stream: &str) -> String {
     format!("streams/{scope}/{stream}")
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

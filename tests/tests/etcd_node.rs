@@ -36,3 +36,35 @@ async fn node_with_etcd_metadata() {
     assert!(store.get("scopes/etcd").await.unwrap().is_some());
     tokio::task::spawn_blocking(move || node.stop()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_settings_are_fixed_and_shown() {
+    use sluice_meta::cluster::{ClusterError, NodeInfo, ensure_cluster, register_node};
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "c1").unwrap();
+    assert_eq!(ensure_cluster(&store, "c1", 12).await.unwrap().containers, 12);
+    assert_eq!(ensure_cluster(&store, "c1", 12).await.unwrap().containers, 12, "a second node agrees");
+    match ensure_cluster(&store, "c1", 8).await {
+        Err(e @ ClusterError::ContainerCountMismatch { have: 12, want: 8, .. }) => {
+            assert!(e.to_string().contains("created with 12 containers"), "{e}");
+        }
+        other => panic!("a node with another container count joined: {other:?}"),
+    }
+    let info = NodeInfo { node_id: "n1".into(), endpoints: vec!["127.0.0.1:7001".into()], started_unix_ms: 0 };
+    let reg = register_node(&store, &info, Duration::from_secs(5)).await.unwrap();
+
+    let (ok, out, err) =
+        sluice_tests::cli("", &["cluster", "status", "--etcd", &etcd.endpoint, "--cluster", "c1"], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("cluster c1: 12 containers") && out.contains("1 live node") && out.contains("n1"), "{out}");
+    let (ok, out, _) =
+        sluice_tests::cli("", &["cluster", "status", "--etcd", &etcd.endpoint, "--cluster", "none"], None);
+    assert!(ok && out.contains("not created"), "{out}");
+    reg.leave().await.unwrap();
+
+    // An unreachable etcd: a clear error, in bounded time, no panic.
+    let started = std::time::Instant::now();
+    let (ok, _, err) = sluice_tests::cli("", &["cluster", "status", "--etcd", "http://127.0.0.1:1"], None);
+    assert!(!ok && err.contains("etcd"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}

@@ -44,6 +44,22 @@ enum Cmd {
     /// Inspect container logs offline.
     #[command(subcommand)]
     Log(LogCmd),
+    /// Cluster metadata in etcd.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Show a cluster's settings and live nodes, as recorded in etcd.
+    Status {
+        /// etcd endpoint(s), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+        etcd: Vec<String>,
+        /// Cluster name (its keys live under /sluice/NAME/).
+        #[arg(long, default_value = "default")]
+        cluster: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -169,6 +185,27 @@ enum LogCmd {
         #[arg(long)]
         entries: bool,
     },
+}
+
+/// `sluice cluster status`: settings and live nodes from etcd.
+fn cluster_status(etcd: &[String], cluster: &str) -> Result<(), String> {
+    use sluice_meta::cluster::{cluster_config, list_nodes};
+    let store = sluice_meta::EtcdStore::connect(etcd, cluster).map_err(|e| e.to_string())?;
+    let (config, nodes) = futures::executor::block_on(async {
+        let config = cluster_config(&store).await.map_err(|e| e.to_string())?;
+        let nodes = list_nodes(&store).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((config, nodes))
+    })
+    .map_err(|e| format!("cluster {cluster} at etcd {}: {e}", etcd.join(",")))?;
+    match config {
+        None => println!("cluster {cluster}: not created (no node has joined it)"),
+        Some(c) => println!("cluster {cluster}: {} containers", c.containers),
+    }
+    println!("{} live node(s)", nodes.len());
+    for n in nodes {
+        println!("  {}  {}", n.node_id, n.endpoints.join(", "));
+    }
+    Ok(())
 }
 
 fn parse_retention(s: &str) -> Result<Retention, String> {
@@ -317,7 +354,7 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
         Cmd::Rg(cmd) => rg::run(&c, cmd).await?,
         Cmd::Write(a) => io::write(&c, a).await?,
         Cmd::Read(a) => io::read(&c, a).await?,
-        Cmd::Standalone(_) | Cmd::Log(_) => unreachable!("handled before connecting"),
+        Cmd::Standalone(_) | Cmd::Log(_) | Cmd::Cluster(_) => unreachable!("handled before connecting"),
     }
     Ok(())
 }
@@ -353,6 +390,10 @@ fn main() -> ExitCode {
         Cmd::Log(LogCmd::Dump { dir, entries }) => {
             restore_sigpipe();
             dump::dump(&dir, entries)
+        }
+        Cmd::Cluster(ClusterCmd::Status { etcd, cluster }) => {
+            restore_sigpipe();
+            cluster_status(&etcd, &cluster)
         }
         cmd => {
             restore_sigpipe();
