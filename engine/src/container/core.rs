@@ -550,6 +550,7 @@ impl ContainerCore {
             epoch: self.epoch,
             next_segment_id: self.next_segment_id,
             segments,
+            garbage: self.garbage.clone(),
         }
     }
 
@@ -960,6 +961,7 @@ impl ContainerCore {
         core.file_pos = scan.end;
         core.current_file_bytes = file_bytes;
         core.next_segment_id = ck.next_segment_id;
+        core.garbage = ck.garbage;
         for sc in ck.segments {
             let mut s = Segment::new(sc.name.clone());
             s.created = true;

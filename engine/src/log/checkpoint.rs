@@ -10,6 +10,8 @@ pub struct CheckpointState {
     pub epoch: u64,
     pub next_segment_id: u64,
     pub segments: Vec<SegmentCheckpoint>,
+    /// Tier-2 chunks of truncated or deleted segments not yet deleted from tier-2.
+    pub garbage: Vec<String>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
