@@ -106,6 +106,14 @@ enum Cmd {
         /// Runs per target.
         #[arg(long, default_value_t = 2)]
         rounds: u32,
+        /// Offer events at this rate (open loop, the same offered load for every target;
+        /// latency from the scheduled send time) instead of as fast as acks allow.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Extra `sluice standalone` argument for a spawned Sluice (repeat it), e.g.
+        /// `--sluice-arg=--iops-limit --sluice-arg=2000`.
+        #[arg(long, allow_hyphen_values = true)]
+        sluice_arg: Vec<String>,
     },
     /// Read a whole stream from its head with a reader group of C readers.
     Consume {
@@ -355,9 +363,23 @@ fn main() -> Result<(), String> {
         Cmd::Produce { url, stream, segments, producers, count, size, inflight } => {
             rt.block_on(produce(url, stream, segments, producers, count, size, inflight))?
         }
-        Cmd::Compare { targets, spawn, sluice_url, redis_url, nats_url, count, size, inflight, rounds } => {
+        Cmd::Compare {
+            targets,
+            spawn,
+            sluice_url,
+            redis_url,
+            nats_url,
+            count,
+            size,
+            inflight,
+            rounds,
+            rate,
+            sluice_arg,
+        } => {
             let urls = [sluice_url, redis_url, nats_url];
-            compare(&rt, &targets, spawn, &urls, count, size, inflight, rounds.max(1))?
+            let load = peers::Load { count, inflight, rate };
+            let spawn = spawn.then_some(sluice_arg.as_slice());
+            compare(&rt, &targets, spawn, &urls, load, size, rounds.max(1))?
         }
     };
     write_json(&cli.json, result.clone())?;
@@ -379,13 +401,14 @@ fn main() -> Result<(), String> {
 fn compare(
     rt: &tokio::runtime::Runtime,
     targets: &[peers::Target],
-    spawn: bool,
+    // With `--spawn`: the extra arguments of a spawned Sluice.
+    spawn: Option<&[String]>,
     urls: &[String; 3],
-    count: u64,
+    load: peers::Load,
     size: usize,
-    inflight: usize,
     rounds: u32,
 ) -> RunResult {
+    let peers::Load { count, inflight, rate } = load;
     use peers::Target;
     let base = std::env::temp_dir().join(format!("sluice-compare-{}", std::process::id()));
     let mut results: Vec<(Target, Vec<f64>, Histogram<u64>, String)> = targets
@@ -397,12 +420,15 @@ fn compare(
             if round % 2 == 0 { (0..targets.len()).collect() } else { (0..targets.len()).rev().collect() };
         for i in order {
             let target = targets[i];
-            let server = if spawn { Some(peers::spawn(target, &base)?) } else { None };
+            let server = match spawn {
+                Some(extra) => Some(peers::spawn(target, &base, extra)?),
+                None => None,
+            };
             let url = match &server {
                 Some(s) => s.url.clone(),
                 None => urls[target as usize].clone(),
             };
-            let out = rt.block_on(peers::produce(target, &url, count, size, inflight))?;
+            let out = rt.block_on(peers::produce(target, &url, load, size))?;
             println!(
                 "round {}: {target:?}: {:.0} events/s, ack p50 {} us, p99 {} us",
                 round + 1,
@@ -421,7 +447,11 @@ fn compare(
     let _ = std::fs::remove_dir_all(&base);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let sluice = results.iter().find(|r| r.0 == Target::Sluice).map(|r| (mean(&r.1), r.2.value_at_quantile(0.99)));
-    println!("\n{count} events x {size} B per run, {inflight} in flight, {rounds} round(s) each:");
+    let offered = match rate {
+        Some(r) => format!("offered at {r} events/s (open loop, at most {inflight} in flight)"),
+        None => format!("{inflight} in flight (closed loop)"),
+    };
+    println!("\n{count} events x {size} B per run, {offered}, {rounds} round(s) each:");
     println!(
         "{:<8} {:>12} {:>9} {:>9} {:>10}  {:>14} {:>14}  durability",
         "target", "events/s", "p50 us", "p99 us", "p99.9 us", "sluice thrpt x", "sluice p99 x"
@@ -453,7 +483,7 @@ fn compare(
     }
     let series = results.into_iter().map(|(t, _, h, _)| (format!("{t:?}").to_lowercase(), h)).collect();
     let result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,
-        "rounds": rounds, "targets": json});
+        "rate": rate, "rounds": rounds, "targets": json});
     Ok((result, series))
 }
 

@@ -91,8 +91,9 @@ fn version_of(bin: &Path, arg: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Starts `target` on a free port in a temporary directory under `base`.
-pub fn spawn(target: Target, base: &Path) -> Result<Spawned, String> {
+/// Starts `target` on a free port in a temporary directory under `base` (`sluice_extra`:
+/// more `sluice standalone` arguments).
+pub fn spawn(target: Target, base: &Path, sluice_extra: &[String]) -> Result<Spawned, String> {
     let port = free_port()?;
     let dir = base.join(format!("{target:?}-{port}").to_lowercase());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -106,7 +107,10 @@ pub fn spawn(target: Target, base: &Path) -> Result<Spawned, String> {
                 dir.join("data").display().to_string(),
                 "--listen".into(),
                 format!("127.0.0.1:{port}"),
-            ],
+            ]
+            .into_iter()
+            .chain(sluice_extra.iter().cloned())
+            .collect(),
             format!("127.0.0.1:{port}"),
         ),
         Target::Redis => (
@@ -171,8 +175,19 @@ pub struct Outcome {
     pub hist: Histogram<u64>,
 }
 
-/// Sends `count` events keeping `inflight` unacknowledged; latency from send to ack.
-async fn closed_loop<F, Fut>(count: u64, inflight: usize, mut send: F) -> Result<Outcome, String>
+/// How events are offered.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    pub count: u64,
+    /// Most events awaiting acknowledgement.
+    pub inflight: usize,
+    /// Open loop at this many events per second (latency from each event's *scheduled* send
+    /// time, so a stall is not hidden); `None`: closed loop, as fast as acks allow.
+    pub rate: Option<u64>,
+}
+
+/// Sends `load.count` events; latency to each acknowledgement.
+async fn drive<F, Fut>(load: Load, mut send: F) -> Result<Outcome, String>
 where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = Result<(), String>>,
@@ -180,23 +195,36 @@ where
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut pending = FuturesUnordered::new();
     let start = Instant::now();
-    for i in 0..count {
-        let sent = Instant::now();
+    for i in 0..load.count {
+        let due = match load.rate {
+            Some(r) => start + Duration::from_secs_f64(i as f64 / r.max(1) as f64),
+            None => Instant::now(),
+        };
+        // Until the event is due, collect acknowledgements.
+        while Instant::now() < due {
+            let sleep = tokio::time::sleep_until(due.into());
+            tokio::select! {
+                Some(lat) = pending.next(), if !pending.is_empty() => {
+                    hist.saturating_record(lat?);
+                }
+                () = sleep => {}
+            }
+        }
         let fut = send(i);
-        pending.push(async move { fut.await.map(|()| sent.elapsed()) });
-        while pending.len() >= inflight.max(1) {
+        pending.push(async move { fut.await.map(|()| due.elapsed().as_micros() as u64) });
+        while pending.len() >= load.inflight.max(1) {
             let lat = pending.next().await.expect("non-empty")?;
-            hist.saturating_record(lat.as_micros() as u64);
+            hist.saturating_record(lat);
         }
     }
     while let Some(lat) = pending.next().await {
-        hist.saturating_record(lat?.as_micros() as u64);
+        hist.saturating_record(lat?);
     }
-    Ok(Outcome { events_per_s: count as f64 / start.elapsed().as_secs_f64(), hist })
+    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist })
 }
 
 /// The produce workload against one target at `url`.
-pub async fn produce(target: Target, url: &str, count: u64, size: usize, inflight: usize) -> Result<Outcome, String> {
+pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Result<Outcome, String> {
     let payload = Bytes::from(vec![b'x'; size]);
     match target {
         Target::Sluice => {
@@ -206,7 +234,7 @@ pub async fn produce(target: Target, url: &str, count: u64, size: usize, infligh
             let _ = client.create_stream("bench", &stream, 4).await;
             let writer = client.event_writer(&format!("bench/{stream}")).await.map_err(|e| e.to_string())?;
             let keys: Vec<String> = (0..16).map(|k| format!("key-{k}")).collect();
-            tokio::task::unconstrained(closed_loop(count, inflight, |i| {
+            tokio::task::unconstrained(drive(load, |i| {
                 let ack = writer.write_event(keys[(i % 16) as usize].as_bytes(), payload.clone());
                 async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }
             }))
@@ -215,7 +243,7 @@ pub async fn produce(target: Target, url: &str, count: u64, size: usize, infligh
         Target::Redis => {
             let client = redis::Client::open(url).map_err(|e| e.to_string())?;
             let con = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-            tokio::task::unconstrained(closed_loop(count, inflight, |_| {
+            tokio::task::unconstrained(drive(load, |_| {
                 let mut con = con.clone();
                 let payload = payload.clone();
                 async move {
@@ -243,7 +271,7 @@ pub async fn produce(target: Target, url: &str, count: u64, size: usize, infligh
             })
             .await
             .map_err(|e| e.to_string())?;
-            tokio::task::unconstrained(closed_loop(count, inflight, |_| {
+            tokio::task::unconstrained(drive(load, |_| {
                 let js = js.clone();
                 let payload = payload.clone();
                 async move {
