@@ -7,7 +7,7 @@ use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
 use sluice_net::event::split_whole_events;
 use sluice_net::messages::SegmentRange;
-use sluice_net::{ScopedStream, SegmentNumber};
+use sluice_net::{ErrorCode, ScopedStream, SegmentNumber};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -55,7 +55,9 @@ impl EventReader {
     }
 
     /// The next event, or `None` when `timeout` passes without one or every segment ended
-    /// (sealed and read to the end).
+    /// (sealed and read to the end). If a truncation (or retention) removes data this reader
+    /// has not read yet, one call returns a `Truncated` error (its offset is the segment's
+    /// new start) and reading goes on from there.
     pub async fn read_next(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
         match tokio::time::timeout(timeout, self.rx.recv()).await {
             Ok(Some(r)) => r.map(Some),
@@ -132,6 +134,15 @@ async fn read_segment(client: Client, segment: String, offset: u64, tx: mpsc::Se
         let events = read.and_then(|(reply, data)| Ok((reply, cut.push(&data)?)));
         let (reply, events) = match events {
             Ok(r) => r,
+            // Retention or a truncation overtook this reader: tell the application (the
+            // error carries the new start offset), then go on from the segment's new start.
+            Err(e @ ClientError::Server { code: ErrorCode::Truncated, offset: Some(start), .. }) => {
+                if tx.send(Err(e)).await.is_err() {
+                    return;
+                }
+                cut = EventCutter::new(cut.segment().to_string(), start);
+                continue;
+            }
             Err(e) => {
                 let _ = tx.send(Err(e)).await;
                 return;

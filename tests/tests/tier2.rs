@@ -354,3 +354,39 @@ async fn a_stream_deleted_and_created_again_keeps_its_new_data() {
     assert_eq!(n, 1024, "every event of the new stream reads back");
     assert!(bytes_under(&t2dir.join("re")) >= 1024 * 1024);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_overtaken_by_truncation_is_told_and_goes_on() {
+    let (_dir, _t2dir, server) = tier2_server("tier2-overtaken", &["--containers-per-core", "1"]);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_scope("ov").await.unwrap();
+    client.create_stream("ov", "s", 1).await.unwrap();
+    let t = Instant::now();
+    write_events(&client, "ov/s", 20_000, 1024).await;
+    eprintln!("wrote in {:?}", t.elapsed());
+    // The reader's task fills its buffer (4096 events) and waits; then the head goes.
+    let mut reader = client.event_reader("ov/s", ReadFrom::Head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut = client.stream_cut("ov/s", sluice_client::CutAt::Tail).await.unwrap();
+    client.truncate_stream(&cut).await.unwrap();
+    let mut before = 0;
+    let err = loop {
+        match reader.read_next(Duration::from_secs(5)).await {
+            Ok(Some(_)) => before += 1,
+            Ok(None) => panic!("the reader ended without hearing of the truncation"),
+            Err(e) => break e,
+        }
+    };
+    eprintln!("error after {before} events at {:?}", t.elapsed());
+    assert_eq!(err.code(), Some(ErrorCode::Truncated), "{err}");
+    assert!((1..20_000).contains(&before), "{before} events read before the truncation");
+    let writer = client.event_writer("ov/s").await.unwrap();
+    for i in 0..10 {
+        writer.write_event(b"k", format!("after-{i}").into_bytes());
+    }
+    writer.flush().await.unwrap();
+    for i in 0..10 {
+        let ev = reader.read_next(Duration::from_secs(5)).await.unwrap().expect("events after the cut");
+        assert_eq!(&ev.payload[..], format!("after-{i}").as_bytes());
+    }
+}
