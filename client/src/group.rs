@@ -18,7 +18,7 @@ use crate::error::ClientError;
 use crate::reader::{Event, EventCutter};
 use crate::sync::{StateSynchronizer, Synchronized};
 use rkyv::{Archive, Deserialize, Serialize};
-use sluice_net::ScopedStream;
+use sluice_net::{ErrorCode, ScopedStream};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -673,7 +673,14 @@ impl GroupReader {
                 Fetched::Error { token, error } => {
                     let failed = self.owned.iter().find(|(_, o)| o.token == token).map(|(s, o)| (s.clone(), o.offset));
                     if let Some((segment, offset)) = failed {
-                        // Report it, and keep reading the segment from where delivery stands.
+                        // Report it, and keep reading the segment from where delivery stands,
+                        // or from its new start if a truncation overtook this reader.
+                        let offset = match &error {
+                            ClientError::Server { code: ErrorCode::Truncated, offset: Some(start), .. } => {
+                                offset.max(*start)
+                            }
+                            _ => offset,
+                        };
                         let end = self.sync.state().and_then(|s| s.ends.get(&segment).copied());
                         self.stop(&segment);
                         self.start(segment, offset, end);

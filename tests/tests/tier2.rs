@@ -390,3 +390,47 @@ async fn a_reader_overtaken_by_truncation_is_told_and_goes_on() {
         assert_eq!(&ev.payload[..], format!("after-{i}").as_bytes());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reader_overtaken_by_truncation_is_told_and_goes_on() {
+    use sluice_client::{GroupItem, ReaderGroupConfig};
+    let (_dir, _t2dir, server) = tier2_server("tier2-rg-overtaken", &["--containers-per-core", "1"]);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_scope("og").await.unwrap();
+    client.create_stream("og", "s", 1).await.unwrap();
+    write_events(&client, "og/s", 20_000, 1024).await;
+    let group = client.create_reader_group("og", "g", ReaderGroupConfig::stream("og/s")).await.unwrap();
+    let mut r = group.create_reader("r1").await.unwrap();
+    // Take the segment and a few events, then lose the head.
+    let mut before = 0;
+    while before < 10 {
+        if let Some(GroupItem::Event(_)) = r.read_next(Duration::from_secs(5)).await.unwrap() {
+            before += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut = client.stream_cut("og/s", sluice_client::CutAt::Tail).await.unwrap();
+    client.truncate_stream(&cut).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        assert!(Instant::now() < deadline, "no truncation error");
+        match r.read_next(Duration::from_secs(1)).await {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Some(ErrorCode::Truncated), "{err}");
+    let writer = client.event_writer("og/s").await.unwrap();
+    for i in 0..10 {
+        writer.write_event(b"k", format!("after-{i}").into_bytes());
+    }
+    writer.flush().await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        assert!(Instant::now() < deadline, "events after the cut did not arrive: {got:?}");
+        if let Some(GroupItem::Event(ev)) = r.read_next(Duration::from_secs(1)).await.unwrap() {
+            got.push(String::from_utf8(ev.payload.to_vec()).unwrap());
+        }
+    }
+    assert_eq!(got, (0..10).map(|i| format!("after-{i}")).collect::<Vec<_>>());
+}
