@@ -500,7 +500,7 @@ impl ContainerCore {
         if self.cfg.log_bytes_max != u64::MAX {
             // Files on disk (counted whole) plus everything queued must leave a file of room
             // for the next roll; beyond that the log waits for tier-2 to free files.
-            let live = self.file_seq + 1 - self.oldest_file.min(self.file_seq);
+            let live = self.live_files();
             // Queued bytes may waste up to a quarter of each file they roll into.
             let queued = (self.pending_bytes + data.len()) as u64;
             let need = live * self.cfg.file_bytes + queued + queued / 3;

@@ -273,13 +273,14 @@ impl Container {
             (Ok(()), Err(e)) => return Err(e),
             (Ok(()), Ok(())) => {}
         }
-        if task.sealed && off >= task.to {
-            let last = self.core.borrow().chunk_map().into_iter().find(|(n, _, _)| *n == task.name);
-            if let Some((_, _, chunks)) = last
-                && let Some(c) = chunks.last()
-            {
-                self.seal_chunk(&chunk_name(&task.name, c.start, c.epoch)).await?;
-            }
+        // A sealed segment's last chunk is final: seal it too. It is the chunk still open
+        // for appends, or, when nothing moved, the one the task started from (a chunk that
+        // filled up was sealed when it rolled).
+        if task.sealed
+            && off >= task.to
+            && let Some(c) = chunk.or(if moved { None } else { task.last_chunk })
+        {
+            self.seal_chunk(&chunk_name(&task.name, c.start, c.epoch)).await?;
         }
         Ok(moved)
     }
