@@ -206,6 +206,27 @@ impl<S: MetaStore> Controller<S> {
         Ok(self.get_versioned(scope, stream).await?.0)
     }
 
+    /// Changes a stream's record with `change` (which says whether anything changed, or
+    /// refuses), compare-and-swap on the record's version, retried on conflict.
+    async fn update_record(
+        &self,
+        scope: &str,
+        stream: &str,
+        change: impl Fn(&mut StreamRecord) -> Result<bool, ControllerError>,
+    ) -> Result<StreamRecord, ControllerError> {
+        loop {
+            let (mut record, version) = self.get_versioned(scope, stream).await?;
+            if !change(&mut record)? {
+                return Ok(record);
+            }
+            match self.store.compare_and_swap(&stream_key(scope, stream), version, record.encode()).await {
+                Ok(_) => return Ok(record),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Moves a stream to `state` (compare-and-swap on the record's version).
     /// Concurrent callers moving the stream to the same state both succeed.
     pub async fn set_state(
@@ -214,18 +235,7 @@ impl<S: MetaStore> Controller<S> {
         stream: &str,
         state: StreamState,
     ) -> Result<StreamRecord, ControllerError> {
-        loop {
-            let (mut record, version) = self.get_versioned(scope, stream).await?;
-            if record.state == state {
-                return Ok(record);
-            }
-            record.state = state;
-            match self.store.compare_and_swap(&stream_key(scope, stream), version, record.encode()).await {
-                Ok(_) => return Ok(record),
-                Err(MetaError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.update_record(scope, stream, |r| Ok(std::mem::replace(&mut r.state, state) != state)).await
     }
 
     /// Changes a stream's retention policy.
@@ -235,18 +245,14 @@ impl<S: MetaStore> Controller<S> {
         stream: &str,
         retention: Retention,
     ) -> Result<StreamRecord, ControllerError> {
-        loop {
-            let (mut record, version) = self.get_versioned(scope, stream).await?;
-            if record.state == StreamState::Creating {
+        self.update_record(scope, stream, |r| {
+            if r.state == StreamState::Creating {
                 return Err(ControllerError::NoSuchStream(format!("{scope}/{stream} (still being created)")));
             }
-            record.retention = retention;
-            match self.store.compare_and_swap(&stream_key(scope, stream), version, record.encode()).await {
-                Ok(_) => return Ok(record),
-                Err(MetaError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+            r.retention = retention;
+            Ok(true)
+        })
+        .await
     }
 
     pub async fn list_streams(&self, scope: &str) -> Result<Vec<String>, ControllerError> {
