@@ -350,8 +350,7 @@ fn main() -> Result<(), String> {
         if !dir.is_dir() {
             return Err(format!("--plot {}: directory {} does not exist", base.display(), dir.display()));
         }
-        plot::hdr_plot(&std::env::temp_dir().join(format!("sluice-plot-probe-{}", std::process::id())), "", &[])
-            .map(|files| files.iter().for_each(|f| drop(std::fs::remove_file(f))))?;
+        plot::ensure_font()?;
     }
     let (result, series) = match cli.cmd {
         Cmd::EndToEnd { url, rate, seconds, readers, segments, size } => {
@@ -411,9 +410,21 @@ fn compare(
     let peers::Load { count, inflight, rate } = load;
     use peers::Target;
     let base = std::env::temp_dir().join(format!("sluice-compare-{}", std::process::id()));
-    let mut results: Vec<(Target, Vec<f64>, Histogram<u64>, String)> = targets
+    /// Every run of one target.
+    struct Runs {
+        target: Target,
+        rates: Vec<f64>,
+        hist: Histogram<u64>,
+        version: String,
+    }
+    let mut results: Vec<Runs> = targets
         .iter()
-        .map(|&t| (t, Vec::new(), Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"), String::new()))
+        .map(|&target| Runs {
+            target,
+            rates: Vec::new(),
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            version: String::new(),
+        })
         .collect();
     for round in 0..rounds {
         let order: Vec<usize> =
@@ -437,16 +448,17 @@ fn compare(
                 out.hist.value_at_quantile(0.99)
             );
             let r = &mut results[i];
-            r.1.push(out.events_per_s);
-            r.2.add(&out.hist).map_err(|e| e.to_string())?;
+            r.rates.push(out.events_per_s);
+            r.hist.add(&out.hist).map_err(|e| e.to_string())?;
             if let Some(s) = &server {
-                r.3 = s.version.clone();
+                r.version = s.version.clone();
             }
         }
     }
     let _ = std::fs::remove_dir_all(&base);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let sluice = results.iter().find(|r| r.0 == Target::Sluice).map(|r| (mean(&r.1), r.2.value_at_quantile(0.99)));
+    let sluice =
+        results.iter().find(|r| r.target == Target::Sluice).map(|r| (mean(&r.rates), r.hist.value_at_quantile(0.99)));
     let offered = match rate {
         Some(r) => format!("offered at {r} events/s (open loop, at most {inflight} in flight)"),
         None => format!("{inflight} in flight (closed loop)"),
@@ -457,7 +469,7 @@ fn compare(
         "target", "events/s", "p50 us", "p99 us", "p99.9 us", "sluice thrpt x", "sluice p99 x"
     );
     let mut json = Vec::new();
-    for (t, rates, h, version) in &results {
+    for Runs { target: t, rates, hist: h, version } in &results {
         let rate = mean(rates);
         let p99 = h.value_at_quantile(0.99);
         let (ratio, p99_ratio) = match sluice {
@@ -481,7 +493,7 @@ fn compare(
         json.push(serde_json::json!({"target": format!("{t:?}").to_lowercase(), "version": version,
             "durability": t.durability(), "events_per_s": rates, "mean_events_per_s": rate, "ack": hist_json(h)}));
     }
-    let series = results.into_iter().map(|(t, _, h, _)| (format!("{t:?}").to_lowercase(), h)).collect();
+    let series = results.into_iter().map(|r| (format!("{:?}", r.target).to_lowercase(), r.hist)).collect();
     let result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,
         "rate": rate, "rounds": rounds, "targets": json});
     Ok((result, series))

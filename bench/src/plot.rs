@@ -17,7 +17,7 @@ const FONT_PATHS: &[&str] = &[
 ];
 
 /// Registers a font for plot text once; the error says how to get one.
-fn ensure_font() -> Result<(), String> {
+pub fn ensure_font() -> Result<(), String> {
     static FONT: OnceLock<Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {
         let candidates: Vec<PathBuf> = std::env::var_os("SLUICE_PLOT_FONT")
