@@ -17,6 +17,8 @@ pub struct NodeInfo {
     /// Client endpoints, one per shard.
     pub endpoints: Vec<String>,
     pub started_unix_ms: u64,
+    /// Shutting down: handing its containers to other nodes, taking none.
+    pub draining: bool,
 }
 
 fn node_key(id: &str) -> String {
@@ -128,6 +130,17 @@ pub async fn register_node<S: MetaStore>(
 }
 
 impl<S: MetaStore> Registration<S> {
+    /// The lease the registration lives under.
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
+    /// Republishes the node's info (for instance with `draining` set).
+    pub async fn update(&self, info: &NodeInfo) -> Result<(), MetaError> {
+        let value = rkyv::to_bytes::<rkyv::rancor::Error>(info).expect("serializing node info").to_vec();
+        self.store.put_with_lease(&node_key(&info.node_id), value, self.lease).await.map(|_| ())
+    }
+
     /// Leaves the cluster now: the registration key is deleted with its lease.
     pub async fn leave(mut self) -> Result<(), MetaError> {
         self.stop_keeper();

@@ -2,7 +2,7 @@
 //! controller behaves the same in standalone and cluster mode. Each run works under its own
 //! key prefix.
 
-use crate::store::{MetaError, MetaStore, Versioned, Watch, WatchEvent};
+use crate::store::{MetaError, MetaStore, MetaTxn, Versioned, Watch, WatchEvent};
 use std::time::{Duration, Instant};
 
 macro_rules! check {
@@ -56,6 +56,33 @@ pub async fn run<S: MetaStore>(store: &S, prefix: &str) -> Result<(), String> {
     check!(store.compare_and_swap(&k("a"), 0, b"again".to_vec()).await == Ok(1), "a recreated key starts at version 1");
     check!(store.delete(&k("b"), None).await == Ok(true), "unconditional delete");
     check!(store.delete(&format!("{prefix}x/other"), None).await == Ok(true), "cleanup");
+
+    // Transactions: all or nothing.
+    let t = MetaTxn::new().compare(k("t1"), 0).compare(k("a"), 1).put(k("t1"), b"x".to_vec()).delete(k("a"));
+    check!(store.txn(t).await.is_ok(), "a transaction whose compares hold");
+    check!(store.get(&k("t1")).await.map_err(|x| e("get", x))?.map(|v| v.version) == Some(1), "txn put");
+    check!(store.get(&k("a")).await == Ok(None), "txn delete");
+    let t = MetaTxn::new().compare(k("t1"), 1).compare(k("t2"), 5).put(k("t1"), b"y".to_vec()).put(k("t2"), vec![]);
+    check!(
+        matches!(store.txn(t).await, Err(MetaError::Conflict { ref key, expected: 5, actual: 0 }) if *key == k("t2")),
+        "a failed compare names its key"
+    );
+    check!(
+        store.get(&k("t1")).await == Ok(Some(Versioned { value: b"x".to_vec(), version: 1 })),
+        "nothing of a failed transaction applies"
+    );
+    let lease = store.grant_lease(Duration::from_secs(30)).await.map_err(|x| e("grant", x))?;
+    let t = MetaTxn::new().compare(k("t1"), 1).put(k("t1"), b"z".to_vec()).put_leased(k("t3"), vec![7], lease);
+    check!(store.txn(t).await.is_ok(), "a transaction with a leased put");
+    store.revoke_lease(lease).await.map_err(|x| e("revoke", x))?;
+    check!(store.get(&k("t3")).await == Ok(None), "a leased key of a transaction goes with its lease");
+    check!(store.get(&k("t1")).await.map_err(|x| e("get", x))?.map(|v| v.version) == Some(2), "the rest stays");
+    let t = MetaTxn::new().put_leased(k("t4"), vec![], lease).put(k("t5"), vec![]);
+    check!(matches!(store.txn(t).await, Err(MetaError::LeaseNotFound(_))), "a put under a revoked lease");
+    check!(store.get(&k("t5")).await == Ok(None), "nothing applies with a dead lease");
+    for key in ["t1", "a", "c/d"] {
+        store.delete(&k(key), None).await.map_err(|x| e("delete", x))?;
+    }
     Ok(())
 }
 

@@ -8,9 +8,10 @@
 //! node, and neither do their keys).
 //!
 //! Record: `len u32 | crc32c u32 (of body) | body`, body = `op u8 (1 put, 2 delete) |
-//! key_len u16 | key | version u64 | value_len u32 | value`, little-endian.
+//! key_len u16 | key | version u64 | value_len u32 | value`, little-endian; or `op u8 = 3 |
+//! records...` (a transaction's records, framed the same way, applied all or none).
 
-use crate::store::{LeaseId, MetaError, MetaStore, Versioned, Watch, WatchEvent};
+use crate::store::{LeaseId, MetaError, MetaStore, MetaTxn, TxnOp, Versioned, Watch, WatchEvent};
 use futures::channel::{mpsc, oneshot};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -31,6 +32,7 @@ enum Cmd {
     KeepAlive(LeaseId, oneshot::Sender<Result<(), MetaError>>),
     Revoke(LeaseId, oneshot::Sender<Result<(), MetaError>>),
     PutLeased(String, Vec<u8>, LeaseId, oneshot::Sender<Result<u64, MetaError>>),
+    Txn(MetaTxn, oneshot::Sender<Result<(), MetaError>>),
 }
 
 /// How often the store thread looks for expired leases.
@@ -75,44 +77,85 @@ fn encode(op: u8, key: &str, version: u64, value: &[u8]) -> Vec<u8> {
     rec
 }
 
+/// Encodes a transaction's persistent records as one group record (op 3), so a torn write
+/// loses all of them or none.
+fn encode_group(records: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = vec![3u8];
+    for r in records {
+        body.extend_from_slice(r);
+    }
+    let mut rec = Vec::with_capacity(8 + body.len());
+    rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    rec.extend_from_slice(&body);
+    rec
+}
+
+/// The next framed record's body at `pos`, if whole and its checksum holds.
+fn next_body(bytes: &[u8], pos: usize) -> Option<&[u8]> {
+    let head = bytes.get(pos..pos + 8)?;
+    let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    let body = bytes.get(pos + 8..pos + 8 + len)?;
+    (crc32c::crc32c(body) == crc && !body.is_empty()).then_some(body)
+}
+
+/// Applies one put/delete body; false if it does not parse.
+fn apply_body(map: &mut BTreeMap<String, Versioned>, body: &[u8]) -> bool {
+    if body.len() < 15 {
+        return false;
+    }
+    let klen = u16::from_le_bytes([body[1], body[2]]) as usize;
+    let Some(key) = body.get(3..3 + klen).and_then(|k| std::str::from_utf8(k).ok()) else {
+        return false;
+    };
+    let Some(rest) = body.get(3 + klen..).filter(|r| r.len() >= 12) else {
+        return false;
+    };
+    let version = u64::from_le_bytes(rest[0..8].try_into().expect("8 bytes"));
+    let vlen = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
+    let Some(value) = rest.get(12..12 + vlen) else {
+        return false;
+    };
+    match body[0] {
+        1 => {
+            map.insert(key.to_string(), Versioned { value: value.to_vec(), version });
+        }
+        2 => {
+            map.remove(key);
+        }
+        _ => return false,
+    }
+    true
+}
+
 /// Replays records; returns the map and the length of the valid prefix.
 fn replay(bytes: &[u8]) -> (BTreeMap<String, Versioned>, usize) {
     let mut map = BTreeMap::new();
     let mut pos = 0;
-    while let Some(head) = bytes.get(pos..pos + 8) {
-        let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
-        let Some(body) = bytes.get(pos + 8..pos + 8 + len) else {
-            break;
-        };
-        if crc32c::crc32c(body) != crc || body.len() < 15 {
-            break;
-        }
-        let klen = u16::from_le_bytes([body[1], body[2]]) as usize;
-        let Some(key) = body.get(3..3 + klen).and_then(|k| std::str::from_utf8(k).ok()) else {
-            break;
-        };
-        let Some(rest) = body.get(3 + klen..) else {
-            break;
-        };
-        if rest.len() < 12 {
-            break;
-        }
-        let version = u64::from_le_bytes(rest[0..8].try_into().expect("8 bytes"));
-        let vlen = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
-        let Some(value) = rest.get(12..12 + vlen) else {
-            break;
-        };
-        match body[0] {
-            1 => {
-                map.insert(key.to_string(), Versioned { value: value.to_vec(), version });
+    while let Some(body) = next_body(bytes, pos) {
+        if body[0] == 3 {
+            // A group: all inner records are valid (they are covered by the outer checksum).
+            let mut staged = map.clone();
+            let mut inner = 1;
+            let mut ok = true;
+            while inner < body.len() {
+                match next_body(body, inner) {
+                    Some(b) if apply_body(&mut staged, b) => inner += 8 + b.len(),
+                    _ => {
+                        ok = false;
+                        break;
+                    }
+                }
             }
-            2 => {
-                map.remove(key);
+            if !ok {
+                break;
             }
-            _ => break,
+            map = staged;
+        } else if !apply_body(&mut map, body) {
+            break;
         }
-        pos += 8 + len;
+        pos += 8 + body.len();
     }
     (map, pos)
 }
@@ -168,6 +211,64 @@ impl State {
         Ok(version)
     }
 
+    /// Applies a transaction (see `MetaTxn`): checks, one group record, then memory.
+    fn txn(&mut self, txn: MetaTxn) -> Result<(), MetaError> {
+        for (key, expected) in &txn.compares {
+            let actual = self.map.get(key).map_or(0, |v| v.version);
+            if actual != *expected {
+                return Err(MetaError::Conflict { key: key.clone(), expected: *expected, actual });
+            }
+        }
+        let mut records = Vec::new();
+        for op in &txn.ops {
+            match op {
+                TxnOp::Put { key, value, lease } => {
+                    let actual = self.map.get(key).map_or(0, |v| v.version);
+                    let persistent = self.map.contains_key(key) && !self.leased_keys.contains_key(key);
+                    match lease {
+                        None => records.push(encode(1, key, actual + 1, value)),
+                        Some(id) => {
+                            if !self.leases.contains_key(id) {
+                                return Err(MetaError::LeaseNotFound(*id));
+                            }
+                            if persistent {
+                                records.push(encode(2, key, actual, &[]));
+                            }
+                        }
+                    }
+                }
+                TxnOp::Delete { key } => {
+                    if self.map.contains_key(key) && !self.leased_keys.contains_key(key) {
+                        records.push(encode(2, key, self.map[key].version, &[]));
+                    }
+                }
+            }
+        }
+        if !records.is_empty() {
+            self.append(&encode_group(&records))?;
+        }
+        for op in txn.ops {
+            match op {
+                TxnOp::Put { key, value, lease: None } => {
+                    let version = self.map.get(&key).map_or(0, |v| v.version) + 1;
+                    self.detach_lease(&key);
+                    self.notify(&key, Some(&value), version);
+                    self.map.insert(key, Versioned { value, version });
+                }
+                TxnOp::Put { key, value, lease: Some(id) } => {
+                    self.put_leased_memory(key, value, id);
+                }
+                TxnOp::Delete { key } => {
+                    if let Some(v) = self.map.remove(&key) {
+                        self.detach_lease(&key);
+                        self.notify(&key, None, v.version);
+                    }
+                }
+            }
+        }
+        self.maybe_compact()
+    }
+
     fn notify(&mut self, key: &str, value: Option<&Vec<u8>>, version: u64) {
         self.watchers.retain(|(prefix, tx)| {
             !key.starts_with(prefix.as_str())
@@ -184,23 +285,33 @@ impl State {
     }
 
     fn put_leased(&mut self, key: String, value: Vec<u8>, lease: LeaseId) -> Result<u64, MetaError> {
-        let l = self.leases.get_mut(&lease).ok_or(MetaError::LeaseNotFound(lease))?;
+        if !self.leases.contains_key(&lease) {
+            return Err(MetaError::LeaseNotFound(lease));
+        }
+        // A persistent key becoming leased: the file must forget it.
+        if let Some(v) = self.map.get(&key)
+            && !self.leased_keys.contains_key(&key)
+        {
+            let rec = encode(2, &key, v.version, &[]);
+            self.append(&rec)?;
+        }
+        Ok(self.put_leased_memory(key, value, lease))
+    }
+
+    /// The in-memory part of a leased put (the lease exists; the file already forgot the key).
+    fn put_leased_memory(&mut self, key: String, value: Vec<u8>, lease: LeaseId) -> u64 {
+        let l = self.leases.get_mut(&lease).expect("lease checked by the caller");
         l.keys.insert(key.clone());
         let version = self.map.get(&key).map_or(0, |v| v.version) + 1;
-        if self.leased_keys.get(&key) != Some(&lease) {
-            // A persistent key becoming leased: the file must forget it.
-            if self.map.contains_key(&key) && !self.leased_keys.contains_key(&key) {
-                self.append(&encode(2, &key, version - 1, &[]))?;
-            }
-            if let Some(old) = self.leased_keys.insert(key.clone(), lease)
-                && let Some(ol) = self.leases.get_mut(&old)
-            {
-                ol.keys.remove(&key);
-            }
+        if self.leased_keys.get(&key) != Some(&lease)
+            && let Some(old) = self.leased_keys.insert(key.clone(), lease)
+            && let Some(ol) = self.leases.get_mut(&old)
+        {
+            ol.keys.remove(&key);
         }
         self.notify(&key, Some(&value), version);
         self.map.insert(key, Versioned { value, version });
-        Ok(version)
+        version
     }
 
     fn end_lease(&mut self, id: LeaseId) {
@@ -330,6 +441,9 @@ impl EmbeddedStore {
                         Cmd::PutLeased(k, v, id, r) => {
                             let _ = r.send(state.put_leased(k, v, id));
                         }
+                        Cmd::Txn(t, r) => {
+                            let _ = r.send(state.txn(t));
+                        }
                     }
                 }
             })
@@ -384,6 +498,9 @@ impl MetaStore for EmbeddedStore {
     async fn put_with_lease(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<u64, MetaError> {
         let key = key.to_string();
         self.call(|r| Cmd::PutLeased(key, value, lease, r)).await
+    }
+    async fn txn(&self, txn: MetaTxn) -> Result<(), MetaError> {
+        self.call(|r| Cmd::Txn(txn, r)).await
     }
 }
 

@@ -6,7 +6,7 @@
 //! per-key version (1 on creation, +1 per change, 0 when absent), and every conditional
 //! change is one etcd transaction comparing it.
 
-use crate::store::{LeaseId, MetaError, MetaStore, Versioned, Watch, WatchEvent};
+use crate::store::{LeaseId, MetaError, MetaStore, MetaTxn, Versioned, Watch, WatchEvent};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
@@ -265,6 +265,62 @@ impl MetaStore for EtcdStore {
                 Err(e) if e.to_string().contains("not found") => Err(MetaError::LeaseNotFound(lease)),
                 Err(e) => Err(err(e)),
             }
+        })
+        .await
+    }
+
+    async fn txn(&self, txn: MetaTxn) -> Result<(), MetaError> {
+        let lease = txn.ops.iter().find_map(|op| match op {
+            crate::store::TxnOp::Put { lease, .. } => *lease,
+            _ => None,
+        });
+        let compares: Vec<(String, String, u64)> =
+            txn.compares.iter().map(|(k, v)| (k.clone(), self.key(k), *v)).collect();
+        let ops: Vec<TxnOp> = txn
+            .ops
+            .into_iter()
+            .map(|op| match op {
+                crate::store::TxnOp::Put { key, value, lease } => {
+                    TxnOp::put(self.key(&key), value, lease.map(|l| PutOptions::new().with_lease(l)))
+                }
+                crate::store::TxnOp::Delete { key } => TxnOp::delete(self.key(&key), None),
+            })
+            .collect();
+        self.run(move |mut c| async move {
+            let t = Txn::new()
+                .when(
+                    compares
+                        .iter()
+                        .map(|(_, full, v)| Compare::version(full.clone(), CompareOp::Equal, *v as i64))
+                        .collect::<Vec<_>>(),
+                )
+                .and_then(ops)
+                .or_else(compares.iter().map(|(_, full, _)| TxnOp::get(full.clone(), None)).collect::<Vec<_>>());
+            let resp = match c.txn(t).await {
+                Ok(r) => r,
+                Err(e) if e.to_string().contains("not found") && lease.is_some() => {
+                    return Err(MetaError::LeaseNotFound(lease.unwrap_or_default()));
+                }
+                Err(e) => return Err(err(e)),
+            };
+            if resp.succeeded() {
+                return Ok(());
+            }
+            let actual: Vec<u64> = resp
+                .op_responses()
+                .into_iter()
+                .map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first().map_or(0, |kv| kv.version() as u64),
+                    _ => 0,
+                })
+                .collect();
+            let (key, expected, actual) = compares
+                .iter()
+                .zip(actual)
+                .find(|((_, _, v), a)| v != a)
+                .map(|((k, _, v), a)| (k.clone(), *v, a))
+                .unwrap_or_else(|| (compares.first().map(|c| c.0.clone()).unwrap_or_default(), 0, 0));
+            Err(MetaError::Conflict { key, expected, actual })
         })
         .await
     }

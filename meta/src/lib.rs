@@ -12,9 +12,10 @@ pub mod controller;
 pub mod embedded;
 pub mod etcd;
 pub mod names;
+pub mod ownership;
 pub mod store;
 
 pub use controller::{Controller, StreamRecord, StreamState};
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
-pub use store::{LeaseId, MetaError, MetaStore, Versioned, Watch, WatchEvent};
+pub use store::{LeaseId, MetaError, MetaStore, MetaTxn, TxnOp, Versioned, Watch, WatchEvent};

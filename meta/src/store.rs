@@ -38,6 +38,56 @@ impl Watch {
 /// Id of a lease.
 pub type LeaseId = i64;
 
+/// One write of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOp {
+    /// Put `value`; with a lease, the key lives as long as the lease.
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+/// An all-or-nothing change of several keys: every compare (key, expected version; 0:
+/// absent) must hold, then every op applies, atomically (one etcd transaction; one record
+/// of the embedded store's log). A key appears in at most one op.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetaTxn {
+    pub compares: Vec<(String, u64)>,
+    pub ops: Vec<TxnOp>,
+}
+
+impl MetaTxn {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requires `key` to be at `version` (0: absent).
+    pub fn compare(mut self, key: impl Into<String>, version: u64) -> Self {
+        self.compares.push((key.into(), version));
+        self
+    }
+
+    pub fn put(mut self, key: impl Into<String>, value: Vec<u8>) -> Self {
+        self.ops.push(TxnOp::Put { key: key.into(), value, lease: None });
+        self
+    }
+
+    pub fn put_leased(mut self, key: impl Into<String>, value: Vec<u8>, lease: LeaseId) -> Self {
+        self.ops.push(TxnOp::Put { key: key.into(), value, lease: Some(lease) });
+        self
+    }
+
+    pub fn delete(mut self, key: impl Into<String>) -> Self {
+        self.ops.push(TxnOp::Delete { key: key.into() });
+        self
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
     pub value: Vec<u8>,
@@ -89,4 +139,7 @@ pub trait MetaStore: Send + Sync + Clone + 'static {
         value: Vec<u8>,
         lease: LeaseId,
     ) -> impl Future<Output = Result<u64, MetaError>> + Send;
+    /// Applies `txn` if all its compares hold; `Conflict` names the first compare that did
+    /// not (nothing applied), `LeaseNotFound` a put under a dead lease (nothing applied).
+    fn txn(&self, txn: MetaTxn) -> impl Future<Output = Result<(), MetaError>> + Send;
 }

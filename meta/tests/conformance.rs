@@ -35,6 +35,38 @@ fn embedded_leased_keys_do_not_survive_restart() {
 }
 
 #[test]
+fn embedded_transactions_survive_restart_whole() {
+    use sluice_meta::{MetaStore, MetaTxn};
+    let dir = TempDir::new("meta-txn");
+    {
+        let store = EmbeddedStore::open(&dir.0).unwrap();
+        block_on(async {
+            store.put("gone", vec![0]).await.unwrap();
+            let t = MetaTxn::new().compare("gone", 1).put("a", vec![1]).put("b", vec![2]).delete("gone");
+            store.txn(t).await.unwrap();
+        });
+    }
+    let len = std::fs::metadata(dir.0.join("meta.log")).unwrap().len();
+    let store = EmbeddedStore::open(&dir.0).unwrap();
+    block_on(async {
+        assert_eq!(store.get("a").await.unwrap().unwrap().value, vec![1]);
+        assert_eq!(store.get("b").await.unwrap().unwrap().value, vec![2]);
+        assert_eq!(store.get("gone").await.unwrap(), None);
+    });
+    drop(store);
+    // A torn transaction record is cut whole: none of its changes survive.
+    let f = std::fs::OpenOptions::new().write(true).open(dir.0.join("meta.log")).unwrap();
+    f.set_len(len - 3).unwrap();
+    drop(f);
+    let store = EmbeddedStore::open(&dir.0).unwrap();
+    block_on(async {
+        assert_eq!(store.get("a").await.unwrap(), None);
+        assert_eq!(store.get("b").await.unwrap(), None);
+        assert_eq!(store.get("gone").await.unwrap().unwrap().value, vec![0]);
+    });
+}
+
+#[test]
 fn etcd_store_conforms() {
     let etcd = Etcd::start();
     let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "conf-cluster").unwrap();
@@ -65,8 +97,12 @@ fn controller_runs_on_etcd() {
 /// after its TTL; one that leaves vanishes at once; ids are unique among live nodes.
 async fn membership<S: sluice_meta::MetaStore>(store: &S) {
     use sluice_meta::cluster::{ClusterError, NodeInfo, list_nodes, register_node};
-    let info =
-        |id: &str| NodeInfo { node_id: id.into(), endpoints: vec![format!("127.0.0.1:1/{id}")], started_unix_ms: 1 };
+    let info = |id: &str| NodeInfo {
+        node_id: id.into(),
+        endpoints: vec![format!("127.0.0.1:1/{id}")],
+        started_unix_ms: 1,
+        draining: false,
+    };
     let ttl = std::time::Duration::from_secs(2);
     let n1 = register_node(store, &info("n1"), ttl).await.unwrap();
     let n2 = register_node(store, &info("n2"), ttl).await.unwrap();

@@ -50,7 +50,12 @@ async fn cluster_settings_are_fixed_and_shown() {
         }
         other => panic!("a node with another container count joined: {other:?}"),
     }
-    let info = NodeInfo { node_id: "n1".into(), endpoints: vec!["127.0.0.1:7001".into()], started_unix_ms: 0 };
+    let info = NodeInfo {
+        node_id: "n1".into(),
+        endpoints: vec!["127.0.0.1:7001".into()],
+        started_unix_ms: 0,
+        draining: false,
+    };
     let reg = register_node(&store, &info, Duration::from_secs(5)).await.unwrap();
 
     let (ok, out, err) =
