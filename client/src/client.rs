@@ -32,6 +32,18 @@ impl Default for ClientConfig {
 struct ShardMap {
     container_count: u32,
     endpoints: Vec<String>,
+    /// Cluster: the endpoint of each container ("" while it moves); empty on a standalone node.
+    containers: Vec<String>,
+}
+
+impl ShardMap {
+    fn from_hello(hello: HelloReply) -> Self {
+        Self {
+            container_count: hello.container_count,
+            endpoints: hello.shards.into_iter().map(|s| s.address).collect(),
+            containers: hello.containers,
+        }
+    }
 }
 
 struct Inner {
@@ -65,10 +77,7 @@ impl Client {
     pub async fn connect_with(url: &str, config: ClientConfig) -> Result<Client, ClientError> {
         let bootstrap = normalize(url)?;
         let (conn, hello) = Connection::connect(&bootstrap, config.connect_timeout).await?;
-        let map = ShardMap {
-            container_count: hello.container_count,
-            endpoints: hello.shards.into_iter().map(|s| s.address).collect(),
-        };
+        let map = ShardMap::from_hello(hello);
         let mut conns = HashMap::new();
         conns.insert(bootstrap.clone(), conn);
         Ok(Client { inner: Arc::new(Inner { bootstrap, config, map: Mutex::new(map), conns: Mutex::new(conns) }) })
@@ -89,18 +98,22 @@ impl Client {
             return Ok(c.clone());
         }
         let (conn, hello) = Connection::connect(addr, self.inner.config.connect_timeout).await?;
-        *self.inner.map.lock().expect("lock") = ShardMap {
-            container_count: hello.container_count,
-            endpoints: hello.shards.into_iter().map(|s| s.address).collect(),
-        };
+        *self.inner.map.lock().expect("lock") = ShardMap::from_hello(hello);
         self.inner.conns.lock().expect("lock").insert(addr.to_string(), conn.clone());
         Ok(conn)
     }
 
-    /// Endpoint of the shard that owns `segment`.
+    /// Endpoint of the shard that owns `segment` (in a cluster, of the node that serves
+    /// its container; the bootstrap node while the container moves, which redirects).
     pub fn endpoint_of(&self, segment: &str) -> String {
         let map = self.inner.map.lock().expect("lock");
         let c = container_of(segment, map.container_count);
+        if !map.containers.is_empty() {
+            return match map.containers.get(c.0 as usize).filter(|e| !e.is_empty()) {
+                Some(e) => e.clone(),
+                None => self.inner.bootstrap.clone(),
+            };
+        }
         map.endpoints[shard_of(c, map.endpoints.len() as u32) as usize].clone()
     }
 
@@ -110,10 +123,27 @@ impl Client {
         self.connection(&ep).await
     }
 
-    /// Refreshes the shard map from the bootstrap node.
+    /// Refreshes the shard map from the bootstrap node, or, in a cluster whose bootstrap
+    /// node is down, from any other node the map names.
     pub async fn refresh(&self) -> Result<(), ClientError> {
-        self.inner.conns.lock().expect("lock").remove(&self.inner.bootstrap);
-        self.connection(&self.inner.bootstrap.clone()).await.map(|_| ())
+        let mut candidates = vec![self.inner.bootstrap.clone()];
+        {
+            let map = self.inner.map.lock().expect("lock");
+            for e in map.containers.iter().chain(map.endpoints.iter()) {
+                if !e.is_empty() && !candidates.contains(e) {
+                    candidates.push(e.clone());
+                }
+            }
+        }
+        let mut last = None;
+        for addr in candidates {
+            self.inner.conns.lock().expect("lock").remove(&addr);
+            match self.connection(&addr).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least the bootstrap node was tried"))
     }
 
     /// Runs `f` until it succeeds, fails with a non-retryable error, or `retry_for` passes.
@@ -139,11 +169,31 @@ impl Client {
         }
     }
 
+    /// Nodes to send stream-manager calls to: the bootstrap node first, then (in a
+    /// cluster) the other nodes the map names, so admin calls survive a stopped bootstrap node.
+    fn admin_candidates(&self) -> Vec<String> {
+        let mut out = vec![self.inner.bootstrap.clone()];
+        for e in self.inner.map.lock().expect("lock").containers.iter() {
+            if !e.is_empty() && !out.contains(e) {
+                out.push(e.clone());
+            }
+        }
+        out
+    }
+
     async fn admin<T: Control + Clone, R: Control>(&self, msg: T) -> Result<R, ClientError> {
-        let bootstrap = self.inner.bootstrap.clone();
         self.with_retry(|| {
-            let (msg, bootstrap) = (msg.clone(), bootstrap.clone());
-            async move { self.connection(&bootstrap).await?.call(&msg, Bytes::new()).await }
+            let msg = msg.clone();
+            async move {
+                let mut last = None;
+                for addr in self.admin_candidates() {
+                    match self.connection(&addr).await {
+                        Ok(conn) => return conn.call(&msg, Bytes::new()).await,
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.expect("at least the bootstrap node was tried"))
+            }
         })
         .await
     }

@@ -30,6 +30,9 @@ pub struct EngineConfig {
     pub chunk_bytes: u64,
     /// Data gathered in the current log file before the mover copies it.
     pub move_bytes_min: u64,
+    /// Cluster mode: containers open as this node acquires them, and requests for other
+    /// nodes' containers are redirected along these routes. `None`: standalone.
+    pub cluster: Option<std::sync::Arc<crate::cluster::Routes>>,
 }
 
 impl EngineConfig {
@@ -51,6 +54,7 @@ impl EngineConfig {
             log_bytes_max: LOG_BYTES_MAX_DEFAULT,
             chunk_bytes: CHUNK_BYTES_DEFAULT,
             move_bytes_min: MOVE_BYTES_MIN_DEFAULT,
+            cluster: None,
         }
     }
 
@@ -73,6 +77,9 @@ impl EngineConfig {
                 "the log budget ({} bytes) must hold at least 4 log files of {} bytes",
                 self.log_bytes_max, self.log_file_bytes
             ));
+        }
+        if self.cluster.is_some() && self.tier2.is_none() {
+            return Err("cluster mode needs a tier-2 store shared by all nodes (--tier2)".into());
         }
         if self.chunk_bytes == 0 {
             return Err("the chunk size must be above zero".into());

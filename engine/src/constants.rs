@@ -40,3 +40,8 @@ pub const MOVE_INTERVAL_MS: u64 = 100;
 pub fn align_up(v: u64) -> u64 {
     v.div_ceil(BLOCK_BYTES) * BLOCK_BYTES
 }
+
+/// Default TTL of a cluster node's etcd lease (seconds).
+pub const NODE_LEASE_TTL_S: u64 = 6;
+/// Default pause between the cluster agent's rounds (milliseconds).
+pub const AGENT_POLL_MS: u64 = 200;

@@ -33,6 +33,12 @@ pub enum EngineError {
     InvalidEventNumber(String),
     #[error("I/O error: {0}")]
     Io(String),
+    /// The container is not (or no longer) served here: it moved, or this node was fenced.
+    #[error("container {container} is not served here: {reason}")]
+    NotOwner { container: u32, reason: String },
+    /// Another node did not answer a node-to-node call.
+    #[error("node unreachable: {0}")]
+    Unreachable(String),
 }
 
 impl EngineError {
@@ -51,6 +57,8 @@ impl EngineError {
             EngineError::BadRequest(_) => (ErrorCode::BadRequest, None),
             EngineError::InvalidEventNumber(_) => (ErrorCode::InvalidEventNumber, None),
             EngineError::Io(_) => (ErrorCode::Internal, None),
+            EngineError::NotOwner { .. } => (ErrorCode::WrongHost, None),
+            EngineError::Unreachable(_) => (ErrorCode::Internal, None),
         }
     }
 }

@@ -7,12 +7,17 @@
 //! - `container`: the container state machine, cache, indexes, and its glommio I/O driver
 //! - `shard`: executors, container placement, cross-shard messages, the node handle
 //! - `server`: per-connection protocol handling on each shard
+//! - `cluster`: cluster mode: the node agent (membership, container ownership, fencing)
+//!   and the routes shards redirect by
+//! - `remote`: node-to-node segment calls
 
+pub mod cluster;
 pub mod config;
 pub mod constants;
 pub mod container;
 pub mod error;
 pub mod log;
+pub mod remote;
 pub mod server;
 pub mod shard;
 

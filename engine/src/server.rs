@@ -70,14 +70,17 @@ fn protocol_error(request_id: u64, e: &ProtocolError) -> Reply {
     error_reply(request_id, ErrorCode::BadRequest, e.to_string(), None, None)
 }
 
-fn wrong_host(request_id: u64, segment: &str, shard: u32, endpoint: String) -> Reply {
-    error_reply(
-        request_id,
-        ErrorCode::WrongHost,
-        format!("segment {segment} is served by shard {shard} at {endpoint}"),
-        Some(endpoint),
-        None,
-    )
+/// The `WrongHost` answer for a segment served elsewhere (`owner` is not `Local`).
+fn wrong_host(request_id: u64, segment: &str, owner: Owner) -> Reply {
+    let (message, endpoint) = match owner {
+        Owner::Remote(shard, ep) => (format!("segment {segment} is served by shard {shard} at {ep}"), Some(ep)),
+        Owner::Node(c, Some(ep)) => {
+            (format!("segment {segment} (container {c}) is served by the node at {ep}"), Some(ep))
+        }
+        Owner::Node(c, None) => (format!("segment {segment}: container {c} is moving between nodes; retry"), None),
+        Owner::Local(_) => unreachable!("a local segment is not redirected"),
+    };
+    error_reply(request_id, ErrorCode::WrongHost, message, endpoint, None)
 }
 
 /// Serves one connection until it closes or breaks.
@@ -182,6 +185,12 @@ async fn read_loop<S: MetaStore, R: futures::AsyncRead + Unpin>(
             node: shard.cfg.node_name.clone(),
             container_count: shard.cfg.container_count(),
             shards: shard.endpoints.clone(),
+            containers: shard
+                .cfg
+                .cluster
+                .as_ref()
+                .map(|r| r.endpoints(shard.cfg.container_count()))
+                .unwrap_or_default(),
         },
     ));
     let limit = Rc::new(Semaphore::new(CONNECTION_REQUESTS_MAX));
@@ -253,7 +262,7 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
                 }
             })
         }
-        Owner::Remote(s, ep) => Dispatched::Now(wrong_host(id, &segment, s, ep)),
+        other => Dispatched::Now(wrong_host(id, &segment, other)),
     }
 }
 
@@ -292,7 +301,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                         Err(e) => engine_error(id, &e),
                     }
                 }),
-                Owner::Remote(s, ep) => Dispatched::Now(wrong_host(id, &rd.segment, s, ep)),
+                other => Dispatched::Now(wrong_host(id, &rd.segment, other)),
             }
         }
         Kind::GetSegmentInfo => {
@@ -316,7 +325,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                     ),
                     Err(e) => engine_error(id, &e),
                 }),
-                Owner::Remote(s, ep) => Dispatched::Now(wrong_host(id, &g.segment, s, ep)),
+                other => Dispatched::Now(wrong_host(id, &g.segment, other)),
             }
         }
         Kind::CreateSegment => {

@@ -6,7 +6,7 @@
 
 use crate::config::EngineConfig;
 use crate::container::core::{CoreConfig, OpResult, Request};
-use crate::container::io::Container;
+use crate::container::io::{Container, IoPacer, OpenSource};
 use crate::container::mover::Tier2Config;
 use crate::error::EngineError;
 use crate::server;
@@ -16,15 +16,34 @@ use glommio::{LocalExecutorBuilder, Placement};
 use sluice_meta::{Controller, EmbeddedStore, MetaStore};
 use sluice_net::ShardEndpoint;
 use sluice_net::routing::{container_of, shard_of};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-/// Work sent to another shard.
+/// Work sent to a shard (by another shard, or by the cluster agent).
 pub enum ShardMsg {
-    Segment { segment: String, req: Request, reply: oneshot::Sender<Result<OpResult, EngineError>> },
+    Segment {
+        segment: String,
+        req: Request,
+        reply: oneshot::Sender<Result<OpResult, EngineError>>,
+    },
+    /// Cluster mode: start serving a container this node now owns at `epoch`.
+    Open {
+        container: u32,
+        epoch: u64,
+        source: OpenSource,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Cluster mode: stop serving a container, handing it off through tier-2 (`handoff`)
+    /// or at once (fenced: this node may no longer own it).
+    Close {
+        container: u32,
+        handoff: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Stop,
 }
 
@@ -32,10 +51,12 @@ pub enum ShardMsg {
 pub struct Shard<S: MetaStore> {
     pub index: u32,
     pub cfg: EngineConfig,
-    pub containers: HashMap<u32, Rc<Container>>,
+    pub containers: RefCell<HashMap<u32, Rc<Container>>>,
     pub peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     pub endpoints: Vec<ShardEndpoint>,
     pub controller: Controller<S>,
+    pacer: Rc<IoPacer>,
+    tier2: Option<sluice_tier2::DynStore>,
 }
 
 /// Where a segment lives.
@@ -43,32 +64,140 @@ pub enum Owner {
     Local(Rc<Container>),
     /// Another shard of this node: (shard, endpoint).
     Remote(u32, String),
+    /// Cluster mode: another node, at this endpoint (`None`: nobody serves the container
+    /// right now, it is moving).
+    Node(u32, Option<String>),
 }
+
+/// How long a stream operation keeps retrying a segment whose container is moving.
+const SEGMENT_OP_RETRY: Duration = Duration::from_secs(30);
 
 impl<S: MetaStore> Shard<S> {
     pub fn owner(&self, segment: &str) -> Owner {
         let c = container_of(segment, self.cfg.container_count());
-        match self.containers.get(&c.0) {
-            Some(container) => Owner::Local(container.clone()),
+        if let Some(container) = self.containers.borrow().get(&c.0) {
+            return Owner::Local(container.clone());
+        }
+        match &self.cfg.cluster {
             None => {
                 let s = shard_of(c, self.cfg.shards);
                 Owner::Remote(s, self.endpoints[s as usize].address.clone())
             }
+            Some(routes) => match routes.get(c.0) {
+                Some(r) if r.node == self.cfg.node_name => {
+                    let s = shard_of(c, self.cfg.shards);
+                    if s == self.index {
+                        // Ours, but not open on this shard (yet, or any more).
+                        Owner::Node(c.0, None)
+                    } else {
+                        Owner::Remote(s, self.endpoints[s as usize].address.clone())
+                    }
+                }
+                Some(r) => Owner::Node(c.0, Some(r.endpoint)),
+                None => Owner::Node(c.0, None),
+            },
         }
     }
 
-    /// Runs a segment operation on whichever shard owns the segment, and waits for it.
+    /// Runs a segment operation on whichever shard (of this node, or in cluster mode of
+    /// any node) owns the segment, and waits for it. In cluster mode an operation on a
+    /// moving container is retried for up to `SEGMENT_OP_RETRY`.
     pub async fn segment_op(&self, segment: String, req: Request) -> Result<OpResult, EngineError> {
-        match self.owner(&segment) {
-            Owner::Local(c) => c.submit(req)?.await,
-            Owner::Remote(s, _) => {
-                let (tx, rx) = oneshot::channel();
-                self.peers[s as usize]
-                    .unbounded_send(ShardMsg::Segment { segment, req, reply: tx })
-                    .map_err(|_| EngineError::Io(format!("shard {s} is gone")))?;
-                rx.await.map_err(|_| EngineError::Io(format!("shard {s} dropped a request")))?
+        let deadline = std::time::Instant::now() + SEGMENT_OP_RETRY;
+        loop {
+            let result = match self.owner(&segment) {
+                Owner::Local(c) => match c.submit(req.clone()) {
+                    Ok(f) => f.await,
+                    Err(e) => Err(e),
+                },
+                Owner::Remote(s, _) => {
+                    let (tx, rx) = oneshot::channel();
+                    self.peers[s as usize]
+                        .unbounded_send(ShardMsg::Segment { segment: segment.clone(), req: req.clone(), reply: tx })
+                        .map_err(|_| EngineError::Io(format!("shard {s} is gone")))?;
+                    rx.await.map_err(|_| EngineError::Io(format!("shard {s} dropped a request")))?
+                }
+                Owner::Node(_, Some(endpoint)) => {
+                    crate::remote::segment_op(&endpoint, &req, self.cfg.frame_bytes_max).await
+                }
+                Owner::Node(c, None) => {
+                    Err(EngineError::NotOwner { container: c, reason: "no node serves it right now".into() })
+                }
+            };
+            match result {
+                Err(EngineError::NotOwner { .. }) | Err(EngineError::Unreachable(_))
+                    if self.cfg.cluster.is_some() && std::time::Instant::now() < deadline =>
+                {
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
             }
         }
+    }
+
+    fn core_config(&self, c: u32) -> CoreConfig {
+        core_config(&self.cfg, c, self.tier2.is_some())
+    }
+
+    fn tier2_config(&self) -> Option<Tier2Config> {
+        self.tier2.as_ref().map(|store| tier2_config(&self.cfg, store))
+    }
+
+    fn container_dir(&self, c: u32) -> std::path::PathBuf {
+        self.cfg.data_dir.join("containers").join(format!("{c:04}"))
+    }
+
+    /// Cluster mode: opens a container this node now owns.
+    async fn open_owned(self: &Rc<Self>, c: u32, epoch: u64, source: OpenSource) -> Result<(), String> {
+        if self.containers.borrow().contains_key(&c) {
+            return Err(format!("container {c} is already open on shard {}", self.index));
+        }
+        let t2 = self.tier2_config().ok_or("cluster mode needs tier-2")?;
+        let container =
+            Container::open_owned(self.core_config(c), self.container_dir(c), self.pacer.clone(), t2, epoch, source)
+                .await?;
+        self.containers.borrow_mut().insert(c, container);
+        tracing::info!(shard = self.index, container = c, epoch, ?source, "serving container");
+        Ok(())
+    }
+
+    /// Cluster mode: stops serving a container (see `ShardMsg::Close`).
+    async fn close(self: &Rc<Self>, c: u32, handoff: bool) -> Result<(), String> {
+        let Some(container) = self.containers.borrow_mut().remove(&c) else {
+            return Ok(());
+        };
+        if !handoff {
+            container.stop_with(format!("container {c}: this node lost its ownership lease"), true);
+            return Ok(());
+        }
+        match container.hand_off().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.containers.borrow_mut().insert(c, container);
+                Err(format!("container {c}: {e}"))
+            }
+        }
+    }
+}
+
+fn core_config(cfg: &EngineConfig, c: u32, tier2: bool) -> CoreConfig {
+    CoreConfig {
+        container: c,
+        file_bytes: cfg.log_file_bytes,
+        // A flush must leave room in a file for a checkpoint and waste little at its end.
+        flush_bytes_max: cfg.flush_bytes_max.min((cfg.log_file_bytes / 4) as usize),
+        cache_bytes_max: cfg.cache_bytes_max,
+        pending_bytes_max: cfg.pending_bytes_max,
+        log_bytes_max: if tier2 { cfg.log_bytes_max } else { u64::MAX },
+    }
+}
+
+fn tier2_config(cfg: &EngineConfig, store: &sluice_tier2::DynStore) -> Tier2Config {
+    Tier2Config {
+        store: store.clone(),
+        chunk_bytes: cfg.chunk_bytes,
+        move_bytes_min: cfg.move_bytes_min,
+        interval: Duration::from_millis(crate::constants::MOVE_INTERVAL_MS),
     }
 }
 
@@ -215,6 +344,11 @@ impl Node {
         Ok(node)
     }
 
+    /// Handles to send shard messages (the cluster agent opens and closes containers).
+    pub fn senders(&self) -> Vec<mpsc::UnboundedSender<ShardMsg>> {
+        self.peers.clone()
+    }
+
     /// Stops every shard and waits for their threads.
     pub fn stop(self) {
         for p in &self.peers {
@@ -253,28 +387,26 @@ async fn shard_main<S: MetaStore>(
     probe_dma(&cfg.data_dir, index).await?;
     let pacer = Rc::new(crate::container::io::IoPacer::new(cfg.flushes_per_second.div_ceil(u64::from(cfg.shards))));
     let mut containers = HashMap::new();
-    for c in (0..cfg.container_count()).filter(|c| c % cfg.shards == index) {
-        let core_cfg = CoreConfig {
-            container: c,
-            file_bytes: cfg.log_file_bytes,
-            // A flush must leave room in a file for a checkpoint and waste little at its end.
-            flush_bytes_max: cfg.flush_bytes_max.min((cfg.log_file_bytes / 4) as usize),
-            cache_bytes_max: cfg.cache_bytes_max,
-            pending_bytes_max: cfg.pending_bytes_max,
-            log_bytes_max: if tier2.is_some() { cfg.log_bytes_max } else { u64::MAX },
-        };
-        let t2 = tier2.as_ref().map(|store| Tier2Config {
-            store: store.clone(),
-            chunk_bytes: cfg.chunk_bytes,
-            move_bytes_min: cfg.move_bytes_min,
-            interval: Duration::from_millis(crate::constants::MOVE_INTERVAL_MS),
-        });
+    // In cluster mode containers open as the node acquires them.
+    let opened_here = if cfg.cluster.is_some() { 0 } else { cfg.container_count() };
+    for c in (0..opened_here).filter(|c| c % cfg.shards == index) {
+        let t2 = tier2.as_ref().map(|store| tier2_config(&cfg, store));
         let dir = cfg.data_dir.join("containers").join(format!("{c:04}"));
-        let container =
-            Container::open(core_cfg, dir, pacer.clone(), t2).await.map_err(|e| format!("container {c}: {e}"))?;
+        let container = Container::open(core_config(&cfg, c, tier2.is_some()), dir, pacer.clone(), t2)
+            .await
+            .map_err(|e| format!("container {c}: {e}"))?;
         containers.insert(c, container);
     }
-    let shard = Rc::new(Shard { index, cfg, containers, peers, endpoints, controller: Controller::new(store) });
+    let shard = Rc::new(Shard {
+        index,
+        cfg,
+        containers: RefCell::new(containers),
+        peers,
+        endpoints,
+        controller: Controller::new(store),
+        pacer,
+        tier2,
+    });
     let _ = ready.send(Ok(index));
     let accept = {
         let shard = shard.clone();
@@ -311,7 +443,27 @@ async fn shard_main<S: MetaStore>(
                     let _ = reply
                         .send(Err(EngineError::Io(format!("segment {segment} belongs to shard {s}, not {index}"))));
                 }
+                Owner::Node(c, _) => {
+                    let _ = reply.send(Err(EngineError::NotOwner {
+                        container: c,
+                        reason: format!("not open on shard {index} of this node"),
+                    }));
+                }
             },
+            ShardMsg::Open { container, epoch, source, reply } => {
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(shard.open_owned(container, epoch, source).await);
+                })
+                .detach();
+            }
+            ShardMsg::Close { container, handoff, reply } => {
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    let _ = reply.send(shard.close(container, handoff).await);
+                })
+                .detach();
+            }
             ShardMsg::Stop => break,
         }
     }
@@ -319,7 +471,7 @@ async fn shard_main<S: MetaStore>(
     // to the disk is answered (bounded: a stuck disk must not block shutdown forever).
     accept.cancel();
     for _ in 0..500 {
-        if shard.containers.values().all(|c| c.is_idle()) {
+        if shard.containers.borrow().values().all(|c| c.is_idle()) {
             break;
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;

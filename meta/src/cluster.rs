@@ -19,6 +19,8 @@ pub struct NodeInfo {
     pub started_unix_ms: u64,
     /// Shutting down: handing its containers to other nodes, taking none.
     pub draining: bool,
+    /// The etcd lease the node lives under (0 when not known), for operators and tests.
+    pub lease: i64,
 }
 
 fn node_key(id: &str) -> String {

@@ -245,7 +245,7 @@ mod tests {
     use super::*;
 
     fn node(id: &str, draining: bool) -> NodeInfo {
-        NodeInfo { node_id: id.into(), endpoints: vec![], started_unix_ms: 0, draining }
+        NodeInfo { node_id: id.into(), endpoints: vec![], started_unix_ms: 0, draining, lease: 0 }
     }
 
     fn view(nodes: &[(&str, bool)], owners: &[(u32, &str)], records: &[(u32, &str, bool)]) -> OwnershipView {

@@ -102,6 +102,7 @@ async fn membership<S: sluice_meta::MetaStore>(store: &S) {
         endpoints: vec![format!("127.0.0.1:1/{id}")],
         started_unix_ms: 1,
         draining: false,
+        lease: 0,
     };
     let ttl = std::time::Duration::from_secs(2);
     let n1 = register_node(store, &info("n1"), ttl).await.unwrap();

@@ -76,6 +76,9 @@ control!(
         pub node: String,
         pub container_count: u32,
         pub shards: Vec<ShardEndpoint>,
+        /// Cluster mode: the endpoint serving each container ("" while it moves); empty on a
+        /// standalone node, where container `c` is on shard `c mod shards`.
+        pub containers: Vec<String>,
     }
 );
 control!(

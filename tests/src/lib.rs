@@ -92,9 +92,11 @@ impl Drop for TempDir {
     }
 }
 
-/// A `sluice standalone` process, SIGKILLed when dropped.
+/// A `sluice standalone` (or `sluice node`) process, SIGKILLed when dropped.
 pub struct Server {
     child: Option<Child>,
+    /// The subcommand and its leading arguments (`standalone`, or `node --etcd ...`).
+    mode: Vec<String>,
     extra: Vec<String>,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
@@ -110,6 +112,29 @@ impl Server {
     pub fn start_with(data_dir: &Path, port: u16, cores: u32, extra: &[&str]) -> Server {
         let mut s = Server {
             child: None,
+            mode: vec!["standalone".into()],
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            data_dir: data_dir.into(),
+            cores,
+        };
+        s.restart();
+        s
+    }
+
+    /// Starts `sluice node` for cluster `cluster` in etcd `etcd` with id `node_id`.
+    pub fn start_node(
+        data_dir: &Path,
+        port: u16,
+        cores: u32,
+        etcd: &str,
+        cluster: &str,
+        node_id: &str,
+        extra: &[&str],
+    ) -> Server {
+        let mut s = Server {
+            child: None,
+            mode: ["node", "--etcd", etcd, "--cluster", cluster, "--node-id", node_id].map(String::from).to_vec(),
             extra: extra.iter().map(|a| a.to_string()).collect(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             data_dir: data_dir.into(),
@@ -123,6 +148,26 @@ impl Server {
         self.addr.to_string()
     }
 
+    /// SIGTERM (a graceful stop: a cluster node hands its containers off) and waits up to
+    /// `within` for the exit; SIGKILL after that. Returns the exit status' success.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the process (again) and waits until it accepts connections.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -132,7 +177,7 @@ impl Server {
             .open(self.data_dir.with_extension("log"))
             .expect("server log");
         let mut cmd = Command::new(sluice_bin());
-        cmd.args(["standalone", "--data-dir"]).arg(&self.data_dir).args([
+        cmd.args(&self.mode).arg("--data-dir").arg(&self.data_dir).args([
             "--listen",
             &self.addr.to_string(),
             "--cores",
@@ -148,7 +193,7 @@ impl Server {
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()
-            .expect("spawning sluice standalone");
+            .expect("spawning sluice");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -55,6 +55,7 @@ async fn cluster_settings_are_fixed_and_shown() {
         endpoints: vec!["127.0.0.1:7001".into()],
         started_unix_ms: 0,
         draining: false,
+        lease: 0,
     };
     let reg = register_node(&store, &info, Duration::from_secs(5)).await.unwrap();
 

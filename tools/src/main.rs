@@ -28,6 +28,9 @@ struct Cli {
 enum Cmd {
     /// Run a single node with an embedded metadata store.
     Standalone(StandaloneArgs),
+    /// Run a node of a cluster: metadata and container ownership in etcd, data handed
+    /// between nodes through a tier-2 store they all share (--tier2 is required).
+    Node(NodeArgs),
     /// Manage scopes.
     #[command(subcommand)]
     Scope(ScopeCmd),
@@ -60,6 +63,28 @@ enum ClusterCmd {
         #[arg(long, default_value = "default")]
         cluster: String,
     },
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// etcd endpoint(s), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd: Vec<String>,
+    /// Cluster name (its keys live under /sluice/NAME/). The first node fixes the cluster's
+    /// container count (cores x --containers-per-core); a node with another count refuses
+    /// to join.
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    /// This node's id, unique in the cluster and stable across restarts (a node takes back
+    /// the containers it served before a crash).
+    #[arg(long)]
+    node_id: String,
+    /// TTL of the node's etcd lease, in seconds. A node that cannot renew its lease for
+    /// two thirds of this stops serving its containers.
+    #[arg(long, default_value_t = sluice_engine::constants::NODE_LEASE_TTL_S)]
+    lease_ttl_s: u64,
+    #[command(flatten)]
+    engine: StandaloneArgs,
 }
 
 #[derive(clap::Args)]
@@ -189,21 +214,41 @@ enum LogCmd {
 
 /// `sluice cluster status`: settings and live nodes from etcd.
 fn cluster_status(etcd: &[String], cluster: &str) -> Result<(), String> {
-    use sluice_meta::cluster::{cluster_config, list_nodes};
+    use sluice_meta::cluster::cluster_config;
     let store = sluice_meta::EtcdStore::connect(etcd, cluster).map_err(|e| e.to_string())?;
-    let (config, nodes) = futures::executor::block_on(async {
+    let (config, view) = futures::executor::block_on(async {
         let config = cluster_config(&store).await.map_err(|e| e.to_string())?;
-        let nodes = list_nodes(&store).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((config, nodes))
+        let view = sluice_meta::ownership::OwnershipView::read(&store).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((config, view))
     })
     .map_err(|e| format!("cluster {cluster} at etcd {}: {e}", etcd.join(",")))?;
-    match config {
-        None => println!("cluster {cluster}: not created (no node has joined it)"),
-        Some(c) => println!("cluster {cluster}: {} containers", c.containers),
+    let count = match config {
+        None => {
+            println!("cluster {cluster}: not created (no node has joined it)");
+            0
+        }
+        Some(c) => {
+            println!("cluster {cluster}: {} containers", c.containers);
+            c.containers
+        }
+    };
+    println!("{} live node(s)", view.nodes.len());
+    for n in &view.nodes {
+        let serving = view.owners.values().filter(|o| o.node == n.node_id).count();
+        let state = if n.draining { ", draining" } else { "" };
+        println!("  {}  {}  ({serving} containers{state})", n.node_id, n.endpoints.join(", "));
     }
-    println!("{} live node(s)", nodes.len());
-    for n in nodes {
-        println!("  {}  {}", n.node_id, n.endpoints.join(", "));
+    if count > 0 {
+        println!("{:>9}  {:>6}  {:<16}  state", "container", "epoch", "owner");
+        for c in 0..count {
+            let (epoch, owner, state) = match (view.records.get(&c), view.owners.get(&c)) {
+                (_, Some(o)) => (o.epoch.to_string(), o.node.clone(), "serving"),
+                (Some((r, _)), None) if r.released => (r.epoch.to_string(), r.owner.clone(), "released (moving)"),
+                (Some((r, _)), None) => (r.epoch.to_string(), r.owner.clone(), "owner down: waiting for it"),
+                (None, None) => ("-".into(), "-".into(), "never assigned"),
+            };
+            println!("{c:>9}  {epoch:>6}  {owner:<16}  {state}");
+        }
     }
     Ok(())
 }
@@ -216,7 +261,7 @@ fn parse_stream(s: &str) -> Result<ScopedStream, String> {
     ScopedStream::parse(s).ok_or_else(|| format!("'{s}' is not a stream name; expected scope/stream"))
 }
 
-fn standalone(a: StandaloneArgs) -> Result<(), String> {
+fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     let cores = a.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let mut cfg = sluice_engine::EngineConfig::new(a.data_dir.clone(), a.listen, cores);
     cfg.containers_per_shard = a.containers_per_core;
@@ -228,6 +273,47 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.log_bytes_max = a.log_budget_mb << 20;
     cfg.chunk_bytes = a.chunk_mb << 20;
     cfg.move_bytes_min = a.move_min_kb << 10;
+    cfg
+}
+
+fn node(a: NodeArgs) -> Result<(), String> {
+    if a.engine.tier2.is_none() {
+        return Err(
+            "a cluster node needs --tier2: the tier-2 store all nodes share (containers move through it)".into()
+        );
+    }
+    let cfg = engine_config(&a.engine);
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let started = std::time::Instant::now();
+    let store = sluice_meta::EtcdStore::connect(&a.etcd, &a.cluster)
+        .map_err(|e| format!("{e} (is etcd running at {}?)", a.etcd.join(",")))?;
+    let mut opts = sluice_engine::cluster::ClusterOptions::new(&a.cluster, &a.node_id);
+    opts.lease_ttl = std::time::Duration::from_secs(a.lease_ttl_s.max(1));
+    let node = sluice_engine::cluster::ClusterNode::start(cfg.clone(), store, opts)?;
+    let ports: Vec<&str> = node.endpoints.iter().map(|e| e.address.as_str()).collect();
+    println!(
+        "sluice node {} of cluster {} ready in {:.2?}: {} shards on {}, {} containers in the cluster, tier-2 {}",
+        a.node_id,
+        a.cluster,
+        started.elapsed(),
+        cfg.shards,
+        ports.join(", "),
+        cfg.container_count(),
+        a.engine.tier2.as_deref().unwrap_or("off")
+    );
+    if let Some(sig) = signals.forever().next() {
+        println!("signal {sig}: handing containers off and leaving the cluster");
+    }
+    let t = std::time::Instant::now();
+    node.shutdown();
+    println!("stopped in {:.2?}", t.elapsed());
+    Ok(())
+}
+
+fn standalone(a: StandaloneArgs) -> Result<(), String> {
+    let cores = a.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let cfg = engine_config(&a);
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let started = std::time::Instant::now();
@@ -354,7 +440,9 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
         Cmd::Rg(cmd) => rg::run(&c, cmd).await?,
         Cmd::Write(a) => io::write(&c, a).await?,
         Cmd::Read(a) => io::read(&c, a).await?,
-        Cmd::Standalone(_) | Cmd::Log(_) | Cmd::Cluster(_) => unreachable!("handled before connecting"),
+        Cmd::Standalone(_) | Cmd::Node(_) | Cmd::Log(_) | Cmd::Cluster(_) => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(())
 }
@@ -387,6 +475,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.cmd {
         Cmd::Standalone(a) => standalone(a),
+        Cmd::Node(a) => node(a),
         Cmd::Log(LogCmd::Dump { dir, entries }) => {
             restore_sigpipe();
             dump::dump(&dir, entries)

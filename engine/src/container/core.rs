@@ -290,6 +290,8 @@ pub struct ContainerCore {
     pending_bytes: usize,
     in_flight: Option<InFlight>,
     poisoned: Option<String>,
+    /// Stopped on purpose (moved to another node, or fenced): requests get `NotOwner`.
+    stopped: bool,
     cache: ReadCache,
     current_index: FileIndex,
     cold_indexes: VecDeque<(u64, FileIndex)>,
@@ -317,6 +319,7 @@ impl ContainerCore {
             pending_bytes: 0,
             in_flight: None,
             poisoned: None,
+            stopped: false,
             cache,
             current_index: FileIndex::default(),
             cold_indexes: VecDeque::new(),
@@ -351,7 +354,13 @@ impl ContainerCore {
     }
 
     fn poisoned_error(&self) -> Option<EngineError> {
-        self.poisoned.as_ref().map(|r| EngineError::Poisoned { container: self.cfg.container, reason: r.clone() })
+        self.poisoned.as_ref().map(|r| {
+            if self.stopped {
+                EngineError::NotOwner { container: self.cfg.container, reason: r.clone() }
+            } else {
+                EngineError::Poisoned { container: self.cfg.container, reason: r.clone() }
+            }
+        })
     }
 
     fn lookup(&self, name: &str) -> Result<u64, EngineError> {
@@ -552,6 +561,68 @@ impl ContainerCore {
             segments,
             garbage: self.garbage.clone(),
         }
+    }
+
+    /// The container's state for a hand-off through tier-2: the checkpoint without log file
+    /// references (the next owner has none of this node's log).
+    pub fn handoff_state(&self) -> CheckpointState {
+        let mut ck = self.checkpoint_state();
+        for s in &mut ck.segments {
+            s.files.clear();
+        }
+        ck
+    }
+
+    /// A container taking over a hand-off: every segment's data is in tier-2 (anything the
+    /// hand-off says is beyond tier-2 is cut off, and reported). It writes with `epoch`,
+    /// and prepares log file 0 on its first flush.
+    pub fn from_handoff(cfg: CoreConfig, ck: CheckpointState, epoch: u64) -> (Self, Vec<(String, u64, u64)>) {
+        let mut core = Self::new(cfg, epoch, 0);
+        core.next_segment_id = ck.next_segment_id;
+        core.garbage = ck.garbage;
+        let mut cut = Vec::new();
+        for sc in ck.segments {
+            let mut s = Segment::new(sc.name.clone());
+            s.created = true;
+            s.start_offset = sc.start_offset;
+            s.length = sc.length.min(sc.tier2_end.max(sc.start_offset));
+            if s.length < sc.length {
+                cut.push((sc.name.clone(), s.length, sc.length));
+            }
+            s.sealed = sc.sealed;
+            s.writers = sc.writers.into_iter().collect();
+            s.tier2_end = sc.tier2_end.min(s.length);
+            s.chunks = sc.chunks.into_iter().map(|(start, epoch, len)| ChunkMeta { start, epoch, len }).collect();
+            s.sync_accepted();
+            core.by_name.insert(sc.name, sc.id);
+            core.segments.insert(sc.id, s);
+        }
+        (core, cut)
+    }
+
+    /// Moves the container to a newer epoch (a new ownership term). Never backwards.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        assert!(epoch >= self.epoch, "container epochs never go back ({} -> {epoch})", self.epoch);
+        self.epoch = epoch;
+    }
+
+    /// Every byte of every segment is in tier-2 (or truncated away).
+    pub fn all_in_tier2(&self) -> bool {
+        self.segments.values().filter(|s| s.created).all(|s| s.log_needed_from() >= s.length)
+    }
+
+    /// Stops the container for good (it moved to another node or was fenced): every later
+    /// request fails with `reason`. Only when no flush is in flight; returns how many queued
+    /// operations the caller must fail.
+    pub fn stop(&mut self, reason: String) -> usize {
+        assert!(self.in_flight.is_none(), "a container stops between flushes");
+        self.stopped = true;
+        self.fail_with(reason, Vec::new())
+    }
+
+    /// The error every request gets now (poisoned or stopped), if any.
+    pub fn refusal(&self) -> Option<EngineError> {
+        self.poisoned_error()
     }
 
     /// Takes queued operations into a flush. `None` when nothing is queued. At most one

@@ -15,6 +15,7 @@ use crate::constants::{FILE_HEADER_BYTES, PREFILL_CHUNK_BYTES};
 use crate::container::core::{
     ContainerCore, CoreConfig, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
 };
+use crate::container::handoff;
 use crate::container::index::FileIndex;
 use crate::container::mover::{Tier2Config, Tier2State};
 use crate::error::{EngineError, RecoveryError};
@@ -32,6 +33,17 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 type Waiter = oneshot::Sender<Result<OpResult, EngineError>>;
+
+/// Where a container a node now owns gets its state from (cluster mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenSource {
+    /// Never owned before.
+    Fresh,
+    /// This node owned it last: its local log (else the last hand-off).
+    Local,
+    /// The previous owner's hand-off in tier-2.
+    Handoff,
+}
 
 /// A flush slower than this is logged as a warning (a failing or overloaded disk).
 const SLOW_FLUSH: Duration = Duration::from_secs(1);
@@ -60,6 +72,8 @@ pub struct Container {
     pub(crate) files: RefCell<Files>,
     pacer: Rc<IoPacer>,
     pub(crate) tier2: Option<Tier2State>,
+    /// A stop requested while a flush ran, applied by the flush loop between flushes.
+    stop_reason: RefCell<Option<(String, bool)>>,
 }
 
 /// A shard's I/O budget (flushes per second), as a GCRA rate limiter: a burst of up to
@@ -184,6 +198,73 @@ impl Container {
         pacer: Rc<IoPacer>,
         tier2: Option<Tier2Config>,
     ) -> Result<Rc<Self>, RecoveryError> {
+        let (core, files) = Self::recover_dir(cfg, &dir).await?;
+        Ok(Self::assemble(core, files, dir, pacer, tier2, false))
+    }
+
+    /// Opens a container this node now owns at `epoch` (cluster mode; tier-2 required):
+    /// from its local log (`Local`; a log holding a newer epoch is refused: this node was
+    /// deposed), from the previous owner's hand-off in tier-2 (`Handoff`; the local log, if
+    /// any, is stale and deleted), or empty (`Fresh`). Announces the new epoch in tier-2, so
+    /// a deposed owner's mover stops.
+    pub async fn open_owned(
+        cfg: CoreConfig,
+        dir: PathBuf,
+        pacer: Rc<IoPacer>,
+        tier2: Tier2Config,
+        epoch: u64,
+        source: OpenSource,
+    ) -> Result<Rc<Self>, String> {
+        let c = cfg.container;
+        let store = tier2.store.clone();
+        let has_log = std::fs::read_dir(&dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_str().and_then(parse_file_name).is_some()))
+            .unwrap_or(false);
+        let (core, files) = if source == OpenSource::Local && has_log {
+            let (mut core, files) = Self::recover_dir(cfg, &dir).await.map_err(|e| e.to_string())?;
+            if core.epoch() > epoch {
+                return Err(format!(
+                    "container {c}: the local log holds epoch {} but this node owns the container at epoch {epoch}: \
+                     refusing to write under a stale epoch",
+                    core.epoch() - 1
+                ));
+            }
+            core.set_epoch(epoch);
+            (core, files)
+        } else {
+            // Whatever local log there is belongs to an older term: start over.
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| io_err("removing", &dir, e))?;
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+            let core = match (source, handoff::read_latest(&store, c, epoch).await?) {
+                (OpenSource::Fresh, None) => ContainerCore::new(cfg, epoch, 0),
+                (_, Some((from, ck))) => {
+                    let (core, cut) = ContainerCore::from_handoff(cfg, ck, epoch);
+                    for (segment, kept, had) in cut {
+                        tracing::error!(container = c, %segment, kept, had, "hand-off lacked data in tier-2");
+                    }
+                    tracing::info!(container = c, from_epoch = from, epoch, "container taken over from tier-2");
+                    core
+                }
+                (OpenSource::Local, None) => {
+                    tracing::warn!(container = c, "no local log and no hand-off in tier-2: starting empty");
+                    ContainerCore::new(cfg, epoch, 0)
+                }
+                (OpenSource::Handoff, None) => {
+                    return Err(format!("container {c}: no hand-off in tier-2 below epoch {epoch}"));
+                }
+            };
+            let files = Files { current: None, current_seq: 0, next: None, readers: HashMap::new() };
+            (core, files)
+        };
+        handoff::claim(&store, c, epoch).await?;
+        Ok(Self::assemble(core, files, dir, pacer, Some(tier2), true))
+    }
+
+    /// Recovers the container in `dir` from its log files.
+    async fn recover_dir(cfg: CoreConfig, dir: &Path) -> Result<(ContainerCore, Files), RecoveryError> {
+        let dir = dir.to_path_buf();
         let ioerr = |source: std::io::Error| RecoveryError::Io { file: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(ioerr)?;
         // Make the directory chain itself durable (containers/ and the data directory).
@@ -247,7 +328,7 @@ impl Container {
         }
         if report.torn_tail_at.is_some() || report.records_replayed > 0 {
             tracing::info!(
-                container = cfg.container,
+                container = core.config().container,
                 replayed = report.records_replayed,
                 torn_tail_at = ?report.torn_tail_at,
                 segments = core.segment_count(),
@@ -255,8 +336,19 @@ impl Container {
                 "container recovered"
             );
         }
+        Ok((core, files))
+    }
+
+    fn assemble(
+        core: ContainerCore,
+        files: Files,
+        dir: PathBuf,
+        pacer: Rc<IoPacer>,
+        tier2: Option<Tier2Config>,
+        owned: bool,
+    ) -> Rc<Self> {
         let container = Rc::new(Self {
-            id: cfg.container,
+            id: core.config().container,
             dir,
             core: RefCell::new(core),
             waiters: RefCell::new(VecDeque::new()),
@@ -264,12 +356,13 @@ impl Container {
             flushing: Cell::new(false),
             files: RefCell::new(files),
             pacer,
-            tier2: tier2.map(Tier2State::new),
+            tier2: tier2.map(|t| Tier2State::new(t, owned)),
+            stop_reason: RefCell::new(None),
         });
         if container.tier2.is_some() {
-            glommio::spawn_local(Self::mover_loop(container.clone())).detach();
+            container.start_mover();
         }
-        Ok(container)
+        container
     }
 
     pub fn id(&self) -> u32 {
@@ -279,6 +372,40 @@ impl Container {
     /// No flush is running (everything submitted so far is answered).
     pub fn is_idle(&self) -> bool {
         !self.flushing.get()
+    }
+
+    /// A flush runs or operations wait for one.
+    pub fn is_busy(&self) -> bool {
+        self.flushing.get() || self.core.borrow().has_pending()
+    }
+
+    /// Stops the container for good: queued and later requests fail (`NotOwner` when
+    /// `moved`, else `Poisoned`), readers waiting at a tail wake, the mover ends. A flush
+    /// in flight completes first (its operations are durable and answered).
+    pub fn stop_with(&self, reason: String, moved: bool) {
+        if let Some(t) = &self.tier2 {
+            t.request_stop();
+        }
+        self.wake_mover();
+        if self.flushing.get() {
+            *self.stop_reason.borrow_mut() = Some((reason, moved));
+            return;
+        }
+        self.apply_stop(reason, moved);
+    }
+
+    fn apply_stop(&self, reason: String, moved: bool) {
+        let n = if moved {
+            self.core.borrow_mut().stop(reason.clone())
+        } else {
+            self.core.borrow_mut().fail_flush(reason.clone())
+        };
+        self.fail_waiters(n, &reason);
+        for (_, ws) in self.tail_waiters.borrow_mut().drain() {
+            for w in ws {
+                let _ = w.send(());
+            }
+        }
     }
 
     /// Queues an operation now (ordering is fixed at call time) and returns a future for
@@ -319,6 +446,11 @@ impl Container {
 
     async fn flush_loop(self: Rc<Self>) {
         loop {
+            let stop = self.stop_reason.borrow_mut().take();
+            if let Some((reason, moved)) = stop {
+                self.apply_stop(reason, moved);
+                break;
+            }
             let wait = self.pacer.delay();
             if !wait.is_zero() {
                 glommio::timer::sleep(wait).await;
@@ -378,10 +510,15 @@ impl Container {
     }
 
     fn fail_waiters(&self, n: usize, reason: &str) {
+        let err = self
+            .core
+            .borrow()
+            .refusal()
+            .unwrap_or_else(|| EngineError::Poisoned { container: self.id, reason: reason.to_string() });
         let mut waiters = self.waiters.borrow_mut();
         for _ in 0..n.min(waiters.len()) {
             let w = waiters.pop_front().expect("counted");
-            let _ = w.send(Err(EngineError::Poisoned { container: self.id, reason: reason.to_string() }));
+            let _ = w.send(Err(err.clone()));
         }
     }
 

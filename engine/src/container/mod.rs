@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod core;
+pub mod handoff;
 pub mod index;
 pub mod io;
 pub mod mover;

@@ -16,6 +16,7 @@
 //!   only back-pressure writers see.
 
 use crate::container::core::{ChunkMeta, MoveTask, Request};
+use crate::container::handoff;
 use crate::container::io::Container;
 use crate::error::EngineError;
 use crate::log::file_name;
@@ -23,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 use sluice_tier2::layout::{chunk_name, parse_chunk_file, segment_dir};
 use sluice_tier2::{ChunkError, DynStore};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -42,6 +43,22 @@ const READ_BLOCKS_CACHED: usize = 8;
 const READ_AHEAD_BLOCKS: u64 = 2;
 /// Longest pause between retries while tier-2 fails.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often an owned container's mover looks for a newer owner in tier-2.
+const FENCE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Bound on each wait of a hand-off (queued operations, the mover's round, moving the rest).
+const HANDOFF_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits (bounded by `HANDOFF_WAIT`) until `done`.
+async fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + HANDOFF_WAIT;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("hand-off: timed out waiting for {what}"));
+        }
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
 
 /// Tier-2 settings of a container.
 #[derive(Clone)]
@@ -70,11 +87,28 @@ pub struct Tier2State {
     wake: RefCell<Option<oneshot::Sender<()>>>,
     blocks: RefCell<VecDeque<(BlockKey, Bytes)>>,
     loading: RefCell<HashMap<BlockKey, Vec<oneshot::Sender<()>>>>,
+    /// Cluster mode: the container is owned under an etcd epoch; the mover watches tier-2
+    /// for a newer owner and stops the container when one appears.
+    owned: bool,
+    last_fence_check: Cell<Option<Instant>>,
+    reconciled: Cell<bool>,
+    /// Asks the background mover to end after its current round.
+    stop: Cell<bool>,
+    running: Cell<bool>,
 }
 
 impl Tier2State {
-    pub fn new(cfg: Tier2Config) -> Self {
+    pub(crate) fn request_stop(&self) {
+        self.stop.set(true);
+    }
+
+    pub fn new(cfg: Tier2Config, owned: bool) -> Self {
         Self {
+            owned,
+            last_fence_check: Cell::new(None),
+            reconciled: Cell::new(false),
+            stop: Cell::new(false),
+            running: Cell::new(false),
             cfg,
             sealed: RefCell::new(HashSet::new()),
             last_error: RefCell::new(None),
@@ -114,21 +148,28 @@ impl Container {
 
     /// The mover task: reconcile once, then move, collect garbage and free log files until
     /// the container is poisoned.
-    pub(crate) async fn mover_loop(self: Rc<Self>) {
+    pub(crate) fn start_mover(self: &Rc<Self>) {
+        self.t2().stop.set(false);
+        self.t2().running.set(true);
+        glommio::spawn_local(Self::mover_loop(self.clone())).detach();
+    }
+
+    async fn mover_loop(self: Rc<Self>) {
         let interval = self.t2().cfg.interval;
         let mut backoff = interval;
-        let mut reconciled = false;
         let mut last_warn: Option<Instant> = None;
         loop {
-            if self.core.borrow().is_poisoned() {
+            if self.core.borrow().is_poisoned() || self.t2().stop.get() {
+                self.t2().running.set(false);
                 return;
             }
             let round = async {
-                if !reconciled {
+                self.check_fence().await?;
+                if !self.t2().reconciled.get() {
                     self.reconcile().await?;
-                    reconciled = true;
+                    self.t2().reconciled.set(true);
                 }
-                let moved = self.move_round().await?;
+                let moved = self.move_round(self.t2().cfg.move_bytes_min).await?;
                 self.collect_garbage().await?;
                 self.free_log_files().await?;
                 Ok::<bool, String>(moved)
@@ -237,9 +278,80 @@ impl Container {
         Ok(())
     }
 
+    /// Cluster mode: stops the container if a newer owner announced itself in tier-2
+    /// (checked at most once per `FENCE_CHECK_INTERVAL`).
+    async fn check_fence(self: &Rc<Self>) -> Result<(), String> {
+        let t = self.t2();
+        if !t.owned || t.last_fence_check.get().is_some_and(|at| at.elapsed() < FENCE_CHECK_INTERVAL) {
+            return Ok(());
+        }
+        let epoch = self.core.borrow().epoch();
+        let newest = handoff::newest_epoch(&t.cfg.store, self.id()).await?;
+        t.last_fence_check.set(Some(Instant::now()));
+        if let Some(newer) = newest.filter(|e| *e > epoch) {
+            let reason =
+                format!("fenced: container {} has a newer owner (epoch {newer}, this node {epoch})", self.id());
+            tracing::error!(container = self.id(), epoch, newer, "deposed by a newer owner; container stopped");
+            self.stop_with(reason.clone(), true);
+            return Err(reason);
+        }
+        Ok(())
+    }
+
+    /// Graceful hand-off (cluster mode): with client requests no longer routed here, lets
+    /// queued operations finish, stops the background mover, moves every remaining byte to
+    /// tier-2, writes the container's metadata there (`handoff`), and stops the container.
+    /// On failure the container keeps serving (the mover restarts) and the caller may retry.
+    pub async fn hand_off(self: &Rc<Self>) -> Result<(), String> {
+        let started = Instant::now();
+        wait_until("queued operations", || !self.is_busy()).await?;
+        self.t2().stop.set(true);
+        self.wake_mover();
+        wait_until("the mover's round", || !self.t2().running.get()).await?;
+        let result = async {
+            self.t2().last_fence_check.set(None);
+            self.check_fence().await?;
+            if !self.t2().reconciled.get() {
+                self.reconcile().await?;
+                self.t2().reconciled.set(true);
+            }
+            let deadline = Instant::now() + HANDOFF_WAIT;
+            while !self.core.borrow().all_in_tier2() {
+                if Instant::now() > deadline {
+                    return Err("hand-off: timed out moving data to tier-2".to_string());
+                }
+                self.move_round(0).await?;
+            }
+            if let Err(e) = self.collect_garbage().await {
+                tracing::warn!(container = self.id(), error = %e, "hand-off: garbage left for the next owner");
+            }
+            wait_until("chunk records", || !self.is_busy()).await?;
+            let (epoch, ck) = {
+                let core = self.core.borrow();
+                (core.epoch(), core.handoff_state())
+            };
+            handoff::write(&self.t2().cfg.store, self.id(), epoch, &ck).await?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.stop_with(format!("container {} moved to another node", self.id()), true);
+                tracing::info!(container = self.id(), took = ?started.elapsed(), "container handed off");
+                Ok(())
+            }
+            Err(e) => {
+                if !self.core.borrow().is_poisoned() {
+                    self.start_mover();
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// One pass over the segments with data waiting; true if anything moved.
-    async fn move_round(self: &Rc<Self>) -> Result<bool, String> {
-        let tasks = self.core.borrow().move_tasks(self.t2().cfg.move_bytes_min);
+    async fn move_round(self: &Rc<Self>, min_bytes: u64) -> Result<bool, String> {
+        let tasks = self.core.borrow().move_tasks(min_bytes);
         let mut moved = false;
         for task in tasks {
             moved |= self.move_segment(task).await?;

@@ -1,0 +1,405 @@
+//! Cluster mode. `Routes` is the node's view of which node serves each container (shared by
+//! the shards, read on redirects and by the handshake). The agent that keeps it current and
+//! acquires, hands off and fences containers comes with `ClusterNode`.
+
+use std::sync::{Arc, RwLock};
+
+/// Who serves a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub node: String,
+    /// The client endpoint of the shard that serves the container on that node.
+    pub endpoint: String,
+}
+
+/// Container → serving node, replaced as a whole by the agent.
+#[derive(Debug, Default)]
+pub struct Routes {
+    table: RwLock<Arc<Vec<Option<Route>>>>,
+}
+
+impl Routes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, container: u32) -> Option<Route> {
+        self.table.read().expect("routes lock").get(container as usize).cloned().flatten()
+    }
+
+    pub fn set(&self, table: Vec<Option<Route>>) {
+        *self.table.write().expect("routes lock") = Arc::new(table);
+    }
+
+    /// One endpoint per container, empty where nobody serves it (for the handshake).
+    pub fn endpoints(&self, count: u32) -> Vec<String> {
+        let t = self.table.read().expect("routes lock").clone();
+        (0..count as usize).map(|c| t.get(c).cloned().flatten().map(|r| r.endpoint).unwrap_or_default()).collect()
+    }
+}
+
+use crate::EngineConfig;
+use crate::container::io::OpenSource;
+use crate::shard::{Node, ShardMsg};
+use futures::channel::oneshot;
+use sluice_meta::cluster::{NodeInfo, ensure_cluster};
+use sluice_meta::ownership::{self, OwnershipView, Source, owner_key};
+use sluice_meta::{LeaseId, MetaError, MetaStore};
+use sluice_net::ShardEndpoint;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How a node joins a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub cluster: String,
+    pub node_id: String,
+    /// The node's etcd lease: it stops serving its containers when the lease cannot be
+    /// renewed for two thirds of this, so it is gone before the lease expires.
+    pub lease_ttl: Duration,
+    /// Pause between the agent's looks at the cluster.
+    pub poll: Duration,
+}
+
+impl ClusterOptions {
+    pub fn new(cluster: &str, node_id: &str) -> Self {
+        Self {
+            cluster: cluster.into(),
+            node_id: node_id.into(),
+            lease_ttl: Duration::from_secs(crate::constants::NODE_LEASE_TTL_S),
+            poll: Duration::from_millis(crate::constants::AGENT_POLL_MS),
+        }
+    }
+}
+
+/// What the agent shares with the `ClusterNode` handle.
+#[derive(Default)]
+struct AgentCtl {
+    drain: AtomicBool,
+    stop: AtomicBool,
+    /// Containers served now (for status and tests).
+    serving: std::sync::Mutex<BTreeMap<u32, u64>>,
+}
+
+/// A node of a cluster: its shards plus the agent thread that keeps its membership,
+/// acquires and hands off containers, fences them when the lease is lost, and keeps the
+/// routes current.
+pub struct ClusterNode {
+    node: Option<Node>,
+    agent: Option<std::thread::JoinHandle<()>>,
+    ctl: Arc<AgentCtl>,
+    pub endpoints: Vec<ShardEndpoint>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ClusterNode {
+    /// Checks the cluster's settings, starts the shards (serving nothing yet), registers
+    /// the node, and starts the agent. Containers arrive within a few agent rounds.
+    pub fn start<S: MetaStore>(mut cfg: EngineConfig, store: S, opts: ClusterOptions) -> Result<Self, String> {
+        let rt = agent_runtime()?;
+        sluice_meta::names::validate("node", &opts.node_id).map_err(|e| format!("invalid --node-id: {e}"))?;
+        let count = cfg.container_count();
+        rt.block_on(timeout(Duration::from_secs(10), ensure_cluster(&store, &opts.cluster, count)))
+            .map_err(|e| format!("etcd: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let routes = Arc::new(Routes::new());
+        cfg.cluster = Some(routes.clone());
+        cfg.node_name = opts.node_id.clone();
+        let shards = cfg.shards;
+        let node = Node::start_with_store(cfg, store.clone())?;
+        let endpoints = node.endpoints.clone();
+        let ctl = Arc::new(AgentCtl::default());
+        let mut agent = Agent {
+            store,
+            opts,
+            count,
+            shards,
+            routes,
+            senders: node.senders(),
+            info: NodeInfo {
+                node_id: String::new(),
+                endpoints: endpoints.iter().map(|e| e.address.clone()).collect(),
+                started_unix_ms: now_ms(),
+                draining: false,
+                lease: 0,
+            },
+            ctl: ctl.clone(),
+            lease: None,
+            last_renewed: Instant::now(),
+            last_attempt: Instant::now(),
+            mine: BTreeMap::new(),
+        };
+        agent.info.node_id = agent.opts.node_id.clone();
+        // Register before returning, so a node id clash is reported to the caller.
+        if let Err(e) = rt.block_on(agent.register()) {
+            node.stop();
+            return Err(e);
+        }
+        let handle = std::thread::Builder::new()
+            .name("sluice-agent".into())
+            .spawn(move || agent.run(rt))
+            .map_err(|e| format!("starting the cluster agent: {e}"))?;
+        Ok(Self { node: Some(node), agent: Some(handle), ctl, endpoints })
+    }
+
+    /// Containers this node serves now, with their epochs.
+    pub fn serving(&self) -> BTreeMap<u32, u64> {
+        self.ctl.serving.lock().expect("lock").clone()
+    }
+
+    /// Graceful stop: announce draining, hand every container off through tier-2 (other
+    /// nodes take them over), leave the cluster, stop the shards.
+    pub fn shutdown(mut self) {
+        self.ctl.drain.store(true, Ordering::SeqCst);
+        if let Some(a) = self.agent.take() {
+            let _ = a.join();
+        }
+        if let Some(n) = self.node.take() {
+            n.stop();
+        }
+    }
+
+    /// Blocks until a shard fails or the node is stopped.
+    pub fn wait(mut self) -> Result<(), String> {
+        let r = self.node.take().map_or(Ok(()), |n| n.wait());
+        self.ctl.stop.store(true, Ordering::SeqCst);
+        r
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.ctl.stop.store(true, Ordering::SeqCst);
+        if let Some(a) = self.agent.take() {
+            let _ = a.join();
+        }
+        if let Some(n) = self.node.take() {
+            n.stop();
+        }
+    }
+}
+
+fn agent_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| format!("agent runtime: {e}"))
+}
+
+async fn timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(d, f).await.map_err(|_| format!("no answer from the metadata store within {d:?}"))
+}
+
+struct Agent<S: MetaStore> {
+    store: S,
+    opts: ClusterOptions,
+    count: u32,
+    shards: u32,
+    routes: Arc<Routes>,
+    senders: Vec<futures::channel::mpsc::UnboundedSender<ShardMsg>>,
+    info: NodeInfo,
+    ctl: Arc<AgentCtl>,
+    lease: Option<LeaseId>,
+    /// Last successful lease renewal (or grant).
+    last_renewed: Instant,
+    last_attempt: Instant,
+    /// Containers this node serves, with their epochs.
+    mine: BTreeMap<u32, u64>,
+}
+
+impl<S: MetaStore> Agent<S> {
+    fn call_timeout(&self) -> Duration {
+        (self.opts.lease_ttl / 3).max(Duration::from_millis(500))
+    }
+
+    async fn register(&mut self) -> Result<(), String> {
+        let t = self.call_timeout();
+        let key = format!("nodes/{}", self.info.node_id);
+        if timeout(t, self.store.get(&key)).await?.map_err(|e| e.to_string())?.is_some() {
+            return Err(format!(
+                "node id {} is already registered by a live node (or its lease has not expired yet)",
+                self.info.node_id
+            ));
+        }
+        let lease = timeout(t, self.store.grant_lease(self.opts.lease_ttl)).await?.map_err(|e| e.to_string())?;
+        self.info.lease = lease;
+        let value = rkyv::to_bytes::<rkyv::rancor::Error>(&self.info).expect("serializing node info").to_vec();
+        timeout(t, self.store.put_with_lease(&key, value, lease)).await?.map_err(|e| e.to_string())?;
+        self.lease = Some(lease);
+        self.last_renewed = Instant::now();
+        self.last_attempt = Instant::now();
+        tracing::info!(node = %self.info.node_id, cluster = %self.opts.cluster, "registered");
+        Ok(())
+    }
+
+    async fn shard_call(
+        &self,
+        c: u32,
+        make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> ShardMsg,
+    ) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.senders[(c % self.shards) as usize].unbounded_send(make(tx)).map_err(|_| "shard is gone".to_string())?;
+        rx.await.map_err(|_| "shard dropped the request".to_string())?
+    }
+
+    fn publish_serving(&self) {
+        *self.ctl.serving.lock().expect("lock") = self.mine.clone();
+    }
+
+    /// Stops serving everything at once: the lease is lost or about to be.
+    async fn fence_all(&mut self, why: &str) {
+        tracing::error!(node = %self.info.node_id, containers = self.mine.len(), %why, "fencing: stopped serving all containers");
+        let all: Vec<u32> = self.mine.keys().copied().collect();
+        let this = &*self;
+        let closes = all
+            .iter()
+            .map(|&c| this.shard_call(c, move |reply| ShardMsg::Close { container: c, handoff: false, reply }));
+        futures::future::join_all(closes).await;
+        self.mine.clear();
+        self.lease = None;
+        self.routes.set(vec![None; self.count as usize]);
+        self.publish_serving();
+    }
+
+    /// Renews the lease every third of its TTL; fences when renewals fail for too long.
+    async fn keep_lease(&mut self) {
+        let Some(lease) = self.lease else { return };
+        if self.last_attempt.elapsed() >= self.opts.lease_ttl / 3 {
+            self.last_attempt = Instant::now();
+            match timeout(self.call_timeout(), self.store.keep_alive(lease)).await {
+                Ok(Ok(())) => self.last_renewed = Instant::now(),
+                Ok(Err(MetaError::LeaseNotFound(_))) => {
+                    self.fence_all("the node's lease expired or was revoked").await;
+                    return;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+            }
+        }
+        if self.last_renewed.elapsed() > self.opts.lease_ttl * 2 / 3 {
+            self.fence_all("the lease could not be renewed for two thirds of its TTL").await;
+        }
+    }
+
+    fn update_routes(&self, view: &OwnershipView) {
+        let endpoints: BTreeMap<&str, &Vec<String>> =
+            view.nodes.iter().map(|n| (n.node_id.as_str(), &n.endpoints)).collect();
+        let table = (0..self.count)
+            .map(|c| {
+                let o = view.owners.get(&c)?;
+                let eps = endpoints.get(o.node.as_str())?;
+                let ep = eps.get((c as usize) % eps.len().max(1))?;
+                Some(Route { node: o.node.clone(), endpoint: ep.clone() })
+            })
+            .collect();
+        self.routes.set(table);
+    }
+
+    /// One look at the cluster: routes, then hand-offs, then acquisitions.
+    async fn round(&mut self) -> Result<(), String> {
+        let t = self.call_timeout();
+        let Some(lease) = self.lease else { return Ok(()) };
+        let draining = self.ctl.drain.load(Ordering::SeqCst);
+        if draining && !self.info.draining {
+            self.info.draining = true;
+            let value = rkyv::to_bytes::<rkyv::rancor::Error>(&self.info).expect("serializing node info").to_vec();
+            let key = format!("nodes/{}", self.info.node_id);
+            timeout(t, self.store.put_with_lease(&key, value, lease)).await?.map_err(|e| e.to_string())?;
+        }
+        let view = timeout(t, OwnershipView::read(&self.store)).await?.map_err(|e| e.to_string())?;
+        if !view.nodes.iter().any(|n| n.node_id == self.info.node_id) {
+            // Our registration is gone (lease revoked or expired): stop serving at once;
+            // the next round registers again.
+            self.fence_all("the node's registration vanished from the cluster").await;
+            return Ok(());
+        }
+        self.update_routes(&view);
+        let mine: std::collections::BTreeSet<u32> = self.mine.keys().copied().collect();
+        let plan = ownership::plan(&self.info.node_id, self.count, &view, &mine);
+        if !plan.release.is_empty() {
+            let started = Instant::now();
+            let this = &*self;
+            let closes = plan.release.iter().map(|&c| async move {
+                (c, this.shard_call(c, move |reply| ShardMsg::Close { container: c, handoff: true, reply }).await)
+            });
+            for (c, r) in futures::future::join_all(closes).await {
+                match r {
+                    Ok(()) => {
+                        let epoch = self.mine.remove(&c).expect("releasing a container of ours");
+                        if let Err(e) = timeout(t, ownership::release(&self.store, c, &self.info.node_id, epoch)).await
+                        {
+                            tracing::error!(container = c, error = %e, "release not recorded; the container waits for this node");
+                        }
+                    }
+                    Err(e) => tracing::warn!(container = c, error = %e, "hand-off failed; keeping the container"),
+                }
+            }
+            tracing::info!(containers = plan.release.len(), took = ?started.elapsed(), "handed off");
+            self.publish_serving();
+        }
+        for c in plan.acquire {
+            let acquired =
+                match timeout(t, ownership::acquire(&self.store, &view, c, &self.info.node_id, lease)).await? {
+                    Ok(a) => a,
+                    Err(MetaError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.to_string()),
+                };
+            let source = match acquired.source {
+                Source::Fresh => OpenSource::Fresh,
+                Source::Local => OpenSource::Local,
+                Source::Handoff { .. } => OpenSource::Handoff,
+            };
+            let epoch = acquired.epoch;
+            match self.shard_call(c, move |reply| ShardMsg::Open { container: c, epoch, source, reply }).await {
+                Ok(()) => {
+                    self.mine.insert(c, epoch);
+                }
+                Err(e) => {
+                    tracing::error!(container = c, epoch, error = %e, "cannot serve the container; will retry");
+                    let _ = timeout(t, self.store.delete(&owner_key(c), None)).await;
+                }
+            }
+        }
+        self.publish_serving();
+        Ok(())
+    }
+
+    fn run(mut self, rt: tokio::runtime::Runtime) {
+        let mut last_warn: Option<Instant> = None;
+        rt.block_on(async {
+            loop {
+                if self.ctl.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let draining = self.ctl.drain.load(Ordering::SeqCst);
+                if draining && self.mine.is_empty() && self.info.draining {
+                    break;
+                }
+                if self.lease.is_none() && !draining {
+                    if let Err(e) = self.register().await
+                        && last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                    {
+                        tracing::warn!(error = %e, "cannot register with the cluster yet; retrying");
+                        last_warn = Some(Instant::now());
+                    }
+                } else if self.lease.is_none() {
+                    break;
+                }
+                self.keep_lease().await;
+                if let Err(e) = self.round().await
+                    && last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    tracing::warn!(error = %e, "cluster round failed; retrying");
+                    last_warn = Some(Instant::now());
+                }
+                tokio::time::sleep(self.opts.poll).await;
+            }
+            // Drained: leave the cluster now rather than when the lease expires.
+            if let Some(lease) = self.lease.take() {
+                let _ = timeout(self.call_timeout(), self.store.revoke_lease(lease)).await;
+            }
+            tracing::info!(node = %self.info.node_id, "left the cluster");
+        });
+    }
+}

@@ -1,0 +1,151 @@
+//! Containers owned under a cluster epoch (real glommio I/O, a real filesystem tier-2):
+//! a hand-off through tier-2 carries every segment (data, seals, writer event numbers) to
+//! the next owner; the log refuses to open under an epoch older than its records; a
+//! deposed owner stops serving once a newer owner announces itself in tier-2, and can no
+//! longer write a hand-off.
+
+use bytes::Bytes;
+use glommio::{LocalExecutorBuilder, Placement};
+use sluice_engine::EngineError;
+use sluice_engine::container::core::{CoreConfig, OpResult, Request};
+use sluice_engine::container::handoff;
+use sluice_engine::container::io::{Container, IoPacer, OpenSource};
+use sluice_engine::container::mover::Tier2Config;
+use sluice_net::event::encode_event;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn core_cfg() -> CoreConfig {
+    CoreConfig {
+        container: 3,
+        file_bytes: 1 << 20,
+        flush_bytes_max: 256 << 10,
+        cache_bytes_max: 1 << 20,
+        pending_bytes_max: 4 << 20,
+        log_bytes_max: 64 << 20,
+    }
+}
+
+fn tier2(root: &Path) -> Tier2Config {
+    Tier2Config {
+        store: sluice_tier2::open_url(&format!("fs:{}", root.display())).unwrap(),
+        chunk_bytes: 256 << 10,
+        move_bytes_min: 4 << 10,
+        interval: Duration::from_millis(20),
+    }
+}
+
+async fn open(dir: &Path, t2: &Path, epoch: u64, source: OpenSource) -> Result<Rc<Container>, String> {
+    Container::open_owned(core_cfg(), dir.to_path_buf(), Rc::new(IoPacer::new(0)), tier2(t2), epoch, source).await
+}
+
+async fn append(c: &Rc<Container>, seg: &str, writer: u128, n: u64, text: &str) -> Result<OpResult, EngineError> {
+    let mut data = Vec::new();
+    encode_event(&mut data, text.as_bytes());
+    let req = Request::Append {
+        name: seg.into(),
+        writer,
+        first_event_number: n,
+        event_count: 1,
+        expected_offset: None,
+        data: Bytes::from(data),
+    };
+    c.submit(req)?.await
+}
+
+#[test]
+fn handoff_stale_log_and_tier2_fencing() {
+    let root = std::env::temp_dir().join(format!("sluice-own-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let _guard = Dir(root.clone());
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(move || async move {
+            // glommio 0.9: the first file an executor opens must not be empty (see shard.rs).
+            let probe = root.join("probe");
+            std::fs::write(&probe, vec![0u8; 4096]).unwrap();
+            let f = glommio::io::DmaFile::open(&probe).await.unwrap();
+            f.read_at_aligned(0, 4096).await.unwrap();
+            f.close().await.unwrap();
+
+            let (t2, a, b) = (root.join("tier2"), root.join("node-a"), root.join("node-b"));
+            // Node a owns the container at epoch 5 and writes.
+            let c = open(&a, &t2, 5, OpenSource::Fresh).await.unwrap();
+            c.submit(Request::Create { name: "s/t/0".into() }).unwrap().await.unwrap();
+            c.submit(Request::Create { name: "s/t/1".into() }).unwrap().await.unwrap();
+            for n in 1..=200u64 {
+                append(&c, "s/t/0", 7, n, &format!("event-{n}-{}", "x".repeat(500))).await.unwrap();
+            }
+            append(&c, "s/t/1", 7, 1, "sealed soon").await.unwrap();
+            c.submit(Request::Seal { name: "s/t/1".into() }).unwrap().await.unwrap();
+            let len0 = c.status("s/t/0").unwrap().length;
+
+            // The log refuses an older epoch than its records; a newer one is fine.
+            c.stop_with("test: closing".into(), true);
+            drop(c);
+            let stale = open(&a, &t2, 4, OpenSource::Local).await.map(|_| ()).unwrap_err();
+            assert!(stale.contains("stale epoch"), "{stale}");
+            let c = open(&a, &t2, 6, OpenSource::Local).await.unwrap();
+            assert_eq!(c.status("s/t/0").unwrap().length, len0, "recovered from the local log");
+
+            // Hand off at epoch 6; node b takes over at 7 from tier-2 alone.
+            c.hand_off().await.unwrap();
+            assert!(matches!(append(&c, "s/t/0", 7, 201, "late").await, Err(EngineError::NotOwner { .. })));
+            let b1 = open(&b, &t2, 7, OpenSource::Handoff).await.unwrap();
+            let st = b1.status("s/t/0").unwrap();
+            assert_eq!((st.length, st.tier2_end), (len0, len0), "every byte was in tier-2");
+            assert!(b1.status("s/t/1").unwrap().sealed, "the seal moved");
+            let replay = append(&b1, "s/t/0", 7, 200, "replayed").await.unwrap();
+            assert!(
+                matches!(replay, OpResult::Appended { duplicate: true, .. }),
+                "writer event numbers moved: {replay:?}"
+            );
+            let mut bytes = Vec::new();
+            while (bytes.len() as u64) < len0 {
+                let d = b1.read("s/t/0", bytes.len() as u64, 64 << 10, Duration::ZERO).await.unwrap();
+                bytes.extend_from_slice(&d.data);
+            }
+            let (mut buf, mut events) = (&bytes[..], 0);
+            while !buf.is_empty() {
+                let n = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+                assert!(std::str::from_utf8(&buf[4..4 + n]).unwrap().starts_with(&format!("event-{}-", events + 1)));
+                buf = &buf[4 + n..];
+                events += 1;
+            }
+            assert_eq!(events, 200, "node b reads every event from tier-2");
+            append(&b1, "s/t/0", 7, 201, "after the move").await.unwrap();
+
+            // A newer owner (epoch 9) announces itself: b's mover stops the container and
+            // b can no longer write a hand-off.
+            let store = tier2(&t2).store;
+            handoff::claim(&store, 3, 9).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match append(&b1, "s/t/0", 7, 300, "while deposed").await {
+                    Err(EngineError::NotOwner { reason, .. }) => {
+                        assert!(reason.contains("fenced"), "{reason}");
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+                assert!(Instant::now() < deadline, "the deposed owner kept accepting writes");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            let ck = sluice_engine::log::checkpoint::CheckpointState::default();
+            let refused = handoff::write(&store, 3, 7, &ck).await.unwrap_err();
+            assert!(refused.contains("fenced"), "{refused}");
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
