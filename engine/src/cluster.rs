@@ -80,6 +80,8 @@ struct AgentCtl {
     stop: AtomicBool,
     /// Containers served now (for status and tests).
     serving: std::sync::Mutex<BTreeMap<u32, u64>>,
+    /// This node holds the controller election.
+    controller: AtomicBool,
 }
 
 /// A node of a cluster: its shards plus the agent thread that keeps its membership,
@@ -144,6 +146,13 @@ impl ClusterNode {
             .spawn(move || agent.run(rt))
             .map_err(|e| format!("starting the cluster agent: {e}"))?;
         Ok(Self { node: Some(node), agent: Some(handle), ctl, endpoints })
+    }
+
+    /// Whether this node runs the once-per-cluster duties now (see `ownership::campaign`).
+    /// Shared so a service thread can check it before each round.
+    pub fn controller_flag(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let ctl = self.ctl.clone();
+        move || ctl.controller.load(Ordering::SeqCst)
     }
 
     /// Containers this node serves now, with their epochs.
@@ -258,6 +267,7 @@ impl<S: MetaStore> Agent<S> {
         futures::future::join_all(closes).await;
         self.mine.clear();
         self.lease = None;
+        self.ctl.controller.store(false, Ordering::SeqCst);
         self.routes.set(vec![None; self.count as usize]);
         self.publish_serving();
     }
@@ -315,6 +325,19 @@ impl<S: MetaStore> Agent<S> {
             return Ok(());
         }
         self.update_routes(&view);
+        let is_controller = !draining
+            && timeout(t, ownership::campaign(&self.store, &self.info.node_id, lease)).await?.unwrap_or(false);
+        if draining && self.ctl.controller.load(Ordering::SeqCst) {
+            // Let another node take the role now rather than when this node's lease ends.
+            if let Ok(Ok(Some(c))) = timeout(t, ownership::controller(&self.store)).await
+                && c.node == self.info.node_id
+            {
+                let _ = timeout(t, self.store.delete(ownership::CONTROLLER_KEY, None)).await;
+            }
+        }
+        if is_controller != self.ctl.controller.swap(is_controller, Ordering::SeqCst) {
+            tracing::info!(node = %self.info.node_id, is_controller, "controller role changed");
+        }
         let mine: std::collections::BTreeSet<u32> = self.mine.keys().copied().collect();
         let plan = ownership::plan(&self.info.node_id, self.count, &view, &mine);
         if !plan.release.is_empty() {

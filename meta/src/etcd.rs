@@ -77,8 +77,10 @@ impl EtcdStore {
         let client = std::thread::scope(|s| {
             s.spawn(|| {
                 runtime.block_on(async move {
-                    let opts =
-                        etcd_client::ConnectOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
+                    // Every request is bounded, so a vanished etcd gives errors, not hangs.
+                    let opts = etcd_client::ConnectOptions::new()
+                        .with_connect_timeout(std::time::Duration::from_secs(5))
+                        .with_timeout(std::time::Duration::from_secs(10));
                     Client::connect(eps, Some(opts)).await
                 })
             })

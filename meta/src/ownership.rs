@@ -240,6 +240,41 @@ pub async fn release<S: MetaStore>(store: &S, c: u32, me: &str, epoch: u64) -> R
         .await
 }
 
+/// The node that runs the once-per-cluster duties (retention now; scaling decisions and
+/// transaction timeouts as they arrive). Under the holder's node lease: when the holder
+/// dies or loses etcd, the key goes and another node wins the next election.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ControllerRecord {
+    pub node: String,
+    pub since_unix_ms: u64,
+}
+
+pub const CONTROLLER_KEY: &str = "controller";
+
+/// The current controller, if any.
+pub async fn controller<S: MetaStore>(store: &S) -> Result<Option<ControllerRecord>, MetaError> {
+    match store.get(CONTROLLER_KEY).await? {
+        None => Ok(None),
+        Some(v) => rkyv::from_bytes::<ControllerRecord, rkyv::rancor::Error>(&v.value)
+            .map(Some)
+            .map_err(|e| MetaError::Corrupt(format!("{CONTROLLER_KEY}: {e}"))),
+    }
+}
+
+/// Campaigns for the controller role: true if `me` holds it (won now or held already).
+pub async fn campaign<S: MetaStore>(store: &S, me: &str, lease: LeaseId) -> Result<bool, MetaError> {
+    if let Some(c) = controller(store).await? {
+        return Ok(c.node == me);
+    }
+    let record = ControllerRecord { node: me.to_string(), since_unix_ms: crate::controller::now_ms() };
+    let txn = MetaTxn::new().compare(CONTROLLER_KEY, 0).put_leased(CONTROLLER_KEY, encode!(&record), lease);
+    match store.txn(txn).await {
+        Ok(()) => Ok(true),
+        Err(MetaError::Conflict { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

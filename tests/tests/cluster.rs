@@ -19,6 +19,7 @@ const KEYS: u64 = 16;
 /// Fields drop in order: nodes (killed), then etcd, then the directory.
 struct Cluster {
     nodes: Vec<Option<Server>>,
+    extra: Vec<String>,
     ports: Vec<u16>,
     store: EtcdStore,
     etcd: Etcd,
@@ -27,10 +28,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[])
+    }
+
+    fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let etcd = Etcd::start();
         let dir = TempDir::new("cluster");
         let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "c").unwrap();
-        let mut c = Cluster { nodes: Vec::new(), ports: Vec::new(), store, etcd, dir };
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut c = Cluster { nodes: Vec::new(), extra, ports: Vec::new(), store, etcd, dir };
         for i in 0..n {
             c.ports.push(free_ports(1));
             c.nodes.push(None);
@@ -41,7 +47,7 @@ impl Cluster {
 
     fn start_node(&mut self, i: usize) {
         let tier2 = format!("fs:{}", self.dir.0.join("tier2").display());
-        let extra = [
+        let mut extra = vec![
             "--tier2",
             &tier2,
             "--containers-per-core",
@@ -53,6 +59,7 @@ impl Cluster {
             "--lease-ttl-s",
             "3",
         ];
+        extra.extend(self.extra.iter().map(|s| s.as_str()));
         let data = self.dir.0.join(format!("node{i}"));
         self.nodes[i] =
             Some(Server::start_node(&data, self.ports[i], 1, &self.etcd.endpoint, "c", &format!("n{i}"), &extra));
@@ -266,4 +273,117 @@ async fn a_node_that_loses_its_lease_stops_serving_within_the_ttl() {
         n += 1;
     }
     assert_eq!(n, 2000 + raw, "2000 written events and {raw} acknowledged raw appends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_failover_keeps_retention_running() {
+    use sluice_meta::ownership::controller;
+    let mut cluster = Cluster::start_with(2, &["--retention-interval-ms", "200"]);
+    cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
+    let admin = Client::connect(&cluster.url(0)).await.unwrap();
+    admin.create_scope("rt").await.unwrap();
+    for i in 0..6 {
+        let retention = sluice_net::Retention::parse("size:64K").unwrap();
+        admin.create_stream_with("rt", &format!("r{i}"), 1, retention).await.unwrap();
+    }
+    let started = Instant::now();
+    let first = loop {
+        if let Some(c) = controller(&cluster.store).await.unwrap() {
+            break c.node;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no controller elected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (dead, alive) = if first == "n0" { (0, 1) } else { (1, 0) };
+    let (ok, out, _) =
+        sluice_tests::cli("", &["cluster", "status", "--etcd", &cluster.etcd.endpoint, "--cluster", "c"], None);
+    assert!(ok && out.contains(&format!("controller: {first}")), "{out}");
+
+    // SIGKILL the controller: the other node wins the election once the lease expires.
+    cluster.nodes[dead].as_mut().unwrap().kill();
+    let killed = Instant::now();
+    let second = loop {
+        if let Some(c) = controller(&cluster.store).await.unwrap()
+            && c.node != first
+        {
+            break c.node;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(15), "no new controller after the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(second, format!("n{alive}"));
+    eprintln!("{second} took over as controller {:?} after {first} was killed", killed.elapsed());
+
+    // Retention still runs: a stream served by the survivor is truncated once above 64 KiB.
+    let view = OwnershipView::read(&cluster.store).await.unwrap();
+    let stream = (0..6)
+        .map(|i| format!("r{i}"))
+        .find(|s| view.owner_of(container_of(&format!("rt/{s}/0"))) == Some(second.as_str()))
+        .expect("the survivor serves one of six streams");
+    let client = Client::connect(&cluster.url(alive)).await.unwrap();
+    let w = client.event_writer(&format!("rt/{stream}")).await.unwrap();
+    let segment = format!("rt/{stream}/0");
+    let t = Instant::now();
+    loop {
+        for i in 0..64 {
+            w.write_event(b"k", format!("{i}-{}", "x".repeat(1000)).into_bytes());
+        }
+        w.flush().await.unwrap();
+        let info = client.segment_info(&segment).await.unwrap();
+        if info.start_offset > 0 {
+            eprintln!("retention truncated {segment} to start {} (length {})", info.start_offset, info.length);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "retention did not run on the new controller: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn bad_etcd_or_container_count_is_refused_clearly() {
+    let dir = TempDir::new("cluster-bad");
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    let port = free_ports(1).to_string();
+    let data = dir.0.join("data");
+    let node = |etcd: &str, per_core: &str| {
+        let args = [
+            "node",
+            "--etcd",
+            etcd,
+            "--cluster",
+            "c",
+            "--node-id",
+            "x",
+            "--etcd-wait-s",
+            "2",
+            "--tier2",
+            &tier2,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cores",
+            "1",
+            "--no-pin",
+            "--containers-per-core",
+            per_core,
+        ];
+        sluice_tests::sluice_bin();
+        let started = Instant::now();
+        let out = sluice_tests::cli("", &args, None);
+        (out, started.elapsed())
+    };
+    // Nothing listens on port 1: retried, then a clear error, no panic.
+    let ((ok, _, err), took) = node("http://127.0.0.1:1", "12");
+    assert!(!ok && err.contains("unreachable") && err.contains("retrying"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(took < Duration::from_secs(30), "gave up in bounded time: {took:?}");
+
+    // A cluster made with 12 containers refuses a node configured for 8.
+    let etcd = Etcd::start();
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "c").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(sluice_meta::cluster::ensure_cluster(&store, "c", 12)).unwrap();
+    let ((ok, _, err), _) = node(&etcd.endpoint, "8");
+    assert!(!ok && err.contains("created with 12 containers"), "{err}");
 }

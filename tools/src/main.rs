@@ -83,6 +83,9 @@ struct NodeArgs {
     /// two thirds of this stops serving its containers.
     #[arg(long, default_value_t = sluice_engine::constants::NODE_LEASE_TTL_S)]
     lease_ttl_s: u64,
+    /// At start, how long to keep retrying an unreachable etcd before giving up, in seconds.
+    #[arg(long, default_value_t = 60)]
+    etcd_wait_s: u64,
     #[command(flatten)]
     engine: StandaloneArgs,
 }
@@ -216,10 +219,11 @@ enum LogCmd {
 fn cluster_status(etcd: &[String], cluster: &str) -> Result<(), String> {
     use sluice_meta::cluster::cluster_config;
     let store = sluice_meta::EtcdStore::connect(etcd, cluster).map_err(|e| e.to_string())?;
-    let (config, view) = futures::executor::block_on(async {
+    let (config, view, controller) = futures::executor::block_on(async {
         let config = cluster_config(&store).await.map_err(|e| e.to_string())?;
         let view = sluice_meta::ownership::OwnershipView::read(&store).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((config, view))
+        let controller = sluice_meta::ownership::controller(&store).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((config, view, controller))
     })
     .map_err(|e| format!("cluster {cluster} at etcd {}: {e}", etcd.join(",")))?;
     let count = match config {
@@ -232,6 +236,7 @@ fn cluster_status(etcd: &[String], cluster: &str) -> Result<(), String> {
             c.containers
         }
     };
+    println!("controller: {}", controller.map_or("none elected".to_string(), |c| c.node));
     println!("{} live node(s)", view.nodes.len());
     for n in &view.nodes {
         let serving = view.owners.values().filter(|o| o.node == n.node_id).count();
@@ -276,6 +281,31 @@ fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     cfg
 }
 
+/// Connects to etcd and checks the cluster's container count, retrying an unreachable etcd
+/// for `--etcd-wait-s` (a mismatched count is final).
+fn join_cluster(a: &NodeArgs, containers: u32) -> Result<sluice_meta::EtcdStore, String> {
+    use sluice_meta::cluster::{ClusterError, ensure_cluster};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.etcd_wait_s);
+    let etcd = a.etcd.join(",");
+    loop {
+        let attempt = sluice_meta::EtcdStore::connect(&a.etcd, &a.cluster)
+            .map_err(ClusterError::from)
+            .and_then(|s| futures::executor::block_on(ensure_cluster(&s, &a.cluster, containers)).map(|_| s));
+        match attempt {
+            Ok(store) => return Ok(store),
+            Err(e @ ClusterError::ContainerCountMismatch { .. }) => return Err(e.to_string()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(format!("etcd at {etcd} is unreachable, gave up after {} s: {e}", a.etcd_wait_s));
+            }
+            Err(e) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now()).as_secs();
+                eprintln!("etcd at {etcd} is unreachable ({e}); retrying for {left} more s");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+}
+
 fn node(a: NodeArgs) -> Result<(), String> {
     if a.engine.tier2.is_none() {
         return Err(
@@ -286,11 +316,19 @@ fn node(a: NodeArgs) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let started = std::time::Instant::now();
-    let store = sluice_meta::EtcdStore::connect(&a.etcd, &a.cluster)
-        .map_err(|e| format!("{e} (is etcd running at {}?)", a.etcd.join(",")))?;
+    let store = join_cluster(&a, cfg.container_count())?;
     let mut opts = sluice_engine::cluster::ClusterOptions::new(&a.cluster, &a.node_id);
     opts.lease_ttl = std::time::Duration::from_secs(a.lease_ttl_s.max(1));
     let node = sluice_engine::cluster::ClusterNode::start(cfg.clone(), store, opts)?;
+    let (url, active) = (node.endpoints[0].address.clone(), node.controller_flag());
+    let interval = std::time::Duration::from_millis(a.engine.retention_interval_ms.max(10));
+    std::thread::Builder::new()
+        .name("sluice-retention".into())
+        .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(retention::run(url, interval, active)),
+            Err(e) => tracing::error!(error = %e, "cannot start the retention service"),
+        })
+        .map_err(|e| format!("starting the retention service: {e}"))?;
     let ports: Vec<&str> = node.endpoints.iter().map(|e| e.address.as_str()).collect();
     println!(
         "sluice node {} of cluster {} ready in {:.2?}: {} shards on {}, {} containers in the cluster, tier-2 {}",
@@ -333,7 +371,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     std::thread::Builder::new()
         .name("sluice-retention".into())
         .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(retention::run(url, interval)),
+            Ok(rt) => rt.block_on(retention::run(url, interval, || true)),
             Err(e) => tracing::error!(error = %e, "cannot start the retention service"),
         })
         .map_err(|e| format!("starting the retention service: {e}"))?;
