@@ -171,7 +171,16 @@ impl<S: MetaStore> Shard<S> {
             return Ok(());
         }
         match container.hand_off().await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // Everything is in tier-2 now; the local log would only be a stale copy
+                // (taking the container back reads the hand-off when the log is gone).
+                let dir = self.container_dir(c);
+                drop(container);
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(container = c, dir = %dir.display(), error = %e, "cannot remove a handed-off log");
+                }
+                Ok(())
+            }
             Err(e) => {
                 self.containers.borrow_mut().insert(c, container);
                 Err(format!("container {c}: {e}"))
