@@ -42,10 +42,11 @@ use crate::EngineConfig;
 use crate::container::io::OpenSource;
 use crate::shard::{Node, ShardMsg};
 use futures::channel::oneshot;
-use sluice_meta::cluster::{NodeInfo, ensure_cluster};
+use sluice_meta::cluster::{NodeInfo, check_node_id, ensure_cluster, publish_node};
 use sluice_meta::ownership::{self, OwnershipView, Source, owner_key};
 use sluice_meta::{LeaseId, MetaError, MetaStore};
-use sluice_net::ShardEndpoint;
+use sluice_net::routing::shard_of;
+use sluice_net::{ContainerId, ShardEndpoint};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -94,10 +95,6 @@ pub struct ClusterNode {
     pub endpoints: Vec<ShardEndpoint>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl ClusterNode {
     /// Checks the cluster's settings, starts the shards (serving nothing yet), registers
     /// the node, and starts the agent. Containers arrive within a few agent rounds.
@@ -125,7 +122,7 @@ impl ClusterNode {
             info: NodeInfo {
                 node_id: String::new(),
                 endpoints: endpoints.iter().map(|e| e.address.clone()).collect(),
-                started_unix_ms: now_ms(),
+                started_unix_ms: sluice_meta::controller::now_ms(),
                 draining: false,
                 lease: 0,
             },
@@ -224,17 +221,10 @@ impl<S: MetaStore> Agent<S> {
 
     async fn register(&mut self) -> Result<(), String> {
         let t = self.call_timeout();
-        let key = format!("nodes/{}", self.info.node_id);
-        if timeout(t, self.store.get(&key)).await?.map_err(|e| e.to_string())?.is_some() {
-            return Err(format!(
-                "node id {} is already registered by a live node (or its lease has not expired yet)",
-                self.info.node_id
-            ));
-        }
+        timeout(t, check_node_id(&self.store, &self.info.node_id)).await?.map_err(|e| e.to_string())?;
         let lease = timeout(t, self.store.grant_lease(self.opts.lease_ttl)).await?.map_err(|e| e.to_string())?;
         self.info.lease = lease;
-        let value = rkyv::to_bytes::<rkyv::rancor::Error>(&self.info).expect("serializing node info").to_vec();
-        timeout(t, self.store.put_with_lease(&key, value, lease)).await?.map_err(|e| e.to_string())?;
+        timeout(t, publish_node(&self.store, &self.info, lease)).await?.map_err(|e| e.to_string())?;
         self.lease = Some(lease);
         self.last_renewed = Instant::now();
         self.last_attempt = Instant::now();
@@ -248,7 +238,8 @@ impl<S: MetaStore> Agent<S> {
         make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> ShardMsg,
     ) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        self.senders[(c % self.shards) as usize].unbounded_send(make(tx)).map_err(|_| "shard is gone".to_string())?;
+        let shard = shard_of(ContainerId(c), self.shards) as usize;
+        self.senders[shard].unbounded_send(make(tx)).map_err(|_| "shard is gone".to_string())?;
         rx.await.map_err(|_| "shard dropped the request".to_string())?
     }
 
@@ -298,8 +289,8 @@ impl<S: MetaStore> Agent<S> {
         let table = (0..self.count)
             .map(|c| {
                 let o = view.owners.get(&c)?;
-                let eps = endpoints.get(o.node.as_str())?;
-                let ep = eps.get((c as usize) % eps.len().max(1))?;
+                let eps = endpoints.get(o.node.as_str()).filter(|e| !e.is_empty())?;
+                let ep = eps.get(shard_of(ContainerId(c), eps.len() as u32) as usize)?;
                 Some(Route { node: o.node.clone(), endpoint: ep.clone() })
             })
             .collect();
@@ -313,9 +304,7 @@ impl<S: MetaStore> Agent<S> {
         let draining = self.ctl.drain.load(Ordering::SeqCst);
         if draining && !self.info.draining {
             self.info.draining = true;
-            let value = rkyv::to_bytes::<rkyv::rancor::Error>(&self.info).expect("serializing node info").to_vec();
-            let key = format!("nodes/{}", self.info.node_id);
-            timeout(t, self.store.put_with_lease(&key, value, lease)).await?.map_err(|e| e.to_string())?;
+            timeout(t, publish_node(&self.store, &self.info, lease)).await?.map_err(|e| e.to_string())?;
         }
         let view = timeout(t, OwnershipView::read(&self.store)).await?.map_err(|e| e.to_string())?;
         if !view.nodes.iter().any(|n| n.node_id == self.info.node_id) {

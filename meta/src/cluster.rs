@@ -29,7 +29,7 @@ fn node_key(id: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("node id {0} is already registered by a live node")]
+    #[error("node id {0} is already registered by a live node (or its lease has not expired yet)")]
     NodeIdTaken(String),
     #[error("invalid node id: {0}")]
     InvalidNodeId(String),
@@ -56,9 +56,7 @@ const CLUSTER_KEY: &str = "cluster";
 pub async fn cluster_config<S: MetaStore>(store: &S) -> Result<Option<ClusterConfig>, MetaError> {
     match store.get(CLUSTER_KEY).await? {
         None => Ok(None),
-        Some(v) => rkyv::from_bytes::<ClusterConfig, rkyv::rancor::Error>(&v.value)
-            .map(Some)
-            .map_err(|e| MetaError::Corrupt(format!("{CLUSTER_KEY}: {e}"))),
+        Some(v) => decode_record!(ClusterConfig, CLUSTER_KEY, &v.value).map(Some),
     }
 }
 
@@ -97,19 +95,30 @@ pub struct Registration<S: MetaStore> {
     keeper: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Registers `info` under a lease of `ttl`, renewed every third of it.
+/// Writes `info` as the node's registration under `lease`.
+pub async fn publish_node<S: MetaStore>(store: &S, info: &NodeInfo, lease: LeaseId) -> Result<(), MetaError> {
+    let value = rkyv::to_bytes::<rkyv::rancor::Error>(info).expect("serializing node info").to_vec();
+    store.put_with_lease(&node_key(&info.node_id), value, lease).await.map(|_| ())
+}
+
+/// Checks that `node_id` is valid and not registered by a live node.
+pub async fn check_node_id<S: MetaStore>(store: &S, node_id: &str) -> Result<(), ClusterError> {
+    crate::names::validate("node", node_id).map_err(ClusterError::InvalidNodeId)?;
+    if store.get(&node_key(node_id)).await?.is_some() {
+        return Err(ClusterError::NodeIdTaken(node_id.to_string()));
+    }
+    Ok(())
+}
+
+/// Registers `info` under a lease of `ttl`, renewed every third of it from its own thread.
 pub async fn register_node<S: MetaStore>(
     store: &S,
     info: &NodeInfo,
     ttl: Duration,
 ) -> Result<Registration<S>, ClusterError> {
-    crate::names::validate("node", &info.node_id).map_err(ClusterError::InvalidNodeId)?;
-    if store.get(&node_key(&info.node_id)).await?.is_some() {
-        return Err(ClusterError::NodeIdTaken(info.node_id.clone()));
-    }
+    check_node_id(store, &info.node_id).await?;
     let lease = store.grant_lease(ttl).await?;
-    let value = rkyv::to_bytes::<rkyv::rancor::Error>(info).expect("serializing node info").to_vec();
-    store.put_with_lease(&node_key(&info.node_id), value, lease).await?;
+    publish_node(store, info, lease).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let (s, st) = (store.clone(), stop.clone());
     let period = ttl / 3;
@@ -132,17 +141,6 @@ pub async fn register_node<S: MetaStore>(
 }
 
 impl<S: MetaStore> Registration<S> {
-    /// The lease the registration lives under.
-    pub fn lease(&self) -> LeaseId {
-        self.lease
-    }
-
-    /// Republishes the node's info (for instance with `draining` set).
-    pub async fn update(&self, info: &NodeInfo) -> Result<(), MetaError> {
-        let value = rkyv::to_bytes::<rkyv::rancor::Error>(info).expect("serializing node info").to_vec();
-        self.store.put_with_lease(&node_key(&info.node_id), value, self.lease).await.map(|_| ())
-    }
-
     /// Leaves the cluster now: the registration key is deleted with its lease.
     pub async fn leave(mut self) -> Result<(), MetaError> {
         self.stop_keeper();
@@ -165,13 +163,5 @@ impl<S: MetaStore> Drop for Registration<S> {
 
 /// The live nodes, by id.
 pub async fn list_nodes<S: MetaStore>(store: &S) -> Result<Vec<NodeInfo>, MetaError> {
-    store
-        .range("nodes/")
-        .await?
-        .into_iter()
-        .map(|(k, v)| {
-            rkyv::from_bytes::<NodeInfo, rkyv::rancor::Error>(&v.value)
-                .map_err(|e| MetaError::Corrupt(format!("{k}: {e}")))
-        })
-        .collect()
+    store.range("nodes/").await?.into_iter().map(|(k, v)| decode_record!(NodeInfo, k, &v.value)).collect()
 }

@@ -109,7 +109,8 @@ fn stream_key(scope: &str, stream: &str) -> String {
     format!("streams/{scope}/{stream}")
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (for records people read).
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

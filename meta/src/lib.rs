@@ -6,6 +6,14 @@
 //! Thread model: a store handle is `Send + Sync + Clone`; its futures complete from the
 //! store's own thread, so shard executors can await them without blocking.
 
+/// Decodes (validating) an rkyv record read from key `$key`; a bad one is `MetaError::Corrupt`.
+macro_rules! decode_record {
+    ($t:ty, $key:expr, $bytes:expr) => {
+        rkyv::from_bytes::<$t, rkyv::rancor::Error>($bytes)
+            .map_err(|e| $crate::store::MetaError::Corrupt(format!("{}: {e}", $key)))
+    };
+}
+
 pub mod cluster;
 pub mod conformance;
 pub mod controller;

@@ -77,14 +77,12 @@ impl OwnershipView {
         let mut view = OwnershipView::default();
         for (k, v) in store.range("containers/").await? {
             let Some(c) = parse_index(&k, "containers/") else { continue };
-            let r = rkyv::from_bytes::<ContainerRecord, rkyv::rancor::Error>(&v.value)
-                .map_err(|e| MetaError::Corrupt(format!("{k}: {e}")))?;
+            let r = decode_record!(ContainerRecord, k, &v.value)?;
             view.records.insert(c, (r, v.version));
         }
         for (k, v) in store.range("owners/").await? {
             let Some(c) = parse_index(&k, "owners/") else { continue };
-            let o = rkyv::from_bytes::<OwnerLease, rkyv::rancor::Error>(&v.value)
-                .map_err(|e| MetaError::Corrupt(format!("{k}: {e}")))?;
+            let o = decode_record!(OwnerLease, k, &v.value)?;
             view.owners.insert(c, o);
         }
         view.nodes = crate::cluster::list_nodes(store).await?;
@@ -206,10 +204,8 @@ pub async fn acquire<S: MetaStore>(
         None => Source::Fresh,
         Some(r) if r.owner == me => Source::Local,
         Some(r) if r.released => Source::Handoff { from: r.owner.clone() },
-        Some(r) => {
-            return Err(MetaError::Conflict { key: record_key(c), expected: version, actual: version })
-                .inspect_err(|_| tracing::debug!(container = c, owner = %r.owner, "not released"));
-        }
+        // Owned by another node that has not released it: not ours to take.
+        Some(_) => return Err(MetaError::Conflict { key: record_key(c), expected: version, actual: version }),
     };
     let epoch = prev.as_ref().map_or(0, |r| r.epoch) + 1;
     let record = ContainerRecord { epoch, owner: me.to_string(), released: false };
@@ -229,8 +225,7 @@ pub async fn release<S: MetaStore>(store: &S, c: u32, me: &str, epoch: u64) -> R
     let Some(v) = store.get(&record_key(c)).await? else {
         return Err(MetaError::Corrupt(format!("{} is missing", record_key(c))));
     };
-    let r = rkyv::from_bytes::<ContainerRecord, rkyv::rancor::Error>(&v.value)
-        .map_err(|e| MetaError::Corrupt(format!("{}: {e}", record_key(c))))?;
+    let r = decode_record!(ContainerRecord, record_key(c), &v.value)?;
     if r.owner != me || r.epoch != epoch {
         return Err(MetaError::Conflict { key: record_key(c), expected: epoch, actual: r.epoch });
     }
@@ -255,9 +250,7 @@ pub const CONTROLLER_KEY: &str = "controller";
 pub async fn controller<S: MetaStore>(store: &S) -> Result<Option<ControllerRecord>, MetaError> {
     match store.get(CONTROLLER_KEY).await? {
         None => Ok(None),
-        Some(v) => rkyv::from_bytes::<ControllerRecord, rkyv::rancor::Error>(&v.value)
-            .map(Some)
-            .map_err(|e| MetaError::Corrupt(format!("{CONTROLLER_KEY}: {e}"))),
+        Some(v) => decode_record!(ControllerRecord, CONTROLLER_KEY, &v.value).map(Some),
     }
 }
 
