@@ -167,7 +167,7 @@ impl<S: MetaStore> Shard<S> {
             return Ok(());
         };
         if !handoff {
-            container.stop_with(format!("container {c}: this node lost its ownership lease"), true);
+            container.stop_with(format!("container {c}: this node lost its ownership lease"));
             return Ok(());
         }
         match container.hand_off().await {

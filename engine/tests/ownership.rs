@@ -90,7 +90,7 @@ fn handoff_stale_log_and_tier2_fencing() {
             let len0 = c.status("s/t/0").unwrap().length;
 
             // The log refuses an older epoch than its records; a newer one is fine.
-            c.stop_with("test: closing".into(), true);
+            c.stop_with("test: closing".into());
             drop(c);
             let stale = open(&a, &t2, 4, OpenSource::Local).await.map(|_| ()).unwrap_err();
             assert!(stale.contains("stale epoch"), "{stale}");

@@ -81,37 +81,51 @@ fn t2(e: ChunkError) -> String {
     e.to_string()
 }
 
+/// The container's objects: (epoch, kind, name).
+async fn objects(store: &DynStore, container: u32) -> Result<Vec<(u64, String, String)>, String> {
+    let listed = store.list(&format!("{}/", container_dir(container))).await.map_err(t2)?;
+    Ok(listed.into_iter().filter_map(|n| parse(&n).map(|(e, k)| (e, k.to_string(), n.clone()))).collect())
+}
+
+/// Fails if an owner newer than `epoch` announced itself among `objects`.
+fn check_newest(objects: &[(u64, String, String)], container: u32, epoch: u64) -> Result<(), String> {
+    match objects.iter().map(|o| o.0).max().filter(|e| *e > epoch) {
+        Some(newer) => {
+            Err(format!("fenced: container {container} has an owner at epoch {newer}; this node has {epoch}"))
+        }
+        None => Ok(()),
+    }
+}
+
 /// The newest epoch with an owner or hand-off object, if any.
 pub async fn newest_epoch(store: &DynStore, container: u32) -> Result<Option<u64>, String> {
-    let listed = store.list(&format!("{}/", container_dir(container))).await.map_err(t2)?;
-    Ok(listed.iter().filter_map(|n| parse(n)).map(|(e, _)| e).max())
+    Ok(objects(store, container).await?.iter().map(|o| o.0).max())
+}
+
+/// Deletes the objects of `kind` older than `epoch` (best effort: leftovers are ignored).
+async fn delete_older(store: &DynStore, objects: &[(u64, String, String)], kind: &str, epoch: u64) {
+    for (_, _, name) in objects.iter().filter(|(e, k, _)| k == kind && *e < epoch) {
+        let _ = store.delete(name).await;
+    }
 }
 
 /// Announces the owner at `epoch` (and forgets older announcements). Fails if a newer
 /// owner already announced itself.
 pub async fn claim(store: &DynStore, container: u32, epoch: u64) -> Result<(), String> {
-    if let Some(newer) = newest_epoch(store, container).await?.filter(|e| *e > epoch) {
-        return Err(format!("container {container} already has an owner at epoch {newer} (this node has {epoch})"));
-    }
+    let existing = objects(store, container).await?;
+    check_newest(&existing, container, epoch)?;
     match store.create(&object(container, epoch, "owner")).await {
         Ok(()) | Err(ChunkError::AlreadyExists(_)) => {}
         Err(e) => return Err(t2(e)),
     }
-    for name in store.list(&format!("{}/", container_dir(container))).await.map_err(t2)? {
-        if let Some((e, "owner")) = parse(&name)
-            && e < epoch
-        {
-            let _ = store.delete(&name).await;
-        }
-    }
+    delete_older(store, &existing, "owner", epoch).await;
     Ok(())
 }
 
 /// Writes the hand-off of `container` at `epoch`, then deletes older hand-offs.
 pub async fn write(store: &DynStore, container: u32, epoch: u64, ck: &CheckpointState) -> Result<(), String> {
-    if let Some(newer) = newest_epoch(store, container).await?.filter(|e| *e > epoch) {
-        return Err(format!("fenced: container {container} has an owner at epoch {newer}; this node has {epoch}"));
-    }
+    let existing = objects(store, container).await?;
+    check_newest(&existing, container, epoch)?;
     let name = object(container, epoch, "handoff");
     // A hand-off retried after a failure starts over.
     match store.delete(&name).await {
@@ -121,13 +135,7 @@ pub async fn write(store: &DynStore, container: u32, epoch: u64, ck: &Checkpoint
     store.create(&name).await.map_err(t2)?;
     store.append(&name, 0, Bytes::from(encode(container, epoch, ck))).await.map_err(t2)?;
     store.seal(&name).await.map_err(t2)?;
-    for old in store.list(&format!("{}/", container_dir(container))).await.map_err(t2)? {
-        if let Some((e, "handoff")) = parse(&old)
-            && e < epoch
-        {
-            let _ = store.delete(&old).await;
-        }
-    }
+    delete_older(store, &existing, "handoff", epoch).await;
     Ok(())
 }
 
@@ -137,12 +145,11 @@ pub async fn read_latest(
     container: u32,
     epoch: u64,
 ) -> Result<Option<(u64, CheckpointState)>, String> {
-    let listed = store.list(&format!("{}/", container_dir(container))).await.map_err(t2)?;
-    let Some(name) = listed
-        .iter()
-        .filter_map(|n| parse(n).filter(|(e, k)| *k == "handoff" && *e < epoch).map(|(e, _)| (e, n)))
-        .max_by_key(|(e, _)| *e)
-        .map(|(_, n)| n.clone())
+    let Some((_, _, name)) = objects(store, container)
+        .await?
+        .into_iter()
+        .filter(|(e, k, _)| k == "handoff" && *e < epoch)
+        .max_by_key(|o| o.0)
     else {
         return Ok(None);
     };

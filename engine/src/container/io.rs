@@ -73,7 +73,7 @@ pub struct Container {
     pacer: Rc<IoPacer>,
     pub(crate) tier2: Option<Tier2State>,
     /// A stop requested while a flush ran, applied by the flush loop between flushes.
-    stop_reason: RefCell<Option<(String, bool)>>,
+    stop_reason: RefCell<Option<String>>,
 }
 
 /// A shard's I/O budget (flushes per second), as a GCRA rate limiter: a burst of up to
@@ -379,27 +379,23 @@ impl Container {
         self.flushing.get() || self.core.borrow().has_pending()
     }
 
-    /// Stops the container for good: queued and later requests fail (`NotOwner` when
-    /// `moved`, else `Poisoned`), readers waiting at a tail wake, the mover ends. A flush
-    /// in flight completes first (its operations are durable and answered).
-    pub fn stop_with(&self, reason: String, moved: bool) {
+    /// Stops the container for good (it moved to another node, or this node lost it): queued
+    /// and later requests fail with `NotOwner`, readers waiting at a tail wake, the mover
+    /// ends. A flush in flight completes first (its operations are durable and answered).
+    pub fn stop_with(&self, reason: String) {
         if let Some(t) = &self.tier2 {
             t.request_stop();
         }
         self.wake_mover();
         if self.flushing.get() {
-            *self.stop_reason.borrow_mut() = Some((reason, moved));
+            *self.stop_reason.borrow_mut() = Some(reason);
             return;
         }
-        self.apply_stop(reason, moved);
+        self.apply_stop(reason);
     }
 
-    fn apply_stop(&self, reason: String, moved: bool) {
-        let n = if moved {
-            self.core.borrow_mut().stop(reason.clone())
-        } else {
-            self.core.borrow_mut().fail_flush(reason.clone())
-        };
+    fn apply_stop(&self, reason: String) {
+        let n = self.core.borrow_mut().stop(reason.clone());
         self.fail_waiters(n, &reason);
         for (_, ws) in self.tail_waiters.borrow_mut().drain() {
             for w in ws {
@@ -447,8 +443,8 @@ impl Container {
     async fn flush_loop(self: Rc<Self>) {
         loop {
             let stop = self.stop_reason.borrow_mut().take();
-            if let Some((reason, moved)) = stop {
-                self.apply_stop(reason, moved);
+            if let Some(reason) = stop {
+                self.apply_stop(reason);
                 break;
             }
             let wait = self.pacer.delay();

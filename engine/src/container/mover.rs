@@ -292,7 +292,7 @@ impl Container {
             let reason =
                 format!("fenced: container {} has a newer owner (epoch {newer}, this node {epoch})", self.id());
             tracing::error!(container = self.id(), epoch, newer, "deposed by a newer owner; container stopped");
-            self.stop_with(reason.clone(), true);
+            self.stop_with(reason.clone());
             return Err(reason);
         }
         Ok(())
@@ -305,7 +305,7 @@ impl Container {
     pub async fn hand_off(self: &Rc<Self>) -> Result<(), String> {
         let started = Instant::now();
         wait_until("queued operations", || !self.is_busy()).await?;
-        self.t2().stop.set(true);
+        self.t2().request_stop();
         self.wake_mover();
         wait_until("the mover's round", || !self.t2().running.get()).await?;
         let result = async {
@@ -336,7 +336,7 @@ impl Container {
         .await;
         match result {
             Ok(()) => {
-                self.stop_with(format!("container {} moved to another node", self.id()), true);
+                self.stop_with(format!("container {} moved to another node", self.id()));
                 tracing::info!(container = self.id(), took = ?started.elapsed(), "container handed off");
                 Ok(())
             }
