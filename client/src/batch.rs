@@ -18,7 +18,8 @@ pub struct SegmentSlice {
 }
 
 impl Client {
-    /// The slices of `stream` between `from` (default: head) and `to` (default: tail).
+    /// The slices of `stream` between `from` (default: head) and `to` (default: tail),
+    /// across scalings: the segments of `from`, and their successors up to those of `to`.
     pub async fn segment_slices(
         &self,
         stream: &str,
@@ -40,13 +41,34 @@ impl Client {
             }
             self.validate_cut(cut).await?;
         }
+        // Walk from `from` through the successors of every segment that ends before `to`;
+        // a successor joins once all of its predecessors are in the walk.
+        let history = self.stream_history(&s.scope, &s.stream).await?;
+        let mut walk: Vec<(u64, u64)> = from.positions.iter().map(|(&seg, &off)| (seg, off)).collect();
         let mut out = Vec::new();
-        for (&seg, &start) in &from.positions {
-            let end = to.positions[&seg];
+        let mut i = 0;
+        while i < walk.len() {
+            let (seg, start) = walk[i];
+            i += 1;
+            let name = s.segment_name(sluice_net::SegmentNumber(seg));
+            let end = match to.positions.get(&seg) {
+                Some(&end) => end,
+                None => self.segment_info(&name).await?.length,
+            };
             if start > end {
                 return Err(ClientError::InvalidStreamCut(format!("segment {seg}: start {start} is after end {end}")));
             }
-            out.push(SegmentSlice { segment: s.segment_name(sluice_net::SegmentNumber(seg)), start, end });
+            out.push(SegmentSlice { segment: name, start, end });
+            if to.positions.contains_key(&seg) {
+                continue;
+            }
+            for succ in history.successors(seg) {
+                let walked = |n: &u64| walk.iter().any(|(w, _)| w == n);
+                if !walked(&succ.number) && succ.predecessors.iter().all(walked) {
+                    let start = self.segment_info(&s.segment_name(sluice_net::SegmentNumber(succ.number))).await?;
+                    walk.push((succ.number, start.start_offset));
+                }
+            }
         }
         Ok(out)
     }

@@ -254,6 +254,60 @@ impl Client {
         self.admin(GetStream { scope: scope.into(), stream: stream.into() }).await
     }
 
+    /// Scales a stream: seals the adjacent active segments `seal` and replaces them with new
+    /// segments over `ranges` (which must cover exactly their key range, in order). Returns
+    /// the stream in its new epoch. Writers move to the new segments by themselves; readers
+    /// finish the sealed ones first.
+    pub async fn scale_stream(
+        &self,
+        scope: &str,
+        stream: &str,
+        seal: &[u64],
+        ranges: &[KeyRange],
+    ) -> Result<StreamInfo, ClientError> {
+        let msg =
+            ScaleStream { scope: scope.into(), stream: stream.into(), seal: seal.to_vec(), ranges: ranges.to_vec() };
+        self.admin(msg).await
+    }
+
+    /// Splits active segment `segment` into `parts` equal key ranges.
+    pub async fn split_segment(
+        &self,
+        scope: &str,
+        stream: &str,
+        segment: u64,
+        parts: u32,
+    ) -> Result<StreamInfo, ClientError> {
+        if !(2..=64).contains(&parts) {
+            return Err(ClientError::InvalidArgument(format!("a segment splits into 2 to 64 parts, not {parts}")));
+        }
+        let info = self.get_stream(scope, stream).await?;
+        let s = info.segments.iter().find(|s| s.number == segment).ok_or_else(|| {
+            ClientError::InvalidArgument(format!("segment {segment} is not an active segment of {scope}/{stream}"))
+        })?;
+        let ranges = KeyRange { low: s.key_low, high: s.key_high }.split(parts);
+        self.scale_stream(scope, stream, &[segment], &ranges).await
+    }
+
+    /// Merges adjacent active segments into one.
+    pub async fn merge_segments(&self, scope: &str, stream: &str, segments: &[u64]) -> Result<StreamInfo, ClientError> {
+        let info = self.get_stream(scope, stream).await?;
+        let mut picked = Vec::new();
+        for n in segments {
+            picked.push(info.segments.iter().find(|s| s.number == *n).ok_or_else(|| {
+                ClientError::InvalidArgument(format!("segment {n} is not an active segment of {scope}/{stream}"))
+            })?);
+        }
+        let low = picked.iter().map(|s| s.key_low).fold(f64::INFINITY, f64::min);
+        let high = picked.iter().map(|s| s.key_high).fold(f64::NEG_INFINITY, f64::max);
+        self.scale_stream(scope, stream, segments, &[KeyRange { low, high }]).await
+    }
+
+    /// Every epoch of a stream and every segment it ever had.
+    pub async fn stream_history(&self, scope: &str, stream: &str) -> Result<StreamHistory, ClientError> {
+        self.admin(GetStreamHistory { scope: scope.into(), stream: stream.into() }).await
+    }
+
     pub async fn seal_stream(&self, scope: &str, stream: &str) -> Result<(), ClientError> {
         self.admin::<_, Done>(SealStream { scope: scope.into(), stream: stream.into() }).await.map(|_| ())
     }
@@ -325,9 +379,7 @@ impl Client {
 
     /// A reader over all segments of `scope/stream`.
     pub async fn event_reader(&self, stream: &str, from: ReadFrom) -> Result<EventReader, ClientError> {
-        let s = parse_stream(stream)?;
-        let info = self.get_stream(&s.scope, &s.stream).await?;
-        EventReader::start(self.clone(), s, info.segments, from).await
+        EventReader::start(self.clone(), parse_stream(stream)?, from).await
     }
 }
 

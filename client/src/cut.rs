@@ -111,27 +111,48 @@ pub enum CutAt {
 }
 
 impl Client {
-    /// A cut of `scope/stream` at its head or tail.
+    /// A cut of `scope/stream` at its head (the first epoch's segments at their start
+    /// offsets: reading from there walks every later epoch) or its tail (the current
+    /// segments at their lengths).
     pub async fn stream_cut(&self, stream: &str, at: CutAt) -> Result<StreamCut, ClientError> {
         let s = crate::client::parse_stream(stream)?;
-        let info = self.get_stream(&s.scope, &s.stream).await?;
+        let segments: Vec<u64> = match at {
+            CutAt::Head => {
+                self.stream_history(&s.scope, &s.stream).await?.first_epoch().iter().map(|h| h.number).collect()
+            }
+            CutAt::Tail => self.get_stream(&s.scope, &s.stream).await?.segments.iter().map(|r| r.number).collect(),
+        };
         let mut positions = BTreeMap::new();
-        for seg in info.segments {
-            let si = self.segment_info(&s.segment_name(SegmentNumber(seg.number))).await?;
-            positions.insert(seg.number, if at == CutAt::Head { si.start_offset } else { si.length });
+        for seg in segments {
+            let si = self.segment_info(&s.segment_name(SegmentNumber(seg))).await?;
+            positions.insert(seg, if at == CutAt::Head { si.start_offset } else { si.length });
         }
         Ok(StreamCut { stream: s, positions })
     }
 
-    /// Checks that `cut` names exactly the segments of its stream, at offsets that exist.
+    /// Checks that `cut` names segments of its stream (of any epoch) whose key ranges
+    /// together cover every routing key, at offsets that exist.
     pub async fn validate_cut(&self, cut: &StreamCut) -> Result<(), ClientError> {
-        let info = self.get_stream(&cut.stream.scope, &cut.stream.stream).await?;
-        let known: Vec<u64> = info.segments.iter().map(|s| s.number).collect();
-        if let Some(seg) = cut.positions.keys().find(|s| !known.contains(s)) {
-            return Err(bad(format!("segment {seg} is not a segment of {}", cut.stream)));
+        let history = self.stream_history(&cut.stream.scope, &cut.stream.stream).await?;
+        let mut ranges = Vec::new();
+        for &seg in cut.positions.keys() {
+            let h =
+                history.segment(seg).ok_or_else(|| bad(format!("segment {seg} is not a segment of {}", cut.stream)))?;
+            ranges.push((h.key_low, h.key_high));
         }
-        if let Some(seg) = known.iter().find(|s| !cut.positions.contains_key(s)) {
-            return Err(bad(format!("the cut has no position for segment {seg} of {}", cut.stream)));
+        ranges.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut covered = 0.0f64;
+        for (low, high) in ranges {
+            if low > covered {
+                break;
+            }
+            covered = covered.max(high);
+        }
+        if covered < 1.0 {
+            return Err(bad(format!(
+                "the cut's segments do not cover the key space of {} from {covered} on",
+                cut.stream
+            )));
         }
         for (&seg, &off) in &cut.positions {
             let si = self.segment_info(&cut.segment_name(seg)).await?;

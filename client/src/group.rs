@@ -10,7 +10,9 @@
 //! segment while a checkpoint is pending, so every segment's position at the checkpoint is
 //! known (reported by its reader when it passes the marker, else where it was released or
 //! finished). A reader that goes offline returns its segments at the position given (or its
-//! last reported one).
+//! last reported one). A segment read to its end (sealed by a scaling) brings in each of its
+//! successors once all of the successor's predecessors are finished, so nobody reads a
+//! key's newer events before its older ones; a segment that stops at an end cut does not.
 
 use crate::client::Client;
 use crate::cut::{CutAt, StreamCut};
@@ -57,6 +59,13 @@ pub struct GroupState {
     pub completed: Vec<CompletedCheckpoint>,
 }
 
+/// A segment that replaced a finished one, and every segment it replaced.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Successor {
+    pub segment: String,
+    pub predecessors: Vec<String>,
+}
+
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum GroupUpdate {
     AddReader { reader: String },
@@ -64,7 +73,7 @@ pub enum GroupUpdate {
     Acquire { reader: String, segment: String },
     Release { reader: String, segment: String, offset: u64 },
     Positions { reader: String, positions: BTreeMap<String, u64> },
-    Finish { reader: String, segment: String, offset: u64 },
+    Finish { reader: String, segment: String, offset: u64, successors: Vec<Successor> },
     StartCheckpoint { name: String },
     CheckpointReached { reader: String, name: String, positions: BTreeMap<String, u64> },
     Reset { positions: BTreeMap<String, u64>, ends: BTreeMap<String, u64> },
@@ -80,6 +89,13 @@ impl GroupState {
         if self.completed.len() > CHECKPOINTS_KEPT {
             self.completed.remove(0);
         }
+    }
+
+    /// The segment is in the group (unassigned, held or finished).
+    fn knows(&self, segment: &str) -> bool {
+        self.unassigned.contains_key(segment)
+            || self.finished.contains_key(segment)
+            || self.readers.values().any(|h| h.contains_key(segment))
     }
 
     /// Segments not yet finished.
@@ -167,9 +183,16 @@ impl Synchronized for GroupState {
                     }
                 }
             }
-            GroupUpdate::Finish { reader, segment, offset } => {
+            GroupUpdate::Finish { reader, segment, offset, successors } => {
                 if self.readers.get_mut(reader).and_then(|h| h.remove(segment)).is_some() {
                     self.finished.insert(segment.clone(), *offset);
+                    if !self.ends.contains_key(segment) {
+                        for s in successors {
+                            if s.predecessors.iter().all(|p| self.finished.contains_key(p)) && !self.knows(&s.segment) {
+                                self.unassigned.insert(s.segment.clone(), 0);
+                            }
+                        }
+                    }
                 }
             }
             GroupUpdate::StartCheckpoint { name } => {
@@ -660,11 +683,26 @@ impl GroupReader {
                 }
                 Fetched::End { token, segment, offset } => {
                     if self.owned.get(&segment).is_some_and(|o| o.token == token) {
+                        let successors = match self.successors(&segment).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                // Read it again (it ends at once) and report the end then.
+                                let end = self.sync.state().and_then(|s| s.ends.get(&segment).copied());
+                                self.stop(&segment);
+                                self.start(segment, offset, end);
+                                return Err(e);
+                            }
+                        };
                         self.stop(&segment);
                         let me = self.id.clone();
                         self.sync
                             .update_state(|_| {
-                                vec![GroupUpdate::Finish { reader: me.clone(), segment: segment.clone(), offset }]
+                                vec![GroupUpdate::Finish {
+                                    reader: me.clone(),
+                                    segment: segment.clone(),
+                                    offset,
+                                    successors: successors.clone(),
+                                }]
                             })
                             .await?;
                         self.next_refresh = Instant::now();
@@ -689,6 +727,20 @@ impl GroupReader {
                 }
             }
         }
+    }
+
+    /// The segments that replaced `segment` (a qualified name), with their predecessors.
+    async fn successors(&self, segment: &str) -> Result<Vec<Successor>, ClientError> {
+        let Some((stream, n)) = split_segment(segment) else { return Ok(Vec::new()) };
+        let history = self.client.stream_history(&stream.scope, &stream.stream).await?;
+        let name = |n: u64| stream.segment_name(sluice_net::SegmentNumber(n));
+        Ok(history
+            .successors(n)
+            .map(|s| Successor {
+                segment: name(s.number),
+                predecessors: s.predecessors.iter().map(|&p| name(p)).collect(),
+            })
+            .collect())
     }
 
     /// Leaves the group, handing its segments back at the current positions.
@@ -733,8 +785,54 @@ mod tests {
         apply(&mut s, &[GroupUpdate::RemoveReader { reader: "r1".into(), positions: None }]);
         assert_eq!(s.unassigned["a/b/0"], 40);
         apply(&mut s, &[GroupUpdate::Acquire { reader: "r2".into(), segment: "a/b/0".into() }]);
-        apply(&mut s, &[GroupUpdate::Finish { reader: "r2".into(), segment: "a/b/0".into(), offset: 90 }]);
+        apply(
+            &mut s,
+            &[GroupUpdate::Finish { reader: "r2".into(), segment: "a/b/0".into(), offset: 90, successors: vec![] }],
+        );
         assert_eq!(s.finished["a/b/0"], 90);
+        assert_eq!(s.active_segments(), 1);
+    }
+
+    #[test]
+    fn successors_come_in_once_all_predecessors_finish() {
+        let succ = |seg: &str, preds: &[&str]| Successor {
+            segment: seg.into(),
+            predecessors: preds.iter().map(|p| p.to_string()).collect(),
+        };
+        let mut s = state(&["a/b/0", "a/b/1", "a/b/2"]);
+        apply(
+            &mut s,
+            &[
+                GroupUpdate::AddReader { reader: "r".into() },
+                GroupUpdate::Acquire { reader: "r".into(), segment: "a/b/0".into() },
+                GroupUpdate::Acquire { reader: "r".into(), segment: "a/b/1".into() },
+                GroupUpdate::Acquire { reader: "r".into(), segment: "a/b/2".into() },
+            ],
+        );
+        // 0 and 1 merged into 3; 2 split into 4 and 5.
+        let merged = vec![succ("a/b/3", &["a/b/0", "a/b/1"])];
+        apply(
+            &mut s,
+            &[GroupUpdate::Finish {
+                reader: "r".into(),
+                segment: "a/b/0".into(),
+                offset: 5,
+                successors: merged.clone(),
+            }],
+        );
+        assert!(!s.unassigned.contains_key("a/b/3"), "3 waits for 1");
+        apply(
+            &mut s,
+            &[GroupUpdate::Finish { reader: "r".into(), segment: "a/b/1".into(), offset: 6, successors: merged }],
+        );
+        assert_eq!(s.unassigned.get("a/b/3"), Some(&0));
+        s.ends.insert("a/b/2".into(), 9);
+        let split = vec![succ("a/b/4", &["a/b/2"]), succ("a/b/5", &["a/b/2"])];
+        apply(
+            &mut s,
+            &[GroupUpdate::Finish { reader: "r".into(), segment: "a/b/2".into(), offset: 9, successors: split }],
+        );
+        assert!(!s.unassigned.contains_key("a/b/4"), "an end cut stops the walk");
         assert_eq!(s.active_segments(), 1);
     }
 

@@ -1,13 +1,16 @@
 //! Event reader over every segment of a stream, from the head or the tail. One task per
 //! segment reads raw segment bytes (long-polling at the tail), cuts them into events, and
 //! feeds one channel. Events of one segment (and so of one routing key) arrive in order.
+//! When a segment ends (sealed by a scaling and read to its end), each successor starts
+//! once all of its predecessors have ended, so a key's order holds across scalings.
 
 use crate::client::Client;
+use crate::cut::CutAt;
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
 use sluice_net::event::split_whole_events;
-use sluice_net::messages::SegmentRange;
 use sluice_net::{ErrorCode, ScopedStream, SegmentNumber};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -29,46 +32,95 @@ pub struct Event {
 }
 
 pub struct EventReader {
-    rx: mpsc::Receiver<Result<Event, ClientError>>,
-    tasks: Vec<JoinHandle<()>>,
+    client: Client,
+    stream: ScopedStream,
+    tx: mpsc::Sender<Item>,
+    rx: mpsc::Receiver<Item>,
+    /// Running segment tasks, by segment number.
+    tasks: HashMap<u64, JoinHandle<()>>,
+    /// Segments started (running or ended).
+    started: HashSet<u64>,
+    ended: HashSet<u64>,
+}
+
+/// What a segment task reports.
+enum Item {
+    Event(Event),
+    Error(ClientError),
+    /// The segment is sealed and read to its end.
+    End(u64),
+    /// The task stopped on an error it reported.
+    Stopped(u64),
 }
 
 const READ_CHUNK_BYTES: u32 = 1 << 20;
 const TAIL_WAIT: Duration = Duration::from_millis(500);
 
 impl EventReader {
-    pub(crate) async fn start(
-        client: Client,
-        stream: ScopedStream,
-        segments: Vec<SegmentRange>,
-        from: ReadFrom,
-    ) -> Result<Self, ClientError> {
+    pub(crate) async fn start(client: Client, stream: ScopedStream, from: ReadFrom) -> Result<Self, ClientError> {
+        let at = match from {
+            ReadFrom::Head => CutAt::Head,
+            ReadFrom::Tail => CutAt::Tail,
+        };
+        let cut = client.stream_cut(&stream.to_string(), at).await?;
         let (tx, rx) = mpsc::channel(4096);
-        let mut tasks = Vec::new();
-        for s in segments {
-            let name = stream.segment_name(SegmentNumber(s.number));
-            let info = client.segment_info(&name).await?;
-            let start = if from == ReadFrom::Head { info.start_offset } else { info.length };
-            tasks.push(tokio::spawn(read_segment(client.clone(), name, start, tx.clone())));
+        let mut reader =
+            Self { client, stream, tx, rx, tasks: HashMap::new(), started: HashSet::new(), ended: HashSet::new() };
+        for (seg, off) in cut.positions {
+            reader.spawn(seg, off);
         }
-        Ok(Self { rx, tasks })
+        Ok(reader)
+    }
+
+    fn spawn(&mut self, number: u64, offset: u64) {
+        let name = self.stream.segment_name(SegmentNumber(number));
+        self.started.insert(number);
+        let task = tokio::spawn(read_segment(self.client.clone(), number, name, offset, self.tx.clone()));
+        self.tasks.insert(number, task);
+    }
+
+    /// Starts the successors of `ended` whose predecessors have all ended.
+    async fn start_successors(&mut self, ended: u64) -> Result<(), ClientError> {
+        let history = self.client.stream_history(&self.stream.scope, &self.stream.stream).await?;
+        for s in history.successors(ended) {
+            if !self.started.contains(&s.number) && s.predecessors.iter().all(|p| self.ended.contains(p)) {
+                let info = self.client.segment_info(&self.stream.segment_name(SegmentNumber(s.number))).await?;
+                self.spawn(s.number, info.start_offset);
+            }
+        }
+        Ok(())
     }
 
     /// The next event, or `None` when `timeout` passes without one or every segment ended
-    /// (sealed and read to the end). If a truncation (or retention) removes data this reader
-    /// has not read yet, one call returns a `Truncated` error (its offset is the segment's
-    /// new start) and reading goes on from there.
+    /// (the stream is sealed and read to the end). If a truncation (or retention) removes
+    /// data this reader has not read yet, one call returns a `Truncated` error (its offset
+    /// is the segment's new start) and reading goes on from there.
     pub async fn read_next(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
-        match tokio::time::timeout(timeout, self.rx.recv()).await {
-            Ok(Some(r)) => r.map(Some),
-            Ok(None) | Err(_) => Ok(None),
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.tasks.is_empty() {
+                return Ok(None);
+            }
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Item::Event(e))) => return Ok(Some(e)),
+                Ok(Some(Item::Error(e))) => return Err(e),
+                Ok(Some(Item::End(n))) => {
+                    self.tasks.remove(&n);
+                    self.ended.insert(n);
+                    self.start_successors(n).await?;
+                }
+                Ok(Some(Item::Stopped(n))) => {
+                    self.tasks.remove(&n);
+                }
+                Ok(None) | Err(_) => return Ok(None),
+            }
         }
     }
 }
 
 impl Drop for EventReader {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.values() {
             t.abort();
         }
     }
@@ -127,7 +179,7 @@ impl EventCutter {
     }
 }
 
-async fn read_segment(client: Client, segment: String, offset: u64, tx: mpsc::Sender<Result<Event, ClientError>>) {
+async fn read_segment(client: Client, number: u64, segment: String, offset: u64, tx: mpsc::Sender<Item>) {
     let mut cut = EventCutter::new(segment, offset);
     loop {
         let read = client.read_segment(cut.segment(), cut.read_offset(), READ_CHUNK_BYTES, TAIL_WAIT).await;
@@ -137,23 +189,25 @@ async fn read_segment(client: Client, segment: String, offset: u64, tx: mpsc::Se
             // Retention or a truncation overtook this reader: tell the application (the
             // error carries the new start offset), then go on from the segment's new start.
             Err(e @ ClientError::Server { code: ErrorCode::Truncated, offset: Some(start), .. }) => {
-                if tx.send(Err(e)).await.is_err() {
+                if tx.send(Item::Error(e)).await.is_err() {
                     return;
                 }
                 cut = EventCutter::new(cut.segment().to_string(), start);
                 continue;
             }
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(Item::Error(e)).await;
+                let _ = tx.send(Item::Stopped(number)).await;
                 return;
             }
         };
         for (ev, _) in events {
-            if tx.send(Ok(ev)).await.is_err() {
+            if tx.send(Item::Event(ev)).await.is_err() {
                 return;
             }
         }
         if reply.end_of_segment && !cut.has_partial() {
+            let _ = tx.send(Item::End(number)).await;
             return;
         }
     }

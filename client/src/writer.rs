@@ -4,6 +4,12 @@
 //! (server restart, redirect, shed load) the writer reconnects and resends every
 //! unacknowledged batch in order, and the server drops what it already has. So a restart
 //! under load neither loses nor duplicates events, and per-key order holds.
+//!
+//! Scaling: a segment's task that gets `Sealed` learns the stream's current segments, and,
+//! holding the routing table's lock, points its key ranges at them and hands them its
+//! refused events in order, then whatever was queued behind them. No new event reaches the
+//! sealed segment's queue after that, so a key's events keep their order across the move.
+//! The new segments number the events afresh (the server tracks numbers per segment).
 
 use crate::client::Client;
 use crate::connection::{Connection, expect};
@@ -11,15 +17,16 @@ use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use sluice_net::ErrorCode;
 use sluice_net::ScopedStream;
 use sluice_net::constants::EVENT_BYTES_MAX;
-use sluice_net::event::framed_len;
+use sluice_net::event::{framed_len, split_whole_events};
 use sluice_net::messages::{Append, AppendAck, SegmentRange};
 use sluice_net::routing::key_point;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -44,7 +51,8 @@ impl Default for WriterConfig {
 type AckTx = oneshot::Sender<Result<(), ClientError>>;
 
 enum Cmd {
-    Event(Bytes, AckTx),
+    /// An event: its routing-key point, its payload, who waits for it.
+    Event(f64, Bytes, AckTx),
     Flush(AckTx),
 }
 
@@ -69,10 +77,77 @@ impl Future for AckFuture {
 }
 
 pub struct EventWriter {
+    shared: Arc<Shared>,
+}
+
+/// What the writer and its segment tasks share.
+struct Shared {
+    client: Client,
     stream: ScopedStream,
-    segments: Vec<SegmentRange>,
-    queues: Vec<mpsc::UnboundedSender<Cmd>>,
     writer_id: u128,
+    numbers: AtomicU64,
+    config: WriterConfig,
+    routes: Mutex<Routes>,
+}
+
+/// A key range [low, high) and the segment its events go to.
+#[derive(Clone, Copy, Debug)]
+struct Route {
+    low: f64,
+    high: f64,
+    segment: u64,
+}
+
+struct Routes {
+    /// Sorted by `low`; covers [0, 1).
+    table: Vec<Route>,
+    /// The queue of every segment task.
+    queues: HashMap<u64, mpsc::UnboundedSender<Cmd>>,
+    /// Set when the writer can write no more (the stream is sealed): new events fail with it.
+    closed: Option<ClientError>,
+    /// The `EventWriter` is gone: tasks finish what they have and stop.
+    dropped: bool,
+}
+
+impl Routes {
+    fn lookup(&self, point: f64) -> u64 {
+        let i = self.table.partition_point(|r| r.low <= point).saturating_sub(1);
+        self.table[i].segment
+    }
+
+    /// The queue of `segment`, starting its task if there is none.
+    fn queue(&mut self, shared: &Arc<Shared>, segment: u64) -> mpsc::UnboundedSender<Cmd> {
+        if let Some(q) = self.queues.get(&segment) {
+            return q.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = SegmentWriter {
+            shared: shared.clone(),
+            number: segment,
+            segment: shared.stream.segment_name(sluice_net::SegmentNumber(segment)),
+            inflight: VecDeque::new(),
+            acks: FuturesOrdered::new(),
+            conn: None,
+        };
+        tokio::spawn(task.run(rx));
+        if !self.dropped {
+            self.queues.insert(segment, tx.clone());
+        }
+        tx
+    }
+
+    /// Queues a command for the segment that owns `point`.
+    fn forward(&mut self, shared: &Arc<Shared>, cmd: Cmd) {
+        let Cmd::Event(point, ..) = &cmd else { unreachable!("only events are routed by key") };
+        let q = self.queue(shared, self.lookup(*point));
+        if let Err(mpsc::error::SendError(Cmd::Event(_, _, ack))) = q.send(cmd) {
+            let _ = ack.send(Err(ClientError::ConnectionLost("writer stopped".into())));
+        }
+    }
+}
+
+fn stopped() -> ClientError {
+    ClientError::ConnectionLost("writer stopped".into())
 }
 
 impl EventWriter {
@@ -83,44 +158,39 @@ impl EventWriter {
                 break id;
             }
         };
-        let numbers = Arc::new(AtomicU64::new(1));
-        let queues = segments
-            .iter()
-            .map(|s| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let task = SegmentWriter {
-                    client: client.clone(),
-                    segment: stream.segment_name(sluice_net::SegmentNumber(s.number)),
-                    writer_id,
-                    numbers: numbers.clone(),
-                    config: config.clone(),
-                    inflight: VecDeque::new(),
-                    acks: FuturesOrdered::new(),
-                    conn: None,
-                };
-                tokio::spawn(task.run(rx));
-                tx
-            })
-            .collect();
-        Self { stream, segments, queues, writer_id }
+        let table = segments.iter().map(|s| Route { low: s.key_low, high: s.key_high, segment: s.number }).collect();
+        let shared = Arc::new(Shared {
+            client,
+            stream,
+            writer_id,
+            numbers: AtomicU64::new(1),
+            config,
+            routes: Mutex::new(Routes { table, queues: HashMap::new(), closed: None, dropped: false }),
+        });
+        {
+            let mut routes = shared.routes.lock().expect("lock");
+            for s in &segments {
+                routes.queue(&shared, s.number);
+            }
+        }
+        Self { shared }
     }
 
     pub fn writer_id(&self) -> u128 {
-        self.writer_id
+        self.shared.writer_id
     }
 
     pub fn stream(&self) -> &ScopedStream {
-        &self.stream
+        &self.shared.stream
     }
 
-    /// Index of the segment a routing key maps to.
-    pub fn segment_for_key(&self, key: &[u8]) -> usize {
-        let p = key_point(key);
-        self.segments.iter().position(|s| p >= s.key_low && p < s.key_high).unwrap_or(self.segments.len() - 1)
+    /// Number of the segment a routing key maps to now.
+    pub fn segment_for_key(&self, key: &[u8]) -> u64 {
+        self.shared.routes.lock().expect("lock").lookup(key_point(key))
     }
 
     /// Queues an event; the returned future resolves once it is durable. Events with the
-    /// same routing key are written in the order of these calls.
+    /// same routing key are written in the order of these calls, across scalings.
     pub fn write_event(&self, routing_key: &[u8], payload: impl Into<Bytes>) -> AckFuture {
         let payload = payload.into();
         if payload.len() > EVENT_BYTES_MAX {
@@ -129,10 +199,15 @@ impl EventWriter {
                 payload.len()
             )))));
         }
+        let point = key_point(routing_key);
         let (tx, rx) = oneshot::channel();
-        let idx = self.segment_for_key(routing_key);
-        if self.queues[idx].send(Cmd::Event(payload, tx)).is_err() {
-            return AckFuture(AckInner::Failed(Some(ClientError::ConnectionLost("writer stopped".into()))));
+        let mut routes = self.shared.routes.lock().expect("lock");
+        if let Some(e) = &routes.closed {
+            return AckFuture(AckInner::Failed(Some(e.clone())));
+        }
+        let segment = routes.lookup(point);
+        if routes.queue(&self.shared, segment).send(Cmd::Event(point, payload, tx)).is_err() {
+            return AckFuture(AckInner::Failed(Some(stopped())));
         }
         AckFuture(AckInner::Waiting(rx))
     }
@@ -140,23 +215,41 @@ impl EventWriter {
     /// Waits until every event written so far is durable.
     pub async fn flush(&self) -> Result<(), ClientError> {
         let mut waits = Vec::new();
-        for q in &self.queues {
-            let (tx, rx) = oneshot::channel();
-            if q.send(Cmd::Flush(tx)).is_ok() {
-                waits.push(rx);
+        {
+            let routes = self.shared.routes.lock().expect("lock");
+            if let Some(e) = &routes.closed {
+                return Err(e.clone());
+            }
+            for q in routes.queues.values() {
+                let (tx, rx) = oneshot::channel();
+                if q.send(Cmd::Flush(tx)).is_ok() {
+                    waits.push(rx);
+                }
             }
         }
         for w in waits {
-            w.await.unwrap_or_else(|_| Err(ClientError::ConnectionLost("writer stopped".into())))?;
+            w.await.unwrap_or_else(|_| Err(stopped()))?;
         }
         Ok(())
+    }
+}
+
+impl Drop for EventWriter {
+    fn drop(&mut self) {
+        // The tasks finish what is queued (their futures may still be awaited) and stop.
+        let mut routes = self.shared.routes.lock().expect("lock");
+        routes.dropped = true;
+        routes.queues.clear();
     }
 }
 
 struct Batch {
     first: u64,
     count: u32,
+    /// The events, framed.
     payload: Bytes,
+    /// Routing-key point of each event (to send them elsewhere after a scaling).
+    points: Vec<f64>,
     acks: Vec<AckTx>,
     flushes: Vec<AckTx>,
 }
@@ -172,11 +265,9 @@ impl Batch {
 type AckFut = Pin<Box<dyn Future<Output = Result<AppendAck, ClientError>> + Send>>;
 
 struct SegmentWriter {
-    client: Client,
+    shared: Arc<Shared>,
+    number: u64,
     segment: String,
-    writer_id: u128,
-    numbers: Arc<AtomicU64>,
-    config: WriterConfig,
     inflight: VecDeque<Batch>,
     acks: FuturesOrdered<AckFut>,
     /// The one connection this segment's appends go over. Appends of one writer must reach
@@ -190,7 +281,7 @@ impl SegmentWriter {
     fn send(&self, conn: &Connection, b: &Batch) -> AckFut {
         let msg = Append {
             segment: self.segment.clone(),
-            writer_id: self.writer_id,
+            writer_id: self.shared.writer_id,
             first_event_number: b.first,
             event_count: b.count,
             expected_offset: None,
@@ -201,7 +292,7 @@ impl SegmentWriter {
 
     /// After a retryable failure: reconnect and resend every unacknowledged batch in order.
     async fn resend(&mut self, mut err: ClientError) {
-        let deadline = Instant::now() + self.client.config().retry_for;
+        let deadline = Instant::now() + self.shared.client.config().retry_for;
         let mut backoff = Duration::from_millis(20);
         loop {
             if Instant::now() >= deadline {
@@ -214,9 +305,9 @@ impl SegmentWriter {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
             if err.code() == Some(sluice_net::ErrorCode::WrongHost) {
-                let _ = self.client.refresh().await;
+                let _ = self.shared.client.refresh().await;
             }
-            match self.client.segment_connection(&self.segment).await {
+            match self.shared.client.segment_connection(&self.segment).await {
                 Ok(conn) => {
                     self.acks = self.inflight.iter().map(|b| self.send(&conn, b)).collect();
                     self.conn = Some(conn);
@@ -240,11 +331,15 @@ impl SegmentWriter {
                 self.resend(ClientError::ConnectionLost(self.segment.clone())).await;
                 continue;
             }
-            let can_send = self.inflight.len() < self.config.inflight_batches_max;
+            let can_send = self.inflight.len() < self.shared.config.inflight_batches_max;
             tokio::select! {
                 biased;
                 Some(res) = self.acks.next(), if !self.acks.is_empty() => match res {
                     Ok(_) => self.inflight.pop_front().expect("a batch per ack").finish(Ok(())),
+                    Err(e) if e.code() == Some(ErrorCode::Sealed) => {
+                        self.redirect(rx, carry.take(), e).await;
+                        return;
+                    }
                     Err(e) if e.is_retryable() => self.resend(e).await,
                     Err(e) => self.inflight.pop_front().expect("a batch per ack").finish(Err(e)),
                 },
@@ -259,12 +354,105 @@ impl SegmentWriter {
         }
     }
 
+    /// The segment is sealed: every batch in flight was refused (appends after a seal all
+    /// are; one accepted before it is answered as a duplicate). Sends the refused events,
+    /// then everything queued, to the segments that now own their keys, and stops.
+    async fn redirect(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, carry: Option<Cmd>, sealed: ClientError) {
+        self.acks = FuturesOrdered::new();
+        let refused: Vec<Batch> = self.inflight.drain(..).collect();
+        let s = &self.shared.stream;
+        let now = match self.shared.client.get_stream(&s.scope, &s.stream).await {
+            Ok(info) if info.sealed => Err(ClientError::Server {
+                code: ErrorCode::Sealed,
+                message: format!("stream {s} is sealed"),
+                endpoint: None,
+                offset: None,
+            }),
+            // Sealed on its own, not by a scaling: nowhere to go.
+            Ok(info) if info.segments.iter().any(|x| x.number == self.number) => Err(sealed),
+            Ok(info) => Ok(info.segments),
+            Err(e) => Err(e),
+        };
+        let shared = self.shared.clone();
+        let mut routes = shared.routes.lock().expect("lock");
+        routes.queues.remove(&self.number);
+        let mut cmds: Vec<Cmd> = Vec::new();
+        for b in refused {
+            let (ranges, _) = split_whole_events(&b.payload).expect("the writer framed these events");
+            for ((range, point), ack) in ranges.into_iter().zip(b.points).zip(b.acks) {
+                cmds.push(Cmd::Event(point, b.payload.slice(range), ack));
+            }
+            cmds.extend(b.flushes.into_iter().map(Cmd::Flush));
+        }
+        cmds.extend(carry);
+        while let Ok(c) = rx.try_recv() {
+            cmds.push(c);
+        }
+        let segments = match now {
+            Ok(segments) => segments,
+            Err(e) => {
+                // The writer can write no more: fail everything, now and later.
+                for c in cmds {
+                    let (Cmd::Event(_, _, tx) | Cmd::Flush(tx)) = c;
+                    let _ = tx.send(Err(e.clone()));
+                }
+                routes.closed = Some(e);
+                return;
+            }
+        };
+        let mut table = Vec::with_capacity(routes.table.len() + segments.len());
+        let mut successors = Vec::new();
+        for r in &routes.table {
+            if r.segment != self.number {
+                table.push(*r);
+                continue;
+            }
+            for n in &segments {
+                let (low, high) = (r.low.max(n.key_low), r.high.min(n.key_high));
+                if low < high {
+                    table.push(Route { low, high, segment: n.number });
+                    if !successors.contains(&n.number) {
+                        successors.push(n.number);
+                    }
+                }
+            }
+        }
+        table.sort_by(|a, b| a.low.total_cmp(&b.low));
+        routes.table = table;
+        tracing::debug!(segment = %self.segment, ?successors, "segment sealed; writing to its successors");
+        for c in cmds {
+            match c {
+                Cmd::Event(..) => routes.forward(&shared, c),
+                Cmd::Flush(tx) => {
+                    // Done when every successor has written what it got before it.
+                    let waits: Vec<_> = successors
+                        .iter()
+                        .filter_map(|&n| {
+                            let (t, r) = oneshot::channel();
+                            routes.queue(&shared, n).send(Cmd::Flush(t)).ok().map(|_| r)
+                        })
+                        .collect();
+                    tokio::spawn(async move {
+                        let mut result = Ok(());
+                        for w in waits {
+                            if let Err(e) = w.await.unwrap_or_else(|_| Err(stopped())) {
+                                result = Err(e);
+                            }
+                        }
+                        let _ = tx.send(result);
+                    });
+                }
+            }
+        }
+    }
+
     /// Builds a batch starting with `first` and sends it. Returns a command that did not fit.
     async fn collect(&mut self, first: Cmd, rx: &mut mpsc::UnboundedReceiver<Cmd>) -> Option<Cmd> {
         let mut payload = BytesMut::new();
         let mut acks = Vec::new();
+        let mut points = Vec::new();
         let mut flushes = Vec::new();
-        let linger_until = Instant::now() + self.config.linger;
+        let linger_until = Instant::now() + self.shared.config.linger;
         let mut next = Some(first);
         let mut leftover = None;
         loop {
@@ -272,7 +460,7 @@ impl SegmentWriter {
                 Some(c) => c,
                 None => match rx.try_recv() {
                     Ok(c) => c,
-                    Err(_) if !self.config.linger.is_zero() && Instant::now() < linger_until => {
+                    Err(_) if !self.shared.config.linger.is_zero() && Instant::now() < linger_until => {
                         match tokio::time::timeout_at(linger_until.into(), rx.recv()).await {
                             Ok(Some(c)) => c,
                             _ => break,
@@ -282,13 +470,14 @@ impl SegmentWriter {
                 },
             };
             match cmd {
-                Cmd::Event(p, ack) => {
-                    if !acks.is_empty() && payload.len() + framed_len(p.len()) > self.config.batch_bytes_max {
-                        leftover = Some(Cmd::Event(p, ack));
+                Cmd::Event(point, p, ack) => {
+                    if !acks.is_empty() && payload.len() + framed_len(p.len()) > self.shared.config.batch_bytes_max {
+                        leftover = Some(Cmd::Event(point, p, ack));
                         break;
                     }
                     payload.extend_from_slice(&(p.len() as u32).to_le_bytes());
                     payload.extend_from_slice(&p);
+                    points.push(point);
                     acks.push(ack);
                 }
                 Cmd::Flush(tx) => {
@@ -308,8 +497,8 @@ impl SegmentWriter {
             return leftover;
         }
         let count = acks.len() as u32;
-        let first = self.numbers.fetch_add(u64::from(count), Ordering::Relaxed);
-        let batch = Batch { first, count, payload: payload.freeze(), acks, flushes };
+        let first = self.shared.numbers.fetch_add(u64::from(count), Ordering::Relaxed);
+        let batch = Batch { first, count, payload: payload.freeze(), points, acks, flushes };
         let usable = self.conn.as_ref().filter(|c| !c.is_closed()).cloned();
         let conn = match usable {
             Some(c) => c,
@@ -319,7 +508,7 @@ impl SegmentWriter {
                 self.inflight.push_back(batch);
                 return leftover;
             }
-            None => match self.client.segment_connection(&self.segment).await {
+            None => match self.shared.client.segment_connection(&self.segment).await {
                 Ok(c) => {
                     self.conn = Some(c.clone());
                     c

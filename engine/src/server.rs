@@ -17,6 +17,7 @@ use futures::channel::mpsc;
 use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use glommio::sync::{Semaphore, StaticPermit};
 use sluice_meta::controller::ControllerError;
+use sluice_meta::controller::{PendingScale, StreamRecord};
 use sluice_meta::{MetaStore, StreamState};
 use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
@@ -369,22 +370,32 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: GetStream = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                match shard.controller.get_stream(&m.scope, &m.stream).await {
-                    Ok(r) if r.state == StreamState::Creating => controller_error(
-                        id,
-                        &ControllerError::NoSuchStream(format!("{}/{} (still being created)", m.scope, m.stream)),
-                    ),
+                match current_stream(&shard, &m.scope, &m.stream).await {
+                    Ok(r) => reply(id, &stream_info(m.scope, m.stream, &r)),
+                    Err(e) => e.into_reply(id),
+                }
+            })
+        }
+        Kind::GetStreamHistory => {
+            let m: GetStreamHistory = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match current_stream(&shard, &m.scope, &m.stream).await {
                     Ok(r) => reply(
                         id,
-                        &StreamInfo {
-                            scope: m.scope,
-                            stream: m.stream,
-                            sealed: matches!(r.state, StreamState::Sealed | StreamState::Sealing),
-                            segments: r.ranges(),
-                            retention: r.retention,
-                        },
+                        &StreamHistory { scope: m.scope, stream: m.stream, epochs: r.epochs, segments: r.history },
                     ),
-                    Err(e) => controller_error(id, &e),
+                    Err(e) => e.into_reply(id),
+                }
+            })
+        }
+        Kind::ScaleStream => {
+            let m: ScaleStream = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match scale_stream(&shard, &m).await {
+                    Ok(r) => reply(id, &stream_info(m.scope, m.stream, &r)),
+                    Err(e) => e.into_reply(id),
                 }
             })
         }
@@ -421,6 +432,91 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
     })
 }
 
+/// A failed step of a stream operation: a controller or an engine error.
+enum AdminError {
+    Controller(ControllerError),
+    Engine(EngineError),
+}
+
+impl AdminError {
+    fn into_reply(self, id: u64) -> Reply {
+        match self {
+            AdminError::Controller(e) => controller_error(id, &e),
+            AdminError::Engine(e) => engine_error(id, &e),
+        }
+    }
+}
+
+impl From<ControllerError> for AdminError {
+    fn from(e: ControllerError) -> Self {
+        AdminError::Controller(e)
+    }
+}
+
+impl From<EngineError> for AdminError {
+    fn from(e: EngineError) -> Self {
+        AdminError::Engine(e)
+    }
+}
+
+fn stream_info(scope: String, stream: String, r: &StreamRecord) -> StreamInfo {
+    StreamInfo {
+        scope,
+        stream,
+        sealed: matches!(r.state, StreamState::Sealed | StreamState::Sealing),
+        segments: r.ranges(),
+        retention: r.retention,
+        epoch: r.epoch(),
+    }
+}
+
+/// A stream's record, with any scaling left unfinished (by a crash or a lost connection)
+/// finished first: nobody sees a stream whose replaced segments are still writable.
+async fn current_stream<S: MetaStore>(shard: &Shard<S>, scope: &str, stream: &str) -> Result<StreamRecord, AdminError> {
+    let r = shard.controller.get_stream(scope, stream).await?;
+    if r.state == StreamState::Creating {
+        return Err(ControllerError::NoSuchStream(format!("{scope}/{stream} (still being created)")).into());
+    }
+    match r.scale.clone() {
+        Some(p) => finish_scale(shard, scope, stream, p).await,
+        None => Ok(r),
+    }
+}
+
+/// Scaling: record it, create the new segments, make them current, seal the old ones,
+/// clear the record's pending scale. Every step tolerates having been done, so any call
+/// that finds the scale pending finishes it.
+async fn scale_stream<S: MetaStore>(shard: &Shard<S>, m: &ScaleStream) -> Result<StreamRecord, AdminError> {
+    current_stream(shard, &m.scope, &m.stream).await?;
+    let p = shard.controller.begin_scale(&m.scope, &m.stream, &m.seal, &m.ranges).await?;
+    finish_scale(shard, &m.scope, &m.stream, p).await
+}
+
+async fn finish_scale<S: MetaStore>(
+    shard: &Shard<S>,
+    scope: &str,
+    stream: &str,
+    p: PendingScale,
+) -> Result<StreamRecord, AdminError> {
+    let name = |n: u64| format!("{scope}/{stream}/{n}");
+    if !p.committed {
+        for s in &p.create {
+            match shard.segment_op(name(s.number), Request::Create { name: name(s.number) }).await {
+                Ok(_) | Err(EngineError::SegmentExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        shard.controller.commit_scale(scope, stream, p.epoch).await?;
+    }
+    for &n in &p.seal {
+        match shard.segment_op(name(n), Request::Seal { name: name(n) }).await {
+            Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(shard.controller.end_scale(scope, stream, p.epoch).await?)
+}
+
 enum StreamAdmin {
     Create(u32, Retention),
     Seal,
@@ -446,7 +542,7 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
                 ctl.set_state(scope, stream, StreamState::Active).await.map_err(|e| controller_error(id, &e))?;
             }
             StreamAdmin::Seal => {
-                let record = ctl.get_stream(scope, stream).await.map_err(|e| controller_error(id, &e))?;
+                let record = current_stream(shard, scope, stream).await.map_err(|e| e.into_reply(id))?;
                 if record.state != StreamState::Sealed {
                     ctl.set_state(scope, stream, StreamState::Sealing).await.map_err(|e| controller_error(id, &e))?;
                     for s in &record.segments {
@@ -463,7 +559,8 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
                 if record.state != StreamState::Sealed {
                     return Err(controller_error(id, &ControllerError::NotSealed(format!("{scope}/{stream}"))));
                 }
-                for s in &record.segments {
+                // Every segment the stream ever had, not only the current epoch's.
+                for s in &record.history {
                     match shard.segment_op(name(s.number), Request::Delete { name: name(s.number) }).await {
                         Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
                         Err(e) => return Err(engine_error(id, &e)),

@@ -638,3 +638,31 @@ fn uncollected_tier2_garbage_survives_log_rolls_and_recovery() {
         assert!(g.starts_with("a/b/0/") && disk.tier2.contains_key(g), "{g}");
     }
 }
+
+#[test]
+fn a_replay_accepted_before_a_seal_is_a_duplicate_not_a_refusal() {
+    let (mut core, mut sim) = setup();
+    let numbered = |first: u64| {
+        let mut p = Vec::new();
+        encode_event(&mut p, b"x");
+        encode_event(&mut p, b"y");
+        Request::Append {
+            name: "a/b/0".into(),
+            writer: 7,
+            first_event_number: first,
+            event_count: 2,
+            expected_offset: None,
+            data: Bytes::from(p),
+        }
+    };
+    core.submit(numbered(1)).unwrap();
+    core.submit(Request::Seal { name: "a/b/0".into() }).unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    // A writer that lost its connection resends: the events are in, so it must not send
+    // them to the successors as well.
+    match core.submit(numbered(1)).unwrap() {
+        Submitted::Ready(OpResult::Appended { duplicate: true, .. }) => {}
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+    assert!(matches!(core.submit(numbered(3)), Err(sluice_engine::EngineError::Sealed(_))));
+}

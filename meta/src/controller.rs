@@ -3,13 +3,19 @@
 //! record change is a compare-and-swap so concurrent callers never overwrite each other.
 //!
 //! Keys: `scopes/<scope>` (empty value), `streams/<scope>/<stream>` (rkyv `StreamRecord`).
+//!
+//! Scaling is three record changes around the segment work, so a crash anywhere leaves a
+//! record a retry finishes: `begin_scale` records the pending scale (new segment numbers,
+//! next epoch); the node creates the new segments; `commit_scale` makes them current and
+//! appends the epoch and the links; the node seals the replaced segments; `end_scale`
+//! clears the pending scale. A stream with a pending scale takes no other scale.
 
 use crate::names::validate;
 use crate::store::{MetaError, MetaStore};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::ErrorCode;
 use sluice_net::Retention;
-use sluice_net::messages::SegmentRange;
+use sluice_net::messages::{EpochInfo, KeyRange, SegmentHistory, SegmentRange};
 
 /// Lifecycle of a stream. `Creating` and `Sealing` mark work in progress that a retry resumes.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,12 +33,33 @@ pub struct StreamSegment {
     pub key_high: f64,
 }
 
+/// A scaling between `begin_scale` and `end_scale`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PendingScale {
+    /// The epoch the scaling creates.
+    pub epoch: u64,
+    /// Segments it replaces, in key order.
+    pub seal: Vec<u64>,
+    /// Segments it creates, in key order.
+    pub create: Vec<StreamSegment>,
+    /// The new segments are current (`commit_scale` ran); what is left is sealing.
+    pub committed: bool,
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct StreamRecord {
     pub state: StreamState,
+    /// The current epoch's segments, in key order.
     pub segments: Vec<StreamSegment>,
     pub created_unix_ms: u64,
     pub retention: Retention,
+    /// Every epoch, oldest first (the last one is current).
+    pub epochs: Vec<EpochInfo>,
+    /// Every segment the stream ever had, by number.
+    pub history: Vec<SegmentHistory>,
+    /// Number the next new segment gets.
+    pub next_segment: u64,
+    pub scale: Option<PendingScale>,
 }
 
 impl StreamRecord {
@@ -41,6 +68,11 @@ impl StreamRecord {
             .iter()
             .map(|s| SegmentRange { number: s.number, key_low: s.key_low, key_high: s.key_high })
             .collect()
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epochs.last().map_or(0, |e| e.epoch)
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -73,6 +105,8 @@ pub enum ControllerError {
     Sealed(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("stream {0} is being scaled; retry when that is done")]
+    ScaleInProgress(String),
     #[error(transparent)]
     Meta(#[from] MetaError),
 }
@@ -88,6 +122,7 @@ impl ControllerError {
             ControllerError::NotSealed(_) => ErrorCode::StreamNotSealed,
             ControllerError::Sealed(_) => ErrorCode::Sealed,
             ControllerError::Invalid(_) => ErrorCode::BadRequest,
+            ControllerError::ScaleInProgress(_) => ErrorCode::Conflict,
             ControllerError::Meta(_) => ErrorCode::Internal,
         }
     }
@@ -166,25 +201,39 @@ impl<S: MetaStore> Controller<S> {
                 "a stream needs 1 to {STREAM_SEGMENTS_MAX} segments, not {segments}"
             )));
         }
-        let n = f64::from(segments);
+        let segments = split_range(0.0, 1.0, segments);
+        let now = now_ms();
         let record = StreamRecord {
             state: StreamState::Creating,
-            segments: (0..segments)
-                .map(|i| StreamSegment {
-                    number: u64::from(i),
-                    key_low: f64::from(i) / n,
-                    key_high: if i + 1 == segments { 1.0 } else { f64::from(i + 1) / n },
+            epochs: vec![EpochInfo { epoch: 0, created_unix_ms: now, segments: (0..segments.len() as u64).collect() }],
+            history: segments
+                .iter()
+                .enumerate()
+                .map(|(i, r)| SegmentHistory {
+                    number: i as u64,
+                    key_low: r.low,
+                    key_high: r.high,
+                    created_epoch: 0,
+                    sealed_epoch: None,
+                    predecessors: Vec::new(),
                 })
                 .collect(),
-            created_unix_ms: now_ms(),
+            next_segment: segments.len() as u64,
+            segments: segments
+                .iter()
+                .enumerate()
+                .map(|(i, r)| StreamSegment { number: i as u64, key_low: r.low, key_high: r.high })
+                .collect(),
+            created_unix_ms: now,
             retention,
+            scale: None,
         };
         let key = stream_key(scope, stream);
         match self.store.compare_and_swap(&key, 0, record.encode()).await {
             Ok(_) => Ok(record),
             Err(MetaError::Conflict { .. }) => {
                 let (existing, _) = self.get_versioned(scope, stream).await?;
-                if existing.state == StreamState::Creating && existing.segments.len() == segments as usize {
+                if existing.state == StreamState::Creating && existing.segments.len() == segments.len() {
                     Ok(existing)
                 } else {
                     Err(ControllerError::StreamExists(format!("{scope}/{stream}")))
@@ -256,6 +305,96 @@ impl<S: MetaStore> Controller<S> {
         .await
     }
 
+    /// Records a scaling of `scope/stream`: the active, adjacent segments `seal` are to be
+    /// replaced by new segments over `ranges` (which must cover exactly their key range, in
+    /// order). Returns the pending scale; the same request while it is pending returns it
+    /// again (a retry resumes), another one is refused with `ScaleInProgress`.
+    pub async fn begin_scale(
+        &self,
+        scope: &str,
+        stream: &str,
+        seal: &[u64],
+        ranges: &[KeyRange],
+    ) -> Result<PendingScale, ControllerError> {
+        let name = format!("{scope}/{stream}");
+        let record = self
+            .update_record(scope, stream, |r| {
+                match r.state {
+                    StreamState::Active => {}
+                    StreamState::Creating => {
+                        return Err(ControllerError::NoSuchStream(format!("{name} (still being created)")));
+                    }
+                    StreamState::Sealing | StreamState::Sealed => return Err(ControllerError::Sealed(name.clone())),
+                }
+                if let Some(p) = &r.scale {
+                    let same = p.seal == seal
+                        && p.create.len() == ranges.len()
+                        && p.create.iter().zip(ranges).all(|(s, k)| s.key_low == k.low && s.key_high == k.high);
+                    return if same { Ok(false) } else { Err(ControllerError::ScaleInProgress(name.clone())) };
+                }
+                let create = plan_scale(r, seal, ranges).map_err(ControllerError::Invalid)?;
+                let epoch = r.epoch() + 1;
+                r.next_segment += create.len() as u64;
+                r.scale = Some(PendingScale { epoch, seal: seal.to_vec(), create, committed: false });
+                Ok(true)
+            })
+            .await?;
+        Ok(record.scale.expect("a pending scale was recorded"))
+    }
+
+    /// Makes a pending scale's new segments current: the new epoch, its segments' history
+    /// and their links to the sealed ones. Done once; later calls change nothing.
+    pub async fn commit_scale(&self, scope: &str, stream: &str, epoch: u64) -> Result<StreamRecord, ControllerError> {
+        self.update_record(scope, stream, |r| {
+            let Some(p) = r.scale.as_mut().filter(|p| p.epoch == epoch && !p.committed) else { return Ok(false) };
+            p.committed = true;
+            let p = p.clone();
+            let sealed: Vec<StreamSegment> =
+                r.segments.iter().filter(|s| p.seal.contains(&s.number)).cloned().collect();
+            for h in r.history.iter_mut().filter(|h| p.seal.contains(&h.number)) {
+                h.sealed_epoch = Some(epoch);
+            }
+            for s in &p.create {
+                let predecessors = sealed
+                    .iter()
+                    .filter(|o| o.key_low < s.key_high && s.key_low < o.key_high)
+                    .map(|o| o.number)
+                    .collect();
+                r.history.push(SegmentHistory {
+                    number: s.number,
+                    key_low: s.key_low,
+                    key_high: s.key_high,
+                    created_epoch: epoch,
+                    sealed_epoch: None,
+                    predecessors,
+                });
+            }
+            r.segments.retain(|s| !p.seal.contains(&s.number));
+            r.segments.extend(p.create.iter().cloned());
+            r.segments.sort_by(|a, b| a.key_low.total_cmp(&b.key_low));
+            r.epochs.push(EpochInfo {
+                epoch,
+                created_unix_ms: now_ms(),
+                segments: r.segments.iter().map(|s| s.number).collect(),
+            });
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Clears a committed scale whose replaced segments are sealed.
+    pub async fn end_scale(&self, scope: &str, stream: &str, epoch: u64) -> Result<StreamRecord, ControllerError> {
+        self.update_record(scope, stream, |r| {
+            if r.scale.as_ref().is_some_and(|p| p.epoch == epoch && p.committed) {
+                r.scale = None;
+                Ok(true)
+            } else {
+                Ok(false)
+            }
+        })
+        .await
+    }
+
     pub async fn list_streams(&self, scope: &str) -> Result<Vec<String>, ControllerError> {
         let prefix = format!("streams/{scope}/");
         Ok(self.store.range(&prefix).await?.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect())
@@ -270,6 +409,62 @@ impl<S: MetaStore> Controller<S> {
         self.store.delete(&stream_key(scope, stream), Some(version)).await?;
         Ok(())
     }
+}
+
+/// `n` equal ranges over [low, high).
+pub fn split_range(low: f64, high: f64, n: u32) -> Vec<KeyRange> {
+    KeyRange { low, high }.split(n)
+}
+
+/// Checks a scaling request against the record and numbers the new segments.
+fn plan_scale(r: &StreamRecord, seal: &[u64], ranges: &[KeyRange]) -> Result<Vec<StreamSegment>, String> {
+    if seal.is_empty() || ranges.is_empty() {
+        return Err("a scaling needs segments to seal and at least one new key range".into());
+    }
+    let mut sealed = Vec::new();
+    for (i, n) in seal.iter().enumerate() {
+        if seal[..i].contains(n) {
+            return Err(format!("segment {n} is named twice"));
+        }
+        let s = r.segments.iter().find(|s| s.number == *n).ok_or_else(|| {
+            let active: Vec<String> = r.segments.iter().map(|s| s.number.to_string()).collect();
+            format!("segment {n} is not an active segment (active: {})", active.join(", "))
+        })?;
+        sealed.push(s);
+    }
+    sealed.sort_by(|a, b| a.key_low.total_cmp(&b.key_low));
+    if let Some(w) = sealed.windows(2).find(|w| w[0].key_high != w[1].key_low) {
+        return Err(format!("segments {} and {} are not adjacent", w[0].number, w[1].number));
+    }
+    let (low, high) = (sealed[0].key_low, sealed[sealed.len() - 1].key_high);
+    let after = r.segments.len() - sealed.len() + ranges.len();
+    if after > STREAM_SEGMENTS_MAX as usize {
+        return Err(format!("the stream would have {after} segments; at most {STREAM_SEGMENTS_MAX}"));
+    }
+    if ranges[0].low != low || ranges[ranges.len() - 1].high != high {
+        return Err(format!(
+            "the new ranges span [{}, {}); the sealed segments span [{low}, {high})",
+            ranges[0].low,
+            ranges[ranges.len() - 1].high
+        ));
+    }
+    for (i, k) in ranges.iter().enumerate() {
+        if k.low.partial_cmp(&k.high) != Some(std::cmp::Ordering::Less) {
+            return Err(format!("key range [{}, {}) is empty", k.low, k.high));
+        }
+        if i > 0 && ranges[i - 1].high != k.low {
+            return Err(format!(
+                "key ranges must be adjacent: one ends at {}, the next starts at {}",
+                ranges[i - 1].high,
+                k.low
+            ));
+        }
+    }
+    Ok(ranges
+        .iter()
+        .enumerate()
+        .map(|(i, k)| StreamSegment { number: r.next_segment + i as u64, key_low: k.low, key_high: k.high })
+        .collect())
 }
 
 #[cfg(test)]
@@ -311,6 +506,70 @@ mod tests {
             c.delete_stream_record("s", "t").await.unwrap();
             c.delete_scope("s").await.unwrap();
             assert!(c.list_scopes().await.unwrap().is_empty());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn scaling_records_epochs_links_and_refuses_bad_requests() {
+        let dir = std::env::temp_dir().join(format!("sluice-ctl-scale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = Controller::new(EmbeddedStore::open(&dir).unwrap());
+        block_on(async {
+            c.create_scope("s").await.unwrap();
+            c.begin_create_stream("s", "t", 2, Retention::None).await.unwrap();
+            // Not active yet.
+            assert!(matches!(
+                c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 2)).await,
+                Err(ControllerError::NoSuchStream(_))
+            ));
+            c.set_state("s", "t", StreamState::Active).await.unwrap();
+            for (seal, ranges) in [
+                (vec![], split_range(0.0, 0.5, 2)),
+                (vec![7], split_range(0.0, 0.5, 2)),
+                (vec![0, 0], split_range(0.0, 0.5, 2)),
+                (vec![0], split_range(0.0, 0.6, 2)),
+                (vec![0], vec![KeyRange { low: 0.0, high: 0.2 }, KeyRange { low: 0.3, high: 0.5 }]),
+                (vec![0], vec![KeyRange { low: 0.0, high: 0.0 }, KeyRange { low: 0.0, high: 0.5 }]),
+            ] {
+                assert!(
+                    matches!(c.begin_scale("s", "t", &seal, &ranges).await, Err(ControllerError::Invalid(_))),
+                    "{seal:?} {ranges:?}"
+                );
+            }
+            // Split segment 0 in three.
+            let p = c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 3)).await.unwrap();
+            assert_eq!((p.epoch, p.create.iter().map(|s| s.number).collect::<Vec<_>>()), (1, vec![2, 3, 4]));
+            // The same request resumes; another is refused while one is pending.
+            assert_eq!(c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 3)).await.unwrap(), p);
+            assert!(matches!(
+                c.begin_scale("s", "t", &[1], &split_range(0.5, 1.0, 2)).await,
+                Err(ControllerError::ScaleInProgress(_))
+            ));
+            let r = c.commit_scale("s", "t", 1).await.unwrap();
+            assert_eq!(r.segments.iter().map(|s| s.number).collect::<Vec<_>>(), vec![2, 3, 4, 1]);
+            assert_eq!(r.epoch(), 1);
+            // Committing twice changes nothing.
+            assert_eq!(c.commit_scale("s", "t", 1).await.unwrap(), r);
+            c.end_scale("s", "t", 1).await.unwrap();
+            // Merge 4 and 1 (adjacent), but not 2 and 1 (not adjacent).
+            assert!(matches!(
+                c.begin_scale("s", "t", &[2, 1], &[KeyRange { low: 0.0, high: 1.0 }]).await,
+                Err(ControllerError::Invalid(_))
+            ));
+            let low = r.segments[2].key_low;
+            let p = c.begin_scale("s", "t", &[4, 1], &[KeyRange { low, high: 1.0 }]).await.unwrap();
+            c.commit_scale("s", "t", p.epoch).await.unwrap();
+            let r = c.end_scale("s", "t", p.epoch).await.unwrap();
+            assert_eq!(r.segments.iter().map(|s| s.number).collect::<Vec<_>>(), vec![2, 3, 5]);
+            assert_eq!(
+                r.epochs.iter().map(|e| e.segments.clone()).collect::<Vec<_>>(),
+                vec![vec![0, 1], vec![2, 3, 4, 1], vec![2, 3, 5]]
+            );
+            let five = r.history.iter().find(|h| h.number == 5).unwrap();
+            assert_eq!((five.predecessors.clone(), five.created_epoch), (vec![4, 1], 2));
+            assert_eq!(r.history.iter().find(|h| h.number == 1).unwrap().sealed_epoch, Some(2));
+            assert!(r.scale.is_none());
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -37,6 +37,8 @@ pub enum ErrorCode {
     Internal = 18,
     /// The container's log is at its budget because tier-2 is behind or unavailable; retry later.
     Tier2Unavailable = 19,
+    /// Another change of the same stream (a scaling) is in progress; retry when it is done.
+    Conflict = 20,
 }
 
 impl ErrorCode {
@@ -62,6 +64,7 @@ impl ErrorCode {
             17 => UnsupportedVersion,
             18 => Internal,
             19 => Tier2Unavailable,
+            20 => Conflict,
             _ => return None,
         })
     }

@@ -22,7 +22,8 @@ kinds! {
     Hello = 1, HelloReply = 2, ErrorReply = 3, Done = 4,
     CreateScope = 10, DeleteScope = 11, ListScopes = 12, ScopeList = 13,
     CreateStream = 20, ListStreams = 21, StreamList = 22, GetStream = 23, StreamInfo = 24,
-    SealStream = 25, DeleteStream = 26, UpdateStream = 27,
+    SealStream = 25, DeleteStream = 26, UpdateStream = 27, ScaleStream = 28, GetStreamHistory = 29,
+    StreamHistory = 40,
     CreateSegment = 30, Append = 31, AppendAck = 32, Read = 33, ReadReply = 34,
     GetSegmentInfo = 35, SegmentInfo = 36, SealSegment = 37, TruncateSegment = 38,
     DeleteSegment = 39,
@@ -154,6 +155,37 @@ control!(
         pub sealed: bool,
         pub segments: Vec<SegmentRange>,
         pub retention: crate::Retention,
+        /// The epoch `segments` belong to (0 at creation, one more per scaling).
+        pub epoch: u64,
+    }
+);
+control!(
+    ScaleStream,
+    /// Seals `seal` (adjacent active segments) and replaces them with new segments over
+    /// `ranges`, which must exactly cover the sealed segments' key range, in order. The
+    /// answer is the stream's `StreamInfo` in the new epoch.
+    pub struct ScaleStream {
+        pub scope: String,
+        pub stream: String,
+        pub seal: Vec<u64>,
+        pub ranges: Vec<KeyRange>,
+    }
+);
+control!(
+    GetStreamHistory,
+    pub struct GetStreamHistory {
+        pub scope: String,
+        pub stream: String,
+    }
+);
+control!(
+    StreamHistory,
+    /// Every epoch of a stream and every segment it ever had, with their links.
+    pub struct StreamHistory {
+        pub scope: String,
+        pub stream: String,
+        pub epochs: Vec<EpochInfo>,
+        pub segments: Vec<SegmentHistory>,
     }
 );
 control!(
@@ -286,6 +318,61 @@ pub struct SegmentRange {
     pub number: u64,
     pub key_low: f64,
     pub key_high: f64,
+}
+
+/// A routing-key range [low, high).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct KeyRange {
+    pub low: f64,
+    pub high: f64,
+}
+
+impl KeyRange {
+    /// `n` equal ranges over this one; the last ends exactly at `high`, so they cover it.
+    pub fn split(self, n: u32) -> Vec<KeyRange> {
+        let width = self.high - self.low;
+        let at = |i: u32| if i == n { self.high } else { self.low + width * f64::from(i) / f64::from(n) };
+        (0..n).map(|i| KeyRange { low: if i == 0 { self.low } else { at(i) }, high: at(i + 1) }).collect()
+    }
+}
+
+/// One epoch of a stream: the segments that partition the key space in it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct EpochInfo {
+    pub epoch: u64,
+    pub created_unix_ms: u64,
+    pub segments: Vec<u64>,
+}
+
+/// A segment as the stream's history knows it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SegmentHistory {
+    pub number: u64,
+    pub key_low: f64,
+    pub key_high: f64,
+    /// Epoch that created it.
+    pub created_epoch: u64,
+    /// Epoch that replaced it (a scaling sealed it), if any.
+    pub sealed_epoch: Option<u64>,
+    /// Segments it replaced: a reader reads all of them to their end before this one.
+    pub predecessors: Vec<u64>,
+}
+
+impl StreamHistory {
+    pub fn segment(&self, number: u64) -> Option<&SegmentHistory> {
+        self.segments.iter().find(|s| s.number == number)
+    }
+
+    /// Segments that replaced `number`, with their predecessors.
+    pub fn successors(&self, number: u64) -> impl Iterator<Item = &SegmentHistory> {
+        self.segments.iter().filter(move |s| s.predecessors.contains(&number))
+    }
+
+    /// The segments of the first epoch (where a stream's head starts).
+    pub fn first_epoch(&self) -> Vec<&SegmentHistory> {
+        let first = self.epochs.first().map_or(0, |e| e.epoch);
+        self.segments.iter().filter(|s| s.created_epoch == first).collect()
+    }
 }
 
 /// Last durable event number of one writer on a segment.

@@ -184,8 +184,22 @@ enum StreamCmd {
     },
     /// List the streams of a scope.
     List { scope: String },
-    /// Show a stream's segments, key ranges, lengths and state.
+    /// Show a stream's segments, key ranges, lengths and state, and its epoch history.
     Describe { stream: String },
+    /// Scale a stream by hand: split one segment into equal key ranges, or merge adjacent
+    /// segments into one. Writers follow on their own; readers finish the old segments
+    /// before they read the new ones, so per-key order holds.
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["split", "merge"])))]
+    Scale {
+        /// scope/stream
+        stream: String,
+        /// SEG[:N]: split active segment SEG into N (default 2, at most 64) equal ranges.
+        #[arg(long, value_parser = parse_split)]
+        split: Option<(u64, u32)>,
+        /// SEG,SEG[,...]: merge adjacent active segments into one.
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        merge: Option<Vec<u64>>,
+    },
     /// Seal a stream: no more writes.
     Seal { stream: String },
     /// Delete a sealed stream and its data.
@@ -392,6 +406,37 @@ fn err(e: ClientError) -> String {
     e.to_string()
 }
 
+/// `SEG[:N]` of `stream scale --split`.
+fn parse_split(s: &str) -> Result<(u64, u32), String> {
+    let (seg, n) = s.split_once(':').unwrap_or((s, "2"));
+    let seg = seg.parse().map_err(|_| format!("'{seg}' is not a segment number"))?;
+    let n = n.parse().map_err(|_| format!("'{n}' is not a number of parts"))?;
+    Ok((seg, n))
+}
+
+/// A stream's epochs, one line each, with what each scaling sealed and created.
+fn print_epochs(history: &sluice_net::StreamHistory) {
+    println!("epochs:");
+    let mut previous: &[u64] = &[];
+    for e in &history.epochs {
+        let list = |v: Vec<&u64>| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ");
+        let change = if previous.is_empty() {
+            "created".to_string()
+        } else {
+            let sealed = list(previous.iter().filter(|n| !e.segments.contains(n)).collect());
+            let created = list(e.segments.iter().filter(|n| !previous.contains(n)).collect());
+            format!("sealed {sealed} -> created {created}")
+        };
+        println!(
+            "{:>6}  at {} ms  segments {:<24}  {change}",
+            e.epoch,
+            e.created_unix_ms,
+            list(e.segments.iter().collect())
+        );
+        previous = &e.segments;
+    }
+}
+
 async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
     let c = client(url).await?;
     match cmd {
@@ -435,7 +480,12 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
         Cmd::Stream(StreamCmd::Describe { stream }) => {
             let s = parse_stream(&stream)?;
             let info = c.get_stream(&s.scope, &s.stream).await.map_err(err)?;
-            println!("stream {s}: {}, retention {}", if info.sealed { "sealed" } else { "active" }, info.retention);
+            println!(
+                "stream {s}: {}, retention {}, epoch {}",
+                if info.sealed { "sealed" } else { "active" },
+                info.retention,
+                info.epoch
+            );
             println!(
                 "{:>8}  {:>19}  {:>12}  {:>14}  {:>12}  {:>14}  {:>7}  {:>7}",
                 "segment", "key range", "start", "length", "tier-1 only", "in tier-2", "sealed", "writers"
@@ -457,6 +507,18 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
                     si.writers.len()
                 );
             }
+            print_epochs(&c.stream_history(&s.scope, &s.stream).await.map_err(err)?);
+        }
+        Cmd::Stream(StreamCmd::Scale { stream, split, merge }) => {
+            let s = parse_stream(&stream)?;
+            let info = match (split, merge) {
+                (Some((seg, parts)), _) => c.split_segment(&s.scope, &s.stream, seg, parts).await,
+                (None, Some(segs)) => c.merge_segments(&s.scope, &s.stream, &segs).await,
+                (None, None) => unreachable!("clap requires --split or --merge"),
+            }
+            .map_err(err)?;
+            let list: Vec<String> = info.segments.iter().map(|r| r.number.to_string()).collect();
+            println!("stream {s}: epoch {}, segments {}", info.epoch, list.join(" "));
         }
         Cmd::Stream(StreamCmd::Seal { stream }) => {
             let s = parse_stream(&stream)?;

@@ -458,7 +458,11 @@ impl ContainerCore {
         let id = self.lookup(&name)?;
         let max = self.cfg.append_bytes_max();
         let s = self.segments.get(&id).expect("named segment exists");
-        if s.acc_sealed {
+        // A resent append that was accepted before the seal is a duplicate, not a refusal:
+        // the writer must not send those events to the successors as well.
+        let replayed = writer != 0
+            && s.acc_writers.get(&writer).is_some_and(|&a| first.saturating_add(u64::from(count.max(1)) - 1) <= a);
+        if s.acc_sealed && !replayed {
             return Err(EngineError::Sealed(name));
         }
         if data.len() > max {

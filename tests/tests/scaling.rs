@@ -1,0 +1,235 @@
+//! Stream scaling against the real server: writers follow splits and merges while they
+//! write, a reader group reads every acknowledged event exactly once in per-key order
+//! across ten scalings; bad scaling requests get typed errors; history, cuts and batch
+//! slices walk the epochs.
+
+use sluice_client::{Client, ClientError, CutAt, GroupItem, ReaderGroupConfig};
+use sluice_net::{ErrorCode, KeyRange};
+use sluice_tests::{Harness, cli};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WRITERS: u64 = 4;
+const KEYS: u64 = 16;
+const SCALINGS: usize = 10;
+
+/// (delivery order, writer, key, seq) of every event read.
+type Log = Arc<Mutex<Vec<(u64, u64, u64, u64)>>>;
+
+fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
+    r.expect_err("expected an error").code().expect("a server error")
+}
+
+/// Writes "w:k:seq" events over 16 keys until `stop`; returns how many were acknowledged
+/// per key (every one of them, in order: seq 0..n).
+async fn writer(c: Client, stream: &'static str, w: u64, stop: Arc<AtomicBool>) -> HashMap<u64, u64> {
+    let wr = c.event_writer(stream).await.unwrap();
+    let mut seq: HashMap<u64, u64> = HashMap::new();
+    let mut acks = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "writer {w} ran too long");
+        let k = (i * 7 + w) % KEYS;
+        i += 1;
+        let q = seq.entry(k).or_default();
+        acks.push(wr.write_event(format!("key-{k}").as_bytes(), format!("{w}:{k}:{q}").into_bytes()));
+        *q += 1;
+        if acks.len() >= 200 {
+            for a in acks.drain(..) {
+                a.await.expect("every event is acknowledged across scalings");
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("every event is acknowledged across scalings");
+    }
+    seq
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_up_and_down_under_load_keeps_every_event_once_and_in_key_order() {
+    let h = Harness::with_stream("sc", "s", 2).await;
+    let c = h.client.clone();
+    let group = c.create_reader_group("sc", "g", ReaderGroupConfig::stream("sc/s")).await.unwrap();
+
+    // Two readers read while the writers write and the stream scales.
+    let log: Log = Arc::default();
+    let order = Arc::new(AtomicU64::new(0));
+    let readers_done = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for id in ["r1", "r2"] {
+        let (group, log, order, done) = (group.clone(), log.clone(), order.clone(), readers_done.clone());
+        readers.push(tokio::spawn(async move {
+            let mut r = group.create_reader(id).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !done.load(Ordering::SeqCst) {
+                assert!(Instant::now() < deadline, "reader {id} timed out");
+                if let Some(GroupItem::Event(ev)) = r.read_next(Duration::from_millis(50)).await.unwrap() {
+                    let s = std::str::from_utf8(&ev.payload).unwrap();
+                    let v: Vec<u64> = s.split(':').map(|x| x.parse().unwrap()).collect();
+                    let n = order.fetch_add(1, Ordering::SeqCst);
+                    log.lock().unwrap().push((n, v[0], v[1], v[2]));
+                }
+            }
+        }));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS).map(|w| tokio::spawn(writer(c.clone(), "sc/s", w, stop.clone()))).collect();
+
+    // Up and down ten times: split the widest segment, then merge the two narrowest
+    // neighbours, with writes flowing in between.
+    let mut epochs = Vec::new();
+    for i in 0..SCALINGS {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let info = c.get_stream("sc", "s").await.unwrap();
+        let segs = info.segments.clone();
+        let started = Instant::now();
+        let next = if i % 2 == 0 {
+            let widest = segs.iter().max_by(|a, b| (a.key_high - a.key_low).total_cmp(&(b.key_high - b.key_low)));
+            c.split_segment("sc", "s", widest.unwrap().number, 2 + (i as u32 / 2) % 2).await.unwrap()
+        } else {
+            let pair = segs
+                .windows(2)
+                .min_by(|a, b| (a[1].key_high - a[0].key_low).total_cmp(&(b[1].key_high - b[0].key_low)))
+                .unwrap();
+            c.merge_segments("sc", "s", &[pair[0].number, pair[1].number]).await.unwrap()
+        };
+        assert_eq!(next.epoch, info.epoch + 1);
+        epochs.push((next.segments.len(), started.elapsed()));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut written: HashMap<(u64, u64), u64> = HashMap::new();
+    for (w, t) in writers.into_iter().enumerate() {
+        for (k, n) in t.await.unwrap() {
+            written.insert((w as u64, k), n);
+        }
+    }
+    let total: u64 = written.values().sum();
+    // Sealing the stream lets the readers finish every segment.
+    c.seal_stream("sc", "s").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while order.load(Ordering::SeqCst) < total {
+        assert!(Instant::now() < deadline, "read {} of {total} events", order.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    readers_done.store(true, Ordering::SeqCst);
+    for r in readers {
+        r.await.unwrap();
+    }
+
+    let log = log.lock().unwrap().clone();
+    let mut seen = HashSet::new();
+    let mut by_key: HashMap<(u64, u64), Vec<(u64, u64)>> = HashMap::new();
+    for &(n, w, k, q) in &log {
+        assert!(seen.insert((w, k, q)), "event {w}:{k}:{q} delivered twice");
+        by_key.entry((w, k)).or_default().push((n, q));
+    }
+    for (wk, n) in &written {
+        let mut got = by_key.remove(wk).unwrap_or_default();
+        got.sort();
+        let seqs: Vec<u64> = got.iter().map(|x| x.1).collect();
+        assert_eq!(seqs, (0..*n).collect::<Vec<_>>(), "writer/key {wk:?}: every event once, in order");
+    }
+    assert!(by_key.is_empty(), "events nobody wrote: {:?}", by_key.keys());
+    let history = c.stream_history("sc", "s").await.unwrap();
+    assert_eq!(history.epochs.len(), SCALINGS + 1);
+    eprintln!(
+        "scaling under load: {total} events, {} segments over {} epochs; scale times {:?}",
+        history.segments.len(),
+        history.epochs.len(),
+        epochs.iter().map(|e| e.1).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_scalings_are_refused_and_history_cuts_and_slices_walk_the_epochs() {
+    let h = Harness::with_stream("sb", "s", 2).await;
+    let c = h.client.clone();
+    let w = c.event_writer("sb/s").await.unwrap();
+    for i in 0..100u32 {
+        w.write_event(format!("k{i}").as_bytes(), format!("a{i}").into_bytes()).await.unwrap();
+    }
+    let head = c.stream_cut("sb/s", CutAt::Head).await.unwrap();
+
+    // Typed errors for requests that make no sense.
+    assert_eq!(code(c.scale_stream("sb", "s", &[5], &[KeyRange { low: 0.0, high: 0.5 }]).await), ErrorCode::BadRequest);
+    assert_eq!(code(c.scale_stream("sb", "s", &[0], &[KeyRange { low: 0.0, high: 0.4 }]).await), ErrorCode::BadRequest);
+    assert_eq!(
+        code(c.scale_stream("sb", "nope", &[0], &[KeyRange { low: 0.0, high: 0.5 }]).await),
+        ErrorCode::NoSuchStream
+    );
+    assert!(matches!(c.split_segment("sb", "s", 0, 1).await, Err(ClientError::InvalidArgument(_))));
+
+    // 0 → 2, 3; then 3 + 1 → 4.
+    let info = c.split_segment("sb", "s", 0, 2).await.unwrap();
+    assert_eq!((info.epoch, info.segments.iter().map(|s| s.number).collect::<Vec<_>>()), (1, vec![2, 3, 1]));
+    for i in 100..200u32 {
+        w.write_event(format!("k{i}").as_bytes(), format!("a{i}").into_bytes()).await.unwrap();
+    }
+    // Segment 2 and 1 are not neighbours.
+    assert_eq!(code(c.merge_segments("sb", "s", &[2, 1]).await), ErrorCode::BadRequest);
+    let info = c.merge_segments("sb", "s", &[3, 1]).await.unwrap();
+    assert_eq!(info.segments.iter().map(|s| s.number).collect::<Vec<_>>(), vec![2, 4]);
+    for i in 200..300u32 {
+        w.write_event(format!("k{i}").as_bytes(), format!("a{i}").into_bytes()).await.unwrap();
+    }
+    let history = c.stream_history("sb", "s").await.unwrap();
+    assert_eq!(
+        history.epochs.iter().map(|e| e.segments.clone()).collect::<Vec<_>>(),
+        vec![vec![0, 1], vec![2, 3, 1], vec![2, 4]]
+    );
+    assert_eq!(history.segment(4).unwrap().predecessors, vec![3, 1]);
+
+    // A head cut from before the scalings still validates; one that leaves keys uncovered does not.
+    c.validate_cut(&head).await.unwrap();
+    let mut partial = head.clone();
+    partial.positions.remove(&1);
+    assert!(matches!(c.validate_cut(&partial).await, Err(ClientError::InvalidStreamCut(_))));
+
+    // Batch slices from the head to the tail walk all five segments and hold all 300 events.
+    let slices = c.segment_slices("sb/s", Some(&head), None).await.unwrap();
+    let mut names: Vec<&str> = slices.iter().map(|s| s.segment.as_str()).collect();
+    names.sort();
+    assert_eq!(names, vec!["sb/s/0", "sb/s/1", "sb/s/2", "sb/s/3", "sb/s/4"]);
+    let mut events = HashSet::new();
+    for s in slices {
+        let mut r = c.read_slice(s);
+        while let Some(ev) = r.next_event().await.unwrap() {
+            assert!(events.insert(ev.payload));
+        }
+    }
+    assert_eq!(events.len(), 300);
+
+    // A plain reader from the head sees every event once, and each key's in order.
+    let mut reader = c.event_reader("sb/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(ev) = reader.read_next(Duration::from_secs(2)).await.unwrap() {
+        got.push(String::from_utf8(ev.payload.to_vec()).unwrap());
+        if got.len() == 300 {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 300);
+
+    // The CLI shows the epochs and scales by hand.
+    let url = h.server.url();
+    let (ok, out, err) = cli(&url, &["stream", "describe", "sb/s"], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("sealed 3 1 -> created 4"), "{out}");
+    let (ok, out, err) = cli(&url, &["stream", "scale", "sb/s", "--split", "4:3"], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("epoch 3, segments 2 5 6 7"), "{out}");
+    let (ok, _, err) = cli(&url, &["stream", "scale", "sb/s", "--merge", "2,7"], None);
+    assert!(!ok && err.contains("not adjacent"), "{err}");
+
+    // Sealed streams scale no more; deleting one removes every segment it ever had.
+    c.seal_stream("sb", "s").await.unwrap();
+    assert_eq!(code(c.split_segment("sb", "s", 2, 2).await), ErrorCode::Sealed);
+    c.delete_stream("sb", "s").await.unwrap();
+    assert_eq!(code(c.segment_info("sb/s/0").await), ErrorCode::NoSuchSegment);
+}
