@@ -63,7 +63,8 @@ fn cli_end_to_end() {
     assert!(run(&["rg", "delete", "demo/g"]).contains("deleted"));
 
     let describe = run(&["stream", "describe", "demo/ev"]);
-    assert!(describe.contains("active") && describe.lines().count() == 5, "{describe}");
+    assert!(describe.contains("active") && describe.lines().count() == 7, "{describe}");
+    assert!(describe.contains("epoch 0") && describe.contains("segments 0 1 2"), "{describe}");
     assert!(describe.contains("retention none") && describe.contains("in tier-2"), "{describe}");
 
     // Truncate at the cut taken after the first three events: only the 2000 generated remain.
