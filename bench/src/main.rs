@@ -4,7 +4,9 @@
 //! - `end-to-end`: an open-loop producer at a fixed rate and a reader group tailing the
 //!   stream; latency from each event's *scheduled* send time to its delivery (so a stall is
 //!   not hidden by coordinated omission);
-//! - `consume`: C readers in a group catching up on a stream from its head.
+//! - `consume`: C readers in a group catching up on a stream from its head;
+//! - `scale`: the time of splits and merges, idle and under an open-loop producer, and the
+//!   producer's latency spikes around each scaling (`scale`).
 //!
 //! Every run prints its figures and, with `--json FILE`, appends one JSON object per run to
 //! FILE (for history and comparisons), and with `--plot FILE` saves an HDR percentile plot
@@ -13,6 +15,7 @@
 
 mod peers;
 mod plot;
+mod scale;
 
 use clap::Parser;
 use futures::StreamExt;
@@ -115,6 +118,28 @@ enum Cmd {
         #[arg(long, allow_hyphen_values = true)]
         sluice_arg: Vec<String>,
     },
+    /// Time splits and merges of a fresh stream, idle and while one open-loop producer
+    /// writes; report the producer's latency spikes around each scaling.
+    Scale {
+        #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
+        url: String,
+        /// Segments of the stream at the start.
+        #[arg(long, default_value_t = 2)]
+        segments: u32,
+        /// Scalings in each phase (alternately a split of the widest segment and a merge
+        /// of the narrowest neighbours).
+        #[arg(long, default_value_t = 20)]
+        scalings: u32,
+        /// Producer rate (events per second, open loop) in the loaded phase.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        /// Milliseconds between scalings in the loaded phase.
+        #[arg(long, default_value_t = 500)]
+        every_ms: u64,
+        /// Event payload size in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+    },
     /// Read a whole stream from its head with a reader group of C readers.
     Consume {
         #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
@@ -145,7 +170,7 @@ async fn progress_line(done: std::sync::Arc<std::sync::atomic::AtomicU64>, total
 }
 
 /// Latency percentiles as JSON.
-fn hist_json(hist: &Histogram<u64>) -> serde_json::Value {
+pub(crate) fn hist_json(hist: &Histogram<u64>) -> serde_json::Value {
     serde_json::json!({
         "p50_us": hist.value_at_quantile(0.5), "p90_us": hist.value_at_quantile(0.9),
         "p99_us": hist.value_at_quantile(0.99), "p999_us": hist.value_at_quantile(0.999),
@@ -215,7 +240,7 @@ async fn consume(url: String, stream: String, readers: u32, idle_ms: u64) -> Res
 
 const WARMUP_S: u64 = 2;
 
-fn report(name: &str, hist: &Histogram<u64>) {
+pub(crate) fn report(name: &str, hist: &Histogram<u64>) {
     println!(
         "{name} latency (us): p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {}",
         hist.value_at_quantile(0.5),
@@ -336,7 +361,7 @@ fn main() -> Result<(), String> {
         Cmd::Produce { producers, .. } => *producers as usize,
         Cmd::Consume { readers, .. } => *readers as usize,
         Cmd::EndToEnd { readers, .. } => *readers as usize + 1,
-        Cmd::Compare { .. } => 1,
+        Cmd::Compare { .. } | Cmd::Scale { .. } => 1,
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -355,6 +380,11 @@ fn main() -> Result<(), String> {
     let (result, series) = match cli.cmd {
         Cmd::EndToEnd { url, rate, seconds, readers, segments, size } => {
             rt.block_on(end_to_end(url, rate.max(1), seconds, readers, segments, size))?
+        }
+        Cmd::Scale { url, segments, scalings, rate, every_ms, size } => {
+            let load =
+                scale::ScaleLoad { segments, scalings, rate, every: std::time::Duration::from_millis(every_ms), size };
+            rt.block_on(scale::run(url, load))?
         }
         Cmd::Consume { url, stream, readers, idle_ms } => {
             (rt.block_on(consume(url, stream, readers.max(1), idle_ms))?, Vec::new())
@@ -500,7 +530,7 @@ fn compare(
 }
 
 /// A run's JSON result and its latency histograms (for plots).
-type RunResult = Result<(serde_json::Value, Vec<(String, Histogram<u64>)>), String>;
+pub(crate) type RunResult = Result<(serde_json::Value, Vec<(String, Histogram<u64>)>), String>;
 
 async fn produce(
     url: String,

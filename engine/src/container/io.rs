@@ -362,6 +362,12 @@ impl Container {
         if container.tier2.is_some() {
             container.start_mover();
         }
+        if container.files.borrow().current.is_none() {
+            // A container without a log file yet (a fresh one) prepares its first now, not
+            // on the commit path of its first write (zero-filling it takes a while).
+            let seq = container.core.borrow().current_file();
+            container.start_prepare(seq);
+        }
         container
     }
 
