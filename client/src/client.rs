@@ -10,7 +10,7 @@ use crate::writer::{EventWriter, WriterConfig};
 use bytes::Bytes;
 use sluice_net::messages::*;
 use sluice_net::routing::{container_of, shard_of};
-use sluice_net::{ErrorCode, Retention, ScopedStream};
+use sluice_net::{ErrorCode, Retention, ScalingPolicy, ScopedStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -236,13 +236,37 @@ impl Client {
         segments: u32,
         retention: Retention,
     ) -> Result<(), ClientError> {
-        let msg = CreateStream { scope: scope.into(), stream: stream.into(), segments, retention };
+        self.create_stream_policies(scope, stream, segments, retention, ScalingPolicy::Fixed { segments }).await
+    }
+
+    /// Creates a stream with a retention and a scaling policy (an automatic policy starts
+    /// with at least its minimum segments).
+    pub async fn create_stream_policies(
+        &self,
+        scope: &str,
+        stream: &str,
+        segments: u32,
+        retention: Retention,
+        scaling: ScalingPolicy,
+    ) -> Result<(), ClientError> {
+        let msg = CreateStream { scope: scope.into(), stream: stream.into(), segments, retention, scaling };
         self.admin::<_, Done>(msg).await.map(|_| ())
     }
 
     /// Changes the retention policy of a live stream.
     pub async fn update_retention(&self, scope: &str, stream: &str, retention: Retention) -> Result<(), ClientError> {
-        let msg = UpdateStream { scope: scope.into(), stream: stream.into(), retention };
+        self.update_stream(scope, stream, Some(retention), None).await
+    }
+
+    /// Changes a live stream's retention and/or scaling policy (`None`: unchanged).
+    pub async fn update_stream(
+        &self,
+        scope: &str,
+        stream: &str,
+        retention: Option<Retention>,
+        scaling: Option<ScalingPolicy>,
+    ) -> Result<(), ClientError> {
+        let msg = UpdateStream { scope: scope.into(), stream: stream.into(), retention, scaling };
         self.admin::<_, Done>(msg).await.map(|_| ())
     }
 

@@ -147,7 +147,7 @@ impl ClusterNode {
 
     /// Whether this node runs the once-per-cluster duties now (see `ownership::campaign`).
     /// Shared so a service thread can check it before each round.
-    pub fn controller_flag(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+    pub fn controller_flag(&self) -> impl Fn() -> bool + Clone + Send + Sync + 'static {
         let ctl = self.ctl.clone();
         move || ctl.controller.load(Ordering::SeqCst)
     }

@@ -33,6 +33,8 @@ pub struct EngineConfig {
     /// Cluster mode: containers open as this node acquires them, and requests for other
     /// nodes' containers are redirected along these routes. `None`: standalone.
     pub cluster: Option<std::sync::Arc<crate::cluster::Routes>>,
+    /// Window of the short append-rate average (the long one is five of them).
+    pub rate_window: std::time::Duration,
 }
 
 impl EngineConfig {
@@ -55,6 +57,7 @@ impl EngineConfig {
             chunk_bytes: CHUNK_BYTES_DEFAULT,
             move_bytes_min: MOVE_BYTES_MIN_DEFAULT,
             cluster: None,
+            rate_window: std::time::Duration::from_secs(RATE_WINDOW_S_DEFAULT),
         }
     }
 

@@ -45,3 +45,5 @@ pub fn align_up(v: u64) -> u64 {
 pub const NODE_LEASE_TTL_S: u64 = 6;
 /// Default pause between the cluster agent's rounds (milliseconds).
 pub const AGENT_POLL_MS: u64 = 200;
+/// Window of the short append-rate average, in seconds (auto-scaling looks at it).
+pub const RATE_WINDOW_S_DEFAULT: u64 = 120;

@@ -22,7 +22,7 @@ use sluice_meta::{MetaStore, StreamState};
 use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
-use sluice_net::{ErrorCode, ProtocolError, Retention};
+use sluice_net::{ErrorCode, ProtocolError, Retention, ScalingPolicy};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -272,6 +272,10 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
     Ok(match frame.kind {
         Kind::Append => {
             let a: Append = frame.decode()?;
+            if matches!(shard.owner(&a.segment), Owner::Local(_)) {
+                let bytes = frame.payload.len() as u64;
+                shard.rates.borrow_mut().record(&a.segment, u64::from(a.event_count), bytes, std::time::Instant::now());
+            }
             let req = Request::Append {
                 name: a.segment.clone(),
                 writer: a.writer_id,
@@ -322,6 +326,17 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                                 .map(|(w, n)| WriterState { writer_id: w, event_number: n })
                                 .collect(),
                             tier2_end: s.tier2_end,
+                            rates: {
+                                let r = shard.rates.borrow_mut().rates(&g.segment, std::time::Instant::now());
+                                AppendRates {
+                                    events_per_s: r.events_fast,
+                                    bytes_per_s: r.bytes_fast,
+                                    events_per_s_long: r.events_slow,
+                                    bytes_per_s_long: r.bytes_slow,
+                                    window_ms: shard.cfg.rate_window.as_millis() as u64,
+                                    measured_ms: r.measured.as_millis() as u64,
+                                }
+                            },
                         },
                     ),
                     Err(e) => engine_error(id, &e),
@@ -403,14 +418,16 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: CreateStream = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                stream_admin(&shard, id, StreamAdmin::Create(m.segments, m.retention), &m.scope, &m.stream).await
+                stream_admin(&shard, id, StreamAdmin::Create(m.segments, m.retention, m.scaling), &m.scope, &m.stream)
+                    .await
             })
         }
         Kind::UpdateStream => {
             let m: UpdateStream = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                ctl_reply(id, shard.controller.set_retention(&m.scope, &m.stream, m.retention).await.map(|_| Done {}))
+                let r = shard.controller.set_policies(&m.scope, &m.stream, m.retention, m.scaling).await;
+                ctl_reply(id, r.map(|_| Done {}))
             })
         }
         Kind::SealStream => {
@@ -466,6 +483,7 @@ fn stream_info(scope: String, stream: String, r: &StreamRecord) -> StreamInfo {
         sealed: matches!(r.state, StreamState::Sealed | StreamState::Sealing),
         segments: r.ranges(),
         retention: r.retention,
+        scaling: r.scaling,
         epoch: r.epoch(),
     }
 }
@@ -518,7 +536,7 @@ async fn finish_scale<S: MetaStore>(
 }
 
 enum StreamAdmin {
-    Create(u32, Retention),
+    Create(u32, Retention, ScalingPolicy),
     Seal,
     Delete,
 }
@@ -530,9 +548,11 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
     let name = |n: u64| format!("{scope}/{stream}/{n}");
     let result: Result<(), Reply> = async {
         match op {
-            StreamAdmin::Create(n, retention) => {
-                let record =
-                    ctl.begin_create_stream(scope, stream, n, retention).await.map_err(|e| controller_error(id, &e))?;
+            StreamAdmin::Create(n, retention, scaling) => {
+                let record = ctl
+                    .begin_create_stream(scope, stream, n, retention, scaling)
+                    .await
+                    .map_err(|e| controller_error(id, &e))?;
                 for s in &record.segments {
                     match shard.segment_op(name(s.number), Request::Create { name: name(s.number) }).await {
                         Ok(_) | Err(EngineError::SegmentExists(_)) => {}

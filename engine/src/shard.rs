@@ -55,6 +55,8 @@ pub struct Shard<S: MetaStore> {
     pub peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     pub endpoints: Vec<ShardEndpoint>,
     pub controller: Controller<S>,
+    /// Append rates of the segments this shard serves (for auto-scaling).
+    pub rates: RefCell<crate::container::rates::SegmentRates>,
     pacer: Rc<IoPacer>,
     tier2: Option<sluice_tier2::DynStore>,
 }
@@ -406,6 +408,7 @@ async fn shard_main<S: MetaStore>(
             .map_err(|e| format!("container {c}: {e}"))?;
         containers.insert(c, container);
     }
+    let cfg_rate_window = cfg.rate_window;
     let shard = Rc::new(Shard {
         index,
         cfg,
@@ -413,6 +416,7 @@ async fn shard_main<S: MetaStore>(
         peers,
         endpoints,
         controller: Controller::new(store),
+        rates: RefCell::new(crate::container::rates::SegmentRates::new(cfg_rate_window)),
         pacer,
         tier2,
     });

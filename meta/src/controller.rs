@@ -14,8 +14,8 @@ use crate::names::validate;
 use crate::store::{MetaError, MetaStore};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::ErrorCode;
-use sluice_net::Retention;
 use sluice_net::messages::{EpochInfo, KeyRange, SegmentHistory, SegmentRange};
+use sluice_net::{Retention, ScalingPolicy};
 
 /// Lifecycle of a stream. `Creating` and `Sealing` mark work in progress that a retry resumes.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +53,7 @@ pub struct StreamRecord {
     pub segments: Vec<StreamSegment>,
     pub created_unix_ms: u64,
     pub retention: Retention,
+    pub scaling: ScalingPolicy,
     /// Every epoch, oldest first (the last one is current).
     pub epochs: Vec<EpochInfo>,
     /// Every segment the stream ever had, by number.
@@ -193,8 +194,17 @@ impl<S: MetaStore> Controller<S> {
         stream: &str,
         segments: u32,
         retention: Retention,
+        scaling: ScalingPolicy,
     ) -> Result<StreamRecord, ControllerError> {
         self.require_scope(scope).await?;
+        // A fixed policy records the count; an automatic one starts with at least its minimum.
+        let (segments, scaling) = match scaling {
+            ScalingPolicy::Fixed { .. } => (segments, ScalingPolicy::Fixed { segments }),
+            auto => {
+                auto.validate().map_err(ControllerError::Invalid)?;
+                (segments.max(auto.initial_segments()), auto)
+            }
+        };
         validate("stream", stream).map_err(ControllerError::InvalidName)?;
         if segments == 0 || segments > STREAM_SEGMENTS_MAX {
             return Err(ControllerError::Invalid(format!(
@@ -226,6 +236,7 @@ impl<S: MetaStore> Controller<S> {
                 .collect(),
             created_unix_ms: now,
             retention,
+            scaling,
             scale: None,
         };
         let key = stream_key(scope, stream);
@@ -288,18 +299,33 @@ impl<S: MetaStore> Controller<S> {
         self.update_record(scope, stream, |r| Ok(std::mem::replace(&mut r.state, state) != state)).await
     }
 
-    /// Changes a stream's retention policy.
-    pub async fn set_retention(
+    /// Changes a stream's retention and/or scaling policy (`None`: unchanged). A fixed
+    /// policy records the stream's current segment count.
+    pub async fn set_policies(
         &self,
         scope: &str,
         stream: &str,
-        retention: Retention,
+        retention: Option<Retention>,
+        scaling: Option<ScalingPolicy>,
     ) -> Result<StreamRecord, ControllerError> {
+        if let Some(p) = &scaling
+            && !matches!(p, ScalingPolicy::Fixed { .. })
+        {
+            p.validate().map_err(ControllerError::Invalid)?;
+        }
         self.update_record(scope, stream, |r| {
             if r.state == StreamState::Creating {
                 return Err(ControllerError::NoSuchStream(format!("{scope}/{stream} (still being created)")));
             }
-            r.retention = retention;
+            if let Some(retention) = retention {
+                r.retention = retention;
+            }
+            if let Some(scaling) = scaling {
+                r.scaling = match scaling {
+                    ScalingPolicy::Fixed { .. } => ScalingPolicy::Fixed { segments: r.segments.len() as u32 },
+                    auto => auto,
+                };
+            }
             Ok(true)
         })
         .await
@@ -480,24 +506,27 @@ mod tests {
         let c = Controller::new(EmbeddedStore::open(&dir).unwrap());
         block_on(async {
             assert!(matches!(
-                c.begin_create_stream("s", "t", 2, Retention::None).await,
+                c.begin_create_stream("s", "t", 2, Retention::None, ScalingPolicy::Fixed { segments: 1 }).await,
                 Err(ControllerError::NoSuchScope(_))
             ));
             c.create_scope("s").await.unwrap();
             assert!(matches!(c.create_scope("s").await, Err(ControllerError::ScopeExists(_))));
             assert!(matches!(c.create_scope("bad/name").await, Err(ControllerError::InvalidName(_))));
-            let r = c.begin_create_stream("s", "t", 3, Retention::None).await.unwrap();
+            let r = c
+                .begin_create_stream("s", "t", 3, Retention::None, ScalingPolicy::Fixed { segments: 1 })
+                .await
+                .unwrap();
             assert_eq!(r.segments.len(), 3);
             assert_eq!(r.segments[2].key_high, 1.0);
             // Resuming an interrupted create is allowed; a different one is not.
-            c.begin_create_stream("s", "t", 3, Retention::None).await.unwrap();
+            c.begin_create_stream("s", "t", 3, Retention::None, ScalingPolicy::Fixed { segments: 1 }).await.unwrap();
             assert!(matches!(
-                c.begin_create_stream("s", "t", 4, Retention::None).await,
+                c.begin_create_stream("s", "t", 4, Retention::None, ScalingPolicy::Fixed { segments: 1 }).await,
                 Err(ControllerError::StreamExists(_))
             ));
             c.set_state("s", "t", StreamState::Active).await.unwrap();
             assert!(matches!(
-                c.begin_create_stream("s", "t", 3, Retention::None).await,
+                c.begin_create_stream("s", "t", 3, Retention::None, ScalingPolicy::Fixed { segments: 1 }).await,
                 Err(ControllerError::StreamExists(_))
             ));
             assert!(matches!(c.delete_scope("s").await, Err(ControllerError::NotEmpty(_))));
@@ -517,7 +546,7 @@ mod tests {
         let c = Controller::new(EmbeddedStore::open(&dir).unwrap());
         block_on(async {
             c.create_scope("s").await.unwrap();
-            c.begin_create_stream("s", "t", 2, Retention::None).await.unwrap();
+            c.begin_create_stream("s", "t", 2, Retention::None, ScalingPolicy::Fixed { segments: 1 }).await.unwrap();
             // Not active yet.
             assert!(matches!(
                 c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 2)).await,

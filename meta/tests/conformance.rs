@@ -85,7 +85,16 @@ fn controller_runs_on_etcd() {
     let c = sluice_meta::Controller::new(store);
     block_on(async {
         c.create_scope("s").await.unwrap();
-        let r = c.begin_create_stream("s", "t", 4, sluice_net::Retention::None).await.unwrap();
+        let r = c
+            .begin_create_stream(
+                "s",
+                "t",
+                4,
+                sluice_net::Retention::None,
+                sluice_net::ScalingPolicy::Fixed { segments: 4 },
+            )
+            .await
+            .unwrap();
         assert_eq!(r.segments.len(), 4);
         c.set_state("s", "t", sluice_meta::StreamState::Active).await.unwrap();
         assert_eq!(c.list_streams("s").await.unwrap(), vec!["t".to_string()]);

@@ -15,9 +15,11 @@ pub mod ids;
 pub mod messages;
 pub mod retention;
 pub mod routing;
+pub mod scaling;
 
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{Frame, FrameHeader};
 pub use ids::*;
 pub use messages::*;
 pub use retention::Retention;
+pub use scaling::ScalingPolicy;

@@ -123,8 +123,10 @@ control!(
     pub struct CreateStream {
         pub scope: String,
         pub stream: String,
+        /// Segments to start with (an automatic policy starts with at least its minimum).
         pub segments: u32,
         pub retention: crate::Retention,
+        pub scaling: crate::ScalingPolicy,
     }
 );
 control!(
@@ -155,6 +157,7 @@ control!(
         pub sealed: bool,
         pub segments: Vec<SegmentRange>,
         pub retention: crate::Retention,
+        pub scaling: crate::ScalingPolicy,
         /// The epoch `segments` belong to (0 at creation, one more per scaling).
         pub epoch: u64,
     }
@@ -190,11 +193,12 @@ control!(
 );
 control!(
     UpdateStream,
-    /// Changes a live stream's policies.
+    /// Changes a live stream's policies (`None`: leave it as it is).
     pub struct UpdateStream {
         pub scope: String,
         pub stream: String,
-        pub retention: crate::Retention,
+        pub retention: Option<crate::Retention>,
+        pub scaling: Option<crate::ScalingPolicy>,
     }
 );
 control!(
@@ -283,6 +287,8 @@ control!(
         pub writers: Vec<WriterState>,
         /// Bytes below this offset are in tier-2 (0 without tier-2).
         pub tier2_end: u64,
+        /// Append rates, for auto-scaling.
+        pub rates: AppendRates,
     }
 );
 control!(
@@ -318,6 +324,18 @@ pub struct SegmentRange {
     pub number: u64,
     pub key_low: f64,
     pub key_high: f64,
+}
+
+/// A segment's append rates, exponentially weighted over a window and over five windows.
+/// Kept in memory by the container: `measured_ms` says how long they have been watched.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct AppendRates {
+    pub events_per_s: f64,
+    pub bytes_per_s: f64,
+    pub events_per_s_long: f64,
+    pub bytes_per_s_long: f64,
+    pub window_ms: u64,
+    pub measured_ms: u64,
 }
 
 /// A routing-key range [low, high).

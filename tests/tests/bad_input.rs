@@ -132,6 +132,7 @@ async fn bad_input_gets_errors_and_server_keeps_serving() {
                 sealed: false,
                 writers: vec![],
                 tier2_end: 0,
+                rates: Default::default(),
             }
         });
         let _ = info;

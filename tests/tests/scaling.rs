@@ -233,3 +233,69 @@ async fn bad_scalings_are_refused_and_history_cuts_and_slices_walk_the_epochs() 
     c.delete_stream("sb", "s").await.unwrap();
     assert_eq!(code(c.segment_info("sb/s/0").await), ErrorCode::NoSuchSegment);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_scaling_splits_a_hot_stream_and_merges_it_back_when_the_load_stops() {
+    use sluice_net::ScalingPolicy;
+    use sluice_tests::{Server, TempDir, free_ports};
+    let dir = TempDir::new("auto");
+    // Short test thresholds: 1 s rate window (5 s long), a look every 200 ms, 1 s cooldown.
+    let args = ["--rate-window-s", "1", "--autoscale-interval-ms", "200", "--scale-cooldown-s", "1"];
+    let server = Server::start_with(&dir.0.join("data"), free_ports(2), 2, &args);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("au").await.unwrap();
+    let policy = ScalingPolicy::ByEventRate { events_per_s: 500, factor: 2, min_segments: 1 };
+    c.create_stream_policies("au", "s", 1, sluice_net::Retention::None, policy).await.unwrap();
+    let info = c.get_stream("au", "s").await.unwrap();
+    assert_eq!((info.segments.len(), info.scaling), (1, policy));
+
+    // About 2,000 events/s over 64 keys until the stream has split (at most 20 s).
+    let w = c.event_writer("au/s").await.unwrap();
+    let started = Instant::now();
+    let mut most = 1;
+    let mut i = 0u64;
+    while most < 2 {
+        assert!(started.elapsed() < Duration::from_secs(20), "no split after 20 s of 2,000 events/s");
+        let mut acks = Vec::new();
+        for _ in 0..100 {
+            acks.push(w.write_event(format!("k{}", i % 64).as_bytes(), vec![b'x'; 100]));
+            i += 1;
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        most = most.max(c.get_stream("au", "s").await.unwrap().segments.len());
+    }
+    let split_after = started.elapsed();
+    // Quiet: the segments cool down and merge back to the minimum (at most 60 s).
+    let quiet = Instant::now();
+    loop {
+        let n = c.get_stream("au", "s").await.unwrap().segments.len();
+        if n == 1 {
+            break;
+        }
+        assert!(quiet.elapsed() < Duration::from_secs(60), "still {n} segments after 60 s without load");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let history = c.stream_history("au", "s").await.unwrap();
+    eprintln!(
+        "auto-scaling: split after {split_after:?} of load, back to 1 segment {:?} after it stopped, {} epochs",
+        quiet.elapsed(),
+        history.epochs.len()
+    );
+    assert!(history.epochs.len() >= 3, "a split and a merge: {:?}", history.epochs);
+    // Every event written is still there, once.
+    let mut r = c.event_reader("au/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut n = 0;
+    while r.read_next(Duration::from_secs(1)).await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, i);
+
+    // update_stream: back to fixed keeps the current segments; the policy is validated.
+    c.update_stream("au", "s", None, Some(ScalingPolicy::Fixed { segments: 9 })).await.unwrap();
+    assert_eq!(c.get_stream("au", "s").await.unwrap().scaling, ScalingPolicy::Fixed { segments: 1 });
+    let bad = ScalingPolicy::ByEventRate { events_per_s: 0, factor: 2, min_segments: 1 };
+    assert_eq!(code(c.update_stream("au", "s", None, Some(bad)).await), ErrorCode::BadRequest);
+}

@@ -2,6 +2,7 @@
 //! store); every other subcommand is a client of a running node (admin, write, read), except
 //! `log dump`, which reads a container log directory offline.
 
+mod autoscale;
 mod dump;
 mod io;
 mod retention;
@@ -9,7 +10,7 @@ mod rg;
 
 use clap::{Parser, Subcommand};
 use sluice_client::{Client, ClientError};
-use sluice_net::{Retention, ScopedStream};
+use sluice_net::{Retention, ScalingPolicy, ScopedStream};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,6 +140,16 @@ struct StandaloneArgs {
     /// How often the retention service checks streams with a retention policy, in ms.
     #[arg(long, default_value_t = 30_000)]
     retention_interval_ms: u64,
+    /// How often the auto-scaler looks at streams with an automatic scaling policy, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    autoscale_interval_ms: u64,
+    /// Window of the short append-rate average, in seconds (the long one is five windows).
+    /// Auto-scaling splits on the short average and merges when both are low.
+    #[arg(long, default_value_t = 120)]
+    rate_window_s: u64,
+    /// Least time between two automatic scalings of a stream, in seconds.
+    #[arg(long, default_value_t = 300)]
+    scale_cooldown_s: u64,
 }
 
 #[derive(Subcommand)]
@@ -164,14 +175,22 @@ enum StreamCmd {
         /// server truncates the stream back to about MIN (needs --tier2 to free the space).
         #[arg(long, default_value = "none", value_parser = parse_retention)]
         retention: Retention,
+        /// fixed:N, events:RATE,FACTOR,MIN or bytes:KBPS,FACTOR,MIN. Automatic policies
+        /// split a segment above RATE events/s (or KBPS KiB/s) into up to FACTOR parts and
+        /// merge cold neighbours, never below MIN segments. Default: fixed at --segments.
+        #[arg(long, value_parser = ScalingPolicy::parse)]
+        scaling: Option<ScalingPolicy>,
     },
-    /// Change a live stream's retention policy.
+    /// Change a live stream's retention and/or scaling policy.
     Update {
         /// scope/stream
         stream: String,
         /// none, time:MIN[,MAX] or size:MIN[,MAX], as for `stream create`.
         #[arg(long, value_parser = parse_retention)]
-        retention: Retention,
+        retention: Option<Retention>,
+        /// fixed (keep the current segments), events:RATE,FACTOR,MIN or bytes:KBPS,FACTOR,MIN.
+        #[arg(long, value_parser = parse_scaling_update)]
+        scaling: Option<ScalingPolicy>,
     },
     /// Delete everything before a stream cut (from `sluice stream cut` or a reader-group
     /// checkpoint); reads below it then fail with `truncated`.
@@ -292,7 +311,32 @@ fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     cfg.log_bytes_max = a.log_budget_mb << 20;
     cfg.chunk_bytes = a.chunk_mb << 20;
     cfg.move_bytes_min = a.move_min_kb << 10;
+    cfg.rate_window = std::time::Duration::from_secs(a.rate_window_s.max(1));
     cfg
+}
+
+/// The cluster's duties, run while `active()`: retention and auto-scaling (one thread).
+fn spawn_duties(
+    url: String,
+    a: &StandaloneArgs,
+    active: impl Fn() -> bool + Clone + Send + 'static,
+) -> Result<(), String> {
+    let retention_every = std::time::Duration::from_millis(a.retention_interval_ms.max(10));
+    let autoscale_every = std::time::Duration::from_millis(a.autoscale_interval_ms.max(10));
+    let cooldown = std::time::Duration::from_secs(a.scale_cooldown_s);
+    std::thread::Builder::new()
+        .name("sluice-duties".into())
+        .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(async {
+                tokio::join!(
+                    retention::run(url.clone(), retention_every, active.clone()),
+                    autoscale::run(url, autoscale_every, cooldown, active)
+                );
+            }),
+            Err(e) => tracing::error!(error = %e, "cannot start the retention and auto-scaling services"),
+        })
+        .map(|_| ())
+        .map_err(|e| format!("starting the retention and auto-scaling services: {e}"))
 }
 
 /// Connects to etcd and checks the cluster's container count, retrying an unreachable etcd
@@ -335,14 +379,7 @@ fn node(a: NodeArgs) -> Result<(), String> {
     opts.lease_ttl = std::time::Duration::from_secs(a.lease_ttl_s.max(1));
     let node = sluice_engine::cluster::ClusterNode::start(cfg.clone(), store, opts)?;
     let (url, active) = (node.endpoints[0].address.clone(), node.controller_flag());
-    let interval = std::time::Duration::from_millis(a.engine.retention_interval_ms.max(10));
-    std::thread::Builder::new()
-        .name("sluice-retention".into())
-        .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(retention::run(url, interval, active)),
-            Err(e) => tracing::error!(error = %e, "cannot start the retention service"),
-        })
-        .map_err(|e| format!("starting the retention service: {e}"))?;
+    spawn_duties(url, &a.engine, active)?;
     let ports: Vec<&str> = node.endpoints.iter().map(|e| e.address.as_str()).collect();
     println!(
         "sluice node {} of cluster {} ready in {:.2?}: {} shards on {}, {} containers in the cluster, tier-2 {}",
@@ -381,14 +418,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
         a.tier2.as_deref().unwrap_or("off")
     );
     let url = node.endpoints[0].address.clone();
-    let interval = std::time::Duration::from_millis(a.retention_interval_ms.max(10));
-    std::thread::Builder::new()
-        .name("sluice-retention".into())
-        .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(retention::run(url, interval, || true)),
-            Err(e) => tracing::error!(error = %e, "cannot start the retention service"),
-        })
-        .map_err(|e| format!("starting the retention service: {e}"))?;
+    spawn_duties(url, &a, || true)?;
     println!("try:  sluice scope create demo && sluice stream create demo/events --segments 4");
     println!("      echo hello | sluice write demo/events --key k1 && sluice read demo/events --timeout-ms 1000");
     if let Some(sig) = signals.forever().next() {
@@ -404,6 +434,11 @@ async fn client(url: &str) -> Result<Client, String> {
 
 fn err(e: ClientError) -> String {
     e.to_string()
+}
+
+/// `--scaling` of `stream update`: `fixed` alone keeps the current segments.
+fn parse_scaling_update(s: &str) -> Result<ScalingPolicy, String> {
+    if s == "fixed" { Ok(ScalingPolicy::Fixed { segments: 1 }) } else { ScalingPolicy::parse(s) }
 }
 
 /// `SEG[:N]` of `stream scale --split`.
@@ -453,15 +488,24 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
                 println!("{s}");
             }
         }
-        Cmd::Stream(StreamCmd::Create { stream, segments, retention }) => {
+        Cmd::Stream(StreamCmd::Create { stream, segments, retention, scaling }) => {
             let s = parse_stream(&stream)?;
-            c.create_stream_with(&s.scope, &s.stream, segments, retention).await.map_err(err)?;
-            println!("created stream {s} with {segments} segment(s), retention {retention}");
+            let scaling = scaling.unwrap_or(ScalingPolicy::Fixed { segments });
+            let segments = match scaling {
+                ScalingPolicy::Fixed { segments } => segments,
+                auto => segments.max(auto.initial_segments()),
+            };
+            c.create_stream_policies(&s.scope, &s.stream, segments, retention, scaling).await.map_err(err)?;
+            println!("created stream {s} with {segments} segment(s), retention {retention}, scaling {scaling}");
         }
-        Cmd::Stream(StreamCmd::Update { stream, retention }) => {
+        Cmd::Stream(StreamCmd::Update { stream, retention, scaling }) => {
             let s = parse_stream(&stream)?;
-            c.update_retention(&s.scope, &s.stream, retention).await.map_err(err)?;
-            println!("stream {s}: retention {retention}");
+            if retention.is_none() && scaling.is_none() {
+                return Err("nothing to change: give --retention and/or --scaling".into());
+            }
+            c.update_stream(&s.scope, &s.stream, retention, scaling).await.map_err(err)?;
+            let info = c.get_stream(&s.scope, &s.stream).await.map_err(err)?;
+            println!("stream {s}: retention {}, scaling {}", info.retention, info.scaling);
         }
         Cmd::Stream(StreamCmd::Truncate { stream, at }) => {
             let s = parse_stream(&stream)?;
@@ -481,9 +525,10 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
             let s = parse_stream(&stream)?;
             let info = c.get_stream(&s.scope, &s.stream).await.map_err(err)?;
             println!(
-                "stream {s}: {}, retention {}, epoch {}",
+                "stream {s}: {}, retention {}, scaling {}, epoch {}",
                 if info.sealed { "sealed" } else { "active" },
                 info.retention,
+                info.scaling,
                 info.epoch
             );
             println!(
