@@ -244,6 +244,11 @@ fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
 fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, req: Request) -> Dispatched {
     match shard.owner(&segment) {
         Owner::Local(c) => {
+            if let Request::Append { event_count, data, .. } = &req {
+                // Append rates for auto-scaling, counted where the append is served.
+                let now = std::time::Instant::now();
+                shard.rates.borrow_mut().record(&segment, u64::from(*event_count), data.len() as u64, now);
+            }
             let fut = match c.submit(req) {
                 Ok(f) => f,
                 // A refused append must not be followed by later appends of the same writer
@@ -272,10 +277,6 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
     Ok(match frame.kind {
         Kind::Append => {
             let a: Append = frame.decode()?;
-            if matches!(shard.owner(&a.segment), Owner::Local(_)) {
-                let bytes = frame.payload.len() as u64;
-                shard.rates.borrow_mut().record(&a.segment, u64::from(a.event_count), bytes, std::time::Instant::now());
-            }
             let req = Request::Append {
                 name: a.segment.clone(),
                 writer: a.writer_id,

@@ -7,7 +7,7 @@
 //! segments that have both been well below the target (under half, over the short and the
 //! long average, watched for at least a window), never below MIN segments.
 
-use sluice_client::{Client, ClientConfig, ClientError};
+use sluice_client::{Client, ClientError};
 use sluice_net::{ScalingPolicy, SegmentNumber};
 use std::time::Duration;
 
@@ -67,16 +67,7 @@ pub fn decide(policy: ScalingPolicy, segments: &[SegmentLoad]) -> Option<Action>
 
 /// Runs forever: every `interval`, while `active()`, applies the scaling policies.
 pub async fn run(url: String, interval: Duration, cooldown: Duration, active: impl Fn() -> bool) {
-    let config = ClientConfig { retry_for: Duration::from_secs(2), ..ClientConfig::default() };
-    let client = loop {
-        match Client::connect_with(&url, config.clone()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(%url, error = %e, "auto-scaler cannot connect; retrying");
-                tokio::time::sleep(interval.min(Duration::from_secs(5))).await;
-            }
-        }
-    };
+    let client = crate::retention::connect_service(&url, "auto-scaler", interval).await;
     loop {
         tokio::time::sleep(interval).await;
         if !active() {

@@ -31,18 +31,7 @@ struct Tracked {
 /// `active()` says this process runs the cluster's duties (always in standalone; on the
 /// elected controller in a cluster). A controller that takes over starts with fresh marks.
 pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
-    // Calls give up quickly: a stream whose container is unavailable (its node is down)
-    // must not hold up the others; it is tried again next round.
-    let config = ClientConfig { retry_for: Duration::from_secs(2), ..ClientConfig::default() };
-    let client = loop {
-        match Client::connect_with(&url, config.clone()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(%url, error = %e, "retention service cannot connect; retrying");
-                tokio::time::sleep(interval.min(Duration::from_secs(5))).await;
-            }
-        }
-    };
+    let client = connect_service(&url, "retention service", interval).await;
     let mut streams: HashMap<String, Tracked> = HashMap::new();
     loop {
         tokio::time::sleep(interval).await;
@@ -52,6 +41,22 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
         }
         if let Err(e) = round(&client, &mut streams).await {
             tracing::warn!(error = %e, "retention round failed; trying again next interval");
+        }
+    }
+}
+
+/// A client for a cluster duty (retention, auto-scaling), connecting until it succeeds.
+/// Its calls give up quickly: a stream whose container is unavailable (its node is down)
+/// must not hold up the others; it is tried again next round.
+pub async fn connect_service(url: &str, service: &str, interval: Duration) -> Client {
+    let config = ClientConfig { retry_for: Duration::from_secs(2), ..ClientConfig::default() };
+    loop {
+        match Client::connect_with(url, config.clone()).await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "{service} cannot connect; retrying");
+                tokio::time::sleep(interval.min(Duration::from_secs(5))).await;
+            }
         }
     }
 }
