@@ -152,12 +152,21 @@ impl Client {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        let deadline = Instant::now() + self.inner.config.retry_for;
+        let started = Instant::now();
+        let deadline = started + self.inner.config.retry_for;
         let mut backoff = Duration::from_millis(20);
         loop {
             match f().await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    if started.elapsed() > Duration::from_secs(2) {
+                        tracing::warn!(waited = ?started.elapsed(), "a call succeeded only after a long retry");
+                    }
+                    return Ok(v);
+                }
                 Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    if backoff >= Duration::from_millis(500) {
+                        tracing::debug!(error = %e, waited = ?started.elapsed(), "retrying");
+                    }
                     if e.code() == Some(ErrorCode::WrongHost) {
                         let _ = self.refresh().await;
                     }
@@ -181,7 +190,7 @@ impl Client {
         out
     }
 
-    async fn admin<T: Control + Clone, R: Control>(&self, msg: T) -> Result<R, ClientError> {
+    pub(crate) async fn admin<T: Control + Clone, R: Control>(&self, msg: T) -> Result<R, ClientError> {
         self.with_retry(|| {
             let msg = msg.clone();
             async move {
@@ -198,7 +207,7 @@ impl Client {
         .await
     }
 
-    async fn segment_call<T: Control + Clone, R: Control>(
+    pub(crate) async fn segment_call<T: Control + Clone, R: Control>(
         &self,
         segment: &str,
         msg: T,

@@ -26,7 +26,7 @@
 //! (bootstrap, shard map, routing, stream manager, segment calls), `writer` (batching,
 //! pipelining, idempotent resend), `reader` (all segments of a stream, tail long-poll),
 //! `cut` (stream cuts), `sync` (state synchronizer), `batch` (reads between cuts),
-//! `bytestream` (byte streams).
+//! `bytestream` (byte streams), `txn` (transactions).
 
 pub mod batch;
 pub mod bytestream;
@@ -37,6 +37,7 @@ pub mod error;
 pub mod group;
 pub mod reader;
 pub mod sync;
+pub mod txn;
 pub mod writer;
 
 pub use batch::{SegmentSlice, SliceReader};
@@ -47,6 +48,7 @@ pub use error::ClientError;
 pub use group::{Checkpoint, GroupItem, GroupReader, GroupStream, ReaderGroup, ReaderGroupConfig};
 pub use reader::{Event, EventReader, ReadFrom};
 pub use sync::{StateSynchronizer, Synchronized};
+pub use txn::{Transaction, TxnConfig};
 pub use writer::{AckFuture, EventWriter, WriterConfig};
 
 /// The README's Rust example, compiled as a doc test so it cannot rot.

@@ -17,12 +17,13 @@ use futures::channel::mpsc;
 use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use glommio::sync::{Semaphore, StaticPermit};
 use sluice_meta::controller::ControllerError;
-use sluice_meta::controller::{PendingScale, StreamRecord};
+use sluice_meta::controller::{PendingScale, StreamRecord, TxnRecord};
 use sluice_meta::{MetaStore, StreamState};
 use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
-use sluice_net::{ErrorCode, ProtocolError, Retention, ScalingPolicy};
+use sluice_net::txn::shadow_segment_name;
+use sluice_net::{ErrorCode, ProtocolError, Retention, ScalingPolicy, TxnState};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -441,6 +442,78 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let shard = shard.clone();
             later(async move { stream_admin(&shard, id, StreamAdmin::Delete, &m.scope, &m.stream).await })
         }
+        Kind::BeginTxn => {
+            let m: BeginTxn = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match begin_txn(&shard, &m).await {
+                    Ok(t) => reply(id, &txn_info(m.scope, m.stream, &t)),
+                    Err(e) => e.into_reply(id),
+                }
+            })
+        }
+        Kind::GetTxn => {
+            let m: GetTxn = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                let r = shard.controller.get_txn(&m.scope, &m.stream, m.txn).await;
+                ctl_reply(id, r.map(|t| txn_info(m.scope, m.stream, &t)))
+            })
+        }
+        Kind::ListTxns => {
+            let m: ListTxns = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                let r = shard.controller.list_txns(&m.scope, &m.stream).await;
+                ctl_reply(
+                    id,
+                    r.map(|all| TxnList { txns: all.into_iter().map(|(sc, st, t)| txn_info(sc, st, &t)).collect() }),
+                )
+            })
+        }
+        Kind::PingTxn => {
+            let m: PingTxn = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                let r = shard.controller.ping_txn(&m.scope, &m.stream, m.txn, m.lease_ms).await;
+                ctl_reply(id, r.map(|t| txn_info(m.scope, m.stream, &t)))
+            })
+        }
+        Kind::CommitTxn => {
+            let m: CommitTxn = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match commit_txn(&shard, &m.scope, &m.stream, m.txn).await {
+                    Ok(t) => reply(id, &txn_info(m.scope, m.stream, &t)),
+                    Err(e) => e.into_reply(id),
+                }
+            })
+        }
+        Kind::FinishCommit => {
+            let m: FinishCommit = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                let r = shard.controller.end_commit(&m.scope, &m.stream, m.txn).await;
+                ctl_reply(id, r.map(|t| txn_info(m.scope, m.stream, &t)))
+            })
+        }
+        Kind::AbortTxn => {
+            let m: AbortTxn = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                match abort_txn(&shard, &m.scope, &m.stream, m.txn).await {
+                    Ok(t) => reply(id, &txn_info(m.scope, m.stream, &t)),
+                    Err(e) => e.into_reply(id),
+                }
+            })
+        }
+        Kind::ForgetTxn => {
+            let m: ForgetTxn = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                ctl_reply(id, shard.controller.forget_txn(&m.scope, &m.stream, m.txn, false).await.map(|()| Done {}))
+            })
+        }
         Kind::Hello => {
             Dispatched::Now(error_reply(id, ErrorCode::BadRequest, "handshake already done".into(), None, None))
         }
@@ -536,6 +609,139 @@ async fn finish_scale<S: MetaStore>(
     Ok(shard.controller.end_scale(scope, stream, p.epoch).await?)
 }
 
+fn txn_info(scope: String, stream: String, t: &TxnRecord) -> TxnInfo {
+    TxnInfo {
+        scope,
+        stream,
+        txn: t.id,
+        state: t.state,
+        epoch: t.epoch,
+        segments: t
+            .segments
+            .iter()
+            .map(|s| SegmentRange { number: s.number, key_low: s.key_low, key_high: s.key_high })
+            .collect(),
+        lease_ms: t.lease_ms,
+        lease_expires_unix_ms: t.lease_expires_unix_ms,
+        created_unix_ms: t.created_unix_ms,
+        finished_unix_ms: t.finished_unix_ms,
+    }
+}
+
+/// Opens a transaction: its record (on the current epoch, with any pending scaling
+/// finished first), then one shadow segment per segment of that epoch.
+async fn begin_txn<S: MetaStore>(shard: &Shard<S>, m: &BeginTxn) -> Result<TxnRecord, AdminError> {
+    current_stream(shard, &m.scope, &m.stream).await?;
+    let id = rand::random::<u128>().max(1);
+    let t = shard.controller.begin_txn(&m.scope, &m.stream, id, m.lease_ms).await?;
+    for s in &t.segments {
+        let name = shadow_segment_name(&m.scope, &m.stream, s.number, id);
+        match shard.segment_op(name.clone(), Request::Create { name }).await {
+            Ok(_) | Err(EngineError::SegmentExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(t)
+}
+
+/// Decides a commit and seals the shadows, so nothing more enters them: the caller moves
+/// their events into the stream, then sends `FinishCommit`. An open transaction whose lease
+/// ran out is aborted instead (and the commit refused).
+async fn commit_txn<S: MetaStore>(
+    shard: &Shard<S>,
+    scope: &str,
+    stream: &str,
+    txn: u128,
+) -> Result<TxnRecord, AdminError> {
+    let t = match shard.controller.begin_commit(scope, stream, txn).await {
+        Ok(t) => t,
+        Err(e @ ControllerError::TxnNotOpen(_)) => {
+            let t = shard.controller.get_txn(scope, stream, txn).await?;
+            if t.state == TxnState::Open || t.state == TxnState::Aborting {
+                abort_txn(shard, scope, stream, txn).await?;
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if t.state == TxnState::Committing {
+        for s in &t.segments {
+            let name = shadow_segment_name(scope, stream, s.number, txn);
+            match shard.segment_op(name.clone(), Request::Seal { name }).await {
+                // Gone: its events were moved already.
+                Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Aborts: decided in the record, then the shadows deleted, then recorded as done.
+async fn abort_txn<S: MetaStore>(
+    shard: &Shard<S>,
+    scope: &str,
+    stream: &str,
+    txn: u128,
+) -> Result<TxnRecord, AdminError> {
+    let t = shard.controller.begin_abort(scope, stream, txn).await?;
+    if t.state == TxnState::Aborted {
+        return Ok(t);
+    }
+    delete_shadows(shard, scope, stream, &t).await?;
+    Ok(shard.controller.end_abort(scope, stream, txn).await?)
+}
+
+async fn delete_shadows<S: MetaStore>(
+    shard: &Shard<S>,
+    scope: &str,
+    stream: &str,
+    t: &TxnRecord,
+) -> Result<(), EngineError> {
+    for s in &t.segments {
+        let name = shadow_segment_name(scope, stream, s.number, t.id);
+        match shard.segment_op(name.clone(), Request::Delete { name }).await {
+            Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Before a stream's segments are sealed: its open transactions abort, and committing ones
+/// are given `TXN_SETTLE_WAIT` to finish (their committer, or the controller's transaction
+/// service, is moving their events in); after that the seal is refused (`Conflict`, retry).
+async fn settle_txns<S: MetaStore>(shard: &Shard<S>, scope: &str, stream: &str) -> Result<(), AdminError> {
+    let deadline = std::time::Instant::now() + TXN_SETTLE_WAIT;
+    loop {
+        let mut committing = 0;
+        for (_, _, t) in shard.controller.list_txns(scope, stream).await? {
+            match t.state {
+                TxnState::Open | TxnState::Aborting => match abort_txn(shard, scope, stream, t.id).await {
+                    // It moved on to committing meanwhile: wait for it like the others.
+                    Ok(_) | Err(AdminError::Controller(ControllerError::TxnNotOpen(_))) => {}
+                    Err(e) => return Err(e),
+                },
+                TxnState::Committing => committing += 1,
+                TxnState::Committed | TxnState::Aborted => {}
+            }
+        }
+        if committing == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(ControllerError::Busy(format!(
+                "{scope}/{stream} has {committing} transaction(s) still committing; retry the seal"
+            ))
+            .into());
+        }
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long sealing a stream waits for its committing transactions.
+const TXN_SETTLE_WAIT: Duration = Duration::from_secs(10);
+
 enum StreamAdmin {
     Create(u32, Retention, ScalingPolicy),
     Seal,
@@ -566,6 +772,7 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
                 let record = current_stream(shard, scope, stream).await.map_err(|e| e.into_reply(id))?;
                 if record.state != StreamState::Sealed {
                     ctl.set_state(scope, stream, StreamState::Sealing).await.map_err(|e| controller_error(id, &e))?;
+                    settle_txns(shard, scope, stream).await.map_err(|e| e.into_reply(id))?;
                     for s in &record.segments {
                         match shard.segment_op(name(s.number), Request::Seal { name: name(s.number) }).await {
                             Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
@@ -580,7 +787,12 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
                 if record.state != StreamState::Sealed {
                     return Err(controller_error(id, &ControllerError::NotSealed(format!("{scope}/{stream}"))));
                 }
-                // Every segment the stream ever had, not only the current epoch's.
+                // Transactions first (their shadows, then their records), then every
+                // segment the stream ever had, not only the current epoch's.
+                for (_, _, t) in ctl.list_txns(scope, stream).await.map_err(|e| controller_error(id, &e))? {
+                    delete_shadows(shard, scope, stream, &t).await.map_err(|e| engine_error(id, &e))?;
+                    ctl.forget_txn(scope, stream, t.id, true).await.map_err(|e| controller_error(id, &e))?;
+                }
                 for s in &record.history {
                     match shard.segment_op(name(s.number), Request::Delete { name: name(s.number) }).await {
                         Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}

@@ -2,13 +2,18 @@
 //! state). The node's request handlers call these and then act on the segments; every
 //! record change is a compare-and-swap so concurrent callers never overwrite each other.
 //!
-//! Keys: `scopes/<scope>` (empty value), `streams/<scope>/<stream>` (rkyv `StreamRecord`).
+//! Keys: `scopes/<scope>` (empty value), `streams/<scope>/<stream>` (rkyv `StreamRecord`),
+//! `txns/<scope>/<stream>/<id>` (rkyv `TxnRecord`, see `txns`).
 //!
 //! Scaling is three record changes around the segment work, so a crash anywhere leaves a
 //! record a retry finishes: `begin_scale` records the pending scale (new segment numbers,
 //! next epoch); the node creates the new segments; `commit_scale` makes them current and
 //! appends the epoch and the links; the node seals the replaced segments; `end_scale`
 //! clears the pending scale. A stream with a pending scale takes no other scale.
+
+mod txns;
+
+pub use txns::TxnRecord;
 
 use crate::names::validate;
 use crate::store::{MetaError, MetaStore};
@@ -108,6 +113,12 @@ pub enum ControllerError {
     Invalid(String),
     #[error("stream {0} is being scaled; retry when that is done")]
     ScaleInProgress(String),
+    #[error("no such transaction: {0}")]
+    NoSuchTxn(String),
+    #[error("{0}")]
+    TxnNotOpen(String),
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Meta(#[from] MetaError),
 }
@@ -123,7 +134,9 @@ impl ControllerError {
             ControllerError::NotSealed(_) => ErrorCode::StreamNotSealed,
             ControllerError::Sealed(_) => ErrorCode::Sealed,
             ControllerError::Invalid(_) => ErrorCode::BadRequest,
-            ControllerError::ScaleInProgress(_) => ErrorCode::Conflict,
+            ControllerError::ScaleInProgress(_) | ControllerError::Busy(_) => ErrorCode::Conflict,
+            ControllerError::NoSuchTxn(_) => ErrorCode::NoSuchTxn,
+            ControllerError::TxnNotOpen(_) => ErrorCode::TxnNotOpen,
             ControllerError::Meta(_) => ErrorCode::Internal,
         }
     }

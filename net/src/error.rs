@@ -39,6 +39,11 @@ pub enum ErrorCode {
     Tier2Unavailable = 19,
     /// Another change of the same stream (a scaling) is in progress; retry when it is done.
     Conflict = 20,
+    /// No transaction with that id on that stream (never opened, or forgotten).
+    NoSuchTxn = 21,
+    /// The transaction is not in a state that allows the request (committed, aborted,
+    /// expired); the message says which.
+    TxnNotOpen = 22,
 }
 
 impl ErrorCode {
@@ -65,6 +70,8 @@ impl ErrorCode {
             18 => Internal,
             19 => Tier2Unavailable,
             20 => Conflict,
+            21 => NoSuchTxn,
+            22 => TxnNotOpen,
             _ => return None,
         })
     }

@@ -16,6 +16,7 @@ pub mod messages;
 pub mod retention;
 pub mod routing;
 pub mod scaling;
+pub mod txn;
 
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{Frame, FrameHeader};
@@ -23,3 +24,4 @@ pub use ids::*;
 pub use messages::*;
 pub use retention::Retention;
 pub use scaling::ScalingPolicy;
+pub use txn::TxnState;

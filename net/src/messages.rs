@@ -27,6 +27,8 @@ kinds! {
     CreateSegment = 30, Append = 31, AppendAck = 32, Read = 33, ReadReply = 34,
     GetSegmentInfo = 35, SegmentInfo = 36, SealSegment = 37, TruncateSegment = 38,
     DeleteSegment = 39,
+    BeginTxn = 50, TxnInfo = 51, GetTxn = 52, ListTxns = 53, TxnList = 54, PingTxn = 55,
+    CommitTxn = 56, FinishCommit = 57, AbortTxn = 58, ForgetTxn = 59,
 }
 
 /// A control message: its kind and its archive.
@@ -308,6 +310,106 @@ control!(
     DeleteSegment,
     pub struct DeleteSegment {
         pub segment: String,
+    }
+);
+
+control!(
+    BeginTxn,
+    /// Opens a transaction on a stream's current epoch; it aborts unless pinged within `lease_ms`.
+    pub struct BeginTxn {
+        pub scope: String,
+        pub stream: String,
+        pub lease_ms: u64,
+    }
+);
+control!(
+    TxnInfo,
+    /// A transaction's record.
+    pub struct TxnInfo {
+        pub scope: String,
+        pub stream: String,
+        pub txn: u128,
+        pub state: crate::txn::TxnState,
+        /// The stream epoch it was opened in.
+        pub epoch: u64,
+        /// That epoch's segments: each has a shadow segment in the transaction.
+        pub segments: Vec<SegmentRange>,
+        pub lease_ms: u64,
+        /// Wall-clock time the lease runs out (while open).
+        pub lease_expires_unix_ms: u64,
+        pub created_unix_ms: u64,
+        /// When it was committed or aborted (0 before).
+        pub finished_unix_ms: u64,
+    }
+);
+control!(
+    GetTxn,
+    pub struct GetTxn {
+        pub scope: String,
+        pub stream: String,
+        pub txn: u128,
+    }
+);
+control!(
+    ListTxns,
+    /// Transactions of one stream, or of every stream when `stream` is empty (and `scope` too).
+    pub struct ListTxns {
+        pub scope: String,
+        pub stream: String,
+    }
+);
+control!(
+    TxnList,
+    pub struct TxnList {
+        pub txns: Vec<TxnInfo>,
+    }
+);
+control!(
+    PingTxn,
+    /// Renews an open transaction's lease: it now runs out `lease_ms` from now.
+    pub struct PingTxn {
+        pub scope: String,
+        pub stream: String,
+        pub txn: u128,
+        pub lease_ms: u64,
+    }
+);
+control!(
+    CommitTxn,
+    /// Decides the commit: the transaction becomes `Committing` and its shadow segments are
+    /// sealed. The caller then moves the shadows' events into the stream and sends
+    /// `FinishCommit` (anyone may finish a commit; the controller does after a crash).
+    pub struct CommitTxn {
+        pub scope: String,
+        pub stream: String,
+        pub txn: u128,
+    }
+);
+control!(
+    FinishCommit,
+    /// Every shadow's events are in the stream: the transaction becomes `Committed`.
+    pub struct FinishCommit {
+        pub scope: String,
+        pub stream: String,
+        pub txn: u128,
+    }
+);
+control!(
+    AbortTxn,
+    /// Aborts: the shadow segments are deleted and the transaction becomes `Aborted`.
+    pub struct AbortTxn {
+        pub scope: String,
+        pub stream: String,
+        pub txn: u128,
+    }
+);
+control!(
+    ForgetTxn,
+    /// Removes a committed or aborted transaction's record.
+    pub struct ForgetTxn {
+        pub scope: String,
+        pub stream: String,
+        pub txn: u128,
     }
 );
 

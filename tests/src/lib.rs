@@ -20,7 +20,10 @@ pub fn sluice_bin() -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "sluice-tools", "--bin", "sluice"]);
+        // `--workspace`, not `-p sluice-tools`: a single-package build resolves features
+        // differently, so it would rebuild the client and the tools (a minute or more,
+        // inside whichever test asked first) next to what `cargo test --workspace` built.
+        cmd.args(["build", "--quiet", "--workspace", "--bin", "sluice"]);
         if release {
             cmd.arg("--release");
         }

@@ -53,6 +53,7 @@ async fn writer(c: Client, stream: &'static str, w: u64, stop: Arc<AtomicBool>) 
 async fn scaling_up_and_down_under_load_keeps_every_event_once_and_in_key_order() {
     let h = Harness::with_stream("sc", "s", 2).await;
     let c = h.client.clone();
+    let t0 = Instant::now();
     let group = c.create_reader_group("sc", "g", ReaderGroupConfig::stream("sc/s")).await.unwrap();
 
     // Two readers read while the writers write and the stream scales.
@@ -109,6 +110,7 @@ async fn scaling_up_and_down_under_load_keeps_every_event_once_and_in_key_order(
         }
     }
     let total: u64 = written.values().sum();
+    let t_written = t0.elapsed();
     // Sealing the stream lets the readers finish every segment.
     c.seal_stream("sc", "s").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -116,6 +118,7 @@ async fn scaling_up_and_down_under_load_keeps_every_event_once_and_in_key_order(
         assert!(Instant::now() < deadline, "read {} of {total} events", order.load(Ordering::SeqCst));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let t_read = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     readers_done.store(true, Ordering::SeqCst);
     for r in readers {
@@ -139,7 +142,8 @@ async fn scaling_up_and_down_under_load_keeps_every_event_once_and_in_key_order(
     let history = c.stream_history("sc", "s").await.unwrap();
     assert_eq!(history.epochs.len(), SCALINGS + 1);
     eprintln!(
-        "scaling under load: {total} events, {} segments over {} epochs; scale times {:?}",
+        "scaling under load: {total} events, {} segments over {} epochs; scale times {:?}; \
+         writers done at {t_written:?}, all read at {t_read:?}",
         history.segments.len(),
         history.epochs.len(),
         epochs.iter().map(|e| e.1).collect::<Vec<_>>()

@@ -7,6 +7,8 @@ mod dump;
 mod io;
 mod retention;
 mod rg;
+mod txn;
+mod txns;
 
 use clap::{Parser, Subcommand};
 use sluice_client::{Client, ClientError};
@@ -45,6 +47,9 @@ enum Cmd {
     /// Reader groups: readers sharing a stream, with checkpoints.
     #[command(subcommand)]
     Rg(rg::RgCmd),
+    /// Transactions: list, describe, commit or abort them; write one from stdin.
+    #[command(subcommand)]
+    Txn(txn::TxnCmd),
     /// Inspect container logs offline.
     #[command(subcommand)]
     Log(LogCmd),
@@ -150,6 +155,13 @@ struct StandaloneArgs {
     /// Least time between two automatic scalings of a stream, in seconds.
     #[arg(long, default_value_t = 300)]
     scale_cooldown_s: u64,
+    /// How often the transaction service aborts expired transactions and finishes stalled
+    /// commits, in ms.
+    #[arg(long, default_value_t = 1_000)]
+    txn_interval_ms: u64,
+    /// How long committed and aborted transactions stay listed (`sluice txn list`), in seconds.
+    #[arg(long, default_value_t = 3_600)]
+    txn_keep_s: u64,
 }
 
 #[derive(Subcommand)]
@@ -324,19 +336,22 @@ fn spawn_duties(
     let retention_every = std::time::Duration::from_millis(a.retention_interval_ms.max(10));
     let autoscale_every = std::time::Duration::from_millis(a.autoscale_interval_ms.max(10));
     let cooldown = std::time::Duration::from_secs(a.scale_cooldown_s);
+    let txn_every = std::time::Duration::from_millis(a.txn_interval_ms.max(10));
+    let txn_keep = std::time::Duration::from_secs(a.txn_keep_s);
     std::thread::Builder::new()
         .name("sluice-duties".into())
         .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt.block_on(async {
                 tokio::join!(
                     retention::run(url.clone(), retention_every, active.clone()),
-                    autoscale::run(url, autoscale_every, cooldown, active)
+                    autoscale::run(url.clone(), autoscale_every, cooldown, active.clone()),
+                    txns::run(url, txn_every, txn_keep, active)
                 );
             }),
-            Err(e) => tracing::error!(error = %e, "cannot start the retention and auto-scaling services"),
+            Err(e) => tracing::error!(error = %e, "cannot start the retention, auto-scaling and transaction services"),
         })
         .map(|_| ())
-        .map_err(|e| format!("starting the retention and auto-scaling services: {e}"))
+        .map_err(|e| format!("starting the retention, auto-scaling and transaction services: {e}"))
 }
 
 /// Connects to etcd and checks the cluster's container count, retrying an unreachable etcd
@@ -583,6 +598,7 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
             println!("{}", c.stream_cut(&stream, at).await.map_err(err)?);
         }
         Cmd::Rg(cmd) => rg::run(&c, cmd).await?,
+        Cmd::Txn(cmd) => txn::run(&c, cmd).await?,
         Cmd::Write(a) => io::write(&c, a).await?,
         Cmd::Read(a) => io::read(&c, a).await?,
         Cmd::Standalone(_) | Cmd::Node(_) | Cmd::Log(_) | Cmd::Cluster(_) => {

@@ -468,6 +468,15 @@ impl ContainerCore {
         if data.len() > max {
             return Err(EngineError::TooLarge(format!("append of {} bytes exceeds the {max}-byte limit", data.len())));
         }
+        // A commit moves a shadow segment into the stream in one append.
+        let txn_max = sluice_net::txn::TXN_SEGMENT_BYTES_MAX.min(max as u64);
+        if sluice_net::txn::is_shadow_segment(&name) && !replayed && s.acc_length + data.len() as u64 > txn_max {
+            return Err(EngineError::TooLarge(format!(
+                "a transaction holds at most {txn_max} bytes per segment here ({name} has {}, this append {})",
+                s.acc_length,
+                data.len()
+            )));
+        }
         if count > 0 {
             validate_events(&data, u64::from(count))
                 .map_err(|e| EngineError::BadRequest(format!("append to {name}: {e}")))?;
