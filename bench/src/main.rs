@@ -16,6 +16,7 @@
 mod peers;
 mod plot;
 mod scale;
+mod txn;
 
 use clap::Parser;
 use futures::StreamExt;
@@ -139,6 +140,24 @@ enum Cmd {
         /// Event payload size in bytes.
         #[arg(long, default_value_t = 100)]
         size: usize,
+    },
+    /// Time transaction commits: each round writes EVENTS events over every segment into a
+    /// transaction, flushes, and commits (the events are readable when the commit returns).
+    Txn {
+        #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
+        url: String,
+        /// Segments of the stream (a transaction has one shadow per segment).
+        #[arg(long, default_value_t = 4)]
+        segments: u32,
+        /// Events per transaction (over 64 keys, so every segment gets some).
+        #[arg(long, default_value_t = 1000)]
+        events: u32,
+        /// Event payload size in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Transactions to time (after one warm-up).
+        #[arg(long, default_value_t = 200)]
+        rounds: u32,
     },
     /// Read a whole stream from its head with a reader group of C readers.
     Consume {
@@ -361,7 +380,7 @@ fn main() -> Result<(), String> {
         Cmd::Produce { producers, .. } => *producers as usize,
         Cmd::Consume { readers, .. } => *readers as usize,
         Cmd::EndToEnd { readers, .. } => *readers as usize + 1,
-        Cmd::Compare { .. } | Cmd::Scale { .. } => 1,
+        Cmd::Compare { .. } | Cmd::Scale { .. } | Cmd::Txn { .. } => 1,
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -385,6 +404,9 @@ fn main() -> Result<(), String> {
             let load =
                 scale::ScaleLoad { segments, scalings, rate, every: std::time::Duration::from_millis(every_ms), size };
             rt.block_on(scale::run(url, load))?
+        }
+        Cmd::Txn { url, segments, events, size, rounds } => {
+            rt.block_on(txn::run(url, txn::TxnLoad { segments, events, size, rounds }))?
         }
         Cmd::Consume { url, stream, readers, idle_ms } => {
             (rt.block_on(consume(url, stream, readers.max(1), idle_ms))?, Vec::new())

@@ -16,7 +16,8 @@
 //! point), hop by hop through the history; a target that already took them answers
 //! "duplicate", also after a seal. So a commit step can be repeated any number of times, by
 //! anyone: the committing client, or the controller's transaction service after a crash.
-//! Then the shadow is deleted, and once every shadow is gone, `FinishCommit`.
+//! Once every shadow is moved, `FinishCommit`; the spent shadows are deleted after that, off
+//! the commit's path (the server deletes any left over when the record is forgotten).
 
 use crate::client::{Client, parse_stream};
 use crate::error::ClientError;
@@ -166,10 +167,25 @@ impl Client {
         for r in futures::future::join_all(moves).await {
             r?;
         }
-        self.admin(FinishCommit { scope: info.scope.clone(), stream: info.stream.clone(), txn: info.txn }).await
+        let done: TxnInfo =
+            self.admin(FinishCommit { scope: info.scope.clone(), stream: info.stream.clone(), txn: info.txn }).await?;
+        // The shadows are spent: delete them off the commit's path. One left behind (this
+        // process stopped) goes when the record is forgotten or the stream deleted.
+        let (client, info) = (self.clone(), info.clone());
+        tokio::spawn(async move {
+            for r in &info.segments {
+                let shadow = shadow_segment_name(&info.scope, &info.stream, r.number, info.txn);
+                if let Err(e) = client.delete_segment(&shadow).await
+                    && e.code() != Some(ErrorCode::NoSuchSegment)
+                {
+                    tracing::debug!(%shadow, error = %e, "deleting a committed transaction's shadow failed");
+                }
+            }
+        });
+        Ok(done)
     }
 
-    /// One shadow's events into the stream, then the shadow deleted.
+    /// One shadow's events into the stream (nothing to do if the shadow is gone already).
     async fn move_shadow(&self, info: &TxnInfo, number: u64) -> Result<(), ClientError> {
         let shadow = shadow_segment_name(&info.scope, &info.stream, number, info.txn);
         let Some(data) = self.read_sealed_whole(&shadow).await? else { return Ok(()) };
@@ -228,11 +244,7 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        match self.delete_segment(&shadow).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some(ErrorCode::NoSuchSegment) => Ok(()),
-            Err(e) => Err(e),
-        }
+        Ok(())
     }
 
     /// All bytes of a sealed segment; `None` if it does not exist (any more).

@@ -511,7 +511,10 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: ForgetTxn = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                ctl_reply(id, shard.controller.forget_txn(&m.scope, &m.stream, m.txn, false).await.map(|()| Done {}))
+                match forget_txn(&shard, &m.scope, &m.stream, m.txn).await {
+                    Ok(()) => reply(id, &Done {}),
+                    Err(e) => e.into_reply(id),
+                }
             })
         }
         Kind::Hello => {
@@ -634,9 +637,12 @@ async fn begin_txn<S: MetaStore>(shard: &Shard<S>, m: &BeginTxn) -> Result<TxnRe
     current_stream(shard, &m.scope, &m.stream).await?;
     let id = rand::random::<u128>().max(1);
     let t = shard.controller.begin_txn(&m.scope, &m.stream, id, m.lease_ms).await?;
-    for s in &t.segments {
+    let creates = t.segments.iter().map(|s| {
         let name = shadow_segment_name(&m.scope, &m.stream, s.number, id);
-        match shard.segment_op(name.clone(), Request::Create { name }).await {
+        shard.segment_op(name.clone(), Request::Create { name })
+    });
+    for r in futures::future::join_all(creates).await {
+        match r {
             Ok(_) | Err(EngineError::SegmentExists(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -645,15 +651,24 @@ async fn begin_txn<S: MetaStore>(shard: &Shard<S>, m: &BeginTxn) -> Result<TxnRe
 }
 
 /// Decides a commit and seals the shadows, so nothing more enters them: the caller moves
-/// their events into the stream, then sends `FinishCommit`. An open transaction whose lease
-/// ran out is aborted instead (and the commit refused).
+/// their events into the stream, then sends `FinishCommit`. The seals run beside the
+/// decision (one durable step, not two): a transaction whose commit is refused can only
+/// abort, so sealing its shadows costs nothing. An open transaction whose lease ran out is
+/// aborted instead (and the commit refused).
 async fn commit_txn<S: MetaStore>(
     shard: &Shard<S>,
     scope: &str,
     stream: &str,
     txn: u128,
 ) -> Result<TxnRecord, AdminError> {
-    let t = match shard.controller.begin_commit(scope, stream, txn).await {
+    let t = shard.controller.get_txn(scope, stream, txn).await?;
+    let seals = t.segments.iter().map(|s| {
+        let name = shadow_segment_name(scope, stream, s.number, txn);
+        shard.segment_op(name.clone(), Request::Seal { name })
+    });
+    let (decided, sealed) =
+        futures::join!(shard.controller.begin_commit(scope, stream, txn), futures::future::join_all(seals));
+    let t = match decided {
         Ok(t) => t,
         Err(e @ ControllerError::TxnNotOpen(_)) => {
             let t = shard.controller.get_txn(scope, stream, txn).await?;
@@ -664,14 +679,11 @@ async fn commit_txn<S: MetaStore>(
         }
         Err(e) => return Err(e.into()),
     };
-    if t.state == TxnState::Committing {
-        for s in &t.segments {
-            let name = shadow_segment_name(scope, stream, s.number, txn);
-            match shard.segment_op(name.clone(), Request::Seal { name }).await {
-                // Gone: its events were moved already.
-                Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
+    for r in sealed {
+        match r {
+            // Gone: its events were moved already.
+            Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(t)
@@ -692,15 +704,27 @@ async fn abort_txn<S: MetaStore>(
     Ok(shard.controller.end_abort(scope, stream, txn).await?)
 }
 
+/// Forgets a committed or aborted transaction, deleting any shadow its commit left behind.
+async fn forget_txn<S: MetaStore>(shard: &Shard<S>, scope: &str, stream: &str, txn: u128) -> Result<(), AdminError> {
+    let t = shard.controller.get_txn(scope, stream, txn).await?;
+    if t.state.is_final() {
+        delete_shadows(shard, scope, stream, &t).await?;
+    }
+    Ok(shard.controller.forget_txn(scope, stream, txn, false).await?)
+}
+
 async fn delete_shadows<S: MetaStore>(
     shard: &Shard<S>,
     scope: &str,
     stream: &str,
     t: &TxnRecord,
 ) -> Result<(), EngineError> {
-    for s in &t.segments {
+    let deletes = t.segments.iter().map(|s| {
         let name = shadow_segment_name(scope, stream, s.number, t.id);
-        match shard.segment_op(name.clone(), Request::Delete { name }).await {
+        shard.segment_op(name.clone(), Request::Delete { name })
+    });
+    for r in futures::future::join_all(deletes).await {
+        match r {
             Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
             Err(e) => return Err(e),
         }
