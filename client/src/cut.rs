@@ -163,16 +163,52 @@ impl Client {
         Ok(())
     }
 
+    /// The reader groups subscribed to a stream, with their last checkpoint cuts.
+    pub async fn list_subscribers(&self, stream: &str) -> Result<Vec<sluice_net::SubscriberInfo>, ClientError> {
+        let s = crate::client::parse_stream(stream)?;
+        let msg = sluice_net::ListSubscribers { scope: s.scope, stream: s.stream };
+        Ok(self.admin::<_, sluice_net::SubscriberList>(msg).await?.subscribers)
+    }
+
     /// Truncates the stream at `cut`: data before it is deleted (from the log and tier-2)
     /// and reads below it fail with `Truncated`. Positions at or below a segment's start
-    /// offset change nothing.
+    /// offset change nothing. Segments of earlier epochs that lie wholly before the cut (the
+    /// sealed ancestors of its segments) are truncated whole.
     pub async fn truncate_stream(&self, cut: &StreamCut) -> Result<(), ClientError> {
         self.validate_cut(cut).await?;
+        let history = self.stream_history(&cut.stream.scope, &cut.stream.stream).await?;
+        for seg in ancestors(&history, cut) {
+            let si = match self.segment_info(&cut.segment_name(seg)).await {
+                Ok(si) => si,
+                Err(e) if e.code() == Some(sluice_net::ErrorCode::NoSuchSegment) => continue,
+                Err(e) => return Err(e),
+            };
+            if si.sealed && si.start_offset < si.length {
+                self.truncate_segment(&cut.segment_name(seg), si.length).await?;
+            }
+        }
         for (&seg, &off) in &cut.positions {
             self.truncate_segment(&cut.segment_name(seg), off).await?;
         }
         Ok(())
     }
+}
+
+/// Segments wholly before `cut`: every (transitive) predecessor of its segments that is
+/// not itself in the cut.
+pub fn ancestors(history: &sluice_net::StreamHistory, cut: &StreamCut) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    let mut todo: Vec<u64> = cut.positions.keys().copied().collect();
+    while let Some(n) = todo.pop() {
+        for &p in history.segment(n).map(|h| h.predecessors.as_slice()).unwrap_or_default() {
+            if !cut.positions.contains_key(&p) && !out.contains(&p) {
+                out.push(p);
+                todo.push(p);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
 #[cfg(test)]

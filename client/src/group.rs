@@ -20,6 +20,7 @@ use crate::error::ClientError;
 use crate::reader::{Event, EventCutter};
 use crate::sync::{StateSynchronizer, Synchronized};
 use rkyv::{Archive, Deserialize, Serialize};
+use sluice_net::messages::{AddSubscriber, Done, RemoveSubscriber, SegmentOffset, UpdateSubscriber};
 use sluice_net::{ErrorCode, ScopedStream};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -245,6 +246,10 @@ pub struct ReaderGroupConfig {
     pub streams: Vec<GroupStream>,
     /// How often readers re-read the group state (rebalance, checkpoints, positions).
     pub refresh: Duration,
+    /// Consumption-based retention: the group subscribes to its streams, and their
+    /// truncation never passes the group's last completed checkpoint (nor happens before
+    /// its first).
+    pub subscriber: bool,
 }
 
 impl ReaderGroupConfig {
@@ -252,7 +257,14 @@ impl ReaderGroupConfig {
         Self {
             streams: vec![GroupStream { stream: stream.into(), from: None, to: None }],
             refresh: Duration::from_millis(100),
+            subscriber: false,
         }
+    }
+
+    /// The same, as a subscriber of its streams (see `subscriber`).
+    pub fn subscribing(mut self) -> Self {
+        self.subscriber = true;
+        self
     }
 }
 
@@ -324,6 +336,13 @@ impl Client {
         let mut sync = self.state_synchronizer::<GroupState>(scope, &state_stream(name)).await?;
         if !sync.initialize(state).await? {
             return Err(ClientError::GroupExists(format!("{scope}/{name}")));
+        }
+        if config.subscriber {
+            for gs in &config.streams {
+                let s = crate::client::parse_stream(&gs.stream)?;
+                let msg = AddSubscriber { scope: s.scope, stream: s.stream, group: format!("{scope}/{name}") };
+                self.admin::<_, Done>(msg).await?;
+            }
         }
         Ok(ReaderGroup { client: self.clone(), scope: scope.into(), name: name.into(), refresh: config.refresh })
     }
@@ -441,7 +460,22 @@ impl ReaderGroup {
             sync.fetch_updates().await?;
             let state = sync.state().expect("initialized");
             if let Some(done) = state.completed.iter().rev().find(|c| c.name == name) {
-                return Ok(Checkpoint { name: name.into(), cuts: positions_to_cuts(&done.positions) });
+                let cuts = positions_to_cuts(&done.positions);
+                // A subscriber's streams may now be truncated up to here (no-op otherwise).
+                for cut in &cuts {
+                    let msg = UpdateSubscriber {
+                        scope: cut.stream.scope.clone(),
+                        stream: cut.stream.stream.clone(),
+                        group: self.name(),
+                        positions: cut
+                            .positions
+                            .iter()
+                            .map(|(&segment, &offset)| SegmentOffset { segment, offset })
+                            .collect(),
+                    };
+                    self.client.admin::<_, Done>(msg).await?;
+                }
+                return Ok(Checkpoint { name: name.into(), cuts });
             }
             if Instant::now() >= deadline {
                 return Err(ClientError::Timeout(format!(
@@ -469,6 +503,25 @@ impl ReaderGroup {
 
     /// Deletes the group's state.
     pub async fn delete(&self) -> Result<(), ClientError> {
+        // No longer a subscriber of any stream it read.
+        let state = self.state().await?;
+        let mut streams: Vec<ScopedStream> = Vec::new();
+        let segments = state.readers.values().flat_map(|h| h.keys()).chain(state.unassigned.keys());
+        for seg in segments.chain(state.finished.keys()) {
+            if let Some((s, _)) = split_segment(seg)
+                && !streams.contains(&s)
+            {
+                streams.push(s);
+            }
+        }
+        for s in streams {
+            let msg = RemoveSubscriber { scope: s.scope, stream: s.stream, group: self.name() };
+            match self.client.admin::<_, Done>(msg).await {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::NoSuchStream) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let stream = state_stream(&self.name);
         self.client.seal_stream(&self.scope, &stream).await?;
         self.client.delete_stream(&self.scope, &stream).await

@@ -517,6 +517,51 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                 }
             })
         }
+        Kind::AddSubscriber => {
+            let m: AddSubscriber = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                ctl_reply(id, shard.controller.add_subscriber(&m.scope, &m.stream, &m.group).await.map(|()| Done {}))
+            })
+        }
+        Kind::RemoveSubscriber => {
+            let m: RemoveSubscriber = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                ctl_reply(id, shard.controller.remove_subscriber(&m.scope, &m.stream, &m.group).await.map(|()| Done {}))
+            })
+        }
+        Kind::UpdateSubscriber => {
+            let m: UpdateSubscriber = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                let positions = m.positions.iter().map(|p| (p.segment, p.offset)).collect();
+                let r = shard.controller.update_subscriber(&m.scope, &m.stream, &m.group, positions).await;
+                ctl_reply(id, r.map(|_| Done {}))
+            })
+        }
+        Kind::ListSubscribers => {
+            let m: ListSubscribers = frame.decode()?;
+            let shard = shard.clone();
+            later(async move {
+                let r = shard.controller.list_subscribers(&m.scope, &m.stream).await;
+                ctl_reply(
+                    id,
+                    r.map(|all| SubscriberList {
+                        subscribers: all
+                            .into_iter()
+                            .map(|(group, r)| SubscriberInfo {
+                                group,
+                                positions: r.positions.map(|p| {
+                                    p.into_iter().map(|(segment, offset)| SegmentOffset { segment, offset }).collect()
+                                }),
+                                updated_unix_ms: r.updated_unix_ms,
+                            })
+                            .collect(),
+                    }),
+                )
+            })
+        }
         Kind::Hello => {
             Dispatched::Now(error_reply(id, ErrorCode::BadRequest, "handshake already done".into(), None, None))
         }
@@ -823,6 +868,7 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
                         Err(e) => return Err(engine_error(id, &e)),
                     }
                 }
+                ctl.remove_subscribers(scope, stream).await.map_err(|e| controller_error(id, &e))?;
                 ctl.delete_stream_record(scope, stream).await.map_err(|e| controller_error(id, &e))?;
             }
         }

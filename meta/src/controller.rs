@@ -3,7 +3,8 @@
 //! record change is a compare-and-swap so concurrent callers never overwrite each other.
 //!
 //! Keys: `scopes/<scope>` (empty value), `streams/<scope>/<stream>` (rkyv `StreamRecord`),
-//! `txns/<scope>/<stream>/<id>` (rkyv `TxnRecord`, see `txns`).
+//! `txns/<scope>/<stream>/<id>` (rkyv `TxnRecord`, see `txns`),
+//! `subscribers/<scope>/<stream>/<group>` (rkyv `SubscriberRecord`, see `subscribers`).
 //!
 //! Scaling is three record changes around the segment work, so a crash anywhere leaves a
 //! record a retry finishes: `begin_scale` records the pending scale (new segment numbers,
@@ -11,8 +12,10 @@
 //! appends the epoch and the links; the node seals the replaced segments; `end_scale`
 //! clears the pending scale. A stream with a pending scale takes no other scale.
 
+mod subscribers;
 mod txns;
 
+pub use subscribers::SubscriberRecord;
 pub use txns::TxnRecord;
 
 use crate::names::validate;

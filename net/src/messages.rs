@@ -29,6 +29,8 @@ kinds! {
     DeleteSegment = 39,
     BeginTxn = 50, TxnInfo = 51, GetTxn = 52, ListTxns = 53, TxnList = 54, PingTxn = 55,
     CommitTxn = 56, FinishCommit = 57, AbortTxn = 58, ForgetTxn = 59,
+    AddSubscriber = 60, RemoveSubscriber = 61, UpdateSubscriber = 62, ListSubscribers = 63,
+    SubscriberList = 64,
 }
 
 /// A control message: its kind and its archive.
@@ -412,6 +414,64 @@ control!(
         pub txn: u128,
     }
 );
+
+control!(
+    AddSubscriber,
+    /// Makes reader group `group` (as `scope/name`) a subscriber of a stream: truncation never
+    /// passes its last checkpoint (and waits for its first one).
+    pub struct AddSubscriber {
+        pub scope: String,
+        pub stream: String,
+        pub group: String,
+    }
+);
+control!(
+    RemoveSubscriber,
+    pub struct RemoveSubscriber {
+        pub scope: String,
+        pub stream: String,
+        pub group: String,
+    }
+);
+control!(
+    UpdateSubscriber,
+    /// A subscriber's new checkpoint cut on the stream, as (segment number, offset). A group
+    /// that is not a subscriber of the stream changes nothing.
+    pub struct UpdateSubscriber {
+        pub scope: String,
+        pub stream: String,
+        pub group: String,
+        pub positions: Vec<SegmentOffset>,
+    }
+);
+control!(
+    ListSubscribers,
+    pub struct ListSubscribers {
+        pub scope: String,
+        pub stream: String,
+    }
+);
+control!(
+    SubscriberList,
+    pub struct SubscriberList {
+        pub subscribers: Vec<SubscriberInfo>,
+    }
+);
+
+/// A position in one segment of a stream.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct SegmentOffset {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// A subscriber of a stream and its last checkpoint cut (`None` before its first).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SubscriberInfo {
+    pub group: String,
+    pub positions: Option<Vec<SegmentOffset>>,
+    pub updated_unix_ms: u64,
+}
 
 /// One shard's listening address.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

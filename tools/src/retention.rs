@@ -6,6 +6,11 @@
 //! that still leaves at least MIN. The engine then frees the log space and deletes the tier-2
 //! chunks below the new start offsets.
 //!
+//! A scaled stream counts the bytes of every segment it ever had, and a truncation at a mark
+//! also empties the sealed segments wholly before it. Reader groups that subscribe to the
+//! stream bound truncation: the service truncates at the newest mark that is before every
+//! subscriber's last checkpoint cut, and not at all while a subscriber has none.
+//!
 //! Marks live in memory: after a restart, time-based retention counts a stream's age from
 //! the first mark it takes (data is kept longer, never shorter).
 
@@ -43,6 +48,14 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             tracing::warn!(error = %e, "retention round failed; trying again next interval");
         }
     }
+}
+
+/// Whether truncating at `mark` keeps everything from `bound` on: each of the mark's
+/// segments is at or before its offset in `bound`, or wholly before `bound` (an ancestor
+/// of its segments).
+pub fn cut_before(mark: &StreamCut, bound: &StreamCut, history: &sluice_net::StreamHistory) -> bool {
+    let before = sluice_client::cut::ancestors(history, bound);
+    mark.positions.iter().all(|(seg, &off)| bound.positions.get(seg).is_some_and(|&b| off <= b) || before.contains(seg))
 }
 
 /// A client for a cluster duty (retention, auto-scaling), connecting until it succeeds.
@@ -93,13 +106,22 @@ async fn apply(c: &Client, stream: &ScopedStream, streams: &mut HashMap<String, 
     }
     let key = stream.to_string();
     let now = Instant::now();
+    // Bytes written and held count every segment the stream ever had (a scaled stream's
+    // sealed segments hold data until a truncation passes them); the mark is the tail.
     let (mut total, mut held) = (0, 0);
     let mut positions = BTreeMap::new();
-    for seg in &info.segments {
-        let si = c.segment_info(&stream.segment_name(SegmentNumber(seg.number))).await?;
+    let history = c.stream_history(&stream.scope, &stream.stream).await?;
+    for seg in &history.segments {
+        let si = match c.segment_info(&stream.segment_name(SegmentNumber(seg.number))).await {
+            Ok(si) => si,
+            Err(e) if e.code() == Some(ErrorCode::NoSuchSegment) && seg.sealed_epoch.is_some() => continue,
+            Err(e) => return Err(e),
+        };
         total += si.length;
         held += si.length - si.start_offset;
-        positions.insert(seg.number, si.length);
+        if info.segments.iter().any(|s| s.number == seg.number) {
+            positions.insert(seg.number, si.length);
+        }
     }
     let t = streams.entry(key.clone()).or_insert_with(|| Tracked { marks: VecDeque::new(), head_at: now });
     t.marks.push_back(Mark { at: now, total, cut: StreamCut { stream: stream.clone(), positions } });
@@ -121,18 +143,81 @@ async fn apply(c: &Client, stream: &ScopedStream, streams: &mut HashMap<String, 
             }
         }
     };
-    if let Some(i) = target {
-        let mark = &t.marks[i];
-        c.truncate_stream(&mark.cut).await?;
-        tracing::info!(
-            stream = %key,
-            held,
-            kept = total - mark.total,
-            policy = %info.retention,
-            "retention truncated the stream"
-        );
-        t.head_at = mark.at;
-        t.marks.drain(..=i);
+    // Subscribers (consumption-based retention): never past any one's last checkpoint.
+    let Some(i) = target else { return Ok(true) };
+    let subs = c.list_subscribers(&key).await?;
+    let mut cuts = Vec::new();
+    for sub in &subs {
+        match &sub.positions {
+            Some(p) => cuts.push(StreamCut {
+                stream: stream.clone(),
+                positions: p.iter().map(|x| (x.segment, x.offset)).collect(),
+            }),
+            None => {
+                tracing::debug!(stream = %key, group = %sub.group, "retention waits for a subscriber's first checkpoint");
+                return Ok(true);
+            }
+        }
+    }
+    let (cut, at) = if cuts.iter().all(|sub| cut_before(&t.marks[i].cut, sub, &history)) {
+        (t.marks[i].cut.clone(), Some(i))
+    } else {
+        // The policy would pass a subscriber: truncate at the slowest subscriber's
+        // checkpoint if the policy allows that much, else at the newest mark before all.
+        let slowest = cuts.iter().find(|a| cuts.iter().all(|b| cut_before(a, b, &history)));
+        match slowest {
+            Some(low) if cut_before(low, &t.marks[i].cut, &history) => {
+                let older = t.marks.iter().rposition(|m| cut_before(&m.cut, low, &history));
+                (low.clone(), older)
+            }
+            _ => match (0..i).rev().find(|&j| cuts.iter().all(|sub| cut_before(&t.marks[j].cut, sub, &history))) {
+                Some(j) => (t.marks[j].cut.clone(), Some(j)),
+                None => return Ok(true),
+            },
+        }
+    };
+    c.truncate_stream(&cut).await?;
+    tracing::info!(stream = %key, held, policy = %info.retention, subscribers = subs.len(), "retention truncated the stream");
+    if let Some(j) = at {
+        t.head_at = t.marks[j].at;
+        t.marks.drain(..=j);
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_net::{EpochInfo, SegmentHistory, StreamHistory};
+
+    fn seg(number: u64, low: f64, high: f64, predecessors: Vec<u64>) -> SegmentHistory {
+        SegmentHistory { number, key_low: low, key_high: high, created_epoch: 0, sealed_epoch: None, predecessors }
+    }
+
+    fn cut(p: &[(u64, u64)]) -> StreamCut {
+        StreamCut { stream: ScopedStream::new("s", "t"), positions: p.iter().copied().collect() }
+    }
+
+    #[test]
+    fn marks_compare_with_subscriber_cuts_across_epochs() {
+        // 0, 1; then 0 splits into 2, 3.
+        let history = StreamHistory {
+            scope: "s".into(),
+            stream: "t".into(),
+            epochs: vec![EpochInfo { epoch: 0, created_unix_ms: 0, segments: vec![0, 1] }],
+            segments: vec![
+                seg(0, 0.0, 0.5, vec![]),
+                seg(1, 0.5, 1.0, vec![]),
+                seg(2, 0.0, 0.25, vec![0]),
+                seg(3, 0.25, 0.5, vec![0]),
+            ],
+        };
+        let old = cut(&[(0, 100), (1, 50)]);
+        let new = cut(&[(2, 10), (3, 0), (1, 60)]);
+        assert!(cut_before(&old, &new, &history));
+        assert!(!cut_before(&new, &old, &history));
+        assert!(cut_before(&old, &old, &history));
+        assert!(!cut_before(&old, &cut(&[(0, 80), (1, 60)]), &history));
+        assert_eq!(sluice_client::cut::ancestors(&history, &new), vec![0]);
+    }
 }

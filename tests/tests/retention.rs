@@ -1,0 +1,189 @@
+//! Retention policies over scaled streams and with subscribers, against the real server's
+//! retention service: a size policy truncates across epochs (sealed segments wholly before
+//! the cut are emptied); a subscriber reader group holds truncation back until it
+//! checkpoints, and then bounds it by its checkpoint.
+
+use sluice_client::{Client, GroupItem, ReadFrom, ReaderGroupConfig};
+use sluice_net::{ErrorCode, Retention};
+use sluice_tests::{Server, TempDir, free_ports};
+use std::time::{Duration, Instant};
+
+const KIB: u64 = 1024;
+
+fn server(dir: &TempDir) -> Server {
+    Server::start_with(&dir.0.join("data"), free_ports(2), 2, &["--retention-interval-ms", "100"])
+}
+
+/// `n` events of `size` bytes over 8 keys; the payload starts with "key:seq:".
+async fn write(c: &Client, stream: &str, from: u64, n: u64, size: usize) {
+    let w = c.event_writer(stream).await.unwrap();
+    for i in from..from + n {
+        let mut p = format!("{}:{i}:", i % 8).into_bytes();
+        p.resize(size, b'.');
+        w.write_event(&(i % 8).to_le_bytes(), p).await.unwrap();
+    }
+}
+
+/// (bytes held, (segment, start, length)) over every segment the stream ever had.
+async fn held(c: &Client, scope: &str, stream: &str) -> (u64, Vec<(u64, u64, u64)>) {
+    let h = c.stream_history(scope, stream).await.unwrap();
+    let mut total = 0;
+    let mut segs = Vec::new();
+    for s in &h.segments {
+        let si = c.segment_info(&format!("{scope}/{stream}/{}", s.number)).await.unwrap();
+        total += si.length - si.start_offset;
+        segs.push((s.number, si.start_offset, si.length));
+    }
+    (total, segs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_retention_truncates_across_epochs() {
+    let dir = TempDir::new("ret-scaled");
+    let s = server(&dir);
+    let c = Client::connect(&s.url()).await.unwrap();
+    c.create_scope("rs").await.unwrap();
+    c.create_stream_with("rs", "s", 2, Retention::parse("size:256K,512K").unwrap()).await.unwrap();
+    // 8 steps of 128 KiB with a scaling after each of the first three.
+    let mut n = 0;
+    for step in 0..8 {
+        write(&c, "rs/s", n, 128, 1020).await;
+        n += 128;
+        match step {
+            0 => drop(c.split_segment("rs", "s", 0, 2).await.unwrap()),
+            1 => drop(c.merge_segments("rs", "s", &[2, 3]).await.unwrap()),
+            2 => drop(c.split_segment("rs", "s", 1, 2).await.unwrap()),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (kept, segs) = loop {
+        let (h, segs) = held(&c, "rs", "s").await;
+        if h <= 512 * KIB {
+            break (h, segs);
+        }
+        assert!(Instant::now() < deadline, "retention did not bring {h} bytes under 512 KiB: {segs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("size retention over 4 epochs kept {kept} bytes: (segment, start, length) {segs:?}");
+    assert!(kept >= 256 * KIB, "keeps at least the min ({kept})");
+    // The first epoch's segments are sealed and wholly before the cut: emptied.
+    for (seg, start, len) in &segs {
+        if *seg <= 1 {
+            assert_eq!(start, len, "segment {seg} is emptied");
+        }
+    }
+    assert_eq!(c.read_segment("rs/s/0", 0, 1024, Duration::ZERO).await.unwrap_err().code(), Some(ErrorCode::Truncated));
+    // A reader from the head reads exactly the kept events, each key in order.
+    let mut r = c.event_reader("rs/s", ReadFrom::Head).await.unwrap();
+    let (mut count, mut last) = (0u64, [None::<u64>; 8]);
+    while let Some(ev) = r.read_next(Duration::from_millis(500)).await.unwrap() {
+        let text = String::from_utf8_lossy(&ev.payload);
+        let mut f = text.split(':');
+        let (k, i): (usize, u64) = (f.next().unwrap().parse().unwrap(), f.next().unwrap().parse().unwrap());
+        assert!(last[k].is_none_or(|l| l < i), "key {k}: {i} after {:?}", last[k]);
+        last[k] = Some(i);
+        count += 1;
+    }
+    assert_eq!(count * (1020 + 4), kept, "the reader reads exactly the kept events");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_group_holds_truncation_until_it_checkpoints() {
+    let dir = TempDir::new("ret-sub");
+    let s = server(&dir);
+    let c = Client::connect(&s.url()).await.unwrap();
+    c.create_scope("rb").await.unwrap();
+    c.create_stream_with("rb", "s", 1, Retention::parse("size:100K,200K").unwrap()).await.unwrap();
+    let group = c.create_reader_group("rb", "g", ReaderGroupConfig::stream("rb/s").subscribing()).await.unwrap();
+    let subs = c.list_subscribers("rb/s").await.unwrap();
+    assert_eq!((subs.len(), subs[0].group.as_str(), subs[0].positions.is_none()), (1, "rb/g", true));
+    // 400 KiB in four steps (retention marks in between), over the 200 KiB max.
+    for step in 0..4 {
+        write(&c, "rb/s", step * 100, 100, 1020).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (h, segs) = held(&c, "rb", "s").await;
+    assert_eq!(segs[0].1, 0, "nothing truncated before the subscriber's first checkpoint ({h} held)");
+
+    // The reader reads those 400 events and checkpoints there.
+    let mut reader = group.create_reader("r").await.unwrap();
+    let mut read = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while read < 400 {
+        assert!(Instant::now() < deadline, "reading stalled at {read}");
+        if let Some(GroupItem::Event(_)) = reader.read_next(Duration::from_millis(100)).await.unwrap() {
+            read += 1;
+        }
+    }
+    let checkpoint = {
+        let g = group.clone();
+        let cp = tokio::spawn(async move { g.initiate_checkpoint("cp1", Duration::from_secs(10)).await });
+        while !cp.is_finished() {
+            assert!(
+                reader
+                    .read_next(Duration::from_millis(20))
+                    .await
+                    .unwrap()
+                    .is_none_or(|i| !matches!(i, GroupItem::Event(_)))
+            );
+        }
+        cp.await.unwrap().unwrap()
+    };
+    let at = checkpoint.cuts[0].positions[&0];
+    assert_eq!(at, 400 * (1020 + 4));
+    // 600 KiB more: the policy would keep only the last 100-200 KiB, the subscriber holds
+    // truncation at its checkpoint.
+    for step in 4..10 {
+        write(&c, "rb/s", step * 100, 100, 1020).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, segs) = held(&c, "rb", "s").await;
+        if segs[0].1 > 0 {
+            eprintln!("after a checkpoint at {at}: truncated at {}", segs[0].1);
+            assert_eq!(segs[0].1, at, "truncation stops exactly at the subscriber's checkpoint");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no truncation after the subscriber checkpointed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The group reads the rest from where it is (nothing it had not read is gone), then
+    // checkpoints at the end: the policy takes over again (kept: between min and max).
+    while let Some(item) = reader.read_next(Duration::from_millis(500)).await.unwrap() {
+        if let GroupItem::Event(_) = item {
+            read += 1;
+        }
+    }
+    assert_eq!(read, 1000, "the subscriber read every event");
+    let g = group.clone();
+    let cp = tokio::spawn(async move { g.initiate_checkpoint("cp2", Duration::from_secs(10)).await });
+    while !cp.is_finished() {
+        assert!(
+            reader
+                .read_next(Duration::from_millis(20))
+                .await
+                .unwrap()
+                .is_none_or(|i| !matches!(i, GroupItem::Event(_)))
+        );
+    }
+    cp.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (h, segs) = held(&c, "rb", "s").await;
+        if h <= 200 * KIB {
+            eprintln!("after the final checkpoint: {h} bytes held (start {})", segs[0].1);
+            assert!(h >= 100 * KIB, "the policy's min is kept ({h})");
+            break;
+        }
+        assert!(Instant::now() < deadline, "retention stuck at {h} bytes after the last checkpoint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Deleting the group ends its subscription.
+    drop(reader);
+    group.delete().await.unwrap();
+    assert!(c.list_subscribers("rb/s").await.unwrap().is_empty());
+}
