@@ -5,7 +5,7 @@
 
 use sluice_client::{Client, GroupItem, ReadFrom, ReaderGroupConfig};
 use sluice_net::{ErrorCode, Retention};
-use sluice_tests::{Server, TempDir, free_ports};
+use sluice_tests::{Server, TempDir, cli, free_ports};
 use std::time::{Duration, Instant};
 
 const KIB: u64 = 1024;
@@ -186,4 +186,11 @@ async fn a_subscriber_group_holds_truncation_until_it_checkpoints() {
     drop(reader);
     group.delete().await.unwrap();
     assert!(c.list_subscribers("rb/s").await.unwrap().is_empty());
+
+    // The CLI makes subscribers and shows them on the stream.
+    let url = s.url();
+    let (ok, out, err) = cli(&url, &["rg", "create", "rb/g2", "rb/s", "--subscriber"], None);
+    assert!(ok && out.contains("subscriber"), "{out} {err}");
+    let (ok, out, err) = cli(&url, &["stream", "describe", "rb/s"], None);
+    assert!(ok && out.contains("subscriber rb/g2: no checkpoint yet"), "{out} {err}");
 }

@@ -568,6 +568,18 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
                 );
             }
             print_epochs(&c.stream_history(&s.scope, &s.stream).await.map_err(err)?);
+            for sub in c.list_subscribers(&stream).await.map_err(err)? {
+                let at = match &sub.positions {
+                    Some(p) => p.iter().map(|x| format!("{}@{}", x.segment, x.offset)).collect::<Vec<_>>().join(" "),
+                    None => "no checkpoint yet (holds all truncation)".into(),
+                };
+                println!("subscriber {}: {at}", sub.group);
+            }
+            let open = c.list_txns(&s.scope, &s.stream).await.map_err(err)?;
+            let open = open.iter().filter(|t| !t.state.is_final()).count();
+            if open > 0 {
+                println!("{open} transaction(s) open or settling (sluice txn list {s})");
+            }
         }
         Cmd::Stream(StreamCmd::Scale { stream, split, merge }) => {
             let s = parse_stream(&stream)?;

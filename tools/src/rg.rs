@@ -18,6 +18,10 @@ pub enum RgCmd {
         /// Stop at this stream cut.
         #[arg(long)]
         to: Option<String>,
+        /// Subscribe to the stream: its retention never truncates past the group's last
+        /// checkpoint (nor before its first).
+        #[arg(long)]
+        subscriber: bool,
     },
     /// Read events as reader R of the group, one per line. R leaves the group at exit,
     /// handing its segments back at the exact position reached; a reader id left behind by
@@ -62,7 +66,7 @@ async fn cut(c: &Client, stream: &str, spec: &str) -> Result<StreamCut, String> 
 pub async fn run(c: &Client, cmd: RgCmd) -> Result<(), String> {
     let e = |e: ClientError| e.to_string();
     match cmd {
-        RgCmd::Create { group, stream, from, to } => {
+        RgCmd::Create { group, stream, from, to, subscriber } => {
             let (scope, name) = split_group(&group)?;
             let from = Some(cut(c, &stream, &from).await?);
             let to = match to {
@@ -71,8 +75,10 @@ pub async fn run(c: &Client, cmd: RgCmd) -> Result<(), String> {
             };
             let mut config = ReaderGroupConfig::stream(&stream);
             config.streams = vec![GroupStream { stream: stream.clone(), from, to }];
+            config.subscriber = subscriber;
             c.create_reader_group(&scope, &name, config).await.map_err(e)?;
-            println!("created reader group {group} over {stream}");
+            let how = if subscriber { " (subscriber: bounds the stream's retention)" } else { "" };
+            println!("created reader group {group} over {stream}{how}");
         }
         RgCmd::Read { group, reader, count, timeout_ms } => {
             let (scope, name) = split_group(&group)?;
