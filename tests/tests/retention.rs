@@ -3,7 +3,7 @@
 //! the cut are emptied); a subscriber reader group holds truncation back until it
 //! checkpoints, and then bounds it by its checkpoint.
 
-use sluice_client::{Client, GroupItem, ReadFrom, ReaderGroupConfig};
+use sluice_client::{Checkpoint, Client, GroupItem, GroupReader, ReadFrom, ReaderGroup, ReaderGroupConfig};
 use sluice_net::{ErrorCode, Retention};
 use sluice_tests::{Server, TempDir, cli, free_ports};
 use std::time::{Duration, Instant};
@@ -89,6 +89,17 @@ async fn size_retention_truncates_across_epochs() {
     assert_eq!(count * (1020 + 4), kept, "the reader reads exactly the kept events");
 }
 
+/// Takes a checkpoint while `reader` (which has read everything there is) passes it.
+async fn checkpoint(group: &ReaderGroup, reader: &mut GroupReader, name: &str) -> Checkpoint {
+    let (g, name) = (group.clone(), name.to_string());
+    let cp = tokio::spawn(async move { g.initiate_checkpoint(&name, Duration::from_secs(10)).await });
+    while !cp.is_finished() {
+        let item = reader.read_next(Duration::from_millis(20)).await.unwrap();
+        assert!(item.is_none_or(|i| !matches!(i, GroupItem::Event(_))), "no events after the ones written");
+    }
+    cp.await.unwrap().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_group_holds_truncation_until_it_checkpoints() {
     let dir = TempDir::new("ret-sub");
@@ -118,21 +129,8 @@ async fn a_subscriber_group_holds_truncation_until_it_checkpoints() {
             read += 1;
         }
     }
-    let checkpoint = {
-        let g = group.clone();
-        let cp = tokio::spawn(async move { g.initiate_checkpoint("cp1", Duration::from_secs(10)).await });
-        while !cp.is_finished() {
-            assert!(
-                reader
-                    .read_next(Duration::from_millis(20))
-                    .await
-                    .unwrap()
-                    .is_none_or(|i| !matches!(i, GroupItem::Event(_)))
-            );
-        }
-        cp.await.unwrap().unwrap()
-    };
-    let at = checkpoint.cuts[0].positions[&0];
+    let first = checkpoint(&group, &mut reader, "cp1").await;
+    let at = first.cuts[0].positions[&0];
     assert_eq!(at, 400 * (1020 + 4));
     // 600 KiB more: the policy would keep only the last 100-200 KiB, the subscriber holds
     // truncation at its checkpoint.
@@ -159,18 +157,7 @@ async fn a_subscriber_group_holds_truncation_until_it_checkpoints() {
         }
     }
     assert_eq!(read, 1000, "the subscriber read every event");
-    let g = group.clone();
-    let cp = tokio::spawn(async move { g.initiate_checkpoint("cp2", Duration::from_secs(10)).await });
-    while !cp.is_finished() {
-        assert!(
-            reader
-                .read_next(Duration::from_millis(20))
-                .await
-                .unwrap()
-                .is_none_or(|i| !matches!(i, GroupItem::Event(_)))
-        );
-    }
-    cp.await.unwrap().unwrap();
+    checkpoint(&group, &mut reader, "cp2").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (h, segs) = held(&c, "rb", "s").await;

@@ -207,15 +207,30 @@ impl<S: MetaStore> Controller<S> {
 
     /// Every shadow's events are in the stream: `Committing` → `Committed`.
     pub async fn end_commit(&self, scope: &str, stream: &str, id: u128) -> Result<TxnRecord, ControllerError> {
+        self.finish(scope, stream, id, TxnState::Committing, TxnState::Committed, "finish committing").await
+    }
+
+    /// `from` → `to` (final), stamping the finish time; already `to`: as is.
+    async fn finish(
+        &self,
+        scope: &str,
+        stream: &str,
+        id: u128,
+        from: TxnState,
+        to: TxnState,
+        what: &str,
+    ) -> Result<TxnRecord, ControllerError> {
         let now = now_ms();
-        self.update_txn(scope, stream, id, |t| match t.state {
-            TxnState::Committed => Ok(false),
-            TxnState::Committing => {
-                t.state = TxnState::Committed;
+        self.update_txn(scope, stream, id, |t| {
+            if t.state == to {
+                Ok(false)
+            } else if t.state == from {
+                t.state = to;
                 t.finished_unix_ms = now;
                 Ok(true)
+            } else {
+                Err(not_open(t, what))
             }
-            _ => Err(not_open(t, "finish committing")),
         })
         .await
     }
@@ -236,17 +251,7 @@ impl<S: MetaStore> Controller<S> {
 
     /// Its shadow segments are gone: `Aborting` → `Aborted`.
     pub async fn end_abort(&self, scope: &str, stream: &str, id: u128) -> Result<TxnRecord, ControllerError> {
-        let now = now_ms();
-        self.update_txn(scope, stream, id, |t| match t.state {
-            TxnState::Aborted => Ok(false),
-            TxnState::Aborting => {
-                t.state = TxnState::Aborted;
-                t.finished_unix_ms = now;
-                Ok(true)
-            }
-            _ => Err(not_open(t, "finish aborting")),
-        })
-        .await
+        self.finish(scope, stream, id, TxnState::Aborting, TxnState::Aborted, "finish aborting").await
     }
 
     /// Removes a committed or aborted transaction's record (or, `any`, any record: when its
