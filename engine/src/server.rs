@@ -245,12 +245,8 @@ fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
 fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, req: Request) -> Dispatched {
     match shard.owner(&segment) {
         Owner::Local(c) => {
-            if let Request::Append { event_count, data, .. } = &req {
-                // Append rates for auto-scaling, counted where the append is served.
-                let now = std::time::Instant::now();
-                shard.rates.borrow_mut().record(&segment, u64::from(*event_count), data.len() as u64, now);
-            }
-            let fut = match c.submit(req) {
+            // Append rates for auto-scaling are counted here, where the append is served.
+            let fut = match shard.submit_local(&c, &segment, req) {
                 Ok(f) => f,
                 // A refused append must not be followed by later appends of the same writer
                 // on this connection (the client resends them all in order): close it.

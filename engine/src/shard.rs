@@ -75,6 +75,25 @@ pub enum Owner {
 const SEGMENT_OP_RETRY: Duration = Duration::from_secs(30);
 
 impl<S: MetaStore> Shard<S> {
+    /// Submits an operation to a container of this shard, keeping the append rates in step:
+    /// appends counted (not those of transactions' shadow segments), deleted segments forgotten.
+    pub fn submit_local(
+        &self,
+        c: &Rc<Container>,
+        segment: &str,
+        req: Request,
+    ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
+        match &req {
+            Request::Append { event_count, data, .. } if !sluice_net::txn::is_shadow_segment(segment) => {
+                let now = std::time::Instant::now();
+                self.rates.borrow_mut().record(segment, u64::from(*event_count), data.len() as u64, now);
+            }
+            Request::Delete { .. } => self.rates.borrow_mut().remove(segment),
+            _ => {}
+        }
+        c.submit(req)
+    }
+
     pub fn owner(&self, segment: &str) -> Owner {
         let c = container_of(segment, self.cfg.container_count());
         if let Some(container) = self.containers.borrow().get(&c.0) {
@@ -108,7 +127,7 @@ impl<S: MetaStore> Shard<S> {
         let deadline = std::time::Instant::now() + SEGMENT_OP_RETRY;
         loop {
             let result = match self.owner(&segment) {
-                Owner::Local(c) => match c.submit(req.clone()) {
+                Owner::Local(c) => match self.submit_local(&c, &segment, req.clone()) {
                     Ok(f) => f.await,
                     Err(e) => Err(e),
                 },
@@ -441,7 +460,7 @@ async fn shard_main<S: MetaStore>(
     while let Some(msg) = inbox.next().await {
         match msg {
             ShardMsg::Segment { segment, req, reply } => match shard.owner(&segment) {
-                Owner::Local(c) => match c.submit(req) {
+                Owner::Local(c) => match shard.submit_local(&c, &segment, req) {
                     Ok(fut) => {
                         glommio::spawn_local(async move {
                             let _ = reply.send(fut.await);

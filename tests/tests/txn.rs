@@ -448,6 +448,10 @@ async fn leases_timeouts_scalings_errors_and_the_cli() {
     let shadow = sluice_net::txn::shadow_segment_name("tm", "e", 0, c.begin_txn("tm/e").await.unwrap().id());
     let nine = bytes::Bytes::from(vec![0u8; 9 << 20]);
     assert_eq!(code(c.append_raw(&shadow, nine, None).await), ErrorCode::TooLarge);
+    // Shadow segments are not counted in the append rates (auto-scaling looks at the stream).
+    c.append_raw(&shadow, bytes::Bytes::from_static(b"raw"), None).await.unwrap();
+    let rates = c.segment_info(&shadow).await.unwrap().rates;
+    assert_eq!((rates.events_per_s, rates.bytes_per_s, rates.measured_ms), (0.0, 0.0, 0));
 
     // The CLI: write one from stdin, list, describe, abort; the record is kept for listing.
     let url = s.url();
