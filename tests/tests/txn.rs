@@ -467,6 +467,14 @@ async fn leases_timeouts_scalings_errors_and_the_cli() {
     assert!(ok && out.contains("state:    open") && out.contains("#txn."), "{out} {err}");
     let (ok, out, err) = cli(&url, &["txn", "abort", "tm/e", &id], None);
     assert!(ok && out.contains("aborted"), "{out} {err}");
+    let mut open = c.begin_txn("tm/e").await.unwrap();
+    open.write_event(b"k", b"by the cli").await.unwrap();
+    open.flush().await.unwrap();
+    let id = sluice_net::txn::txn_id_text(open.id());
+    let (ok, out, err) = cli(&url, &["txn", "commit", "tm/e", &id], None);
+    assert!(ok && out.contains("committed"), "{out} {err}");
+    let (ok, _, err) = cli(&url, &["txn", "commit", "tm/e", &id], None);
+    assert!(ok, "committing twice is answered as committed: {err}");
     let (ok, _, err) = cli(&url, &["txn", "describe", "tm/e", "xyz"], None);
     assert!(!ok && err.contains("not a transaction id"), "{err}");
     let (ok, _, err) = cli(&url, &["txn", "describe", "tm/e", "abc"], None);
