@@ -87,7 +87,11 @@ impl Client {
     pub async fn begin_txn_with(&self, stream: &str, config: TxnConfig) -> Result<Transaction, ClientError> {
         let s = parse_stream(stream)?;
         let lease_ms = config.lease.as_millis().min(u128::from(u64::MAX)) as u64;
-        let info: TxnInfo = self.admin(BeginTxn { scope: s.scope.clone(), stream: s.stream.clone(), lease_ms }).await?;
+        // The id is ours, so a request retried after a lost connection resumes the same
+        // transaction instead of opening a second one.
+        let txn = rand::random::<u128>().max(1);
+        let info: TxnInfo =
+            self.admin(BeginTxn { scope: s.scope.clone(), stream: s.stream.clone(), txn, lease_ms }).await?;
         let shadows = info
             .segments
             .iter()

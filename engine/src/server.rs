@@ -675,8 +675,11 @@ fn txn_info(scope: String, stream: String, t: &TxnRecord) -> TxnInfo {
 /// Opens a transaction: its record (on the current epoch, with any pending scaling
 /// finished first), then one shadow segment per segment of that epoch.
 async fn begin_txn<S: MetaStore>(shard: &Shard<S>, m: &BeginTxn) -> Result<TxnRecord, AdminError> {
+    if m.txn == 0 {
+        return Err(ControllerError::Invalid("a transaction id is not zero".into()).into());
+    }
     current_stream(shard, &m.scope, &m.stream).await?;
-    let id = rand::random::<u128>().max(1);
+    let id = m.txn;
     let t = shard.controller.begin_txn(&m.scope, &m.stream, id, m.lease_ms).await?;
     let creates = t.segments.iter().map(|s| {
         let name = shadow_segment_name(&m.scope, &m.stream, s.number, id);

@@ -317,10 +317,12 @@ control!(
 
 control!(
     BeginTxn,
-    /// Opens a transaction on a stream's current epoch; it aborts unless pinged within `lease_ms`.
+    /// Opens transaction `txn` (a random non-zero id the client picks, so a retry resumes
+    /// it) on a stream's current epoch; it aborts unless pinged within `lease_ms`.
     pub struct BeginTxn {
         pub scope: String,
         pub stream: String,
+        pub txn: u128,
         pub lease_ms: u64,
     }
 );

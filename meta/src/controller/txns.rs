@@ -56,9 +56,11 @@ fn check_lease(lease_ms: u64) -> Result<(), ControllerError> {
 }
 
 impl<S: MetaStore> Controller<S> {
-    /// Records a new open transaction on the stream's current epoch. The caller creates its
-    /// shadow segments next; a crash in between leaves an open transaction nobody knows the
-    /// id of, which expires and aborts (deleting whatever shadows exist).
+    /// Records a new open transaction `id` (chosen by the client) on the stream's current
+    /// epoch. The same id again, while it is open, returns the record (a retried request
+    /// resumes); after that it is refused. The caller creates its shadow segments next; a
+    /// crash in between leaves an open transaction that a retry resumes or that expires and
+    /// aborts (deleting whatever shadows exist).
     pub async fn begin_txn(
         &self,
         scope: &str,
@@ -90,9 +92,10 @@ impl<S: MetaStore> Controller<S> {
         };
         match self.store.compare_and_swap(&txn_key(scope, stream, id), 0, record.encode()).await {
             Ok(_) => Ok(record),
-            Err(MetaError::Conflict { .. }) => {
-                Err(ControllerError::Invalid(format!("transaction {} already exists", txn_id_text(id))))
-            }
+            Err(MetaError::Conflict { .. }) => match self.get_txn(scope, stream, id).await? {
+                t if t.state == TxnState::Open => Ok(t),
+                t => Err(not_open(&t, "begin")),
+            },
             Err(e) => Err(e.into()),
         }
     }
@@ -307,7 +310,8 @@ mod tests {
             assert!(matches!(c.begin_txn("s", "t", 1, 0).await, Err(ControllerError::Invalid(_))));
             let t = c.begin_txn("s", "t", 1, 1000).await.unwrap();
             assert_eq!((t.state, t.epoch, t.segments.len()), (TxnState::Open, 0, 2));
-            assert!(matches!(c.begin_txn("s", "t", 1, 1000).await, Err(ControllerError::Invalid(_))));
+            // A retried begin resumes the open transaction.
+            assert_eq!(c.begin_txn("s", "t", 1, 1000).await.unwrap().created_unix_ms, t.created_unix_ms);
             assert!(matches!(c.get_txn("s", "t", 9).await, Err(ControllerError::NoSuchTxn(_))));
             c.ping_txn("s", "t", 1, 2000).await.unwrap();
             // Commit: idempotent, then no abort; finished once.
@@ -324,6 +328,7 @@ mod tests {
             assert_eq!(c.begin_abort("s", "t", 2).await.unwrap().state, TxnState::Aborting);
             assert!(matches!(c.begin_commit("s", "t", 2).await, Err(ControllerError::TxnNotOpen(_))));
             assert_eq!(c.end_abort("s", "t", 2).await.unwrap().state, TxnState::Aborted);
+            assert!(matches!(c.begin_txn("s", "t", 2, 1000).await, Err(ControllerError::TxnNotOpen(_))));
             // An expired lease cannot commit.
             c.begin_txn("s", "t", 3, 100).await.unwrap();
             std::thread::sleep(std::time::Duration::from_millis(150));
