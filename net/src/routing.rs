@@ -11,10 +11,13 @@ pub fn key_point(routing_key: &[u8]) -> f64 {
     (xxh3_64(routing_key) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Container that owns a segment, by a stable hash of its qualified name.
+/// Container that owns a segment, by a stable hash of its qualified name. A transaction's
+/// shadow segment (`scope/stream/N#txn.<id>`) hashes like its segment `scope/stream/N`, so
+/// both live in one container and a commit's seal, move and delete share its group commits.
 pub fn container_of(segment: &str, container_count: u32) -> ContainerId {
     assert!(container_count > 0, "container count must be positive");
-    ContainerId((xxh3_64(segment.as_bytes()) % u64::from(container_count)) as u32)
+    let base = segment.split_once(crate::txn::TXN_NAME_MARK).map_or(segment, |(s, _)| s);
+    ContainerId((xxh3_64(base.as_bytes()) % u64::from(container_count)) as u32)
 }
 
 /// Shard that owns a container on a node with `shards` shards.
@@ -36,6 +39,9 @@ mod tests {
             assert!((0.0..1.0).contains(&p));
         }
         assert_eq!(container_of("s/t/0", 8), container_of("s/t/0", 8));
+        for c in [3, 8, 64] {
+            assert_eq!(container_of("s/t/7#txn.0000000000000000000000000000abcd", c), container_of("s/t/7", c));
+        }
         assert_eq!(xxh3_64(b""), 0x2D06_8005_38D3_94C2);
     }
 
