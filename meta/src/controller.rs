@@ -12,6 +12,26 @@
 //! appends the epoch and the links; the node seals the replaced segments; `end_scale`
 //! clears the pending scale. A stream with a pending scale takes no other scale.
 
+/// A record kept (rkyv) under one metadata key and changed by compare-and-swap.
+trait Record: Sized {
+    fn encode(&self) -> Vec<u8>;
+    fn decode(key: &str, bytes: &[u8]) -> Result<Self, ControllerError>;
+}
+
+macro_rules! record {
+    ($t:ty, $what:literal) => {
+        impl $crate::controller::Record for $t {
+            fn encode(&self) -> Vec<u8> {
+                rkyv::to_bytes::<rkyv::rancor::Error>(self).expect(concat!("serializing ", $what)).to_vec()
+            }
+
+            fn decode(key: &str, bytes: &[u8]) -> Result<Self, $crate::controller::ControllerError> {
+                Ok(decode_record!(Self, key, bytes)?)
+            }
+        }
+    };
+}
+
 mod subscribers;
 mod txns;
 
@@ -83,16 +103,9 @@ impl StreamRecord {
     pub fn epoch(&self) -> u64 {
         self.epochs.last().map_or(0, |e| e.epoch)
     }
-
-    fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a stream record").to_vec()
-    }
-
-    fn decode(key: &str, bytes: &[u8]) -> Result<Self, ControllerError> {
-        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes)
-            .map_err(|e| ControllerError::Meta(MetaError::Corrupt(format!("{key}: {e}"))))
-    }
 }
+
+record!(StreamRecord, "a stream record");
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum ControllerError {
@@ -283,25 +296,37 @@ impl<S: MetaStore> Controller<S> {
         Ok(self.get_versioned(scope, stream).await?.0)
     }
 
-    /// Changes a stream's record with `change` (which says whether anything changed, or
-    /// refuses), compare-and-swap on the record's version, retried on conflict.
+    /// Changes the record at `key` with `change` (which says whether anything changed, or
+    /// refuses), compare-and-swap on its version, retried on conflict. `None`: no record.
+    async fn update_key<T: Record>(
+        &self,
+        key: &str,
+        change: impl Fn(&mut T) -> Result<bool, ControllerError>,
+    ) -> Result<Option<T>, ControllerError> {
+        loop {
+            let Some(v) = self.store.get(key).await? else { return Ok(None) };
+            let mut record = T::decode(key, &v.value)?;
+            if !change(&mut record)? {
+                return Ok(Some(record));
+            }
+            match self.store.compare_and_swap(key, v.version, record.encode()).await {
+                Ok(_) => return Ok(Some(record)),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Changes a stream's record (see `update_key`).
     async fn update_record(
         &self,
         scope: &str,
         stream: &str,
         change: impl Fn(&mut StreamRecord) -> Result<bool, ControllerError>,
     ) -> Result<StreamRecord, ControllerError> {
-        loop {
-            let (mut record, version) = self.get_versioned(scope, stream).await?;
-            if !change(&mut record)? {
-                return Ok(record);
-            }
-            match self.store.compare_and_swap(&stream_key(scope, stream), version, record.encode()).await {
-                Ok(_) => return Ok(record),
-                Err(MetaError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.update_key(&stream_key(scope, stream), change)
+            .await?
+            .ok_or_else(|| ControllerError::NoSuchStream(format!("{scope}/{stream}")))
     }
 
     /// Moves a stream to `state` (compare-and-swap on the record's version).

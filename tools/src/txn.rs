@@ -41,7 +41,7 @@ pub enum TxnCmd {
 }
 
 fn split_stream(s: &str) -> Result<(String, String), String> {
-    let p = sluice_client::client::parse_stream(s).map_err(|e| e.to_string())?;
+    let p = crate::parse_stream(s)?;
     Ok((p.scope, p.stream))
 }
 

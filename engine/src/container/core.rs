@@ -470,7 +470,7 @@ impl ContainerCore {
         }
         // A commit moves a shadow segment into the stream in one append.
         let txn_max = sluice_net::txn::TXN_SEGMENT_BYTES_MAX.min(max as u64);
-        if sluice_net::txn::is_shadow_segment(&name) && !replayed && s.acc_length + data.len() as u64 > txn_max {
+        if s.acc_length + data.len() as u64 > txn_max && !replayed && sluice_net::txn::is_shadow_segment(&name) {
             return Err(EngineError::TooLarge(format!(
                 "a transaction holds at most {txn_max} bytes per segment here ({name} has {}, this append {})",
                 s.acc_length,

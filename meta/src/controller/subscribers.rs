@@ -3,7 +3,7 @@
 //! holding the group's last checkpoint cut on that stream (none until it checkpoints; a
 //! subscriber without a cut holds all truncation back).
 
-use super::{Controller, ControllerError, now_ms};
+use super::{Controller, ControllerError, Record, now_ms};
 use crate::store::{MetaError, MetaStore};
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -14,11 +14,7 @@ pub struct SubscriberRecord {
     pub updated_unix_ms: u64,
 }
 
-impl SubscriberRecord {
-    fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a subscriber record").to_vec()
-    }
-}
+record!(SubscriberRecord, "a subscriber record");
 
 fn prefix(scope: &str, stream: &str) -> String {
     format!("subscribers/{scope}/{stream}/")
@@ -62,16 +58,15 @@ impl<S: MetaStore> Controller<S> {
         positions: Vec<(u64, u64)>,
     ) -> Result<bool, ControllerError> {
         check_group(group)?;
-        let k = key(scope, stream, group);
-        loop {
-            let Some(v) = self.store.get(&k).await? else { return Ok(false) };
-            let r = SubscriberRecord { positions: Some(positions.clone()), updated_unix_ms: now_ms() };
-            match self.store.compare_and_swap(&k, v.version, r.encode()).await {
-                Ok(_) => return Ok(true),
-                Err(MetaError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let now = now_ms();
+        let changed = self
+            .update_key(&key(scope, stream, group), |r: &mut SubscriberRecord| {
+                r.positions = Some(positions.clone());
+                r.updated_unix_ms = now;
+                Ok(true)
+            })
+            .await?;
+        Ok(changed.is_some())
     }
 
     /// A stream's subscribers: (group, record).
@@ -83,7 +78,7 @@ impl<S: MetaStore> Controller<S> {
         let p = prefix(scope, stream);
         let mut out = Vec::new();
         for (k, v) in self.store.range(&p).await? {
-            out.push((k[p.len()..].to_string(), decode_record!(SubscriberRecord, &k, &v.value)?));
+            out.push((k[p.len()..].to_string(), SubscriberRecord::decode(&k, &v.value)?));
         }
         Ok(out)
     }

@@ -7,7 +7,7 @@
 //! transaction whose lease ran out can only abort: `begin_commit` refuses it (and starts
 //! the abort). Leases are wall-clock deadlines kept in the record.
 
-use super::{Controller, ControllerError, StreamSegment, StreamState, now_ms};
+use super::{Controller, ControllerError, Record, StreamSegment, StreamState, now_ms};
 use crate::store::{MetaError, MetaStore};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::TxnState;
@@ -27,15 +27,7 @@ pub struct TxnRecord {
     pub finished_unix_ms: u64,
 }
 
-impl TxnRecord {
-    fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a transaction record").to_vec()
-    }
-
-    fn decode(key: &str, bytes: &[u8]) -> Result<Self, ControllerError> {
-        Ok(decode_record!(Self, key, bytes)?)
-    }
-}
+record!(TxnRecord, "a transaction record");
 
 fn txn_prefix(scope: &str, stream: &str) -> String {
     format!("txns/{scope}/{stream}/")
@@ -142,8 +134,7 @@ impl<S: MetaStore> Controller<S> {
         Ok(out)
     }
 
-    /// Changes a transaction record (`change` says whether anything changed, or refuses),
-    /// compare-and-swap, retried on conflict.
+    /// Changes a transaction record (see `update_key`).
     async fn update_txn(
         &self,
         scope: &str,
@@ -151,17 +142,9 @@ impl<S: MetaStore> Controller<S> {
         id: u128,
         change: impl Fn(&mut TxnRecord) -> Result<bool, ControllerError>,
     ) -> Result<TxnRecord, ControllerError> {
-        loop {
-            let (mut record, version) = self.get_txn_versioned(scope, stream, id).await?;
-            if !change(&mut record)? {
-                return Ok(record);
-            }
-            match self.store.compare_and_swap(&txn_key(scope, stream, id), version, record.encode()).await {
-                Ok(_) => return Ok(record),
-                Err(MetaError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.update_key(&txn_key(scope, stream, id), change)
+            .await?
+            .ok_or_else(|| ControllerError::NoSuchTxn(format!("{} on {scope}/{stream}", txn_id_text(id))))
     }
 
     /// Renews an open transaction's lease.
