@@ -15,6 +15,8 @@ pub struct EngineConfig {
     pub pin: bool,
     pub containers_per_shard: u32,
     pub log_file_bytes: u64,
+    /// How new log files are prepared (zero-filled or only allocated).
+    pub log_prefill: crate::container::core::Prefill,
     pub flush_bytes_max: usize,
     pub cache_bytes_max: usize,
     pub pending_bytes_max: usize,
@@ -46,6 +48,7 @@ impl EngineConfig {
             pin: true,
             containers_per_shard: CONTAINERS_PER_SHARD_DEFAULT,
             log_file_bytes: LOG_FILE_BYTES_DEFAULT,
+            log_prefill: Default::default(),
             flush_bytes_max: FLUSH_BYTES_MAX_DEFAULT,
             cache_bytes_max: CACHE_BYTES_MAX_DEFAULT,
             pending_bytes_max: PENDING_BYTES_MAX_DEFAULT,

@@ -219,6 +219,7 @@ fn core_config(cfg: &EngineConfig, c: u32, tier2: bool) -> CoreConfig {
         cache_bytes_max: cfg.cache_bytes_max,
         pending_bytes_max: cfg.pending_bytes_max,
         log_bytes_max: if tier2 { cfg.log_bytes_max } else { u64::MAX },
+        prefill: cfg.log_prefill,
     }
 }
 

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
 use sluice_engine::EngineError;
-use sluice_engine::container::core::{CoreConfig, OpResult, Request};
+use sluice_engine::container::core::{CoreConfig, OpResult, Prefill, Request};
 use sluice_engine::container::handoff;
 use sluice_engine::container::io::{Container, IoPacer, OpenSource};
 use sluice_engine::container::mover::Tier2Config;
@@ -32,6 +32,7 @@ fn core_cfg() -> CoreConfig {
         cache_bytes_max: 1 << 20,
         pending_bytes_max: 4 << 20,
         log_bytes_max: 64 << 20,
+        prefill: Prefill::Never,
     }
 }
 

@@ -225,6 +225,7 @@ fn run_seed(seed: u64) -> (u64, usize, usize) {
         cache_bytes_max: rng.random_range(0..20_000),
         log_bytes_max: u64::MAX,
         pending_bytes_max: 1 << 30,
+        prefill: Default::default(),
     };
     let names: Vec<String> = (0..3).map(|i| format!("s/t/{i}")).collect();
     let mut disk = Disk::default();
@@ -395,6 +396,7 @@ fn fresh_cfg() -> CoreConfig {
         cache_bytes_max: 0,
         log_bytes_max: u64::MAX,
         pending_bytes_max: 1 << 30,
+        prefill: Default::default(),
     }
 }
 

@@ -31,8 +31,22 @@ async fn sigkill_under_load_loses_nothing() {
 async fn sigkill_during_tier2_uploads_loses_nothing() {
     let dir = TempDir::new("crash-tier2");
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
-    let args =
-        ["--tier2", &tier2, "--log-file-mb", "1", "--log-budget-mb", "8", "--chunk-mb", "1", "--move-min-kb", "64"];
+    // Log files only allocated, never zero-filled: records go into unwritten extents across
+    // many file rolls (`--log-prefill auto` under heavy load).
+    let args = [
+        "--tier2",
+        &tier2,
+        "--log-file-mb",
+        "1",
+        "--log-budget-mb",
+        "8",
+        "--chunk-mb",
+        "1",
+        "--move-min-kb",
+        "64",
+        "--log-prefill",
+        "never",
+    ];
     sigkill_under_load(&dir, &args, 200).await;
     let chunks = walk_files(&dir.0.join("tier2"));
     eprintln!("{} chunk files on tier-2", chunks.len());

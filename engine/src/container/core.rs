@@ -36,6 +36,52 @@ pub struct CoreConfig {
     /// Budget for the container's log files on disk (`u64::MAX`: none). Only a container
     /// with tier-2 ever frees log files; at the budget, appends fail with `LogFull`.
     pub log_bytes_max: u64,
+    /// How the I/O driver prepares new log files (the core itself never looks at it).
+    pub prefill: Prefill,
+}
+
+/// How a new log file's blocks are prepared before records go into them.
+///
+/// A durable (O_DSYNC) write into blocks the file system has allocated but never written
+/// ("unwritten extents") also commits the file system's journal to mark them written:
+/// about twice the latency of a small write. Zero-filling the file first avoids that, but
+/// costs a write of the whole file: under sustained load the disk then writes every byte
+/// twice. Where the file system and device can zero blocks without moving data
+/// (`FALLOC_FL_WRITE_ZEROES`), that is used instead and costs neither.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefill {
+    /// Zero-fill the next file while recent flushes are small (light load, where
+    /// latency counts and the disk has time to spare); skip it while flushes are large.
+    #[default]
+    Auto,
+    /// Always zero-fill.
+    Always,
+    /// Never zero-fill (allocate only).
+    Never,
+}
+
+impl Prefill {
+    /// Mean flush size at and above which `Auto` stops zero-filling.
+    pub const AUTO_FLUSH_BYTES: u64 = 128 << 10;
+
+    /// Parses `auto`, `always` or `never`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => Err(format!("'{s}' is not a prefill mode; expected auto, always or never")),
+        }
+    }
+
+    /// Whether to zero-fill the next log file, given the recent mean size of a flush.
+    pub fn zero_fill(self, mean_flush_bytes: u64) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::Auto => mean_flush_bytes < Self::AUTO_FLUSH_BYTES,
+        }
+    }
 }
 
 impl CoreConfig {
@@ -1085,5 +1131,25 @@ impl ContainerCore {
         }
         report.current_file = Some(seq);
         Ok((core, report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Prefill;
+
+    #[test]
+    fn prefill_modes_parse_and_decide() {
+        assert_eq!(Prefill::parse("auto"), Ok(Prefill::Auto));
+        assert_eq!(Prefill::parse("always"), Ok(Prefill::Always));
+        assert_eq!(Prefill::parse("never"), Ok(Prefill::Never));
+        assert!(Prefill::parse("sometimes").unwrap_err().contains("auto, always or never"));
+        // Auto zero-fills after small flushes (light load) and not after large ones.
+        assert!(Prefill::Auto.zero_fill(0));
+        assert!(Prefill::Auto.zero_fill(4096));
+        assert!(!Prefill::Auto.zero_fill(Prefill::AUTO_FLUSH_BYTES));
+        assert!(!Prefill::Auto.zero_fill(4 << 20));
+        assert!(Prefill::Always.zero_fill(4 << 20));
+        assert!(!Prefill::Never.zero_fill(0));
     }
 }

@@ -28,8 +28,10 @@ use futures::future::{Either, select};
 use glommio::io::{DmaFile, OpenOptions};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 type Waiter = oneshot::Sender<Result<OpResult, EngineError>>;
@@ -69,6 +71,8 @@ pub struct Container {
     waiters: RefCell<VecDeque<Waiter>>,
     tail_waiters: RefCell<HashMap<u64, Vec<oneshot::Sender<()>>>>,
     flushing: Cell<bool>,
+    /// Mean size of recent batch writes, moving average over about 8 (for `Prefill::Auto`).
+    flush_mean: Cell<u64>,
     pub(crate) files: RefCell<Files>,
     pacer: Rc<IoPacer>,
     pub(crate) tier2: Option<Tier2State>,
@@ -146,9 +150,45 @@ async fn sync_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Creates log file `seq`: header block, zero fill to its full size (so later durable writes
-/// carry no allocation metadata), fdatasync, directory fsync.
-async fn prepare_log_file(dir: PathBuf, header: FileHeader) -> Result<DmaFile, String> {
+/// Set once `FALLOC_FL_WRITE_ZEROES` was refused here (old kernel, file system or device
+/// without zeroing by unmap), so later files skip the attempt.
+static WRITE_ZEROES_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// `FALLOC_FL_WRITE_ZEROES` (Linux 6.17): allocate written, zeroed blocks without moving data.
+const FALLOC_FL_WRITE_ZEROES: libc::c_int = 0x80;
+
+/// Zeroes `len` bytes of `file` as written blocks by `FALLOC_FL_WRITE_ZEROES`, on a helper
+/// thread (the call may take a while). False when the system cannot.
+async fn write_zeroes(file: &DmaFile, len: u64) -> bool {
+    if WRITE_ZEROES_UNSUPPORTED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let fd = file.as_raw_fd();
+    // The file stays open until this returns: the descriptor is valid throughout.
+    let result = glommio::executor()
+        .spawn_blocking(move || {
+            // SAFETY: plain syscall on a descriptor that stays open for the call's duration.
+            let rc = unsafe { libc::fallocate(fd, FALLOC_FL_WRITE_ZEROES, 0, len as libc::off_t) };
+            if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        })
+        .await;
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)) {
+                WRITE_ZEROES_UNSUPPORTED.store(true, Ordering::Relaxed);
+                tracing::debug!(error = %e, "FALLOC_FL_WRITE_ZEROES unavailable: log files are zero-filled by writes");
+            }
+            false
+        }
+    }
+}
+
+/// Creates log file `seq`: its blocks allocated (with `zero_fill`, also zeroed as written
+/// blocks, so later durable writes carry no allocation metadata: by `FALLOC_FL_WRITE_ZEROES`
+/// where supported, else by writing zeros), the header block written, fdatasync, directory
+/// fsync. See `Prefill`.
+async fn prepare_log_file(dir: PathBuf, header: FileHeader, zero_fill: bool) -> Result<DmaFile, String> {
     let path = dir.join(file_name(header.seq));
     let f = OpenOptions::new()
         .read(true)
@@ -157,10 +197,15 @@ async fn prepare_log_file(dir: PathBuf, header: FileHeader) -> Result<DmaFile, S
         .dma_open(&path)
         .await
         .map_err(|e| io_err("creating", &path, e))?;
-    let _ = f.pre_allocate(header.file_bytes, false).await;
+    let zeroed = zero_fill && write_zeroes(&f, header.file_bytes).await;
+    if !zeroed {
+        let _ = f.pre_allocate(header.file_bytes, false).await;
+    }
+    // Without zeroing by allocation, zero-fill by writes (or just write the header block).
+    let end = if zero_fill && !zeroed { header.file_bytes } else { FILE_HEADER_BYTES };
     let mut pos = 0u64;
-    while pos < header.file_bytes {
-        let n = (header.file_bytes - pos).min(PREFILL_CHUNK_BYTES as u64) as usize;
+    while pos < end {
+        let n = (end - pos).min(PREFILL_CHUNK_BYTES as u64) as usize;
         let mut buf = f.alloc_dma_buffer(n);
         buf.as_bytes_mut().fill(0);
         if pos == 0 {
@@ -354,6 +399,7 @@ impl Container {
             waiters: RefCell::new(VecDeque::new()),
             tail_waiters: RefCell::new(HashMap::new()),
             flushing: Cell::new(false),
+            flush_mean: Cell::new(0),
             files: RefCell::new(files),
             pacer,
             tier2: tier2.map(|t| Tier2State::new(t, owned)),
@@ -524,12 +570,16 @@ impl Container {
         }
     }
 
+    /// Starts preparing log file `seq`.
     fn start_prepare(&self, seq: u64) {
-        let header = {
+        let (header, zero_fill) = {
             let core = self.core.borrow();
-            FileHeader { container: self.id, seq, epoch: core.epoch(), file_bytes: core.config().file_bytes }
+            let cfg = core.config();
+            let header = FileHeader { container: self.id, seq, epoch: core.epoch(), file_bytes: cfg.file_bytes };
+            (header, cfg.prefill.zero_fill(self.flush_mean.get()))
         };
-        let task = glommio::spawn_local(prepare_log_file(self.dir.clone(), header)).detach();
+        tracing::debug!(container = self.id, seq, mean_flush = self.flush_mean.get(), zero_fill, "preparing log file");
+        let task = glommio::spawn_local(prepare_log_file(self.dir.clone(), header, zero_fill)).detach();
         self.files.borrow_mut().next = Some((seq, task));
     }
 
@@ -577,6 +627,8 @@ impl Container {
         }
         if let Some(step) = plan.batch {
             self.write_step(&file, step, false).await?;
+            let mean = self.flush_mean.get();
+            self.flush_mean.set(mean - mean / 8 + step.len / 8);
             // Prepare the next file once this one is half used, off the commit path.
             let (half, next_seq) = {
                 let c = self.core.borrow();
