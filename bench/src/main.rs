@@ -158,6 +158,11 @@ enum Cmd {
         /// Transactions to time (after one warm-up).
         #[arg(long, default_value_t = 200)]
         rounds: u32,
+        /// Time the commit until the record says `Committed` too (`Client::commit_txn`),
+        /// not only until the events are in (`Transaction::commit`, which records it after
+        /// returning).
+        #[arg(long)]
+        await_record: bool,
     },
     /// Read a whole stream from its head with a reader group of C readers.
     Consume {
@@ -405,8 +410,8 @@ fn main() -> Result<(), String> {
                 scale::ScaleLoad { segments, scalings, rate, every: std::time::Duration::from_millis(every_ms), size };
             rt.block_on(scale::run(url, load))?
         }
-        Cmd::Txn { url, segments, events, size, rounds } => {
-            rt.block_on(txn::run(url, txn::TxnLoad { segments, events, size, rounds }))?
+        Cmd::Txn { url, segments, events, size, rounds, await_record } => {
+            rt.block_on(txn::run(url, txn::TxnLoad { segments, events, size, rounds, await_record }))?
         }
         Cmd::Consume { url, stream, readers, idle_ms } => {
             (rt.block_on(consume(url, stream, readers.max(1), idle_ms))?, Vec::new())

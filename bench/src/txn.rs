@@ -1,8 +1,8 @@
 //! The `txn` workload: what a transaction costs. Each round opens a transaction on a stream
 //! of S segments, writes E events spread over keys that cover every segment, flushes them
 //! into the shadow segments, then commits; it times the commit alone (decide, move every
-//! shadow into the stream, finish: the events are readable when it returns) and the whole
-//! transaction (begin to committed).
+//! shadow into the stream: the events are readable when it returns; with `await_record`,
+//! also until the record says `Committed`) and the whole transaction (begin to committed).
 
 use crate::{RunResult, hist_json, report};
 use hdrhistogram::Histogram;
@@ -14,6 +14,8 @@ pub struct TxnLoad {
     pub events: u32,
     pub size: usize,
     pub rounds: u32,
+    /// Time until the record says `Committed` (`Client::commit_txn`), not `Transaction::commit`.
+    pub await_record: bool,
 }
 
 pub async fn run(url: String, load: TxnLoad) -> RunResult {
@@ -36,7 +38,13 @@ pub async fn run(url: String, load: TxnLoad) -> RunResult {
         }
         t.flush().await.map_err(e)?;
         let committing = Instant::now();
-        t.commit().await.map_err(e)?;
+        if load.await_record {
+            let id = t.id();
+            drop(t);
+            c.commit_txn(scope, &stream, id).await.map_err(e)?;
+        } else {
+            t.commit().await.map_err(e)?;
+        }
         if round > 0 {
             commit.saturating_record(committing.elapsed().as_micros() as u64);
             whole.saturating_record(started.elapsed().as_micros() as u64);
@@ -45,6 +53,6 @@ pub async fn run(url: String, load: TxnLoad) -> RunResult {
     report("commit", &commit);
     report("transaction", &whole);
     let json = serde_json::json!({"workload": "txn", "segments": load.segments, "events": load.events,
-        "size": load.size, "rounds": load.rounds, "commit": hist_json(&commit), "transaction": hist_json(&whole)});
+        "size": load.size, "rounds": load.rounds, "await_record": load.await_record, "commit": hist_json(&commit), "transaction": hist_json(&whole)});
     Ok((json, vec![("commit".to_string(), commit)]))
 }

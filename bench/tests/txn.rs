@@ -20,4 +20,16 @@ fn txn_workload_commits_and_reports() {
     assert_eq!(result["workload"], "txn");
     assert_eq!(result["commit"]["count"].as_u64(), Some(5), "{result}");
     assert!(stdout.contains("commit"), "{stdout}");
+
+    // The same, timing each commit until its record says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["--json", json.to_str().unwrap(), "txn", "--url", &server.url(), "--await-record"])
+        .args(["--rounds", "3", "--events", "50", "--segments", "2"])
+        .output()
+        .expect("running sluice-bench");
+    assert!(out.status.success(), "txn --await-record failed: {}", String::from_utf8_lossy(&out.stderr));
+    let last = std::fs::read_to_string(&json).unwrap().lines().last().unwrap().to_string();
+    let result: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(result["await_record"], true, "{result}");
+    assert_eq!(result["commit"]["count"].as_u64(), Some(3), "{result}");
 }

@@ -360,7 +360,21 @@ async fn leases_timeouts_scalings_errors_and_the_cli() {
     eprintln!("an unpinged 300 ms lease aborted after {:.2?}", lapse_started.elapsed());
     assert_eq!(pinged.status().await.unwrap(), TxnState::Open);
     assert_eq!(code(lapsed.commit().await), ErrorCode::TxnNotOpen);
+    let pinged_id = pinged.id();
     assert_eq!(pinged.commit().await.unwrap().state, TxnState::Committed);
+    // The record's last step and the shadows' deletion follow the commit in the background.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.get_txn("tm", "s", pinged_id).await.unwrap().state != TxnState::Committed {
+        assert!(Instant::now() < deadline, "the committed transaction's record never said so");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..2 {
+        let shadow = sluice_net::txn::shadow_segment_name("tm", "s", n, pinged_id);
+        while c.segment_info(&shadow).await.err().and_then(|e| e.code()) != Some(ErrorCode::NoSuchSegment) {
+            assert!(Instant::now() < deadline, "the spent shadow {shadow} was never deleted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     // A transaction opened before two scalings commits into the successors, after the plain
     // events written before its commit and before those written after.
