@@ -148,7 +148,8 @@ impl Client {
     /// Commits a transaction whose events are all written (or finishes a commit someone
     /// else decided): returns once every event is in the stream.
     pub async fn commit_txn(&self, scope: &str, stream: &str, txn: u128) -> Result<TxnInfo, ClientError> {
-        let info: TxnInfo = self.admin(CommitTxn { scope: scope.into(), stream: stream.into(), txn }).await?;
+        let info: TxnInfo =
+            self.admin(CommitTxn { scope: scope.into(), stream: stream.into(), txn, lengths: Vec::new() }).await?;
         self.finish_commit(&info).await
     }
 
@@ -220,7 +221,11 @@ impl Client {
     /// One shadow's events into the stream (nothing to do if the shadow is gone already).
     async fn move_shadow(&self, info: &TxnInfo, number: u64) -> Result<(), ClientError> {
         let shadow = shadow_segment_name(&info.scope, &info.stream, number, info.txn);
-        let Some(data) = self.read_sealed_whole(&shadow).await? else { return Ok(()) };
+        let data = match info.segments.iter().position(|r| r.number == number).and_then(|i| info.lengths.get(i)) {
+            Some(&len) => self.read_prefix(&shadow, len).await?,
+            None => self.read_sealed_whole(&shadow).await?,
+        };
+        let Some(data) = data else { return Ok(()) };
         let mut events = Vec::new();
         for e in EventIter::new(&data) {
             let e = e.map_err(|e| corrupt(&shadow, &e.to_string()))?;
@@ -277,6 +282,25 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// The first `len` bytes of a segment (sealed or not); `None` if it does not exist (any
+    /// more).
+    async fn read_prefix(&self, segment: &str, len: u64) -> Result<Option<Bytes>, ClientError> {
+        let mut out = Vec::with_capacity(len as usize);
+        while (out.len() as u64) < len {
+            let at = out.len() as u64;
+            let want = (len - at).min(8 << 20) as u32;
+            match self.read_segment(segment, at, want, Duration::ZERO).await {
+                Ok((_, data)) if data.is_empty() => {
+                    return Err(corrupt(segment, &format!("it holds {at} bytes, the commit recorded {len}")));
+                }
+                Ok((_, data)) => out.extend_from_slice(&data[..data.len().min((len - at) as usize)]),
+                Err(e) if e.code() == Some(ErrorCode::NoSuchSegment) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(Bytes::from(out)))
     }
 
     /// All bytes of a sealed segment; `None` if it does not exist (any more).
@@ -429,8 +453,16 @@ impl Transaction {
         self.flush().await?;
         self.stop_pinging();
         let (scope, stream, txn) = (&self.stream.scope, &self.stream.stream, self.info.txn);
+        // What this transaction wrote into each shadow, all acknowledged: the server checks
+        // and records it, so nothing needs sealing before the events move.
+        let lengths = self
+            .info
+            .segments
+            .iter()
+            .map(|r| self.shadows.iter().find(|s| s.number == r.number).map_or(0, |s| s.bytes))
+            .collect();
         let mut info: TxnInfo =
-            self.client.admin(CommitTxn { scope: scope.clone(), stream: stream.clone(), txn }).await?;
+            self.client.admin(CommitTxn { scope: scope.clone(), stream: stream.clone(), txn, lengths }).await?;
         if info.state == TxnState::Committed {
             return Ok(info);
         }

@@ -58,6 +58,7 @@ async fn call(endpoint: &str, req: &Request, frame_max: usize) -> Result<OpResul
         Request::Truncate { name, offset } => {
             encode_frame(&mut out, 1, &TruncateSegment { segment: name.clone(), offset: *offset }, &[])
         }
+        Request::Status { name } => encode_frame(&mut out, 1, &GetSegmentInfo { segment: name.clone() }, &[]),
         other => return Err(EngineError::BadRequest(format!("{other:?} is not sent to another node"))),
     }
     s.write_all(&out).await.map_err(|e| unreachable(e.to_string()))?;
@@ -69,6 +70,10 @@ async fn call(endpoint: &str, req: &Request, frame_max: usize) -> Result<OpResul
     let reply = read_frame(&mut s, frame_max).await.map_err(unreachable)?;
     match reply.kind {
         Kind::Done => Ok(OpResult::Done),
+        Kind::SegmentInfo => {
+            let info: SegmentInfo = reply.decode().map_err(|e| unreachable(e.to_string()))?;
+            Ok(OpResult::Status { length: info.length, sealed: info.sealed })
+        }
         Kind::ErrorReply => Err(from_reply(reply.decode::<ErrorReply>().map_err(|e| unreachable(e.to_string()))?)),
         other => Err(unreachable(format!("unexpected reply {other:?}"))),
     }

@@ -261,6 +261,9 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
                         reply(id, &AppendAck { offset, length, last_event_number, duplicate })
                     }
                     Ok(OpResult::Done) => reply(id, &Done {}),
+                    Ok(OpResult::Status { .. }) => {
+                        engine_error(id, &EngineError::BadRequest("a status is asked with GetSegmentInfo".into()))
+                    }
                     Err(e) => engine_error(id, &e),
                 }
             })
@@ -479,7 +482,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: CommitTxn = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                match commit_txn(&shard, &m.scope, &m.stream, m.txn).await {
+                match commit_txn(&shard, &m.scope, &m.stream, m.txn, &m.lengths).await {
                     Ok(t) => reply(id, &txn_info(m.scope, m.stream, &t)),
                     Err(e) => e.into_reply(id),
                 }
@@ -669,6 +672,7 @@ fn txn_info(scope: String, stream: String, t: &TxnRecord) -> TxnInfo {
         lease_expires_unix_ms: t.lease_expires_unix_ms,
         created_unix_ms: t.created_unix_ms,
         finished_unix_ms: t.finished_unix_ms,
+        lengths: t.lengths.clone(),
     }
 }
 
@@ -694,43 +698,85 @@ async fn begin_txn<S: MetaStore>(shard: &Shard<S>, m: &BeginTxn) -> Result<TxnRe
     Ok(t)
 }
 
-/// Decides a commit and seals the shadows, so nothing more enters them: the caller moves
-/// their events into the stream, then sends `FinishCommit`. The seals run beside the
-/// decision (one durable step, not two): a transaction whose commit is refused can only
-/// abort, so sealing its shadows costs nothing. An open transaction whose lease ran out is
-/// aborted instead (and the commit refused).
+/// Decides a commit. With `lengths` (what the client wrote into each shadow), every shadow
+/// must hold exactly that many durable bytes (else `InvalidArgument`, and the transaction
+/// stays open); the record keeps them and the movers move exactly those bytes, so nothing
+/// is sealed and the decision is one metadata write. Without, the shadows are sealed so
+/// nothing more enters them, beside the decision (one durable step, not two): a
+/// transaction whose commit is refused can only abort, so sealing its shadows costs
+/// nothing. Either way the caller moves the events into the stream, then sends
+/// `FinishCommit`. An open transaction whose lease ran out is aborted instead (and the
+/// commit refused).
 async fn commit_txn<S: MetaStore>(
     shard: &Shard<S>,
     scope: &str,
     stream: &str,
     txn: u128,
+    lengths: &[u64],
 ) -> Result<TxnRecord, AdminError> {
     let t = shard.controller.get_txn(scope, stream, txn).await?;
-    let seals = t.segments.iter().map(|s| {
-        let name = shadow_segment_name(scope, stream, s.number, txn);
-        shard.segment_op(name.clone(), Request::Seal { name })
-    });
-    let (decided, sealed) =
-        futures::join!(shard.controller.begin_commit(scope, stream, txn), futures::future::join_all(seals));
-    let t = match decided {
-        Ok(t) => t,
+    let shadow = |number| shadow_segment_name(scope, stream, number, txn);
+    let decided = if lengths.is_empty() {
+        let seals =
+            t.segments.iter().map(|s| shard.segment_op(shadow(s.number), Request::Seal { name: shadow(s.number) }));
+        let (decided, sealed) =
+            futures::join!(shard.controller.begin_commit(scope, stream, txn, &[]), futures::future::join_all(seals));
+        // A refused decision is answered as such below, whatever the seals did.
+        if decided.is_ok() {
+            for r in sealed {
+                match r {
+                    // Gone: its events were moved already.
+                    Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        decided
+    } else {
+        if lengths.len() != t.segments.len() {
+            return Err(ControllerError::Invalid(format!(
+                "{} shadow lengths for a transaction of {} segments",
+                lengths.len(),
+                t.segments.len()
+            ))
+            .into());
+        }
+        if t.state == TxnState::Open {
+            let statuses = t
+                .segments
+                .iter()
+                .map(|s| shard.segment_op(shadow(s.number), Request::Status { name: shadow(s.number) }));
+            for (s, (r, &want)) in
+                t.segments.iter().zip(futures::future::join_all(statuses).await.into_iter().zip(lengths))
+            {
+                match r? {
+                    OpResult::Status { length, sealed: false } if length == want => {}
+                    OpResult::Status { length, sealed } => {
+                        return Err(ControllerError::Invalid(format!(
+                            "the shadow of segment {} holds {length} bytes{}, the commit names {want}: \
+                             writes still in flight?",
+                            s.number,
+                            if sealed { " and is sealed" } else { "" }
+                        ))
+                        .into());
+                    }
+                    other => return Err(EngineError::Io(format!("unexpected status answer {other:?}")).into()),
+                }
+            }
+        }
+        shard.controller.begin_commit(scope, stream, txn, lengths).await
+    };
+    match decided {
+        Ok(t) => Ok(t),
         Err(e @ ControllerError::TxnNotOpen(_)) => {
             let t = shard.controller.get_txn(scope, stream, txn).await?;
             if t.state == TxnState::Open || t.state == TxnState::Aborting {
                 abort_txn(shard, scope, stream, txn).await?;
             }
-            return Err(e.into());
+            Err(e.into())
         }
-        Err(e) => return Err(e.into()),
-    };
-    for r in sealed {
-        match r {
-            // Gone: its events were moved already.
-            Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        Err(e) => Err(e.into()),
     }
-    Ok(t)
 }
 
 /// Aborts: decided in the record, then the shadows deleted, then recorded as done.

@@ -344,6 +344,10 @@ control!(
         pub created_unix_ms: u64,
         /// When it was committed or aborted (0 before).
         pub finished_unix_ms: u64,
+        /// Committing or committed by lengths: the bytes of each shadow (in `segments`
+        /// order) the commit moves. Empty: the shadows were sealed at the decision and are
+        /// moved whole.
+        pub lengths: Vec<u64>,
     }
 );
 control!(
@@ -380,13 +384,18 @@ control!(
 );
 control!(
     CommitTxn,
-    /// Decides the commit: the transaction becomes `Committing` and its shadow segments are
-    /// sealed. The caller then moves the shadows' events into the stream and sends
-    /// `FinishCommit` (anyone may finish a commit; the controller does after a crash).
+    /// Decides the commit: the transaction becomes `Committing`. With `lengths` (the bytes
+    /// written into each shadow, in the transaction's `segments` order, all acknowledged)
+    /// the server checks that every shadow holds exactly that many bytes and records them:
+    /// the commit moves those bytes, and the decision is one metadata write. Without (empty),
+    /// the shadows are sealed beside the decision and moved whole. The caller then moves the
+    /// shadows' events into the stream and sends `FinishCommit` (anyone may finish a commit;
+    /// the controller does after a crash).
     pub struct CommitTxn {
         pub scope: String,
         pub stream: String,
         pub txn: u128,
+        pub lengths: Vec<u64>,
     }
 );
 control!(

@@ -195,3 +195,37 @@ async fn bad_input_gets_errors_and_server_keeps_serving() {
         (0..1000).map(|i| format!("before-{i}")).chain((0..1000).map(|i| format!("after-{i}"))).collect();
     assert_eq!(got, expected, "all events, in order, nothing lost");
 }
+
+/// A commit naming shadow lengths the server does not hold (writes in flight, a confused
+/// client) is refused with `BadRequest`; the transaction stays open, and commits normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_naming_wrong_shadow_lengths_is_refused() {
+    let dir = TempDir::new("badlengths");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("bl").await.unwrap();
+    c.create_stream("bl", "s", 2).await.unwrap();
+    let mut t = c.begin_txn("bl/s").await.unwrap();
+    t.write_event(b"k", b"one").await.unwrap();
+    t.flush().await.unwrap();
+    let id = t.id();
+    // Too long, too short (nothing), the wrong number of lengths.
+    for lengths in [vec![1u64 << 20, 1 << 20], vec![0, 0], vec![0]] {
+        let mut bytes = hello();
+        let commit = CommitTxn { scope: "bl".into(), stream: "s".into(), txn: id, lengths: lengths.clone() };
+        encode_frame(&mut bytes, 2, &commit, b"");
+        let addr = server.addr;
+        let frames = tokio::task::spawn_blocking(move || send_and_drain(addr, &bytes)).await.unwrap();
+        assert_eq!(frames.len(), 2, "hello reply and one answer for {lengths:?}");
+        assert_eq!(error_code(&frames[1]), sluice_net::ErrorCode::BadRequest as u16, "{lengths:?}");
+        assert_eq!(c.get_txn("bl", "s", id).await.unwrap().state, sluice_net::TxnState::Open);
+    }
+    let info = t.commit().await.unwrap();
+    assert_eq!(info.state, sluice_net::TxnState::Committed);
+    assert_eq!(info.lengths.iter().sum::<u64>(), c.get_txn("bl", "s", id).await.unwrap().lengths.iter().sum::<u64>());
+    assert!(info.lengths.iter().sum::<u64>() > 0, "{info:?}");
+    c.seal_stream("bl", "s").await.unwrap();
+    let mut r = c.event_reader("bl/s", ReadFrom::Head).await.unwrap();
+    let e = r.read_next(Duration::from_secs(10)).await.unwrap().expect("the committed event");
+    assert_eq!(&e.payload[..], b"one");
+}

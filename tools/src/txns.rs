@@ -102,6 +102,7 @@ mod tests {
 
     fn txn(state: TxnState, expires: u64, finished: u64) -> TxnInfo {
         TxnInfo {
+            lengths: Vec::new(),
             scope: "s".into(),
             stream: "t".into(),
             txn: 1,

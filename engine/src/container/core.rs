@@ -125,13 +125,28 @@ pub enum Request {
         epoch: u64,
         len: u64,
     },
+    /// Reads nothing from and writes nothing to the log: the segment's durable length and
+    /// seal, answered at once (so it routes like any other operation, to any shard or node).
+    Status {
+        name: String,
+    },
 }
 
 /// What an operation returns once durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpResult {
     Done,
-    Appended { offset: u64, length: u64, last_event_number: u64, duplicate: bool },
+    Appended {
+        offset: u64,
+        length: u64,
+        last_event_number: u64,
+        duplicate: bool,
+    },
+    /// Answer to `Status`: durable length and seal.
+    Status {
+        length: u64,
+        sealed: bool,
+    },
 }
 
 /// Outcome of `submit`.
@@ -445,6 +460,10 @@ impl ContainerCore {
             }
             Request::Append { name, writer, first_event_number, event_count, expected_offset, data } => {
                 self.submit_append(name, writer, first_event_number, event_count, expected_offset, data)
+            }
+            Request::Status { name } => {
+                let s = self.status(&name)?;
+                Ok(Submitted::Ready(OpResult::Status { length: s.length, sealed: s.sealed }))
             }
             Request::Seal { name } => {
                 let id = self.lookup(&name)?;

@@ -25,6 +25,9 @@ pub struct TxnRecord {
     pub created_unix_ms: u64,
     /// When it became committed or aborted (0 before).
     pub finished_unix_ms: u64,
+    /// Committing by lengths: the bytes of each shadow (in `segments` order) the commit
+    /// moves; empty: the shadows were sealed at the decision and are moved whole.
+    pub lengths: Vec<u64>,
 }
 
 record!(TxnRecord, "a transaction record");
@@ -81,6 +84,7 @@ impl<S: MetaStore> Controller<S> {
             lease_expires_unix_ms: now + lease_ms,
             created_unix_ms: now,
             finished_unix_ms: 0,
+            lengths: Vec::new(),
         };
         match self.store.compare_and_swap(&txn_key(scope, stream, id), 0, record.encode()).await {
             Ok(_) => Ok(record),
@@ -174,7 +178,13 @@ impl<S: MetaStore> Controller<S> {
     /// Decides to commit: `Open` (lease not run out) → `Committing`. Already committing or
     /// committed: returned as is (a retry continues). The stream must still be active (a
     /// stream being sealed aborts its open transactions).
-    pub async fn begin_commit(&self, scope: &str, stream: &str, id: u128) -> Result<TxnRecord, ControllerError> {
+    pub async fn begin_commit(
+        &self,
+        scope: &str,
+        stream: &str,
+        id: u128,
+        lengths: &[u64],
+    ) -> Result<TxnRecord, ControllerError> {
         let r = self.get_stream(scope, stream).await?;
         let now = now_ms();
         let sealing = matches!(r.state, StreamState::Sealing | StreamState::Sealed);
@@ -185,6 +195,7 @@ impl<S: MetaStore> Controller<S> {
             TxnState::Open if sealing => Err(ControllerError::Sealed(format!("{scope}/{stream}"))),
             TxnState::Open => {
                 t.state = TxnState::Committing;
+                t.lengths = lengths.to_vec();
                 Ok(true)
             }
         })
@@ -298,8 +309,11 @@ mod tests {
             assert!(matches!(c.get_txn("s", "t", 9).await, Err(ControllerError::NoSuchTxn(_))));
             c.ping_txn("s", "t", 1, 2000).await.unwrap();
             // Commit: idempotent, then no abort; finished once.
-            assert_eq!(c.begin_commit("s", "t", 1).await.unwrap().state, TxnState::Committing);
-            assert_eq!(c.begin_commit("s", "t", 1).await.unwrap().state, TxnState::Committing);
+            let t = c.begin_commit("s", "t", 1, &[10, 20]).await.unwrap();
+            assert_eq!((t.state, t.lengths), (TxnState::Committing, vec![10, 20]));
+            // A repeat answers the decided record as is (its lengths too).
+            let t = c.begin_commit("s", "t", 1, &[]).await.unwrap();
+            assert_eq!((t.state, t.lengths), (TxnState::Committing, vec![10, 20]));
             assert!(matches!(c.begin_abort("s", "t", 1).await, Err(ControllerError::TxnNotOpen(_))));
             assert!(matches!(c.ping_txn("s", "t", 1, 1000).await, Err(ControllerError::TxnNotOpen(_))));
             assert!(matches!(c.forget_txn("s", "t", 1, false).await, Err(ControllerError::TxnNotOpen(_))));
@@ -309,13 +323,13 @@ mod tests {
             // Abort: then no commit.
             c.begin_txn("s", "t", 2, 1000).await.unwrap();
             assert_eq!(c.begin_abort("s", "t", 2).await.unwrap().state, TxnState::Aborting);
-            assert!(matches!(c.begin_commit("s", "t", 2).await, Err(ControllerError::TxnNotOpen(_))));
+            assert!(matches!(c.begin_commit("s", "t", 2, &[]).await, Err(ControllerError::TxnNotOpen(_))));
             assert_eq!(c.end_abort("s", "t", 2).await.unwrap().state, TxnState::Aborted);
             assert!(matches!(c.begin_txn("s", "t", 2, 1000).await, Err(ControllerError::TxnNotOpen(_))));
             // An expired lease cannot commit.
             c.begin_txn("s", "t", 3, 100).await.unwrap();
             std::thread::sleep(std::time::Duration::from_millis(150));
-            assert!(matches!(c.begin_commit("s", "t", 3).await, Err(ControllerError::TxnNotOpen(_))));
+            assert!(matches!(c.begin_commit("s", "t", 3, &[]).await, Err(ControllerError::TxnNotOpen(_))));
             assert_eq!(c.list_txns("s", "t").await.unwrap().len(), 3);
             assert_eq!(c.list_txns("s", "").await.unwrap().len(), 3);
             assert_eq!(c.list_txns("", "").await.unwrap().len(), 3);
