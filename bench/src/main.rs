@@ -62,6 +62,11 @@ enum Cmd {
         /// Events awaiting acknowledgement per producer.
         #[arg(long, default_value_t = 10_000)]
         inflight: usize,
+        /// Events per write call: 1 uses `write_event` (a future per event, the latency of
+        /// each event); N > 1 uses `write_events` (one future per N events: the latency
+        /// recorded for each event is its call's, until the last of the N is durable).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
     /// Produce at a fixed rate while a reader group tails the stream.
     EndToEnd {
@@ -416,8 +421,8 @@ fn main() -> Result<(), String> {
         Cmd::Consume { url, stream, readers, idle_ms } => {
             (rt.block_on(consume(url, stream, readers.max(1), idle_ms))?, Vec::new())
         }
-        Cmd::Produce { url, stream, segments, producers, count, size, inflight } => {
-            rt.block_on(produce(url, stream, segments, producers, count, size, inflight))?
+        Cmd::Produce { url, stream, segments, producers, count, size, inflight, batch } => {
+            rt.block_on(produce(url, ProduceLoad { stream, segments, producers, count, size, inflight, batch }))?
         }
         Cmd::Compare {
             targets,
@@ -559,15 +564,20 @@ fn compare(
 /// A run's JSON result and its latency histograms (for plots).
 pub(crate) type RunResult = Result<(serde_json::Value, Vec<(String, Histogram<u64>)>), String>;
 
-async fn produce(
-    url: String,
+/// The `produce` workload's knobs (see `Cmd::Produce`).
+struct ProduceLoad {
     stream: String,
     segments: u32,
     producers: u32,
     count: u64,
     size: usize,
     inflight: usize,
-) -> RunResult {
+    batch: usize,
+}
+
+async fn produce(url: String, load: ProduceLoad) -> RunResult {
+    let ProduceLoad { stream, segments, producers, count, size, inflight, batch } = load;
+    let batch = batch.max(1) as u64;
     {
         let admin = Client::connect(&url).await.map_err(|e| e.to_string())?;
         let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
@@ -587,20 +597,29 @@ async fn produce(
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
                 let payload = bytes::Bytes::from(vec![b'x'; size]);
                 let mut pending = FuturesUnordered::new();
-                for i in 0..count {
+                // Keys made once: the bench shares the cores with the server.
+                let keys: Vec<String> = (0..64).map(|k| format!("{p}-{k}")).collect();
+                let mut i = 0;
+                while i < count {
                     let sent = Instant::now();
-                    let ack = writer.write_event(format!("{p}-{}", i % 64).as_bytes(), payload.clone());
-                    pending.push(async move { (ack.await, sent.elapsed()) });
-                    while pending.len() >= inflight.max(1) {
-                        let (r, lat) = pending.next().await.expect("non-empty");
+                    let n = batch.min(count - i);
+                    let ack = if n == 1 {
+                        writer.write_event(keys[(i % 64) as usize].as_bytes(), payload.clone())
+                    } else {
+                        writer.write_events((i..i + n).map(|j| (keys[(j % 64) as usize].as_bytes(), payload.clone())))
+                    };
+                    i += n;
+                    pending.push(async move { (ack.await, sent.elapsed(), n) });
+                    while pending.len() as u64 * batch >= inflight.max(1) as u64 {
+                        let (r, lat, n) = pending.next().await.expect("non-empty");
                         r.map_err(|e| e.to_string())?;
-                        hist.saturating_record(lat.as_micros() as u64);
-                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        hist.saturating_record_n(lat.as_micros() as u64, n);
+                        acked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
-                while let Some((r, lat)) = pending.next().await {
+                while let Some((r, lat, n)) = pending.next().await {
                     r.map_err(|e| e.to_string())?;
-                    hist.saturating_record(lat.as_micros() as u64);
+                    hist.saturating_record_n(lat.as_micros() as u64, n);
                 }
                 Ok::<_, String>(hist)
             })));
@@ -619,7 +638,7 @@ async fn produce(
         );
         report("ack", &hist);
         let json = serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
-            "size": size, "inflight": inflight, "seconds": secs, "events_per_s": events as f64 / secs,
+            "size": size, "inflight": inflight, "batch": batch, "seconds": secs, "events_per_s": events as f64 / secs,
             "mb_per_s": events as f64 * size as f64 / secs / 1e6, "ack": hist_json(&hist)});
         Ok((json, vec![("ack".to_string(), hist)]))
     }

@@ -168,3 +168,51 @@ async fn cuts_batch_reads_and_byte_streams() {
     br.seek(11);
     assert!(br.read(10, Duration::from_secs(2)).await.unwrap().is_empty());
 }
+
+/// `write_events`: one future per call, order per key as with `write_event`, also while a
+/// split redirects the calls in flight; an oversized event refuses the whole call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_writes_keep_order_across_a_split_and_refuse_whole() {
+    let dir = TempDir::new("batched");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("bw").await.unwrap();
+    c.create_stream("bw", "s", 2).await.unwrap();
+    let w = c.event_writer("bw/s").await.unwrap();
+    const KEYS: u64 = 8;
+    const CALLS: u64 = 40;
+    const PER_CALL: u64 = 100;
+    let mut acks = Vec::new();
+    for call in 0..CALLS {
+        let events = (0..PER_CALL).map(|i| {
+            let n = call * PER_CALL + i;
+            (format!("key-{}", n % KEYS), Bytes::from(format!("{}:{}", n % KEYS, n / KEYS)))
+        });
+        acks.push(w.write_events(events));
+        if call == CALLS / 2 {
+            c.split_segment("bw", "s", 0, 2).await.unwrap();
+        }
+    }
+    let too_big =
+        vec![(b"key-0".to_vec(), Bytes::from_static(b"never")), (b"key-1".to_vec(), Bytes::from(vec![0u8; 9 << 20]))];
+    let err = w.write_events(too_big).await.unwrap_err();
+    assert!(matches!(err, ClientError::InvalidArgument(_)), "{err:?}");
+    assert!(w.write_events(Vec::<(&[u8], Bytes)>::new()).await.is_ok(), "an empty call is done at once");
+    for a in acks {
+        a.await.unwrap();
+    }
+    c.seal_stream("bw", "s").await.unwrap();
+    let mut r = c.event_reader("bw/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut next = vec![0u64; KEYS as usize];
+    let mut total = 0;
+    while let Some(e) = r.read_next(Duration::from_secs(5)).await.unwrap() {
+        let text = String::from_utf8(e.payload.to_vec()).unwrap();
+        assert_ne!(text, "never", "an event of the refused call was written");
+        let (k, i) = text.split_once(':').unwrap();
+        let (k, i): (usize, u64) = (k.parse().unwrap(), i.parse().unwrap());
+        assert_eq!(i, next[k], "key {k}: events out of order or duplicated");
+        next[k] += 1;
+        total += 1;
+    }
+    assert_eq!(total, CALLS * PER_CALL, "every event exactly once");
+}

@@ -1,0 +1,44 @@
+//! Smoke runs of `sluice-bench produce` (one future per event and per batch call),
+//! `consume` and `end-to-end` against a spawned standalone server: each completes, counts
+//! every event, and writes its JSON result. No figure is asserted (they live in
+//! docs/BENCHMARKS.md).
+
+use sluice_tests::{Server, TempDir, free_ports};
+use std::path::Path;
+use std::process::Command;
+
+/// Runs sluice-bench with `args`, returns the JSON line it appended to `json`.
+fn run(json: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["--json", json.to_str().unwrap()])
+        .args(args)
+        .output()
+        .expect("running sluice-bench");
+    assert!(
+        out.status.success(),
+        "sluice-bench {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(json).unwrap();
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn produce_consume_and_end_to_end_complete() {
+    let dir = TempDir::new("bench-workloads");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let url = server.url();
+    let json = dir.0.join("runs.jsonl");
+    let stream = ["--stream", "bw/p"];
+    let r = run(&json, &["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--inflight", "1000"]);
+    assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("produce"), Some(20_000)), "{r}");
+    assert_eq!(r["ack"]["count"].as_u64(), Some(20_000), "{r}");
+    let r = run(&json, &["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--batch", "100"]);
+    assert_eq!((r["batch"].as_u64(), r["ack"]["count"].as_u64()), (Some(100), Some(20_000)), "{r}");
+    let r = run(&json, &["consume", "--url", &url, stream[0], stream[1], "--readers", "2", "--idle-ms", "500"]);
+    assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("consume"), Some(40_000)), "{r}");
+    let r = run(&json, &["end-to-end", "--url", &url, "--rate", "2000", "--seconds", "1", "--readers", "2"]);
+    assert_eq!(r["workload"].as_str(), Some("end-to-end"), "{r}");
+    assert!(r["end_to_end"]["count"].as_u64().unwrap_or(0) >= 1000, "{r}");
+}
