@@ -119,6 +119,11 @@ enum Cmd {
         /// latency from the scheduled send time) instead of as fast as acks allow.
         #[arg(long)]
         rate: Option<u64>,
+        /// Events per send, each target batching its own way: Sluice `write_events` (one
+        /// future for the batch), Redis a pipeline of XADDs (one round trip), NATS the
+        /// publishes sent before their acks are awaited. Each event's latency is its batch's.
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
         /// Extra `sluice standalone` argument for a spawned Sluice (repeat it), e.g.
         /// `--sluice-arg=--iops-limit --sluice-arg=2000`.
         #[arg(long, allow_hyphen_values = true)]
@@ -435,10 +440,11 @@ fn main() -> Result<(), String> {
             inflight,
             rounds,
             rate,
+            batch,
             sluice_arg,
         } => {
             let urls = [sluice_url, redis_url, nats_url];
-            let load = peers::Load { count, inflight, rate };
+            let load = peers::Load { count, inflight, rate, batch: batch.max(1) };
             let spawn = spawn.then_some(sluice_arg.as_slice());
             compare(&rt, &targets, spawn, &urls, load, size, rounds.max(1))?
         }
@@ -469,7 +475,7 @@ fn compare(
     size: usize,
     rounds: u32,
 ) -> RunResult {
-    let peers::Load { count, inflight, rate } = load;
+    let peers::Load { count, inflight, rate, batch } = load;
     use peers::Target;
     let base = std::env::temp_dir().join(format!("sluice-compare-{}", std::process::id()));
     /// Every run of one target.
@@ -557,7 +563,7 @@ fn compare(
     }
     let series = results.into_iter().map(|r| (format!("{:?}", r.target).to_lowercase(), r.hist)).collect();
     let result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,
-        "rate": rate, "rounds": rounds, "targets": json});
+        "rate": rate, "batch": batch, "rounds": rounds, "targets": json});
     Ok((result, series))
 }
 

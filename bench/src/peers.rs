@@ -184,41 +184,50 @@ pub struct Load {
     /// Open loop at this many events per second (latency from each event's *scheduled* send
     /// time, so a stall is not hidden); `None`: closed loop, as fast as acks allow.
     pub rate: Option<u64>,
+    /// Events per send (each target batches its own way); each event's latency is its batch's.
+    pub batch: u64,
 }
 
-/// Sends `load.count` events; latency to each acknowledgement.
+/// Sends `load.count` events, `load.batch` per `send(first, n)`; latency to each
+/// acknowledgement (a batch's, for each of its events), from the scheduled time of its first.
 async fn drive<F, Fut>(load: Load, mut send: F) -> Result<Outcome, String>
 where
-    F: FnMut(u64) -> Fut,
+    F: FnMut(u64, u64) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut pending = FuturesUnordered::new();
     let start = Instant::now();
-    for i in 0..load.count {
+    let batch = load.batch.max(1);
+    let mut i = 0;
+    while i < load.count {
         let due = match load.rate {
             Some(r) => start + Duration::from_secs_f64(i as f64 / r.max(1) as f64),
             None => Instant::now(),
         };
-        // Until the event is due, collect acknowledgements.
+        // Until the batch is due, collect acknowledgements.
         while Instant::now() < due {
             let sleep = tokio::time::sleep_until(due.into());
             tokio::select! {
-                Some(lat) = pending.next(), if !pending.is_empty() => {
-                    hist.saturating_record(lat?);
+                Some(r) = pending.next(), if !pending.is_empty() => {
+                    let (lat, n) = r?;
+                    hist.saturating_record_n(lat, n);
                 }
                 () = sleep => {}
             }
         }
-        let fut = send(i);
-        pending.push(async move { fut.await.map(|()| due.elapsed().as_micros() as u64) });
-        while pending.len() >= load.inflight.max(1) {
-            let lat = pending.next().await.expect("non-empty")?;
-            hist.saturating_record(lat);
+        let n = batch.min(load.count - i);
+        let fut = send(i, n);
+        i += n;
+        pending.push(async move { fut.await.map(|()| (due.elapsed().as_micros() as u64, n)) });
+        while pending.len() as u64 * batch >= load.inflight.max(1) as u64 {
+            let (lat, n) = pending.next().await.expect("non-empty")?;
+            hist.saturating_record_n(lat, n);
         }
     }
-    while let Some(lat) = pending.next().await {
-        hist.saturating_record(lat?);
+    while let Some(r) = pending.next().await {
+        let (lat, n) = r?;
+        hist.saturating_record_n(lat, n);
     }
     Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist })
 }
@@ -234,8 +243,12 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
             let _ = client.create_stream("bench", &stream, 4).await;
             let writer = client.event_writer(&format!("bench/{stream}")).await.map_err(|e| e.to_string())?;
             let keys: Vec<String> = (0..16).map(|k| format!("key-{k}")).collect();
-            tokio::task::unconstrained(drive(load, |i| {
-                let ack = writer.write_event(keys[(i % 16) as usize].as_bytes(), payload.clone());
+            tokio::task::unconstrained(drive(load, |i, n| {
+                let ack = if n == 1 {
+                    writer.write_event(keys[(i % 16) as usize].as_bytes(), payload.clone())
+                } else {
+                    writer.write_events((i..i + n).map(|j| (keys[(j % 16) as usize].as_bytes(), payload.clone())))
+                };
                 async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }
             }))
             .await
@@ -243,20 +256,13 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
         Target::Redis => {
             let client = redis::Client::open(url).map_err(|e| e.to_string())?;
             let con = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-            tokio::task::unconstrained(drive(load, |_| {
+            tokio::task::unconstrained(drive(load, |_, n| {
                 let mut con = con.clone();
-                let payload = payload.clone();
-                async move {
-                    redis::cmd("XADD")
-                        .arg("bench")
-                        .arg("*")
-                        .arg("d")
-                        .arg(payload.as_ref())
-                        .query_async::<String>(&mut con)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
+                let mut pipe = redis::pipe();
+                for _ in 0..n {
+                    pipe.cmd("XADD").arg("bench").arg("*").arg("d").arg(payload.as_ref());
                 }
+                async move { pipe.query_async::<Vec<String>>(&mut con).await.map(|_| ()).map_err(|e| e.to_string()) }
             }))
             .await
         }
@@ -271,12 +277,18 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
             })
             .await
             .map_err(|e| e.to_string())?;
-            tokio::task::unconstrained(drive(load, |_| {
+            tokio::task::unconstrained(drive(load, |_, n| {
                 let js = js.clone();
                 let payload = payload.clone();
                 async move {
-                    let ack = js.publish("bench", payload).await.map_err(|e| e.to_string())?;
-                    ack.await.map(|_| ()).map_err(|e| e.to_string())
+                    let mut acks = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        acks.push(js.publish("bench", payload.clone()).await.map_err(|e| e.to_string())?);
+                    }
+                    for ack in acks {
+                        ack.await.map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
                 }
             }))
             .await

@@ -46,4 +46,19 @@ fn compare_spawns_every_target_and_reports_it() {
         assert_eq!(r["ack"]["count"].as_u64(), Some(3000), "{t} acknowledged every event");
         assert!(stdout.contains(r["durability"].as_str().unwrap()), "{stdout}");
     }
+
+    // Batched sends (Sluice write_events, a Redis pipeline, NATS publishes before their acks).
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["--json", json.to_str().unwrap(), "compare", "--spawn", "--targets", &targets.join(",")])
+        .args(["--count", "2000", "--inflight", "200", "--rounds", "1", "--batch", "20"])
+        .output()
+        .expect("running sluice-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "compare --batch failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&json).unwrap().trim()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(result["batch"].as_u64(), Some(20), "{result}");
+    for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
+        assert_eq!(r["ack"]["count"].as_u64(), Some(2000), "{t} acknowledged every batched event");
+    }
 }
