@@ -449,7 +449,18 @@ impl Transaction {
     /// this process stops first, the controller's transaction service completes them. An
     /// error before the commit was decided leaves the transaction open (or aborted, if its
     /// lease ran out); after, anyone (or the controller) finishes the commit.
-    pub async fn commit(mut self) -> Result<TxnInfo, ClientError> {
+    pub async fn commit(self) -> Result<TxnInfo, ClientError> {
+        self.commit_with(false).await
+    }
+
+    /// `commit`, then also waits until the record says `Committed` (and deletes the spent
+    /// shadows): for a process that exits right after (the CLI), or a caller that lists
+    /// transactions next. One metadata write more on the latency.
+    pub async fn commit_recorded(self) -> Result<TxnInfo, ClientError> {
+        self.commit_with(true).await
+    }
+
+    async fn commit_with(mut self, await_record: bool) -> Result<TxnInfo, ClientError> {
         self.flush().await?;
         self.stop_pinging();
         let (scope, stream, txn) = (&self.stream.scope, &self.stream.stream, self.info.txn);
@@ -465,6 +476,9 @@ impl Transaction {
             self.client.admin(CommitTxn { scope: scope.clone(), stream: stream.clone(), txn, lengths }).await?;
         if info.state == TxnState::Committed {
             return Ok(info);
+        }
+        if await_record {
+            return self.client.finish_commit(&info).await;
         }
         self.client.finish_commit_moves(&info).await?;
         let client = self.client.clone();

@@ -198,10 +198,20 @@ async fn a_thousand_transactions_next_to_plain_writes_and_scalings_are_all_or_no
         acked.extend(p.await.unwrap());
     }
     assert_eq!(committed + aborted, TXNS);
-    // Every transaction is settled; none is left open or half-way.
-    let txns = c.list_txns("tx", "s").await.unwrap();
-    assert_eq!(txns.len() as u64, TXNS);
-    assert!(txns.iter().all(|t| t.state.is_final()), "unsettled transactions");
+    // Every transaction is settled; none is left open or half-way. (A commit returns once
+    // its events are in; its record says `Committed` a moment later.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let txns = c.list_txns("tx", "s").await.unwrap();
+        assert_eq!(txns.len() as u64, TXNS);
+        if txns.iter().all(|t| t.state.is_final()) {
+            break;
+        }
+        let open = txns.iter().filter(|t| t.state == TxnState::Open).count();
+        assert_eq!(open, 0, "transactions left open after their commit or abort returned");
+        assert!(Instant::now() < deadline, "unsettled transactions after 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     c.seal_stream("tx", "s").await.unwrap();
     let events = read_all(&c, "tx/s").await;
     check(&events, &acked, &visible);
@@ -375,6 +385,14 @@ async fn leases_timeouts_scalings_errors_and_the_cli() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    // commit_recorded returns once the record says so too.
+    c.create_stream("tm", "r", 1).await.unwrap();
+    let mut recorded = c.begin_txn("tm/r").await.unwrap();
+    recorded.write_event(b"k", b"recorded").await.unwrap();
+    let recorded_id = recorded.id();
+    assert_eq!(recorded.commit_recorded().await.unwrap().state, TxnState::Committed);
+    assert_eq!(c.get_txn("tm", "r", recorded_id).await.unwrap().state, TxnState::Committed);
 
     // A transaction opened before two scalings commits into the successors, after the plain
     // events written before its commit and before those written after.

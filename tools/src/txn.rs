@@ -137,7 +137,9 @@ pub async fn run(c: &Client, cmd: TxnCmd) -> Result<(), String> {
                 txn.write_event(k.as_bytes(), line.as_bytes()).await.map_err(|e| e.to_string())?;
                 n += 1;
             }
-            let t = if abort { txn.abort().await } else { txn.commit().await }.map_err(|e| e.to_string())?;
+            // A process about to exit: wait for the record too (commit alone would leave that to
+            // a background task that dies with the process).
+            let t = if abort { txn.abort().await } else { txn.commit_recorded().await }.map_err(|e| e.to_string())?;
             println!("transaction {id}: {n} event(s), {}", t.state);
         }
     }
