@@ -172,23 +172,15 @@ impl Client {
             }
         }
         self.move_shadows(info).await?;
+        self.record_commit(info).await
+    }
+
+    /// Every shadow is moved: the record says `Committed`, and the spent shadows go.
+    async fn record_commit(&self, info: &TxnInfo) -> Result<TxnInfo, ClientError> {
         let done: TxnInfo =
             self.admin(FinishCommit { scope: info.scope.clone(), stream: info.stream.clone(), txn: info.txn }).await?;
         self.delete_shadows_later(info);
         Ok(done)
-    }
-
-    /// Moves a committing transaction's events into the stream, without recording the
-    /// commit finished (see `Transaction::commit`).
-    async fn finish_commit_moves(&self, info: &TxnInfo) -> Result<(), ClientError> {
-        if info.state != TxnState::Committing {
-            return Err(ClientError::InvalidArgument(format!(
-                "transaction {} is {}, not committing",
-                txn_id_text(info.txn),
-                info.state
-            )));
-        }
-        self.move_shadows(info).await
     }
 
     /// Every shadow's events into the stream (each move may be repeated).
@@ -480,16 +472,12 @@ impl Transaction {
         if await_record {
             return self.client.finish_commit(&info).await;
         }
-        self.client.finish_commit_moves(&info).await?;
-        let client = self.client.clone();
-        let recorded = info.clone();
+        // `Committing` here (anything else was refused): move, then record in the background.
+        self.client.move_shadows(&info).await?;
+        let (client, recorded) = (self.client.clone(), info.clone());
         tokio::spawn(async move {
-            let finish = FinishCommit { scope: recorded.scope.clone(), stream: recorded.stream.clone(), txn };
-            match client.admin::<_, TxnInfo>(finish).await {
-                Ok(_) => client.delete_shadows(&recorded).await,
-                Err(e) => {
-                    tracing::debug!(txn = %txn_id_text(txn), error = %e, "recording a commit as finished failed; the transaction service will")
-                }
+            if let Err(e) = client.record_commit(&recorded).await {
+                tracing::debug!(txn = %txn_id_text(txn), error = %e, "recording a commit as finished failed; the transaction service will");
             }
         });
         info.state = TxnState::Committed;

@@ -715,10 +715,11 @@ async fn commit_txn<S: MetaStore>(
     lengths: &[u64],
 ) -> Result<TxnRecord, AdminError> {
     let t = shard.controller.get_txn(scope, stream, txn).await?;
-    let shadow = |number| shadow_segment_name(scope, stream, number, txn);
     let decided = if lengths.is_empty() {
-        let seals =
-            t.segments.iter().map(|s| shard.segment_op(shadow(s.number), Request::Seal { name: shadow(s.number) }));
+        let seals = t.segments.iter().map(|s| {
+            let name = shadow_segment_name(scope, stream, s.number, txn);
+            shard.segment_op(name.clone(), Request::Seal { name })
+        });
         let (decided, sealed) =
             futures::join!(shard.controller.begin_commit(scope, stream, txn, &[]), futures::future::join_all(seals));
         // A refused decision is answered as such below, whatever the seals did.
@@ -733,37 +734,7 @@ async fn commit_txn<S: MetaStore>(
         }
         decided
     } else {
-        if lengths.len() != t.segments.len() {
-            return Err(ControllerError::Invalid(format!(
-                "{} shadow lengths for a transaction of {} segments",
-                lengths.len(),
-                t.segments.len()
-            ))
-            .into());
-        }
-        if t.state == TxnState::Open {
-            let statuses = t
-                .segments
-                .iter()
-                .map(|s| shard.segment_op(shadow(s.number), Request::Status { name: shadow(s.number) }));
-            for (s, (r, &want)) in
-                t.segments.iter().zip(futures::future::join_all(statuses).await.into_iter().zip(lengths))
-            {
-                match r? {
-                    OpResult::Status { length, sealed: false } if length == want => {}
-                    OpResult::Status { length, sealed } => {
-                        return Err(ControllerError::Invalid(format!(
-                            "the shadow of segment {} holds {length} bytes{}, the commit names {want}: \
-                             writes still in flight?",
-                            s.number,
-                            if sealed { " and is sealed" } else { "" }
-                        ))
-                        .into());
-                    }
-                    other => return Err(EngineError::Io(format!("unexpected status answer {other:?}")).into()),
-                }
-            }
-        }
+        check_shadow_lengths(shard, scope, stream, &t, lengths).await?;
         shard.controller.begin_commit(scope, stream, txn, lengths).await
     };
     match decided {
@@ -777,6 +748,45 @@ async fn commit_txn<S: MetaStore>(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// One length per segment of `t`, and, while `t` is open, every shadow holds exactly that many
+/// durable bytes (in `t.segments` order) and is not sealed; else `BadRequest`. (A decided
+/// transaction keeps its recorded lengths.)
+async fn check_shadow_lengths<S: MetaStore>(
+    shard: &Shard<S>,
+    scope: &str,
+    stream: &str,
+    t: &TxnRecord,
+    lengths: &[u64],
+) -> Result<(), AdminError> {
+    if lengths.len() != t.segments.len() {
+        let msg = format!("{} shadow lengths for a transaction of {} segments", lengths.len(), t.segments.len());
+        return Err(ControllerError::Invalid(msg).into());
+    }
+    if t.state != TxnState::Open {
+        return Ok(());
+    }
+    let statuses = t.segments.iter().map(|s| {
+        let name = shadow_segment_name(scope, stream, s.number, t.id);
+        shard.segment_op(name.clone(), Request::Status { name })
+    });
+    let statuses = futures::future::join_all(statuses).await;
+    for ((s, r), &want) in t.segments.iter().zip(statuses).zip(lengths) {
+        match r? {
+            OpResult::Status { length, sealed: false } if length == want => {}
+            OpResult::Status { length, sealed } => {
+                return Err(ControllerError::Invalid(format!(
+                    "the shadow of segment {} holds {length} bytes{}, the commit names {want}: writes still in flight?",
+                    s.number,
+                    if sealed { " and is sealed" } else { "" }
+                ))
+                .into());
+            }
+            other => return Err(EngineError::Io(format!("unexpected status answer {other:?}")).into()),
+        }
+    }
+    Ok(())
 }
 
 /// Aborts: decided in the record, then the shadows deleted, then recorded as done.

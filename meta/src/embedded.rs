@@ -193,6 +193,9 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 impl State {
     /// Writes a record; `sync` makes it durable with the rest of its group.
     fn append(&mut self, rec: &[u8]) -> Result<(), MetaError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         let io = |e: std::io::Error| MetaError::Io(e.to_string());
         if let Err(e) = self.file.write_all(rec) {
             // A partial record may sit at the end of the file: nothing more may follow it.
@@ -394,23 +397,10 @@ impl State {
         }
     }
 
-    /// Applies one request (not yet synced); its reply, sent after the group's sync.
+    /// Applies one request (not yet synced); its reply, sent after the group's sync. On a
+    /// stopped store every change fails at `append` and `sync` answers the whole group with
+    /// the error.
     fn handle(&mut self, cmd: Cmd) -> Option<Reply> {
-        if let Some(e) = self.failed.clone() {
-            let fail = |_: Option<&MetaError>| ();
-            return Some(match cmd {
-                Cmd::Get(_, r) => reply(r, Err(e)),
-                Cmd::Put(_, _, _, r) | Cmd::PutLeased(_, _, _, r) => reply(r, Err(e)),
-                Cmd::Grant(_, r) => reply(r, Err(e)),
-                Cmd::Delete(_, _, r) => reply(r, Err(e)),
-                Cmd::Range(_, r) => reply(r, Err(e)),
-                Cmd::KeepAlive(_, r) | Cmd::Revoke(_, r) | Cmd::Txn(_, r) => reply(r, Err(e)),
-                Cmd::Watch(_, tx) => {
-                    let _ = tx.unbounded_send(Err(e));
-                    Box::new(fail)
-                }
-            });
-        }
         Some(match cmd {
             Cmd::Get(k, r) => reply(r, Ok(self.map.get(&k).cloned())),
             Cmd::Put(k, e, v, r) => reply(r, self.write(k, e, v)),
@@ -420,7 +410,12 @@ impl State {
                 reply(r, Ok(out.map(|(k, v)| (k.clone(), v.clone())).collect()))
             }
             Cmd::Watch(p, tx) => {
-                self.watchers.push((p, tx));
+                match &self.failed {
+                    Some(e) => {
+                        let _ = tx.unbounded_send(Err(e.clone()));
+                    }
+                    None => self.watchers.push((p, tx)),
+                }
                 return None;
             }
             Cmd::Grant(ttl, r) => {
