@@ -16,6 +16,9 @@ use std::time::Duration;
 
 const SNAPSHOT: u8 = 1;
 const UPDATE: u8 = 2;
+/// After a failed conditional append, how long the re-read waits for the winner's bytes
+/// to become durable (it returns as soon as they are).
+const CONFLICT_WAIT: Duration = Duration::from_secs(1);
 
 /// A state that can be shared through a synchronizer.
 pub trait Synchronized: Clone + Send + Sized + 'static {
@@ -85,10 +88,19 @@ impl<S: Synchronized> StateSynchronizer<S> {
 
     /// Applies every record written since the last fetch.
     pub async fn fetch_updates(&mut self) -> Result<(), ClientError> {
+        self.fetch(Duration::ZERO).await
+    }
+
+    /// Like `fetch_updates`, but when nothing new is durable yet, waits up to `wait` for it.
+    /// After a failed conditional append this is what a retry needs: the append that won is
+    /// accepted but may not be durable yet, and reads see only durable bytes; retrying at
+    /// once would fail again (and again, for as long as the disk takes).
+    async fn fetch(&mut self, mut wait: Duration) -> Result<(), ClientError> {
         let mut pending = BytesMut::new();
         loop {
             let at = self.revision + pending.len() as u64;
-            let (reply, data) = match self.client.read_segment(&self.segment, at, 1 << 20, Duration::ZERO).await {
+            let read = self.client.read_segment(&self.segment, at, 1 << 20, std::mem::take(&mut wait)).await;
+            let (reply, data) = match read {
                 Ok(r) => r,
                 Err(ClientError::Server { code: ErrorCode::Truncated, offset: Some(start), .. }) => {
                     // Compacted past us: start over from the snapshot at the new start.
@@ -134,8 +146,9 @@ impl<S: Synchronized> StateSynchronizer<S> {
 
     /// Writes `initial` if nobody initialized the state yet. Returns whether it did.
     pub async fn initialize(&mut self, initial: S) -> Result<bool, ClientError> {
+        let mut wait = Duration::ZERO;
         loop {
-            self.fetch_updates().await?;
+            self.fetch(std::mem::replace(&mut wait, CONFLICT_WAIT)).await?;
             if self.state.is_some() {
                 return Ok(false);
             }
@@ -159,8 +172,9 @@ impl<S: Synchronized> StateSynchronizer<S> {
     where
         F: FnMut(&S) -> Vec<S::Update>,
     {
+        let mut wait = Duration::ZERO;
         for _ in 0..self.max_attempts {
-            self.fetch_updates().await?;
+            self.fetch(std::mem::replace(&mut wait, CONFLICT_WAIT)).await?;
             let state = self
                 .state
                 .as_ref()
@@ -191,8 +205,9 @@ impl<S: Synchronized> StateSynchronizer<S> {
 
     /// Writes a snapshot of the current state and truncates everything before it.
     pub async fn compact(&mut self) -> Result<(), ClientError> {
+        let mut wait = Duration::ZERO;
         loop {
-            self.fetch_updates().await?;
+            self.fetch(std::mem::replace(&mut wait, CONFLICT_WAIT)).await?;
             let Some(state) = &self.state else { return Ok(()) };
             let mut buf = Vec::new();
             record(SNAPSHOT, &state.encode(), &mut buf);

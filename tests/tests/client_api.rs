@@ -90,6 +90,39 @@ async fn synchronizer_counter_has_no_lost_updates() {
     assert!(c.segment_info("sync/counter/0").await.unwrap().start_offset > 0);
 }
 
+/// A slow disk (flushes paced at 20/s) keeps the winner of a race accepted but not durable
+/// for up to 50 ms. The loser's retries must wait for those bytes instead of failing again at
+/// once: with 20 attempts each, two updaters of 10 increments each never run out (each can
+/// lose at most 10 times in a row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronizer_retries_wait_for_the_winner_on_a_slow_disk() {
+    let dir = TempDir::new("syncslow");
+    let server = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &["--iops-limit", "20"]);
+    let url = server.url();
+    Client::connect(&url).await.unwrap().create_scope("sync").await.unwrap();
+    let tasks: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let c = Client::connect(&url).await.unwrap();
+                let mut sync = c.state_synchronizer::<Counter>("sync", "counter").await.unwrap();
+                sync.max_attempts = 20;
+                sync.initialize(Counter(0)).await.unwrap();
+                for _ in 0..10 {
+                    sync.update_state(|s| vec![s.0 + 1]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = Client::connect(&url).await.unwrap();
+    let mut sync = c.state_synchronizer::<Counter>("sync", "counter").await.unwrap();
+    sync.fetch_updates().await.unwrap();
+    assert_eq!(sync.state().unwrap().0, 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cuts_batch_reads_and_byte_streams() {
     let h = Harness::with_stream("b", "s", 4).await;
