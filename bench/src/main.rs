@@ -16,6 +16,7 @@
 mod peers;
 mod plot;
 mod scale;
+mod schedule;
 mod txn;
 
 use clap::Parser;
@@ -328,16 +329,12 @@ async fn end_to_end(url: String, rate: u64, seconds: u64, readers: u32, segments
     let writer = client.event_writer(&stream).await.map_err(e)?;
     let mut acks = FuturesUnordered::new();
     let mut ack_hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    let interval_us = 1_000_000.0 / rate as f64;
+    let schedule = schedule::Schedule::start_at(start, rate, total)?;
     let mut last_report = std::time::Instant::now();
     for i in 0..total {
-        let due = (i as f64 * interval_us) as u64;
-        loop {
-            let now = start.elapsed().as_micros() as u64;
-            if now >= due {
-                break;
-            }
-            // Drain acknowledgements while waiting for the schedule.
+        let due = (schedule.due_at(i) - start).as_micros() as u64;
+        // Drain acknowledgements while waiting for the schedule.
+        while schedule.due_count() <= i {
             tokio::select! {
                 Some((r, sched)) = acks.next(), if !acks.is_empty() => {
                     let r: Result<(), sluice_client::ClientError> = r;
@@ -345,7 +342,7 @@ async fn end_to_end(url: String, rate: u64, seconds: u64, readers: u32, segments
                     let lat = (start.elapsed().as_micros() as u64).saturating_sub(sched);
                     if sched >= WARMUP_S * 1_000_000 { ack_hist.saturating_record(lat.max(1)); }
                 }
-                _ = tokio::time::sleep(std::time::Duration::from_micros(due - now)) => {}
+                () = schedule.wait_beyond(i) => {}
             }
         }
         let mut payload = vec![b'.'; size.max(16)];

@@ -13,6 +13,7 @@
 //! With `--spawn`, each server is started on 127.0.0.1 with a fresh temporary directory and
 //! killed (and its directory removed) afterwards; otherwise the given URLs are used.
 
+use crate::schedule::Schedule;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -199,21 +200,21 @@ where
     let mut pending = FuturesUnordered::new();
     let start = Instant::now();
     let batch = load.batch.max(1);
+    let schedule = load.rate.map(|r| Schedule::start_at(start, r, load.count)).transpose()?;
     let mut i = 0;
     while i < load.count {
-        let due = match load.rate {
-            Some(r) => start + Duration::from_secs_f64(i as f64 / r.max(1) as f64),
+        let due = match &schedule {
+            Some(s) => s.due_at(i),
             None => Instant::now(),
         };
         // Until the batch is due, collect acknowledgements.
-        while Instant::now() < due {
-            let sleep = tokio::time::sleep_until(due.into());
+        while let Some(s) = schedule.as_ref().filter(|s| s.due_count() <= i) {
             tokio::select! {
                 Some(r) = pending.next(), if !pending.is_empty() => {
                     let (lat, n) = r?;
                     hist.saturating_record_n(lat, n);
                 }
-                () = sleep => {}
+                () = s.wait_beyond(i) => {}
             }
         }
         let n = batch.min(load.count - i);

@@ -75,14 +75,14 @@ pub async fn run(url: String, load: ScaleLoad) -> RunResult {
     let producer = {
         let stop = stop.clone();
         let payload = bytes::Bytes::from(vec![b'x'; load.size]);
-        let rate = load.rate.max(1);
+        let schedule = crate::schedule::Schedule::start_at(start, load.rate, u64::MAX)?;
         tokio::spawn(async move {
             // (scheduled send time since start, ack latency) of every event.
             let mut acks = Vec::new();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
-                tokio::time::sleep_until(due.into()).await;
+                let due = schedule.due_at(i);
+                schedule.wait_beyond(i).await;
                 let ack = writer.write_event(format!("k{}", i % 256).as_bytes(), payload.clone());
                 acks.push(tokio::spawn(async move { ack.await.map(|()| (due - start, due.elapsed())) }));
                 i += 1;
