@@ -237,7 +237,12 @@ async fn consume(url: String, stream: String, readers: u32, idle_ms: u64) -> Res
     let group = c
         .create_reader_group(scope, &group_name, sluice_client::ReaderGroupConfig::stream(&stream))
         .await
-        .map_err(e)?;
+        .map_err(|err| match err.code() {
+            Some(sluice_client::ErrorCode::NoSuchStream | sluice_client::ErrorCode::NoSuchScope) => format!(
+                "{stream} does not exist: write it first (`sluice-bench produce --stream {stream}`) or name another with --stream"
+            ),
+            _ => err.to_string(),
+        })?;
     let (events, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let start = Instant::now();
     let mut tasks = Vec::new();

@@ -38,6 +38,13 @@ fn produce_consume_and_end_to_end_complete() {
     assert_eq!((r["batch"].as_u64(), r["ack"]["count"].as_u64()), (Some(100), Some(20_000)), "{r}");
     let r = run(&json, &["consume", "--url", &url, stream[0], stream[1], "--readers", "2", "--idle-ms", "500"]);
     assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("consume"), Some(40_000)), "{r}");
+    // Consuming a stream nobody wrote says what to do, and writes no result.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["consume", "--url", &url, "--stream", "bw/none"])
+        .output()
+        .expect("running sluice-bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bw/none does not exist: write it first"), "{err}");
     let r = run(&json, &["end-to-end", "--url", &url, "--rate", "2000", "--seconds", "1", "--readers", "2"]);
     assert_eq!(r["workload"].as_str(), Some("end-to-end"), "{r}");
     assert!(r["end_to_end"]["count"].as_u64().unwrap_or(0) >= 1000, "{r}");

@@ -47,6 +47,8 @@ pub use cut::{CutAt, StreamCut};
 pub use error::ClientError;
 pub use group::{Checkpoint, GroupItem, GroupReader, GroupStream, ReaderGroup, ReaderGroupConfig};
 pub use reader::{Event, EventReader, ReadFrom};
+/// Wire error codes, as `ClientError::code` reports them.
+pub use sluice_net::ErrorCode;
 pub use sync::{StateSynchronizer, Synchronized};
 pub use txn::{Transaction, TxnConfig};
 pub use writer::{AckFuture, EventWriter, WriterConfig};
