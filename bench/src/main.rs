@@ -611,11 +611,7 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
                 while i < count {
                     let sent = Instant::now();
                     let n = batch.min(count - i);
-                    let ack = if n == 1 {
-                        writer.write_event(keys[(i % 64) as usize].as_bytes(), payload.clone())
-                    } else {
-                        writer.write_events((i..i + n).map(|j| (keys[(j % 64) as usize].as_bytes(), payload.clone())))
-                    };
+                    let ack = peers::sluice_send(&writer, &keys, i, n, &payload);
                     i += n;
                     pending.push(async move { (ack.await, sent.elapsed(), n) });
                     while pending.len() as u64 * batch >= inflight.max(1) as u64 {

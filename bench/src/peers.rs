@@ -233,6 +233,23 @@ where
     Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist })
 }
 
+/// Sends events `i..i + n` (keys taken in turn from `keys`): `write_event` for one, one
+/// `write_events` call for more.
+pub(crate) fn sluice_send(
+    writer: &sluice_client::EventWriter,
+    keys: &[String],
+    i: u64,
+    n: u64,
+    payload: &Bytes,
+) -> sluice_client::AckFuture {
+    let key = |j: u64| keys[(j % keys.len() as u64) as usize].as_bytes();
+    if n == 1 {
+        writer.write_event(key(i), payload.clone())
+    } else {
+        writer.write_events((i..i + n).map(|j| (key(j), payload.clone())))
+    }
+}
+
 /// The produce workload against one target at `url`.
 pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Result<Outcome, String> {
     let payload = Bytes::from(vec![b'x'; size]);
@@ -245,11 +262,7 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
             let writer = client.event_writer(&format!("bench/{stream}")).await.map_err(|e| e.to_string())?;
             let keys: Vec<String> = (0..16).map(|k| format!("key-{k}")).collect();
             tokio::task::unconstrained(drive(load, |i, n| {
-                let ack = if n == 1 {
-                    writer.write_event(keys[(i % 16) as usize].as_bytes(), payload.clone())
-                } else {
-                    writer.write_events((i..i + n).map(|j| (keys[(j % 16) as usize].as_bytes(), payload.clone())))
-                };
+                let ack = sluice_send(&writer, &keys, i, n, &payload);
                 async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }
             }))
             .await

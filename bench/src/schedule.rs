@@ -44,18 +44,20 @@ impl Schedule {
                 // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
                 unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
                 let mut published = 0u64;
-                let mut last = start;
+                // When the last publication was (none yet: the first event is not held back).
+                let mut last: Option<Instant> = None;
                 while published < total && !s.stop.load(Ordering::Relaxed) {
-                    let next = (start + Duration::from_secs_f64(published as f64 / rate)).max(last + TICK_MIN);
+                    let due = start + Duration::from_secs_f64(published as f64 / rate);
+                    let next = last.map_or(due, |l| due.max(l + TICK_MIN));
                     let now = Instant::now();
                     if now < next {
                         std::thread::sleep((next - now).min(SLEEP_MAX));
                         continue;
                     }
                     // Everything due by now, in one step (at high rates one wake covers several).
-                    let due = ((now - start).as_secs_f64() * rate) as u64 + 1;
-                    published = due.clamp(published + 1, total);
-                    last = now;
+                    let due_by_now = ((now - start).as_secs_f64() * rate) as u64 + 1;
+                    published = due_by_now.clamp(published + 1, total);
+                    last = Some(now);
                     s.due.store(published, Ordering::Release);
                     s.more.notify_one();
                 }

@@ -1,9 +1,10 @@
 //! Event writer: routes each event by its routing key to a segment, batches events per
 //! segment, keeps many batches in flight, and resolves each event's future when its batch is
-//! durable (or, for `write_events`, one future for many events once all are durable). Every writer has a random id and numbers its events; when a connection breaks
-//! (server restart, redirect, shed load) the writer reconnects and resends every
-//! unacknowledged batch in order, and the server drops what it already has. So a restart
-//! under load neither loses nor duplicates events, and per-key order holds.
+//! durable (or, for `write_events`, one future for many events once all are durable).
+//! Every writer has a random id and numbers its events; when a connection breaks (server
+//! restart, redirect, shed load) the writer reconnects and resends every unacknowledged
+//! batch in order, and the server drops what it already has. So a restart under load
+//! neither loses nor duplicates events, and per-key order holds.
 //!
 //! Scaling: a segment's task that gets `Sealed` learns the stream's current segments, and,
 //! holding the routing table's lock, points its key ranges at them and hands them its
