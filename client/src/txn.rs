@@ -211,10 +211,21 @@ impl Client {
     }
 
     /// One shadow's events into the stream (nothing to do if the shadow is gone already).
+    /// The server merges the shadow into its segment in one step; only when the segment was
+    /// sealed by a scaling does the client read the shadow and append its events to the
+    /// successors (numbered with `merge_writer_id`, so a repeated move drops duplicates).
     async fn move_shadow(&self, info: &TxnInfo, number: u64) -> Result<(), ClientError> {
         let shadow = shadow_segment_name(&info.scope, &info.stream, number, info.txn);
-        let data = match info.segments.iter().position(|r| r.number == number).and_then(|i| info.lengths.get(i)) {
-            Some(&len) => self.read_prefix(&shadow, len).await?,
+        let length = info.segments.iter().position(|r| r.number == number).and_then(|i| info.lengths.get(i)).copied();
+        let target = format!("{}/{}/{number}", info.scope, info.stream);
+        let merge = MergeSegment { segment: target.clone(), source: shadow.clone(), source_length: length };
+        match self.segment_call::<_, AppendAck>(&target, merge, Bytes::new()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if matches!(e.code(), Some(ErrorCode::Sealed | ErrorCode::NoSuchSegment)) => {}
+            Err(e) => return Err(e),
+        }
+        let data = match length {
+            Some(len) => self.read_prefix(&shadow, len).await?,
             None => self.read_sealed_whole(&shadow).await?,
         };
         let Some(data) = data else { return Ok(()) };

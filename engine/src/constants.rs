@@ -47,3 +47,5 @@ pub const NODE_LEASE_TTL_S: u64 = 6;
 pub const AGENT_POLL_MS: u64 = 200;
 /// Window of the short append-rate average, in seconds (auto-scaling looks at it).
 pub const RATE_WINDOW_S_DEFAULT: u64 = 120;
+/// Bytes a merge reads from a transaction's shadow segment at a time.
+pub const MERGE_READ_BYTES: u64 = 1 << 20;

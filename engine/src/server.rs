@@ -272,6 +272,38 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
     }
 }
 
+/// Moves a committed transaction's shadow into its segment (same container: a shadow hashes
+/// like its segment), counting the events for auto-scaling like appends.
+fn merge_segment<S: MetaStore>(shard: &Rc<Shard<S>>, id: u64, m: MergeSegment) -> Dispatched {
+    if m.source.split_once(sluice_net::txn::TXN_NAME_MARK).is_none_or(|(base, _)| base != m.segment) {
+        let msg = format!("{} is not a shadow segment of {}", m.source, m.segment);
+        return Dispatched::Now(error_reply(id, ErrorCode::BadRequest, msg, None, None));
+    }
+    let c = match shard.owner(&m.segment) {
+        Owner::Local(c) => c,
+        other => return Dispatched::Now(wrong_host(id, &m.segment, other)),
+    };
+    let shard = shard.clone();
+    later(async move {
+        match c.merge(m.segment.clone(), m.source, m.source_length).await {
+            Ok((OpResult::Appended { offset, length, .. }, events)) => {
+                if events > 0 {
+                    let now = std::time::Instant::now();
+                    let bytes = length - offset;
+                    shard.rates.borrow_mut().record(&m.segment, events, bytes, now);
+                }
+                reply(id, &AppendAck { offset, length, last_event_number: 0, duplicate: false })
+            }
+            // Merged before: answered like a duplicate append.
+            Ok(_) => {
+                let length = c.status(&m.segment).map_or(0, |s| s.length);
+                reply(id, &AppendAck { offset: 0, length, last_event_number: 0, duplicate: true })
+            }
+            Err(e) => engine_error(id, &e),
+        }
+    })
+}
+
 fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatched, ProtocolError> {
     let id = frame.request_id;
     Ok(match frame.kind {
@@ -361,6 +393,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: DeleteSegment = frame.decode()?;
             local_segment_op(shard, id, m.segment.clone(), Request::Delete { name: m.segment })
         }
+        Kind::MergeSegment => merge_segment(shard, id, frame.decode()?),
         Kind::CreateScope => {
             let m: CreateScope = frame.decode()?;
             let shard = shard.clone();

@@ -668,3 +668,116 @@ fn a_replay_accepted_before_a_seal_is_a_duplicate_not_a_refusal() {
     }
     assert!(matches!(core.submit(numbered(3)), Err(sluice_engine::EngineError::Sealed(_))));
 }
+
+/// A committed transaction's shadow moves into its segment in one log entry: no writer
+/// entry is left behind, a second merge (concurrent or later) is answered without moving
+/// anything twice, and recovery (reading the merged bytes from a cold log file) finds the
+/// events in the segment and the shadow gone.
+#[test]
+fn a_merge_moves_a_shadow_in_one_entry_and_survives_recovery() {
+    use sluice_net::txn::{shadow_payload, shadow_segment_name, split_shadow_payload};
+    let (mut core, mut sim) = setup();
+    let shadow = shadow_segment_name("a", "b", 0, 0xabc);
+    core.submit(Request::Create { name: shadow.clone() }).unwrap();
+    let mut raw = Vec::new();
+    for (i, text) in [b"t1", b"t2"].iter().enumerate() {
+        encode_event(&mut raw, &shadow_payload(0.25 + i as f64 / 10.0, &text[..]));
+    }
+    let shadow_append = Request::Append {
+        name: shadow.clone(),
+        writer: 9,
+        first_event_number: 1,
+        event_count: 2,
+        expected_offset: None,
+        data: Bytes::from(raw.clone()),
+    };
+    core.submit(shadow_append).unwrap();
+    core.submit(Request::Append {
+        name: "a/b/0".into(),
+        writer: 7,
+        first_event_number: 1,
+        event_count: 1,
+        expected_offset: None,
+        data: {
+            let mut p = Vec::new();
+            encode_event(&mut p, b"plain");
+            Bytes::from(p)
+        },
+    })
+    .unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    let len = raw.len() as u64;
+    assert_eq!(core.merge_source_length(&shadow, Some(len)).unwrap(), Some(len));
+    assert!(core.merge_source_length(&shadow, Some(len + 1)).is_err(), "more than the shadow holds");
+    assert!(core.merge_source_length(&shadow, None).is_err(), "all of an unsealed shadow");
+    assert!(core.merge_source_length("a/b/0", Some(1)).is_err(), "only shadows merge");
+    // What `Container::merge` sends: the events without their key points.
+    let mut data = Vec::new();
+    for e in EventIter::new(&raw) {
+        encode_event(&mut data, split_shadow_payload(e.unwrap()).unwrap().1);
+    }
+    let merge = |data: Vec<u8>| Request::Merge {
+        name: "a/b/0".into(),
+        source: shadow.clone(),
+        source_length: Some(len),
+        data: Bytes::from(data),
+    };
+    assert!(matches!(
+        core.submit(Request::Merge {
+            name: "a/b/1".into(),
+            source: shadow.clone(),
+            source_length: Some(len),
+            data: Bytes::from(data.clone())
+        }),
+        Err(sluice_engine::EngineError::NoSuchSegment(_))
+    ));
+    assert_eq!(core.submit(merge(data.clone())).unwrap(), Submitted::Queued);
+    // A second merge while the first is on its way waits for it, and moves nothing.
+    assert_eq!(core.merge_source_length(&shadow, Some(len)).unwrap(), None);
+    assert_eq!(core.submit(merge(Vec::new())).unwrap(), Submitted::Queued);
+    assert!(core.status(&shadow).is_err(), "the shadow is no longer served");
+    let results = flush(&mut core, &mut sim).ok().flatten().unwrap();
+    let plain_len = framed(b"plain");
+    assert_eq!(
+        results,
+        vec![
+            OpResult::Appended {
+                offset: plain_len,
+                length: plain_len + data.len() as u64,
+                last_event_number: 0,
+                duplicate: false
+            },
+            OpResult::Done
+        ]
+    );
+    assert_eq!(core.submit(merge(Vec::new())).unwrap(), Submitted::Ready(OpResult::Done));
+    assert_eq!(core.status("a/b/0").unwrap().writers, vec![(7, 1)], "no writer entry for the merge");
+    let expect = vec![&b"plain"[..], b"t1", b"t2"];
+    let got = read_segment(&mut core, &sim.disk, "a/b/0");
+    assert_eq!(EventIter::new(&got).map(|e| e.unwrap()).collect::<Vec<_>>(), expect);
+    // Roll the log past the merge, then recover: the merged bytes come from a cold file.
+    write_some(&mut core, &mut sim, 40);
+    assert!(sim.disk.files.len() > 1, "the log rolled");
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&fresh_cfg(), &mut disk);
+    assert!(core.status(&shadow).is_err(), "the shadow stays gone after recovery");
+    let got = read_segment(&mut core, &disk, "a/b/0");
+    let events: Vec<&[u8]> = EventIter::new(&got).map(|e| e.unwrap()).collect();
+    assert_eq!(events[..3], expect[..]);
+    assert_eq!(events.len(), 3 + 40);
+    // Into a sealed segment: refused (the client moves the events to the successors).
+    let shadow2 = shadow_segment_name("a", "b", 0, 0xdef);
+    core.submit(Request::Create { name: shadow2.clone() }).unwrap();
+    core.submit(Request::Seal { name: shadow2.clone() }).unwrap();
+    core.submit(Request::Seal { name: "a/b/0".into() }).unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    assert_eq!(core.merge_source_length(&shadow2, None).unwrap(), Some(0));
+    let sealed = Request::Merge { name: "a/b/0".into(), source: shadow2, source_length: None, data: Bytes::new() };
+    assert!(matches!(core.submit(sealed), Err(sluice_engine::EngineError::Sealed(_))));
+}
+
+fn framed(payload: &[u8]) -> u64 {
+    let mut p = Vec::new();
+    encode_event(&mut p, payload);
+    p.len() as u64
+}

@@ -26,7 +26,7 @@ kinds! {
     StreamHistory = 40,
     CreateSegment = 30, Append = 31, AppendAck = 32, Read = 33, ReadReply = 34,
     GetSegmentInfo = 35, SegmentInfo = 36, SealSegment = 37, TruncateSegment = 38,
-    DeleteSegment = 39,
+    DeleteSegment = 39, MergeSegment = 41,
     BeginTxn = 50, TxnInfo = 51, GetTxn = 52, ListTxns = 53, TxnList = 54, PingTxn = 55,
     CommitTxn = 56, FinishCommit = 57, AbortTxn = 58, ForgetTxn = 59,
     AddSubscriber = 60, RemoveSubscriber = 61, UpdateSubscriber = 62, ListSubscribers = 63,
@@ -237,6 +237,20 @@ control!(
         pub event_count: u32,
         /// Conditional append: only if the segment's length equals this.
         pub expected_offset: Option<u64>,
+    }
+);
+control!(
+    MergeSegment,
+    /// Moves a committed transaction's shadow `source` (`segment` + `#txn.<id>`) into
+    /// `segment` on the server: its first `source_length` bytes (`None`: all of a sealed
+    /// shadow), each event without its key point, appended while the shadow is deleted, in
+    /// one durable step. Answer: `AppendAck` (`last_event_number` 0; `duplicate` when the
+    /// shadow is gone, merged before). `Sealed` when `segment` was sealed by a scaling: the
+    /// client moves the events to the successors itself.
+    pub struct MergeSegment {
+        pub segment: String,
+        pub source: String,
+        pub source_length: Option<u64>,
     }
 );
 control!(

@@ -220,6 +220,34 @@ async fn commit_naming_wrong_shadow_lengths_is_refused() {
         assert_eq!(error_code(&frames[1]), sluice_net::ErrorCode::BadRequest as u16, "{lengths:?}");
         assert_eq!(c.get_txn("bl", "s", id).await.unwrap().state, sluice_net::TxnState::Open);
     }
+    // Merges the server must refuse: a source that is not the segment's shadow, a plain
+    // segment as the source, more bytes than the shadow holds, all of an unsealed shadow.
+    // The shadow stays as it is: the transaction still commits whole below.
+    let shadow = |n: u64| sluice_net::txn::shadow_segment_name("bl", "s", n, id);
+    let bad = [
+        MergeSegment { segment: "bl/s/0".into(), source: shadow(1), source_length: Some(0) },
+        MergeSegment { segment: "bl/s/0".into(), source: "bl/s/1".into(), source_length: Some(0) },
+        MergeSegment { segment: "bl/s/0".into(), source: shadow(0), source_length: Some(1 << 20) },
+        MergeSegment { segment: "bl/s/1".into(), source: shadow(1), source_length: Some(1 << 20) },
+        MergeSegment { segment: "bl/s/0".into(), source: shadow(0), source_length: None },
+    ];
+    for m in bad {
+        let mut answered = None;
+        // Sent to each shard: the one that owns the segment answers, the other redirects.
+        for shard in 0..2u16 {
+            let mut bytes = hello();
+            encode_frame(&mut bytes, 2, &m, b"");
+            let mut addr = server.addr;
+            addr.set_port(addr.port() + shard);
+            let frames = tokio::task::spawn_blocking(move || send_and_drain(addr, &bytes)).await.unwrap();
+            assert_eq!(frames.len(), 2, "hello reply and one answer for {m:?}");
+            let code = error_code(&frames[1]);
+            if code != sluice_net::ErrorCode::WrongHost as u16 {
+                answered = Some(code);
+            }
+        }
+        assert_eq!(answered, Some(sluice_net::ErrorCode::BadRequest as u16), "{m:?}");
+    }
     let info = t.commit().await.unwrap();
     assert_eq!(info.state, sluice_net::TxnState::Committed);
     assert_eq!(info.lengths.iter().sum::<u64>(), c.get_txn("bl", "s", id).await.unwrap().lengths.iter().sum::<u64>());

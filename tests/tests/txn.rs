@@ -212,6 +212,16 @@ async fn a_thousand_transactions_next_to_plain_writes_and_scalings_are_all_or_no
         assert!(Instant::now() < deadline, "unsettled transactions after 10 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Commits merge the shadows on the server: a segment that was never sealed names no
+    // writer but the two plain ones (moves by the client, each with its own writer id,
+    // happen only into the successors of a sealed segment).
+    let info = c.get_stream("tx", "s").await.unwrap();
+    let unsplit: Vec<u64> = info.segments.iter().map(|r| r.number).filter(|&n| n < 4).collect();
+    assert!(!unsplit.is_empty(), "two splits leave first-epoch segments");
+    for n in unsplit {
+        let writers = c.segment_info(&format!("tx/s/{n}")).await.unwrap().writers;
+        assert!(writers.len() <= 2, "segment {n} keeps {} writer entries: {writers:?}", writers.len());
+    }
     c.seal_stream("tx", "s").await.unwrap();
     let events = read_all(&c, "tx/s").await;
     check(&events, &acked, &visible);

@@ -85,6 +85,10 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
                                         "        append segment {segment} offset {offset} len {} writer {writer:x} event {last_event_number}",
                                         data.len()
                                     ),
+                                    LogEntry::Merge { segment, offset, source, data } => println!(
+                                        "        merge segment {source} into segment {segment} at offset {offset} len {}",
+                                        data.len()
+                                    ),
                                     other => println!("        {other:?}"),
                                 }
                             }

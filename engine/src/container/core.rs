@@ -22,7 +22,7 @@ use crate::log::format::{RecordHeader, RecordKind, encode_record};
 use crate::log::scan::{FileScan, ScanEnd, scan_file};
 use bytes::Bytes;
 use sluice_net::event::{skip_events, validate_events};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Sizes and budgets of one container.
 #[derive(Clone, Debug)]
@@ -129,6 +129,18 @@ pub enum Request {
     /// seal, answered at once (so it routes like any other operation, to any shard or node).
     Status {
         name: String,
+    },
+    /// A committed transaction's shadow segment `source` (of this container) moves into
+    /// `name`: `data` (its first `source_length` bytes, reframed as the stream's events by
+    /// the caller, see `Container::merge`) is appended and `source` deleted, in one log
+    /// entry. `source_length` `None`: the whole of a sealed shadow. A source that is gone
+    /// was merged before: `Done`. One whose merge is still on its way to the disk: `Done`
+    /// once that is durable.
+    Merge {
+        name: String,
+        source: String,
+        source_length: Option<u64>,
+        data: Bytes,
     },
 }
 
@@ -360,6 +372,8 @@ pub struct ContainerCore {
     oldest_file: u64,
     /// Tier-2 chunks no segment refers to any more (truncated or deleted), to delete.
     garbage: Vec<String>,
+    /// Shadow segments whose merge is accepted but not yet durable.
+    merging: HashSet<String>,
 }
 
 impl ContainerCore {
@@ -386,6 +400,7 @@ impl ContainerCore {
             cold_indexes: VecDeque::new(),
             oldest_file: first_file_seq,
             garbage: Vec::new(),
+            merging: HashSet::new(),
             cfg,
         }
     }
@@ -497,6 +512,9 @@ impl ContainerCore {
                 self.by_name.remove(&name);
                 Ok(self.queue(Some(LogEntry::Delete { segment: id }), OpResult::Done))
             }
+            Request::Merge { name, source, source_length, data } => {
+                self.submit_merge(name, source, source_length, data)
+            }
             Request::Chunk { name, start, epoch, len } => {
                 let id = self.lookup(&name)?;
                 let s = &self.segments[&id];
@@ -584,26 +602,7 @@ impl ContainerCore {
         {
             return Err(EngineError::ConditionalCheckFailed { segment: name, expected, actual: s.acc_length });
         }
-        if self.cfg.log_bytes_max != u64::MAX {
-            // Files on disk (counted whole) plus everything queued must leave a file of room
-            // for the next roll; beyond that the log waits for tier-2 to free files.
-            let live = self.live_files();
-            // Queued bytes may waste up to a quarter of each file they roll into.
-            let queued = (self.pending_bytes + data.len()) as u64;
-            let need = live * self.cfg.file_bytes + queued + queued / 3;
-            if need + self.cfg.file_bytes > self.cfg.log_bytes_max {
-                return Err(EngineError::LogFull(format!(
-                    "container {}: the log holds {live} files ({} bytes budget) of data not yet moved to tier-2",
-                    self.cfg.container, self.cfg.log_bytes_max
-                )));
-            }
-        }
-        if self.pending_bytes + data.len() > self.cfg.pending_bytes_max && !self.pending.is_empty() {
-            return Err(EngineError::Overloaded(format!(
-                "container {} has {} bytes waiting for the disk",
-                self.cfg.container, self.pending_bytes
-            )));
-        }
+        self.admit(data.len())?;
         let s = self.segments.get_mut(&id).expect("named segment exists");
         let offset = s.acc_length;
         s.acc_length += data.len() as u64;
@@ -612,6 +611,88 @@ impl ContainerCore {
         }
         let result = OpResult::Appended { offset, length: s.acc_length, last_event_number: last, duplicate: false };
         Ok(self.queue(Some(LogEntry::Append { segment: id, offset, writer, last_event_number: last, data }), result))
+    }
+
+    /// Room for `len` more bytes of data: in the log's budget and in the queue.
+    fn admit(&self, len: usize) -> Result<(), EngineError> {
+        if self.cfg.log_bytes_max != u64::MAX {
+            // Files on disk (counted whole) plus everything queued must leave a file of room
+            // for the next roll; beyond that the log waits for tier-2 to free files.
+            let live = self.live_files();
+            // Queued bytes may waste up to a quarter of each file they roll into.
+            let queued = (self.pending_bytes + len) as u64;
+            let need = live * self.cfg.file_bytes + queued + queued / 3;
+            if need + self.cfg.file_bytes > self.cfg.log_bytes_max {
+                return Err(EngineError::LogFull(format!(
+                    "container {}: the log holds {live} files ({} bytes budget) of data not yet moved to tier-2",
+                    self.cfg.container, self.cfg.log_bytes_max
+                )));
+            }
+        }
+        if self.pending_bytes + len > self.cfg.pending_bytes_max && !self.pending.is_empty() {
+            return Err(EngineError::Overloaded(format!(
+                "container {} has {} bytes waiting for the disk",
+                self.cfg.container, self.pending_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many bytes of shadow `source` a merge takes: `Ok(None)` when there is nothing
+    /// to read (merged, or its merge on its way: `submit` answers those).
+    pub fn merge_source_length(&self, source: &str, source_length: Option<u64>) -> Result<Option<u64>, EngineError> {
+        if self.merging.contains(source) {
+            return Ok(None);
+        }
+        let Some(id) = self.by_name.get(source) else { return Ok(None) };
+        let s = &self.segments[id];
+        if !sluice_net::txn::is_shadow_segment(source) {
+            return Err(EngineError::BadRequest(format!("{source} is not a transaction's shadow segment")));
+        }
+        match source_length {
+            Some(len) if len > s.length => Err(EngineError::BadRequest(format!(
+                "{source} holds {} durable bytes, the merge names {len}",
+                s.length
+            ))),
+            Some(len) => Ok(Some(len)),
+            None if s.sealed => Ok(Some(s.length)),
+            None => Err(EngineError::BadRequest(format!("{source} is not sealed: name the bytes to merge"))),
+        }
+    }
+
+    fn submit_merge(
+        &mut self,
+        name: String,
+        source: String,
+        source_length: Option<u64>,
+        data: Bytes,
+    ) -> Result<Submitted, EngineError> {
+        if self.merging.contains(&source) {
+            return Ok(self.queue(None, OpResult::Done));
+        }
+        let Some(&src) = self.by_name.get(&source) else { return Ok(Submitted::Ready(OpResult::Done)) };
+        // Still what the caller read: a shadow, holding the named bytes (or sealed).
+        self.merge_source_length(&source, source_length)?;
+        let id = self.lookup(&name)?;
+        let s = &self.segments[&id];
+        if s.acc_sealed {
+            return Err(EngineError::Sealed(name));
+        }
+        if sluice_net::txn::is_shadow_segment(&name) {
+            return Err(EngineError::BadRequest(format!("cannot merge into the shadow segment {name}")));
+        }
+        let max = self.cfg.append_bytes_max();
+        if data.len() > max {
+            return Err(EngineError::TooLarge(format!("merge of {} bytes exceeds the {max}-byte limit", data.len())));
+        }
+        self.admit(data.len())?;
+        let s = self.segments.get_mut(&id).expect("named segment exists");
+        let offset = s.acc_length;
+        s.acc_length += data.len() as u64;
+        let result = OpResult::Appended { offset, length: s.acc_length, last_event_number: 0, duplicate: false };
+        self.by_name.remove(&source);
+        self.merging.insert(source);
+        Ok(self.queue(Some(LogEntry::Merge { segment: id, offset, source: src, data }), result))
     }
 
     fn checkpoint_state(&self) -> CheckpointState {
@@ -794,7 +875,7 @@ impl ContainerCore {
             self.file_pos = step.pos + step.len;
             let mut data_pos = step.pos + RECORD_HEADER_BYTES as u64;
             for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
-                let pos = data_pos + APPEND_HEADER_BYTES as u64;
+                let pos = data_pos + e.data_header_len() as u64;
                 data_pos += e.encoded_len() as u64;
                 if let Some(seg) = self.apply_durable(e, step.file_seq, pos, true) {
                     changed.push(seg);
@@ -832,21 +913,17 @@ impl ContainerCore {
             }
             LogEntry::Append { segment, offset, writer, last_event_number, data } => {
                 let s = self.segments.get_mut(segment)?;
-                assert_eq!(*offset, s.length, "appends become durable in offset order");
-                s.length += data.len() as u64;
                 if *writer != 0 {
                     s.writers.insert(*writer, *last_event_number);
                 }
-                if !data.is_empty() {
-                    if s.files.last().is_none_or(|&(_, f)| f != file_seq) {
-                        s.files.push((*offset, file_seq));
-                    }
-                    self.current_index.push(*segment, *offset, data_pos, data.len() as u32);
-                    if cache {
-                        self.cache.insert(*segment, *offset, data.clone());
-                    }
+                self.apply_data(*segment, *offset, data, file_seq, data_pos, cache)
+            }
+            LogEntry::Merge { segment, offset, source, data } => {
+                if let Some(s) = self.segments.get(source) {
+                    self.merging.remove(&s.name);
                 }
-                Some(*segment)
+                self.apply_delete(*source);
+                self.apply_data(*segment, *offset, data, file_seq, data_pos, cache)
             }
             LogEntry::Seal { segment } => {
                 self.segments.get_mut(segment)?.sealed = true;
@@ -864,16 +941,7 @@ impl ContainerCore {
                 self.cache.truncate(*segment, *offset);
                 None
             }
-            LogEntry::Delete { segment } => {
-                let s = self.segments.remove(segment)?;
-                if self.by_name.get(&s.name) == Some(segment) {
-                    self.by_name.remove(&s.name);
-                }
-                self.garbage
-                    .extend(s.chunks.iter().map(|c| sluice_tier2::layout::chunk_name(&s.name, c.start, c.epoch)));
-                self.cache.remove_segment(*segment);
-                Some(*segment)
-            }
+            LogEntry::Delete { segment } => self.apply_delete(*segment),
             LogEntry::Chunk { segment, start, epoch, len } => {
                 let s = self.segments.get_mut(segment)?;
                 match s.chunks.last_mut() {
@@ -884,6 +952,41 @@ impl ContainerCore {
                 None
             }
         }
+    }
+
+    /// Durable data of an append or a merge at `offset` of `segment`.
+    fn apply_data(
+        &mut self,
+        segment: u64,
+        offset: u64,
+        data: &Bytes,
+        file_seq: u64,
+        data_pos: u64,
+        cache: bool,
+    ) -> Option<u64> {
+        let s = self.segments.get_mut(&segment)?;
+        assert_eq!(offset, s.length, "appends become durable in offset order");
+        s.length += data.len() as u64;
+        if !data.is_empty() {
+            if s.files.last().is_none_or(|&(_, f)| f != file_seq) {
+                s.files.push((offset, file_seq));
+            }
+            self.current_index.push(segment, offset, data_pos, data.len() as u32);
+            if cache {
+                self.cache.insert(segment, offset, data.clone());
+            }
+        }
+        Some(segment)
+    }
+
+    fn apply_delete(&mut self, segment: u64) -> Option<u64> {
+        let s = self.segments.remove(&segment)?;
+        if self.by_name.get(&s.name) == Some(&segment) {
+            self.by_name.remove(&s.name);
+        }
+        self.garbage.extend(s.chunks.iter().map(|c| sluice_tier2::layout::chunk_name(&s.name, c.start, c.epoch)));
+        self.cache.remove_segment(segment);
+        Some(segment)
     }
 
     fn remember_index(&mut self, seq: u64, index: FileIndex) {

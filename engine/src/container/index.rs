@@ -25,7 +25,9 @@ impl FileIndex {
         let mut index = Self::default();
         for rec in scan.records.iter().filter(|r| r.header.kind == RecordKind::Batch) {
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos())? {
-                if let LogEntry::Append { segment, offset, data, .. } = entry {
+                if let LogEntry::Append { segment, offset, data, .. } | LogEntry::Merge { segment, offset, data, .. } =
+                    entry
+                {
                     index.push(segment, offset, pos, data.len() as u32);
                 }
             }

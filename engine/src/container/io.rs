@@ -11,7 +11,7 @@
 //! the container: every waiter and every later request gets `ContainerPoisoned`; nothing is
 //! retried. An optional per-shard pacer (`IoPacer`) spaces flushes on rate-limited devices.
 
-use crate::constants::{FILE_HEADER_BYTES, PREFILL_CHUNK_BYTES};
+use crate::constants::{FILE_HEADER_BYTES, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES};
 use crate::container::core::{
     ContainerCore, CoreConfig, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
 };
@@ -717,6 +717,53 @@ impl Container {
                 }
             }
         }
+    }
+
+    /// Moves a committed transaction's shadow segment `source` (of this container) into
+    /// segment `name`: reads its first `source_length` bytes (`None`: all of a sealed
+    /// shadow), strips each event's key point (see `sluice_net::txn::shadow_payload`), and
+    /// appends the events while deleting the shadow, in one log entry. Idempotent: once the
+    /// shadow is gone the answer is `Done`. Returns the result and the events moved.
+    pub async fn merge(
+        self: &Rc<Self>,
+        name: String,
+        source: String,
+        source_length: Option<u64>,
+    ) -> Result<(OpResult, u64), EngineError> {
+        let want = self.core.borrow().merge_source_length(&source, source_length)?;
+        let mut events = 0u64;
+        let mut data = Vec::new();
+        if let Some(len) = want {
+            let mut raw = Vec::with_capacity(len as usize);
+            while (raw.len() as u64) < len {
+                let at = raw.len() as u64;
+                let step = (len - at).min(MERGE_READ_BYTES) as usize;
+                match self.read(&source, at, step, Duration::ZERO).await {
+                    Ok(r) if r.data.is_empty() => {
+                        return Err(EngineError::Io(format!("{source} ends at {at}, before the {len} bytes to merge")));
+                    }
+                    Ok(r) => raw.extend_from_slice(&r.data[..r.data.len().min(step)]),
+                    // Merged by another call meanwhile: `submit` answers.
+                    Err(EngineError::NoSuchSegment(_)) => {
+                        raw.clear();
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            data.reserve(raw.len());
+            for e in sluice_net::event::EventIter::new(&raw) {
+                let bad = |why: String| EngineError::BadRequest(format!("{source}: {why}"));
+                let e = e.map_err(|e| bad(e.to_string()))?;
+                let (_, payload) = sluice_net::txn::split_shadow_payload(e)
+                    .ok_or_else(|| bad("an event without its key point".into()))?;
+                sluice_net::event::encode_event(&mut data, payload);
+                events += 1;
+            }
+        }
+        let req = Request::Merge { name, source, source_length, data: Bytes::from(data) };
+        let r = self.submit(req)?.await?;
+        Ok((r, events))
     }
 
     /// Durable state of a segment.

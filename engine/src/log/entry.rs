@@ -8,9 +8,12 @@ const SEAL: u8 = 3;
 const TRUNCATE: u8 = 4;
 const DELETE: u8 = 5;
 const CHUNK: u8 = 6;
+const MERGE: u8 = 7;
 
 /// Bytes of an append entry before its data.
 pub const APPEND_HEADER_BYTES: usize = 1 + 8 + 8 + 16 + 8 + 4;
+/// Bytes of a merge entry before its data.
+pub const MERGE_HEADER_BYTES: usize = 1 + 8 + 8 + 8 + 4;
 
 /// One operation in the log. Segment ids are local to the container.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +48,15 @@ pub enum LogEntry {
         epoch: u64,
         len: u64,
     },
+    /// A committed transaction's shadow segment `source` moves into `segment`: `data` (its
+    /// events) lands at `offset` and `source` is deleted, in one step. Recovery finds both
+    /// done or neither.
+    Merge {
+        segment: u64,
+        offset: u64,
+        source: u64,
+        data: Bytes,
+    },
 }
 
 impl LogEntry {
@@ -56,6 +68,15 @@ impl LogEntry {
             LogEntry::Seal { .. } | LogEntry::Delete { .. } => 1 + 8,
             LogEntry::Truncate { .. } => 1 + 8 + 8,
             LogEntry::Chunk { .. } => 1 + 8 * 4,
+            LogEntry::Merge { data, .. } => MERGE_HEADER_BYTES + data.len(),
+        }
+    }
+
+    /// Bytes of the entry before its data (for entries that carry segment data).
+    pub fn data_header_len(&self) -> usize {
+        match self {
+            LogEntry::Merge { .. } => MERGE_HEADER_BYTES,
+            _ => APPEND_HEADER_BYTES,
         }
     }
 
@@ -97,6 +118,14 @@ impl LogEntry {
                     w.u64(v);
                 }
             }
+            LogEntry::Merge { segment, offset, source, data } => {
+                w.u8(MERGE);
+                w.u64(*segment);
+                w.u64(*offset);
+                w.u64(*source);
+                w.u32(data.len() as u32);
+                w.bytes(data);
+            }
         }
         w.pos
     }
@@ -129,6 +158,15 @@ pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, 
                     LogEntry::Append { segment, offset, writer, last_event_number, data },
                     data_base + at as u64,
                 ));
+                continue;
+            }
+            MERGE => {
+                let (segment, offset, source) = (r.u64()?, r.u64()?, r.u64()?);
+                let len = r.u32()? as usize;
+                let at = r.pos;
+                r.take(len)?;
+                let data = payload.slice(at..at + len);
+                out.push((LogEntry::Merge { segment, offset, source, data }, data_base + at as u64));
                 continue;
             }
             SEAL => LogEntry::Seal { segment: r.u64()? },
@@ -215,6 +253,7 @@ mod tests {
             LogEntry::Truncate { segment: 1, offset: 2 },
             LogEntry::Delete { segment: 1 },
             LogEntry::Chunk { segment: 1, start: 10, epoch: 3, len: 4096 },
+            LogEntry::Merge { segment: 1, offset: 3, source: 2, data: Bytes::from_static(b"defg") },
         ];
         let total: usize = entries.iter().map(|e| e.encoded_len()).sum();
         let mut buf = vec![0u8; total];
@@ -226,6 +265,8 @@ mod tests {
         let decoded = decode_entries(&Bytes::from(buf), 1000).unwrap();
         assert_eq!(decoded.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(), entries);
         assert_eq!(decoded[1].1, 1000 + 16 + APPEND_HEADER_BYTES as u64);
+        let merge_at: usize = entries[..6].iter().map(|e| e.encoded_len()).sum();
+        assert_eq!(decoded[6].1, 1000 + (merge_at + MERGE_HEADER_BYTES) as u64);
         assert!(decode_entries(&Bytes::from_static(&[2, 0, 0]), 0).is_err());
         assert!(decode_entries(&Bytes::from_static(&[9]), 0).is_err());
     }
