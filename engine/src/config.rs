@@ -37,6 +37,8 @@ pub struct EngineConfig {
     pub cluster: Option<std::sync::Arc<crate::cluster::Routes>>,
     /// Window of the short append-rate average (the long one is five of them).
     pub rate_window: std::time::Duration,
+    /// A segment forgets an idempotent writer idle this long (zero: never).
+    pub writer_idle: std::time::Duration,
 }
 
 impl EngineConfig {
@@ -61,6 +63,7 @@ impl EngineConfig {
             move_bytes_min: MOVE_BYTES_MIN_DEFAULT,
             cluster: None,
             rate_window: std::time::Duration::from_secs(RATE_WINDOW_S_DEFAULT),
+            writer_idle: std::time::Duration::from_secs(WRITER_IDLE_S_DEFAULT),
         }
     }
 

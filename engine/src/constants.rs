@@ -49,3 +49,6 @@ pub const AGENT_POLL_MS: u64 = 200;
 pub const RATE_WINDOW_S_DEFAULT: u64 = 120;
 /// Bytes a merge reads from a transaction's shadow segment at a time.
 pub const MERGE_READ_BYTES: u64 = 1 << 20;
+/// Default idle time after which an idempotent writer is forgotten by a segment, in seconds
+/// (one day, like Kafka's `producer.id.expiration.ms`).
+pub const WRITER_IDLE_S_DEFAULT: u64 = 24 * 3600;

@@ -33,6 +33,7 @@ fn core_cfg() -> CoreConfig {
         pending_bytes_max: 4 << 20,
         log_bytes_max: 64 << 20,
         prefill: Prefill::Never,
+        writer_idle_ms: 0,
     }
 }
 

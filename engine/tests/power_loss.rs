@@ -226,6 +226,7 @@ fn run_seed(seed: u64) -> (u64, usize, usize) {
         log_bytes_max: u64::MAX,
         pending_bytes_max: 1 << 30,
         prefill: Default::default(),
+        writer_idle_ms: 0,
     };
     let names: Vec<String> = (0..3).map(|i| format!("s/t/{i}")).collect();
     let mut disk = Disk::default();
@@ -397,6 +398,7 @@ fn fresh_cfg() -> CoreConfig {
         log_bytes_max: u64::MAX,
         pending_bytes_max: 1 << 30,
         prefill: Default::default(),
+        writer_idle_ms: 0,
     }
 }
 
@@ -780,4 +782,52 @@ fn framed(payload: &[u8]) -> u64 {
     let mut p = Vec::new();
     encode_event(&mut p, payload);
     p.len() as u64
+}
+
+/// A writer that has not appended for `writer_idle_ms` is forgotten when the next log file
+/// starts, and recovery does not bring it back; a recent one stays. Without a clock
+/// (`set_now_ms` never called) nothing is forgotten.
+#[test]
+fn idle_writers_are_forgotten_when_a_new_file_starts() {
+    let cfg = CoreConfig { writer_idle_ms: 1000, ..fresh_cfg() };
+    let mut disk = Disk::default();
+    let mut core = recover(&cfg, &mut disk);
+    let mut sim = Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX };
+    core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
+    let numbered = |writer: u128| {
+        let mut p = Vec::new();
+        encode_event(&mut p, format!("from {writer}").as_bytes());
+        Request::Append {
+            name: "a/b/0".into(),
+            writer,
+            first_event_number: 1,
+            event_count: 1,
+            expected_offset: None,
+            data: Bytes::from(p),
+        }
+    };
+    core.set_now_ms(10_000);
+    core.submit(numbered(1)).unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    core.set_now_ms(10_500);
+    core.submit(numbered(2)).unwrap();
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    core.set_now_ms(11_200);
+    let files = sim.disk.files.len();
+    write_some(&mut core, &mut sim, 30);
+    assert!(sim.disk.files.len() > files, "the log rolled");
+    assert_eq!(core.status("a/b/0").unwrap().writers, vec![(2, 1)], "writer 1 idle 1.2 s, writer 2 0.7 s");
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&cfg, &mut disk);
+    assert_eq!(core.status("a/b/0").unwrap().writers, vec![(2, 1)], "recovery keeps it forgotten");
+    // Writer 1 is a new writer now: its event 1 is taken (a resend a day late would be).
+    assert!(matches!(core.submit(numbered(1)).unwrap(), Submitted::Queued));
+    // No clock, no forgetting.
+    let mut disk = Disk::default();
+    let mut core = recover(&cfg, &mut disk);
+    let mut sim = Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX };
+    core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
+    core.submit(numbered(3)).unwrap();
+    write_some(&mut core, &mut sim, 30);
+    assert_eq!(core.status("a/b/0").unwrap().writers, vec![(3, 1)]);
 }

@@ -127,6 +127,12 @@ struct StandaloneArgs {
     /// Do not pin shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Hours after which a segment forgets an idempotent writer that stopped appending to
+    /// it (0: never). Writers resend only within their retry window (a minute by default;
+    /// keep this above it), so a day is ample; forgetting keeps memory and checkpoints from
+    /// growing with every writer that ever wrote.
+    #[arg(long, default_value_t = sluice_engine::constants::WRITER_IDLE_S_DEFAULT / 3600)]
+    writer_idle_hours: u64,
     /// Log flushes per second for the whole node (0: unlimited). Under load each flush then
     /// carries more events, so the I/O rate stays within a device's budget: set it below the
     /// IOPS a rate-limited volume allows, or its throttling adds whole refill periods to
@@ -333,6 +339,7 @@ fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     cfg.chunk_bytes = a.chunk_mb << 20;
     cfg.move_bytes_min = a.move_min_kb << 10;
     cfg.rate_window = std::time::Duration::from_secs(a.rate_window_s.max(1));
+    cfg.writer_idle = std::time::Duration::from_secs(a.writer_idle_hours.saturating_mul(3600));
     cfg
 }
 

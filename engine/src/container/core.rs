@@ -38,6 +38,11 @@ pub struct CoreConfig {
     pub log_bytes_max: u64,
     /// How the I/O driver prepares new log files (the core itself never looks at it).
     pub prefill: Prefill,
+    /// An idempotent writer that has not appended to a segment for this long is forgotten
+    /// there when the next log file starts (0: never). Its ids and numbers only serve to
+    /// drop resends, which a writer makes only within its retry window (a minute); without
+    /// a limit every writer that ever wrote stays in memory and in every checkpoint.
+    pub writer_idle_ms: u64,
 }
 
 /// How a new log file's blocks are prepared before records go into them.
@@ -187,6 +192,8 @@ pub struct FlushPlan {
     pub batch: Option<WriteStep>,
     /// Operations this flush settles.
     pub ops: usize,
+    /// Idle writers forgotten as this flush starts a new file (see `writer_idle_ms`).
+    pub writers_forgotten: usize,
 }
 
 /// Where read data comes from.
@@ -263,6 +270,9 @@ struct Segment {
     acc_start_offset: u64,
     acc_sealed: bool,
     acc_writers: HashMap<u128, u64>,
+    /// When each writer last appended (the core's clock, ms); writers restored from a
+    /// checkpoint have no entry and count as seen when the clock started.
+    writer_seen: HashMap<u128, u64>,
 }
 
 impl Segment {
@@ -281,6 +291,7 @@ impl Segment {
             acc_start_offset: 0,
             acc_sealed: false,
             acc_writers: HashMap::new(),
+            writer_seen: HashMap::new(),
         }
     }
 
@@ -374,6 +385,10 @@ pub struct ContainerCore {
     garbage: Vec<String>,
     /// Shadow segments whose merge is accepted but not yet durable.
     merging: HashSet<String>,
+    /// Wall-clock time (Unix ms) as last told by the I/O driver (`set_now_ms`), and when it
+    /// was first told: the clock of writer idleness.
+    now_ms: u64,
+    clock_started_ms: Option<u64>,
 }
 
 impl ContainerCore {
@@ -401,12 +416,20 @@ impl ContainerCore {
             oldest_file: first_file_seq,
             garbage: Vec::new(),
             merging: HashSet::new(),
+            now_ms: 0,
+            clock_started_ms: None,
             cfg,
         }
     }
 
     pub fn config(&self) -> &CoreConfig {
         &self.cfg
+    }
+
+    /// The wall-clock time (Unix ms), for writer idleness. Without it no writer is forgotten.
+    pub fn set_now_ms(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.clock_started_ms.get_or_insert(now_ms);
     }
 
     pub fn epoch(&self) -> u64 {
@@ -613,6 +636,33 @@ impl ContainerCore {
         Ok(self.queue(Some(LogEntry::Append { segment: id, offset, writer, last_event_number: last, data }), result))
     }
 
+    /// Forgets writers idle for `writer_idle_ms` (none with an append on its way). Runs as a
+    /// new log file starts, so its checkpoint, and any recovery from it, no longer names
+    /// them. Returns how many entries went.
+    fn forget_idle_writers(&mut self) -> usize {
+        let (Some(started), idle) = (self.clock_started_ms, self.cfg.writer_idle_ms) else { return 0 };
+        let Some(cutoff) = self.now_ms.checked_sub(idle).filter(|_| idle > 0) else { return 0 };
+        let mut forgotten = 0;
+        for s in self.segments.values_mut() {
+            let Segment { writers, acc_writers, writer_seen, .. } = s;
+            let idle: Vec<u128> = writers
+                .iter()
+                .filter(|&(w, last)| {
+                    writer_seen.get(w).copied().unwrap_or(started).max(started) <= cutoff
+                        && acc_writers.get(w) == Some(last)
+                })
+                .map(|(&w, _)| w)
+                .collect();
+            for w in &idle {
+                writers.remove(w);
+                acc_writers.remove(w);
+                writer_seen.remove(w);
+            }
+            forgotten += idle.len();
+        }
+        forgotten
+    }
+
     /// Room for `len` more bytes of data: in the log's budget and in the queue.
     fn admit(&self, len: usize) -> Result<(), EngineError> {
         if self.cfg.log_bytes_max != u64::MAX {
@@ -812,6 +862,7 @@ impl ContainerCore {
                 (self.file_seq, self.file_pos)
             } else {
                 let seq = if self.has_file { self.file_seq + 1 } else { self.file_seq };
+                plan.writers_forgotten = self.forget_idle_writers();
                 let ck = self.checkpoint_state().encode();
                 let ck_len = RecordHeader::disk_len(ck.len());
                 let pos = FILE_HEADER_BYTES + ck_len;
@@ -912,9 +963,11 @@ impl ContainerCore {
                 None
             }
             LogEntry::Append { segment, offset, writer, last_event_number, data } => {
+                let now = self.now_ms;
                 let s = self.segments.get_mut(segment)?;
                 if *writer != 0 {
                     s.writers.insert(*writer, *last_event_number);
+                    s.writer_seen.insert(*writer, now);
                 }
                 self.apply_data(*segment, *offset, data, file_seq, data_pos, cache)
             }

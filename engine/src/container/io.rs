@@ -503,7 +503,11 @@ impl Container {
             if !wait.is_zero() {
                 glommio::timer::sleep(wait).await;
             }
-            let plan = self.core.borrow_mut().begin_flush();
+            let plan = {
+                let mut core = self.core.borrow_mut();
+                core.set_now_ms(sluice_meta::controller::now_ms());
+                core.begin_flush()
+            };
             let plan = match plan {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
@@ -513,6 +517,9 @@ impl Container {
                     break;
                 }
             };
+            if plan.writers_forgotten > 0 {
+                tracing::debug!(container = self.id, forgotten = plan.writers_forgotten, "idle writers forgotten");
+            }
             let started = Instant::now();
             let result = self.execute(&plan).await;
             let took = started.elapsed();
@@ -527,7 +534,11 @@ impl Container {
             }
             match result {
                 Ok(()) => {
-                    let done = self.core.borrow_mut().complete_flush();
+                    let done = {
+                        let mut core = self.core.borrow_mut();
+                        core.set_now_ms(sluice_meta::controller::now_ms());
+                        core.complete_flush()
+                    };
                     {
                         let mut waiters = self.waiters.borrow_mut();
                         for r in done.results {
