@@ -53,7 +53,7 @@ enum Item {
     Stopped(u64),
 }
 
-const READ_CHUNK_BYTES: u32 = 1 << 20;
+const READ_CHUNK_BYTES: u32 = 4 << 20;
 const TAIL_WAIT: Duration = Duration::from_millis(500);
 
 impl EventReader {
@@ -181,8 +181,20 @@ impl EventCutter {
 
 async fn read_segment(client: Client, number: u64, segment: String, offset: u64, tx: mpsc::Sender<Item>) {
     let mut cut = EventCutter::new(segment, offset);
+    let mut prefetched = None;
     loop {
-        let read = client.read_segment(cut.segment(), cut.read_offset(), READ_CHUNK_BYTES, TAIL_WAIT).await;
+        let read = match prefetched.take() {
+            Some(r) => r,
+            None => client.read_segment(cut.segment(), cut.read_offset(), READ_CHUNK_BYTES, TAIL_WAIT).await,
+        };
+        // Catching up (data came, more may follow): the next read goes out while this one's
+        // events are handed over, so the server's disk reads overlap the application's work.
+        let next_at = match &read {
+            Ok((reply, data)) if !data.is_empty() && !reply.end_of_segment => {
+                Some(cut.read_offset() + data.len() as u64)
+            }
+            _ => None,
+        };
         let events = read.and_then(|(reply, data)| Ok((reply, cut.push(&data)?)));
         let (reply, events) = match events {
             Ok(r) => r,
@@ -201,10 +213,25 @@ async fn read_segment(client: Client, number: u64, segment: String, offset: u64,
                 return;
             }
         };
-        for (ev, _) in events {
-            if tx.send(Item::Event(ev)).await.is_err() {
-                return;
+        let hand_over = async {
+            for (ev, _) in events {
+                if tx.send(Item::Event(ev)).await.is_err() {
+                    return false;
+                }
             }
+            true
+        };
+        let delivered = match next_at {
+            Some(at) => {
+                let next = client.read_segment(cut.segment(), at, READ_CHUNK_BYTES, TAIL_WAIT);
+                let (delivered, next) = tokio::join!(hand_over, next);
+                prefetched = Some(next);
+                delivered
+            }
+            None => hand_over.await,
+        };
+        if !delivered {
+            return;
         }
         if reply.end_of_segment && !cut.has_partial() {
             let _ = tx.send(Item::End(number)).await;

@@ -52,3 +52,7 @@ pub const MERGE_READ_BYTES: u64 = 1 << 20;
 /// Default idle time after which an idempotent writer is forgotten by a segment, in seconds
 /// (one day, like Kafka's `producer.id.expiration.ms`).
 pub const WRITER_IDLE_S_DEFAULT: u64 = 24 * 3600;
+/// Reading a whole log file (recovery, indexing it for a read): bytes per read, and reads in
+/// flight.
+pub const WHOLE_READ_CHUNK_BYTES: usize = 4 << 20;
+pub const WHOLE_READS_IN_FLIGHT: usize = 4;

@@ -142,9 +142,11 @@ fn read_range(core: &mut ContainerCore, disk: &Disk, name: &str, from: u64, to: 
                 off += d.len() as u64;
                 out.extend_from_slice(d);
             }
-            ReadOutcome::Log { file_seq, pos, len } => {
-                out.extend_from_slice(&disk.files[&file_seq][pos as usize..(pos + len) as usize]);
-                off += len;
+            ReadOutcome::Log { file_seq, pieces } => {
+                for (pos, len) in pieces {
+                    out.extend_from_slice(&disk.files[&file_seq][pos as usize..(pos + len) as usize]);
+                    off += len;
+                }
             }
             ReadOutcome::NeedIndex { file_seq } => {
                 let scan = scan_file(&Bytes::from(disk.files[&file_seq].clone()));

@@ -200,11 +200,11 @@ pub struct FlushPlan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReadOutcome {
     Data(Bytes),
-    /// Read `len` bytes at `pos` of log file `file_seq`.
+    /// Read these pieces (file position, length) of log file `file_seq`, in order: one
+    /// span of the file (see `FileIndex::locate`), the segment's appends in it.
     Log {
         file_seq: u64,
-        pos: u64,
-        len: u64,
+        pieces: Vec<(u64, u64)>,
     },
     /// The index of this file must be loaded (`insert_file_index`) first.
     NeedIndex {
@@ -1218,12 +1218,15 @@ impl ContainerCore {
                 None => return Ok((ReadOutcome::NeedIndex { file_seq }, status)),
             }
         };
-        let Some((pos, avail)) = index.locate(status.id, offset) else {
+        // Consecutive appends of one segment lie apart in the file (other entries and record
+        // headers between them): one read takes up to twice the bytes asked for.
+        let pieces = index.locate(status.id, offset, max as u64, 2 * max as u64);
+        if pieces.is_empty() {
             return Err(EngineError::BadRequest(format!(
                 "log file {file_seq:x} has no data for offset {offset} of {name}"
             )));
-        };
-        Ok((ReadOutcome::Log { file_seq, pos, len: avail.min(max as u64) }, status))
+        }
+        Ok((ReadOutcome::Log { file_seq, pieces }, status))
     }
 
     /// Rebuilds a container from its log files (ascending sequence, whole file images).

@@ -41,11 +41,52 @@ impl FileIndex {
         }
     }
 
-    /// File position of `offset` and the contiguous bytes available there.
-    pub fn locate(&self, segment: u64, offset: u64) -> Option<(u64, u64)> {
-        let v = self.segments.get(&segment)?;
-        let i = v.partition_point(|e| e.offset + u64::from(e.len) <= offset);
-        let e = v.get(i)?;
-        (e.offset <= offset).then(|| (e.file_pos + (offset - e.offset), e.offset + u64::from(e.len) - offset))
+    /// Where the bytes of `segment` from `offset` on lie in this file: (file position,
+    /// length) pieces in offset order, at most `max` bytes in all, the last ending within
+    /// `span_max` bytes of the first's position (the caller reads that span at once and
+    /// takes the pieces out of it). Empty if the file holds nothing at `offset`.
+    pub fn locate(&self, segment: u64, offset: u64, max: u64, span_max: u64) -> Vec<(u64, u64)> {
+        let Some(v) = self.segments.get(&segment) else { return Vec::new() };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let (mut at, mut total) = (offset, 0u64);
+        for e in &v[v.partition_point(|e| e.offset + u64::from(e.len) <= offset)..] {
+            if e.offset > at || total >= max {
+                break;
+            }
+            let skip = at - e.offset;
+            let (pos, len) = (e.file_pos + skip, (u64::from(e.len) - skip).min(max - total));
+            if let Some(&(first, _)) = out.first()
+                && pos + len > first + span_max
+            {
+                break;
+            }
+            out.push((pos, len));
+            total += len;
+            at += len;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileIndex;
+
+    #[test]
+    fn locate_gathers_consecutive_appends_within_the_span() {
+        let mut idx = FileIndex::default();
+        // Segment 1: offsets 0..100 at 1000, 100..250 at 1300, 250..300 at 5000; segment 2 between.
+        idx.push(1, 0, 1000, 100);
+        idx.push(2, 0, 1100, 150);
+        idx.push(1, 100, 1300, 150);
+        idx.push(1, 250, 5000, 50);
+        assert_eq!(idx.locate(1, 0, 1 << 20, 1 << 20), vec![(1000, 100), (1300, 150), (5000, 50)]);
+        // From inside an append, capped by `max`.
+        assert_eq!(idx.locate(1, 40, 100, 1 << 20), vec![(1040, 60), (1300, 40)]);
+        // The span stops before a piece that would end too far from the first.
+        assert_eq!(idx.locate(1, 0, 1 << 20, 1000), vec![(1000, 100), (1300, 150)]);
+        assert_eq!(idx.locate(1, 300, 10, 10), vec![]);
+        assert_eq!(idx.locate(3, 0, 10, 10), vec![]);
+        assert_eq!(idx.locate(2, 149, 10, 10), vec![(1249, 1)]);
     }
 }

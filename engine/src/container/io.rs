@@ -11,7 +11,9 @@
 //! the container: every waiter and every later request gets `ContainerPoisoned`; nothing is
 //! retried. An optional per-shard pacer (`IoPacer`) spaces flushes on rate-limited devices.
 
-use crate::constants::{FILE_HEADER_BYTES, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES};
+use crate::constants::{
+    FILE_HEADER_BYTES, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES, WHOLE_READ_CHUNK_BYTES, WHOLE_READS_IN_FLIGHT,
+};
 use crate::container::core::{
     ContainerCore, CoreConfig, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
 };
@@ -62,6 +64,12 @@ pub(crate) struct Files {
     current_seq: u64,
     next: Option<(u64, glommio::task::JoinHandle<Result<DmaFile, String>>)>,
     pub(crate) readers: HashMap<u64, Rc<DmaFile>>,
+    /// The image of the last older file read whole to index it: reads of that file are
+    /// served from it (a reader catching up reads each file once, not twice) until a read
+    /// goes to another file. At most one file per container.
+    cold: Option<(u64, Bytes)>,
+    /// Files being read to index them, with the reads waiting for that.
+    indexing: HashMap<u64, Vec<oneshot::Sender<()>>>,
 }
 
 pub struct Container {
@@ -120,18 +128,39 @@ async fn read_whole(path: &Path) -> Result<Bytes, String> {
     let f = DmaFile::open(path).await.map_err(|e| io_err("opening", path, e))?;
     let size = f.file_size().await.map_err(|e| io_err("sizing", path, e))?;
     let mut out = Vec::with_capacity(size as usize);
-    let mut pos = 0;
-    while pos < size {
-        let n = (size - pos).min(PREFILL_CHUNK_BYTES as u64) as usize;
-        let r = f.read_at_aligned(pos, n).await.map_err(|e| io_err("reading", path, e))?;
-        if r.is_empty() {
+    // A few large reads in flight: a file is read at the device's sequential rate.
+    let chunk = WHOLE_READ_CHUNK_BYTES as u64;
+    let reads = futures::stream::iter((0..size.div_ceil(chunk)).map(|i| {
+        let (pos, f) = (i * chunk, &f);
+        async move { f.read_at_aligned(pos, (size - pos).min(chunk) as usize).await }
+    }));
+    let mut reads = futures::StreamExt::buffered(reads, WHOLE_READS_IN_FLIGHT);
+    while let Some(r) = futures::StreamExt::next(&mut reads).await {
+        let r = r.map_err(|e| io_err("reading", path, e))?;
+        out.extend_from_slice(&r);
+        if (r.len() as u64) < chunk {
             break;
         }
-        out.extend_from_slice(&r);
-        pos += r.len() as u64;
     }
+    drop(reads);
     let _ = f.close().await;
     Ok(Bytes::from(out))
+}
+
+/// The pieces (file position, length) of a file image, in order, as one buffer; `None` if
+/// the image does not reach them.
+fn gather(image: &Bytes, pieces: &[(u64, u64)]) -> Option<Bytes> {
+    if pieces.iter().any(|&(pos, len)| pos + len > image.len() as u64) {
+        return None;
+    }
+    if let [(pos, len)] = pieces {
+        return Some(image.slice(*pos as usize..(pos + len) as usize));
+    }
+    let mut out = Vec::with_capacity(pieces.iter().map(|p| p.1 as usize).sum());
+    for &(pos, len) in pieces {
+        out.extend_from_slice(&image[pos as usize..(pos + len) as usize]);
+    }
+    Some(Bytes::from(out))
 }
 
 async fn write_all_at(file: &DmaFile, buf: glommio::io::DmaBuffer, pos: u64, path: &Path) -> Result<(), String> {
@@ -300,7 +329,14 @@ impl Container {
                     return Err(format!("container {c}: no hand-off in tier-2 below epoch {epoch}"));
                 }
             };
-            let files = Files { current: None, current_seq: 0, next: None, readers: HashMap::new() };
+            let files = Files {
+                current: None,
+                current_seq: 0,
+                next: None,
+                readers: HashMap::new(),
+                cold: None,
+                indexing: HashMap::new(),
+            };
             (core, files)
         };
         handoff::claim(&store, c, epoch).await?;
@@ -355,7 +391,14 @@ impl Container {
             let path = dir.join(file_name(*seq));
             std::fs::remove_file(&path).map_err(|source| RecoveryError::Io { file: path, source })?;
         }
-        let mut files = Files { current: None, current_seq: core.current_file(), next: None, readers: HashMap::new() };
+        let mut files = Files {
+            current: None,
+            current_seq: core.current_file(),
+            next: None,
+            readers: HashMap::new(),
+            cold: None,
+            indexing: HashMap::new(),
+        };
         if let Some(seq) = report.current_file {
             let path = dir.join(file_name(seq));
             let f = open_log_for_writing(&path)
@@ -692,28 +735,73 @@ impl Container {
                     let data = self.read_chunk(&chunk, within, len, chunk_len).await?;
                     return Ok(ReadData { data, status });
                 }
-                ReadOutcome::Log { file_seq, pos, len } => {
+                ReadOutcome::Log { file_seq, pieces } => {
+                    let cold =
+                        self.files.borrow().cold.as_ref().filter(|(s, _)| *s == file_seq).map(|(_, b)| b.clone());
+                    if let Some(image) = cold
+                        && let Some(data) = gather(&image, &pieces)
+                    {
+                        return Ok(ReadData { data, status });
+                    }
+                    // The reader moved on to another file.
+                    self.files.borrow_mut().cold = None;
                     let f = match self.reader_file(file_seq).await {
                         Ok(f) => f,
                         // Freed meanwhile (its data is in tier-2 now): look again.
                         Err(_) if file_seq < self.core.borrow().oldest_file() => continue,
                         Err(e) => return Err(e),
                     };
+                    let (start, (last, last_len)) = (pieces[0].0, pieces[pieces.len() - 1]);
+                    let span = (last + last_len - start) as usize;
                     let r = f
-                        .read_at(pos, len as usize)
+                        .read_at(start, span)
                         .await
                         .map_err(|e| EngineError::Io(format!("reading log file {file_seq:x}: {e}")))?;
-                    return Ok(ReadData { data: Bytes::copy_from_slice(&r), status });
+                    if r.len() < span {
+                        let got = r.len();
+                        return Err(EngineError::Io(format!(
+                            "log file {file_seq:x}: {got} of {span} bytes at {start}"
+                        )));
+                    }
+                    let mut data = Vec::with_capacity(pieces.iter().map(|p| p.1 as usize).sum());
+                    for (pos, len) in pieces {
+                        let at = (pos - start) as usize;
+                        data.extend_from_slice(&r[at..at + len as usize]);
+                    }
+                    return Ok(ReadData { data: Bytes::from(data), status });
                 }
                 ReadOutcome::NeedIndex { file_seq } => {
+                    // One load per file: reads that find it loading wait, then look again.
+                    let wait = {
+                        let mut files = self.files.borrow_mut();
+                        match files.indexing.get_mut(&file_seq) {
+                            Some(waiting) => {
+                                let (tx, rx) = oneshot::channel();
+                                waiting.push(tx);
+                                Some(rx)
+                            }
+                            None => {
+                                files.indexing.insert(file_seq, Vec::new());
+                                None
+                            }
+                        }
+                    };
+                    if let Some(rx) = wait {
+                        let _ = rx.await;
+                        continue;
+                    }
                     let path = self.dir.join(file_name(file_seq));
-                    let bytes = match read_whole(&path).await {
-                        Ok(b) => b,
+                    let loaded = read_whole(&path).await.and_then(|b| Ok((FileIndex::build(&scan_file(&b))?, b)));
+                    for w in self.files.borrow_mut().indexing.remove(&file_seq).unwrap_or_default() {
+                        let _ = w.send(());
+                    }
+                    let (index, image) = match loaded {
+                        Ok(l) => l,
                         Err(_) if file_seq < self.core.borrow().oldest_file() => continue,
                         Err(e) => return Err(EngineError::Io(e)),
                     };
-                    let index = FileIndex::build(&scan_file(&bytes)).map_err(EngineError::Io)?;
                     self.core.borrow_mut().insert_file_index(file_seq, index);
+                    self.files.borrow_mut().cold = Some((file_seq, image));
                 }
                 ReadOutcome::Tail => {
                     let now = Instant::now();
