@@ -56,3 +56,6 @@ pub const WRITER_IDLE_S_DEFAULT: u64 = 24 * 3600;
 /// flight.
 pub const WHOLE_READ_CHUNK_BYTES: usize = 4 << 20;
 pub const WHOLE_READS_IN_FLIGHT: usize = 4;
+/// Images of whole log files a shard keeps to serve reads of them (see `container::io`):
+/// with 64 MiB files, 128 MiB per shard.
+pub const FILE_IMAGES_PER_SHARD: usize = 2;

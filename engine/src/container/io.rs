@@ -12,7 +12,8 @@
 //! retried. An optional per-shard pacer (`IoPacer`) spaces flushes on rate-limited devices.
 
 use crate::constants::{
-    FILE_HEADER_BYTES, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES, WHOLE_READ_CHUNK_BYTES, WHOLE_READS_IN_FLIGHT,
+    FILE_HEADER_BYTES, FILE_IMAGES_PER_SHARD, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES, WHOLE_READ_CHUNK_BYTES,
+    WHOLE_READS_IN_FLIGHT,
 };
 use crate::container::core::{
     ContainerCore, CoreConfig, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
@@ -33,7 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 type Waiter = oneshot::Sender<Result<OpResult, EngineError>>;
@@ -64,16 +65,15 @@ pub(crate) struct Files {
     current_seq: u64,
     next: Option<(u64, glommio::task::JoinHandle<Result<DmaFile, String>>)>,
     pub(crate) readers: HashMap<u64, Rc<DmaFile>>,
-    /// The image of the last older file read whole to index it: reads of that file are
-    /// served from it (a reader catching up reads each file once, not twice) until a read
-    /// goes to another file. At most one file per container.
-    cold: Option<(u64, Bytes)>,
     /// Files being read to index them, with the reads waiting for that.
     indexing: HashMap<u64, Vec<oneshot::Sender<()>>>,
 }
 
 pub struct Container {
     id: u32,
+    /// Unique among the containers this process opened (a container opened again, after a
+    /// hand-off, gets a new one): the key of its file images.
+    instance: u64,
     pub(crate) dir: PathBuf,
     pub(crate) core: RefCell<ContainerCore>,
     waiters: RefCell<VecDeque<Waiter>>,
@@ -145,6 +145,33 @@ async fn read_whole(path: &Path) -> Result<Bytes, String> {
     drop(reads);
     let _ = f.close().await;
     Ok(Bytes::from(out))
+}
+
+thread_local! {
+    /// Images of older log files read whole to index them, by container instance and file:
+    /// reads of such a file are served from its image, so a reader catching up reads each
+    /// file once, not twice. A shard is a thread: at most `FILE_IMAGES_PER_SHARD` images per
+    /// shard, the oldest dropped first.
+    static FILE_IMAGES: RefCell<VecDeque<(u64, u64, Bytes)>> = const { RefCell::new(VecDeque::new()) };
+}
+
+fn file_image(instance: u64, seq: u64) -> Option<Bytes> {
+    FILE_IMAGES.with(|i| i.borrow().iter().find(|(c, s, _)| (*c, *s) == (instance, seq)).map(|(_, _, b)| b.clone()))
+}
+
+fn keep_file_image(instance: u64, seq: u64, image: Bytes) {
+    FILE_IMAGES.with(|i| {
+        let mut images = i.borrow_mut();
+        images.retain(|(c, s, _)| (*c, *s) != (instance, seq));
+        images.push_back((instance, seq, image));
+        while images.len() > FILE_IMAGES_PER_SHARD {
+            images.pop_front();
+        }
+    })
+}
+
+fn drop_file_images(instance: u64) {
+    FILE_IMAGES.with(|i| i.borrow_mut().retain(|(c, _, _)| *c != instance));
 }
 
 /// The pieces (file position, length) of a file image, in order, as one buffer; `None` if
@@ -329,14 +356,8 @@ impl Container {
                     return Err(format!("container {c}: no hand-off in tier-2 below epoch {epoch}"));
                 }
             };
-            let files = Files {
-                current: None,
-                current_seq: 0,
-                next: None,
-                readers: HashMap::new(),
-                cold: None,
-                indexing: HashMap::new(),
-            };
+            let files =
+                Files { current: None, current_seq: 0, next: None, readers: HashMap::new(), indexing: HashMap::new() };
             (core, files)
         };
         handoff::claim(&store, c, epoch).await?;
@@ -396,7 +417,6 @@ impl Container {
             current_seq: core.current_file(),
             next: None,
             readers: HashMap::new(),
-            cold: None,
             indexing: HashMap::new(),
         };
         if let Some(seq) = report.current_file {
@@ -435,8 +455,10 @@ impl Container {
         tier2: Option<Tier2Config>,
         owned: bool,
     ) -> Rc<Self> {
+        static INSTANCES: AtomicU64 = AtomicU64::new(0);
         let container = Rc::new(Self {
             id: core.config().container,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             dir,
             core: RefCell::new(core),
             waiters: RefCell::new(VecDeque::new()),
@@ -492,6 +514,7 @@ impl Container {
     fn apply_stop(&self, reason: String) {
         let n = self.core.borrow_mut().stop(reason.clone());
         self.fail_waiters(n, &reason);
+        drop_file_images(self.instance);
         for (_, ws) in self.tail_waiters.borrow_mut().drain() {
             for w in ws {
                 let _ = w.send(());
@@ -736,15 +759,11 @@ impl Container {
                     return Ok(ReadData { data, status });
                 }
                 ReadOutcome::Log { file_seq, pieces } => {
-                    let cold =
-                        self.files.borrow().cold.as_ref().filter(|(s, _)| *s == file_seq).map(|(_, b)| b.clone());
-                    if let Some(image) = cold
-                        && let Some(data) = gather(&image, &pieces)
-                    {
+                    if let Some(data) = file_image(self.instance, file_seq).and_then(|image| gather(&image, &pieces)) {
                         return Ok(ReadData { data, status });
                     }
-                    // The reader moved on to another file.
-                    self.files.borrow_mut().cold = None;
+                    // The reader moved on to another file: free this container's images.
+                    drop_file_images(self.instance);
                     let f = match self.reader_file(file_seq).await {
                         Ok(f) => f,
                         // Freed meanwhile (its data is in tier-2 now): look again.
@@ -801,7 +820,7 @@ impl Container {
                         Err(e) => return Err(EngineError::Io(e)),
                     };
                     self.core.borrow_mut().insert_file_index(file_seq, index);
-                    self.files.borrow_mut().cold = Some((file_seq, image));
+                    keep_file_image(self.instance, file_seq, image);
                 }
                 ReadOutcome::Tail => {
                     let now = Instant::now();
@@ -868,5 +887,30 @@ impl Container {
     /// Durable state of a segment.
     pub fn status(&self, name: &str) -> Result<SegmentStatus, EngineError> {
         self.core.borrow().status(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_images_are_per_container_instance_and_bounded_per_shard() {
+        let image = |b: u8| Bytes::from(vec![b; 8]);
+        keep_file_image(1, 5, image(1));
+        assert_eq!(file_image(1, 5), Some(image(1)));
+        assert_eq!(file_image(2, 5), None, "another container (or the same one reopened) never sees it");
+        keep_file_image(2, 5, image(2));
+        keep_file_image(2, 6, image(3));
+        assert_eq!(FILE_IMAGES_PER_SHARD, 2);
+        assert_eq!(file_image(1, 5), None, "the oldest went first");
+        assert_eq!(file_image(2, 5), Some(image(2)));
+        drop_file_images(2);
+        assert_eq!(file_image(2, 6), None);
+        // Pieces come out in order, zero-copy when there is one; beyond the image: none.
+        let img = Bytes::from((0u8..100).collect::<Vec<_>>());
+        assert_eq!(gather(&img, &[(10, 3)]).unwrap(), Bytes::from_static(&[10, 11, 12]));
+        assert_eq!(gather(&img, &[(10, 2), (50, 2)]).unwrap(), Bytes::from_static(&[10, 11, 50, 51]));
+        assert_eq!(gather(&img, &[(99, 2)]), None);
     }
 }
