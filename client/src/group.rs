@@ -17,7 +17,7 @@
 use crate::client::Client;
 use crate::cut::{CutAt, StreamCut};
 use crate::error::ClientError;
-use crate::reader::{Event, EventCutter};
+use crate::reader::{Event, EventCutter, READ_CHUNK_BYTES, ReadAhead};
 use crate::sync::{StateSynchronizer, Synchronized};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::messages::{AddSubscriber, Done, RemoveSubscriber, SegmentOffset, UpdateSubscriber};
@@ -585,14 +585,24 @@ async fn fetch_segment(
     tx: mpsc::Sender<Fetched>,
 ) {
     let mut cut = EventCutter::new(segment.clone(), start);
+    let mut ahead = ReadAhead::default();
+    let wait = Duration::from_millis(500);
+    let max_at = |at: u64| end.map_or(READ_CHUNK_BYTES, |e| (e - at).min(u64::from(READ_CHUNK_BYTES)) as u32);
     loop {
         let at = cut.read_offset();
         if end.is_some_and(|e| at >= e) {
             let _ = tx.send(Fetched::End { token, segment, offset: cut.offset() }).await;
             return;
         }
-        let max = end.map_or(1 << 20, |e| (e - at).min(1 << 20)) as u32;
-        let read = client.read_segment(&segment, at, max, Duration::from_millis(500)).await;
+        let read = ahead.read(&client, &segment, at, max_at(at), wait).await;
+        if let Ok((reply, data)) = &read
+            && !data.is_empty()
+            && !reply.end_of_segment
+            && end.is_none_or(|e| at + (data.len() as u64) < e)
+        {
+            let next = at + data.len() as u64;
+            ahead.send(&client, &segment, next, max_at(next), wait);
+        }
         let (reply, events) = match read.and_then(|(reply, data)| Ok((reply, cut.push(&data)?))) {
             Ok(r) => r,
             Err(error) => {

@@ -9,6 +9,7 @@ use crate::cut::CutAt;
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
 use sluice_net::event::split_whole_events;
+use sluice_net::messages::ReadReply;
 use sluice_net::{ErrorCode, ScopedStream, SegmentNumber};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -53,7 +54,8 @@ enum Item {
     Stopped(u64),
 }
 
-const READ_CHUNK_BYTES: u32 = 4 << 20;
+/// Bytes a segment reader asks for at a time.
+pub(crate) const READ_CHUNK_BYTES: u32 = 4 << 20;
 const TAIL_WAIT: Duration = Duration::from_millis(500);
 
 impl EventReader {
@@ -181,20 +183,16 @@ impl EventCutter {
 
 async fn read_segment(client: Client, number: u64, segment: String, offset: u64, tx: mpsc::Sender<Item>) {
     let mut cut = EventCutter::new(segment, offset);
-    let mut prefetched = None;
+    let mut ahead = ReadAhead::default();
     loop {
-        let read = match prefetched.take() {
-            Some(r) => r,
-            None => client.read_segment(cut.segment(), cut.read_offset(), READ_CHUNK_BYTES, TAIL_WAIT).await,
-        };
-        // Catching up (data came, more may follow): the next read goes out while this one's
-        // events are handed over, so the server's disk reads overlap the application's work.
-        let next_at = match &read {
-            Ok((reply, data)) if !data.is_empty() && !reply.end_of_segment => {
-                Some(cut.read_offset() + data.len() as u64)
-            }
-            _ => None,
-        };
+        let at = cut.read_offset();
+        let read = ahead.read(&client, cut.segment(), at, READ_CHUNK_BYTES, TAIL_WAIT).await;
+        if let Ok((reply, data)) = &read
+            && !data.is_empty()
+            && !reply.end_of_segment
+        {
+            ahead.send(&client, cut.segment(), at + data.len() as u64, READ_CHUNK_BYTES, TAIL_WAIT);
+        }
         let events = read.and_then(|(reply, data)| Ok((reply, cut.push(&data)?)));
         let (reply, events) = match events {
             Ok(r) => r,
@@ -213,29 +211,63 @@ async fn read_segment(client: Client, number: u64, segment: String, offset: u64,
                 return;
             }
         };
-        let hand_over = async {
-            for (ev, _) in events {
-                if tx.send(Item::Event(ev)).await.is_err() {
-                    return false;
-                }
+        for (ev, _) in events {
+            if tx.send(Item::Event(ev)).await.is_err() {
+                return;
             }
-            true
-        };
-        let delivered = match next_at {
-            Some(at) => {
-                let next = client.read_segment(cut.segment(), at, READ_CHUNK_BYTES, TAIL_WAIT);
-                let (delivered, next) = tokio::join!(hand_over, next);
-                prefetched = Some(next);
-                delivered
-            }
-            None => hand_over.await,
-        };
-        if !delivered {
-            return;
         }
         if reply.end_of_segment && !cut.has_partial() {
             let _ = tx.send(Item::End(number)).await;
             return;
+        }
+    }
+}
+
+/// The next read of a segment, sent ahead while the last one's events are handed over: a
+/// reader catching up then overlaps the server's disk reads with the application's work.
+/// Dropping it cancels the read in flight.
+#[derive(Default)]
+pub(crate) struct ReadAhead(Option<(u64, JoinHandle<ReadResult>)>);
+
+type ReadResult = Result<(ReadReply, Bytes), ClientError>;
+
+impl ReadAhead {
+    /// The read at `at`: the one sent ahead if it was for `at`, else a new one.
+    pub(crate) async fn read(
+        &mut self,
+        client: &Client,
+        segment: &str,
+        at: u64,
+        max: u32,
+        wait: Duration,
+    ) -> ReadResult {
+        match self.0.take() {
+            Some((offset, h)) if offset == at => {
+                h.await.unwrap_or_else(|e| Err(ClientError::ConnectionLost(format!("read of {segment}: {e}"))))
+            }
+            other => {
+                if let Some((_, h)) = other {
+                    h.abort();
+                }
+                client.read_segment(segment, at, max, wait).await
+            }
+        }
+    }
+
+    /// Sends the read at `at` ahead.
+    pub(crate) fn send(&mut self, client: &Client, segment: &str, at: u64, max: u32, wait: Duration) {
+        if let Some((_, h)) = self.0.take() {
+            h.abort();
+        }
+        let (client, segment) = (client.clone(), segment.to_string());
+        self.0 = Some((at, tokio::spawn(async move { client.read_segment(&segment, at, max, wait).await })));
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        if let Some((_, h)) = &self.0 {
+            h.abort();
         }
     }
 }
