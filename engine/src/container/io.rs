@@ -174,18 +174,24 @@ fn drop_file_images(instance: u64) {
     FILE_IMAGES.with(|i| i.borrow_mut().retain(|(c, _, _)| *c != instance));
 }
 
-/// The pieces (file position, length) of a file image, in order, as one buffer; `None` if
-/// the image does not reach them.
+/// The pieces (file position, length) of a file image, in order, as one buffer (no copy for
+/// one piece); `None` if the image does not reach them.
 fn gather(image: &Bytes, pieces: &[(u64, u64)]) -> Option<Bytes> {
-    if pieces.iter().any(|&(pos, len)| pos + len > image.len() as u64) {
-        return None;
+    match pieces {
+        [(pos, len)] if pos + len <= image.len() as u64 => Some(image.slice(*pos as usize..(pos + len) as usize)),
+        _ => gather_from(image, 0, pieces),
     }
-    if let [(pos, len)] = pieces {
-        return Some(image.slice(*pos as usize..(pos + len) as usize));
+}
+
+/// The pieces (file position, length) out of `src`, which holds the file from `base` on.
+fn gather_from(src: &[u8], base: u64, pieces: &[(u64, u64)]) -> Option<Bytes> {
+    if pieces.iter().any(|&(pos, len)| pos < base || pos + len > base + src.len() as u64) {
+        return None;
     }
     let mut out = Vec::with_capacity(pieces.iter().map(|p| p.1 as usize).sum());
     for &(pos, len) in pieces {
-        out.extend_from_slice(&image[pos as usize..(pos + len) as usize]);
+        let at = (pos - base) as usize;
+        out.extend_from_slice(&src[at..at + len as usize]);
     }
     Some(Bytes::from(out))
 }
@@ -776,18 +782,10 @@ impl Container {
                         .read_at(start, span)
                         .await
                         .map_err(|e| EngineError::Io(format!("reading log file {file_seq:x}: {e}")))?;
-                    if r.len() < span {
-                        let got = r.len();
-                        return Err(EngineError::Io(format!(
-                            "log file {file_seq:x}: {got} of {span} bytes at {start}"
-                        )));
-                    }
-                    let mut data = Vec::with_capacity(pieces.iter().map(|p| p.1 as usize).sum());
-                    for (pos, len) in pieces {
-                        let at = (pos - start) as usize;
-                        data.extend_from_slice(&r[at..at + len as usize]);
-                    }
-                    return Ok(ReadData { data: Bytes::from(data), status });
+                    let data = gather_from(&r, start, &pieces).ok_or_else(|| {
+                        EngineError::Io(format!("log file {file_seq:x}: {} of {span} bytes at {start}", r.len()))
+                    })?;
+                    return Ok(ReadData { data, status });
                 }
                 ReadOutcome::NeedIndex { file_seq } => {
                     // One load per file: reads that find it loading wait, then look again.
@@ -912,5 +910,8 @@ mod tests {
         assert_eq!(gather(&img, &[(10, 3)]).unwrap(), Bytes::from_static(&[10, 11, 12]));
         assert_eq!(gather(&img, &[(10, 2), (50, 2)]).unwrap(), Bytes::from_static(&[10, 11, 50, 51]));
         assert_eq!(gather(&img, &[(99, 2)]), None);
+        assert_eq!(gather_from(&img[10..20], 10, &[(12, 2), (18, 2)]).unwrap(), Bytes::from_static(&[12, 13, 18, 19]));
+        assert_eq!(gather_from(&img[10..20], 10, &[(8, 4)]), None, "before the span");
+        assert_eq!(gather_from(&img[10..20], 10, &[(18, 4)]), None, "a short read");
     }
 }
