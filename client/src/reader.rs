@@ -55,7 +55,7 @@ enum Item {
 }
 
 /// Bytes a segment reader asks for at a time.
-pub(crate) const READ_CHUNK_BYTES: u32 = 4 << 20;
+pub(crate) const READ_CHUNK_BYTES: u32 = 1 << 20;
 const TAIL_WAIT: Duration = Duration::from_millis(500);
 
 impl EventReader {
