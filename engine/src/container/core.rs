@@ -640,15 +640,18 @@ impl ContainerCore {
     /// new log file starts, so its checkpoint, and any recovery from it, no longer names
     /// them. Returns how many entries went.
     fn forget_idle_writers(&mut self) -> usize {
-        let (Some(started), idle) = (self.clock_started_ms, self.cfg.writer_idle_ms) else { return 0 };
-        let Some(cutoff) = self.now_ms.checked_sub(idle).filter(|_| idle > 0) else { return 0 };
+        let idle = self.cfg.writer_idle_ms;
+        let (Some(started), Some(cutoff)) = (self.clock_started_ms, self.now_ms.checked_sub(idle)) else { return 0 };
+        if idle == 0 {
+            return 0;
+        }
         let mut forgotten = 0;
         for s in self.segments.values_mut() {
             let Segment { writers, acc_writers, writer_seen, .. } = s;
             let idle: Vec<u128> = writers
                 .iter()
                 .filter(|&(w, last)| {
-                    writer_seen.get(w).copied().unwrap_or(started).max(started) <= cutoff
+                    writer_seen.get(w).map_or(started, |&seen| seen.max(started)) <= cutoff
                         && acc_writers.get(w) == Some(last)
                 })
                 .map(|(&w, _)| w)

@@ -606,11 +606,8 @@ impl Container {
             }
             match result {
                 Ok(()) => {
-                    let done = {
-                        let mut core = self.core.borrow_mut();
-                        core.set_now_ms(sluice_meta::controller::now_ms());
-                        core.complete_flush()
-                    };
+                    // Writers are seen at the clock set as the flush began.
+                    let done = self.core.borrow_mut().complete_flush();
                     {
                         let mut waiters = self.waiters.borrow_mut();
                         for r in done.results {
