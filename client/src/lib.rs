@@ -28,6 +28,7 @@
 //! `cut` (stream cuts), `sync` (state synchronizer), `batch` (reads between cuts),
 //! `bytestream` (byte streams), `txn` (transactions).
 
+mod acks;
 pub mod batch;
 pub mod bytestream;
 pub mod client;

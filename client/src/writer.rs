@@ -1,6 +1,7 @@
 //! Event writer: routes each event by its routing key to a segment, batches events per
 //! segment, keeps many batches in flight, and resolves each event's future when its batch is
-//! durable (or, for `write_events`, one future for many events once all are durable).
+//! durable (or, for `write_events`, one future for many events once all are durable). A
+//! `write_event` future is a ticket on its segment task's board (`acks.rs`), not a channel.
 //! Every writer has a random id and numbers its events; when a connection breaks (server
 //! restart, redirect, shed load) the writer reconnects and resends every unacknowledged
 //! batch in order, and the server drops what it already has. So a restart under load
@@ -12,6 +13,7 @@
 //! sealed segment's queue after that, so a key's events keep their order across the move.
 //! The new segments number the events afresh (the server tracks numbers per segment).
 
+use crate::acks::{Board, Look};
 use crate::client::Client;
 use crate::connection::{Connection, expect};
 use crate::error::ClientError;
@@ -51,21 +53,74 @@ impl Default for WriterConfig {
 
 type AckTx = oneshot::Sender<Result<(), ClientError>>;
 
-/// Who waits for an event: its own future, or a future shared by the events of one
-/// `write_events` call.
+/// Who waits for an event: a ticket on its lane's board (`write_event`), a ticket on the
+/// board of the lane it was first queued in (moved here by a scaling), or a future shared by
+/// the events of one `write_events` call.
 enum Ack {
-    One(AckTx),
+    Own(u64),
+    Moved(Moved),
     Shared(Arc<SharedAck>),
 }
 
 impl Ack {
-    fn send(self, r: Result<(), ClientError>) {
+    /// Settles the ack; `own` is the board of the lane the event is in.
+    fn send(self, own: &Board, r: Result<(), ClientError>) {
         match self {
-            Ack::One(tx) => {
-                let _ = tx.send(r);
-            }
+            Ack::Own(t) => own.settle(t, &r),
+            Ack::Moved(m) => m.settle(r),
             Ack::Shared(s) => s.done(r),
         }
+    }
+
+    /// The ack as it travels to another lane.
+    fn moved(self, own: &Arc<Board>) -> Ack {
+        match self {
+            Ack::Own(ticket) => Ack::Moved(Moved { board: Some(own.clone()), ticket }),
+            other => other,
+        }
+    }
+}
+
+/// A ticket of another lane's board; settled with "writer stopped" if dropped unsettled.
+struct Moved {
+    board: Option<Arc<Board>>,
+    ticket: u64,
+}
+
+impl Moved {
+    fn settle(mut self, r: Result<(), ClientError>) {
+        if let Some(b) = self.board.take() {
+            b.settle(self.ticket, &r);
+        }
+    }
+}
+
+impl Drop for Moved {
+    fn drop(&mut self) {
+        if let Some(b) = self.board.take() {
+            b.settle(self.ticket, &Err(stopped()));
+        }
+    }
+}
+
+/// Settles a batch's acks, the lane's own tickets in contiguous runs.
+fn settle_all(acks: Vec<Ack>, own: &Board, r: &Result<(), ClientError>) {
+    let mut run: Option<(u64, u64)> = None;
+    for a in acks {
+        match a {
+            Ack::Own(t) => match &mut run {
+                Some((_, end)) if *end == t => *end += 1,
+                _ => {
+                    if let Some((first, end)) = run.replace((t, t + 1)) {
+                        own.settle_range(first, end, r);
+                    }
+                }
+            },
+            other => other.send(own, r.clone()),
+        }
+    }
+    if let Some((first, end)) = run {
+        own.settle_range(first, end, r);
     }
 }
 
@@ -101,6 +156,8 @@ enum Cmd {
 pub struct AckFuture(AckInner);
 
 enum AckInner {
+    /// A `write_event`: its ticket on its lane's board (`None` once answered).
+    Ticket(Option<Arc<Board>>, u64),
     Waiting(oneshot::Receiver<Result<(), ClientError>>),
     Failed(Option<ClientError>),
 }
@@ -109,10 +166,26 @@ impl Future for AckFuture {
     type Output = Result<(), ClientError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.0 {
-            AckInner::Waiting(rx) => Pin::new(rx)
-                .poll(cx)
-                .map(|r| r.unwrap_or_else(|_| Err(ClientError::ConnectionLost("writer stopped".into())))),
+            AckInner::Ticket(board, ticket) => {
+                let b = board.as_ref().expect("polled after completion");
+                match b.look(*ticket, cx.waker()) {
+                    Look::Pending => Poll::Pending,
+                    Look::Done(r) => {
+                        *board = None;
+                        Poll::Ready(r)
+                    }
+                }
+            }
+            AckInner::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| r.unwrap_or_else(|_| Err(stopped()))),
             AckInner::Failed(e) => Poll::Ready(Err(e.take().expect("polled after completion"))),
+        }
+    }
+}
+
+impl Drop for AckFuture {
+    fn drop(&mut self) {
+        if let AckInner::Ticket(Some(b), ticket) = &self.0 {
+            b.forget(*ticket);
         }
     }
 }
@@ -142,12 +215,33 @@ struct Route {
 struct Routes {
     /// Sorted by `low`; covers [0, 1).
     table: Vec<Route>,
-    /// The queue of every segment task.
-    queues: HashMap<u64, mpsc::UnboundedSender<Cmd>>,
+    /// Every segment task's queue and board.
+    queues: HashMap<u64, Lane>,
     /// Set when the writer can write no more (the stream is sealed): new events fail with it.
     closed: Option<ClientError>,
     /// The `EventWriter` is gone: tasks finish what they have and stop.
     dropped: bool,
+}
+
+/// A segment task as the writer sees it.
+struct Lane {
+    tx: mpsc::UnboundedSender<Cmd>,
+    board: Arc<Board>,
+    /// The ticket the next event queued here takes.
+    next_ticket: u64,
+}
+
+impl Lane {
+    /// Queues an event of `write_event`; its future, or the error if the task is gone.
+    fn queue_event(&mut self, point: f64, payload: Bytes) -> AckFuture {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        if self.tx.send(Cmd::Event(point, payload, Ack::Own(ticket))).is_err() {
+            self.board.settle(ticket, &Ok(()));
+            return AckFuture(AckInner::Failed(Some(stopped())));
+        }
+        AckFuture(AckInner::Ticket(Some(self.board.clone()), ticket))
+    }
 }
 
 impl Routes {
@@ -156,33 +250,32 @@ impl Routes {
         self.table[i].segment
     }
 
-    /// The queue of `segment`, starting its task if there is none.
-    fn queue(&mut self, shared: &Arc<Shared>, segment: u64) -> mpsc::UnboundedSender<Cmd> {
-        if let Some(q) = self.queues.get(&segment) {
-            return q.clone();
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = SegmentWriter {
-            shared: shared.clone(),
-            number: segment,
-            segment: shared.stream.segment_name(sluice_net::SegmentNumber(segment)),
-            inflight: VecDeque::new(),
-            acks: FuturesOrdered::new(),
-            conn: None,
-        };
-        tokio::spawn(task.run(rx));
-        if !self.dropped {
-            self.queues.insert(segment, tx.clone());
-        }
-        tx
+    /// The lane of `segment`, starting its task if there is none.
+    fn lane(&mut self, shared: &Arc<Shared>, segment: u64) -> &mut Lane {
+        self.queues.entry(segment).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let board = Arc::new(Board::new());
+            let task = SegmentWriter {
+                shared: shared.clone(),
+                number: segment,
+                segment: shared.stream.segment_name(sluice_net::SegmentNumber(segment)),
+                inflight: VecDeque::new(),
+                acks: FuturesOrdered::new(),
+                conn: None,
+                board: board.clone(),
+                finished: false,
+            };
+            tokio::spawn(task.run(rx));
+            Lane { tx, board, next_ticket: 0 }
+        })
     }
 
-    /// Queues a command for the segment that owns `point`.
+    /// Queues an event (moved from a sealed segment) for the segment that owns its key.
     fn forward(&mut self, shared: &Arc<Shared>, cmd: Cmd) {
         let Cmd::Event(point, ..) = &cmd else { unreachable!("only events are routed by key") };
-        let q = self.queue(shared, self.lookup(*point));
-        if let Err(mpsc::error::SendError(Cmd::Event(_, _, ack))) = q.send(cmd) {
-            ack.send(Err(stopped()));
+        let lane = self.lane(shared, self.lookup(*point));
+        if let Err(mpsc::error::SendError(Cmd::Event(_, _, ack))) = lane.tx.send(cmd) {
+            ack.send(&lane.board, Err(stopped()));
         }
     }
 }
@@ -211,7 +304,7 @@ impl EventWriter {
         {
             let mut routes = shared.routes.lock().expect("lock");
             for s in &segments {
-                routes.queue(&shared, s.number);
+                routes.lane(&shared, s.number);
             }
         }
         Self { shared }
@@ -241,16 +334,12 @@ impl EventWriter {
             )))));
         }
         let point = key_point(routing_key);
-        let (tx, rx) = oneshot::channel();
         let mut routes = self.shared.routes.lock().expect("lock");
         if let Some(e) = &routes.closed {
             return AckFuture(AckInner::Failed(Some(e.clone())));
         }
         let segment = routes.lookup(point);
-        if routes.queue(&self.shared, segment).send(Cmd::Event(point, payload, Ack::One(tx))).is_err() {
-            return AckFuture(AckInner::Failed(Some(stopped())));
-        }
-        AckFuture(AckInner::Waiting(rx))
+        routes.lane(&self.shared, segment).queue_event(point, payload)
     }
 
     /// Queues many events with one future for all: it resolves once every one of them is
@@ -291,10 +380,11 @@ impl EventWriter {
         }
         for (point, payload) in queued {
             let segment = routes.lookup(point);
+            let lane = routes.lane(&self.shared, segment);
             if let Err(mpsc::error::SendError(Cmd::Event(_, _, ack))) =
-                routes.queue(&self.shared, segment).send(Cmd::Event(point, payload, Ack::Shared(shared.clone())))
+                lane.tx.send(Cmd::Event(point, payload, Ack::Shared(shared.clone())))
             {
-                ack.send(Err(stopped()));
+                ack.send(&lane.board, Err(stopped()));
             }
         }
         AckFuture(AckInner::Waiting(rx))
@@ -308,9 +398,9 @@ impl EventWriter {
             if let Some(e) = &routes.closed {
                 return Err(e.clone());
             }
-            for q in routes.queues.values() {
+            for lane in routes.queues.values() {
                 let (tx, rx) = oneshot::channel();
-                if q.send(Cmd::Flush(tx)).is_ok() {
+                if lane.tx.send(Cmd::Flush(tx)).is_ok() {
                     waits.push(rx);
                 }
             }
@@ -343,10 +433,8 @@ struct Batch {
 }
 
 impl Batch {
-    fn finish(self, r: Result<(), ClientError>) {
-        for a in self.acks {
-            a.send(r.clone());
-        }
+    fn finish(self, own: &Board, r: Result<(), ClientError>) {
+        settle_all(self.acks, own, &r);
         for f in self.flushes {
             let _ = f.send(r.clone());
         }
@@ -366,6 +454,19 @@ struct SegmentWriter {
     /// a new connection could overtake a resent older one, which the server would then drop
     /// as a duplicate. So the writer switches connections only when resending everything.
     conn: Option<Arc<Connection>>,
+    /// This lane's tickets.
+    board: Arc<Board>,
+    /// The task ended on one of its own paths: every ticket it took is settled or moved on.
+    finished: bool,
+}
+
+impl Drop for SegmentWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Cancelled (its runtime is gone): nobody will settle what it held.
+            self.board.close(stopped());
+        }
+    }
 }
 
 impl SegmentWriter {
@@ -388,7 +489,7 @@ impl SegmentWriter {
         loop {
             if Instant::now() >= deadline {
                 for b in self.inflight.drain(..) {
-                    b.finish(Err(err.clone()));
+                    b.finish(&self.board, Err(err.clone()));
                 }
                 self.acks = FuturesOrdered::new();
                 return;
@@ -414,6 +515,7 @@ impl SegmentWriter {
         let mut carry: Option<Cmd> = None;
         loop {
             if !input_open && self.inflight.is_empty() && carry.is_none() {
+                self.finished = true;
                 return;
             }
             if self.acks.is_empty() && !self.inflight.is_empty() {
@@ -426,13 +528,13 @@ impl SegmentWriter {
             tokio::select! {
                 biased;
                 Some(res) = self.acks.next(), if !self.acks.is_empty() => match res {
-                    Ok(_) => self.inflight.pop_front().expect("a batch per ack").finish(Ok(())),
+                    Ok(_) => self.inflight.pop_front().expect("a batch per ack").finish(&self.board, Ok(())),
                     Err(e) if e.code() == Some(ErrorCode::Sealed) => {
                         self.redirect(rx, carry.take(), e).await;
                         return;
                     }
                     Err(e) if e.is_retryable() => self.resend(e).await,
-                    Err(e) => self.inflight.pop_front().expect("a batch per ack").finish(Err(e)),
+                    Err(e) => self.inflight.pop_front().expect("a batch per ack").finish(&self.board, Err(e)),
                 },
                 cmd = async { match carry.take() { Some(c) => Some(c), None => rx.recv().await } }, if input_open && can_send => {
                     let Some(first) = cmd else {
@@ -467,17 +569,24 @@ impl SegmentWriter {
         let shared = self.shared.clone();
         let mut routes = shared.routes.lock().expect("lock");
         routes.queues.remove(&self.number);
+        // From here on every event this lane holds travels with its ticket (or fails).
+        self.finished = true;
+        let board = self.board.clone();
+        let moved = |c: Cmd| match c {
+            Cmd::Event(point, payload, ack) => Cmd::Event(point, payload, ack.moved(&board)),
+            flush => flush,
+        };
         let mut cmds: Vec<Cmd> = Vec::new();
         for b in refused {
             let (ranges, _) = split_whole_events(&b.payload).expect("the writer framed these events");
             for ((range, point), ack) in ranges.into_iter().zip(b.points).zip(b.acks) {
-                cmds.push(Cmd::Event(point, b.payload.slice(range), ack));
+                cmds.push(Cmd::Event(point, b.payload.slice(range), ack.moved(&board)));
             }
             cmds.extend(b.flushes.into_iter().map(Cmd::Flush));
         }
-        cmds.extend(carry);
+        cmds.extend(carry.map(moved));
         while let Ok(c) = rx.try_recv() {
-            cmds.push(c);
+            cmds.push(moved(c));
         }
         let segments = match now {
             Ok(segments) => segments,
@@ -485,7 +594,7 @@ impl SegmentWriter {
                 // The writer can write no more: fail everything, now and later.
                 for c in cmds {
                     match c {
-                        Cmd::Event(_, _, ack) => ack.send(Err(e.clone())),
+                        Cmd::Event(_, _, ack) => ack.send(&board, Err(e.clone())),
                         Cmd::Flush(tx) => {
                             let _ = tx.send(Err(e.clone()));
                         }
@@ -524,7 +633,7 @@ impl SegmentWriter {
                         .iter()
                         .filter_map(|&n| {
                             let (t, r) = oneshot::channel();
-                            routes.queue(&shared, n).send(Cmd::Flush(t)).ok().map(|_| r)
+                            routes.lane(&shared, n).tx.send(Cmd::Flush(t)).ok().map(|_| r)
                         })
                         .collect();
                     tokio::spawn(async move {
@@ -538,6 +647,10 @@ impl SegmentWriter {
                     });
                 }
             }
+        }
+        if routes.dropped {
+            // No `EventWriter` will queue more: the successors' tasks end once they are done.
+            routes.queues.clear();
         }
     }
 
