@@ -312,6 +312,12 @@ impl Segment {
         let i = self.files.partition_point(|&(o, _)| o <= offset);
         i.checked_sub(1).and_then(|i| self.files.get(i)).map(|&(_, f)| f)
     }
+
+    /// The file holding this segment's bytes after those at `offset`.
+    fn file_after(&self, offset: u64) -> Option<u64> {
+        let i = self.files.partition_point(|&(o, _)| o <= offset);
+        self.files.get(i).map(|&(_, f)| f)
+    }
 }
 
 struct Pending {
@@ -1055,6 +1061,17 @@ impl ContainerCore {
 
     fn has_file_index_for(&self, s: &Segment, offset: u64) -> bool {
         s.file_of(offset).is_some_and(|f| f == self.file_seq || self.cold_indexes.iter().any(|(seq, _)| *seq == f))
+    }
+
+    /// The older log file a reader of `name` at `offset` goes to next, if its next bytes are
+    /// in one (not in the file being written).
+    pub fn next_older_file(&self, name: &str, offset: u64) -> Option<u64> {
+        let s = &self.segments[&self.lookup(name).ok()?];
+        s.file_after(offset).filter(|&f| f != self.file_seq && f >= self.oldest_file)
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
     }
 
     /// Lowest log file sequence still on disk.
