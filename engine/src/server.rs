@@ -30,15 +30,18 @@ use std::time::Duration;
 /// Requests a connection may have in flight before the server stops reading from it.
 const CONNECTION_REQUESTS_MAX: u64 = 4096;
 
-/// A reply: header+control, then an optional raw payload.
-type Reply = (Vec<u8>, Bytes);
+/// A reply: header+control, then its raw payload in pieces (none for most replies).
+type Reply = (Vec<u8>, Vec<Bytes>);
+
+/// Payload pieces at least this large skip the connection's write buffer (one copy less).
+const DIRECT_WRITE_BYTES: usize = 32 << 10;
 
 /// A reply on its way to the socket, with the request slot it frees once written: a client
 /// that sends without reading cannot pile up more than `CONNECTION_REQUESTS_MAX` replies.
 type Outgoing = (Reply, Option<StaticPermit>);
 
 fn reply<T: Control>(request_id: u64, msg: &T) -> Reply {
-    (encode_frame_head(request_id, msg, 0), Bytes::new())
+    (encode_frame_head(request_id, msg, 0), Vec::new())
 }
 
 fn error_reply(
@@ -95,9 +98,21 @@ pub async fn serve_connection<S: MetaStore>(shard: Rc<Shard<S>>, stream: glommio
         let mut w = BufWriter::with_capacity(256 << 10, write_half);
         while let Some(first) = rx.next().await {
             let mut batch = Some(first);
-            while let Some(((head, payload), permit)) = batch.take() {
-                if w.write_all(&head).await.is_err() || w.write_all(&payload).await.is_err() {
+            while let Some(((head, pieces), permit)) = batch.take() {
+                if w.write_all(&head).await.is_err() {
                     return;
+                }
+                for p in &pieces {
+                    let sent = if p.len() >= DIRECT_WRITE_BYTES {
+                        // Large pieces (slices of a log file image) go straight to the
+                        // socket after what is buffered, not through the buffer.
+                        w.flush().await.is_ok() && w.get_mut().write_all(p).await.is_ok()
+                    } else {
+                        w.write_all(p).await.is_ok()
+                    };
+                    if !sent {
+                        return;
+                    }
                 }
                 drop(permit);
                 if let Ok(next) = rx.try_recv() {
@@ -327,14 +342,15 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                     let wait = Duration::from_millis(u64::from(rd.wait_ms.min(crate::constants::READ_WAIT_MS_MAX)));
                     match c.read(&rd.segment, rd.offset, max, wait).await {
                         Ok(d) => {
-                            let end = d.status.sealed && rd.offset + d.data.len() as u64 >= d.status.length;
+                            let len = d.len();
+                            let end = d.status.sealed && rd.offset + len as u64 >= d.status.length;
                             let msg = ReadReply {
                                 offset: rd.offset,
                                 length: d.status.length,
                                 sealed: d.status.sealed,
                                 end_of_segment: end,
                             };
-                            (encode_frame_head(id, &msg, d.data.len()), d.data)
+                            (encode_frame_head(id, &msg, len), d.pieces)
                         }
                         Err(e) => engine_error(id, &e),
                     }

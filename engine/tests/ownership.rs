@@ -114,7 +114,7 @@ fn handoff_stale_log_and_tier2_fencing() {
             let mut bytes = Vec::new();
             while (bytes.len() as u64) < len0 {
                 let d = b1.read("s/t/0", bytes.len() as u64, 64 << 10, Duration::ZERO).await.unwrap();
-                bytes.extend_from_slice(&d.data);
+                bytes.extend_from_slice(&d.to_bytes());
             }
             let (mut buf, mut events) = (&bytes[..], 0);
             while !buf.is_empty() {

@@ -222,7 +222,7 @@ pub enum ReadOutcome {
 }
 
 /// Durable segment state, as reads and info see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SegmentStatus {
     pub id: u64,
     pub name: String,

@@ -56,8 +56,35 @@ const SLOW_FLUSH: Duration = Duration::from_secs(1);
 /// Durable data read from a segment.
 #[derive(Debug)]
 pub struct ReadData {
-    pub data: Bytes,
+    /// The bytes read, in order, in one or more pieces: a read served from a file image
+    /// keeps each append's slice of the image, and the pieces go to the socket as they are
+    /// (never copied together on the server).
+    pub pieces: Vec<Bytes>,
     pub status: SegmentStatus,
+}
+
+impl ReadData {
+    fn one(data: Bytes, status: SegmentStatus) -> Self {
+        Self { pieces: if data.is_empty() { Vec::new() } else { vec![data] }, status }
+    }
+
+    /// Bytes read.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.iter().all(Bytes::is_empty)
+    }
+
+    /// The bytes as one buffer (a copy only if there are several pieces).
+    pub fn to_bytes(&self) -> Bytes {
+        match &self.pieces[..] {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        }
+    }
 }
 
 pub(crate) struct Files {
@@ -217,13 +244,13 @@ fn drop_file_images_before(instance: u64, seq: u64) {
     dropped.into_iter().for_each(recycle_image);
 }
 
-/// The pieces (file position, length) of a file image, in order, as one buffer (no copy for
-/// one piece); `None` if the image does not reach them.
-fn gather(image: &Bytes, pieces: &[(u64, u64)]) -> Option<Bytes> {
-    match pieces {
-        [(pos, len)] if pos + len <= image.len() as u64 => Some(image.slice(*pos as usize..(pos + len) as usize)),
-        _ => gather_from(image, 0, pieces),
+/// The pieces (file position, length) of a file image, in order, as slices of it (no copy);
+/// `None` if the image does not reach them.
+fn slices(image: &Bytes, pieces: &[(u64, u64)]) -> Option<Vec<Bytes>> {
+    if pieces.iter().any(|&(pos, len)| pos + len > image.len() as u64) {
+        return None;
     }
+    Some(pieces.iter().map(|&(pos, len)| image.slice(pos as usize..(pos + len) as usize)).collect())
 }
 
 /// The pieces (file position, length) out of `src`, which holds the file from `base` on.
@@ -799,15 +826,16 @@ impl Container {
         loop {
             let (outcome, status) = self.core.borrow().read(name, offset, max)?;
             match outcome {
-                ReadOutcome::Data(data) => return Ok(ReadData { data, status }),
+                ReadOutcome::Data(data) => return Ok(ReadData::one(data, status)),
                 ReadOutcome::Chunk { chunk, offset: within, len, chunk_len } => {
                     let data = self.read_chunk(&chunk, within, len, chunk_len).await?;
-                    return Ok(ReadData { data, status });
+                    return Ok(ReadData::one(data, status));
                 }
                 ReadOutcome::Log { file_seq, pieces } => {
-                    if let Some(data) = file_image(self.instance, file_seq).and_then(|image| gather(&image, &pieces)) {
+                    if let Some(pieces) = file_image(self.instance, file_seq).and_then(|image| slices(&image, &pieces))
+                    {
                         self.prefetch_after(name, offset, file_seq);
-                        return Ok(ReadData { data, status });
+                        return Ok(ReadData { pieces, status });
                     }
                     // The reader moved on to another file: free this container's images.
                     drop_file_images(self.instance);
@@ -826,7 +854,7 @@ impl Container {
                     let data = gather_from(&r, start, &pieces).ok_or_else(|| {
                         EngineError::Io(format!("log file {file_seq:x}: {} of {span} bytes at {start}", r.len()))
                     })?;
-                    return Ok(ReadData { data, status });
+                    return Ok(ReadData::one(data, status));
                 }
                 ReadOutcome::NeedIndex { file_seq } => {
                     // One load per file: reads that find it loading wait, then look again.
@@ -857,7 +885,7 @@ impl Container {
                 ReadOutcome::Tail => {
                     let now = Instant::now();
                     if status.sealed || now >= deadline {
-                        return Ok(ReadData { data: Bytes::new(), status });
+                        return Ok(ReadData { pieces: Vec::new(), status });
                     }
                     let (tx, rx) = oneshot::channel();
                     self.tail_waiters.borrow_mut().entry(status.id).or_default().push(tx);
@@ -932,10 +960,15 @@ impl Container {
                 let at = raw.len() as u64;
                 let step = (len - at).min(MERGE_READ_BYTES) as usize;
                 match self.read(&source, at, step, Duration::ZERO).await {
-                    Ok(r) if r.data.is_empty() => {
+                    Ok(r) if r.is_empty() => {
                         return Err(EngineError::Io(format!("{source} ends at {at}, before the {len} bytes to merge")));
                     }
-                    Ok(r) => raw.extend_from_slice(&r.data[..r.data.len().min(step)]),
+                    Ok(r) => {
+                        for p in &r.pieces {
+                            let room = step - (raw.len() as u64 - at) as usize;
+                            raw.extend_from_slice(&p[..p.len().min(room)]);
+                        }
+                    }
                     // Merged by another call meanwhile: `submit` answers.
                     Err(EngineError::NoSuchSegment(_)) => {
                         raw.clear();
@@ -984,9 +1017,13 @@ mod tests {
         assert_eq!(file_image(2, 6), None);
         // Pieces come out in order, zero-copy when there is one; beyond the image: none.
         let img = Bytes::from((0u8..100).collect::<Vec<_>>());
-        assert_eq!(gather(&img, &[(10, 3)]).unwrap(), Bytes::from_static(&[10, 11, 12]));
-        assert_eq!(gather(&img, &[(10, 2), (50, 2)]).unwrap(), Bytes::from_static(&[10, 11, 50, 51]));
-        assert_eq!(gather(&img, &[(99, 2)]), None);
+        assert_eq!(slices(&img, &[(10, 3)]).unwrap(), [Bytes::from_static(&[10, 11, 12])]);
+        let two = slices(&img, &[(10, 2), (50, 2)]).unwrap();
+        assert_eq!(two, [Bytes::from_static(&[10, 11]), Bytes::from_static(&[50, 51])]);
+        assert_eq!(two[1].as_ptr(), img[50..].as_ptr(), "slices of the image, not copies");
+        let read = ReadData { pieces: two, status: SegmentStatus::default() };
+        assert_eq!((read.len(), read.to_bytes()), (4, Bytes::from_static(&[10, 11, 50, 51])));
+        assert_eq!(slices(&img, &[(10, 2), (99, 2)]), None);
         assert_eq!(gather_from(&img[10..20], 10, &[(12, 2), (18, 2)]).unwrap(), Bytes::from_static(&[12, 13, 18, 19]));
         assert_eq!(gather_from(&img[10..20], 10, &[(8, 4)]), None, "before the span");
         assert_eq!(gather_from(&img[10..20], 10, &[(18, 4)]), None, "a short read");

@@ -476,14 +476,21 @@ impl Container {
         while (out.len() as u64) < want {
             let left = (want - out.len() as u64) as usize;
             let r = self.read(name, at, left, Duration::ZERO).await?;
-            if r.data.is_empty() {
+            if r.is_empty() {
                 break;
             }
-            let take = r.data.len().min(left);
-            if out.is_empty() && take == want as usize {
-                return Ok(r.data.slice(..take));
+            if let [one] = &r.pieces[..]
+                && out.is_empty()
+                && one.len() >= want as usize
+            {
+                return Ok(one.slice(..want as usize));
             }
-            out.extend_from_slice(&r.data[..take]);
+            let mut take = 0;
+            for p in &r.pieces {
+                let n = p.len().min(left - take);
+                out.extend_from_slice(&p[..n]);
+                take += n;
+            }
             at += take as u64;
         }
         Ok(out.freeze())
