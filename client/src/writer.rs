@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 #[derive(Clone, Debug)]
 pub struct WriterConfig {
@@ -212,6 +212,100 @@ struct Route {
     segment: u64,
 }
 
+/// A segment task's input. Callers append commands under a lock; the task takes all that
+/// is queued at once (one lock per batch on its side) and is woken only when it waits for
+/// input, so a busy task costs its callers no atomic operations or wake-ups per event (a
+/// channel did both for every event).
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    cmds: Vec<Cmd>,
+    /// The task waits for input: the next command wakes it.
+    idle: bool,
+    /// No more input (the writer dropped the lane): the task ends once it has taken all.
+    closed: bool,
+    /// The task is gone: nothing is taken any more.
+    gone: bool,
+}
+
+/// The caller side of a `Queue`; dropping it closes the queue.
+struct QueueTx(Arc<Queue>);
+
+impl QueueTx {
+    /// Queues `cmd`, or gives it back if the task is gone.
+    fn send(&self, cmd: Cmd) -> Result<(), Cmd> {
+        let wake = {
+            let mut st = self.0.state.lock().expect("lock");
+            if st.gone {
+                return Err(cmd);
+            }
+            st.cmds.push(cmd);
+            std::mem::take(&mut st.idle)
+        };
+        if wake {
+            self.0.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for QueueTx {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("lock").closed = true;
+        self.0.wake.notify_one();
+    }
+}
+
+/// The task side of a `Queue`.
+struct QueueRx {
+    queue: Arc<Queue>,
+    /// Taken from the queue, not yet handed out (in reverse order: popped from the back).
+    taken: Vec<Cmd>,
+}
+
+impl QueueRx {
+    fn try_recv(&mut self) -> Option<Cmd> {
+        if self.taken.is_empty() {
+            let mut st = self.queue.state.lock().expect("lock");
+            std::mem::swap(&mut self.taken, &mut st.cmds);
+            drop(st);
+            self.taken.reverse();
+        }
+        self.taken.pop()
+    }
+
+    /// The next command; `None` once the queue is closed and empty.
+    async fn recv(&mut self) -> Option<Cmd> {
+        loop {
+            if let Some(c) = self.try_recv() {
+                return Some(c);
+            }
+            {
+                let mut st = self.queue.state.lock().expect("lock");
+                if !st.cmds.is_empty() {
+                    continue;
+                }
+                if st.closed {
+                    return None;
+                }
+                st.idle = true;
+            }
+            // A wake-up sent before this wait starts is kept as a permit: none is lost.
+            self.queue.wake.notified().await;
+        }
+    }
+}
+
+impl Drop for QueueRx {
+    fn drop(&mut self) {
+        self.queue.state.lock().expect("lock").gone = true;
+    }
+}
+
 struct Routes {
     /// Sorted by `low`; covers [0, 1).
     table: Vec<Route>,
@@ -225,7 +319,7 @@ struct Routes {
 
 /// A segment task as the writer sees it.
 struct Lane {
-    tx: mpsc::UnboundedSender<Cmd>,
+    tx: QueueTx,
     board: Arc<Board>,
     /// The ticket the next event queued here takes.
     next_ticket: u64,
@@ -253,7 +347,8 @@ impl Routes {
     /// The lane of `segment`, starting its task if there is none.
     fn lane(&mut self, shared: &Arc<Shared>, segment: u64) -> &mut Lane {
         self.queues.entry(segment).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let queue = Arc::new(Queue { state: Mutex::new(QueueState::default()), wake: tokio::sync::Notify::new() });
+            let (tx, rx) = (QueueTx(queue.clone()), QueueRx { queue, taken: Vec::new() });
             let board = Arc::new(Board::new());
             let task = SegmentWriter {
                 shared: shared.clone(),
@@ -274,7 +369,7 @@ impl Routes {
     fn forward(&mut self, shared: &Arc<Shared>, cmd: Cmd) {
         let Cmd::Event(point, ..) = &cmd else { unreachable!("only events are routed by key") };
         let lane = self.lane(shared, self.lookup(*point));
-        if let Err(mpsc::error::SendError(Cmd::Event(_, _, ack))) = lane.tx.send(cmd) {
+        if let Err(Cmd::Event(_, _, ack)) = lane.tx.send(cmd) {
             ack.send(&lane.board, Err(stopped()));
         }
     }
@@ -381,9 +476,7 @@ impl EventWriter {
         for (point, payload) in queued {
             let segment = routes.lookup(point);
             let lane = routes.lane(&self.shared, segment);
-            if let Err(mpsc::error::SendError(Cmd::Event(_, _, ack))) =
-                lane.tx.send(Cmd::Event(point, payload, Ack::Shared(shared.clone())))
-            {
+            if let Err(Cmd::Event(_, _, ack)) = lane.tx.send(Cmd::Event(point, payload, Ack::Shared(shared.clone()))) {
                 ack.send(&lane.board, Err(stopped()));
             }
         }
@@ -510,7 +603,7 @@ impl SegmentWriter {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    async fn run(mut self, mut rx: QueueRx) {
         let mut input_open = true;
         let mut carry: Option<Cmd> = None;
         loop {
@@ -550,7 +643,7 @@ impl SegmentWriter {
     /// The segment is sealed: every batch in flight was refused (appends after a seal all
     /// are; one accepted before it is answered as a duplicate). Sends the refused events,
     /// then everything queued, to the segments that now own their keys, and stops.
-    async fn redirect(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, carry: Option<Cmd>, sealed: ClientError) {
+    async fn redirect(mut self, mut rx: QueueRx, carry: Option<Cmd>, sealed: ClientError) {
         self.acks = FuturesOrdered::new();
         let refused: Vec<Batch> = self.inflight.drain(..).collect();
         let s = &self.shared.stream;
@@ -585,7 +678,7 @@ impl SegmentWriter {
             cmds.extend(b.flushes.into_iter().map(Cmd::Flush));
         }
         cmds.extend(carry.map(moved));
-        while let Ok(c) = rx.try_recv() {
+        while let Some(c) = rx.try_recv() {
             cmds.push(moved(c));
         }
         let segments = match now {
@@ -655,7 +748,7 @@ impl SegmentWriter {
     }
 
     /// Builds a batch starting with `first` and sends it. Returns a command that did not fit.
-    async fn collect(&mut self, first: Cmd, rx: &mut mpsc::UnboundedReceiver<Cmd>) -> Option<Cmd> {
+    async fn collect(&mut self, first: Cmd, rx: &mut QueueRx) -> Option<Cmd> {
         let mut payload = BytesMut::new();
         let mut acks = Vec::new();
         let mut points = Vec::new();
@@ -667,14 +760,14 @@ impl SegmentWriter {
             let cmd = match next.take() {
                 Some(c) => c,
                 None => match rx.try_recv() {
-                    Ok(c) => c,
-                    Err(_) if !self.shared.config.linger.is_zero() && Instant::now() < linger_until => {
+                    Some(c) => c,
+                    None if !self.shared.config.linger.is_zero() && Instant::now() < linger_until => {
                         match tokio::time::timeout_at(linger_until.into(), rx.recv()).await {
                             Ok(Some(c)) => c,
                             _ => break,
                         }
                     }
-                    Err(_) => break,
+                    None => break,
                 },
             };
             match cmd {
@@ -733,5 +826,55 @@ impl SegmentWriter {
         self.inflight.push_back(batch);
         self.acks.push_back(fut);
         leftover
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue() -> (QueueTx, QueueRx) {
+        let q = Arc::new(Queue { state: Mutex::new(QueueState::default()), wake: tokio::sync::Notify::new() });
+        (QueueTx(q.clone()), QueueRx { queue: q, taken: Vec::new() })
+    }
+
+    fn event(n: u8) -> Cmd {
+        Cmd::Event(0.5, Bytes::from(vec![n]), Ack::Own(u64::from(n)))
+    }
+
+    fn number(c: Option<Cmd>) -> Option<u8> {
+        match c {
+            Some(Cmd::Event(_, p, _)) => Some(p[0]),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queue_hands_commands_over_in_order_wakes_a_waiting_task_and_closes() {
+        let (tx, mut rx) = queue();
+        assert!(rx.try_recv().is_none());
+        for n in 0..3 {
+            assert!(tx.send(event(n)).is_ok());
+        }
+        assert_eq!(number(rx.try_recv()), Some(0));
+        assert!(tx.send(event(3)).is_ok());
+        assert_eq!(number(rx.recv().await), Some(1));
+        assert_eq!(number(rx.recv().await), Some(2));
+        assert_eq!(number(rx.recv().await), Some(3));
+        // The task waits; a command from another task wakes it.
+        let waiter = tokio::spawn(async move {
+            let first = number(rx.recv().await);
+            let end = rx.recv().await.is_none();
+            (first, end)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(tx.send(event(4)).is_ok());
+        drop(tx); // closed: the task gets what was queued, then the end
+        let (first, end) = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert_eq!((first, end), (Some(4), true));
+        // A queue whose task is gone gives commands back.
+        let (tx, rx) = queue();
+        drop(rx);
+        assert_eq!(number(tx.send(event(9)).err()), Some(9));
     }
 }
