@@ -52,11 +52,6 @@ pub const MERGE_READ_BYTES: u64 = 1 << 20;
 /// Default idle time after which an idempotent writer is forgotten by a segment, in seconds
 /// (one day, like Kafka's `producer.id.expiration.ms`).
 pub const WRITER_IDLE_S_DEFAULT: u64 = 24 * 3600;
-/// Reading a whole log file (recovery, indexing it for a read): bytes per read, and reads in
-/// flight. 8 MiB in flight fits glommio's registered I/O memory (10 MiB per shard); larger
-/// reads fall back to fresh buffers, which fault their pages in on every read.
-pub const WHOLE_READ_CHUNK_BYTES: usize = 2 << 20;
-pub const WHOLE_READS_IN_FLIGHT: usize = 4;
 /// Images of whole log files a shard keeps to serve reads of them (see `container::io`):
 /// with 64 MiB files, 128 MiB per shard.
 pub const FILE_IMAGES_PER_SHARD: usize = 2;

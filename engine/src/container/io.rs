@@ -11,10 +11,8 @@
 //! the container: every waiter and every later request gets `ContainerPoisoned`; nothing is
 //! retried. An optional per-shard pacer (`IoPacer`) spaces flushes on rate-limited devices.
 
-use crate::constants::{
-    FILE_HEADER_BYTES, FILE_IMAGES_PER_SHARD, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES, WHOLE_READ_CHUNK_BYTES,
-    WHOLE_READS_IN_FLIGHT,
-};
+use super::image;
+use crate::constants::{FILE_HEADER_BYTES, FILE_IMAGES_PER_SHARD, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES};
 use crate::container::core::{
     ContainerCore, CoreConfig, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
 };
@@ -25,7 +23,7 @@ use crate::error::{EngineError, RecoveryError};
 use crate::log::format::FileHeader;
 use crate::log::scan::scan_file;
 use crate::log::{file_name, parse_file_name};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{Either, select};
 use glommio::io::{DmaFile, OpenOptions};
@@ -150,28 +148,11 @@ fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> String {
     format!("{what} {}: {e}", path.display())
 }
 
-/// Reads a whole file with direct I/O.
+/// Reads a whole file with direct I/O, on a helper thread into the image's own memory (see
+/// `image`): the shard neither copies nor submits the reads.
 async fn read_whole(path: &Path) -> Result<Bytes, String> {
-    let f = DmaFile::open(path).await.map_err(|e| io_err("opening", path, e))?;
-    let size = f.file_size().await.map_err(|e| io_err("sizing", path, e))?;
-    let mut out = spare_image(size as usize);
-    // A few large reads in flight: a file is read at the device's sequential rate.
-    let chunk = WHOLE_READ_CHUNK_BYTES as u64;
-    let reads = futures::stream::iter((0..size.div_ceil(chunk)).map(|i| {
-        let (pos, f) = (i * chunk, &f);
-        async move { f.read_at_aligned(pos, (size - pos).min(chunk) as usize).await }
-    }));
-    let mut reads = futures::StreamExt::buffered(reads, WHOLE_READS_IN_FLIGHT);
-    while let Some(r) = futures::StreamExt::next(&mut reads).await {
-        let r = r.map_err(|e| io_err("reading", path, e))?;
-        out.extend_from_slice(&r);
-        if (r.len() as u64) < chunk {
-            break;
-        }
-    }
-    drop(reads);
-    let _ = f.close().await;
-    Ok(out.freeze())
+    let owned = path.to_path_buf();
+    glommio::executor().spawn_blocking(move || image::read_file(&owned)).await.map_err(|e| io_err("reading", path, e))
 }
 
 thread_local! {
@@ -180,31 +161,6 @@ thread_local! {
     /// file once, not twice. A shard is a thread: at most `FILE_IMAGES_PER_SHARD` images per
     /// shard, the oldest dropped first.
     static FILE_IMAGES: RefCell<VecDeque<(u64, u64, Bytes)>> = const { RefCell::new(VecDeque::new()) };
-    /// The buffer of the last image dropped, if nothing else held it: the next image is read
-    /// into it, so a reader catching up file after file does not fault in fresh memory for
-    /// every file (page faults and zeroing were a third of the shard's time).
-    static SPARE_IMAGE: RefCell<Option<BytesMut>> = const { RefCell::new(None) };
-}
-
-/// An empty buffer for an image of `size` bytes: the spare one if it is large enough.
-fn spare_image(size: usize) -> BytesMut {
-    match SPARE_IMAGE.with(|s| s.borrow_mut().take()) {
-        Some(b) if b.capacity() >= size => b,
-        _ => BytesMut::with_capacity(size),
-    }
-}
-
-/// Keeps a dropped image's buffer as the spare, unless a reply still holds part of it.
-fn recycle_image(image: Bytes) {
-    if let Ok(mut b) = image.try_into_mut() {
-        b.clear();
-        SPARE_IMAGE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.as_ref().is_none_or(|old| old.capacity() < b.capacity()) {
-                *s = Some(b);
-            }
-        });
-    }
 }
 
 fn file_image(instance: u64, seq: u64) -> Option<Bytes> {
@@ -212,19 +168,14 @@ fn file_image(instance: u64, seq: u64) -> Option<Bytes> {
 }
 
 fn keep_file_image(instance: u64, seq: u64, image: Bytes) {
-    FILE_IMAGES
-        .with(|i| {
-            let mut images = i.borrow_mut();
-            images.retain(|(c, s, _)| (*c, *s) != (instance, seq));
-            images.push_back((instance, seq, image));
-            let mut dropped = Vec::new();
-            while images.len() > FILE_IMAGES_PER_SHARD {
-                dropped.extend(images.pop_front().map(|(_, _, b)| b));
-            }
-            dropped
-        })
-        .into_iter()
-        .for_each(recycle_image);
+    FILE_IMAGES.with(|i| {
+        let mut images = i.borrow_mut();
+        images.retain(|(c, s, _)| (*c, *s) != (instance, seq));
+        images.push_back((instance, seq, image));
+        while images.len() > FILE_IMAGES_PER_SHARD {
+            images.pop_front();
+        }
+    })
 }
 
 fn drop_file_images(instance: u64) {
@@ -233,15 +184,8 @@ fn drop_file_images(instance: u64) {
 
 /// Drops the images of container `instance` of files before `seq`.
 fn drop_file_images_before(instance: u64, seq: u64) {
-    let dropped: Vec<Bytes> = FILE_IMAGES.with(|i| {
-        let mut images = i.borrow_mut();
-        let mut gone = Vec::new();
-        for (c, s, b) in std::mem::take(&mut *images) {
-            if c == instance && s < seq { gone.push(b) } else { images.push_back((c, s, b)) }
-        }
-        gone
-    });
-    dropped.into_iter().for_each(recycle_image);
+    // The images' memory goes back to the pool once no reply holds a slice of it.
+    FILE_IMAGES.with(|i| i.borrow_mut().retain(|&(c, s, _)| c != instance || s >= seq));
 }
 
 /// The pieces (file position, length) of a file image, in order, as slices of it (no copy);
@@ -1027,29 +971,5 @@ mod tests {
         assert_eq!(gather_from(&img[10..20], 10, &[(12, 2), (18, 2)]).unwrap(), Bytes::from_static(&[12, 13, 18, 19]));
         assert_eq!(gather_from(&img[10..20], 10, &[(8, 4)]), None, "before the span");
         assert_eq!(gather_from(&img[10..20], 10, &[(18, 4)]), None, "a short read");
-    }
-
-    #[test]
-    fn dropped_images_lend_their_buffer_to_the_next_unless_still_held() {
-        let image = |b: u8| {
-            let mut m = spare_image(4096);
-            m.extend_from_slice(&[b; 4096]);
-            m.freeze()
-        };
-        SPARE_IMAGE.with(|s| s.borrow_mut().take());
-        keep_file_image(7, 1, image(1));
-        keep_file_image(7, 2, image(2));
-        let held = file_image(7, 1).unwrap().slice(0..10); // a reply still being sent
-        drop_file_images_before(7, 2);
-        assert_eq!(file_image(7, 1), None);
-        assert_eq!(file_image(7, 2).map(|b| b[0]), Some(2), "files from the given one on stay");
-        assert!(SPARE_IMAGE.with(|s| s.borrow().is_none()), "a buffer a reply holds is not reused");
-        drop(held);
-        let ptr = file_image(7, 2).unwrap().as_ptr();
-        drop_file_images(7);
-        let spare = spare_image(4096);
-        assert_eq!((spare.as_ptr(), spare.len()), (ptr, 0), "the dropped image's buffer, emptied");
-        assert!(spare_image(4096).capacity() >= 4096, "none left: a new one");
-        assert!(SPARE_IMAGE.with(|s| s.borrow().is_none()));
     }
 }

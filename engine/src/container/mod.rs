@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod core;
 pub mod handoff;
+mod image;
 pub mod index;
 pub mod io;
 pub mod mover;

@@ -1,0 +1,149 @@
+//! Whole-file images of older log files: read with direct I/O straight into page-aligned
+//! memory on a blocking thread, and handed out as `Bytes` that own that memory.
+//!
+//! A reader catching up reads each older file whole once (to index it) and is then served
+//! slices of the image. Reading through glommio's DMA buffers cost the shard a copy of every
+//! byte into the image and the submission of every read; here a helper thread reads the file
+//! into the image's own memory (the device writes it, nobody copies it), so the shard only
+//! indexes it and sends slices. When the last slice of an image is dropped its memory goes
+//! back to a small pool, so the next file is not read into fresh memory (whose pages would
+//! be faulted in and zeroed on every file).
+
+use bytes::Bytes;
+use std::alloc::{Layout, alloc, dealloc};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+/// Alignment of image memory (direct I/O needs block-aligned buffers).
+const ALIGN: usize = 4096;
+/// Image buffers kept for reuse, for all shards of the process.
+const SPARES_MAX: usize = 2;
+
+static SPARES: Mutex<Vec<RawBuf>> = Mutex::new(Vec::new());
+
+/// Page-aligned heap memory.
+struct RawBuf {
+    ptr: NonNull<u8>,
+    cap: usize,
+}
+
+// SAFETY: the memory is owned exclusively by this value; nothing else points at it.
+unsafe impl Send for RawBuf {}
+
+impl RawBuf {
+    /// At least `size` bytes: a spare one if one is large enough, else fresh memory.
+    fn take(size: usize) -> Self {
+        let cap = size.div_ceil(ALIGN).max(1) * ALIGN;
+        {
+            let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = spares.iter().position(|b| b.cap >= cap) {
+                return spares.swap_remove(i);
+            }
+        }
+        let layout = Layout::from_size_align(cap, ALIGN).expect("image layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc(layout) }).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, cap }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `cap` bytes owned by `self`; u8 has no invalid bit patterns, and the bytes
+        // are only read after a read into them reported them filled.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
+    }
+}
+
+impl Drop for RawBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `take` with this very layout.
+        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align(self.cap, ALIGN).expect("image layout")) }
+    }
+}
+
+/// The memory behind an image's `Bytes`; returned to the spares when the last is dropped.
+struct Image {
+    buf: Option<RawBuf>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Image {
+    fn as_ref(&self) -> &[u8] {
+        let buf = self.buf.as_ref().expect("present until dropped");
+        // SAFETY: the first `len` bytes were filled by reads.
+        unsafe { std::slice::from_raw_parts(buf.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+            if spares.len() < SPARES_MAX {
+                spares.push(buf);
+            }
+        }
+    }
+}
+
+/// Reads the whole file at `path` (blocking; run it on a helper thread), with direct I/O
+/// where the file system allows it.
+pub(crate) fn read_file(path: &Path) -> std::io::Result<Bytes> {
+    let f = match File::options().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => File::open(path)?,
+        r => r?,
+    };
+    let size = usize::try_from(f.metadata()?.len()).map_err(std::io::Error::other)?;
+    let mut buf = RawBuf::take(size);
+    let mut done = 0;
+    // Block-aligned lengths and offsets throughout; the kernel splits each read into many
+    // requests, so the device sees a deep sequential queue.
+    while done < size {
+        let end = (size.div_ceil(ALIGN) * ALIGN).min(buf.cap);
+        match f.read_at(&mut buf.as_mut_slice()[done..end], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if done % ALIGN != 0 {
+            break; // a short read ends the file
+        }
+    }
+    Ok(Bytes::from_owner(Image { buf: Some(buf), len: done.min(size) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_read_whole_files_and_their_memory_is_reused_once_every_slice_is_gone() {
+        let dir = std::env::temp_dir().join(format!("sluice-image-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let data: Vec<u8> = (0..3 * ALIGN + 100).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        SPARES.lock().unwrap().clear();
+        let a = read_file(&path).unwrap();
+        assert_eq!(&a[..], &data[..], "an unaligned length reads whole");
+        assert_eq!(a.as_ptr() as usize % ALIGN, 0);
+        let slice = a.slice(ALIGN..ALIGN + 10);
+        let ptr = a.as_ptr();
+        drop(a);
+        assert!(SPARES.lock().unwrap().is_empty(), "a slice still holds the memory");
+        assert_eq!(&slice[..], &data[ALIGN..ALIGN + 10]);
+        drop(slice);
+        assert_eq!(SPARES.lock().unwrap().len(), 1);
+        let b = read_file(&path).unwrap();
+        assert_eq!((b.as_ptr(), &b[..]), (ptr, &data[..]), "the same memory, read again");
+        assert!(SPARES.lock().unwrap().is_empty());
+        let empty = dir.join("e");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(read_file(&empty).unwrap().is_empty());
+        drop(b);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
