@@ -29,6 +29,8 @@ use tokio::task::JoinHandle;
 
 /// Completed checkpoints kept in the state.
 const CHECKPOINTS_KEPT: usize = 10;
+/// Events `GroupReader::read_next` may hand out before it reads the clock again.
+const UNCLOCKED_EVENTS_MAX: u32 = 64;
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct PendingCheckpoint {
@@ -409,6 +411,7 @@ impl ReaderGroup {
             rx,
             refresh: self.refresh,
             next_refresh: Instant::now(),
+            unclocked: 0,
             next_token: 0,
             reported: BTreeMap::new(),
         })
@@ -564,6 +567,8 @@ pub struct GroupReader {
     rx: mpsc::Receiver<Fetched>,
     refresh: Duration,
     next_refresh: Instant,
+    /// Events taken since the clock was last read (see `read_next`).
+    unclocked: u32,
     next_token: u64,
     reported: BTreeMap<String, u64>,
 }
@@ -719,23 +724,37 @@ impl GroupReader {
 
     /// The next event (or checkpoint marker), or `None` if nothing came within `timeout`.
     pub async fn read_next(&mut self, timeout: Duration) -> Result<Option<GroupItem>, ClientError> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = None;
         loop {
-            let now = Instant::now();
-            if now >= self.next_refresh {
-                self.next_refresh = now + self.refresh;
-                if let Some(item) = self.refresh().await? {
-                    return Ok(Some(item));
+            // A catching-up reader finds its next event already fetched: it takes it without
+            // reading the clock (three reads per event were a tenth of its time), but looks
+            // whether a refresh is due at least every `UNCLOCKED_EVENTS_MAX` events.
+            let ready = if self.unclocked < UNCLOCKED_EVENTS_MAX { self.rx.try_recv().ok() } else { None };
+            let msg = match ready {
+                Some(m) => {
+                    self.unclocked += 1;
+                    m
                 }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            let wait = (deadline - now).min(self.next_refresh.saturating_duration_since(now));
-            let msg = match tokio::time::timeout(wait, self.rx.recv()).await {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(_) => continue,
+                None => {
+                    self.unclocked = 0;
+                    let now = Instant::now();
+                    let deadline = *deadline.get_or_insert(now + timeout);
+                    if now >= self.next_refresh {
+                        self.next_refresh = now + self.refresh;
+                        if let Some(item) = self.refresh().await? {
+                            return Ok(Some(item));
+                        }
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(None);
+                    }
+                    let wait = (deadline - now).min(self.next_refresh.saturating_duration_since(now));
+                    match tokio::time::timeout(wait, self.rx.recv()).await {
+                        Ok(Some(m)) => m,
+                        Ok(None) | Err(_) => continue,
+                    }
+                }
             };
             match msg {
                 Fetched::Event { token, event, next } => {
