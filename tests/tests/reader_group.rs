@@ -198,6 +198,13 @@ async fn end_cut_stops_readers_and_marks_segments_finished() {
     let group = c.create_reader_group("e", "g", config).await.unwrap();
     let mut r = group.create_reader("only").await.unwrap();
     let mut n = 0;
+    let first = r.read_next(Duration::from_secs(5)).await.unwrap();
+    n += u32::from(matches!(first, Some(GroupItem::Event(_))));
+    // Events already fetched come without any time to wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = r.read_next(Duration::ZERO).await.unwrap();
+    assert!(matches!(ready, Some(GroupItem::Event(_))), "an event already fetched: {ready:?}");
+    n += 1;
     while let Some(item) = r.read_next(Duration::from_secs(1)).await.unwrap() {
         if let GroupItem::Event(_) = item {
             n += 1;
