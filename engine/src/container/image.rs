@@ -100,8 +100,8 @@ pub(crate) fn read_file(path: &Path) -> std::io::Result<Bytes> {
     let mut done = 0;
     // Block-aligned lengths and offsets throughout; the kernel splits each read into many
     // requests, so the device sees a deep sequential queue.
+    let end = size.div_ceil(ALIGN) * ALIGN; // within `buf.cap` (see `RawBuf::take`)
     while done < size {
-        let end = (size.div_ceil(ALIGN) * ALIGN).min(buf.cap);
         match f.read_at(&mut buf.as_mut_slice()[done..end], done as u64) {
             Ok(0) => break,
             Ok(n) => done += n,

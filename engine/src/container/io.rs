@@ -802,21 +802,9 @@ impl Container {
                 }
                 ReadOutcome::NeedIndex { file_seq } => {
                     // One load per file: reads that find it loading wait, then look again.
-                    let wait = {
-                        let mut files = self.files.borrow_mut();
-                        match files.indexing.get_mut(&file_seq) {
-                            Some(waiting) => {
-                                let (tx, rx) = oneshot::channel();
-                                waiting.push(tx);
-                                Some(rx)
-                            }
-                            None => {
-                                files.indexing.insert(file_seq, Vec::new());
-                                None
-                            }
-                        }
-                    };
-                    if let Some(rx) = wait {
+                    if !self.claim_load(file_seq) {
+                        let (tx, rx) = oneshot::channel();
+                        self.files.borrow_mut().indexing.entry(file_seq).or_default().push(tx);
                         let _ = rx.await;
                         continue;
                     }
@@ -841,8 +829,20 @@ impl Container {
         }
     }
 
-    /// Reads older log file `file_seq` whole (its entry in `files.indexing` made by the
-    /// caller), installs its index and keeps its image, then wakes the reads waiting for it.
+    /// Whether the caller takes on loading older file `file_seq` (`load_file`): false if a
+    /// load of it is already under way.
+    fn claim_load(&self, file_seq: u64) -> bool {
+        match self.files.borrow_mut().indexing.entry(file_seq) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Vec::new());
+                true
+            }
+        }
+    }
+
+    /// Reads older log file `file_seq` whole (claimed with `claim_load`), installs its index
+    /// and keeps its image, then wakes the reads waiting for it.
     async fn load_file(&self, file_seq: u64) -> Result<(), String> {
         let path = self.dir.join(file_name(file_seq));
         let loaded = read_whole(&path).await.and_then(|b| Ok((FileIndex::build(&scan_file(&b))?, b)));
@@ -866,15 +866,8 @@ impl Container {
     /// reader has left them, and their buffer takes the next file.
     fn prefetch_after(self: &Rc<Self>, name: &str, offset: u64, file_seq: u64) {
         let Some(next) = self.core.borrow().next_older_file(name, offset) else { return };
-        if next <= file_seq || file_image(self.instance, next).is_some() {
+        if next <= file_seq || file_image(self.instance, next).is_some() || !self.claim_load(next) {
             return;
-        }
-        {
-            let mut files = self.files.borrow_mut();
-            if files.indexing.contains_key(&next) {
-                return;
-            }
-            files.indexing.insert(next, Vec::new());
         }
         drop_file_images_before(self.instance, file_seq);
         let me = self.clone();
