@@ -13,6 +13,7 @@
 //! of its latencies as FILE.svg and FILE.png (`plot`). `compare` runs the produce
 //! workload against Sluice, Redis Streams and NATS JetStream in turn (`peers`).
 
+mod inflight;
 mod peers;
 mod plot;
 mod scale;
@@ -608,6 +609,23 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
                 // Keys made once: the bench shares the cores with the server.
                 let keys: Vec<String> = (0..64).map(|k| format!("{p}-{k}")).collect();
                 let mut i = 0;
+                if batch == 1 {
+                    // One future per event: awaited per key (see `inflight`).
+                    let mut outstanding = inflight::KeyedAcks::new(keys.len());
+                    while i < count {
+                        let key = (i % keys.len() as u64) as usize;
+                        let sent = Instant::now();
+                        outstanding.push(key, writer.write_event(keys[key].as_bytes(), payload.clone()), sent);
+                        i += 1;
+                        while outstanding.len() >= inflight.max(1) {
+                            let n = outstanding.next_ready(&mut hist).await?;
+                            acked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    while outstanding.len() > 0 {
+                        outstanding.next_ready(&mut hist).await?;
+                    }
+                }
                 while i < count {
                     let sent = Instant::now();
                     let n = batch.min(count - i);

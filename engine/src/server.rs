@@ -14,7 +14,7 @@ use crate::shard::{Owner, Shard};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::channel::mpsc;
-use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use futures::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use glommio::sync::{Semaphore, StaticPermit};
 use sluice_meta::controller::ControllerError;
 use sluice_meta::controller::{PendingScale, StreamRecord, TxnRecord};
@@ -137,7 +137,7 @@ pub async fn serve_connection<S: MetaStore>(shard: Rc<Shard<S>>, stream: glommio
 /// Reads one frame's header and body: `None` at a clean end of stream. The length is checked
 /// before the body is allocated; a bad header cannot be skipped, so it is answered and the
 /// connection ends.
-async fn read_frame<R: futures::AsyncRead + Unpin>(
+async fn read_frame<R: futures::AsyncBufRead + Unpin>(
     r: &mut R,
     max: usize,
     send: &impl Fn(Reply),
@@ -155,12 +155,23 @@ async fn read_frame<R: futures::AsyncRead + Unpin>(
             return Err(e.to_string());
         }
     };
-    let mut body = vec![0u8; header.body_len as usize];
-    r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    // Copied out of the read buffer into memory that is never zeroed first (a zeroed body
+    // cost a memset of every byte received, in memory long out of the cache).
+    let len = header.body_len as usize;
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        let buffered = r.fill_buf().await.map_err(|e| e.to_string())?;
+        if buffered.is_empty() {
+            return Err(format!("connection closed {} bytes into a {len}-byte frame body", body.len()));
+        }
+        let take = buffered.len().min(len - body.len());
+        body.extend_from_slice(&buffered[..take]);
+        std::pin::Pin::new(&mut *r).consume(take);
+    }
     Ok(Some((header, Bytes::from(body))))
 }
 
-async fn read_loop<S: MetaStore, R: futures::AsyncRead + Unpin>(
+async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
     shard: &Rc<Shard<S>>,
     r: &mut R,
     tx: &mpsc::UnboundedSender<Outgoing>,
