@@ -56,11 +56,41 @@ pub struct GroupState {
     pub unassigned: BTreeMap<String, u64>,
     /// Segment → offset where reading stops (end cuts).
     pub ends: BTreeMap<String, u64>,
-    /// Segments read to their end, and where.
+    /// Segments read to their end, and where. A finished segment is forgotten once all of
+    /// its successors are in the group (nothing needs it any more), so the map holds the
+    /// segments between the newest finished epoch and the ones being read, not the stream's
+    /// whole history; one with no successors (its stream's end) or stopped at an end cut
+    /// stays.
     pub finished: BTreeMap<String, u64>,
     pub checkpoint: Option<PendingCheckpoint>,
     pub completed: Vec<CompletedCheckpoint>,
+    /// Finished segment → its successors not in the group yet (each waits for another of
+    /// its predecessors to finish).
+    pub awaiting: BTreeMap<String, Vec<String>>,
 }
+
+/// The layout of `GroupState` before `awaiting` (snapshots without the version prefix).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+struct GroupStateV1 {
+    generation: u64,
+    readers: BTreeMap<String, BTreeMap<String, u64>>,
+    unassigned: BTreeMap<String, u64>,
+    ends: BTreeMap<String, u64>,
+    finished: BTreeMap<String, u64>,
+    checkpoint: Option<PendingCheckpoint>,
+    completed: Vec<CompletedCheckpoint>,
+}
+
+impl From<GroupStateV1> for GroupState {
+    fn from(v: GroupStateV1) -> Self {
+        // Finished segments of an old snapshot have no successor record: they stay.
+        let GroupStateV1 { generation, readers, unassigned, ends, finished, checkpoint, completed } = v;
+        Self { generation, readers, unassigned, ends, finished, checkpoint, completed, awaiting: BTreeMap::new() }
+    }
+}
+
+/// Prefix of a versioned `GroupState` snapshot: `RG` and the layout's version.
+const STATE_MAGIC_V2: &[u8; 3] = b"RG\x02";
 
 /// A segment that replaced a finished one, and every segment it replaced.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -101,6 +131,21 @@ impl GroupState {
             || self.readers.values().any(|h| h.contains_key(segment))
     }
 
+    /// Crosses off the successors now in the group and forgets the finished segments that
+    /// have none left to wait for (a successor crossed off stays so: a segment joins the
+    /// group once).
+    fn forget_finished(&mut self) {
+        let mut awaiting = std::mem::take(&mut self.awaiting);
+        awaiting.retain(|seg, waiting| {
+            waiting.retain(|s| !self.knows(s));
+            if waiting.is_empty() {
+                self.finished.remove(seg);
+            }
+            !waiting.is_empty()
+        });
+        self.awaiting = awaiting;
+    }
+
     /// Segments not yet finished.
     pub fn active_segments(&self) -> usize {
         self.unassigned.len() + self.readers.values().map(BTreeMap::len).sum::<usize>()
@@ -129,10 +174,18 @@ impl Synchronized for GroupState {
     type Update = GroupUpdate;
 
     fn encode(&self) -> Vec<u8> {
-        encode(self)
+        let mut out = STATE_MAGIC_V2.to_vec();
+        out.extend_from_slice(&encode(self));
+        out
     }
     fn decode(bytes: &[u8]) -> Result<Self, String> {
-        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes).map_err(|e| e.to_string())
+        if let Some(v2) = bytes.strip_prefix(STATE_MAGIC_V2)
+            && let Ok(state) = rkyv::from_bytes::<Self, rkyv::rancor::Error>(v2)
+        {
+            return Ok(state);
+        }
+        // A snapshot written before states were versioned.
+        rkyv::from_bytes::<GroupStateV1, rkyv::rancor::Error>(bytes).map(Self::from).map_err(|e| e.to_string())
     }
     fn encode_update(update: &GroupUpdate) -> Vec<u8> {
         encode(update)
@@ -189,12 +242,15 @@ impl Synchronized for GroupState {
             GroupUpdate::Finish { reader, segment, offset, successors } => {
                 if self.readers.get_mut(reader).and_then(|h| h.remove(segment)).is_some() {
                     self.finished.insert(segment.clone(), *offset);
-                    if !self.ends.contains_key(segment) {
+                    if !self.ends.contains_key(segment) && !successors.is_empty() {
                         for s in successors {
                             if s.predecessors.iter().all(|p| self.finished.contains_key(p)) && !self.knows(&s.segment) {
                                 self.unassigned.insert(s.segment.clone(), 0);
                             }
                         }
+                        let names = successors.iter().map(|s| s.segment.clone()).collect();
+                        self.awaiting.insert(segment.clone(), names);
+                        self.forget_finished();
                     }
                 }
             }
@@ -226,6 +282,7 @@ impl Synchronized for GroupState {
                 self.unassigned = positions.clone();
                 self.ends = ends.clone();
                 self.finished.clear();
+                self.awaiting.clear();
                 self.checkpoint = None;
             }
         }
@@ -916,6 +973,75 @@ mod tests {
         );
         assert!(!s.unassigned.contains_key("a/b/4"), "an end cut stops the walk");
         assert_eq!(s.active_segments(), 1);
+    }
+
+    #[test]
+    fn finished_segments_are_forgotten_once_their_successors_are_in() {
+        let succ = |seg: &str, preds: &[&str]| Successor {
+            segment: seg.into(),
+            predecessors: preds.iter().map(|p| p.to_string()).collect(),
+        };
+        let finish = |s: &mut GroupState, seg: &str, successors: Vec<Successor>| {
+            apply(
+                s,
+                &[
+                    GroupUpdate::Acquire { reader: "r".into(), segment: seg.into() },
+                    GroupUpdate::Finish { reader: "r".into(), segment: seg.into(), offset: 7, successors },
+                ],
+            );
+        };
+        let mut s = state(&["a/b/0", "a/b/1"]);
+        apply(&mut s, &[GroupUpdate::AddReader { reader: "r".into() }]);
+        // 0 and 1 are replaced by 2 (from 0 alone) and 3 (from 0 and 1).
+        let next = vec![succ("a/b/2", &["a/b/0"]), succ("a/b/3", &["a/b/0", "a/b/1"])];
+        finish(&mut s, "a/b/0", next.clone());
+        assert!(s.unassigned.contains_key("a/b/2"));
+        assert!(s.finished.contains_key("a/b/0"), "0 is still needed: 3 waits for 1");
+        // 2 is read to its end (and replaced by 4) before 1 finishes.
+        finish(&mut s, "a/b/2", vec![succ("a/b/4", &["a/b/2"])]);
+        assert!(!s.finished.contains_key("a/b/2"), "4 is in: 2 is no longer needed");
+        finish(&mut s, "a/b/1", vec![succ("a/b/3", &["a/b/0", "a/b/1"])]);
+        assert!(s.unassigned.contains_key("a/b/3"));
+        assert!(s.finished.is_empty() && s.awaiting.is_empty(), "{:?} {:?}", s.finished, s.awaiting);
+        // A hundred more scalings, each splitting the newest segment: the state stays small.
+        let mut last = "a/b/4".to_string();
+        for n in 0..100u64 {
+            let (x, y) = (format!("a/b/{}", 10 + 2 * n), format!("a/b/{}", 11 + 2 * n));
+            finish(&mut s, &last, vec![succ(&x, &[last.as_str()]), succ(&y, &[last.as_str()])]);
+            finish(&mut s, &y, vec![]);
+            last = x;
+        }
+        assert_eq!(s.unassigned.keys().cloned().collect::<Vec<_>>(), vec!["a/b/208".to_string(), "a/b/3".into()]);
+        // Only the segments with no successors (the stream's ends) stay finished.
+        let ends: Vec<String> = (0..100u64).map(|n| format!("a/b/{}", 11 + 2 * n)).collect();
+        assert_eq!(s.finished.len(), 100);
+        assert!(ends.iter().all(|e| s.finished.contains_key(e)));
+        assert!(s.awaiting.is_empty());
+        // Encoded with the version prefix; decoded back whole.
+        let bytes = Synchronized::encode(&s);
+        assert!(bytes.starts_with(STATE_MAGIC_V2));
+        assert_eq!(<GroupState as Synchronized>::decode(&bytes), Ok(s));
+    }
+
+    #[test]
+    fn snapshots_from_before_the_version_prefix_still_decode() {
+        let old = GroupStateV1 {
+            generation: 3,
+            readers: [("r".to_string(), [("a/b/5".to_string(), 40u64)].into())].into(),
+            unassigned: [("a/b/6".to_string(), 0u64)].into(),
+            ends: BTreeMap::new(),
+            finished: [("a/b/0".to_string(), 90u64)].into(),
+            checkpoint: None,
+            completed: vec![CompletedCheckpoint { name: "c".into(), positions: [("a/b/0".to_string(), 9u64)].into() }],
+        };
+        let bytes = encode(&old);
+        let s = <GroupState as Synchronized>::decode(&bytes).expect("an old snapshot decodes");
+        assert_eq!(s.generation, 3);
+        assert_eq!(s.readers["r"]["a/b/5"], 40);
+        assert_eq!(s.finished["a/b/0"], 90);
+        assert_eq!(s.completed[0].name, "c");
+        assert!(s.awaiting.is_empty());
+        assert!(<GroupState as Synchronized>::decode(b"RG\x02 not a state").is_err());
     }
 
     #[test]

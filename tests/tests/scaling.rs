@@ -141,6 +141,12 @@ async fn scaling_up_and_down_under_load_keeps_every_event_once_and_in_key_order(
     assert!(by_key.is_empty(), "events nobody wrote: {:?}", by_key.keys());
     let history = c.stream_history("sc", "s").await.unwrap();
     assert_eq!(history.epochs.len(), SCALINGS + 1);
+    // The group forgot each finished segment once its successors were in: what stays is the
+    // last epoch's segments (the sealed stream's ends), not every segment ever read.
+    let state = group.state().await.unwrap();
+    let last = history.epochs.last().unwrap().segments.iter().map(|n| format!("sc/s/{n}")).collect::<HashSet<_>>();
+    assert_eq!(state.finished.keys().cloned().collect::<HashSet<_>>(), last, "finished: {:?}", state.finished);
+    assert!(state.awaiting.is_empty(), "{:?}", state.awaiting);
     eprintln!(
         "scaling under load: {total} events, {} segments over {} epochs; scale times {:?}; \
          writers done at {t_written:?}, all read at {t_read:?}",
