@@ -345,6 +345,7 @@ impl Node {
                 (cfg.clone(), txs.clone(), endpoints.clone(), store.clone(), ready_tx.clone(), tier2.clone());
             let fd = listener.into_raw_fd();
             let h = LocalExecutorBuilder::new(placement)
+                .spin_before_park(cfg.idle_spin)
                 .name(&format!("sluice-shard-{k}"))
                 .spawn(move || async move {
                     // SAFETY: `fd` is a listening TCP socket we own; ownership moves to glommio.

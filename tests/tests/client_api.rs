@@ -249,3 +249,23 @@ async fn batched_writes_keep_order_across_a_split_and_refuse_whole() {
     }
     assert_eq!(total, CALLS * PER_CALL, "every event exactly once");
 }
+
+/// Shards that poll before they sleep (`--idle-spin-us`) serve writes and tail reads as
+/// usual, and the node stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_that_poll_before_sleeping_serve_as_usual() {
+    let dir = TempDir::new("spin");
+    let mut server = Server::start_with(&dir.0.join("data"), free_ports(2), 2, &["--idle-spin-us", "500"]);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("sp").await.unwrap();
+    c.create_stream("sp", "s", 2).await.unwrap();
+    let w = c.event_writer("sp/s").await.unwrap();
+    let mut r = c.event_reader("sp/s", sluice_client::ReadFrom::Head).await.unwrap();
+    for i in 0..200u32 {
+        // One event in flight, read back at the tail each time.
+        w.write_event(b"k", i.to_le_bytes().to_vec()).await.unwrap();
+        let e = r.read_next(Duration::from_secs(5)).await.unwrap().expect("the event just written");
+        assert_eq!(e.payload.as_ref(), i.to_le_bytes());
+    }
+    assert!(server.terminate(Duration::from_secs(10)), "the node stops on SIGTERM");
+}
