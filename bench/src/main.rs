@@ -55,12 +55,22 @@ enum Cmd {
         /// Concurrent producers (each its own connection and writer).
         #[arg(long, default_value_t = 1)]
         producers: u32,
-        /// Events per producer.
-        #[arg(long, default_value_t = 1_000_000)]
-        count: u64,
+        /// Events per producer (default 1,000,000; with --seconds, no limit but the time).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Send for this many seconds after the warm-up (instead of, or as well as, --count).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Seconds at the start whose events are sent but neither timed nor counted in the
+        /// throughput (caches, log files and connections warm up).
+        #[arg(long, default_value_t = 0.0)]
+        warmup_s: f64,
         /// Event payload size in bytes.
         #[arg(long, default_value_t = 100)]
         size: usize,
+        /// Routing keys per producer, used in turn.
+        #[arg(long, default_value_t = 64)]
+        keys: u32,
         /// Events awaiting acknowledgement per producer.
         #[arg(long, default_value_t = 10_000)]
         inflight: usize,
@@ -201,7 +211,12 @@ async fn progress_line(done: std::sync::Arc<std::sync::atomic::AtomicU64>, total
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let n = done.load(std::sync::atomic::Ordering::Relaxed);
-        eprint!("\r{n}/{total} acknowledged, {:.0} events/s   ", n as f64 / start.elapsed().as_secs_f64());
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        if total == 0 {
+            eprint!("\r{n} acknowledged, {rate:.0} events/s   ");
+        } else {
+            eprint!("\r{n}/{total} acknowledged, {rate:.0} events/s   ");
+        }
     }
 }
 
@@ -429,8 +444,10 @@ fn main() -> Result<(), String> {
         Cmd::Consume { url, stream, readers, idle_ms } => {
             (rt.block_on(consume(url, stream, readers.max(1), idle_ms))?, Vec::new())
         }
-        Cmd::Produce { url, stream, segments, producers, count, size, inflight, batch } => {
-            rt.block_on(produce(url, ProduceLoad { stream, segments, producers, count, size, inflight, batch }))?
+        Cmd::Produce { url, stream, segments, producers, count, seconds, warmup_s, size, keys, inflight, batch } => {
+            let load =
+                ProduceLoad::new(stream, segments, producers, count, seconds, warmup_s, size, keys, inflight, batch)?;
+            rt.block_on(produce(url, load))?
         }
         Cmd::Compare {
             targets,
@@ -578,90 +595,150 @@ struct ProduceLoad {
     stream: String,
     segments: u32,
     producers: u32,
+    /// Events per producer (`u64::MAX`: until the time is up).
     count: u64,
+    /// Sending stops this long after the start (warm-up included).
+    duration: Option<std::time::Duration>,
+    warmup: std::time::Duration,
     size: usize,
+    keys: u32,
     inflight: usize,
     batch: usize,
 }
 
+impl ProduceLoad {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        stream: String,
+        segments: u32,
+        producers: u32,
+        count: Option<u64>,
+        seconds: Option<f64>,
+        warmup_s: f64,
+        size: usize,
+        keys: u32,
+        inflight: usize,
+        batch: usize,
+    ) -> Result<Self, String> {
+        let secs = |what: &str, v: f64| {
+            std::time::Duration::try_from_secs_f64(v).map_err(|_| format!("{what} {v}: not a number of seconds"))
+        };
+        let warmup = secs("--warmup-s", warmup_s)?;
+        let duration = match seconds {
+            Some(s) if s <= 0.0 => return Err(format!("--seconds {s}: must be above 0")),
+            Some(s) => Some(warmup + secs("--seconds", s)?),
+            None => None,
+        };
+        if keys == 0 {
+            return Err("--keys 0: a producer needs at least one routing key".into());
+        }
+        let count = count.unwrap_or(if duration.is_some() { u64::MAX } else { 1_000_000 });
+        Ok(Self { stream, segments, producers, count, duration, warmup, size, keys, inflight, batch })
+    }
+}
+
 async fn produce(url: String, load: ProduceLoad) -> RunResult {
-    let ProduceLoad { stream, segments, producers, count, size, inflight, batch } = load;
+    let ProduceLoad { stream, segments, producers, count, duration, warmup, size, keys, inflight, batch } = load;
     let batch = batch.max(1) as u64;
-    {
-        let admin = Client::connect(&url).await.map_err(|e| e.to_string())?;
-        let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
-        let _ = admin.create_scope(scope).await;
-        let _ = admin.create_stream(scope, name, segments).await;
-        let start = Instant::now();
-        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let progress = tokio::spawn(progress_line(acked.clone(), count * u64::from(producers)));
-        let mut tasks = Vec::new();
-        for p in 0..producers {
-            let (url, stream, acked) = (url.clone(), stream.clone(), acked.clone());
-            // Unconstrained: tokio's cooperative budget would make a FuturesUnordered of thousands of
-            // acknowledgements yield over and over, which throttles the producer (6x here).
-            tasks.push(tokio::spawn(tokio::task::unconstrained(async move {
-                let client = Client::connect(&url).await.map_err(|e| e.to_string())?;
-                let writer = client.event_writer(&stream).await.map_err(|e| e.to_string())?;
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-                let payload = bytes::Bytes::from(vec![b'x'; size]);
-                let mut pending = FuturesUnordered::new();
-                // Keys made once: the bench shares the cores with the server.
-                let keys: Vec<String> = (0..64).map(|k| format!("{p}-{k}")).collect();
-                let mut i = 0;
-                if batch == 1 {
-                    // One future per event: awaited per key (see `inflight`).
-                    let mut outstanding = inflight::KeyedAcks::new(keys.len());
-                    while i < count {
-                        let key = (i % keys.len() as u64) as usize;
-                        let sent = Instant::now();
-                        outstanding.push(key, writer.write_event(keys[key].as_bytes(), payload.clone()), sent);
-                        i += 1;
-                        while outstanding.len() >= inflight.max(1) {
-                            let n = outstanding.next_ready(&mut hist).await?;
-                            acked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    while outstanding.len() > 0 {
-                        outstanding.next_ready(&mut hist).await?;
-                    }
-                }
+    let admin = Client::connect(&url).await.map_err(|e| e.to_string())?;
+    let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
+    let _ = admin.create_scope(scope).await;
+    let _ = admin.create_stream(scope, name, segments).await;
+    let start = Instant::now();
+    // Events sent before this are neither timed nor counted.
+    let measured_from = start + warmup;
+    let deadline = duration.map(|d| start + d);
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let total = if count == u64::MAX { 0 } else { count * u64::from(producers) };
+    let progress = tokio::spawn(progress_line(acked.clone(), total));
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let (url, stream, acked) = (url.clone(), stream.clone(), acked.clone());
+        // Unconstrained: tokio's cooperative budget would make a FuturesUnordered of thousands of
+        // acknowledgements yield over and over, which throttles the producer (6x here).
+        tasks.push(tokio::spawn(tokio::task::unconstrained(async move {
+            let client = Client::connect(&url).await.map_err(|e| e.to_string())?;
+            let writer = client.event_writer(&stream).await.map_err(|e| e.to_string())?;
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let payload = bytes::Bytes::from(vec![b'x'; size]);
+            // Keys made once: the bench shares the cores with the server.
+            let keys: Vec<String> = (0..keys).map(|k| format!("{p}-{k}")).collect();
+            let timed = |sent: Instant| (sent >= measured_from).then_some(sent);
+            let mut i = 0;
+            if batch == 1 {
+                // One future per event: awaited per key (see `inflight`).
+                let mut outstanding = inflight::KeyedAcks::new(keys.len());
                 while i < count {
                     let sent = Instant::now();
-                    let n = batch.min(count - i);
-                    let ack = peers::sluice_send(&writer, &keys, i, n, &payload);
-                    i += n;
-                    pending.push(async move { (ack.await, sent.elapsed(), n) });
-                    while pending.len() as u64 * batch >= inflight.max(1) as u64 {
-                        let (r, lat, n) = pending.next().await.expect("non-empty");
-                        r.map_err(|e| e.to_string())?;
-                        hist.saturating_record_n(lat.as_micros() as u64, n);
+                    if deadline.is_some_and(|d| sent >= d) {
+                        break;
+                    }
+                    let key = (i % keys.len() as u64) as usize;
+                    outstanding.push(key, writer.write_event(keys[key].as_bytes(), payload.clone()), timed(sent));
+                    i += 1;
+                    while outstanding.len() >= inflight.max(1) {
+                        let n = outstanding.next_ready(&mut hist).await?;
                         acked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
-                while let Some((r, lat, n)) = pending.next().await {
-                    r.map_err(|e| e.to_string())?;
-                    hist.saturating_record_n(lat.as_micros() as u64, n);
+                while outstanding.len() > 0 {
+                    outstanding.next_ready(&mut hist).await?;
                 }
-                Ok::<_, String>(hist)
-            })));
-        }
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-        for t in tasks {
-            hist.add(t.await.map_err(|e| e.to_string())??).map_err(|e| e.to_string())?;
-        }
-        progress.abort();
-        let secs = start.elapsed().as_secs_f64();
-        let events = count * u64::from(producers);
-        println!(
-            "produce: {events} events x {size} B, {producers} producer(s): {:.0} events/s, {:.1} MB/s",
-            events as f64 / secs,
-            events as f64 * size as f64 / secs / 1e6
-        );
-        report("ack", &hist);
-        let json = serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
-            "size": size, "inflight": inflight, "batch": batch, "seconds": secs, "events_per_s": events as f64 / secs,
-            "mb_per_s": events as f64 * size as f64 / secs / 1e6, "ack": hist_json(&hist)});
-        Ok((json, vec![("ack".to_string(), hist)]))
+            } else {
+                let mut pending = FuturesUnordered::new();
+                let record = |hist: &mut Histogram<u64>, sent: Option<Instant>, n: u64| {
+                    if let Some(sent) = sent {
+                        hist.saturating_record_n(sent.elapsed().as_micros() as u64, n);
+                    }
+                };
+                while i < count {
+                    let sent = Instant::now();
+                    if deadline.is_some_and(|d| sent >= d) {
+                        break;
+                    }
+                    let n = batch.min(count - i);
+                    let ack = peers::sluice_send(&writer, &keys, i, n, &payload);
+                    i += n;
+                    let sent = timed(sent);
+                    pending.push(async move { (ack.await, sent, n) });
+                    while pending.len() as u64 * batch >= inflight.max(1) as u64 {
+                        let (r, sent, n) = pending.next().await.expect("non-empty");
+                        r.map_err(|e| e.to_string())?;
+                        record(&mut hist, sent, n);
+                        acked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                while let Some((r, sent, n)) = pending.next().await {
+                    r.map_err(|e| e.to_string())?;
+                    record(&mut hist, sent, n);
+                }
+            }
+            Ok::<_, String>(hist)
+        })));
     }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    for t in tasks {
+        hist.add(t.await.map_err(|e| e.to_string())??).map_err(|e| e.to_string())?;
+    }
+    progress.abort();
+    // The measured events: those sent after the warm-up, until the last acknowledgement.
+    let secs = Instant::now().saturating_duration_since(measured_from).as_secs_f64().max(1e-9);
+    let events = hist.len();
+    if events == 0 {
+        return Err(format!("no event was sent after the {:.1} s warm-up", warmup.as_secs_f64()));
+    }
+    let warm =
+        if warmup.is_zero() { String::new() } else { format!(" (after a {:.1} s warm-up)", warmup.as_secs_f64()) };
+    println!(
+        "produce: {events} events x {size} B, {producers} producer(s), {:.1} s{warm}: {:.0} events/s, {:.1} MB/s",
+        secs,
+        events as f64 / secs,
+        events as f64 * size as f64 / secs / 1e6
+    );
+    report("ack", &hist);
+    let json = serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
+        "size": size, "keys": keys, "inflight": inflight, "batch": batch, "warmup_s": warmup.as_secs_f64(),
+        "seconds": secs, "events_per_s": events as f64 / secs,
+        "mb_per_s": events as f64 * size as f64 / secs / 1e6, "ack": hist_json(&hist)});
+    Ok((json, vec![("ack".to_string(), hist)]))
 }

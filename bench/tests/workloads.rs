@@ -1,4 +1,5 @@
-//! Smoke runs of `sluice-bench produce` (one future per event and per batch call),
+//! Smoke runs of `sluice-bench produce` (one future per event and per batch call, for a count
+//! and for a time after a warm-up),
 //! `consume` and `end-to-end` against a spawned standalone server: each completes, counts
 //! every event, and writes its JSON result. No figure is asserted (they live in
 //! docs/BENCHMARKS.md).
@@ -24,6 +25,13 @@ fn run(json: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(text.lines().last().unwrap()).unwrap()
 }
 
+/// Runs sluice-bench with `args` and checks that it fails saying `message`.
+fn assert_refused(args: &[&str], message: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench")).args(args).output().expect("running sluice-bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(message), "sluice-bench {args:?}: {err}");
+}
+
 #[test]
 fn produce_consume_and_end_to_end_complete() {
     let dir = TempDir::new("bench-workloads");
@@ -36,15 +44,17 @@ fn produce_consume_and_end_to_end_complete() {
     assert_eq!(r["ack"]["count"].as_u64(), Some(20_000), "{r}");
     let r = run(&json, &["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--batch", "100"]);
     assert_eq!((r["batch"].as_u64(), r["ack"]["count"].as_u64()), (Some(100), Some(20_000)), "{r}");
+    // For a time instead of a count, the first half second's events sent but not timed.
+    let timed = ["--seconds", "1", "--warmup-s", "0.5", "--keys", "8", "--stream", "bw/d"];
+    let r = run(&json, &[&["produce", "--url", &url][..], &timed[..]].concat());
+    let (events, secs) = (r["events"].as_u64().unwrap_or(0), r["seconds"].as_f64().unwrap_or(0.0));
+    assert!(events > 0 && r["ack"]["count"].as_u64() == Some(events), "{r}");
+    assert!((0.9..30.0).contains(&secs) && r["warmup_s"].as_f64() == Some(0.5) && r["keys"].as_u64() == Some(8), "{r}");
+    assert_refused(&["produce", "--url", &url, "--seconds", "0"], "--seconds 0: must be above 0");
     let r = run(&json, &["consume", "--url", &url, stream[0], stream[1], "--readers", "2", "--idle-ms", "500"]);
     assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("consume"), Some(40_000)), "{r}");
     // Consuming a stream nobody wrote says what to do, and writes no result.
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .args(["consume", "--url", &url, "--stream", "bw/none"])
-        .output()
-        .expect("running sluice-bench");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("bw/none does not exist: write it first"), "{err}");
+    assert_refused(&["consume", "--url", &url, "--stream", "bw/none"], "bw/none does not exist: write it first");
     let r = run(&json, &["end-to-end", "--url", &url, "--rate", "2000", "--seconds", "1", "--readers", "2"]);
     assert_eq!(r["workload"].as_str(), Some("end-to-end"), "{r}");
     assert!(r["end_to_end"]["count"].as_u64().unwrap_or(0) >= 1000, "{r}");

@@ -34,6 +34,8 @@ struct ShardMap {
     endpoints: Vec<String>,
     /// Cluster: the endpoint of each container ("" while it moves); empty on a standalone node.
     containers: Vec<String>,
+    /// The node's largest append payload.
+    append_bytes_max: usize,
 }
 
 impl ShardMap {
@@ -42,6 +44,7 @@ impl ShardMap {
             container_count: hello.container_count,
             endpoints: hello.shards.into_iter().map(|s| s.address).collect(),
             containers: hello.containers,
+            append_bytes_max: usize::try_from(hello.append_bytes_max).unwrap_or(usize::MAX),
         }
     }
 }
@@ -85,6 +88,12 @@ impl Client {
 
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The largest append payload the node takes (from its handshake): writers keep their
+    /// batches within it.
+    pub fn append_bytes_max(&self) -> usize {
+        self.inner.map.lock().expect("lock").append_bytes_max
     }
 
     /// Number of shards of the node.

@@ -359,6 +359,7 @@ impl Routes {
                 conn: None,
                 board: board.clone(),
                 finished: false,
+                retrying: None,
             };
             tokio::spawn(task.run(rx));
             Lane { tx, board, next_ticket: 0 }
@@ -551,6 +552,11 @@ struct SegmentWriter {
     board: Arc<Board>,
     /// The task ended on one of its own paths: every ticket it took is settled or moved on.
     finished: bool,
+    /// Since when appends have failed with retryable errors and nothing was acknowledged,
+    /// and the next pause: the retry window spans the episode, not one attempt, or a server
+    /// that answers every resend with a retryable error (a poisoned container on a single
+    /// node) would be retried forever.
+    retrying: Option<(Instant, Duration)>,
 }
 
 impl Drop for SegmentWriter {
@@ -577,18 +583,21 @@ impl SegmentWriter {
 
     /// After a retryable failure: reconnect and resend every unacknowledged batch in order.
     async fn resend(&mut self, mut err: ClientError) {
-        let deadline = Instant::now() + self.shared.client.config().retry_for;
-        let mut backoff = Duration::from_millis(20);
+        let (since, mut backoff) = *self.retrying.get_or_insert((Instant::now(), Duration::from_millis(20)));
+        let deadline = since + self.shared.client.config().retry_for;
         loop {
             if Instant::now() >= deadline {
                 for b in self.inflight.drain(..) {
                     b.finish(&self.board, Err(err.clone()));
                 }
                 self.acks = FuturesOrdered::new();
+                // What is sent from now on gets a window of its own.
+                self.retrying = None;
                 return;
             }
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
+            self.retrying = Some((since, backoff));
             if err.code() == Some(sluice_net::ErrorCode::WrongHost) {
                 let _ = self.shared.client.refresh().await;
             }
@@ -621,7 +630,10 @@ impl SegmentWriter {
             tokio::select! {
                 biased;
                 Some(res) = self.acks.next(), if !self.acks.is_empty() => match res {
-                    Ok(_) => self.inflight.pop_front().expect("a batch per ack").finish(&self.board, Ok(())),
+                    Ok(_) => {
+                        self.retrying = None;
+                        self.inflight.pop_front().expect("a batch per ack").finish(&self.board, Ok(()));
+                    }
                     Err(e) if e.code() == Some(ErrorCode::Sealed) => {
                         self.redirect(rx, carry.take(), e).await;
                         return;
@@ -754,6 +766,8 @@ impl SegmentWriter {
         let mut points = Vec::new();
         let mut flushes = Vec::new();
         let linger_until = Instant::now() + self.shared.config.linger;
+        // A node with small log files takes smaller appends.
+        let batch_max = self.shared.config.batch_bytes_max.min(self.shared.client.append_bytes_max());
         let mut next = Some(first);
         let mut leftover = None;
         loop {
@@ -772,7 +786,7 @@ impl SegmentWriter {
             };
             match cmd {
                 Cmd::Event(point, p, ack) => {
-                    if !acks.is_empty() && payload.len() + framed_len(p.len()) > self.shared.config.batch_bytes_max {
+                    if !acks.is_empty() && payload.len() + framed_len(p.len()) > batch_max {
                         leftover = Some(Cmd::Event(point, p, ack));
                         break;
                     }

@@ -219,6 +219,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
                 .as_ref()
                 .map(|r| r.endpoints(shard.cfg.container_count()))
                 .unwrap_or_default(),
+            append_bytes_max: crate::container::core::append_bytes_max(shard.cfg.log_file_bytes) as u64,
         },
     ));
     let limit = Rc::new(Semaphore::new(CONNECTION_REQUESTS_MAX));

@@ -84,6 +84,9 @@ control!(
         /// Cluster mode: the endpoint serving each container ("" while it moves); empty on a
         /// standalone node, where container `c` is on shard `c mod shards`.
         pub containers: Vec<String>,
+        /// Largest append payload the node takes (its log files must hold a record of it):
+        /// writers keep their batches within it.
+        pub append_bytes_max: u64,
     }
 );
 control!(

@@ -269,3 +269,36 @@ async fn shards_that_poll_before_sleeping_serve_as_usual() {
     }
     assert!(server.terminate(Duration::from_secs(10)), "the node stops on SIGTERM");
 }
+
+/// A container whose log can no longer be written (its directory removed under the running
+/// server) refuses appends with a retryable error for as long as the node runs. A writer
+/// gives up after its retry window (here 2 s) instead of resending forever: each resend
+/// reached the server and failed again, and the window used to start over each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_a_poisoned_container_fail_after_the_retry_window() {
+    let dir = TempDir::new("poison");
+    let data = dir.0.join("data");
+    let server = Server::start_with(&data, free_ports(1), 1, &["--log-file-mb", "1", "--containers-per-core", "1"]);
+    let cfg = sluice_client::ClientConfig { retry_for: Duration::from_secs(2), ..Default::default() };
+    let c = Client::connect_with(&server.url(), cfg).await.unwrap();
+    c.create_scope("po").await.unwrap();
+    c.create_stream("po", "s", 1).await.unwrap();
+    let w = c.event_writer("po/s").await.unwrap();
+    w.write_event(b"k", vec![1u8; 100]).await.unwrap();
+    std::fs::remove_dir_all(data.join("containers")).unwrap();
+    // 6 MiB: past the files prepared in advance, so the log must create one.
+    let acks: Vec<_> = (0..6 * 1024).map(|_| w.write_event(b"k", vec![0u8; 1024])).collect();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut failed = None;
+        for a in acks {
+            if let Err(e) = a.await {
+                failed.get_or_insert(e);
+            }
+        }
+        failed
+    })
+    .await
+    .expect("every write settled within the retry window, none hung");
+    let e = outcome.expect("writes into a container that cannot write its log fail");
+    assert_eq!(e.code(), Some(sluice_net::ErrorCode::ContainerPoisoned), "{e}");
+}

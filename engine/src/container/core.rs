@@ -92,11 +92,16 @@ impl Prefill {
 impl CoreConfig {
     /// Largest append payload a log file of this size can carry next to a checkpoint.
     pub fn append_bytes_max(&self) -> usize {
-        ((self.file_bytes - FILE_HEADER_BYTES) / 2) as usize
-            - RECORD_HEADER_BYTES
-            - APPEND_HEADER_BYTES
-            - BLOCK_BYTES as usize
+        append_bytes_max(self.file_bytes)
     }
+}
+
+/// Largest append payload a log file of `file_bytes` can carry next to a checkpoint.
+pub fn append_bytes_max(file_bytes: u64) -> usize {
+    (file_bytes.saturating_sub(FILE_HEADER_BYTES) / 2) as usize
+        - RECORD_HEADER_BYTES
+        - APPEND_HEADER_BYTES
+        - BLOCK_BYTES as usize
 }
 
 /// An operation on a segment, by qualified name.
