@@ -3,9 +3,9 @@
 //! A key's events go to one segment, and a segment's acknowledgements settle in the order its
 //! events were written, so only the front of each queue needs polling: no allocation and no
 //! wake-up bookkeeping per event, unlike a `FuturesUnordered` (an allocation and a wake per
-//! event: it took half of the bench's CPU at a million events a second). Should a later event of a key ever settle first (a scaling
-//! moves events between segments), it is counted when the ones before it are: its latency can
-//! only be overstated, never understated.
+//! event: it took half of the bench's CPU at a million events a second). Should a later
+//! event of a key ever settle first (a scaling moves events between segments), it is counted
+//! when the ones before it are: its latency can only be overstated, never understated.
 
 use hdrhistogram::Histogram;
 use std::collections::VecDeque;

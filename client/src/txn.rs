@@ -373,12 +373,7 @@ impl Transaction {
         let point = key_point(routing_key);
         let i = self.shadows.iter().position(|s| s.low <= point && point < s.high).expect("the epoch covers [0, 1)");
         let framed = framed_len(TXN_POINT_BYTES + payload.len()) as u64;
-        // Appends stay within the node's limit (small log files take small appends).
-        let buffer_max = TXN_BUFFER_BYTES.min(self.client.append_bytes_max());
-        if !self.shadows[i].buf.is_empty() && self.shadows[i].buf.len() + framed as usize > buffer_max {
-            self.send(i).await?;
-        }
-        let s = &mut self.shadows[i];
+        let s = &self.shadows[i];
         if s.bytes + framed > TXN_SEGMENT_BYTES_MAX {
             return Err(ClientError::InvalidArgument(format!(
                 "transaction {} is full: at most {TXN_SEGMENT_BYTES_MAX} bytes per segment (segment {})",
@@ -386,6 +381,12 @@ impl Transaction {
                 s.number
             )));
         }
+        // Appends stay within the node's limit (small log files take small appends).
+        let buffer_max = TXN_BUFFER_BYTES.min(self.client.append_bytes_max());
+        if !s.buf.is_empty() && s.buf.len() + framed as usize > buffer_max {
+            self.send(i).await?;
+        }
+        let s = &mut self.shadows[i];
         encode_event(&mut s.buf, &shadow_payload(point, payload));
         s.count += 1;
         s.bytes += framed;
