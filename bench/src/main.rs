@@ -36,6 +36,10 @@ struct Cli {
     /// Save an HDR percentile plot of the run's latencies as FILE.svg and FILE.png.
     #[arg(long, global = true, value_name = "FILE")]
     plot: Option<std::path::PathBuf>,
+    /// Also show the server's own figures for the timed part of the run (`sluice stats`):
+    /// its append and flush latencies, reset as the warm-up ends (produce, end-to-end).
+    #[arg(long, global = true)]
+    server_stats: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -429,7 +433,22 @@ fn main() -> Result<(), String> {
         }
         plot::ensure_font()?;
     }
-    let (result, series) = match cli.cmd {
+    // The server's statistics start over as the timed part of the run begins.
+    let server_stats = if cli.server_stats {
+        let (url, warmup) = match &cli.cmd {
+            Cmd::Produce { url, warmup_s, .. } => (url.clone(), *warmup_s),
+            Cmd::EndToEnd { url, .. } => (url.clone(), WARMUP_S as f64),
+            _ => return Err("--server-stats works with produce and end-to-end".into()),
+        };
+        let c = rt.block_on(Client::connect(&url)).map_err(|e| e.to_string())?;
+        Some(rt.spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(warmup.max(0.0))).await;
+            c.shard_stats(true).await.map(|_| c)
+        }))
+    } else {
+        None
+    };
+    let (mut result, series) = match cli.cmd {
         Cmd::EndToEnd { url, rate, seconds, readers, segments, size } => {
             rt.block_on(end_to_end(url, rate.max(1), seconds, readers, segments, size))?
         }
@@ -469,6 +488,23 @@ fn main() -> Result<(), String> {
             compare(&rt, &targets, spawn, &urls, load, size, rounds.max(1))?
         }
     };
+    if let Some(reset) = server_stats {
+        let c = rt.block_on(reset).map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        let stats = rt.block_on(c.shard_stats(false)).map_err(|e| e.to_string())?;
+        println!("server (per shard; latencies in microseconds):");
+        print!("{}", sluice_client::stats::table(&stats));
+        result["server"] = stats
+            .iter()
+            .map(|s| {
+                let l = |l: &sluice_client::stats::Latencies| {
+                    serde_json::json!({"count": l.count, "p50": l.p50_us, "p90": l.p90_us, "p99": l.p99_us,
+                        "p99.9": l.p999_us, "max": l.max_us})
+                };
+                serde_json::json!({"shard": s.shard, "window_ms": s.window_ms, "appends": l(&s.appends),
+                    "flushes": l(&s.flushes), "flushed_bytes": s.flushed_bytes})
+            })
+            .collect();
+    }
     write_json(&cli.json, result.clone())?;
     if let Some(base) = &cli.plot {
         if series.is_empty() {

@@ -1,5 +1,5 @@
 //! Smoke runs of `sluice-bench produce` (one future per event and per batch call, for a count
-//! and for a time after a warm-up),
+//! and for a time after a warm-up, with the server's own figures),
 //! `consume` and `end-to-end` against a spawned standalone server: each completes, counts
 //! every event, and writes its JSON result. No figure is asserted (they live in
 //! docs/BENCHMARKS.md).
@@ -45,11 +45,22 @@ fn produce_consume_and_end_to_end_complete() {
     let r = run(&json, &["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--batch", "100"]);
     assert_eq!((r["batch"].as_u64(), r["ack"]["count"].as_u64()), (Some(100), Some(20_000)), "{r}");
     // For a time instead of a count, the first half second's events sent but not timed.
-    let timed = ["--seconds", "1", "--warmup-s", "0.5", "--keys", "8", "--stream", "bw/d"];
+    // With the server's own figures, counted from the end of the warm-up.
+    let timed = ["--seconds", "1", "--warmup-s", "0.5", "--keys", "8", "--stream", "bw/d", "--server-stats"];
     let r = run(&json, &[&["produce", "--url", &url][..], &timed[..]].concat());
     let (events, secs) = (r["events"].as_u64().unwrap_or(0), r["seconds"].as_f64().unwrap_or(0.0));
     assert!(events > 0 && r["ack"]["count"].as_u64() == Some(events), "{r}");
     assert!((0.9..30.0).contains(&secs) && r["warmup_s"].as_f64() == Some(0.5) && r["keys"].as_u64() == Some(8), "{r}");
+    let shards = r["server"].as_array().expect("server figures");
+    assert_eq!(shards.len(), 2, "{r}");
+    let appends: u64 = shards.iter().map(|s| s["appends"]["count"].as_u64().unwrap()).sum();
+    assert!(appends > 0 && shards.iter().all(|s| s["flushes"]["count"].as_u64() > Some(0)), "{r}");
+    // The window began as the warm-up ended, not as the server started.
+    assert!(
+        shards.iter().all(|s| (1..(secs * 1000.0) as u64 + 1000).contains(&s["window_ms"].as_u64().unwrap())),
+        "{r}"
+    );
+    assert_refused(&["consume", "--url", &url, "--server-stats"], "--server-stats works with produce and end-to-end");
     assert_refused(&["produce", "--url", &url, "--seconds", "0"], "--seconds 0: must be above 0");
     let r = run(&json, &["consume", "--url", &url, stream[0], stream[1], "--readers", "2", "--idle-ms", "500"]);
     assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("consume"), Some(40_000)), "{r}");

@@ -101,6 +101,17 @@ impl Client {
         self.inner.map.lock().expect("lock").endpoints.len()
     }
 
+    /// Each shard's latency statistics (see `sluice_engine::stats`), in shard order; with
+    /// `reset`, every shard starts counting over once its figures are taken.
+    pub async fn shard_stats(&self, reset: bool) -> Result<Vec<ShardStats>, ClientError> {
+        let endpoints = self.inner.map.lock().expect("lock").endpoints.clone();
+        let mut all = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            all.push(self.connection(&e).await?.call(&GetStats { reset }, Bytes::new()).await?);
+        }
+        Ok(all)
+    }
+
     /// A live connection to `addr` (cached; reconnects if the cached one broke).
     pub async fn connection(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
         if let Some(c) = self.inner.conns.lock().expect("lock").get(addr).filter(|c| !c.is_closed()) {

@@ -26,7 +26,7 @@
 //! (bootstrap, shard map, routing, stream manager, segment calls), `writer` (batching,
 //! pipelining, idempotent resend), `reader` (all segments of a stream, tail long-poll),
 //! `cut` (stream cuts), `sync` (state synchronizer), `batch` (reads between cuts),
-//! `bytestream` (byte streams), `txn` (transactions).
+//! `bytestream` (byte streams), `txn` (transactions), `stats` (shard statistics as a table).
 
 mod acks;
 pub mod batch;
@@ -37,6 +37,7 @@ pub mod cut;
 pub mod error;
 pub mod group;
 pub mod reader;
+pub mod stats;
 pub mod sync;
 pub mod txn;
 pub mod writer;

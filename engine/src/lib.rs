@@ -10,6 +10,7 @@
 //! - `cluster`: cluster mode: the node agent (membership, container ownership, fencing)
 //!   and the routes shards redirect by
 //! - `remote`: node-to-node segment calls
+//! - `stats`: each shard's own append and flush latencies (`GetStats`)
 
 pub mod cluster;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod log;
 pub mod remote;
 pub mod server;
 pub mod shard;
+pub mod stats;
 
 pub use config::EngineConfig;
 pub use error::{EngineError, RecoveryError};

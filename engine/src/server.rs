@@ -25,7 +25,7 @@ use sluice_net::messages::*;
 use sluice_net::txn::shadow_segment_name;
 use sluice_net::{ErrorCode, ProtocolError, Retention, ScalingPolicy, TxnState};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Requests a connection may have in flight before the server stops reading from it.
 const CONNECTION_REQUESTS_MAX: u64 = 4096;
@@ -282,8 +282,13 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
                 }
                 Err(e) => return Dispatched::Now(engine_error(id, &e)),
             };
+            let read_at = Instant::now();
             later(async move {
-                match fut.await {
+                let result = fut.await;
+                if matches!(result, Ok(OpResult::Appended { .. })) {
+                    crate::stats::record_append(read_at.elapsed());
+                }
+                match result {
                     Ok(OpResult::Appended { offset, length, last_event_number, duplicate }) => {
                         reply(id, &AppendAck { offset, length, last_event_number, duplicate })
                     }
@@ -311,8 +316,13 @@ fn merge_segment<S: MetaStore>(shard: &Rc<Shard<S>>, id: u64, m: MergeSegment) -
         other => return Dispatched::Now(wrong_host(id, &m.segment, other)),
     };
     let shard = shard.clone();
+    let read_at = Instant::now();
     later(async move {
-        match c.merge(m.segment.clone(), m.source, m.source_length).await {
+        let result = c.merge(m.segment.clone(), m.source, m.source_length).await;
+        if result.is_ok() {
+            crate::stats::record_append(read_at.elapsed());
+        }
+        match result {
             Ok((OpResult::Appended { offset, length, .. }, events)) => {
                 if events > 0 {
                     let now = std::time::Instant::now();
@@ -369,6 +379,10 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                 }),
                 other => Dispatched::Now(wrong_host(id, &rd.segment, other)),
             }
+        }
+        Kind::GetStats => {
+            let g: GetStats = frame.decode()?;
+            Dispatched::Now(reply(id, &crate::stats::snapshot(shard.index, g.reset)))
         }
         Kind::GetSegmentInfo => {
             let g: GetSegmentInfo = frame.decode()?;

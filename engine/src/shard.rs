@@ -350,6 +350,7 @@ impl Node {
                 .spawn(move || async move {
                     // SAFETY: `fd` is a listening TCP socket we own; ownership moves to glommio.
                     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+                    crate::stats::start();
                     let r = shard_main(k, cfg, peers, endpoints, store, tier2, listener, inbox, &ready).await;
                     if let Err(e) = &r {
                         let _ = ready.send(Err(e.clone()));

@@ -31,6 +31,7 @@ kinds! {
     CommitTxn = 56, FinishCommit = 57, AbortTxn = 58, ForgetTxn = 59,
     AddSubscriber = 60, RemoveSubscriber = 61, UpdateSubscriber = 62, ListSubscribers = 63,
     SubscriberList = 64,
+    GetStats = 70, ShardStats = 71,
 }
 
 /// A control message: its kind and its archive.
@@ -485,6 +486,42 @@ control!(
         pub subscribers: Vec<SubscriberInfo>,
     }
 );
+
+control!(
+    GetStats,
+    /// A shard's latency statistics (answered by the shard it is sent to).
+    pub struct GetStats {
+        /// Start counting over once these are taken.
+        pub reset: bool,
+    }
+);
+control!(
+    ShardStats,
+    /// What one shard measured since its statistics were last reset (or since it started).
+    pub struct ShardStats {
+        pub shard: u32,
+        /// How long the shard has been counting.
+        pub window_ms: u64,
+        /// Appends and merges: from their frame read until their acknowledgement is ready
+        /// (waiting for the flush in flight, then their own).
+        pub appends: Latencies,
+        /// Log flushes: write and sync, until the shard sees them complete.
+        pub flushes: Latencies,
+        /// Bytes written by those flushes.
+        pub flushed_bytes: u64,
+    }
+);
+
+/// A latency distribution in microseconds (all 0 when `count` is 0).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct Latencies {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
 
 /// A position in one segment of a stream.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]

@@ -143,3 +143,46 @@ fn standalone_with_relative_data_dir() {
         std::panic::resume_unwind(p);
     }
 }
+
+/// `sluice stats`: a row per shard counting what it served, `--reset` starting over, and
+/// `--every` printing one table per interval.
+#[test]
+fn stats_count_what_each_shard_served() {
+    let dir = TempDir::new("cli-stats");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let url = server.url();
+    let run = |args: &[&str]| {
+        let (ok, out, err) = cli(&url, args, None);
+        assert!(ok, "sluice {args:?} failed: {err}");
+        out
+    };
+    run(&["scope", "create", "st"]);
+    run(&["stream", "create", "st/ev", "--segments", "4"]);
+    run(&["write", "st/ev", "--count", "3000", "--size", "64", "--keys", "8", "--inflight", "100"]);
+    // Rows: shard, window_s, |, appends, 5 latencies, |, flushes, flush/s, KiB/flush, 5 latencies.
+    let rows = |out: &str| -> Vec<Vec<u64>> {
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("appends") && lines[0].contains("KiB/flush"), "{out}");
+        lines[1..]
+            .iter()
+            .map(|l| l.split_whitespace().filter(|w| *w != "|").map(|w| w.parse::<f64>().unwrap() as u64).collect())
+            .collect()
+    };
+    let before = rows(&run(&["stats", "--reset"]));
+    assert_eq!(before.iter().map(|r| r[0]).collect::<Vec<_>>(), [0, 1]);
+    let appends: u64 = before.iter().map(|r| r[2]).sum();
+    assert!((1..=3000).contains(&appends), "{before:?}");
+    for r in before.iter().filter(|r| r[2] > 0) {
+        let (a, f) = (&r[3..8], &r[11..16]);
+        assert!(a.windows(2).all(|w| w[0] <= w[1]) && a[0] > 0, "append latencies out of order: {r:?}");
+        assert!(r[8] > 0 && f.windows(2).all(|w| w[0] <= w[1]) && f[0] > 0, "flushes: {r:?}");
+        // Direct I/O writes whole 4 KiB blocks.
+        assert!(r[10] >= 4, "KiB per flush: {r:?}");
+    }
+    let after = rows(&run(&["stats"]));
+    assert!(after.iter().all(|r| r[2] == 0 && r[8] == 0), "reset did not start over: {after:?}");
+    let every = run(&["stats", "--every", "1", "--count", "2"]);
+    assert_eq!(every.lines().filter(|l| l.contains("KiB/flush")).count(), 2, "{every}");
+    let (ok, _, err) = cli(&url, &["stats", "--every", "0"], None);
+    assert!(!ok && err.contains("--every must be at least 1 second"), "{err}");
+}

@@ -7,6 +7,7 @@ mod dump;
 mod io;
 mod retention;
 mod rg;
+mod stats;
 mod txn;
 mod txns;
 
@@ -56,6 +57,11 @@ enum Cmd {
     /// Cluster metadata in etcd.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Each shard's own latency figures since they were last reset: appends (from the shard
+    /// taking the request up until its acknowledgement is ready: the wait for the flush in
+    /// flight, then its own) and log flushes (write and sync). A client's latency minus
+    /// these is the network and the client's own scheduling.
+    Stats(stats::StatsArgs),
 }
 
 #[derive(Subcommand)]
@@ -636,6 +642,7 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
         Cmd::Txn(cmd) => txn::run(&c, cmd).await?,
         Cmd::Write(a) => io::write(&c, a).await?,
         Cmd::Read(a) => io::read(&c, a).await?,
+        Cmd::Stats(a) => stats::run(&c, a).await?,
         Cmd::Standalone(_) | Cmd::Node(_) | Cmd::Log(_) | Cmd::Cluster(_) => {
             unreachable!("handled before connecting")
         }

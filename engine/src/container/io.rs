@@ -609,6 +609,10 @@ impl Container {
             let started = Instant::now();
             let result = self.execute(&plan).await;
             let took = started.elapsed();
+            if result.is_ok() {
+                let bytes = plan.checkpoint.iter().chain(plan.batch.iter()).map(|w| w.len).sum();
+                crate::stats::record_flush(took, bytes);
+            }
             if took > SLOW_FLUSH {
                 tracing::warn!(
                     container = self.id,
