@@ -36,6 +36,12 @@ struct Cli {
     /// Save an HDR percentile plot of the run's latencies as FILE.svg and FILE.png.
     #[arg(long, global = true, value_name = "FILE")]
     plot: Option<std::path::PathBuf>,
+    /// Tokio worker threads for the client and the workload's loops (default: one per core
+    /// plus one per producer or reader loop). On few cores `--threads 1` is the fastest for
+    /// small events and for one event in flight: a reply then wakes no idle worker (tokio
+    /// wakes one to look for work each time its I/O driver returns).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     /// Also show the server's own figures for the timed part of the run (`sluice stats`):
     /// its append and flush latencies, reset as the warm-up ends (produce, end-to-end).
     #[arg(long, global = true)]
@@ -409,7 +415,17 @@ async fn end_to_end(url: String, rate: u64, seconds: u64, readers: u32, segments
     Ok((json, vec![("ack".to_string(), ack_hist), ("end-to-end".to_string(), hist)]))
 }
 
-fn main() -> Result<(), String> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
     let cli = Cli::parse();
     // Producer and reader loops each keep a thread busy; the client's connection and segment
     // tasks need threads of their own beside them, or they starve and latency explodes.
@@ -421,7 +437,11 @@ fn main() -> Result<(), String> {
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores + loops)
+        .worker_threads(match cli.threads {
+            Some(0) => return Err("--threads must be at least 1".into()),
+            Some(n) => n,
+            None => cores + loops,
+        })
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;

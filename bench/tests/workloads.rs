@@ -42,7 +42,9 @@ fn produce_consume_and_end_to_end_complete() {
     let r = run(&json, &["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--inflight", "1000"]);
     assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("produce"), Some(20_000)), "{r}");
     assert_eq!(r["ack"]["count"].as_u64(), Some(20_000), "{r}");
-    let r = run(&json, &["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--batch", "100"]);
+    let batches =
+        ["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--batch", "100", "--threads", "1"];
+    let r = run(&json, &batches);
     assert_eq!((r["batch"].as_u64(), r["ack"]["count"].as_u64()), (Some(100), Some(20_000)), "{r}");
     // For a time instead of a count, the first half second's events sent but not timed.
     // With the server's own figures, counted from the end of the warm-up.
@@ -62,6 +64,7 @@ fn produce_consume_and_end_to_end_complete() {
     );
     assert_refused(&["consume", "--url", &url, "--server-stats"], "--server-stats works with produce and end-to-end");
     assert_refused(&["produce", "--url", &url, "--seconds", "0"], "--seconds 0: must be above 0");
+    assert_refused(&["--threads", "0", "produce", "--url", &url], "--threads must be at least 1");
     let r = run(&json, &["consume", "--url", &url, stream[0], stream[1], "--readers", "2", "--idle-ms", "500"]);
     assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("consume"), Some(40_000)), "{r}");
     // Consuming a stream nobody wrote says what to do, and writes no result.
