@@ -2,16 +2,19 @@
 
 use sluice_tests::{Server, TempDir, cli, free_ports};
 
+/// Runs `sluice args` against `url`, checks that it succeeded, and returns its stdout.
+fn succeeds(url: &str, args: &[&str]) -> String {
+    let (ok, out, err) = cli(url, args, None);
+    assert!(ok, "sluice {args:?} failed: {err}");
+    out
+}
+
 #[test]
 fn cli_end_to_end() {
     let dir = TempDir::new("cli");
     let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
     let url = server.url();
-    let run = |args: &[&str]| {
-        let (ok, out, err) = cli(&url, args, None);
-        assert!(ok, "sluice {args:?} failed: {err}");
-        out
-    };
+    let run = |args: &[&str]| succeeds(&url, args);
     assert!(run(&["scope", "create", "demo"]).contains("created scope demo"));
     assert!(run(&["stream", "create", "demo/ev", "--segments", "3"]).contains("3 segment"));
     assert_eq!(run(&["stream", "list", "demo"]).trim(), "ev");
@@ -151,11 +154,7 @@ fn stats_count_what_each_shard_served() {
     let dir = TempDir::new("cli-stats");
     let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
     let url = server.url();
-    let run = |args: &[&str]| {
-        let (ok, out, err) = cli(&url, args, None);
-        assert!(ok, "sluice {args:?} failed: {err}");
-        out
-    };
+    let run = |args: &[&str]| succeeds(&url, args);
     run(&["scope", "create", "st"]);
     run(&["stream", "create", "st/ev", "--segments", "4"]);
     run(&["write", "st/ev", "--count", "3000", "--size", "64", "--keys", "8", "--inflight", "100"]);
