@@ -9,7 +9,7 @@ use crate::reader::{EventReader, ReadFrom};
 use crate::writer::{EventWriter, WriterConfig};
 use bytes::Bytes;
 use sluice_net::messages::*;
-use sluice_net::routing::{container_of, shard_of};
+use sluice_net::routing::{Placement, container_of, shard_of};
 use sluice_net::{ErrorCode, Retention, ScalingPolicy, ScopedStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,7 @@ impl Default for ClientConfig {
 #[derive(Clone, Debug)]
 struct ShardMap {
     container_count: u32,
+    placement: Placement,
     endpoints: Vec<String>,
     /// Cluster: the endpoint of each container ("" while it moves); empty on a standalone node.
     containers: Vec<String>,
@@ -42,6 +43,8 @@ impl ShardMap {
     fn from_hello(hello: HelloReply) -> Self {
         Self {
             container_count: hello.container_count,
+            // Versions that know other placements speak another protocol version.
+            placement: Placement::from_u8(hello.placement).unwrap_or(Placement::Spread),
             endpoints: hello.shards.into_iter().map(|s| s.address).collect(),
             containers: hello.containers,
             append_bytes_max: usize::try_from(hello.append_bytes_max).unwrap_or(usize::MAX),
@@ -96,6 +99,11 @@ impl Client {
         self.inner.map.lock().expect("lock").append_bytes_max
     }
 
+    /// How the node lays segments over its containers.
+    pub fn placement(&self) -> Placement {
+        self.inner.map.lock().expect("lock").placement
+    }
+
     /// Number of shards of the node.
     pub fn shard_count(&self) -> usize {
         self.inner.map.lock().expect("lock").endpoints.len()
@@ -127,7 +135,7 @@ impl Client {
     /// its container; the bootstrap node while the container moves, which redirects).
     pub fn endpoint_of(&self, segment: &str) -> String {
         let map = self.inner.map.lock().expect("lock");
-        let c = container_of(segment, map.container_count);
+        let c = container_of(segment, map.container_count, map.placement);
         if !map.containers.is_empty() {
             return match map.containers.get(c.0 as usize).filter(|e| !e.is_empty()) {
                 Some(e) => e.clone(),

@@ -102,9 +102,11 @@ impl ClusterNode {
         let rt = agent_runtime()?;
         sluice_meta::names::validate("node", &opts.node_id).map_err(|e| format!("invalid --node-id: {e}"))?;
         let count = cfg.container_count();
-        rt.block_on(timeout(Duration::from_secs(10), ensure_cluster(&store, &opts.cluster, count)))
+        let settings = rt
+            .block_on(timeout(Duration::from_secs(10), ensure_cluster(&store, &opts.cluster, count, cfg.placement)))
             .map_err(|e| format!("etcd: {e}"))?
             .map_err(|e| e.to_string())?;
+        cfg.placement = settings.placement;
         let routes = Arc::new(Routes::new());
         cfg.cluster = Some(routes.clone());
         cfg.node_name = opts.node_id.clone();

@@ -18,6 +18,9 @@ pub struct EngineConfig {
     /// I/O completion, at the price of CPU time while idle.
     pub idle_spin: std::time::Duration,
     pub containers_per_shard: u32,
+    /// How segments are laid over containers. Standalone: read from (or, for a new data
+    /// directory, written to) `containers/PLACEMENT` at start; cluster: the cluster's.
+    pub placement: sluice_net::routing::Placement,
     pub log_file_bytes: u64,
     /// How new log files are prepared (zero-filled or only allocated).
     pub log_prefill: crate::container::core::Prefill,
@@ -54,6 +57,7 @@ impl EngineConfig {
             pin: true,
             idle_spin: std::time::Duration::ZERO,
             containers_per_shard: CONTAINERS_PER_SHARD_DEFAULT,
+            placement: sluice_net::routing::Placement::Spread,
             log_file_bytes: LOG_FILE_BYTES_DEFAULT,
             log_prefill: Default::default(),
             flush_bytes_max: FLUSH_BYTES_MAX_DEFAULT,

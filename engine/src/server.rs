@@ -220,6 +220,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
                 .map(|r| r.endpoints(shard.cfg.container_count()))
                 .unwrap_or_default(),
             append_bytes_max: crate::container::core::append_bytes_max(shard.cfg.log_file_bytes) as u64,
+            placement: shard.cfg.placement.as_u8(),
         },
     ));
     let limit = Rc::new(Semaphore::new(CONNECTION_REQUESTS_MAX));

@@ -15,7 +15,7 @@ use futures::channel::{mpsc, oneshot};
 use glommio::{LocalExecutorBuilder, Placement};
 use sluice_meta::{Controller, EmbeddedStore, MetaStore};
 use sluice_net::ShardEndpoint;
-use sluice_net::routing::{container_of, shard_of};
+use sluice_net::routing::{Placement as SegmentPlacement, container_of, shard_of};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -95,7 +95,7 @@ impl<S: MetaStore> Shard<S> {
     }
 
     pub fn owner(&self, segment: &str) -> Owner {
-        let c = container_of(segment, self.cfg.container_count());
+        let c = container_of(segment, self.cfg.container_count(), self.cfg.placement);
         if let Some(container) = self.containers.borrow().get(&c.0) {
             return Owner::Local(container.clone());
         }
@@ -276,10 +276,14 @@ fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
     }
 }
 
-/// The container count is fixed by the first start of a data directory: segments are
-/// placed by hashing over it, so another count would lose track of them.
-fn check_layout(cfg: &EngineConfig) -> Result<(), String> {
-    let path = cfg.data_dir.join("containers").join("COUNT");
+/// The container count and the placement are fixed by the first start of a data directory:
+/// segments are placed by them, so others would lose track of them. A directory created
+/// before placements were recorded has its count only, and keeps the hashed placement.
+/// Returns the directory's placement (standalone; a cluster node takes the cluster's).
+fn check_layout(cfg: &EngineConfig) -> Result<Option<SegmentPlacement>, String> {
+    let dir = cfg.data_dir.join("containers");
+    let path = dir.join("COUNT");
+    let placement_path = dir.join("PLACEMENT");
     let want = cfg.container_count();
     match std::fs::read_to_string(&path) {
         Ok(s) => {
@@ -293,16 +297,39 @@ fn check_layout(cfg: &EngineConfig) -> Result<(), String> {
                     cfg.containers_per_shard
                 ));
             }
-            Ok(())
+            if cfg.cluster.is_some() {
+                return Ok(None);
+            }
+            match std::fs::read_to_string(&placement_path) {
+                Ok(s) => SegmentPlacement::from_name(s.trim())
+                    .map(Some)
+                    .ok_or_else(|| format!("{} holds an unknown placement {:?}", placement_path.display(), s.trim())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(SegmentPlacement::Hashed)),
+                Err(e) => Err(format!("{}: {e}", placement_path.display())),
+            }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let dir = path.parent().expect("has a parent");
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            std::fs::write(&path, format!("{want}\n")).map_err(|e| format!("{}: {e}", path.display()))?;
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            // The placement first: a directory with a count and no placement is an old one.
+            let placement = cfg.cluster.is_none().then_some(cfg.placement);
+            if let Some(p) = placement {
+                write_synced(&placement_path, &format!("{}\n", p.name()))?;
+            }
+            write_synced(&path, &format!("{want}\n"))?;
+            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
+            Ok(placement)
         }
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
+}
+
+fn write_synced(path: &std::path::Path, text: &str) -> Result<(), String> {
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(path)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()
+    };
+    write().map_err(|e| format!("{}: {e}", path.display()))
 }
 
 impl Node {
@@ -320,7 +347,9 @@ impl Node {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
         // Absolute paths everywhere: glommio's directory handles fail on relative ones.
         cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| format!("resolving {}: {e}", cfg.data_dir.display()))?;
-        check_layout(&cfg)?;
+        if let Some(placement) = check_layout(&cfg)? {
+            cfg.placement = placement;
+        }
         let tier2 = match &cfg.tier2 {
             Some(url) => Some(sluice_tier2::open_url(url).map_err(|e| format!("tier-2 {url}: {e}"))?),
             None => None,

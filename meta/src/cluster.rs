@@ -1,11 +1,12 @@
 //! Cluster membership: a node registers itself under a lease (`nodes/<id>`) and keeps the
 //! lease alive from its own thread; when the node dies the key vanishes with the lease.
-//! The cluster's fixed settings (`cluster`: the container count, set once when the first
-//! node creates the cluster) are checked by every node that joins.
+//! The cluster's fixed settings (`cluster`: the container count and the segment placement,
+//! set once when the first node creates the cluster) are checked by every node that joins.
 //! Works on any `MetaStore` (etcd in clusters; the embedded store for tests and tools).
 
 use crate::store::{LeaseId, MetaError, MetaStore};
 use rkyv::{Archive, Deserialize, Serialize};
+use sluice_net::routing::Placement;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -43,33 +44,71 @@ pub enum ClusterError {
 }
 
 /// Settings fixed for the life of a cluster.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
-    /// Segment containers in the cluster (segments are placed by hashing over this count).
+    /// Segment containers in the cluster (segments are placed over this count).
     pub containers: u32,
     pub created_unix_ms: u64,
+    /// How segments are laid over the containers. Clusters created before placements were
+    /// recorded are `Hashed`.
+    pub placement: Placement,
 }
 
+/// The stored record: this archive, behind `PLACEMENT_MAGIC` and the placement byte (padded
+/// to 8 bytes) in clusters that record a placement; bare in older ones.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct StoredClusterConfig {
+    containers: u32,
+    created_unix_ms: u64,
+}
+
+const PLACEMENT_MAGIC: &[u8; 4] = b"SCP\0";
 const CLUSTER_KEY: &str = "cluster";
+
+fn encode_config(c: &ClusterConfig) -> Vec<u8> {
+    let stored = StoredClusterConfig { containers: c.containers, created_unix_ms: c.created_unix_ms };
+    let archive = rkyv::to_bytes::<rkyv::rancor::Error>(&stored).expect("serializing cluster config");
+    let mut v = PLACEMENT_MAGIC.to_vec();
+    v.extend_from_slice(&[c.placement.as_u8(), 0, 0, 0]);
+    v.extend_from_slice(&archive);
+    v
+}
+
+fn decode_config(bytes: &[u8]) -> Result<ClusterConfig, MetaError> {
+    let (placement, archive) = match bytes.strip_prefix(PLACEMENT_MAGIC) {
+        Some(rest) if rest.len() >= 4 => {
+            let p = Placement::from_u8(rest[0])
+                .ok_or_else(|| MetaError::Corrupt(format!("{CLUSTER_KEY}: unknown placement {}", rest[0])))?;
+            (p, &rest[4..])
+        }
+        _ => (Placement::Hashed, bytes),
+    };
+    // The archive must be aligned to be checked.
+    let mut aligned = rkyv::util::AlignedVec::<16>::new();
+    aligned.extend_from_slice(archive);
+    let s = decode_record!(StoredClusterConfig, CLUSTER_KEY, &aligned)?;
+    Ok(ClusterConfig { containers: s.containers, created_unix_ms: s.created_unix_ms, placement })
+}
 
 /// The cluster's settings, if a node ever created it.
 pub async fn cluster_config<S: MetaStore>(store: &S) -> Result<Option<ClusterConfig>, MetaError> {
     match store.get(CLUSTER_KEY).await? {
         None => Ok(None),
-        Some(v) => decode_record!(ClusterConfig, CLUSTER_KEY, &v.value).map(Some),
+        Some(v) => decode_config(&v.value).map(Some),
     }
 }
 
-/// Creates the cluster with `containers` containers, or checks that an existing cluster has
-/// that many (a node with another count refuses to join).
+/// Creates the cluster with `containers` containers (and `placement`), or checks that an
+/// existing cluster has that many (a node with another count refuses to join) and returns
+/// its settings: an existing cluster's placement wins.
 pub async fn ensure_cluster<S: MetaStore>(
     store: &S,
     cluster: &str,
     containers: u32,
+    placement: Placement,
 ) -> Result<ClusterConfig, ClusterError> {
-    let want = ClusterConfig { containers, created_unix_ms: crate::controller::now_ms() };
-    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&want).expect("serializing cluster config").to_vec();
-    let have = match store.compare_and_swap(CLUSTER_KEY, 0, bytes).await {
+    let want = ClusterConfig { containers, created_unix_ms: crate::controller::now_ms(), placement };
+    let have = match store.compare_and_swap(CLUSTER_KEY, 0, encode_config(&want)).await {
         Ok(_) => return Ok(want),
         Err(MetaError::Conflict { .. }) => cluster_config(store)
             .await?
@@ -164,4 +203,23 @@ impl<S: MetaStore> Drop for Registration<S> {
 /// The live nodes, by id.
 pub async fn list_nodes<S: MetaStore>(store: &S) -> Result<Vec<NodeInfo>, MetaError> {
     store.range("nodes/").await?.into_iter().map(|(k, v)| decode_record!(NodeInfo, k, &v.value)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_records_keep_their_placement_and_old_ones_read_as_hashed() {
+        let c = ClusterConfig { containers: 12, created_unix_ms: 7, placement: Placement::Spread };
+        assert_eq!(decode_config(&encode_config(&c)).unwrap(), c);
+        // A record written before placements were recorded: the bare archive.
+        let old = StoredClusterConfig { containers: 12, created_unix_ms: 7 };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&old).unwrap().to_vec();
+        assert_eq!(decode_config(&bytes).unwrap(), ClusterConfig { placement: Placement::Hashed, ..c.clone() });
+        let mut bad = encode_config(&c);
+        bad[4] = 9;
+        assert!(matches!(decode_config(&bad), Err(MetaError::Corrupt(_))));
+        assert!(matches!(decode_config(b"SCP\0\x02"), Err(MetaError::Corrupt(_))));
+    }
 }

@@ -88,6 +88,8 @@ control!(
         /// Largest append payload the node takes (its log files must hold a record of it):
         /// writers keep their batches within it.
         pub append_bytes_max: u64,
+        /// How segments are laid over containers (`routing::Placement`, 1 hashed, 2 spread).
+        pub placement: u8,
     }
 );
 control!(

@@ -171,6 +171,8 @@ fn stats_count_what_each_shard_served() {
     assert_eq!(before.iter().map(|r| r[0]).collect::<Vec<_>>(), [0, 1]);
     let appends: u64 = before.iter().map(|r| r[2]).sum();
     assert!((1..=3000).contains(&appends), "{before:?}");
+    // A new node spreads a stream's segments: both shards served appends.
+    assert!(before.iter().all(|r| r[2] > 0), "{before:?}");
     for r in before.iter().filter(|r| r[2] > 0) {
         let (a, f) = (&r[3..8], &r[11..16]);
         assert!(a.windows(2).all(|w| w[0] <= w[1]) && a[0] > 0, "append latencies out of order: {r:?}");

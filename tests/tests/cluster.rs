@@ -202,9 +202,10 @@ async fn three_nodes_move_containers_without_losing_events() {
     assert_eq!(seen.len(), acked.len(), "events read that were never acknowledged");
 }
 
-/// The container (of `count`) that holds `segment`.
+/// The container (of `CONTAINERS`) that holds `segment` in a cluster these tests create
+/// (placement `Spread`).
 fn container_of(segment: &str) -> u32 {
-    sluice_net::routing::container_of(segment, CONTAINERS).0
+    sluice_net::routing::container_of(segment, CONTAINERS, sluice_net::routing::Placement::Spread).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +384,7 @@ fn bad_etcd_or_container_count_is_refused_clearly() {
     let etcd = Etcd::start();
     let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "c").unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(sluice_meta::cluster::ensure_cluster(&store, "c", 12)).unwrap();
+    rt.block_on(sluice_meta::cluster::ensure_cluster(&store, "c", 12, sluice_net::routing::Placement::Spread)).unwrap();
     let ((ok, _, err), _) = node(&etcd.endpoint, "8");
     assert!(!ok && err.contains("created with 12 containers"), "{err}");
 }

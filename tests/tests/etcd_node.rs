@@ -3,6 +3,7 @@
 
 use sluice_client::{Client, ReadFrom};
 use sluice_meta::{EtcdStore, MetaStore};
+use sluice_net::routing::Placement;
 use sluice_tests::{Etcd, TempDir, free_ports};
 use std::time::Duration;
 
@@ -42,9 +43,12 @@ async fn cluster_settings_are_fixed_and_shown() {
     use sluice_meta::cluster::{ClusterError, NodeInfo, ensure_cluster, register_node};
     let etcd = Etcd::start();
     let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "c1").unwrap();
-    assert_eq!(ensure_cluster(&store, "c1", 12).await.unwrap().containers, 12);
-    assert_eq!(ensure_cluster(&store, "c1", 12).await.unwrap().containers, 12, "a second node agrees");
-    match ensure_cluster(&store, "c1", 8).await {
+    let first = ensure_cluster(&store, "c1", 12, Placement::Spread).await.unwrap();
+    assert_eq!((first.containers, first.placement), (12, Placement::Spread));
+    // A later node agrees, and takes the cluster's placement whatever it would have chosen.
+    let later = ensure_cluster(&store, "c1", 12, Placement::Hashed).await.unwrap();
+    assert_eq!((later.containers, later.placement), (12, Placement::Spread), "a second node agrees");
+    match ensure_cluster(&store, "c1", 8, Placement::Spread).await {
         Err(e @ ClusterError::ContainerCountMismatch { have: 12, want: 8, .. }) => {
             assert!(e.to_string().contains("created with 12 containers"), "{e}");
         }

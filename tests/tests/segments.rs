@@ -109,3 +109,67 @@ async fn reads_from_log_files_across_rolls_and_restart() {
     server.restart();
     check(Client::connect(&server.url()).await.unwrap()).await;
 }
+
+/// A new data directory records the spread placement (a stream's segments on consecutive
+/// containers, so on both shards alike); one made before placements were recorded (a
+/// container count only) keeps the hashed placement across restarts, and its data stays
+/// readable; an unknown placement stops the server with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_directories_keep_their_placement() {
+    use sluice_net::routing::Placement;
+    let dir = TempDir::new("placement");
+    let fresh = Server::start(&dir.0.join("new"), free_ports(2), 2);
+    let c = Client::connect(&fresh.url()).await.unwrap();
+    assert_eq!(c.placement(), Placement::Spread);
+    assert_eq!(std::fs::read_to_string(dir.0.join("new/containers/PLACEMENT")).unwrap().trim(), "spread");
+    c.create_scope("pl").await.unwrap();
+    c.create_stream("pl", "s", 4).await.unwrap();
+    let endpoints: Vec<String> = (0..4).map(|n| c.endpoint_of(&format!("pl/s/{n}"))).collect();
+    let first = endpoints.iter().filter(|e| **e == endpoints[0]).count();
+    assert_eq!(first, 2, "four segments, two per shard: {endpoints:?}");
+    drop(c);
+    drop(fresh);
+
+    // An older directory: its count, no placement file.
+    let old = dir.0.join("old");
+    std::fs::create_dir_all(old.join("containers")).unwrap();
+    std::fs::write(old.join("containers/COUNT"), "8\n").unwrap();
+    let mut server = Server::start(&old, free_ports(2), 2);
+    let c = Client::connect(&server.url()).await.unwrap();
+    assert_eq!(c.placement(), Placement::Hashed);
+    c.create_scope("pl").await.unwrap();
+    c.create_stream("pl", "s", 4).await.unwrap();
+    let w = c.event_writer("pl/s").await.unwrap();
+    for i in 0..200u32 {
+        w.write_event(format!("k{}", i % 16).as_bytes(), i.to_le_bytes().to_vec());
+    }
+    w.flush().await.unwrap();
+    drop((w, c));
+    server.kill();
+    server.restart();
+    let c = Client::connect(&server.url()).await.unwrap();
+    assert_eq!(c.placement(), Placement::Hashed, "kept across a restart");
+    assert!(!old.join("containers/PLACEMENT").exists());
+    let mut r = c.event_reader("pl/s", ReadFrom::Head).await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(e) = r.read_next(Duration::from_millis(300)).await.unwrap() {
+        seen.insert(u32::from_le_bytes(e.payload[..4].try_into().unwrap()));
+    }
+    assert_eq!(seen.len(), 200);
+    drop((r, c));
+    drop(server);
+
+    let bad = dir.0.join("bad");
+    std::fs::create_dir_all(bad.join("containers")).unwrap();
+    std::fs::write(bad.join("containers/COUNT"), "8\n").unwrap();
+    std::fs::write(bad.join("containers/PLACEMENT"), "sideways\n").unwrap();
+    let port = free_ports(2);
+    let out = std::process::Command::new(sluice_tests::sluice_bin())
+        .args(["standalone", "--cores", "2", "--no-pin", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unknown placement \"sideways\""), "{err}");
+}

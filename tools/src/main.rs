@@ -303,7 +303,7 @@ fn cluster_status(etcd: &[String], cluster: &str) -> Result<(), String> {
             0
         }
         Some(c) => {
-            println!("cluster {cluster}: {} containers", c.containers);
+            println!("cluster {cluster}: {} containers, {} placement", c.containers, c.placement.name());
             c.containers
         }
     };
@@ -387,12 +387,13 @@ fn spawn_duties(
 /// for `--etcd-wait-s` (a mismatched count is final).
 fn join_cluster(a: &NodeArgs, containers: u32) -> Result<sluice_meta::EtcdStore, String> {
     use sluice_meta::cluster::{ClusterError, ensure_cluster};
+    use sluice_net::routing::Placement;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.etcd_wait_s);
     let etcd = a.etcd.join(",");
     loop {
-        let attempt = sluice_meta::EtcdStore::connect(&a.etcd, &a.cluster)
-            .map_err(ClusterError::from)
-            .and_then(|s| futures::executor::block_on(ensure_cluster(&s, &a.cluster, containers)).map(|_| s));
+        let attempt = sluice_meta::EtcdStore::connect(&a.etcd, &a.cluster).map_err(ClusterError::from).and_then(|s| {
+            futures::executor::block_on(ensure_cluster(&s, &a.cluster, containers, Placement::Spread)).map(|_| s)
+        });
         match attempt {
             Ok(store) => return Ok(store),
             Err(e @ ClusterError::ContainerCountMismatch { .. }) => return Err(e.to_string()),
