@@ -56,10 +56,14 @@ impl Placement {
 pub fn container_of(segment: &str, container_count: u32, placement: Placement) -> ContainerId {
     assert!(container_count > 0, "container count must be positive");
     let base = segment.split_once(crate::txn::TXN_NAME_MARK).map_or(segment, |(s, _)| s);
-    let numbered = base.rsplit_once('/').and_then(|(stream, n)| Some((stream, n.parse::<u64>().ok()?)));
-    let slot = match (placement, numbered) {
-        (Placement::Spread, Some((stream, n))) => xxh3_64(stream.as_bytes()).wrapping_add(n),
-        _ => xxh3_64(base.as_bytes()),
+    // The trailing number is looked for only where it counts (this runs for every append).
+    let numbered = match placement {
+        Placement::Spread => base.rsplit_once('/').and_then(|(stream, n)| Some((stream, n.parse::<u64>().ok()?))),
+        Placement::Hashed => None,
+    };
+    let slot = match numbered {
+        Some((stream, n)) => xxh3_64(stream.as_bytes()).wrapping_add(n),
+        None => xxh3_64(base.as_bytes()),
     };
     ContainerId((slot % u64::from(container_count)) as u32)
 }

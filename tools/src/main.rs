@@ -383,16 +383,20 @@ fn spawn_duties(
         .map_err(|e| format!("starting the retention, auto-scaling and transaction services: {e}"))
 }
 
-/// Connects to etcd and checks the cluster's container count, retrying an unreachable etcd
-/// for `--etcd-wait-s` (a mismatched count is final).
-fn join_cluster(a: &NodeArgs, containers: u32) -> Result<sluice_meta::EtcdStore, String> {
+/// Connects to etcd and checks the cluster's container count (creating the cluster with
+/// `placement` if it is new), retrying an unreachable etcd for `--etcd-wait-s` (a mismatched
+/// count is final).
+fn join_cluster(
+    a: &NodeArgs,
+    containers: u32,
+    placement: sluice_net::routing::Placement,
+) -> Result<sluice_meta::EtcdStore, String> {
     use sluice_meta::cluster::{ClusterError, ensure_cluster};
-    use sluice_net::routing::Placement;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.etcd_wait_s);
     let etcd = a.etcd.join(",");
     loop {
         let attempt = sluice_meta::EtcdStore::connect(&a.etcd, &a.cluster).map_err(ClusterError::from).and_then(|s| {
-            futures::executor::block_on(ensure_cluster(&s, &a.cluster, containers, Placement::Spread)).map(|_| s)
+            futures::executor::block_on(ensure_cluster(&s, &a.cluster, containers, placement)).map(|_| s)
         });
         match attempt {
             Ok(store) => return Ok(store),
@@ -419,7 +423,7 @@ fn node(a: NodeArgs) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let started = std::time::Instant::now();
-    let store = join_cluster(&a, cfg.container_count())?;
+    let store = join_cluster(&a, cfg.container_count(), cfg.placement)?;
     let mut opts = sluice_engine::cluster::ClusterOptions::new(&a.cluster, &a.node_id);
     opts.lease_ttl = std::time::Duration::from_secs(a.lease_ttl_s.max(1));
     let node = sluice_engine::cluster::ClusterNode::start(cfg.clone(), store, opts)?;
