@@ -90,7 +90,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         batch: usize,
     },
-    /// Produce at a fixed rate while a reader group tails the stream.
+    /// Produce at a fixed rate while a reader group tails the stream. Prints the latency of
+    /// acknowledgements and of delivery to a reader, both from each event's scheduled time,
+    /// and the send lateness: how late the harness itself wrote each event (the part of
+    /// both that is the load generator's, on a busy machine).
     EndToEnd {
         #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
         url: String,
@@ -358,38 +361,56 @@ async fn end_to_end(url: String, rate: u64, seconds: u64, readers: u32, segments
     }
     let client = Client::connect(&url).await.map_err(e)?;
     let writer = client.event_writer(&stream).await.map_err(e)?;
+    // The schedule's thread writes each event as it falls due (timed from its due time, the
+    // payload carries it for the readers) and passes the acknowledgements here.
+    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(sluice_client::AckFuture, u64)>>();
+    let lateness =
+        Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")));
+    let late = lateness.clone();
+    let send = move |due: std::ops::Range<u64>| {
+        let mut sent = Vec::with_capacity(due.end.saturating_sub(due.start) as usize);
+        let mut late = late.lock().expect("lateness lock");
+        for i in due {
+            let due = schedule::due_after(i, rate as f64).as_micros() as u64;
+            let now = start.elapsed().as_micros() as u64;
+            if due >= WARMUP_S * 1_000_000 {
+                late.saturating_record(now.saturating_sub(due).max(1));
+            }
+            let mut payload = vec![b'.'; size.max(16)];
+            payload[..8].copy_from_slice(&due.to_le_bytes());
+            payload[8..16].copy_from_slice(&i.to_le_bytes());
+            sent.push((writer.write_event(&(i % 1024).to_le_bytes(), payload), due));
+        }
+        let _ = acks_tx.send(sent);
+    };
+    let schedule = schedule::Schedule::start_sending(start, rate, total, tokio::runtime::Handle::current(), send)?;
     let mut acks = FuturesUnordered::new();
     let mut ack_hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    let schedule = schedule::Schedule::start_at(start, rate, total)?;
     let mut last_report = std::time::Instant::now();
-    for i in 0..total {
-        let due = (schedule.due_at(i) - start).as_micros() as u64;
-        // Drain acknowledgements while waiting for the schedule.
-        while schedule.due_count() <= i {
-            tokio::select! {
-                Some((r, sched)) = acks.next(), if !acks.is_empty() => {
-                    let r: Result<(), sluice_client::ClientError> = r;
-                    r.map_err(e)?;
-                    let lat = (start.elapsed().as_micros() as u64).saturating_sub(sched);
-                    if sched >= WARMUP_S * 1_000_000 { ack_hist.saturating_record(lat.max(1)); }
+    let mut sending = true;
+    loop {
+        tokio::select! {
+            sent = acks_rx.recv(), if sending => match sent {
+                Some(sent) => acks.extend(sent.into_iter().map(|(ack, due)| async move { (ack.await, due) })),
+                // Every event is written (the schedule's thread dropped its sender).
+                None => sending = false,
+            },
+            Some((r, due)) = acks.next(), if !acks.is_empty() => {
+                let r: Result<(), sluice_client::ClientError> = r;
+                r.map_err(e)?;
+                let lat = (start.elapsed().as_micros() as u64).saturating_sub(due);
+                if due >= WARMUP_S * 1_000_000 {
+                    ack_hist.saturating_record(lat.max(1));
                 }
-                () = schedule.wait_beyond(i) => {}
             }
+            else => break,
         }
-        let mut payload = vec![b'.'; size.max(16)];
-        payload[..8].copy_from_slice(&due.to_le_bytes());
-        payload[8..16].copy_from_slice(&i.to_le_bytes());
-        let ack = writer.write_event(&(i % 1024).to_le_bytes(), payload);
-        acks.push(async move { (ack.await, due) });
         if last_report.elapsed() > std::time::Duration::from_secs(1) {
             last_report = std::time::Instant::now();
-            eprint!("\r{i} sent, {} received   ", received.load(Ordering::Relaxed));
+            eprint!("\r{} sent, {} received   ", schedule.due_count(), received.load(Ordering::Relaxed));
         }
     }
-    while let Some((r, sched)) = acks.next().await {
-        r.map_err(e)?;
-        ack_hist.saturating_record((start.elapsed().as_micros() as u64).saturating_sub(sched).max(1));
-    }
+    drop(schedule);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while received.load(Ordering::Relaxed) < total && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -406,12 +427,15 @@ async fn end_to_end(url: String, rate: u64, seconds: u64, readers: u32, segments
     );
     report("ack", &ack_hist);
     report("end-to-end", &hist);
+    let lateness = lateness.lock().expect("lateness lock").clone();
+    report("send lateness", &lateness);
     let _ = group.delete().await;
     let _ = admin.seal_stream("bench", &run).await;
     let _ = admin.delete_stream("bench", &run).await;
     let json = serde_json::json!({"workload": "end-to-end", "rate": rate, "seconds": seconds, "warmup_s": WARMUP_S,
         "readers": readers, "segments": segments, "size": size, "sent": total,
-        "received": received.load(Ordering::Relaxed), "ack": hist_json(&ack_hist), "end_to_end": hist_json(&hist)});
+        "received": received.load(Ordering::Relaxed), "ack": hist_json(&ack_hist), "end_to_end": hist_json(&hist),
+        "send_lateness": hist_json(&lateness)});
     Ok((json, vec![("ack".to_string(), ack_hist), ("end-to-end".to_string(), hist)]))
 }
 

@@ -72,4 +72,7 @@ fn produce_consume_and_end_to_end_complete() {
     let r = run(&json, &["end-to-end", "--url", &url, "--rate", "2000", "--seconds", "1", "--readers", "2"]);
     assert_eq!(r["workload"].as_str(), Some("end-to-end"), "{r}");
     assert!(r["end_to_end"]["count"].as_u64().unwrap_or(0) >= 1000, "{r}");
+    assert_eq!(r["received"].as_u64(), r["sent"].as_u64(), "{r}");
+    // How late the harness sent, for the events after the warm-up.
+    assert_eq!(r["send_lateness"]["count"].as_u64(), r["end_to_end"]["count"].as_u64(), "{r}");
 }
