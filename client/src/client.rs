@@ -131,6 +131,12 @@ impl Client {
         Ok(conn)
     }
 
+    /// The container that holds `segment` (by the node's container count and placement).
+    pub fn container_of(&self, segment: &str) -> u32 {
+        let map = self.inner.map.lock().expect("lock");
+        container_of(segment, map.container_count, map.placement).0
+    }
+
     /// Endpoint of the shard that owns `segment` (in a cluster, of the node that serves
     /// its container; the bootstrap node while the container moves, which redirects).
     pub fn endpoint_of(&self, segment: &str) -> String {

@@ -69,6 +69,25 @@ fn cli_end_to_end() {
     assert!(describe.contains("active") && describe.lines().count() == 7, "{describe}");
     assert!(describe.contains("epoch 0") && describe.contains("segments 0 1 2"), "{describe}");
     assert!(describe.contains("retention none") && describe.contains("in tier-2"), "{describe}");
+    // Each segment's container and the shard that serves it: a new data directory spreads a
+    // stream's segments over consecutive containers, so the three take both shards in turn.
+    let rows: Vec<(u32, String)> = describe
+        .lines()
+        .filter(|l| l.contains('['))
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols[cols.len() - 2].parse().unwrap(), cols[cols.len() - 1].to_string())
+        })
+        .collect();
+    assert_eq!(rows.len(), 3, "{describe}");
+    let shard = |c: u32| format!("127.0.0.1:{}", server.addr.port() as u32 + c % 2);
+    for (i, (container, served_by)) in rows.iter().enumerate() {
+        assert_eq!(*served_by, shard(*container), "{describe}");
+        if i > 0 {
+            let prev = rows[i - 1].0;
+            assert!(*container == prev + 1 || *container == 0, "segments not on consecutive containers: {describe}");
+        }
+    }
 
     // Truncate at the cut taken after the first three events: only the 2000 generated remain.
     let (ok, _, err) = cli(&url, &["stream", "truncate", "demo/ev", "--at", "bogus!"], None);

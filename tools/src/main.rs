@@ -581,15 +581,15 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
                 info.epoch
             );
             println!(
-                "{:>8}  {:>19}  {:>12}  {:>14}  {:>12}  {:>14}  {:>7}  {:>7}",
-                "segment", "key range", "start", "length", "tier-1 only", "in tier-2", "sealed", "writers"
+                "{:>8}  {:>19}  {:>12}  {:>14}  {:>12}  {:>14}  {:>7}  {:>7}  {:>9}  served by",
+                "segment", "key range", "start", "length", "tier-1 only", "in tier-2", "sealed", "writers", "container"
             );
             for seg in &info.segments {
                 let name = s.segment_name(sluice_net::SegmentNumber(seg.number));
                 let si = c.segment_info(&name).await.map_err(err)?;
                 let tiered = si.tier2_end.max(si.start_offset);
                 println!(
-                    "{:>8}  [{:.6}, {:.6})  {:>12}  {:>14}  {:>12}  {:>14}  {:>7}  {:>7}",
+                    "{:>8}  [{:.6}, {:.6})  {:>12}  {:>14}  {:>12}  {:>14}  {:>7}  {:>7}  {:>9}  {}",
                     seg.number,
                     seg.key_low,
                     seg.key_high,
@@ -598,7 +598,9 @@ async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
                     si.length - tiered.min(si.length),
                     tiered - si.start_offset,
                     si.sealed,
-                    si.writers.len()
+                    si.writers.len(),
+                    c.container_of(&name),
+                    c.endpoint_of(&name)
                 );
             }
             print_epochs(&c.stream_history(&s.scope, &s.stream).await.map_err(err)?);
