@@ -53,6 +53,7 @@ impl ClientError {
                     ErrorCode::WrongHost
                         | ErrorCode::Overloaded
                         | ErrorCode::Tier2Unavailable
+                        | ErrorCode::NoSpace
                         | ErrorCode::ContainerPoisoned
                 )
             }

@@ -24,6 +24,9 @@ pub enum EngineError {
     /// The log reached its budget because tier-2 is behind or unavailable.
     #[error("tier-2 unavailable or behind: {0}")]
     LogFull(String),
+    /// The disk is full: the next log file cannot be created.
+    #[error("no space left for the log: {0}")]
+    NoSpace(String),
     /// A read from tier-2 failed.
     #[error("tier-2 read failed: {0}")]
     Tier2(String),
@@ -54,6 +57,7 @@ impl EngineError {
             EngineError::Poisoned { .. } => (ErrorCode::ContainerPoisoned, None),
             EngineError::Overloaded(_) => (ErrorCode::Overloaded, None),
             EngineError::LogFull(_) | EngineError::Tier2(_) => (ErrorCode::Tier2Unavailable, None),
+            EngineError::NoSpace(_) => (ErrorCode::NoSpace, None),
             EngineError::BadRequest(_) => (ErrorCode::BadRequest, None),
             EngineError::InvalidEventNumber(_) => (ErrorCode::InvalidEventNumber, None),
             EngineError::Io(_) => (ErrorCode::Internal, None),

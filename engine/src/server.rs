@@ -24,6 +24,7 @@ use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
 use sluice_net::txn::shadow_segment_name;
 use sluice_net::{ErrorCode, ProtocolError, Retention, ScalingPolicy, TxnState};
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -224,8 +225,12 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
         },
     ));
     let limit = Rc::new(Semaphore::new(CONNECTION_REQUESTS_MAX));
+    let refused = Rc::new(Cell::new(false));
     loop {
         let Some((header, body)) = read_frame(r, max, &send).await? else { return Ok(()) };
+        if refused.get() {
+            return Err("closed after a refused append".into());
+        }
         let permit = Some(limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?);
         let frame = match Frame::from_parts(&header, body) {
             Ok(f) => f,
@@ -251,6 +256,17 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
                 })
                 .detach();
             }
+            Ok(Dispatched::LaterMayClose(fut)) => {
+                let (tx, refused) = (tx.clone(), refused.clone());
+                glommio::spawn_local(async move {
+                    let (rep, close) = fut.await;
+                    if close {
+                        refused.set(true);
+                    }
+                    let _ = tx.unbounded_send((rep, permit));
+                })
+                .detach();
+            }
             Err(e) => {
                 let _ = tx.unbounded_send((protocol_error(id, &e), permit));
             }
@@ -263,6 +279,9 @@ enum Dispatched {
     /// Answer, then close the connection.
     Close(Reply),
     Later(std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
+    /// Answer later; `true` with the answer: an append was refused after it was queued
+    /// (a full disk), so the connection takes no further request.
+    LaterMayClose(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
 }
 
 fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
@@ -278,18 +297,26 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
                 Ok(f) => f,
                 // A refused append must not be followed by later appends of the same writer
                 // on this connection (the client resends them all in order): close it.
-                Err(e @ (EngineError::Overloaded(_) | EngineError::LogFull(_) | EngineError::Poisoned { .. })) => {
+                Err(
+                    e @ (EngineError::Overloaded(_)
+                    | EngineError::LogFull(_)
+                    | EngineError::NoSpace(_)
+                    | EngineError::Poisoned { .. }),
+                ) => {
                     return Dispatched::Close(engine_error(id, &e));
                 }
                 Err(e) => return Dispatched::Now(engine_error(id, &e)),
             };
             let read_at = Instant::now();
-            later(async move {
+            Dispatched::LaterMayClose(Box::pin(async move {
                 let result = fut.await;
+                // Refused after it was queued: later requests of this connection must not
+                // overtake it (the client resends them all, in order, on a new one).
+                let close = matches!(result, Err(EngineError::NoSpace(_)));
                 if matches!(result, Ok(OpResult::Appended { .. })) {
                     crate::stats::record_append(read_at.elapsed());
                 }
-                match result {
+                let rep = match result {
                     Ok(OpResult::Appended { offset, length, last_event_number, duplicate }) => {
                         reply(id, &AppendAck { offset, length, last_event_number, duplicate })
                     }
@@ -298,8 +325,9 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
                         engine_error(id, &EngineError::BadRequest("a status is asked with GetSegmentInfo".into()))
                     }
                     Err(e) => engine_error(id, &e),
-                }
-            })
+                };
+                (rep, close)
+            }))
         }
         other => Dispatched::Now(wrong_host(id, &segment, other)),
     }

@@ -250,15 +250,36 @@ fn advertised(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Works around glommio 0.9 failing later reads when the first file an executor opens is
-/// empty: open and read a non-empty 4 KiB file once.
+/// empty: open and read a non-empty 4 KiB file once. On a full disk, where no probe file can
+/// be written, an existing log file serves (the node still starts and serves reads).
 async fn probe_dma(dir: &std::path::Path, shard: u32) -> Result<(), String> {
     let path = dir.join(format!(".probe-{shard}"));
-    std::fs::write(&path, vec![0u8; 4096]).map_err(|e| format!("{}: {e}", path.display()))?;
-    let f = glommio::io::DmaFile::open(&path).await.map_err(|e| format!("{}: {e}", path.display()))?;
-    f.read_at_aligned(0, 4096).await.map_err(|e| format!("{}: {e}", path.display()))?;
+    let written = std::fs::write(&path, vec![0u8; 4096]);
+    let target = match &written {
+        Ok(()) => path.clone(),
+        Err(e) => match existing_log_file(dir) {
+            Some(log) => log,
+            None => {
+                let _ = std::fs::remove_file(&path);
+                let hint = if e.raw_os_error() == Some(libc::ENOSPC) { ": the file system is full" } else { "" };
+                return Err(format!("{}: {e}{hint}", path.display()));
+            }
+        },
+    };
+    let f = glommio::io::DmaFile::open(&target).await.map_err(|e| format!("{}: {e}", target.display()))?;
+    f.read_at_aligned(0, 4096).await.map_err(|e| format!("{}: {e}", target.display()))?;
     let _ = f.close().await;
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// Any log file of at least 4 KiB under `dir`'s containers.
+fn existing_log_file(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let containers = std::fs::read_dir(dir.join("containers")).ok()?;
+    containers.flatten().filter_map(|c| std::fs::read_dir(c.path()).ok()).flat_map(|d| d.flatten()).find_map(|e| {
+        let is_log = e.path().extension().is_some_and(|x| x == "log");
+        (is_log && e.metadata().is_ok_and(|m| m.len() >= 4096)).then(|| e.path())
+    })
 }
 
 /// Binds a listening socket. A crashed predecessor's socket can outlive its process for a

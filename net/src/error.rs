@@ -44,6 +44,9 @@ pub enum ErrorCode {
     /// The transaction is not in a state that allows the request (committed, aborted,
     /// expired); the message says which.
     TxnNotOpen = 22,
+    /// The node's disk is full: the container cannot create its next log file. Writes
+    /// already queued wait; new ones are refused until space is freed; retry later.
+    NoSpace = 23,
 }
 
 impl ErrorCode {
@@ -72,6 +75,7 @@ impl ErrorCode {
             20 => Conflict,
             21 => NoSuchTxn,
             22 => TxnNotOpen,
+            23 => NoSpace,
             _ => return None,
         })
     }

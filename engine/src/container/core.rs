@@ -385,6 +385,9 @@ pub struct ContainerCore {
     pending_bytes: usize,
     in_flight: Option<InFlight>,
     poisoned: Option<String>,
+    /// The disk is full (why, as the I/O layer saw it): the next log file could not be
+    /// created. Requests that add data are refused with `NoSpace` until one can be.
+    no_space: Option<String>,
     /// Stopped on purpose (moved to another node, or fenced): requests get `NotOwner`.
     stopped: bool,
     cache: ReadCache,
@@ -420,6 +423,7 @@ impl ContainerCore {
             pending_bytes: 0,
             in_flight: None,
             poisoned: None,
+            no_space: None,
             stopped: false,
             cache,
             current_index: FileIndex::default(),
@@ -449,6 +453,68 @@ impl ContainerCore {
 
     pub fn current_file(&self) -> u64 {
         self.file_seq
+    }
+
+    /// Marks the disk full (`Some(why)`) or no longer full (`None`).
+    pub fn set_no_space(&mut self, why: Option<String>) {
+        self.no_space = why;
+    }
+
+    pub fn is_out_of_space(&self) -> bool {
+        self.no_space.is_some()
+    }
+
+    fn no_space_error(&self) -> Result<(), EngineError> {
+        match self.no_space_refusal() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The error writes get while the disk is full.
+    pub fn no_space_refusal(&self) -> Option<EngineError> {
+        self.no_space.as_ref().map(|why| {
+            EngineError::NoSpace(format!(
+                "container {}: {why}; writes resume once the file system has room for a {}-byte log file",
+                self.cfg.container, self.cfg.file_bytes
+            ))
+        })
+    }
+
+    /// Drops every queued operation (none may be in flight) and undoes what accepting them
+    /// changed, so that each can be refused and sent again: the next flush cannot be
+    /// written (a full disk). Returns how many were dropped; their waiters are the
+    /// caller's to answer. Nothing durable is touched.
+    pub fn refuse_pending(&mut self) -> usize {
+        assert!(self.in_flight.is_none(), "queued operations are refused between flushes");
+        let ops: Vec<Pending> = self.pending.drain(..).collect();
+        self.pending_bytes = 0;
+        for p in ops.iter().rev() {
+            match &p.entry {
+                Some(LogEntry::Create { segment, name }) if self.segments.get(segment).is_some_and(|s| !s.created) => {
+                    self.segments.remove(segment);
+                    if self.by_name.get(name) == Some(segment) {
+                        self.by_name.remove(name);
+                    }
+                }
+                Some(LogEntry::Delete { segment }) => {
+                    if let Some(s) = self.segments.get(segment) {
+                        self.by_name.insert(s.name.clone(), *segment);
+                    }
+                }
+                Some(LogEntry::Merge { source, .. }) => {
+                    if let Some(s) = self.segments.get(source) {
+                        self.merging.remove(&s.name);
+                        self.by_name.insert(s.name.clone(), *source);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for s in self.segments.values_mut() {
+            s.sync_accepted();
+        }
+        ops.len()
     }
 
     pub fn is_poisoned(&self) -> bool {
@@ -493,6 +559,7 @@ impl ContainerCore {
                 if name.is_empty() || name.len() > u16::MAX as usize {
                     return Err(EngineError::BadRequest(format!("invalid segment name length {}", name.len())));
                 }
+                self.no_space_error()?;
                 if let Some(id) = self.by_name.get(&name) {
                     if self.segments[id].created {
                         return Err(EngineError::SegmentExists(name));
@@ -679,6 +746,7 @@ impl ContainerCore {
 
     /// Room for `len` more bytes of data: in the log's budget and in the queue.
     fn admit(&self, len: usize) -> Result<(), EngineError> {
+        self.no_space_error()?;
         if self.cfg.log_bytes_max != u64::MAX {
             // Files on disk (counted whole) plus everything queued must leave a file of room
             // for the next roll; beyond that the log waits for tier-2 to free files.
@@ -848,6 +916,38 @@ impl ContainerCore {
         self.poisoned_error()
     }
 
+    /// How many queued operations the next flush takes, and their payload bytes: in order,
+    /// at least one, then as many as fit the flush size cap.
+    fn next_batch(&self) -> (usize, usize) {
+        let (mut count, mut payload_len) = (0, 0usize);
+        for p in &self.pending {
+            let len = p.entry.as_ref().map_or(0, LogEntry::encoded_len);
+            if count > 0 && payload_len + len > self.cfg.flush_bytes_max {
+                break;
+            }
+            payload_len += len;
+            count += 1;
+        }
+        (count, payload_len)
+    }
+
+    /// The log file the next flush must roll into (the current one has no room for it, or
+    /// there is none yet), if any: the I/O layer has it ready before `begin_flush`, so a
+    /// file that cannot be created (a full disk) holds the flush back instead of failing it.
+    pub fn next_flush_file(&self) -> Option<u64> {
+        let (_, payload_len) = self.next_batch();
+        if payload_len == 0 {
+            return None;
+        }
+        let rec_len = RecordHeader::disk_len(payload_len);
+        let fits = self.file_pos.checked_add(rec_len).is_some_and(|end| end <= self.current_file_bytes);
+        match (fits, self.has_file) {
+            (true, _) => None,
+            (false, true) => Some(self.file_seq + 1),
+            (false, false) => Some(self.file_seq),
+        }
+    }
+
     /// Takes queued operations into a flush. `None` when nothing is queued. At most one
     /// flush may be in flight. An error poisons the container (the caller fails everything).
     pub fn begin_flush(&mut self) -> Result<Option<FlushPlan>, String> {
@@ -855,16 +955,8 @@ impl ContainerCore {
         if self.pending.is_empty() {
             return Ok(None);
         }
-        let mut ops = Vec::new();
-        let mut payload_len = 0usize;
-        while let Some(p) = self.pending.front() {
-            let len = p.entry.as_ref().map_or(0, LogEntry::encoded_len);
-            if !ops.is_empty() && payload_len + len > self.cfg.flush_bytes_max {
-                break;
-            }
-            payload_len += len;
-            ops.push(self.pending.pop_front().expect("front exists"));
-        }
+        let (count, payload_len) = self.next_batch();
+        let ops: Vec<_> = self.pending.drain(..count).collect();
         self.pending_bytes -= payload_len;
         let mut plan = FlushPlan { ops: ops.len(), ..FlushPlan::default() };
         let mut checkpoint = None;
@@ -1339,7 +1431,103 @@ impl ContainerCore {
 
 #[cfg(test)]
 mod tests {
-    use super::Prefill;
+    use super::*;
+
+    fn core() -> ContainerCore {
+        let cfg = CoreConfig {
+            container: 3,
+            file_bytes: 1 << 20,
+            flush_bytes_max: 64 << 10,
+            cache_bytes_max: 1 << 20,
+            pending_bytes_max: 1 << 20,
+            log_bytes_max: u64::MAX,
+            prefill: Prefill::Never,
+            writer_idle_ms: 0,
+        };
+        let mut c = ContainerCore::new(cfg, 1, 0);
+        c.set_now_ms(1);
+        c
+    }
+
+    fn append(name: &str, first: u64, data: &'static [u8]) -> Request {
+        Request::Append {
+            name: name.into(),
+            writer: 7,
+            first_event_number: first,
+            event_count: 0,
+            expected_offset: None,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    /// Flushes everything queued as if the write succeeded.
+    fn flush(c: &mut ContainerCore) {
+        while c.begin_flush().unwrap().is_some() {
+            c.complete_flush();
+        }
+    }
+
+    /// A full disk: writes are refused while it lasts, and queued operations dropped for it
+    /// leave the accepted state as the durable one (a resend is taken anew, not as a
+    /// duplicate; a refused create leaves no segment; a refused delete leaves it).
+    #[test]
+    fn refusing_queued_operations_restores_the_durable_state() {
+        let mut c = core();
+        for name in ["a", "gone"] {
+            c.submit(Request::Create { name: name.into() }).unwrap();
+        }
+        c.submit(append("a", 1, b"one")).unwrap();
+        flush(&mut c);
+        assert_eq!(c.next_flush_file(), None, "nothing queued");
+
+        c.submit(Request::Create { name: "b".into() }).unwrap();
+        c.submit(append("a", 2, b"two")).unwrap();
+        c.submit(Request::Delete { name: "gone".into() }).unwrap();
+        assert_eq!(c.next_flush_file(), None, "the batch fits the current file");
+        c.set_no_space(Some("no room".into()));
+        let e = c.submit(append("a", 3, b"three")).err().unwrap();
+        assert!(matches!(&e, EngineError::NoSpace(m) if m.contains("no room")), "{e}");
+        assert!(matches!(c.submit(Request::Create { name: "c".into() }), Err(EngineError::NoSpace(_))));
+        // What adds no data is still taken (it may be what frees space).
+        c.submit(Request::Seal { name: "a".into() }).unwrap();
+        assert_eq!(c.refuse_pending(), 4);
+        assert!(!c.has_pending());
+
+        c.set_no_space(None);
+        assert!(matches!(c.status("b"), Err(EngineError::NoSuchSegment(_))), "a refused create leaves nothing");
+        assert!(c.status("gone").is_ok(), "a refused delete leaves the segment");
+        let a = c.status("a").unwrap();
+        assert_eq!((a.length, a.sealed), (3, false));
+        // The refused append comes again and is new, not a duplicate of an accepted one.
+        let r = c.submit(append("a", 2, b"two"));
+        assert!(matches!(r, Ok(Submitted::Queued)), "resend after refusal: {r:?}");
+        c.submit(Request::Create { name: "b".into() }).unwrap();
+        flush(&mut c);
+        assert_eq!(c.status("a").unwrap().length, 6);
+        assert!(c.status("b").is_ok());
+    }
+
+    /// The flush that needs a new log file is known before it starts.
+    #[test]
+    fn the_next_flush_says_when_it_rolls() {
+        let mut c = core();
+        c.submit(Request::Create { name: "a".into() }).unwrap();
+        assert_eq!(c.next_flush_file(), Some(0), "the first flush creates the first file");
+        flush(&mut c);
+        let chunk: &'static [u8] = Box::leak(vec![b'x'; 60 << 10].into_boxed_slice());
+        let mut n = 1;
+        while c.next_flush_file().is_none() {
+            c.submit(append("a", n, chunk)).unwrap();
+            n += 1;
+            if c.next_flush_file().is_none() {
+                flush(&mut c);
+            }
+            assert!(n < 100, "a 1 MiB file never filled");
+        }
+        assert_eq!(c.next_flush_file(), Some(1));
+        let plan = c.begin_flush().unwrap().unwrap();
+        assert_eq!(plan.prepare, Some(1), "begin_flush rolls where next_flush_file said");
+    }
 
     #[test]
     fn prefill_modes_parse_and_decide() {

@@ -88,11 +88,47 @@ impl ReadData {
 pub(crate) struct Files {
     current: Option<Rc<DmaFile>>,
     current_seq: u64,
-    next: Option<(u64, glommio::task::JoinHandle<Result<DmaFile, String>>)>,
+    /// The next log file: being prepared, or ready.
+    next: Option<NextFile>,
     pub(crate) readers: HashMap<u64, Rc<DmaFile>>,
     /// Files being read to index them, with the reads waiting for that.
     indexing: HashMap<u64, Vec<oneshot::Sender<()>>>,
 }
+
+pub(crate) enum NextFile {
+    Preparing(u64, glommio::task::JoinHandle<Result<DmaFile, PrepareFailure>>),
+    Ready(u64, DmaFile),
+}
+
+/// Why a log file could not be prepared.
+pub(crate) struct PrepareFailure {
+    message: String,
+    /// The file system is full (`ENOSPC`, `EDQUOT`): worth retrying once space is freed.
+    no_space: bool,
+}
+
+impl PrepareFailure {
+    fn new<T>(what: &str, path: &Path, e: glommio::GlommioError<T>) -> Self
+    where
+        glommio::GlommioError<T>: std::fmt::Display,
+    {
+        let source = match &e {
+            glommio::GlommioError::IoError(s) | glommio::GlommioError::EnhancedIoError { source: s, .. } => {
+                s.raw_os_error()
+            }
+            _ => None,
+        };
+        let no_space = matches!(source, Some(libc::ENOSPC) | Some(libc::EDQUOT));
+        Self { message: io_err(what, path, e), no_space }
+    }
+
+    fn other(message: String) -> Self {
+        Self { message, no_space: false }
+    }
+}
+
+/// How often a container whose disk is full tries again to create its next log file.
+const NO_SPACE_RETRY: Duration = Duration::from_secs(1);
 
 pub struct Container {
     id: u32,
@@ -111,6 +147,10 @@ pub struct Container {
     pub(crate) tier2: Option<Tier2State>,
     /// A stop requested while a flush ran, applied by the flush loop between flushes.
     stop_reason: RefCell<Option<String>>,
+    /// A log file is being prepared.
+    preparing: Cell<bool>,
+    /// When preparing the last log file failed for want of space (cleared by a success).
+    no_space_since: Cell<Option<Instant>>,
 }
 
 /// A shard's I/O budget (flushes per second), as a GCRA rate limiter: a burst of up to
@@ -263,8 +303,9 @@ async fn write_zeroes(file: &DmaFile, len: u64) -> bool {
 /// Creates log file `seq`: its blocks allocated (with `zero_fill`, also zeroed as written
 /// blocks, so later durable writes carry no allocation metadata: by `FALLOC_FL_WRITE_ZEROES`
 /// where supported, else by writing zeros), the header block written, fdatasync, directory
-/// fsync. See `Prefill`.
-async fn prepare_log_file(dir: PathBuf, header: FileHeader, zero_fill: bool) -> Result<DmaFile, String> {
+/// fsync. See `Prefill`. A file that cannot be made whole (a full disk) is removed again:
+/// no log file is ever used without all its blocks.
+async fn prepare_log_file(dir: PathBuf, header: FileHeader, zero_fill: bool) -> Result<DmaFile, PrepareFailure> {
     let path = dir.join(file_name(header.seq));
     let f = OpenOptions::new()
         .read(true)
@@ -272,10 +313,29 @@ async fn prepare_log_file(dir: PathBuf, header: FileHeader, zero_fill: bool) -> 
         .create_new(true)
         .dma_open(&path)
         .await
-        .map_err(|e| io_err("creating", &path, e))?;
-    let zeroed = zero_fill && write_zeroes(&f, header.file_bytes).await;
-    if !zeroed {
-        let _ = f.pre_allocate(header.file_bytes, false).await;
+        .map_err(|e| PrepareFailure::new("creating", &path, e))?;
+    let filled = fill_log_file(&f, &header, zero_fill, &path).await;
+    let _ = f.close().await;
+    if let Err(failure) = filled {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing a log file that could not be prepared");
+        }
+        return Err(failure);
+    }
+    sync_dir(&dir).await.map_err(PrepareFailure::other)?;
+    open_log_for_writing(&path).await.map_err(PrepareFailure::other)
+}
+
+/// Allocates (and zero-fills) a new log file's blocks and writes its header block, durably.
+async fn fill_log_file(f: &DmaFile, header: &FileHeader, zero_fill: bool, path: &Path) -> Result<(), PrepareFailure> {
+    let zeroed = zero_fill && write_zeroes(f, header.file_bytes).await;
+    if !zeroed && let Err(e) = f.pre_allocate(header.file_bytes, false).await {
+        // A file system without fallocate allocates as the file is written; a full one
+        // must not hand out a file whose later writes would fail.
+        let failure = PrepareFailure::new("allocating", path, e);
+        if failure.no_space {
+            return Err(failure);
+        }
     }
     // Without zeroing by allocation, zero-fill by writes (or just write the header block).
     let end = if zero_fill && !zeroed { header.file_bytes } else { FILE_HEADER_BYTES };
@@ -287,13 +347,16 @@ async fn prepare_log_file(dir: PathBuf, header: FileHeader, zero_fill: bool) -> 
         if pos == 0 {
             header.encode(&mut buf.as_bytes_mut()[..FILE_HEADER_BYTES as usize]);
         }
-        write_all_at(&f, buf, pos, &path).await?;
+        let written = f.write_at(buf, pos).await.map_err(|e| PrepareFailure::new("writing", path, e))?;
+        if written != n {
+            return Err(PrepareFailure::other(format!(
+                "short write to {}: {written} of {n} bytes at {pos}",
+                path.display()
+            )));
+        }
         pos += n as u64;
     }
-    f.fdatasync().await.map_err(|e| io_err("syncing", &path, e))?;
-    let _ = f.close().await;
-    sync_dir(&dir).await?;
-    open_log_for_writing(&path).await
+    f.fdatasync().await.map_err(|e| PrepareFailure::new("syncing", path, e))
 }
 
 /// Opens a log file for records: O_DIRECT and O_DSYNC, so a write is durable (data and
@@ -489,6 +552,8 @@ impl Container {
             pacer,
             tier2: tier2.map(|t| Tier2State::new(t, owned)),
             stop_reason: RefCell::new(None),
+            preparing: Cell::new(false),
+            no_space_since: Cell::new(None),
         });
         if container.tier2.is_some() {
             container.start_mover();
@@ -551,8 +616,10 @@ impl Container {
     ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
         // End the borrow before spawning: glommio may run a new task at once.
         let submitted = self.core.borrow_mut().submit(req);
-        if let Err(EngineError::LogFull(_)) = &submitted {
-            self.wake_mover();
+        match &submitted {
+            Err(EngineError::LogFull(_)) => self.wake_mover(),
+            Err(EngineError::NoSpace(_)) => self.retry_after_no_space(),
+            _ => {}
         }
         let submitted = submitted?;
         let state = match submitted {
@@ -588,6 +655,16 @@ impl Container {
             let wait = self.pacer.delay();
             if !wait.is_zero() {
                 glommio::timer::sleep(wait).await;
+            }
+            // A flush that rolls into a new log file waits for it. On a full disk the queued
+            // operations are refused (`NoSpace`, which writers retry) rather than left
+            // waiting for space that may never come; nothing durable is touched.
+            let roll = self.core.borrow().next_flush_file();
+            if let Some(seq) = roll
+                && self.ready_next_file(seq).await.is_err()
+            {
+                self.refuse_queued();
+                continue;
             }
             let plan = {
                 let mut core = self.core.borrow_mut();
@@ -655,6 +732,20 @@ impl Container {
         self.flushing.set(false);
     }
 
+    /// Refuses every queued operation with the disk-full error (between flushes).
+    fn refuse_queued(&self) {
+        let mut core = self.core.borrow_mut();
+        let n = core.refuse_pending();
+        let err = core.no_space_refusal().unwrap_or_else(|| EngineError::NoSpace("the disk is full".into()));
+        drop(core);
+        let mut waiters = self.waiters.borrow_mut();
+        for _ in 0..n.min(waiters.len()) {
+            let w = waiters.pop_front().expect("counted");
+            let _ = w.send(Err(err.clone()));
+        }
+        tracing::warn!(container = self.id, refused = n, "disk full: queued operations refused");
+    }
+
     fn fail_waiters(&self, n: usize, reason: &str) {
         let err = self
             .core
@@ -669,7 +760,7 @@ impl Container {
     }
 
     /// Starts preparing log file `seq`.
-    fn start_prepare(&self, seq: u64) {
+    fn start_prepare(self: &Rc<Self>, seq: u64) {
         let (header, zero_fill) = {
             let core = self.core.borrow();
             let cfg = core.config();
@@ -677,16 +768,86 @@ impl Container {
             (header, cfg.prefill.zero_fill(self.flush_mean.get()))
         };
         tracing::debug!(container = self.id, seq, mean_flush = self.flush_mean.get(), zero_fill, "preparing log file");
-        let task = glommio::spawn_local(prepare_log_file(self.dir.clone(), header, zero_fill)).detach();
-        self.files.borrow_mut().next = Some((seq, task));
+        self.preparing.set(true);
+        let container = Rc::downgrade(self);
+        let prepare = prepare_log_file(self.dir.clone(), header, zero_fill);
+        let task = glommio::spawn_local(async move {
+            let result = prepare.await;
+            if let Some(c) = container.upgrade() {
+                c.preparing.set(false);
+                c.prepared(seq, &result);
+            }
+            result
+        })
+        .detach();
+        self.files.borrow_mut().next = Some(NextFile::Preparing(seq, task));
     }
 
-    async fn take_prepared(&self, seq: u64) -> Result<DmaFile, String> {
-        if self.files.borrow().next.as_ref().is_none_or(|(s, _)| *s != seq) {
+    /// A preparation ended: a full disk refuses new writes until a later one succeeds.
+    fn prepared(&self, seq: u64, result: &Result<DmaFile, PrepareFailure>) {
+        match result {
+            Ok(_) if self.no_space_since.take().is_some() => {
+                tracing::info!(container = self.id, seq, "log file created: the disk has room again, writes resume");
+                self.core.borrow_mut().set_no_space(None);
+            }
+            Ok(_) => {}
+            Err(f) if f.no_space => {
+                if self.no_space_since.replace(Some(Instant::now())).is_none() {
+                    tracing::error!(
+                        container = self.id,
+                        reason = %f.message,
+                        "disk full: no room for the next log file; writes are refused until space is freed"
+                    );
+                }
+                self.core.borrow_mut().set_no_space(Some(f.message.clone()));
+            }
+            Err(f) => tracing::warn!(container = self.id, reason = %f.message, "preparing a log file failed"),
+        }
+    }
+
+    /// Log file `seq`, prepared (started now unless it is on its way or ready).
+    async fn take_prepared(self: &Rc<Self>, seq: u64) -> Result<DmaFile, PrepareFailure> {
+        let next = self.files.borrow_mut().next.take();
+        let task = match next {
+            Some(NextFile::Ready(s, f)) if s == seq => return Ok(f),
+            Some(NextFile::Preparing(s, task)) if s == seq => task,
+            _ => {
+                self.start_prepare(seq);
+                match self.files.borrow_mut().next.take() {
+                    Some(NextFile::Preparing(_, task)) => task,
+                    _ => unreachable!("just started"),
+                }
+            }
+        };
+        task.await.unwrap_or_else(|| Err(PrepareFailure::other("log file preparation was cancelled".into())))
+    }
+
+    /// Has log file `seq` ready for the flush that rolls into it. `Err` only for a full
+    /// disk: the flush waits (its operations stay queued) and tries again later.
+    async fn ready_next_file(self: &Rc<Self>, seq: u64) -> Result<(), PrepareFailure> {
+        match self.take_prepared(seq).await {
+            Ok(f) => {
+                self.files.borrow_mut().next = Some(NextFile::Ready(seq, f));
+                Ok(())
+            }
+            Err(f) if f.no_space => Err(f),
+            // Anything else fails the flush as it always did (the roll prepares again).
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A write was refused for want of space: try again to create the next log file (at
+    /// most every `NO_SPACE_RETRY`), so that freed space is noticed without a flush.
+    fn retry_after_no_space(self: &Rc<Self>) {
+        let due = self.no_space_since.get().is_some_and(|t| t.elapsed() >= NO_SPACE_RETRY);
+        if due && !self.preparing.get() {
+            self.no_space_since.set(Some(Instant::now()));
+            let seq = {
+                let core = self.core.borrow();
+                if self.files.borrow().current.is_some() { core.current_file() + 1 } else { core.current_file() }
+            };
             self.start_prepare(seq);
         }
-        let (_, task) = self.files.borrow_mut().next.take().expect("just started");
-        task.await.unwrap_or_else(|| Err("log file preparation was cancelled".into()))
     }
 
     async fn write_step(
@@ -709,9 +870,9 @@ impl Container {
         write_all_at(file, buf, step.pos, &path).await
     }
 
-    async fn execute(&self, plan: &FlushPlan) -> Result<(), String> {
+    async fn execute(self: &Rc<Self>, plan: &FlushPlan) -> Result<(), String> {
         if let Some(seq) = plan.prepare {
-            let f = Rc::new(self.take_prepared(seq).await?);
+            let f = Rc::new(self.take_prepared(seq).await.map_err(|f| f.message)?);
             let mut files = self.files.borrow_mut();
             if let Some(old) = files.current.replace(f) {
                 let old_seq = files.current_seq;
