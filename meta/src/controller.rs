@@ -153,6 +153,7 @@ impl ControllerError {
             ControllerError::ScaleInProgress(_) | ControllerError::Busy(_) => ErrorCode::Conflict,
             ControllerError::NoSuchTxn(_) => ErrorCode::NoSuchTxn,
             ControllerError::TxnNotOpen(_) => ErrorCode::TxnNotOpen,
+            ControllerError::Meta(MetaError::NoSpace(_)) => ErrorCode::NoSpace,
             ControllerError::Meta(_) => ErrorCode::Internal,
         }
     }

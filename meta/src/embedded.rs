@@ -74,6 +74,9 @@ struct State {
     dir: PathBuf,
     file: File,
     file_bytes: u64,
+    /// When a compaction last failed before replacing the file (a full disk): the next
+    /// attempt waits `COMPACT_RETRY`, and the store goes on with the file it has.
+    compact_failed_at: Option<Instant>,
     map: BTreeMap<String, Versioned>,
     watchers: Vec<(String, mpsc::UnboundedSender<Result<WatchEvent, MetaError>>)>,
     /// Leased keys live in memory only: like their leases, they do not survive a restart.
@@ -186,6 +189,9 @@ fn replay(bytes: &[u8]) -> (BTreeMap<String, Versioned>, usize) {
     (map, pos)
 }
 
+/// How long after a failed compaction the next is tried.
+const COMPACT_RETRY: Duration = Duration::from_secs(10);
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -198,6 +204,12 @@ impl State {
         }
         let io = |e: std::io::Error| MetaError::Io(e.to_string());
         if let Err(e) = self.file.write_all(rec) {
+            // A full disk: cut off what part of the record went in, and the store goes on
+            // (the change is refused, nothing before it is touched).
+            let full = matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded);
+            if full && self.file.set_len(self.file_bytes).is_ok() {
+                return Err(MetaError::NoSpace(e.to_string()));
+            }
             // A partial record may sit at the end of the file: nothing more may follow it.
             let e = io(e);
             self.failed = Some(e.clone());
@@ -243,16 +255,34 @@ impl State {
         if self.file_bytes < COMPACT_BYTES_MIN || self.file_bytes < 4 * live {
             return Ok(());
         }
+        if self.compact_failed_at.is_some_and(|t| t.elapsed() < COMPACT_RETRY) {
+            return Ok(());
+        }
         let io = |e: std::io::Error| MetaError::Io(e.to_string());
         let tmp = self.dir.join("meta.log.tmp");
-        let mut f = File::create(&tmp).map_err(io)?;
-        let mut bytes = 0;
-        for (k, v) in self.map.iter().filter(|(k, _)| !self.leased_keys.contains_key(*k)) {
-            let rec = encode(1, k, v.version, &v.value);
-            f.write_all(&rec).map_err(io)?;
-            bytes += rec.len() as u64;
-        }
-        f.sync_all().map_err(io)?;
+        // Until the rename the old file is whole: a failure here (a full disk) only skips
+        // this compaction.
+        let written = (|| -> std::io::Result<u64> {
+            let mut f = File::create(&tmp)?;
+            let mut bytes = 0;
+            for (k, v) in self.map.iter().filter(|(k, _)| !self.leased_keys.contains_key(*k)) {
+                let rec = encode(1, k, v.version, &v.value);
+                f.write_all(&rec)?;
+                bytes += rec.len() as u64;
+            }
+            f.sync_all()?;
+            Ok(bytes)
+        })();
+        let bytes = match written {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(error = %e, "compacting the metadata log failed; keeping the current one");
+                self.compact_failed_at = Some(Instant::now());
+                return Ok(());
+            }
+        };
+        self.compact_failed_at = None;
         std::fs::rename(&tmp, self.dir.join(FILE_NAME)).map_err(io)?;
         sync_dir(&self.dir).map_err(io)?;
         self.file = OpenOptions::new().append(true).open(self.dir.join(FILE_NAME)).map_err(io)?;
@@ -268,8 +298,8 @@ impl State {
             return Err(MetaError::Conflict { key, expected, actual });
         }
         let version = actual + 1;
-        self.detach_lease(&key);
         self.append(&encode(1, &key, version, &value))?;
+        self.detach_lease(&key);
         self.notify(&key, Some(&value), version);
         self.map.insert(key, Versioned { value, version });
         Ok(version)
@@ -490,6 +520,7 @@ impl EmbeddedStore {
             dir: dir.to_path_buf(),
             file,
             file_bytes: valid as u64,
+            compact_failed_at: None,
             map,
             watchers: Vec::new(),
             leases: HashMap::new(),

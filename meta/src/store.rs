@@ -100,6 +100,9 @@ pub enum MetaError {
     Conflict { key: String, expected: u64, actual: u64 },
     #[error("metadata store I/O error: {0}")]
     Io(String),
+    /// The disk is full: the change was not made (the store keeps working).
+    #[error("no space left for the metadata log: {0}")]
+    NoSpace(String),
     #[error("metadata store is closed")]
     Closed,
     #[error("corrupt metadata: {0}")]

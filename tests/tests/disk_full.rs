@@ -40,7 +40,8 @@ impl LoopMount {
                 Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
             }
         };
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))?;
+        // No blocks reserved for root (the test runs as root): full means full.
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&image))?;
         run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&dir))?;
         Ok(LoopMount { dir, image })
     }
@@ -58,11 +59,27 @@ impl Drop for LoopMount {
 
 /// A file holding `mib` MiB of allocated blocks.
 fn filler(path: &Path, mib: u64) {
+    assert!(allocate(path, mib << 20), "fallocate {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+fn allocate(path: &Path, bytes: u64) -> bool {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::create(path).unwrap();
     // SAFETY: fallocate on a descriptor we own, for the duration of the call.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, (mib << 20) as libc::off_t) };
-    assert_eq!(rc, 0, "fallocate {}: {}", path.display(), std::io::Error::last_os_error());
+    unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, bytes as libc::off_t) == 0 }
+}
+
+/// Takes whatever room is left on the file system of `path`'s directory.
+fn fill_up(path: &Path) {
+    let dir = std::ffi::CString::new(path.parent().unwrap().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(dir.as_ptr(), &mut st) }, 0);
+    let mut bytes = st.f_bavail * st.f_frsize;
+    // The file's own extent blocks take a little: shrink until it fits.
+    while bytes > 0 && !allocate(path, bytes) {
+        bytes = bytes.saturating_sub(64 << 10);
+    }
 }
 
 fn payload(k: u64, s: u64) -> Vec<u8> {
@@ -164,6 +181,23 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     assert!(is_no_space(&e), "{e}");
     drop(writer);
 
+    // Metadata changes: refused with the same error once the disk has no byte left (the log
+    // files need more than what a removed half-made one left), and the metadata store keeps
+    // working (checked once space is back).
+    fill_up(&mnt.dir.join("filler2"));
+    let mut meta_refused = None;
+    for i in 0..2_000 {
+        match client.create_scope(&format!("s{i:04}-{}", "x".repeat(40))).await {
+            Ok(()) => {}
+            Err(e) => {
+                meta_refused = Some(e);
+                break;
+            }
+        }
+    }
+    let meta_refused = meta_refused.expect("metadata writes fill the disk too");
+    assert!(is_no_space(&meta_refused), "{meta_refused}");
+
     // SIGKILL and restart on the full disk: it starts, and serves every acknowledged event.
     server.kill();
     server.restart();
@@ -179,6 +213,7 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
 
     // Free space: writes resume without a restart (the server tries again every second).
     std::fs::remove_file(mnt.dir.join("filler")).unwrap();
+    std::fs::remove_file(mnt.dir.join("filler2")).unwrap();
     let client = Client::connect_with(&url, config).await.unwrap();
     let writer = client.event_writer("full/events").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -209,6 +244,10 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
         acked.insert(ks);
     }
     drop(writer);
+
+    // The metadata store took changes again without a restart.
+    client.create_scope("after").await.unwrap();
+    client.create_stream("after", "s", 2).await.unwrap();
 
     // And all of it survives a SIGKILL.
     server.kill();

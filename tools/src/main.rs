@@ -406,11 +406,23 @@ fn join_cluster(
             }
             Err(e) => {
                 let left = deadline.saturating_duration_since(std::time::Instant::now()).as_secs();
-                eprintln!("etcd at {etcd} is unreachable ({e}); retrying for {left} more s");
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr(),
+                    format_args!("etcd at {etcd} is unreachable ({e}); retrying for {left} more s\n"),
+                );
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
         }
     }
+}
+
+/// A running server's status line on stdout. Unlike `println!`, it never panics: a server
+/// whose output goes to a full disk or a closed pipe keeps serving.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 fn node(a: NodeArgs) -> Result<(), String> {
@@ -430,7 +442,7 @@ fn node(a: NodeArgs) -> Result<(), String> {
     let (url, active) = (node.endpoints[0].address.clone(), node.controller_flag());
     spawn_duties(url, &a.engine, active)?;
     let ports: Vec<&str> = node.endpoints.iter().map(|e| e.address.as_str()).collect();
-    println!(
+    say!(
         "sluice node {} of cluster {} ready in {:.2?}: {} shards on {}, {} containers in the cluster, tier-2 {}",
         a.node_id,
         a.cluster,
@@ -441,11 +453,11 @@ fn node(a: NodeArgs) -> Result<(), String> {
         a.engine.tier2.as_deref().unwrap_or("off")
     );
     if let Some(sig) = signals.forever().next() {
-        println!("signal {sig}: handing containers off and leaving the cluster");
+        say!("signal {sig}: handing containers off and leaving the cluster");
     }
     let t = std::time::Instant::now();
     node.shutdown();
-    println!("stopped in {:.2?}", t.elapsed());
+    say!("stopped in {:.2?}", t.elapsed());
     Ok(())
 }
 
@@ -457,7 +469,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     let started = std::time::Instant::now();
     let node = sluice_engine::shard::Node::start(cfg.clone())?;
     let ports: Vec<&str> = node.endpoints.iter().map(|e| e.address.as_str()).collect();
-    println!(
+    say!(
         "sluice standalone ready in {:.2?}: {} shards on {}, {} containers, data in {}, tier-2 {}",
         started.elapsed(),
         cores,
@@ -468,10 +480,10 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     );
     let url = node.endpoints[0].address.clone();
     spawn_duties(url, &a, || true)?;
-    println!("try:  sluice scope create demo && sluice stream create demo/events --segments 4");
-    println!("      echo hello | sluice write demo/events --key k1 && sluice read demo/events --timeout-ms 1000");
+    say!("try:  sluice scope create demo && sluice stream create demo/events --segments 4");
+    say!("      echo hello | sluice write demo/events --key k1 && sluice read demo/events --timeout-ms 1000");
     if let Some(sig) = signals.forever().next() {
-        println!("signal {sig}: stopping");
+        say!("signal {sig}: stopping");
     }
     node.stop();
     Ok(())
