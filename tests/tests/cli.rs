@@ -68,6 +68,9 @@ fn cli_end_to_end() {
     let describe = run(&["stream", "describe", "demo/ev"]);
     assert!(describe.contains("active") && describe.lines().count() == 7, "{describe}");
     assert!(describe.contains("epoch 0") && describe.contains("segments 0 1 2"), "{describe}");
+    // Epochs carry their time of creation, readable (UTC).
+    let epoch_line = describe.lines().find(|l| l.trim_start().starts_with("0  at ")).expect("epoch 0's line");
+    assert!(epoch_line.contains(" UTC  segments 0 1 2") && epoch_line.contains("at 20"), "{describe}");
     assert!(describe.contains("retention none") && describe.contains("in tier-2"), "{describe}");
     // Each segment's container and the shard that serves it: a new data directory spreads a
     // stream's segments over consecutive containers, so the three take both shards in turn.

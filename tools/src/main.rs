@@ -523,12 +523,11 @@ fn print_epochs(history: &sluice_net::StreamHistory) {
             let created = list(e.segments.iter().filter(|n| !previous.contains(n)).collect());
             format!("sealed {sealed} -> created {created}")
         };
-        println!(
-            "{:>6}  at {} ms  segments {:<24}  {change}",
-            e.epoch,
-            e.created_unix_ms,
-            list(e.segments.iter().collect())
-        );
+        let at = i64::try_from(e.created_unix_ms)
+            .ok()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or_else(|| format!("{} ms", e.created_unix_ms), |t| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string());
+        println!("{:>6}  at {at}  segments {:<24}  {change}", e.epoch, list(e.segments.iter().collect()));
         previous = &e.segments;
     }
 }
