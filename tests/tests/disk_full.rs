@@ -107,6 +107,19 @@ async fn read_all(url: &str) -> HashSet<(u64, u64)> {
     seen
 }
 
+/// The stream holds exactly the acknowledged events, each once, in per-key order.
+async fn read_exactly(url: &str, acked: &HashSet<(u64, u64)>) {
+    let seen = read_all(url).await;
+    let missing: Vec<_> = acked.difference(&seen).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        missing.len(),
+        &missing[..5.min(missing.len())]
+    );
+    assert_eq!(seen.len(), acked.len(), "events read that were never acknowledged");
+}
+
 fn is_no_space(e: &ClientError) -> bool {
     e.code() == Some(ErrorCode::NoSpace)
 }
@@ -201,15 +214,7 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     // SIGKILL and restart on the full disk: it starts, and serves every acknowledged event.
     server.kill();
     server.restart();
-    let seen = read_all(&url).await;
-    let missing: Vec<_> = acked.difference(&seen).collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged events lost, e.g. {:?}",
-        missing.len(),
-        &missing[..5.min(missing.len())]
-    );
-    assert_eq!(seen.len(), acked.len(), "events read that were never acknowledged");
+    read_exactly(&url, &acked).await;
 
     // Free space: writes resume without a restart (the server tries again every second).
     std::fs::remove_file(mnt.dir.join("filler")).unwrap();
@@ -252,14 +257,6 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     // And all of it survives a SIGKILL.
     server.kill();
     server.restart();
-    let seen = read_all(&url).await;
-    let missing: Vec<_> = acked.difference(&seen).collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged events lost, e.g. {:?}",
-        missing.len(),
-        &missing[..5.min(missing.len())]
-    );
-    assert_eq!(seen.len(), acked.len(), "events read that were never acknowledged");
+    read_exactly(&url, &acked).await;
     drop(server);
 }
