@@ -249,14 +249,6 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
                 return Err("closed after a refused append".into());
             }
             Ok(Dispatched::Later(fut)) => {
-                let tx = tx.clone();
-                glommio::spawn_local(async move {
-                    let rep = fut.await;
-                    let _ = tx.unbounded_send((rep, permit));
-                })
-                .detach();
-            }
-            Ok(Dispatched::LaterMayClose(fut)) => {
                 let (tx, refused) = (tx.clone(), refused.clone());
                 glommio::spawn_local(async move {
                     let (rep, close) = fut.await;
@@ -278,14 +270,13 @@ enum Dispatched {
     Now(Reply),
     /// Answer, then close the connection.
     Close(Reply),
-    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
     /// Answer later; `true` with the answer: an append was refused after it was queued
     /// (a full disk), so the connection takes no further request.
-    LaterMayClose(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
 }
 
 fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
-    Dispatched::Later(Box::pin(f))
+    Dispatched::Later(Box::pin(async move { (f.await, false) }))
 }
 
 /// Routes a segment request to its local container, or answers `WrongHost`.
@@ -308,7 +299,7 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
                 Err(e) => return Dispatched::Now(engine_error(id, &e)),
             };
             let read_at = Instant::now();
-            Dispatched::LaterMayClose(Box::pin(async move {
+            Dispatched::Later(Box::pin(async move {
                 let result = fut.await;
                 // Refused after it was queued: later requests of this connection must not
                 // overtake it (the client resends them all, in order, on a new one).

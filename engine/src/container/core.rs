@@ -460,10 +460,6 @@ impl ContainerCore {
         self.no_space = why;
     }
 
-    pub fn is_out_of_space(&self) -> bool {
-        self.no_space.is_some()
-    }
-
     fn no_space_error(&self) -> Result<(), EngineError> {
         match self.no_space_refusal() {
             Some(e) => Err(e),
@@ -935,17 +931,20 @@ impl ContainerCore {
     /// there is none yet), if any: the I/O layer has it ready before `begin_flush`, so a
     /// file that cannot be created (a full disk) holds the flush back instead of failing it.
     pub fn next_flush_file(&self) -> Option<u64> {
-        let (_, payload_len) = self.next_batch();
-        if payload_len == 0 {
+        let fits = |payload_len: usize| {
+            let rec_len = RecordHeader::disk_len(payload_len);
+            payload_len == 0 || self.file_pos.checked_add(rec_len).is_some_and(|end| end <= self.current_file_bytes)
+        };
+        // Everything queued fits (the common case, no walk over the queue); else the batch.
+        if fits(self.pending_bytes) || fits(self.next_batch().1) {
             return None;
         }
-        let rec_len = RecordHeader::disk_len(payload_len);
-        let fits = self.file_pos.checked_add(rec_len).is_some_and(|end| end <= self.current_file_bytes);
-        match (fits, self.has_file) {
-            (true, _) => None,
-            (false, true) => Some(self.file_seq + 1),
-            (false, false) => Some(self.file_seq),
-        }
+        Some(self.next_file_seq())
+    }
+
+    /// The sequence number of the log file the next roll creates.
+    pub fn next_file_seq(&self) -> u64 {
+        if self.has_file { self.file_seq + 1 } else { self.file_seq }
     }
 
     /// Takes queued operations into a flush. `None` when nothing is queued. At most one
@@ -967,7 +966,7 @@ impl ContainerCore {
             let (seq, pos) = if fits {
                 (self.file_seq, self.file_pos)
             } else {
-                let seq = if self.has_file { self.file_seq + 1 } else { self.file_seq };
+                let seq = self.next_file_seq();
                 plan.writers_forgotten = self.forget_idle_writers();
                 let ck = self.checkpoint_state().encode();
                 let ck_len = RecordHeader::disk_len(ck.len());

@@ -842,10 +842,7 @@ impl Container {
         let due = self.no_space_since.get().is_some_and(|t| t.elapsed() >= NO_SPACE_RETRY);
         if due && !self.preparing.get() {
             self.no_space_since.set(Some(Instant::now()));
-            let seq = {
-                let core = self.core.borrow();
-                if self.files.borrow().current.is_some() { core.current_file() + 1 } else { core.current_file() }
-            };
+            let seq = self.core.borrow().next_file_seq();
             self.start_prepare(seq);
         }
     }
