@@ -3,7 +3,9 @@
 //! Writes that find no room for the next log file get the typed `NoSpace` error and nothing
 //! acknowledged is lost; the server starts and serves reads on the full disk; once space is
 //! freed, writes resume without a restart; after SIGKILL every acknowledged event is there
-//! once, in per-key order.
+//! once, in per-key order. A current log file with unallocated blocks (as older builds
+//! could leave one) on a full disk gets writes refused with `NoSpace`, not a failed write.
+//! The server's own output goes to the full disk too: lines are lost, the server is not.
 
 use sluice_client::{Client, ClientConfig, ClientError, ReadFrom};
 use sluice_net::ErrorCode;
@@ -76,9 +78,71 @@ fn fill_up(path: &Path) {
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     assert_eq!(unsafe { libc::statvfs(dir.as_ptr(), &mut st) }, 0);
     let mut bytes = st.f_bavail * st.f_frsize;
-    // The file's own extent blocks take a little: shrink until it fits.
+    // The file's own extent blocks take a little: shrink until it fits, then take the
+    // crumbs left by the coarse steps, block by block.
     while bytes > 0 && !allocate(path, bytes) {
         bytes = bytes.saturating_sub(64 << 10);
+    }
+    let crumbs = path.with_extension("crumbs");
+    let mut bytes = 64u64 << 10;
+    while bytes > 0 && !allocate(&crumbs, bytes) {
+        bytes = bytes.saturating_sub(4 << 10);
+    }
+}
+
+/// Frees the blocks of the newest log file of container 0 from just past its last written
+/// byte (rounded up to 64 KiB) to its end, as a log file made by an older build could be
+/// left when its `fallocate` failed. Returns how many bytes are now a hole.
+fn punch_tail_of_current_log(data: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let dir = data.join("containers").join("0000");
+    let newest = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max()
+        .expect("a log file");
+    let bytes = std::fs::read(&newest).unwrap();
+    let used = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1);
+    let from = used.div_ceil(64 << 10) * (64 << 10);
+    let len = (bytes.len() as u64).saturating_sub(from);
+    let f = std::fs::OpenOptions::new().write(true).open(&newest).unwrap();
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a descriptor we own, for the duration of the call.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, from as libc::off_t, len as libc::off_t) };
+    assert_eq!(rc, 0, "punching {}: {}", newest.display(), std::io::Error::last_os_error());
+    len
+}
+
+/// Writes key 0's next event until one is acknowledged (space was just freed: the server
+/// notices within a second or so), then 2,000 more over every key, all acknowledged.
+async fn writes_resume(writer: &sluice_client::EventWriter, seq: &mut [u64], acked: &mut HashSet<(u64, u64)>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let k = 0u64;
+        let s = seq[0];
+        seq[0] += 1;
+        match writer.write_event(&k.to_le_bytes(), payload(k, s)).await {
+            Ok(()) => {
+                acked.insert((k, s));
+                break;
+            }
+            Err(e) if is_no_space(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("writes did not resume after space was freed: {e}"),
+        }
+    }
+    let mut acks = Vec::new();
+    for i in 0..2_000u64 {
+        let k = i % KEYS;
+        let s = seq[k as usize];
+        seq[k as usize] += 1;
+        acks.push(((k, s), writer.write_event(&k.to_le_bytes(), payload(k, s))));
+    }
+    for (ks, ack) in acks {
+        ack.await.expect("writes resumed");
+        acked.insert(ks);
     }
 }
 
@@ -137,6 +201,8 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     filler(&mnt.dir.join("filler"), 24);
     // One container with 8 MiB log files: the disk fills after a few of them.
     let extra = ["--containers-per-core", "1", "--log-file-mb", "8"];
+    // The server's output goes to the full disk too (`data.log` beside the data directory):
+    // log lines that find no room are lost, the server goes on.
     let mut server = Server::start_with(&mnt.dir.join("data"), free_ports(1), 1, &extra);
     let url = server.url();
     // Writers give up on a refused write after 2 s of retries (a minute by default).
@@ -219,35 +285,10 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     // Free space: writes resume without a restart (the server tries again every second).
     std::fs::remove_file(mnt.dir.join("filler")).unwrap();
     std::fs::remove_file(mnt.dir.join("filler2")).unwrap();
-    let client = Client::connect_with(&url, config).await.unwrap();
+    std::fs::remove_file(mnt.dir.join("filler2.crumbs")).unwrap();
+    let client = Client::connect_with(&url, config.clone()).await.unwrap();
     let writer = client.event_writer("full/events").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let k = 0u64;
-        let s = seq[0];
-        seq[0] += 1;
-        match writer.write_event(&k.to_le_bytes(), payload(k, s)).await {
-            Ok(()) => {
-                acked.insert((k, s));
-                break;
-            }
-            Err(e) if is_no_space(&e) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("writes did not resume after space was freed: {e}"),
-        }
-    }
-    let mut acks = Vec::new();
-    for i in 0..2_000u64 {
-        let k = i % KEYS;
-        let s = seq[k as usize];
-        seq[k as usize] += 1;
-        acks.push(((k, s), writer.write_event(&k.to_le_bytes(), payload(k, s))));
-    }
-    for (ks, ack) in acks {
-        ack.await.expect("writes resumed");
-        acked.insert(ks);
-    }
+    writes_resume(&writer, &mut seq, &mut acked).await;
     drop(writer);
 
     // The metadata store took changes again without a restart.
@@ -255,6 +296,27 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     client.create_stream("after", "s", 2).await.unwrap();
 
     // And all of it survives a SIGKILL.
+    server.kill();
+    server.restart();
+    read_exactly(&url, &acked).await;
+
+    // A current log file with unallocated blocks (older builds left one when `fallocate`
+    // failed) on a full disk: the restarted server must not write into the hole (the write
+    // would fail and poison the container) but refuse with NoSpace, and resume once space
+    // is freed.
+    server.kill();
+    let hole = punch_tail_of_current_log(&mnt.dir.join("data"));
+    assert!(hole >= 1 << 20, "only {hole} bytes of the current log file were unused");
+    fill_up(&mnt.dir.join("filler3"));
+    server.restart();
+    let client = Client::connect_with(&url, config).await.unwrap();
+    let writer = client.event_writer("full/events").await.unwrap();
+    let e = writer.write_event(b"hole", payload(98, 0)).await.unwrap_err();
+    assert!(is_no_space(&e), "a write facing an unallocated log file on a full disk: {e}");
+    std::fs::remove_file(mnt.dir.join("filler3")).unwrap();
+    std::fs::remove_file(mnt.dir.join("filler3.crumbs")).unwrap();
+    writes_resume(&writer, &mut seq, &mut acked).await;
+    drop(writer);
     server.kill();
     server.restart();
     read_exactly(&url, &acked).await;

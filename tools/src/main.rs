@@ -677,6 +677,23 @@ fn restore_sigpipe() {
     }
 }
 
+/// Standard error for log lines, never failing: a line that cannot be written (stderr
+/// redirected to a full disk) is dropped. tracing-subscriber reports a failed write with
+/// `eprintln!`, which panics when stderr fails too, and a panic stops the server.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
     // A panic is a broken invariant: stop the whole process (a node recovers from its logs
     // on restart) rather than leave a shard thread dead inside a live server. Done with a
@@ -692,7 +709,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .init();
     let result = match cli.cmd {
         Cmd::Standalone(a) => standalone(a),

@@ -455,6 +455,17 @@ impl ContainerCore {
         self.file_seq
     }
 
+    /// Takes no more records into the current log file: the next flush rolls into a new
+    /// one. For a recovered file whose remaining blocks cannot be allocated (made by an
+    /// older build that ignored a failed `fallocate`, on a now full disk): a write into its
+    /// unallocated part would fail and poison the container, a roll that finds no room only
+    /// holds writes back (`NoSpace`) until space is freed.
+    pub fn close_current_file(&mut self) {
+        if self.has_file {
+            self.current_file_bytes = self.current_file_bytes.min(self.file_pos);
+        }
+    }
+
     /// Marks the disk full (`Some(why)`) or no longer full (`None`).
     pub fn set_no_space(&mut self, why: Option<String>) {
         self.no_space = why;
@@ -1526,6 +1537,20 @@ mod tests {
         assert_eq!(c.next_flush_file(), Some(1));
         let plan = c.begin_flush().unwrap().unwrap();
         assert_eq!(plan.prepare, Some(1), "begin_flush rolls where next_flush_file said");
+    }
+
+    #[test]
+    fn a_closed_current_file_takes_no_more_records() {
+        let mut c = core();
+        c.submit(Request::Create { name: "a".into() }).unwrap();
+        flush(&mut c);
+        c.submit(append("a", 1, b"one")).unwrap();
+        assert_eq!(c.next_flush_file(), None, "a small append fits the current file");
+        c.close_current_file();
+        assert_eq!(c.next_flush_file(), Some(1), "closed: the next write rolls");
+        let plan = c.begin_flush().unwrap().unwrap();
+        assert_eq!(plan.prepare, Some(1));
+        assert_eq!(plan.checkpoint.map(|s| s.pos), Some(FILE_HEADER_BYTES), "the new file opens with a checkpoint");
     }
 
     #[test]

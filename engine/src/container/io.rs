@@ -359,6 +359,20 @@ async fn fill_log_file(f: &DmaFile, header: &FileHeader, zero_fill: bool, path: 
     f.fdatasync().await.map_err(|e| PrepareFailure::new("syncing", path, e))
 }
 
+/// Allocates whatever blocks of a recovered log file are not allocated yet (none, for a
+/// file this build prepared: then the call only walks its extents). `Err` only when the
+/// disk has no room for them; a file system without `fallocate` passes.
+async fn allocate_whole(f: &DmaFile, path: &Path) -> Result<(), PrepareFailure> {
+    let len = std::fs::metadata(path).map_err(|e| PrepareFailure::other(io_err("reading the size of", path, e)))?.len();
+    match f.pre_allocate(len, false).await {
+        Err(e) => {
+            let failure = PrepareFailure::new("allocating", path, e);
+            if failure.no_space { Err(failure) } else { Ok(()) }
+        }
+        Ok(()) => Ok(()),
+    }
+}
+
 /// Opens a log file for records: O_DIRECT and O_DSYNC, so a write is durable (data and
 /// the metadata to find it) when it completes: one I/O per flush instead of write then
 /// fdatasync. The preallocated, zero-filled file needs no allocation metadata on the way.
@@ -514,6 +528,15 @@ impl Container {
                 buf.as_bytes_mut().fill(0);
                 write_all_at(&f, buf, from, &path).await.map_err(invalid)?;
                 f.fdatasync().await.map_err(|e| invalid(e.to_string()))?;
+            }
+            if let Err(failure) = allocate_whole(&f, &path).await {
+                tracing::warn!(
+                    container = core.config().container,
+                    reason = %failure.message,
+                    "the current log file is not fully allocated and the disk has no room for it: \
+                     the next write rolls into a new file"
+                );
+                core.close_current_file();
             }
             files.current = Some(Rc::new(f));
         }
