@@ -22,6 +22,9 @@ pub struct ClientConfig {
     pub retry_for: Duration,
 }
 
+/// How long a call or a writer retries before it warns (once) what it is waiting for.
+pub(crate) const RETRY_WARN_AFTER: Duration = Duration::from_secs(2);
+
 impl Default for ClientConfig {
     fn default() -> Self {
         Self { connect_timeout: Duration::from_secs(5), retry_for: Duration::from_secs(60) }
@@ -189,6 +192,7 @@ impl Client {
         let started = Instant::now();
         let deadline = started + self.inner.config.retry_for;
         let mut backoff = Duration::from_millis(20);
+        let mut warned = false;
         loop {
             match f().await {
                 Ok(v) => {
@@ -198,7 +202,12 @@ impl Client {
                     return Ok(v);
                 }
                 Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                    if backoff >= Duration::from_millis(500) {
+                    // Say once what a long wait is for (a full disk, a restarting node).
+                    if !warned && started.elapsed() >= RETRY_WARN_AFTER {
+                        warned = true;
+                        let retry_for = self.inner.config.retry_for;
+                        tracing::warn!(error = %e, "still retrying; giving up after {retry_for:?}");
+                    } else if backoff >= Duration::from_millis(500) {
                         tracing::debug!(error = %e, waited = ?started.elapsed(), "retrying");
                     }
                     if e.code() == Some(ErrorCode::WrongHost) {

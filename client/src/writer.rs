@@ -14,7 +14,7 @@
 //! The new segments number the events afresh (the server tracks numbers per segment).
 
 use crate::acks::{Board, Look};
-use crate::client::Client;
+use crate::client::{Client, RETRY_WARN_AFTER};
 use crate::connection::{Connection, expect};
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
@@ -556,7 +556,15 @@ struct SegmentWriter {
     /// and the next pause: the retry window spans the episode, not one attempt, or a server
     /// that answers every resend with a retryable error (a poisoned container on a single
     /// node) would be retried forever.
-    retrying: Option<(Instant, Duration)>,
+    retrying: Option<Retrying>,
+}
+
+/// A retry episode of a writer: since when, the next pause, whether a warning was given.
+#[derive(Clone, Copy)]
+struct Retrying {
+    since: Instant,
+    backoff: Duration,
+    warned: bool,
 }
 
 impl Drop for SegmentWriter {
@@ -583,9 +591,16 @@ impl SegmentWriter {
 
     /// After a retryable failure: reconnect and resend every unacknowledged batch in order.
     async fn resend(&mut self, mut err: ClientError) {
-        let (since, mut backoff) = *self.retrying.get_or_insert((Instant::now(), Duration::from_millis(20)));
-        let deadline = since + self.shared.client.config().retry_for;
+        let fresh = Retrying { since: Instant::now(), backoff: Duration::from_millis(20), warned: false };
+        let Retrying { since, mut backoff, mut warned } = *self.retrying.get_or_insert(fresh);
+        let retry_for = self.shared.client.config().retry_for;
+        let deadline = since + retry_for;
         loop {
+            // Say once per episode what a long wait is for (a full disk, a restarting node).
+            if !warned && since.elapsed() >= RETRY_WARN_AFTER {
+                warned = true;
+                tracing::warn!(segment = %self.segment, error = %err, "writes still retried; giving up after {retry_for:?}");
+            }
             if Instant::now() >= deadline {
                 for b in self.inflight.drain(..) {
                     b.finish(&self.board, Err(err.clone()));
@@ -597,7 +612,7 @@ impl SegmentWriter {
             }
             tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
-            self.retrying = Some((since, backoff));
+            self.retrying = Some(Retrying { since, backoff, warned });
             if err.code() == Some(sluice_net::ErrorCode::WrongHost) {
                 let _ = self.shared.client.refresh().await;
             }

@@ -60,6 +60,18 @@ fn read_version(resp: &etcd_client::TxnResponse) -> u64 {
 }
 
 fn err(e: etcd_client::Error) -> MetaError {
+    // etcd refuses every change once its database reached its quota (the NOSPACE alarm,
+    // gRPC `ResourceExhausted`, "mvcc: database space exceeded"), until an operator
+    // compacts, defragments and disarms the alarm: the same for clients as a full disk.
+    if let etcd_client::Error::GRpcStatus(status) = &e
+        && (status.code() == tonic::Code::ResourceExhausted || status.message().contains("database space exceeded"))
+    {
+        return MetaError::NoSpace(format!(
+            "etcd: {}: its database reached its quota (--quota-backend-bytes); compact and defragment it, \
+             then disarm the NOSPACE alarm (etcdctl alarm disarm)",
+            status.message()
+        ));
+    }
     MetaError::Io(format!("etcd: {e}"))
 }
 

@@ -101,7 +101,7 @@ pub enum MetaError {
     #[error("metadata store I/O error: {0}")]
     Io(String),
     /// The disk is full: the change was not made (the store keeps working).
-    #[error("no space left for the metadata log: {0}")]
+    #[error("no space left for metadata: {0}")]
     NoSpace(String),
     #[error("metadata store is closed")]
     Closed,

@@ -267,6 +267,11 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Self::start_with(&[])
+    }
+
+    /// Starts etcd with `extra` arguments (e.g. `--quota-backend-bytes`).
+    pub fn start_with(extra: &[&str]) -> Etcd {
         let dir = TempDir::new("etcd");
         let base = free_ports(2);
         let client = format!("http://127.0.0.1:{base}");
@@ -277,6 +282,7 @@ impl Etcd {
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}"), "--log-level", "error"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,10 +1,12 @@
 //! A node whose scopes and streams live in a real etcd instead of the embedded store: the
-//! same client operations work, and the records are visible in etcd.
+//! same client operations work, and the records are visible in etcd. An etcd whose
+//! database reached its quota refuses metadata changes with the typed `NoSpace`, and the
+//! node takes changes again once an operator freed the space.
 
 use sluice_client::{Client, ReadFrom};
 use sluice_meta::{EtcdStore, MetaStore};
 use sluice_net::routing::Placement;
-use sluice_tests::{Etcd, TempDir, free_ports};
+use sluice_tests::{Etcd, TempDir, cli, free_ports};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,4 +79,70 @@ async fn cluster_settings_are_fixed_and_shown() {
     let (ok, _, err) = sluice_tests::cli("", &["cluster", "status", "--etcd", "http://127.0.0.1:1"], None);
     assert!(!ok && err.contains("etcd"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_at_its_quota_refuses_changes_with_no_space_until_freed() {
+    use sluice_client::ErrorCode;
+    use sluice_meta::MetaError;
+    let etcd = Etcd::start_with(&["--quota-backend-bytes", "4194304"]);
+    let dir = TempDir::new("etcdfull");
+    let port = free_ports(2);
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "full").unwrap();
+    let mut cfg = sluice_engine::EngineConfig::new(dir.0.join("data"), format!("127.0.0.1:{port}").parse().unwrap(), 2);
+    cfg.pin = false;
+    cfg.log_file_bytes = 8 << 20;
+    let node = sluice_engine::shard::Node::start_with_store(cfg, store.clone()).unwrap();
+    let url = format!("127.0.0.1:{port}");
+    // NoSpace is retryable: calls retry it for their window (a minute by default).
+    let config = sluice_client::ClientConfig { retry_for: Duration::from_secs(1), ..Default::default() };
+    let c = Client::connect_with(&url, config).await.unwrap();
+    c.create_scope("before").await.unwrap();
+
+    // Something else fills etcd to its quota: etcd raises its NOSPACE alarm.
+    let mut filled = 0;
+    let refusal = loop {
+        assert!(filled < 64, "a 4 MiB quota never filled");
+        match store.put(&format!("filler/{filled}"), vec![b'x'; 256 << 10]).await {
+            Ok(_) => filled += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refusal, MetaError::NoSpace(_)), "etcd at its quota: {refusal:?}");
+    assert!(refusal.to_string().contains("quota"), "{refusal}");
+
+    // A metadata change through the node: the typed error, naming etcd; reads still work.
+    let e = c.create_scope("during").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NoSpace), "{e}");
+    assert!(e.to_string().contains("etcd"), "{e}");
+    assert!(c.list_scopes().await.unwrap().iter().any(|s| s == "before"));
+    // The CLI warns what it waits for, then fails with the error after --retry-for.
+    tokio::task::spawn_blocking(sluice_tests::sluice_bin).await.unwrap(); // built on first use
+    let started = std::time::Instant::now();
+    let url2 = url.clone();
+    let (ok, _, stderr) =
+        tokio::task::spawn_blocking(move || cli(&url2, &["scope", "create", "during", "--retry-for", "3"], None))
+            .await
+            .unwrap();
+    assert!(!ok && stderr.contains("NoSpace") && stderr.contains("quota"), "{stderr}");
+    assert!(stderr.contains("still retrying"), "a warning while it waits: {stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30), "--retry-for 3 took {:?}", started.elapsed());
+
+    // The operator frees space: delete, compact, defragment, disarm. Changes work again.
+    for i in 0..filled {
+        store.delete(&format!("filler/{i}"), None).await.unwrap();
+    }
+    let mut admin = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await.unwrap();
+    let revision = admin.get("x", None).await.unwrap().header().unwrap().revision();
+    admin.compact(revision, Some(etcd_client::CompactionOptions::new().with_physical())).await.unwrap();
+    admin.defragment().await.unwrap();
+    let raised = admin.alarm(etcd_client::AlarmAction::Get, etcd_client::AlarmType::None, None).await.unwrap();
+    assert!(!raised.alarms().is_empty(), "etcd raised its NOSPACE alarm");
+    for alarm in raised.alarms() {
+        let mut member = etcd_client::AlarmOptions::new();
+        member.with_member(alarm.member_id());
+        admin.alarm(etcd_client::AlarmAction::Deactivate, alarm.alarm(), Some(member)).await.unwrap();
+    }
+    c.create_scope("after").await.unwrap();
+    tokio::task::spawn_blocking(move || node.stop()).await.unwrap();
 }

@@ -17,6 +17,7 @@ use sluice_net::{Retention, ScalingPolicy, ScopedStream};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice: durable, ordered event streams", long_about = None)]
@@ -24,6 +25,10 @@ struct Cli {
     /// Server address (any shard of the node).
     #[arg(long, global = true, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
     url: String,
+    /// How long a command keeps retrying while the server is unreachable, restarting or out
+    /// of disk space (seconds; after 2 s a warning says what it is waiting for).
+    #[arg(long, global = true, env = "SLUICE_RETRY_FOR", default_value_t = 60, value_name = "SECS")]
+    retry_for: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -345,14 +350,14 @@ fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     cfg.log_prefill = a.log_prefill;
     cfg.cache_bytes_max = a.cache_mb << 20;
     cfg.pin = !a.no_pin;
-    cfg.idle_spin = std::time::Duration::from_micros(a.idle_spin_us);
+    cfg.idle_spin = Duration::from_micros(a.idle_spin_us);
     cfg.flushes_per_second = a.iops_limit;
     cfg.tier2 = a.tier2.clone();
     cfg.log_bytes_max = a.log_budget_mb << 20;
     cfg.chunk_bytes = a.chunk_mb << 20;
     cfg.move_bytes_min = a.move_min_kb << 10;
-    cfg.rate_window = std::time::Duration::from_secs(a.rate_window_s.max(1));
-    cfg.writer_idle = std::time::Duration::from_secs(a.writer_idle_hours.saturating_mul(3600));
+    cfg.rate_window = Duration::from_secs(a.rate_window_s.max(1));
+    cfg.writer_idle = Duration::from_secs(a.writer_idle_hours.saturating_mul(3600));
     cfg
 }
 
@@ -362,11 +367,11 @@ fn spawn_duties(
     a: &StandaloneArgs,
     active: impl Fn() -> bool + Clone + Send + 'static,
 ) -> Result<(), String> {
-    let retention_every = std::time::Duration::from_millis(a.retention_interval_ms.max(10));
-    let autoscale_every = std::time::Duration::from_millis(a.autoscale_interval_ms.max(10));
-    let cooldown = std::time::Duration::from_secs(a.scale_cooldown_s);
-    let txn_every = std::time::Duration::from_millis(a.txn_interval_ms.max(10));
-    let txn_keep = std::time::Duration::from_secs(a.txn_keep_s);
+    let retention_every = Duration::from_millis(a.retention_interval_ms.max(10));
+    let autoscale_every = Duration::from_millis(a.autoscale_interval_ms.max(10));
+    let cooldown = Duration::from_secs(a.scale_cooldown_s);
+    let txn_every = Duration::from_millis(a.txn_interval_ms.max(10));
+    let txn_keep = Duration::from_secs(a.txn_keep_s);
     std::thread::Builder::new()
         .name("sluice-duties".into())
         .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -392,7 +397,7 @@ fn join_cluster(
     placement: sluice_net::routing::Placement,
 ) -> Result<sluice_meta::EtcdStore, String> {
     use sluice_meta::cluster::{ClusterError, ensure_cluster};
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.etcd_wait_s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(a.etcd_wait_s);
     let etcd = a.etcd.join(",");
     loop {
         let attempt = sluice_meta::EtcdStore::connect(&a.etcd, &a.cluster).map_err(ClusterError::from).and_then(|s| {
@@ -410,7 +415,7 @@ fn join_cluster(
                     &mut std::io::stderr(),
                     format_args!("etcd at {etcd} is unreachable ({e}); retrying for {left} more s\n"),
                 );
-                std::thread::sleep(std::time::Duration::from_secs(1));
+                std::thread::sleep(Duration::from_secs(1));
             }
         }
     }
@@ -437,7 +442,7 @@ fn node(a: NodeArgs) -> Result<(), String> {
     let started = std::time::Instant::now();
     let store = join_cluster(&a, cfg.container_count(), cfg.placement)?;
     let mut opts = sluice_engine::cluster::ClusterOptions::new(&a.cluster, &a.node_id);
-    opts.lease_ttl = std::time::Duration::from_secs(a.lease_ttl_s.max(1));
+    opts.lease_ttl = Duration::from_secs(a.lease_ttl_s.max(1));
     let node = sluice_engine::cluster::ClusterNode::start(cfg.clone(), store, opts)?;
     let (url, active) = (node.endpoints[0].address.clone(), node.controller_flag());
     spawn_duties(url, &a.engine, active)?;
@@ -489,8 +494,11 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn client(url: &str) -> Result<Client, String> {
-    Client::connect(url).await.map_err(|e| format!("{e} (is `sluice standalone` running? set --url or SLUICE_URL)"))
+async fn client(url: &str, retry_for: Duration) -> Result<Client, String> {
+    let config = sluice_client::ClientConfig { retry_for, ..Default::default() };
+    Client::connect_with(url, config)
+        .await
+        .map_err(|e| format!("{e} (is `sluice standalone` running? set --url or SLUICE_URL)"))
 }
 
 fn err(e: ClientError) -> String {
@@ -532,8 +540,8 @@ fn print_epochs(history: &sluice_net::StreamHistory) {
     }
 }
 
-async fn admin(url: &str, cmd: Cmd) -> Result<(), String> {
-    let c = client(url).await?;
+async fn admin(url: &str, retry_for: Duration, cmd: Cmd) -> Result<(), String> {
+    let c = client(url, retry_for).await?;
     match cmd {
         Cmd::Scope(ScopeCmd::Create { scope }) => {
             c.create_scope(&scope).await.map_err(err)?;
@@ -729,7 +737,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            rt.block_on(admin(&cli.url, cmd))
+            rt.block_on(admin(&cli.url, Duration::from_secs(cli.retry_for), cmd))
         }
     };
     match result {
