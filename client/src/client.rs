@@ -12,6 +12,7 @@ use sluice_net::messages::*;
 use sluice_net::routing::{Placement, container_of, shard_of};
 use sluice_net::{ErrorCode, Retention, ScalingPolicy, ScopedStream};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -234,20 +235,42 @@ impl Client {
     }
 
     pub(crate) async fn admin<T: Control + Clone, R: Control>(&self, msg: T) -> Result<R, ClientError> {
-        self.with_retry(|| {
-            let msg = msg.clone();
-            async move {
-                let mut last = None;
-                for addr in self.admin_candidates() {
-                    match self.connection(&addr).await {
-                        Ok(conn) => return conn.call(&msg, Bytes::new()).await,
-                        Err(e) => last = Some(e),
-                    }
-                }
-                Err(last.expect("at least the bootstrap node was tried"))
+        self.with_retry(|| self.admin_attempt(msg.clone())).await
+    }
+
+    async fn admin_attempt<T: Control, R: Control>(&self, msg: T) -> Result<R, ClientError> {
+        let mut last = None;
+        for addr in self.admin_candidates() {
+            match self.connection(&addr).await {
+                Ok(conn) => return conn.call(&msg, Bytes::new()).await,
+                Err(e) => last = Some(e),
             }
-        })
-        .await
+        }
+        Err(last.expect("at least the bootstrap node was tried"))
+    }
+
+    /// An admin call that creates or deletes something. When an attempt's connection broke
+    /// after the request went out (the node restarted), the request may have been carried
+    /// out; if a retry is then answered `settled` (it exists already, or is gone already),
+    /// the lost attempt did it, and the call succeeded.
+    async fn admin_once<T: Control + Clone>(&self, msg: T, settled: ErrorCode) -> Result<(), ClientError> {
+        let maybe_done = AtomicBool::new(false);
+        let result = self
+            .with_retry(|| async {
+                let r = self.admin_attempt::<_, Done>(msg.clone()).await;
+                if matches!(r, Err(ClientError::ConnectionLost(_) | ClientError::Timeout(_))) {
+                    maybe_done.store(true, Ordering::Relaxed);
+                }
+                r
+            })
+            .await;
+        match result {
+            Err(e) if e.code() == Some(settled) && maybe_done.load(Ordering::Relaxed) => {
+                tracing::debug!(error = %e, "a retried call found its work done by the attempt whose answer was lost");
+                Ok(())
+            }
+            r => r.map(|_| ()),
+        }
     }
 
     pub(crate) async fn segment_call<T: Control + Clone, R: Control>(
@@ -264,11 +287,11 @@ impl Client {
     }
 
     pub async fn create_scope(&self, scope: &str) -> Result<(), ClientError> {
-        self.admin::<_, Done>(CreateScope { scope: scope.into() }).await.map(|_| ())
+        self.admin_once(CreateScope { scope: scope.into() }, ErrorCode::AlreadyExists).await
     }
 
     pub async fn delete_scope(&self, scope: &str) -> Result<(), ClientError> {
-        self.admin::<_, Done>(DeleteScope { scope: scope.into() }).await.map(|_| ())
+        self.admin_once(DeleteScope { scope: scope.into() }, ErrorCode::NoSuchScope).await
     }
 
     pub async fn list_scopes(&self) -> Result<Vec<String>, ClientError> {
@@ -302,7 +325,7 @@ impl Client {
         scaling: ScalingPolicy,
     ) -> Result<(), ClientError> {
         let msg = CreateStream { scope: scope.into(), stream: stream.into(), segments, retention, scaling };
-        self.admin::<_, Done>(msg).await.map(|_| ())
+        self.admin_once(msg, ErrorCode::AlreadyExists).await
     }
 
     /// Changes the retention policy of a live stream.
@@ -389,7 +412,7 @@ impl Client {
     }
 
     pub async fn delete_stream(&self, scope: &str, stream: &str) -> Result<(), ClientError> {
-        self.admin::<_, Done>(DeleteStream { scope: scope.into(), stream: stream.into() }).await.map(|_| ())
+        self.admin_once(DeleteStream { scope: scope.into(), stream: stream.into() }, ErrorCode::NoSuchStream).await
     }
 
     pub async fn segment_info(&self, segment: &str) -> Result<SegmentInfo, ClientError> {

@@ -722,8 +722,11 @@ async fn current_stream<S: MetaStore>(shard: &Shard<S>, scope: &str, stream: &st
 /// that finds the scale pending finishes it.
 async fn scale_stream<S: MetaStore>(shard: &Shard<S>, m: &ScaleStream) -> Result<StreamRecord, AdminError> {
     current_stream(shard, &m.scope, &m.stream).await?;
-    let p = shard.controller.begin_scale(&m.scope, &m.stream, &m.seal, &m.ranges).await?;
-    finish_scale(shard, &m.scope, &m.stream, p).await
+    match shard.controller.begin_scale(&m.scope, &m.stream, &m.seal, &m.ranges).await? {
+        Some(p) => finish_scale(shard, &m.scope, &m.stream, p).await,
+        // Done before (a retry of a call whose answer was lost): the same answer again.
+        None => current_stream(shard, &m.scope, &m.stream).await,
+    }
 }
 
 async fn finish_scale<S: MetaStore>(

@@ -376,14 +376,15 @@ impl<S: MetaStore> Controller<S> {
     /// Records a scaling of `scope/stream`: the active, adjacent segments `seal` are to be
     /// replaced by new segments over `ranges` (which must cover exactly their key range, in
     /// order). Returns the pending scale; the same request while it is pending returns it
-    /// again (a retry resumes), another one is refused with `ScaleInProgress`.
+    /// again (a retry resumes), another one is refused with `ScaleInProgress`. `None`: this
+    /// very scaling is already complete (a retry whose first attempt's answer was lost).
     pub async fn begin_scale(
         &self,
         scope: &str,
         stream: &str,
         seal: &[u64],
         ranges: &[KeyRange],
-    ) -> Result<PendingScale, ControllerError> {
+    ) -> Result<Option<PendingScale>, ControllerError> {
         let name = format!("{scope}/{stream}");
         let record = self
             .update_record(scope, stream, |r| {
@@ -400,6 +401,9 @@ impl<S: MetaStore> Controller<S> {
                         && p.create.iter().zip(ranges).all(|(s, k)| s.key_low == k.low && s.key_high == k.high);
                     return if same { Ok(false) } else { Err(ControllerError::ScaleInProgress(name.clone())) };
                 }
+                if scaled_already(r, seal, ranges) {
+                    return Ok(false);
+                }
                 let create = plan_scale(r, seal, ranges).map_err(ControllerError::Invalid)?;
                 let epoch = r.epoch() + 1;
                 r.next_segment += create.len() as u64;
@@ -407,7 +411,7 @@ impl<S: MetaStore> Controller<S> {
                 Ok(true)
             })
             .await?;
-        Ok(record.scale.expect("a pending scale was recorded"))
+        Ok(record.scale)
     }
 
     /// Makes a pending scale's new segments current: the new epoch, its segments' history
@@ -485,6 +489,21 @@ pub fn split_range(low: f64, high: f64, n: u32) -> Vec<KeyRange> {
 }
 
 /// Checks a scaling request against the record and numbers the new segments.
+/// Whether one completed scaling sealed exactly `seal` and created exactly `ranges`.
+fn scaled_already(r: &StreamRecord, seal: &[u64], ranges: &[KeyRange]) -> bool {
+    let sealed_at = |n: &u64| r.history.iter().find(|h| h.number == *n).and_then(|h| h.sealed_epoch);
+    let Some(epoch) = seal.first().and_then(sealed_at) else { return false };
+    if !seal.iter().all(|n| sealed_at(n) == Some(epoch)) {
+        return false;
+    }
+    let sealed_then = r.history.iter().filter(|h| h.sealed_epoch == Some(epoch)).count();
+    let mut created: Vec<&SegmentHistory> = r.history.iter().filter(|h| h.created_epoch == epoch).collect();
+    created.sort_by(|a, b| a.key_low.total_cmp(&b.key_low));
+    sealed_then == seal.len()
+        && created.len() == ranges.len()
+        && created.iter().zip(ranges).all(|(h, k)| h.key_low == k.low && h.key_high == k.high)
+}
+
 fn plan_scale(r: &StreamRecord, seal: &[u64], ranges: &[KeyRange]) -> Result<Vec<StreamSegment>, String> {
     if seal.is_empty() || ranges.is_empty() {
         return Err("a scaling needs segments to seal and at least one new key range".into());
@@ -609,10 +628,10 @@ mod tests {
                 );
             }
             // Split segment 0 in three.
-            let p = c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 3)).await.unwrap();
+            let p = c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 3)).await.unwrap().unwrap();
             assert_eq!((p.epoch, p.create.iter().map(|s| s.number).collect::<Vec<_>>()), (1, vec![2, 3, 4]));
             // The same request resumes; another is refused while one is pending.
-            assert_eq!(c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 3)).await.unwrap(), p);
+            assert_eq!(c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 3)).await.unwrap(), Some(p));
             assert!(matches!(
                 c.begin_scale("s", "t", &[1], &split_range(0.5, 1.0, 2)).await,
                 Err(ControllerError::ScaleInProgress(_))
@@ -623,13 +642,20 @@ mod tests {
             // Committing twice changes nothing.
             assert_eq!(c.commit_scale("s", "t", 1).await.unwrap(), r);
             c.end_scale("s", "t", 1).await.unwrap();
+            // Done: the same request again (its answer lost) is answered as done; another
+            // scaling of the sealed segment is refused.
+            assert_eq!(c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 3)).await.unwrap(), None);
+            assert!(matches!(
+                c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 2)).await,
+                Err(ControllerError::Invalid(_))
+            ));
             // Merge 4 and 1 (adjacent), but not 2 and 1 (not adjacent).
             assert!(matches!(
                 c.begin_scale("s", "t", &[2, 1], &[KeyRange { low: 0.0, high: 1.0 }]).await,
                 Err(ControllerError::Invalid(_))
             ));
             let low = r.segments[2].key_low;
-            let p = c.begin_scale("s", "t", &[4, 1], &[KeyRange { low, high: 1.0 }]).await.unwrap();
+            let p = c.begin_scale("s", "t", &[4, 1], &[KeyRange { low, high: 1.0 }]).await.unwrap().unwrap();
             c.commit_scale("s", "t", p.epoch).await.unwrap();
             let r = c.end_scale("s", "t", p.epoch).await.unwrap();
             assert_eq!(r.segments.iter().map(|s| s.number).collect::<Vec<_>>(), vec![2, 3, 5]);
