@@ -445,14 +445,36 @@ impl Client {
     }
 
     /// Appends raw bytes, optionally only if the segment length equals `expected_offset`.
+    /// Not numbered: a retry after a broken connection may append the bytes twice, or
+    /// (conditional) fail its check on its own first attempt; see `append_raw_numbered`.
     pub async fn append_raw(
         &self,
         segment: &str,
         data: Bytes,
         expected_offset: Option<u64>,
     ) -> Result<AppendAck, ClientError> {
-        let msg =
-            Append { segment: segment.into(), writer_id: 0, first_event_number: 0, event_count: 0, expected_offset };
+        self.append_raw_numbered(segment, data, expected_offset, 0, 0).await
+    }
+
+    /// `append_raw` as number `number` of writer `writer` (non-zero, numbers increasing per
+    /// writer and segment): a resend of an append that is already in is answered as a
+    /// duplicate (`AppendAck::duplicate`, before any conditional check) instead of being
+    /// appended again or refused.
+    pub async fn append_raw_numbered(
+        &self,
+        segment: &str,
+        data: Bytes,
+        expected_offset: Option<u64>,
+        writer: u128,
+        number: u64,
+    ) -> Result<AppendAck, ClientError> {
+        let msg = Append {
+            segment: segment.into(),
+            writer_id: writer,
+            first_event_number: number,
+            event_count: 0,
+            expected_offset,
+        };
         self.segment_call(segment, msg, data).await
     }
 

@@ -1,7 +1,9 @@
 //! State synchronizer: a shared, versioned state kept in a one-segment stream. The segment
 //! holds framed records: a snapshot of the whole state, then updates. Every change is a
 //! conditional append at the revision (segment length) the writer last saw, so concurrent
-//! updaters never lose an update: the loser of a race re-reads and tries again.
+//! updaters never lose an update: the loser of a race re-reads and tries again. Appends
+//! are numbered as one writer's, so one resent after a broken connection is answered as a
+//! duplicate rather than failing its check against itself (and being applied twice).
 //! Compaction appends a snapshot and truncates the segment before it.
 //!
 //! Record: event framing (`len u32`), then a type byte (1 snapshot, 2 update) and the
@@ -37,6 +39,21 @@ pub struct StateSynchronizer<S: Synchronized> {
     revision: u64,
     /// Attempts of `update_state` before `SyncConflict`.
     pub max_attempts: u32,
+    /// This synchronizer's appends are numbered as this writer's, so that an append resent
+    /// after a broken connection is recognized instead of failing its check against its own
+    /// first attempt (and the update then being applied twice).
+    writer_id: u128,
+    number: u64,
+}
+
+/// How a conditional append at the current revision ended.
+enum Appended {
+    /// In, at this append.
+    Now(sluice_net::messages::AppendAck),
+    /// In already: an earlier attempt of this very append, whose answer was lost.
+    Before,
+    /// Someone else appended first.
+    Conflict,
 }
 
 fn record(kind: u8, body: &[u8], out: &mut Vec<u8>) {
@@ -67,7 +84,15 @@ impl Client {
         }
         let segment =
             sluice_net::ScopedStream::new(scope, name).segment_name(sluice_net::SegmentNumber(info.segments[0].number));
-        Ok(StateSynchronizer { client: self.clone(), segment, state: None, revision: 0, max_attempts: 1000 })
+        Ok(StateSynchronizer {
+            client: self.clone(),
+            segment,
+            state: None,
+            revision: 0,
+            max_attempts: 1000,
+            writer_id: rand::random::<u128>() | 1,
+            number: 0,
+        })
     }
 }
 
@@ -80,6 +105,21 @@ impl<S: Synchronized> StateSynchronizer<S> {
     /// Segment offset up to which updates are applied.
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    /// Appends `records` if the segment is still at `revision`.
+    async fn append_at_revision(&mut self, records: Vec<u8>) -> Result<Appended, ClientError> {
+        self.number += 1;
+        let r = self
+            .client
+            .append_raw_numbered(&self.segment, Bytes::from(records), Some(self.revision), self.writer_id, self.number)
+            .await;
+        match r {
+            Ok(ack) if ack.duplicate => Ok(Appended::Before),
+            Ok(ack) => Ok(Appended::Now(ack)),
+            Err(e) if e.code() == Some(ErrorCode::ConditionalCheckFailed) => Ok(Appended::Conflict),
+            Err(e) => Err(e),
+        }
     }
 
     fn corrupt(&self, reason: String) -> ClientError {
@@ -154,14 +194,18 @@ impl<S: Synchronized> StateSynchronizer<S> {
             }
             let mut buf = Vec::new();
             record(SNAPSHOT, &initial.encode(), &mut buf);
-            match self.client.append_raw(&self.segment, Bytes::from(buf), Some(self.revision)).await {
-                Ok(ack) => {
+            match self.append_at_revision(buf).await? {
+                Appended::Now(ack) => {
                     self.state = Some(initial);
                     self.revision = ack.length;
                     return Ok(true);
                 }
-                Err(e) if e.code() == Some(ErrorCode::ConditionalCheckFailed) => continue,
-                Err(e) => return Err(e),
+                Appended::Before => {
+                    // Durable (a duplicate is answered once it is): read it back.
+                    self.fetch(Duration::ZERO).await?;
+                    return Ok(true);
+                }
+                Appended::Conflict => continue,
             }
         }
     }
@@ -187,8 +231,8 @@ impl<S: Synchronized> StateSynchronizer<S> {
             for u in &updates {
                 record(UPDATE, &S::encode_update(u), &mut buf);
             }
-            match self.client.append_raw(&self.segment, Bytes::from(buf), Some(self.revision)).await {
-                Ok(ack) => {
+            match self.append_at_revision(buf).await? {
+                Appended::Now(ack) => {
                     let s = self.state.as_mut().expect("checked above");
                     for u in &updates {
                         s.apply(u);
@@ -196,8 +240,9 @@ impl<S: Synchronized> StateSynchronizer<S> {
                     self.revision = ack.length;
                     return Ok(());
                 }
-                Err(e) if e.code() == Some(ErrorCode::ConditionalCheckFailed) => continue,
-                Err(e) => return Err(e),
+                // In once, not twice: read it back (updates after it may follow).
+                Appended::Before => return self.fetch(Duration::ZERO).await,
+                Appended::Conflict => continue,
             }
         }
         Err(ClientError::SyncConflict { name: self.segment.clone(), attempts: self.max_attempts })
@@ -211,13 +256,15 @@ impl<S: Synchronized> StateSynchronizer<S> {
             let Some(state) = &self.state else { return Ok(()) };
             let mut buf = Vec::new();
             record(SNAPSHOT, &state.encode(), &mut buf);
-            match self.client.append_raw(&self.segment, Bytes::from(buf), Some(self.revision)).await {
-                Ok(ack) => {
+            match self.append_at_revision(buf).await? {
+                Appended::Now(ack) => {
                     self.revision = ack.length;
                     return self.client.truncate_segment(&self.segment, ack.offset).await;
                 }
-                Err(e) if e.code() == Some(ErrorCode::ConditionalCheckFailed) => continue,
-                Err(e) => return Err(e),
+                // The snapshot is in, but where is not known here: the next compaction
+                // truncates (the state read back is the same either way).
+                Appended::Before => return self.fetch(Duration::ZERO).await,
+                Appended::Conflict => continue,
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Client building blocks against the real server: the state synchronizer (concurrent
-//! updaters in tasks and in separate processes, with compaction), stream cuts, batch reads
+//! updaters in tasks and in separate processes, with compaction, and across SIGKILLs),
+//! stream cuts, batch reads
 //! between cuts, and byte streams.
 
 use bytes::Bytes;
@@ -88,6 +89,57 @@ async fn synchronizer_counter_has_no_lost_updates() {
     assert_eq!(sync.state().unwrap().0, 6 * K, "6 updaters x {K} increments");
     // Compaction really truncated: the segment starts past 0 and a fresh reader still agrees.
     assert!(c.segment_info("sync/counter/0").await.unwrap().start_offset > 0);
+}
+
+/// SIGKILL while updaters increment: an update whose append was durable but whose answer
+/// the kill lost is resent after the restart; it must count once (the resend is recognized
+/// as a duplicate), not fail its check against itself and be applied again on the re-read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronizer_counts_each_update_once_across_kills() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const TASKS: u64 = 4;
+    const EACH: u64 = 400;
+    let dir = TempDir::new("synckill");
+    let mut server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let url = server.url();
+    Client::connect(&url).await.unwrap().create_scope("sync").await.unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let (url, done) = (url.clone(), done.clone());
+            tokio::spawn(async move {
+                let c = Client::connect(&url).await.unwrap();
+                let mut sync = c.state_synchronizer::<Counter>("sync", "counter").await.unwrap();
+                sync.initialize(Counter(0)).await.unwrap();
+                for i in 0..EACH {
+                    sync.update_state(|s| vec![s.0 + 1]).await.unwrap();
+                    if t == 0 && i % 100 == 99 {
+                        sync.compact().await.unwrap();
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let mut kills = 0;
+    for at in [TASKS * EACH / 5, TASKS * EACH / 2, TASKS * EACH * 4 / 5] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while done.load(Ordering::SeqCst) < at {
+            assert!(std::time::Instant::now() < deadline, "updates stalled at {}", done.load(Ordering::SeqCst));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        server.kill();
+        server.restart();
+        kills += 1;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = Client::connect(&url).await.unwrap();
+    let mut sync = c.state_synchronizer::<Counter>("sync", "counter").await.unwrap();
+    sync.fetch_updates().await.unwrap();
+    assert_eq!(sync.state().unwrap().0, TASKS * EACH, "{TASKS} updaters x {EACH} increments, {kills} kills");
 }
 
 /// A slow disk (flushes paced at 20/s) keeps the winner of a race accepted but not durable
