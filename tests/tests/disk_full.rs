@@ -6,6 +6,8 @@
 //! once, in per-key order. A current log file with unallocated blocks (as older builds
 //! could leave one) on a full disk gets writes refused with `NoSpace`, not a failed write.
 //! The server's own output goes to the full disk too: lines are lost, the server is not.
+//! The file-system tier-2 store on a full disk fails an append without leaving part of it
+//! behind, so the mover's retry succeeds once space is freed.
 
 use sluice_client::{Client, ClientConfig, ClientError, ReadFrom};
 use sluice_net::ErrorCode;
@@ -321,4 +323,39 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     server.restart();
     read_exactly(&url, &acked).await;
     drop(server);
+}
+
+/// The file-system tier-2 store on a full disk: an append that finds no room fails with
+/// `Unavailable` and leaves the chunk as it was (a partial write is cut off again), so the
+/// mover's retry at the same offset succeeds once space is freed instead of finding extra
+/// bytes and being refused for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tier2_file_system_fails_appends_cleanly_and_takes_them_once_freed() {
+    use sluice_tier2::ChunkStore;
+    use sluice_tier2::fs::FsChunkStore;
+    let base = TempDir::new("t2-full");
+    let mnt = match LoopMount::new(&base.0, 32) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED: a full disk needs a file system of its own (root and a loop device): {why}");
+            return;
+        }
+    };
+    let store = FsChunkStore::open(&mnt.dir.join("tier2"), 2).unwrap();
+    store.create("c/0").await.unwrap();
+    let piece = bytes::Bytes::from(vec![7u8; 8 << 20]);
+    store.append("c/0", 0, piece.clone()).await.unwrap();
+    const PIECE: u64 = 8 << 20;
+    // Leave room for part of the next piece only: the write gets some way, then fails.
+    assert!(allocate(&mnt.dir.join("room"), 4 << 20));
+    fill_up(&mnt.dir.join("filler"));
+    std::fs::remove_file(mnt.dir.join("room")).unwrap();
+    let e = store.append("c/0", PIECE, piece.clone()).await.unwrap_err();
+    assert!(matches!(e, sluice_tier2::ChunkError::Unavailable(_)), "a full tier-2 disk: {e:?}");
+    assert_eq!(store.size("c/0").await.unwrap(), PIECE, "the failed append left no bytes behind");
+    std::fs::remove_file(mnt.dir.join("filler")).unwrap();
+    std::fs::remove_file(mnt.dir.join("filler.crumbs")).unwrap();
+    store.append("c/0", PIECE, piece.clone()).await.expect("the same append, retried once space is freed");
+    assert_eq!(store.size("c/0").await.unwrap(), 2 * PIECE);
+    assert_eq!(store.read("c/0", PIECE - 4, 8).await.unwrap(), bytes::Bytes::from(vec![7u8; 8]));
 }

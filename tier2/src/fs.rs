@@ -1,5 +1,6 @@
 //! Filesystem chunk store: one file per chunk under a root directory (local disk or NFS).
-//! Appends are positional writes followed by fdatasync; creating and deleting a chunk
+//! Appends are positional writes followed by fdatasync (a failed one is cut off again, so
+//! a retry at the same offset finds the chunk as it was); creating and deleting a chunk
 //! fsyncs its directory, so a chunk reported durable survives a crash. A sealed chunk is
 //! made read-only (mode 0444). Work runs on the store's own threads (blocking file calls
 //! never run on a caller's executor); callers get futures.
@@ -109,8 +110,15 @@ impl ChunkStore for FsChunkStore {
                     reason: format!("append at {offset}, but the chunk has {size} bytes"),
                 });
             }
-            f.write_all_at(&data, offset).map_err(|e| io(name, e))?;
-            f.sync_data().map_err(|e| io(name, e))
+            let written = f.write_all_at(&data, offset).and_then(|()| f.sync_data());
+            if let Err(e) = written {
+                // Part of the data may be in (a disk that filled up halfway): cut the chunk
+                // back, so that the caller's retry at the same offset finds it as it was.
+                // This writer just saw the chunk end at `offset`.
+                let _ = f.set_len(offset).and_then(|()| f.sync_data());
+                return Err(io(name, e));
+            }
+            Ok(())
         })
         .await
     }
