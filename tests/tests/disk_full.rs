@@ -7,7 +7,8 @@
 //! could leave one) on a full disk gets writes refused with `NoSpace`, not a failed write.
 //! The server's own output goes to the full disk too: lines are lost, the server is not.
 //! The file-system tier-2 store on a full disk fails an append without leaving part of it
-//! behind, so the mover's retry succeeds once space is freed.
+//! behind, so the mover's retry succeeds once space is freed; a node whose tier-2 fills
+//! holds writes back (`Tier2Unavailable`) and resumes once tier-2 has room.
 
 use sluice_client::{Client, ClientConfig, ClientError, ReadFrom};
 use sluice_net::ErrorCode;
@@ -117,9 +118,15 @@ fn punch_tail_of_current_log(data: &Path) -> u64 {
 }
 
 /// Writes key 0's next event until one is acknowledged (space was just freed: the server
-/// notices within a second or so), then 2,000 more over every key, all acknowledged.
-async fn writes_resume(writer: &sluice_client::EventWriter, seq: &mut [u64], acked: &mut HashSet<(u64, u64)>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// notices within a second or so; until then writes get `refused`), then 2,000 more over
+/// every key, all acknowledged.
+async fn writes_resume(
+    writer: &sluice_client::EventWriter,
+    refused: ErrorCode,
+    seq: &mut [u64],
+    acked: &mut HashSet<(u64, u64)>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let k = 0u64;
         let s = seq[0];
@@ -129,7 +136,7 @@ async fn writes_resume(writer: &sluice_client::EventWriter, seq: &mut [u64], ack
                 acked.insert((k, s));
                 break;
             }
-            Err(e) if is_no_space(&e) && Instant::now() < deadline => {
+            Err(e) if e.code() == Some(refused) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => panic!("writes did not resume after space was freed: {e}"),
@@ -290,7 +297,7 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     std::fs::remove_file(mnt.dir.join("filler2.crumbs")).unwrap();
     let client = Client::connect_with(&url, config.clone()).await.unwrap();
     let writer = client.event_writer("full/events").await.unwrap();
-    writes_resume(&writer, &mut seq, &mut acked).await;
+    writes_resume(&writer, ErrorCode::NoSpace, &mut seq, &mut acked).await;
     drop(writer);
 
     // The metadata store took changes again without a restart.
@@ -317,7 +324,7 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     assert!(is_no_space(&e), "a write facing an unallocated log file on a full disk: {e}");
     std::fs::remove_file(mnt.dir.join("filler3")).unwrap();
     std::fs::remove_file(mnt.dir.join("filler3.crumbs")).unwrap();
-    writes_resume(&writer, &mut seq, &mut acked).await;
+    writes_resume(&writer, ErrorCode::NoSpace, &mut seq, &mut acked).await;
     drop(writer);
     server.kill();
     server.restart();
@@ -358,4 +365,90 @@ async fn a_full_tier2_file_system_fails_appends_cleanly_and_takes_them_once_free
     store.append("c/0", PIECE, piece.clone()).await.expect("the same append, retried once space is freed");
     assert_eq!(store.size("c/0").await.unwrap(), 2 * PIECE);
     assert_eq!(store.read("c/0", PIECE - 4, 8).await.unwrap(), bytes::Bytes::from(vec![7u8; 8]));
+}
+
+/// The whole node with its tier-2 on a file system that fills up: the mover cannot upload,
+/// the log reaches its budget, and appends are refused with `Tier2Unavailable` (nothing
+/// acknowledged is lost); once tier-2 has room again the mover catches up and writes
+/// resume without a restart; after SIGKILL every acknowledged event is read once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tier2_holds_writes_back_until_freed() {
+    let base = TempDir::new("t2-full-node");
+    let mnt = match LoopMount::new(&base.0, 48) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED: a full disk needs a file system of its own (root and a loop device): {why}");
+            return;
+        }
+    };
+    filler(&mnt.dir.join("filler"), 36);
+    let tier2 = format!("fs:{}", mnt.dir.join("tier2").display());
+    let extra = [
+        "--containers-per-core",
+        "1",
+        "--tier2",
+        &tier2,
+        "--log-file-mb",
+        "1",
+        "--log-budget-mb",
+        "8",
+        "--chunk-mb",
+        "1",
+        "--move-min-kb",
+        "64",
+    ];
+    let mut server = Server::start_with(&base.0.join("data"), free_ports(1), 1, &extra);
+    let url = server.url();
+    let config = ClientConfig { retry_for: Duration::from_secs(2), ..ClientConfig::default() };
+    let client = Client::connect_with(&url, config.clone()).await.unwrap();
+    client.create_scope("full").await.unwrap();
+    client.create_stream("full", "events", 1).await.unwrap();
+    let writer = client.event_writer("full/events").await.unwrap();
+    let mut acked: HashSet<(u64, u64)> = HashSet::new();
+    let mut seq = [0u64; KEYS as usize];
+    let mut refusal = None;
+    let mut inflight = std::collections::VecDeque::new();
+    let started = Instant::now();
+    for i in 0..200_000u64 {
+        assert!(started.elapsed() < Duration::from_secs(120), "tier-2 never filled");
+        let k = i % KEYS;
+        let s = seq[k as usize];
+        seq[k as usize] += 1;
+        inflight.push_back(((k, s), writer.write_event(&k.to_le_bytes(), payload(k, s))));
+        if inflight.len() >= 256 {
+            let (ks, ack) = inflight.pop_front().unwrap();
+            match ack.await {
+                Ok(()) => {
+                    acked.insert(ks);
+                }
+                Err(e) => {
+                    refusal = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    for (ks, ack) in inflight {
+        match ack.await {
+            Ok(()) => {
+                acked.insert(ks);
+            }
+            Err(e) => {
+                refusal.get_or_insert(e);
+            }
+        }
+    }
+    let refusal = refusal.expect("tier-2 filled up");
+    assert_eq!(refusal.code(), Some(ErrorCode::Tier2Unavailable), "{refusal}");
+    eprintln!("tier-2 full after {} acknowledged events: {refusal}", acked.len());
+    drop(writer);
+
+    std::fs::remove_file(mnt.dir.join("filler")).unwrap();
+    let writer = client.event_writer("full/events").await.unwrap();
+    writes_resume(&writer, ErrorCode::Tier2Unavailable, &mut seq, &mut acked).await;
+    drop(writer);
+    server.kill();
+    server.restart();
+    read_exactly(&url, &acked).await;
+    drop(server);
 }
