@@ -253,7 +253,7 @@ impl Client {
     /// after the request went out (the node restarted), the request may have been carried
     /// out; if a retry is then answered `settled` (it exists already, or is gone already),
     /// the lost attempt did it, and the call succeeded.
-    async fn admin_once<T: Control + Clone>(&self, msg: T, settled: ErrorCode) -> Result<(), ClientError> {
+    pub(crate) async fn admin_once<T: Control + Clone>(&self, msg: T, settled: ErrorCode) -> Result<(), ClientError> {
         let maybe_done = AtomicBool::new(false);
         let result = self
             .with_retry(|| async {

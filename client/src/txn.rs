@@ -155,7 +155,7 @@ impl Client {
 
     /// Removes a committed or aborted transaction's record.
     pub async fn forget_txn(&self, scope: &str, stream: &str, txn: u128) -> Result<(), ClientError> {
-        self.admin::<_, Done>(ForgetTxn { scope: scope.into(), stream: stream.into(), txn }).await.map(|_| ())
+        self.admin_once(ForgetTxn { scope: scope.into(), stream: stream.into(), txn }, ErrorCode::NoSuchTxn).await
     }
 
     /// Moves a committing transaction's events into the stream and records it committed.
