@@ -130,6 +130,7 @@ impl ClusterNode {
             },
             ctl: ctl.clone(),
             lease: None,
+            fenced_lease: None,
             last_renewed: Instant::now(),
             last_attempt: Instant::now(),
             mine: BTreeMap::new(),
@@ -209,6 +210,10 @@ struct Agent<S: MetaStore> {
     info: NodeInfo,
     ctl: Arc<AgentCtl>,
     lease: Option<LeaseId>,
+    /// The lease this node fenced itself off: revoked before it registers again, so its
+    /// old registration and ownership records go at once instead of at the lease's expiry
+    /// (after an etcd outage, or a renewal that timed out, the lease may still be alive).
+    fenced_lease: Option<LeaseId>,
     /// Last successful lease renewal (or grant).
     last_renewed: Instant,
     last_attempt: Instant,
@@ -223,6 +228,12 @@ impl<S: MetaStore> Agent<S> {
 
     async fn register(&mut self) -> Result<(), String> {
         let t = self.call_timeout();
+        if let Some(old) = self.fenced_lease {
+            match timeout(t, self.store.revoke_lease(old)).await? {
+                Ok(()) | Err(MetaError::LeaseNotFound(_)) => self.fenced_lease = None,
+                Err(e) => return Err(format!("revoking the lease this node fenced itself off: {e}")),
+            }
+        }
         timeout(t, check_node_id(&self.store, &self.info.node_id)).await?.map_err(|e| e.to_string())?;
         let lease = timeout(t, self.store.grant_lease(self.opts.lease_ttl)).await?.map_err(|e| e.to_string())?;
         self.info.lease = lease;
@@ -259,7 +270,7 @@ impl<S: MetaStore> Agent<S> {
             .map(|&c| this.shard_call(c, move |reply| ShardMsg::Close { container: c, handoff: false, reply }));
         futures::future::join_all(closes).await;
         self.mine.clear();
-        self.lease = None;
+        self.fenced_lease = self.lease.take();
         self.ctl.controller.store(false, Ordering::SeqCst);
         self.routes.set(vec![None; self.count as usize]);
         self.publish_serving();

@@ -261,7 +261,9 @@ pub fn cli(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, Stri
 /// SIGKILLed and removed when dropped.
 pub struct Etcd {
     child: Child,
-    _dir: TempDir,
+    dir: TempDir,
+    base: u16,
+    extra: Vec<String>,
     pub endpoint: String,
 }
 
@@ -274,9 +276,17 @@ impl Etcd {
     pub fn start_with(extra: &[&str]) -> Etcd {
         let dir = TempDir::new("etcd");
         let base = free_ports(2);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(&dir, base, &extra);
+        let mut e = Etcd { child, dir, base, extra, endpoint: format!("http://127.0.0.1:{base}") };
+        e.wait_ready();
+        e
+    }
+
+    fn spawn(dir: &TempDir, base: u16, extra: &[String]) -> Child {
         let client = format!("http://127.0.0.1:{base}");
         let peer = format!("http://127.0.0.1:{}", base + 1);
-        let child = Command::new("etcd")
+        Command::new("etcd")
             .args(["--name", "test", "--data-dir"])
             .arg(dir.0.join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -286,17 +296,29 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("starting etcd: install Debian's etcd-server (scripts/test.sh does)");
-        let mut e = Etcd { child, _dir: dir, endpoint: client };
+            .expect("starting etcd: install Debian's etcd-server (scripts/test.sh does)")
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", base)).is_err() {
-            if let Ok(Some(status)) = e.child.try_wait() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.base)).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("etcd exited during start-up with {status}");
             }
             assert!(Instant::now() < deadline, "etcd did not start within 30 s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        e
+    }
+
+    /// SIGKILL (an outage); `restart` brings it back on the same ports and data.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.dir, self.base, &self.extra);
+        self.wait_ready();
     }
 }
 
