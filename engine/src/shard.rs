@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -238,6 +239,53 @@ pub struct Node {
     handles: Vec<glommio::ExecutorJoinHandle<Result<(), String>>>,
     peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     pub endpoints: Vec<ShardEndpoint>,
+    /// The data directory's lock, held while the node runs.
+    _lock: DataDirLock,
+}
+
+/// An exclusive `flock` on `<data-dir>/lock`, which holds the owner's pid: a second node
+/// on the same data directory (a second server started by mistake, or before the last one
+/// exited) would write the same log files. The kernel drops the lock when the process dies,
+/// SIGKILL included, so a restart after a crash finds it free.
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    pub fn acquire(dir: &Path) -> Result<DataDirLock, String> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let path = dir.join("lock");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        // SAFETY: flock on a descriptor we own, for the duration of the call.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut owner = String::new();
+                let _ = f.read_to_string(&mut owner);
+                let owner = owner.trim();
+                let by = if owner.is_empty() { String::new() } else { format!(" (pid {owner})") };
+                return Err(format!(
+                    "data directory {} is in use by another sluice process{by}: stop it first, or give another --data-dir",
+                    dir.display()
+                ));
+            }
+            return Err(format!("locking {}: {e}", path.display()));
+        }
+        let pid = std::process::id().to_string();
+        f.set_len(0)
+            .and_then(|()| f.rewind())
+            .and_then(|()| f.write_all(pid.as_bytes()))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(DataDirLock { _file: f })
+    }
 }
 
 /// Advertised address for a bound address (an unspecified IP is advertised as loopback).
@@ -357,15 +405,20 @@ impl Node {
     /// Opens the metadata store, binds every shard's port, recovers every container, and
     /// returns once all shards serve (or the first failure).
     pub fn start(cfg: EngineConfig) -> Result<Node, String> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
+        // Locked before anything in it is opened: the metadata store recovers on open.
+        let lock = DataDirLock::acquire(&cfg.data_dir)?;
         let store = EmbeddedStore::open(&cfg.data_dir.join("meta")).map_err(|e| e.to_string())?;
-        Self::start_with_store(cfg, store)
+        Self::start_locked(cfg, store, lock)
     }
 
     /// Starts a node whose scopes and streams live in `store` (embedded or etcd).
-    pub fn start_with_store<S: MetaStore>(mut cfg: EngineConfig, store: S) -> Result<Node, String> {
+    pub fn start_with_store<S: MetaStore>(cfg: EngineConfig, store: S) -> Result<Node, String> {
+        let lock = DataDirLock::acquire(&cfg.data_dir)?;
+        Self::start_locked(cfg, store, lock)
+    }
+
+    fn start_locked<S: MetaStore>(mut cfg: EngineConfig, store: S, lock: DataDirLock) -> Result<Node, String> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
         // Absolute paths everywhere: glommio's directory handles fail on relative ones.
         cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| format!("resolving {}: {e}", cfg.data_dir.display()))?;
         if let Some(placement) = check_layout(&cfg)? {
@@ -411,7 +464,7 @@ impl Node {
             handles.push(h);
         }
         drop(ready_tx);
-        let node = Node { handles, peers: txs, endpoints };
+        let node = Node { handles, peers: txs, endpoints, _lock: lock };
         for _ in 0..cfg.shards {
             match ready_rx.recv() {
                 Ok(Ok(_)) => {}

@@ -169,6 +169,29 @@ fn standalone_with_relative_data_dir() {
     }
 }
 
+/// A second server on a data directory in use is refused at once, naming the holder; the
+/// lock goes with the first server's process (SIGKILL included), so a restart finds it free.
+#[test]
+fn a_data_directory_serves_one_server_at_a_time() {
+    let dir = TempDir::new("cli-lock");
+    let mut server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let port = free_ports(2);
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(sluice_tests::sluice_bin())
+        .args(["standalone", "--listen", &format!("127.0.0.1:{port}"), "--cores", "2", "--no-pin", "--data-dir"])
+        .arg(dir.0.join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second server started on the same data directory");
+    assert!(err.contains("is in use by another sluice process (pid "), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "refused only after {:?}", started.elapsed());
+    // The first one serves on, and comes back after a SIGKILL.
+    server.kill();
+    server.restart();
+    assert!(sluice_tests::handshake(server.url().parse().unwrap()));
+}
+
 /// `sluice stats`: a row per shard counting what it served, `--reset` starting over, and
 /// `--every` printing one table per interval.
 #[test]
