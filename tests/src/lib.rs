@@ -348,3 +348,59 @@ impl Harness {
         Harness { client, server, _dir: dir }
     }
 }
+
+/// Writes "w:k:seq" events over `keys` routing keys ("key-k") to `stream` until `stop`,
+/// 200 in flight; every one must be acknowledged (across scalings and restarts: writers
+/// retry). Returns how many went to each key (seq 0..n).
+pub async fn keyed_writer(
+    c: sluice_client::Client,
+    stream: &'static str,
+    w: u64,
+    keys: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::collections::HashMap<u64, u64> {
+    let wr = c.event_writer(stream).await.unwrap();
+    let mut seq: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut acks = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut i = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "writer {w} ran too long");
+        let k = (i * 7 + w) % keys;
+        i += 1;
+        let q = seq.entry(k).or_default();
+        acks.push(wr.write_event(format!("key-{k}").as_bytes(), format!("{w}:{k}:{q}").into_bytes()));
+        *q += 1;
+        if acks.len() >= 200 {
+            for a in acks.drain(..) {
+                a.await.expect("every event is acknowledged");
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("every event is acknowledged");
+    }
+    seq
+}
+
+/// Stops `keyed_writer`s and gathers how many events each wrote per key, by (writer, key).
+pub async fn stop_keyed_writers(
+    stop: &std::sync::atomic::AtomicBool,
+    writers: Vec<tokio::task::JoinHandle<std::collections::HashMap<u64, u64>>>,
+) -> std::collections::HashMap<(u64, u64), u64> {
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut written = std::collections::HashMap::new();
+    for (w, t) in writers.into_iter().enumerate() {
+        for (k, n) in t.await.unwrap() {
+            written.insert((w as u64, k), n);
+        }
+    }
+    written
+}
+
+/// Server arguments for a busy mover: tier-2 at `tier2` (a `fs:` URL), 1 MiB log files
+/// within an 8 MiB log budget, 1 MiB chunks, moving from 64 KiB on.
+pub fn small_log_with_tier2(tier2: &str) -> Vec<String> {
+    let args = ["--log-file-mb", "1", "--log-budget-mb", "8", "--chunk-mb", "1", "--move-min-kb", "64"];
+    ["--tier2", tier2].iter().chain(args.iter()).map(|s| s.to_string()).collect()
+}

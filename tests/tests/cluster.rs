@@ -127,6 +127,48 @@ fn spawn_writer(
     })
 }
 
+/// Writers on `cl/events` (created here with 6 segments), writer `w` bootstrapping from
+/// node `w`, recording what is acknowledged; started once they made progress.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(u64, u64, u64)>>>,
+    count: Arc<AtomicU64>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    async fn start(cluster: &Cluster, writers: u64) -> Load {
+        let admin = Client::connect(&cluster.url(0)).await.unwrap();
+        admin.create_scope("cl").await.unwrap();
+        admin.create_stream("cl", "events", 6).await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicU64::new(0));
+        let writers = (0..writers)
+            .map(|w| spawn_writer(cluster.url(w as usize), w, stop.clone(), acked.clone(), count.clone()))
+            .collect();
+        let load = Load { stop, acked, count, writers };
+        load.progress(5_000).await;
+        load
+    }
+
+    /// Waits for `more` acknowledgements.
+    async fn progress(&self, more: u64) {
+        wait_progress(&self.count, more).await;
+    }
+
+    /// Stops the writers; every event they had acknowledged.
+    async fn finish(self) -> HashSet<(u64, u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.writers {
+            w.await.unwrap();
+        }
+        let acked: HashSet<(u64, u64, u64)> = self.acked.lock().unwrap().iter().copied().collect();
+        eprintln!("{} events acknowledged", acked.len());
+        acked
+    }
+}
+
 async fn wait_progress(count: &AtomicU64, more: u64) {
     let target = count.load(Ordering::Relaxed) + more;
     let started = Instant::now();
@@ -147,17 +189,8 @@ async fn three_nodes_move_containers_without_losing_events() {
     assert!(ok, "{err}");
     assert!(out.contains("12 containers") && out.contains("3 live node(s)") && out.contains("serving"), "{out}");
 
-    let admin = Client::connect(&cluster.url(0)).await.unwrap();
-    admin.create_scope("cl").await.unwrap();
-    admin.create_stream("cl", "events", 6).await.unwrap();
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let count = Arc::new(AtomicU64::new(0));
     // Writers bootstrap from different nodes; one from the node that will stop.
-    let writers: Vec<_> =
-        (0..3).map(|w| spawn_writer(cluster.url(w as usize), w, stop.clone(), acked.clone(), count.clone())).collect();
-    wait_progress(&count, 5_000).await;
+    let load = Load::start(&cluster, 3).await;
 
     // Graceful stop of n1 under load: its 4 containers move to n0 and n2.
     let t = Instant::now();
@@ -167,21 +200,16 @@ async fn three_nodes_move_containers_without_losing_events() {
     assert!(clean, "n1 exits cleanly after handing off");
     let settled = cluster.wait_for(&[("n0", 6), ("n2", 6)], Duration::from_secs(30)).await;
     eprintln!("n1 stopped: process exit after {exited:?}, containers served elsewhere {settled:?} later");
-    wait_progress(&count, 5_000).await;
+    load.progress(5_000).await;
 
     // n1 comes back: the containers rebalance to 4 each.
     cluster.start_node(1);
     let t = Instant::now();
     cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(30)).await;
     eprintln!("n1 rejoined: rebalanced in {:?}", t.elapsed());
-    wait_progress(&count, 5_000).await;
+    load.progress(5_000).await;
 
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
-    let acked: HashSet<(u64, u64, u64)> = acked.lock().unwrap().iter().copied().collect();
-    eprintln!("{} events acknowledged", acked.len());
+    let acked = load.finish().await;
 
     read_back_exactly(&cluster.url(2), &acked).await;
 }
@@ -402,15 +430,7 @@ async fn read_back_exactly(url: &str, acked: &HashSet<(u64, u64, u64)>) {
 async fn an_etcd_outage_holds_writes_and_loses_nothing() {
     let mut cluster = Cluster::start(2);
     cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
-    let admin = Client::connect(&cluster.url(0)).await.unwrap();
-    admin.create_scope("cl").await.unwrap();
-    admin.create_stream("cl", "events", 6).await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let count = Arc::new(AtomicU64::new(0));
-    let writers: Vec<_> =
-        (0..2).map(|w| spawn_writer(cluster.url(w as usize), w, stop.clone(), acked.clone(), count.clone())).collect();
-    wait_progress(&count, 5_000).await;
+    let load = Load::start(&cluster, 2).await;
 
     for outage in [Duration::from_millis(1500), Duration::from_secs(6)] {
         cluster.etcd.kill();
@@ -418,14 +438,9 @@ async fn an_etcd_outage_holds_writes_and_loses_nothing() {
         cluster.etcd.restart();
         let t = Instant::now();
         cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(60)).await;
-        wait_progress(&count, 5_000).await;
+        load.progress(5_000).await;
         eprintln!("etcd down {outage:?}: writes flowing again {:?} after it came back", t.elapsed());
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
-    let acked: HashSet<(u64, u64, u64)> = acked.lock().unwrap().iter().copied().collect();
-    eprintln!("{} events acknowledged", acked.len());
+    let acked = load.finish().await;
     read_back_exactly(&cluster.url(1), &acked).await;
 }

@@ -33,20 +33,9 @@ async fn sigkill_during_tier2_uploads_loses_nothing() {
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
     // Log files only allocated, never zero-filled: records go into unwritten extents across
     // many file rolls (`--log-prefill auto` under heavy load).
-    let args = [
-        "--tier2",
-        &tier2,
-        "--log-file-mb",
-        "1",
-        "--log-budget-mb",
-        "8",
-        "--chunk-mb",
-        "1",
-        "--move-min-kb",
-        "64",
-        "--log-prefill",
-        "never",
-    ];
+    let mut args = sluice_tests::small_log_with_tier2(&tier2);
+    args.extend(["--log-prefill".to_string(), "never".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     sigkill_under_load(&dir, &args, 200).await;
     let chunks = walk_files(&dir.0.join("tier2"));
     eprintln!("{} chunk files on tier-2", chunks.len());

@@ -52,6 +52,17 @@ impl LoopMount {
     }
 }
 
+impl LoopMount {
+    /// `new`, or `None` after saying the test is skipped and why.
+    fn or_skip(base: &Path, mib: u64) -> Option<LoopMount> {
+        LoopMount::new(base, mib)
+            .map_err(|why| {
+                eprintln!("SKIPPED: a full disk needs a file system of its own (root and a loop device): {why}")
+            })
+            .ok()
+    }
+}
+
 impl Drop for LoopMount {
     fn drop(&mut self) {
         let ok = Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success());
@@ -117,6 +128,48 @@ fn punch_tail_of_current_log(data: &Path) -> u64 {
     len
 }
 
+/// Writes events over every key, 256 in flight, until one is refused (a disk filled up);
+/// returns that error, with every acknowledged event in `acked`.
+async fn write_until_refused(
+    writer: &sluice_client::EventWriter,
+    seq: &mut [u64],
+    acked: &mut HashSet<(u64, u64)>,
+) -> ClientError {
+    let mut refusal = None;
+    let mut inflight = std::collections::VecDeque::new();
+    let started = Instant::now();
+    for i in 0..200_000u64 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the disk never filled");
+        let k = i % KEYS;
+        let s = seq[k as usize];
+        seq[k as usize] += 1;
+        inflight.push_back(((k, s), writer.write_event(&k.to_le_bytes(), payload(k, s))));
+        if inflight.len() >= 256 {
+            let (ks, ack) = inflight.pop_front().unwrap();
+            match ack.await {
+                Ok(()) => {
+                    acked.insert(ks);
+                }
+                Err(e) => {
+                    refusal = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    for (ks, ack) in inflight {
+        match ack.await {
+            Ok(()) => {
+                acked.insert(ks);
+            }
+            Err(e) => {
+                refusal.get_or_insert(e);
+            }
+        }
+    }
+    refusal.expect("the disk filled up")
+}
+
 /// Writes key 0's next event until one is acknowledged (space was just freed: the server
 /// notices within a second or so; until then writes get `refused`), then 2,000 more over
 /// every key, all acknowledged.
@@ -180,6 +233,13 @@ async fn read_all(url: &str) -> HashSet<(u64, u64)> {
     seen
 }
 
+/// SIGKILL, restart, and the stream holds exactly the acknowledged events.
+async fn read_after_kill(server: &mut Server, url: &str, acked: &HashSet<(u64, u64)>) {
+    server.kill();
+    server.restart();
+    read_exactly(url, acked).await;
+}
+
 /// The stream holds exactly the acknowledged events, each once, in per-key order.
 async fn read_exactly(url: &str, acked: &HashSet<(u64, u64)>) {
     let seen = read_all(url).await;
@@ -193,6 +253,16 @@ async fn read_exactly(url: &str, acked: &HashSet<(u64, u64)>) {
     assert_eq!(seen.len(), acked.len(), "events read that were never acknowledged");
 }
 
+/// A client whose calls and writers give up on a refused write after 2 s of retries (a
+/// minute by default), and the stream `full/events` (one segment).
+async fn client_with_stream(url: &str) -> (Client, ClientConfig) {
+    let config = ClientConfig { retry_for: Duration::from_secs(2), ..ClientConfig::default() };
+    let client = Client::connect_with(url, config.clone()).await.unwrap();
+    client.create_scope("full").await.unwrap();
+    client.create_stream("full", "events", 1).await.unwrap();
+    (client, config)
+}
+
 fn is_no_space(e: &ClientError) -> bool {
     e.code() == Some(ErrorCode::NoSpace)
 }
@@ -200,13 +270,7 @@ fn is_no_space(e: &ClientError) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_when_space_is_freed() {
     let base = TempDir::new("disk-full");
-    let mnt = match LoopMount::new(&base.0, 96) {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED: a full disk needs a file system of its own (root and a loop device): {why}");
-            return;
-        }
-    };
+    let Some(mnt) = LoopMount::or_skip(&base.0, 96) else { return };
     filler(&mnt.dir.join("filler"), 24);
     // One container with 8 MiB log files: the disk fills after a few of them.
     let extra = ["--containers-per-core", "1", "--log-file-mb", "8"];
@@ -214,49 +278,13 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     // log lines that find no room are lost, the server goes on.
     let mut server = Server::start_with(&mnt.dir.join("data"), free_ports(1), 1, &extra);
     let url = server.url();
-    // Writers give up on a refused write after 2 s of retries (a minute by default).
-    let config = ClientConfig { retry_for: Duration::from_secs(2), ..ClientConfig::default() };
-    let client = Client::connect_with(&url, config.clone()).await.unwrap();
-    client.create_scope("full").await.unwrap();
-    client.create_stream("full", "events", 1).await.unwrap();
+    let (client, config) = client_with_stream(&url).await;
 
     // Write until the disk is full.
     let writer = client.event_writer("full/events").await.unwrap();
     let mut acked: HashSet<(u64, u64)> = HashSet::new();
-    let mut refusal = None;
     let mut seq = [0u64; KEYS as usize];
-    let mut inflight = std::collections::VecDeque::new();
-    let started = Instant::now();
-    for i in 0..200_000u64 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the disk never filled");
-        let k = i % KEYS;
-        let s = seq[k as usize];
-        seq[k as usize] += 1;
-        inflight.push_back(((k, s), writer.write_event(&k.to_le_bytes(), payload(k, s))));
-        if inflight.len() >= 256 {
-            let (ks, ack) = inflight.pop_front().unwrap();
-            match ack.await {
-                Ok(()) => {
-                    acked.insert(ks);
-                }
-                Err(e) => {
-                    refusal = Some(e);
-                    break;
-                }
-            }
-        }
-    }
-    for (ks, ack) in inflight {
-        match ack.await {
-            Ok(()) => {
-                acked.insert(ks);
-            }
-            Err(e) => {
-                refusal.get_or_insert(e);
-            }
-        }
-    }
-    let refusal = refusal.expect("the disk filled up");
+    let refusal = write_until_refused(&writer, &mut seq, &mut acked).await;
     assert!(is_no_space(&refusal), "a full disk gives NoSpace, not {refusal}");
     assert!(refusal.to_string().contains("No space left on device"), "{refusal}");
     eprintln!("disk full after {} acknowledged events: {refusal}", acked.len());
@@ -287,9 +315,7 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     assert!(is_no_space(&meta_refused), "{meta_refused}");
 
     // SIGKILL and restart on the full disk: it starts, and serves every acknowledged event.
-    server.kill();
-    server.restart();
-    read_exactly(&url, &acked).await;
+    read_after_kill(&mut server, &url, &acked).await;
 
     // Free space: writes resume without a restart (the server tries again every second).
     std::fs::remove_file(mnt.dir.join("filler")).unwrap();
@@ -305,9 +331,7 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     client.create_stream("after", "s", 2).await.unwrap();
 
     // And all of it survives a SIGKILL.
-    server.kill();
-    server.restart();
-    read_exactly(&url, &acked).await;
+    read_after_kill(&mut server, &url, &acked).await;
 
     // A current log file with unallocated blocks (older builds left one when `fallocate`
     // failed) on a full disk: the restarted server must not write into the hole (the write
@@ -326,9 +350,7 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     std::fs::remove_file(mnt.dir.join("filler3.crumbs")).unwrap();
     writes_resume(&writer, ErrorCode::NoSpace, &mut seq, &mut acked).await;
     drop(writer);
-    server.kill();
-    server.restart();
-    read_exactly(&url, &acked).await;
+    read_after_kill(&mut server, &url, &acked).await;
     drop(server);
 }
 
@@ -341,13 +363,7 @@ async fn a_full_tier2_file_system_fails_appends_cleanly_and_takes_them_once_free
     use sluice_tier2::ChunkStore;
     use sluice_tier2::fs::FsChunkStore;
     let base = TempDir::new("t2-full");
-    let mnt = match LoopMount::new(&base.0, 32) {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED: a full disk needs a file system of its own (root and a loop device): {why}");
-            return;
-        }
-    };
+    let Some(mnt) = LoopMount::or_skip(&base.0, 32) else { return };
     let store = FsChunkStore::open(&mnt.dir.join("tier2"), 2).unwrap();
     store.create("c/0").await.unwrap();
     let piece = bytes::Bytes::from(vec![7u8; 8 << 20]);
@@ -374,71 +390,19 @@ async fn a_full_tier2_file_system_fails_appends_cleanly_and_takes_them_once_free
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_tier2_holds_writes_back_until_freed() {
     let base = TempDir::new("t2-full-node");
-    let mnt = match LoopMount::new(&base.0, 48) {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED: a full disk needs a file system of its own (root and a loop device): {why}");
-            return;
-        }
-    };
+    let Some(mnt) = LoopMount::or_skip(&base.0, 48) else { return };
     filler(&mnt.dir.join("filler"), 36);
     let tier2 = format!("fs:{}", mnt.dir.join("tier2").display());
-    let extra = [
-        "--containers-per-core",
-        "1",
-        "--tier2",
-        &tier2,
-        "--log-file-mb",
-        "1",
-        "--log-budget-mb",
-        "8",
-        "--chunk-mb",
-        "1",
-        "--move-min-kb",
-        "64",
-    ];
+    let mut extra = sluice_tests::small_log_with_tier2(&tier2);
+    extra.extend(["--containers-per-core".to_string(), "1".to_string()]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut server = Server::start_with(&base.0.join("data"), free_ports(1), 1, &extra);
     let url = server.url();
-    let config = ClientConfig { retry_for: Duration::from_secs(2), ..ClientConfig::default() };
-    let client = Client::connect_with(&url, config.clone()).await.unwrap();
-    client.create_scope("full").await.unwrap();
-    client.create_stream("full", "events", 1).await.unwrap();
+    let (client, _) = client_with_stream(&url).await;
     let writer = client.event_writer("full/events").await.unwrap();
     let mut acked: HashSet<(u64, u64)> = HashSet::new();
     let mut seq = [0u64; KEYS as usize];
-    let mut refusal = None;
-    let mut inflight = std::collections::VecDeque::new();
-    let started = Instant::now();
-    for i in 0..200_000u64 {
-        assert!(started.elapsed() < Duration::from_secs(120), "tier-2 never filled");
-        let k = i % KEYS;
-        let s = seq[k as usize];
-        seq[k as usize] += 1;
-        inflight.push_back(((k, s), writer.write_event(&k.to_le_bytes(), payload(k, s))));
-        if inflight.len() >= 256 {
-            let (ks, ack) = inflight.pop_front().unwrap();
-            match ack.await {
-                Ok(()) => {
-                    acked.insert(ks);
-                }
-                Err(e) => {
-                    refusal = Some(e);
-                    break;
-                }
-            }
-        }
-    }
-    for (ks, ack) in inflight {
-        match ack.await {
-            Ok(()) => {
-                acked.insert(ks);
-            }
-            Err(e) => {
-                refusal.get_or_insert(e);
-            }
-        }
-    }
-    let refusal = refusal.expect("tier-2 filled up");
+    let refusal = write_until_refused(&writer, &mut seq, &mut acked).await;
     assert_eq!(refusal.code(), Some(ErrorCode::Tier2Unavailable), "{refusal}");
     eprintln!("tier-2 full after {} acknowledged events: {refusal}", acked.len());
     drop(writer);
@@ -447,8 +411,6 @@ async fn a_full_tier2_holds_writes_back_until_freed() {
     let writer = client.event_writer("full/events").await.unwrap();
     writes_resume(&writer, ErrorCode::Tier2Unavailable, &mut seq, &mut acked).await;
     drop(writer);
-    server.kill();
-    server.restart();
-    read_exactly(&url, &acked).await;
+    read_after_kill(&mut server, &url, &acked).await;
     drop(server);
 }

@@ -5,7 +5,7 @@
 
 use sluice_client::{Client, ClientError, CutAt, GroupItem, ReaderGroupConfig};
 use sluice_net::{ErrorCode, KeyRange};
-use sluice_tests::{Harness, cli};
+use sluice_tests::{Harness, cli, keyed_writer, stop_keyed_writers};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,33 +20,6 @@ type Log = Arc<Mutex<Vec<(u64, u64, u64, u64)>>>;
 
 fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
     r.expect_err("expected an error").code().expect("a server error")
-}
-
-/// Writes "w:k:seq" events over 16 keys until `stop`; returns how many were acknowledged
-/// per key (every one of them, in order: seq 0..n).
-async fn writer(c: Client, stream: &'static str, w: u64, stop: Arc<AtomicBool>) -> HashMap<u64, u64> {
-    let wr = c.event_writer(stream).await.unwrap();
-    let mut seq: HashMap<u64, u64> = HashMap::new();
-    let mut acks = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut i = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "writer {w} ran too long");
-        let k = (i * 7 + w) % KEYS;
-        i += 1;
-        let q = seq.entry(k).or_default();
-        acks.push(wr.write_event(format!("key-{k}").as_bytes(), format!("{w}:{k}:{q}").into_bytes()));
-        *q += 1;
-        if acks.len() >= 200 {
-            for a in acks.drain(..) {
-                a.await.expect("every event is acknowledged across scalings");
-            }
-        }
-    }
-    for a in acks {
-        a.await.expect("every event is acknowledged across scalings");
-    }
-    seq
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +51,8 @@ async fn scaling_up_and_down_under_load_keeps_every_event_once_and_in_key_order(
         }));
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..WRITERS).map(|w| tokio::spawn(writer(c.clone(), "sc/s", w, stop.clone()))).collect();
+    let writers: Vec<_> =
+        (0..WRITERS).map(|w| tokio::spawn(keyed_writer(c.clone(), "sc/s", w, KEYS, stop.clone()))).collect();
 
     // Up and down ten times: split the widest segment, then merge the two narrowest
     // neighbours, with writes flowing in between.
@@ -102,13 +76,7 @@ async fn scaling_up_and_down_under_load_keeps_every_event_once_and_in_key_order(
         epochs.push((next.segments.len(), started.elapsed()));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut written: HashMap<(u64, u64), u64> = HashMap::new();
-    for (w, t) in writers.into_iter().enumerate() {
-        for (k, n) in t.await.unwrap() {
-            written.insert((w as u64, k), n);
-        }
-    }
+    let written = stop_keyed_writers(&stop, writers).await;
     let total: u64 = written.values().sum();
     let t_written = t0.elapsed();
     // Sealing the stream lets the readers finish every segment.

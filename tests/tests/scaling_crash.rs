@@ -7,50 +7,24 @@
 //! whose answer a kill lost succeeds when retried (it finds its work done), instead of
 //! failing with "not an active segment" or "already exists".
 
-use sluice_client::{Client, ReadFrom};
-use sluice_tests::Harness;
+use sluice_client::ReadFrom;
+use sluice_tests::{Harness, keyed_writer, stop_keyed_writers};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 const WRITERS: u64 = 4;
 const KEYS: u64 = 16;
 const SCALINGS: usize = 9;
 
-/// Writes "w:k:seq" events until `stop`, each acknowledged (writers retry across restarts);
-/// returns how many per key.
-async fn writer(c: Client, w: u64, stop: Arc<AtomicBool>) -> HashMap<u64, u64> {
-    let wr = c.event_writer("kc/s").await.unwrap();
-    let mut seq: HashMap<u64, u64> = HashMap::new();
-    let mut acks = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut i = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "writer {w} ran too long");
-        let k = (i * 7 + w) % KEYS;
-        i += 1;
-        let q = seq.entry(k).or_default();
-        acks.push(wr.write_event(format!("key-{k}").as_bytes(), format!("{w}:{k}:{q}").into_bytes()));
-        *q += 1;
-        if acks.len() >= 200 {
-            for a in acks.drain(..) {
-                a.await.expect("every event is acknowledged across kills and scalings");
-            }
-        }
-    }
-    for a in acks {
-        a.await.expect("every event is acknowledged across kills and scalings");
-    }
-    seq
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_scalings_loses_and_duplicates_nothing() {
     let mut h = Harness::with_stream("kc", "s", 2).await;
     let c = h.client.clone();
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..WRITERS).map(|w| tokio::spawn(writer(c.clone(), w, stop.clone()))).collect();
+    let writers: Vec<_> =
+        (0..WRITERS).map(|w| tokio::spawn(keyed_writer(c.clone(), "kc/s", w, KEYS, stop.clone()))).collect();
 
     let mut kills = 0;
     for i in 0..SCALINGS {
@@ -101,13 +75,7 @@ async fn sigkill_during_scalings_loses_and_duplicates_nothing() {
         assert!(c.stream_history("kc", "s").await.unwrap().epochs.len() == now.epoch as usize + 1);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut written: HashMap<(u64, u64), u64> = HashMap::new();
-    for (w, t) in writers.into_iter().enumerate() {
-        for (k, n) in t.await.unwrap() {
-            written.insert((w as u64, k), n);
-        }
-    }
+    let written = stop_keyed_writers(&stop, writers).await;
     let total: u64 = written.values().sum();
 
     // One more kill with everything written, then read it all from the head.
