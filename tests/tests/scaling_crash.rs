@@ -4,8 +4,9 @@
 //! (`current_stream`), and writers that resend across the restart and the redirect must
 //! neither lose nor duplicate an acknowledged event. Read back from the head, every event
 //! is there once, in per-key order across all the epochs. A scaling or a scope creation
-//! whose answer a kill lost succeeds when retried (it finds its work done), instead of
-//! failing with "not an active segment" or "already exists".
+//! or stream creation whose answer a kill lost succeeds when retried (it finds its work
+//! done, or resumes it), instead of failing with "not an active segment" or "already
+//! exists"; the streams then take writes.
 
 use sluice_client::ReadFrom;
 use sluice_tests::{Harness, keyed_writer, stop_keyed_writers};
@@ -54,6 +55,10 @@ async fn sigkill_during_scalings_loses_and_duplicates_nothing() {
             let creates = tokio::spawn(async move {
                 for j in 0..20 {
                     c3.create_scope(&format!("kc{i}-{j}")).await.unwrap_or_else(|e| panic!("create kc{i}-{j}: {e}"));
+                    // A stream is created in steps (recorded, segments made, active).
+                    c3.create_stream(&format!("kc{i}-{j}"), "t", 3)
+                        .await
+                        .unwrap_or_else(|e| panic!("create kc{i}-{j}/t: {e}"));
                 }
             });
             tokio::time::sleep(Duration::from_micros(500 + 1500 * kills)).await;
@@ -63,6 +68,12 @@ async fn sigkill_during_scalings_loses_and_duplicates_nothing() {
             creates.await.unwrap();
             let scopes = c.list_scopes().await.unwrap();
             assert!((0..20).all(|j| scopes.contains(&format!("kc{i}-{j}"))), "{scopes:?}");
+            for j in 0..20 {
+                let t = c.get_stream(&format!("kc{i}-{j}"), "t").await.unwrap();
+                assert_eq!(t.segments.len(), 3, "kc{i}-{j}/t");
+                let w = c.event_writer(&format!("kc{i}-{j}/t")).await.unwrap();
+                w.write_event(b"k", b"after the kill".to_vec()).await.expect("the stream takes writes");
+            }
         }
         // The scaling either finished, or was finished by the retried call after the restart.
         let done = scale.await.unwrap().unwrap_or_else(|e| panic!("scaling {i}: {e}"));
