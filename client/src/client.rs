@@ -24,7 +24,26 @@ pub struct ClientConfig {
 }
 
 /// How long a call or a writer retries before it warns (once) what it is waiting for.
-pub(crate) const RETRY_WARN_AFTER: Duration = Duration::from_secs(2);
+const RETRY_WARN_AFTER: Duration = Duration::from_secs(2);
+
+/// Says once per retry episode (`warned`) what a long wait is for (a full disk, a
+/// restarting node): when the episode that began `since` passed `RETRY_WARN_AFTER`.
+/// `segment`: a writer's. Returns whether it warned now.
+pub(crate) fn warn_long_retry(
+    warned: &mut bool,
+    since: Instant,
+    retry_for: Duration,
+    segment: Option<&str>,
+    e: &ClientError,
+) -> bool {
+    if *warned || since.elapsed() < RETRY_WARN_AFTER {
+        return false;
+    }
+    *warned = true;
+    let writes = segment.map(|s| format!(" writes to {s}")).unwrap_or_default();
+    tracing::warn!(error = %e, "still retrying{writes}; giving up after {retry_for:?}");
+    true
+}
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -203,12 +222,9 @@ impl Client {
                     return Ok(v);
                 }
                 Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                    // Say once what a long wait is for (a full disk, a restarting node).
-                    if !warned && started.elapsed() >= RETRY_WARN_AFTER {
-                        warned = true;
-                        let retry_for = self.inner.config.retry_for;
-                        tracing::warn!(error = %e, "still retrying; giving up after {retry_for:?}");
-                    } else if backoff >= Duration::from_millis(500) {
+                    if !warn_long_retry(&mut warned, started, self.inner.config.retry_for, None, &e)
+                        && backoff >= Duration::from_millis(500)
+                    {
                         tracing::debug!(error = %e, waited = ?started.elapsed(), "retrying");
                     }
                     if e.code() == Some(ErrorCode::WrongHost) {

@@ -14,7 +14,7 @@
 //! The new segments number the events afresh (the server tracks numbers per segment).
 
 use crate::acks::{Board, Look};
-use crate::client::{Client, RETRY_WARN_AFTER};
+use crate::client::{Client, warn_long_retry};
 use crate::connection::{Connection, expect};
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
@@ -596,11 +596,7 @@ impl SegmentWriter {
         let retry_for = self.shared.client.config().retry_for;
         let deadline = since + retry_for;
         loop {
-            // Say once per episode what a long wait is for (a full disk, a restarting node).
-            if !warned && since.elapsed() >= RETRY_WARN_AFTER {
-                warned = true;
-                tracing::warn!(segment = %self.segment, error = %err, "writes still retried; giving up after {retry_for:?}");
-            }
+            warn_long_retry(&mut warned, since, retry_for, Some(&self.segment), &err);
             if Instant::now() >= deadline {
                 for b in self.inflight.drain(..) {
                     b.finish(&self.board, Err(err.clone()));

@@ -247,12 +247,12 @@ pub struct Node {
 /// on the same data directory (a second server started by mistake, or before the last one
 /// exited) would write the same log files. The kernel drops the lock when the process dies,
 /// SIGKILL included, so a restart after a crash finds it free.
-pub struct DataDirLock {
+struct DataDirLock {
     _file: std::fs::File,
 }
 
 impl DataDirLock {
-    pub fn acquire(dir: &Path) -> Result<DataDirLock, String> {
+    fn acquire(dir: &Path) -> Result<DataDirLock, String> {
         use std::io::{Read, Seek, Write};
         use std::os::fd::AsRawFd;
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

@@ -488,7 +488,6 @@ pub fn split_range(low: f64, high: f64, n: u32) -> Vec<KeyRange> {
     KeyRange { low, high }.split(n)
 }
 
-/// Checks a scaling request against the record and numbers the new segments.
 /// Whether one completed scaling sealed exactly `seal` and created exactly `ranges`.
 fn scaled_already(r: &StreamRecord, seal: &[u64], ranges: &[KeyRange]) -> bool {
     let sealed_at = |n: &u64| r.history.iter().find(|h| h.number == *n).and_then(|h| h.sealed_epoch);
@@ -504,6 +503,7 @@ fn scaled_already(r: &StreamRecord, seal: &[u64], ranges: &[KeyRange]) -> bool {
         && created.iter().zip(ranges).all(|(h, k)| h.key_low == k.low && h.key_high == k.high)
 }
 
+/// Checks a scaling request against the record and numbers the new segments.
 fn plan_scale(r: &StreamRecord, seal: &[u64], ranges: &[KeyRange]) -> Result<Vec<StreamSegment>, String> {
     if seal.is_empty() || ranges.is_empty() {
         return Err("a scaling needs segments to seal and at least one new key range".into());

@@ -472,10 +472,7 @@ impl ContainerCore {
     }
 
     fn no_space_error(&self) -> Result<(), EngineError> {
-        match self.no_space_refusal() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.no_space_refusal().map_or(Ok(()), Err)
     }
 
     /// The error writes get while the disk is full.

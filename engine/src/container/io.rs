@@ -329,13 +329,9 @@ async fn prepare_log_file(dir: PathBuf, header: FileHeader, zero_fill: bool) -> 
 /// Allocates (and zero-fills) a new log file's blocks and writes its header block, durably.
 async fn fill_log_file(f: &DmaFile, header: &FileHeader, zero_fill: bool, path: &Path) -> Result<(), PrepareFailure> {
     let zeroed = zero_fill && write_zeroes(f, header.file_bytes).await;
-    if !zeroed && let Err(e) = f.pre_allocate(header.file_bytes, false).await {
-        // A file system without fallocate allocates as the file is written; a full one
-        // must not hand out a file whose later writes would fail.
-        let failure = PrepareFailure::new("allocating", path, e);
-        if failure.no_space {
-            return Err(failure);
-        }
+    if !zeroed {
+        // A full file system must not hand out a file whose later writes would fail.
+        allocate(f, header.file_bytes, path).await?;
     }
     // Without zeroing by allocation, zero-fill by writes (or just write the header block).
     let end = if zero_fill && !zeroed { header.file_bytes } else { FILE_HEADER_BYTES };
@@ -359,11 +355,10 @@ async fn fill_log_file(f: &DmaFile, header: &FileHeader, zero_fill: bool, path: 
     f.fdatasync().await.map_err(|e| PrepareFailure::new("syncing", path, e))
 }
 
-/// Allocates whatever blocks of a recovered log file are not allocated yet (none, for a
-/// file this build prepared: then the call only walks its extents). `Err` only when the
-/// disk has no room for them; a file system without `fallocate` passes.
-async fn allocate_whole(f: &DmaFile, path: &Path) -> Result<(), PrepareFailure> {
-    let len = std::fs::metadata(path).map_err(|e| PrepareFailure::other(io_err("reading the size of", path, e)))?.len();
+/// Allocates whatever of the first `len` bytes of `f` is not allocated yet (for a file
+/// already whole, the call only walks its extents). `Err` only when the disk has no room:
+/// a file system without `fallocate` allocates as the file is written.
+async fn allocate(f: &DmaFile, len: u64, path: &Path) -> Result<(), PrepareFailure> {
     match f.pre_allocate(len, false).await {
         Err(e) => {
             let failure = PrepareFailure::new("allocating", path, e);
@@ -529,7 +524,12 @@ impl Container {
                 write_all_at(&f, buf, from, &path).await.map_err(invalid)?;
                 f.fdatasync().await.map_err(|e| invalid(e.to_string()))?;
             }
-            if let Err(failure) = allocate_whole(&f, &path).await {
+            // A file made by an older build may lack blocks (it ignored a failed fallocate).
+            let len = f
+                .file_size()
+                .await
+                .map_err(|e| RecoveryError::Invalid { file: path.clone(), reason: e.to_string() })?;
+            if let Err(failure) = allocate(&f, len, &path).await {
                 tracing::warn!(
                     container = core.config().container,
                     reason = %failure.message,
