@@ -274,7 +274,9 @@ impl Client {
         let result = self
             .with_retry(|| async {
                 let r = self.admin_attempt::<_, Done>(msg.clone()).await;
-                if matches!(r, Err(ClientError::ConnectionLost(_) | ClientError::Timeout(_))) {
+                let unknown = matches!(r, Err(ClientError::ConnectionLost(_) | ClientError::Timeout(_)))
+                    || r.as_ref().is_err_and(|e| e.code() == Some(ErrorCode::MetadataUnavailable));
+                if unknown {
                     maybe_done.store(true, Ordering::Relaxed);
                 }
                 r

@@ -54,6 +54,7 @@ impl ClientError {
                         | ErrorCode::Overloaded
                         | ErrorCode::Tier2Unavailable
                         | ErrorCode::NoSpace
+                        | ErrorCode::MetadataUnavailable
                         | ErrorCode::ContainerPoisoned
                 )
             }

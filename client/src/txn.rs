@@ -132,7 +132,30 @@ impl Client {
 
     /// Transactions of a stream (or of a scope, `stream` empty; or of every stream, both empty).
     pub async fn list_txns(&self, scope: &str, stream: &str) -> Result<Vec<TxnInfo>, ClientError> {
-        Ok(self.admin::<_, TxnList>(ListTxns { scope: scope.into(), stream: stream.into() }).await?.txns)
+        let (mut all, mut after) = (Vec::new(), String::new());
+        loop {
+            let (page, next) = self.list_txns_page(scope, stream, &after, 0).await?;
+            all.extend(page);
+            match next {
+                Some(next) => after = next,
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of `list_txns`: at most `limit` transactions (0: the server's page size,
+    /// 1000) after the cursor `after` (`""`: from the first), and the next page's cursor
+    /// if there is one.
+    pub async fn list_txns_page(
+        &self,
+        scope: &str,
+        stream: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<(Vec<TxnInfo>, Option<String>), ClientError> {
+        let m = ListTxns { scope: scope.into(), stream: stream.into(), after: after.into(), limit };
+        let page = self.admin::<_, TxnList>(m).await?;
+        Ok((page.txns, Some(page.next).filter(|n| !n.is_empty())))
     }
 
     /// Renews an open transaction's lease: it runs out `lease_ms` from now.

@@ -42,7 +42,7 @@ use crate::EngineConfig;
 use crate::container::io::OpenSource;
 use crate::shard::{Node, ShardMsg};
 use futures::channel::oneshot;
-use sluice_meta::cluster::{NodeInfo, check_node_id, ensure_cluster, publish_node};
+use sluice_meta::cluster::{ClusterError, NodeInfo, check_node_id, ensure_cluster, get_node, publish_node};
 use sluice_meta::ownership::{self, OwnershipView, Source, owner_key};
 use sluice_meta::{LeaseId, MetaError, MetaStore};
 use sluice_net::routing::shard_of;
@@ -110,6 +110,7 @@ impl ClusterNode {
         let routes = Arc::new(Routes::new());
         cfg.cluster = Some(routes.clone());
         cfg.node_name = opts.node_id.clone();
+        let lease_file = cfg.data_dir.join(LEASE_FILE);
         let shards = cfg.shards;
         let node = Node::start_with_store(cfg, store.clone())?;
         let endpoints = node.endpoints.clone();
@@ -130,16 +131,34 @@ impl ClusterNode {
             },
             ctl: ctl.clone(),
             lease: None,
+            lease_file,
             fenced_lease: None,
             last_renewed: Instant::now(),
             last_attempt: Instant::now(),
             mine: BTreeMap::new(),
         };
         agent.info.node_id = agent.opts.node_id.clone();
-        // Register before returning, so a node id clash is reported to the caller.
-        if let Err(e) = rt.block_on(agent.register()) {
-            node.stop();
-            return Err(e);
+        // Register before returning, so a node id clash is reported to the caller. A
+        // registration of this id that is not this directory's last (another node, or a
+        // crash before the lease was noted) is waited out for a lease TTL: a dead node's
+        // expires, a live one's is renewed and the start fails.
+        let deadline = Instant::now() + agent.opts.lease_ttl + Duration::from_secs(2);
+        let mut told = false;
+        loop {
+            match rt.block_on(agent.register()) {
+                Ok(()) => break,
+                Err(RegisterError::Taken(e)) if Instant::now() < deadline => {
+                    if !told {
+                        tracing::warn!(error = %e, "waiting for the registration to expire");
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    node.stop();
+                    return Err(e.to_string());
+                }
+            }
         }
         let handle = std::thread::Builder::new()
             .name("sluice-agent".into())
@@ -200,6 +219,31 @@ async fn timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Res
     tokio::time::timeout(d, f).await.map_err(|_| format!("no answer from the metadata store within {d:?}"))
 }
 
+/// File in the data directory noting the lease a cluster node registered under.
+const LEASE_FILE: &str = "cluster-lease";
+
+/// Why registering failed.
+#[derive(Debug)]
+enum RegisterError {
+    /// The node id is registered and not by this directory's previous run.
+    Taken(String),
+    Other(String),
+}
+
+impl std::fmt::Display for RegisterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegisterError::Taken(m) | RegisterError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for RegisterError {
+    fn from(m: String) -> Self {
+        RegisterError::Other(m)
+    }
+}
+
 struct Agent<S: MetaStore> {
     store: S,
     opts: ClusterOptions,
@@ -210,6 +254,9 @@ struct Agent<S: MetaStore> {
     info: NodeInfo,
     ctl: Arc<AgentCtl>,
     lease: Option<LeaseId>,
+    /// Where the node notes the lease it registered under (`<data-dir>/cluster-lease`), so
+    /// that after a crash it can tell its own stale registration from another node's.
+    lease_file: std::path::PathBuf,
     /// The lease this node fenced itself off: revoked before it registers again, so its
     /// old registration and ownership records go at once instead of at the lease's expiry
     /// (after an etcd outage, or a renewal that timed out, the lease may still be alive).
@@ -226,23 +273,63 @@ impl<S: MetaStore> Agent<S> {
         (self.opts.lease_ttl / 3).max(Duration::from_millis(500))
     }
 
-    async fn register(&mut self) -> Result<(), String> {
+    async fn register(&mut self) -> Result<(), RegisterError> {
         let t = self.call_timeout();
         if let Some(old) = self.fenced_lease {
             match timeout(t, self.store.revoke_lease(old)).await? {
                 Ok(()) | Err(MetaError::LeaseNotFound(_)) => self.fenced_lease = None,
-                Err(e) => return Err(format!("revoking the lease this node fenced itself off: {e}")),
+                Err(e) => return Err(format!("revoking the lease this node fenced itself off: {e}").into()),
             }
         }
-        timeout(t, check_node_id(&self.store, &self.info.node_id)).await?.map_err(|e| e.to_string())?;
+        match timeout(t, check_node_id(&self.store, &self.info.node_id)).await? {
+            Ok(()) => {}
+            Err(ClusterError::NodeIdTaken(_)) => self.remove_previous_run(t).await?,
+            Err(e) => return Err(e.to_string().into()),
+        }
         let lease = timeout(t, self.store.grant_lease(self.opts.lease_ttl)).await?.map_err(|e| e.to_string())?;
         self.info.lease = lease;
         timeout(t, publish_node(&self.store, &self.info, lease)).await?.map_err(|e| e.to_string())?;
+        if let Err(e) = std::fs::write(&self.lease_file, format!("{} {lease}\n", self.info.node_id)) {
+            tracing::warn!(path = %self.lease_file.display(), error = %e, "cannot note the node's lease");
+        }
         self.lease = Some(lease);
         self.last_renewed = Instant::now();
         self.last_attempt = Instant::now();
         tracing::info!(node = %self.info.node_id, cluster = %self.opts.cluster, "registered");
         Ok(())
+    }
+
+    /// The node id is registered already. If the registration is this data directory's
+    /// last one (its lease is the one noted in `cluster-lease`), its process is dead: this
+    /// one holds the directory's lock and its ports. It crashed without leaving, and its
+    /// lease may live on for a TTL; revoke it now (its ownership records go with it, and this
+    /// node takes its containers back from its log). Anything else is another node's.
+    async fn remove_previous_run(&self, t: Duration) -> Result<(), RegisterError> {
+        let id = &self.info.node_id;
+        let taken = || {
+            RegisterError::Taken(format!(
+                "node id {id} is registered by another live node, or by one that died within the lease TTL ({:?})",
+                self.opts.lease_ttl
+            ))
+        };
+        let noted = std::fs::read_to_string(&self.lease_file).ok().and_then(|s| {
+            let (node, lease) = s.trim().split_once(' ')?;
+            (node == id).then(|| lease.parse::<LeaseId>().ok()).flatten()
+        });
+        let Some(noted) = noted else { return Err(taken()) };
+        let Some(old) = timeout(t, get_node(&self.store, id)).await?.map_err(|e| e.to_string())? else {
+            return Ok(()); // expired meanwhile
+        };
+        if old.lease != noted {
+            return Err(taken());
+        }
+        match timeout(t, self.store.revoke_lease(noted)).await? {
+            Ok(()) | Err(MetaError::LeaseNotFound(_)) => {
+                tracing::info!(node = %id, lease = noted, "removed the registration of this node's previous run (it did not leave the cluster)");
+                Ok(())
+            }
+            Err(e) => Err(format!("revoking the previous run's lease: {e}").into()),
+        }
     }
 
     async fn shard_call(

@@ -42,7 +42,19 @@ const DIRECT_WRITE_BYTES: usize = 32 << 10;
 type Outgoing = (Reply, Option<StaticPermit>);
 
 fn reply<T: Control>(request_id: u64, msg: &T) -> Reply {
-    (encode_frame_head(request_id, msg, 0), Vec::new())
+    let head = encode_frame_head(request_id, msg, 0);
+    let control = head.len() - sluice_net::constants::FRAME_HEADER_BYTES;
+    if control > sluice_net::constants::CONTROL_BYTES_MAX {
+        // A client would refuse the frame and drop the connection: say what happened instead.
+        let message = format!(
+            "the answer ({:?}, {control} bytes) exceeds the {}-byte limit of a control section",
+            T::KIND,
+            sluice_net::constants::CONTROL_BYTES_MAX
+        );
+        tracing::warn!(%message, "answer too large");
+        return error_reply(request_id, ErrorCode::TooLarge, message, None, None);
+    }
+    (head, Vec::new())
 }
 
 fn error_reply(
@@ -558,10 +570,17 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: ListTxns = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                let r = shard.controller.list_txns(&m.scope, &m.stream).await;
+                let max = sluice_net::constants::TXN_PAGE_MAX;
+                let limit = if m.limit == 0 { max } else { m.limit.min(max) };
+                // Half the control limit for the records leaves room for the names around them.
+                let bytes = sluice_net::constants::CONTROL_BYTES_MAX / 2;
+                let r = shard.controller.list_txns_page(&m.scope, &m.stream, &m.after, limit as usize, bytes).await;
                 ctl_reply(
                     id,
-                    r.map(|all| TxnList { txns: all.into_iter().map(|(sc, st, t)| txn_info(sc, st, &t)).collect() }),
+                    r.map(|(page, next)| TxnList {
+                        txns: page.into_iter().map(|(sc, st, t)| txn_info(sc, st, &t)).collect(),
+                        next: next.unwrap_or_default(),
+                    }),
                 )
             })
         }

@@ -201,6 +201,15 @@ impl<S: MetaStore> Drop for Registration<S> {
 }
 
 /// The live nodes, by id.
+/// The registration of node `id`, if it has one.
+pub async fn get_node<S: MetaStore>(store: &S, id: &str) -> Result<Option<NodeInfo>, MetaError> {
+    let key = node_key(id);
+    match store.get(&key).await? {
+        Some(v) => Ok(Some(decode_record!(NodeInfo, key, &v.value)?)),
+        None => Ok(None),
+    }
+}
+
 pub async fn list_nodes<S: MetaStore>(store: &S) -> Result<Vec<NodeInfo>, MetaError> {
     store.range("nodes/").await?.into_iter().map(|(k, v)| decode_record!(NodeInfo, k, &v.value)).collect()
 }

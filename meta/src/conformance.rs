@@ -45,6 +45,22 @@ pub async fn run<S: MetaStore>(store: &S, prefix: &str) -> Result<(), String> {
     let keys: Vec<&str> = r.iter().map(|(key, _)| key.as_str()).collect();
     check!(keys == vec![k("a").as_str(), k("b").as_str(), k("c/d").as_str()], format!("range in key order: {keys:?}"));
     check!(r[1].1 == Versioned { value: vec![0, 255], version: 1 }, "range carries values and versions");
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store.range_page(&format!("{prefix}/"), &after, 2).await.map_err(|x| e("range_page", x))?;
+        let more = page.len() == 2;
+        if let Some((last, _)) = page.last() {
+            after = last.clone();
+        }
+        paged.extend(page);
+        if !more {
+            break;
+        }
+    }
+    check!(paged == r, format!("pages of 2 add up to the range: {paged:?}"));
+    let rest = store.range_page(&format!("{prefix}/"), &k("a"), 10).await.map_err(|x| e("range_page", x))?;
+    check!(rest.len() == 2 && rest[0].0 == k("b"), "a page starts after its key");
 
     check!(
         matches!(store.delete(&k("a"), Some(1)).await, Err(MetaError::Conflict { actual: 3, .. })),

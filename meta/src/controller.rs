@@ -154,6 +154,7 @@ impl ControllerError {
             ControllerError::NoSuchTxn(_) => ErrorCode::NoSuchTxn,
             ControllerError::TxnNotOpen(_) => ErrorCode::TxnNotOpen,
             ControllerError::Meta(MetaError::NoSpace(_)) => ErrorCode::NoSpace,
+            ControllerError::Meta(MetaError::Unavailable(_)) => ErrorCode::MetadataUnavailable,
             ControllerError::Meta(_) => ErrorCode::Internal,
         }
     }

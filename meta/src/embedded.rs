@@ -31,6 +31,7 @@ enum Cmd {
     Put(String, Option<u64>, Vec<u8>, oneshot::Sender<Result<u64, MetaError>>),
     Delete(String, Option<u64>, oneshot::Sender<Result<bool, MetaError>>),
     Range(String, oneshot::Sender<Result<Vec<(String, Versioned)>, MetaError>>),
+    RangePage(String, String, usize, oneshot::Sender<Result<Vec<(String, Versioned)>, MetaError>>),
     Watch(String, mpsc::UnboundedSender<Result<WatchEvent, MetaError>>),
     Grant(Duration, oneshot::Sender<Result<LeaseId, MetaError>>),
     KeepAlive(LeaseId, oneshot::Sender<Result<(), MetaError>>),
@@ -439,6 +440,13 @@ impl State {
                 let out = self.map.range(p.clone()..).take_while(|(k, _)| k.starts_with(&p));
                 reply(r, Ok(out.map(|(k, v)| (k.clone(), v.clone())).collect()))
             }
+            Cmd::RangePage(p, after, limit, r) => {
+                use std::ops::Bound;
+                let from =
+                    if after.as_str() > p.as_str() { Bound::Excluded(after) } else { Bound::Included(p.clone()) };
+                let out = self.map.range((from, Bound::Unbounded)).take_while(|(k, _)| k.starts_with(&p)).take(limit);
+                reply(r, Ok(out.map(|(k, v)| (k.clone(), v.clone())).collect()))
+            }
             Cmd::Watch(p, tx) => {
                 match &self.failed {
                     Some(e) => {
@@ -591,6 +599,10 @@ impl MetaStore for EmbeddedStore {
     async fn range(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, MetaError> {
         let prefix = prefix.to_string();
         self.call(|r| Cmd::Range(prefix, r)).await
+    }
+    async fn range_page(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<(String, Versioned)>, MetaError> {
+        let (prefix, after) = (prefix.to_string(), after.to_string());
+        self.call(|r| Cmd::RangePage(prefix, after, limit, r)).await
     }
     async fn watch(&self, prefix: &str) -> Result<Watch, MetaError> {
         let (tx, rx) = mpsc::unbounded();

@@ -72,6 +72,18 @@ fn err(e: etcd_client::Error) -> MetaError {
             status.message()
         ));
     }
+    // etcd down, restarting or partitioned away: transient, worth retrying.
+    let unavailable = match &e {
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+                || status.message().contains("transport error")
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    };
+    if unavailable {
+        return MetaError::Unavailable(format!("etcd: {e}"));
+    }
     MetaError::Io(format!("etcd: {e}"))
 }
 
@@ -143,6 +155,31 @@ impl EtcdStore {
         })
         .await
     }
+}
+
+/// Keys (without the store's prefix, `strip` bytes) and values of a range answer.
+fn key_values(kvs: &[etcd_client::KeyValue], strip: usize) -> Result<Vec<(String, Versioned)>, MetaError> {
+    kvs.iter()
+        .map(|kv| {
+            let k = std::str::from_utf8(kv.key()).map_err(|_| MetaError::Corrupt("non-UTF-8 key".into()))?;
+            Ok((k[strip..].to_string(), Versioned { value: kv.value().to_vec(), version: kv.version() as u64 }))
+        })
+        .collect()
+}
+
+/// The end of the key range of every key starting with `prefix` (etcd's convention: the
+/// prefix with its last byte below 0xff incremented; `[0]`, the end of the key space, if
+/// there is none).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(&last) = end.last() {
+        if last < 0xff {
+            *end.last_mut().expect("not empty") += 1;
+            return end;
+        }
+        end.pop();
+    }
+    vec![0]
 }
 
 impl MetaStore for EtcdStore {
@@ -344,13 +381,21 @@ impl MetaStore for EtcdStore {
         let strip = self.prefix.len();
         self.run(move |mut c| async move {
             let resp = c.get(full, Some(GetOptions::new().with_prefix())).await.map_err(err)?;
-            resp.kvs()
-                .iter()
-                .map(|kv| {
-                    let k = std::str::from_utf8(kv.key()).map_err(|_| MetaError::Corrupt("non-UTF-8 key".into()))?;
-                    Ok((k[strip..].to_string(), Versioned { value: kv.value().to_vec(), version: kv.version() as u64 }))
-                })
-                .collect()
+            key_values(resp.kvs(), strip)
+        })
+        .await
+    }
+
+    async fn range_page(&self, prefix: &str, after: &str, limit: usize) -> Result<Vec<(String, Versioned)>, MetaError> {
+        let full = self.key(prefix);
+        let end = prefix_end(full.as_bytes());
+        // The first key after `after`: `after` followed by the smallest byte.
+        let start = if after > prefix { format!("{}\0", self.key(after)) } else { full };
+        let strip = self.prefix.len();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |mut c| async move {
+            let resp = c.get(start, Some(GetOptions::new().with_range(end).with_limit(limit))).await.map_err(err)?;
+            key_values(resp.kvs(), strip)
         })
         .await
     }

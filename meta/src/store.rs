@@ -103,6 +103,10 @@ pub enum MetaError {
     /// The disk is full: the change was not made (the store keeps working).
     #[error("no space left for metadata: {0}")]
     NoSpace(String),
+    /// The store cannot be reached or did not answer in time (etcd down or restarting); a
+    /// change may or may not have been made.
+    #[error("metadata store unavailable: {0}")]
+    Unavailable(String),
     #[error("metadata store is closed")]
     Closed,
     #[error("corrupt metadata: {0}")]
@@ -126,6 +130,15 @@ pub trait MetaStore: Send + Sync + Clone + 'static {
     fn delete(&self, key: &str, expected: Option<u64>) -> impl Future<Output = Result<bool, MetaError>> + Send;
     /// All keys starting with `prefix`, in key order.
     fn range(&self, prefix: &str) -> impl Future<Output = Result<Vec<(String, Versioned)>, MetaError>> + Send;
+    /// One page of `range`: keys starting with `prefix` and after `after` (`""`: from the
+    /// first), at most `limit` of them, in key order. The last key returned is the next
+    /// page's `after`; fewer than `limit` means there is no next page.
+    fn range_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(String, Versioned)>, MetaError>> + Send;
     /// Changes to keys starting with `prefix` from now on.
     fn watch(&self, prefix: &str) -> impl Future<Output = Result<Watch, MetaError>> + Send;
     /// A lease that expires unless kept alive within `ttl` (backends may round it up to

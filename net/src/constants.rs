@@ -1,7 +1,7 @@
 //! Protocol limits and fixed sizes, units last.
 
 /// Version spoken by this build; the handshake picks the highest common version.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 /// Magic carried in the `Hello` message ("SLCE").
 pub const HELLO_MAGIC: u32 = 0x534C_4345;
 /// Bytes of the fixed frame header: length u32, kind u16, flags u16, request id u64, control length u32.
@@ -18,3 +18,7 @@ pub const EVENT_BYTES_MAX: usize = 8 << 20;
 pub const EVENT_HEADER_BYTES: usize = 4;
 /// Longest scope or stream name.
 pub const NAME_BYTES_MAX: usize = 64;
+
+/// Most transactions in one `TxnList` page (each is well under 1 KiB, so a page stays far
+/// below `CONTROL_BYTES_MAX`).
+pub const TXN_PAGE_MAX: u32 = 1000;

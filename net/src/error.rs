@@ -47,6 +47,9 @@ pub enum ErrorCode {
     /// The node's disk is full: the container cannot create its next log file. Writes
     /// already queued wait; new ones are refused until space is freed; retry later.
     NoSpace = 23,
+    /// The metadata store (etcd) cannot be reached or did not answer in time; the change may
+    /// or may not have been made. Retry with backoff.
+    MetadataUnavailable = 24,
 }
 
 impl ErrorCode {
@@ -76,6 +79,7 @@ impl ErrorCode {
             21 => NoSuchTxn,
             22 => TxnNotOpen,
             23 => NoSpace,
+            24 => MetadataUnavailable,
             _ => return None,
         })
     }

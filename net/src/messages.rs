@@ -380,16 +380,22 @@ control!(
 );
 control!(
     ListTxns,
-    /// Transactions of one stream, or of every stream when `stream` is empty (and `scope` too).
+    /// Transactions of one stream, or of every stream when `stream` is empty (and `scope` too),
+    /// a page at a time: at most `limit` (the server caps it at `TXN_PAGE_MAX`; 0: the cap),
+    /// after the cursor `after` (empty: from the first).
     pub struct ListTxns {
         pub scope: String,
         pub stream: String,
+        pub after: String,
+        pub limit: u32,
     }
 );
 control!(
     TxnList,
+    /// One page; `next` is the cursor of the next page (empty: this was the last).
     pub struct TxnList {
         pub txns: Vec<TxnInfo>,
+        pub next: String,
     }
 );
 control!(

@@ -4,9 +4,10 @@
 //! comes back (containers rebalance); every acknowledged event is read back exactly once,
 //! in per-key order. etcd itself goes away under load and comes back: nothing is lost.
 
-use sluice_client::{Client, ReadFrom};
+use sluice_client::{Client, ClientError, ReadFrom, TxnConfig};
 use sluice_meta::EtcdStore;
 use sluice_meta::ownership::OwnershipView;
+use sluice_net::TxnState;
 use sluice_tests::{Etcd, Server, TempDir, free_ports};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -443,4 +444,245 @@ async fn an_etcd_outage_holds_writes_and_loses_nothing() {
     }
     let acked = load.finish().await;
     read_back_exactly(&cluster.url(1), &acked).await;
+}
+
+/// Transactions of `TXN_EVENTS` events on `cl/tx`, committed one after another until `stop`:
+/// (number, id once begun, the commit's answer).
+type TxnOutcome = (u64, Option<u128>, Result<TxnState, ClientError>);
+const TXN_EVENTS: u64 = 10;
+
+fn spawn_txns(url: String, w: u64, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<TxnOutcome>> {
+    tokio::spawn(async move {
+        let client = Client::connect(&url).await.unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        for i in 0.. {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "transaction writer ran too long");
+            let n = w * 1_000_000 + i;
+            let config = TxnConfig { lease: Duration::from_secs(5), auto_ping: true };
+            let mut id = None;
+            let r = async {
+                let mut t = client.begin_txn_with("cl/tx", config).await?;
+                id = Some(t.id());
+                for e in 0..TXN_EVENTS {
+                    t.write_event(format!("key-{}", (n + e) % KEYS).as_bytes(), format!("{n}:{e}").as_bytes()).await?;
+                }
+                Ok::<_, ClientError>(t.commit().await?.state)
+            }
+            .await;
+            out.push((n, id, r));
+        }
+        out
+    })
+}
+
+/// Each transaction is whole or absent in `cl/tx`: whole if its final state is committed
+/// (always so when its commit was answered), absent otherwise. Returns how many are whole.
+async fn check_txns(url: &str, outcomes: &[TxnOutcome]) -> usize {
+    let client = Client::connect(url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let states: HashMap<u128, TxnState> = loop {
+        let txns = client.list_txns("cl", "tx").await.unwrap();
+        if txns.iter().all(|t| t.state.is_final()) {
+            break txns.into_iter().map(|t| (t.txn, t.state)).collect();
+        }
+        assert!(Instant::now() < deadline, "transactions not settled within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut reader = client.event_reader("cl/tx", ReadFrom::Head).await.unwrap();
+    let mut events: HashMap<u64, Vec<u64>> = HashMap::new();
+    while let Some(ev) = reader.read_next(Duration::from_secs(3)).await.unwrap() {
+        let (n, e) = std::str::from_utf8(&ev.payload).unwrap().split_once(':').unwrap();
+        events.entry(n.parse().unwrap()).or_default().push(e.parse().unwrap());
+    }
+    let mut whole = 0;
+    for (n, id, answer) in outcomes {
+        let state = id.and_then(|id| states.get(&id).copied());
+        if let Ok(s) = answer {
+            assert_eq!(*s, TxnState::Committed, "transaction {n}: commit answered {s}");
+            assert_eq!(state, Some(TxnState::Committed), "transaction {n}: answered committed, ended {state:?}");
+        }
+        let got = events.remove(n).unwrap_or_default();
+        if state == Some(TxnState::Committed) {
+            let mut got = got;
+            got.sort_unstable();
+            assert_eq!(got, (0..TXN_EVENTS).collect::<Vec<_>>(), "committed transaction {n} is not whole");
+            whole += 1;
+        } else {
+            assert!(got.is_empty(), "transaction {n} ended {state:?} but {} of its events are visible", got.len());
+        }
+    }
+    assert!(events.is_empty(), "events of unknown transactions: {:?}", events.keys().take(5).collect::<Vec<_>>());
+    whole
+}
+
+/// One reader of group `g` on `cl/events`: every event it is handed as (delivery order,
+/// writer, key, seq), and the ones after it passed checkpoint `ck`; reads until the group
+/// has delivered `target` events, then leaves the group.
+struct GroupLog {
+    delivered: Mutex<Vec<(u64, u64, u64, u64)>>,
+    after_ck: Mutex<HashSet<(u64, u64, u64)>>,
+    order: AtomicU64,
+    target: AtomicU64,
+}
+
+fn spawn_group_reader(
+    group: sluice_client::ReaderGroup,
+    id: &'static str,
+    log: Arc<GroupLog>,
+) -> tokio::task::JoinHandle<()> {
+    use sluice_client::GroupItem;
+    tokio::spawn(async move {
+        let mut r = group.create_reader(id).await.unwrap();
+        let mut passed = false;
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while log.order.load(Ordering::SeqCst) < log.target.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "reader {id} did not get every event");
+            match r.read_next(Duration::from_millis(100)).await.unwrap() {
+                Some(GroupItem::Event(ev)) => {
+                    let text = std::str::from_utf8(&ev.payload).unwrap();
+                    let mut f = text.split(':').map(|x| x.parse::<u64>().unwrap());
+                    let e = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+                    let n = log.order.fetch_add(1, Ordering::SeqCst);
+                    log.delivered.lock().unwrap().push((n, e.0, e.1, e.2));
+                    if passed {
+                        log.after_ck.lock().unwrap().insert(e);
+                    }
+                }
+                Some(GroupItem::Checkpoint(name)) => passed |= name == "ck",
+                None => {}
+            }
+        }
+        // Keep answering the group a little (a checkpoint may wait on this reader), then leave.
+        for _ in 0..5 {
+            let _ = r.read_next(Duration::from_millis(20)).await.unwrap();
+        }
+        r.close().await.unwrap();
+    })
+}
+
+/// A node SIGKILLed under load and restarted, then a short etcd outage, while writers write,
+/// transactions commit and a reader group reads and checkpoints: writers and transactions
+/// ride through on retries; every acknowledged event is read once in per-key order, and the
+/// group delivered each once; each transaction is whole or absent (whole when its commit was
+/// answered); the checkpoint taken while the node was down resets the group to exactly what
+/// came after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_loses_nothing() {
+    let mut cluster = Cluster::start(3);
+    cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(30)).await;
+    let load = Load::start(&cluster, 3).await;
+    let admin = Client::connect(&cluster.url(0)).await.unwrap();
+    admin.create_stream("cl", "tx", 3).await.unwrap();
+    let stop_txns = Arc::new(AtomicBool::new(false));
+    let txns: Vec<_> = [0, 2].into_iter().map(|i| spawn_txns(cluster.url(i), i as u64, stop_txns.clone())).collect();
+    let group =
+        admin.create_reader_group("cl", "g", sluice_client::ReaderGroupConfig::stream("cl/events")).await.unwrap();
+    let log = Arc::new(GroupLog {
+        delivered: Mutex::default(),
+        after_ck: Mutex::default(),
+        order: AtomicU64::new(0),
+        target: AtomicU64::new(u64::MAX),
+    });
+    let readers: Vec<_> = ["a", "b"].into_iter().map(|id| spawn_group_reader(group.clone(), id, log.clone())).collect();
+    load.progress(3_000).await;
+
+    // SIGKILL n1; the checkpoint starts while it is down. Its containers wait for it (their
+    // log is on its disk): it restarts and takes them back from that log.
+    let mut n1 = cluster.nodes[1].take().unwrap();
+    let n1 = tokio::task::spawn_blocking(move || {
+        n1.kill();
+        n1
+    })
+    .await
+    .unwrap();
+    let killed = Instant::now();
+    let checkpoint = {
+        let group = group.clone();
+        tokio::spawn(async move { group.initiate_checkpoint("ck", Duration::from_secs(120)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n1 = tokio::task::spawn_blocking(move || {
+        let mut n1 = n1;
+        n1.restart();
+        n1
+    })
+    .await
+    .unwrap();
+    cluster.nodes[1] = Some(n1);
+    cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(60)).await;
+    load.progress(3_000).await;
+    eprintln!("n1 SIGKILLed and restarted: writes flowing again {:?} after the kill", killed.elapsed());
+
+    // etcd away for 1.5 s under the same load.
+    cluster.etcd.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.etcd.restart();
+    cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(60)).await;
+    load.progress(3_000).await;
+
+    let cp = checkpoint.await.unwrap().expect("the checkpoint completes across the kill");
+    stop_txns.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for t in txns {
+        outcomes.extend(t.await.unwrap());
+    }
+    let acked = load.finish().await;
+    log.target.store(acked.len() as u64, Ordering::SeqCst);
+    for r in readers {
+        r.await.unwrap();
+    }
+
+    read_back_exactly(&cluster.url(2), &acked).await;
+    let whole = check_txns(&cluster.url(0), &outcomes).await;
+    let failed = outcomes.iter().filter(|o| o.2.is_err()).count();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, _, r) in &outcomes {
+        if let Err(e) = r {
+            *errors.entry(e.to_string().chars().take(120).collect()).or_default() += 1;
+        }
+    }
+    if !errors.is_empty() {
+        eprintln!("transaction errors: {errors:#?}");
+    }
+    eprintln!("{} transactions: {whole} whole, {failed} failed, the rest absent", outcomes.len());
+    assert!(whole > 0, "some transactions committed");
+    assert_eq!(failed, 0, "every commit is answered: transactions ride through the kill and the outage");
+
+    // The group delivered every acknowledged event once, in per-key order.
+    let delivered = log.delivered.lock().unwrap().clone();
+    let mut seen = HashSet::new();
+    let mut last: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
+    for &(n, w, k, s) in &delivered {
+        assert!(seen.insert((w, k, s)), "the group delivered {w}:{k}:{s} twice");
+        if let Some((pn, ps)) = last.insert((w, k), (n, s)) {
+            assert!(s > ps, "group order broken for {w}:{k}: {s} (delivery {n}) after {ps} (delivery {pn})");
+        }
+    }
+    assert!(seen == acked, "the group delivered {} events, {} acknowledged", seen.len(), acked.len());
+
+    // Reset to the checkpoint: a new reader gets exactly what came after it.
+    let after = log.after_ck.lock().unwrap().clone();
+    assert!(!after.is_empty() && after.len() < acked.len(), "the checkpoint fell mid-stream");
+    group.reset(&cp.cuts).await.unwrap();
+    let mut r = group.create_reader("c").await.unwrap();
+    let mut again = HashSet::new();
+    while let Some(item) = r.read_next(Duration::from_secs(3)).await.unwrap() {
+        if let sluice_client::GroupItem::Event(ev) = item {
+            let text = std::str::from_utf8(&ev.payload).unwrap();
+            let mut f = text.split(':').map(|x| x.parse::<u64>().unwrap());
+            let e = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+            assert!(again.insert(e), "{e:?} read twice after the reset");
+        }
+    }
+    assert_eq!(again.len(), after.len(), "events after the checkpoint, read again after the reset");
+    assert!(again == after, "a different set of events after the reset");
+    eprintln!(
+        "{} events acknowledged and delivered once; {} after the checkpoint read again after the reset",
+        acked.len(),
+        after.len()
+    );
 }

@@ -528,3 +528,60 @@ async fn leases_timeouts_scalings_errors_and_the_cli() {
     assert!(c.list_txns("tm", "e").await.unwrap().is_empty());
     assert_eq!(code(c.segment_info(&shadow).await), ErrorCode::NoSuchSegment);
 }
+
+/// More transactions than fit one list page: `list_txns` adds the pages up, a page can be
+/// asked for by cursor, and the transaction service pages through them all (every expired
+/// one is aborted, not only the first page's). Before pages, a list this long did not fit
+/// one answer: the client dropped the connection and the service stopped working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_transactions_are_listed_and_settled_a_page_at_a_time() {
+    const N: u64 = 4_000;
+    let dir = TempDir::new("txn-pages");
+    let s = server(&dir);
+    let c = Client::connect(&s.url()).await.unwrap();
+    // Long names (they come with every listed transaction): 4000 are over 1 MiB together.
+    let (scope, stream) = ("tp".repeat(30), "s".repeat(60));
+    let name = format!("{scope}/{stream}");
+    c.create_scope(&scope).await.unwrap();
+    c.create_stream(&scope, &stream, 3).await.unwrap();
+    let next = Arc::new(AtomicU64::new(0));
+    let openers: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, next, name) = (c.clone(), next.clone(), name.clone());
+            tokio::spawn(async move {
+                let config = TxnConfig { lease: Duration::from_millis(1500), auto_ping: false };
+                while next.fetch_add(1, Ordering::SeqCst) < N {
+                    c.begin_txn_with(&name, config.clone()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for o in openers {
+        o.await.unwrap();
+    }
+    eprintln!("{N} transactions opened in {:?}", started.elapsed());
+
+    let all = c.list_txns(&scope, &stream).await.unwrap();
+    assert_eq!(all.len() as u64, N, "every transaction listed once across the pages");
+    assert_eq!(all.iter().map(|t| t.txn).collect::<HashSet<_>>().len() as u64, N);
+    let (page, cursor) = c.list_txns_page(&scope, &stream, "", 100).await.unwrap();
+    assert_eq!(page.len(), 100);
+    let (second, _) = c.list_txns_page(&scope, &stream, &cursor.expect("more pages"), 100).await.unwrap();
+    assert!(second[0].txn > page[99].txn, "the next page starts after the cursor");
+    let e = c.list_txns_page(&scope, &stream, "not-a-cursor", 0).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+
+    // Their leases run out; the service aborts every one.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let txns = c.list_txns(&scope, &stream).await.unwrap();
+        let open = txns.iter().filter(|t| t.state != TxnState::Aborted).count();
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} of {N} transactions still not aborted after 90 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("all {N} aborted by the transaction service {:?} after the first was opened", started.elapsed());
+}

@@ -10,7 +10,7 @@ use sluice_client::{Client, ClientError};
 use sluice_net::TxnInfo;
 use sluice_net::TxnState;
 use sluice_net::txn::txn_id_text;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// What the service does with one transaction this round.
@@ -71,29 +71,48 @@ async fn round(
     keep: Duration,
     committing: &mut HashMap<u128, u64>,
 ) -> Result<(), ClientError> {
-    let txns = c.list_txns("", "").await?;
-    let now = sluice_meta::controller::now_ms();
-    committing.retain(|id, _| txns.iter().any(|t| t.txn == *id && t.state == TxnState::Committing));
-    for t in txns {
-        let since = if t.state == TxnState::Committing { Some(*committing.entry(t.txn).or_insert(now)) } else { None };
-        let id = txn_id_text(t.txn);
-        let result = match decide(&t, now, since, interval, keep) {
-            Action::None => continue,
-            Action::Abort => {
-                tracing::info!(stream = %format!("{}/{}", t.scope, t.stream), txn = %id, "aborting an expired transaction");
-                c.abort_txn(&t.scope, &t.stream, t.txn).await.map(|_| ())
-            }
-            Action::FinishCommit => {
-                tracing::info!(stream = %format!("{}/{}", t.scope, t.stream), txn = %id, "finishing a stalled commit");
-                c.commit_txn(&t.scope, &t.stream, t.txn).await.map(|_| ())
-            }
-            Action::Forget => c.forget_txn(&t.scope, &t.stream, t.txn).await,
-        };
-        if let Err(e) = result {
-            tracing::warn!(stream = %format!("{}/{}", t.scope, t.stream), txn = %id, error = %e, "transaction service step failed");
+    // A page at a time: a busy cluster keeps many finished records for `keep`.
+    let mut still_committing = HashSet::new();
+    let mut after = String::new();
+    loop {
+        let (txns, next) = c.list_txns_page("", "", &after, 0).await?;
+        let now = sluice_meta::controller::now_ms();
+        for t in txns {
+            let since = if t.state == TxnState::Committing {
+                still_committing.insert(t.txn);
+                Some(*committing.entry(t.txn).or_insert(now))
+            } else {
+                None
+            };
+            step(c, &t, decide(&t, now, since, interval, keep)).await;
+        }
+        match next {
+            Some(next) => after = next,
+            None => break,
         }
     }
+    committing.retain(|id, _| still_committing.contains(id));
     Ok(())
+}
+
+/// Carries out one decision (a failure is logged; the next round tries again).
+async fn step(c: &Client, t: &TxnInfo, action: Action) {
+    let id = txn_id_text(t.txn);
+    let result = match action {
+        Action::None => return,
+        Action::Abort => {
+            tracing::info!(stream = %format!("{}/{}", t.scope, t.stream), txn = %id, "aborting an expired transaction");
+            c.abort_txn(&t.scope, &t.stream, t.txn).await.map(|_| ())
+        }
+        Action::FinishCommit => {
+            tracing::info!(stream = %format!("{}/{}", t.scope, t.stream), txn = %id, "finishing a stalled commit");
+            c.commit_txn(&t.scope, &t.stream, t.txn).await.map(|_| ())
+        }
+        Action::Forget => c.forget_txn(&t.scope, &t.stream, t.txn).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(stream = %format!("{}/{}", t.scope, t.stream), txn = %id, error = %e, "transaction service step failed");
+    }
 }
 
 #[cfg(test)]

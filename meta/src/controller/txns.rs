@@ -40,6 +40,24 @@ fn txn_key(scope: &str, stream: &str, id: u128) -> String {
     format!("{}{}", txn_prefix(scope, stream), txn_id_text(id))
 }
 
+/// The key prefix of the transactions `list_txns` lists.
+fn txn_list_prefix(scope: &str, stream: &str) -> String {
+    match (scope.is_empty(), stream.is_empty()) {
+        (true, _) => "txns/".to_string(),
+        (false, true) => format!("txns/{scope}/"),
+        (false, false) => txn_prefix(scope, stream),
+    }
+}
+
+/// A listed transaction record as `(scope, stream, record)`.
+fn decode_listed(key: &str, v: &crate::store::Versioned) -> Result<(String, String, TxnRecord), ControllerError> {
+    let mut parts = key["txns/".len()..].splitn(3, '/');
+    let (Some(sc), Some(st), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(MetaError::Corrupt(format!("{key}: not a transaction key")).into());
+    };
+    Ok((sc.to_string(), st.to_string(), TxnRecord::decode(key, &v.value)?))
+}
+
 fn check_lease(lease_ms: u64) -> Result<(), ControllerError> {
     if (TXN_LEASE_MS_MIN..=TXN_LEASE_MS_MAX).contains(&lease_ms) {
         Ok(())
@@ -122,20 +140,40 @@ impl<S: MetaStore> Controller<S> {
         scope: &str,
         stream: &str,
     ) -> Result<Vec<(String, String, TxnRecord)>, ControllerError> {
-        let prefix = match (scope.is_empty(), stream.is_empty()) {
-            (true, _) => "txns/".to_string(),
-            (false, true) => format!("txns/{scope}/"),
-            (false, false) => txn_prefix(scope, stream),
-        };
-        let mut out = Vec::new();
-        for (key, v) in self.store.range(&prefix).await? {
-            let mut parts = key["txns/".len()..].splitn(3, '/');
-            let (Some(sc), Some(st), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(MetaError::Corrupt(format!("{key}: not a transaction key")).into());
-            };
-            out.push((sc.to_string(), st.to_string(), TxnRecord::decode(&key, &v.value)?));
+        self.store.range(&txn_list_prefix(scope, stream)).await?.iter().map(|(k, v)| decode_listed(k, v)).collect()
+    }
+
+    /// One page of `list_txns`: at most `limit` transactions after the cursor `after` (`""`:
+    /// from the first), fewer if their records pass `bytes_max` (at least one), and the
+    /// cursor of the next page if there may be one.
+    pub async fn list_txns_page(
+        &self,
+        scope: &str,
+        stream: &str,
+        after: &str,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<(String, String, TxnRecord)>, Option<String>), ControllerError> {
+        let prefix = txn_list_prefix(scope, stream);
+        if !after.is_empty() && !after.starts_with(&prefix) {
+            return Err(ControllerError::Invalid(format!("'{after}' is not a cursor of this transaction list")));
         }
-        Ok(out)
+        let limit = limit.max(1);
+        let mut page = self.store.range_page(&prefix, after, limit).await?;
+        let full = page.len() == limit;
+        let mut bytes = 0;
+        let fit = page
+            .iter()
+            .position(|(k, v)| {
+                bytes += k.len() + v.value.len();
+                bytes > bytes_max
+            })
+            .map_or(page.len(), |i| i.max(1));
+        let cut = fit < page.len();
+        page.truncate(fit);
+        let next = if full || cut { page.last().map(|(k, _)| k.clone()) } else { None };
+        let txns = page.iter().map(|(k, v)| decode_listed(k, v)).collect::<Result<_, _>>()?;
+        Ok((txns, next))
     }
 
     /// Changes a transaction record (see `update_key`).
@@ -338,6 +376,55 @@ mod tests {
             c.forget_txn("s", "t", 3, true).await.unwrap();
             let left: Vec<u128> = c.list_txns("s", "t").await.unwrap().into_iter().map(|x| x.2.id).collect();
             assert_eq!(left, vec![2]);
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Lists come a page at a time, by count and by bytes, and the pages add up to the list.
+    #[test]
+    fn transaction_lists_come_in_pages() {
+        let dir = std::env::temp_dir().join(format!("sluice-ctl-txn-pages-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = Controller::new(EmbeddedStore::open(&dir).unwrap());
+        block_on(async {
+            c.create_scope("s").await.unwrap();
+            for stream in ["a", "b"] {
+                c.begin_create_stream("s", stream, 3, Retention::None, ScalingPolicy::Fixed { segments: 3 })
+                    .await
+                    .unwrap();
+                c.set_state("s", stream, StreamState::Active).await.unwrap();
+                for id in 1..=25u128 {
+                    c.begin_txn("s", stream, id, 60_000).await.unwrap();
+                }
+            }
+            let pages = |scope: &'static str, stream: &'static str, limit: usize, bytes: usize| {
+                let c = c.clone();
+                async move {
+                    let (mut all, mut sizes, mut after) = (Vec::new(), Vec::new(), String::new());
+                    loop {
+                        let (page, next) = c.list_txns_page(scope, stream, &after, limit, bytes).await.unwrap();
+                        sizes.push(page.len());
+                        all.extend(page.into_iter().map(|(sc, st, t)| (sc, st, t.id)));
+                        match next {
+                            Some(n) => after = n,
+                            None => return (all, sizes),
+                        }
+                    }
+                }
+            };
+            let everything: Vec<_> =
+                c.list_txns("", "").await.unwrap().into_iter().map(|(sc, st, t)| (sc, st, t.id)).collect();
+            assert_eq!(everything.len(), 50);
+            let (all, sizes) = pages("", "", 10, usize::MAX).await;
+            assert_eq!((all, sizes), (everything.clone(), vec![10, 10, 10, 10, 10, 0]));
+            let (all, sizes) = pages("s", "b", 7, usize::MAX).await;
+            assert_eq!(all, everything[25..].to_vec());
+            assert_eq!(sizes, vec![7, 7, 7, 4]);
+            // A byte budget below one record still makes progress, one record per page.
+            let (all, sizes) = pages("s", "a", 1000, 1).await;
+            assert_eq!((all.len(), sizes.len()), (25, 25));
+            let bad = c.list_txns_page("s", "a", "txns/s/b/00", 10, usize::MAX).await;
+            assert!(matches!(bad, Err(ControllerError::Invalid(_))), "a cursor of another list: {bad:?}");
         });
         let _ = std::fs::remove_dir_all(&dir);
     }
