@@ -222,6 +222,34 @@ impl Server {
         }
     }
 
+    /// Sends `signal` to the process (if it runs).
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
+    /// Waits up to `within` for the process to exit; its status if it did (then reaped).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the process wrote to stdout and stderr (all its runs).
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
     /// Is the process still alive?
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())

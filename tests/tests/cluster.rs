@@ -686,3 +686,29 @@ async fn a_node_killed_under_load_loses_nothing() {
         after.len()
     );
 }
+
+/// With etcd gone a node cannot hand its containers off, so its graceful stop waits; a
+/// second SIGTERM ends the process at once (nothing acknowledged is lost: its containers
+/// wait for it, as after a crash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_a_stop_that_cannot_finish() {
+    let mut cluster = Cluster::start(1);
+    cluster.wait_for(&[("n0", 12)], Duration::from_secs(30)).await;
+    cluster.etcd.kill();
+    let mut n0 = cluster.nodes[0].take().unwrap();
+    n0.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(n0.is_running(), "the hand-off waits for etcd");
+    let t = Instant::now();
+    n0.signal(libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = n0.wait_exit(Duration::from_secs(10));
+        (status, n0.output())
+    })
+    .await
+    .unwrap();
+    let (status, output) = status;
+    let status = status.expect("the second SIGTERM ends the process");
+    assert!(!status.success() && t.elapsed() < Duration::from_secs(2), "{status} after {:?}", t.elapsed());
+    assert!(output.contains("a second signal exits at once") && output.contains("again: exiting now"), "{output}");
+}

@@ -430,6 +430,38 @@ macro_rules! say {
     }};
 }
 
+/// A standalone server's stop has nothing to hand off: one taking longer than this is stuck.
+const STANDALONE_STOP_BOUND: Duration = Duration::from_secs(30);
+
+/// Blocks until SIGINT or SIGTERM. From then on a second signal, or `bound` passing before
+/// the stop is done, ends the process at once: everything acknowledged is already durable,
+/// so a forced exit only skips the graceful part (a cluster node's hand-off: its containers
+/// then wait for it to come back, as after a crash).
+fn await_stop_signal(mut signals: signal_hook::iterator::Signals, what: &str, bound: Option<Duration>) {
+    if let Some(sig) = signals.forever().next() {
+        say!("signal {sig}: {what} (a second signal exits at once)");
+    }
+    let started = std::time::Instant::now();
+    let watch = move || {
+        loop {
+            if let Some(sig) = signals.pending().next() {
+                say!("signal {sig} again: exiting now");
+                std::process::exit(1);
+            }
+            if let Some(b) = bound
+                && started.elapsed() > b
+            {
+                say!("the stop did not finish within {b:?}: exiting now");
+                std::process::exit(1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("sluice-stop-watch".into()).spawn(watch) {
+        tracing::warn!(error = %e, "cannot watch the stop; a second signal will not force the exit");
+    }
+}
+
 fn node(a: NodeArgs) -> Result<(), String> {
     if a.engine.tier2.is_none() {
         return Err(
@@ -437,7 +469,7 @@ fn node(a: NodeArgs) -> Result<(), String> {
         );
     }
     let cfg = engine_config(&a.engine);
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let started = std::time::Instant::now();
     let store = join_cluster(&a, cfg.container_count(), cfg.placement)?;
@@ -457,9 +489,7 @@ fn node(a: NodeArgs) -> Result<(), String> {
         cfg.container_count(),
         a.engine.tier2.as_deref().unwrap_or("off")
     );
-    if let Some(sig) = signals.forever().next() {
-        say!("signal {sig}: handing containers off and leaving the cluster");
-    }
+    await_stop_signal(signals, "handing containers off and leaving the cluster", None);
     let t = std::time::Instant::now();
     node.shutdown();
     say!("stopped in {:.2?}", t.elapsed());
@@ -469,7 +499,7 @@ fn node(a: NodeArgs) -> Result<(), String> {
 fn standalone(a: StandaloneArgs) -> Result<(), String> {
     let cores = a.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let cfg = engine_config(&a);
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let started = std::time::Instant::now();
     let node = sluice_engine::shard::Node::start(cfg.clone())?;
@@ -487,9 +517,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     spawn_duties(url, &a, || true)?;
     say!("try:  sluice scope create demo && sluice stream create demo/events --segments 4");
     say!("      echo hello | sluice write demo/events --key k1 && sluice read demo/events --timeout-ms 1000");
-    if let Some(sig) = signals.forever().next() {
-        say!("signal {sig}: stopping");
-    }
+    await_stop_signal(signals, "stopping", Some(STANDALONE_STOP_BOUND));
     node.stop();
     Ok(())
 }
