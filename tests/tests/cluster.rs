@@ -712,3 +712,50 @@ async fn a_second_sigterm_ends_a_stop_that_cannot_finish() {
     assert!(!status.success() && t.elapsed() < Duration::from_secs(2), "{status} after {:?}", t.elapsed());
     assert!(output.contains("a second signal exits at once") && output.contains("again: exiting now"), "{output}");
 }
+
+/// A second process with a live node's id waits a lease TTL (in case the registration is a
+/// dead node's, about to expire), then refuses to start, saying why; the live node keeps
+/// its id and its containers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_in_use_is_refused_after_a_lease_ttl() {
+    let cluster = Cluster::start(1);
+    cluster.wait_for(&[("n0", 12)], Duration::from_secs(30)).await;
+    let tier2 = format!("fs:{}", cluster.dir.0.join("tier2").display());
+    let data = cluster.dir.0.join("impostor");
+    let listen = format!("127.0.0.1:{}", free_ports(1));
+    let args: Vec<String> = [
+        "node",
+        "--etcd",
+        &cluster.etcd.endpoint,
+        "--cluster",
+        "c",
+        "--node-id",
+        "n0",
+        "--tier2",
+        &tier2,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--cores",
+        "1",
+        "--no-pin",
+        "--containers-per-core",
+        "12",
+        "--lease-ttl-s",
+        "3",
+    ]
+    .map(String::from)
+    .to_vec();
+    let started = Instant::now();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sluice_tests::cli("", &args, None)
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert!(!ok && err.contains("node id n0 is registered by another live node"), "{err}");
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(15), "refused after {took:?}");
+    cluster.wait_for(&[("n0", 12)], Duration::from_secs(5)).await;
+}
