@@ -70,6 +70,35 @@ impl Cluster {
         format!("127.0.0.1:{}", self.ports[i])
     }
 
+    /// Containers served per node, and how many are not served (moving or waiting).
+    async fn served(&self) -> (BTreeMap<String, usize>, usize) {
+        let view = OwnershipView::read(&self.store).await.unwrap();
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for o in view.owners.values() {
+            *counts.entry(o.node.clone()).or_default() += 1;
+        }
+        (counts, CONTAINERS as usize - view.owners.len())
+    }
+
+    /// `served` as text.
+    async fn ownership(&self) -> String {
+        let (counts, unserved) = self.served().await;
+        format!("served {counts:?}, {unserved} of {CONTAINERS} unserved")
+    }
+
+    /// Polls ownership every few milliseconds until `cond(served, unserved)` (at most 30 s).
+    async fn until(&self, cond: impl Fn(&BTreeMap<String, usize>, usize) -> bool) {
+        let started = Instant::now();
+        loop {
+            let (served, unserved) = self.served().await;
+            if cond(&served, unserved) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "ownership never got there: {served:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Waits until every container is served and the serving counts per node are `want`.
     async fn wait_for(&self, want: &[(&str, usize)], within: Duration) -> Duration {
         let started = Instant::now();
@@ -758,4 +787,59 @@ async fn a_node_id_in_use_is_refused_after_a_lease_ttl() {
     assert!(!ok && err.contains("node id n0 is registered by another live node"), "{err}");
     assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(15), "refused after {took:?}");
     cluster.wait_for(&[("n0", 12)], Duration::from_secs(5)).await;
+}
+
+/// SIGKILL in the middle of hand-offs, under load: a node giving containers to a joining
+/// node, then a node taking containers from one that stops gracefully. Each killed node
+/// restarts; the containers settle; every acknowledged event is read once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_during_hand_offs_lose_nothing() {
+    let mut cluster = Cluster::start(2);
+    cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
+    let load = Load::start(&cluster, 2).await;
+
+    // n2 joins: n0 and n1 each hand two containers to it; n0 dies while doing so.
+    cluster.ports.push(free_ports(1));
+    cluster.nodes.push(None);
+    cluster.start_node(2);
+    cluster.until(|served, _| served.get("n2").is_some_and(|&n| n > 0 && n < 4)).await;
+    eprintln!("at the first kill: {}", cluster.ownership().await);
+    let mut n0 = cluster.nodes[0].take().unwrap();
+    let n0 = tokio::task::spawn_blocking(move || {
+        n0.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        n0.restart();
+        n0
+    })
+    .await
+    .unwrap();
+    cluster.nodes[0] = Some(n0);
+    let t = Instant::now();
+    cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(60)).await;
+    load.progress(3_000).await;
+    eprintln!("giver killed mid-hand-off: settled {:?} after its restart", t.elapsed());
+
+    // n1 stops gracefully: its containers go to n0 and n2; n2 dies while taking them.
+    let mut n1 = cluster.nodes[1].take().unwrap();
+    let stopping = tokio::task::spawn_blocking(move || n1.terminate(Duration::from_secs(60)));
+    cluster.until(|served, _| served.get("n1").is_some_and(|&n| n < 4)).await;
+    eprintln!("at the second kill: {}", cluster.ownership().await);
+    let mut n2 = cluster.nodes[2].take().unwrap();
+    let n2 = tokio::task::spawn_blocking(move || {
+        n2.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        n2.restart();
+        n2
+    })
+    .await
+    .unwrap();
+    cluster.nodes[2] = Some(n2);
+    assert!(stopping.await.unwrap(), "n1 exits cleanly after handing off");
+    let t = Instant::now();
+    cluster.wait_for(&[("n0", 6), ("n2", 6)], Duration::from_secs(60)).await;
+    load.progress(3_000).await;
+    eprintln!("taker killed mid-hand-off: settled {:?} after its restart", t.elapsed());
+
+    let acked = load.finish().await;
+    read_back_exactly(&cluster.url(0), &acked).await;
 }
