@@ -843,3 +843,60 @@ async fn kills_during_hand_offs_lose_nothing() {
     let acked = load.finish().await;
     read_back_exactly(&cluster.url(0), &acked).await;
 }
+
+/// Scalings (splits and merges) of a stream under load, with a node SIGKILLed while each
+/// second one runs (the node the scaling was sent to, or one serving its segments): every
+/// scaling finishes (the retried call, on another node or the restarted one, completes it)
+/// and every acknowledged event is read once, in per-key order, across the epochs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scalings_survive_node_kills() {
+    const SCALINGS: u64 = 6;
+    let mut cluster = Cluster::start(3);
+    cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(30)).await;
+    let load = Load::start(&cluster, 3).await;
+    let admin = Client::connect(&cluster.url(0)).await.unwrap();
+    for i in 0..SCALINGS {
+        load.progress(1_000).await;
+        let info = admin.get_stream("cl", "events").await.unwrap();
+        let segs = info.segments.clone();
+        let c = admin.clone();
+        let started = Instant::now();
+        let scale = tokio::spawn(async move {
+            if i % 2 == 0 {
+                let widest = segs.iter().max_by(|a, b| (a.key_high - a.key_low).total_cmp(&(b.key_high - b.key_low)));
+                c.split_segment("cl", "events", widest.unwrap().number, 2).await
+            } else {
+                let pair = segs
+                    .windows(2)
+                    .min_by(|a, b| (a[1].key_high - a[0].key_low).total_cmp(&(b[1].key_high - b[0].key_low)))
+                    .unwrap();
+                c.merge_segments("cl", "events", &[pair[0].number, pair[1].number]).await
+            }
+        });
+        if i % 2 == 1 {
+            let victim = ((i / 2) % 3) as usize;
+            tokio::time::sleep(Duration::from_micros(300 + 700 * i)).await;
+            let mut node = cluster.nodes[victim].take().unwrap();
+            let node = tokio::task::spawn_blocking(move || {
+                node.kill();
+                std::thread::sleep(Duration::from_millis(200));
+                node.restart();
+                node
+            })
+            .await
+            .unwrap();
+            cluster.nodes[victim] = Some(node);
+        }
+        let done = scale.await.unwrap().unwrap_or_else(|e| panic!("scaling {i}: {e}"));
+        assert_eq!(done.epoch, info.epoch + 1, "scaling {i}");
+        if i % 2 == 1 {
+            eprintln!("scaling {i}: node n{} killed while it ran; done after {:?}", (i / 2) % 3, started.elapsed());
+        }
+        cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(60)).await;
+    }
+    load.progress(2_000).await;
+    let acked = load.finish().await;
+    let history = admin.stream_history("cl", "events").await.unwrap();
+    assert_eq!(history.epochs.len() as u64, SCALINGS + 1);
+    read_back_exactly(&cluster.url(1), &acked).await;
+}
