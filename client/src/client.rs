@@ -312,8 +312,20 @@ impl Client {
         self.admin_once(DeleteScope { scope: scope.into() }, ErrorCode::NoSuchScope).await
     }
 
+    /// Every scope, in name order (asked for a page at a time).
     pub async fn list_scopes(&self) -> Result<Vec<String>, ClientError> {
-        Ok(self.admin::<_, ScopeList>(ListScopes {}).await?.scopes)
+        all_pages(|after| async move { self.list_scopes_page(&after, 0).await }).await
+    }
+
+    /// One page of scope names: at most `limit` (0: the server's page, 5000) after `after`
+    /// (`""`: from the first), and the next page's `after` if there is one.
+    pub async fn list_scopes_page(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<(Vec<String>, Option<String>), ClientError> {
+        let page = self.admin::<_, ScopeList>(ListScopes { after: after.into(), limit }).await?;
+        Ok((page.scopes, Some(page.next).filter(|n| !n.is_empty())))
     }
 
     /// Creates a stream with a fixed number of segments.
@@ -363,8 +375,21 @@ impl Client {
         self.admin::<_, Done>(msg).await.map(|_| ())
     }
 
+    /// Every stream of `scope`, in name order (asked for a page at a time).
     pub async fn list_streams(&self, scope: &str) -> Result<Vec<String>, ClientError> {
-        Ok(self.admin::<_, StreamList>(ListStreams { scope: scope.into() }).await?.streams)
+        all_pages(|after| async move { self.list_streams_page(scope, &after, 0).await }).await
+    }
+
+    /// One page of `scope`'s stream names (as `list_scopes_page`).
+    pub async fn list_streams_page(
+        &self,
+        scope: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<(Vec<String>, Option<String>), ClientError> {
+        let m = ListStreams { scope: scope.into(), after: after.into(), limit };
+        let page = self.admin::<_, StreamList>(m).await?;
+        Ok((page.streams, Some(page.next).filter(|n| !n.is_empty())))
     }
 
     pub async fn get_stream(&self, scope: &str, stream: &str) -> Result<StreamInfo, ClientError> {
@@ -526,4 +551,21 @@ impl Client {
 pub fn parse_stream(s: &str) -> Result<ScopedStream, ClientError> {
     ScopedStream::parse(s)
         .ok_or_else(|| ClientError::InvalidArgument(format!("'{s}' is not a stream name; expected scope/stream")))
+}
+
+/// Every item of a paged list: `page(after)` gives a page and the next `after`, if any.
+pub(crate) async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, ClientError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<String>), ClientError>>,
+{
+    let (mut all, mut after) = (Vec::new(), String::new());
+    loop {
+        let (items, next) = page(after).await?;
+        all.extend(items);
+        match next {
+            Some(next) => after = next,
+            None => return Ok(all),
+        }
+    }
 }

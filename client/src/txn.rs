@@ -132,15 +132,7 @@ impl Client {
 
     /// Transactions of a stream (or of a scope, `stream` empty; or of every stream, both empty).
     pub async fn list_txns(&self, scope: &str, stream: &str) -> Result<Vec<TxnInfo>, ClientError> {
-        let (mut all, mut after) = (Vec::new(), String::new());
-        loop {
-            let (page, next) = self.list_txns_page(scope, stream, &after, 0).await?;
-            all.extend(page);
-            match next {
-                Some(next) => after = next,
-                None => return Ok(all),
-            }
-        }
+        crate::client::all_pages(|after| async move { self.list_txns_page(scope, stream, &after, 0).await }).await
     }
 
     /// One page of `list_txns`: at most `limit` transactions (0: the server's page size,

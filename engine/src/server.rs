@@ -77,6 +77,12 @@ fn controller_error(request_id: u64, e: &ControllerError) -> Reply {
 }
 
 /// The reply to a controller call.
+/// A names page's size: as asked, at most `NAMES_PAGE_MAX` (0: that).
+fn names_limit(asked: u32) -> usize {
+    let max = sluice_net::constants::NAMES_PAGE_MAX;
+    (if asked == 0 { max } else { asked.min(max) }) as usize
+}
+
 fn ctl_reply<T: Control>(request_id: u64, r: Result<T, ControllerError>) -> Reply {
     match r {
         Ok(msg) => reply(request_id, &msg),
@@ -479,14 +485,19 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             later(async move { ctl_reply(id, shard.controller.delete_scope(&m.scope).await.map(|()| Done {})) })
         }
         Kind::ListScopes => {
+            let m: ListScopes = frame.decode()?;
             let shard = shard.clone();
-            later(async move { ctl_reply(id, shard.controller.list_scopes().await.map(|scopes| ScopeList { scopes })) })
+            later(async move {
+                let r = shard.controller.list_scopes_page(&m.after, names_limit(m.limit)).await;
+                ctl_reply(id, r.map(|(scopes, next)| ScopeList { scopes, next: next.unwrap_or_default() }))
+            })
         }
         Kind::ListStreams => {
             let m: ListStreams = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                ctl_reply(id, shard.controller.list_streams(&m.scope).await.map(|streams| StreamList { streams }))
+                let r = shard.controller.list_streams_page(&m.scope, &m.after, names_limit(m.limit)).await;
+                ctl_reply(id, r.map(|(streams, next)| StreamList { streams, next: next.unwrap_or_default() }))
             })
         }
         Kind::GetStream => {

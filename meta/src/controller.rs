@@ -163,6 +163,9 @@ impl ControllerError {
 /// Most segments a fixed stream may have.
 pub const STREAM_SEGMENTS_MAX: u32 = 1024;
 
+/// A page of names and the next page's cursor (`None`: the last page).
+pub type NamesPage = (Vec<String>, Option<String>);
+
 #[derive(Clone)]
 pub struct Controller<S: MetaStore> {
     store: S,
@@ -197,6 +200,32 @@ impl<S: MetaStore> Controller<S> {
 
     pub async fn list_scopes(&self) -> Result<Vec<String>, ControllerError> {
         Ok(self.store.range("scopes/").await?.into_iter().map(|(k, _)| k["scopes/".len()..].to_string()).collect())
+    }
+
+    /// One page of `list_scopes`: at most `limit` names after `after` (`""`: from the
+    /// first), and the next page's `after` if there may be one.
+    pub async fn list_scopes_page(&self, after: &str, limit: usize) -> Result<NamesPage, ControllerError> {
+        self.names_page("scopes/", after, limit).await
+    }
+
+    /// One page of `list_streams` (as `list_scopes_page`).
+    pub async fn list_streams_page(
+        &self,
+        scope: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<NamesPage, ControllerError> {
+        self.names_page(&format!("streams/{scope}/"), after, limit).await
+    }
+
+    /// Names (keys without `prefix`) of one page of keys under `prefix`.
+    async fn names_page(&self, prefix: &str, after: &str, limit: usize) -> Result<NamesPage, ControllerError> {
+        let limit = limit.max(1);
+        let after = if after.is_empty() { String::new() } else { format!("{prefix}{after}") };
+        let page = self.store.range_page(prefix, &after, limit).await?;
+        let names: Vec<String> = page.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect();
+        let next = if names.len() == limit { names.last().cloned() } else { None };
+        Ok((names, next))
     }
 
     async fn require_scope(&self, scope: &str) -> Result<(), ControllerError> {
@@ -560,6 +589,43 @@ mod tests {
     use super::*;
     use crate::EmbeddedStore;
     use futures::executor::block_on;
+
+    /// Scope and stream names come a page at a time, in order, and the pages add up.
+    #[test]
+    fn names_come_in_pages() {
+        let dir = std::env::temp_dir().join(format!("sluice-ctl-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = Controller::new(EmbeddedStore::open(&dir).unwrap());
+        block_on(async {
+            for scope in ["a", "b", "c", "d", "e"] {
+                c.create_scope(scope).await.unwrap();
+            }
+            for i in 0..7 {
+                c.begin_create_stream("b", &format!("s{i}"), 1, Retention::None, ScalingPolicy::Fixed { segments: 1 })
+                    .await
+                    .unwrap();
+            }
+            let (page, next) = c.list_scopes_page("", 2).await.unwrap();
+            assert_eq!((page, next.as_deref()), (vec!["a".to_string(), "b".into()], Some("b")));
+            let (page, next) = c.list_scopes_page("b", 2).await.unwrap();
+            assert_eq!((page, next.as_deref()), (vec!["c".to_string(), "d".into()], Some("d")));
+            let (page, next) = c.list_scopes_page("d", 2).await.unwrap();
+            assert_eq!((page, next), (vec!["e".to_string()], None));
+            let (mut all, mut after) = (Vec::new(), String::new());
+            loop {
+                let (page, next) = c.list_streams_page("b", &after, 3).await.unwrap();
+                all.extend(page);
+                match next {
+                    Some(n) => after = n,
+                    None => break,
+                }
+            }
+            assert_eq!(all, c.list_streams("b").await.unwrap());
+            assert_eq!(all.len(), 7);
+            assert!(c.list_streams_page("a", "", 3).await.unwrap().0.is_empty());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn scope_and_stream_lifecycle() {

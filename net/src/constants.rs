@@ -22,3 +22,6 @@ pub const NAME_BYTES_MAX: usize = 64;
 /// Most transactions in one `TxnList` page (each is well under 1 KiB, so a page stays far
 /// below `CONTROL_BYTES_MAX`).
 pub const TXN_PAGE_MAX: u32 = 1000;
+
+/// Most names in one `ScopeList` or `StreamList` page (names are at most 64 bytes).
+pub const NAMES_PAGE_MAX: u32 = 5000;

@@ -121,11 +121,21 @@ control!(
         pub scope: String,
     }
 );
-control!(ListScopes, pub struct ListScopes {});
+control!(
+    ListScopes,
+    /// Scope names in order, a page at a time: at most `limit` (the server caps it at
+    /// `NAMES_PAGE_MAX`; 0: the cap) after the name `after` (empty: from the first).
+    pub struct ListScopes {
+        pub after: String,
+        pub limit: u32,
+    }
+);
 control!(
     ScopeList,
+    /// One page; `next` is the next page's `after` (empty: this was the last).
     pub struct ScopeList {
         pub scopes: Vec<String>,
+        pub next: String,
     }
 );
 control!(
@@ -141,14 +151,18 @@ control!(
 );
 control!(
     ListStreams,
+    /// A scope's stream names in order, a page at a time (as `ListScopes`).
     pub struct ListStreams {
         pub scope: String,
+        pub after: String,
+        pub limit: u32,
     }
 );
 control!(
     StreamList,
     pub struct StreamList {
         pub streams: Vec<String>,
+        pub next: String,
     }
 );
 control!(

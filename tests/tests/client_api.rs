@@ -354,3 +354,36 @@ async fn writes_to_a_poisoned_container_fail_after_the_retry_window() {
     let e = outcome.expect("writes into a container that cannot write its log fail");
     assert_eq!(e.code(), Some(sluice_net::ErrorCode::ContainerPoisoned), "{e}");
 }
+
+/// Scope and stream lists come a page at a time (a scope with tens of thousands of streams
+/// does not fit one answer); the plain calls and `sluice stream list` add the pages up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_and_stream_lists_come_in_pages() {
+    let h = Harness::with_stream("pg", "s00", 1).await;
+    let c = &h.client;
+    for i in 1..12 {
+        c.create_stream("pg", &format!("s{i:02}"), 1).await.unwrap();
+    }
+    c.create_scope("pg2").await.unwrap();
+    let mut sizes = Vec::new();
+    let mut after = String::new();
+    let mut paged = Vec::new();
+    loop {
+        let (page, next) = c.list_streams_page("pg", &after, 5).await.unwrap();
+        sizes.push(page.len());
+        paged.extend(page);
+        match next {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    let want: Vec<String> = (0..12).map(|i| format!("s{i:02}")).collect();
+    assert_eq!((paged, sizes), (want.clone(), vec![5, 5, 2]));
+    assert_eq!(c.list_streams("pg").await.unwrap(), want);
+    let (scopes, next) = c.list_scopes_page("", 1).await.unwrap();
+    assert_eq!((scopes, next.as_deref()), (vec!["pg".to_string()], Some("pg")));
+    assert_eq!(c.list_scopes().await.unwrap(), vec!["pg".to_string(), "pg2".into()]);
+    let (ok, out, err) = sluice_tests::cli(&h.server.url(), &["stream", "list", "pg"], None);
+    assert!(ok, "{err}");
+    assert!(want.iter().all(|s| out.contains(s.as_str())), "{out}");
+}
