@@ -75,16 +75,18 @@ pub async fn connect_service(url: &str, service: &str, interval: Duration) -> Cl
 }
 
 async fn round(c: &Client, streams: &mut HashMap<String, Tracked>) -> Result<(), ClientError> {
-    let mut seen = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for scope in c.list_scopes().await? {
         for name in c.list_streams(&scope).await? {
             let stream = ScopedStream::new(scope.clone(), name.clone());
             match apply(c, &stream, streams).await {
-                Ok(true) => seen.push(stream.to_string()),
+                Ok(true) => {
+                    seen.insert(stream.to_string());
+                }
                 Ok(false) => {}
                 Err(e) => {
                     // Keep its marks: the stream is only unavailable for now.
-                    seen.push(stream.to_string());
+                    seen.insert(stream.to_string());
                     tracing::warn!(stream = %stream, error = %e, "retention skipped a stream this round");
                 }
             }
