@@ -377,6 +377,27 @@ impl Harness {
     }
 }
 
+/// One scaling of `scope/stream`, whose active segments are `segs`: split the widest in
+/// two (`split`), or merge the narrowest adjacent pair.
+pub async fn split_or_merge(
+    c: &sluice_client::Client,
+    scope: &str,
+    stream: &str,
+    segs: &[sluice_net::messages::SegmentRange],
+    split: bool,
+) -> Result<sluice_net::messages::StreamInfo, sluice_client::ClientError> {
+    if split {
+        let widest = segs.iter().max_by(|a, b| (a.key_high - a.key_low).total_cmp(&(b.key_high - b.key_low)));
+        c.split_segment(scope, stream, widest.expect("a segment").number, 2).await
+    } else {
+        let pair = segs
+            .windows(2)
+            .min_by(|a, b| (a[1].key_high - a[0].key_low).total_cmp(&(b[1].key_high - b[0].key_low)))
+            .expect("two segments");
+        c.merge_segments(scope, stream, &[pair[0].number, pair[1].number]).await
+    }
+}
+
 /// Writes "w:k:seq" events over `keys` routing keys ("key-k") to `stream` until `stop`,
 /// 200 in flight; every one must be acknowledged (across scalings and restarts: writers
 /// retry). Returns how many went to each key (seq 0..n).

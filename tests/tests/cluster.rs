@@ -66,6 +66,20 @@ impl Cluster {
             Some(Server::start_node(&data, self.ports[i], 1, &self.etcd.endpoint, "c", &format!("n{i}"), &extra));
     }
 
+    /// SIGKILLs node `i`, waits `down`, and starts it again on the same data directory.
+    async fn kill_and_restart(&mut self, i: usize, down: Duration) {
+        let mut node = self.nodes[i].take().expect("the node runs");
+        let node = tokio::task::spawn_blocking(move || {
+            node.kill();
+            std::thread::sleep(down);
+            node.restart();
+            node
+        })
+        .await
+        .unwrap();
+        self.nodes[i] = Some(node);
+    }
+
     fn url(&self, i: usize) -> String {
         format!("127.0.0.1:{}", self.ports[i])
     }
@@ -804,16 +818,7 @@ async fn kills_during_hand_offs_lose_nothing() {
     cluster.start_node(2);
     cluster.until(|served, _| served.get("n2").is_some_and(|&n| n > 0 && n < 4)).await;
     eprintln!("at the first kill: {}", cluster.ownership().await);
-    let mut n0 = cluster.nodes[0].take().unwrap();
-    let n0 = tokio::task::spawn_blocking(move || {
-        n0.kill();
-        std::thread::sleep(Duration::from_millis(300));
-        n0.restart();
-        n0
-    })
-    .await
-    .unwrap();
-    cluster.nodes[0] = Some(n0);
+    cluster.kill_and_restart(0, Duration::from_millis(300)).await;
     let t = Instant::now();
     cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(60)).await;
     load.progress(3_000).await;
@@ -824,16 +829,7 @@ async fn kills_during_hand_offs_lose_nothing() {
     let stopping = tokio::task::spawn_blocking(move || n1.terminate(Duration::from_secs(60)));
     cluster.until(|served, _| served.get("n1").is_some_and(|&n| n < 4)).await;
     eprintln!("at the second kill: {}", cluster.ownership().await);
-    let mut n2 = cluster.nodes[2].take().unwrap();
-    let n2 = tokio::task::spawn_blocking(move || {
-        n2.kill();
-        std::thread::sleep(Duration::from_millis(300));
-        n2.restart();
-        n2
-    })
-    .await
-    .unwrap();
-    cluster.nodes[2] = Some(n2);
+    cluster.kill_and_restart(2, Duration::from_millis(300)).await;
     assert!(stopping.await.unwrap(), "n1 exits cleanly after handing off");
     let t = Instant::now();
     cluster.wait_for(&[("n0", 6), ("n2", 6)], Duration::from_secs(60)).await;
@@ -861,31 +857,12 @@ async fn scalings_survive_node_kills() {
         let segs = info.segments.clone();
         let c = admin.clone();
         let started = Instant::now();
-        let scale = tokio::spawn(async move {
-            if i % 2 == 0 {
-                let widest = segs.iter().max_by(|a, b| (a.key_high - a.key_low).total_cmp(&(b.key_high - b.key_low)));
-                c.split_segment("cl", "events", widest.unwrap().number, 2).await
-            } else {
-                let pair = segs
-                    .windows(2)
-                    .min_by(|a, b| (a[1].key_high - a[0].key_low).total_cmp(&(b[1].key_high - b[0].key_low)))
-                    .unwrap();
-                c.merge_segments("cl", "events", &[pair[0].number, pair[1].number]).await
-            }
-        });
+        let scale =
+            tokio::spawn(async move { sluice_tests::split_or_merge(&c, "cl", "events", &segs, i % 2 == 0).await });
         if i % 2 == 1 {
             let victim = ((i / 2) % 3) as usize;
             tokio::time::sleep(Duration::from_micros(300 + 700 * i)).await;
-            let mut node = cluster.nodes[victim].take().unwrap();
-            let node = tokio::task::spawn_blocking(move || {
-                node.kill();
-                std::thread::sleep(Duration::from_millis(200));
-                node.restart();
-                node
-            })
-            .await
-            .unwrap();
-            cluster.nodes[victim] = Some(node);
+            cluster.kill_and_restart(victim, Duration::from_millis(200)).await;
         }
         let done = scale.await.unwrap().unwrap_or_else(|e| panic!("scaling {i}: {e}"));
         assert_eq!(done.epoch, info.epoch + 1, "scaling {i}");

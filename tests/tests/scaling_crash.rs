@@ -34,18 +34,7 @@ async fn sigkill_during_scalings_loses_and_duplicates_nothing() {
         let segs = info.segments.clone();
         let c2 = c.clone();
         let started = Instant::now();
-        let scale = tokio::spawn(async move {
-            if i % 2 == 0 {
-                let widest = segs.iter().max_by(|a, b| (a.key_high - a.key_low).total_cmp(&(b.key_high - b.key_low)));
-                c2.split_segment("kc", "s", widest.unwrap().number, 2).await
-            } else {
-                let pair = segs
-                    .windows(2)
-                    .min_by(|a, b| (a[1].key_high - a[0].key_low).total_cmp(&(b[1].key_high - b[0].key_low)))
-                    .unwrap();
-                c2.merge_segments("kc", "s", &[pair[0].number, pair[1].number]).await
-            }
-        });
+        let scale = tokio::spawn(async move { sluice_tests::split_or_merge(&c2, "kc", "s", &segs, i % 2 == 0).await });
         // Every third scaling: SIGKILL while it runs (a scaling takes a few milliseconds;
         // the delay moves the kill across its steps), then restart.
         // Scopes created back to back meanwhile: a create whose answer the kill lost is
