@@ -18,7 +18,7 @@ use futures::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWr
 use glommio::sync::{Semaphore, StaticPermit};
 use sluice_meta::controller::ControllerError;
 use sluice_meta::controller::{PendingScale, StreamRecord, TxnRecord};
-use sluice_meta::{MetaStore, StreamState};
+use sluice_meta::{MetaError, MetaStore, StreamState};
 use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
@@ -773,7 +773,18 @@ async fn finish_scale<S: MetaStore>(
                 Err(e) => return Err(e.into()),
             }
         }
-        shard.controller.commit_scale(scope, stream, p.epoch).await?;
+        if let Err(e) = shard.controller.commit_scale(scope, stream, p.epoch).await {
+            if matches!(e, ControllerError::Meta(MetaError::TooLarge(_))) {
+                // The record cannot take another epoch (etcd's size limit): undo the scaling,
+                // or every later look at the stream would try to finish it and fail too.
+                tracing::warn!(stream = %format!("{scope}/{stream}"), error = %e, "scaling undone");
+                shard.controller.cancel_scale(scope, stream, p.epoch).await?;
+                for s in &p.create {
+                    let _ = shard.segment_op(name(s.number), Request::Delete { name: name(s.number) }).await;
+                }
+            }
+            return Err(e.into());
+        }
     }
     for &n in &p.seal {
         match shard.segment_op(name(n), Request::Seal { name: name(n) }).await {

@@ -155,6 +155,7 @@ impl ControllerError {
             ControllerError::TxnNotOpen(_) => ErrorCode::TxnNotOpen,
             ControllerError::Meta(MetaError::NoSpace(_)) => ErrorCode::NoSpace,
             ControllerError::Meta(MetaError::Unavailable(_)) => ErrorCode::MetadataUnavailable,
+            ControllerError::Meta(MetaError::TooLarge(_)) => ErrorCode::TooLarge,
             ControllerError::Meta(_) => ErrorCode::Internal,
         }
     }
@@ -480,6 +481,20 @@ impl<S: MetaStore> Controller<S> {
                 segments: r.segments.iter().map(|s| s.number).collect(),
             });
             Ok(true)
+        })
+        .await
+    }
+
+    /// Drops a pending scale that was never committed (its new segments are the caller's to
+    /// delete): the stream stays as it was. For a scaling that cannot be committed.
+    pub async fn cancel_scale(&self, scope: &str, stream: &str, epoch: u64) -> Result<StreamRecord, ControllerError> {
+        self.update_record(scope, stream, |r| {
+            if r.scale.as_ref().is_some_and(|p| p.epoch == epoch && !p.committed) {
+                r.scale = None;
+                Ok(true)
+            } else {
+                Ok(false)
+            }
         })
         .await
     }

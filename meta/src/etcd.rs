@@ -72,6 +72,15 @@ fn err(e: etcd_client::Error) -> MetaError {
             status.message()
         ));
     }
+    if let etcd_client::Error::GRpcStatus(status) = &e
+        && status.message().contains("request is too large")
+    {
+        return MetaError::TooLarge(format!(
+            "etcd: {}: a record reached etcd's request size limit (--max-request-bytes, 1.5 MiB by default); \
+             a stream's record holds its whole scaling history, so a wide stream scaled very often reaches it",
+            status.message()
+        ));
+    }
     // etcd down, restarting or partitioned away: transient, worth retrying.
     let unavailable = match &e {
         etcd_client::Error::GRpcStatus(status) => {

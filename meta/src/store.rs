@@ -103,6 +103,9 @@ pub enum MetaError {
     /// The disk is full: the change was not made (the store keeps working).
     #[error("no space left for metadata: {0}")]
     NoSpace(String),
+    /// The store refuses a value this large (etcd: `--max-request-bytes`, 1.5 MiB by default).
+    #[error("metadata record too large: {0}")]
+    TooLarge(String),
     /// The store cannot be reached or did not answer in time (etcd down or restarting); a
     /// change may or may not have been made.
     #[error("metadata store unavailable: {0}")]

@@ -146,3 +146,48 @@ async fn etcd_at_its_quota_refuses_changes_with_no_space_until_freed() {
     c.create_scope("after").await.unwrap();
     tokio::task::spawn_blocking(move || node.stop()).await.unwrap();
 }
+
+/// A stream's record holds its whole scaling history; at etcd's request size limit (here
+/// set to 128 KiB) the next scaling is refused with `TooLarge`, saying why (it was
+/// `Internal`), and the stream keeps taking writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_record_at_etcds_size_limit_is_refused_clearly() {
+    use sluice_client::ErrorCode;
+    let etcd = Etcd::start_with(&["--max-request-bytes", "131072"]);
+    let dir = TempDir::new("etcdbig");
+    let port = free_ports(2);
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "big").unwrap();
+    let mut cfg = sluice_engine::EngineConfig::new(dir.0.join("data"), format!("127.0.0.1:{port}").parse().unwrap(), 2);
+    cfg.pin = false;
+    cfg.log_file_bytes = 8 << 20;
+    let node = sluice_engine::shard::Node::start_with_store(cfg, store).unwrap();
+    let c = Client::connect(&format!("127.0.0.1:{port}")).await.unwrap();
+    c.create_scope("w").await.unwrap();
+    c.create_stream("w", "s", 256).await.unwrap();
+    let mut refused = None;
+    for i in 0..200 {
+        let first: Vec<u64> = c.get_stream("w", "s").await.unwrap().segments.iter().take(2).map(|s| s.number).collect();
+        let r = if i % 2 == 0 {
+            c.merge_segments("w", "s", &first).await
+        } else {
+            c.split_segment("w", "s", first[0], 2).await
+        };
+        if let Err(e) = r {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("the record reached 128 KiB within 200 scalings");
+    assert_eq!(e.code(), Some(ErrorCode::TooLarge), "{e}");
+    assert!(e.to_string().contains("max-request-bytes"), "{e}");
+    eprintln!("scaling {i} refused: {e}");
+    // The scaling was undone, not left half done: the stream is as it was, and the next
+    // attempt is refused the same way (not "another scaling is in progress").
+    let info = c.get_stream("w", "s").await.unwrap();
+    assert_eq!(info.epoch, i as u64, "the refused scaling left no epoch behind");
+    let again = c.split_segment("w", "s", info.segments[0].number, 2).await.unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::TooLarge), "{again}");
+    let w = c.event_writer("w/s").await.unwrap();
+    w.write_event(b"k", b"still writable".to_vec()).await.unwrap();
+    tokio::task::spawn_blocking(move || node.stop()).await.unwrap();
+}
