@@ -325,7 +325,7 @@ impl Client {
         limit: u32,
     ) -> Result<(Vec<String>, Option<String>), ClientError> {
         let page = self.admin::<_, ScopeList>(ListScopes { after: after.into(), limit }).await?;
-        Ok((page.scopes, Some(page.next).filter(|n| !n.is_empty())))
+        Ok((page.scopes, cursor(page.next)))
     }
 
     /// Creates a stream with a fixed number of segments.
@@ -389,7 +389,7 @@ impl Client {
     ) -> Result<(Vec<String>, Option<String>), ClientError> {
         let m = ListStreams { scope: scope.into(), after: after.into(), limit };
         let page = self.admin::<_, StreamList>(m).await?;
-        Ok((page.streams, Some(page.next).filter(|n| !n.is_empty())))
+        Ok((page.streams, cursor(page.next)))
     }
 
     pub async fn get_stream(&self, scope: &str, stream: &str) -> Result<StreamInfo, ClientError> {
@@ -551,6 +551,11 @@ impl Client {
 pub fn parse_stream(s: &str) -> Result<ScopedStream, ClientError> {
     ScopedStream::parse(s)
         .ok_or_else(|| ClientError::InvalidArgument(format!("'{s}' is not a stream name; expected scope/stream")))
+}
+
+/// A page's `next` as the next page's cursor (empty: there is none).
+pub(crate) fn cursor(next: String) -> Option<String> {
+    Some(next).filter(|n| !n.is_empty())
 }
 
 /// Every item of a paged list: `page(after)` gives a page and the next `after`, if any.

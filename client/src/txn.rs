@@ -147,7 +147,7 @@ impl Client {
     ) -> Result<(Vec<TxnInfo>, Option<String>), ClientError> {
         let m = ListTxns { scope: scope.into(), stream: stream.into(), after: after.into(), limit };
         let page = self.admin::<_, TxnList>(m).await?;
-        Ok((page.txns, Some(page.next).filter(|n| !n.is_empty())))
+        Ok((page.txns, crate::client::cursor(page.next)))
     }
 
     /// Renews an open transaction's lease: it runs out `lease_ms` from now.

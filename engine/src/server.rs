@@ -19,7 +19,9 @@ use glommio::sync::{Semaphore, StaticPermit};
 use sluice_meta::controller::ControllerError;
 use sluice_meta::controller::{PendingScale, StreamRecord, TxnRecord};
 use sluice_meta::{MetaError, MetaStore, StreamState};
-use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
+use sluice_net::constants::{
+    CONTROL_BYTES_MAX, FRAME_HEADER_BYTES, HELLO_MAGIC, NAMES_PAGE_MAX, PROTOCOL_VERSION, TXN_PAGE_MAX,
+};
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
 use sluice_net::txn::shadow_segment_name;
@@ -43,13 +45,12 @@ type Outgoing = (Reply, Option<StaticPermit>);
 
 fn reply<T: Control>(request_id: u64, msg: &T) -> Reply {
     let head = encode_frame_head(request_id, msg, 0);
-    let control = head.len() - sluice_net::constants::FRAME_HEADER_BYTES;
-    if control > sluice_net::constants::CONTROL_BYTES_MAX {
+    let control = head.len() - FRAME_HEADER_BYTES;
+    if control > CONTROL_BYTES_MAX {
         // A client would refuse the frame and drop the connection: say what happened instead.
         let message = format!(
-            "the answer ({:?}, {control} bytes) exceeds the {}-byte limit of a control section",
-            T::KIND,
-            sluice_net::constants::CONTROL_BYTES_MAX
+            "the answer ({:?}, {control} bytes) exceeds the {CONTROL_BYTES_MAX}-byte limit of a control section",
+            T::KIND
         );
         tracing::warn!(%message, "answer too large");
         return error_reply(request_id, ErrorCode::TooLarge, message, None, None);
@@ -76,13 +77,12 @@ fn controller_error(request_id: u64, e: &ControllerError) -> Reply {
     error_reply(request_id, e.code(), e.to_string(), None, None)
 }
 
-/// The reply to a controller call.
-/// A names page's size: as asked, at most `NAMES_PAGE_MAX` (0: that).
-fn names_limit(asked: u32) -> usize {
-    let max = sluice_net::constants::NAMES_PAGE_MAX;
+/// A list page's size: as asked, at most `max` (0: `max`).
+fn page_limit(asked: u32, max: u32) -> usize {
     (if asked == 0 { max } else { asked.min(max) }) as usize
 }
 
+/// The reply to a controller call.
 fn ctl_reply<T: Control>(request_id: u64, r: Result<T, ControllerError>) -> Reply {
     match r {
         Ok(msg) => reply(request_id, &msg),
@@ -488,7 +488,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: ListScopes = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                let r = shard.controller.list_scopes_page(&m.after, names_limit(m.limit)).await;
+                let r = shard.controller.list_scopes_page(&m.after, page_limit(m.limit, NAMES_PAGE_MAX)).await;
                 ctl_reply(id, r.map(|(scopes, next)| ScopeList { scopes, next: next.unwrap_or_default() }))
             })
         }
@@ -496,7 +496,8 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: ListStreams = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                let r = shard.controller.list_streams_page(&m.scope, &m.after, names_limit(m.limit)).await;
+                let r =
+                    shard.controller.list_streams_page(&m.scope, &m.after, page_limit(m.limit, NAMES_PAGE_MAX)).await;
                 ctl_reply(id, r.map(|(streams, next)| StreamList { streams, next: next.unwrap_or_default() }))
             })
         }
@@ -581,11 +582,10 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: ListTxns = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                let max = sluice_net::constants::TXN_PAGE_MAX;
-                let limit = if m.limit == 0 { max } else { m.limit.min(max) };
+                let limit = page_limit(m.limit, TXN_PAGE_MAX);
                 // Half the control limit for the records leaves room for the names around them.
-                let bytes = sluice_net::constants::CONTROL_BYTES_MAX / 2;
-                let r = shard.controller.list_txns_page(&m.scope, &m.stream, &m.after, limit as usize, bytes).await;
+                let bytes = CONTROL_BYTES_MAX / 2;
+                let r = shard.controller.list_txns_page(&m.scope, &m.stream, &m.after, limit, bytes).await;
                 ctl_reply(
                     id,
                     r.map(|(page, next)| TxnList {

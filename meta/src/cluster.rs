@@ -200,7 +200,6 @@ impl<S: MetaStore> Drop for Registration<S> {
     }
 }
 
-/// The live nodes, by id.
 /// The registration of node `id`, if it has one.
 pub async fn get_node<S: MetaStore>(store: &S, id: &str) -> Result<Option<NodeInfo>, MetaError> {
     let key = node_key(id);
@@ -210,6 +209,7 @@ pub async fn get_node<S: MetaStore>(store: &S, id: &str) -> Result<Option<NodeIn
     }
 }
 
+/// The live nodes, by id.
 pub async fn list_nodes<S: MetaStore>(store: &S) -> Result<Vec<NodeInfo>, MetaError> {
     store.range("nodes/").await?.into_iter().map(|(k, v)| decode_record!(NodeInfo, k, &v.value)).collect()
 }

@@ -60,40 +60,34 @@ fn read_version(resp: &etcd_client::TxnResponse) -> u64 {
 }
 
 fn err(e: etcd_client::Error) -> MetaError {
-    // etcd refuses every change once its database reached its quota (the NOSPACE alarm,
-    // gRPC `ResourceExhausted`, "mvcc: database space exceeded"), until an operator
-    // compacts, defragments and disarms the alarm: the same for clients as a full disk.
-    if let etcd_client::Error::GRpcStatus(status) = &e
-        && (status.code() == tonic::Code::ResourceExhausted || status.message().contains("database space exceeded"))
-    {
-        return MetaError::NoSpace(format!(
-            "etcd: {}: its database reached its quota (--quota-backend-bytes); compact and defragment it, \
-             then disarm the NOSPACE alarm (etcdctl alarm disarm)",
-            status.message()
-        ));
-    }
-    if let etcd_client::Error::GRpcStatus(status) = &e
-        && status.message().contains("request is too large")
-    {
-        return MetaError::TooLarge(format!(
-            "etcd: {}: a record reached etcd's request size limit (--max-request-bytes, 1.5 MiB by default); \
-             a stream's record holds its whole scaling history, so a wide stream scaled very often reaches it",
-            status.message()
-        ));
-    }
-    // etcd down, restarting or partitioned away: transient, worth retrying.
+    use etcd_client::Error::{GRpcStatus, IoError, TransportError};
     let unavailable = match &e {
-        etcd_client::Error::GRpcStatus(status) => {
-            matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
-                || status.message().contains("transport error")
+        GRpcStatus(status) => {
+            let (code, message) = (status.code(), status.message());
+            // etcd refuses every change once its database reached its quota (the NOSPACE
+            // alarm, gRPC `ResourceExhausted`, "mvcc: database space exceeded"), until an
+            // operator compacts, defragments and disarms the alarm: for clients, a full disk.
+            if code == tonic::Code::ResourceExhausted || message.contains("database space exceeded") {
+                return MetaError::NoSpace(format!(
+                    "etcd: {message}: its database reached its quota (--quota-backend-bytes); compact and \
+                     defragment it, then disarm the NOSPACE alarm (etcdctl alarm disarm)"
+                ));
+            }
+            if message.contains("request is too large") {
+                return MetaError::TooLarge(format!(
+                    "etcd: {message}: a record reached etcd's request size limit (--max-request-bytes, 1.5 MiB \
+                     by default); a stream's record holds its whole scaling history, so a wide stream scaled \
+                     very often reaches it"
+                ));
+            }
+            matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+                || message.contains("transport error")
         }
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        TransportError(_) | IoError(_) => true,
         _ => false,
     };
-    if unavailable {
-        return MetaError::Unavailable(format!("etcd: {e}"));
-    }
-    MetaError::Io(format!("etcd: {e}"))
+    // etcd down, restarting or partitioned away: transient, worth retrying.
+    if unavailable { MetaError::Unavailable(format!("etcd: {e}")) } else { MetaError::Io(format!("etcd: {e}")) }
 }
 
 impl EtcdStore {

@@ -154,20 +154,16 @@ impl Server {
     /// SIGTERM (a graceful stop: a cluster node hands its containers off) and waits up to
     /// `within` for the exit; SIGKILL after that. Returns the exit status' success.
     pub fn terminate(&mut self, within: Duration) -> bool {
-        let Some(mut c) = self.child.take() else { return false };
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = c.try_wait() {
-                return status.success();
+        if self.child.is_none() {
+            return false;
+        }
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(within) {
+            Some(status) => status.success(),
+            None => {
+                self.kill();
+                false
             }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -9,18 +9,25 @@ use sluice_net::routing::Placement;
 use sluice_tests::{Etcd, TempDir, cli, free_ports};
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_with_etcd_metadata() {
-    let etcd = Etcd::start();
-    let dir = TempDir::new("etcdnode");
-    let port = free_ports(2);
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "test").unwrap();
-    let mut cfg = sluice_engine::EngineConfig::new(dir.0.join("data"), format!("127.0.0.1:{port}").parse().unwrap(), 2);
+/// A node (2 shards, not pinned, 8 MiB log files) keeping its metadata in `etcd` under
+/// cluster name `cluster`: the node, its store, its URL and its directory (`dir_name`).
+fn node_on(etcd: &Etcd, dir_name: &str, cluster: &str) -> (sluice_engine::shard::Node, EtcdStore, String, TempDir) {
+    let dir = TempDir::new(dir_name);
+    let url = format!("127.0.0.1:{}", free_ports(2));
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), cluster).unwrap();
+    let mut cfg = sluice_engine::EngineConfig::new(dir.0.join("data"), url.parse().unwrap(), 2);
     cfg.pin = false;
     cfg.log_file_bytes = 8 << 20;
     let node = sluice_engine::shard::Node::start_with_store(cfg, store.clone()).unwrap();
+    (node, store, url, dir)
+}
 
-    let c = Client::connect(&format!("127.0.0.1:{port}")).await.unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_etcd_metadata() {
+    let etcd = Etcd::start();
+    let (node, store, url, _dir) = node_on(&etcd, "etcdnode", "test");
+
+    let c = Client::connect(&url).await.unwrap();
     c.create_scope("etcd").await.unwrap();
     c.create_stream("etcd", "s", 3).await.unwrap();
     let w = c.event_writer("etcd/s").await.unwrap();
@@ -86,14 +93,7 @@ async fn etcd_at_its_quota_refuses_changes_with_no_space_until_freed() {
     use sluice_client::ErrorCode;
     use sluice_meta::MetaError;
     let etcd = Etcd::start_with(&["--quota-backend-bytes", "4194304"]);
-    let dir = TempDir::new("etcdfull");
-    let port = free_ports(2);
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "full").unwrap();
-    let mut cfg = sluice_engine::EngineConfig::new(dir.0.join("data"), format!("127.0.0.1:{port}").parse().unwrap(), 2);
-    cfg.pin = false;
-    cfg.log_file_bytes = 8 << 20;
-    let node = sluice_engine::shard::Node::start_with_store(cfg, store.clone()).unwrap();
-    let url = format!("127.0.0.1:{port}");
+    let (node, store, url, _dir) = node_on(&etcd, "etcdfull", "full");
     // NoSpace is retryable: calls retry it for their window (a minute by default).
     let config = sluice_client::ClientConfig { retry_for: Duration::from_secs(1), ..Default::default() };
     let c = Client::connect_with(&url, config).await.unwrap();
@@ -154,14 +154,8 @@ async fn etcd_at_its_quota_refuses_changes_with_no_space_until_freed() {
 async fn a_stream_record_at_etcds_size_limit_is_refused_clearly() {
     use sluice_client::ErrorCode;
     let etcd = Etcd::start_with(&["--max-request-bytes", "131072"]);
-    let dir = TempDir::new("etcdbig");
-    let port = free_ports(2);
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "big").unwrap();
-    let mut cfg = sluice_engine::EngineConfig::new(dir.0.join("data"), format!("127.0.0.1:{port}").parse().unwrap(), 2);
-    cfg.pin = false;
-    cfg.log_file_bytes = 8 << 20;
-    let node = sluice_engine::shard::Node::start_with_store(cfg, store).unwrap();
-    let c = Client::connect(&format!("127.0.0.1:{port}")).await.unwrap();
+    let (node, _store, url, _dir) = node_on(&etcd, "etcdbig", "big");
+    let c = Client::connect(&url).await.unwrap();
     c.create_scope("w").await.unwrap();
     c.create_stream("w", "s", 256).await.unwrap();
     let mut refused = None;
