@@ -445,9 +445,44 @@ impl Client {
         self.scale_stream(scope, stream, segments, &[KeyRange { low, high }]).await
     }
 
-    /// Every epoch of a stream and every segment it ever had.
+    /// Every epoch of a stream and every segment it ever had (walks the history's pages;
+    /// every segment's `sealed_epoch` is set).
+    /// Pages that do not follow on (the stream deleted and created again meanwhile) start
+    /// the walk again, a few times.
     pub async fn stream_history(&self, scope: &str, stream: &str) -> Result<StreamHistory, ClientError> {
-        self.admin(GetStreamHistory { scope: scope.into(), stream: stream.into() }).await
+        const WALKS: u32 = 3;
+        'walk: for _ in 0..WALKS {
+            let mut history = self.stream_history_page(scope, stream, 0, 0).await?;
+            while let Some(from) = history.next {
+                let page = self.stream_history_page(scope, stream, from, 0).await?;
+                if page.epochs.first().map(|e| e.epoch) != Some(from) {
+                    continue 'walk;
+                }
+                history.extend(page);
+            }
+            history.derive_sealed();
+            return Ok(history);
+        }
+        Err(ClientError::Server {
+            code: ErrorCode::Conflict,
+            message: format!("the history of {scope}/{stream} kept changing while it was read ({WALKS} tries)"),
+            endpoint: None,
+            offset: None,
+        })
+    }
+
+    /// One page of a stream's history: epochs from `from_epoch` on, at most `limit` (0: as
+    /// many as the server sends at once), with the segments they created; `next` is where
+    /// the next page starts. A segment sealed by an epoch on a later page has no
+    /// `sealed_epoch` here.
+    pub async fn stream_history_page(
+        &self,
+        scope: &str,
+        stream: &str,
+        from_epoch: u64,
+        limit: u32,
+    ) -> Result<StreamHistory, ClientError> {
+        self.admin(GetStreamHistory { scope: scope.into(), stream: stream.into(), from_epoch, limit }).await
     }
 
     pub async fn seal_stream(&self, scope: &str, stream: &str) -> Result<(), ClientError> {

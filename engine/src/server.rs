@@ -20,7 +20,8 @@ use sluice_meta::controller::ControllerError;
 use sluice_meta::controller::{PendingScale, StreamRecord, TxnRecord};
 use sluice_meta::{MetaError, MetaStore, StreamState};
 use sluice_net::constants::{
-    CONTROL_BYTES_MAX, FRAME_HEADER_BYTES, HELLO_MAGIC, NAMES_PAGE_MAX, PROTOCOL_VERSION, TXN_PAGE_MAX,
+    CONTROL_BYTES_MAX, FRAME_HEADER_BYTES, HELLO_MAGIC, HISTORY_PAGE_MAX, NAMES_PAGE_MAX, PROTOCOL_VERSION,
+    TXN_PAGE_MAX,
 };
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
@@ -515,13 +516,13 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: GetStreamHistory = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                match current_stream(&shard, &m.scope, &m.stream).await {
-                    Ok(r) => reply(
-                        id,
-                        &StreamHistory { scope: m.scope, stream: m.stream, epochs: r.epochs, segments: r.history },
-                    ),
-                    Err(e) => e.into_reply(id),
+                if let Err(e) = current_stream(&shard, &m.scope, &m.stream).await {
+                    return e.into_reply(id);
                 }
+                let limit = page_limit(m.limit, HISTORY_PAGE_MAX);
+                // Wire entries are larger than the stored ones (epochs on each segment).
+                let bytes = CONTROL_BYTES_MAX / 4;
+                ctl_reply(id, shard.controller.history_page(&m.scope, &m.stream, m.from_epoch, limit, bytes).await)
             })
         }
         Kind::ScaleStream => {
@@ -1056,8 +1057,8 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
                     delete_shadows(shard, scope, stream, &t).await.map_err(|e| engine_error(id, &e))?;
                     ctl.forget_txn(scope, stream, t.id, true).await.map_err(|e| controller_error(id, &e))?;
                 }
-                for s in &record.history {
-                    match shard.segment_op(name(s.number), Request::Delete { name: name(s.number) }).await {
+                for n in ctl.all_segments(scope, stream).await.map_err(|e| controller_error(id, &e))? {
+                    match shard.segment_op(name(n), Request::Delete { name: name(n) }).await {
                         Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
                         Err(e) => return Err(engine_error(id, &e)),
                     }

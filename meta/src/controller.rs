@@ -2,15 +2,22 @@
 //! state). The node's request handlers call these and then act on the segments; every
 //! record change is a compare-and-swap so concurrent callers never overwrite each other.
 //!
-//! Keys: `scopes/<scope>` (empty value), `streams/<scope>/<stream>` (rkyv `StreamRecord`),
-//! `txns/<scope>/<stream>/<id>` (rkyv `TxnRecord`, see `txns`),
+//! Keys: `scopes/<scope>` (empty value), `streams/<scope>/<stream>` (`StreamRecord`: the
+//! stream as it is now, its current epoch included), `epochs/<scope>/<stream>/<epoch, 20
+//! digits>` (rkyv `EpochRecord`: one per epoch, written with the change that makes it current
+//! and never changed after), `txns/<scope>/<stream>/<id>` (rkyv `TxnRecord`, see `txns`),
 //! `subscribers/<scope>/<stream>/<group>` (rkyv `SubscriberRecord`, see `subscribers`).
+//!
+//! A stream's history is its epoch records, read a page at a time (`history_page`), so the
+//! stream record's size depends on the stream's width only, not on how often it scaled.
+//! Records of the first layout (the whole history inside the stream record) are moved to
+//! this one the first time they are read.
 //!
 //! Scaling is three record changes around the segment work, so a crash anywhere leaves a
 //! record a retry finishes: `begin_scale` records the pending scale (new segment numbers,
 //! next epoch); the node creates the new segments; `commit_scale` makes them current and
-//! appends the epoch and the links; the node seals the replaced segments; `end_scale`
-//! clears the pending scale. A stream with a pending scale takes no other scale.
+//! writes the new epoch's record (one transaction); the node seals the replaced segments;
+//! `end_scale` clears the pending scale. A stream with a pending scale takes no other scale.
 
 /// A record kept (rkyv) under one metadata key and changed by compare-and-swap.
 trait Record: Sized {
@@ -39,11 +46,12 @@ pub use subscribers::SubscriberRecord;
 pub use txns::TxnRecord;
 
 use crate::names::validate;
-use crate::store::{MetaError, MetaStore};
+use crate::store::{MetaError, MetaStore, MetaTxn};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::ErrorCode;
-use sluice_net::messages::{EpochInfo, KeyRange, SegmentHistory, SegmentRange};
+use sluice_net::messages::{EpochInfo, KeyRange, SegmentHistory, SegmentRange, StreamHistory};
 use sluice_net::{Retention, ScalingPolicy};
+use std::collections::HashMap;
 
 /// Lifecycle of a stream. `Creating` and `Sealing` mark work in progress that a retry resumes.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +82,32 @@ pub struct PendingScale {
     pub committed: bool,
 }
 
+/// A segment an epoch created.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct NewSegment {
+    pub number: u64,
+    pub key_low: f64,
+    pub key_high: f64,
+    /// The segments it replaced (sealed by the same epoch, key ranges overlapping).
+    pub predecessors: Vec<u64>,
+}
+
+/// One epoch of a stream: what it was made of and what made it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub created_unix_ms: u64,
+    /// Its segments, in key order.
+    pub segments: Vec<u64>,
+    /// Segments it created (all of them for epoch 0), in key order.
+    pub created: Vec<NewSegment>,
+    /// Segments of the epoch before that it sealed.
+    pub sealed: Vec<u64>,
+}
+
+record!(EpochRecord, "an epoch record");
+
+/// A stream as it is now. Its history (every epoch) lives in `EpochRecord`s.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct StreamRecord {
     pub state: StreamState,
@@ -82,14 +116,16 @@ pub struct StreamRecord {
     pub created_unix_ms: u64,
     pub retention: Retention,
     pub scaling: ScalingPolicy,
-    /// Every epoch, oldest first (the last one is current).
-    pub epochs: Vec<EpochInfo>,
-    /// Every segment the stream ever had, by number.
-    pub history: Vec<SegmentHistory>,
+    /// The current epoch (also under its own key).
+    pub current: EpochRecord,
     /// Number the next new segment gets.
     pub next_segment: u64,
     pub scale: Option<PendingScale>,
 }
+
+/// What a stream record's value starts with (then the rkyv archive); a value without it is
+/// a record of the first layout (`LegacyStreamRecord`).
+const STREAM_RECORD_TAG: [u8; 8] = *b"SSR\x02\0\0\0\0";
 
 impl StreamRecord {
     pub fn ranges(&self) -> Vec<SegmentRange> {
@@ -101,11 +137,85 @@ impl StreamRecord {
 
     /// The current epoch.
     pub fn epoch(&self) -> u64 {
-        self.epochs.last().map_or(0, |e| e.epoch)
+        self.current.epoch
     }
 }
 
-record!(StreamRecord, "a stream record");
+impl Record for StreamRecord {
+    fn encode(&self) -> Vec<u8> {
+        let archive = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a stream record");
+        [&STREAM_RECORD_TAG[..], &archive].concat()
+    }
+
+    fn decode(key: &str, bytes: &[u8]) -> Result<Self, ControllerError> {
+        match bytes.strip_prefix(&STREAM_RECORD_TAG[..]) {
+            Some(archive) => Ok(decode_record!(Self, key, archive)?),
+            None => Err(MetaError::Corrupt(format!("{key}: a stream record of the first layout")).into()),
+        }
+    }
+}
+
+/// A stream record of the first layout: the whole history inside (it grew with every
+/// scaling). Read only to be moved to the current layout.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct LegacyStreamRecord {
+    state: StreamState,
+    segments: Vec<StreamSegment>,
+    created_unix_ms: u64,
+    retention: Retention,
+    scaling: ScalingPolicy,
+    epochs: Vec<EpochInfo>,
+    history: Vec<SegmentHistory>,
+    next_segment: u64,
+    scale: Option<PendingScale>,
+}
+
+record!(LegacyStreamRecord, "a stream record of the first layout");
+
+impl LegacyStreamRecord {
+    /// The record in the current layout, and its epoch records.
+    fn migrate(self) -> (StreamRecord, Vec<EpochRecord>) {
+        let epochs: Vec<EpochRecord> = self
+            .epochs
+            .iter()
+            .map(|e| EpochRecord {
+                epoch: e.epoch,
+                created_unix_ms: e.created_unix_ms,
+                segments: e.segments.clone(),
+                created: self
+                    .history
+                    .iter()
+                    .filter(|h| h.created_epoch == e.epoch)
+                    .map(|h| NewSegment {
+                        number: h.number,
+                        key_low: h.key_low,
+                        key_high: h.key_high,
+                        predecessors: h.predecessors.clone(),
+                    })
+                    .collect(),
+                sealed: self.history.iter().filter(|h| h.sealed_epoch == Some(e.epoch)).map(|h| h.number).collect(),
+            })
+            .collect();
+        let current = epochs.last().cloned().unwrap_or(EpochRecord {
+            epoch: 0,
+            created_unix_ms: self.created_unix_ms,
+            segments: self.segments.iter().map(|s| s.number).collect(),
+            created: Vec::new(),
+            sealed: Vec::new(),
+        });
+        let record = StreamRecord {
+            state: self.state,
+            segments: self.segments,
+            created_unix_ms: self.created_unix_ms,
+            retention: self.retention,
+            scaling: self.scaling,
+            current,
+            next_segment: self.next_segment,
+            scale: self.scale,
+        };
+        (record, epochs)
+    }
+}
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum ControllerError {
@@ -179,6 +289,21 @@ fn scope_key(scope: &str) -> String {
 fn stream_key(scope: &str, stream: &str) -> String {
     format!("streams/{scope}/{stream}")
 }
+
+fn epochs_prefix(scope: &str, stream: &str) -> String {
+    format!("epochs/{scope}/{stream}/")
+}
+
+fn epoch_key(scope: &str, stream: &str, epoch: u64) -> String {
+    format!("epochs/{scope}/{stream}/{epoch:020}")
+}
+
+/// Epoch records read from the store per request while walking a history.
+const EPOCHS_PER_READ: usize = 64;
+/// Epoch records (or bytes of them) written per transaction when a record is migrated (etcd
+/// takes at most 128 operations and 1.5 MiB per transaction by default).
+const MIGRATE_OPS_MAX: usize = 64;
+const MIGRATE_BYTES_MAX: usize = 512 << 10;
 
 /// Wall-clock milliseconds since the Unix epoch (for records people read).
 pub fn now_ms() -> u64 {
@@ -274,21 +399,25 @@ impl<S: MetaStore> Controller<S> {
         }
         let segments = split_range(0.0, 1.0, segments);
         let now = now_ms();
-        let record = StreamRecord {
-            state: StreamState::Creating,
-            epochs: vec![EpochInfo { epoch: 0, created_unix_ms: now, segments: (0..segments.len() as u64).collect() }],
-            history: segments
+        let first = EpochRecord {
+            epoch: 0,
+            created_unix_ms: now,
+            segments: (0..segments.len() as u64).collect(),
+            created: segments
                 .iter()
                 .enumerate()
-                .map(|(i, r)| SegmentHistory {
+                .map(|(i, r)| NewSegment {
                     number: i as u64,
                     key_low: r.low,
                     key_high: r.high,
-                    created_epoch: 0,
-                    sealed_epoch: None,
                     predecessors: Vec::new(),
                 })
                 .collect(),
+            sealed: Vec::new(),
+        };
+        let record = StreamRecord {
+            state: StreamState::Creating,
+            current: first.clone(),
             next_segment: segments.len() as u64,
             segments: segments
                 .iter()
@@ -301,8 +430,12 @@ impl<S: MetaStore> Controller<S> {
             scale: None,
         };
         let key = stream_key(scope, stream);
-        match self.store.compare_and_swap(&key, 0, record.encode()).await {
-            Ok(_) => Ok(record),
+        let txn = MetaTxn::new()
+            .compare(key.clone(), 0)
+            .put(key, record.encode())
+            .put(epoch_key(scope, stream, 0), first.encode());
+        match self.store.txn(txn).await {
+            Ok(()) => Ok(record),
             Err(MetaError::Conflict { .. }) => {
                 let (existing, _) = self.get_versioned(scope, stream).await?;
                 if existing.state == StreamState::Creating && existing.segments.len() == segments.len() {
@@ -316,10 +449,42 @@ impl<S: MetaStore> Controller<S> {
     }
 
     async fn get_versioned(&self, scope: &str, stream: &str) -> Result<(StreamRecord, u64), ControllerError> {
+        self.load_stream(scope, stream).await?.ok_or_else(|| ControllerError::NoSuchStream(format!("{scope}/{stream}")))
+    }
+
+    /// A stream's record and its version (`None`: no such stream). A record of the first
+    /// layout is moved to the current one first: its epoch records are written, then the
+    /// record is replaced (compare-and-swap; writing the same epoch records twice is harmless).
+    async fn load_stream(&self, scope: &str, stream: &str) -> Result<Option<(StreamRecord, u64)>, ControllerError> {
         let key = stream_key(scope, stream);
-        let v =
-            self.store.get(&key).await?.ok_or_else(|| ControllerError::NoSuchStream(format!("{scope}/{stream}")))?;
-        Ok((StreamRecord::decode(&key, &v.value)?, v.version))
+        loop {
+            let Some(v) = self.store.get(&key).await? else { return Ok(None) };
+            if v.value.starts_with(&STREAM_RECORD_TAG) {
+                return Ok(Some((StreamRecord::decode(&key, &v.value)?, v.version)));
+            }
+            let (record, epochs) = LegacyStreamRecord::decode(&key, &v.value)?.migrate();
+            let (mut txn, mut bytes) = (MetaTxn::new(), 0);
+            for e in &epochs {
+                let value = e.encode();
+                bytes += value.len();
+                txn = txn.put(epoch_key(scope, stream, e.epoch), value);
+                if txn.ops.len() >= MIGRATE_OPS_MAX || bytes >= MIGRATE_BYTES_MAX {
+                    self.store.txn(std::mem::take(&mut txn)).await?;
+                    bytes = 0;
+                }
+            }
+            if !txn.ops.is_empty() {
+                self.store.txn(txn).await?;
+            }
+            match self.store.compare_and_swap(&key, v.version, record.encode()).await {
+                Ok(version) => {
+                    tracing::info!(stream = %format!("{scope}/{stream}"), epochs = epochs.len(), "stream record moved to the current layout");
+                    return Ok(Some((record, version)));
+                }
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub async fn get_stream(&self, scope: &str, stream: &str) -> Result<StreamRecord, ControllerError> {
@@ -349,16 +514,25 @@ impl<S: MetaStore> Controller<S> {
         }
     }
 
-    /// Changes a stream's record (see `update_key`).
+    /// Changes a stream's record (as `update_key`, through `load_stream`).
     async fn update_record(
         &self,
         scope: &str,
         stream: &str,
         change: impl Fn(&mut StreamRecord) -> Result<bool, ControllerError>,
     ) -> Result<StreamRecord, ControllerError> {
-        self.update_key(&stream_key(scope, stream), change)
-            .await?
-            .ok_or_else(|| ControllerError::NoSuchStream(format!("{scope}/{stream}")))
+        let key = stream_key(scope, stream);
+        loop {
+            let (mut record, version) = self.get_versioned(scope, stream).await?;
+            if !change(&mut record)? {
+                return Ok(record);
+            }
+            match self.store.compare_and_swap(&key, version, record.encode()).await {
+                Ok(_) => return Ok(record),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Moves a stream to `state` (compare-and-swap on the record's version).
@@ -445,44 +619,52 @@ impl<S: MetaStore> Controller<S> {
         Ok(record.scale)
     }
 
-    /// Makes a pending scale's new segments current: the new epoch, its segments' history
-    /// and their links to the sealed ones. Done once; later calls change nothing.
+    /// Makes a pending scale's new segments current: the new epoch (its record written in
+    /// the same transaction), its segments and their links to the sealed ones. Done once;
+    /// later calls change nothing.
     pub async fn commit_scale(&self, scope: &str, stream: &str, epoch: u64) -> Result<StreamRecord, ControllerError> {
-        self.update_record(scope, stream, |r| {
-            let Some(p) = r.scale.as_mut().filter(|p| p.epoch == epoch && !p.committed) else { return Ok(false) };
+        let key = stream_key(scope, stream);
+        loop {
+            let (mut r, version) = self.get_versioned(scope, stream).await?;
+            let Some(p) = r.scale.as_mut().filter(|p| p.epoch == epoch && !p.committed) else { return Ok(r) };
             p.committed = true;
             let p = p.clone();
-            let sealed: Vec<StreamSegment> =
-                r.segments.iter().filter(|s| p.seal.contains(&s.number)).cloned().collect();
-            for h in r.history.iter_mut().filter(|h| p.seal.contains(&h.number)) {
-                h.sealed_epoch = Some(epoch);
-            }
-            for s in &p.create {
-                let predecessors = sealed
-                    .iter()
-                    .filter(|o| o.key_low < s.key_high && s.key_low < o.key_high)
-                    .map(|o| o.number)
-                    .collect();
-                r.history.push(SegmentHistory {
+            let sealed: Vec<&StreamSegment> = r.segments.iter().filter(|s| p.seal.contains(&s.number)).collect();
+            let created = p
+                .create
+                .iter()
+                .map(|s| NewSegment {
                     number: s.number,
                     key_low: s.key_low,
                     key_high: s.key_high,
-                    created_epoch: epoch,
-                    sealed_epoch: None,
-                    predecessors,
-                });
-            }
+                    predecessors: sealed
+                        .iter()
+                        .filter(|o| o.key_low < s.key_high && s.key_low < o.key_high)
+                        .map(|o| o.number)
+                        .collect(),
+                })
+                .collect();
+            let sealed = sealed.iter().map(|s| s.number).collect();
             r.segments.retain(|s| !p.seal.contains(&s.number));
             r.segments.extend(p.create.iter().cloned());
             r.segments.sort_by(|a, b| a.key_low.total_cmp(&b.key_low));
-            r.epochs.push(EpochInfo {
+            r.current = EpochRecord {
                 epoch,
                 created_unix_ms: now_ms(),
                 segments: r.segments.iter().map(|s| s.number).collect(),
-            });
-            Ok(true)
-        })
-        .await
+                created,
+                sealed,
+            };
+            let txn = MetaTxn::new()
+                .compare(key.clone(), version)
+                .put(key.clone(), r.encode())
+                .put(epoch_key(scope, stream, epoch), r.current.encode());
+            match self.store.txn(txn).await {
+                Ok(()) => return Ok(r),
+                Err(MetaError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Drops a pending scale that was never committed (its new segments are the caller's to
@@ -517,14 +699,115 @@ impl<S: MetaStore> Controller<S> {
         Ok(self.store.range(&prefix).await?.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect())
     }
 
-    /// Removes a sealed stream's record (its segments must be gone already).
+    /// Removes a sealed stream's records, its epochs first (its segments must be gone
+    /// already; an interrupted call leaves the stream record, so a retry finishes).
     pub async fn delete_stream_record(&self, scope: &str, stream: &str) -> Result<(), ControllerError> {
         let (record, version) = self.get_versioned(scope, stream).await?;
         if record.state != StreamState::Sealed {
             return Err(ControllerError::NotSealed(format!("{scope}/{stream}")));
         }
+        let prefix = epochs_prefix(scope, stream);
+        loop {
+            let page = self.store.range_page(&prefix, "", EPOCHS_PER_READ).await?;
+            if page.is_empty() {
+                break;
+            }
+            let txn = page.into_iter().fold(MetaTxn::new(), |t, (k, _)| t.delete(k));
+            self.store.txn(txn).await?;
+        }
         self.store.delete(&stream_key(scope, stream), Some(version)).await?;
         Ok(())
+    }
+
+    /// Epoch records from `from` on (at most `limit`, up to the current epoch), and whether
+    /// there are more.
+    async fn epoch_records(
+        &self,
+        scope: &str,
+        stream: &str,
+        current: u64,
+        from: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<EpochRecord>, bool), ControllerError> {
+        let prefix = epochs_prefix(scope, stream);
+        let mut after = if from == 0 { String::new() } else { epoch_key(scope, stream, from - 1) };
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        loop {
+            let page = self.store.range_page(&prefix, &after, EPOCHS_PER_READ.min(limit - out.len())).await?;
+            let full = page.len() == EPOCHS_PER_READ.min(limit - out.len());
+            for (k, v) in page {
+                let e = EpochRecord::decode(&k, &v.value)?;
+                if e.epoch > current {
+                    // A later epoch's record without its stream record: not current yet.
+                    return Ok((out, false));
+                }
+                bytes += v.value.len();
+                after = k;
+                out.push(e);
+                if out.len() >= limit || bytes >= bytes_max {
+                    let last = out.last().map_or(0, |e| e.epoch);
+                    return Ok((out, last < current));
+                }
+            }
+            if !full {
+                return Ok((out, false));
+            }
+        }
+    }
+
+    /// One page of a stream's history: its epochs from `from` on (at most `limit` of them,
+    /// and no more than about `bytes_max` bytes, at least one), with the segments they
+    /// created, and the epoch the next page starts at (`None`: this page ends at the current
+    /// epoch: `next`). A segment's `sealed_epoch` is set when an epoch of the same page
+    /// sealed it; whoever walks every page derives the others from the epochs' segment
+    /// lists (`StreamHistory::derive_sealed`).
+    pub async fn history_page(
+        &self,
+        scope: &str,
+        stream: &str,
+        from: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<StreamHistory, ControllerError> {
+        let record = self.get_stream(scope, stream).await?;
+        let (epochs, more) =
+            self.epoch_records(scope, stream, record.epoch(), from, limit.max(1), bytes_max.max(1)).await?;
+        let sealed_at: HashMap<u64, u64> = epochs.iter().flat_map(|e| e.sealed.iter().map(|n| (*n, e.epoch))).collect();
+        let mut history = StreamHistory {
+            scope: scope.into(),
+            stream: stream.into(),
+            epochs: Vec::new(),
+            segments: Vec::new(),
+            next: None,
+        };
+        for e in epochs {
+            history.segments.extend(e.created.into_iter().map(|s| SegmentHistory {
+                number: s.number,
+                key_low: s.key_low,
+                key_high: s.key_high,
+                created_epoch: e.epoch,
+                sealed_epoch: sealed_at.get(&s.number).copied(),
+                predecessors: s.predecessors,
+            }));
+            history.epochs.push(EpochInfo { epoch: e.epoch, created_unix_ms: e.created_unix_ms, segments: e.segments });
+        }
+        history.next = if more { history.epochs.last().map(|e| e.epoch + 1) } else { None };
+        Ok(history)
+    }
+
+    /// Every segment a stream ever had (for deleting them), oldest first.
+    pub async fn all_segments(&self, scope: &str, stream: &str) -> Result<Vec<u64>, ControllerError> {
+        let current = self.get_stream(scope, stream).await?.epoch();
+        let (mut out, mut from) = (Vec::new(), 0);
+        loop {
+            let (epochs, more) = self.epoch_records(scope, stream, current, from, EPOCHS_PER_READ, usize::MAX).await?;
+            from = epochs.last().map_or(from, |e| e.epoch + 1);
+            out.extend(epochs.iter().flat_map(|e| e.created.iter().map(|s| s.number)));
+            if !more {
+                return Ok(out);
+            }
+        }
     }
 }
 
@@ -533,19 +816,19 @@ pub fn split_range(low: f64, high: f64, n: u32) -> Vec<KeyRange> {
     KeyRange { low, high }.split(n)
 }
 
-/// Whether one completed scaling sealed exactly `seal` and created exactly `ranges`.
+/// Whether the scaling that made the current epoch sealed exactly `seal` and created
+/// exactly `ranges` (a retry whose answer was lost; a retry after a later scaling is judged
+/// as a new request).
 fn scaled_already(r: &StreamRecord, seal: &[u64], ranges: &[KeyRange]) -> bool {
-    let sealed_at = |n: &u64| r.history.iter().find(|h| h.number == *n).and_then(|h| h.sealed_epoch);
-    let Some(epoch) = seal.first().and_then(sealed_at) else { return false };
-    if !seal.iter().all(|n| sealed_at(n) == Some(epoch)) {
-        return false;
-    }
-    let sealed_then = r.history.iter().filter(|h| h.sealed_epoch == Some(epoch)).count();
-    let mut created: Vec<&SegmentHistory> = r.history.iter().filter(|h| h.created_epoch == epoch).collect();
-    created.sort_by(|a, b| a.key_low.total_cmp(&b.key_low));
-    sealed_then == seal.len()
-        && created.len() == ranges.len()
-        && created.iter().zip(ranges).all(|(h, k)| h.key_low == k.low && h.key_high == k.high)
+    let e = &r.current;
+    let mut sealed = e.sealed.clone();
+    sealed.sort_unstable();
+    let mut asked = seal.to_vec();
+    asked.sort_unstable();
+    e.epoch > 0
+        && sealed == asked
+        && e.created.len() == ranges.len()
+        && e.created.iter().zip(ranges).all(|(s, k)| s.key_low == k.low && s.key_high == k.high)
 }
 
 /// Checks a scaling request against the record and numbers the new segments.
@@ -741,14 +1024,97 @@ mod tests {
             c.commit_scale("s", "t", p.epoch).await.unwrap();
             let r = c.end_scale("s", "t", p.epoch).await.unwrap();
             assert_eq!(r.segments.iter().map(|s| s.number).collect::<Vec<_>>(), vec![2, 3, 5]);
+            let h = c.history_page("s", "t", 0, 100, usize::MAX).await.unwrap();
             assert_eq!(
-                r.epochs.iter().map(|e| e.segments.clone()).collect::<Vec<_>>(),
+                h.epochs.iter().map(|e| e.segments.clone()).collect::<Vec<_>>(),
                 vec![vec![0, 1], vec![2, 3, 4, 1], vec![2, 3, 5]]
             );
-            let five = r.history.iter().find(|h| h.number == 5).unwrap();
+            assert_eq!(h.next, None);
+            let five = h.segment(5).unwrap();
             assert_eq!((five.predecessors.clone(), five.created_epoch), (vec![4, 1], 2));
-            assert_eq!(r.history.iter().find(|h| h.number == 1).unwrap().sealed_epoch, Some(2));
+            assert_eq!(h.segment(1).unwrap().sealed_epoch, Some(2));
+            assert_eq!(h.segment(0).unwrap().sealed_epoch, Some(1));
+            assert_eq!(h.segment(2).unwrap().sealed_epoch, None);
             assert!(r.scale.is_none());
+            // The record holds the current epoch only; the history is in pages.
+            assert_eq!((r.current.epoch, r.current.sealed.clone()), (2, vec![4, 1]));
+            let (first, second) = (
+                c.history_page("s", "t", 0, 2, usize::MAX).await.unwrap(),
+                c.history_page("s", "t", 2, 2, usize::MAX).await.unwrap(),
+            );
+            assert_eq!((first.epochs.len(), first.next, second.epochs.len(), second.next), (2, Some(2), 1, None));
+            // Segment 1 was sealed by epoch 2, on the next page: unknown on the first, then
+            // derived once the pages are put together.
+            assert_eq!(first.segment(1).unwrap().sealed_epoch, None);
+            let mut whole = first;
+            whole.extend(second);
+            whole.derive_sealed();
+            assert_eq!(whole, h);
+            // A page stops at its byte budget (at least one epoch).
+            let small = c.history_page("s", "t", 0, 100, 1).await.unwrap();
+            assert_eq!((small.epochs.len(), small.next), (1, Some(1)));
+            assert_eq!(c.all_segments("s", "t").await.unwrap(), vec![0, 1, 2, 3, 4, 5]);
+            // Deleting the stream deletes its epochs.
+            c.set_state("s", "t", StreamState::Sealed).await.unwrap();
+            c.delete_stream_record("s", "t").await.unwrap();
+            assert!(c.store.range("epochs/").await.unwrap().is_empty());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A record of the first layout (the whole history inside) is moved to the current one
+    /// when first read: same stream, same history, epoch records written, and it scales on.
+    #[test]
+    fn first_layout_records_are_migrated_on_read() {
+        let dir = std::env::temp_dir().join(format!("sluice-ctl-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = Controller::new(EmbeddedStore::open(&dir).unwrap());
+        let seg = |number, key_low, key_high, created_epoch, sealed_epoch, predecessors| SegmentHistory {
+            number,
+            key_low,
+            key_high,
+            created_epoch,
+            sealed_epoch,
+            predecessors,
+        };
+        let ss = |number, key_low, key_high| StreamSegment { number, key_low, key_high };
+        // 0, 1; 0 split into 2, 3; then 3 and 1 merged into 4.
+        let legacy = LegacyStreamRecord {
+            state: StreamState::Active,
+            segments: vec![ss(2, 0.0, 0.25), ss(4, 0.25, 1.0)],
+            created_unix_ms: 7,
+            retention: Retention::None,
+            scaling: ScalingPolicy::Fixed { segments: 2 },
+            epochs: vec![
+                EpochInfo { epoch: 0, created_unix_ms: 7, segments: vec![0, 1] },
+                EpochInfo { epoch: 1, created_unix_ms: 8, segments: vec![2, 3, 1] },
+                EpochInfo { epoch: 2, created_unix_ms: 9, segments: vec![2, 4] },
+            ],
+            history: vec![
+                seg(0, 0.0, 0.5, 0, Some(1), vec![]),
+                seg(1, 0.5, 1.0, 0, Some(2), vec![]),
+                seg(2, 0.0, 0.25, 1, None, vec![0]),
+                seg(3, 0.25, 0.5, 1, Some(2), vec![0]),
+                seg(4, 0.25, 1.0, 2, None, vec![3, 1]),
+            ],
+            next_segment: 5,
+            scale: None,
+        };
+        block_on(async {
+            c.create_scope("s").await.unwrap();
+            c.store.put("streams/s/old", legacy.encode()).await.unwrap();
+            let r = c.get_stream("s", "old").await.unwrap();
+            assert_eq!((r.epoch(), r.next_segment, r.ranges().len()), (2, 5, 2));
+            assert_eq!((r.current.sealed.clone(), r.current.created.len()), (vec![1, 3], 1));
+            assert!(c.store.get("streams/s/old").await.unwrap().unwrap().value.starts_with(&STREAM_RECORD_TAG));
+            assert_eq!(c.store.range("epochs/s/old/").await.unwrap().len(), 3);
+            let h = c.history_page("s", "old", 0, 100, usize::MAX).await.unwrap();
+            assert_eq!(h.epochs, legacy.epochs);
+            assert_eq!(h.segments, legacy.history);
+            // And it goes on as any other stream.
+            let p = c.begin_scale("s", "old", &[2], &split_range(0.0, 0.25, 2)).await.unwrap().unwrap();
+            assert_eq!(c.commit_scale("s", "old", p.epoch).await.unwrap().epoch(), 3);
+            assert_eq!(c.all_segments("s", "old").await.unwrap(), vec![0, 1, 2, 3, 4, 5, 6]);
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -75,9 +75,9 @@ fn err(e: etcd_client::Error) -> MetaError {
             }
             if message.contains("request is too large") {
                 return MetaError::TooLarge(format!(
-                    "etcd: {message}: a record reached etcd's request size limit (--max-request-bytes, 1.5 MiB \
-                     by default); a stream's record holds its whole scaling history, so a wide stream scaled \
-                     very often reaches it"
+                    "etcd: {message}: a change reached etcd's request size limit (--max-request-bytes, 1.5 MiB \
+                     by default); a scaling writes the stream's record and its new epoch together, both as \
+                     large as the stream is wide"
                 ));
             }
             matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)

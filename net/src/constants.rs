@@ -1,7 +1,7 @@
 //! Protocol limits and fixed sizes, units last.
 
 /// Version spoken by this build; the handshake picks the highest common version.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 /// Magic carried in the `Hello` message ("SLCE").
 pub const HELLO_MAGIC: u32 = 0x534C_4345;
 /// Bytes of the fixed frame header: length u32, kind u16, flags u16, request id u64, control length u32.
@@ -25,3 +25,7 @@ pub const TXN_PAGE_MAX: u32 = 1000;
 
 /// Most names in one `ScopeList` or `StreamList` page (names are at most 64 bytes).
 pub const NAMES_PAGE_MAX: u32 = 5000;
+
+/// Most epochs in one `StreamHistory` page (the server also stops a page at about a quarter
+/// of `CONTROL_BYTES_MAX` of epoch records: an epoch of a wide stream is kilobytes).
+pub const HISTORY_PAGE_MAX: u32 = 1000;

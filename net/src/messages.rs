@@ -200,19 +200,26 @@ control!(
 );
 control!(
     GetStreamHistory,
+    /// One page of a stream's history: epochs from `from_epoch` on, at most `limit` (0: as
+    /// many as the server sends in one answer).
     pub struct GetStreamHistory {
         pub scope: String,
         pub stream: String,
+        pub from_epoch: u64,
+        pub limit: u32,
     }
 );
 control!(
     StreamHistory,
-    /// Every epoch of a stream and every segment it ever had, with their links.
+    /// A stream's epochs and the segments they created, with their links: one page of them
+    /// as an answer (`next`: the epoch the next page starts at), all of them once a client
+    /// has walked the pages (`Client::stream_history`).
     pub struct StreamHistory {
         pub scope: String,
         pub stream: String,
         pub epochs: Vec<EpochInfo>,
         pub segments: Vec<SegmentHistory>,
+        pub next: Option<u64>,
     }
 );
 control!(
@@ -639,6 +646,29 @@ impl StreamHistory {
     pub fn first_epoch(&self) -> Vec<&SegmentHistory> {
         let first = self.epochs.first().map_or(0, |e| e.epoch);
         self.segments.iter().filter(|s| s.created_epoch == first).collect()
+    }
+
+    /// Appends the next page (epochs right after this one's last).
+    pub fn extend(&mut self, page: StreamHistory) {
+        self.epochs.extend(page.epochs);
+        self.segments.extend(page.segments);
+        self.next = page.next;
+    }
+
+    /// Sets every segment's `sealed_epoch` from the epochs' segment lists: a segment is
+    /// sealed by the first epoch that no longer lists it (a page leaves it unset when the
+    /// epoch that sealed it is on a later page).
+    pub fn derive_sealed(&mut self) {
+        let mut sealed = std::collections::HashMap::new();
+        for w in self.epochs.windows(2) {
+            let now: std::collections::HashSet<u64> = w[1].segments.iter().copied().collect();
+            for n in w[0].segments.iter().filter(|n| !now.contains(n)) {
+                sealed.insert(*n, w[1].epoch);
+            }
+        }
+        for s in &mut self.segments {
+            s.sealed_epoch = sealed.get(&s.number).copied();
+        }
     }
 }
 

@@ -147,41 +147,56 @@ async fn etcd_at_its_quota_refuses_changes_with_no_space_until_freed() {
     tokio::task::spawn_blocking(move || node.stop()).await.unwrap();
 }
 
-/// A stream's record holds its whole scaling history; at etcd's request size limit (here
-/// set to 128 KiB) the next scaling is refused with `TooLarge`, saying why (it was
-/// `Internal`), and the stream keeps taking writes.
+/// A stream's history lives in one record per epoch, so scalings never grow the stream
+/// record: with etcd's request size limit set to 64 KiB, a 256-segment stream takes 80
+/// scalings (the first layout, the whole history in the record, was refused at the 51st
+/// with a 128 KiB limit)
+/// and its history reads back whole. A single scaling too large for etcd (one segment split
+/// 769 ways) is refused with `TooLarge`, saying why, and undone: the stream stays as it was
+/// and takes writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_record_at_etcds_size_limit_is_refused_clearly() {
+async fn scalings_do_not_grow_the_stream_record_and_one_too_large_is_refused_clearly() {
     use sluice_client::ErrorCode;
-    let etcd = Etcd::start_with(&["--max-request-bytes", "131072"]);
-    let (node, _store, url, _dir) = node_on(&etcd, "etcdbig", "big");
+    const SCALINGS: u64 = 80;
+    let etcd = Etcd::start_with(&["--max-request-bytes", "65536"]);
+    let (node, store, url, _dir) = node_on(&etcd, "etcdbig", "big");
     let c = Client::connect(&url).await.unwrap();
     c.create_scope("w").await.unwrap();
     c.create_stream("w", "s", 256).await.unwrap();
-    let mut refused = None;
-    for i in 0..200 {
+    let record_bytes = || async { store.get("streams/w/s").await.unwrap().unwrap().value.len() };
+    let before = record_bytes().await;
+    for i in 0..SCALINGS {
         let first: Vec<u64> = c.get_stream("w", "s").await.unwrap().segments.iter().take(2).map(|s| s.number).collect();
         let r = if i % 2 == 0 {
             c.merge_segments("w", "s", &first).await
         } else {
             c.split_segment("w", "s", first[0], 2).await
         };
-        if let Err(e) = r {
-            refused = Some((i, e));
-            break;
-        }
+        r.unwrap_or_else(|e| panic!("scaling {i}: {e}"));
     }
-    let (i, e) = refused.expect("the record reached 128 KiB within 200 scalings");
+    let after = record_bytes().await;
+    eprintln!("stream record: {before} bytes at creation, {after} after {SCALINGS} scalings");
+    assert!(after < before + 1024, "the record grew from {before} to {after} bytes");
+    let history = c.stream_history("w", "s").await.unwrap();
+    assert_eq!(history.epochs.len() as u64, SCALINGS + 1);
+    assert_eq!(history.segments.len() as u64, 256 + SCALINGS / 2 * 3);
+    assert_eq!(history.segments.iter().filter(|s| s.sealed_epoch.is_none()).count(), 256);
+
+    let info = c.get_stream("w", "s").await.unwrap();
+    let first = &info.segments[0];
+    let ranges = sluice_net::KeyRange { low: first.key_low, high: first.key_high }.split(769);
+    let e = c.scale_stream("w", "s", &[first.number], &ranges).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::TooLarge), "{e}");
     assert!(e.to_string().contains("max-request-bytes"), "{e}");
-    eprintln!("scaling {i} refused: {e}");
-    // The scaling was undone, not left half done: the stream is as it was, and the next
-    // attempt is refused the same way (not "another scaling is in progress").
-    let info = c.get_stream("w", "s").await.unwrap();
-    assert_eq!(info.epoch, i as u64, "the refused scaling left no epoch behind");
-    let again = c.split_segment("w", "s", info.segments[0].number, 2).await.unwrap_err();
+    eprintln!("the 769-way split refused: {e}");
+    // Undone, not left half done: the stream is as it was, and the same request again is
+    // refused the same way (not "another scaling is in progress").
+    let now = c.get_stream("w", "s").await.unwrap();
+    assert_eq!((now.epoch, now.segments.len()), (info.epoch, info.segments.len()));
+    let again = c.scale_stream("w", "s", &[first.number], &ranges).await.unwrap_err();
     assert_eq!(again.code(), Some(ErrorCode::TooLarge), "{again}");
     let w = c.event_writer("w/s").await.unwrap();
     w.write_event(b"k", b"still writable".to_vec()).await.unwrap();
+    c.split_segment("w", "s", info.segments[0].number, 2).await.unwrap();
     tokio::task::spawn_blocking(move || node.stop()).await.unwrap();
 }

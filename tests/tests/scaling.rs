@@ -277,3 +277,53 @@ async fn auto_scaling_splits_a_hot_stream_and_merges_it_back_when_the_load_stops
     let bad = ScalingPolicy::ByEventRate { events_per_s: 0, factor: 2, min_segments: 1 };
     assert_eq!(code(c.update_stream("au", "s", None, Some(bad)).await), ErrorCode::BadRequest);
 }
+
+/// A wide stream scaled many times: its history comes in pages and the client puts them
+/// together, so readers, cuts and batch slices keep working. (With the whole history in
+/// one answer, a 1024-segment stream's history passed the 1 MiB control limit after about
+/// 120 scalings, and every reader of it failed with `TooLarge`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wide_stream_scaled_often_keeps_its_history_readable() {
+    const SCALINGS: u64 = 140;
+    let h = Harness::with_stream("wd", "s", 1024).await;
+    let c = h.client.clone();
+    let w = c.event_writer("wd/s").await.unwrap();
+    let head = c.stream_cut("wd/s", CutAt::Head).await.unwrap();
+    let started = Instant::now();
+    for i in 0..SCALINGS {
+        w.write_event(format!("k{i}").as_bytes(), format!("e{i}").into_bytes()).await.unwrap();
+        let segs = c.get_stream("wd", "s").await.unwrap().segments;
+        sluice_tests::split_or_merge(&c, "wd", "s", &segs, i % 2 == 1).await.unwrap();
+    }
+    eprintln!("{SCALINGS} scalings of a 1024-segment stream in {:?}", started.elapsed());
+    let first = c.stream_history_page("wd", "s", 0, 0).await.unwrap();
+    assert!(first.next.is_some(), "the history fits one page: {} epochs", first.epochs.len());
+    let history = c.stream_history("wd", "s").await.unwrap();
+    eprintln!(
+        "history: {} epochs, {} segments, first page {} epochs",
+        history.epochs.len(),
+        history.segments.len(),
+        first.epochs.len()
+    );
+    assert_eq!(history.epochs.len() as u64, SCALINGS + 1);
+    assert!(history.epochs.windows(2).all(|p| p[1].epoch == p[0].epoch + 1));
+    assert_eq!(history.segments.iter().filter(|s| s.sealed_epoch.is_none()).count(), 1024);
+    assert_eq!(history.segments.iter().filter(|s| s.sealed_epoch.is_some()).count() as u64, SCALINGS / 2 * 3);
+
+    // Cuts, slices and a reader all walk the whole history.
+    c.validate_cut(&head).await.unwrap();
+    let mut events = HashSet::new();
+    for s in c.segment_slices("wd/s", Some(&head), None).await.unwrap() {
+        let mut r = c.read_slice(s);
+        while let Some(ev) = r.next_event().await.unwrap() {
+            assert!(events.insert(ev.payload));
+        }
+    }
+    assert_eq!(events.len() as u64, SCALINGS);
+    let mut reader = c.event_reader("wd/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut read = 0;
+    while read < SCALINGS && reader.read_next(Duration::from_secs(5)).await.unwrap().is_some() {
+        read += 1;
+    }
+    assert_eq!(read, SCALINGS);
+}

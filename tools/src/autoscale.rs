@@ -97,8 +97,8 @@ async fn round(c: &Client, cooldown: Duration) -> Result<(), ClientError> {
 async fn one_stream(c: &Client, scope: &str, stream: &str, now_ms: u64, cooldown: Duration) -> Result<(), ClientError> {
     let info = c.get_stream(scope, stream).await?;
     let Some(_) = limits(info.scaling).filter(|_| !info.sealed) else { return Ok(()) };
-    let history = c.stream_history(scope, stream).await?;
-    let last = history.epochs.last().map_or(0, |e| e.created_unix_ms);
+    let current = c.stream_history_page(scope, stream, info.epoch, 1).await?;
+    let last = current.epochs.last().map_or(0, |e| e.created_unix_ms);
     if now_ms.saturating_sub(last) < cooldown.as_millis() as u64 {
         return Ok(());
     }
