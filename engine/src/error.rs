@@ -30,6 +30,9 @@ pub enum EngineError {
     /// A read from tier-2 failed.
     #[error("tier-2 read failed: {0}")]
     Tier2(String),
+    /// Bytes read back failed their checksum.
+    #[error("damaged data: {0}")]
+    DataCorrupt(String),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("invalid event number: {0}")]
@@ -58,6 +61,7 @@ impl EngineError {
             EngineError::Overloaded(_) => (ErrorCode::Overloaded, None),
             EngineError::LogFull(_) | EngineError::Tier2(_) => (ErrorCode::Tier2Unavailable, None),
             EngineError::NoSpace(_) => (ErrorCode::NoSpace, None),
+            EngineError::DataCorrupt(_) => (ErrorCode::DataCorrupt, None),
             EngineError::BadRequest(_) => (ErrorCode::BadRequest, None),
             EngineError::InvalidEventNumber(_) => (ErrorCode::InvalidEventNumber, None),
             EngineError::Io(_) => (ErrorCode::Internal, None),

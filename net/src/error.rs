@@ -50,6 +50,9 @@ pub enum ErrorCode {
     /// The metadata store (etcd) cannot be reached or did not answer in time; the change may
     /// or may not have been made. Retry with backoff.
     MetadataUnavailable = 24,
+    /// Stored data failed its checksum (a damaged tier-2 chunk): the bytes are not handed
+    /// out. The message names the chunk and offset; the server logs them too.
+    DataCorrupt = 25,
 }
 
 impl ErrorCode {
@@ -80,6 +83,7 @@ impl ErrorCode {
             22 => TxnNotOpen,
             23 => NoSpace,
             24 => MetadataUnavailable,
+            25 => DataCorrupt,
             _ => return None,
         })
     }

@@ -434,3 +434,84 @@ async fn a_group_reader_overtaken_by_truncation_is_told_and_goes_on() {
     }
     assert_eq!(got, (0..10).map(|i| format!("after-{i}")).collect::<Vec<_>>());
 }
+
+/// Flips one byte of a file, whatever its mode (sealed chunks are read-only).
+fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    let mode = std::fs::metadata(path).unwrap().permissions();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+    f.sync_all().unwrap();
+    std::fs::set_permissions(path, mode).unwrap();
+}
+
+/// A byte damaged in a tier-2 chunk is found by the chunk's checksums: the read fails with
+/// `DataCorrupt`, naming the chunk, instead of handing out the bytes. Both for a closed
+/// chunk (checked against its `.sum` file, also after a restart) and for the chunk the mover
+/// is still filling (checked against the sums it keeps); undamaged chunks read on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_tier2_chunk_is_refused_not_read() {
+    const MIB: u64 = 1 << 20;
+    let (_dir, t2dir, mut server) =
+        tier2_server("tier2-damage", &["--containers-per-core", "1", "--chunk-mb", "2", "--cache-mb", "0"]);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_scope("dm").await.unwrap();
+    client.create_stream("dm", "s", 1).await.unwrap();
+    client.create_stream("dm", "other", 1).await.unwrap();
+    write_events(&client, "dm/s", 5400, 1024).await;
+    let length = client.segment_info("dm/s/0").await.unwrap().length;
+    // More writes elsewhere roll the log on, so the segment's log files are freed and its
+    // reads come from tier-2.
+    write_events(&client, "dm/other", 3000, 1024).await;
+    let seg_dir = t2dir.join("dm/s/0");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let chunks = loop {
+        let si = client.segment_info("dm/s/0").await.unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&seg_dir)
+            .map(|d| d.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
+            .unwrap_or_default();
+        names.sort();
+        let sums = names.iter().filter(|n| n.ends_with(".chunk.sum")).count();
+        if si.tier2_end == length && sums >= 2 && bytes_under(&_dir.0.join("data/containers")) < 6 * MIB {
+            break names;
+        }
+        assert!(Instant::now() < deadline, "not moved: tier-2 end {} of {length}, files {names:?}", si.tier2_end);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let chunk_files: Vec<&String> = chunks.iter().filter(|n| n.ends_with(".chunk")).collect();
+    assert_eq!(chunk_files.len(), 3, "{chunks:?}");
+    assert!(chunks.contains(&format!("{}.sum", chunk_files[0])), "a closed chunk has sums: {chunks:?}");
+    assert!(!chunks.contains(&format!("{}.sum", chunk_files[2])), "the open one not yet: {chunks:?}");
+
+    // Damage the second MiB of the first chunk, and the first MiB of the open one.
+    flip_byte(&seg_dir.join(chunk_files[0]), MIB + MIB / 2);
+    flip_byte(&seg_dir.join(chunk_files[2]), 100);
+    let read = |offset: u64| client.read_segment("dm/s/0", offset, 64 << 10, Duration::ZERO);
+    let damaged = |e: sluice_client::ClientError| {
+        assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+        e.to_string()
+    };
+    let e = damaged(read(0).await.expect_err("damaged bytes are not handed out"));
+    assert!(e.contains(chunk_files[0].as_str()), "{e}");
+    eprintln!("closed chunk: {e}");
+    let e = damaged(read(4 * MIB + 10).await.expect_err("damaged bytes are not handed out"));
+    assert!(e.contains(chunk_files[2].as_str()), "{e}");
+    eprintln!("open chunk: {e}");
+    let (_, data) = read(2 * MIB).await.unwrap();
+    assert!(!data.is_empty());
+    let mut reader = client.event_reader("dm/s", ReadFrom::Head).await.unwrap();
+    let e = reader.read_next(Duration::from_secs(2)).await.expect_err("the reader is told");
+    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+
+    // After a restart the closed chunk's sums file still finds the damage.
+    server.kill();
+    server.restart();
+    let client = Client::connect(&server.url()).await.unwrap();
+    let e = client.read_segment("dm/s/0", 0, 64 << 10, Duration::ZERO).await.expect_err("still refused");
+    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    let (_, data) = client.read_segment("dm/s/0", 2 * MIB, 64 << 10, Duration::ZERO).await.unwrap();
+    assert!(!data.is_empty());
+}

@@ -11,6 +11,7 @@ pub mod conformance;
 pub mod fs;
 pub mod hdfs;
 pub mod layout;
+pub mod sums;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;

@@ -14,6 +14,11 @@
 //! - The mover never blocks appends: it runs as its own task, one segment piece at a time;
 //!   when tier-2 fails it backs off and retries, and the log's budget (`LogFull`) is the
 //!   only back-pressure writers see.
+//! - Checksums: the mover keeps the CRC-32C of every MiB it uploads to a chunk
+//!   (`ChunkSums`), writes them beside the chunk (`<chunk>.sum`) when it closes the chunk
+//!   or hands the container off, and every tier-2 read is checked against the sums in
+//!   memory or in that file; damage is `DataCorrupt`, never bytes. A chunk whose upload a
+//!   crash interrupted is closed by the next owner without sums (its bytes read unchecked).
 
 use crate::container::core::{ChunkMeta, MoveTask, Request};
 use crate::container::handoff;
@@ -23,6 +28,7 @@ use crate::log::file_name;
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 use sluice_tier2::layout::{chunk_name, parse_chunk_file, segment_dir};
+use sluice_tier2::sums::{ChunkSums, sums_name};
 use sluice_tier2::{ChunkError, DynStore};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -47,6 +53,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const FENCE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Bound on each wait of a hand-off (queued operations, the mover's round, moving the rest).
 const HANDOFF_WAIT: Duration = Duration::from_secs(60);
+/// Sums files (or their absence) remembered per container.
+const SUMS_CACHED: usize = 256;
+/// How long a chunk found without a sums file is read unchecked before looking again.
+const NO_SUMS_RECHECK: Duration = Duration::from_secs(5);
+/// Largest sums file read (it covers a 256 GiB chunk).
+const SUMS_FILE_BYTES_MAX: usize = 1 << 20;
 
 /// Waits (bounded by `HANDOFF_WAIT`) until `done`.
 async fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<(), String> {
@@ -75,6 +87,8 @@ pub struct Tier2Config {
 
 /// A tier-2 read block: (chunk name, block number).
 type BlockKey = (String, u64);
+/// A sums file looked up: (chunk, its sums or none, when looked up).
+type SumsLookup = (String, Option<Rc<ChunkSums>>, Instant);
 
 /// Mover and tier-2 read state of one container.
 pub struct Tier2State {
@@ -87,6 +101,10 @@ pub struct Tier2State {
     wake: RefCell<Option<oneshot::Sender<()>>>,
     blocks: RefCell<VecDeque<(BlockKey, Bytes)>>,
     loading: RefCell<HashMap<BlockKey, Vec<oneshot::Sender<()>>>>,
+    /// Sums of the chunks this mover is filling (by chunk name), exactly their uploaded bytes.
+    growing: RefCell<HashMap<String, ChunkSums>>,
+    /// Sums files looked up for reads, oldest first.
+    sums_files: RefCell<VecDeque<SumsLookup>>,
     /// Cluster mode: the container is owned under an etcd epoch; the mover watches tier-2
     /// for a newer owner and stops the container when one appears.
     owned: bool,
@@ -115,6 +133,8 @@ impl Tier2State {
             wake: RefCell::new(None),
             blocks: RefCell::new(VecDeque::new()),
             loading: RefCell::new(HashMap::new()),
+            growing: RefCell::new(HashMap::new()),
+            sums_files: RefCell::new(VecDeque::new()),
         }
     }
 }
@@ -219,10 +239,7 @@ impl Container {
                 let known = chunks.iter().any(|c| c.start == start && c.epoch == e);
                 if !known && e < epoch {
                     tracing::info!(container = self.id(), chunk = %listed, "deleting a partial tier-2 upload");
-                    match store.delete(&listed).await {
-                        Ok(()) | Err(ChunkError::NotFound(_)) => {}
-                        Err(e) => return Err(t2err(e)),
-                    }
+                    self.delete_chunk(&listed).await?;
                 }
             }
             let Some(last) = chunks.last().copied().filter(|c| c.epoch < epoch) else {
@@ -244,7 +261,7 @@ impl Container {
                     self.record_chunk(&name, last.start, last.epoch, len).await?;
                 }
             }
-            self.seal_chunk(&chunk).await?;
+            self.close_chunk(&chunk).await?;
         }
         Ok(())
     }
@@ -269,12 +286,124 @@ impl Container {
         Ok(async move { fut.await.map(|_| ()).map_err(|e| format!("{what}: {e}")) })
     }
 
-    async fn seal_chunk(&self, chunk: &str) -> Result<(), String> {
+    /// Closes a chunk for good: writes its sums file (if this mover filled it) and seals it.
+    async fn close_chunk(&self, chunk: &str) -> Result<(), String> {
         if self.t2().sealed.borrow().contains(chunk) {
             return Ok(());
         }
+        let sums = self.t2().growing.borrow().get(chunk).cloned();
+        if let Some(sums) = sums.filter(|s| !s.is_empty()) {
+            self.write_sums(chunk, sums).await?;
+        }
         self.t2().cfg.store.seal(chunk).await.map_err(t2err)?;
+        self.t2().growing.borrow_mut().remove(chunk);
         self.t2().sealed.borrow_mut().insert(chunk.to_string());
+        Ok(())
+    }
+
+    /// Writes (or replaces) `<chunk>.sum`, sealed.
+    async fn write_sums(&self, chunk: &str, sums: ChunkSums) -> Result<(), String> {
+        let store = &self.t2().cfg.store;
+        let name = sums_name(chunk);
+        match store.create(&name).await {
+            Ok(()) => {}
+            Err(ChunkError::AlreadyExists(_)) => {
+                store.delete(&name).await.map_err(t2err)?;
+                store.create(&name).await.map_err(t2err)?;
+            }
+            Err(e) => return Err(t2err(e)),
+        }
+        store.append(&name, 0, Bytes::from(sums.encode())).await.map_err(t2err)?;
+        store.seal(&name).await.map_err(t2err)?;
+        self.remember_sums(chunk, Some(Rc::new(sums)));
+        Ok(())
+    }
+
+    fn remember_sums(&self, chunk: &str, sums: Option<Rc<ChunkSums>>) {
+        let mut cache = self.t2().sums_files.borrow_mut();
+        cache.retain(|(c, _, _)| c != chunk);
+        cache.push_back((chunk.to_string(), sums, Instant::now()));
+        while cache.len() > SUMS_CACHED {
+            cache.pop_front();
+        }
+    }
+
+    /// Deletes a chunk and its sums file, and forgets both.
+    async fn delete_chunk(&self, chunk: &str) -> Result<(), String> {
+        let store = &self.t2().cfg.store;
+        for name in [sums_name(chunk), chunk.to_string()] {
+            match store.delete(&name).await {
+                Ok(()) | Err(ChunkError::NotFound(_)) => {}
+                Err(e) => return Err(t2err(e)),
+            }
+        }
+        let t = self.t2();
+        t.sealed.borrow_mut().remove(chunk);
+        t.growing.borrow_mut().remove(chunk);
+        t.sums_files.borrow_mut().retain(|(c, _, _)| c != chunk);
+        Ok(())
+    }
+
+    /// Checks bytes read from `chunk` at `offset` against its sums: those of a chunk this
+    /// mover is filling, else its sums file (a chunk without one reads unchecked).
+    async fn check_sums(&self, chunk: &str, offset: u64, data: &[u8]) -> Result<(), EngineError> {
+        let growing = self.t2().growing.borrow().get(chunk).map(|s| s.verify(offset, data));
+        let checked = match growing {
+            Some(r) => r,
+            None => match self.sums_file(chunk).await {
+                Some(sums) => sums.verify(offset, data),
+                None => Ok(()),
+            },
+        };
+        checked.map_err(|m| {
+            tracing::error!(
+                container = self.id(),
+                %chunk,
+                offset = m.offset,
+                expected = format_args!("{:08x}", m.expected),
+                actual = format_args!("{:08x}", m.actual),
+                "tier-2 chunk damaged: a block fails its checksum"
+            );
+            EngineError::DataCorrupt(format!(
+                "tier-2 chunk {chunk}: the MiB at chunk offset {} fails its checksum (crc32c {:08x}, expected {:08x})",
+                m.offset, m.actual, m.expected
+            ))
+        })
+    }
+
+    /// The sums file of `chunk`, through the cache (none: absent, or unreadable).
+    async fn sums_file(&self, chunk: &str) -> Option<Rc<ChunkSums>> {
+        let cached = self.t2().sums_files.borrow().iter().find(|(c, _, _)| c == chunk).cloned();
+        if let Some((_, sums, at)) = cached
+            && (sums.is_some() || at.elapsed() < NO_SUMS_RECHECK)
+        {
+            return sums;
+        }
+        let name = sums_name(chunk);
+        let sums = match self.t2().cfg.store.read(&name, 0, SUMS_FILE_BYTES_MAX).await {
+            Ok(bytes) => match ChunkSums::decode(&bytes) {
+                Ok(s) => Some(Rc::new(s)),
+                Err(reason) => {
+                    tracing::warn!(container = self.id(), %name, %reason, "unusable sums file; chunk read unchecked");
+                    None
+                }
+            },
+            Err(ChunkError::NotFound(_)) => None,
+            // Tier-2 trouble: the chunk read itself will tell; do not remember anything.
+            Err(_) => return None,
+        };
+        self.remember_sums(chunk, sums.clone());
+        sums
+    }
+
+    /// Hand-off: writes the sums of the chunks still open, so the next owner checks them
+    /// too (it closes them; a sums file may cover fewer bytes than the chunk ends up with).
+    async fn write_open_sums(&self) -> Result<(), String> {
+        let open: Vec<(String, ChunkSums)> =
+            self.t2().growing.borrow().iter().map(|(c, s)| (c.clone(), s.clone())).collect();
+        for (chunk, sums) in open.into_iter().filter(|(_, s)| !s.is_empty()) {
+            self.write_sums(&chunk, sums).await?;
+        }
         Ok(())
     }
 
@@ -326,6 +455,7 @@ impl Container {
                 tracing::warn!(container = self.id(), error = %e, "hand-off: garbage left for the next owner");
             }
             wait_until("chunk records", || !self.is_busy()).await?;
+            self.write_open_sums().await?;
             let (epoch, ck) = {
                 let core = self.core.borrow();
                 (core.epoch(), core.handoff_state())
@@ -366,7 +496,7 @@ impl Container {
             task.last_chunk.filter(|c| c.epoch == epoch && c.start + c.len == task.from && c.len < chunk_bytes);
         if let Some(old) = task.last_chunk.filter(|c| c.epoch < epoch) {
             // Fence the previous owner's chunk before writing past it.
-            self.seal_chunk(&chunk_name(&task.name, old.start, old.epoch)).await?;
+            self.close_chunk(&chunk_name(&task.name, old.start, old.epoch)).await?;
         }
         let mut off = task.from;
         let mut moved = false;
@@ -392,7 +522,7 @@ impl Container {
             && off >= task.to
             && let Some(c) = chunk.or(if moved { None } else { task.last_chunk })
         {
-            self.seal_chunk(&chunk_name(&task.name, c.start, c.epoch)).await?;
+            self.close_chunk(&chunk_name(&task.name, c.start, c.epoch)).await?;
         }
         Ok(moved)
     }
@@ -423,11 +553,12 @@ impl Container {
                         Ok(()) => {}
                         Err(ChunkError::AlreadyExists(_)) => {
                             // Our own earlier attempt that was never recorded: start it over.
-                            store.delete(&name).await.map_err(t2err)?;
+                            self.delete_chunk(&name).await?;
                             store.create(&name).await.map_err(t2err)?;
                         }
                         Err(e) => return Err(t2err(e)),
                     }
+                    self.t2().growing.borrow_mut().insert(name, ChunkSums::default());
                     ChunkMeta { start: at, epoch, len: 0 }
                 }
             };
@@ -443,7 +574,19 @@ impl Container {
             }
             let n = data.len() as u64;
             let name = chunk_name(&task.name, c.start, epoch);
-            store.append(&name, c.len, data).await.map_err(t2err)?;
+            store.append(&name, c.len, data.clone()).await.map_err(t2err)?;
+            {
+                let mut growing = self.t2().growing.borrow_mut();
+                match growing.get_mut(&name) {
+                    Some(sums) if sums.len() == c.len => sums.extend(&data),
+                    // Sums of other bytes than the chunk's (a record failed meanwhile, or a
+                    // chunk of another round of this epoch): this chunk goes unchecked.
+                    Some(_) => {
+                        growing.remove(&name);
+                    }
+                    None => {}
+                }
+            }
             match self.queue_record(&task.name, c.start, epoch, c.len + n) {
                 Ok(f) => records.push_back(Box::pin(f)),
                 Err(_) if self.core.borrow().status(&task.name).is_err() => return Ok(()),
@@ -457,7 +600,7 @@ impl Container {
                 while let Some(r) = records.pop_front() {
                     r.await?;
                 }
-                self.seal_chunk(&name).await?;
+                self.close_chunk(&name).await?;
                 *chunk = None;
             } else {
                 *chunk = Some(c);
@@ -513,16 +656,10 @@ impl Container {
             .flat_map(|(name, _, chunks)| chunks.into_iter().map(move |c| chunk_name(&name, c.start, c.epoch)))
             .collect();
         garbage.retain(|g| !live.contains(g));
-        let store = self.t2().cfg.store.clone();
         for (i, chunk) in garbage.iter().enumerate() {
-            match store.delete(chunk).await {
-                Ok(()) | Err(ChunkError::NotFound(_)) => {
-                    self.t2().sealed.borrow_mut().remove(chunk);
-                }
-                Err(e) => {
-                    self.core.borrow_mut().return_garbage(garbage[i..].to_vec());
-                    return Err(t2err(e));
-                }
+            if let Err(e) = self.delete_chunk(chunk).await {
+                self.core.borrow_mut().return_garbage(garbage[i..].to_vec());
+                return Err(e);
             }
         }
         Ok(())
@@ -621,6 +758,7 @@ impl Container {
                     data.len()
                 )));
             }
+            self.check_sums(chunk, start, &data).await?;
             let mut blocks = self.t2().blocks.borrow_mut();
             blocks.push_back((key, data.clone()));
             while blocks.len() > READ_BLOCKS_CACHED {
