@@ -80,7 +80,13 @@ struct Inner {
     config: ClientConfig,
     map: Mutex<ShardMap>,
     conns: Mutex<HashMap<String, Arc<Connection>>>,
+    /// Stream histories read before, by (scope, stream): epochs never change once current,
+    /// so a later read only fetches what came after (`Client::stream_history`).
+    histories: Mutex<HashMap<(String, String), Arc<StreamHistory>>>,
 }
+
+/// Stream histories a client keeps (any beyond are dropped, one at a time).
+const HISTORIES_CACHED: usize = 64;
 
 /// A handle to a Sluice node; cheap to clone.
 #[derive(Clone)]
@@ -109,7 +115,15 @@ impl Client {
         let map = ShardMap::from_hello(hello);
         let mut conns = HashMap::new();
         conns.insert(bootstrap.clone(), conn);
-        Ok(Client { inner: Arc::new(Inner { bootstrap, config, map: Mutex::new(map), conns: Mutex::new(conns) }) })
+        Ok(Client {
+            inner: Arc::new(Inner {
+                bootstrap,
+                config,
+                map: Mutex::new(map),
+                conns: Mutex::new(conns),
+                histories: Mutex::new(HashMap::new()),
+            }),
+        })
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -445,22 +459,35 @@ impl Client {
         self.scale_stream(scope, stream, segments, &[KeyRange { low, high }]).await
     }
 
-    /// Every epoch of a stream and every segment it ever had (walks the history's pages;
-    /// every segment's `sealed_epoch` is set).
-    /// Pages that do not follow on (the stream deleted and created again meanwhile) start
-    /// the walk again, a few times.
+    /// Every epoch of a stream and every segment it ever had, every segment's
+    /// `sealed_epoch` set. The first call walks the history's pages; the client keeps the
+    /// result, and later calls fetch only the pages from its last epoch on (that epoch read
+    /// again shows the stream is the same one, not one deleted and created again under the
+    /// name: then the walk starts over). Pages that do not follow on (the stream recreated
+    /// during a walk) start the walk again, a few times.
     pub async fn stream_history(&self, scope: &str, stream: &str) -> Result<StreamHistory, ClientError> {
         const WALKS: u32 = 3;
-        'walk: for _ in 0..WALKS {
-            let mut history = self.stream_history_page(scope, stream, 0, 0).await?;
-            while let Some(from) = history.next {
-                let page = self.stream_history_page(scope, stream, from, 0).await?;
-                if page.epochs.first().map(|e| e.epoch) != Some(from) {
-                    continue 'walk;
-                }
-                history.extend(page);
+        let key = (scope.to_string(), stream.to_string());
+        let cached = self.inner.histories.lock().expect("histories lock").get(&key).cloned();
+        for walk in 0..WALKS {
+            let from_cache = walk == 0 && cached.is_some();
+            let mut history = match cached.as_deref().filter(|_| from_cache) {
+                Some(known) => match self.history_since(scope, stream, known).await? {
+                    Some(h) => h,
+                    None => continue,
+                },
+                None => self.stream_history_page(scope, stream, 0, 0).await?,
+            };
+            if !self.follow_pages(scope, stream, &mut history).await? {
+                continue;
             }
             history.derive_sealed();
+            let mut cache = self.inner.histories.lock().expect("histories lock");
+            if cache.len() >= HISTORIES_CACHED && !cache.contains_key(&key) {
+                let drop = cache.keys().next().cloned().expect("a cached history");
+                cache.remove(&drop);
+            }
+            cache.insert(key, Arc::new(history.clone()));
             return Ok(history);
         }
         Err(ClientError::Server {
@@ -469,6 +496,38 @@ impl Client {
             endpoint: None,
             offset: None,
         })
+    }
+
+    /// `known` with the first page after it (`next` set if more follow), or `None` if
+    /// `known`'s last epoch is not the stream's any more.
+    async fn history_since(
+        &self,
+        scope: &str,
+        stream: &str,
+        known: &StreamHistory,
+    ) -> Result<Option<StreamHistory>, ClientError> {
+        let Some(last) = known.epochs.last() else { return Ok(None) };
+        let mut page = self.stream_history_page(scope, stream, last.epoch, 0).await?;
+        if page.epochs.first() != Some(last) {
+            return Ok(None);
+        }
+        page.epochs.remove(0);
+        page.segments.retain(|s| s.created_epoch != last.epoch);
+        let mut history = known.clone();
+        history.extend(page);
+        Ok(Some(history))
+    }
+
+    /// Fetches the pages after `history` while it has a `next`; false if one does not follow on.
+    async fn follow_pages(&self, scope: &str, stream: &str, history: &mut StreamHistory) -> Result<bool, ClientError> {
+        while let Some(from) = history.next {
+            let page = self.stream_history_page(scope, stream, from, 0).await?;
+            if page.epochs.first().map(|e| e.epoch) != Some(from) {
+                return Ok(false);
+            }
+            history.extend(page);
+        }
+        Ok(true)
     }
 
     /// One page of a stream's history: epochs from `from_epoch` on, at most `limit` (0: as

@@ -204,12 +204,24 @@ async fn bad_scalings_are_refused_and_history_cuts_and_slices_walk_the_epochs() 
     assert!(out.contains("epoch 3, segments 2 5 6 7"), "{out}");
     let (ok, _, err) = cli(&url, &["stream", "scale", "sb/s", "--merge", "2,7"], None);
     assert!(!ok && err.contains("not adjacent"), "{err}");
+    // The client kept the history it read; reading it again brings in the new epoch.
+    let later = c.stream_history("sb", "s").await.unwrap();
+    assert_eq!(later.epochs.len(), 4);
+    assert_eq!(later.epochs[..3], history.epochs[..]);
+    assert_eq!(later.segment(4).unwrap().sealed_epoch, Some(3));
+    assert_eq!(later, c.stream_history("sb", "s").await.unwrap());
 
     // Sealed streams scale no more; deleting one removes every segment it ever had.
     c.seal_stream("sb", "s").await.unwrap();
     assert_eq!(code(c.split_segment("sb", "s", 2, 2).await), ErrorCode::Sealed);
     c.delete_stream("sb", "s").await.unwrap();
     assert_eq!(code(c.segment_info("sb/s/0").await), ErrorCode::NoSuchSegment);
+    assert_eq!(code(c.stream_history("sb", "s").await), ErrorCode::NoSuchStream);
+    // A stream created again under the name has a history of its own, not the one kept.
+    c.create_stream("sb", "s", 3).await.unwrap();
+    let fresh = c.stream_history("sb", "s").await.unwrap();
+    assert_eq!(fresh.epochs.iter().map(|e| e.segments.clone()).collect::<Vec<_>>(), vec![vec![0, 1, 2]]);
+    assert_eq!(fresh.segments.len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
