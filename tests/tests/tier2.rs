@@ -515,3 +515,48 @@ async fn a_damaged_tier2_chunk_is_refused_not_read() {
     let (_, data) = client.read_segment("dm/s/0", 2 * MIB, 64 << 10, Duration::ZERO).await.unwrap();
     assert!(!data.is_empty());
 }
+
+/// A stream deleted and created again reuses its chunks' names (same segment, start and
+/// epoch); reads of the new stream from tier-2 never meet the old one's bytes, even those
+/// the container still holds in its tier-2 read cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_stream_never_reads_the_old_streams_bytes() {
+    const EVENTS: usize = 2048;
+    let (dir, _t2dir, server) = tier2_server("tier2-stale", &["--containers-per-core", "1", "--cache-mb", "0"]);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_scope("st").await.unwrap();
+    client.create_stream("st", "other", 1).await.unwrap();
+    for round in 0..2u8 {
+        client.create_stream("st", "s", 1).await.unwrap();
+        let fill = b'a' + round;
+        let writer = client.event_writer("st/s").await.unwrap();
+        let mut acks = JoinSet::new();
+        for i in 0..EVENTS {
+            acks.spawn(writer.write_event(format!("k{i}").as_bytes(), vec![fill; 1024]));
+        }
+        while let Some(r) = acks.join_next().await {
+            r.unwrap().unwrap();
+        }
+        // Roll the log on so the stream's files are freed and its reads go to tier-2.
+        write_events(&client, "st/other", 1500, 1024).await;
+        let length = client.segment_info("st/s/0").await.unwrap().length;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.segment_info("st/s/0").await.unwrap().tier2_end < length
+            || bytes_under(&dir.0.join("data/containers")) > 4 << 20
+        {
+            assert!(Instant::now() < deadline, "round {round}: not moved to tier-2");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut reader = client.event_reader("st/s", ReadFrom::Head).await.unwrap();
+        let mut n = 0;
+        while n < EVENTS {
+            let ev = reader.read_next(Duration::from_secs(5)).await.unwrap().expect("an event");
+            assert!(ev.payload.iter().all(|&b| b == fill), "round {round}: event {n} holds another stream's bytes");
+            n += 1;
+        }
+        if round == 0 {
+            client.seal_stream("st", "s").await.unwrap();
+            client.delete_stream("st", "s").await.unwrap();
+        }
+    }
+}

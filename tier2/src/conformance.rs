@@ -53,6 +53,11 @@ pub async fn run<S: ChunkStore>(store: &S, prefix: &str) -> Result<(), String> {
     );
     check!(store.read(&a, 6, 3).await.map_err(|e| fail("read", e))? == Bytes::from_static(b"wor"), "read a range");
     check!(store.read(&a, 11, 10).await.map_err(|e| fail("read", e))?.is_empty(), "read at the end is empty");
+    // The mover reads a chunk's sums file, which may not exist.
+    check!(
+        matches!(store.read(&name("none.chunk.sum"), 0, 100).await, Err(ChunkError::NotFound(_))),
+        "a read of a missing name fails with NotFound"
+    );
 
     // A larger chunk in pieces.
     let big = name("11.1.chunk");

@@ -341,6 +341,8 @@ impl Container {
         t.sealed.borrow_mut().remove(chunk);
         t.growing.borrow_mut().remove(chunk);
         t.sums_files.borrow_mut().retain(|(c, _, _)| c != chunk);
+        // A stream created again reuses chunk names: its reads must not meet the old bytes.
+        t.blocks.borrow_mut().retain(|((c, _), _)| c != chunk);
         Ok(())
     }
 
