@@ -463,9 +463,9 @@ async fn a_damaged_tier2_chunk_is_refused_not_read() {
     client.create_stream("dm", "other", 1).await.unwrap();
     write_events(&client, "dm/s", 5400, 1024).await;
     let length = client.segment_info("dm/s/0").await.unwrap().length;
-    // More writes elsewhere roll the log on, so the segment's log files are freed and its
-    // reads come from tier-2.
-    write_events(&client, "dm/other", 3000, 1024).await;
+    // More writes elsewhere (about 5 MiB) roll the log on, so the segment's log files are
+    // freed and its reads come from tier-2.
+    write_events(&client, "dm/other", 5000, 1024).await;
     let seg_dir = t2dir.join("dm/s/0");
     let deadline = Instant::now() + Duration::from_secs(30);
     let chunks = loop {
@@ -475,7 +475,8 @@ async fn a_damaged_tier2_chunk_is_refused_not_read() {
             .unwrap_or_default();
         names.sort();
         let sums = names.iter().filter(|n| n.ends_with(".chunk.sum")).count();
-        if si.tier2_end == length && sums >= 2 && bytes_under(&_dir.0.join("data/containers")) < 6 * MIB {
+        // At most four 1 MiB log files left: the newest, which hold only the other stream's.
+        if si.tier2_end == length && sums >= 2 && bytes_under(&_dir.0.join("data/containers")) < 5 * MIB {
             break names;
         }
         assert!(Instant::now() < deadline, "not moved: tier-2 end {} of {length}, files {names:?}", si.tier2_end);
@@ -537,8 +538,9 @@ async fn a_recreated_stream_never_reads_the_old_streams_bytes() {
         while let Some(r) = acks.join_next().await {
             r.unwrap().unwrap();
         }
-        // Roll the log on so the stream's files are freed and its reads go to tier-2.
-        write_events(&client, "st/other", 1500, 1024).await;
+        // Roll the log on (about 5 MiB) so the stream's files are freed and its reads go to
+        // tier-2: at most three 1 MiB files stay, all the other stream's.
+        write_events(&client, "st/other", 5000, 1024).await;
         let length = client.segment_info("st/s/0").await.unwrap().length;
         let deadline = Instant::now() + Duration::from_secs(30);
         while client.segment_info("st/s/0").await.unwrap().tier2_end < length
