@@ -470,8 +470,8 @@ impl Client {
         let key = (scope.to_string(), stream.to_string());
         let cached = self.inner.histories.lock().expect("histories lock").get(&key).cloned();
         for walk in 0..WALKS {
-            let from_cache = walk == 0 && cached.is_some();
-            let mut history = match cached.as_deref().filter(|_| from_cache) {
+            let known = if walk == 0 { cached.as_deref() } else { None };
+            let mut history = match known {
                 Some(known) => match self.history_since(scope, stream, known).await? {
                     Some(h) => h,
                     None => continue,

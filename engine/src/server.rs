@@ -516,13 +516,16 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let m: GetStreamHistory = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                if let Err(e) = current_stream(&shard, &m.scope, &m.stream).await {
-                    return e.into_reply(id);
-                }
+                let current = match current_stream(&shard, &m.scope, &m.stream).await {
+                    Ok(r) => r.epoch(),
+                    Err(e) => return e.into_reply(id),
+                };
                 let limit = page_limit(m.limit, HISTORY_PAGE_MAX);
                 // Wire entries are larger than the stored ones (epochs on each segment).
                 let bytes = CONTROL_BYTES_MAX / 4;
-                ctl_reply(id, shard.controller.history_page(&m.scope, &m.stream, m.from_epoch, limit, bytes).await)
+                let page =
+                    shard.controller.history_page(&m.scope, &m.stream, current, m.from_epoch, limit, bytes).await;
+                ctl_reply(id, page)
             })
         }
         Kind::ScaleStream => {
@@ -1057,7 +1060,9 @@ async fn stream_admin<S: MetaStore>(shard: &Shard<S>, id: u64, op: StreamAdmin, 
                     delete_shadows(shard, scope, stream, &t).await.map_err(|e| engine_error(id, &e))?;
                     ctl.forget_txn(scope, stream, t.id, true).await.map_err(|e| controller_error(id, &e))?;
                 }
-                for n in ctl.all_segments(scope, stream).await.map_err(|e| controller_error(id, &e))? {
+                let all =
+                    ctl.all_segments(scope, stream, record.epoch()).await.map_err(|e| controller_error(id, &e))?;
+                for n in all {
                     match shard.segment_op(name(n), Request::Delete { name: name(n) }).await {
                         Ok(_) | Err(EngineError::NoSuchSegment(_)) => {}
                         Err(e) => return Err(engine_error(id, &e)),

@@ -514,7 +514,8 @@ impl<S: MetaStore> Controller<S> {
         }
     }
 
-    /// Changes a stream's record (as `update_key`, through `load_stream`).
+    /// Changes a stream's record (as `update_key`, through `load_stream`). A change that
+    /// makes a new epoch current writes that epoch's record in the same transaction.
     async fn update_record(
         &self,
         scope: &str,
@@ -524,11 +525,21 @@ impl<S: MetaStore> Controller<S> {
         let key = stream_key(scope, stream);
         loop {
             let (mut record, version) = self.get_versioned(scope, stream).await?;
+            let epoch = record.epoch();
             if !change(&mut record)? {
                 return Ok(record);
             }
-            match self.store.compare_and_swap(&key, version, record.encode()).await {
-                Ok(_) => return Ok(record),
+            let written = if record.epoch() == epoch {
+                self.store.compare_and_swap(&key, version, record.encode()).await.map(|_| ())
+            } else {
+                let txn = MetaTxn::new()
+                    .compare(key.clone(), version)
+                    .put(key.clone(), record.encode())
+                    .put(epoch_key(scope, stream, record.epoch()), record.current.encode());
+                self.store.txn(txn).await
+            };
+            match written {
+                Ok(()) => return Ok(record),
                 Err(MetaError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -623,10 +634,8 @@ impl<S: MetaStore> Controller<S> {
     /// the same transaction), its segments and their links to the sealed ones. Done once;
     /// later calls change nothing.
     pub async fn commit_scale(&self, scope: &str, stream: &str, epoch: u64) -> Result<StreamRecord, ControllerError> {
-        let key = stream_key(scope, stream);
-        loop {
-            let (mut r, version) = self.get_versioned(scope, stream).await?;
-            let Some(p) = r.scale.as_mut().filter(|p| p.epoch == epoch && !p.committed) else { return Ok(r) };
+        self.update_record(scope, stream, |r| {
+            let Some(p) = r.scale.as_mut().filter(|p| p.epoch == epoch && !p.committed) else { return Ok(false) };
             p.committed = true;
             let p = p.clone();
             let sealed: Vec<&StreamSegment> = r.segments.iter().filter(|s| p.seal.contains(&s.number)).collect();
@@ -655,16 +664,9 @@ impl<S: MetaStore> Controller<S> {
                 created,
                 sealed,
             };
-            let txn = MetaTxn::new()
-                .compare(key.clone(), version)
-                .put(key.clone(), r.encode())
-                .put(epoch_key(scope, stream, epoch), r.current.encode());
-            match self.store.txn(txn).await {
-                Ok(()) => return Ok(r),
-                Err(MetaError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+            Ok(true)
+        })
+        .await
     }
 
     /// Drops a pending scale that was never committed (its new segments are the caller's to
@@ -734,8 +736,9 @@ impl<S: MetaStore> Controller<S> {
         let mut after = if from == 0 { String::new() } else { epoch_key(scope, stream, from - 1) };
         let (mut out, mut bytes) = (Vec::new(), 0);
         loop {
-            let page = self.store.range_page(&prefix, &after, EPOCHS_PER_READ.min(limit - out.len())).await?;
-            let full = page.len() == EPOCHS_PER_READ.min(limit - out.len());
+            let want = EPOCHS_PER_READ.min(limit - out.len());
+            let page = self.store.range_page(&prefix, &after, want).await?;
+            let full = page.len() == want;
             for (k, v) in page {
                 let e = EpochRecord::decode(&k, &v.value)?;
                 if e.epoch > current {
@@ -762,17 +765,17 @@ impl<S: MetaStore> Controller<S> {
     /// epoch: `next`). A segment's `sealed_epoch` is set when an epoch of the same page
     /// sealed it; whoever walks every page derives the others from the epochs' segment
     /// lists (`StreamHistory::derive_sealed`).
+    /// `current` is the stream's current epoch, from the record the caller just read.
     pub async fn history_page(
         &self,
         scope: &str,
         stream: &str,
+        current: u64,
         from: u64,
         limit: usize,
         bytes_max: usize,
     ) -> Result<StreamHistory, ControllerError> {
-        let record = self.get_stream(scope, stream).await?;
-        let (epochs, more) =
-            self.epoch_records(scope, stream, record.epoch(), from, limit.max(1), bytes_max.max(1)).await?;
+        let (epochs, more) = self.epoch_records(scope, stream, current, from, limit.max(1), bytes_max.max(1)).await?;
         let sealed_at: HashMap<u64, u64> = epochs.iter().flat_map(|e| e.sealed.iter().map(|n| (*n, e.epoch))).collect();
         let mut history = StreamHistory {
             scope: scope.into(),
@@ -796,9 +799,9 @@ impl<S: MetaStore> Controller<S> {
         Ok(history)
     }
 
-    /// Every segment a stream ever had (for deleting them), oldest first.
-    pub async fn all_segments(&self, scope: &str, stream: &str) -> Result<Vec<u64>, ControllerError> {
-        let current = self.get_stream(scope, stream).await?.epoch();
+    /// Every segment a stream ever had (for deleting them), oldest first; `current` as in
+    /// `history_page`.
+    pub async fn all_segments(&self, scope: &str, stream: &str, current: u64) -> Result<Vec<u64>, ControllerError> {
         let (mut out, mut from) = (Vec::new(), 0);
         loop {
             let (epochs, more) = self.epoch_records(scope, stream, current, from, EPOCHS_PER_READ, usize::MAX).await?;
@@ -1024,7 +1027,7 @@ mod tests {
             c.commit_scale("s", "t", p.epoch).await.unwrap();
             let r = c.end_scale("s", "t", p.epoch).await.unwrap();
             assert_eq!(r.segments.iter().map(|s| s.number).collect::<Vec<_>>(), vec![2, 3, 5]);
-            let h = c.history_page("s", "t", 0, 100, usize::MAX).await.unwrap();
+            let h = c.history_page("s", "t", 2, 0, 100, usize::MAX).await.unwrap();
             assert_eq!(
                 h.epochs.iter().map(|e| e.segments.clone()).collect::<Vec<_>>(),
                 vec![vec![0, 1], vec![2, 3, 4, 1], vec![2, 3, 5]]
@@ -1039,8 +1042,8 @@ mod tests {
             // The record holds the current epoch only; the history is in pages.
             assert_eq!((r.current.epoch, r.current.sealed.clone()), (2, vec![4, 1]));
             let (first, second) = (
-                c.history_page("s", "t", 0, 2, usize::MAX).await.unwrap(),
-                c.history_page("s", "t", 2, 2, usize::MAX).await.unwrap(),
+                c.history_page("s", "t", 2, 0, 2, usize::MAX).await.unwrap(),
+                c.history_page("s", "t", 2, 2, 2, usize::MAX).await.unwrap(),
             );
             assert_eq!((first.epochs.len(), first.next, second.epochs.len(), second.next), (2, Some(2), 1, None));
             // Segment 1 was sealed by epoch 2, on the next page: unknown on the first, then
@@ -1051,9 +1054,9 @@ mod tests {
             whole.derive_sealed();
             assert_eq!(whole, h);
             // A page stops at its byte budget (at least one epoch).
-            let small = c.history_page("s", "t", 0, 100, 1).await.unwrap();
+            let small = c.history_page("s", "t", 2, 0, 100, 1).await.unwrap();
             assert_eq!((small.epochs.len(), small.next), (1, Some(1)));
-            assert_eq!(c.all_segments("s", "t").await.unwrap(), vec![0, 1, 2, 3, 4, 5]);
+            assert_eq!(c.all_segments("s", "t", 2).await.unwrap(), vec![0, 1, 2, 3, 4, 5]);
             // Deleting the stream deletes its epochs.
             c.set_state("s", "t", StreamState::Sealed).await.unwrap();
             c.delete_stream_record("s", "t").await.unwrap();
@@ -1108,13 +1111,13 @@ mod tests {
             assert_eq!((r.current.sealed.clone(), r.current.created.len()), (vec![1, 3], 1));
             assert!(c.store.get("streams/s/old").await.unwrap().unwrap().value.starts_with(&STREAM_RECORD_TAG));
             assert_eq!(c.store.range("epochs/s/old/").await.unwrap().len(), 3);
-            let h = c.history_page("s", "old", 0, 100, usize::MAX).await.unwrap();
+            let h = c.history_page("s", "old", r.epoch(), 0, 100, usize::MAX).await.unwrap();
             assert_eq!(h.epochs, legacy.epochs);
             assert_eq!(h.segments, legacy.history);
             // And it goes on as any other stream.
             let p = c.begin_scale("s", "old", &[2], &split_range(0.0, 0.25, 2)).await.unwrap().unwrap();
             assert_eq!(c.commit_scale("s", "old", p.epoch).await.unwrap().epoch(), 3);
-            assert_eq!(c.all_segments("s", "old").await.unwrap(), vec![0, 1, 2, 3, 4, 5, 6]);
+            assert_eq!(c.all_segments("s", "old", 3).await.unwrap(), vec![0, 1, 2, 3, 4, 5, 6]);
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

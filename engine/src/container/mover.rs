@@ -305,18 +305,25 @@ impl Container {
     async fn write_sums(&self, chunk: &str, sums: ChunkSums) -> Result<(), String> {
         let store = &self.t2().cfg.store;
         let name = sums_name(chunk);
-        match store.create(&name).await {
-            Ok(()) => {}
-            Err(ChunkError::AlreadyExists(_)) => {
-                store.delete(&name).await.map_err(t2err)?;
-                store.create(&name).await.map_err(t2err)?;
-            }
-            Err(e) => return Err(t2err(e)),
-        }
+        self.create_anew(&name).await?;
         store.append(&name, 0, Bytes::from(sums.encode())).await.map_err(t2err)?;
         store.seal(&name).await.map_err(t2err)?;
         self.remember_sums(chunk, Some(Rc::new(sums)));
         Ok(())
+    }
+
+    /// Creates `name` empty; one that exists is our own earlier attempt that was never
+    /// recorded (an unrecorded chunk, a sums file being replaced): it is started over.
+    async fn create_anew(&self, name: &str) -> Result<(), String> {
+        let store = &self.t2().cfg.store;
+        match store.create(name).await {
+            Ok(()) => Ok(()),
+            Err(ChunkError::AlreadyExists(_)) => {
+                store.delete(name).await.map_err(t2err)?;
+                store.create(name).await.map_err(t2err)
+            }
+            Err(e) => Err(t2err(e)),
+        }
     }
 
     fn remember_sums(&self, chunk: &str, sums: Option<Rc<ChunkSums>>) {
@@ -551,15 +558,7 @@ impl Container {
                     // A deleted segment of the same name may have left this very name as
                     // garbage: delete it first, or a later collection would take ours.
                     self.collect_garbage().await?;
-                    match store.create(&name).await {
-                        Ok(()) => {}
-                        Err(ChunkError::AlreadyExists(_)) => {
-                            // Our own earlier attempt that was never recorded: start it over.
-                            self.delete_chunk(&name).await?;
-                            store.create(&name).await.map_err(t2err)?;
-                        }
-                        Err(e) => return Err(t2err(e)),
-                    }
+                    self.create_anew(&name).await?;
                     self.t2().growing.borrow_mut().insert(name, ChunkSums::default());
                     ChunkMeta { start: at, epoch, len: 0 }
                 }
