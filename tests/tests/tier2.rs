@@ -5,6 +5,7 @@
 use sluice_client::{Client, ClientConfig, ReadFrom};
 use sluice_net::ErrorCode;
 use sluice_tests::{Server, TempDir, free_ports};
+use sluice_tier2::sums::ChunkSums;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -451,7 +452,8 @@ fn flip_byte(path: &Path, at: u64) {
 /// A byte damaged in a tier-2 chunk is found by the chunk's checksums: the read fails with
 /// `DataCorrupt`, naming the chunk, instead of handing out the bytes. Both for a closed
 /// chunk (checked against its `.sum` file, also after a restart) and for the chunk the mover
-/// is still filling (checked against the sums it keeps); undamaged chunks read on.
+/// is still filling (checked against the sums it keeps, and after a restart against the sums
+/// file the mover wrote for it when it had nothing else to do); undamaged chunks read on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_tier2_chunk_is_refused_not_read() {
     const MIB: u64 = 1 << 20;
@@ -476,7 +478,7 @@ async fn a_damaged_tier2_chunk_is_refused_not_read() {
         names.sort();
         let sums = names.iter().filter(|n| n.ends_with(".chunk.sum")).count();
         // At most four 1 MiB log files left: the newest, which hold only the other stream's.
-        if si.tier2_end == length && sums >= 2 && bytes_under(&_dir.0.join("data/containers")) < 5 * MIB {
+        if si.tier2_end == length && sums >= 3 && bytes_under(&_dir.0.join("data/containers")) < 5 * MIB {
             break names;
         }
         assert!(Instant::now() < deadline, "not moved: tier-2 end {} of {length}, files {names:?}", si.tier2_end);
@@ -485,7 +487,7 @@ async fn a_damaged_tier2_chunk_is_refused_not_read() {
     let chunk_files: Vec<&String> = chunks.iter().filter(|n| n.ends_with(".chunk")).collect();
     assert_eq!(chunk_files.len(), 3, "{chunks:?}");
     assert!(chunks.contains(&format!("{}.sum", chunk_files[0])), "a closed chunk has sums: {chunks:?}");
-    assert!(!chunks.contains(&format!("{}.sum", chunk_files[2])), "the open one not yet: {chunks:?}");
+    assert!(chunks.contains(&format!("{}.sum", chunk_files[2])), "the open one too, once idle: {chunks:?}");
 
     // Damage the second MiB of the first chunk, and the first MiB of the open one.
     flip_byte(&seg_dir.join(chunk_files[0]), MIB + MIB / 2);
@@ -507,14 +509,99 @@ async fn a_damaged_tier2_chunk_is_refused_not_read() {
     let e = reader.read_next(Duration::from_secs(2)).await.expect_err("the reader is told");
     assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
 
-    // After a restart the closed chunk's sums file still finds the damage.
+    // After a restart the sums files still find the damage, the open chunk's too.
     server.kill();
     server.restart();
     let client = Client::connect(&server.url()).await.unwrap();
-    let e = client.read_segment("dm/s/0", 0, 64 << 10, Duration::ZERO).await.expect_err("still refused");
-    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    for at in [0, 4 * MIB + 10] {
+        let e = client.read_segment("dm/s/0", at, 64 << 10, Duration::ZERO).await.expect_err("still refused");
+        assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    }
     let (_, data) = client.read_segment("dm/s/0", 2 * MIB, 64 << 10, Duration::ZERO).await.unwrap();
     assert!(!data.is_empty());
+}
+
+/// The chunk's sums file as it is now, if it decodes.
+fn sums_of(chunk: &Path) -> Option<ChunkSums> {
+    let name = format!("{}.sum", chunk.file_name()?.to_str()?);
+    ChunkSums::decode(&std::fs::read(chunk.with_file_name(name)).ok()?).ok()
+}
+
+/// Waits until the sums file of the segment's only chunk covers all of it; returns the chunk.
+async fn wait_for_whole_sums(seg_dir: &Path) -> std::path::PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let chunk = std::fs::read_dir(seg_dir)
+            .into_iter()
+            .flatten()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "chunk"));
+        if let Some(chunk) = chunk {
+            let size = std::fs::metadata(&chunk).unwrap().len();
+            if size > 0 && sums_of(&chunk).is_some_and(|s| s.len() == size) {
+                return chunk;
+            }
+        }
+        assert!(Instant::now() < deadline, "no sums file covers the chunk in {}", seg_dir.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A crash that leaves a chunk open with a sums file covering only part of it (the mover
+/// writes an open chunk's sums as it grows, so a crash can come between): the next owner
+/// completes the sums from the chunk's bytes when it closes the chunk, so damage anywhere in
+/// it is found afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_left_open_by_a_crash_gets_whole_sums() {
+    const MIB: u64 = 1 << 20;
+    let (dir, t2dir, mut server) = tier2_server("tier2-opensums", &["--containers-per-core", "1", "--cache-mb", "0"]);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_scope("os").await.unwrap();
+    client.create_stream("os", "s", 1).await.unwrap();
+    client.create_stream("os", "other", 1).await.unwrap();
+    let seg_dir = t2dir.join("os/s/0");
+    // A first part moved and summed while the chunk stays open (64 MiB chunks)...
+    write_events(&client, "os/s", 1200, 1024).await;
+    let chunk = wait_for_whole_sums(&seg_dir).await;
+    let sums_file = chunk.with_file_name(format!("{}.sum", chunk.file_name().unwrap().to_str().unwrap()));
+    let early = std::fs::read(&sums_file).unwrap();
+    let early_len = ChunkSums::decode(&early).unwrap().len();
+    // ... then more, and the log rolled on so that reads come from tier-2.
+    write_events(&client, "os/s", 2400, 1024).await;
+    write_events(&client, "os/other", 5000, 1024).await;
+    let length = client.segment_info("os/s/0").await.unwrap().length;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.segment_info("os/s/0").await.unwrap().tier2_end < length
+        || bytes_under(&dir.0.join("data/containers")) > 5 * MIB
+    {
+        assert!(Instant::now() < deadline, "not moved to tier-2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(wait_for_whole_sums(&seg_dir).await, chunk, "one chunk");
+    let size = std::fs::metadata(&chunk).unwrap().len();
+    assert!(early_len < size && size >= 3 * MIB, "sums of {early_len} bytes, chunk of {size}");
+    // The crash came before the mover's last sums write: the older file is what is left.
+    server.kill();
+    std::fs::remove_file(&sums_file).unwrap();
+    std::fs::write(&sums_file, &early).unwrap();
+    server.restart();
+    assert_eq!(wait_for_whole_sums(&seg_dir).await, chunk);
+    // Damage in the part the old file covered and in the part summed again: both found (a
+    // failed read is not cached; the first damaged MiB is named, then the next once mended).
+    let client = Client::connect(&server.url()).await.unwrap();
+    let damage = [early_len / 2, early_len + (size - early_len) / 2];
+    for at in damage {
+        flip_byte(&chunk, at);
+    }
+    for at in damage {
+        let block = at / MIB * MIB;
+        let e = client.read_segment("os/s/0", block, 64 << 10, Duration::ZERO).await.expect_err("refused");
+        assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "damage at {at}: {e}");
+        assert!(e.to_string().contains(&format!("chunk offset {block} ")), "damage at {at}: {e}");
+        flip_byte(&chunk, at);
+    }
+    let (_, data) = client.read_segment("os/s/0", 0, 64 << 10, Duration::ZERO).await.unwrap();
+    assert!(!data.is_empty(), "mended, it reads again");
 }
 
 /// A stream deleted and created again reuses its chunks' names (same segment, start and

@@ -17,8 +17,10 @@
 //! - Checksums: the mover keeps the CRC-32C of every MiB it uploads to a chunk
 //!   (`ChunkSums`), writes them beside the chunk (`<chunk>.sum`) when it closes the chunk
 //!   or hands the container off, and every tier-2 read is checked against the sums in
-//!   memory or in that file; damage is `DataCorrupt`, never bytes. A chunk whose upload a
-//!   crash interrupted is closed by the next owner without sums (its bytes read unchecked).
+//!   memory or in that file; damage is `DataCorrupt`, never bytes. The sums of a chunk still
+//!   open are written too, every `SUMS_WRITE_GROWTH` bytes and whenever the mover idles, so
+//!   a crash leaves at most that much uncovered; whoever closes a chunk it did not fill (the
+//!   next owner, after a crash) completes its sums from the chunk's bytes first.
 
 use crate::container::core::{ChunkMeta, MoveTask, Request};
 use crate::container::handoff;
@@ -59,6 +61,9 @@ const SUMS_CACHED: usize = 256;
 const NO_SUMS_RECHECK: Duration = Duration::from_secs(5);
 /// Largest sums file read (it covers a 256 GiB chunk).
 const SUMS_FILE_BYTES_MAX: usize = 1 << 20;
+/// An open chunk's sums file is rewritten once the chunk grew this much past it (and when
+/// the mover has nothing to move).
+const SUMS_WRITE_GROWTH: u64 = 16 << 20;
 
 /// Waits (bounded by `HANDOFF_WAIT`) until `done`.
 async fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<(), String> {
@@ -90,6 +95,15 @@ type BlockKey = (String, u64);
 /// A sums file looked up: (chunk, its sums or none, when looked up).
 type SumsLookup = (String, Option<Rc<ChunkSums>>, Instant);
 
+/// Sums of a chunk the mover is filling.
+#[derive(Default)]
+struct Growing {
+    /// Exactly the chunk's uploaded bytes.
+    sums: ChunkSums,
+    /// Bytes the chunk's sums file covers.
+    written: u64,
+}
+
 /// Mover and tier-2 read state of one container.
 pub struct Tier2State {
     pub cfg: Tier2Config,
@@ -101,8 +115,8 @@ pub struct Tier2State {
     wake: RefCell<Option<oneshot::Sender<()>>>,
     blocks: RefCell<VecDeque<(BlockKey, Bytes)>>,
     loading: RefCell<HashMap<BlockKey, Vec<oneshot::Sender<()>>>>,
-    /// Sums of the chunks this mover is filling (by chunk name), exactly their uploaded bytes.
-    growing: RefCell<HashMap<String, ChunkSums>>,
+    /// Sums of the chunks this mover is filling (by chunk name).
+    growing: RefCell<HashMap<String, Growing>>,
     /// Sums files looked up for reads, oldest first.
     sums_files: RefCell<VecDeque<SumsLookup>>,
     /// Cluster mode: the container is owned under an etcd epoch; the mover watches tier-2
@@ -192,6 +206,7 @@ impl Container {
                 let moved = self.move_round(self.t2().cfg.move_bytes_min).await?;
                 self.collect_garbage().await?;
                 self.free_log_files().await?;
+                self.write_open_sums(if moved { SUMS_WRITE_GROWTH } else { 1 }).await?;
                 Ok::<bool, String>(moved)
             }
             .await;
@@ -286,14 +301,16 @@ impl Container {
         Ok(async move { fut.await.map(|_| ()).map_err(|e| format!("{what}: {e}")) })
     }
 
-    /// Closes a chunk for good: writes its sums file (if this mover filled it) and seals it.
+    /// Closes a chunk for good: makes its sums file cover all of it and seals it.
     async fn close_chunk(&self, chunk: &str) -> Result<(), String> {
         if self.t2().sealed.borrow().contains(chunk) {
             return Ok(());
         }
-        let sums = self.t2().growing.borrow().get(chunk).cloned();
-        if let Some(sums) = sums.filter(|s| !s.is_empty()) {
-            self.write_sums(chunk, sums).await?;
+        let growing = self.t2().growing.borrow().get(chunk).map(|g| (g.sums.clone(), g.written));
+        match growing {
+            Some((sums, written)) if sums.len() > written => self.write_sums(chunk, sums).await?,
+            Some(_) => {}
+            None => self.complete_sums(chunk).await?,
         }
         self.t2().cfg.store.seal(chunk).await.map_err(t2err)?;
         self.t2().growing.borrow_mut().remove(chunk);
@@ -308,12 +325,67 @@ impl Container {
         self.create_anew(&name).await?;
         store.append(&name, 0, Bytes::from(sums.encode())).await.map_err(t2err)?;
         store.seal(&name).await.map_err(t2err)?;
+        if let Some(g) = self.t2().growing.borrow_mut().get_mut(chunk) {
+            g.written = sums.len();
+        }
         self.remember_sums(chunk, Some(Rc::new(sums)));
         Ok(())
     }
 
-    /// Creates `name` empty; one that exists is our own earlier attempt that was never
-    /// recorded (an unrecorded chunk, a sums file being replaced): it is started over.
+    /// A chunk this mover did not fill (an older epoch's, left open by a crash, or one from
+    /// before chunks had sums): makes its sums file cover every byte, reading back from the
+    /// chunk the bytes the file does not cover. Those bytes are summed as tier-2 holds them
+    /// now: damage from here on is found, damage already done is not.
+    async fn complete_sums(&self, chunk: &str) -> Result<(), String> {
+        let store = &self.t2().cfg.store;
+        let size = store.size(chunk).await.map_err(t2err)?;
+        let name = sums_name(chunk);
+        let mut sums = match store.read(&name, 0, SUMS_FILE_BYTES_MAX).await {
+            Ok(bytes) => match ChunkSums::decode(&bytes) {
+                Ok(s) if s.len() <= size => s,
+                Ok(s) => {
+                    tracing::warn!(container = self.id(), %name, covers = s.len(), size, "sums file longer than its chunk; summing the chunk again");
+                    ChunkSums::default()
+                }
+                Err(reason) => {
+                    tracing::warn!(container = self.id(), %name, %reason, "unusable sums file; summing the chunk again");
+                    ChunkSums::default()
+                }
+            },
+            Err(ChunkError::NotFound(_)) => ChunkSums::default(),
+            Err(e) => return Err(t2err(e)),
+        };
+        let covered = sums.len();
+        if covered == size {
+            return Ok(());
+        }
+        while sums.len() < size {
+            let want = (size - sums.len()).min(MOVE_PIECE_BYTES) as usize;
+            let data = store.read(chunk, sums.len(), want).await.map_err(t2err)?;
+            if data.is_empty() {
+                return Err(format!("chunk {chunk} ended at {} while summing it ({size} expected)", sums.len()));
+            }
+            sums.extend(&data);
+        }
+        tracing::info!(container = self.id(), %chunk, covered, size, "completed a chunk's sums from its bytes");
+        self.write_sums(chunk, sums).await
+    }
+
+    /// Creates chunk `name` empty; one that exists is our own earlier attempt that was never
+    /// recorded: it is deleted with its sums file and started over.
+    async fn create_chunk(&self, name: &str) -> Result<(), String> {
+        let store = &self.t2().cfg.store;
+        match store.create(name).await {
+            Ok(()) => Ok(()),
+            Err(ChunkError::AlreadyExists(_)) => {
+                self.delete_chunk(name).await?;
+                store.create(name).await.map_err(t2err)
+            }
+            Err(e) => Err(t2err(e)),
+        }
+    }
+
+    /// Creates `name` empty, replacing one that exists (a sums file being rewritten).
     async fn create_anew(&self, name: &str) -> Result<(), String> {
         let store = &self.t2().cfg.store;
         match store.create(name).await {
@@ -356,7 +428,7 @@ impl Container {
     /// Checks bytes read from `chunk` at `offset` against its sums: those of a chunk this
     /// mover is filling, else its sums file (a chunk without one reads unchecked).
     async fn check_sums(&self, chunk: &str, offset: u64, data: &[u8]) -> Result<(), EngineError> {
-        let growing = self.t2().growing.borrow().get(chunk).map(|s| s.verify(offset, data));
+        let growing = self.t2().growing.borrow().get(chunk).map(|g| g.sums.verify(offset, data));
         let checked = match growing {
             Some(r) => r,
             None => match self.sums_file(chunk).await {
@@ -405,12 +477,19 @@ impl Container {
         sums
     }
 
-    /// Hand-off: writes the sums of the chunks still open, so the next owner checks them
-    /// too (it closes them; a sums file may cover fewer bytes than the chunk ends up with).
-    async fn write_open_sums(&self) -> Result<(), String> {
-        let open: Vec<(String, ChunkSums)> =
-            self.t2().growing.borrow().iter().map(|(c, s)| (c.clone(), s.clone())).collect();
-        for (chunk, sums) in open.into_iter().filter(|(_, s)| !s.is_empty()) {
+    /// Writes the sums files of the chunks still open that grew at least `growth` bytes
+    /// past their file, so that a crash or hand-off leaves them checked (their next owner
+    /// closes them, completing the sums of any bytes the file does not cover).
+    async fn write_open_sums(&self, growth: u64) -> Result<(), String> {
+        let open: Vec<(String, ChunkSums)> = self
+            .t2()
+            .growing
+            .borrow()
+            .iter()
+            .filter(|(_, g)| g.sums.len() > g.written && g.sums.len() - g.written >= growth)
+            .map(|(c, g)| (c.clone(), g.sums.clone()))
+            .collect();
+        for (chunk, sums) in open {
             self.write_sums(&chunk, sums).await?;
         }
         Ok(())
@@ -464,7 +543,7 @@ impl Container {
                 tracing::warn!(container = self.id(), error = %e, "hand-off: garbage left for the next owner");
             }
             wait_until("chunk records", || !self.is_busy()).await?;
-            self.write_open_sums().await?;
+            self.write_open_sums(1).await?;
             let (epoch, ck) = {
                 let core = self.core.borrow();
                 (core.epoch(), core.handoff_state())
@@ -558,8 +637,8 @@ impl Container {
                     // A deleted segment of the same name may have left this very name as
                     // garbage: delete it first, or a later collection would take ours.
                     self.collect_garbage().await?;
-                    self.create_anew(&name).await?;
-                    self.t2().growing.borrow_mut().insert(name, ChunkSums::default());
+                    self.create_chunk(&name).await?;
+                    self.t2().growing.borrow_mut().insert(name, Growing::default());
                     ChunkMeta { start: at, epoch, len: 0 }
                 }
             };
@@ -579,9 +658,10 @@ impl Container {
             {
                 let mut growing = self.t2().growing.borrow_mut();
                 match growing.get_mut(&name) {
-                    Some(sums) if sums.len() == c.len => sums.extend(&data),
+                    Some(g) if g.sums.len() == c.len => g.sums.extend(&data),
                     // Sums of other bytes than the chunk's (a record failed meanwhile, or a
-                    // chunk of another round of this epoch): this chunk goes unchecked.
+                    // chunk of another round of this epoch): dropped; closing the chunk
+                    // completes its sums file from the chunk's bytes.
                     Some(_) => {
                         growing.remove(&name);
                     }
