@@ -604,6 +604,67 @@ async fn a_chunk_left_open_by_a_crash_gets_whole_sums() {
     assert!(!data.is_empty(), "mended, it reads again");
 }
 
+/// A segment with many tier-2 chunks across several ownership terms: the checkpoint at the
+/// head of each log file keeps them as a few runs (its size does not grow with the data in
+/// tier-2), and reads find every chunk after restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_keep_many_chunks_as_a_few_runs() {
+    let (dir, _t2dir, mut server) =
+        tier2_server("tier2-runs", &["--containers-per-core", "1", "--chunk-mb", "1", "--cache-mb", "0"]);
+    let mut written = 0;
+    for term in 0..3 {
+        let client = Client::connect(&server.url()).await.unwrap();
+        if term == 0 {
+            client.create_scope("rn").await.unwrap();
+            client.create_stream("rn", "s", 1).await.unwrap();
+            client.create_stream("rn", "other", 1).await.unwrap();
+        }
+        write_events(&client, "rn/s", 30_000, 1024).await;
+        written += 30_000;
+        write_events(&client, "rn/other", 3000, 1024).await;
+        let length = client.segment_info("rn/s/0").await.unwrap().length;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client.segment_info("rn/s/0").await.unwrap().tier2_end < length {
+            assert!(Instant::now() < deadline, "term {term}: not moved to tier-2");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server.kill();
+        server.restart();
+    }
+    // One more log file, so that a checkpoint holds all three terms' chunks.
+    let client = Client::connect(&server.url()).await.unwrap();
+    write_events(&client, "rn/other", 2000, 1024).await;
+    let (ok, out, err) =
+        sluice_tests::cli(&server.url(), &["log", "dump", "--entries", dir.0.join("data").to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let newest = out
+        .lines()
+        .filter(|l| l.contains(" checkpoint "))
+        .filter_map(|l| {
+            let chunks: u64 = l.split(", ").find(|p| p.ends_with("runs)"))?.split(' ').next()?.parse().ok()?;
+            let runs: u64 = l.rsplit(" in ").next()?.split(' ').next()?.parse().ok()?;
+            let bytes: u64 = l.split(" bytes").next()?.rsplit(' ').next()?.parse().ok()?;
+            Some((chunks, runs, bytes))
+        })
+        .max()
+        .expect("checkpoint lines");
+    let (chunks, runs, bytes) = newest;
+    eprintln!("newest checkpoint: {chunks} chunks in {runs} runs, {bytes} bytes");
+    assert!(chunks >= 90, "{out}");
+    // Per segment (two) and term (four, the last moving only the other stream's): the full
+    // chunks, and the partial last one (the next term starts a new chunk).
+    assert!(runs <= 16, "{chunks} chunks in {runs} runs: {out}");
+    assert!(bytes < 2048, "a checkpoint of {bytes} bytes for {chunks} chunks");
+    // Every event reads back from the head, across all the chunks.
+    let mut reader = client.event_reader("rn/s", ReadFrom::Head).await.unwrap();
+    let mut n = 0;
+    while n < written {
+        let ev = reader.read_next(Duration::from_secs(5)).await.unwrap().expect("an event");
+        assert_eq!(ev.payload.len(), 1024);
+        n += 1;
+    }
+}
+
 /// A stream deleted and created again reuses its chunks' names (same segment, start and
 /// epoch); reads of the new stream from tier-2 never meet the old one's bytes, even those
 /// the container still holds in its tier-2 read cache.

@@ -71,7 +71,31 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
             );
             match h.kind {
                 RecordKind::Checkpoint => match CheckpointState::decode(&rec.payload) {
-                    Ok(ck) => println!("  ({} segments, next segment id {})", ck.segments.len(), ck.next_segment_id),
+                    Ok(ck) => {
+                        let runs: usize = ck.segments.iter().map(|s| s.chunks.len()).sum();
+                        let chunks: u64 = ck.segments.iter().flat_map(|s| &s.chunks).map(|r| r.3).sum();
+                        println!(
+                            "  ({} segments, next segment id {}, {chunks} tier-2 chunks in {runs} runs)",
+                            ck.segments.len(),
+                            ck.next_segment_id
+                        );
+                        if entries {
+                            for s in &ck.segments {
+                                println!(
+                                    "        segment {} {} start {} length {} tier-2 end {}{}",
+                                    s.id,
+                                    s.name,
+                                    s.start_offset,
+                                    s.length,
+                                    s.tier2_end,
+                                    if s.sealed { " sealed" } else { "" }
+                                );
+                                for &(start, epoch, len, count) in &s.chunks {
+                                    println!("          chunks from {start}: {count} x {len} bytes, epoch {epoch}");
+                                }
+                            }
+                        }
+                    }
                     Err(e) => println!("  ({e})"),
                 },
                 RecordKind::Batch => match decode_entries(&rec.payload, rec.payload_pos()) {

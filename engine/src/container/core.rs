@@ -96,6 +96,11 @@ impl CoreConfig {
     }
 }
 
+/// A chunk list from its checkpoint form: runs of (start, epoch, len, count).
+fn chunk_list(runs: &[(u64, u64, u64, u64)]) -> ChunkList {
+    ChunkList::from_runs(runs.iter().map(|&(start, epoch, len, count)| ChunkRun { start, epoch, len, count }))
+}
+
 /// Largest append payload a log file of `file_bytes` can carry next to a checkpoint.
 pub fn append_bytes_max(file_bytes: u64) -> usize {
     (file_bytes.saturating_sub(FILE_HEADER_BYTES) / 2) as usize
@@ -239,13 +244,8 @@ pub struct SegmentStatus {
     pub tier2_end: u64,
 }
 
-/// A tier-2 chunk of a segment: `len` valid bytes from segment offset `start`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChunkMeta {
-    pub start: u64,
-    pub epoch: u64,
-    pub len: u64,
-}
+pub use crate::container::chunks::ChunkMeta;
+use crate::container::chunks::{ChunkList, ChunkRun};
 
 /// Durable segment data the mover should copy to tier-2: `[from, to)` of `name`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,7 +270,7 @@ struct Segment {
     /// (first offset with data in the file, file seq), ascending.
     files: Vec<(u64, u64)>,
     tier2_end: u64,
-    chunks: Vec<ChunkMeta>,
+    chunks: ChunkList,
     acc_length: u64,
     acc_start_offset: u64,
     acc_sealed: bool,
@@ -291,7 +291,7 @@ impl Segment {
             writers: HashMap::new(),
             files: Vec::new(),
             tier2_end: 0,
-            chunks: Vec::new(),
+            chunks: ChunkList::default(),
             acc_length: 0,
             acc_start_offset: 0,
             acc_sealed: false,
@@ -845,7 +845,7 @@ impl ContainerCore {
                 writers: s.writers.iter().map(|(&w, &n)| (w, n)).collect(),
                 files: s.files.clone(),
                 tier2_end: s.tier2_end,
-                chunks: s.chunks.iter().map(|c| (c.start, c.epoch, c.len)).collect(),
+                chunks: s.chunks.runs().iter().map(|r| (r.start, r.epoch, r.len, r.count)).collect(),
             })
             .collect();
         segments.sort_by_key(|s| s.id);
@@ -887,7 +887,7 @@ impl ContainerCore {
             s.sealed = sc.sealed;
             s.writers = sc.writers.into_iter().collect();
             s.tier2_end = sc.tier2_end.min(s.length);
-            s.chunks = sc.chunks.into_iter().map(|(start, epoch, len)| ChunkMeta { start, epoch, len }).collect();
+            s.chunks = chunk_list(&sc.chunks);
             s.sync_accepted();
             core.by_name.insert(sc.name, sc.id);
             core.segments.insert(sc.id, s);
@@ -1100,8 +1100,7 @@ impl ContainerCore {
                 s.start_offset = s.start_offset.max(*offset);
                 let start = s.start_offset;
                 // Chunks wholly below the start offset are garbage.
-                let keep = s.chunks.partition_point(|c| c.start + c.len <= start);
-                let dropped: Vec<ChunkMeta> = s.chunks.drain(..keep).collect();
+                let dropped = s.chunks.drop_below(start);
                 let name = s.name.clone();
                 self.garbage.extend(dropped.iter().map(|c| sluice_tier2::layout::chunk_name(&name, c.start, c.epoch)));
                 self.cache.truncate(*segment, *offset);
@@ -1110,10 +1109,7 @@ impl ContainerCore {
             LogEntry::Delete { segment } => self.apply_delete(*segment),
             LogEntry::Chunk { segment, start, epoch, len } => {
                 let s = self.segments.get_mut(segment)?;
-                match s.chunks.last_mut() {
-                    Some(c) if c.start == *start && c.epoch == *epoch => c.len = c.len.max(*len),
-                    _ => s.chunks.push(ChunkMeta { start: *start, epoch: *epoch, len: *len }),
-                }
+                s.chunks.record(*start, *epoch, *len);
                 s.tier2_end = s.tier2_end.max(start + len);
                 None
             }
@@ -1240,7 +1236,7 @@ impl ContainerCore {
                     name: s.name.clone(),
                     from,
                     to: s.length,
-                    last_chunk: s.chunks.last().copied(),
+                    last_chunk: s.chunks.last(),
                     sealed: s.sealed,
                     pins_old_file,
                 })
@@ -1253,8 +1249,29 @@ impl ContainerCore {
     }
 
     /// Every segment's chunks (for reconciliation with tier-2 after recovery).
-    pub fn chunk_map(&self) -> Vec<(String, u64, Vec<ChunkMeta>)> {
+    pub fn chunk_map(&self) -> Vec<(String, u64, ChunkList)> {
         self.segments.values().filter(|s| s.created).map(|s| (s.name.clone(), s.length, s.chunks.clone())).collect()
+    }
+
+    /// Drops from `names` (chunks to delete) those a live segment's chunk list holds: a
+    /// stream deleted and created again reuses segment and chunk names.
+    pub fn drop_live_chunks(&self, names: &mut Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let dirs: HashMap<String, &ChunkList> = self
+            .segments
+            .values()
+            .filter(|s| s.created)
+            .map(|s| (sluice_tier2::layout::segment_dir(&s.name), &s.chunks))
+            .collect();
+        names.retain(|name| {
+            let live = name.rsplit_once('/').and_then(|(dir, file)| {
+                let (start, epoch) = sluice_tier2::layout::parse_chunk_file(file)?;
+                Some(dirs.get(dir)?.contains(start, epoch))
+            });
+            live != Some(true)
+        });
     }
 
     /// Takes the names of chunks to delete from tier-2.
@@ -1315,10 +1332,7 @@ impl ContainerCore {
         let in_log = s.files.first().is_some_and(|&(o, _)| o <= offset);
         if !in_log || offset < s.tier2_end && !self.has_file_index_for(s, offset) {
             // Below the log: tier-2 holds it.
-            let i = s.chunks.partition_point(|c| c.start <= offset);
-            if let Some(c) = i.checked_sub(1).map(|i| s.chunks[i])
-                && offset < c.start + c.len
-            {
+            if let Some(c) = s.chunks.find(offset) {
                 let within = offset - c.start;
                 return Ok((
                     ReadOutcome::Chunk {
@@ -1403,7 +1417,7 @@ impl ContainerCore {
             s.writers = sc.writers.into_iter().collect();
             s.files = sc.files;
             s.tier2_end = sc.tier2_end;
-            s.chunks = sc.chunks.into_iter().map(|(start, epoch, len)| ChunkMeta { start, epoch, len }).collect();
+            s.chunks = chunk_list(&sc.chunks);
             core.by_name.insert(sc.name, sc.id);
             core.segments.insert(sc.id, s);
         }

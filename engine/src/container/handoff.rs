@@ -178,7 +178,7 @@ mod tests {
                 writers: vec![(7, 12)],
                 files: vec![],
                 tier2_end: 100,
-                chunks: vec![(0, 9, 100)],
+                chunks: vec![(0, 9, 100, 1)],
             }],
             garbage: vec![],
         };

@@ -1,8 +1,10 @@
 //! Segment containers: the sans-IO state machine (`core`), its read cache and file
 //! indexes, the glommio driver that gives it direct-IO log files (`io`), and its tier-2
-//! mover and tier-2 reads (`mover`), and per-segment append rates for auto-scaling (`rates`).
+//! mover and tier-2 reads (`mover`), a segment's tier-2 chunk list (`chunks`), and
+//! per-segment append rates for auto-scaling (`rates`).
 
 pub mod cache;
+pub mod chunks;
 pub mod core;
 pub mod handoff;
 mod image;

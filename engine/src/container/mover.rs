@@ -251,13 +251,13 @@ impl Container {
                 let Some((start, e)) = listed.rsplit('/').next().and_then(parse_chunk_file) else {
                     continue;
                 };
-                let known = chunks.iter().any(|c| c.start == start && c.epoch == e);
+                let known = chunks.contains(start, e);
                 if !known && e < epoch {
                     tracing::info!(container = self.id(), chunk = %listed, "deleting a partial tier-2 upload");
                     self.delete_chunk(&listed).await?;
                 }
             }
-            let Some(last) = chunks.last().copied().filter(|c| c.epoch < epoch) else {
+            let Some(last) = chunks.last().filter(|c| c.epoch < epoch) else {
                 continue;
             };
             let chunk = chunk_name(&name, last.start, last.epoch);
@@ -726,17 +726,7 @@ impl Container {
     /// chunk that now belongs to the new segment.
     async fn collect_garbage(&self) -> Result<(), String> {
         let mut garbage = self.core.borrow_mut().take_garbage();
-        if garbage.is_empty() {
-            return Ok(());
-        }
-        let live: HashSet<String> = self
-            .core
-            .borrow()
-            .chunk_map()
-            .into_iter()
-            .flat_map(|(name, _, chunks)| chunks.into_iter().map(move |c| chunk_name(&name, c.start, c.epoch)))
-            .collect();
-        garbage.retain(|g| !live.contains(g));
+        self.core.borrow().drop_live_chunks(&mut garbage);
         for (i, chunk) in garbage.iter().enumerate() {
             if let Err(e) = self.delete_chunk(chunk).await {
                 self.core.borrow_mut().return_garbage(garbage[i..].to_vec());

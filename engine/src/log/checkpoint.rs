@@ -1,8 +1,15 @@
 //! Container metadata checkpoints: the durable state of every segment, written as the first
 //! record of every log file so recovery replays only the newest file. Encoded with rkyv and
 //! validated (bytecheck) when read back.
+//!
+//! Layouts: the current one is tagged (`SLCK`, version 2) and keeps each segment's tier-2
+//! chunks as runs; the first layout (untagged) listed every chunk and is still read, so a
+//! data directory written before runs opens as it was.
 
 use rkyv::{Archive, Deserialize, Serialize};
+
+/// Prefix of a checkpoint of the current layout.
+const TAG: &[u8; 8] = b"SLCK\x02\0\0\0";
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct CheckpointState {
@@ -27,16 +34,119 @@ pub struct SegmentCheckpoint {
     pub files: Vec<(u64, u64)>,
     /// Segment bytes below this offset are in tier-2.
     pub tier2_end: u64,
-    /// Tier-2 chunks (start offset, owner epoch, bytes), ascending.
+    /// Tier-2 chunks as runs (start offset, owner epoch, bytes per chunk, chunks), ascending:
+    /// `count` chunks of `len` bytes, each starting where the one before ends.
+    pub chunks: Vec<(u64, u64, u64, u64)>,
+}
+
+/// The first layout, read only.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct LegacyCheckpointState {
+    pub container: u32,
+    pub epoch: u64,
+    pub next_segment_id: u64,
+    pub segments: Vec<LegacySegmentCheckpoint>,
+    pub garbage: Vec<String>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LegacySegmentCheckpoint {
+    pub id: u64,
+    pub name: String,
+    pub start_offset: u64,
+    pub length: u64,
+    pub sealed: bool,
+    pub writers: Vec<(u128, u64)>,
+    pub files: Vec<(u64, u64)>,
+    pub tier2_end: u64,
+    /// Every chunk: (start offset, owner epoch, bytes).
     pub chunks: Vec<(u64, u64, u64)>,
+}
+
+impl From<LegacyCheckpointState> for CheckpointState {
+    fn from(l: LegacyCheckpointState) -> Self {
+        let segments = l
+            .segments
+            .into_iter()
+            .map(|s| SegmentCheckpoint {
+                id: s.id,
+                name: s.name,
+                start_offset: s.start_offset,
+                length: s.length,
+                sealed: s.sealed,
+                writers: s.writers,
+                files: s.files,
+                tier2_end: s.tier2_end,
+                // One run per chunk; the reader joins them.
+                chunks: s.chunks.into_iter().map(|(start, epoch, len)| (start, epoch, len, 1)).collect(),
+            })
+            .collect();
+        Self {
+            container: l.container,
+            epoch: l.epoch,
+            next_segment_id: l.next_segment_id,
+            segments,
+            garbage: l.garbage,
+        }
+    }
 }
 
 impl CheckpointState {
     pub fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a checkpoint").to_vec()
+        let body = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing a checkpoint");
+        let mut out = Vec::with_capacity(TAG.len() + body.len());
+        out.extend_from_slice(TAG);
+        out.extend_from_slice(&body);
+        out
     }
 
+    /// Reads either layout.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes).map_err(|e| format!("invalid checkpoint: {e}"))
+        if let Some(body) = bytes.strip_prefix(TAG)
+            && let Ok(ck) = rkyv::from_bytes::<Self, rkyv::rancor::Error>(body)
+        {
+            return Ok(ck);
+        }
+        rkyv::from_bytes::<LegacyCheckpointState, rkyv::rancor::Error>(bytes)
+            .map(Self::from)
+            .map_err(|e| format!("invalid checkpoint: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn legacy() -> LegacyCheckpointState {
+        LegacyCheckpointState {
+            container: 3,
+            epoch: 7,
+            next_segment_id: 9,
+            segments: vec![LegacySegmentCheckpoint {
+                id: 4,
+                name: "s/t/0".into(),
+                start_offset: 10,
+                length: 300,
+                sealed: false,
+                writers: vec![(5, 6)],
+                files: vec![(0, 1)],
+                tier2_end: 250,
+                chunks: vec![(0, 1, 100), (100, 1, 100), (200, 2, 50)],
+            }],
+            garbage: vec!["x".into()],
+        }
+    }
+
+    /// A checkpoint of the first layout reads as the same state; the current one round-trips.
+    #[test]
+    fn both_layouts_read() {
+        let old = rkyv::to_bytes::<rkyv::rancor::Error>(&legacy()).unwrap();
+        let ck = CheckpointState::decode(&old).unwrap();
+        assert_eq!(ck.segments[0].chunks, vec![(0, 1, 100, 1), (100, 1, 100, 1), (200, 2, 50, 1)]);
+        assert_eq!((ck.container, ck.epoch, ck.next_segment_id, ck.garbage.len()), (3, 7, 9, 1));
+        assert_eq!(ck.segments[0].writers, vec![(5, 6)]);
+        assert_eq!(CheckpointState::decode(&ck.encode()).unwrap(), ck);
+        assert!(CheckpointState::decode(b"SLCK\x02\0\0\0garbage").is_err());
+        assert!(CheckpointState::decode(&old[..old.len() - 3]).is_err());
     }
 }
