@@ -508,6 +508,18 @@ async fn a_damaged_tier2_chunk_is_refused_not_read() {
     let mut reader = client.event_reader("dm/s", ReadFrom::Head).await.unwrap();
     let e = reader.read_next(Duration::from_secs(2)).await.expect_err("the reader is told");
     assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    // `sluice stream verify` reports both damaged chunks and fails; the other stream is fine.
+    let (ok, out, err) = sluice_tests::cli(&server.url(), &["stream", "verify", "dm/s"], None);
+    eprintln!("{out}{err}");
+    assert!(!ok, "damage fails the verification");
+    assert!(out.contains("segment 0 (active)") && out.contains("DAMAGED"), "{out}");
+    for chunk in [chunk_files[0], chunk_files[2]] {
+        assert!(out.contains(chunk.as_str()), "{chunk} not reported: {out}");
+    }
+    assert!(err.contains("1 of 1 segments of dm/s are damaged"), "{err}");
+    let (ok, out, err) = sluice_tests::cli(&server.url(), &["stream", "verify", "dm/other"], None);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("5000 events: ok") && out.contains("no damage found"), "{out}");
 
     // After a restart the sums files still find the damage, the open chunk's too.
     server.kill();
@@ -519,6 +531,19 @@ async fn a_damaged_tier2_chunk_is_refused_not_read() {
     }
     let (_, data) = client.read_segment("dm/s/0", 2 * MIB, 64 << 10, Duration::ZERO).await.unwrap();
     assert!(!data.is_empty());
+    // A chunk shorter than its recorded length is damage too (told at once, not retried as
+    // an outage).
+    let first = seg_dir.join(chunk_files[0]);
+    let mode = std::fs::metadata(&first).unwrap().permissions();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&first, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(MIB).unwrap();
+    std::fs::set_permissions(&first, mode).unwrap();
+    let started = Instant::now();
+    let e = client.read_segment("dm/s/0", 0, 64 << 10, Duration::ZERO).await.expect_err("refused");
+    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    assert!(e.to_string().contains("shorter than recorded"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10), "told at once, not retried");
 }
 
 /// The chunk's sums file as it is now, if it decodes.

@@ -824,8 +824,10 @@ impl Container {
             }
             let data = result.map_err(|e| EngineError::Tier2(e.to_string()))?;
             if data.len() < len {
-                return Err(EngineError::Tier2(format!(
-                    "chunk {chunk} holds {} bytes at {start}, {len} expected",
+                // Recorded bytes are gone: damage, not an outage (retrying will not help).
+                tracing::error!(container = self.id(), %chunk, start, len, got = data.len(), "tier-2 chunk is shorter than recorded");
+                return Err(EngineError::DataCorrupt(format!(
+                    "tier-2 chunk {chunk} is shorter than recorded: {} bytes at chunk offset {start}, {len} expected",
                     data.len()
                 )));
             }
