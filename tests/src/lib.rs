@@ -104,6 +104,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub cores: u32,
+    /// Environment for the next (re)start, e.g. `RUST_LOG` to see more of the server's log.
+    pub env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -120,6 +122,7 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             data_dir: data_dir.into(),
             cores,
+            env: Vec::new(),
         };
         s.restart();
         s
@@ -142,6 +145,7 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             data_dir: data_dir.into(),
             cores,
+            env: Vec::new(),
         };
         s.restart();
         s
@@ -188,6 +192,7 @@ impl Server {
         }
         let child = cmd
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .stdin(Stdio::null())

@@ -690,6 +690,68 @@ async fn checkpoints_keep_many_chunks_as_a_few_runs() {
     }
 }
 
+/// The server's log so far, without terminal colours.
+fn server_log(dir: &TempDir) -> String {
+    let raw = std::fs::read_to_string(dir.0.join("data").with_extension("log")).unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A sealed stream whose bytes are all in closed tier-2 chunks is recorded so
+/// (`ChunksClosed`): a restart skips its segments when it reconciles tier-2, and they read
+/// as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_segments_in_tier2_are_not_reconciled_again() {
+    let (dir, _t2dir, mut server) = tier2_server("tier2-closed", &["--containers-per-core", "1"]);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_scope("cl").await.unwrap();
+    client.create_stream("cl", "s", 2).await.unwrap();
+    client.create_stream("cl", "other", 1).await.unwrap();
+    write_events(&client, "cl/s", 2000, 1024).await;
+    client.seal_stream("cl", "s").await.unwrap();
+    write_events(&client, "cl/other", 3000, 1024).await;
+    let data = dir.0.join("data");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, err) =
+            sluice_tests::cli(&server.url(), &["log", "dump", "--entries", data.to_str().unwrap()], None);
+        assert!(ok, "{err}");
+        if out.matches("ChunksClosed").count() >= 2 || out.matches("chunks closed").count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sealed segments were never recorded closed:\n{out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill();
+    server.env.push(("RUST_LOG".into(), "warn,sluice_engine::container::mover=info".into()));
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let log = server_log(&dir);
+        if let Some(l) = log.lines().find(|l| l.contains("tier-2 reconciled")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no reconciliation after the restart:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("{line}");
+    assert!(line.contains("checked=1") && line.contains("closed=2"), "{line}");
+    let client = Client::connect(&server.url()).await.unwrap();
+    let mut reader = client.event_reader("cl/s", ReadFrom::Head).await.unwrap();
+    for n in 0..2000 {
+        let ev = reader.read_next(Duration::from_secs(5)).await.unwrap();
+        assert!(ev.is_some_and(|e| e.payload.len() == 1024), "event {n}");
+    }
+}
+
 /// A stream deleted and created again reuses its chunks' names (same segment, start and
 /// epoch); reads of the new stream from tier-2 never meet the old one's bytes, even those
 /// the container still holds in its tier-2 read cache.

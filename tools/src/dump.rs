@@ -82,13 +82,14 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
                         if entries {
                             for s in &ck.segments {
                                 println!(
-                                    "        segment {} {} start {} length {} tier-2 end {}{}",
+                                    "        segment {} {} start {} length {} tier-2 end {}{}{}",
                                     s.id,
                                     s.name,
                                     s.start_offset,
                                     s.length,
                                     s.tier2_end,
-                                    if s.sealed { " sealed" } else { "" }
+                                    if s.sealed { " sealed" } else { "" },
+                                    if s.chunks_closed { ", chunks closed" } else { "" }
                                 );
                                 for &(start, epoch, len, count) in &s.chunks {
                                     println!("          chunks from {start}: {count} x {len} bytes, epoch {epoch}");

@@ -140,6 +140,10 @@ pub enum Request {
         epoch: u64,
         len: u64,
     },
+    /// From the mover only: the sealed segment's chunks hold all of it and are closed.
+    ChunksClosed {
+        name: String,
+    },
     /// Reads nothing from and writes nothing to the log: the segment's durable length and
     /// seal, answered at once (so it routes like any other operation, to any shard or node).
     Status {
@@ -271,6 +275,8 @@ struct Segment {
     files: Vec<(u64, u64)>,
     tier2_end: u64,
     chunks: ChunkList,
+    /// Sealed, and every chunk closed in tier-2 (`LogEntry::ChunksClosed`).
+    chunks_closed: bool,
     acc_length: u64,
     acc_start_offset: u64,
     acc_sealed: bool,
@@ -292,6 +298,7 @@ impl Segment {
             files: Vec::new(),
             tier2_end: 0,
             chunks: ChunkList::default(),
+            chunks_closed: false,
             acc_length: 0,
             acc_start_offset: 0,
             acc_sealed: false,
@@ -631,6 +638,17 @@ impl ContainerCore {
                 }
                 Ok(self.queue(Some(LogEntry::Chunk { segment: id, start, epoch, len }), OpResult::Done))
             }
+            Request::ChunksClosed { name } => {
+                let id = self.lookup(&name)?;
+                let s = &self.segments[&id];
+                if !s.sealed || s.chunks.last().is_none_or(|c| c.start + c.len < s.length) {
+                    return Err(EngineError::BadRequest(format!(
+                        "{name} is not sealed with all its {} bytes in tier-2 chunks",
+                        s.length
+                    )));
+                }
+                Ok(self.queue(Some(LogEntry::ChunksClosed { segment: id }), OpResult::Done))
+            }
         }
     }
 
@@ -846,6 +864,7 @@ impl ContainerCore {
                 files: s.files.clone(),
                 tier2_end: s.tier2_end,
                 chunks: s.chunks.runs().iter().map(|r| (r.start, r.epoch, r.len, r.count)).collect(),
+                chunks_closed: s.chunks_closed,
             })
             .collect();
         segments.sort_by_key(|s| s.id);
@@ -888,6 +907,7 @@ impl ContainerCore {
             s.writers = sc.writers.into_iter().collect();
             s.tier2_end = sc.tier2_end.min(s.length);
             s.chunks = chunk_list(&sc.chunks);
+            s.chunks_closed = sc.chunks_closed;
             s.sync_accepted();
             core.by_name.insert(sc.name, sc.id);
             core.segments.insert(sc.id, s);
@@ -1107,9 +1127,14 @@ impl ContainerCore {
                 None
             }
             LogEntry::Delete { segment } => self.apply_delete(*segment),
+            LogEntry::ChunksClosed { segment } => {
+                self.segments.get_mut(segment)?.chunks_closed = true;
+                None
+            }
             LogEntry::Chunk { segment, start, epoch, len } => {
                 let s = self.segments.get_mut(segment)?;
                 s.chunks.record(*start, *epoch, *len);
+                s.chunks_closed = false;
                 s.tier2_end = s.tier2_end.max(start + len);
                 None
             }
@@ -1225,7 +1250,8 @@ impl ContainerCore {
             .filter_map(|s| {
                 let from = s.log_needed_from();
                 let pins_old_file = from < s.length && s.file_of(from).is_some_and(|f| f < self.file_seq);
-                let unsealed_chunk = s.sealed && s.chunks.last().is_some_and(|c| c.start + c.len == s.length);
+                let unsealed_chunk =
+                    s.sealed && !s.chunks_closed && s.chunks.last().is_some_and(|c| c.start + c.len == s.length);
                 if from >= s.length && !unsealed_chunk {
                     return None;
                 }
@@ -1248,9 +1274,13 @@ impl ContainerCore {
         tasks
     }
 
-    /// Every segment's chunks (for reconciliation with tier-2 after recovery).
-    pub fn chunk_map(&self) -> Vec<(String, u64, ChunkList)> {
-        self.segments.values().filter(|s| s.created).map(|s| (s.name.clone(), s.length, s.chunks.clone())).collect()
+    /// Every segment's chunks (for reconciliation with tier-2 after recovery), but those of
+    /// segments whose chunks are all closed: `(name, length, chunks)`, and how many were left out.
+    pub fn chunk_map(&self) -> (Vec<(String, u64, ChunkList)>, usize) {
+        let live = self.segments.values().filter(|s| s.created);
+        let closed = live.clone().filter(|s| s.chunks_closed).count();
+        let map = live.filter(|s| !s.chunks_closed).map(|s| (s.name.clone(), s.length, s.chunks.clone())).collect();
+        (map, closed)
     }
 
     /// Drops from `names` (chunks to delete) those a live segment's chunk list holds: a
@@ -1418,6 +1448,7 @@ impl ContainerCore {
             s.files = sc.files;
             s.tier2_end = sc.tier2_end;
             s.chunks = chunk_list(&sc.chunks);
+            s.chunks_closed = sc.chunks_closed;
             core.by_name.insert(sc.name, sc.id);
             core.segments.insert(sc.id, s);
         }

@@ -179,6 +179,7 @@ mod tests {
                 files: vec![],
                 tier2_end: 100,
                 chunks: vec![(0, 9, 100, 1)],
+                chunks_closed: false,
             }],
             garbage: vec![],
         };

@@ -235,13 +235,18 @@ impl Container {
 
     /// Makes chunk metadata and tier-2 agree after a restart: an older epoch's last chunk
     /// keeps any extra (valid) bytes an interrupted upload left and is sealed; chunks of
-    /// older epochs that the metadata does not name (partial uploads) are deleted.
+    /// older epochs that the metadata does not name (partial uploads) are deleted. Sealed
+    /// segments whose chunks were all closed (`ChunksClosed`) need nothing and are skipped,
+    /// so a restart's tier-2 work follows the segments still being written, not every
+    /// segment a stream ever had.
     async fn reconcile(self: &Rc<Self>) -> Result<(), String> {
         let store = self.t2().cfg.store.clone();
-        let (epoch, map) = {
+        let started = Instant::now();
+        let (epoch, (map, closed)) = {
             let core = self.core.borrow();
             (core.epoch(), core.chunk_map())
         };
+        let checked = map.len();
         for (name, length, chunks) in map {
             if length == 0 {
                 continue;
@@ -277,6 +282,9 @@ impl Container {
                 }
             }
             self.close_chunk(&chunk).await?;
+        }
+        if checked + closed > 0 {
+            tracing::info!(container = self.id(), checked, closed, took = ?started.elapsed(), "tier-2 reconciled (closed segments skipped)");
         }
         Ok(())
     }
@@ -606,11 +614,21 @@ impl Container {
         // A sealed segment's last chunk is final: seal it too. It is the chunk still open
         // for appends, or, when nothing moved, the one the task started from (a chunk that
         // filled up was sealed when it rolled).
-        if task.sealed
-            && off >= task.to
-            && let Some(c) = chunk.or(if moved { None } else { task.last_chunk })
-        {
-            self.close_chunk(&chunk_name(&task.name, c.start, c.epoch)).await?;
+        if task.sealed && off >= task.to {
+            if let Some(c) = chunk.or(if moved { None } else { task.last_chunk }) {
+                self.close_chunk(&chunk_name(&task.name, c.start, c.epoch)).await?;
+            }
+            // Every chunk of the sealed segment is closed (full ones as they filled, older
+            // epochs' by reconciliation): recorded, so that neither later rounds nor restarts
+            // look at it again. Only a saving: a failure leaves it to be looked at.
+            let closed = self.submit(Request::ChunksClosed { name: task.name.clone() });
+            let result = match closed {
+                Ok(f) => f.await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::debug!(container = self.id(), segment = %task.name, error = %e, "chunks not recorded closed");
+            }
         }
         Ok(moved)
     }

@@ -37,6 +37,8 @@ pub struct SegmentCheckpoint {
     /// Tier-2 chunks as runs (start offset, owner epoch, bytes per chunk, chunks), ascending:
     /// `count` chunks of `len` bytes, each starting where the one before ends.
     pub chunks: Vec<(u64, u64, u64, u64)>,
+    /// Sealed, and all its bytes are in closed chunks (nothing to move or reconcile).
+    pub chunks_closed: bool,
 }
 
 /// The first layout, read only.
@@ -79,6 +81,7 @@ impl From<LegacyCheckpointState> for CheckpointState {
                 tier2_end: s.tier2_end,
                 // One run per chunk; the reader joins them.
                 chunks: s.chunks.into_iter().map(|(start, epoch, len)| (start, epoch, len, 1)).collect(),
+                chunks_closed: false,
             })
             .collect();
         Self {

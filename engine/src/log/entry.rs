@@ -9,6 +9,7 @@ const TRUNCATE: u8 = 4;
 const DELETE: u8 = 5;
 const CHUNK: u8 = 6;
 const MERGE: u8 = 7;
+const CHUNKS_CLOSED: u8 = 8;
 
 /// Bytes of an append entry before its data.
 pub const APPEND_HEADER_BYTES: usize = 1 + 8 + 8 + 16 + 8 + 4;
@@ -57,6 +58,11 @@ pub enum LogEntry {
         source: u64,
         data: Bytes,
     },
+    /// The sealed segment's bytes are all in tier-2, in closed chunks (sealed, with sums):
+    /// nothing of it is left to move or to reconcile after a restart.
+    ChunksClosed {
+        segment: u64,
+    },
 }
 
 impl LogEntry {
@@ -65,7 +71,7 @@ impl LogEntry {
         match self {
             LogEntry::Create { name, .. } => 1 + 8 + 2 + name.len(),
             LogEntry::Append { data, .. } => APPEND_HEADER_BYTES + data.len(),
-            LogEntry::Seal { .. } | LogEntry::Delete { .. } => 1 + 8,
+            LogEntry::Seal { .. } | LogEntry::Delete { .. } | LogEntry::ChunksClosed { .. } => 1 + 8,
             LogEntry::Truncate { .. } => 1 + 8 + 8,
             LogEntry::Chunk { .. } => 1 + 8 * 4,
             LogEntry::Merge { data, .. } => MERGE_HEADER_BYTES + data.len(),
@@ -110,6 +116,10 @@ impl LogEntry {
             }
             LogEntry::Delete { segment } => {
                 w.u8(DELETE);
+                w.u64(*segment);
+            }
+            LogEntry::ChunksClosed { segment } => {
+                w.u8(CHUNKS_CLOSED);
                 w.u64(*segment);
             }
             LogEntry::Chunk { segment, start, epoch, len } => {
@@ -173,6 +183,7 @@ pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, 
             TRUNCATE => LogEntry::Truncate { segment: r.u64()?, offset: r.u64()? },
             DELETE => LogEntry::Delete { segment: r.u64()? },
             CHUNK => LogEntry::Chunk { segment: r.u64()?, start: r.u64()?, epoch: r.u64()?, len: r.u64()? },
+            CHUNKS_CLOSED => LogEntry::ChunksClosed { segment: r.u64()? },
             t => {
                 return Err(format!("unknown entry type {t} at payload byte {}", r.pos - 1));
             }
@@ -254,6 +265,7 @@ mod tests {
             LogEntry::Delete { segment: 1 },
             LogEntry::Chunk { segment: 1, start: 10, epoch: 3, len: 4096 },
             LogEntry::Merge { segment: 1, offset: 3, source: 2, data: Bytes::from_static(b"defg") },
+            LogEntry::ChunksClosed { segment: 1 },
         ];
         let total: usize = entries.iter().map(|e| e.encoded_len()).sum();
         let mut buf = vec![0u8; total];
