@@ -300,6 +300,9 @@ fn epoch_key(scope: &str, stream: &str, epoch: u64) -> String {
 
 /// Epoch records read from the store per request while walking a history.
 const EPOCHS_PER_READ: usize = 64;
+/// A retried scaling is recognised as done while its epoch is one of the last this many
+/// (older ones are judged as new requests: their segments are sealed, `Invalid`).
+const RETRY_EPOCHS: u64 = 16;
 /// Epoch records (or bytes of them) written per transaction when a record is migrated (etcd
 /// takes at most 128 operations and 1.5 MiB per transaction by default).
 const MIGRATE_OPS_MAX: usize = 64;
@@ -593,7 +596,8 @@ impl<S: MetaStore> Controller<S> {
     /// replaced by new segments over `ranges` (which must cover exactly their key range, in
     /// order). Returns the pending scale; the same request while it is pending returns it
     /// again (a retry resumes), another one is refused with `ScaleInProgress`. `None`: this
-    /// very scaling is already complete (a retry whose first attempt's answer was lost).
+    /// very scaling is already complete (a retry whose first attempt's answer was lost: it
+    /// is recognised while its epoch is one of the last `RETRY_EPOCHS`).
     pub async fn begin_scale(
         &self,
         scope: &str,
@@ -617,7 +621,7 @@ impl<S: MetaStore> Controller<S> {
                         && p.create.iter().zip(ranges).all(|(s, k)| s.key_low == k.low && s.key_high == k.high);
                     return if same { Ok(false) } else { Err(ControllerError::ScaleInProgress(name.clone())) };
                 }
-                if scaled_already(r, seal, ranges) {
+                if r.current.epoch > 0 && scaled_already(&r.current, seal, ranges) {
                     return Ok(false);
                 }
                 let create = plan_scale(r, seal, ranges).map_err(ControllerError::Invalid)?;
@@ -626,8 +630,24 @@ impl<S: MetaStore> Controller<S> {
                 r.scale = Some(PendingScale { epoch, seal: seal.to_vec(), create, committed: false });
                 Ok(true)
             })
-            .await?;
-        Ok(record.scale)
+            .await;
+        match record {
+            Ok(record) => Ok(record.scale),
+            // Segments no longer active: this very scaling may have been done, and others
+            // after it (its first answer lost, the retry late).
+            Err(ControllerError::Invalid(reason)) => {
+                let current = self.get_versioned(scope, stream).await?.0.current.epoch;
+                let from = current.saturating_sub(RETRY_EPOCHS).max(1);
+                let (recent, _) =
+                    self.epoch_records(scope, stream, current, from, RETRY_EPOCHS as usize + 1, usize::MAX).await?;
+                if recent.iter().any(|e| scaled_already(e, seal, ranges)) {
+                    Ok(None)
+                } else {
+                    Err(ControllerError::Invalid(reason))
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes a pending scale's new segments current: the new epoch (its record written in
@@ -819,16 +839,15 @@ pub fn split_range(low: f64, high: f64, n: u32) -> Vec<KeyRange> {
     KeyRange { low, high }.split(n)
 }
 
-/// Whether the scaling that made the current epoch sealed exactly `seal` and created
-/// exactly `ranges` (a retry whose answer was lost; a retry after a later scaling is judged
-/// as a new request).
-fn scaled_already(r: &StreamRecord, seal: &[u64], ranges: &[KeyRange]) -> bool {
-    let e = &r.current;
+/// Whether the scaling that made epoch `e` sealed exactly `seal` and created exactly
+/// `ranges` (a retry whose answer was lost). Segment numbers are never reused, so at most
+/// one epoch matches.
+fn scaled_already(e: &EpochRecord, seal: &[u64], ranges: &[KeyRange]) -> bool {
     let mut sealed = e.sealed.clone();
     sealed.sort_unstable();
     let mut asked = seal.to_vec();
     asked.sort_unstable();
-    e.epoch > 0
+    !asked.is_empty()
         && sealed == asked
         && e.created.len() == ranges.len()
         && e.created.iter().zip(ranges).all(|(s, k)| s.key_low == k.low && s.key_high == k.high)
@@ -1027,6 +1046,9 @@ mod tests {
             c.commit_scale("s", "t", p.epoch).await.unwrap();
             let r = c.end_scale("s", "t", p.epoch).await.unwrap();
             assert_eq!(r.segments.iter().map(|s| s.number).collect::<Vec<_>>(), vec![2, 3, 5]);
+            // The first scaling retried after another one: still recognised as done.
+            assert_eq!(c.begin_scale("s", "t", &[0], &split_range(0.0, 0.5, 3)).await.unwrap(), None);
+            assert_eq!(c.begin_scale("s", "t", &[4, 1], &[KeyRange { low, high: 1.0 }]).await.unwrap(), None);
             let h = c.history_page("s", "t", 2, 0, 100, usize::MAX).await.unwrap();
             assert_eq!(
                 h.epochs.iter().map(|e| e.segments.clone()).collect::<Vec<_>>(),
