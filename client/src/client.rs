@@ -82,11 +82,40 @@ struct Inner {
     conns: Mutex<HashMap<String, Arc<Connection>>>,
     /// Stream histories read before, by (scope, stream): epochs never change once current,
     /// so a later read only fetches what came after (`Client::stream_history`).
-    histories: Mutex<HashMap<(String, String), Arc<StreamHistory>>>,
+    histories: Mutex<HistoryCache>,
 }
 
-/// Stream histories a client keeps (any beyond are dropped, one at a time).
+/// Stream histories a client keeps (beyond that, the least recently used is dropped).
 const HISTORIES_CACHED: usize = 64;
+
+/// Cached histories with the tick of their last use.
+#[derive(Default)]
+struct HistoryCache {
+    tick: u64,
+    entries: HashMap<(String, String), (Arc<StreamHistory>, u64)>,
+}
+
+impl HistoryCache {
+    fn get(&mut self, key: &(String, String)) -> Option<Arc<StreamHistory>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.entries.get_mut(key).map(|(h, used)| {
+            *used = tick;
+            h.clone()
+        })
+    }
+
+    fn put(&mut self, key: (String, String), history: Arc<StreamHistory>) {
+        if self.entries.len() >= HISTORIES_CACHED && !self.entries.contains_key(&key) {
+            let oldest = self.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.entries.remove(&k);
+            }
+        }
+        self.tick += 1;
+        self.entries.insert(key, (history, self.tick));
+    }
+}
 
 /// A handle to a Sluice node; cheap to clone.
 #[derive(Clone)]
@@ -121,7 +150,7 @@ impl Client {
                 config,
                 map: Mutex::new(map),
                 conns: Mutex::new(conns),
-                histories: Mutex::new(HashMap::new()),
+                histories: Mutex::new(HistoryCache::default()),
             }),
         })
     }
@@ -468,7 +497,7 @@ impl Client {
     pub async fn stream_history(&self, scope: &str, stream: &str) -> Result<StreamHistory, ClientError> {
         const WALKS: u32 = 3;
         let key = (scope.to_string(), stream.to_string());
-        let cached = self.inner.histories.lock().expect("histories lock").get(&key).cloned();
+        let cached = self.inner.histories.lock().expect("histories lock").get(&key);
         for walk in 0..WALKS {
             let known = if walk == 0 { cached.as_deref() } else { None };
             let mut history = match known {
@@ -482,12 +511,7 @@ impl Client {
                 continue;
             }
             history.derive_sealed();
-            let mut cache = self.inner.histories.lock().expect("histories lock");
-            if cache.len() >= HISTORIES_CACHED && !cache.contains_key(&key) {
-                let drop = cache.keys().next().cloned().expect("a cached history");
-                cache.remove(&drop);
-            }
-            cache.insert(key, Arc::new(history.clone()));
+            self.inner.histories.lock().expect("histories lock").put(key, Arc::new(history.clone()));
             return Ok(history);
         }
         Err(ClientError::Server {
@@ -666,5 +690,37 @@ where
             Some(next) => after = next,
             None => return Ok(all),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn history(n: usize) -> Arc<StreamHistory> {
+        Arc::new(StreamHistory {
+            scope: "s".into(),
+            stream: format!("t{n}"),
+            epochs: Vec::new(),
+            segments: Vec::new(),
+            next: None,
+        })
+    }
+
+    /// A full cache drops the history used longest ago, not one in use.
+    #[test]
+    fn history_cache_drops_the_least_recently_used() {
+        let mut cache = HistoryCache::default();
+        let key = |n: usize| ("s".to_string(), format!("t{n}"));
+        for n in 0..HISTORIES_CACHED {
+            cache.put(key(n), history(n));
+        }
+        assert!(cache.get(&key(0)).is_some());
+        cache.put(key(1000), history(1000));
+        assert_eq!(cache.entries.len(), HISTORIES_CACHED);
+        assert!(cache.get(&key(0)).is_some(), "used lately: kept");
+        assert!(cache.get(&key(1)).is_none(), "the oldest unused: dropped");
+        cache.put(key(2), history(2));
+        assert_eq!(cache.entries.len(), HISTORIES_CACHED, "a known key replaces its entry");
     }
 }
