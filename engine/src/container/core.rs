@@ -641,9 +641,11 @@ impl ContainerCore {
             Request::ChunksClosed { name } => {
                 let id = self.lookup(&name)?;
                 let s = &self.segments[&id];
-                if !s.sealed || s.chunks.last().is_none_or(|c| c.start + c.len < s.length) {
+                let all_in_chunks = s.chunks.last().is_some_and(|c| c.start + c.len >= s.length);
+                let all_truncated = s.chunks.is_empty() && s.start_offset >= s.length;
+                if !s.sealed || !(all_in_chunks || all_truncated) {
                     return Err(EngineError::BadRequest(format!(
-                        "{name} is not sealed with all its {} bytes in tier-2 chunks",
+                        "{name} is not sealed with all its {} bytes in tier-2 chunks (or truncated)",
                         s.length
                     )));
                 }
@@ -1275,11 +1277,18 @@ impl ContainerCore {
     }
 
     /// Every segment's chunks (for reconciliation with tier-2 after recovery), but those of
-    /// segments whose chunks are all closed: `(name, length, chunks)`, and how many were left out.
-    pub fn chunk_map(&self) -> (Vec<(String, u64, ChunkList)>, usize) {
+    /// segments whose chunks are all closed: `(name, length, chunks, sealed and truncated
+    /// to its end)`, and how many were left out.
+    pub fn chunk_map(&self) -> (Vec<(String, u64, ChunkList, bool)>, usize) {
         let live = self.segments.values().filter(|s| s.created);
         let closed = live.clone().filter(|s| s.chunks_closed).count();
-        let map = live.filter(|s| !s.chunks_closed).map(|s| (s.name.clone(), s.length, s.chunks.clone())).collect();
+        let map = live
+            .filter(|s| !s.chunks_closed)
+            .map(|s| {
+                let emptied = s.sealed && s.chunks.is_empty() && s.start_offset >= s.length;
+                (s.name.clone(), s.length, s.chunks.clone(), emptied)
+            })
+            .collect();
         (map, closed)
     }
 

@@ -247,7 +247,7 @@ impl Container {
             (core.epoch(), core.chunk_map())
         };
         let checked = map.len();
-        for (name, length, chunks) in map {
+        for (name, length, chunks, emptied) in map {
             if length == 0 {
                 continue;
             }
@@ -261,6 +261,12 @@ impl Container {
                     tracing::info!(container = self.id(), chunk = %listed, "deleting a partial tier-2 upload");
                     self.delete_chunk(&listed).await?;
                 }
+            }
+            if emptied {
+                // Sealed and truncated to its end: nothing of it is left in tier-2, and never
+                // will be; recorded, so later restarts skip it.
+                self.record_closed(&name).await;
+                continue;
             }
             let Some(last) = chunks.last().filter(|c| c.epoch < epoch) else {
                 continue;
@@ -620,17 +626,22 @@ impl Container {
             }
             // Every chunk of the sealed segment is closed (full ones as they filled, older
             // epochs' by reconciliation): recorded, so that neither later rounds nor restarts
-            // look at it again. Only a saving: a failure leaves it to be looked at.
-            let closed = self.submit(Request::ChunksClosed { name: task.name.clone() });
-            let result = match closed {
-                Ok(f) => f.await.map(|_| ()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                tracing::debug!(container = self.id(), segment = %task.name, error = %e, "chunks not recorded closed");
-            }
+            // look at it again.
+            self.record_closed(&task.name).await;
         }
         Ok(moved)
+    }
+
+    /// Records that a sealed segment has nothing left to move or reconcile. Only a saving:
+    /// a failure (the segment deleted meanwhile, ...) leaves it to be looked at again.
+    async fn record_closed(self: &Rc<Self>, name: &str) {
+        let result = match self.submit(Request::ChunksClosed { name: name.to_string() }) {
+            Ok(f) => f.await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::debug!(container = self.id(), segment = %name, error = %e, "chunks not recorded closed");
+        }
     }
 
     /// Uploads `[*off, task.to)` piece by piece, queueing a `Chunk` entry after each upload
