@@ -621,7 +621,7 @@ impl<S: MetaStore> Controller<S> {
                         && p.create.iter().zip(ranges).all(|(s, k)| s.key_low == k.low && s.key_high == k.high);
                     return if same { Ok(false) } else { Err(ControllerError::ScaleInProgress(name.clone())) };
                 }
-                if r.current.epoch > 0 && scaled_already(&r.current, seal, ranges) {
+                if scaled_already(&r.current, seal, ranges) {
                     return Ok(false);
                 }
                 let create = plan_scale(r, seal, ranges).map_err(ControllerError::Invalid)?;

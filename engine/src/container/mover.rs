@@ -287,7 +287,7 @@ impl Container {
                     self.record_chunk(&name, last.start, last.epoch, len).await?;
                 }
             }
-            self.close_chunk(&chunk).await?;
+            self.close_chunk(&chunk, Some(size)).await?;
         }
         if checked + closed > 0 {
             tracing::info!(container = self.id(), checked, closed, took = ?started.elapsed(), "tier-2 reconciled (closed segments skipped)");
@@ -315,8 +315,9 @@ impl Container {
         Ok(async move { fut.await.map(|_| ()).map_err(|e| format!("{what}: {e}")) })
     }
 
-    /// Closes a chunk for good: makes its sums file cover all of it and seals it.
-    async fn close_chunk(&self, chunk: &str) -> Result<(), String> {
+    /// Closes a chunk for good: makes its sums file cover all of it and seals it. `size`:
+    /// its size in tier-2, when the caller just asked.
+    async fn close_chunk(&self, chunk: &str, size: Option<u64>) -> Result<(), String> {
         if self.t2().sealed.borrow().contains(chunk) {
             return Ok(());
         }
@@ -324,7 +325,7 @@ impl Container {
         match growing {
             Some((sums, written)) if sums.len() > written => self.write_sums(chunk, sums).await?,
             Some(_) => {}
-            None => self.complete_sums(chunk).await?,
+            None => self.complete_sums(chunk, size).await?,
         }
         self.t2().cfg.store.seal(chunk).await.map_err(t2err)?;
         self.t2().growing.borrow_mut().remove(chunk);
@@ -336,7 +337,9 @@ impl Container {
     async fn write_sums(&self, chunk: &str, sums: ChunkSums) -> Result<(), String> {
         let store = &self.t2().cfg.store;
         let name = sums_name(chunk);
-        self.create_anew(&name).await?;
+        // Replaces the file this mover wrote before (sums files are rewritten whole).
+        self.delete_if_exists(&name).await?;
+        store.create(&name).await.map_err(t2err)?;
         store.append(&name, 0, Bytes::from(sums.encode())).await.map_err(t2err)?;
         store.seal(&name).await.map_err(t2err)?;
         if let Some(g) = self.t2().growing.borrow_mut().get_mut(chunk) {
@@ -350,9 +353,12 @@ impl Container {
     /// before chunks had sums): makes its sums file cover every byte, reading back from the
     /// chunk the bytes the file does not cover. Those bytes are summed as tier-2 holds them
     /// now: damage from here on is found, damage already done is not.
-    async fn complete_sums(&self, chunk: &str) -> Result<(), String> {
+    async fn complete_sums(&self, chunk: &str, size: Option<u64>) -> Result<(), String> {
         let store = &self.t2().cfg.store;
-        let size = store.size(chunk).await.map_err(t2err)?;
+        let size = match size {
+            Some(s) => s,
+            None => store.size(chunk).await.map_err(t2err)?,
+        };
         let name = sums_name(chunk);
         let mut sums = match store.read(&name, 0, SUMS_FILE_BYTES_MAX).await {
             Ok(bytes) => match ChunkSums::decode(&bytes) {
@@ -399,15 +405,9 @@ impl Container {
         }
     }
 
-    /// Creates `name` empty, replacing one that exists (a sums file being rewritten).
-    async fn create_anew(&self, name: &str) -> Result<(), String> {
-        let store = &self.t2().cfg.store;
-        match store.create(name).await {
-            Ok(()) => Ok(()),
-            Err(ChunkError::AlreadyExists(_)) => {
-                store.delete(name).await.map_err(t2err)?;
-                store.create(name).await.map_err(t2err)
-            }
+    async fn delete_if_exists(&self, name: &str) -> Result<(), String> {
+        match self.t2().cfg.store.delete(name).await {
+            Ok(()) | Err(ChunkError::NotFound(_)) => Ok(()),
             Err(e) => Err(t2err(e)),
         }
     }
@@ -423,13 +423,8 @@ impl Container {
 
     /// Deletes a chunk and its sums file, and forgets both.
     async fn delete_chunk(&self, chunk: &str) -> Result<(), String> {
-        let store = &self.t2().cfg.store;
-        for name in [sums_name(chunk), chunk.to_string()] {
-            match store.delete(&name).await {
-                Ok(()) | Err(ChunkError::NotFound(_)) => {}
-                Err(e) => return Err(t2err(e)),
-            }
-        }
+        self.delete_if_exists(&sums_name(chunk)).await?;
+        self.delete_if_exists(chunk).await?;
         let t = self.t2();
         t.sealed.borrow_mut().remove(chunk);
         t.growing.borrow_mut().remove(chunk);
@@ -598,7 +593,7 @@ impl Container {
             task.last_chunk.filter(|c| c.epoch == epoch && c.start + c.len == task.from && c.len < chunk_bytes);
         if let Some(old) = task.last_chunk.filter(|c| c.epoch < epoch) {
             // Fence the previous owner's chunk before writing past it.
-            self.close_chunk(&chunk_name(&task.name, old.start, old.epoch)).await?;
+            self.close_chunk(&chunk_name(&task.name, old.start, old.epoch), None).await?;
         }
         let mut off = task.from;
         let mut moved = false;
@@ -622,7 +617,7 @@ impl Container {
         // filled up was sealed when it rolled).
         if task.sealed && off >= task.to {
             if let Some(c) = chunk.or(if moved { None } else { task.last_chunk }) {
-                self.close_chunk(&chunk_name(&task.name, c.start, c.epoch)).await?;
+                self.close_chunk(&chunk_name(&task.name, c.start, c.epoch), None).await?;
             }
             // Every chunk of the sealed segment is closed (full ones as they filled, older
             // epochs' by reconciliation): recorded, so that neither later rounds nor restarts
@@ -710,7 +705,7 @@ impl Container {
                 while let Some(r) = records.pop_front() {
                     r.await?;
                 }
-                self.close_chunk(&name).await?;
+                self.close_chunk(&name, None).await?;
                 *chunk = None;
             } else {
                 *chunk = Some(c);
