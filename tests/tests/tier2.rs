@@ -807,3 +807,110 @@ async fn a_recreated_stream_never_reads_the_old_streams_bytes() {
         }
     }
 }
+
+/// Rewrites the checkpoint opening each container's newest log file in the second layout
+/// (tag `SLCK 02`, no `creations_recorded`), as a build from before chunk creations were
+/// recorded wrote it.
+fn checkpoints_back_to_layout_2(containers: &Path) {
+    use sluice_engine::log::checkpoint::{CheckpointState, CheckpointStateV2};
+    use sluice_engine::log::format::{RecordHeader, RecordKind, encode_record};
+    for c in std::fs::read_dir(containers).unwrap() {
+        let c = c.unwrap().path();
+        if !c.is_dir() {
+            continue;
+        }
+        let mut logs: Vec<_> = std::fs::read_dir(&c).unwrap().map(|e| e.unwrap().path()).collect();
+        logs.sort();
+        // The newest file with records (a file prepared ahead has none yet).
+        let Some((newest, mut bytes, scan)) = logs.iter().rev().find_map(|path| {
+            let bytes = std::fs::read(path).unwrap();
+            let scan = sluice_engine::log::scan::scan_file(&bytes::Bytes::from(bytes.clone()));
+            (!scan.records.is_empty()).then_some((path, bytes, scan))
+        }) else {
+            continue;
+        };
+        let first = &scan.records[0];
+        let ck = CheckpointState::decode(&first.payload).unwrap();
+        assert!(ck.creations_recorded, "a container this build created records creations");
+        let v2 = CheckpointStateV2 {
+            container: ck.container,
+            epoch: ck.epoch,
+            next_segment_id: ck.next_segment_id,
+            segments: ck.segments,
+            garbage: ck.garbage,
+        };
+        let mut payload = b"SLCK\x02\0\0\0".to_vec();
+        payload.extend_from_slice(&rkyv::to_bytes::<rkyv::rancor::Error>(&v2).unwrap());
+        let disk_len = RecordHeader::disk_len(payload.len()) as usize;
+        assert_eq!(disk_len as u64, RecordHeader::disk_len(first.payload.len()), "same blocks");
+        let at = first.pos as usize;
+        let out = &mut bytes[at..at + disk_len];
+        let (epoch, lsn) = (first.header.epoch, first.header.lsn);
+        encode_record(out, RecordKind::Checkpoint, epoch, lsn, payload.len(), |p| p.copy_from_slice(&payload));
+        std::fs::write(newest, &bytes).unwrap();
+    }
+}
+
+/// The "tier-2 reconciled" line of the `n`th reconciliation in the server's log.
+async fn reconciled_line(dir: &TempDir, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = server_log(dir);
+        if let Some(l) = log.lines().filter(|l| l.contains("tier-2 reconciled")).nth(n) {
+            return l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no reconciliation number {n}:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Chunks are recorded in the log before they are created in tier-2, so a restart finds no
+/// chunk the metadata does not name and lists no tier-2 directory. A data directory written
+/// by an older build (checkpoint layout 2, chunks created before they were recorded) has its
+/// segments' directories listed once, by its first restart, which deletes a partial upload
+/// found there and records that creations are recorded; later restarts list nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_list_tier2_only_for_data_from_older_builds() {
+    let (dir, t2dir, mut server) = tier2_server("tier2-listed", &["--containers-per-core", "1"]);
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_scope("ls").await.unwrap();
+    client.create_stream("ls", "s", 1).await.unwrap();
+    write_events(&client, "ls/s", 3000, 1024).await;
+    // Moved but for the last piece (under 64 KiB, it waits in the log for more).
+    let length = client.segment_info("ls/s/0").await.unwrap().length;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.segment_info("ls/s/0").await.unwrap().tier2_end + (64 << 10) < length {
+        assert!(Instant::now() < deadline, "not moved to tier-2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.env.push(("RUST_LOG".into(), "warn,sluice_engine::container::mover=info".into()));
+    server.kill();
+    server.restart();
+    let line = reconciled_line(&dir, 0).await;
+    eprintln!("restart 1: {line}");
+    assert!(line.contains("checked=1") && line.contains("listed=0"), "{line}");
+    // An older build's directory, with a partial upload of an older epoch.
+    server.kill();
+    let data = dir.0.join("data");
+    checkpoints_back_to_layout_2(&data.join("containers"));
+    let partial = t2dir.join(sluice_tier2::layout::chunk_name("ls/s/0", 1 << 40, 1));
+    std::fs::write(&partial, b"left by an upload that was never recorded").unwrap();
+    server.restart();
+    let line = reconciled_line(&dir, 1).await;
+    eprintln!("restart 2: {line}");
+    assert!(line.contains("checked=1") && line.contains("listed=1"), "{line}");
+    assert!(!partial.exists(), "the partial upload is deleted");
+    let (ok, out, err) = sluice_tests::cli(&server.url(), &["log", "dump", "--entries", data.to_str().unwrap()], None);
+    assert!(ok && out.contains("CreationsRecorded"), "{err}\n{out}");
+    server.kill();
+    server.restart();
+    let line = reconciled_line(&dir, 2).await;
+    eprintln!("restart 3: {line}");
+    assert!(line.contains("checked=1") && line.contains("listed=0"), "{line}");
+    let client = Client::connect(&server.url()).await.unwrap();
+    let mut reader = client.event_reader("ls/s", ReadFrom::Head).await.unwrap();
+    for n in 0..3000 {
+        let ev = reader.read_next(Duration::from_secs(5)).await.unwrap();
+        assert!(ev.is_some_and(|e| e.payload.len() == 1024), "event {n}");
+    }
+}

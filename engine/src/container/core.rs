@@ -144,6 +144,9 @@ pub enum Request {
     ChunksClosed {
         name: String,
     },
+    /// From the mover only: tier-2 holds no unrecorded chunk of this container, and chunks
+    /// are recorded before they are created from now on.
+    CreationsRecorded,
     /// Reads nothing from and writes nothing to the log: the segment's durable length and
     /// seal, answered at once (so it routes like any other operation, to any shard or node).
     Status {
@@ -404,6 +407,10 @@ pub struct ContainerCore {
     oldest_file: u64,
     /// Tier-2 chunks no segment refers to any more (truncated or deleted), to delete.
     garbage: Vec<String>,
+    /// Every tier-2 chunk of the container is named by its metadata and chunks are recorded
+    /// before they are created (`LogEntry::CreationsRecorded`; true from the start for a
+    /// container this build created).
+    creations_recorded: bool,
     /// Shadow segments whose merge is accepted but not yet durable.
     merging: HashSet<String>,
     /// Wall-clock time (Unix ms) as last told by the I/O driver (`set_now_ms`), and when it
@@ -437,6 +444,7 @@ impl ContainerCore {
             cold_indexes: VecDeque::new(),
             oldest_file: first_file_seq,
             garbage: Vec::new(),
+            creations_recorded: true,
             merging: HashSet::new(),
             now_ms: 0,
             clock_started_ms: None,
@@ -454,8 +462,18 @@ impl ContainerCore {
         self.clock_started_ms.get_or_insert(now_ms);
     }
 
+    /// Whether tier-2 can hold chunks the metadata does not name (see `creations_recorded`).
+    pub fn creations_recorded(&self) -> bool {
+        self.creations_recorded
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The LSN of the newest durable record (0: none yet).
+    pub fn durable_lsn(&self) -> u64 {
+        self.in_flight.as_ref().map_or(self.next_lsn, |f| f.checkpoint_lsn) - 1
     }
 
     pub fn current_file(&self) -> u64 {
@@ -636,6 +654,12 @@ impl ContainerCore {
                         s.length
                     )));
                 }
+                // A truncation accepted since the mover read the segment: a chunk wholly
+                // below the new start would come back after it (a truncation drops such
+                // chunks); only the chunk starting right at it is still to be written.
+                if start + len <= s.acc_start_offset && !(len == 0 && start == s.acc_start_offset) {
+                    return Err(EngineError::Truncated { segment: name, offset: start, start: s.acc_start_offset });
+                }
                 Ok(self.queue(Some(LogEntry::Chunk { segment: id, start, epoch, len }), OpResult::Done))
             }
             Request::ChunksClosed { name } => {
@@ -651,6 +675,7 @@ impl ContainerCore {
                 }
                 Ok(self.queue(Some(LogEntry::ChunksClosed { segment: id }), OpResult::Done))
             }
+            Request::CreationsRecorded => Ok(self.queue(Some(LogEntry::CreationsRecorded), OpResult::Done)),
         }
     }
 
@@ -876,6 +901,7 @@ impl ContainerCore {
             next_segment_id: self.next_segment_id,
             segments,
             garbage: self.garbage.clone(),
+            creations_recorded: self.creations_recorded,
         }
     }
 
@@ -896,6 +922,7 @@ impl ContainerCore {
         let mut core = Self::new(cfg, epoch, 0);
         core.next_segment_id = ck.next_segment_id;
         core.garbage = ck.garbage;
+        core.creations_recorded = ck.creations_recorded;
         let mut cut = Vec::new();
         for sc in ck.segments {
             let mut s = Segment::new(sc.name.clone());
@@ -1131,6 +1158,10 @@ impl ContainerCore {
             LogEntry::Delete { segment } => self.apply_delete(*segment),
             LogEntry::ChunksClosed { segment } => {
                 self.segments.get_mut(segment)?.chunks_closed = true;
+                None
+            }
+            LogEntry::CreationsRecorded => {
+                self.creations_recorded = true;
                 None
             }
             LogEntry::Chunk { segment, start, epoch, len } => {
@@ -1447,6 +1478,7 @@ impl ContainerCore {
         core.current_file_bytes = file_bytes;
         core.next_segment_id = ck.next_segment_id;
         core.garbage = ck.garbage;
+        core.creations_recorded = ck.creations_recorded;
         for sc in ck.segments {
             let mut s = Segment::new(sc.name.clone());
             s.created = true;
@@ -1566,6 +1598,31 @@ mod tests {
         flush(&mut c);
         assert_eq!(c.status("a").unwrap().length, 6);
         assert!(c.status("b").is_ok());
+    }
+
+    /// A chunk record that a truncation accepted since the mover read the segment leaves
+    /// wholly below the new start is refused (it would bring the truncated chunk back and
+    /// keep a sealed, emptied segment from ever being closed); the chunk starting right at
+    /// the new start is still taken.
+    #[test]
+    fn chunk_records_below_a_truncation_are_refused() {
+        let mut c = core();
+        c.submit(Request::Create { name: "a".into() }).unwrap();
+        c.submit(append("a", 1, b"0123456789")).unwrap();
+        flush(&mut c);
+        let chunk = |start, len| Request::Chunk { name: "a".into(), start, epoch: 1, len };
+        c.submit(chunk(0, 4)).unwrap();
+        c.submit(Request::Truncate { name: "a".into(), offset: 6 }).unwrap();
+        for (start, len) in [(4, 0), (4, 2), (0, 6)] {
+            let r = c.submit(chunk(start, len));
+            assert!(matches!(r, Err(EngineError::Truncated { .. })), "chunk at {start} of {len}: {r:?}");
+        }
+        // The chunk at 4 reaching past the truncation is kept, and a new one may start at 6.
+        c.submit(chunk(4, 3)).unwrap();
+        flush(&mut c);
+        c.submit(Request::Truncate { name: "a".into(), offset: 7 }).unwrap();
+        c.submit(chunk(7, 0)).unwrap();
+        flush(&mut c);
     }
 
     /// The flush that needs a new log file is known before it starts.

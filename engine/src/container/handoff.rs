@@ -182,6 +182,7 @@ mod tests {
                 chunks_closed: false,
             }],
             garbage: vec![],
+            creations_recorded: true,
         };
         let bytes = encode(3, 9, &ck);
         assert_eq!(decode(3, &bytes).unwrap(), (9, ck));

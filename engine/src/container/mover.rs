@@ -22,6 +22,7 @@
 //!   a crash leaves at most that much uncovered; whoever closes a chunk it did not fill (the
 //!   next owner, after a crash) completes its sums from the chunk's bytes first.
 
+use crate::container::chunks::ChunkList;
 use crate::container::core::{ChunkMeta, MoveTask, Request};
 use crate::container::handoff;
 use crate::container::io::Container;
@@ -234,33 +235,29 @@ impl Container {
     }
 
     /// Makes chunk metadata and tier-2 agree after a restart: an older epoch's last chunk
-    /// keeps any extra (valid) bytes an interrupted upload left and is sealed; chunks of
-    /// older epochs that the metadata does not name (partial uploads) are deleted. Sealed
+    /// keeps any extra (valid) bytes an interrupted upload left and is sealed. Sealed
     /// segments whose chunks were all closed (`ChunksClosed`) need nothing and are skipped,
     /// so a restart's tier-2 work follows the segments still being written, not every
-    /// segment a stream ever had.
+    /// segment a stream ever had. A container whose chunks were not all recorded at creation
+    /// (written by an older build) also lists each segment's tier-2 directory once and
+    /// deletes chunks of older epochs that the metadata does not name (partial uploads),
+    /// then records that it no longer needs to (`CreationsRecorded`).
     async fn reconcile(self: &Rc<Self>) -> Result<(), String> {
         let store = self.t2().cfg.store.clone();
         let started = Instant::now();
-        let (epoch, (map, closed)) = {
+        let (epoch, (map, closed), recorded) = {
             let core = self.core.borrow();
-            (core.epoch(), core.chunk_map())
+            (core.epoch(), core.chunk_map(), core.creations_recorded())
         };
         let checked = map.len();
+        let mut listed = 0;
         for (name, length, chunks, emptied) in map {
             if length == 0 {
                 continue;
             }
-            let dir = format!("{}/", segment_dir(&name));
-            for listed in store.list(&dir).await.map_err(t2err)? {
-                let Some((start, e)) = listed.rsplit('/').next().and_then(parse_chunk_file) else {
-                    continue;
-                };
-                let known = chunks.contains(start, e);
-                if !known && e < epoch {
-                    tracing::info!(container = self.id(), chunk = %listed, "deleting a partial tier-2 upload");
-                    self.delete_chunk(&listed).await?;
-                }
+            if !recorded {
+                listed += 1;
+                self.delete_partial_uploads(&name, &chunks, epoch).await?;
             }
             if emptied {
                 // Sealed and truncated to its end: nothing of it is left in tier-2, and never
@@ -272,7 +269,16 @@ impl Container {
                 continue;
             };
             let chunk = chunk_name(&name, last.start, last.epoch);
-            let size = store.size(&chunk).await.map_err(t2err)?;
+            let size = match store.size(&chunk).await {
+                Ok(size) => size,
+                // Recorded, then the owner stopped before creating it: created now, so that
+                // it can be sealed like any other.
+                Err(ChunkError::NotFound(_)) if last.len == 0 => {
+                    self.create_chunk(&chunk).await?;
+                    0
+                }
+                Err(e) => return Err(t2err(e)),
+            };
             if size < last.len {
                 tracing::error!(
                     container = self.id(),
@@ -289,29 +295,51 @@ impl Container {
             }
             self.close_chunk(&chunk, Some(size)).await?;
         }
+        if !recorded {
+            self.submit(Request::CreationsRecorded)
+                .map_err(|e| format!("recording chunk creations: {e}"))?
+                .await
+                .map_err(|e| format!("recording chunk creations: {e}"))?;
+        }
         if checked + closed > 0 {
-            tracing::info!(container = self.id(), checked, closed, took = ?started.elapsed(), "tier-2 reconciled (closed segments skipped)");
+            tracing::info!(container = self.id(), checked, closed, listed, took = ?started.elapsed(), "tier-2 reconciled (closed segments skipped)");
+        }
+        Ok(())
+    }
+
+    /// Lists a segment's tier-2 directory and deletes the chunks of older epochs its
+    /// metadata does not name: uploads a crash interrupted before their first `Chunk` entry
+    /// (only builds that created chunks before recording them left such chunks).
+    async fn delete_partial_uploads(&self, name: &str, chunks: &ChunkList, epoch: u64) -> Result<(), String> {
+        let dir = format!("{}/", segment_dir(name));
+        for listed in self.t2().cfg.store.list(&dir).await.map_err(t2err)? {
+            let Some((start, e)) = listed.rsplit('/').next().and_then(parse_chunk_file) else {
+                continue;
+            };
+            if !chunks.contains(start, e) && e < epoch {
+                tracing::info!(container = self.id(), chunk = %listed, "deleting a partial tier-2 upload");
+                self.delete_chunk(&listed).await?;
+            }
         }
         Ok(())
     }
 
     async fn record_chunk(self: &Rc<Self>, name: &str, start: u64, epoch: u64, len: u64) -> Result<(), String> {
-        self.queue_record(name, start, epoch, len)?.await
+        self.queue_record(name, start, epoch, len).map_err(|e| format!("recording chunk of {name}: {e}"))?.await
     }
 
     /// Queues a `Chunk` entry now (its place in the log is fixed at this call); the future
-    /// resolves once it is durable.
+    /// resolves once it is durable. Refused (`Truncated`) when a truncation accepted
+    /// meanwhile leaves the chunk wholly below the segment's start.
     fn queue_record(
         self: &Rc<Self>,
         name: &str,
         start: u64,
         epoch: u64,
         len: u64,
-    ) -> Result<impl std::future::Future<Output = Result<(), String>> + 'static, String> {
+    ) -> Result<impl std::future::Future<Output = Result<(), String>> + 'static, EngineError> {
         let what = format!("recording chunk of {name}");
-        let fut = self
-            .submit(Request::Chunk { name: name.to_string(), start, epoch, len })
-            .map_err(|e| format!("{what}: {e}"))?;
+        let fut = self.submit(Request::Chunk { name: name.to_string(), start, epoch, len })?;
         Ok(async move { fut.await.map(|_| ()).map_err(|e| format!("{what}: {e}")) })
     }
 
@@ -589,8 +617,14 @@ impl Container {
     async fn move_segment(self: &Rc<Self>, task: MoveTask) -> Result<bool, String> {
         let chunk_bytes = self.t2().cfg.chunk_bytes;
         let epoch = self.core.borrow().epoch();
-        let mut chunk: Option<ChunkMeta> =
-            task.last_chunk.filter(|c| c.epoch == epoch && c.start + c.len == task.from && c.len < chunk_bytes);
+        // This term's last chunk goes on filling; one recorded with no bytes is created again
+        // unless this mover created it (the creation may have failed after the record).
+        let mut chunk: Option<ChunkMeta> = task.last_chunk.filter(|c| {
+            c.epoch == epoch
+                && c.start + c.len == task.from
+                && c.len < chunk_bytes
+                && (c.len > 0 || self.t2().growing.borrow().contains_key(&chunk_name(&task.name, c.start, c.epoch)))
+        });
         if let Some(old) = task.last_chunk.filter(|c| c.epoch < epoch) {
             // Fence the previous owner's chunk before writing past it.
             self.close_chunk(&chunk_name(&task.name, old.start, old.epoch), None).await?;
@@ -661,6 +695,16 @@ impl Container {
                     // A deleted segment of the same name may have left this very name as
                     // garbage: delete it first, or a later collection would take ours.
                     self.collect_garbage().await?;
+                    // Recorded (with no bytes) before it exists, so that tier-2 never holds
+                    // a chunk the metadata does not name and restarts need not list tier-2.
+                    // The entry is queued behind those of the pieces before: durable after
+                    // them.
+                    match self.queue_record(&task.name, at, epoch, 0) {
+                        Ok(f) => f.await?,
+                        // Truncated or deleted meanwhile: nothing more to move for it now.
+                        Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(()),
+                        Err(e) => return Err(format!("recording a new chunk of {}: {e}", task.name)),
+                    }
                     self.create_chunk(&name).await?;
                     self.t2().growing.borrow_mut().insert(name, Growing::default());
                     ChunkMeta { start: at, epoch, len: 0 }
@@ -694,8 +738,9 @@ impl Container {
             }
             match self.queue_record(&task.name, c.start, epoch, c.len + n) {
                 Ok(f) => records.push_back(Box::pin(f)),
-                Err(_) if self.core.borrow().status(&task.name).is_err() => return Ok(()),
-                Err(e) => return Err(e),
+                // Truncated past the piece or deleted meanwhile: nothing more to move now.
+                Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(()),
+                Err(e) => return Err(format!("recording chunk of {}: {e}", task.name)),
             }
             *moved = true;
             *off += n;

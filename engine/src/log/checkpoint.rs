@@ -2,14 +2,18 @@
 //! record of every log file so recovery replays only the newest file. Encoded with rkyv and
 //! validated (bytecheck) when read back.
 //!
-//! Layouts: the current one is tagged (`SLCK`, version 2) and keeps each segment's tier-2
-//! chunks as runs; the first layout (untagged) listed every chunk and is still read, so a
-//! data directory written before runs opens as it was.
+//! Layouts: the current one is tagged (`SLCK`, version 3) and keeps each segment's tier-2
+//! chunks as runs, and whether the container records chunk creations. Older layouts are
+//! still read, so a data directory written by an older build opens as it was: version 2
+//! (the same without the creations flag) and the first layout (untagged, every chunk
+//! listed).
 
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Prefix of a checkpoint of the current layout.
-const TAG: &[u8; 8] = b"SLCK\x02\0\0\0";
+const TAG: &[u8; 8] = b"SLCK\x03\0\0\0";
+/// Prefix of a checkpoint of the second layout.
+const TAG_V2: &[u8; 8] = b"SLCK\x02\0\0\0";
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct CheckpointState {
@@ -19,6 +23,34 @@ pub struct CheckpointState {
     pub segments: Vec<SegmentCheckpoint>,
     /// Tier-2 chunks of truncated or deleted segments not yet deleted from tier-2.
     pub garbage: Vec<String>,
+    /// Every tier-2 chunk of the container is named by its metadata, and every chunk is
+    /// recorded before it is created (`LogEntry::CreationsRecorded`): a restart need not
+    /// list tier-2 for partial uploads.
+    pub creations_recorded: bool,
+}
+
+/// The second layout (tagged version 2), read only: no `creations_recorded`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct CheckpointStateV2 {
+    pub container: u32,
+    pub epoch: u64,
+    pub next_segment_id: u64,
+    pub segments: Vec<SegmentCheckpoint>,
+    pub garbage: Vec<String>,
+}
+
+impl From<CheckpointStateV2> for CheckpointState {
+    fn from(v: CheckpointStateV2) -> Self {
+        Self {
+            container: v.container,
+            epoch: v.epoch,
+            next_segment_id: v.next_segment_id,
+            segments: v.segments,
+            garbage: v.garbage,
+            // Written by a build that created chunks before recording them.
+            creations_recorded: false,
+        }
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -90,6 +122,7 @@ impl From<LegacyCheckpointState> for CheckpointState {
             next_segment_id: l.next_segment_id,
             segments,
             garbage: l.garbage,
+            creations_recorded: false,
         }
     }
 }
@@ -103,12 +136,17 @@ impl CheckpointState {
         out
     }
 
-    /// Reads either layout.
+    /// Reads any layout.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         if let Some(body) = bytes.strip_prefix(TAG)
             && let Ok(ck) = rkyv::from_bytes::<Self, rkyv::rancor::Error>(body)
         {
             return Ok(ck);
+        }
+        if let Some(body) = bytes.strip_prefix(TAG_V2)
+            && let Ok(ck) = rkyv::from_bytes::<CheckpointStateV2, rkyv::rancor::Error>(body)
+        {
+            return Ok(ck.into());
         }
         rkyv::from_bytes::<LegacyCheckpointState, rkyv::rancor::Error>(bytes)
             .map(Self::from)
@@ -140,15 +178,29 @@ mod tests {
         }
     }
 
-    /// A checkpoint of the first layout reads as the same state; the current one round-trips.
+    /// Checkpoints of the older layouts read as the same state (creations not recorded);
+    /// the current one round-trips.
     #[test]
-    fn both_layouts_read() {
+    fn every_layout_reads() {
         let old = rkyv::to_bytes::<rkyv::rancor::Error>(&legacy()).unwrap();
         let ck = CheckpointState::decode(&old).unwrap();
         assert_eq!(ck.segments[0].chunks, vec![(0, 1, 100, 1), (100, 1, 100, 1), (200, 2, 50, 1)]);
         assert_eq!((ck.container, ck.epoch, ck.next_segment_id, ck.garbage.len()), (3, 7, 9, 1));
         assert_eq!(ck.segments[0].writers, vec![(5, 6)]);
-        assert_eq!(CheckpointState::decode(&ck.encode()).unwrap(), ck);
+        assert!(!ck.creations_recorded);
+        let v2 = CheckpointStateV2 {
+            container: ck.container,
+            epoch: ck.epoch,
+            next_segment_id: ck.next_segment_id,
+            segments: ck.segments.clone(),
+            garbage: ck.garbage.clone(),
+        };
+        let mut v2_bytes = TAG_V2.to_vec();
+        v2_bytes.extend_from_slice(&rkyv::to_bytes::<rkyv::rancor::Error>(&v2).unwrap());
+        assert_eq!(CheckpointState::decode(&v2_bytes).unwrap(), ck);
+        let now = CheckpointState { creations_recorded: true, ..ck };
+        assert_eq!(CheckpointState::decode(&now.encode()).unwrap(), now);
+        assert!(CheckpointState::decode(b"SLCK\x03\0\0\0garbage").is_err());
         assert!(CheckpointState::decode(b"SLCK\x02\0\0\0garbage").is_err());
         assert!(CheckpointState::decode(&old[..old.len() - 3]).is_err());
     }

@@ -10,6 +10,7 @@ const DELETE: u8 = 5;
 const CHUNK: u8 = 6;
 const MERGE: u8 = 7;
 const CHUNKS_CLOSED: u8 = 8;
+const CREATIONS_RECORDED: u8 = 9;
 
 /// Bytes of an append entry before its data.
 pub const APPEND_HEADER_BYTES: usize = 1 + 8 + 8 + 16 + 8 + 4;
@@ -63,6 +64,11 @@ pub enum LogEntry {
     ChunksClosed {
         segment: u64,
     },
+    /// Container-wide: tier-2 holds no chunk of this container that a `Chunk` entry does not
+    /// name (reconciliation listed every segment's chunks and deleted the others), and from
+    /// here on every chunk is recorded (a `Chunk` entry of 0 bytes) before it is created; so
+    /// restarts need not list tier-2 to find partial uploads.
+    CreationsRecorded,
 }
 
 impl LogEntry {
@@ -74,6 +80,7 @@ impl LogEntry {
             LogEntry::Seal { .. } | LogEntry::Delete { .. } | LogEntry::ChunksClosed { .. } => 1 + 8,
             LogEntry::Truncate { .. } => 1 + 8 + 8,
             LogEntry::Chunk { .. } => 1 + 8 * 4,
+            LogEntry::CreationsRecorded => 1,
             LogEntry::Merge { data, .. } => MERGE_HEADER_BYTES + data.len(),
         }
     }
@@ -122,6 +129,7 @@ impl LogEntry {
                 w.u8(CHUNKS_CLOSED);
                 w.u64(*segment);
             }
+            LogEntry::CreationsRecorded => w.u8(CREATIONS_RECORDED),
             LogEntry::Chunk { segment, start, epoch, len } => {
                 w.u8(CHUNK);
                 for v in [*segment, *start, *epoch, *len] {
@@ -184,6 +192,7 @@ pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, 
             DELETE => LogEntry::Delete { segment: r.u64()? },
             CHUNK => LogEntry::Chunk { segment: r.u64()?, start: r.u64()?, epoch: r.u64()?, len: r.u64()? },
             CHUNKS_CLOSED => LogEntry::ChunksClosed { segment: r.u64()? },
+            CREATIONS_RECORDED => LogEntry::CreationsRecorded,
             t => {
                 return Err(format!("unknown entry type {t} at payload byte {}", r.pos - 1));
             }
@@ -266,6 +275,7 @@ mod tests {
             LogEntry::Chunk { segment: 1, start: 10, epoch: 3, len: 4096 },
             LogEntry::Merge { segment: 1, offset: 3, source: 2, data: Bytes::from_static(b"defg") },
             LogEntry::ChunksClosed { segment: 1 },
+            LogEntry::CreationsRecorded,
         ];
         let total: usize = entries.iter().map(|e| e.encoded_len()).sum();
         let mut buf = vec![0u8; total];
@@ -280,6 +290,6 @@ mod tests {
         let merge_at: usize = entries[..6].iter().map(|e| e.encoded_len()).sum();
         assert_eq!(decoded[6].1, 1000 + (merge_at + MERGE_HEADER_BYTES) as u64);
         assert!(decode_entries(&Bytes::from_static(&[2, 0, 0]), 0).is_err());
-        assert!(decode_entries(&Bytes::from_static(&[9]), 0).is_err());
+        assert!(decode_entries(&Bytes::from_static(&[10]), 0).is_err());
     }
 }
