@@ -206,15 +206,42 @@ impl Client {
     /// Endpoint of the shard that owns `segment` (in a cluster, of the node that serves
     /// its container; the bootstrap node while the container moves, which redirects).
     pub fn endpoint_of(&self, segment: &str) -> String {
+        let c = {
+            let map = self.inner.map.lock().expect("lock");
+            container_of(segment, map.container_count, map.placement)
+        };
+        self.container_endpoint(c.0)
+    }
+
+    /// Number of segment containers (of the node; of the cluster in cluster mode).
+    pub fn container_count(&self) -> u32 {
+        self.inner.map.lock().expect("lock").container_count
+    }
+
+    /// Endpoint of the shard serving container `c` (in a cluster, of the node that serves it;
+    /// the bootstrap node while it moves).
+    pub fn container_endpoint(&self, c: u32) -> String {
         let map = self.inner.map.lock().expect("lock");
-        let c = container_of(segment, map.container_count, map.placement);
         if !map.containers.is_empty() {
-            return match map.containers.get(c.0 as usize).filter(|e| !e.is_empty()) {
+            return match map.containers.get(c as usize).filter(|e| !e.is_empty()) {
                 Some(e) => e.clone(),
                 None => self.inner.bootstrap.clone(),
             };
         }
-        map.endpoints[shard_of(c, map.endpoints.len() as u32) as usize].clone()
+        map.endpoints[shard_of(sluice_net::ids::ContainerId(c), map.endpoints.len() as u32) as usize].clone()
+    }
+
+    /// Has the node serving container `c` read its log files back from the disk and check
+    /// every record (`ScrubLog`), at most `bytes_per_sec` (0: unpaced). `None`: that node
+    /// no longer serves it (it is moving).
+    pub async fn scrub_container(&self, c: u32, bytes_per_sec: u64) -> Result<Option<ContainerScrub>, ClientError> {
+        let endpoint = self.container_endpoint(c);
+        let report: ScrubReport = self
+            .connection(&endpoint)
+            .await?
+            .call(&ScrubLog { containers: vec![c], bytes_per_sec }, Bytes::new())
+            .await?;
+        Ok(report.containers.into_iter().find(|s| s.container == c))
     }
 
     /// Connection to the shard that owns `segment`.

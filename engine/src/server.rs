@@ -423,6 +423,22 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             let g: GetStats = frame.decode()?;
             Dispatched::Now(reply(id, &crate::stats::snapshot(shard.index, g.reset)))
         }
+        Kind::ScrubLog => {
+            let g: ScrubLog = frame.decode()?;
+            let mut mine: Vec<_> = {
+                let containers = shard.containers.borrow();
+                g.containers.iter().filter_map(|c| containers.get(c).cloned()).collect()
+            };
+            mine.sort_by_key(|c| c.id());
+            let index = shard.index;
+            later(async move {
+                let mut containers = Vec::with_capacity(mine.len());
+                for c in mine {
+                    containers.push(c.scrub(g.bytes_per_sec).await);
+                }
+                reply(id, &ScrubReport { shard: index, containers })
+            })
+        }
         Kind::GetSegmentInfo => {
             let g: GetSegmentInfo = frame.decode()?;
             match shard.owner(&g.segment) {

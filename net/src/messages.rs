@@ -31,7 +31,7 @@ kinds! {
     CommitTxn = 56, FinishCommit = 57, AbortTxn = 58, ForgetTxn = 59,
     AddSubscriber = 60, RemoveSubscriber = 61, UpdateSubscriber = 62, ListSubscribers = 63,
     SubscriberList = 64,
-    GetStats = 70, ShardStats = 71,
+    GetStats = 70, ShardStats = 71, ScrubLog = 72, ScrubReport = 73,
 }
 
 /// A control message: its kind and its archive.
@@ -540,6 +540,43 @@ control!(
         pub flushed_bytes: u64,
     }
 );
+
+control!(
+    ScrubLog,
+    /// Reads the log files of the shard's containers back from the disk and checks every
+    /// record (answered by the shard it is sent to, once done).
+    pub struct ScrubLog {
+        /// Containers to scrub; those the shard does not serve are left out of the answer.
+        pub containers: Vec<u32>,
+        /// Most bytes read per second (0: as fast as the disk goes).
+        pub bytes_per_sec: u64,
+    }
+);
+control!(
+    ScrubReport,
+    /// What a scrub found, per container the shard serves.
+    pub struct ScrubReport {
+        pub shard: u32,
+        pub containers: Vec<ContainerScrub>,
+    }
+);
+
+/// One container's log, read back and checked.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct ContainerScrub {
+    pub container: u32,
+    /// Log files read.
+    pub files: u32,
+    /// Records whose checksums held.
+    pub records: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Files deleted (freed once moved to tier-2) before the scrub reached them.
+    pub gone: u32,
+    /// Each finding: the file, where, and what is wrong. Empty: the log is sound.
+    pub damage: Vec<String>,
+    pub took_ms: u64,
+}
 
 /// A latency distribution in microseconds (all 0 when `count` is 0).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]

@@ -7,6 +7,7 @@ mod dump;
 mod io;
 mod retention;
 mod rg;
+mod scrub;
 mod stats;
 mod txn;
 mod txns;
@@ -57,7 +58,7 @@ enum Cmd {
     /// Transactions: list, describe, commit or abort them; write one from stdin.
     #[command(subcommand)]
     Txn(txn::TxnCmd),
-    /// Inspect container logs offline.
+    /// Container logs: check them on a running node (scrub), or list them offline (dump).
     #[command(subcommand)]
     Log(LogCmd),
     /// Cluster metadata in etcd.
@@ -289,6 +290,11 @@ enum CutPos {
 
 #[derive(Subcommand)]
 enum LogCmd {
+    /// Have the running node read every container's log files back from the disk and check
+    /// every record (checksums, the record chain across files, the acknowledged tail), so
+    /// that damage is found before a reader or a restart needs the bytes. In a cluster,
+    /// each container is scrubbed on the node serving it. Exit status 1 on damage.
+    Scrub(scrub::ScrubArgs),
     /// List the records of a container log (a container directory, or a data directory).
     Dump {
         dir: PathBuf,
@@ -578,6 +584,7 @@ fn print_epochs(history: &sluice_net::StreamHistory) {
 async fn admin(url: &str, retry_for: Duration, cmd: Cmd) -> Result<(), String> {
     let c = client(url, retry_for).await?;
     match cmd {
+        Cmd::Log(LogCmd::Scrub(a)) => scrub::run(&c, a).await?,
         Cmd::Scope(ScopeCmd::Create { scope }) => {
             c.create_scope(&scope).await.map_err(err)?;
             println!("created scope {scope}");

@@ -1,7 +1,7 @@
 //! Segment containers: the sans-IO state machine (`core`), its read cache and file
 //! indexes, the glommio driver that gives it direct-IO log files (`io`), and its tier-2
-//! mover and tier-2 reads (`mover`), a segment's tier-2 chunk list (`chunks`), and
-//! per-segment append rates for auto-scaling (`rates`).
+//! mover and tier-2 reads (`mover`), a segment's tier-2 chunk list (`chunks`),
+//! per-segment append rates for auto-scaling (`rates`), and the log scrub (`scrub`).
 
 pub mod cache;
 pub mod chunks;
@@ -12,3 +12,4 @@ pub mod index;
 pub mod io;
 pub mod mover;
 pub mod rates;
+pub mod scrub;
