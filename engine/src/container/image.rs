@@ -88,9 +88,24 @@ impl Drop for Image {
     }
 }
 
+/// Size of each read of a file image. One piece at a time: a whole 64 MiB file asked for at
+/// once (the kernel splits it into many requests, a deep queue) held every log write on the
+/// device behind it, and a reader catching up from older files took writers' acknowledgements
+/// from 1 ms to 30-50 ms at p50 (p99 0.3-0.5 s); in 1 MiB pieces the same catch-up cost them
+/// 2-4 ms at p50, and itself ran faster (docs/BENCHMARKS.md, twelfth session).
+pub(crate) const READ_PIECE_BYTES: usize = 1 << 20;
+
 /// Reads the whole file at `path` (blocking; run it on a helper thread), with direct I/O
-/// where the file system allows it.
+/// where the file system allows it, in pieces of `READ_PIECE_BYTES`.
 pub(crate) fn read_file(path: &Path) -> std::io::Result<Bytes> {
+    read_file_paced(path, READ_PIECE_BYTES, 0)
+}
+
+/// `read_file` a piece of at most `piece` bytes at a time, one after the other, and at most
+/// `bytes_per_sec` (0: unpaced): the device then never holds more than one piece of this
+/// file's reads, so writes to it (log flushes) wait behind a piece, not a whole file.
+pub(crate) fn read_file_paced(path: &Path, piece: usize, bytes_per_sec: u64) -> std::io::Result<Bytes> {
+    let started = std::time::Instant::now();
     let f = match File::options().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => File::open(path)?,
         r => r?,
@@ -98,11 +113,12 @@ pub(crate) fn read_file(path: &Path) -> std::io::Result<Bytes> {
     let size = usize::try_from(f.metadata()?.len()).map_err(std::io::Error::other)?;
     let mut buf = RawBuf::take(size);
     let mut done = 0;
-    // Block-aligned lengths and offsets throughout; the kernel splits each read into many
-    // requests, so the device sees a deep sequential queue.
+    // Block-aligned lengths and offsets throughout.
     let end = size.div_ceil(ALIGN) * ALIGN; // within `buf.cap` (see `RawBuf::take`)
+    let piece = (piece / ALIGN).max(1) * ALIGN;
     while done < size {
-        match f.read_at(&mut buf.as_mut_slice()[done..end], done as u64) {
+        let to = end.min(done.saturating_add(piece));
+        match f.read_at(&mut buf.as_mut_slice()[done..to], done as u64) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -110,6 +126,12 @@ pub(crate) fn read_file(path: &Path) -> std::io::Result<Bytes> {
         }
         if done % ALIGN != 0 {
             break; // a short read ends the file
+        }
+        if bytes_per_sec > 0 {
+            let due = std::time::Duration::from_secs_f64(done as f64 / bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
         }
     }
     Ok(Bytes::from_owner(Image { buf: Some(buf), len: done.min(size) }))

@@ -12,14 +12,17 @@
 //! - a file header that does not check.
 //!
 //! Files freed while the scrub runs are counted and skipped. Reads and checks run on a
-//! helper thread, a file at a time; the shard only waits, and paces them to the rate asked.
+//! helper thread, a file at a time, read in 1 MiB pieces one after the other and paced to
+//! the rate asked, so the log's own writes never queue behind more than one piece (a whole
+//! 64 MiB file read at once held them up for its whole read, tens of milliseconds); the
+//! shard only waits.
 
 use crate::container::image;
 use crate::container::io::Container;
 use crate::log::file_name;
 use crate::log::scan::{ScanEnd, scan_file};
 use sluice_net::messages::ContainerScrub;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What one file held, summed up on the helper thread (the file's bytes are dropped there).
 #[derive(Debug, Default)]
@@ -34,8 +37,8 @@ struct FileCheck {
     stop: Option<ScanEnd>,
 }
 
-fn check_file(path: &std::path::Path) -> std::io::Result<FileCheck> {
-    let bytes = image::read_file(path)?;
+fn check_file(path: &std::path::Path, bytes_per_sec: u64) -> std::io::Result<FileCheck> {
+    let bytes = image::read_file_paced(path, image::READ_PIECE_BYTES, bytes_per_sec)?;
     let scan = scan_file(&bytes);
     Ok(FileCheck {
         bytes: bytes.len() as u64,
@@ -62,9 +65,8 @@ impl Container {
         let mut next_lsn: Option<(u64, u64)> = None;
         for seq in oldest..=current {
             let path = self.dir.join(file_name(seq));
-            let file_started = Instant::now();
             let owned = path.clone();
-            let checked = glommio::executor().spawn_blocking(move || check_file(&owned)).await;
+            let checked = glommio::executor().spawn_blocking(move || check_file(&owned, bytes_per_sec)).await;
             let f = match checked {
                 Ok(f) => f,
                 // A container that never wrote a record may have no file yet.
@@ -122,12 +124,6 @@ impl Container {
             // chain to the next file is not known (and would only repeat the finding).
             let corrupt = matches!(f.stop, Some(ScanEnd::Corrupt { .. }));
             next_lsn = f.last_lsn.filter(|_| !corrupt).map(|l| (seq, l + 1));
-            if bytes_per_sec > 0 {
-                let due = Duration::from_secs_f64(f.bytes as f64 / bytes_per_sec as f64);
-                if let Some(wait) = due.checked_sub(file_started.elapsed()) {
-                    glommio::timer::sleep(wait).await;
-                }
-            }
         }
         out.took_ms = started.elapsed().as_millis() as u64;
         if out.damage.is_empty() {
