@@ -91,50 +91,66 @@ impl Drop for Image {
 /// Size of each read of a file image. One piece at a time: a whole 64 MiB file asked for at
 /// once (the kernel splits it into many requests, a deep queue) held every log write on the
 /// device behind it, and a reader catching up from older files took writers' acknowledgements
-/// from 1 ms to 30-50 ms at p50 (p99 0.3-0.5 s); in 1 MiB pieces the same catch-up cost them
-/// 2-4 ms at p50, and itself ran faster (docs/BENCHMARKS.md, twelfth session).
+/// from 1 ms to 30-70 ms at p50 (p99 0.3-0.5 s); in 1 MiB pieces the same catch-up cost them
+/// 2-5 ms at p50, and itself ran faster (docs/BENCHMARKS.md, twelfth session).
 pub(crate) const READ_PIECE_BYTES: usize = 1 << 20;
 
 /// Reads the whole file at `path` (blocking; run it on a helper thread), with direct I/O
 /// where the file system allows it, in pieces of `READ_PIECE_BYTES`.
 pub(crate) fn read_file(path: &Path) -> std::io::Result<Bytes> {
-    read_file_paced(path, READ_PIECE_BYTES, 0)
+    let mut image = PartialImage::open(path)?;
+    while !image.read_piece()? {}
+    Ok(image.finish())
 }
 
-/// `read_file` a piece of at most `piece` bytes at a time, one after the other, and at most
-/// `bytes_per_sec` (0: unpaced): the device then never holds more than one piece of this
-/// file's reads, so writes to it (log flushes) wait behind a piece, not a whole file.
-pub(crate) fn read_file_paced(path: &Path, piece: usize, bytes_per_sec: u64) -> std::io::Result<Bytes> {
-    let started = std::time::Instant::now();
-    let f = match File::options().read(true).custom_flags(libc::O_DIRECT).open(path) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => File::open(path)?,
-        r => r?,
-    };
-    let size = usize::try_from(f.metadata()?.len()).map_err(std::io::Error::other)?;
-    let mut buf = RawBuf::take(size);
-    let mut done = 0;
-    // Block-aligned lengths and offsets throughout.
-    let end = size.div_ceil(ALIGN) * ALIGN; // within `buf.cap` (see `RawBuf::take`)
-    let piece = (piece / ALIGN).max(1) * ALIGN;
-    while done < size {
-        let to = end.min(done.saturating_add(piece));
-        match f.read_at(&mut buf.as_mut_slice()[done..to], done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-        if done % ALIGN != 0 {
-            break; // a short read ends the file
-        }
-        if bytes_per_sec > 0 {
-            let due = std::time::Duration::from_secs_f64(done as f64 / bytes_per_sec as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
+/// A file being read into an image one piece (`READ_PIECE_BYTES`) at a time, each piece a
+/// blocking call of its own: a caller that paces its reads (the log scrub) can wait between
+/// pieces without holding its helper thread.
+pub(crate) struct PartialImage {
+    file: File,
+    buf: RawBuf,
+    size: usize,
+    done: usize,
+}
+
+impl PartialImage {
+    pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
+        let file = match File::options().read(true).custom_flags(libc::O_DIRECT).open(path) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => File::open(path)?,
+            r => r?,
+        };
+        let size = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+        Ok(Self { file, buf: RawBuf::take(size), size, done: 0 })
     }
-    Ok(Bytes::from_owner(Image { buf: Some(buf), len: done.min(size) }))
+
+    /// Bytes read so far.
+    pub(crate) fn done(&self) -> usize {
+        self.done
+    }
+
+    /// Reads the next piece (blocking); true once the whole file is read.
+    pub(crate) fn read_piece(&mut self) -> std::io::Result<bool> {
+        // Block-aligned lengths and offsets throughout.
+        let end = self.size.div_ceil(ALIGN) * ALIGN; // within `buf.cap` (see `RawBuf::take`)
+        while self.done < self.size {
+            let to = end.min(self.done + READ_PIECE_BYTES);
+            match self.file.read_at(&mut self.buf.as_mut_slice()[self.done..to], self.done as u64) {
+                Ok(0) => return Ok(true),
+                Ok(n) => self.done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            // A short read ends the file.
+            return Ok(!self.done.is_multiple_of(ALIGN) || self.done >= self.size);
+        }
+        Ok(true)
+    }
+
+    /// The image of what was read.
+    pub(crate) fn finish(self) -> Bytes {
+        let len = self.done.min(self.size);
+        Bytes::from_owner(Image { buf: Some(self.buf), len })
+    }
 }
 
 #[cfg(test)]

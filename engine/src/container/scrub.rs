@@ -11,20 +11,22 @@
 //! - in the current file, fewer valid records than were durable when the scrub began;
 //! - a file header that does not check.
 //!
-//! Files freed while the scrub runs are counted and skipped. Reads and checks run on a
-//! helper thread, a file at a time, read in 1 MiB pieces one after the other and paced to
-//! the rate asked, so the log's own writes never queue behind more than one piece (a whole
-//! 64 MiB file read at once held them up for its whole read, tens of milliseconds); the
-//! shard only waits.
+//! Files freed while the scrub runs are counted and skipped. A file is read in 1 MiB pieces
+//! one after the other, each on the shard's helper thread, paced to the rate asked between
+//! pieces (so the log's own writes never queue behind more than one piece, and the helper
+//! thread's other work, file images for readers and log file preparation, gets in between);
+//! its checks run there too. The shard only waits.
 
 use crate::container::image;
 use crate::container::io::Container;
 use crate::log::file_name;
 use crate::log::scan::{ScanEnd, scan_file};
+use bytes::Bytes;
 use sluice_net::messages::ContainerScrub;
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-/// What one file held, summed up on the helper thread (the file's bytes are dropped there).
+/// What one file held, summed up on a helper thread.
 #[derive(Debug, Default)]
 struct FileCheck {
     bytes: u64,
@@ -37,10 +39,10 @@ struct FileCheck {
     stop: Option<ScanEnd>,
 }
 
-fn check_file(path: &std::path::Path, bytes_per_sec: u64) -> std::io::Result<FileCheck> {
-    let bytes = image::read_file_paced(path, image::READ_PIECE_BYTES, bytes_per_sec)?;
-    let scan = scan_file(&bytes);
-    Ok(FileCheck {
+/// Checks a file's records (blocking: CRCs of the whole file).
+fn check_image(bytes: &Bytes) -> FileCheck {
+    let scan = scan_file(bytes);
+    FileCheck {
         bytes: bytes.len() as u64,
         header: scan.header.err(),
         records: scan.records.len() as u64,
@@ -48,7 +50,33 @@ fn check_file(path: &std::path::Path, bytes_per_sec: u64) -> std::io::Result<Fil
         last_lsn: scan.records.last().map(|r| r.header.lsn),
         end: scan.end,
         stop: Some(scan.stop),
-    })
+    }
+}
+
+/// Reads `path` a piece at a time (each piece a helper-thread call, so the shard's other
+/// blocking work gets in between), waiting between pieces to keep to `bytes_per_sec`.
+async fn read_paced(path: &Path, bytes_per_sec: u64) -> std::io::Result<Bytes> {
+    let started = Instant::now();
+    let owned = path.to_path_buf();
+    let mut image = glommio::executor().spawn_blocking(move || image::PartialImage::open(&owned)).await?;
+    loop {
+        let (back, done) = glommio::executor()
+            .spawn_blocking(move || {
+                let done = image.read_piece();
+                (image, done)
+            })
+            .await;
+        image = back;
+        if done? {
+            return Ok(image.finish());
+        }
+        if bytes_per_sec > 0 {
+            let due = Duration::from_secs_f64(image.done() as f64 / bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                glommio::timer::sleep(wait).await;
+            }
+        }
+    }
 }
 
 impl Container {
@@ -65,10 +93,8 @@ impl Container {
         let mut next_lsn: Option<(u64, u64)> = None;
         for seq in oldest..=current {
             let path = self.dir.join(file_name(seq));
-            let owned = path.clone();
-            let checked = glommio::executor().spawn_blocking(move || check_file(&owned, bytes_per_sec)).await;
-            let f = match checked {
-                Ok(f) => f,
+            let f = match read_paced(&path, bytes_per_sec).await {
+                Ok(bytes) => glommio::executor().spawn_blocking(move || check_image(&bytes)).await,
                 // A container that never wrote a record may have no file yet.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && seq == current && durable_lsn == 0 => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
