@@ -235,6 +235,15 @@ async fn write_events(client: &Client, stream: &str, n: u64, size: usize) {
     }
 }
 
+/// Reads `n` events of `size` bytes from the head of `stream`.
+async fn read_back_events(client: &Client, stream: &str, n: u64, size: usize) {
+    let mut reader = client.event_reader(stream, ReadFrom::Head).await.unwrap();
+    for i in 0..n {
+        let ev = reader.read_next(Duration::from_secs(5)).await.unwrap();
+        assert!(ev.is_some_and(|e| e.payload.len() == size), "event {i}");
+    }
+}
+
 /// (bytes held, start offsets) of a stream's segments.
 async fn held(client: &Client, scope: &str, stream: &str, segments: u64) -> (u64, Vec<u64>) {
     let mut total = 0;
@@ -741,25 +750,13 @@ async fn sealed_segments_in_tier2_are_not_reconciled_again() {
     for restart in 0..2 {
         server.kill();
         server.restart();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        line = loop {
-            let log = server_log(&dir);
-            if let Some(l) = log.lines().filter(|l| l.contains("tier-2 reconciled")).nth(restart) {
-                break l.to_string();
-            }
-            assert!(Instant::now() < deadline, "no reconciliation after restart {restart}:\n{log}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        line = reconciled_line(&dir, restart).await;
         eprintln!("restart {restart}: {line}");
     }
     // Only the other stream's segment, still written to, is looked at.
     assert!(line.contains("checked=1") && line.contains("closed=3"), "{line}");
     let client = Client::connect(&server.url()).await.unwrap();
-    let mut reader = client.event_reader("cl/s", ReadFrom::Head).await.unwrap();
-    for n in 0..2000 {
-        let ev = reader.read_next(Duration::from_secs(5)).await.unwrap();
-        assert!(ev.is_some_and(|e| e.payload.len() == 1024), "event {n}");
-    }
+    read_back_events(&client, "cl/s", 2000, 1024).await;
 }
 
 /// A stream deleted and created again reuses its chunks' names (same segment, start and
@@ -908,9 +905,5 @@ async fn restarts_list_tier2_only_for_data_from_older_builds() {
     eprintln!("restart 3: {line}");
     assert!(line.contains("checked=1") && line.contains("listed=0"), "{line}");
     let client = Client::connect(&server.url()).await.unwrap();
-    let mut reader = client.event_reader("ls/s", ReadFrom::Head).await.unwrap();
-    for n in 0..3000 {
-        let ev = reader.read_next(Duration::from_secs(5)).await.unwrap();
-        assert!(ev.is_some_and(|e| e.payload.len() == 1024), "event {n}");
-    }
+    read_back_events(&client, "ls/s", 3000, 1024).await;
 }

@@ -130,20 +130,21 @@ impl PartialImage {
 
     /// Reads the next piece (blocking); true once the whole file is read.
     pub(crate) fn read_piece(&mut self) -> std::io::Result<bool> {
+        if self.done >= self.size {
+            return Ok(true);
+        }
         // Block-aligned lengths and offsets throughout.
         let end = self.size.div_ceil(ALIGN) * ALIGN; // within `buf.cap` (see `RawBuf::take`)
-        while self.done < self.size {
-            let to = end.min(self.done + READ_PIECE_BYTES);
+        let to = end.min(self.done + READ_PIECE_BYTES);
+        let n = loop {
             match self.file.read_at(&mut self.buf.as_mut_slice()[self.done..to], self.done as u64) {
-                Ok(0) => return Ok(true),
-                Ok(n) => self.done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => break r?,
             }
-            // A short read ends the file.
-            return Ok(!self.done.is_multiple_of(ALIGN) || self.done >= self.size);
-        }
-        Ok(true)
+        };
+        self.done += n;
+        // A short read ends the file.
+        Ok(n == 0 || !self.done.is_multiple_of(ALIGN) || self.done >= self.size)
     }
 
     /// The image of what was read.

@@ -296,10 +296,8 @@ impl Container {
             self.close_chunk(&chunk, Some(size)).await?;
         }
         if !recorded {
-            self.submit(Request::CreationsRecorded)
-                .map_err(|e| format!("recording chunk creations: {e}"))?
-                .await
-                .map_err(|e| format!("recording chunk creations: {e}"))?;
+            let done: Result<_, EngineError> = async { self.submit(Request::CreationsRecorded)?.await }.await;
+            done.map_err(|e| format!("recording chunk creations: {e}"))?;
         }
         if checked + closed > 0 {
             tracing::info!(container = self.id(), checked, closed, listed, took = ?started.elapsed(), "tier-2 reconciled (closed segments skipped)");
@@ -664,10 +662,8 @@ impl Container {
     /// Records that a sealed segment has nothing left to move or reconcile. Only a saving:
     /// a failure (the segment deleted meanwhile, ...) leaves it to be looked at again.
     async fn record_closed(self: &Rc<Self>, name: &str) {
-        let result = match self.submit(Request::ChunksClosed { name: name.to_string() }) {
-            Ok(f) => f.await.map(|_| ()),
-            Err(e) => Err(e),
-        };
+        let result: Result<_, EngineError> =
+            async { self.submit(Request::ChunksClosed { name: name.to_string() })?.await }.await;
         if let Err(e) = result {
             tracing::debug!(container = self.id(), segment = %name, error = %e, "chunks not recorded closed");
         }

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// What one file held, summed up on a helper thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FileCheck {
     bytes: u64,
     header: Option<String>,
@@ -36,7 +36,7 @@ struct FileCheck {
     last_lsn: Option<u64>,
     /// Position after the last valid record.
     end: u64,
-    stop: Option<ScanEnd>,
+    stop: ScanEnd,
 }
 
 /// Checks a file's records (blocking: CRCs of the whole file).
@@ -49,7 +49,7 @@ fn check_image(bytes: &Bytes) -> FileCheck {
         first_lsn: scan.records.first().map(|r| r.header.lsn),
         last_lsn: scan.records.last().map(|r| r.header.lsn),
         end: scan.end,
-        stop: Some(scan.stop),
+        stop: scan.stop,
     }
 }
 
@@ -119,7 +119,7 @@ impl Container {
             // the scrub began, a record may be read half written and the next one whole.
             let last = f.last_lsn.unwrap_or(0);
             let settled = seq < current || last < durable_lsn;
-            if let Some(ScanEnd::Corrupt { at, valid_at, reason }) = &f.stop
+            if let ScanEnd::Corrupt { at, valid_at, reason } = &f.stop
                 && settled
             {
                 out.damage.push(format!(
@@ -136,8 +136,8 @@ impl Container {
             }
             if seq == current && last < durable_lsn {
                 let stop = match &f.stop {
-                    Some(ScanEnd::Torn { reason, .. }) => format!(" ({reason})"),
-                    Some(ScanEnd::Corrupt { .. }) => " (above)".to_string(),
+                    ScanEnd::Torn { reason, .. } => format!(" ({reason})"),
+                    ScanEnd::Corrupt { .. } => " (above)".to_string(),
                     _ => String::new(),
                 };
                 out.damage.push(format!(
@@ -148,7 +148,7 @@ impl Container {
             }
             // After damage in the middle of a file its later records were not counted: the
             // chain to the next file is not known (and would only repeat the finding).
-            let corrupt = matches!(f.stop, Some(ScanEnd::Corrupt { .. }));
+            let corrupt = matches!(f.stop, ScanEnd::Corrupt { .. });
             next_lsn = f.last_lsn.filter(|_| !corrupt).map(|l| (seq, l + 1));
         }
         out.took_ms = started.elapsed().as_millis() as u64;
