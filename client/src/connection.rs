@@ -1,7 +1,9 @@
 //! One TCP connection to one shard endpoint, multiplexing pipelined requests by request id.
-//! A reader task matches replies to waiting callers; a writer task batches outgoing frames
-//! into few socket writes. When the connection breaks every waiting call fails with
-//! `ConnectionLost` and the connection reports itself closed.
+//! A reader task matches replies to waiting callers. A request is written to the socket by
+//! its caller when the socket is free (no task to wake, no copy of the payload); what the
+//! socket does not take at once waits in the outbox, which a writer task drains, so frames
+//! that pile up while the socket is busy go out in few writes. When the connection breaks
+//! every waiting call fails with `ConnectionLost` and the connection reports itself closed.
 
 use crate::error::ClientError;
 use bytes::Bytes;
@@ -10,18 +12,178 @@ use sluice_net::frame::{FrameDecoder, encode_frame_head};
 use sluice_net::messages::{Control, ErrorReply, Hello, HelloReply, Kind};
 use sluice_net::{ErrorCode, Frame};
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Notify, oneshot};
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>>;
 
+/// The write side. One writer at a time owns the socket: a caller that finds it free writes
+/// its frame itself, then whatever others appended to the outbox meanwhile; a caller that
+/// finds it taken appends and returns. What the socket does not take at once is handed to the
+/// writer task, which owns the socket until the outbox is empty. The lock is never held
+/// across a system call, so callers never sleep on it.
+struct Wire {
+    sock: OwnedWriteHalf,
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer task when the socket is handed to it.
+    drain: Notify,
+}
+
+#[derive(Default, PartialEq)]
+enum Owner {
+    #[default]
+    Free,
+    /// A caller, inside `Wire::send`.
+    Caller,
+    /// The writer task, until the outbox is empty.
+    Task,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// Bytes of whole frames not on the socket yet (the first frame possibly begun), in order.
+    bytes: Vec<u8>,
+    /// Who writes to the socket now.
+    owner: Owner,
+    /// A write failed: the connection is finished.
+    broken: bool,
+    /// The connection was dropped: the writer task ends once the outbox is empty.
+    dropped: bool,
+}
+
+/// How much of a non-blocking write went out; `None` when the socket failed.
+fn write_now(sock: &OwnedWriteHalf, bufs: &[IoSlice<'_>]) -> Option<usize> {
+    match sock.try_write_vectored(bufs) {
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(0),
+        Err(_) => None,
+    }
+}
+
+impl Wire {
+    /// Queues one frame for the socket. `false` once the connection is broken.
+    fn send(&self, head: &[u8], payload: &[u8]) -> bool {
+        {
+            let mut out = self.outbox.lock().expect("lock");
+            if out.broken {
+                return false;
+            }
+            if out.owner != Owner::Free {
+                out.bytes.extend_from_slice(head);
+                out.bytes.extend_from_slice(payload);
+                return true;
+            }
+            out.owner = Owner::Caller;
+        }
+        // The socket is this caller's until it gives it up.
+        let Some(n) = write_now(&self.sock, &[IoSlice::new(head), IoSlice::new(payload)]) else {
+            return self.fail();
+        };
+        let mut rest = Vec::new();
+        if n < head.len() + payload.len() {
+            rest.extend_from_slice(head.get(n..).unwrap_or_default());
+            rest.extend_from_slice(&payload[n.saturating_sub(head.len())..]);
+        }
+        let mut taken = Vec::new();
+        loop {
+            {
+                let mut out = self.outbox.lock().expect("lock");
+                if !rest.is_empty() {
+                    // The socket is full: what is left goes before what others appended, and
+                    // the writer task takes over.
+                    rest.append(&mut out.bytes);
+                    out.bytes = rest;
+                    out.owner = Owner::Task;
+                    drop(out);
+                    self.drain.notify_one();
+                    return true;
+                }
+                if out.bytes.is_empty() {
+                    out.owner = Owner::Free;
+                    return true;
+                }
+                std::mem::swap(&mut taken, &mut out.bytes);
+            }
+            // Frames others appended while this caller wrote.
+            let Some(n) = write_now(&self.sock, &[IoSlice::new(&taken)]) else {
+                return self.fail();
+            };
+            if n < taken.len() {
+                rest = taken.split_off(n);
+            }
+            taken.clear();
+        }
+    }
+
+    /// A caller's write failed: the connection is broken (the writer task ends).
+    fn fail(&self) -> bool {
+        self.outbox.lock().expect("lock").broken = true;
+        self.drain.notify_one();
+        false
+    }
+
+    /// The writer task: owns the socket from each hand-over until the outbox is empty; ends
+    /// when a write fails or the connection was dropped and everything is written.
+    async fn drain_loop(self: Arc<Self>) {
+        let mut chunk = Vec::new();
+        'outer: loop {
+            self.drain.notified().await;
+            loop {
+                {
+                    let mut out = self.outbox.lock().expect("lock");
+                    if out.broken {
+                        break 'outer;
+                    }
+                    match out.owner {
+                        // Woken for `dropped` (or a wake-up left over): not the task's turn.
+                        Owner::Caller => break,
+                        Owner::Task if !out.bytes.is_empty() => {}
+                        Owner::Task | Owner::Free => {
+                            out.owner = Owner::Free;
+                            if out.dropped {
+                                return;
+                            }
+                            break;
+                        }
+                    }
+                    chunk.clear();
+                    std::mem::swap(&mut chunk, &mut out.bytes);
+                }
+                let mut at = 0;
+                while at < chunk.len() {
+                    if self.sock.writable().await.is_err() {
+                        break 'outer;
+                    }
+                    match self.sock.try_write(&chunk[at..]) {
+                        Ok(n) => at += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => break 'outer,
+                    }
+                }
+            }
+        }
+        self.outbox.lock().expect("lock").broken = true;
+    }
+}
+
+impl Drop for Connection {
+    /// The writer task writes what is left in the outbox and ends; the socket's write side
+    /// is shut down when it does.
+    fn drop(&mut self) {
+        self.wire.outbox.lock().expect("lock").dropped = true;
+        self.wire.drain.notify_one();
+    }
+}
+
 pub struct Connection {
     addr: String,
-    tx: mpsc::UnboundedSender<(Vec<u8>, Bytes)>,
+    wire: Arc<Wire>,
     pending: Pending,
     next_id: AtomicU64,
     closed: Arc<AtomicBool>,
@@ -49,33 +211,20 @@ impl Connection {
             .map_err(|e| cerr(e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| cerr(e.to_string()))?;
         let (mut rd, wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<u8>, Bytes)>();
+        let wire = Arc::new(Wire { sock: wr, outbox: Mutex::new(Outbox::default()), drain: Notify::new() });
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let closed = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Connection {
             addr: addr.to_string(),
-            tx,
+            wire: wire.clone(),
             pending: pending.clone(),
             next_id: AtomicU64::new(1),
             closed: closed.clone(),
         });
         let writer_closed = closed.clone();
         tokio::spawn(async move {
-            let mut w = BufWriter::with_capacity(256 << 10, wr);
-            'outer: while let Some((head, payload)) = rx.recv().await {
-                let mut item = Some((head, payload));
-                while let Some((head, payload)) = item.take() {
-                    if w.write_all(&head).await.is_err() || w.write_all(&payload).await.is_err() {
-                        break 'outer;
-                    }
-                    item = rx.try_recv().ok();
-                }
-                if w.flush().await.is_err() {
-                    break;
-                }
-            }
+            wire.drain_loop().await;
             writer_closed.store(true, Ordering::SeqCst);
-            let _ = w.shutdown().await;
         });
         let reader_closed = closed.clone();
         let reader_pending = pending.clone();
@@ -117,9 +266,9 @@ impl Connection {
             max_version: PROTOCOL_VERSION,
             client: "sluice-client".into(),
         };
-        conn.tx
-            .send((encode_frame_head(0, &hello, 0), Bytes::new()))
-            .map_err(|_| cerr("closed during handshake".into()))?;
+        if !conn.wire.send(&encode_frame_head(0, &hello, 0), &[]) {
+            return Err(cerr("closed during handshake".into()));
+        }
         let frame = tokio::time::timeout(timeout, hello_rx)
             .await
             .map_err(|_| cerr("handshake timed out".into()))?
@@ -152,7 +301,7 @@ impl Connection {
             }
             None => false,
         };
-        let sent = registered && self.tx.send((encode_frame_head(id, msg, payload.len()), payload)).is_ok();
+        let sent = registered && self.wire.send(&encode_frame_head(id, msg, payload.len()), &payload);
         let addr = self.addr.clone();
         async move {
             if !sent {
@@ -165,5 +314,113 @@ impl Connection {
     /// Sends a request and decodes its reply as `R`.
     pub async fn call<T: Control, R: Control>(&self, msg: &T, payload: Bytes) -> Result<R, ClientError> {
         expect(self.send(msg, payload).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A wire on a real loopback socket with a small send buffer (partial writes are common),
+    /// the writer task running, and the peer's socket.
+    async fn wire_pair() -> (Arc<Wire>, TcpStream, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_send_buffer_size(8192).expect("send buffer");
+        let client = socket.connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (peer, _) = listener.accept().await.expect("accept");
+        let (rd, wr) = client.into_split();
+        // The read half is not needed; the socket stays open while the wire holds its write half.
+        std::mem::forget(rd);
+        let wire = Arc::new(Wire { sock: wr, outbox: Mutex::new(Outbox::default()), drain: Notify::new() });
+        let task = tokio::spawn(wire.clone().drain_loop());
+        (wire, peer, task)
+    }
+
+    fn frame(sender: u32, seq: u32) -> (Vec<u8>, Vec<u8>) {
+        // Mostly small frames, some larger than the socket's buffer.
+        let len = [3usize, 700, 20, 12_000, 1500, 0, 9000][(seq as usize * 3 + sender as usize) % 7];
+        let mut head = Vec::new();
+        head.extend_from_slice(&sender.to_le_bytes());
+        head.extend_from_slice(&seq.to_le_bytes());
+        head.extend_from_slice(&(len as u64).to_le_bytes());
+        (head, vec![(sender * 31 + seq) as u8; len])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_callers_keep_each_ones_frames_whole_and_in_order() {
+        const SENDERS: u32 = 8;
+        const FRAMES: u32 = 500;
+        let (wire, mut peer, task) = wire_pair().await;
+        // The peer reads in small pieces with pauses, so the socket is full, then free, often.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 << 10];
+            loop {
+                match peer.read(&mut buf).await.expect("read") {
+                    0 => return got,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+                if got.len() % 3 == 0 {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        });
+        let mut senders = Vec::new();
+        for s in 0..SENDERS {
+            let wire = wire.clone();
+            senders.push(std::thread::spawn(move || {
+                for q in 0..FRAMES {
+                    let (head, payload) = frame(s, q);
+                    assert!(wire.send(&head, &payload));
+                }
+            }));
+        }
+        for s in senders {
+            s.join().expect("sender");
+        }
+        // Drop the wire's last user: the task writes the rest, then ends and the socket closes.
+        wire.outbox.lock().expect("lock").dropped = true;
+        wire.drain.notify_one();
+        drop(wire);
+        let got = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("the writer task ends and the socket closes")
+            .expect("reader");
+        task.await.expect("writer task");
+        let mut next = vec![0u32; SENDERS as usize];
+        let mut at = 0;
+        while at < got.len() {
+            let s = u32::from_le_bytes(got[at..at + 4].try_into().expect("4"));
+            let q = u32::from_le_bytes(got[at + 4..at + 8].try_into().expect("4"));
+            let len = u64::from_le_bytes(got[at + 8..at + 16].try_into().expect("8")) as usize;
+            assert!(s < SENDERS, "a frame head at byte {at} is damaged (sender {s})");
+            assert_eq!(q, next[s as usize], "sender {s}: frame {q} out of order");
+            next[s as usize] += 1;
+            let (_, payload) = frame(s, q);
+            assert_eq!(&got[at + 16..at + 16 + len], &payload[..], "sender {s} frame {q}: payload damaged");
+            at += 16 + len;
+        }
+        assert_eq!(next, vec![FRAMES; SENDERS as usize], "every frame arrived once");
+    }
+
+    #[tokio::test]
+    async fn a_broken_socket_refuses_further_frames() {
+        let (wire, peer, task) = wire_pair().await;
+        drop(peer);
+        // Writes to a socket whose peer is gone fail within a few tries (reset by the peer).
+        let mut refused = false;
+        for _ in 0..1000 {
+            if !wire.send(b"head", &[0u8; 1000]) {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(refused, "sends to a closed peer are refused");
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("the writer task ends").expect("task");
+        assert!(!wire.send(b"head", b"body"), "a broken wire stays broken");
     }
 }
