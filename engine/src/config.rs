@@ -31,6 +31,9 @@ pub struct EngineConfig {
     pub node_name: String,
     /// The node's log flushes per second (split evenly over shards; 0: unlimited).
     pub flushes_per_second: u64,
+    /// How long a container that is flushing small batches back to back waits before the
+    /// next one, so that it carries more (zero: never waits).
+    pub flush_linger: std::time::Duration,
     /// Tier-2 store URL (`fs:DIR`); without one, log files are never freed.
     pub tier2: Option<String>,
     /// Per-container budget for log files on disk (with tier-2 only).
@@ -66,6 +69,7 @@ impl EngineConfig {
             frame_bytes_max: sluice_net::constants::FRAME_BYTES_MAX_DEFAULT,
             node_name: "standalone".into(),
             flushes_per_second: 0,
+            flush_linger: std::time::Duration::ZERO,
             tier2: None,
             log_bytes_max: LOG_BYTES_MAX_DEFAULT,
             chunk_bytes: CHUNK_BYTES_DEFAULT,

@@ -47,7 +47,15 @@ fn tier2(root: &Path) -> Tier2Config {
 }
 
 async fn open(dir: &Path, t2: &Path, epoch: u64, source: OpenSource) -> Result<Rc<Container>, String> {
-    Container::open_owned(core_cfg(), dir.to_path_buf(), Rc::new(IoPacer::new(0)), tier2(t2), epoch, source).await
+    Container::open_owned(
+        core_cfg(),
+        dir.to_path_buf(),
+        Rc::new(IoPacer::new(0, std::time::Duration::ZERO)),
+        tier2(t2),
+        epoch,
+        source,
+    )
+    .await
 }
 
 async fn append(c: &Rc<Container>, seg: &str, writer: u128, n: u64, text: &str) -> Result<OpResult, EngineError> {

@@ -322,6 +322,75 @@ async fn shards_that_poll_before_sleeping_serve_as_usual() {
     assert!(server.terminate(Duration::from_secs(10)), "the node stops on SIGTERM");
 }
 
+/// `--flush-linger-us`: a container busy with small appends waits before each flush that
+/// follows another, so that flushes carry more (at most one per linger while busy); an
+/// append that finds the container idle is flushed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_container_lingers_before_small_flushes_and_an_idle_one_does_not() {
+    // Short enough that a linger's worth of the writer's batches stays within its window of
+    // batches in flight (else it holds events back until acknowledgements come).
+    const LINGER_MS: u64 = 5;
+    let dir = TempDir::new("linger");
+    let linger = (LINGER_MS * 1000).to_string();
+    let mut server = Server::start_with(
+        &dir.0.join("data"),
+        free_ports(1),
+        1,
+        &["--containers-per-core", "1", "--flush-linger-us", &linger],
+    );
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("li").await.unwrap();
+    c.create_stream("li", "s", 1).await.unwrap();
+    let w = c.event_writer("li/s").await.unwrap();
+    // Idle: one event in flight, so each append finds the container idle and never waits
+    // (were it to wait, even the fastest of them would take the linger).
+    let mut fastest = Duration::MAX;
+    for i in 0..30u32 {
+        let started = std::time::Instant::now();
+        w.write_event(b"k", i.to_le_bytes().to_vec()).await.unwrap();
+        fastest = fastest.min(started.elapsed());
+    }
+    assert!(
+        fastest < Duration::from_millis(LINGER_MS),
+        "the fastest of 30 appends one at a time took {fastest:?}: appends to an idle container must not linger"
+    );
+    // Busy: a small event every 100 µs from a thread, without waiting for acknowledgements
+    // (open loop), so events arrive while flushes run (a linger's worth stays under the
+    // 64 KiB that is flushed without waiting).
+    c.shard_stats(true).await.unwrap();
+    let started = std::time::Instant::now();
+    let writer = std::sync::Arc::new(w);
+    let acks = tokio::task::spawn_blocking(move || {
+        let mut acks = Vec::new();
+        for i in 0..15_000u32 {
+            let due = started + Duration::from_micros(100) * i;
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            acks.push(writer.write_event(b"k", i.to_le_bytes().to_vec()));
+        }
+        acks
+    })
+    .await
+    .unwrap();
+    for a in acks {
+        a.await.unwrap();
+    }
+    let busy = started.elapsed();
+    let flushes = c.shard_stats(false).await.unwrap()[0].flushes.count;
+    // A pause of the writer longer than a flush ends the busy spell (the next flush does not
+    // wait): a little slack for a noisy machine; without lingering there are hundreds.
+    let bound = busy.as_millis() as u64 / LINGER_MS + 10;
+    assert!(flushes <= bound, "{flushes} flushes in {busy:?}: a busy container flushes at most once per linger");
+    // Every event is there once, in order.
+    let mut r = c.event_reader("li/s", sluice_client::ReadFrom::Head).await.unwrap();
+    for i in (0..30u32).chain(0..15_000) {
+        let e = r.read_next(Duration::from_secs(5)).await.unwrap().expect("every event");
+        assert_eq!(e.payload.as_ref(), i.to_le_bytes());
+    }
+    assert!(server.terminate(Duration::from_secs(10)), "the node stops on SIGTERM");
+}
+
 /// A container whose log can no longer be written (its directory removed under the running
 /// server) refuses appends with a retryable error for as long as the node runs. A writer
 /// gives up after its retry window (here 2 s) instead of resending forever: each resend

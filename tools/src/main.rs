@@ -158,6 +158,14 @@ struct StandaloneArgs {
     /// latency.
     #[arg(long, default_value_t = 0)]
     iops_limit: u64,
+    /// Microseconds a container busy with small appends waits before each flush, so that
+    /// the flush carries more events (0: flush as soon as the previous one is done). Only a
+    /// flush that follows another at once waits, and only for a batch under 64 KiB: light
+    /// load and large batches never wait. On a disk whose synchronous writes are the limit
+    /// (many small events, few cores), 100–300 trades that much median latency for fewer
+    /// writes and a lower tail; see docs/BENCHMARKS.md.
+    #[arg(long, default_value_t = 0)]
+    flush_linger_us: u64,
     /// Long-term storage (tier-2): `fs:DIR` (a local or NFS directory) or
     /// `hdfs://namenode:port/path`. The mover copies segment data there and frees log files,
     /// so streams can outgrow the local disk and are read seamlessly from either tier.
@@ -365,6 +373,7 @@ fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     cfg.pin = !a.no_pin;
     cfg.idle_spin = Duration::from_micros(a.idle_spin_us);
     cfg.flushes_per_second = a.iops_limit;
+    cfg.flush_linger = Duration::from_micros(a.flush_linger_us);
     cfg.tier2 = a.tier2.clone();
     cfg.log_bytes_max = a.log_budget_mb << 20;
     cfg.chunk_bytes = a.chunk_mb << 20;

@@ -554,6 +554,11 @@ impl ContainerCore {
         !self.pending.is_empty()
     }
 
+    /// Bytes of log entries queued for the next flush.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
     pub fn segment_count(&self) -> usize {
         self.segments.values().filter(|s| s.created).count()
     }

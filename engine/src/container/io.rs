@@ -9,7 +9,8 @@
 //! on stable storage, like a write followed by fdatasync, in one I/O), and only then answers
 //! the waiters. Operations queued meanwhile go into the next flush. A failed write poisons
 //! the container: every waiter and every later request gets `ContainerPoisoned`; nothing is
-//! retried. An optional per-shard pacer (`IoPacer`) spaces flushes on rate-limited devices.
+//! retried. An optional per-shard pacer (`IoPacer`) spaces flushes on rate-limited devices,
+//! and can make a busy container linger before flushing a small batch so that it carries more.
 
 use super::image;
 use crate::constants::{FILE_HEADER_BYTES, FILE_IMAGES_PER_SHARD, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES};
@@ -50,6 +51,9 @@ pub enum OpenSource {
 
 /// A flush slower than this is logged as a warning (a failing or overloaded disk).
 const SLOW_FLUSH: Duration = Duration::from_secs(1);
+
+/// Batches of at least this many bytes are flushed without lingering (`--flush-linger-us`).
+const LINGER_BYTES_MAX: usize = 64 << 10;
 
 /// Durable data read from a segment.
 #[derive(Debug)]
@@ -163,13 +167,23 @@ pub struct IoPacer {
     burst: Duration,
     /// Theoretical arrival time of the next flush.
     tat: Cell<Instant>,
+    /// How long a flush of a small batch that follows another flush at once waits first.
+    linger: Duration,
 }
 
 impl IoPacer {
-    pub fn new(flushes_per_second: u64) -> Self {
+    pub fn new(flushes_per_second: u64, linger: Duration) -> Self {
         let interval =
             if flushes_per_second == 0 { Duration::ZERO } else { Duration::from_secs(1) / flushes_per_second as u32 };
-        Self { interval, burst: interval * 8, tat: Cell::new(Instant::now()) }
+        Self { interval, burst: interval * 8, tat: Cell::new(Instant::now()), linger }
+    }
+
+    /// How long the flush of `pending` bytes waits for more: only right after another flush
+    /// (operations arrived while it ran: the container is busy) and only for a batch smaller
+    /// than `LINGER_BYTES_MAX` (a large one is worth its write as it is). An operation that
+    /// finds the container idle is flushed at once, so light load never waits.
+    fn linger(&self, after_flush: bool, pending: usize) -> Duration {
+        if after_flush && pending > 0 && pending < LINGER_BYTES_MAX { self.linger } else { Duration::ZERO }
     }
 
     /// How long the next flush must wait.
@@ -669,12 +683,19 @@ impl Container {
     }
 
     async fn flush_loop(self: Rc<Self>) {
+        // Whether the last turn flushed: the operations queued now arrived while it ran.
+        let mut after_flush = false;
         loop {
             let stop = self.stop_reason.borrow_mut().take();
             if let Some(reason) = stop {
                 self.apply_stop(reason);
                 break;
             }
+            let linger = self.pacer.linger(after_flush, self.core.borrow().pending_bytes());
+            if !linger.is_zero() {
+                glommio::timer::sleep(linger).await;
+            }
+            after_flush = false;
             let wait = self.pacer.delay();
             if !wait.is_zero() {
                 glommio::timer::sleep(wait).await;
@@ -724,6 +745,7 @@ impl Container {
             }
             match result {
                 Ok(()) => {
+                    after_flush = true;
                     // Writers are seen at the clock set as the flush began.
                     let done = self.core.borrow_mut().complete_flush();
                     {
