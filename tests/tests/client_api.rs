@@ -379,9 +379,11 @@ async fn a_busy_container_lingers_before_small_flushes_and_an_idle_one_does_not(
     let busy = started.elapsed();
     let flushes = c.shard_stats(false).await.unwrap()[0].flushes.count;
     // A pause of the writer longer than a flush ends the busy spell (the next flush does not
-    // wait): a little slack for a noisy machine; without lingering there are hundreds.
-    let bound = busy.as_millis() as u64 / LINGER_MS + 10;
-    assert!(flushes <= bound, "{flushes} flushes in {busy:?}: a busy container flushes at most once per linger");
+    // wait): on a loaded machine that happens now and then, hence twice the ideal count.
+    // Without lingering there are thousands (8,174 in one run).
+    let bound = 2 * busy.as_millis() as u64 / LINGER_MS + 20;
+    println!("{flushes} flushes in {busy:?} (at most {bound})");
+    assert!(flushes <= bound, "{flushes} flushes in {busy:?}: a busy container flushes about once per linger");
     // Every event is there once, in order.
     let mut r = c.event_reader("li/s", sluice_client::ReadFrom::Head).await.unwrap();
     for i in (0..30u32).chain(0..15_000) {
