@@ -160,10 +160,9 @@ impl Wire {
                     if self.sock.writable().await.is_err() {
                         break 'outer;
                     }
-                    match self.sock.try_write(&chunk[at..]) {
-                        Ok(n) => at += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => break 'outer,
+                    match write_now(&self.sock, &[IoSlice::new(&chunk[at..])]) {
+                        Some(n) => at += n,
+                        None => break 'outer,
                     }
                 }
             }

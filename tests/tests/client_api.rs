@@ -323,7 +323,7 @@ async fn shards_that_poll_before_sleeping_serve_as_usual() {
 }
 
 /// `--flush-linger-us`: a container busy with small appends waits before each flush that
-/// follows another, so that flushes carry more (at most one per linger while busy); an
+/// follows another, so that flushes carry more (about one per linger while busy); an
 /// append that finds the container idle is flushed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_container_lingers_before_small_flushes_and_an_idle_one_does_not() {
@@ -359,7 +359,6 @@ async fn a_busy_container_lingers_before_small_flushes_and_an_idle_one_does_not(
     // 64 KiB that is flushed without waiting).
     c.shard_stats(true).await.unwrap();
     let started = std::time::Instant::now();
-    let writer = std::sync::Arc::new(w);
     let acks = tokio::task::spawn_blocking(move || {
         let mut acks = Vec::new();
         for i in 0..15_000u32 {
@@ -367,7 +366,7 @@ async fn a_busy_container_lingers_before_small_flushes_and_an_idle_one_does_not(
             if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
                 std::thread::sleep(wait);
             }
-            acks.push(writer.write_event(b"k", i.to_le_bytes().to_vec()));
+            acks.push(w.write_event(b"k", i.to_le_bytes().to_vec()));
         }
         acks
     })

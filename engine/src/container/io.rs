@@ -691,11 +691,10 @@ impl Container {
                 self.apply_stop(reason);
                 break;
             }
-            let linger = self.pacer.linger(after_flush, self.core.borrow().pending_bytes());
+            let linger = self.pacer.linger(std::mem::take(&mut after_flush), self.core.borrow().pending_bytes());
             if !linger.is_zero() {
                 glommio::timer::sleep(linger).await;
             }
-            after_flush = false;
             let wait = self.pacer.delay();
             if !wait.is_zero() {
                 glommio::timer::sleep(wait).await;
