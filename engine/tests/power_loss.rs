@@ -129,6 +129,8 @@ fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
 
 /// Reads served from tier-2 (the simulation must exercise them).
 static TIER2_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Reads served from log files, whose records were checked (likewise).
+static LOG_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Reads durable bytes `[from, to)` (or to the tail) of a segment from cache, log and tier-2.
 fn read_range(core: &mut ContainerCore, disk: &Disk, name: &str, from: u64, to: u64) -> Vec<u8> {
@@ -142,7 +144,16 @@ fn read_range(core: &mut ContainerCore, disk: &Disk, name: &str, from: u64, to: 
                 off += d.len() as u64;
                 out.extend_from_slice(d);
             }
-            ReadOutcome::Log { file_seq, pieces } => {
+            ReadOutcome::Log { file_seq, pieces, records: (start, end) } => {
+                // The records named hold the pieces and are sound, as the engine checks them.
+                LOG_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let file = &disk.files[&file_seq];
+                if let Err((_, damage)) =
+                    sluice_engine::log::scan::check_records(&file[start as usize..end as usize], start)
+                {
+                    panic!("{damage}");
+                }
+                assert!(pieces.iter().all(|&(pos, len)| pos >= start && pos + len <= end), "{pieces:?} {start}..{end}");
                 for (pos, len) in pieces {
                     out.extend_from_slice(&disk.files[&file_seq][pos as usize..(pos + len) as usize]);
                     off += len;
@@ -409,11 +420,13 @@ fn power_loss_500_seeds() {
     assert!(freed >= 100, "the mover freed only {freed} log files");
     let tier2_reads = TIER2_READS.load(std::sync::atomic::Ordering::Relaxed);
     assert!(tier2_reads >= 100, "only {tier2_reads} reads came from tier-2");
+    let log_reads = LOG_READS.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(log_reads >= 100, "only {log_reads} reads came from log files");
     // The simulation must really crash, and crash across log file rolls.
     assert!(crashes >= 500, "only {crashes} crashes in 500 seeds");
     assert!(max_files >= 3, "logs never rolled past {max_files} files");
     eprintln!(
-        "power loss: {crashes} crashes over 500 seeds, up to {max_files} log files, {freed} freed after moves, {tier2_reads} tier-2 reads"
+        "power loss: {crashes} crashes over 500 seeds, up to {max_files} log files, {freed} freed after moves, {tier2_reads} tier-2 reads, {log_reads} log reads"
     );
 }
 

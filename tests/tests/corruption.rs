@@ -105,10 +105,14 @@ fn container_files(container: &Path) -> Vec<(PathBuf, Vec<usize>)> {
         .collect()
 }
 
+/// Flips one byte in place (the server may hold the file open).
 fn flip_byte(path: &Path, at: usize) {
-    let mut bytes = std::fs::read(path).unwrap();
-    bytes[at] ^= 0x40;
-    std::fs::write(path, &bytes).unwrap();
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at as u64).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at as u64).unwrap();
+    f.sync_all().unwrap();
 }
 
 /// `sluice log scrub` reads every container's log back from the disk while the server runs:
@@ -184,4 +188,158 @@ async fn log_scrub_finds_damage_while_the_server_runs() {
     let (ok, _, err) = sluice_tests::cli(&url, &["log", "scrub", "--containers", "7"], None);
     assert!(!ok && err.contains("there is no container 7"), "{err}");
     assert!(sluice_tests::handshake(url.parse().unwrap()), "the server still serves");
+}
+
+/// A byte damaged under data the read cache does not hold, in the log file being written: the
+/// read that would take it fails with `DataCorrupt`, naming the file and the record, instead
+/// of handing the bytes out (the engine reads whole records and checks their checksums);
+/// reads of sound records before and after it go on, an event reader is told, `sluice
+/// stream verify` reports it, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_in_the_current_log_file_is_refused_not_read() {
+    use sluice_net::ErrorCode;
+    let dir = TempDir::new("logdamage");
+    let data = dir.0.join("data");
+    // No read cache: every read goes to the log file.
+    let server =
+        sluice_tests::Server::start_with(&data, free_ports(1), 1, &["--cache-mb", "0", "--containers-per-core", "1"]);
+    let url = server.url();
+    let c = Client::connect(&url).await.unwrap();
+    c.create_scope("ld").await.unwrap();
+    c.create_stream("ld", "s", 1).await.unwrap();
+    let w = c.event_writer("ld/s").await.unwrap();
+    for round in 0..20u8 {
+        let acks: Vec<_> = (0..50).map(|_| w.write_event(b"k", vec![b'a' + round; 2000])).collect();
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+    let length = c.segment_info("ld/s/0").await.unwrap().length;
+    let read = |offset: u64| c.read_segment("ld/s/0", offset, 64 << 10, Duration::ZERO);
+    // Sound, every byte of it comes back from the log.
+    let mut at = 0;
+    while at < length {
+        let (_, d) = read(at).await.unwrap();
+        assert!(!d.is_empty());
+        at += d.len() as u64;
+    }
+
+    let files = files_with_records(&data, 6);
+    assert_eq!(files.len(), 1, "one log file: {files:?}");
+    let (file, recs) = &files[0];
+    // A byte inside the payload of a batch record in the middle (records of these batches
+    // are at least a block long; the first holds the checkpoint).
+    let damaged_at = recs[recs.len() / 2];
+    flip_byte(file, damaged_at + 200);
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+
+    let mut at = 0;
+    let e = loop {
+        match read(at).await {
+            Ok((_, d)) => {
+                assert!(!d.is_empty() && at < length, "read past the damage: at {at} of {length}");
+                at += d.len() as u64;
+            }
+            Err(e) => break e,
+        }
+    };
+    eprintln!("refused at offset {at}: {e}");
+    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    // Everything before the damaged record is served: whole events (2,000 bytes and a
+    // 4-byte header each), up to the record's first.
+    const EVENT: u64 = 2004;
+    assert!(at > 0 && at < length && at % EVENT == 0, "sound records before the damage are read: {at} of {length}");
+    assert!(
+        e.to_string().contains(&format!("log file {name}: the record at byte {damaged_at} fails its checksum")),
+        "{e}"
+    );
+    // The last events are in sound records after it.
+    let (_, d) = read(length - 2000).await.unwrap();
+    assert!(d.len() >= 2000 && d[d.len() - 1] == b'a' + 19, "the last event reads");
+    let mut reader = c.event_reader("ld/s", ReadFrom::Head).await.unwrap();
+    let mut events = 0u64;
+    let told = loop {
+        match reader.read_next(Duration::from_secs(2)).await {
+            Ok(Some(_)) => events += 1,
+            Ok(None) => panic!("the reader reached the end without hearing of the damage"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(told.code(), Some(ErrorCode::DataCorrupt), "{told}");
+    assert_eq!(events, at / EVENT, "the reader gets every event before the damage");
+    let (ok, out, err) = sluice_tests::cli(&url, &["stream", "verify", "ld/s"], None);
+    eprintln!("{out}{err}");
+    assert!(!ok && out.contains("DAMAGED") && out.contains(&format!("the record at byte {damaged_at}")), "{out}{err}");
+    assert!(sluice_tests::handshake(url.parse().unwrap()), "the server still serves");
+}
+
+/// The same in an older log file: while the server runs its index is still in memory and
+/// the read checks the records it takes; after a restart the file is read whole and indexed
+/// by a scan, which stops at the damaged record, so the data in and after it is refused with
+/// `DataCorrupt` (not taken for a missing range). What precedes the damage is served both
+/// times, and later files read as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_in_an_older_log_file_is_refused_not_read() {
+    use sluice_net::ErrorCode;
+    let dir = TempDir::new("olddamage");
+    let data = dir.0.join("data");
+    let mut server = sluice_tests::Server::start_with(
+        &data,
+        free_ports(1),
+        1,
+        &["--cache-mb", "0", "--containers-per-core", "1", "--log-file-mb", "1"],
+    );
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("od").await.unwrap();
+    c.create_stream("od", "s", 1).await.unwrap();
+    let w = c.event_writer("od/s").await.unwrap();
+    for round in 0..30u8 {
+        let acks: Vec<_> = (0..50).map(|_| w.write_event(b"k", vec![b'a' + round % 26; 2000])).collect();
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+    let length = c.segment_info("od/s/0").await.unwrap().length;
+    let mut files = files_with_records(&data, 1);
+    files.sort();
+    assert!(files.len() >= 3, "the log rolled: {files:?}");
+    // A batch record of the first file with sound records before and after it (the first
+    // record is the checkpoint, the next ones hold the stream's creation and first events).
+    let (file, recs) = &files[0];
+    assert!(recs.len() >= 5, "{recs:?}");
+    let damaged_at = recs[3];
+    flip_byte(file, damaged_at + 200);
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+
+    /// Reads from offset 0 until a read fails: the offset reached and the error.
+    async fn read_to_damage(c: &Client, length: u64) -> (u64, sluice_client::ClientError) {
+        let mut at = 0;
+        loop {
+            match c.read_segment("od/s/0", at, 64 << 10, Duration::ZERO).await {
+                Ok((_, d)) => {
+                    assert!(!d.is_empty() && at < length, "read past the damage: at {at} of {length}");
+                    at += d.len() as u64;
+                }
+                Err(e) => return (at, e),
+            }
+        }
+    }
+    let (at, e) = read_to_damage(&c, length).await;
+    eprintln!("index in memory: refused at offset {at}: {e}");
+    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    assert!(at > 0 && at % 2004 == 0, "the events before it are read, whole: {at}");
+    assert!(e.to_string().contains(&format!("log file {name}: the record at byte {damaged_at} fails")), "{e}");
+    let (_, d) = c.read_segment("od/s/0", length - 2000, 64 << 10, Duration::ZERO).await.unwrap();
+    assert!(d.len() >= 2000, "the last event reads");
+
+    server.kill();
+    server.restart();
+    let c = Client::connect(&server.url()).await.unwrap();
+    let (at_again, e) = read_to_damage(&c, length).await;
+    eprintln!("after a restart: refused at offset {at_again}: {e}");
+    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    assert_eq!(at_again, at, "the same events are served");
+    assert!(e.to_string().contains(&format!("log file {name}: no sound record holds offset {at}")), "{e}");
+    let (_, d) = c.read_segment("od/s/0", length - 2000, 64 << 10, Duration::ZERO).await.unwrap();
+    assert!(d.len() >= 2000, "the last event reads");
 }

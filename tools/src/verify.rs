@@ -1,8 +1,9 @@
 //! `sluice stream verify`: reads every byte a stream holds, in every segment it ever had,
-//! so damage is found before a reader meets it. Tier-2 reads are checked by the server
-//! against the chunks' checksums (a damaged MiB answers `DataCorrupt`); the client checks
-//! the event framing of what it gets (every length within the limit, no event cut short
-//! at a segment's end).
+//! so damage is found before a reader meets it. The server checks what it reads: log records
+//! against their checksums (a read stops before a damaged record, and one that starts in it
+//! answers `DataCorrupt`), tier-2 against the chunks' sums (a damaged MiB answers
+//! `DataCorrupt`); the client checks the event framing of what it gets (every length within
+//! the limit, no event cut short at a segment's end).
 
 use sluice_client::{Client, ClientError};
 use sluice_net::ErrorCode;

@@ -218,10 +218,12 @@ pub struct FlushPlan {
 pub enum ReadOutcome {
     Data(Bytes),
     /// Read these pieces (file position, length) of log file `file_seq`, in order: one
-    /// span of the file (see `FileIndex::locate`), the segment's appends in it.
+    /// span of the file (see `FileIndex::locate`), the segment's appends in it. `records`
+    /// is the file range of the whole records that hold them: read and checked as one.
     Log {
         file_seq: u64,
         pieces: Vec<(u64, u64)>,
+        records: (u64, u64),
     },
     /// The index of this file must be loaded (`insert_file_index`) first.
     NeedIndex {
@@ -1091,6 +1093,7 @@ impl ContainerCore {
         let mut changed = Vec::new();
         if let Some(step) = f.plan.batch {
             self.file_pos = step.pos + step.len;
+            self.current_index.push_record(step.pos, step.len);
             let mut data_pos = step.pos + RECORD_HEADER_BYTES as u64;
             for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
                 let pos = data_pos + e.data_header_len() as u64;
@@ -1435,11 +1438,28 @@ impl ContainerCore {
         // headers between them): one read takes up to twice the bytes asked for.
         let pieces = index.locate(status.id, offset, max as u64, 2 * max as u64);
         if pieces.is_empty() {
+            // An older file's index holds the records its scan found sound: one that misses
+            // data the segment has there lost it to damage.
+            if file_seq != self.file_seq {
+                return Err(EngineError::DataCorrupt(format!(
+                    "container {} log file {}: no sound record holds offset {offset} of {name} (a damaged record; \
+                     `sluice log scrub` names it)",
+                    self.cfg.container,
+                    crate::log::file_name(file_seq)
+                )));
+            }
             return Err(EngineError::BadRequest(format!(
                 "log file {file_seq:x} has no data for offset {offset} of {name}"
             )));
         }
-        Ok((ReadOutcome::Log { file_seq, pieces }, status))
+        let (first, &(last, last_len)) = (pieces[0].0, pieces.last().expect("not empty"));
+        let Some(records) = index.record_span(first, last + last_len) else {
+            return Err(EngineError::Io(format!(
+                "log file {file_seq:x}: no record holds bytes {first}..{} (offset {offset} of {name})",
+                last + last_len
+            )));
+        };
+        Ok((ReadOutcome::Log { file_seq, pieces, records }, status))
     }
 
     /// Rebuilds a container from its log files (ascending sequence, whole file images).
@@ -1503,6 +1523,7 @@ impl ContainerCore {
             if rec.header.kind != RecordKind::Batch {
                 return Err(invalid(format!("unexpected checkpoint at byte {}", rec.pos)));
             }
+            core.current_index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(invalid)? {
                 core.apply_durable(&entry, seq, pos, false);
             }

@@ -1,9 +1,11 @@
 //! Per-file index of append data: where each appended range of a segment lies in one log
-//! file. The index of the file being written is kept up to date as flushes complete; the
-//! indexes of older files are rebuilt on demand by scanning them (cold reads).
+//! file, and where the records holding them begin and end (a read takes whole records, so
+//! that their checksums can be checked). The index of the file being written is kept up to
+//! date as flushes complete; the indexes of older files are rebuilt on demand by scanning
+//! them (cold reads).
 
 use crate::log::entry::{LogEntry, decode_entries};
-use crate::log::format::RecordKind;
+use crate::log::format::{RecordHeader, RecordKind};
 use crate::log::scan::FileScan;
 use std::collections::HashMap;
 
@@ -17,6 +19,8 @@ pub struct IndexEntry {
 #[derive(Default, Debug)]
 pub struct FileIndex {
     segments: HashMap<u64, Vec<IndexEntry>>,
+    /// Batch records as (file position, bytes on disk), in file order.
+    records: Vec<(u64, u64)>,
 }
 
 impl FileIndex {
@@ -24,6 +28,7 @@ impl FileIndex {
     pub fn build(scan: &FileScan) -> Result<Self, String> {
         let mut index = Self::default();
         for rec in scan.records.iter().filter(|r| r.header.kind == RecordKind::Batch) {
+            index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos())? {
                 if let LogEntry::Append { segment, offset, data, .. } | LogEntry::Merge { segment, offset, data, .. } =
                     entry
@@ -39,6 +44,23 @@ impl FileIndex {
         if len > 0 {
             self.segments.entry(segment).or_default().push(IndexEntry { offset, file_pos, len });
         }
+    }
+
+    /// A batch record at `pos` taking `disk_len` bytes (records are pushed in file order).
+    pub fn push_record(&mut self, pos: u64, disk_len: u64) {
+        debug_assert!(self.records.last().is_none_or(|&(p, l)| p + l <= pos), "records in file order");
+        self.records.push((pos, disk_len));
+    }
+
+    /// The file range `[start, end)` of the whole records that hold the file bytes
+    /// `[from, to)`; `None` if no record holds `from` or `to - 1`.
+    pub fn record_span(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+        let holding = |at: u64| {
+            let i = self.records.partition_point(|&(p, _)| p <= at).checked_sub(1)?;
+            let (p, l) = self.records[i];
+            (at < p + l).then_some((p, p + l))
+        };
+        Some((holding(from)?.0, holding(to.checked_sub(1)?)?.1))
     }
 
     /// Where the bytes of `segment` from `offset` on lie in this file: (file position,
@@ -88,5 +110,20 @@ mod tests {
         assert_eq!(idx.locate(1, 300, 10, 10), vec![]);
         assert_eq!(idx.locate(3, 0, 10, 10), vec![]);
         assert_eq!(idx.locate(2, 149, 10, 10), vec![(1249, 1)]);
+    }
+
+    #[test]
+    fn record_span_covers_whole_records() {
+        let mut idx = FileIndex::default();
+        idx.push_record(4096, 4096);
+        idx.push_record(8192, 12288);
+        idx.push_record(20480, 4096);
+        assert_eq!(idx.record_span(4200, 4300), Some((4096, 8192)));
+        assert_eq!(idx.record_span(5000, 9000), Some((4096, 20480)));
+        assert_eq!(idx.record_span(8192, 24576), Some((8192, 24576)));
+        // Before the first record, past the last one, and an empty range.
+        assert_eq!(idx.record_span(100, 5000), None);
+        assert_eq!(idx.record_span(5000, 24577), None);
+        assert_eq!(idx.record_span(0, 0), None);
     }
 }

@@ -22,7 +22,7 @@ use crate::container::index::FileIndex;
 use crate::container::mover::{Tier2Config, Tier2State};
 use crate::error::{EngineError, RecoveryError};
 use crate::log::format::FileHeader;
-use crate::log::scan::scan_file;
+use crate::log::scan::{check_records, scan_file};
 use crate::log::{file_name, parse_file_name};
 use bytes::Bytes;
 use futures::channel::oneshot;
@@ -155,6 +155,9 @@ pub struct Container {
     preparing: Cell<bool>,
     /// When preparing the last log file failed for want of space (cleared by a success).
     no_space_since: Cell<Option<Instant>>,
+    /// The records the last read from the disk took and checked: (file, position, bytes).
+    /// Records are never written again once durable, so it stays valid; one per container.
+    checked_span: RefCell<Option<(u64, u64, Bytes)>>,
 }
 
 /// A shard's I/O budget (flushes per second), as a GCRA rate limiter: a burst of up to
@@ -242,26 +245,13 @@ fn drop_file_images_before(instance: u64, seq: u64) {
     FILE_IMAGES.with(|i| i.borrow_mut().retain(|&(c, s, _)| c != instance || s >= seq));
 }
 
-/// The pieces (file position, length) of a file image, in order, as slices of it (no copy);
-/// `None` if the image does not reach them.
-fn slices(image: &Bytes, pieces: &[(u64, u64)]) -> Option<Vec<Bytes>> {
-    if pieces.iter().any(|&(pos, len)| pos + len > image.len() as u64) {
+/// The pieces (file position, length) out of `image`, which holds the file from `base` on,
+/// in order, as slices of it (no copy); `None` if the image does not hold them all.
+fn slices(image: &Bytes, base: u64, pieces: &[(u64, u64)]) -> Option<Vec<Bytes>> {
+    if pieces.iter().any(|&(pos, len)| pos < base || pos + len > base + image.len() as u64) {
         return None;
     }
-    Some(pieces.iter().map(|&(pos, len)| image.slice(pos as usize..(pos + len) as usize)).collect())
-}
-
-/// The pieces (file position, length) out of `src`, which holds the file from `base` on.
-fn gather_from(src: &[u8], base: u64, pieces: &[(u64, u64)]) -> Option<Bytes> {
-    if pieces.iter().any(|&(pos, len)| pos < base || pos + len > base + src.len() as u64) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(pieces.iter().map(|p| p.1 as usize).sum());
-    for &(pos, len) in pieces {
-        let at = (pos - base) as usize;
-        out.extend_from_slice(&src[at..at + len as usize]);
-    }
-    Some(Bytes::from(out))
+    Some(pieces.iter().map(|&(pos, len)| image.slice((pos - base) as usize..(pos - base + len) as usize)).collect())
 }
 
 async fn write_all_at(file: &DmaFile, buf: glommio::io::DmaBuffer, pos: u64, path: &Path) -> Result<(), String> {
@@ -591,6 +581,7 @@ impl Container {
             stop_reason: RefCell::new(None),
             preparing: Cell::new(false),
             no_space_since: Cell::new(None),
+            checked_span: RefCell::new(None),
         });
         if container.tier2.is_some() {
             container.start_mover();
@@ -981,11 +972,24 @@ impl Container {
                     let data = self.read_chunk(&chunk, within, len, chunk_len).await?;
                     return Ok(ReadData::one(data, status));
                 }
-                ReadOutcome::Log { file_seq, pieces } => {
-                    if let Some(pieces) = file_image(self.instance, file_seq).and_then(|image| slices(&image, &pieces))
+                ReadOutcome::Log { file_seq, pieces, records: (start, end) } => {
+                    if let Some(pieces) =
+                        file_image(self.instance, file_seq).and_then(|image| slices(&image, 0, &pieces))
                     {
                         self.prefetch_after(name, offset, file_seq);
                         return Ok(ReadData { pieces, status });
+                    }
+                    // Records read and checked by the last read from the disk: the pieces in
+                    // them are served from there (a shorter read; the next one starts after
+                    // them, at a record boundary, so no record is read twice).
+                    let span = self.checked_span.borrow().clone();
+                    if let Some((_, base, span)) = span.filter(|(seq, ..)| *seq == file_seq) {
+                        let end = base + span.len() as u64;
+                        let held = pieces.iter().take_while(|&&(pos, len)| pos >= base && pos + len <= end).count();
+                        if held > 0 {
+                            let pieces = slices(&span, base, &pieces[..held]).expect("pieces within the span");
+                            return Ok(ReadData { pieces, status });
+                        }
                     }
                     // The reader moved on to another file: free this container's images.
                     drop_file_images(self.instance);
@@ -995,16 +999,15 @@ impl Container {
                         Err(_) if file_seq < self.core.borrow().oldest_file() => continue,
                         Err(e) => return Err(e),
                     };
-                    let (start, (last, last_len)) = (pieces[0].0, pieces[pieces.len() - 1]);
-                    let span = (last + last_len - start) as usize;
-                    let r = f
-                        .read_at(start, span)
-                        .await
-                        .map_err(|e| EngineError::Io(format!("reading log file {file_seq:x}: {e}")))?;
-                    let data = gather_from(&r, start, &pieces).ok_or_else(|| {
-                        EngineError::Io(format!("log file {file_seq:x}: {} of {span} bytes at {start}", r.len()))
+                    let span = self.read_records(&f, file_seq, start, end).await?;
+                    // Only the pieces before a damaged record, if there is one.
+                    let sound = start + span.len() as u64;
+                    let held = pieces.iter().take_while(|&&(pos, len)| pos + len <= sound).count();
+                    let pieces = slices(&span, start, &pieces[..held]).filter(|p| !p.is_empty()).ok_or_else(|| {
+                        EngineError::Io(format!("log file {file_seq:x}: records {start}..{end} do not hold {pieces:?}"))
                     })?;
-                    return Ok(ReadData::one(data, status));
+                    *self.checked_span.borrow_mut() = Some((file_seq, start, span));
+                    return Ok(ReadData { pieces, status });
                 }
                 ReadOutcome::NeedIndex { file_seq } => {
                     // One load per file: reads that find it loading wait, then look again.
@@ -1031,6 +1034,31 @@ impl Container {
                     futures::pin_mut!(sleep);
                     let _ = select(rx, sleep).await;
                 }
+            }
+        }
+    }
+
+    /// Reads the whole records in `[start, end)` of log file `file_seq` and checks their
+    /// checksums. Damaged bytes are never served (nor copied to tier-2 by the mover, which
+    /// reads through here): the sound records before a damaged one are returned (a reader
+    /// gets everything up to the damage), and a read that starts in a damaged record fails
+    /// with `DataCorrupt`, naming the file and the record.
+    async fn read_records(&self, f: &DmaFile, file_seq: u64, start: u64, end: u64) -> Result<Bytes, EngineError> {
+        let len = (end - start) as usize;
+        let r =
+            f.read_at(start, len).await.map_err(|e| EngineError::Io(format!("reading log file {file_seq:x}: {e}")))?;
+        if r.len() != len {
+            return Err(EngineError::Io(format!("log file {file_seq:x}: {} of {len} bytes at {start}", r.len())));
+        }
+        match check_records(&r, start) {
+            Ok(()) => Ok(Bytes::copy_from_slice(&r)),
+            Err((at, damage)) => {
+                let file = file_name(file_seq);
+                tracing::error!(container = self.id, %file, %damage, "damaged log record: not served");
+                if at == start {
+                    return Err(EngineError::DataCorrupt(format!("container {} log file {file}: {damage}", self.id)));
+                }
+                Ok(Bytes::copy_from_slice(&r[..(at - start) as usize]))
             }
         }
     }
@@ -1160,15 +1188,18 @@ mod tests {
         assert_eq!(file_image(2, 6), None);
         // Pieces come out in order, zero-copy when there is one; beyond the image: none.
         let img = Bytes::from((0u8..100).collect::<Vec<_>>());
-        assert_eq!(slices(&img, &[(10, 3)]).unwrap(), [Bytes::from_static(&[10, 11, 12])]);
-        let two = slices(&img, &[(10, 2), (50, 2)]).unwrap();
+        assert_eq!(slices(&img, 0, &[(10, 3)]).unwrap(), [Bytes::from_static(&[10, 11, 12])]);
+        let two = slices(&img, 0, &[(10, 2), (50, 2)]).unwrap();
         assert_eq!(two, [Bytes::from_static(&[10, 11]), Bytes::from_static(&[50, 51])]);
         assert_eq!(two[1].as_ptr(), img[50..].as_ptr(), "slices of the image, not copies");
         let read = ReadData { pieces: two, status: SegmentStatus::default() };
         assert_eq!((read.len(), read.to_bytes()), (4, Bytes::from_static(&[10, 11, 50, 51])));
-        assert_eq!(slices(&img, &[(10, 2), (99, 2)]), None);
-        assert_eq!(gather_from(&img[10..20], 10, &[(12, 2), (18, 2)]).unwrap(), Bytes::from_static(&[12, 13, 18, 19]));
-        assert_eq!(gather_from(&img[10..20], 10, &[(8, 4)]), None, "before the span");
-        assert_eq!(gather_from(&img[10..20], 10, &[(18, 4)]), None, "a short read");
+        assert_eq!(slices(&img, 0, &[(10, 2), (99, 2)]), None);
+        // An image of part of a file, from position 1010 on.
+        let part = img.slice(10..20);
+        let two = slices(&part, 1010, &[(1012, 2), (1018, 2)]).unwrap();
+        assert_eq!(two, [Bytes::from_static(&[12, 13]), Bytes::from_static(&[18, 19])]);
+        assert_eq!(slices(&part, 1010, &[(1008, 4)]), None, "before the image");
+        assert_eq!(slices(&part, 1010, &[(1018, 4)]), None, "past its end");
     }
 }

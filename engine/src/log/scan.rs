@@ -69,6 +69,32 @@ fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Opt
     Ok(ScannedRecord { pos, header, payload: bytes.slice(start..end) })
 }
 
+/// Checks that `bytes`, read from a log file at `base`, are whole records back to back, each
+/// with sound header and payload checksums (what a read from the log verifies before it
+/// serves anything). On damage: the file position of the first damaged record and what is
+/// wrong with it (the records before it are sound).
+pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let at = base + pos as u64;
+        let header = RecordHeader::decode(&bytes[pos..]).map_err(|f| match f {
+            HeaderFault::Zero => (at, format!("no record at byte {at}, where the index has one (zeros)")),
+            HeaderFault::Invalid => (at, format!("the record at byte {at} has a damaged header")),
+        })?;
+        let start = pos + RECORD_HEADER_BYTES;
+        let end = start + header.payload_len as usize;
+        let next = pos as u64 + RecordHeader::disk_len(header.payload_len as usize);
+        if next > bytes.len() as u64 {
+            return Err((at, format!("the record at byte {at} runs past the {} bytes read", bytes.len())));
+        }
+        if crc32c::crc32c(&bytes[start..end]) != header.payload_crc {
+            return Err((at, format!("the record at byte {at} fails its checksum")));
+        }
+        pos = next as usize;
+    }
+    Ok(())
+}
+
 /// Whether the file's first record is a valid checkpoint (what makes a file a recovery
 /// starting point), checked without scanning the rest.
 pub fn opens_with_checkpoint(bytes: &Bytes) -> bool {
@@ -128,4 +154,36 @@ pub fn scan_file(bytes: &Bytes) -> FileScan {
         }
     };
     FileScan { header, records, end, stop, dirty_end }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_records_finds_the_damaged_record() {
+        use crate::log::format::{RecordKind, encode_record};
+        let mut buf = Vec::new();
+        for (lsn, len) in [(1u64, 100usize), (2, 5000), (3, 10)] {
+            let mut rec = vec![0u8; RecordHeader::disk_len(len) as usize];
+            encode_record(&mut rec, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
+            buf.extend_from_slice(&rec);
+        }
+        let base = 8192;
+        assert_eq!(check_records(&buf, base), Ok(()));
+        // A payload byte of the second record (at 4096 in the buffer).
+        let mut bad = buf.clone();
+        bad[4096 + RECORD_HEADER_BYTES + 4500] ^= 1;
+        assert_eq!(check_records(&bad, base), Err((12288, "the record at byte 12288 fails its checksum".into())));
+        let mut bad = buf.clone();
+        bad[4096 + 20] ^= 1;
+        assert_eq!(check_records(&bad, base), Err((12288, "the record at byte 12288 has a damaged header".into())));
+        // Cut short, or zeros where a record should be.
+        let (at, what) = check_records(&buf[..8192], base).unwrap_err();
+        assert!(at == 12288 && what.contains("runs past"), "{what}");
+        let mut zeros = buf.clone();
+        zeros.extend_from_slice(&[0u8; 4096]);
+        let (at, what) = check_records(&zeros, base).unwrap_err();
+        assert!(at == 24576 && what.contains("no record at byte 24576"), "{what}");
+    }
 }
