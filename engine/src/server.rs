@@ -12,9 +12,9 @@ use crate::container::core::{OpResult, Request};
 use crate::error::EngineError;
 use crate::shard::{Owner, Shard};
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::channel::mpsc;
 use futures::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use futures::{FutureExt, StreamExt};
 use glommio::sync::{Semaphore, StaticPermit};
 use sluice_meta::controller::ControllerError;
 use sluice_meta::controller::{PendingScale, StreamRecord, TxnRecord};
@@ -245,6 +245,9 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
     ));
     let limit = Rc::new(Semaphore::new(CONNECTION_REQUESTS_MAX));
     let refused = Rc::new(Cell::new(false));
+    // Resolves when this function returns (the connection ends): its sender is dropped then.
+    let (_connected, gone) = futures::channel::oneshot::channel::<()>();
+    let gone = gone.shared();
     loop {
         let Some((header, body)) = read_frame(r, max, &send).await? else { return Ok(()) };
         if refused.get() {
@@ -278,6 +281,20 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
                 })
                 .detach();
             }
+            Ok(Dispatched::WhileConnected(what, fut)) => {
+                let (tx, gone) = (tx.clone(), gone.clone());
+                glommio::spawn_local(async move {
+                    match futures::future::select(fut, gone).await {
+                        futures::future::Either::Left((rep, _)) => {
+                            let _ = tx.unbounded_send((rep, permit));
+                        }
+                        futures::future::Either::Right(_) => {
+                            tracing::info!(request = what, "stopped: its client disconnected");
+                        }
+                    }
+                })
+                .detach();
+            }
             Err(e) => {
                 let _ = tx.unbounded_send((protocol_error(id, &e), permit));
             }
@@ -292,6 +309,9 @@ enum Dispatched {
     /// Answer later; `true` with the answer: an append was refused after it was queued
     /// (a full disk), so the connection takes no further request.
     Later(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
+    /// Answer later, unless the connection ends first: then the work (named) is dropped.
+    /// Only for work that changes nothing and that no one else waits for (a scrub).
+    WhileConnected(&'static str, std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
 }
 
 fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
@@ -431,13 +451,17 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
             };
             mine.sort_by_key(|c| c.id());
             let index = shard.index;
-            later(async move {
-                let mut containers = Vec::with_capacity(mine.len());
-                for c in mine {
-                    containers.push(c.scrub(g.bytes_per_sec).await);
-                }
-                reply(id, &ScrubReport { shard: index, containers })
-            })
+            // Nobody else waits for a scrub: it stops when its client leaves.
+            Dispatched::WhileConnected(
+                "log scrub",
+                Box::pin(async move {
+                    let mut containers = Vec::with_capacity(mine.len());
+                    for c in mine {
+                        containers.push(c.scrub(g.bytes_per_sec).await);
+                    }
+                    reply(id, &ScrubReport { shard: index, containers })
+                }),
+            )
         }
         Kind::GetSegmentInfo => {
             let g: GetSegmentInfo = frame.decode()?;

@@ -343,3 +343,61 @@ async fn a_damaged_record_in_an_older_log_file_is_refused_not_read() {
     let (_, d) = c.read_segment("od/s/0", length - 2000, 64 << 10, Duration::ZERO).await.unwrap();
     assert!(d.len() >= 2000, "the last event reads");
 }
+
+/// A scrub whose client leaves stops reading (nobody would hear its report): `sluice log
+/// scrub` paced to 1 MB/s over an 8 MiB log is killed after a second; the server says the
+/// scrub stopped, and no container's scrub completes after that. A scrub that is waited
+/// for still runs to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrub_stops_when_its_client_leaves() {
+    let dir = TempDir::new("scrubleave");
+    let data = dir.0.join("data");
+    let mut server = sluice_tests::Server::start_with(
+        &data,
+        free_ports(1),
+        1,
+        &["--log-file-mb", "1", "--containers-per-core", "1"],
+    );
+    // The scrub's and the connection's info lines are what this test watches.
+    server.kill();
+    server.env.push(("RUST_LOG".into(), "warn,sluice_engine::server=info,sluice_engine::container::scrub=info".into()));
+    server.restart();
+    let url = server.url();
+    let c = Client::connect(&url).await.unwrap();
+    c.create_scope("sl").await.unwrap();
+    c.create_stream("sl", "s", 1).await.unwrap();
+    let w = c.event_writer("sl/s").await.unwrap();
+    for _ in 0..80 {
+        let acks: Vec<_> = (0..50).map(|_| w.write_event(b"k", vec![b'x'; 2000])).collect();
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+    let log = data.with_extension("log");
+    let said = |what: &str| std::fs::read_to_string(&log).unwrap_or_default().matches(what).count();
+    let mut scrub = Command::new(sluice_bin())
+        .args(["log", "scrub", "--rate-mb", "1"])
+        .env("SLUICE_URL", &url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    scrub.kill().unwrap();
+    scrub.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while said("stopped: its client disconnected") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scrub did not stop: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Paced to 1 MB/s the 8 MiB would take 8 s: had it gone on, it would finish by now.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(said("log scrubbed"), 0, "the scrub went on after its client left");
+    let (ok, out, err) = sluice_tests::cli(&url, &["log", "scrub", "--rate-mb", "0"], None);
+    assert!(ok && out.contains("no damage found"), "{out}{err}");
+    assert_eq!(said("log scrubbed: sound"), 1, "the waited-for scrub completes");
+}

@@ -53,10 +53,31 @@ fn check_image(bytes: &Bytes) -> FileCheck {
     }
 }
 
+/// The pace of one container's scrub: at most `bytes_per_sec` (0: unpaced) over all its
+/// files, counted from `started`.
+struct Pace {
+    bytes_per_sec: u64,
+    started: Instant,
+    /// Bytes of the files read before the current one.
+    before: u64,
+}
+
+impl Pace {
+    /// Waits until `read` more bytes (of the current file) are due.
+    async fn keep(&self, read: u64) {
+        if self.bytes_per_sec > 0 {
+            let due = Duration::from_secs_f64((self.before + read) as f64 / self.bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                glommio::timer::sleep(wait).await;
+            }
+        }
+    }
+}
+
 /// Reads `path` a piece at a time (each piece a helper-thread call, so the shard's other
-/// blocking work gets in between), waiting between pieces to keep to `bytes_per_sec`.
-async fn read_paced(path: &Path, bytes_per_sec: u64) -> std::io::Result<Bytes> {
-    let started = Instant::now();
+/// blocking work gets in between), waiting after each piece to keep to the pace (also after
+/// a file's last piece: a log of many small files is paced too).
+async fn read_paced(path: &Path, pace: &mut Pace) -> std::io::Result<Bytes> {
     let owned = path.to_path_buf();
     let mut image = glommio::executor().spawn_blocking(move || image::PartialImage::open(&owned)).await?;
     loop {
@@ -67,14 +88,11 @@ async fn read_paced(path: &Path, bytes_per_sec: u64) -> std::io::Result<Bytes> {
             })
             .await;
         image = back;
-        if done? {
+        let done = done?;
+        pace.keep(image.done() as u64).await;
+        if done {
+            pace.before += image.done() as u64;
             return Ok(image.finish());
-        }
-        if bytes_per_sec > 0 {
-            let due = Duration::from_secs_f64(image.done() as f64 / bytes_per_sec as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                glommio::timer::sleep(wait).await;
-            }
         }
     }
 }
@@ -89,11 +107,12 @@ impl Container {
             (core.oldest_file(), core.current_file(), core.durable_lsn())
         };
         let mut out = ContainerScrub { container: self.id(), ..ContainerScrub::default() };
+        let mut pace = Pace { bytes_per_sec, started, before: 0 };
         // The LSN the next file must open with, while the chain is known.
         let mut next_lsn: Option<(u64, u64)> = None;
         for seq in oldest..=current {
             let path = self.dir.join(file_name(seq));
-            let f = match read_paced(&path, bytes_per_sec).await {
+            let f = match read_paced(&path, &mut pace).await {
                 Ok(bytes) => glommio::executor().spawn_blocking(move || check_image(&bytes)).await,
                 // A container that never wrote a record may have no file yet.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && seq == current && durable_lsn == 0 => continue,
