@@ -105,6 +105,18 @@ fn container_files(container: &Path) -> Vec<(PathBuf, Vec<usize>)> {
         .collect()
 }
 
+/// Writes `rounds` rounds of 50 events of 2,000 bytes (`fill(round)` each) to `stream`,
+/// one stream of one segment, waiting for each round's acknowledgements.
+async fn write_rounds(c: &Client, stream: &str, rounds: u8, fill: impl Fn(u8) -> u8) {
+    let w = c.event_writer(stream).await.unwrap();
+    for round in 0..rounds {
+        let acks: Vec<_> = (0..50).map(|_| w.write_event(b"k", vec![fill(round); 2000])).collect();
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+}
+
 /// Flips one byte in place (the server may hold the file open).
 fn flip_byte(path: &Path, at: usize) {
     use std::os::unix::fs::FileExt;
@@ -207,13 +219,7 @@ async fn a_damaged_record_in_the_current_log_file_is_refused_not_read() {
     let c = Client::connect(&url).await.unwrap();
     c.create_scope("ld").await.unwrap();
     c.create_stream("ld", "s", 1).await.unwrap();
-    let w = c.event_writer("ld/s").await.unwrap();
-    for round in 0..20u8 {
-        let acks: Vec<_> = (0..50).map(|_| w.write_event(b"k", vec![b'a' + round; 2000])).collect();
-        for a in acks {
-            a.await.unwrap();
-        }
-    }
+    write_rounds(&c, "ld/s", 20, |round| b'a' + round).await;
     let length = c.segment_info("ld/s/0").await.unwrap().length;
     let read = |offset: u64| c.read_segment("ld/s/0", offset, 64 << 10, Duration::ZERO);
     // Sound, every byte of it comes back from the log.
@@ -292,13 +298,7 @@ async fn a_damaged_record_in_an_older_log_file_is_refused_not_read() {
     let c = Client::connect(&server.url()).await.unwrap();
     c.create_scope("od").await.unwrap();
     c.create_stream("od", "s", 1).await.unwrap();
-    let w = c.event_writer("od/s").await.unwrap();
-    for round in 0..30u8 {
-        let acks: Vec<_> = (0..50).map(|_| w.write_event(b"k", vec![b'a' + round % 26; 2000])).collect();
-        for a in acks {
-            a.await.unwrap();
-        }
-    }
+    write_rounds(&c, "od/s", 30, |round| b'a' + round % 26).await;
     let length = c.segment_info("od/s/0").await.unwrap().length;
     let mut files = files_with_records(&data, 1);
     files.sort();
@@ -366,13 +366,7 @@ async fn a_scrub_stops_when_its_client_leaves() {
     let c = Client::connect(&url).await.unwrap();
     c.create_scope("sl").await.unwrap();
     c.create_stream("sl", "s", 1).await.unwrap();
-    let w = c.event_writer("sl/s").await.unwrap();
-    for _ in 0..80 {
-        let acks: Vec<_> = (0..50).map(|_| w.write_event(b"k", vec![b'x'; 2000])).collect();
-        for a in acks {
-            a.await.unwrap();
-        }
-    }
+    write_rounds(&c, "sl/s", 80, |_| b'x').await;
     let log = data.with_extension("log");
     let said = |what: &str| std::fs::read_to_string(&log).unwrap_or_default().matches(what).count();
     let mut scrub = Command::new(sluice_bin())
