@@ -33,6 +33,10 @@ pub enum EngineError {
     /// Bytes read back failed their checksum.
     #[error("damaged data: {0}")]
     DataCorrupt(String),
+    /// A damaged log record holds the data read; the segment's sound data resumes at
+    /// `resume` (its length if nothing follows).
+    #[error("damaged data: {message}")]
+    DamagedLog { message: String, resume: u64 },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("invalid event number: {0}")]
@@ -62,6 +66,7 @@ impl EngineError {
             EngineError::LogFull(_) | EngineError::Tier2(_) => (ErrorCode::Tier2Unavailable, None),
             EngineError::NoSpace(_) => (ErrorCode::NoSpace, None),
             EngineError::DataCorrupt(_) => (ErrorCode::DataCorrupt, None),
+            EngineError::DamagedLog { resume, .. } => (ErrorCode::DataCorrupt, Some(*resume)),
             EngineError::BadRequest(_) => (ErrorCode::BadRequest, None),
             EngineError::InvalidEventNumber(_) => (ErrorCode::InvalidEventNumber, None),
             EngineError::Io(_) => (ErrorCode::Internal, None),

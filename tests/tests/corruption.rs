@@ -259,6 +259,11 @@ async fn a_damaged_record_in_the_current_log_file_is_refused_not_read() {
         e.to_string().contains(&format!("log file {name}: the record at byte {damaged_at} fails its checksum")),
         "{e}"
     );
+    // The answer says where the sound data resumes: at an event in the next record.
+    let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else { panic!("no offset in {e:?}") };
+    assert!(resume > at && resume < length && resume % EVENT == 0, "resumes at {resume} ({at}..{length})");
+    let (_, d) = read(resume).await.unwrap();
+    assert!(d.len() >= 2000 && d[4..2004].iter().all(|&b| b == d[4]), "an event begins there");
     // The last events are in sound records after it.
     let (_, d) = read(length - 2000).await.unwrap();
     assert!(d.len() >= 2000 && d[d.len() - 1] == b'a' + 19, "the last event reads");
@@ -276,6 +281,9 @@ async fn a_damaged_record_in_the_current_log_file_is_refused_not_read() {
     let (ok, out, err) = sluice_tests::cli(&url, &["stream", "verify", "ld/s"], None);
     eprintln!("{out}{err}");
     assert!(!ok && out.contains("DAMAGED") && out.contains(&format!("the record at byte {damaged_at}")), "{out}{err}");
+    // It reads on where the sound data resumes: every event but the damaged record's.
+    let sound = at / EVENT + (length - resume) / EVENT;
+    assert!(out.contains(&format!("{sound} events: DAMAGED ({} bytes unreadable", resume - at)), "{out}");
     assert!(sluice_tests::handshake(url.parse().unwrap()), "the server still serves");
 }
 
@@ -340,6 +348,11 @@ async fn a_damaged_record_in_an_older_log_file_is_refused_not_read() {
     assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
     assert_eq!(at_again, at, "the same events are served");
     assert!(e.to_string().contains(&format!("log file {name}: no sound record holds offset {at}")), "{e}");
+    // The scan does not know the damaged record's extent: the data resumes in the next file.
+    let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else { panic!("no offset in {e:?}") };
+    assert!(resume > at && resume < length, "resumes at {resume} ({at}..{length})");
+    let (_, d) = c.read_segment("od/s/0", resume, 64 << 10, Duration::ZERO).await.unwrap();
+    assert!(!d.is_empty(), "the next file reads");
     let (_, d) = c.read_segment("od/s/0", length - 2000, 64 << 10, Duration::ZERO).await.unwrap();
     assert!(d.len() >= 2000, "the last event reads");
 }

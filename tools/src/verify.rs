@@ -1,9 +1,10 @@
 //! `sluice stream verify`: reads every byte a stream holds, in every segment it ever had,
 //! so damage is found before a reader meets it. The server checks what it reads: log records
 //! against their checksums (a read stops before a damaged record, and one that starts in it
-//! answers `DataCorrupt`), tier-2 against the chunks' sums (a damaged MiB answers
-//! `DataCorrupt`); the client checks the event framing of what it gets (every length within
-//! the limit, no event cut short at a segment's end).
+//! answers `DataCorrupt` with the offset where the segment's sound data resumes, where the
+//! verification goes on), tier-2 against the chunks' sums (a damaged MiB answers
+//! `DataCorrupt`; the verification skips a MiB); the client checks the event framing of what
+//! it gets (every length within the limit, no event cut short at a segment's end).
 
 use sluice_client::{Client, ClientError};
 use sluice_net::ErrorCode;
@@ -32,6 +33,8 @@ pub struct VerifyArgs {
 struct Found {
     bytes: u64,
     events: u64,
+    /// Bytes not read: past damage, up to where sound data resumes.
+    skipped: u64,
     problems: Vec<String>,
     more_problems: usize,
     /// Server answers already reported (a damaged block fails every read within it).
@@ -105,7 +108,10 @@ pub async fn run(c: &Client, a: VerifyArgs) -> Result<(), String> {
             println!("segment {n} ({state}): bytes {}..{}{what}: ok", info.start_offset, info.length);
         } else {
             damaged += 1;
-            println!("segment {n} ({state}): bytes {}..{}{what}: DAMAGED", info.start_offset, info.length);
+            println!(
+                "segment {n} ({state}): bytes {}..{}{what}: DAMAGED ({} bytes unreadable or skipped)",
+                info.start_offset, info.length, found.skipped
+            );
             for p in &found.problems {
                 println!("    {p}");
             }
@@ -151,10 +157,17 @@ async fn verify_segment(
                 if found.seen.insert(e.to_string()) {
                     found.problem(format!("read at offset {at}: {e}"));
                 }
-                let skip = SKIP_BYTES.min(to - at);
-                progress.add(skip);
-                at += skip;
-                framing = false;
+                // A damaged log record: the server says where the sound data resumes (where
+                // an append begins, so events are whole from there on). Tier-2: a MiB on.
+                let resume = match &e {
+                    ClientError::Server { offset: Some(r), .. } if *r > at => Some((*r).min(to)),
+                    _ => None,
+                };
+                let next = resume.unwrap_or(at + SKIP_BYTES.min(to - at));
+                found.skipped += next - at;
+                progress.add(next - at);
+                at = next;
+                framing &= resume.is_some();
                 carry.clear();
                 continue;
             }

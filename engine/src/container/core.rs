@@ -1231,6 +1231,26 @@ impl ContainerCore {
 
     /// The older log file a reader of `name` at `offset` goes to next, if its next bytes are
     /// in one (not in the file being written).
+    /// Where the sound data of `name` resumes after a damaged record of log file `file_seq`
+    /// (at `record_pos`, when known): its first offset in a later record of that file, else
+    /// where its data continues in a later file, else its length. `None` for an unknown
+    /// segment.
+    pub fn resume_after_damage(&self, name: &str, file_seq: u64, record_pos: Option<u64>) -> Option<u64> {
+        let id = self.lookup(name).ok()?;
+        let s = self.segments.get(&id)?;
+        let index = if file_seq == self.file_seq {
+            Some(&self.current_index)
+        } else {
+            self.cold_indexes.iter().find(|(seq, _)| *seq == file_seq).map(|(_, i)| i)
+        };
+        if let (Some(pos), Some(index)) = (record_pos, index)
+            && let Some(offset) = index.offset_after_record(id, pos)
+        {
+            return Some(offset);
+        }
+        Some(s.files.iter().find(|&&(_, f)| f > file_seq).map_or(s.length, |&(o, _)| o))
+    }
+
     pub fn next_older_file(&self, name: &str, offset: u64) -> Option<u64> {
         let s = &self.segments[&self.lookup(name).ok()?];
         s.file_after(offset).filter(|&f| f != self.file_seq && f >= self.oldest_file)
@@ -1441,12 +1461,16 @@ impl ContainerCore {
             // An older file's index holds the records its scan found sound: one that misses
             // data the segment has there lost it to damage.
             if file_seq != self.file_seq {
-                return Err(EngineError::DataCorrupt(format!(
+                let message = format!(
                     "container {} log file {}: no sound record holds offset {offset} of {name} (a damaged record; \
                      `sluice log scrub` names it)",
                     self.cfg.container,
                     crate::log::file_name(file_seq)
-                )));
+                );
+                return Err(match self.resume_after_damage(name, file_seq, None) {
+                    Some(resume) => EngineError::DamagedLog { message, resume },
+                    None => EngineError::DataCorrupt(message),
+                });
             }
             return Err(EngineError::BadRequest(format!(
                 "log file {file_seq:x} has no data for offset {offset} of {name}"

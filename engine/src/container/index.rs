@@ -63,6 +63,14 @@ impl FileIndex {
         Some((holding(from)?.0, holding(to.checked_sub(1)?)?.1))
     }
 
+    /// The first offset of `segment` held by a record after the one at `record_pos`.
+    pub fn offset_after_record(&self, segment: u64, record_pos: u64) -> Option<u64> {
+        let i = self.records.partition_point(|&(p, _)| p <= record_pos).checked_sub(1)?;
+        let (p, l) = self.records[i];
+        let v = self.segments.get(&segment)?;
+        v.get(v.partition_point(|e| e.file_pos < p + l)).map(|e| e.offset)
+    }
+
     /// Where the bytes of `segment` from `offset` on lie in this file: (file position,
     /// length) pieces in offset order, at most `max` bytes in all, the last ending within
     /// `span_max` bytes of the first's position (the caller reads that span at once and
@@ -125,5 +133,13 @@ mod tests {
         assert_eq!(idx.record_span(100, 5000), None);
         assert_eq!(idx.record_span(5000, 24577), None);
         assert_eq!(idx.record_span(0, 0), None);
+        // Segment 1's appends in the first and third records, segment 2's in the second.
+        idx.push(1, 0, 4200, 100);
+        idx.push(2, 0, 8300, 100);
+        idx.push(1, 100, 20600, 100);
+        assert_eq!(idx.offset_after_record(1, 4096), Some(100));
+        assert_eq!(idx.offset_after_record(1, 8192), Some(100));
+        assert_eq!(idx.offset_after_record(1, 20480), None, "nothing after the last record");
+        assert_eq!(idx.offset_after_record(2, 8192), None);
     }
 }

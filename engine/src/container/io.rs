@@ -999,7 +999,7 @@ impl Container {
                         Err(_) if file_seq < self.core.borrow().oldest_file() => continue,
                         Err(e) => return Err(e),
                     };
-                    let span = self.read_records(&f, file_seq, start, end).await?;
+                    let span = self.read_records(&f, name, file_seq, start, end).await?;
                     // Only the pieces before a damaged record, if there is one.
                     let sound = start + span.len() as u64;
                     let held = pieces.iter().take_while(|&&(pos, len)| pos + len <= sound).count();
@@ -1042,8 +1042,16 @@ impl Container {
     /// checksums. Damaged bytes are never served (nor copied to tier-2 by the mover, which
     /// reads through here): the sound records before a damaged one are returned (a reader
     /// gets everything up to the damage), and a read that starts in a damaged record fails
-    /// with `DataCorrupt`, naming the file and the record.
-    async fn read_records(&self, f: &DmaFile, file_seq: u64, start: u64, end: u64) -> Result<Bytes, EngineError> {
+    /// with `DataCorrupt`, naming the file and the record, and where `name`'s sound data
+    /// resumes (`DamagedLog`).
+    async fn read_records(
+        &self,
+        f: &DmaFile,
+        name: &str,
+        file_seq: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, EngineError> {
         let len = (end - start) as usize;
         let r =
             f.read_at(start, len).await.map_err(|e| EngineError::Io(format!("reading log file {file_seq:x}: {e}")))?;
@@ -1056,7 +1064,11 @@ impl Container {
                 let file = file_name(file_seq);
                 tracing::error!(container = self.id, %file, %damage, "damaged log record: not served");
                 if at == start {
-                    return Err(EngineError::DataCorrupt(format!("container {} log file {file}: {damage}", self.id)));
+                    let message = format!("container {} log file {file}: {damage}", self.id);
+                    return Err(match self.core.borrow().resume_after_damage(name, file_seq, Some(at)) {
+                        Some(resume) => EngineError::DamagedLog { message, resume },
+                        None => EngineError::DataCorrupt(message),
+                    });
                 }
                 Ok(Bytes::copy_from_slice(&r[..(at - start) as usize]))
             }
