@@ -49,6 +49,10 @@ pub struct EngineConfig {
     pub rate_window: std::time::Duration,
     /// A segment forgets an idempotent writer idle this long (zero: never).
     pub writer_idle: std::time::Duration,
+    /// Each shard scrubs its containers' logs this often (`None`: only when asked).
+    pub scrub_every: Option<std::time::Duration>,
+    /// Pace of a scheduled scrub, bytes per second per shard (0: unpaced).
+    pub scrub_bytes_per_sec: u64,
 }
 
 impl EngineConfig {
@@ -77,6 +81,8 @@ impl EngineConfig {
             cluster: None,
             rate_window: std::time::Duration::from_secs(RATE_WINDOW_S_DEFAULT),
             writer_idle: std::time::Duration::from_secs(WRITER_IDLE_S_DEFAULT),
+            scrub_every: None,
+            scrub_bytes_per_sec: 50_000_000,
         }
     }
 

@@ -152,6 +152,15 @@ struct StandaloneArgs {
     /// growing with every writer that ever wrote.
     #[arg(long, default_value_t = sluice_engine::constants::WRITER_IDLE_S_DEFAULT / 3600)]
     writer_idle_hours: u64,
+    /// Scrub the log on a schedule: every shard reads its containers' log files back from
+    /// the disk and checks every record this often (e.g. `7d`, `12h`, `30m`, `90s`), so that
+    /// damage is found before a reader or a restart needs the bytes; findings go to the
+    /// server's log as errors. Off by default; `sluice log scrub` runs one at any time.
+    #[arg(long, value_name = "INTERVAL", value_parser = parse_interval)]
+    scrub_every: Option<Duration>,
+    /// Most MB a scheduled scrub reads per second on each shard (0: as fast as the disk goes).
+    #[arg(long, default_value_t = 50, value_name = "MB")]
+    scrub_rate_mb: u64,
     /// Log flushes per second for the whole node (0: unlimited). Under load each flush then
     /// carries more events, so the I/O rate stays within a device's budget: set it below the
     /// IOPS a rate-limited volume allows, or its throttling adds whole refill periods to
@@ -363,6 +372,25 @@ fn parse_stream(s: &str) -> Result<ScopedStream, String> {
     ScopedStream::parse(s).ok_or_else(|| format!("'{s}' is not a stream name; expected scope/stream"))
 }
 
+/// An interval: a number with a unit, `s`, `m`, `h` or `d` (at least a second).
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number.parse().map_err(|_| format!("'{s}' is not an interval: expected e.g. 7d, 12h, 30m or 90s"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        "" => return Err(format!("'{s}' needs a unit: s, m, h or d (e.g. {s}h)")),
+        other => return Err(format!("'{other}' is not a unit of time: use s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("the interval must be at least 1s".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     let cores = a.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let mut cfg = sluice_engine::EngineConfig::new(a.data_dir.clone(), a.listen, cores);
@@ -380,6 +408,8 @@ fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     cfg.move_bytes_min = a.move_min_kb << 10;
     cfg.rate_window = Duration::from_secs(a.rate_window_s.max(1));
     cfg.writer_idle = Duration::from_secs(a.writer_idle_hours.saturating_mul(3600));
+    cfg.scrub_every = a.scrub_every;
+    cfg.scrub_bytes_per_sec = a.scrub_rate_mb.saturating_mul(1_000_000);
     cfg
 }
 
@@ -798,5 +828,23 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_interval;
+    use std::time::Duration;
+
+    #[test]
+    fn intervals_need_a_number_and_a_unit() {
+        assert_eq!(parse_interval("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_interval("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_interval("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_interval("7d"), Ok(Duration::from_secs(604_800)));
+        assert!(parse_interval("12").unwrap_err().contains("needs a unit"));
+        assert!(parse_interval("3w").unwrap_err().contains("'w' is not a unit"));
+        assert!(parse_interval("h").unwrap_err().contains("not an interval"));
+        assert!(parse_interval("0s").unwrap_err().contains("at least 1s"));
     }
 }
