@@ -46,7 +46,15 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
     let files = log_files(dir)?;
     println!("container log {}", dir.display());
     for (_, path) in files {
-        let bytes = Bytes::from(std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => Bytes::from(b),
+            // A running node frees log files whose data is in tier-2: gone since the listing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("  file {}: gone (freed since the listing)", path.display());
+                continue;
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
         let scan = scan_file(&bytes);
         match &scan.header {
             Ok(h) => println!(
