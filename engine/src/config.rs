@@ -82,7 +82,7 @@ impl EngineConfig {
             rate_window: std::time::Duration::from_secs(RATE_WINDOW_S_DEFAULT),
             writer_idle: std::time::Duration::from_secs(WRITER_IDLE_S_DEFAULT),
             scrub_every: None,
-            scrub_bytes_per_sec: 50_000_000,
+            scrub_bytes_per_sec: SCRUB_RATE_MB_DEFAULT * 1_000_000,
         }
     }
 

@@ -52,6 +52,8 @@ pub const MERGE_READ_BYTES: u64 = 1 << 20;
 /// Default idle time after which an idempotent writer is forgotten by a segment, in seconds
 /// (one day, like Kafka's `producer.id.expiration.ms`).
 pub const WRITER_IDLE_S_DEFAULT: u64 = 24 * 3600;
+/// Default pace of a scheduled log scrub (`--scrub-rate-mb`), MB per second per shard.
+pub const SCRUB_RATE_MB_DEFAULT: u64 = 50;
 /// Images of whole log files a shard keeps to serve reads of them (see `container::io`):
 /// with 64 MiB files, 128 MiB per shard.
 pub const FILE_IMAGES_PER_SHARD: usize = 2;

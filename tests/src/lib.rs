@@ -115,6 +115,12 @@ impl Server {
 
     /// Starts with extra `sluice standalone` arguments.
     pub fn start_with(data_dir: &Path, port: u16, cores: u32, extra: &[&str]) -> Server {
+        Self::start_with_env(data_dir, port, cores, extra, &[])
+    }
+
+    /// Starts with extra arguments and environment (e.g. `RUST_LOG`, for a test that
+    /// watches the server's log).
+    pub fn start_with_env(data_dir: &Path, port: u16, cores: u32, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut s = Server {
             child: None,
             mode: vec!["standalone".into()],
@@ -122,7 +128,7 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             data_dir: data_dir.into(),
             cores,
-            env: Vec::new(),
+            env: env.iter().map(|&(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         s.restart();
         s

@@ -378,16 +378,14 @@ async fn a_damaged_record_in_an_older_log_file_is_refused_not_read() {
 async fn a_scrub_stops_when_its_client_leaves() {
     let dir = TempDir::new("scrubleave");
     let data = dir.0.join("data");
-    let mut server = sluice_tests::Server::start_with(
+    // The scrub's and the connection's info lines are what this test watches.
+    let server = sluice_tests::Server::start_with_env(
         &data,
         free_ports(1),
         1,
         &["--log-file-mb", "1", "--containers-per-core", "1"],
+        &[("RUST_LOG", "warn,sluice_engine::server=info,sluice_engine::container::scrub=info")],
     );
-    // The scrub's and the connection's info lines are what this test watches.
-    server.kill();
-    server.env.push(("RUST_LOG".into(), "warn,sluice_engine::server=info,sluice_engine::container::scrub=info".into()));
-    server.restart();
     let url = server.url();
     let c = Client::connect(&url).await.unwrap();
     c.create_scope("sl").await.unwrap();
@@ -421,15 +419,13 @@ async fn a_scrub_stops_when_its_client_leaves() {
 async fn a_scheduled_scrub_finds_damage() {
     let dir = TempDir::new("scrubsched");
     let data = dir.0.join("data");
-    let mut server = sluice_tests::Server::start_with(
+    let server = sluice_tests::Server::start_with_env(
         &data,
         free_ports(1),
         1,
         &["--log-file-mb", "1", "--containers-per-core", "1", "--scrub-every", "1s", "--scrub-rate-mb", "0"],
+        &[("RUST_LOG", "warn,sluice_engine::shard=info")],
     );
-    server.kill();
-    server.env.push(("RUST_LOG".into(), "warn,sluice_engine::shard=info".into()));
-    server.restart();
     let url = server.url();
     let c = Client::connect(&url).await.unwrap();
     c.create_scope("sc").await.unwrap();

@@ -159,7 +159,7 @@ struct StandaloneArgs {
     #[arg(long, value_name = "INTERVAL", value_parser = parse_interval)]
     scrub_every: Option<Duration>,
     /// Most MB a scheduled scrub reads per second on each shard (0: as fast as the disk goes).
-    #[arg(long, default_value_t = 50, value_name = "MB")]
+    #[arg(long, default_value_t = sluice_engine::constants::SCRUB_RATE_MB_DEFAULT, value_name = "MB")]
     scrub_rate_mb: u64,
     /// Log flushes per second for the whole node (0: unlimited). Under load each flush then
     /// carries more events, so the I/O rate stays within a device's budget: set it below the

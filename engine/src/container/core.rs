@@ -1229,13 +1229,21 @@ impl ContainerCore {
         s.file_of(offset).is_some_and(|f| f == self.file_seq || self.cold_indexes.iter().any(|(seq, _)| *seq == f))
     }
 
-    /// The older log file a reader of `name` at `offset` goes to next, if its next bytes are
-    /// in one (not in the file being written).
+    /// The read error for data of `name` lost to a damaged record of log file `file_seq` (at
+    /// `record_pos`, when known): `DamagedLog` with where the segment's sound data resumes,
+    /// or plain `DataCorrupt` for a segment no longer known.
+    pub fn damaged(&self, name: &str, file_seq: u64, record_pos: Option<u64>, message: String) -> EngineError {
+        match self.resume_after_damage(name, file_seq, record_pos) {
+            Some(resume) => EngineError::DamagedLog { message, resume },
+            None => EngineError::DataCorrupt(message),
+        }
+    }
+
     /// Where the sound data of `name` resumes after a damaged record of log file `file_seq`
     /// (at `record_pos`, when known): its first offset in a later record of that file, else
     /// where its data continues in a later file, else its length. `None` for an unknown
     /// segment.
-    pub fn resume_after_damage(&self, name: &str, file_seq: u64, record_pos: Option<u64>) -> Option<u64> {
+    fn resume_after_damage(&self, name: &str, file_seq: u64, record_pos: Option<u64>) -> Option<u64> {
         let id = self.lookup(name).ok()?;
         let s = self.segments.get(&id)?;
         let index = if file_seq == self.file_seq {
@@ -1251,6 +1259,8 @@ impl ContainerCore {
         Some(s.files.iter().find(|&&(_, f)| f > file_seq).map_or(s.length, |&(o, _)| o))
     }
 
+    /// The older log file a reader of `name` at `offset` goes to next, if its next bytes are
+    /// in one (not in the file being written).
     pub fn next_older_file(&self, name: &str, offset: u64) -> Option<u64> {
         let s = &self.segments[&self.lookup(name).ok()?];
         s.file_after(offset).filter(|&f| f != self.file_seq && f >= self.oldest_file)
@@ -1467,10 +1477,7 @@ impl ContainerCore {
                     self.cfg.container,
                     crate::log::file_name(file_seq)
                 );
-                return Err(match self.resume_after_damage(name, file_seq, None) {
-                    Some(resume) => EngineError::DamagedLog { message, resume },
-                    None => EngineError::DataCorrupt(message),
-                });
+                return Err(self.damaged(name, file_seq, None, message));
             }
             return Err(EngineError::BadRequest(format!(
                 "log file {file_seq:x} has no data for offset {offset} of {name}"

@@ -52,23 +52,24 @@ impl FileIndex {
         self.records.push((pos, disk_len));
     }
 
+    /// The file range `[start, end)` of the record holding file byte `at`.
+    fn record_holding(&self, at: u64) -> Option<(u64, u64)> {
+        let i = self.records.partition_point(|&(p, _)| p <= at).checked_sub(1)?;
+        let (p, l) = self.records[i];
+        (at < p + l).then_some((p, p + l))
+    }
+
     /// The file range `[start, end)` of the whole records that hold the file bytes
     /// `[from, to)`; `None` if no record holds `from` or `to - 1`.
     pub fn record_span(&self, from: u64, to: u64) -> Option<(u64, u64)> {
-        let holding = |at: u64| {
-            let i = self.records.partition_point(|&(p, _)| p <= at).checked_sub(1)?;
-            let (p, l) = self.records[i];
-            (at < p + l).then_some((p, p + l))
-        };
-        Some((holding(from)?.0, holding(to.checked_sub(1)?)?.1))
+        Some((self.record_holding(from)?.0, self.record_holding(to.checked_sub(1)?)?.1))
     }
 
     /// The first offset of `segment` held by a record after the one at `record_pos`.
     pub fn offset_after_record(&self, segment: u64, record_pos: u64) -> Option<u64> {
-        let i = self.records.partition_point(|&(p, _)| p <= record_pos).checked_sub(1)?;
-        let (p, l) = self.records[i];
+        let (_, end) = self.record_holding(record_pos)?;
         let v = self.segments.get(&segment)?;
-        v.get(v.partition_point(|e| e.file_pos < p + l)).map(|e| e.offset)
+        v.get(v.partition_point(|e| e.file_pos < end)).map(|e| e.offset)
     }
 
     /// Where the bytes of `segment` from `offset` on lie in this file: (file position,

@@ -245,13 +245,20 @@ fn drop_file_images_before(instance: u64, seq: u64) {
     FILE_IMAGES.with(|i| i.borrow_mut().retain(|&(c, s, _)| c != instance || s >= seq));
 }
 
-/// The pieces (file position, length) out of `image`, which holds the file from `base` on,
-/// in order, as slices of it (no copy); `None` if the image does not hold them all.
+/// The leading pieces (file position, length) that `image`, which holds the file from
+/// `base` on, holds, in order, as slices of it (no copy): all of them, some, or none.
+fn held_slices(image: &Bytes, base: u64, pieces: &[(u64, u64)]) -> Vec<Bytes> {
+    let end = base + image.len() as u64;
+    pieces
+        .iter()
+        .take_while(|&&(pos, len)| pos >= base && pos + len <= end)
+        .map(|&(pos, len)| image.slice((pos - base) as usize..(pos - base + len) as usize))
+        .collect()
+}
+
+/// All the pieces out of `image` (see `held_slices`); `None` if it does not hold them all.
 fn slices(image: &Bytes, base: u64, pieces: &[(u64, u64)]) -> Option<Vec<Bytes>> {
-    if pieces.iter().any(|&(pos, len)| pos < base || pos + len > base + image.len() as u64) {
-        return None;
-    }
-    Some(pieces.iter().map(|&(pos, len)| image.slice((pos - base) as usize..(pos - base + len) as usize)).collect())
+    Some(held_slices(image, base, pieces)).filter(|s| s.len() == pieces.len())
 }
 
 async fn write_all_at(file: &DmaFile, buf: glommio::io::DmaBuffer, pos: u64, path: &Path) -> Result<(), String> {
@@ -982,14 +989,12 @@ impl Container {
                     // Records read and checked by the last read from the disk: the pieces in
                     // them are served from there (a shorter read; the next one starts after
                     // them, at a record boundary, so no record is read twice).
-                    let span = self.checked_span.borrow().clone();
-                    if let Some((_, base, span)) = span.filter(|(seq, ..)| *seq == file_seq) {
-                        let end = base + span.len() as u64;
-                        let held = pieces.iter().take_while(|&&(pos, len)| pos >= base && pos + len <= end).count();
-                        if held > 0 {
-                            let pieces = slices(&span, base, &pieces[..held]).expect("pieces within the span");
-                            return Ok(ReadData { pieces, status });
-                        }
+                    let held = match &*self.checked_span.borrow() {
+                        Some((seq, base, span)) if *seq == file_seq => held_slices(span, *base, &pieces),
+                        _ => Vec::new(),
+                    };
+                    if !held.is_empty() {
+                        return Ok(ReadData { pieces: held, status });
                     }
                     // The reader moved on to another file: free this container's images.
                     drop_file_images(self.instance);
@@ -1001,13 +1006,14 @@ impl Container {
                     };
                     let span = self.read_records(&f, name, file_seq, start, end).await?;
                     // Only the pieces before a damaged record, if there is one.
-                    let sound = start + span.len() as u64;
-                    let held = pieces.iter().take_while(|&&(pos, len)| pos + len <= sound).count();
-                    let pieces = slices(&span, start, &pieces[..held]).filter(|p| !p.is_empty()).ok_or_else(|| {
-                        EngineError::Io(format!("log file {file_seq:x}: records {start}..{end} do not hold {pieces:?}"))
-                    })?;
+                    let held = held_slices(&span, start, &pieces);
+                    if held.is_empty() {
+                        return Err(EngineError::Io(format!(
+                            "log file {file_seq:x}: records {start}..{end} do not hold {pieces:?}"
+                        )));
+                    }
                     *self.checked_span.borrow_mut() = Some((file_seq, start, span));
-                    return Ok(ReadData { pieces, status });
+                    return Ok(ReadData { pieces: held, status });
                 }
                 ReadOutcome::NeedIndex { file_seq } => {
                     // One load per file: reads that find it loading wait, then look again.
@@ -1065,10 +1071,7 @@ impl Container {
                 tracing::error!(container = self.id, %file, %damage, "damaged log record: not served");
                 if at == start {
                     let message = format!("container {} log file {file}: {damage}", self.id);
-                    return Err(match self.core.borrow().resume_after_damage(name, file_seq, Some(at)) {
-                        Some(resume) => EngineError::DamagedLog { message, resume },
-                        None => EngineError::DataCorrupt(message),
-                    });
+                    return Err(self.core.borrow().damaged(name, file_seq, Some(at), message));
                 }
                 Ok(Bytes::copy_from_slice(&r[..(at - start) as usize]))
             }
