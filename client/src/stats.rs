@@ -1,7 +1,7 @@
 //! Shard statistics (`Client::shard_stats`) laid out for people: the table `sluice stats`
 //! and `sluice-bench --server-stats` print.
 
-pub use sluice_net::messages::{Latencies, ShardStats};
+pub use sluice_net::messages::{ContainerHealth, Latencies, ShardStats};
 
 fn cells(l: &Latencies) -> String {
     format!("{:>7} {:>7} {:>7} {:>7} {:>7}", l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us)
@@ -47,6 +47,72 @@ pub fn table(stats: &[ShardStats]) -> String {
     out
 }
 
+/// A duration for people: `45s`, `12m 5s`, `3h 20m`, `2d 4h`.
+fn ago(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Each problem of a container, one line each (none for a healthy one).
+pub fn problems(h: &ContainerHealth) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(reason) = &h.stopped {
+        out.push(format!("stopped, serving nothing until the node restarts: {reason}"));
+    }
+    if let Some(ms) = h.no_space_ms {
+        out.push(format!("disk full for {}: appends refused until a log file fits", ago(ms)));
+    }
+    if let Some(ms) = h.mover_failing_ms {
+        let e = h.mover_error.as_deref().unwrap_or("");
+        out.push(format!("tier-2 mover failing for {}: {e}", ago(ms)));
+    }
+    if h.damaged_reads > 0 {
+        let last = h.last_damaged_read.as_deref().unwrap_or("");
+        out.push(format!("{} reads refused on damaged data since the node started; the last: {last}", h.damaged_reads));
+    }
+    if let (Some(ms), false) = (h.scrub_ago_ms, h.scrub_damage.is_empty()) {
+        for d in &h.scrub_damage {
+            out.push(format!("the last log scrub ({} ago) found: {d}", ago(ms)));
+        }
+    }
+    out
+}
+
+/// The containers' part of `sluice stats`: one summary line, then a line per problem.
+/// Returns the text and how many containers have a problem.
+pub fn health(stats: &[ShardStats]) -> (String, usize) {
+    let all: Vec<(u32, &ContainerHealth)> =
+        stats.iter().flat_map(|s| s.containers.iter().map(move |h| (s.shard, h))).collect();
+    let log_mib = all.iter().map(|(_, h)| h.log_bytes).sum::<u64>() as f64 / (1 << 20) as f64;
+    let scrubbed: Vec<u64> = all.iter().filter_map(|(_, h)| h.scrub_ago_ms).collect();
+    let mut lines = Vec::new();
+    let mut troubled = 0;
+    for (shard, h) in &all {
+        let p = problems(h);
+        troubled += usize::from(!p.is_empty());
+        lines.extend(p.into_iter().map(|p| format!("  container {} (shard {shard}): {p}\n", h.container)));
+    }
+    let scrubs = match scrubbed.iter().min() {
+        None => "none scrubbed since the node started".to_string(),
+        Some(latest) => {
+            format!("{} of them scrubbed since the node started, the latest {} ago", scrubbed.len(), ago(*latest))
+        }
+    };
+    let verdict = match troubled {
+        0 => "no problems".to_string(),
+        1 => "1 with problems:".to_string(),
+        n => format!("{n} with problems:"),
+    };
+    let mut out = format!("containers: {}, {log_mib:.1} MiB of log files; {scrubs}; {verdict}\n", all.len());
+    out.extend(lines);
+    (out, troubled)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +125,7 @@ mod tests {
             appends: Latencies { count: 10, p50_us: 300, p90_us: 500, p99_us: 900, p999_us: 950, max_us: 990 },
             flushes: Latencies { count: 4, p50_us: 150, p90_us: 200, p99_us: 210, p999_us: 220, max_us: 230 },
             flushed_bytes: 16384,
+            containers: Vec::new(),
         };
         let idle = ShardStats { shard: 0, window_ms: 0, flushed_bytes: 0, ..busy.clone() };
         let idle = ShardStats { appends: Latencies::default(), flushes: Latencies::default(), ..idle };
@@ -73,5 +140,53 @@ mod tests {
         let idle_row: Vec<&str> = rows[1].split_whitespace().collect();
         assert_eq!(idle_row, "0 0.0 | 0 0 0 0 0 0 | 0 0 0.0 0 0 0 0 0".split(' ').collect::<Vec<_>>(), "{t}");
         assert!(!t.contains("NaN") && !t.contains("inf"), "{t}");
+    }
+
+    #[test]
+    fn healthy_containers_make_one_line_and_each_problem_its_own() {
+        let fine = |container| ContainerHealth { container, log_bytes: 64 << 20, ..Default::default() };
+        let shard = |shard, containers| ShardStats {
+            shard,
+            window_ms: 1000,
+            appends: Latencies::default(),
+            flushes: Latencies::default(),
+            flushed_bytes: 0,
+            containers,
+        };
+        let (t, n) = health(&[shard(0, vec![fine(0), fine(2)]), shard(1, vec![fine(1)])]);
+        assert_eq!(n, 0);
+        assert_eq!(t, "containers: 3, 192.0 MiB of log files; none scrubbed since the node started; no problems\n");
+        let sick = ContainerHealth {
+            container: 3,
+            log_bytes: 0,
+            stopped: Some("log write failed".into()),
+            no_space_ms: Some(5_000),
+            mover_failing_ms: Some(125_000),
+            mover_error: Some("tier-2 down".into()),
+            damaged_reads: 2,
+            last_damaged_read: Some("record at byte 8192 fails its checksum".into()),
+            scrub_ago_ms: Some(7_300_000),
+            scrub_damage: vec!["file 1: damaged".into(), "file 2: damaged".into()],
+        };
+        let scrubbed_sound = ContainerHealth { scrub_ago_ms: Some(1_000), ..fine(1) };
+        let (t, n) = health(&[shard(0, vec![fine(0), sick]), shard(1, vec![scrubbed_sound])]);
+        assert_eq!(n, 1, "{t}");
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "containers: 3, 128.0 MiB of log files; 2 of them scrubbed since the node started, the latest 1s ago; 1 with problems:"
+        );
+        assert_eq!(
+            &lines[1..],
+            &[
+                "  container 3 (shard 0): stopped, serving nothing until the node restarts: log write failed",
+                "  container 3 (shard 0): disk full for 5s: appends refused until a log file fits",
+                "  container 3 (shard 0): tier-2 mover failing for 2m 5s: tier-2 down",
+                "  container 3 (shard 0): 2 reads refused on damaged data since the node started; the last: record at byte 8192 fails its checksum",
+                "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 1: damaged",
+                "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 2: damaged",
+            ]
+        );
+        assert_eq!(ago(2 * 86_400_000 + 4 * 3_600_000 + 59_000), "2d 4h");
     }
 }

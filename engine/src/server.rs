@@ -441,7 +441,11 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
         }
         Kind::GetStats => {
             let g: GetStats = frame.decode()?;
-            Dispatched::Now(reply(id, &crate::stats::snapshot(shard.index, g.reset)))
+            let mut stats = crate::stats::snapshot(shard.index, g.reset);
+            let mut containers: Vec<_> = shard.containers.borrow().values().map(|c| c.health()).collect();
+            containers.sort_by_key(|h| h.container);
+            stats.containers = containers;
+            Dispatched::Now(reply(id, &stats))
         }
         Kind::ScrubLog => {
             let g: ScrubLog = frame.decode()?;

@@ -79,6 +79,8 @@ pub fn snapshot(shard: u32, reset: bool) -> ShardStats {
             appends: latencies(&s.appends),
             flushes: latencies(&s.flushes),
             flushed_bytes: s.flushed_bytes,
+            // The server adds its containers' state.
+            containers: Vec::new(),
         };
         if reset {
             *s = Stats::new();

@@ -538,8 +538,35 @@ control!(
         pub flushes: Latencies,
         /// Bytes written by those flushes.
         pub flushed_bytes: u64,
+        /// The state of each container the shard serves, in container order. Not reset with
+        /// the figures: these are conditions, not counts over the window.
+        pub containers: Vec<ContainerHealth>,
     }
 );
+
+/// What an operator needs to know about one container: how much log it holds, and whatever
+/// is wrong with it (nothing: every `Option` `None`, `damaged_reads` 0, `scrub_damage` empty).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct ContainerHealth {
+    pub container: u32,
+    /// Bytes of its log files on disk (each counted whole).
+    pub log_bytes: u64,
+    /// It stopped on an error (poisoned) and serves nothing until the node restarts.
+    pub stopped: Option<String>,
+    /// For how long appends have been refused for want of disk space for the next log file.
+    pub no_space_ms: Option<u64>,
+    /// The tier-2 mover fails: for how long, and its last error.
+    pub mover_failing_ms: Option<u64>,
+    pub mover_error: Option<String>,
+    /// Reads refused on damaged data (a log record or a tier-2 block) since the container
+    /// opened on this node, the mover's included, and what the last one said.
+    pub damaged_reads: u64,
+    pub last_damaged_read: Option<String>,
+    /// How long ago its last log scrub since the node started ended (`None`: none yet), and
+    /// what that scrub found (empty: sound).
+    pub scrub_ago_ms: Option<u64>,
+    pub scrub_damage: Vec<String>,
+}
 
 control!(
     ScrubLog,

@@ -192,8 +192,8 @@ fn a_data_directory_serves_one_server_at_a_time() {
     assert!(sluice_tests::handshake(server.url().parse().unwrap()));
 }
 
-/// `sluice stats`: a row per shard counting what it served, `--reset` starting over, and
-/// `--every` printing one table per interval.
+/// `sluice stats`: a row per shard counting what it served, a line on the containers,
+/// `--reset` starting over, and `--every` printing one table per interval.
 #[test]
 fn stats_count_what_each_shard_served() {
     let dir = TempDir::new("cli-stats");
@@ -203,11 +203,14 @@ fn stats_count_what_each_shard_served() {
     run(&["scope", "create", "st"]);
     run(&["stream", "create", "st/ev", "--segments", "4"]);
     run(&["write", "st/ev", "--count", "3000", "--size", "64", "--keys", "8", "--inflight", "100"]);
-    // Rows: shard, window_s, |, appends, 5 latencies, |, flushes, flush/s, KiB/flush, 5 latencies.
+    // Rows: shard, window_s, |, appends, 5 latencies, |, flushes, flush/s, KiB/flush, 5 latencies;
+    // then the containers' line.
     let rows = |out: &str| -> Vec<Vec<u64>> {
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].contains("appends") && lines[0].contains("KiB/flush"), "{out}");
-        lines[1..]
+        assert_eq!(lines.len(), 4, "{out}");
+        assert!(lines[3].starts_with("containers: 8, ") && lines[3].ends_with("; no problems"), "{out}");
+        lines[1..3]
             .iter()
             .map(|l| l.split_whitespace().filter(|w| *w != "|").map(|w| w.parse::<f64>().unwrap() as u64).collect())
             .collect()
@@ -229,6 +232,9 @@ fn stats_count_what_each_shard_served() {
     assert!(after.iter().all(|r| r[2] == 0 && r[8] == 0), "reset did not start over: {after:?}");
     let every = run(&["stats", "--every", "1", "--count", "2"]);
     assert_eq!(every.lines().filter(|l| l.contains("KiB/flush")).count(), 2, "{every}");
+    assert_eq!(every.lines().filter(|l| l.starts_with("containers: 8, ")).count(), 2, "{every}");
+    let (ok, out, err) = cli(&url, &["stats", "--check"], None);
+    assert!(ok && out.contains("; no problems"), "{out}{err}");
     let (ok, _, err) = cli(&url, &["stats", "--every", "0"], None);
     assert!(!ok && err.contains("--every must be at least 1 second"), "{err}");
 }

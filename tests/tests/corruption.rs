@@ -300,6 +300,61 @@ async fn a_damaged_record_in_the_current_log_file_is_refused_not_read() {
     assert!(sluice_tests::handshake(url.parse().unwrap()), "the server still serves");
 }
 
+/// `sluice stats` tells an operator what is wrong with a container without reading the
+/// server's log: a damaged record that the tier-2 mover stops at (it moves nothing damaged
+/// and retries), that reads are refused on, and that a scrub finds; `--check` makes it the
+/// exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_shows_in_stats() {
+    let dir = TempDir::new("damagestats");
+    let data = dir.0.join("data");
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    // No read cache (reads go to the file); nothing is moved before the stream is sealed.
+    let args = ["--cache-mb", "0", "--containers-per-core", "1", "--tier2", &tier2, "--move-min-kb", "1000000"];
+    let server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &args);
+    let url = server.url();
+    let c = Client::connect(&url).await.unwrap();
+    c.create_scope("hs").await.unwrap();
+    c.create_stream("hs", "s", 1).await.unwrap();
+    write_rounds(&c, "hs/s", 20, |round| b'a' + round).await;
+    let stats = |args: &[&str]| sluice_tests::cli(&url, &[&["stats"], args].concat(), None);
+    let (ok, out, err) = stats(&["--check"]);
+    assert!(ok && out.contains("containers: 1, ") && out.contains("; no problems"), "{out}{err}");
+
+    let files = files_with_records(&data, 6);
+    let (file, recs) = &files[0];
+    let damaged_at = recs[recs.len() / 2];
+    flip_byte(file, damaged_at + 200);
+    // Sealed, the segment is moved at once: up to the damaged record, where the mover stops.
+    c.seal_stream("hs", "s").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let (_, out, _) = stats(&[]);
+        if out.contains("tier-2 mover failing") || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("{out}");
+    let mover = out.lines().find(|l| l.contains("tier-2 mover failing")).unwrap_or_else(|| panic!("{out}"));
+    assert!(mover.starts_with("  container 0 (shard 0): tier-2 mover failing for "), "{out}");
+    assert!(mover.contains(&format!("the record at byte {damaged_at} fails its checksum")), "{out}");
+    // The mover's reads are among those refused.
+    assert!(out.contains("reads refused on damaged data since the node started; the last: "), "{out}");
+    assert!(out.contains("containers: 1, ") && out.contains("; 1 with problems:"), "{out}");
+
+    // A scrub names the damage, and stats keeps it.
+    let (ok, scrub, _) = sluice_tests::cli(&url, &["log", "scrub"], None);
+    assert!(!ok, "{scrub}");
+    let (ok, out, err) = stats(&["--check"]);
+    eprintln!("{out}{err}");
+    assert!(!ok && err.contains("1 container has problems"), "{out}{err}");
+    let found = out.lines().find(|l| l.contains("the last log scrub (")).unwrap_or_else(|| panic!("{out}"));
+    assert!(found.contains(&format!("the record at byte {damaged_at} is damaged")), "{out}");
+    assert!(out.contains("1 of them scrubbed since the node started"), "{out}");
+    assert!(sluice_tests::handshake(url.parse().unwrap()), "the server still serves");
+}
+
 /// The same in an older log file: while the server runs its index is still in memory and
 /// the read checks the records it takes; after a restart the file is read whole and indexed
 /// by a scan, which stops at the damaged record, so the data in and after it is refused with

@@ -67,7 +67,9 @@ enum Cmd {
     /// Each shard's own latency figures since they were last reset: appends (from the shard
     /// taking the request up until its acknowledgement is ready: the wait for the flush in
     /// flight, then its own) and log flushes (write and sync). A client's latency minus
-    /// these is the network and the client's own scheduling.
+    /// these is the network and the client's own scheduling. Then each container's state:
+    /// its log's size and anything wrong (stopped, disk full, tier-2 mover failing, reads
+    /// refused on damaged data, damage found by its last log scrub).
     Stats(stats::StatsArgs),
 }
 

@@ -1,7 +1,8 @@
-//! `sluice stats`: each shard's own latency figures, as one table.
+//! `sluice stats`: each shard's own latency figures, as one table, and what is wrong with
+//! any container (`--check` makes that the exit status).
 
 use sluice_client::Client;
-use sluice_client::stats::table;
+use sluice_client::stats::{ShardStats, health, table};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -16,12 +17,28 @@ pub struct StatsArgs {
     /// With --every: stop after N tables (default: until interrupted).
     #[arg(long, value_name = "N")]
     count: Option<u64>,
+    /// Exit with an error when a container has a problem (for monitoring scripts): stopped
+    /// on an error, disk full, tier-2 mover failing, reads refused on damaged data, or
+    /// damage found by its last log scrub.
+    #[arg(long, conflicts_with = "every")]
+    check: bool,
+}
+
+/// Prints the latency table and the containers' state.
+fn print(stats: &[ShardStats]) -> usize {
+    let (health, troubled) = health(stats);
+    print!("{}{health}", table(stats));
+    troubled
 }
 
 pub async fn run(c: &Client, a: StatsArgs) -> Result<(), String> {
     let Some(every) = a.every else {
-        print!("{}", table(&c.shard_stats(a.reset).await.map_err(|e| e.to_string())?));
-        return Ok(());
+        let troubled = print(&c.shard_stats(a.reset).await.map_err(|e| e.to_string())?);
+        return match (a.check, troubled) {
+            (true, 1) => Err("1 container has problems (above)".into()),
+            (true, n) if n > 1 => Err(format!("{n} containers have problems (above)")),
+            _ => Ok(()),
+        };
     };
     if every == 0 {
         return Err("--every must be at least 1 second".into());
@@ -30,7 +47,7 @@ pub async fn run(c: &Client, a: StatsArgs) -> Result<(), String> {
     c.shard_stats(true).await.map_err(|e| e.to_string())?;
     for _ in 0..a.count.unwrap_or(u64::MAX) {
         tokio::time::sleep(Duration::from_secs(every)).await;
-        print!("{}", table(&c.shard_stats(true).await.map_err(|e| e.to_string())?));
+        print(&c.shard_stats(true).await.map_err(|e| e.to_string())?);
     }
     Ok(())
 }

@@ -552,6 +552,17 @@ impl ContainerCore {
         self.poisoned.is_some()
     }
 
+    /// Why the container stopped on an error, if it did (not when it was closed or handed
+    /// off: then it is simply no longer here).
+    pub fn poison_reason(&self) -> Option<&str> {
+        self.poisoned.as_deref().filter(|_| !self.stopped)
+    }
+
+    /// Bytes of the log files on disk, each counted whole.
+    pub fn log_bytes(&self) -> u64 {
+        self.live_files() * self.cfg.file_bytes
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }

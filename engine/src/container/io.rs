@@ -28,6 +28,7 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{Either, select};
 use glommio::io::{DmaFile, OpenOptions};
+use sluice_net::messages::ContainerHealth;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -158,6 +159,11 @@ pub struct Container {
     /// The records the last read from the disk took and checked: (file, position, bytes).
     /// Records are never written again once durable, so it stays valid; one per container.
     checked_span: RefCell<Option<(u64, u64, Bytes)>>,
+    /// Reads refused on damaged data since the container opened, and the last one's error.
+    damaged_reads: Cell<u64>,
+    last_damaged_read: RefCell<Option<String>>,
+    /// When the last scrub of the log ended, and what it found (empty: sound).
+    pub(crate) last_scrub: RefCell<Option<(Instant, Vec<String>)>>,
 }
 
 /// A shard's I/O budget (flushes per second), as a GCRA rate limiter: a burst of up to
@@ -589,6 +595,9 @@ impl Container {
             preparing: Cell::new(false),
             no_space_since: Cell::new(None),
             checked_span: RefCell::new(None),
+            damaged_reads: Cell::new(0),
+            last_damaged_read: RefCell::new(None),
+            last_scrub: RefCell::new(None),
         });
         if container.tier2.is_some() {
             container.start_mover();
@@ -962,8 +971,45 @@ impl Container {
         Ok(f)
     }
 
+    /// What an operator should know of this container (`sluice stats`): its log's size and
+    /// whatever is wrong with it.
+    pub fn health(&self) -> ContainerHealth {
+        let core = self.core.borrow();
+        let ms = |t: Instant| t.elapsed().as_millis() as u64;
+        let mover = self.tier2_error();
+        let scrub = self.last_scrub.borrow();
+        ContainerHealth {
+            container: self.id,
+            log_bytes: core.log_bytes(),
+            stopped: core.poison_reason().map(str::to_string),
+            no_space_ms: self.no_space_since.get().map(ms),
+            mover_failing_ms: mover.as_ref().map(|(_, since)| ms(*since)),
+            mover_error: mover.map(|(e, _)| e),
+            damaged_reads: self.damaged_reads.get(),
+            last_damaged_read: self.last_damaged_read.borrow().clone(),
+            scrub_ago_ms: scrub.as_ref().map(|(t, _)| ms(*t)),
+            scrub_damage: scrub.as_ref().map(|(_, d)| d.clone()).unwrap_or_default(),
+        }
+    }
+
     /// Reads durable bytes from `offset`. At the tail waits up to `wait` for data (or a seal).
+    /// A read refused on damaged data is counted for the container's health.
     pub async fn read(
+        self: &Rc<Self>,
+        name: &str,
+        offset: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<ReadData, EngineError> {
+        let r = self.read_durable(name, offset, max, wait).await;
+        if let Err(e @ (EngineError::DamagedLog { .. } | EngineError::DataCorrupt(_))) = &r {
+            self.damaged_reads.set(self.damaged_reads.get() + 1);
+            *self.last_damaged_read.borrow_mut() = Some(e.to_string());
+        }
+        r
+    }
+
+    async fn read_durable(
         self: &Rc<Self>,
         name: &str,
         offset: u64,

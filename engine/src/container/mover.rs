@@ -110,8 +110,8 @@ pub struct Tier2State {
     pub cfg: Tier2Config,
     /// Chunks known sealed on tier-2 (so they are sealed once).
     sealed: RefCell<HashSet<String>>,
-    /// The last tier-2 failure, until a round succeeds.
-    pub last_error: RefCell<Option<String>>,
+    /// The last tier-2 failure and since when rounds fail, until a round succeeds.
+    pub last_error: RefCell<Option<(String, Instant)>>,
     /// Wakes a sleeping mover (a log file rolled, or an append hit the budget).
     wake: RefCell<Option<oneshot::Sender<()>>>,
     blocks: RefCell<VecDeque<(BlockKey, Bytes)>>,
@@ -213,7 +213,7 @@ impl Container {
             .await;
             match round {
                 Ok(moved) => {
-                    if let Some(e) = self.t2().last_error.borrow_mut().take() {
+                    if let Some((e, _)) = self.t2().last_error.borrow_mut().take() {
                         tracing::info!(container = self.id(), previous_error = %e, "tier-2 is back; moving again");
                     }
                     backoff = interval;
@@ -226,7 +226,8 @@ impl Container {
                         tracing::warn!(container = self.id(), %reason, "tier-2 move failed; retrying");
                         last_warn = Some(Instant::now());
                     }
-                    *self.t2().last_error.borrow_mut() = Some(reason);
+                    let since = self.t2().last_error.borrow().as_ref().map_or_else(Instant::now, |(_, since)| *since);
+                    *self.t2().last_error.borrow_mut() = Some((reason, since));
                     glommio::timer::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -906,8 +907,8 @@ impl Container {
         }
     }
 
-    /// Bytes of tier-2 status for describe: the last tier-2 error, if the mover is failing.
-    pub fn tier2_error(&self) -> Option<String> {
+    /// The mover's last error and since when its rounds fail, if they do.
+    pub fn tier2_error(&self) -> Option<(String, Instant)> {
         self.tier2.as_ref().and_then(|t| t.last_error.borrow().clone())
     }
 }

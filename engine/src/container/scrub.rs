@@ -171,6 +171,7 @@ impl Container {
             next_lsn = f.last_lsn.filter(|_| !corrupt).map(|l| (seq, l + 1));
         }
         out.took_ms = started.elapsed().as_millis() as u64;
+        *self.last_scrub.borrow_mut() = Some((Instant::now(), out.damage.clone()));
         if out.damage.is_empty() {
             tracing::info!(
                 container = out.container,
