@@ -16,7 +16,7 @@ use sluice_engine::constants::{BLOCK_BYTES, FILE_HEADER_BYTES};
 use sluice_engine::container::core::{ContainerCore, CoreConfig, OpResult, ReadOutcome, Request, Submitted, WriteStep};
 use sluice_engine::container::index::FileIndex;
 use sluice_engine::log::format::FileHeader;
-use sluice_engine::log::scan::scan_file;
+use sluice_engine::log::scan::{scan_file, sound_records};
 use sluice_net::event::{EventIter, encode_event};
 use std::collections::{BTreeMap, HashMap};
 
@@ -160,8 +160,8 @@ fn read_range(core: &mut ContainerCore, disk: &Disk, name: &str, from: u64, to: 
                 }
             }
             ReadOutcome::NeedIndex { file_seq } => {
-                let scan = scan_file(&Bytes::from(disk.files[&file_seq].clone()));
-                core.insert_file_index(file_seq, FileIndex::build(&scan).unwrap());
+                let records = sound_records(&Bytes::from(disk.files[&file_seq].clone()));
+                core.insert_file_index(file_seq, FileIndex::build(&records).unwrap());
             }
             ReadOutcome::Chunk { chunk, offset, len, chunk_len } => {
                 TIER2_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

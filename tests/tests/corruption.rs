@@ -357,9 +357,9 @@ async fn a_damaged_log_shows_in_stats() {
 
 /// The same in an older log file: while the server runs its index is still in memory and
 /// the read checks the records it takes; after a restart the file is read whole and indexed
-/// by a scan, which stops at the damaged record, so the data in and after it is refused with
-/// `DataCorrupt` (not taken for a missing range). What precedes the damage is served both
-/// times, and later files read as before.
+/// by a scan that skips the damaged record and indexes the sound ones after it, so the data
+/// in it is refused with `DataCorrupt` (not taken for a missing range) and resumes at the
+/// same offset as before. What precedes the damage is served both times, and what follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_record_in_an_older_log_file_is_refused_not_read() {
     use sluice_net::ErrorCode;
@@ -405,6 +405,9 @@ async fn a_damaged_record_in_an_older_log_file_is_refused_not_read() {
     assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
     assert!(at > 0 && at % 2004 == 0, "the events before it are read, whole: {at}");
     assert!(e.to_string().contains(&format!("log file {name}: the record at byte {damaged_at} fails")), "{e}");
+    let sluice_client::ClientError::Server { offset: Some(resume_before), .. } = e else {
+        panic!("no offset in {e:?}")
+    };
     let (_, d) = c.read_segment("od/s/0", length - 2000, 64 << 10, Duration::ZERO).await.unwrap();
     assert!(d.len() >= 2000, "the last event reads");
 
@@ -416,11 +419,13 @@ async fn a_damaged_record_in_an_older_log_file_is_refused_not_read() {
     assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
     assert_eq!(at_again, at, "the same events are served");
     assert!(e.to_string().contains(&format!("log file {name}: no sound record holds offset {at}")), "{e}");
-    // The scan does not know the damaged record's extent: the data resumes in the next file.
+    // The scan went on past the damaged record: the data resumes where it did before, at an
+    // event of the next record in the same file.
     let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else { panic!("no offset in {e:?}") };
-    assert!(resume > at && resume < length, "resumes at {resume} ({at}..{length})");
+    assert_eq!(resume, resume_before, "resumes at the same offset ({at}..{length})");
+    assert!(resume > at && resume < length && resume % 2004 == 0, "resumes at {resume} ({at}..{length})");
     let (_, d) = c.read_segment("od/s/0", resume, 64 << 10, Duration::ZERO).await.unwrap();
-    assert!(!d.is_empty(), "the next file reads");
+    assert!(d.len() >= 2004 && d[4..2004].iter().all(|&b| b == d[4]), "an event begins there");
     let (_, d) = c.read_segment("od/s/0", length - 2000, 64 << 10, Duration::ZERO).await.unwrap();
     assert!(d.len() >= 2000, "the last event reads");
 }

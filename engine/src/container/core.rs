@@ -1488,6 +1488,11 @@ impl ContainerCore {
                     self.cfg.container,
                     crate::log::file_name(file_seq)
                 );
+                // The index holds the sound records after the damage too: the data resumes
+                // at the first of them, else in a later file.
+                if let Some(resume) = index.offset_beyond(status.id, offset) {
+                    return Err(EngineError::DamagedLog { message, resume });
+                }
                 return Err(self.damaged(name, file_seq, None, message));
             }
             return Err(EngineError::BadRequest(format!(

@@ -6,7 +6,7 @@
 
 use crate::log::entry::{LogEntry, decode_entries};
 use crate::log::format::{RecordHeader, RecordKind};
-use crate::log::scan::FileScan;
+use crate::log::scan::ScannedRecord;
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,10 +24,10 @@ pub struct FileIndex {
 }
 
 impl FileIndex {
-    /// Builds the index of a scanned file.
-    pub fn build(scan: &FileScan) -> Result<Self, String> {
+    /// Builds the index of a file's scanned records (in file order).
+    pub fn build(records: &[ScannedRecord]) -> Result<Self, String> {
         let mut index = Self::default();
-        for rec in scan.records.iter().filter(|r| r.header.kind == RecordKind::Batch) {
+        for rec in records.iter().filter(|r| r.header.kind == RecordKind::Batch) {
             index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos())? {
                 if let LogEntry::Append { segment, offset, data, .. } | LogEntry::Merge { segment, offset, data, .. } =
@@ -63,6 +63,13 @@ impl FileIndex {
     /// `[from, to)`; `None` if no record holds `from` or `to - 1`.
     pub fn record_span(&self, from: u64, to: u64) -> Option<(u64, u64)> {
         Some((self.record_holding(from)?.0, self.record_holding(to.checked_sub(1)?)?.1))
+    }
+
+    /// The first offset of `segment` this file holds beyond `offset` (where its data resumes
+    /// after a stretch the index lacks).
+    pub fn offset_beyond(&self, segment: u64, offset: u64) -> Option<u64> {
+        let v = self.segments.get(&segment)?;
+        v.get(v.partition_point(|e| e.offset <= offset)).map(|e| e.offset)
     }
 
     /// The first offset of `segment` held by a record after the one at `record_pos`.
@@ -142,5 +149,9 @@ mod tests {
         assert_eq!(idx.offset_after_record(1, 8192), Some(100));
         assert_eq!(idx.offset_after_record(1, 20480), None, "nothing after the last record");
         assert_eq!(idx.offset_after_record(2, 8192), None);
+        // Past a stretch the index lacks (segment 1 holds 0..100 and 100..200 here).
+        assert_eq!(idx.offset_beyond(1, 50), Some(100));
+        assert_eq!(idx.offset_beyond(1, 100), None);
+        assert_eq!(idx.offset_beyond(3, 0), None);
     }
 }

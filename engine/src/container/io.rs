@@ -22,7 +22,7 @@ use crate::container::index::FileIndex;
 use crate::container::mover::{Tier2Config, Tier2State};
 use crate::error::{EngineError, RecoveryError};
 use crate::log::format::FileHeader;
-use crate::log::scan::{check_records, scan_file};
+use crate::log::scan::{check_records, scan_file, sound_records};
 use crate::log::{file_name, parse_file_name};
 use bytes::Bytes;
 use futures::channel::oneshot;
@@ -1140,7 +1140,7 @@ impl Container {
     /// and keeps its image, then wakes the reads waiting for it.
     async fn load_file(&self, file_seq: u64) -> Result<(), String> {
         let path = self.dir.join(file_name(file_seq));
-        let loaded = read_whole(&path).await.and_then(|b| Ok((FileIndex::build(&scan_file(&b))?, b)));
+        let loaded = read_whole(&path).await.and_then(|b| Ok((FileIndex::build(&sound_records(&b))?, b)));
         let result = loaded.map(|(index, image)| {
             // A container stopped meanwhile keeps nothing (its instance is never read again).
             if !self.core.borrow().is_stopped() {

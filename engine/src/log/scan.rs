@@ -105,10 +105,29 @@ pub fn opens_with_checkpoint(bytes: &Bytes) -> bool {
 
 /// Scans a whole log file held in memory.
 pub fn scan_file(bytes: &Bytes) -> FileScan {
+    scan_from(bytes, FILE_HEADER_BYTES)
+}
+
+/// Every sound record of a file: the scan's, and where it stopped at damage with a valid
+/// record after it, those from there on (again, past each damaged stretch). For indexing an
+/// older file whose records are read, not replayed: the sound records after a damaged one
+/// stay readable. The records before and after a damaged stretch do not chain (LSNs skip).
+pub fn sound_records(bytes: &Bytes) -> Vec<ScannedRecord> {
+    let mut scan = scan_file(bytes);
+    let mut records = std::mem::take(&mut scan.records);
+    while let ScanEnd::Corrupt { valid_at, .. } = scan.stop {
+        scan = scan_from(bytes, valid_at);
+        records.append(&mut scan.records);
+    }
+    records
+}
+
+/// Scans records from `start` (a block boundary) to the end of the file.
+fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     let header = FileHeader::decode(bytes);
     let len = bytes.len() as u64 / BLOCK_BYTES * BLOCK_BYTES;
     let mut records: Vec<ScannedRecord> = Vec::new();
-    let mut pos = FILE_HEADER_BYTES;
+    let mut pos = start;
     let stop = loop {
         if pos + RECORD_HEADER_BYTES as u64 > len {
             break None;
@@ -185,5 +204,35 @@ mod tests {
         zeros.extend_from_slice(&[0u8; 4096]);
         let (at, what) = check_records(&zeros, base).unwrap_err();
         assert!(at == 24576 && what.contains("no record at byte 24576"), "{what}");
+    }
+
+    #[test]
+    fn sound_records_go_on_past_each_damaged_stretch() {
+        use crate::log::format::{FileHeader, RecordKind, encode_record};
+        let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
+        FileHeader { container: 1, seq: 0, epoch: 1, file_bytes: 1 << 20 }.encode(&mut file);
+        let mut at = Vec::new();
+        for lsn in 1..=6u64 {
+            at.push(file.len());
+            let len = if lsn == 3 { 6000 } else { 100 };
+            let mut rec = vec![0u8; RecordHeader::disk_len(len) as usize];
+            encode_record(&mut rec, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
+            file.extend_from_slice(&rec);
+        }
+        file.extend_from_slice(&[0u8; 8192]);
+        let lsns =
+            |b: &[u8]| sound_records(&Bytes::copy_from_slice(b)).iter().map(|r| r.header.lsn).collect::<Vec<_>>();
+        assert_eq!(lsns(&file), [1, 2, 3, 4, 5, 6]);
+        // A payload byte of record 2, and the header of record 5: each skipped, the rest kept.
+        let mut bad = file.clone();
+        bad[at[1] + RECORD_HEADER_BYTES + 10] ^= 1;
+        bad[at[4] + 3] ^= 1;
+        assert_eq!(lsns(&bad), [1, 3, 4, 6]);
+        let scan = scan_file(&Bytes::copy_from_slice(&bad));
+        assert_eq!(scan.records.len(), 1, "a scan stops at the damage");
+        // Damage in the last record: nothing valid after it, nothing more to find.
+        let mut bad = file.clone();
+        bad[at[5] + RECORD_HEADER_BYTES] ^= 1;
+        assert_eq!(lsns(&bad), [1, 2, 3, 4, 5]);
     }
 }
