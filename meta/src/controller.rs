@@ -332,7 +332,8 @@ impl<S: MetaStore> Controller<S> {
     }
 
     /// One page of `list_scopes`: at most `limit` names after `after` (`""`: from the
-    /// first), and the next page's `after` if there may be one.
+    /// first), and the next page's `after` if there is a next page (one more is fetched to
+    /// know: a page that ends at the last name has none).
     pub async fn list_scopes_page(&self, after: &str, limit: usize) -> Result<NamesPage, ControllerError> {
         self.names_page("scopes/", after, limit).await
     }
@@ -351,9 +352,10 @@ impl<S: MetaStore> Controller<S> {
     async fn names_page(&self, prefix: &str, after: &str, limit: usize) -> Result<NamesPage, ControllerError> {
         let limit = limit.max(1);
         let after = if after.is_empty() { String::new() } else { format!("{prefix}{after}") };
-        let page = self.store.range_page(prefix, &after, limit).await?;
-        let names: Vec<String> = page.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect();
-        let next = if names.len() == limit { names.last().cloned() } else { None };
+        let page = self.store.range_page(prefix, &after, limit + 1).await?;
+        let more = page.len() > limit;
+        let names: Vec<String> = page.into_iter().take(limit).map(|(k, _)| k[prefix.len()..].to_string()).collect();
+        let next = if more { names.last().cloned() } else { None };
         Ok((names, next))
     }
 
@@ -931,6 +933,9 @@ mod tests {
             assert_eq!((page, next.as_deref()), (vec!["c".to_string(), "d".into()], Some("d")));
             let (page, next) = c.list_scopes_page("d", 2).await.unwrap();
             assert_eq!((page, next), (vec!["e".to_string()], None));
+            // A full page that ends at the last name has no next page (not an empty one).
+            let (page, next) = c.list_scopes_page("c", 2).await.unwrap();
+            assert_eq!((page, next), (vec!["d".to_string(), "e".into()], None));
             let (mut all, mut after) = (Vec::new(), String::new());
             loop {
                 let (page, next) = c.list_streams_page("b", &after, 3).await.unwrap();

@@ -145,7 +145,7 @@ impl<S: MetaStore> Controller<S> {
 
     /// One page of `list_txns`: at most `limit` transactions after the cursor `after` (`""`:
     /// from the first), fewer if their records pass `bytes_max` (at least one), and the
-    /// cursor of the next page if there may be one.
+    /// cursor of the next page if there is one (one more is fetched to know).
     pub async fn list_txns_page(
         &self,
         scope: &str,
@@ -159,8 +159,9 @@ impl<S: MetaStore> Controller<S> {
             return Err(ControllerError::Invalid(format!("'{after}' is not a cursor of this transaction list")));
         }
         let limit = limit.max(1);
-        let mut page = self.store.range_page(&prefix, after, limit).await?;
-        let full = page.len() == limit;
+        let mut page = self.store.range_page(&prefix, after, limit + 1).await?;
+        let full = page.len() > limit;
+        page.truncate(limit);
         let mut bytes = 0;
         let fit = page
             .iter()
@@ -416,7 +417,8 @@ mod tests {
                 c.list_txns("", "").await.unwrap().into_iter().map(|(sc, st, t)| (sc, st, t.id)).collect();
             assert_eq!(everything.len(), 50);
             let (all, sizes) = pages("", "", 10, usize::MAX).await;
-            assert_eq!((all, sizes), (everything.clone(), vec![10, 10, 10, 10, 10, 0]));
+            // A page that ends at the last transaction says there is no next one.
+            assert_eq!((all, sizes), (everything.clone(), vec![10, 10, 10, 10, 10]));
             let (all, sizes) = pages("s", "b", 7, usize::MAX).await;
             assert_eq!(all, everything[25..].to_vec());
             assert_eq!(sizes, vec![7, 7, 7, 4]);
