@@ -537,17 +537,7 @@ fn run() -> Result<(), String> {
         let stats = rt.block_on(c.shard_stats(false)).map_err(|e| e.to_string())?;
         println!("server (per shard; latencies in microseconds):");
         print!("{}", sluice_client::stats::table(&stats));
-        result["server"] = stats
-            .iter()
-            .map(|s| {
-                let l = |l: &sluice_client::stats::Latencies| {
-                    serde_json::json!({"count": l.count, "p50": l.p50_us, "p90": l.p90_us, "p99": l.p99_us,
-                        "p99.9": l.p999_us, "max": l.max_us})
-                };
-                serde_json::json!({"shard": s.shard, "window_ms": s.window_ms, "appends": l(&s.appends),
-                    "flushes": l(&s.flushes), "flushed_bytes": s.flushed_bytes})
-            })
-            .collect();
+        result["server"] = sluice_client::stats::json(&stats);
     }
     write_json(&cli.json, result.clone())?;
     if let Some(base) = &cli.plot {

@@ -83,6 +83,34 @@ pub fn problems(h: &ContainerHealth) -> Vec<String> {
     out
 }
 
+/// The shards' figures and their containers' state as JSON (`sluice stats --json`,
+/// `sluice-bench --server-stats`): one object per shard; latencies in microseconds; each
+/// container with its `problems` in words (empty: healthy).
+pub fn json(stats: &[ShardStats]) -> serde_json::Value {
+    let l = |l: &Latencies| {
+        serde_json::json!({"count": l.count, "p50": l.p50_us, "p90": l.p90_us, "p99": l.p99_us,
+            "p99.9": l.p999_us, "max": l.max_us})
+    };
+    stats
+        .iter()
+        .map(|s| {
+            let containers: Vec<_> = s
+                .containers
+                .iter()
+                .map(|h| {
+                    serde_json::json!({"container": h.container, "log_bytes": h.log_bytes, "stopped": h.stopped,
+                        "no_space_ms": h.no_space_ms, "mover_failing_ms": h.mover_failing_ms,
+                        "mover_error": h.mover_error, "damaged_reads": h.damaged_reads,
+                        "last_damaged_read": h.last_damaged_read, "scrub_ago_ms": h.scrub_ago_ms,
+                        "scrub_damage": h.scrub_damage, "problems": problems(h)})
+                })
+                .collect();
+            serde_json::json!({"shard": s.shard, "window_ms": s.window_ms, "appends": l(&s.appends),
+                "flushes": l(&s.flushes), "flushed_bytes": s.flushed_bytes, "containers": containers})
+        })
+        .collect()
+}
+
 /// The containers' part of `sluice stats`: one summary line, then a line per problem.
 /// Returns the text and how many containers have a problem.
 pub fn health(stats: &[ShardStats]) -> (String, usize) {

@@ -235,6 +235,17 @@ fn stats_count_what_each_shard_served() {
     assert_eq!(every.lines().filter(|l| l.starts_with("containers: 8, ")).count(), 2, "{every}");
     let (ok, out, err) = cli(&url, &["stats", "--check"], None);
     assert!(ok && out.contains("; no problems"), "{out}{err}");
+    let (ok, out, err) = cli(&url, &["stats", "--json", "--every", "1", "--count", "2"], None);
+    assert!(ok && out.lines().count() == 2, "{out}{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["containers_with_problems"], 0, "{out}");
+    let shards = v["shards"].as_array().unwrap();
+    assert_eq!(shards.iter().map(|s| s["shard"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1], "{out}");
+    let containers: Vec<_> = shards.iter().flat_map(|s| s["containers"].as_array().unwrap()).collect();
+    assert_eq!(containers.len(), 8, "{out}");
+    assert!(containers.iter().all(|c| c["problems"].as_array().is_some_and(Vec::is_empty)), "{out}");
+    assert!(shards[0]["window_ms"].as_u64().is_some_and(|w| (500..5000).contains(&w)), "{out}");
     let (ok, _, err) = cli(&url, &["stats", "--every", "0"], None);
     assert!(!ok && err.contains("--every must be at least 1 second"), "{err}");
 }

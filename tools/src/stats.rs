@@ -2,7 +2,7 @@
 //! any container (`--check` makes that the exit status).
 
 use sluice_client::Client;
-use sluice_client::stats::{ShardStats, health, table};
+use sluice_client::stats::{ShardStats, health, json, table};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -22,21 +22,30 @@ pub struct StatsArgs {
     /// damage found by its last log scrub.
     #[arg(long, conflicts_with = "every")]
     check: bool,
+    /// Print JSON instead of tables (one line per table: `shards` with each shard's figures
+    /// and its containers' state, `containers_with_problems`), for monitoring.
+    #[arg(long)]
+    json: bool,
 }
 
-/// Prints the latency table and the containers' state.
-fn print(stats: &[ShardStats]) -> usize {
+/// Prints the latency table and the containers' state (or their JSON); returns how many
+/// containers have a problem.
+fn print(stats: &[ShardStats], as_json: bool) -> usize {
     let (health, troubled) = health(stats);
-    print!("{}{health}", table(stats));
+    if as_json {
+        println!("{}", serde_json::json!({"shards": json(stats), "containers_with_problems": troubled}));
+    } else {
+        print!("{}{health}", table(stats));
+    }
     troubled
 }
 
 pub async fn run(c: &Client, a: StatsArgs) -> Result<(), String> {
     let Some(every) = a.every else {
-        let troubled = print(&c.shard_stats(a.reset).await.map_err(|e| e.to_string())?);
+        let troubled = print(&c.shard_stats(a.reset).await.map_err(|e| e.to_string())?, a.json);
         return match (a.check, troubled) {
-            (true, 1) => Err("1 container has problems (above)".into()),
-            (true, n) if n > 1 => Err(format!("{n} containers have problems (above)")),
+            (true, 1) => Err("1 container has problems".into()),
+            (true, n) if n > 1 => Err(format!("{n} containers have problems")),
             _ => Ok(()),
         };
     };
@@ -47,7 +56,7 @@ pub async fn run(c: &Client, a: StatsArgs) -> Result<(), String> {
     c.shard_stats(true).await.map_err(|e| e.to_string())?;
     for _ in 0..a.count.unwrap_or(u64::MAX) {
         tokio::time::sleep(Duration::from_secs(every)).await;
-        print(&c.shard_stats(true).await.map_err(|e| e.to_string())?);
+        print(&c.shard_stats(true).await.map_err(|e| e.to_string())?, a.json);
     }
     Ok(())
 }
