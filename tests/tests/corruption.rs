@@ -302,8 +302,8 @@ async fn a_damaged_record_in_the_current_log_file_is_refused_not_read() {
 
 /// `sluice stats` tells an operator what is wrong with a container without reading the
 /// server's log: a damaged record that the tier-2 mover stops at (it moves nothing damaged
-/// and retries), that reads are refused on, and that a scrub finds; `--check` makes it the
-/// exit status.
+/// and retries, while the container's other segments move on), that reads are refused on,
+/// and that a scrub finds; `--check` makes it the exit status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_log_shows_in_stats() {
     let dir = TempDir::new("damagestats");
@@ -317,6 +317,9 @@ async fn a_damaged_log_shows_in_stats() {
     c.create_scope("hs").await.unwrap();
     c.create_stream("hs", "s", 1).await.unwrap();
     write_rounds(&c, "hs/s", 20, |round| b'a' + round).await;
+    // Another stream in the same (only) container.
+    c.create_stream("hs", "t", 1).await.unwrap();
+    write_rounds(&c, "hs/t", 2, |_| b'z').await;
     let stats = |args: &[&str]| sluice_tests::cli(&url, &[&["stats"], args].concat(), None);
     let (ok, out, err) = stats(&["--check"]);
     assert!(ok && out.contains("containers: 1, ") && out.contains("; no problems"), "{out}{err}");
@@ -325,8 +328,10 @@ async fn a_damaged_log_shows_in_stats() {
     let (file, recs) = &files[0];
     let damaged_at = recs[recs.len() / 2];
     flip_byte(file, damaged_at + 200);
-    // Sealed, the segment is moved at once: up to the damaged record, where the mover stops.
+    // Sealed, the segments are moved at once: the damaged one up to the damaged record, where
+    // the mover stops, the other one whole.
     c.seal_stream("hs", "s").await.unwrap();
+    c.seal_stream("hs", "t").await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let out = loop {
         let (_, out, _) = stats(&[]);
@@ -342,6 +347,16 @@ async fn a_damaged_log_shows_in_stats() {
     // The mover's reads are among those refused.
     assert!(out.contains("reads refused on damaged data since the node started; the last: "), "{out}");
     assert!(out.contains("containers: 1, ") && out.contains("; 1 with problems:"), "{out}");
+    // The other segment of the container is not held back by the damaged one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = c.segment_info("hs/t/0").await.unwrap();
+        if info.tier2_end == info.length {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "hs/t/0 not moved: {} of {}", info.tier2_end, info.length);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A scrub names the damage, and stats keeps it.
     let (ok, scrub, _) = sluice_tests::cli(&url, &["log", "scrub"], None);

@@ -158,6 +158,20 @@ fn t2err(e: ChunkError) -> String {
     e.to_string()
 }
 
+/// Why moving one segment stopped.
+enum MoveStop {
+    /// Its log data where the move got to is damaged: the other segments move on.
+    Damaged(String),
+    /// Anything else (tier-2, metadata): the round stops.
+    Failed(String),
+}
+
+impl From<String> for MoveStop {
+    fn from(e: String) -> Self {
+        MoveStop::Failed(e)
+    }
+}
+
 impl Container {
     fn t2(&self) -> &Tier2State {
         self.tier2.as_ref().expect("container has tier-2")
@@ -204,11 +218,13 @@ impl Container {
                     self.reconcile().await?;
                     self.t2().reconciled.set(true);
                 }
-                let moved = self.move_round(self.t2().cfg.move_bytes_min).await?;
+                let (moved, damaged) = self.move_round(self.t2().cfg.move_bytes_min).await?;
                 self.collect_garbage().await?;
                 self.free_log_files().await?;
                 self.write_open_sums(if moved { SUMS_WRITE_GROWTH } else { 1 }).await?;
-                Ok::<bool, String>(moved)
+                // A segment stopped at damaged log data fails the round (and is retried),
+                // after everything else was done.
+                damaged.map_or(Ok(moved), Err)
             }
             .await;
             match round {
@@ -604,16 +620,25 @@ impl Container {
     }
 
     /// One pass over the segments with data waiting; true if anything moved.
-    async fn move_round(self: &Rc<Self>, min_bytes: u64) -> Result<bool, String> {
+    /// Moves what each segment has to move: whether anything moved, and the first segment
+    /// stopped at damaged log data (the others move on: one damaged record must not hold
+    /// every segment of the container back from tier-2).
+    async fn move_round(self: &Rc<Self>, min_bytes: u64) -> Result<(bool, Option<String>), String> {
         let tasks = self.core.borrow().move_tasks(min_bytes);
-        let mut moved = false;
+        let (mut moved, mut damaged) = (false, None);
         for task in tasks {
-            moved |= self.move_segment(task).await?;
+            match self.move_segment(task).await {
+                Ok(m) => moved |= m,
+                Err(MoveStop::Damaged(e)) => {
+                    damaged.get_or_insert(e);
+                }
+                Err(MoveStop::Failed(e)) => return Err(e),
+            }
         }
-        Ok(moved)
+        Ok((moved, damaged))
     }
 
-    async fn move_segment(self: &Rc<Self>, task: MoveTask) -> Result<bool, String> {
+    async fn move_segment(self: &Rc<Self>, task: MoveTask) -> Result<bool, MoveStop> {
         let chunk_bytes = self.t2().cfg.chunk_bytes;
         let epoch = self.core.borrow().epoch();
         // This term's last chunk goes on filling; one recorded with no bytes is created again
@@ -642,7 +667,7 @@ impl Container {
         match (result, recorded) {
             (Err(e), _) => return Err(e),
             (Ok(()), Err(_)) if self.core.borrow().status(&task.name).is_err() => return Ok(moved),
-            (Ok(()), Err(e)) => return Err(e),
+            (Ok(()), Err(e)) => return Err(e.into()),
             (Ok(()), Ok(())) => {}
         }
         // A sealed segment's last chunk is final: seal it too. It is the chunk still open
@@ -680,7 +705,7 @@ impl Container {
         off: &mut u64,
         moved: &mut bool,
         records: &mut VecDeque<futures::future::LocalBoxFuture<'static, Result<(), String>>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), MoveStop> {
         let store = self.t2().cfg.store.clone();
         let chunk_bytes = self.t2().cfg.chunk_bytes;
         while *off < task.to {
@@ -700,7 +725,7 @@ impl Container {
                         Ok(f) => f.await?,
                         // Truncated or deleted meanwhile: nothing more to move for it now.
                         Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(()),
-                        Err(e) => return Err(format!("recording a new chunk of {}: {e}", task.name)),
+                        Err(e) => return Err(format!("recording a new chunk of {}: {e}", task.name).into()),
                     }
                     self.create_chunk(&name).await?;
                     self.t2().growing.borrow_mut().insert(name, Growing::default());
@@ -712,7 +737,10 @@ impl Container {
                 Ok(d) => d,
                 // Truncated or deleted meanwhile: nothing more to move for it now.
                 Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(()),
-                Err(e) => return Err(format!("reading {} at {at} for tier-2: {e}", task.name)),
+                Err(e @ (EngineError::DamagedLog { .. } | EngineError::DataCorrupt(_))) => {
+                    return Err(MoveStop::Damaged(format!("reading {} at {at} for tier-2: {e}", task.name)));
+                }
+                Err(e) => return Err(format!("reading {} at {at} for tier-2: {e}", task.name).into()),
             };
             if data.is_empty() {
                 break;
@@ -737,7 +765,7 @@ impl Container {
                 Ok(f) => records.push_back(Box::pin(f)),
                 // Truncated past the piece or deleted meanwhile: nothing more to move now.
                 Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(()),
-                Err(e) => return Err(format!("recording chunk of {}: {e}", task.name)),
+                Err(e) => return Err(format!("recording chunk of {}: {e}", task.name).into()),
             }
             *moved = true;
             *off += n;
