@@ -213,6 +213,16 @@ pub struct FlushPlan {
     pub writers_forgotten: usize,
 }
 
+/// Where a read met damaged log data, for finding where the segment's data resumes.
+#[derive(Clone, Copy, Debug)]
+pub enum Damage {
+    /// In the record at this file position (it failed its checksums when read).
+    Record(u64),
+    /// At this segment offset, which the file's index lacks: its scan skipped the damaged
+    /// record that held it (and indexed the sound ones after it).
+    Missing(u64),
+}
+
 /// Where read data comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReadOutcome {
@@ -1240,21 +1250,20 @@ impl ContainerCore {
         s.file_of(offset).is_some_and(|f| f == self.file_seq || self.cold_indexes.iter().any(|(seq, _)| *seq == f))
     }
 
-    /// The read error for data of `name` lost to a damaged record of log file `file_seq` (at
-    /// `record_pos`, when known): `DamagedLog` with where the segment's sound data resumes,
-    /// or plain `DataCorrupt` for a segment no longer known.
-    pub fn damaged(&self, name: &str, file_seq: u64, record_pos: Option<u64>, message: String) -> EngineError {
-        match self.resume_after_damage(name, file_seq, record_pos) {
+    /// The read error for data of `name` lost to damage in log file `file_seq` (where: see
+    /// `Damage`): `DamagedLog` with where the segment's sound data resumes, or plain
+    /// `DataCorrupt` for a segment no longer known.
+    pub fn damaged(&self, name: &str, file_seq: u64, at: Damage, message: String) -> EngineError {
+        match self.resume_after_damage(name, file_seq, at) {
             Some(resume) => EngineError::DamagedLog { message, resume },
             None => EngineError::DataCorrupt(message),
         }
     }
 
-    /// Where the sound data of `name` resumes after a damaged record of log file `file_seq`
-    /// (at `record_pos`, when known): its first offset in a later record of that file, else
-    /// where its data continues in a later file, else its length. `None` for an unknown
-    /// segment.
-    fn resume_after_damage(&self, name: &str, file_seq: u64, record_pos: Option<u64>) -> Option<u64> {
+    /// Where the sound data of `name` resumes after damage in log file `file_seq`: its first
+    /// offset the file's index holds past the damage, else where its data continues in a
+    /// later file, else its length. `None` for an unknown segment.
+    fn resume_after_damage(&self, name: &str, file_seq: u64, at: Damage) -> Option<u64> {
         let id = self.lookup(name).ok()?;
         let s = self.segments.get(&id)?;
         let index = if file_seq == self.file_seq {
@@ -1262,12 +1271,11 @@ impl ContainerCore {
         } else {
             self.cold_indexes.iter().find(|(seq, _)| *seq == file_seq).map(|(_, i)| i)
         };
-        if let (Some(pos), Some(index)) = (record_pos, index)
-            && let Some(offset) = index.offset_after_record(id, pos)
-        {
-            return Some(offset);
-        }
-        Some(s.files.iter().find(|&&(_, f)| f > file_seq).map_or(s.length, |&(o, _)| o))
+        let in_file = index.and_then(|index| match at {
+            Damage::Record(pos) => index.offset_after_record(id, pos),
+            Damage::Missing(offset) => index.offset_beyond(id, offset),
+        });
+        Some(in_file.unwrap_or_else(|| s.files.iter().find(|&&(_, f)| f > file_seq).map_or(s.length, |&(o, _)| o)))
     }
 
     /// The older log file a reader of `name` at `offset` goes to next, if its next bytes are
@@ -1488,12 +1496,7 @@ impl ContainerCore {
                     self.cfg.container,
                     crate::log::file_name(file_seq)
                 );
-                // The index holds the sound records after the damage too: the data resumes
-                // at the first of them, else in a later file.
-                if let Some(resume) = index.offset_beyond(status.id, offset) {
-                    return Err(EngineError::DamagedLog { message, resume });
-                }
-                return Err(self.damaged(name, file_seq, None, message));
+                return Err(self.damaged(name, file_seq, Damage::Missing(offset), message));
             }
             return Err(EngineError::BadRequest(format!(
                 "log file {file_seq:x} has no data for offset {offset} of {name}"

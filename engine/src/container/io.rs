@@ -15,7 +15,7 @@
 use super::image;
 use crate::constants::{FILE_HEADER_BYTES, FILE_IMAGES_PER_SHARD, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES};
 use crate::container::core::{
-    ContainerCore, CoreConfig, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
+    ContainerCore, CoreConfig, Damage, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
 };
 use crate::container::handoff;
 use crate::container::index::FileIndex;
@@ -1117,7 +1117,7 @@ impl Container {
                 tracing::error!(container = self.id, %file, %damage, "damaged log record: not served");
                 if at == start {
                     let message = format!("container {} log file {file}: {damage}", self.id);
-                    return Err(self.core.borrow().damaged(name, file_seq, Some(at), message));
+                    return Err(self.core.borrow().damaged(name, file_seq, Damage::Record(at), message));
                 }
                 Ok(Bytes::copy_from_slice(&r[..(at - start) as usize]))
             }
