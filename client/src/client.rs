@@ -197,6 +197,17 @@ impl Client {
         Ok(conn)
     }
 
+    /// The open connection to the shard that owns `segment`, if there is one (no waiting).
+    pub(crate) fn open_segment_connection(&self, segment: &str) -> Option<Arc<Connection>> {
+        let ep = self.endpoint_of(segment);
+        self.inner.conns.lock().expect("lock").get(&ep).filter(|c| !c.is_closed()).cloned()
+    }
+
+    /// The `Read` request for `wait` at most.
+    pub(crate) fn read_request(segment: &str, offset: u64, max_bytes: u32, wait: Duration) -> Read {
+        Read { segment: segment.into(), offset, max_bytes, wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32 }
+    }
+
     /// The container that holds `segment` (by the node's container count and placement).
     pub fn container_of(&self, segment: &str) -> u32 {
         let map = self.inner.map.lock().expect("lock");
@@ -615,12 +626,7 @@ impl Client {
         max_bytes: u32,
         wait: Duration,
     ) -> Result<(ReadReply, Bytes), ClientError> {
-        let msg = Read {
-            segment: segment.into(),
-            offset,
-            max_bytes,
-            wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
-        };
+        let msg = Self::read_request(segment, offset, max_bytes, wait);
         self.with_retry(|| {
             let msg = msg.clone();
             async move {

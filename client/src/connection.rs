@@ -4,6 +4,8 @@
 //! socket does not take at once waits in the outbox, which a writer task drains, so frames
 //! that pile up while the socket is busy go out in few writes. When the connection breaks
 //! every waiting call fails with `ConnectionLost` and the connection reports itself closed.
+//! A caller may instead give a reply handler (`send_then`) that the reader task runs with
+//! the reply: no task to wake between the reply and what it settles.
 
 use crate::error::ClientError;
 use bytes::Bytes;
@@ -21,7 +23,19 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, oneshot};
 
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Frame>>>>>;
+type Pending = Arc<Mutex<Option<HashMap<u64, Waiter>>>>;
+
+/// What a reply is handed to when the connection's reader task gets it.
+enum Waiter {
+    /// A caller awaiting the reply future of `send`.
+    Channel(oneshot::Sender<Frame>),
+    /// A function called by the reader task (`send_then`); with `ConnectionLost` if the
+    /// connection breaks first.
+    Call(OnReply),
+}
+
+/// A reply handler of `Connection::send_then`.
+pub type OnReply = Box<dyn FnOnce(Result<Frame, ClientError>) + Send>;
 
 /// The write side. One writer at a time owns the socket: a caller that finds it free writes
 /// its frame itself, then whatever others appended to the outbox meanwhile; a caller that
@@ -228,7 +242,8 @@ impl Connection {
         let reader_closed = closed.clone();
         let reader_pending = pending.clone();
         let (hello_tx, hello_rx) = oneshot::channel::<Frame>();
-        pending.lock().expect("lock").as_mut().expect("open").insert(0, hello_tx);
+        pending.lock().expect("lock").as_mut().expect("open").insert(0, Waiter::Channel(hello_tx));
+        let reader_addr = addr.to_string();
         tokio::spawn(async move {
             let mut dec = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
             let mut buf = vec![0u8; 256 << 10];
@@ -243,8 +258,12 @@ impl Connection {
                         Ok(Some(frame)) => {
                             let waiter =
                                 reader_pending.lock().expect("lock").as_mut().and_then(|m| m.remove(&frame.request_id));
-                            if let Some(w) = waiter {
-                                let _ = w.send(frame);
+                            match waiter {
+                                Some(Waiter::Channel(w)) => {
+                                    let _ = w.send(frame);
+                                }
+                                Some(Waiter::Call(f)) => f(Ok(frame)),
+                                None => {}
                             }
                         }
                         Ok(None) => break,
@@ -256,8 +275,13 @@ impl Connection {
                 }
             }
             reader_closed.store(true, Ordering::SeqCst);
-            // Dropping the senders fails every waiting call.
-            reader_pending.lock().expect("lock").take();
+            // Dropping the senders fails every waiting call; handlers are told.
+            let waiting = reader_pending.lock().expect("lock").take().unwrap_or_default();
+            for w in waiting.into_values() {
+                if let Waiter::Call(f) = w {
+                    f(Err(ClientError::ConnectionLost(reader_addr.clone())));
+                }
+            }
         });
         let hello = Hello {
             magic: HELLO_MAGIC,
@@ -295,7 +319,7 @@ impl Connection {
         let (tx, rx) = oneshot::channel();
         let registered = match self.pending.lock().expect("lock").as_mut() {
             Some(map) => {
-                map.insert(id, tx);
+                map.insert(id, Waiter::Channel(tx));
                 true
             }
             None => false,
@@ -308,6 +332,24 @@ impl Connection {
             }
             rx.await.map_err(|_| ClientError::ConnectionLost(addr))
         }
+    }
+
+    /// Sends a request now; the connection's reader task calls `on_reply` with its reply (or
+    /// with `ConnectionLost` if the connection breaks first). `false`, and `on_reply` dropped
+    /// uncalled, if the connection is already broken. Calls made in order are sent in order.
+    /// `on_reply` runs on the reader task: it must be short and must not block.
+    pub fn send_then<T: Control>(&self, msg: &T, payload: &[u8], on_reply: OnReply) -> bool {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        match self.pending.lock().expect("lock").as_mut() {
+            Some(map) => map.insert(id, Waiter::Call(on_reply)),
+            None => return false,
+        };
+        if self.wire.send(&encode_frame_head(id, msg, payload.len()), payload) {
+            return true;
+        }
+        // Taken back (dropped uncalled) unless the reader task has already answered it.
+        let taken = self.pending.lock().expect("lock").as_mut().and_then(|m| m.remove(&id));
+        taken.is_none()
     }
 
     /// Sends a request and decodes its reply as `R`.

@@ -5,13 +5,15 @@
 //! once all of its predecessors have ended, so a key's order holds across scalings.
 
 use crate::client::Client;
+use crate::connection::expect;
 use crate::cut::CutAt;
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
 use sluice_net::event::split_whole_events;
 use sluice_net::messages::ReadReply;
-use sluice_net::{ErrorCode, ScopedStream, SegmentNumber};
+use sluice_net::{ErrorCode, Frame, ScopedStream, SegmentNumber};
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -227,9 +229,17 @@ async fn read_segment(client: Client, number: u64, segment: String, offset: u64,
 /// reader catching up then overlaps the server's disk reads with the application's work.
 /// Dropping it cancels the read in flight.
 #[derive(Default)]
-pub(crate) struct ReadAhead(Option<(u64, JoinHandle<ReadResult>)>);
+pub(crate) struct ReadAhead(Option<(u64, Ahead)>);
 
 type ReadResult = Result<(ReadReply, Bytes), ClientError>;
+
+/// A read sent ahead: straight on the segment's open connection (its reply future, polled
+/// by the reading task itself: no task between the connection's reader and it), or, when
+/// there is no open connection yet, by a task that connects and sends it.
+enum Ahead {
+    Sent(Pin<Box<dyn Future<Output = Result<Frame, ClientError>> + Send>>),
+    Task(JoinHandle<ReadResult>),
+}
 
 impl ReadAhead {
     /// The read at `at`: the one sent ahead if it was for `at`, else a new one.
@@ -242,11 +252,22 @@ impl ReadAhead {
         wait: Duration,
     ) -> ReadResult {
         match self.0.take() {
-            Some((offset, h)) if offset == at => {
+            Some((offset, Ahead::Sent(reply))) if offset == at => {
+                let got = reply.await.and_then(|frame| {
+                    let payload = frame.payload.clone();
+                    Ok((expect::<ReadReply>(frame)?, payload))
+                });
+                match got {
+                    // A broken connection, a moved container...: again, with the client's retries.
+                    Err(e) if e.is_retryable() => client.read_segment(segment, at, max, wait).await,
+                    other => other,
+                }
+            }
+            Some((offset, Ahead::Task(h))) if offset == at => {
                 h.await.unwrap_or_else(|e| Err(ClientError::ConnectionLost(format!("read of {segment}: {e}"))))
             }
             other => {
-                if let Some((_, h)) = other {
+                if let Some((_, Ahead::Task(h))) = other {
                     h.abort();
                 }
                 client.read_segment(segment, at, max, wait).await
@@ -256,17 +277,23 @@ impl ReadAhead {
 
     /// Sends the read at `at` ahead.
     pub(crate) fn send(&mut self, client: &Client, segment: &str, at: u64, max: u32, wait: Duration) {
-        if let Some((_, h)) = self.0.take() {
+        if let Some((_, Ahead::Task(h))) = self.0.take() {
             h.abort();
         }
-        let (client, segment) = (client.clone(), segment.to_string());
-        self.0 = Some((at, tokio::spawn(async move { client.read_segment(&segment, at, max, wait).await })));
+        let ahead = match client.open_segment_connection(segment) {
+            Some(conn) => Ahead::Sent(Box::pin(conn.send(&Client::read_request(segment, at, max, wait), Bytes::new()))),
+            None => {
+                let (client, segment) = (client.clone(), segment.to_string());
+                Ahead::Task(tokio::spawn(async move { client.read_segment(&segment, at, max, wait).await }))
+            }
+        };
+        self.0 = Some((at, ahead));
     }
 }
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
-        if let Some((_, h)) = &self.0 {
+        if let Some((_, Ahead::Task(h))) = &self.0 {
             h.abort();
         }
     }

@@ -2,6 +2,8 @@
 //! segment, keeps many batches in flight, and resolves each event's future when its batch is
 //! durable (or, for `write_events`, one future for many events once all are durable). A
 //! `write_event` future is a ticket on its segment task's board (`acks.rs`), not a channel.
+//! Acknowledgements are settled by the connection's reader task (a reply handler per
+//! append, `Flight`), so the segment task wakes only for new input or trouble.
 //! Every writer has a random id and numbers its events; when a connection breaks (server
 //! restart, redirect, shed load) the writer reconnects and resends every unacknowledged
 //! batch in order, and the server drops what it already has. So a restart under load
@@ -18,8 +20,6 @@ use crate::client::{Client, warn_long_retry};
 use crate::connection::{Connection, expect};
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use sluice_net::ErrorCode;
 use sluice_net::ScopedStream;
 use sluice_net::constants::EVENT_BYTES_MAX;
@@ -350,12 +350,17 @@ impl Routes {
             let queue = Arc::new(Queue { state: Mutex::new(QueueState::default()), wake: tokio::sync::Notify::new() });
             let (tx, rx) = (QueueTx(queue.clone()), QueueRx { queue, taken: Vec::new() });
             let board = Arc::new(Board::new());
+            let flight = Arc::new(Flight {
+                state: Mutex::new(FlightState::default()),
+                wake: tokio::sync::Notify::new(),
+                board: board.clone(),
+                window: shared.config.inflight_batches_max.max(1),
+            });
             let task = SegmentWriter {
                 shared: shared.clone(),
                 number: segment,
                 segment: shared.stream.segment_name(sluice_net::SegmentNumber(segment)),
-                inflight: VecDeque::new(),
-                acks: FuturesOrdered::new(),
+                flight,
                 conn: None,
                 board: board.clone(),
                 finished: false,
@@ -524,6 +529,9 @@ struct Batch {
     points: Vec<f64>,
     acks: Vec<Ack>,
     flushes: Vec<AckTx>,
+    /// The server's answer to its latest sending, kept until the batches before it are
+    /// answered too (answers are handled in the order the batches were sent).
+    reply: Option<Result<(), ClientError>>,
 }
 
 impl Batch {
@@ -535,14 +543,99 @@ impl Batch {
     }
 }
 
-type AckFut = Pin<Box<dyn Future<Output = Result<AppendAck, ClientError>> + Send>>;
+/// A lane's batches in flight, shared by its segment task and the reply handlers that the
+/// connection's reader task runs. A handler settles acknowledged batches itself, in order,
+/// so an acknowledgement reaches the waiting futures without waking the segment task; the
+/// task is woken only when it has something to do: an error at the front (resend, redirect
+/// or fail), room in a full window, batches left with no answer coming, or the last batch
+/// answered once its input has ended.
+struct Flight {
+    state: Mutex<FlightState>,
+    wake: tokio::sync::Notify,
+    board: Arc<Board>,
+    window: usize,
+}
+
+#[derive(Default)]
+struct FlightState {
+    batches: VecDeque<Batch>,
+    /// Sendings of the current round that have not been answered.
+    pending: usize,
+    /// The round of sending: bumped when everything is resent or given up, so answers to
+    /// older sendings are ignored.
+    round: u64,
+    /// Batches acknowledged so far (a retry episode ends with the next one).
+    acked: u64,
+    /// The task's input has ended: it waits for the last batch.
+    closing: bool,
+}
+
+impl FlightState {
+    /// The acknowledged batches at the front.
+    fn take_done(&mut self) -> Vec<Batch> {
+        let mut done = Vec::new();
+        while self.batches.front().is_some_and(|b| matches!(b.reply, Some(Ok(())))) {
+            done.push(self.batches.pop_front().expect("front"));
+        }
+        self.acked += done.len() as u64;
+        done
+    }
+
+    /// Whether the segment task has something to do.
+    fn needs_task(&self) -> bool {
+        match self.batches.front() {
+            Some(b) => matches!(b.reply, Some(Err(_))) || self.pending == 0,
+            None => self.closing,
+        }
+    }
+}
+
+impl Flight {
+    /// An answer to the sending of batch `first` in round `round`.
+    fn answer(&self, round: u64, first: u64, r: Result<(), ClientError>) {
+        let (done, wake) = {
+            let mut st = self.state.lock().expect("lock");
+            if st.round != round {
+                return;
+            }
+            st.pending -= 1;
+            let full = st.batches.len() >= self.window;
+            if let Some(b) = st.batches.iter_mut().find(|b| b.first == first) {
+                b.reply = Some(r);
+            }
+            let done = st.take_done();
+            let wake = st.needs_task() || (full && !done.is_empty());
+            (done, wake)
+        };
+        for b in done {
+            b.finish(&self.board, Ok(()));
+        }
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A sending that never reached the connection (it was broken): no answer will come.
+    fn unsent(&self, round: u64) {
+        let wake = {
+            let mut st = self.state.lock().expect("lock");
+            if st.round != round {
+                return;
+            }
+            st.pending -= 1;
+            st.needs_task()
+        };
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+}
 
 struct SegmentWriter {
     shared: Arc<Shared>,
     number: u64,
     segment: String,
-    inflight: VecDeque<Batch>,
-    acks: FuturesOrdered<AckFut>,
+    flight: Arc<Flight>,
     /// The one connection this segment's appends go over. Appends of one writer must reach
     /// the server in order, and two connections give no order between them: a new batch on
     /// a new connection could overtake a resent older one, which the server would then drop
@@ -555,8 +648,8 @@ struct SegmentWriter {
     /// Since when appends have failed with retryable errors and nothing was acknowledged,
     /// and the next pause: the retry window spans the episode, not one attempt, or a server
     /// that answers every resend with a retryable error (a poisoned container on a single
-    /// node) would be retried forever.
-    retrying: Option<Retrying>,
+    /// node) would be retried forever. With the count of acknowledged batches when it began.
+    retrying: Option<(Retrying, u64)>,
 }
 
 /// A retry episode of a writer: since when, the next pause, whether a warning was given.
@@ -576,45 +669,90 @@ impl Drop for SegmentWriter {
     }
 }
 
+/// What the segment task must do about the front of its flight.
+enum Todo {
+    Nothing,
+    /// The front batch was refused with this error.
+    Refused(ClientError),
+    /// Batches are in flight and no answer is coming (their connection broke).
+    Resend,
+    /// Input ended and every batch is answered.
+    Finish,
+}
+
 impl SegmentWriter {
-    fn send(&self, conn: &Connection, b: &Batch) -> AckFut {
+    /// Sends one batch (in round `round`) on `conn`; `false` if the connection is broken.
+    fn send(&self, conn: &Connection, round: u64, first: u64, count: u32, payload: &Bytes) -> bool {
         let msg = Append {
             segment: self.segment.clone(),
             writer_id: self.shared.writer_id,
-            first_event_number: b.first,
-            event_count: b.count,
+            first_event_number: first,
+            event_count: count,
             expected_offset: None,
         };
-        let fut = conn.send(&msg, b.payload.clone());
-        Box::pin(async move { expect::<AppendAck>(fut.await?) })
+        let flight = self.flight.clone();
+        let on_reply: crate::connection::OnReply = Box::new(move |reply| {
+            let r = reply.and_then(expect::<AppendAck>).map(|_| ());
+            flight.answer(round, first, r);
+        });
+        conn.send_then(&msg, payload, on_reply)
+    }
+
+    /// Starts a new round: every batch in flight unanswered and unsent. Returns what to send.
+    fn new_round(&self) -> (u64, Vec<(u64, u32, Bytes)>) {
+        let mut st = self.flight.state.lock().expect("lock");
+        st.round += 1;
+        for b in st.batches.iter_mut() {
+            b.reply = None;
+        }
+        let sends: Vec<_> = st.batches.iter().map(|b| (b.first, b.count, b.payload.clone())).collect();
+        st.pending = sends.len();
+        (st.round, sends)
+    }
+
+    /// Takes every batch in flight out; answers still coming are ignored.
+    fn take_all(&self) -> Vec<Batch> {
+        let mut st = self.flight.state.lock().expect("lock");
+        st.round += 1;
+        st.pending = 0;
+        st.batches.drain(..).collect()
     }
 
     /// After a retryable failure: reconnect and resend every unacknowledged batch in order.
     async fn resend(&mut self, mut err: ClientError) {
+        let acked = self.flight.state.lock().expect("lock").acked;
+        // A batch acknowledged since the episode began ends it.
+        if self.retrying.is_some_and(|(_, at)| at != acked) {
+            self.retrying = None;
+        }
         let fresh = Retrying { since: Instant::now(), backoff: Duration::from_millis(20), warned: false };
-        let Retrying { since, mut backoff, mut warned } = *self.retrying.get_or_insert(fresh);
+        let (Retrying { since, mut backoff, mut warned }, _) = *self.retrying.get_or_insert((fresh, acked));
         let retry_for = self.shared.client.config().retry_for;
         let deadline = since + retry_for;
         loop {
             warn_long_retry(&mut warned, since, retry_for, Some(&self.segment), &err);
             if Instant::now() >= deadline {
-                for b in self.inflight.drain(..) {
+                for b in self.take_all() {
                     b.finish(&self.board, Err(err.clone()));
                 }
-                self.acks = FuturesOrdered::new();
                 // What is sent from now on gets a window of its own.
                 self.retrying = None;
                 return;
             }
             tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
-            self.retrying = Some(Retrying { since, backoff, warned });
+            self.retrying = Some((Retrying { since, backoff, warned }, acked));
             if err.code() == Some(sluice_net::ErrorCode::WrongHost) {
                 let _ = self.shared.client.refresh().await;
             }
             match self.shared.client.segment_connection(&self.segment).await {
                 Ok(conn) => {
-                    self.acks = self.inflight.iter().map(|b| self.send(&conn, b)).collect();
+                    let (round, sends) = self.new_round();
+                    for (first, count, payload) in sends {
+                        if !self.send(&conn, round, first, count, &payload) {
+                            self.flight.unsent(round);
+                        }
+                    }
                     self.conn = Some(conn);
                     return;
                 }
@@ -623,36 +761,67 @@ impl SegmentWriter {
         }
     }
 
+    /// What the front of the flight asks of the task, and whether the window has room.
+    fn todo(&self, input_open: bool) -> (Todo, bool) {
+        let mut st = self.flight.state.lock().expect("lock");
+        st.closing = !input_open;
+        let room = st.batches.len() < self.flight.window;
+        let todo = match st.batches.front() {
+            Some(Batch { reply: Some(Err(e)), .. }) => Todo::Refused(e.clone()),
+            Some(_) if st.pending == 0 => Todo::Resend,
+            Some(_) => Todo::Nothing,
+            None if !input_open => Todo::Finish,
+            None => Todo::Nothing,
+        };
+        (todo, room)
+    }
+
     async fn run(mut self, mut rx: QueueRx) {
         let mut input_open = true;
         let mut carry: Option<Cmd> = None;
         loop {
-            if !input_open && self.inflight.is_empty() && carry.is_none() {
-                self.finished = true;
-                return;
-            }
-            if self.acks.is_empty() && !self.inflight.is_empty() {
+            let (todo, room) = self.todo(input_open || carry.is_some());
+            match todo {
+                Todo::Finish => {
+                    self.finished = true;
+                    return;
+                }
+                Todo::Refused(e) if e.code() == Some(ErrorCode::Sealed) => {
+                    self.redirect(rx, carry.take(), e).await;
+                    return;
+                }
+                Todo::Refused(e) if e.is_retryable() => {
+                    self.resend(e).await;
+                    continue;
+                }
+                Todo::Refused(e) => {
+                    // This batch fails; those after it go on (acknowledged ones settle now).
+                    let done = {
+                        let mut st = self.flight.state.lock().expect("lock");
+                        let failed = st.batches.pop_front().expect("the refused batch");
+                        let done = st.take_done();
+                        drop(st);
+                        failed.finish(&self.board, Err(e));
+                        done
+                    };
+                    for b in done {
+                        b.finish(&self.board, Ok(()));
+                    }
+                    continue;
+                }
                 // Batches held back after their connection broke, with nothing left in
-                // flight to fail and trigger the resend: resend them now.
-                self.resend(ClientError::ConnectionLost(self.segment.clone())).await;
-                continue;
+                // flight to fail: resend them now.
+                Todo::Resend => {
+                    self.resend(ClientError::ConnectionLost(self.segment.clone())).await;
+                    continue;
+                }
+                Todo::Nothing => {}
             }
-            let can_send = self.inflight.len() < self.shared.config.inflight_batches_max;
+            let can_send = room && (input_open || carry.is_some());
             tokio::select! {
                 biased;
-                Some(res) = self.acks.next(), if !self.acks.is_empty() => match res {
-                    Ok(_) => {
-                        self.retrying = None;
-                        self.inflight.pop_front().expect("a batch per ack").finish(&self.board, Ok(()));
-                    }
-                    Err(e) if e.code() == Some(ErrorCode::Sealed) => {
-                        self.redirect(rx, carry.take(), e).await;
-                        return;
-                    }
-                    Err(e) if e.is_retryable() => self.resend(e).await,
-                    Err(e) => self.inflight.pop_front().expect("a batch per ack").finish(&self.board, Err(e)),
-                },
-                cmd = async { match carry.take() { Some(c) => Some(c), None => rx.recv().await } }, if input_open && can_send => {
+                _ = self.flight.wake.notified() => {}
+                cmd = async { match carry.take() { Some(c) => Some(c), None => rx.recv().await } }, if can_send => {
                     let Some(first) = cmd else {
                         input_open = false;
                         continue;
@@ -667,8 +836,7 @@ impl SegmentWriter {
     /// are; one accepted before it is answered as a duplicate). Sends the refused events,
     /// then everything queued, to the segments that now own their keys, and stops.
     async fn redirect(mut self, mut rx: QueueRx, carry: Option<Cmd>, sealed: ClientError) {
-        self.acks = FuturesOrdered::new();
-        let refused: Vec<Batch> = self.inflight.drain(..).collect();
+        let refused: Vec<Batch> = self.take_all();
         let s = &self.shared.stream;
         let now = match self.shared.client.get_stream(&s.scope, &s.stream).await {
             Ok(info) if info.sealed => Err(ClientError::Server {
@@ -814,42 +982,59 @@ impl SegmentWriter {
         }
         if acks.is_empty() {
             // A flush alone: it waits for the last batch in flight, or is done now.
-            match self.inflight.back_mut() {
-                Some(b) => b.flushes.append(&mut flushes),
-                None => flushes.into_iter().for_each(|f| {
-                    let _ = f.send(Ok(()));
-                }),
+            {
+                let mut st = self.flight.state.lock().expect("lock");
+                if let Some(b) = st.batches.back_mut() {
+                    b.flushes.append(&mut flushes);
+                }
             }
+            flushes.into_iter().for_each(|f| {
+                let _ = f.send(Ok(()));
+            });
             return leftover;
         }
         let count = acks.len() as u32;
         let first = self.shared.numbers.fetch_add(u64::from(count), Ordering::Relaxed);
-        let batch = Batch { first, count, payload: payload.freeze(), points, acks, flushes };
+        let batch = Batch { first, count, payload: payload.freeze(), points, acks, flushes, reply: None };
         let usable = self.conn.as_ref().filter(|c| !c.is_closed()).cloned();
-        let conn = match usable {
-            Some(c) => c,
-            // The connection broke with batches in flight: their failures are on their way
-            // and will resend everything in order, this batch included.
-            None if !self.inflight.is_empty() => {
-                self.inflight.push_back(batch);
-                return leftover;
+        let (conn, batch) = match usable {
+            Some(c) => (c, batch),
+            None => {
+                let held = {
+                    let mut st = self.flight.state.lock().expect("lock");
+                    if st.batches.is_empty() {
+                        Some(batch)
+                    } else {
+                        // The connection broke with batches in flight: their failures (or, if
+                        // none is coming, the task) resend everything in order, this one too.
+                        st.batches.push_back(batch);
+                        None
+                    }
+                };
+                let Some(batch) = held else { return leftover };
+                match self.shared.client.segment_connection(&self.segment).await {
+                    Ok(c) => {
+                        self.conn = Some(c.clone());
+                        (c, batch)
+                    }
+                    Err(e) => {
+                        self.flight.state.lock().expect("lock").batches.push_back(batch);
+                        self.resend(e).await;
+                        return leftover;
+                    }
+                }
             }
-            None => match self.shared.client.segment_connection(&self.segment).await {
-                Ok(c) => {
-                    self.conn = Some(c.clone());
-                    c
-                }
-                Err(e) => {
-                    self.inflight.push_back(batch);
-                    self.acks = FuturesOrdered::new();
-                    self.resend(e).await;
-                    return leftover;
-                }
-            },
         };
-        let fut = self.send(&conn, &batch);
-        self.inflight.push_back(batch);
-        self.acks.push_back(fut);
+        let payload = batch.payload.clone();
+        let round = {
+            let mut st = self.flight.state.lock().expect("lock");
+            st.batches.push_back(batch);
+            st.pending += 1;
+            st.round
+        };
+        if !self.send(&conn, round, first, count, &payload) {
+            self.flight.unsent(round);
+        }
         leftover
     }
 }
@@ -901,5 +1086,83 @@ mod tests {
         let (tx, rx) = queue();
         drop(rx);
         assert_eq!(number(tx.send(event(9)).err()), Some(9));
+    }
+
+    /// A flight of `n` one-event batches (numbers 10, 20, ...; tickets 0..n), all sent in
+    /// round 0, and the board their tickets are on.
+    fn flight(n: u64, window: usize) -> (Arc<Flight>, Arc<Board>) {
+        let board = Arc::new(Board::new());
+        let mut st = FlightState::default();
+        for t in 0..n {
+            st.batches.push_back(Batch {
+                first: 10 * (t + 1),
+                count: 1,
+                payload: Bytes::new(),
+                points: vec![0.5],
+                acks: vec![Ack::Own(t)],
+                flushes: Vec::new(),
+                reply: None,
+            });
+        }
+        st.pending = n as usize;
+        let f = Flight { state: Mutex::new(st), wake: tokio::sync::Notify::new(), board: board.clone(), window };
+        (Arc::new(f), board)
+    }
+
+    fn settled(board: &Board, ticket: u64) -> Option<Result<(), ClientError>> {
+        let waker = futures::task::noop_waker();
+        match board.look(ticket, &waker) {
+            Look::Pending => None,
+            Look::Done(r) => Some(r),
+        }
+    }
+
+    /// Whether the task was woken (takes the permit).
+    async fn woken(f: &Flight) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), f.wake.notified()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn answers_settle_batches_in_order_without_the_task() {
+        let (f, board) = flight(3, 64);
+        // The second batch answered first: nothing settles until the first is.
+        f.answer(0, 20, Ok(()));
+        assert!(settled(&board, 1).is_none());
+        f.answer(0, 10, Ok(()));
+        assert!(matches!(settled(&board, 0), Some(Ok(()))));
+        assert!(matches!(settled(&board, 1), Some(Ok(()))));
+        assert!(settled(&board, 2).is_none());
+        assert!(!woken(&f).await, "acknowledgements do not wake the task");
+        // An answer of an older round (a connection given up) is ignored.
+        f.state.lock().unwrap().round = 1;
+        f.answer(0, 30, Ok(()));
+        assert!(settled(&board, 2).is_none());
+        assert_eq!(f.state.lock().unwrap().batches.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_task_is_woken_for_errors_a_freed_window_a_silent_flight_and_its_end() {
+        // A refused batch at the front: the task must decide (it stays there).
+        let (f, board) = flight(2, 64);
+        f.answer(0, 10, Err(ClientError::ConnectionLost("x".into())));
+        assert!(woken(&f).await);
+        assert!(settled(&board, 0).is_none(), "the task settles refused batches");
+        // A full window that frees up.
+        let (f, _) = flight(2, 2);
+        f.answer(0, 10, Ok(()));
+        assert!(woken(&f).await);
+        // A send that never went out, the last one pending: no answer will come.
+        let (f, _) = flight(2, 64);
+        f.answer(0, 10, Ok(()));
+        assert!(!woken(&f).await);
+        f.unsent(0);
+        assert!(woken(&f).await);
+        // Input ended: the last answer wakes the task to finish; before that, none does.
+        let (f, _) = flight(2, 64);
+        f.state.lock().unwrap().closing = true;
+        f.answer(0, 10, Ok(()));
+        assert!(!woken(&f).await);
+        f.answer(0, 20, Ok(()));
+        assert!(woken(&f).await);
     }
 }
