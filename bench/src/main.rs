@@ -363,7 +363,20 @@ async fn end_to_end(url: String, rate: u64, seconds: u64, readers: u32, segments
     let writer = client.event_writer(&stream).await.map_err(e)?;
     // The schedule's thread writes each event as it falls due (timed from its due time, the
     // payload carries it for the readers) and passes the acknowledgements here.
-    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(sluice_client::AckFuture, u64)>>();
+    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(sluice_client::AckFuture, u64, usize)>>();
+    // Acknowledgements are awaited per segment (`KeyedAcks`: the oldest unsettled event of
+    // each only); keys are mapped to segments once: the stream does not scale in the run.
+    let mut segment_numbers: Vec<u64> = Vec::new();
+    let key_lane: Vec<usize> = (0..1024u64)
+        .map(|k| {
+            let n = writer.segment_for_key(&k.to_le_bytes());
+            segment_numbers.iter().position(|&x| x == n).unwrap_or_else(|| {
+                segment_numbers.push(n);
+                segment_numbers.len() - 1
+            })
+        })
+        .collect();
+    let mut acks = inflight::KeyedAcks::new(segment_numbers.len());
     let lateness =
         Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")));
     let late = lateness.clone();
@@ -379,29 +392,28 @@ async fn end_to_end(url: String, rate: u64, seconds: u64, readers: u32, segments
             let mut payload = vec![b'.'; size.max(16)];
             payload[..8].copy_from_slice(&due.to_le_bytes());
             payload[8..16].copy_from_slice(&i.to_le_bytes());
-            sent.push((writer.write_event(&(i % 1024).to_le_bytes(), payload), due));
+            sent.push((writer.write_event(&(i % 1024).to_le_bytes(), payload), due, key_lane[(i % 1024) as usize]));
         }
         let _ = acks_tx.send(sent);
     };
     let schedule = schedule::Schedule::start_sending(start, rate, total, tokio::runtime::Handle::current(), send)?;
-    let mut acks = FuturesUnordered::new();
     let mut ack_hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut last_report = std::time::Instant::now();
     let mut sending = true;
     loop {
         tokio::select! {
             sent = acks_rx.recv(), if sending => match sent {
-                Some(sent) => acks.extend(sent.into_iter().map(|(ack, due)| async move { (ack.await, due) })),
+                Some(sent) => {
+                    for (ack, due, lane) in sent {
+                        let timed = due >= WARMUP_S * 1_000_000;
+                        acks.push(lane, ack, timed.then(|| start + std::time::Duration::from_micros(due)));
+                    }
+                }
                 // Every event is written (the schedule's thread dropped its sender).
                 None => sending = false,
             },
-            Some((r, due)) = acks.next(), if !acks.is_empty() => {
-                let r: Result<(), sluice_client::ClientError> = r;
-                r.map_err(e)?;
-                let lat = (start.elapsed().as_micros() as u64).saturating_sub(due);
-                if due >= WARMUP_S * 1_000_000 {
-                    ack_hist.saturating_record(lat.max(1));
-                }
+            settled = acks.next_ready(&mut ack_hist), if acks.len() > 0 => {
+                settled?;
             }
             else => break,
         }
