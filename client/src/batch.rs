@@ -110,7 +110,7 @@ impl SliceReader {
             }
             let want = (self.slice.end - at).min(1 << 20) as u32;
             let (_, data) = self.client.read_segment(&self.slice.segment, at, want, Duration::from_secs(1)).await?;
-            let events = self.cut.push(&data[..data.len().min(want as usize)]).map_err(|e| match e {
+            let events = self.cut.push(data.slice(..data.len().min(want as usize))).map_err(|e| match e {
                 ClientError::InvalidArgument(m) => ClientError::InvalidStreamCut(m),
                 other => other,
             })?;

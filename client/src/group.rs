@@ -686,7 +686,7 @@ async fn fetch_segment(
             let next = at + data.len() as u64;
             ahead.send(&client, &segment, next, max_at(next), wait);
         }
-        let (reply, events) = match read.and_then(|(reply, data)| Ok((reply, cut.push(&data)?))) {
+        let (reply, events) = match read.and_then(|(reply, data)| Ok((reply, cut.push(data)?))) {
             Ok(r) => r,
             Err(error) => {
                 let _ = tx.send(Fetched::Error { token, error }).await;
@@ -809,7 +809,7 @@ impl GroupReader {
                 && let Some((event, next)) = self.ready.pop_front()
             {
                 self.unclocked += 1;
-                if let Some(o) = self.owned.get_mut(&event.segment).filter(|o| o.token == self.ready_token) {
+                if let Some(o) = self.owned.get_mut(&*event.segment).filter(|o| o.token == self.ready_token) {
                     o.offset = next;
                     return Ok(Some(GroupItem::Event(event)));
                 }

@@ -14,6 +14,7 @@ use sluice_net::messages::ReadReply;
 use sluice_net::{ErrorCode, Frame, ScopedStream, SegmentNumber};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,7 +29,7 @@ pub enum ReadFrom {
 #[derive(Clone, Debug)]
 pub struct Event {
     /// Qualified segment name.
-    pub segment: String,
+    pub segment: std::sync::Arc<str>,
     /// Offset of the event's frame in the segment.
     pub offset: u64,
     pub payload: Bytes,
@@ -133,7 +134,8 @@ impl Drop for EventReader {
 /// Cuts raw segment bytes, arriving in chunks of any size, into whole events with their
 /// offsets. Shared by every reader (stream, group, batch slice).
 pub(crate) struct EventCutter {
-    segment: String,
+    /// Shared by every event cut (no copy of the name per event).
+    segment: Arc<str>,
     pending: BytesMut,
     /// Offset of `pending[0]`: the first event not yet cut.
     offset: u64,
@@ -141,7 +143,7 @@ pub(crate) struct EventCutter {
 
 impl EventCutter {
     pub(crate) fn new(segment: String, offset: u64) -> Self {
-        Self { segment, pending: BytesMut::new(), offset }
+        Self { segment: segment.into(), pending: BytesMut::new(), offset }
     }
 
     pub(crate) fn segment(&self) -> &str {
@@ -164,12 +166,19 @@ impl EventCutter {
     }
 
     /// Adds bytes read at `read_offset()`; returns the events now whole, each with the
-    /// offset just after it.
-    pub(crate) fn push(&mut self, data: &[u8]) -> Result<Vec<(Event, u64)>, ClientError> {
-        self.pending.extend_from_slice(data);
-        let (ranges, used) = split_whole_events(&self.pending)
-            .map_err(|e| ClientError::InvalidArgument(format!("segment {} at {}: {e}", self.segment, self.offset)))?;
-        let whole = self.pending.split_to(used).freeze();
+    /// offset just after it. Bytes that begin at an event are cut where they are (no copy).
+    pub(crate) fn push(&mut self, data: Bytes) -> Result<Vec<(Event, u64)>, ClientError> {
+        let bad = |e, at| ClientError::InvalidArgument(format!("segment {} at {at}: {e}", self.segment));
+        let (ranges, whole) = if self.pending.is_empty() {
+            let (ranges, used) = split_whole_events(&data).map_err(|e| bad(e, self.offset))?;
+            self.pending.extend_from_slice(&data[used..]);
+            (ranges, data.slice(..used))
+        } else {
+            self.pending.extend_from_slice(&data);
+            let (ranges, used) = split_whole_events(&self.pending).map_err(|e| bad(e, self.offset))?;
+            (ranges, self.pending.split_to(used).freeze())
+        };
+        let used = whole.len();
         let base = self.offset;
         self.offset += used as u64;
         Ok(ranges
@@ -195,7 +204,7 @@ async fn read_segment(client: Client, number: u64, segment: String, offset: u64,
         {
             ahead.send(&client, cut.segment(), at + data.len() as u64, READ_CHUNK_BYTES, TAIL_WAIT);
         }
-        let events = read.and_then(|(reply, data)| Ok((reply, cut.push(&data)?)));
+        let events = read.and_then(|(reply, data)| Ok((reply, cut.push(data)?)));
         let (reply, events) = match events {
             Ok(r) => r,
             // Retention or a truncation overtook this reader: tell the application (the
@@ -296,5 +305,38 @@ impl Drop for ReadAhead {
         if let Some((_, Ahead::Task(h))) = &self.0 {
             h.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(events: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in events {
+            out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            out.extend_from_slice(e);
+        }
+        out
+    }
+
+    #[test]
+    fn events_are_cut_across_reads_with_their_offsets() {
+        let bytes = framed(&[b"one", b"two!", b"", b"three"]);
+        let mut cut = EventCutter::new("s/t/0".into(), 100);
+        // Whole events in one read, then an event split over three reads.
+        let first = cut.push(Bytes::copy_from_slice(&bytes[..15])).expect("cut");
+        let got: Vec<_> = first.iter().map(|(e, n)| (&e.payload[..], e.offset, *n)).collect();
+        assert_eq!(got, vec![(&b"one"[..], 100, 107), (&b"two!"[..], 107, 115)]);
+        assert!(!cut.has_partial());
+        assert!(cut.push(Bytes::copy_from_slice(&bytes[15..17])).expect("cut").is_empty());
+        let rest = cut.push(Bytes::copy_from_slice(&bytes[17..22])).expect("cut");
+        assert_eq!(rest.len(), 1, "the empty event");
+        assert!(cut.has_partial());
+        let last = cut.push(Bytes::copy_from_slice(&bytes[22..])).expect("cut");
+        let got: Vec<_> = last.iter().map(|(e, n)| (&e.payload[..], e.offset, *n, &*e.segment)).collect();
+        assert_eq!(got, vec![(&b"three"[..], 119, 128, "s/t/0")]);
+        assert_eq!((cut.offset(), cut.read_offset()), (128, 128));
     }
 }
