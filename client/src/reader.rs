@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use sluice_net::event::split_whole_events;
 use sluice_net::messages::ReadReply;
 use sluice_net::{ErrorCode, Frame, ScopedStream, SegmentNumber};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,8 @@ pub struct EventReader {
     stream: ScopedStream,
     tx: mpsc::Sender<Item>,
     rx: mpsc::Receiver<Item>,
+    /// Events of the last read taken from the channel, not returned yet.
+    ready: VecDeque<Event>,
     /// Running segment tasks, by segment number.
     tasks: HashMap<u64, JoinHandle<()>>,
     /// Segments started (running or ended).
@@ -49,7 +51,8 @@ pub struct EventReader {
 
 /// What a segment task reports.
 enum Item {
-    Event(Event),
+    /// The events of one read.
+    Events(Vec<(Event, u64)>),
     Error(ClientError),
     /// The segment is sealed and read to its end.
     End(u64),
@@ -68,9 +71,18 @@ impl EventReader {
             ReadFrom::Tail => CutAt::Tail,
         };
         let cut = client.stream_cut(&stream.to_string(), at).await?;
-        let (tx, rx) = mpsc::channel(4096);
-        let mut reader =
-            Self { client, stream, tx, rx, tasks: HashMap::new(), started: HashSet::new(), ended: HashSet::new() };
+        // Messages carry the events of one read (at most `READ_CHUNK_BYTES`).
+        let (tx, rx) = mpsc::channel(16);
+        let mut reader = Self {
+            client,
+            stream,
+            tx,
+            rx,
+            ready: VecDeque::new(),
+            tasks: HashMap::new(),
+            started: HashSet::new(),
+            ended: HashSet::new(),
+        };
         for (seg, off) in cut.positions {
             reader.spawn(seg, off);
         }
@@ -101,13 +113,25 @@ impl EventReader {
     /// data this reader has not read yet, one call returns a `Truncated` error (its offset
     /// is the segment's new start) and reading goes on from there.
     pub async fn read_next(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
+        if let Some(e) = self.ready.pop_front() {
+            return Ok(Some(e));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if self.tasks.is_empty() {
                 return Ok(None);
             }
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(Item::Event(e))) => return Ok(Some(e)),
+            let next = match self.rx.try_recv() {
+                Ok(item) => Ok(Some(item)),
+                Err(_) => tokio::time::timeout_at(deadline, self.rx.recv()).await,
+            };
+            match next {
+                Ok(Some(Item::Events(events))) => {
+                    self.ready.extend(events.into_iter().map(|(e, _)| e));
+                    if let Some(e) = self.ready.pop_front() {
+                        return Ok(Some(e));
+                    }
+                }
                 Ok(Some(Item::Error(e))) => return Err(e),
                 Ok(Some(Item::End(n))) => {
                     self.tasks.remove(&n);
@@ -222,10 +246,8 @@ async fn read_segment(client: Client, number: u64, segment: String, offset: u64,
                 return;
             }
         };
-        for (ev, _) in events {
-            if tx.send(Item::Event(ev)).await.is_err() {
-                return;
-            }
+        if !events.is_empty() && tx.send(Item::Events(events)).await.is_err() {
+            return;
         }
         if reply.end_of_segment && !cut.has_partial() {
             let _ = tx.send(Item::End(number)).await;
