@@ -5,7 +5,7 @@
 use crate::client::Client;
 use crate::cut::{CutAt, StreamCut};
 use crate::error::ClientError;
-use crate::reader::{Event, EventCutter};
+use crate::reader::{Event, EventCutter, READ_CHUNK_BYTES, ReadAhead};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -80,6 +80,7 @@ impl Client {
             cut: EventCutter::new(slice.segment.clone(), slice.start),
             slice,
             ready: VecDeque::new(),
+            ahead: ReadAhead::default(),
         }
     }
 }
@@ -89,6 +90,8 @@ pub struct SliceReader {
     slice: SegmentSlice,
     cut: EventCutter,
     ready: VecDeque<Event>,
+    /// The next read, sent while this one's events are handed out.
+    ahead: ReadAhead,
 }
 
 impl SliceReader {
@@ -108,9 +111,15 @@ impl SliceReader {
                 }
                 return Ok(None);
             }
-            let want = (self.slice.end - at).min(1 << 20) as u32;
-            let (_, data) = self.client.read_segment(&self.slice.segment, at, want, Duration::from_secs(1)).await?;
-            let events = self.cut.push(data.slice(..data.len().min(want as usize))).map_err(|e| match e {
+            let want = |at: u64| (self.slice.end - at).min(u64::from(READ_CHUNK_BYTES)) as u32;
+            let wait = Duration::from_secs(1);
+            let (_, data) = self.ahead.read(&self.client, &self.slice.segment, at, want(at), wait).await?;
+            let data = data.slice(..data.len().min(want(at) as usize));
+            let next = at + data.len() as u64;
+            if !data.is_empty() && next < self.slice.end {
+                self.ahead.send(&self.client, &self.slice.segment, next, want(next), wait);
+            }
+            let events = self.cut.push(data).map_err(|e| match e {
                 ClientError::InvalidArgument(m) => ClientError::InvalidStreamCut(m),
                 other => other,
             })?;

@@ -185,8 +185,9 @@ async fn cuts_batch_reads_and_byte_streams() {
     }
     w.flush().await.unwrap();
     let from = c.stream_cut("b/s", CutAt::Tail).await.unwrap();
+    // 2 KiB each: several 1 MiB reads per slice (the slice reader reads ahead).
     for i in 0..3000 {
-        w.write_event(format!("k{}", i % 10).as_bytes(), format!("between-{i}").into_bytes());
+        w.write_event(format!("k{}", i % 10).as_bytes(), format!("between-{i}-{}", "x".repeat(2048)).into_bytes());
     }
     w.flush().await.unwrap();
     let to = c.stream_cut("b/s", CutAt::Tail).await.unwrap();
@@ -227,7 +228,7 @@ async fn cuts_batch_reads_and_byte_streams() {
     let mut got = HashSet::new();
     for j in jobs {
         for e in j.await.unwrap() {
-            assert!(e.starts_with("between-"), "{e} is outside the cuts");
+            assert!(e.starts_with("between-") && e.ends_with('x'), "{e:.40} is outside the cuts or cut short");
             assert!(got.insert(e));
         }
     }
