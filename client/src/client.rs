@@ -1,7 +1,8 @@
 //! The client: bootstraps from one node address, learns the shard map (container count and
 //! one endpoint per shard), routes each segment request straight to the shard that owns the
-//! segment's container, and keeps one connection per endpoint. A `WrongHost` reply
-//! refreshes the map. Also the stream manager (scopes and streams) and raw segment calls.
+//! segment's container, and keeps one connection per endpoint. A `WrongHost` reply, or a
+//! node that cannot be reached (gone for good, its containers served elsewhere), refreshes
+//! the map before the retry. Also the stream manager (scopes and streams) and raw segment calls.
 
 use crate::connection::Connection;
 use crate::error::ClientError;
@@ -308,7 +309,7 @@ impl Client {
                     {
                         tracing::debug!(error = %e, waited = ?started.elapsed(), "retrying");
                     }
-                    if e.code() == Some(ErrorCode::WrongHost) {
+                    if e.map_may_be_stale() {
                         let _ = self.refresh().await;
                     }
                     tokio::time::sleep(backoff).await;

@@ -44,6 +44,13 @@ impl ClientError {
     }
 
     /// Worth retrying after reconnecting (the server may be restarting or shedding load).
+    /// The client's map of who serves what may be out of date: the node said so
+    /// (`WrongHost`), or the node it names cannot be reached (it may be gone for good, its
+    /// containers served elsewhere). Retries refresh the map first.
+    pub fn map_may_be_stale(&self) -> bool {
+        matches!(self, ClientError::Connect { .. }) || self.code() == Some(ErrorCode::WrongHost)
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::ConnectionLost(_) | ClientError::Timeout(_) => true,

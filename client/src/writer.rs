@@ -742,7 +742,7 @@ impl SegmentWriter {
             tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
             self.retrying = Some((Retrying { since, backoff, warned }, acked));
-            if err.code() == Some(sluice_net::ErrorCode::WrongHost) {
+            if err.map_may_be_stale() {
                 let _ = self.shared.client.refresh().await;
             }
             match self.shared.client.segment_connection(&self.segment).await {
