@@ -11,7 +11,7 @@ use crate::writer::{EventWriter, WriterConfig};
 use bytes::Bytes;
 use sluice_net::messages::*;
 use sluice_net::routing::{Placement, container_of, shard_of};
-use sluice_net::{ErrorCode, Retention, ScalingPolicy, ScopedStream};
+use sluice_net::{ErrorCode, Frame, Retention, ScalingPolicy, ScopedStream};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -132,6 +132,12 @@ fn normalize(url: &str) -> Result<String, ClientError> {
         return Err(ClientError::InvalidArgument(format!("server address '{url}' needs host:port")));
     }
     Ok(s)
+}
+
+/// A `Read` reply frame as the reply and the data it carries, or the server's error.
+pub(crate) fn read_reply(frame: Frame) -> Result<(ReadReply, Bytes), ClientError> {
+    let payload = frame.payload.clone();
+    Ok((crate::connection::expect::<ReadReply>(frame)?, payload))
 }
 
 impl Client {
@@ -630,11 +636,7 @@ impl Client {
         let msg = Self::read_request(segment, offset, max_bytes, wait);
         self.with_retry(|| {
             let msg = msg.clone();
-            async move {
-                let frame = self.segment_connection(segment).await?.send(&msg, Bytes::new()).await?;
-                let payload = frame.payload.clone();
-                Ok((crate::connection::expect::<ReadReply>(frame)?, payload))
-            }
+            async move { read_reply(self.segment_connection(segment).await?.send(&msg, Bytes::new()).await?) }
         })
         .await
     }

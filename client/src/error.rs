@@ -43,7 +43,6 @@ impl ClientError {
         }
     }
 
-    /// Worth retrying after reconnecting (the server may be restarting or shedding load).
     /// The client's map of who serves what may be out of date: the node said so
     /// (`WrongHost`), or the node it names cannot be reached (it may be gone for good, its
     /// containers served elsewhere). Retries refresh the map first.
@@ -51,6 +50,7 @@ impl ClientError {
         matches!(self, ClientError::Connect { .. }) || self.code() == Some(ErrorCode::WrongHost)
     }
 
+    /// Worth retrying after reconnecting (the server may be restarting or shedding load).
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::ConnectionLost(_) | ClientError::Timeout(_) => true,

@@ -4,8 +4,7 @@
 //! When a segment ends (sealed by a scaling and read to its end), each successor starts
 //! once all of its predecessors have ended, so a key's order holds across scalings.
 
-use crate::client::Client;
-use crate::connection::expect;
+use crate::client::{Client, read_reply};
 use crate::cut::CutAt;
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
@@ -29,7 +28,7 @@ pub enum ReadFrom {
 #[derive(Clone, Debug)]
 pub struct Event {
     /// Qualified segment name.
-    pub segment: std::sync::Arc<str>,
+    pub segment: Arc<str>,
     /// Offset of the event's frame in the segment.
     pub offset: u64,
     pub payload: Bytes,
@@ -284,10 +283,7 @@ impl ReadAhead {
     ) -> ReadResult {
         match self.0.take() {
             Some((offset, Ahead::Sent(reply))) if offset == at => {
-                let got = reply.await.and_then(|frame| {
-                    let payload = frame.payload.clone();
-                    Ok((expect::<ReadReply>(frame)?, payload))
-                });
+                let got = reply.await.and_then(read_reply);
                 match got {
                     // A broken connection, a moved container...: again, with the client's retries.
                     Err(e) if e.is_retryable() => client.read_segment(segment, at, max, wait).await,
@@ -337,8 +333,7 @@ mod tests {
     fn framed(events: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for e in events {
-            out.extend_from_slice(&(e.len() as u32).to_le_bytes());
-            out.extend_from_slice(e);
+            sluice_net::event::encode_event(&mut out, e);
         }
         out
     }

@@ -362,7 +362,6 @@ impl Routes {
                 segment: shared.stream.segment_name(sluice_net::SegmentNumber(segment)),
                 flight,
                 conn: None,
-                board: board.clone(),
                 finished: false,
                 retrying: None,
             };
@@ -552,6 +551,7 @@ impl Batch {
 struct Flight {
     state: Mutex<FlightState>,
     wake: tokio::sync::Notify,
+    /// This lane's tickets.
     board: Arc<Board>,
     window: usize,
 }
@@ -641,8 +641,6 @@ struct SegmentWriter {
     /// a new connection could overtake a resent older one, which the server would then drop
     /// as a duplicate. So the writer switches connections only when resending everything.
     conn: Option<Arc<Connection>>,
-    /// This lane's tickets.
-    board: Arc<Board>,
     /// The task ended on one of its own paths: every ticket it took is settled or moved on.
     finished: bool,
     /// Since when appends have failed with retryable errors and nothing was acknowledged,
@@ -664,7 +662,7 @@ impl Drop for SegmentWriter {
     fn drop(&mut self) {
         if !self.finished {
             // Cancelled (its runtime is gone): nobody will settle what it held.
-            self.board.close(stopped());
+            self.flight.board.close(stopped());
         }
     }
 }
@@ -681,8 +679,9 @@ enum Todo {
 }
 
 impl SegmentWriter {
-    /// Sends one batch (in round `round`) on `conn`; `false` if the connection is broken.
-    fn send(&self, conn: &Connection, round: u64, first: u64, count: u32, payload: &Bytes) -> bool {
+    /// Sends one batch (in round `round`) on `conn`; if the connection is broken, tells the
+    /// flight that no answer will come.
+    fn send(&self, conn: &Connection, round: u64, first: u64, count: u32, payload: &Bytes) {
         let msg = Append {
             segment: self.segment.clone(),
             writer_id: self.shared.writer_id,
@@ -695,7 +694,9 @@ impl SegmentWriter {
             let r = reply.and_then(expect::<AppendAck>).map(|_| ());
             flight.answer(round, first, r);
         });
-        conn.send_then(&msg, payload, on_reply)
+        if !conn.send_then(&msg, payload, on_reply) {
+            self.flight.unsent(round);
+        }
     }
 
     /// Starts a new round: every batch in flight unanswered and unsent. Returns what to send.
@@ -733,7 +734,7 @@ impl SegmentWriter {
             warn_long_retry(&mut warned, since, retry_for, Some(&self.segment), &err);
             if Instant::now() >= deadline {
                 for b in self.take_all() {
-                    b.finish(&self.board, Err(err.clone()));
+                    b.finish(&self.flight.board, Err(err.clone()));
                 }
                 // What is sent from now on gets a window of its own.
                 self.retrying = None;
@@ -749,9 +750,7 @@ impl SegmentWriter {
                 Ok(conn) => {
                     let (round, sends) = self.new_round();
                     for (first, count, payload) in sends {
-                        if !self.send(&conn, round, first, count, &payload) {
-                            self.flight.unsent(round);
-                        }
+                        self.send(&conn, round, first, count, &payload);
                     }
                     self.conn = Some(conn);
                     return;
@@ -796,16 +795,13 @@ impl SegmentWriter {
                 }
                 Todo::Refused(e) => {
                     // This batch fails; those after it go on (acknowledged ones settle now).
-                    let done = {
+                    let (failed, done) = {
                         let mut st = self.flight.state.lock().expect("lock");
-                        let failed = st.batches.pop_front().expect("the refused batch");
-                        let done = st.take_done();
-                        drop(st);
-                        failed.finish(&self.board, Err(e));
-                        done
+                        (st.batches.pop_front().expect("the refused batch"), st.take_done())
                     };
+                    failed.finish(&self.flight.board, Err(e));
                     for b in done {
-                        b.finish(&self.board, Ok(()));
+                        b.finish(&self.flight.board, Ok(()));
                     }
                     continue;
                 }
@@ -855,7 +851,7 @@ impl SegmentWriter {
         routes.queues.remove(&self.number);
         // From here on every event this lane holds travels with its ticket (or fails).
         self.finished = true;
-        let board = self.board.clone();
+        let board = self.flight.board.clone();
         let moved = |c: Cmd| match c {
             Cmd::Event(point, payload, ack) => Cmd::Event(point, payload, ack.moved(&board)),
             flush => flush,
@@ -1032,9 +1028,7 @@ impl SegmentWriter {
             st.pending += 1;
             st.round
         };
-        if !self.send(&conn, round, first, count, &payload) {
-            self.flight.unsent(round);
-        }
+        self.send(&conn, round, first, count, &payload);
         leftover
     }
 }
