@@ -35,6 +35,11 @@ use tokio::task::JoinHandle;
 const CHECKPOINTS_KEPT: usize = 10;
 /// Events `GroupReader::read_next` may hand out before it reads the clock again.
 const UNCLOCKED_EVENTS_MAX: u32 = 64;
+/// How often a reader reports its positions (when they moved) at the least: each report is
+/// a durable write to the group state, and the reader delivers nothing while it waits for
+/// it. They serve `rg describe`'s lag and `reader_offline` without positions; checkpoints
+/// and releases carry their own.
+const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct PendingCheckpoint {
@@ -473,6 +478,7 @@ impl ReaderGroup {
             rx,
             refresh: self.refresh,
             next_refresh: Instant::now(),
+            next_report: Instant::now(),
             unclocked: 0,
             ready: VecDeque::new(),
             ready_token: 0,
@@ -642,6 +648,8 @@ pub struct GroupReader {
     rx: mpsc::Receiver<Fetched>,
     refresh: Duration,
     next_refresh: Instant,
+    /// When positions are next reported (if they moved).
+    next_report: Instant,
     /// Events taken since the clock was last read (see `read_next`).
     unclocked: u32,
     /// Events of the last read taken from the channel, not delivered yet, and its token.
@@ -703,6 +711,54 @@ async fn fetch_segment(
     }
 }
 
+/// What a reader's refresh writes, decided from a state (again on each conflict retry).
+struct Plan {
+    me: String,
+    positions: BTreeMap<String, u64>,
+    /// Whether the positions are due to be reported.
+    report: bool,
+}
+
+impl Plan {
+    /// The updates for `s`, and the checkpoint passed by them, if any.
+    fn updates(&self, s: &GroupState) -> (Vec<GroupUpdate>, Option<String>) {
+        let me = &self.me;
+        if let Some(cp) = s.checkpoint.as_ref().filter(|cp| cp.waiting.contains(me)) {
+            let reached = GroupUpdate::CheckpointReached {
+                reader: me.clone(),
+                name: cp.name.clone(),
+                positions: self.positions.clone(),
+            };
+            return (vec![reached], Some(cp.name.clone()));
+        }
+        let mut ups = Vec::new();
+        if self.report {
+            ups.push(GroupUpdate::Positions { reader: me.clone(), positions: self.positions.clone() });
+        }
+        if s.checkpoint.is_none() {
+            let held = s.readers.get(me).map_or(0, BTreeMap::len);
+            let fair = s.fair_share();
+            if held < fair {
+                for seg in s.unassigned.keys().take(fair - held) {
+                    ups.push(GroupUpdate::Acquire { reader: me.clone(), segment: seg.clone() });
+                }
+            } else if held > fair
+                && let Some((seg, _)) = s.readers.get(me).and_then(|h| h.iter().next_back())
+            {
+                let offset = self.positions.get(seg).copied().unwrap_or(0);
+                ups.push(GroupUpdate::Release { reader: me.clone(), segment: seg.clone(), offset });
+            }
+        }
+        (ups, None)
+    }
+}
+
+/// `d` give or take a fifth, at random: readers started together drift apart, so their
+/// refreshes do not all meet on the state segment at once (and conflict).
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.8..1.2))
+}
+
 impl GroupReader {
     pub fn id(&self) -> &str {
         &self.id
@@ -753,47 +809,31 @@ impl GroupReader {
     }
 
     /// Re-reads the group state: passes a pending checkpoint, reports positions, rebalances.
+    /// Only a change is written (a durable conditional append, during which this reader
+    /// delivers nothing): positions at most every `POSITIONS_EVERY`, not at every refresh.
     async fn refresh(&mut self) -> Result<Option<GroupItem>, ClientError> {
         self.sync.fetch_updates().await?;
         self.reconcile()?;
-        let me = self.id.clone();
+        let now = Instant::now();
         let positions = self.positions();
-        let reported = self.reported.clone();
-        let mut passed = None;
+        let report = now >= self.next_report && positions != self.reported;
+        let plan = Plan { me: self.id.clone(), positions, report };
+        let state = self.sync.state().expect("initialized");
+        if plan.updates(state).0.is_empty() {
+            return Ok(None);
+        }
+        let mut outcome = (Vec::new(), None);
         self.sync
             .update_state(|s| {
-                passed = None;
-                let mut ups = Vec::new();
-                if let Some(cp) = s.checkpoint.as_ref().filter(|cp| cp.waiting.contains(&me)) {
-                    passed = Some(cp.name.clone());
-                    ups.push(GroupUpdate::CheckpointReached {
-                        reader: me.clone(),
-                        name: cp.name.clone(),
-                        positions: positions.clone(),
-                    });
-                    return ups;
-                }
-                if positions != reported {
-                    ups.push(GroupUpdate::Positions { reader: me.clone(), positions: positions.clone() });
-                }
-                if s.checkpoint.is_none() {
-                    let held = s.readers.get(&me).map_or(0, BTreeMap::len);
-                    let fair = s.fair_share();
-                    if held < fair {
-                        for seg in s.unassigned.keys().take(fair - held) {
-                            ups.push(GroupUpdate::Acquire { reader: me.clone(), segment: seg.clone() });
-                        }
-                    } else if held > fair
-                        && let Some((seg, _)) = s.readers.get(&me).and_then(|h| h.iter().next_back())
-                    {
-                        let offset = positions.get(seg).copied().unwrap_or(0);
-                        ups.push(GroupUpdate::Release { reader: me.clone(), segment: seg.clone(), offset });
-                    }
-                }
-                ups
+                outcome = plan.updates(s);
+                outcome.0.clone()
             })
             .await?;
-        self.reported = positions;
+        let (written, passed) = outcome;
+        if written.iter().any(|u| matches!(u, GroupUpdate::Positions { .. } | GroupUpdate::CheckpointReached { .. })) {
+            self.reported = plan.positions;
+            self.next_report = now + jittered(POSITIONS_EVERY.max(self.refresh));
+        }
         self.reconcile()?;
         Ok(passed.map(GroupItem::Checkpoint))
     }
@@ -826,7 +866,7 @@ impl GroupReader {
                     let now = Instant::now();
                     let deadline = *deadline.get_or_insert(now + timeout);
                     if now >= self.next_refresh {
-                        self.next_refresh = now + self.refresh;
+                        self.next_refresh = now + jittered(self.refresh);
                         if let Some(item) = self.refresh().await? {
                             return Ok(Some(item));
                         }
@@ -936,6 +976,41 @@ mod tests {
 
     fn state(segments: &[&str]) -> GroupState {
         GroupState { unassigned: segments.iter().map(|s| (s.to_string(), 0)).collect(), ..GroupState::default() }
+    }
+
+    #[test]
+    fn a_refresh_writes_only_what_changed() {
+        let mut s = state(&["a/b/0", "a/b/1"]);
+        apply(&mut s, &[GroupUpdate::AddReader { reader: "r1".into() }]);
+        apply(&mut s, &[GroupUpdate::Acquire { reader: "r1".into(), segment: "a/b/0".into() }]);
+        apply(&mut s, &[GroupUpdate::Acquire { reader: "r1".into(), segment: "a/b/1".into() }]);
+        let positions: BTreeMap<String, u64> = [("a/b/0".into(), 40), ("a/b/1".into(), 7)].into();
+        let plan = |report| Plan { me: "r1".into(), positions: positions.clone(), report };
+        // Positions that moved are written only when due; nothing else to do: no write.
+        assert_eq!(plan(false).updates(&s), (vec![], None));
+        assert_eq!(
+            plan(true).updates(&s),
+            (vec![GroupUpdate::Positions { reader: "r1".into(), positions: positions.clone() }], None)
+        );
+        // A new reader: one segment is released at its current position, reported or not.
+        apply(&mut s, &[GroupUpdate::AddReader { reader: "r2".into() }]);
+        assert_eq!(
+            plan(false).updates(&s),
+            (vec![GroupUpdate::Release { reader: "r1".into(), segment: "a/b/1".into(), offset: 7 }], None)
+        );
+        // A pending checkpoint is passed with the positions, due or not, and nothing else.
+        apply(&mut s, &[GroupUpdate::StartCheckpoint { name: "c1".into() }]);
+        assert_eq!(
+            plan(false).updates(&s),
+            (
+                vec![GroupUpdate::CheckpointReached {
+                    reader: "r1".into(),
+                    name: "c1".into(),
+                    positions: positions.clone()
+                }],
+                Some("c1".into())
+            )
+        );
     }
 
     #[test]
