@@ -830,7 +830,8 @@ impl GroupReader {
             })
             .await?;
         let (written, passed) = outcome;
-        if written.iter().any(|u| matches!(u, GroupUpdate::Positions { .. } | GroupUpdate::CheckpointReached { .. })) {
+        // A checkpoint's positions go to the checkpoint, not to the reader's held ones.
+        if written.iter().any(|u| matches!(u, GroupUpdate::Positions { .. })) {
             self.reported = plan.positions;
             self.next_report = now + jittered(POSITIONS_EVERY.max(self.refresh));
         }
