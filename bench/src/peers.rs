@@ -1,6 +1,7 @@
-//! `sluice-bench compare`: the same closed-loop produce workload against Sluice and the
-//! systems our users would otherwise pick, on one machine, in one invocation, alternating
-//! targets round by round. Each driver says what durability its target gives:
+//! `sluice-bench compare`: the same produce workload (closed loop, or open loop at `--rate`)
+//! against Sluice and the systems our users would otherwise pick, on one machine, in one
+//! invocation, alternating targets round by round. Each driver says what durability its
+//! target gives:
 //!
 //! - `sluice`: an event is acknowledged after the container log's write is durable
 //!   (O_DIRECT | O_DSYNC; fdatasync semantics) — per flush, group commit.
@@ -233,6 +234,91 @@ where
     Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist })
 }
 
+/// Sluice, one event per call: `write_event` futures awaited per key (`KeyedAcks`: no
+/// allocation or wake-up per event, as in `produce`). Open loop: the schedule's thread writes
+/// each event as it falls due (as in `end-to-end`: no hop to a sending task), waiting while
+/// `load.inflight` events are unacknowledged; each latency counts from the due time.
+async fn drive_sluice_events(
+    load: Load,
+    writer: sluice_client::EventWriter,
+    keys: Vec<String>,
+    payload: Bytes,
+) -> Result<Outcome, String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut acks = crate::inflight::KeyedAcks::new(keys.len());
+    let inflight = load.inflight.max(1) as u64;
+    let start = Instant::now();
+    let Some(rate) = load.rate else {
+        for i in 0..load.count {
+            let key = (i % keys.len() as u64) as usize;
+            acks.push(key, writer.write_event(keys[key].as_bytes(), payload.clone()), Some(Instant::now()));
+            while acks.len() as u64 >= inflight {
+                acks.next_ready(&mut hist).await?;
+            }
+        }
+        while acks.len() > 0 {
+            acks.next_ready(&mut hist).await?;
+        }
+        return Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist });
+    };
+    // Acknowledged so far: the schedule's thread holds back while `inflight` are outstanding.
+    let acked = Arc::new(AtomicU64::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(sluice_client::AckFuture, Instant, usize)>>();
+    let seen = acked.clone();
+    let key_count = keys.len() as u64;
+    let send = move |due: std::ops::Range<u64>| {
+        let mut sent = Vec::with_capacity(due.end.saturating_sub(due.start) as usize);
+        for i in due {
+            let held_since = Instant::now();
+            // Bounded: the acknowledgements of what is in flight arrive or fail within the
+            // client's retry window; a stuck run is reported by the waiting side.
+            while i.saturating_sub(seen.load(Ordering::Acquire)) >= inflight
+                && !tx.is_closed()
+                && held_since.elapsed() < Duration::from_secs(120)
+            {
+                // What was written this tick must reach the waiting side before we wait on it.
+                if !sent.is_empty() {
+                    let _ = tx.send(std::mem::take(&mut sent));
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            let key = (i % key_count) as usize;
+            let due = start + crate::schedule::due_after(i, rate as f64);
+            sent.push((writer.write_event(keys[key].as_bytes(), payload.clone()), due, key));
+        }
+        let _ = tx.send(sent);
+    };
+    let schedule = Schedule::start_sending(start, rate, load.count, tokio::runtime::Handle::current(), send)?;
+    let mut sending = true;
+    let outcome = loop {
+        tokio::select! {
+            sent = rx.recv(), if sending => match sent {
+                Some(sent) => {
+                    for (ack, due, key) in sent {
+                        acks.push(key, ack, Some(due));
+                    }
+                }
+                // Every event is written (the schedule's thread dropped its sender).
+                None => sending = false,
+            },
+            n = acks.next_ready(&mut hist), if acks.len() > 0 => match n {
+                Ok(n) => {
+                    acked.fetch_add(n, Ordering::Release);
+                }
+                Err(e) => break Err(e),
+            },
+            else => break Ok(()),
+        }
+    };
+    // Closing the channel first releases a schedule thread that waits for room.
+    drop(rx);
+    drop(schedule);
+    outcome?;
+    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist })
+}
+
 /// Sends events `i..i + n` (keys taken in turn from `keys`): `write_event` for one, one
 /// `write_events` call for more.
 pub(crate) fn sluice_send(
@@ -261,6 +347,9 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
             let _ = client.create_stream("bench", &stream, 4).await;
             let writer = client.event_writer(&format!("bench/{stream}")).await.map_err(|e| e.to_string())?;
             let keys: Vec<String> = (0..16).map(|k| format!("key-{k}")).collect();
+            if load.batch <= 1 {
+                return tokio::task::unconstrained(drive_sluice_events(load, writer, keys, payload)).await;
+            }
             tokio::task::unconstrained(drive(load, |i, n| {
                 let ack = sluice_send(&writer, &keys, i, n, &payload);
                 async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }

@@ -44,6 +44,17 @@ fn compare_spawns_every_target_and_reports_it() {
     for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
         assert_eq!(r["ack"]["count"].as_u64(), Some(2000), "{t} acknowledged every batched event");
     }
+
+    // Open loop (Sluice's schedule thread writes each event as it falls due).
+    let (_, result) = compare(&targets, &["--count", "3000", "--inflight", "100", "--rate", "20000"]);
+    assert_eq!(result["rate"].as_u64(), Some(20000), "{result}");
+    for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
+        assert_eq!(r["ack"]["count"].as_u64(), Some(3000), "{t} acknowledged every event of the open loop");
+    }
+    // Offered faster than 10 events in flight allow: the schedule's thread holds back, and
+    // every event is still written and acknowledged once.
+    let (_, result) = compare(&["sluice"], &["--count", "3000", "--inflight", "10", "--rate", "1000000"]);
+    assert_eq!(result["targets"][0]["ack"]["count"].as_u64(), Some(3000), "{result}");
 }
 
 /// One round of `compare --spawn` over `targets` with `args`: its output and JSON result.
