@@ -218,6 +218,20 @@ async fn read_whole(path: &Path) -> Result<Bytes, String> {
     glommio::executor().spawn_blocking(move || image::read_file(&owned)).await.map_err(|e| io_err("reading", path, e))
 }
 
+/// Reads older log file `path` whole and indexes its sound records, all on a helper thread:
+/// checking a 64 MiB file's records and indexing them takes several milliseconds, which on
+/// the shard held every append it serves for as long (a catch-up reader at 270 MB/s took
+/// concurrent writers' p99 from 3 to 20 ms).
+async fn read_and_index(path: &Path) -> Result<(FileIndex, Bytes), String> {
+    let owned = path.to_path_buf();
+    glommio::executor()
+        .spawn_blocking(move || {
+            let image = image::read_file(&owned).map_err(|e| io_err("reading", &owned, e))?;
+            Ok((FileIndex::build(&sound_records(&image))?, image))
+        })
+        .await
+}
+
 thread_local! {
     /// Images of older log files read whole to index them, by container instance and file:
     /// reads of such a file are served from its image, so a reader catching up reads each
@@ -1140,7 +1154,7 @@ impl Container {
     /// and keeps its image, then wakes the reads waiting for it.
     async fn load_file(&self, file_seq: u64) -> Result<(), String> {
         let path = self.dir.join(file_name(file_seq));
-        let loaded = read_whole(&path).await.and_then(|b| Ok((FileIndex::build(&sound_records(&b))?, b)));
+        let loaded = read_and_index(&path).await;
         let result = loaded.map(|(index, image)| {
             // A container stopped meanwhile keeps nothing (its instance is never read again).
             if !self.core.borrow().is_stopped() {
