@@ -458,7 +458,12 @@ impl Container {
         } else {
             // Whatever local log there is belongs to an older term: start over.
             if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|e| io_err("removing", &dir, e))?;
+                // On the helper thread, like every log file deletion (see `free_log_files`).
+                let gone = dir.clone();
+                glommio::executor()
+                    .spawn_blocking(move || std::fs::remove_dir_all(&gone))
+                    .await
+                    .map_err(|e| io_err("removing", &dir, e))?;
             }
             std::fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
             let core = match (source, handoff::read_latest(&store, c, epoch).await?) {
