@@ -840,14 +840,20 @@ impl Container {
             return Ok(());
         }
         let mut paths = Vec::new();
+        let mut open = Vec::new();
         for seq in oldest..needed {
-            // Closed first, so that the unlink below is the file's last reference.
-            self.files.borrow_mut().readers.remove(&seq);
+            open.extend(self.files.borrow_mut().readers.remove(&seq));
             paths.push(self.dir.join(file_name(seq)));
         }
         // Forgotten before they go: from here on reads of their data go to tier-2, and none
         // can look for a file that is being removed.
         self.core.borrow_mut().forget_files_below(needed);
+        // Closed before the unlink, so that the unlink drops the last reference and frees the
+        // blocks there, not the close here (a read still in flight keeps its file open: that
+        // one's blocks are freed when it ends).
+        for f in open {
+            let _ = f.close_rc().await;
+        }
         // Unlinking a 64 MiB log file takes 15-25 ms here (the file system frees its blocks
         // then): on the shard that would hold every append it serves, so the helper thread
         // does it. The deletions need not be durable: a file that comes back after a crash is
