@@ -858,7 +858,7 @@ impl Container {
         // then): on the shard that would hold every append it serves, so the helper thread
         // does it. The deletions need not be durable: a file that comes back after a crash is
         // found unneeded again. One that cannot be deleted stays on disk (reported as the
-        // mover's error) until the next start finds it unneeded and frees it.
+        // mover's error); after a restart recovery lists it again and the mover frees it.
         glommio::executor()
             .spawn_blocking(move || {
                 let mut first_error = Ok(());
