@@ -271,18 +271,18 @@ async fn drive_sluice_events(
     let send = move |due: std::ops::Range<u64>| {
         let mut sent = Vec::with_capacity(due.end.saturating_sub(due.start) as usize);
         for i in due {
-            let held_since = Instant::now();
-            // Bounded: the acknowledgements of what is in flight arrive or fail within the
-            // client's retry window; a stuck run is reported by the waiting side.
-            while i.saturating_sub(seen.load(Ordering::Acquire)) >= inflight
-                && !tx.is_closed()
-                && held_since.elapsed() < Duration::from_secs(120)
-            {
+            let full = || i.saturating_sub(seen.load(Ordering::Acquire)) >= inflight;
+            if full() {
                 // What was written this tick must reach the waiting side before we wait on it.
                 if !sent.is_empty() {
                     let _ = tx.send(std::mem::take(&mut sent));
                 }
-                std::thread::sleep(Duration::from_micros(50));
+                // Bounded: the acknowledgements of what is in flight arrive or fail within the
+                // client's retry window; a stuck run is reported by the waiting side.
+                let held_since = Instant::now();
+                while full() && !tx.is_closed() && held_since.elapsed() < Duration::from_secs(120) {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
             }
             let key = (i % key_count) as usize;
             let due = start + crate::schedule::due_after(i, rate as f64);

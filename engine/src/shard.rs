@@ -198,10 +198,7 @@ impl<S: MetaStore> Shard<S> {
                 // (taking the container back reads the hand-off when the log is gone).
                 let dir = self.container_dir(c);
                 drop(container);
-                // On the helper thread: unlinking each 64 MiB log file takes milliseconds that
-                // the shard's other containers would wait.
-                let gone = dir.clone();
-                if let Err(e) = glommio::executor().spawn_blocking(move || std::fs::remove_dir_all(&gone)).await {
+                if let Err(e) = crate::container::io::remove_dir_off_shard(&dir).await {
                     tracing::warn!(container = c, dir = %dir.display(), error = %e, "cannot remove a handed-off log");
                 }
                 Ok(())
