@@ -417,6 +417,9 @@ pub struct ContainerCore {
     cold_indexes: VecDeque<(u64, FileIndex)>,
     /// Lowest log file sequence still on disk.
     oldest_file: u64,
+    /// Forgotten log files still on disk while they are freed in steps: they count against
+    /// the log's budget until they are gone.
+    files_freeing: u64,
     /// Tier-2 chunks no segment refers to any more (truncated or deleted), to delete.
     garbage: Vec<String>,
     /// Every tier-2 chunk of the container is named by its metadata and chunks are recorded
@@ -455,6 +458,7 @@ impl ContainerCore {
             current_index: FileIndex::default(),
             cold_indexes: VecDeque::new(),
             oldest_file: first_file_seq,
+            files_freeing: 0,
             garbage: Vec::new(),
             creations_recorded: true,
             merging: HashSet::new(),
@@ -1294,9 +1298,9 @@ impl ContainerCore {
         self.oldest_file
     }
 
-    /// Log files on disk from the oldest to the current one.
+    /// Log files on disk: from the oldest to the current one, and those being freed.
     pub fn live_files(&self) -> u64 {
-        self.file_seq + 1 - self.oldest_file.min(self.file_seq)
+        self.file_seq + 1 - self.oldest_file.min(self.file_seq) + self.files_freeing
     }
 
     /// The lowest log file any segment still needs (data not yet in tier-2 and not
@@ -1317,6 +1321,11 @@ impl ContainerCore {
             needed = needed.min(p);
         }
         needed
+    }
+
+    /// How many forgotten log files are still on disk, being freed.
+    pub fn set_files_freeing(&mut self, n: u64) {
+        self.files_freeing = n;
     }
 
     /// Files below `seq` are gone from disk (deleted, or found missing at recovery): forget them.

@@ -19,7 +19,7 @@ use crate::container::core::{
 };
 use crate::container::handoff;
 use crate::container::index::FileIndex;
-use crate::container::mover::{Tier2Config, Tier2State};
+use crate::container::mover::{FREEING_SUFFIX, Tier2Config, Tier2State};
 use crate::error::{EngineError, RecoveryError};
 use crate::log::format::FileHeader;
 use crate::log::scan::{check_records, scan_file, sound_records};
@@ -164,6 +164,24 @@ pub struct Container {
     last_damaged_read: RefCell<Option<String>>,
     /// When the last scrub of the log ended, and what it found (empty: sound).
     pub(crate) last_scrub: RefCell<Option<(Instant, Vec<String>)>>,
+    /// Opens of older log files in flight (`reader_file`): freeing waits for them.
+    pub(crate) opens_in_flight: Cell<usize>,
+}
+
+/// Counts an open of a log file while it is in flight (also when its future is dropped).
+struct OpenInFlight<'a>(&'a Cell<usize>);
+
+impl<'a> OpenInFlight<'a> {
+    fn new(count: &'a Cell<usize>) -> Self {
+        count.set(count.get() + 1);
+        Self(count)
+    }
+}
+
+impl Drop for OpenInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 /// A shard's I/O budget (flushes per second), as a GCRA rate limiter: a burst of up to
@@ -499,10 +517,15 @@ impl Container {
                 .and_then(|f| f.sync_all())
                 .map_err(|source| RecoveryError::Io { file: d.into(), source })?;
         }
-        let mut seqs: Vec<u64> = std::fs::read_dir(&dir)
-            .map_err(ioerr)?
-            .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(parse_file_name)))
-            .collect();
+        let entries: Vec<PathBuf> =
+            std::fs::read_dir(&dir).map_err(ioerr)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        // Log files a crash caught while they were being freed (cut short, renamed first):
+        // their data is in tier-2.
+        for path in entries.iter().filter(|p| p.extension().is_some_and(|x| x == FREEING_SUFFIX)) {
+            std::fs::remove_file(path).map_err(|source| RecoveryError::Io { file: path.clone(), source })?;
+        }
+        let mut seqs: Vec<u64> =
+            entries.iter().filter_map(|p| p.file_name().and_then(|n| n.to_str()).and_then(parse_file_name)).collect();
         seqs.sort_unstable();
         // Read files newest first until one opens with a checkpoint: recovery needs only those.
         let mut images: Vec<(u64, Bytes)> = Vec::new();
@@ -613,6 +636,7 @@ impl Container {
             damaged_reads: Cell::new(0),
             last_damaged_read: RefCell::new(None),
             last_scrub: RefCell::new(None),
+            opens_in_flight: Cell::new(0),
         });
         if container.tier2.is_some() {
             container.start_mover();
@@ -977,7 +1001,16 @@ impl Container {
             }
         }
         let path = self.dir.join(file_name(seq));
-        let f = Rc::new(DmaFile::open(&path).await.map_err(|e| EngineError::Io(io_err("opening", &path, e)))?);
+        // A freed file is never opened again: glommio looks the file up by its path again
+        // once it is open (statfs) and panics if it was renamed or unlinked in between. The
+        // mover forgets a file before it renames it, then waits for the opens in flight.
+        if seq < self.core.borrow().oldest_file() {
+            return Err(EngineError::Io(format!("log file {} was freed", path.display())));
+        }
+        let opening = OpenInFlight::new(&self.opens_in_flight);
+        let opened = DmaFile::open(&path).await;
+        drop(opening);
+        let f = Rc::new(opened.map_err(|e| EngineError::Io(io_err("opening", &path, e)))?);
         let mut files = self.files.borrow_mut();
         if files.readers.len() >= 8 {
             files.readers.clear();

@@ -1,6 +1,7 @@
 //! The tier-2 side of a container, on the shard that owns it: the mover that copies durable
 //! segment data from the log into tier-2 chunks and then frees log files, reconciliation of
-//! chunk metadata with what tier-2 holds after a restart, deletion of truncated chunks, and
+//! chunk metadata with what tier-2 holds after a restart, deletion of truncated chunks, log
+//! files freed in steps (so the disk never stalls on one whole discard), and
 //! chunk-aligned tier-2 reads with read-ahead.
 //!
 //! Invariants:
@@ -35,6 +36,7 @@ use sluice_tier2::sums::{ChunkSums, sums_name};
 use sluice_tier2::{ChunkError, DynStore};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -66,16 +68,37 @@ const SUMS_FILE_BYTES_MAX: usize = 1 << 20;
 /// the mover has nothing to move).
 const SUMS_WRITE_GROWTH: u64 = 16 << 20;
 
-/// Waits (bounded by `HANDOFF_WAIT`) until `done`.
-async fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<(), String> {
-    let deadline = Instant::now() + HANDOFF_WAIT;
+/// A freed log file is cut from its end this much at a time, `FREE_STEP_PAUSE` apart, then
+/// unlinked. On a file system mounted with `discard` (this VM's ext4), unlinking a whole
+/// 64 MiB file discards its blocks at once and the disk stalls every write for 13-22 ms;
+/// cut in 1 MiB steps, no stall exceeds ~4-5 ms (docs/BENCHMARKS.md, nineteenth session).
+const FREE_STEP_BYTES: u64 = 1 << 20;
+const FREE_STEP_PAUSE: Duration = Duration::from_millis(2);
+/// Files waiting to be freed in steps beyond which the rest are unlinked whole: disk space
+/// matters more than a smooth disk when the mover frees faster than the steps go.
+const FREE_BACKLOG_MAX: usize = 2;
+/// How long freeing a log file waits for a read of it still in flight (which took the file
+/// before it was forgotten) before unlinking it whole instead of cutting it under the read.
+const FREE_READ_WAIT: Duration = Duration::from_secs(5);
+/// Suffix of a log file being freed: recovery never takes it for a log file (a file cut
+/// short by a crash midway is deleted at the next open).
+pub(crate) const FREEING_SUFFIX: &str = "free";
+
+/// Waits (bounded by `limit`) until `done`.
+async fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
     while !done() {
         if Instant::now() > deadline {
-            return Err(format!("hand-off: timed out waiting for {what}"));
+            return Err(format!("timed out waiting for {what}"));
         }
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
     Ok(())
+}
+
+/// Waits (bounded by `HANDOFF_WAIT`) until `done`, for a hand-off.
+async fn handoff_wait(what: &str, done: impl Fn() -> bool) -> Result<(), String> {
+    wait_until(what, HANDOFF_WAIT, done).await.map_err(|e| format!("hand-off: {e}"))
 }
 
 /// Tier-2 settings of a container.
@@ -128,6 +151,10 @@ pub struct Tier2State {
     /// Asks the background mover to end after its current round.
     stop: Cell<bool>,
     running: Cell<bool>,
+    /// Log files renamed `.free`, waiting to be cut in steps and unlinked, oldest first.
+    freeing: RefCell<VecDeque<PathBuf>>,
+    /// A task is working through `freeing`.
+    freer_running: Cell<bool>,
 }
 
 impl Tier2State {
@@ -150,8 +177,95 @@ impl Tier2State {
             loading: RefCell::new(HashMap::new()),
             growing: RefCell::new(HashMap::new()),
             sums_files: RefCell::new(VecDeque::new()),
+            freeing: RefCell::new(VecDeque::new()),
+            freer_running: Cell::new(false),
         }
     }
+}
+
+/// Removes `paths` on the shard's helper thread (unlinking a 64 MiB log file takes 15-25 ms
+/// here, which the shard's appends would otherwise wait). Every file is tried; a missing one
+/// counts as removed; the first error is returned.
+async fn remove_files_off_shard(paths: Vec<PathBuf>) -> Result<(), String> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    glommio::executor()
+        .spawn_blocking(move || {
+            let mut first_error = Ok(());
+            for path in paths {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        if first_error.is_ok() {
+                            first_error = Err(format!("deleting {}: {e}", path.display()));
+                        }
+                    }
+                }
+            }
+            first_error
+        })
+        .await
+}
+
+/// Renames log files `paths` (in `dir`) to `.free` on the helper thread and syncs the
+/// directory, so that no cut of theirs can outlast a crash under the `.log` name. Returns
+/// the new names and the first error (a file that failed stays as it was).
+async fn rename_for_freeing(dir: &Path, paths: Vec<PathBuf>) -> Result<(Vec<PathBuf>, Result<(), String>), String> {
+    if paths.is_empty() {
+        return Ok((Vec::new(), Ok(())));
+    }
+    let dir = dir.to_path_buf();
+    glommio::executor()
+        .spawn_blocking(move || {
+            let mut first_error = Ok(());
+            let mut renamed = Vec::new();
+            for path in paths {
+                let to = path.with_extension(FREEING_SUFFIX);
+                match std::fs::rename(&path, &to) {
+                    Ok(()) => renamed.push(to),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        if first_error.is_ok() {
+                            first_error = Err(format!("renaming {}: {e}", path.display()));
+                        }
+                    }
+                }
+            }
+            if !renamed.is_empty() {
+                std::fs::File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
+            }
+            Ok((renamed, first_error))
+        })
+        .await
+}
+
+/// Cuts file `path` from its end `FREE_STEP_BYTES` at a time, `FREE_STEP_PAUSE` apart, each
+/// cut a short job on the helper thread (which other work may use between them), then
+/// unlinks it. A file already gone is done.
+async fn free_in_steps(path: &Path) -> Result<(), String> {
+    loop {
+        let p = path.to_path_buf();
+        let left = glommio::executor()
+            .spawn_blocking(move || -> std::io::Result<u64> {
+                let f = std::fs::OpenOptions::new().write(true).open(&p)?;
+                let to = f.metadata()?.len().saturating_sub(FREE_STEP_BYTES);
+                f.set_len(to)?;
+                Ok(to)
+            })
+            .await;
+        match left {
+            Ok(0) => break,
+            Ok(_) => glommio::timer::sleep(FREE_STEP_PAUSE).await,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // Cut or not, the file goes.
+            Err(_) => break,
+        }
+    }
+    remove_files_off_shard(vec![path.to_path_buf()]).await
 }
 
 fn t2err(e: ChunkError) -> String {
@@ -573,10 +687,10 @@ impl Container {
     /// On failure the container keeps serving (the mover restarts) and the caller may retry.
     pub async fn hand_off(self: &Rc<Self>) -> Result<(), String> {
         let started = Instant::now();
-        wait_until("queued operations", || !self.is_busy()).await?;
+        handoff_wait("queued operations", || !self.is_busy()).await?;
         self.t2().request_stop();
         self.wake_mover();
-        wait_until("the mover's round", || !self.t2().running.get()).await?;
+        handoff_wait("the mover's round", || !self.t2().running.get()).await?;
         let result = async {
             self.t2().last_fence_check.set(None);
             self.check_fence().await?;
@@ -594,7 +708,7 @@ impl Container {
             if let Err(e) = self.collect_garbage().await {
                 tracing::warn!(container = self.id(), error = %e, "hand-off: garbage left for the next owner");
             }
-            wait_until("chunk records", || !self.is_busy()).await?;
+            handoff_wait("chunk records", || !self.is_busy()).await?;
             self.write_open_sums(1).await?;
             let (epoch, ck) = {
                 let core = self.core.borrow();
@@ -830,8 +944,14 @@ impl Container {
         Ok(())
     }
 
-    /// Deletes log files whose data is all in tier-2 (or truncated).
-    async fn free_log_files(&self) -> Result<(), String> {
+    /// Frees log files whose data is all in tier-2 (or truncated). The files are forgotten
+    /// first, so reads of their data go to tier-2 from here on; then each is renamed
+    /// `.free` and a background task cuts it in steps and unlinks it (`free_in_steps`), all
+    /// file system work on the helper thread. The deletions need not be durable: a `.log`
+    /// that comes back after a crash is found unneeded again, a `.free` one is deleted at
+    /// the next open. A file that cannot be renamed or deleted stays on disk (reported as the
+    /// mover's error); after a restart recovery lists it again and the mover frees it.
+    async fn free_log_files(self: &Rc<Self>) -> Result<(), String> {
         let (oldest, needed) = {
             let core = self.core.borrow();
             (core.oldest_file(), core.files_needed_from())
@@ -839,45 +959,67 @@ impl Container {
         if needed <= oldest {
             return Ok(());
         }
-        let mut paths = Vec::new();
-        let mut open = Vec::new();
-        for seq in oldest..needed {
-            open.extend(self.files.borrow_mut().readers.remove(&seq));
-            paths.push(self.dir.join(file_name(seq)));
-        }
-        // Forgotten before they go: from here on reads of their data go to tier-2, and none
-        // can look for a file that is being removed.
         self.core.borrow_mut().forget_files_below(needed);
-        // Closed before the unlink, so that the unlink drops the last reference and frees the
-        // blocks there, not the close here (a read still in flight keeps its file open: that
-        // one's blocks are freed when it ends).
-        for f in open {
-            let _ = f.close_rc().await;
+        // No file below `needed` is opened from here on; one still opening is let finish
+        // (it keeps its descriptor among the readers), so none is renamed under an open.
+        let opens_done = wait_until("opens of log files", FREE_READ_WAIT, || self.opens_in_flight.get() == 0).await;
+        let mut files = Vec::new();
+        for seq in oldest..needed {
+            let open = self.files.borrow_mut().readers.remove(&seq);
+            files.push((self.dir.join(file_name(seq)), open));
         }
-        // Unlinking a 64 MiB log file takes 15-25 ms here (the file system frees its blocks
-        // then): on the shard that would hold every append it serves, so the helper thread
-        // does it. The deletions need not be durable: a file that comes back after a crash is
-        // found unneeded again. One that cannot be deleted stays on disk (reported as the
-        // mover's error); after a restart recovery lists it again and the mover frees it.
-        glommio::executor()
-            .spawn_blocking(move || {
-                let mut first_error = Ok(());
-                for path in paths {
-                    match std::fs::remove_file(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            if first_error.is_ok() {
-                                first_error = Err(format!("deleting {}: {e}", path.display()));
-                            }
-                        }
+        let (mut quiet, mut busy) = (Vec::new(), Vec::new());
+        for (path, open) in files {
+            let mut idle = true;
+            if let Some(f) = open {
+                // A read that took the file before it was forgotten may still be in flight:
+                // the file is not cut under it. Closed here, so that the unlink, not a
+                // later close on the shard, frees the blocks.
+                idle = wait_until("a read", FREE_READ_WAIT, || Rc::strong_count(&f) == 1).await.is_ok();
+                let _ = f.close_rc().await;
+            }
+            if idle && opens_done.is_ok() { quiet.push(path) } else { busy.push(path) }
+        }
+        // A file still read is unlinked whole: its reader's descriptor keeps the data until
+        // that read ends.
+        let unlinked = remove_files_off_shard(busy).await;
+        let renamed = rename_for_freeing(&self.dir, quiet).await;
+        let t2 = self.t2();
+        let backlog = {
+            let mut freeing = t2.freeing.borrow_mut();
+            freeing.extend(renamed.as_ref().map(|r| r.0.clone()).unwrap_or_default());
+            freeing.len().saturating_sub(FREE_BACKLOG_MAX)
+        };
+        let whole: Vec<PathBuf> = t2.freeing.borrow_mut().drain(..backlog).collect();
+        let unlinked_backlog = remove_files_off_shard(whole).await;
+        self.count_files_freeing();
+        if !t2.freeing.borrow().is_empty() && !t2.freer_running.replace(true) {
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                loop {
+                    // The file being cut stays at the queue's front (and in the budget).
+                    let next = me.t2().freeing.borrow().front().cloned();
+                    let Some(path) = next else { break };
+                    if let Err(e) = free_in_steps(&path).await {
+                        tracing::warn!(container = me.id(), error = %e, "freeing a log file");
                     }
+                    me.t2().freeing.borrow_mut().retain(|p| *p != path);
+                    me.count_files_freeing();
                 }
-                first_error
+                me.t2().freer_running.set(false);
             })
-            .await?;
+            .detach();
+        }
+        unlinked.and(unlinked_backlog)?;
+        renamed.and_then(|(_, first_error)| first_error)?;
         tracing::debug!(container = self.id(), from = oldest, to = needed, "freed log files");
         Ok(())
+    }
+
+    /// Tells the core how many forgotten log files are still on disk (in the log's budget).
+    fn count_files_freeing(&self) {
+        let n = self.t2().freeing.borrow().len() as u64;
+        self.core.borrow_mut().set_files_freeing(n);
     }
 
     /// Reads from a tier-2 chunk through the block cache, reading ahead.
@@ -912,9 +1054,18 @@ impl Container {
 
     async fn chunk_block(&self, chunk: &str, block: u64, chunk_len: u64) -> Result<Bytes, EngineError> {
         let key = (chunk.to_string(), block);
+        let start = block * READ_BLOCK_BYTES;
+        let len = READ_BLOCK_BYTES.min(chunk_len.saturating_sub(start)) as usize;
         loop {
-            if let Some((_, b)) = self.t2().blocks.borrow().iter().find(|(k, _)| *k == key) {
-                return Ok(b.clone());
+            {
+                // A block of a chunk still being filled was cached when the chunk was
+                // shorter: one that does not reach as far as the chunk does now is read again.
+                let mut blocks = self.t2().blocks.borrow_mut();
+                match blocks.iter().position(|(k, _)| *k == key) {
+                    Some(i) if blocks[i].1.len() >= len => return Ok(blocks[i].1.clone()),
+                    Some(i) => drop(blocks.remove(i)),
+                    None => {}
+                }
             }
             let wait = {
                 let mut loading = self.t2().loading.borrow_mut();
@@ -934,8 +1085,6 @@ impl Container {
                 let _ = rx.await;
                 continue;
             }
-            let start = block * READ_BLOCK_BYTES;
-            let len = READ_BLOCK_BYTES.min(chunk_len.saturating_sub(start)) as usize;
             let result = self.t2().cfg.store.read(chunk, start, len).await;
             let waiters = self.t2().loading.borrow_mut().remove(&key).unwrap_or_default();
             for w in waiters {
