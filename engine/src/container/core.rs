@@ -590,7 +590,7 @@ impl ContainerCore {
         self.segments.values().filter(|s| s.created).count()
     }
 
-    fn poisoned_error(&self) -> Option<EngineError> {
+    pub(crate) fn poisoned_error(&self) -> Option<EngineError> {
         self.poisoned.as_ref().map(|r| {
             if self.stopped {
                 EngineError::NotOwner { container: self.cfg.container, reason: r.clone() }

@@ -1001,11 +1001,22 @@ impl Container {
             }
         }
         let path = self.dir.join(file_name(seq));
-        // A freed file is never opened again: glommio looks the file up by its path again
-        // once it is open (statfs) and panics if it was renamed or unlinked in between. The
-        // mover forgets a file before it renames it, then waits for the opens in flight.
-        if seq < self.core.borrow().oldest_file() {
-            return Err(EngineError::Io(format!("log file {} was freed", path.display())));
+        // A freed file, or any file of a stopped container, is never opened again: glommio
+        // looks the file up by its path again once it is open (statfs) and panics if it was
+        // renamed or unlinked in between. The mover forgets a file before it renames it, and
+        // a hand-off stops the container before its directory goes; both wait for the opens
+        // in flight (`wait_opens`).
+        let refused = {
+            let core = self.core.borrow();
+            if seq < core.oldest_file() {
+                Some(EngineError::Io(format!("log file {} was freed", path.display())))
+            } else {
+                // `NotOwner`: the reader goes to the container's new place.
+                core.is_stopped().then(|| core.poisoned_error()).flatten()
+            }
+        };
+        if let Some(e) = refused {
+            return Err(e);
         }
         let opening = OpenInFlight::new(&self.opens_in_flight);
         let opened = DmaFile::open(&path).await;
@@ -1017,6 +1028,18 @@ impl Container {
         }
         files.readers.insert(seq, f.clone());
         Ok(f)
+    }
+
+    /// Waits (up to `limit`) until no log file is being opened; false if one still is.
+    pub(crate) async fn wait_opens(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.opens_in_flight.get() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        true
     }
 
     /// What an operator should know of this container (`sluice stats`): its log's size and

@@ -962,7 +962,7 @@ impl Container {
         self.core.borrow_mut().forget_files_below(needed);
         // No file below `needed` is opened from here on; one still opening is let finish
         // (it keeps its descriptor among the readers), so none is renamed under an open.
-        let opens_done = wait_until("opens of log files", FREE_READ_WAIT, || self.opens_in_flight.get() == 0).await;
+        let opens_done = self.wait_opens(FREE_READ_WAIT).await;
         let mut files = Vec::new();
         for seq in oldest..needed {
             let open = self.files.borrow_mut().readers.remove(&seq);
@@ -978,7 +978,7 @@ impl Container {
                 idle = wait_until("a read", FREE_READ_WAIT, || Rc::strong_count(&f) == 1).await.is_ok();
                 let _ = f.close_rc().await;
             }
-            if idle && opens_done.is_ok() { quiet.push(path) } else { busy.push(path) }
+            if idle && opens_done { quiet.push(path) } else { busy.push(path) }
         }
         // A file still read is unlinked whole: its reader's descriptor keeps the data until
         // that read ends.
