@@ -635,6 +635,10 @@ fn log_budget_refuses_appends_until_files_are_freed() {
     }
     assert!(core.move_tasks(0).is_empty(), "everything moved");
     assert_eq!(sim.disk.files.len(), 1, "only the current file is left");
+    // Forgotten files still being cut from the disk count against the budget until gone.
+    core.set_files_freeing(3);
+    assert!(matches!(append(&mut core), Err(sluice_engine::error::EngineError::LogFull(_))));
+    core.set_files_freeing(0);
     append(&mut core).expect("room again");
     // Truncation turns the chunks below the new start into garbage, and reads below it fail.
     let len = core.status("a/b/0").unwrap().length;

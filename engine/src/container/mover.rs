@@ -959,7 +959,13 @@ impl Container {
         if needed <= oldest {
             return Ok(());
         }
-        self.core.borrow_mut().forget_files_below(needed);
+        {
+            // Forgotten, the files stay in the log's budget until they are gone.
+            let waiting = self.t2().freeing.borrow().len() as u64;
+            let mut core = self.core.borrow_mut();
+            core.forget_files_below(needed);
+            core.set_files_freeing(waiting + (needed - oldest));
+        }
         // No file below `needed` is opened from here on; one still opening is let finish
         // (it keeps its descriptor among the readers), so none is renamed under an open.
         let opens_done = self.wait_opens(FREE_READ_WAIT).await;
