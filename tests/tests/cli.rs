@@ -95,6 +95,13 @@ fn cli_end_to_end() {
     // Truncate at the cut taken after the first three events: only the 2000 generated remain.
     let (ok, _, err) = cli(&url, &["stream", "truncate", "demo/ev", "--at", "bogus!"], None);
     assert!(!ok && err.contains("cut"), "{err}");
+    // Where to cut must be said, once: a cut, or a segment and an offset.
+    let (ok, _, err) = cli(&url, &["stream", "truncate", "demo/ev"], None);
+    assert!(!ok && err.contains("--at") && err.contains("--segment"), "{err}");
+    let (ok, _, err) = cli(&url, &["stream", "truncate", "demo/ev", "--segment", "0"], None);
+    assert!(!ok && err.contains("--offset"), "{err}");
+    let (ok, _, err) = cli(&url, &["stream", "truncate", "demo/ev", "--at", early.trim(), "--segment", "0"], None);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
     let (ok, _, err) = cli(&url, &["stream", "truncate", "demo/ev", "--at", early.trim()], None);
     assert!(ok, "{err}");
     let after = run(&["read", "demo/ev", "--timeout-ms", "500"]);

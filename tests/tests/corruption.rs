@@ -526,3 +526,108 @@ async fn a_scheduled_scrub_finds_damage() {
     assert!(text.contains(&format!("file {name}: the record at byte {} is damaged", recs[2])), "{text}");
     assert!(sluice_tests::handshake(url.parse().unwrap()), "the server still serves");
 }
+
+/// A damaged record of data not yet in tier-2 stops the mover for its segment there (it
+/// never copies damaged bytes), so the log files from there on cannot be freed: the log
+/// fills its budget and appends are refused with `tier2 unavailable`. The operator's remedy
+/// is to give up the segment's data up to where its sound data resumes (the offset the
+/// mover's error in the stats and a read's `DataCorrupt` name): `sluice stream truncate
+/// S/T --segment N --offset O`, as the mover's error spells it, lets the mover go on from
+/// the new start; the log files are freed, appends are taken again, and everything from
+/// the new start reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_holds_the_mover_until_the_segment_is_truncated_past_it() {
+    use sluice_net::ErrorCode;
+    let dir = TempDir::new("damage-tier2");
+    let data = dir.0.join("data");
+    let small = ["--cache-mb", "0", "--containers-per-core", "1", "--log-file-mb", "1"];
+    // Written without tier-2, so that the data is still in the log when the damage comes.
+    let server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &small);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("dt").await.unwrap();
+    c.create_stream("dt", "s", 1).await.unwrap();
+    write_rounds(&c, "dt/s", 30, |round| b'a' + round % 26).await;
+    drop(c);
+    drop(server);
+    let mut files = files_with_records(&data, 1);
+    files.sort();
+    let (file, recs) = &files[0];
+    assert!(files.len() >= 3 && recs.len() >= 5, "the log rolled: {files:?}");
+    flip_byte(file, recs[3] + 200);
+
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    let mut args = small.to_vec();
+    args.extend(["--tier2", &tier2, "--log-budget-mb", "6", "--move-min-kb", "64"]);
+    let server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &args);
+    // Appends refused for a full log are retried for `retry_for`, then fail.
+    let config = sluice_client::ClientConfig { retry_for: Duration::from_secs(2), ..Default::default() };
+    let c = Client::connect_with(&server.url(), config).await.unwrap();
+    let w = c.event_writer("dt/s").await.unwrap();
+    // The mover cannot pass the damage: the log fills and appends are refused.
+    let mut refused = None;
+    for _ in 0..2_000 {
+        if let Err(e) = w.write_event(b"k", vec![b'z'; 2000]).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("the log filled up behind the damaged record");
+    assert_eq!(refused.code(), Some(ErrorCode::Tier2Unavailable), "{refused}");
+    let stats = c.shard_stats(false).await.unwrap();
+    let health = stats.iter().flat_map(|s| s.containers.iter()).find(|h| h.mover_error.is_some());
+    let mover_error = health.and_then(|h| h.mover_error.clone()).expect("the mover reports its failure");
+    assert!(mover_error.contains("damaged data"), "{mover_error}");
+
+    // Where the segment's sound data resumes, from the refused read.
+    let (mut at, length) = (0, c.segment_info("dt/s/0").await.unwrap().length);
+    let e = loop {
+        match c.read_segment("dt/s/0", at, 64 << 10, Duration::ZERO).await {
+            Ok((_, d)) => at += d.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(at < length, "no damage found");
+    };
+    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{e}");
+    let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else { panic!("no offset in {e:?}") };
+    // The mover's error names the way out, and the CLI takes it.
+    let remedy = format!("sluice stream truncate dt/s --segment 0 --offset {resume}");
+    assert!(mover_error.contains(&remedy), "{mover_error}");
+    let (ok, out, err) = sluice_tests::cli(
+        &server.url(),
+        &["stream", "truncate", "dt/s", "--segment", "0", "--offset", &resume.to_string()],
+        None,
+    );
+    assert!(ok && out.contains(&format!("truncated segment dt/s/0: it keeps bytes {resume}..")), "{out}{err}");
+
+    // The mover goes on from the new start: the log is freed and appends are taken again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let w = c.event_writer("dt/s").await.unwrap();
+    loop {
+        match w.write_event(b"k", vec![b'y'; 2000]).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(ErrorCode::Tier2Unavailable) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("appends were not taken again after the truncation: {e}"),
+        }
+    }
+    // The mover's error clears at the end of its first whole round.
+    loop {
+        let stats = c.shard_stats(false).await.unwrap();
+        if stats.iter().flat_map(|s| s.containers.iter()).all(|h| h.mover_error.is_none()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the mover still fails: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let length = c.segment_info("dt/s/0").await.unwrap().length;
+    let (mut at, mut events) = (resume, 0);
+    while at < length {
+        let (_, d) = c.read_segment("dt/s/0", at, 64 << 10, Duration::ZERO).await.unwrap();
+        assert!(!d.is_empty());
+        at += d.len() as u64;
+        events += d.len() / 2004;
+    }
+    assert_eq!(at, length, "everything from the new start reads back");
+    eprintln!("resumed at {resume}; {events} events read back to {length}");
+}

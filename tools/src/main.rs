@@ -257,13 +257,23 @@ enum StreamCmd {
         scaling: Option<ScalingPolicy>,
     },
     /// Delete everything before a stream cut (from `sluice stream cut` or a reader-group
-    /// checkpoint); reads below it then fail with `truncated`.
+    /// checkpoint), or one segment's bytes before an offset (`--segment N --offset O`);
+    /// reads below it then fail with `truncated`. The second form is the remedy for a
+    /// damaged log record that holds the tier-2 mover: truncate the segment at the offset
+    /// where its sound data resumes (the mover's error in `sluice stats` names both).
+    #[command(group(clap::ArgGroup::new("where").required(true).args(["at", "segment"])))]
     Truncate {
         /// scope/stream
         stream: String,
         /// The cut, as text.
         #[arg(long)]
-        at: String,
+        at: Option<String>,
+        /// The segment's number (the last part of its name, `scope/stream/N`).
+        #[arg(long, requires = "offset")]
+        segment: Option<u64>,
+        /// With --segment: the offset the segment keeps its bytes from.
+        #[arg(long, requires = "segment")]
+        offset: Option<u64>,
     },
     /// List the streams of a scope.
     List { scope: String },
@@ -658,14 +668,22 @@ async fn admin(url: &str, retry_for: Duration, cmd: Cmd) -> Result<(), String> {
             let info = c.get_stream(&s.scope, &s.stream).await.map_err(err)?;
             println!("stream {s}: retention {}, scaling {}", info.retention, info.scaling);
         }
-        Cmd::Stream(StreamCmd::Truncate { stream, at }) => {
+        Cmd::Stream(StreamCmd::Truncate { stream, at, segment, offset }) => {
             let s = parse_stream(&stream)?;
-            let cut = sluice_client::StreamCut::from_text(&at).map_err(err)?;
-            if cut.stream != s {
-                return Err(format!("the cut is for stream {}, not {s}", cut.stream));
+            if let (Some(n), Some(offset)) = (segment, offset) {
+                let name = s.segment_name(sluice_net::SegmentNumber(n));
+                c.truncate_segment(&name, offset).await.map_err(err)?;
+                let si = c.segment_info(&name).await.map_err(err)?;
+                println!("truncated segment {name}: it keeps bytes {}..{}", si.start_offset, si.length);
+            } else {
+                let at = at.expect("clap requires --at or --segment");
+                let cut = sluice_client::StreamCut::from_text(&at).map_err(err)?;
+                if cut.stream != s {
+                    return Err(format!("the cut is for stream {}, not {s}", cut.stream));
+                }
+                c.truncate_stream(&cut).await.map_err(err)?;
+                println!("truncated stream {s} at {at}");
             }
-            c.truncate_stream(&cut).await.map_err(err)?;
-            println!("truncated stream {s} at {at}");
         }
         Cmd::Stream(StreamCmd::List { scope }) => {
             for s in c.list_streams(&scope).await.map_err(err)? {

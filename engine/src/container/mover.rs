@@ -851,8 +851,19 @@ impl Container {
                 Ok(d) => d,
                 // Truncated or deleted meanwhile: nothing more to move for it now.
                 Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(()),
-                Err(e @ (EngineError::DamagedLog { .. } | EngineError::DataCorrupt(_))) => {
+                Err(e @ EngineError::DataCorrupt(_)) => {
                     return Err(MoveStop::Damaged(format!("reading {} at {at} for tier-2: {e}", task.name)));
+                }
+                // Nothing past the damage moves, so the log files from here on stay: name
+                // the way out.
+                Err(e @ EngineError::DamagedLog { resume, .. }) => {
+                    let (stream, number) = task.name.rsplit_once('/').unwrap_or((&task.name, "?"));
+                    return Err(MoveStop::Damaged(format!(
+                        "reading {} at {at} for tier-2: {e}; its sound data resumes at {resume}: \
+                         `sluice stream truncate {stream} --segment {number} --offset {resume}` gives up the \
+                         bytes before it and lets the mover go on",
+                        task.name
+                    )));
                 }
                 Err(e) => return Err(format!("reading {} at {at} for tier-2: {e}", task.name).into()),
             };
