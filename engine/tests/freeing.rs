@@ -6,9 +6,8 @@
 
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
-use sluice_engine::container::core::{CoreConfig, Prefill, Request};
+use sluice_engine::container::core::Request;
 use sluice_engine::container::io::{Container, IoPacer};
-use sluice_engine::container::mover::Tier2Config;
 use sluice_net::event::encode_event;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -21,38 +20,12 @@ const FILE_BYTES: u64 = 4 << 20;
 const EVENTS: u64 = 16_000;
 const SEGMENT: &str = "s/t/0";
 
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn core_cfg() -> CoreConfig {
-    CoreConfig {
-        container: 1,
-        file_bytes: FILE_BYTES,
-        flush_bytes_max: 256 << 10,
-        cache_bytes_max: 1 << 20,
-        pending_bytes_max: 8 << 20,
-        log_bytes_max: 64 << 20,
-        prefill: Prefill::Never,
-        writer_idle_ms: 0,
-    }
-}
-
-fn tier2(root: &Path) -> Tier2Config {
-    Tier2Config {
-        store: sluice_tier2::open_url(&format!("fs:{}", root.display())).unwrap(),
-        chunk_bytes: 2 << 20,
-        move_bytes_min: 4 << 10,
-        interval: Duration::from_millis(20),
-    }
-}
+mod common;
+use common::{Dir, core_cfg, first_open, tier2};
 
 async fn open(dir: &Path, t2: &Path) -> Rc<Container> {
-    Container::open(core_cfg(), dir.to_path_buf(), Rc::new(IoPacer::new(0, Duration::ZERO)), Some(tier2(t2)))
+    let cfg = core_cfg(1, FILE_BYTES);
+    Container::open(cfg, dir.to_path_buf(), Rc::new(IoPacer::new(0, Duration::ZERO)), Some(tier2(t2, 2 << 20)))
         .await
         .unwrap()
 }
@@ -90,10 +63,8 @@ fn with_ext(dir: &Path, ext: &str) -> Vec<PathBuf> {
 
 #[test]
 fn log_files_are_freed_in_steps_under_reads_and_leftovers_go_at_open() {
-    let root = std::env::temp_dir().join(format!("sluice-freeing-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
-    let _guard = Dir(root.clone());
+    let guard = Dir::new("freeing");
+    let root = guard.0.clone();
     let (dir, t2) = (root.join("node"), root.join("tier2"));
 
     // Watches the log directory for a `.free` file cut shorter than a log file.
@@ -116,12 +87,7 @@ fn log_files_are_freed_in_steps_under_reads_and_leftovers_go_at_open() {
 
     LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(move || async move {
-            // glommio 0.9: the first file an executor opens must not be empty (see shard.rs).
-            let probe = root.join("probe");
-            std::fs::write(&probe, vec![0u8; 4096]).unwrap();
-            let f = glommio::io::DmaFile::open(&probe).await.unwrap();
-            f.read_at_aligned(0, 4096).await.unwrap();
-            f.close().await.unwrap();
+            first_open(&root).await;
 
             let c = open(&dir, &t2).await;
             c.submit(Request::Create { name: SEGMENT.into() }).unwrap().await.unwrap();

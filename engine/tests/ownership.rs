@@ -7,51 +7,23 @@
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
 use sluice_engine::EngineError;
-use sluice_engine::container::core::{CoreConfig, OpResult, Prefill, Request};
+use sluice_engine::container::core::{OpResult, Request};
 use sluice_engine::container::handoff;
 use sluice_engine::container::io::{Container, IoPacer, OpenSource};
-use sluice_engine::container::mover::Tier2Config;
 use sluice_net::event::encode_event;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn core_cfg() -> CoreConfig {
-    CoreConfig {
-        container: 3,
-        file_bytes: 1 << 20,
-        flush_bytes_max: 256 << 10,
-        cache_bytes_max: 1 << 20,
-        pending_bytes_max: 4 << 20,
-        log_bytes_max: 64 << 20,
-        prefill: Prefill::Never,
-        writer_idle_ms: 0,
-    }
-}
-
-fn tier2(root: &Path) -> Tier2Config {
-    Tier2Config {
-        store: sluice_tier2::open_url(&format!("fs:{}", root.display())).unwrap(),
-        chunk_bytes: 256 << 10,
-        move_bytes_min: 4 << 10,
-        interval: Duration::from_millis(20),
-    }
-}
+mod common;
+use common::{Dir, core_cfg, first_open, tier2};
 
 async fn open(dir: &Path, t2: &Path, epoch: u64, source: OpenSource) -> Result<Rc<Container>, String> {
     Container::open_owned(
-        core_cfg(),
+        core_cfg(3, 1 << 20),
         dir.to_path_buf(),
         Rc::new(IoPacer::new(0, std::time::Duration::ZERO)),
-        tier2(t2),
+        tier2(t2, 256 << 10),
         epoch,
         source,
     )
@@ -74,18 +46,11 @@ async fn append(c: &Rc<Container>, seg: &str, writer: u128, n: u64, text: &str) 
 
 #[test]
 fn handoff_stale_log_and_tier2_fencing() {
-    let root = std::env::temp_dir().join(format!("sluice-own-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
-    let _guard = Dir(root.clone());
+    let guard = Dir::new("own");
+    let root = guard.0.clone();
     LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(move || async move {
-            // glommio 0.9: the first file an executor opens must not be empty (see shard.rs).
-            let probe = root.join("probe");
-            std::fs::write(&probe, vec![0u8; 4096]).unwrap();
-            let f = glommio::io::DmaFile::open(&probe).await.unwrap();
-            f.read_at_aligned(0, 4096).await.unwrap();
-            f.close().await.unwrap();
+            first_open(&root).await;
 
             let (t2, a, b) = (root.join("tier2"), root.join("node-a"), root.join("node-b"));
             // Node a owns the container at epoch 5 and writes.
@@ -136,7 +101,7 @@ fn handoff_stale_log_and_tier2_fencing() {
 
             // A newer owner (epoch 9) announces itself: b's mover stops the container and
             // b can no longer write a hand-off.
-            let store = tier2(&t2).store;
+            let store = tier2(&t2, 256 << 10).store;
             handoff::claim(&store, 3, 9).await.unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {

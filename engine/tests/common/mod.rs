@@ -1,0 +1,60 @@
+//! Shared by the engine's glommio tests: a temporary root removed on drop, a container
+//! configuration, a filesystem tier-2, and the first-open workaround for a new executor.
+
+use sluice_engine::container::core::{CoreConfig, Prefill};
+use sluice_engine::container::mover::Tier2Config;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A fresh directory under the system's temporary one, removed when dropped.
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    pub fn new(tag: &str) -> Dir {
+        let root = std::env::temp_dir().join(format!("sluice-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        Dir(root)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Container `container` with log files of `file_bytes`, a 64 MiB log budget, no prefill.
+pub fn core_cfg(container: u32, file_bytes: u64) -> CoreConfig {
+    CoreConfig {
+        container,
+        file_bytes,
+        flush_bytes_max: 256 << 10,
+        cache_bytes_max: 1 << 20,
+        pending_bytes_max: 8 << 20,
+        log_bytes_max: 64 << 20,
+        prefill: Prefill::Never,
+        writer_idle_ms: 0,
+    }
+}
+
+/// A filesystem tier-2 under `root`, with chunks of `chunk_bytes` and a mover that looks
+/// every 20 ms.
+pub fn tier2(root: &Path, chunk_bytes: u64) -> Tier2Config {
+    Tier2Config {
+        store: sluice_tier2::open_url(&format!("fs:{}", root.display())).unwrap(),
+        chunk_bytes,
+        move_bytes_min: 4 << 10,
+        interval: Duration::from_millis(20),
+    }
+}
+
+/// glommio 0.9: the first file an executor opens must not be empty (see shard.rs); opens
+/// and reads one under `root`.
+pub async fn first_open(root: &Path) {
+    let probe = root.join("probe");
+    std::fs::write(&probe, vec![0u8; 4096]).unwrap();
+    let f = glommio::io::DmaFile::open(&probe).await.unwrap();
+    f.read_at_aligned(0, 4096).await.unwrap();
+    f.close().await.unwrap();
+}
