@@ -165,7 +165,19 @@ pub struct Container {
     /// When the last scrub of the log ended, and what it found (empty: sound).
     pub(crate) last_scrub: RefCell<Option<(Instant, Vec<String>)>>,
     /// Opens of older log files in flight (`reader_file`): freeing waits for them.
-    pub(crate) opens_in_flight: Cell<usize>,
+    opens_in_flight: Cell<usize>,
+}
+
+/// Waits (bounded by `limit`, looking every 2 ms) until `done`.
+pub(crate) async fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
 }
 
 /// Counts an open of a log file while it is in flight (also when its future is dropped).
@@ -1032,14 +1044,7 @@ impl Container {
 
     /// Waits (up to `limit`) until no log file is being opened; false if one still is.
     pub(crate) async fn wait_opens(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while self.opens_in_flight.get() > 0 {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            glommio::timer::sleep(Duration::from_millis(2)).await;
-        }
-        true
+        wait_until("opens of log files", limit, || self.opens_in_flight.get() == 0).await.is_ok()
     }
 
     /// What an operator should know of this container (`sluice stats`): its log's size and

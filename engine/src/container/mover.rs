@@ -26,7 +26,7 @@
 use crate::container::chunks::ChunkList;
 use crate::container::core::{ChunkMeta, MoveTask, Request};
 use crate::container::handoff;
-use crate::container::io::Container;
+use crate::container::io::{Container, wait_until};
 use crate::error::EngineError;
 use crate::log::file_name;
 use bytes::{Bytes, BytesMut};
@@ -83,18 +83,6 @@ const FREE_READ_WAIT: Duration = Duration::from_secs(5);
 /// Suffix of a log file being freed: recovery never takes it for a log file (a file cut
 /// short by a crash midway is deleted at the next open).
 pub(crate) const FREEING_SUFFIX: &str = "free";
-
-/// Waits (bounded by `limit`) until `done`.
-async fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what}"));
-        }
-        glommio::timer::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
-}
 
 /// Waits (bounded by `HANDOFF_WAIT`) until `done`, for a hand-off.
 async fn handoff_wait(what: &str, done: impl Fn() -> bool) -> Result<(), String> {
