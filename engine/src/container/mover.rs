@@ -71,8 +71,8 @@ const SUMS_WRITE_GROWTH: u64 = 16 << 20;
 /// A freed log file is cut from its end this much at a time, `FREE_STEP_PAUSE` apart, then
 /// unlinked. On a file system mounted with `discard` (this VM's ext4), unlinking a whole
 /// 64 MiB file discards its blocks at once and the disk stalls every write for 13-22 ms;
-/// cut in 1 MiB steps, no stall in fio's tests exceeded ~4-5 ms, and long stalls under a
-/// heavy writer became rarer (docs/BENCHMARKS.md, nineteenth session).
+/// cut in 1 MiB steps, no stall in fio's tests exceeded ~4-5 ms (docs/BENCHMARKS.md,
+/// nineteenth session).
 const FREE_STEP_BYTES: u64 = 1 << 20;
 const FREE_STEP_PAUSE: Duration = Duration::from_millis(2);
 /// Files waiting to be freed in steps beyond which the rest are unlinked whole: disk space
