@@ -26,7 +26,7 @@
 use crate::container::chunks::ChunkList;
 use crate::container::core::{ChunkMeta, MoveTask, Request};
 use crate::container::handoff;
-use crate::container::io::{Container, wait_until};
+use crate::container::io::{Container, remove_files_off_shard, rename_files_off_shard, wait_until};
 use crate::error::EngineError;
 use crate::log::file_name;
 use bytes::{Bytes, BytesMut};
@@ -170,66 +170,6 @@ impl Tier2State {
             freer_running: Cell::new(false),
         }
     }
-}
-
-/// Removes `paths` on the shard's helper thread (unlinking a 64 MiB log file takes 15-25 ms
-/// here, which the shard's appends would otherwise wait). Every file is tried; a missing one
-/// counts as removed; the first error is returned.
-async fn remove_files_off_shard(paths: Vec<PathBuf>) -> Result<(), String> {
-    if paths.is_empty() {
-        return Ok(());
-    }
-    glommio::executor()
-        .spawn_blocking(move || {
-            let mut first_error = Ok(());
-            for path in paths {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        if first_error.is_ok() {
-                            first_error = Err(format!("deleting {}: {e}", path.display()));
-                        }
-                    }
-                }
-            }
-            first_error
-        })
-        .await
-}
-
-/// Renames log files `paths` (in `dir`) to `.free` on the helper thread and syncs the
-/// directory, so that no cut of theirs can outlast a crash under the `.log` name. Returns
-/// the new names and the first error (a file that failed stays as it was).
-async fn rename_for_freeing(dir: &Path, paths: Vec<PathBuf>) -> Result<(Vec<PathBuf>, Result<(), String>), String> {
-    if paths.is_empty() {
-        return Ok((Vec::new(), Ok(())));
-    }
-    let dir = dir.to_path_buf();
-    glommio::executor()
-        .spawn_blocking(move || {
-            let mut first_error = Ok(());
-            let mut renamed = Vec::new();
-            for path in paths {
-                let to = path.with_extension(FREEING_SUFFIX);
-                match std::fs::rename(&path, &to) {
-                    Ok(()) => renamed.push(to),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        if first_error.is_ok() {
-                            first_error = Err(format!("renaming {}: {e}", path.display()));
-                        }
-                    }
-                }
-            }
-            if !renamed.is_empty() {
-                std::fs::File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
-            }
-            Ok((renamed, first_error))
-        })
-        .await
 }
 
 /// Cuts file `path` from its end `FREE_STEP_BYTES` at a time, `FREE_STEP_PAUSE` apart, each
@@ -967,15 +907,18 @@ impl Container {
             core.set_files_freeing(waiting + (needed - oldest));
         }
         // No file below `needed` is opened from here on; one still opening is let finish
-        // (it keeps its descriptor among the readers), so none is renamed under an open.
-        let opens_done = self.wait_opens(FREE_READ_WAIT).await;
-        let mut files = Vec::new();
-        for seq in oldest..needed {
-            let open = self.files.borrow_mut().readers.remove(&seq);
-            files.push((self.dir.join(file_name(seq)), open));
+        // (it keeps its descriptor among the readers), so none is renamed or unlinked under
+        // an open (glommio panics then). Should an open hang, the files stay for now.
+        if !self.wait_opens(FREE_READ_WAIT).await {
+            self.count_files_freeing();
+            return Err(format!(
+                "an open of a log file did not finish: files {oldest:x}..{needed:x} stay on disk until the next start"
+            ));
         }
         let (mut quiet, mut busy) = (Vec::new(), Vec::new());
-        for (path, open) in files {
+        for seq in oldest..needed {
+            let path = self.dir.join(file_name(seq));
+            let open = self.files.borrow_mut().readers.remove(&seq);
             let mut idle = true;
             if let Some(f) = open {
                 // A read that took the file before it was forgotten may still be in flight:
@@ -984,12 +927,13 @@ impl Container {
                 idle = wait_until("a read", FREE_READ_WAIT, || Rc::strong_count(&f) == 1).await.is_ok();
                 let _ = f.close_rc().await;
             }
-            if idle && opens_done { quiet.push(path) } else { busy.push(path) }
+            if idle { quiet.push(path) } else { busy.push(path) }
         }
         // A file still read is unlinked whole: its reader's descriptor keeps the data until
-        // that read ends.
+        // that read ends. The others are renamed `.free` (the directory synced, so that no
+        // cut of theirs can outlast a crash under the `.log` name) for the cutting task.
         let unlinked = remove_files_off_shard(busy).await;
-        let renamed = rename_for_freeing(&self.dir, quiet).await;
+        let renamed = rename_files_off_shard(&self.dir, quiet, FREEING_SUFFIX).await;
         let t2 = self.t2();
         let backlog = {
             let mut freeing = t2.freeing.borrow_mut();
