@@ -54,7 +54,7 @@ struct Cli {
 enum Cmd {
     /// Write generated events as fast as acknowledgements allow.
     Produce {
-        /// Server address.
+        /// Server address: `HOST:PORT`, or `unix:PATH` for a server started with `--unix-socket PATH`.
         #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
         url: String,
         /// scope/stream (created with --segments if missing).
@@ -95,6 +95,7 @@ enum Cmd {
     /// and the send lateness: how late the harness itself wrote each event (the part of
     /// both that is the load generator's, on a busy machine).
     EndToEnd {
+        /// Server address: `HOST:PORT`, or `unix:PATH` for a server started with `--unix-socket PATH`.
         #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
         url: String,
         /// Target events per second (open loop).
@@ -122,6 +123,7 @@ enum Cmd {
         /// (sluice from this build, redis-server, nats-server 2.10+ or NATS_SERVER_BIN).
         #[arg(long)]
         spawn: bool,
+        /// Sluice's address: `HOST:PORT`, or `unix:PATH` (`--unix-socket PATH`).
         #[arg(long, default_value = "127.0.0.1:9090")]
         sluice_url: String,
         #[arg(long, default_value = "redis://127.0.0.1:6379/")]
@@ -157,6 +159,7 @@ enum Cmd {
     /// Time splits and merges of a fresh stream, idle and while one open-loop producer
     /// writes; report the producer's latency spikes around each scaling.
     Scale {
+        /// Server address: `HOST:PORT`, or `unix:PATH` for a server started with `--unix-socket PATH`.
         #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
         url: String,
         /// Segments of the stream at the start.
@@ -179,6 +182,7 @@ enum Cmd {
     /// Time transaction commits: each round writes EVENTS events over every segment into a
     /// transaction, flushes, and commits (the events are readable when the commit returns).
     Txn {
+        /// Server address: `HOST:PORT`, or `unix:PATH` for a server started with `--unix-socket PATH`.
         #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
         url: String,
         /// Segments of the stream (a transaction has one shadow per segment).
@@ -201,6 +205,7 @@ enum Cmd {
     },
     /// Read a whole stream from its head with a reader group of C readers.
     Consume {
+        /// Server address: `HOST:PORT`, or `unix:PATH` for a server started with `--unix-socket PATH`.
         #[arg(long, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
         url: String,
         /// scope/stream to read (e.g. one written by `produce`).

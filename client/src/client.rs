@@ -124,8 +124,17 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-/// Normalizes `sluice://host:port`, `host:port` or `:port`.
+/// Normalizes `sluice://host:port`, `host:port`, `:port`, or `unix:PATH` (also
+/// `unix://PATH`) for a server on this host listening on a Unix socket.
 fn normalize(url: &str) -> Result<String, ClientError> {
+    use crate::connection::UNIX_SCHEME;
+    if let Some(path) = url.trim().strip_prefix(UNIX_SCHEME) {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err(ClientError::InvalidArgument(format!("server address '{url}' needs a path: unix:PATH")));
+        }
+        return Ok(format!("{UNIX_SCHEME}{path}"));
+    }
     let s = url.trim().trim_start_matches("sluice://").trim_end_matches('/');
     let s = if s.starts_with(':') { format!("127.0.0.1{s}") } else { s.to_string() };
     if !s.contains(':') {
@@ -758,5 +767,16 @@ mod tests {
         assert!(cache.get(&key(1)).is_none(), "the oldest unused: dropped");
         cache.put(key(2), history(2));
         assert_eq!(cache.entries.len(), HISTORIES_CACHED, "a known key replaces its entry");
+    }
+
+    #[test]
+    fn addresses_normalize_to_host_port_or_unix_path() {
+        assert_eq!(normalize("sluice://10.0.0.1:9090/").unwrap(), "10.0.0.1:9090");
+        assert_eq!(normalize(":9091").unwrap(), "127.0.0.1:9091");
+        assert_eq!(normalize("unix:/run/sluice.sock").unwrap(), "unix:/run/sluice.sock");
+        assert_eq!(normalize("unix:///run/sluice.sock").unwrap(), "unix:/run/sluice.sock");
+        assert_eq!(normalize(" unix:s.sock").unwrap(), "unix:s.sock");
+        assert!(matches!(normalize("unix:"), Err(ClientError::InvalidArgument(_))));
+        assert!(matches!(normalize("localhost"), Err(ClientError::InvalidArgument(_))));
     }
 }

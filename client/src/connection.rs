@@ -1,4 +1,4 @@
-//! One TCP connection to one shard endpoint, multiplexing pipelined requests by request id.
+//! One connection (TCP, or a Unix socket on the same host) to one shard endpoint, multiplexing pipelined requests by request id.
 //! A reader task matches replies to waiting callers. A request is written to the socket by
 //! its caller when the socket is free (no task to wake, no copy of the payload); what the
 //! socket does not take at once waits in the outbox, which a writer task drains, so frames
@@ -18,10 +18,48 @@ use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Notify, oneshot};
+
+/// How an address names a Unix socket: `unix:PATH`.
+pub const UNIX_SCHEME: &str = "unix:";
+
+/// The socket's write half: TCP, or a Unix socket for a server on this host.
+enum WriteHalf {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Unix(tokio::net::unix::OwnedWriteHalf),
+}
+
+impl WriteHalf {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            WriteHalf::Tcp(s) => s.try_write_vectored(bufs),
+            WriteHalf::Unix(s) => s.try_write_vectored(bufs),
+        }
+    }
+
+    async fn writable(&self) -> std::io::Result<()> {
+        match self {
+            WriteHalf::Tcp(s) => s.writable().await,
+            WriteHalf::Unix(s) => s.writable().await,
+        }
+    }
+}
+
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+
+/// Opens the socket `addr` names (`unix:PATH` or `host:port`) and splits it.
+async fn open(addr: &str) -> std::io::Result<(ReadHalf, WriteHalf)> {
+    if let Some(path) = addr.strip_prefix(UNIX_SCHEME) {
+        let (rd, wr) = UnixStream::connect(path).await?.into_split();
+        return Ok((Box::new(rd), WriteHalf::Unix(wr)));
+    }
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (rd, wr) = stream.into_split();
+    Ok((Box::new(rd), WriteHalf::Tcp(wr)))
+}
 
 type Pending = Arc<Mutex<Option<HashMap<u64, Waiter>>>>;
 
@@ -43,7 +81,7 @@ pub type OnReply = Box<dyn FnOnce(Result<Frame, ClientError>) + Send>;
 /// writer task, which owns the socket until the outbox is empty. The lock is never held
 /// across a system call, so callers never sleep on it.
 struct Wire {
-    sock: OwnedWriteHalf,
+    sock: WriteHalf,
     outbox: Mutex<Outbox>,
     /// Wakes the writer task when the socket is handed to it.
     drain: Notify,
@@ -72,7 +110,7 @@ struct Outbox {
 }
 
 /// How much of a non-blocking write went out; `None` when the socket failed.
-fn write_now(sock: &OwnedWriteHalf, bufs: &[IoSlice<'_>]) -> Option<usize> {
+fn write_now(sock: &WriteHalf, bufs: &[IoSlice<'_>]) -> Option<usize> {
     match sock.try_write_vectored(bufs) {
         Ok(n) => Some(n),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(0),
@@ -218,12 +256,10 @@ impl Connection {
     /// Connects and performs the handshake.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<(Arc<Connection>, HelloReply), ClientError> {
         let cerr = |reason: String| ClientError::Connect { addr: addr.to_string(), reason };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let (mut rd, wr) = tokio::time::timeout(timeout, open(addr))
             .await
             .map_err(|_| cerr("timed out".into()))?
             .map_err(|e| cerr(e.to_string()))?;
-        stream.set_nodelay(true).map_err(|e| cerr(e.to_string()))?;
-        let (mut rd, wr) = stream.into_split();
         let wire = Arc::new(Wire { sock: wr, outbox: Mutex::new(Outbox::default()), drain: Notify::new() });
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let closed = Arc::new(AtomicBool::new(false));
@@ -375,7 +411,8 @@ mod tests {
         let (rd, wr) = client.into_split();
         // The read half is not needed; the socket stays open while the wire holds its write half.
         std::mem::forget(rd);
-        let wire = Arc::new(Wire { sock: wr, outbox: Mutex::new(Outbox::default()), drain: Notify::new() });
+        let wire =
+            Arc::new(Wire { sock: WriteHalf::Tcp(wr), outbox: Mutex::new(Outbox::default()), drain: Notify::new() });
         let task = tokio::spawn(wire.clone().drain_loop());
         (wire, peer, task)
     }

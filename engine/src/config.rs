@@ -9,6 +9,9 @@ pub struct EngineConfig {
     pub data_dir: PathBuf,
     /// Shard k listens on this address with port + k.
     pub listen: SocketAddr,
+    /// Also listen on Unix sockets for clients on the same host: shard 0 on this path,
+    /// shard k on `PATH.k` (standalone only).
+    pub unix_socket: Option<PathBuf>,
     /// Number of shards (executors), one per core.
     pub shards: u32,
     /// Pin shard k to CPU k.
@@ -60,6 +63,7 @@ impl EngineConfig {
         Self {
             data_dir,
             listen,
+            unix_socket: None,
             shards,
             pin: true,
             idle_spin: std::time::Duration::ZERO,
@@ -108,6 +112,9 @@ impl EngineConfig {
         }
         if self.cluster.is_some() && self.tier2.is_none() {
             return Err("cluster mode needs a tier-2 store shared by all nodes (--tier2)".into());
+        }
+        if self.cluster.is_some() && self.unix_socket.is_some() {
+            return Err("a Unix socket is for a standalone server (a cluster's clients reach every node by TCP)".into());
         }
         if self.chunk_bytes == 0 {
             return Err("the chunk size must be above zero".into());

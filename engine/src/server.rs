@@ -95,10 +95,21 @@ fn protocol_error(request_id: u64, e: &ProtocolError) -> Reply {
     error_reply(request_id, ErrorCode::BadRequest, e.to_string(), None, None)
 }
 
+/// How a client reached the server; the endpoints it is told are of the same kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Tcp,
+    /// A Unix socket (a client on the same host).
+    Unix,
+}
+
 /// The `WrongHost` answer for a segment served elsewhere (`owner` is not `Local`).
-fn wrong_host(request_id: u64, segment: &str, owner: Owner) -> Reply {
+fn wrong_host<S: MetaStore>(shard: &Shard<S>, via: Via, request_id: u64, segment: &str, owner: Owner) -> Reply {
     let (message, endpoint) = match owner {
-        Owner::Remote(shard, ep) => (format!("segment {segment} is served by shard {shard} at {ep}"), Some(ep)),
+        Owner::Remote(s) => {
+            let ep = shard.endpoints_via(via).get(s as usize).map(|e| e.address.clone()).unwrap_or_default();
+            (format!("segment {segment} is served by shard {s} at {ep}"), Some(ep))
+        }
         Owner::Node(c, Some(ep)) => {
             (format!("segment {segment} (container {c}) is served by the node at {ep}"), Some(ep))
         }
@@ -109,9 +120,12 @@ fn wrong_host(request_id: u64, segment: &str, owner: Owner) -> Reply {
 }
 
 /// Serves one connection until it closes or breaks.
-pub async fn serve_connection<S: MetaStore>(shard: Rc<Shard<S>>, stream: glommio::net::TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
+/// `peer` names the client in the server's log.
+pub async fn serve_connection<S, T>(shard: Rc<Shard<S>>, stream: T, via: Via, peer: String)
+where
+    S: MetaStore,
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin + 'static,
+{
     let (read_half, write_half) = stream.split();
     let (tx, mut rx) = mpsc::unbounded::<Outgoing>();
     let writer = glommio::spawn_local(async move {
@@ -147,8 +161,8 @@ pub async fn serve_connection<S: MetaStore>(shard: Rc<Shard<S>>, stream: glommio
     })
     .detach();
     let mut reader = BufReader::with_capacity(256 << 10, read_half);
-    if let Err(e) = read_loop(&shard, &mut reader, &tx).await {
-        tracing::debug!(?peer, error = %e, "connection closed");
+    if let Err(e) = read_loop(&shard, via, &mut reader, &tx).await {
+        tracing::debug!(%peer, error = %e, "connection closed");
     }
     drop(tx);
     let _ = writer.await;
@@ -193,6 +207,7 @@ async fn read_frame<R: futures::AsyncBufRead + Unpin>(
 
 async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
     shard: &Rc<Shard<S>>,
+    via: Via,
     r: &mut R,
     tx: &mpsc::UnboundedSender<Outgoing>,
 ) -> Result<(), String> {
@@ -232,7 +247,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
             version: PROTOCOL_VERSION,
             node: shard.cfg.node_name.clone(),
             container_count: shard.cfg.container_count(),
-            shards: shard.endpoints.clone(),
+            shards: shard.endpoints_via(via).to_vec(),
             containers: shard
                 .cfg
                 .cluster
@@ -262,7 +277,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
             }
         };
         let id = frame.request_id;
-        match dispatch(shard, frame) {
+        match dispatch(shard, via, frame) {
             Ok(Dispatched::Now(rep)) => {
                 let _ = tx.unbounded_send((rep, permit));
             }
@@ -319,7 +334,7 @@ fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
 }
 
 /// Routes a segment request to its local container, or answers `WrongHost`.
-fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, req: Request) -> Dispatched {
+fn local_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, id: u64, segment: String, req: Request) -> Dispatched {
     match shard.owner(&segment) {
         Owner::Local(c) => {
             // Append rates for auto-scaling are counted here, where the append is served.
@@ -359,20 +374,20 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, id: u64, segment: String, re
                 (rep, close)
             }))
         }
-        other => Dispatched::Now(wrong_host(id, &segment, other)),
+        other => Dispatched::Now(wrong_host(shard, via, id, &segment, other)),
     }
 }
 
 /// Moves a committed transaction's shadow into its segment (same container: a shadow hashes
 /// like its segment), counting the events for auto-scaling like appends.
-fn merge_segment<S: MetaStore>(shard: &Rc<Shard<S>>, id: u64, m: MergeSegment) -> Dispatched {
+fn merge_segment<S: MetaStore>(shard: &Rc<Shard<S>>, via: Via, id: u64, m: MergeSegment) -> Dispatched {
     if m.source.split_once(sluice_net::txn::TXN_NAME_MARK).is_none_or(|(base, _)| base != m.segment) {
         let msg = format!("{} is not a shadow segment of {}", m.source, m.segment);
         return Dispatched::Now(error_reply(id, ErrorCode::BadRequest, msg, None, None));
     }
     let c = match shard.owner(&m.segment) {
         Owner::Local(c) => c,
-        other => return Dispatched::Now(wrong_host(id, &m.segment, other)),
+        other => return Dispatched::Now(wrong_host(shard, via, id, &m.segment, other)),
     };
     let shard = shard.clone();
     let read_at = Instant::now();
@@ -400,7 +415,7 @@ fn merge_segment<S: MetaStore>(shard: &Rc<Shard<S>>, id: u64, m: MergeSegment) -
     })
 }
 
-fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatched, ProtocolError> {
+fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, via: Via, frame: Frame) -> Result<Dispatched, ProtocolError> {
     let id = frame.request_id;
     Ok(match frame.kind {
         Kind::Append => {
@@ -413,7 +428,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                 expected_offset: a.expected_offset,
                 data: frame.payload,
             };
-            local_segment_op(shard, id, a.segment, req)
+            local_segment_op(shard, via, id, a.segment, req)
         }
         Kind::Read => {
             let rd: Read = frame.decode()?;
@@ -436,7 +451,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                         Err(e) => engine_error(id, &e),
                     }
                 }),
-                other => Dispatched::Now(wrong_host(id, &rd.segment, other)),
+                other => Dispatched::Now(wrong_host(shard, via, id, &rd.segment, other)),
             }
         }
         Kind::GetStats => {
@@ -499,26 +514,26 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, frame: Frame) -> Result<Dispatch
                     ),
                     Err(e) => engine_error(id, &e),
                 }),
-                other => Dispatched::Now(wrong_host(id, &g.segment, other)),
+                other => Dispatched::Now(wrong_host(shard, via, id, &g.segment, other)),
             }
         }
         Kind::CreateSegment => {
             let m: CreateSegment = frame.decode()?;
-            local_segment_op(shard, id, m.segment.clone(), Request::Create { name: m.segment })
+            local_segment_op(shard, via, id, m.segment.clone(), Request::Create { name: m.segment })
         }
         Kind::SealSegment => {
             let m: SealSegment = frame.decode()?;
-            local_segment_op(shard, id, m.segment.clone(), Request::Seal { name: m.segment })
+            local_segment_op(shard, via, id, m.segment.clone(), Request::Seal { name: m.segment })
         }
         Kind::TruncateSegment => {
             let m: TruncateSegment = frame.decode()?;
-            local_segment_op(shard, id, m.segment.clone(), Request::Truncate { name: m.segment, offset: m.offset })
+            local_segment_op(shard, via, id, m.segment.clone(), Request::Truncate { name: m.segment, offset: m.offset })
         }
         Kind::DeleteSegment => {
             let m: DeleteSegment = frame.decode()?;
-            local_segment_op(shard, id, m.segment.clone(), Request::Delete { name: m.segment })
+            local_segment_op(shard, via, id, m.segment.clone(), Request::Delete { name: m.segment })
         }
-        Kind::MergeSegment => merge_segment(shard, id, frame.decode()?),
+        Kind::MergeSegment => merge_segment(shard, via, id, frame.decode()?),
         Kind::CreateScope => {
             let m: CreateScope = frame.decode()?;
             let shard = shard.clone();

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub struct Shard<S: MetaStore> {
     pub containers: RefCell<HashMap<u32, Rc<Container>>>,
     pub peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     pub endpoints: Vec<ShardEndpoint>,
+    /// The shards' Unix socket endpoints (`unix:PATH`), when the node listens on one.
+    pub unix_endpoints: Vec<ShardEndpoint>,
     pub controller: Controller<S>,
     /// Append rates of the segments this shard serves (for auto-scaling).
     pub rates: RefCell<crate::container::rates::SegmentRates>,
@@ -65,8 +67,8 @@ pub struct Shard<S: MetaStore> {
 /// Where a segment lives.
 pub enum Owner {
     Local(Rc<Container>),
-    /// Another shard of this node: (shard, endpoint).
-    Remote(u32, String),
+    /// Another shard of this node.
+    Remote(u32),
     /// Cluster mode: another node, at this endpoint (`None`: nobody serves the container
     /// right now, it is moving).
     Node(u32, Option<String>),
@@ -76,6 +78,14 @@ pub enum Owner {
 const SEGMENT_OP_RETRY: Duration = Duration::from_secs(30);
 
 impl<S: MetaStore> Shard<S> {
+    /// The shard endpoints a client connected by `via` should use.
+    pub fn endpoints_via(&self, via: server::Via) -> &[ShardEndpoint] {
+        match via {
+            server::Via::Unix if !self.unix_endpoints.is_empty() => &self.unix_endpoints,
+            _ => &self.endpoints,
+        }
+    }
+
     /// Submits an operation to a container of this shard, keeping the append rates in step:
     /// appends counted (not those of transactions' shadow segments), deleted segments forgotten.
     pub fn submit_local(
@@ -103,7 +113,7 @@ impl<S: MetaStore> Shard<S> {
         match &self.cfg.cluster {
             None => {
                 let s = shard_of(c, self.cfg.shards);
-                Owner::Remote(s, self.endpoints[s as usize].address.clone())
+                Owner::Remote(s)
             }
             Some(routes) => match routes.get(c.0) {
                 Some(r) if r.node == self.cfg.node_name => {
@@ -112,7 +122,7 @@ impl<S: MetaStore> Shard<S> {
                         // Ours, but not open on this shard (yet, or any more).
                         Owner::Node(c.0, None)
                     } else {
-                        Owner::Remote(s, self.endpoints[s as usize].address.clone())
+                        Owner::Remote(s)
                     }
                 }
                 Some(r) => Owner::Node(c.0, Some(r.endpoint)),
@@ -132,7 +142,7 @@ impl<S: MetaStore> Shard<S> {
                     Ok(f) => f.await,
                     Err(e) => Err(e),
                 },
-                Owner::Remote(s, _) => {
+                Owner::Remote(s) => {
                     let (tx, rx) = oneshot::channel();
                     self.peers[s as usize]
                         .unbounded_send(ShardMsg::Segment { segment: segment.clone(), req: req.clone(), reply: tx })
@@ -244,6 +254,10 @@ pub struct Node {
     handles: Vec<glommio::ExecutorJoinHandle<Result<(), String>>>,
     peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
     pub endpoints: Vec<ShardEndpoint>,
+    /// The shards' Unix socket endpoints (empty without `unix_socket`).
+    pub unix_endpoints: Vec<ShardEndpoint>,
+    /// The shards' Unix sockets (removed when the node stops).
+    unix_paths: Vec<PathBuf>,
     /// The data directory's lock, held while the node runs.
     _lock: DataDirLock,
 }
@@ -291,6 +305,77 @@ impl DataDirLock {
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
         Ok(DataDirLock { _file: f })
     }
+}
+
+/// How an endpoint names a Unix socket: `unix:PATH`.
+pub const UNIX_SCHEME: &str = "unix:";
+
+/// The longest Unix socket path Linux takes (`sun_path` holds 108 bytes with the NUL).
+const UNIX_PATH_MAX: usize = 107;
+
+/// Shard `k`'s Unix socket: shard 0 listens on `path` itself, shard k on `path.k`.
+pub fn unix_socket_path(path: &Path, k: u32) -> PathBuf {
+    if k == 0 {
+        return path.to_path_buf();
+    }
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{k}"));
+    PathBuf::from(p)
+}
+
+/// Makes `path` ready to bind: its directory is created; a socket left there by a server
+/// that died is removed (nobody answers on it), but a socket a live server listens on, or
+/// anything that is not a socket, is left alone with an error.
+fn prepare_unix_socket(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    if path.as_os_str().len() > UNIX_PATH_MAX {
+        return Err(format!(
+            "unix socket path {shown} is {} bytes long; Linux takes at most {UNIX_PATH_MAX}: give a shorter --unix-socket",
+            path.as_os_str().len()
+        ));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{shown}: {e}")),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!("{shown} exists and is not a socket: remove it, or give another --unix-socket"));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => {
+            Err(format!("{shown} is in use: another server listens on it; stop it, or give another --unix-socket"))
+        }
+        Err(_) => std::fs::remove_file(path).or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(format!("removing the stale socket {shown}: {e}")),
+        }),
+    }
+}
+
+/// Removes the node's Unix sockets once it has stopped listening.
+fn remove_unix_sockets(paths: &[PathBuf]) {
+    for p in paths {
+        if let Err(e) = std::fs::remove_file(p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove the unix socket");
+        }
+    }
+}
+
+/// Where a shard listens and what it tells clients.
+struct Endpoints {
+    /// Every shard's TCP endpoint.
+    tcp: Vec<ShardEndpoint>,
+    /// Every shard's Unix socket endpoint (empty without `--unix-socket`).
+    unix: Vec<ShardEndpoint>,
+    /// This shard's Unix socket.
+    unix_path: Option<PathBuf>,
 }
 
 /// Advertised address for a bound address (an unspecified IP is advertised as loopback).
@@ -443,14 +528,35 @@ impl Node {
             endpoints.push(ShardEndpoint { shard: k, address: advertised(bound).to_string() });
             listeners.push(l);
         }
+        let unix_paths: Vec<PathBuf> = match &cfg.unix_socket {
+            Some(path) => {
+                // Absolute: clients are told the paths and may run elsewhere.
+                let path = std::path::absolute(path).map_err(|e| format!("resolving {}: {e}", path.display()))?;
+                (0..cfg.shards).map(|k| unix_socket_path(&path, k)).collect()
+            }
+            None => Vec::new(),
+        };
+        for path in &unix_paths {
+            prepare_unix_socket(path)?;
+        }
+        let unix_endpoints: Vec<ShardEndpoint> = unix_paths
+            .iter()
+            .zip(0..)
+            .map(|(p, k)| ShardEndpoint { shard: k, address: format!("{UNIX_SCHEME}{}", p.display()) })
+            .collect();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| mpsc::unbounded::<ShardMsg>()).unzip();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u32, String>>();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut handles = Vec::new();
         for ((k, listener), inbox) in (0..cfg.shards).zip(listeners).zip(rxs) {
             let placement = if cfg.pin { Placement::Fixed(k as usize % cpus) } else { Placement::Unbound };
-            let (cfg, peers, endpoints, store, ready, tier2) =
-                (cfg.clone(), txs.clone(), endpoints.clone(), store.clone(), ready_tx.clone(), tier2.clone());
+            let (cfg, peers, store, ready, tier2) =
+                (cfg.clone(), txs.clone(), store.clone(), ready_tx.clone(), tier2.clone());
+            let addrs = Endpoints {
+                tcp: endpoints.clone(),
+                unix: unix_endpoints.clone(),
+                unix_path: unix_paths.get(k as usize).cloned(),
+            };
             let fd = listener.into_raw_fd();
             let h = LocalExecutorBuilder::new(placement)
                 .spin_before_park(cfg.idle_spin)
@@ -459,7 +565,7 @@ impl Node {
                     // SAFETY: `fd` is a listening TCP socket we own; ownership moves to glommio.
                     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
                     crate::stats::start();
-                    let r = shard_main(k, cfg, peers, endpoints, store, tier2, listener, inbox, &ready).await;
+                    let r = shard_main(k, cfg, peers, addrs, store, tier2, listener, inbox, &ready).await;
                     if let Err(e) = &r {
                         let _ = ready.send(Err(e.clone()));
                     }
@@ -469,7 +575,7 @@ impl Node {
             handles.push(h);
         }
         drop(ready_tx);
-        let node = Node { handles, peers: txs, endpoints, _lock: lock };
+        let node = Node { handles, peers: txs, endpoints, unix_endpoints, unix_paths, _lock: lock };
         for _ in 0..cfg.shards {
             match ready_rx.recv() {
                 Ok(Ok(_)) => {}
@@ -499,18 +605,23 @@ impl Node {
         for h in self.handles {
             let _ = h.join();
         }
+        remove_unix_sockets(&self.unix_paths);
     }
 
     /// Blocks until a shard ends (which only happens on failure or stop).
     pub fn wait(self) -> Result<(), String> {
+        let mut result = Ok(());
         for h in self.handles {
-            match h.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(format!("shard failed: {e}")),
+            let r = match h.join() {
+                Ok(r) => r,
+                Err(e) => Err(format!("shard failed: {e}")),
+            };
+            if result.is_ok() {
+                result = r;
             }
         }
-        Ok(())
+        remove_unix_sockets(&self.unix_paths);
+        result
     }
 }
 
@@ -519,7 +630,7 @@ async fn shard_main<S: MetaStore>(
     index: u32,
     cfg: EngineConfig,
     peers: Vec<mpsc::UnboundedSender<ShardMsg>>,
-    endpoints: Vec<ShardEndpoint>,
+    endpoints: Endpoints,
     store: S,
     tier2: Option<sluice_tier2::DynStore>,
     listener: glommio::net::TcpListener,
@@ -527,6 +638,14 @@ async fn shard_main<S: MetaStore>(
     ready: &std::sync::mpsc::Sender<Result<u32, String>>,
 ) -> Result<(), String> {
     probe_dma(&cfg.data_dir, index).await?;
+    // Bound here (glommio makes its Unix listeners on their executor), before recovery, as
+    // the TCP one is: clients connecting meanwhile wait in the backlog.
+    let unix = match &endpoints.unix_path {
+        Some(path) => Some(
+            glommio::net::UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let pacer = Rc::new(crate::container::io::IoPacer::new(
         cfg.flushes_per_second.div_ceil(u64::from(cfg.shards)),
         cfg.flush_linger,
@@ -548,7 +667,8 @@ async fn shard_main<S: MetaStore>(
         cfg,
         containers: RefCell::new(containers),
         peers,
-        endpoints,
+        endpoints: endpoints.tcp,
+        unix_endpoints: endpoints.unix,
         controller: Controller::new(store),
         rates: RefCell::new(crate::container::rates::SegmentRates::new(cfg_rate_window)),
         pacer,
@@ -558,13 +678,35 @@ async fn shard_main<S: MetaStore>(
     if let Some(every) = shard.cfg.scrub_every {
         glommio::spawn_local(scrub_on_schedule(shard.clone(), every)).detach();
     }
+    if let Some(unix) = unix {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            loop {
+                match unix.accept().await {
+                    Ok(stream) => {
+                        let peer = format!("a client on the unix socket of shard {}", shard.index);
+                        glommio::spawn_local(server::serve_connection(shard.clone(), stream, server::Via::Unix, peer))
+                            .detach();
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = shard.index, error = %e, "accept failed (unix socket)");
+                        glommio::timer::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        })
+        .detach();
+    }
     let accept = {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
-                        glommio::spawn_local(server::serve_connection(shard.clone(), stream)).detach();
+                        let _ = stream.set_nodelay(true);
+                        let peer = stream.peer_addr().map_or_else(|e| format!("? ({e})"), |a| a.to_string());
+                        glommio::spawn_local(server::serve_connection(shard.clone(), stream, server::Via::Tcp, peer))
+                            .detach();
                     }
                     Err(e) => {
                         tracing::warn!(shard = shard.index, error = %e, "accept failed");
@@ -589,7 +731,7 @@ async fn shard_main<S: MetaStore>(
                         let _ = reply.send(Err(e));
                     }
                 },
-                Owner::Remote(s, _) => {
+                Owner::Remote(s) => {
                     let _ = reply
                         .send(Err(EngineError::Io(format!("segment {segment} belongs to shard {s}, not {index}"))));
                 }

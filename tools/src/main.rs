@@ -24,7 +24,9 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice: durable, ordered event streams", long_about = None)]
 struct Cli {
-    /// Server address (any shard of the node).
+    /// Server address (any shard of the node): `HOST:PORT`, or `unix:PATH` for a server on
+    /// this host started with `--unix-socket PATH` (no TCP stack on the way: less CPU and
+    /// latency per request).
     #[arg(long, global = true, env = "SLUICE_URL", default_value = "127.0.0.1:9090")]
     url: String,
     /// How long a command keeps retrying while the server is unreachable, restarting or out
@@ -119,6 +121,12 @@ struct StandaloneArgs {
     /// Address of shard 0; shard k listens on port + k.
     #[arg(long, default_value = "127.0.0.1:9090")]
     listen: SocketAddr,
+    /// Also listen on Unix sockets, for clients on this host (`--url unix:PATH`): shard 0 on
+    /// PATH, shard k on PATH.k. A socket left by a server that died is replaced; one a live
+    /// server listens on is not. Who may connect follows the socket's mode (the umask) and
+    /// its directory's permissions. Standalone only.
+    #[arg(long, value_name = "PATH")]
+    unix_socket: Option<PathBuf>,
     /// Number of shards (one pinned executor per core). Default: all cores.
     #[arg(long)]
     cores: Option<u32>,
@@ -406,6 +414,7 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     let cores = a.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let mut cfg = sluice_engine::EngineConfig::new(a.data_dir.clone(), a.listen, cores);
+    cfg.unix_socket = a.unix_socket.clone();
     cfg.containers_per_shard = a.containers_per_core;
     cfg.log_file_bytes = a.log_file_mb << 20;
     cfg.log_prefill = a.log_prefill;
@@ -567,7 +576,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let started = std::time::Instant::now();
     let node = sluice_engine::shard::Node::start(cfg.clone())?;
-    let ports: Vec<&str> = node.endpoints.iter().map(|e| e.address.as_str()).collect();
+    let ports: Vec<&str> = node.endpoints.iter().chain(&node.unix_endpoints).map(|e| e.address.as_str()).collect();
     say!(
         "sluice standalone ready in {:.2?}: {} shards on {}, {} containers, data in {}, tier-2 {}",
         started.elapsed(),
