@@ -22,6 +22,8 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Work sent to a shard (by another shard, or by the cluster agent).
@@ -45,6 +47,8 @@ pub enum ShardMsg {
         handoff: bool,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// A client connected on this shard's Unix socket (accepted by the node's acceptor).
+    UnixClient(std::os::fd::OwnedFd),
     Stop,
 }
 
@@ -258,6 +262,8 @@ pub struct Node {
     pub unix_endpoints: Vec<ShardEndpoint>,
     /// The shards' Unix sockets (removed when the node stops).
     unix_paths: Vec<PathBuf>,
+    /// The thread accepting on them, and its stop flag.
+    acceptor: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
     /// The data directory's lock, held while the node runs.
     _lock: DataDirLock,
 }
@@ -374,8 +380,90 @@ struct Endpoints {
     tcp: Vec<ShardEndpoint>,
     /// Every shard's Unix socket endpoint (empty without `--unix-socket`).
     unix: Vec<ShardEndpoint>,
-    /// This shard's Unix socket.
-    unix_path: Option<PathBuf>,
+}
+
+/// Send buffer of a server's Unix socket (read replies to a client on the host): as the
+/// client's (see `sluice_client`'s connection), 4 MiB where the system allows.
+const UNIX_SEND_BUFFER_BYTES: libc::c_int = 4 << 20;
+
+/// The acceptor thread: waits on every shard's Unix listener (bound before any shard
+/// started, so a client told of a shard's socket always finds it) and hands each client to
+/// its shard. Checks `stop` at least every 200 ms.
+fn accept_unix(
+    listeners: &[std::os::unix::net::UnixListener],
+    shards: &[mpsc::UnboundedSender<ShardMsg>],
+    stop: &AtomicBool,
+) {
+    use std::os::fd::AsRawFd;
+    for l in listeners {
+        if let Err(e) = l.set_nonblocking(true) {
+            tracing::error!(error = %e, "unix socket listener: cannot make it non-blocking; not accepting");
+            return;
+        }
+    }
+    let mut polled: Vec<libc::pollfd> =
+        listeners.iter().map(|l| libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `polled` holds one valid pollfd per listener, which outlive the call.
+        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 200) };
+        if n <= 0 {
+            continue;
+        }
+        for (k, (l, p)) in listeners.iter().zip(&mut polled).enumerate() {
+            if p.revents == 0 {
+                continue;
+            }
+            p.revents = 0;
+            loop {
+                match l.accept() {
+                    Ok((stream, _)) => {
+                        let setup = stream.set_nonblocking(true);
+                        if let Err(e) = setup {
+                            tracing::warn!(error = %e, "unix socket client dropped: cannot make it non-blocking");
+                            continue;
+                        }
+                        set_send_buffer(stream.as_raw_fd());
+                        if shards[k].unbounded_send(ShardMsg::UnixClient(stream.into())).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // Out of descriptors, say: back off rather than spin.
+                        tracing::warn!(shard = k, error = %e, "accept failed (unix socket)");
+                        std::thread::sleep(Duration::from_millis(50));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Asks for `UNIX_SEND_BUFFER_BYTES` of send buffer (beyond `net.core.wmem_max` only with
+/// `CAP_NET_ADMIN`); a refusal leaves the default.
+fn set_send_buffer(fd: std::os::fd::RawFd) {
+    let set = |option: libc::c_int| {
+        let n = UNIX_SEND_BUFFER_BYTES;
+        // SAFETY: setsockopt on a socket we own, with a c_int option value.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                (&raw const n).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    let _ = set(libc::SO_SNDBUFFORCE) || set(libc::SO_SNDBUF);
+}
+
+fn stop_acceptor(acceptor: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>) {
+    if let Some((stop, thread)) = acceptor {
+        stop.store(true, Ordering::Relaxed);
+        let _ = thread.join();
+    }
 }
 
 /// Advertised address for a bound address (an unspecified IP is advertised as loopback).
@@ -536,8 +624,19 @@ impl Node {
             }
             None => Vec::new(),
         };
+        let mut unix_listeners = Vec::new();
         for path in &unix_paths {
-            prepare_unix_socket(path)?;
+            let bound = prepare_unix_socket(path).and_then(|()| {
+                std::os::unix::net::UnixListener::bind(path)
+                    .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+            });
+            match bound {
+                Ok(l) => unix_listeners.push(l),
+                Err(e) => {
+                    remove_unix_sockets(&unix_paths[..unix_listeners.len()]);
+                    return Err(e);
+                }
+            }
         }
         let unix_endpoints: Vec<ShardEndpoint> = unix_paths
             .iter()
@@ -552,11 +651,7 @@ impl Node {
             let placement = if cfg.pin { Placement::Fixed(k as usize % cpus) } else { Placement::Unbound };
             let (cfg, peers, store, ready, tier2) =
                 (cfg.clone(), txs.clone(), store.clone(), ready_tx.clone(), tier2.clone());
-            let addrs = Endpoints {
-                tcp: endpoints.clone(),
-                unix: unix_endpoints.clone(),
-                unix_path: unix_paths.get(k as usize).cloned(),
-            };
+            let addrs = Endpoints { tcp: endpoints.clone(), unix: unix_endpoints.clone() };
             let fd = listener.into_raw_fd();
             let h = LocalExecutorBuilder::new(placement)
                 .spin_before_park(cfg.idle_spin)
@@ -575,7 +670,18 @@ impl Node {
             handles.push(h);
         }
         drop(ready_tx);
-        let node = Node { handles, peers: txs, endpoints, unix_endpoints, unix_paths, _lock: lock };
+        let acceptor = if unix_listeners.is_empty() {
+            None
+        } else {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (peers, flag) = (txs.clone(), stop.clone());
+            let thread = std::thread::Builder::new()
+                .name("sluice-unix-accept".into())
+                .spawn(move || accept_unix(&unix_listeners, &peers, &flag))
+                .map_err(|e| format!("starting the unix socket acceptor: {e}"))?;
+            Some((stop, thread))
+        };
+        let node = Node { handles, peers: txs, endpoints, unix_endpoints, unix_paths, acceptor, _lock: lock };
         for _ in 0..cfg.shards {
             match ready_rx.recv() {
                 Ok(Ok(_)) => {}
@@ -605,6 +711,7 @@ impl Node {
         for h in self.handles {
             let _ = h.join();
         }
+        stop_acceptor(self.acceptor);
         remove_unix_sockets(&self.unix_paths);
     }
 
@@ -620,6 +727,7 @@ impl Node {
                 result = r;
             }
         }
+        stop_acceptor(self.acceptor);
         remove_unix_sockets(&self.unix_paths);
         result
     }
@@ -638,14 +746,6 @@ async fn shard_main<S: MetaStore>(
     ready: &std::sync::mpsc::Sender<Result<u32, String>>,
 ) -> Result<(), String> {
     probe_dma(&cfg.data_dir, index).await?;
-    // Bound here (glommio makes its Unix listeners on their executor), before recovery, as
-    // the TCP one is: clients connecting meanwhile wait in the backlog.
-    let unix = match &endpoints.unix_path {
-        Some(path) => Some(
-            glommio::net::UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?,
-        ),
-        None => None,
-    };
     let pacer = Rc::new(crate::container::io::IoPacer::new(
         cfg.flushes_per_second.div_ceil(u64::from(cfg.shards)),
         cfg.flush_linger,
@@ -677,25 +777,6 @@ async fn shard_main<S: MetaStore>(
     let _ = ready.send(Ok(index));
     if let Some(every) = shard.cfg.scrub_every {
         glommio::spawn_local(scrub_on_schedule(shard.clone(), every)).detach();
-    }
-    if let Some(unix) = unix {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            loop {
-                match unix.accept().await {
-                    Ok(stream) => {
-                        let peer = format!("a client on the unix socket of shard {}", shard.index);
-                        glommio::spawn_local(server::serve_connection(shard.clone(), stream, server::Via::Unix, peer))
-                            .detach();
-                    }
-                    Err(e) => {
-                        tracing::warn!(shard = shard.index, error = %e, "accept failed (unix socket)");
-                        glommio::timer::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        })
-        .detach();
     }
     let accept = {
         let shard = shard.clone();
@@ -755,6 +836,12 @@ async fn shard_main<S: MetaStore>(
                     let _ = reply.send(shard.close(container, handoff).await);
                 })
                 .detach();
+            }
+            ShardMsg::UnixClient(fd) => {
+                // SAFETY: a connected, non-blocking Unix stream socket, now owned by glommio.
+                let stream = unsafe { glommio::net::UnixStream::from_raw_fd(fd.into_raw_fd()) };
+                let peer = format!("a client on the unix socket of shard {index}");
+                glommio::spawn_local(server::serve_connection(shard.clone(), stream, server::Via::Unix, peer)).detach();
             }
             ShardMsg::Stop => break,
         }
