@@ -123,6 +123,12 @@ enum Cmd {
         /// (sluice from this build, redis-server, nats-server 2.10+ or NATS_SERVER_BIN).
         #[arg(long)]
         spawn: bool,
+        /// With --spawn: clients reach the servers over Unix sockets where the server has them
+        /// (Sluice `--unix-socket`, Redis `unixsocket`; NATS has none and stays on TCP), the
+        /// fastest same-host transport of each. Without --spawn, give such URLs instead
+        /// (`unix:PATH`, `redis+unix:///PATH`).
+        #[arg(long, requires = "spawn")]
+        unix: bool,
         /// Sluice's address: `HOST:PORT`, or `unix:PATH` (`--unix-socket PATH`).
         #[arg(long, default_value = "127.0.0.1:9090")]
         sluice_url: String,
@@ -532,6 +538,7 @@ fn run() -> Result<(), String> {
         Cmd::Compare {
             targets,
             spawn,
+            unix,
             sluice_url,
             redis_url,
             nats_url,
@@ -545,7 +552,7 @@ fn run() -> Result<(), String> {
         } => {
             let urls = [sluice_url, redis_url, nats_url];
             let load = peers::Load { count, inflight, rate, batch: batch.max(1) };
-            let spawn = spawn.then_some(sluice_arg.as_slice());
+            let spawn = spawn.then_some(Spawn { sluice_extra: &sluice_arg, unix });
             compare(&rt, &targets, spawn, &urls, load, size, rounds.max(1))?
         }
     };
@@ -575,8 +582,8 @@ fn run() -> Result<(), String> {
 fn compare(
     rt: &tokio::runtime::Runtime,
     targets: &[peers::Target],
-    // With `--spawn`: the extra arguments of a spawned Sluice.
-    spawn: Option<&[String]>,
+    // With `--spawn`: how the servers are started.
+    spawn: Option<Spawn<'_>>,
     urls: &[String; 3],
     load: peers::Load,
     size: usize,
@@ -591,6 +598,8 @@ fn compare(
         rates: Vec<f64>,
         hist: Histogram<u64>,
         version: String,
+        /// `tcp` or `unix`, as the last run reached it.
+        transport: &'static str,
     }
     let mut results: Vec<Runs> = targets
         .iter()
@@ -599,6 +608,7 @@ fn compare(
             rates: Vec::new(),
             hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
             version: String::new(),
+            transport: "tcp",
         })
         .collect();
     for round in 0..rounds {
@@ -607,7 +617,7 @@ fn compare(
         for i in order {
             let target = targets[i];
             let server = match spawn {
-                Some(extra) => Some(peers::spawn(target, &base, extra)?),
+                Some(how) => Some(peers::spawn(target, &base, how.sluice_extra, how.unix)?),
                 None => None,
             };
             let url = match &server {
@@ -625,6 +635,7 @@ fn compare(
             let r = &mut results[i];
             r.rates.push(out.events_per_s);
             r.hist.add(&out.hist).map_err(|e| e.to_string())?;
+            r.transport = peers::transport_of(&url);
             if let Some(s) = &server {
                 r.version = s.version.clone();
             }
@@ -640,11 +651,11 @@ fn compare(
     };
     println!("\n{count} events x {size} B per run, {offered}, {rounds} round(s) each:");
     println!(
-        "{:<8} {:>12} {:>9} {:>9} {:>10}  {:>14} {:>14}  durability",
-        "target", "events/s", "p50 us", "p99 us", "p99.9 us", "sluice thrpt x", "sluice p99 x"
+        "{:<8} {:>5} {:>12} {:>9} {:>9} {:>10}  {:>14} {:>14}  durability",
+        "target", "via", "events/s", "p50 us", "p99 us", "p99.9 us", "sluice thrpt x", "sluice p99 x"
     );
     let mut json = Vec::new();
-    for Runs { target: t, rates, hist: h, version } in &results {
+    for Runs { target: t, rates, hist: h, version, transport } in &results {
         let rate = mean(rates);
         let p99 = h.value_at_quantile(0.99);
         let (ratio, p99_ratio) = match sluice {
@@ -654,8 +665,9 @@ fn compare(
             None => ("-".into(), "-".into()),
         };
         println!(
-            "{:<8} {:>12.0} {:>9} {:>9} {:>10}  {:>14} {:>14}  {}{}",
+            "{:<8} {:>5} {:>12.0} {:>9} {:>9} {:>10}  {:>14} {:>14}  {}{}",
             format!("{t:?}").to_lowercase(),
+            transport,
             rate,
             h.value_at_quantile(0.5),
             p99,
@@ -665,13 +677,24 @@ fn compare(
             t.durability(),
             if version.is_empty() { String::new() } else { format!(" [{version}]") }
         );
-        json.push(serde_json::json!({"target": format!("{t:?}").to_lowercase(), "version": version,
-            "durability": t.durability(), "events_per_s": rates, "mean_events_per_s": rate, "ack": hist_json(h)}));
+        json.push(
+            serde_json::json!({"target": format!("{t:?}").to_lowercase(), "version": version, "transport": transport,
+            "durability": t.durability(), "events_per_s": rates, "mean_events_per_s": rate, "ack": hist_json(h)}),
+        );
     }
     let series = results.into_iter().map(|r| (format!("{:?}", r.target).to_lowercase(), r.hist)).collect();
     let result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,
         "rate": rate, "batch": batch, "rounds": rounds, "targets": json});
     Ok((result, series))
+}
+
+/// How `compare --spawn` starts the servers.
+#[derive(Clone, Copy)]
+struct Spawn<'a> {
+    /// More `sluice standalone` arguments.
+    sluice_extra: &'a [String],
+    /// Unix sockets where the server has them.
+    unix: bool,
 }
 
 /// A run's JSON result and its latency histograms (for plots).

@@ -93,14 +93,21 @@ fn version_of(bin: &Path, arg: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `unix` or `tcp`: how a client reaches `url`.
+pub fn transport_of(url: &str) -> &'static str {
+    if url.starts_with("unix:") || url.starts_with("redis+unix:") { "unix" } else { "tcp" }
+}
+
 /// Starts `target` on a free port in a temporary directory under `base` (`sluice_extra`:
-/// more `sluice standalone` arguments).
-pub fn spawn(target: Target, base: &Path, sluice_extra: &[String]) -> Result<Spawned, String> {
+/// more `sluice standalone` arguments). With `unix`, Sluice and Redis also listen on a Unix
+/// socket in that directory and the returned URL names it (NATS has none: TCP).
+pub fn spawn(target: Target, base: &Path, sluice_extra: &[String], unix: bool) -> Result<Spawned, String> {
     let port = free_port()?;
     let dir = base.join(format!("{target:?}-{port}").to_lowercase());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let log = std::fs::File::create(dir.with_extension("log")).map_err(|e| e.to_string())?;
-    let (bin, args, url): (PathBuf, Vec<String>, String) = match target {
+    let socket = dir.join(format!("{target:?}.sock").to_lowercase());
+    let (bin, mut args, mut url): (PathBuf, Vec<String>, String) = match target {
         Target::Sluice => (
             sibling_or_path("sluice"),
             vec![
@@ -152,6 +159,24 @@ pub fn spawn(target: Target, base: &Path, sluice_extra: &[String]) -> Result<Spa
             (bin, vec!["-c".into(), conf.display().to_string()], format!("nats://127.0.0.1:{port}"))
         }
     };
+    if unix {
+        match target {
+            Target::Sluice => {
+                args.push(format!("--unix-socket={}", socket.display()));
+                url = format!("unix:{}", socket.display());
+            }
+            Target::Redis => {
+                args.extend([
+                    "--unixsocket".into(),
+                    socket.display().to_string(),
+                    "--unixsocketperm".into(),
+                    "700".into(),
+                ]);
+                url = format!("redis+unix://{}", socket.display());
+            }
+            Target::Nats => {}
+        }
+    }
     let version = version_of(&bin, "--version");
     let mut child = Command::new(&bin)
         .args(&args)

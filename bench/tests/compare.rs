@@ -1,6 +1,6 @@
 //! `sluice-bench compare --spawn` end to end: it starts Sluice, Redis (appendfsync always)
 //! and, when a nats-server 2.10+ is installed, NATS JetStream (sync_interval always), runs
-//! the same small produce workload on each, and reports every target. No figures are
+//! the same small produce workload on each (also over Unix sockets), and reports every target. No figures are
 //! asserted beyond "each target acknowledged every event": speed lives in BENCHMARKS.md.
 
 use std::process::Command;
@@ -51,6 +51,14 @@ fn compare_spawns_every_target_and_reports_it() {
     for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
         assert_eq!(r["ack"]["count"].as_u64(), Some(3000), "{t} acknowledged every event of the open loop");
     }
+    // Over Unix sockets where the server has them (NATS stays on TCP).
+    let (stdout, result) = compare(&targets, &["--count", "2000", "--inflight", "100", "--unix"]);
+    for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
+        assert_eq!(r["ack"]["count"].as_u64(), Some(2000), "{t} acknowledged every event over its socket");
+        let via = if *t == "nats" { "tcp" } else { "unix" };
+        assert_eq!(r["transport"], via, "{t}: {stdout}");
+    }
+
     // Offered faster than 10 events in flight allow: the schedule's thread holds back, and
     // every event is still written and acknowledged once.
     let (_, result) = compare(&["sluice"], &["--count", "3000", "--inflight", "10", "--rate", "1000000"]);
