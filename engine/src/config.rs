@@ -12,6 +12,8 @@ pub struct EngineConfig {
     /// Also listen on Unix sockets for clients on the same host: shard 0 on this path,
     /// shard k on `PATH.k` (standalone only).
     pub unix_socket: Option<PathBuf>,
+    /// Permission bits of the Unix sockets (`None`: as the umask leaves them).
+    pub unix_socket_mode: Option<u32>,
     /// Number of shards (executors), one per core.
     pub shards: u32,
     /// Pin shard k to CPU k.
@@ -64,6 +66,7 @@ impl EngineConfig {
             data_dir,
             listen,
             unix_socket: None,
+            unix_socket_mode: None,
             shards,
             pin: true,
             idle_spin: std::time::Duration::ZERO,

@@ -22,8 +22,6 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Work sent to a shard (by another shard, or by the cluster agent).
@@ -262,8 +260,9 @@ pub struct Node {
     pub unix_endpoints: Vec<ShardEndpoint>,
     /// The shards' Unix sockets (removed when the node stops).
     unix_paths: Vec<PathBuf>,
-    /// The thread accepting on them, and its stop flag.
-    acceptor: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// The thread accepting on them, and the socket whose closing stops it (dropping the
+    /// node stops accepting on Unix sockets).
+    acceptor: Option<(std::os::unix::net::UnixStream, std::thread::JoinHandle<()>)>,
     /// The data directory's lock, held while the node runs.
     _lock: DataDirLock,
 }
@@ -388,11 +387,11 @@ const UNIX_SEND_BUFFER_BYTES: libc::c_int = 4 << 20;
 
 /// The acceptor thread: waits on every shard's Unix listener (bound before any shard
 /// started, so a client told of a shard's socket always finds it) and hands each client to
-/// its shard. Checks `stop` at least every 200 ms.
+/// its shard. Ends when `stop` becomes readable (its other end written or closed).
 fn accept_unix(
     listeners: &[std::os::unix::net::UnixListener],
     shards: &[mpsc::UnboundedSender<ShardMsg>],
-    stop: &AtomicBool,
+    stop: &std::os::unix::net::UnixStream,
 ) {
     use std::os::fd::AsRawFd;
     for l in listeners {
@@ -401,13 +400,26 @@ fn accept_unix(
             return;
         }
     }
-    let mut polled: Vec<libc::pollfd> =
-        listeners.iter().map(|l| libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: `polled` holds one valid pollfd per listener, which outlive the call.
-        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 200) };
-        if n <= 0 {
-            continue;
+    let mut polled: Vec<libc::pollfd> = listeners
+        .iter()
+        .map(|l| l.as_raw_fd())
+        .chain([stop.as_raw_fd()])
+        .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+        .collect();
+    loop {
+        // SAFETY: `polled` holds one valid pollfd per listener and the stop socket, which
+        // outlive the call.
+        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(error = %e, "unix socket acceptor: poll failed; not accepting");
+            return;
+        }
+        if polled.last().is_some_and(|p| p.revents != 0) {
+            return;
         }
         for (k, (l, p)) in listeners.iter().zip(&mut polled).enumerate() {
             if p.revents == 0 {
@@ -459,9 +471,10 @@ fn set_send_buffer(fd: std::os::fd::RawFd) {
     let _ = set(libc::SO_SNDBUFFORCE) || set(libc::SO_SNDBUF);
 }
 
-fn stop_acceptor(acceptor: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>) {
+fn stop_acceptor(acceptor: Option<(std::os::unix::net::UnixStream, std::thread::JoinHandle<()>)>) {
     if let Some((stop, thread)) = acceptor {
-        stop.store(true, Ordering::Relaxed);
+        // Closing our end makes the acceptor's end readable (end of stream).
+        drop(stop);
         let _ = thread.join();
     }
 }
@@ -627,8 +640,14 @@ impl Node {
         let mut unix_listeners = Vec::new();
         for path in &unix_paths {
             let bound = prepare_unix_socket(path).and_then(|()| {
-                std::os::unix::net::UnixListener::bind(path)
-                    .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+                let l = std::os::unix::net::UnixListener::bind(path)
+                    .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+                if let Some(mode) = cfg.unix_socket_mode {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                        .map_err(|e| format!("setting the mode of {}: {e}", path.display()))?;
+                }
+                Ok(l)
             });
             match bound {
                 Ok(l) => unix_listeners.push(l),
@@ -673,11 +692,12 @@ impl Node {
         let acceptor = if unix_listeners.is_empty() {
             None
         } else {
-            let stop = Arc::new(AtomicBool::new(false));
-            let (peers, flag) = (txs.clone(), stop.clone());
+            let (stop, stopped) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| format!("starting the unix socket acceptor: {e}"))?;
+            let peers = txs.clone();
             let thread = std::thread::Builder::new()
                 .name("sluice-unix-accept".into())
-                .spawn(move || accept_unix(&unix_listeners, &peers, &flag))
+                .spawn(move || accept_unix(&unix_listeners, &peers, &stopped))
                 .map_err(|e| format!("starting the unix socket acceptor: {e}"))?;
             Some((stop, thread))
         };

@@ -22,8 +22,13 @@ fn socket_arg(path: &Path) -> String {
 async fn a_client_on_the_unix_socket_writes_and_reads_through_every_shard() {
     let dir = TempDir::new("unix");
     let sock = dir.0.join("s.sock");
-    let mut server = Server::start_with(&dir.0.join("data"), free_ports(2), 2, &[&socket_arg(&sock)]);
-    assert!(sock.exists() && dir.0.join("s.sock.1").exists(), "one socket per shard");
+    let mut server =
+        Server::start_with(&dir.0.join("data"), free_ports(2), 2, &[&socket_arg(&sock), "--unix-socket-mode=660"]);
+    for s in [sock.clone(), dir.0.join("s.sock.1")] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&s).expect("one socket per shard").permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "{}: --unix-socket-mode", s.display());
+    }
     let url = format!("unix:{}", sock.display());
     let c = Client::connect(&url).await.unwrap();
     assert_eq!(c.shard_count(), 2);
@@ -116,6 +121,10 @@ async fn sockets_left_by_a_killed_server_are_replaced_and_live_ones_kept() {
     let out = start_expecting_failure(&dir.0.join("third"), &[&socket_arg(&plain)]);
     assert!(out.contains("is not a socket"), "{out}");
     assert_eq!(std::fs::read_to_string(&plain).unwrap(), "keep me");
+
+    // A mode that is not octal permission bits is refused before anything starts.
+    let out = start_expecting_failure(&dir.0.join("fifth"), &[&socket_arg(&sock), "--unix-socket-mode=999"]);
+    assert!(out.contains("not a permission mode"), "{out}");
 
     // A path longer than a Unix socket takes is named as such.
     let long = dir.0.join("x".repeat(120));

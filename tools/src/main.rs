@@ -124,9 +124,14 @@ struct StandaloneArgs {
     /// Also listen on Unix sockets, for clients on this host (`--url unix:PATH`): shard 0 on
     /// PATH, shard k on PATH.k. A socket left by a server that died is replaced; one a live
     /// server listens on is not. Who may connect follows the socket's mode (the umask) and
-    /// its directory's permissions. Standalone only.
+    /// its directory's permissions (see --unix-socket-mode). Standalone only.
     #[arg(long, value_name = "PATH")]
     unix_socket: Option<PathBuf>,
+    /// With --unix-socket: the sockets' permission bits, in octal (e.g. 660 lets the
+    /// server's group connect; connecting needs write permission). Default: as the umask
+    /// leaves them (0755 with umask 022: only the server's user).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode, requires = "unix_socket")]
+    unix_socket_mode: Option<u32>,
     /// Number of shards (one pinned executor per core). Default: all cores.
     #[arg(long)]
     cores: Option<u32>,
@@ -411,10 +416,20 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// `--unix-socket-mode`: octal permission bits, at most 777.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("'{s}' is not a permission mode: give octal digits up to 777, e.g. 660")),
+    }
+}
+
 fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     let cores = a.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let mut cfg = sluice_engine::EngineConfig::new(a.data_dir.clone(), a.listen, cores);
     cfg.unix_socket = a.unix_socket.clone();
+    cfg.unix_socket_mode = a.unix_socket_mode;
     cfg.containers_per_shard = a.containers_per_core;
     cfg.log_file_bytes = a.log_file_mb << 20;
     cfg.log_prefill = a.log_prefill;
