@@ -128,3 +128,32 @@ impl EngineConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> EngineConfig {
+        EngineConfig::new(PathBuf::from("d"), "127.0.0.1:9090".parse().unwrap(), 2)
+    }
+
+    #[test]
+    fn a_unix_socket_is_for_a_standalone_server() {
+        let mut c = cfg();
+        c.unix_socket = Some(PathBuf::from("/tmp/s.sock"));
+        assert!(c.validate().is_ok());
+        c.tier2 = Some("fs:/tmp/t2".into());
+        c.cluster = Some(std::sync::Arc::new(crate::cluster::Routes::new()));
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("standalone"), "{e}");
+        c.unix_socket = None;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn the_last_shard_port_must_exist() {
+        let mut c = cfg();
+        c.listen = "127.0.0.1:65535".parse().unwrap();
+        assert!(c.validate().unwrap_err().contains("overflows"));
+    }
+}
