@@ -127,7 +127,7 @@ pub struct Client {
 /// Normalizes `sluice://host:port`, `host:port`, `:port`, or `unix:PATH` (also
 /// `unix://PATH`) for a server on this host listening on a Unix socket.
 fn normalize(url: &str) -> Result<String, ClientError> {
-    use crate::connection::UNIX_SCHEME;
+    use sluice_net::socket::UNIX_SCHEME;
     if let Some(path) = url.trim().strip_prefix(UNIX_SCHEME) {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {

@@ -1,5 +1,5 @@
-//! One connection (TCP, or a Unix socket on the same host) to one shard endpoint, multiplexing pipelined requests by request id.
-//! A reader task matches replies to waiting callers. A request is written to the socket by
+//! One connection (TCP, or a Unix socket on the same host) to one shard endpoint,
+//! multiplexing pipelined requests by request id. A reader task matches replies to waiting callers. A request is written to the socket by
 //! its caller when the socket is free (no task to wake, no copy of the payload); what the
 //! socket does not take at once waits in the outbox, which a writer task drains, so frames
 //! that pile up while the socket is busy go out in few writes. When the connection breaks
@@ -12,6 +12,7 @@ use bytes::Bytes;
 use sluice_net::constants::{FRAME_BYTES_MAX_DEFAULT, HELLO_MAGIC, PROTOCOL_VERSION};
 use sluice_net::frame::{FrameDecoder, encode_frame_head};
 use sluice_net::messages::{Control, ErrorReply, Hello, HelloReply, Kind};
+use sluice_net::socket::{UNIX_SCHEME, widen_send_buffer};
 use sluice_net::{ErrorCode, Frame};
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -21,9 +22,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Notify, oneshot};
-
-/// How an address names a Unix socket: `unix:PATH`.
-pub const UNIX_SCHEME: &str = "unix:";
 
 /// The socket's write half: TCP, or a Unix socket for a server on this host.
 enum WriteHalf {
@@ -49,40 +47,13 @@ impl WriteHalf {
 
 type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
 
-/// The send buffer asked for on a Unix socket. A Unix stream socket's writer may have only
-/// its send buffer's worth of data queued to the reader, and the default (`wmem_default`,
-/// 208 KiB) is a few hundred microseconds of a client writing 1 GB/s: the writer then
-/// stops and waits for the server at every step (1 KB events: 0.54M/s against 0.99M/s
-/// with 4 MiB here). Loopback TCP grows its buffers to 4 MiB by itself.
-const UNIX_SEND_BUFFER_BYTES: libc::c_int = 4 << 20;
-
-/// Asks for `UNIX_SEND_BUFFER_BYTES` of send buffer: beyond `net.core.wmem_max` if the
-/// process may (`CAP_NET_ADMIN`), else up to it. A refusal leaves the default.
-fn widen_send_buffer(stream: &UnixStream) {
-    use std::os::fd::AsRawFd;
-    let set = |option: libc::c_int| {
-        let n = UNIX_SEND_BUFFER_BYTES;
-        // SAFETY: setsockopt on a socket this stream owns, with a c_int option value.
-        unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&raw const n).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            ) == 0
-        }
-    };
-    if !set(libc::SO_SNDBUFFORCE) && !set(libc::SO_SNDBUF) {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot widen a unix socket's send buffer");
-    }
-}
-
 /// Opens the socket `addr` names (`unix:PATH` or `host:port`) and splits it.
 async fn open(addr: &str) -> std::io::Result<(ReadHalf, WriteHalf)> {
     if let Some(path) = addr.strip_prefix(UNIX_SCHEME) {
         let stream = UnixStream::connect(path).await?;
-        widen_send_buffer(&stream);
+        if !widen_send_buffer(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot widen a unix socket's send buffer");
+        }
         let (rd, wr) = stream.into_split();
         return Ok((Box::new(rd), WriteHalf::Unix(wr)));
     }

@@ -16,6 +16,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use sluice_meta::{Controller, EmbeddedStore, MetaStore};
 use sluice_net::ShardEndpoint;
 use sluice_net::routing::{Placement as SegmentPlacement, container_of, shard_of};
+use sluice_net::socket::{UNIX_SCHEME, widen_send_buffer};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -312,14 +313,11 @@ impl DataDirLock {
     }
 }
 
-/// How an endpoint names a Unix socket: `unix:PATH`.
-pub const UNIX_SCHEME: &str = "unix:";
-
 /// The longest Unix socket path Linux takes (`sun_path` holds 108 bytes with the NUL).
 const UNIX_PATH_MAX: usize = 107;
 
 /// Shard `k`'s Unix socket: shard 0 listens on `path` itself, shard k on `path.k`.
-pub fn unix_socket_path(path: &Path, k: u32) -> PathBuf {
+fn unix_socket_path(path: &Path, k: u32) -> PathBuf {
     if k == 0 {
         return path.to_path_buf();
     }
@@ -381,10 +379,6 @@ struct Endpoints {
     unix: Vec<ShardEndpoint>,
 }
 
-/// Send buffer of a server's Unix socket (read replies to a client on the host): as the
-/// client's (see `sluice_client`'s connection), 4 MiB where the system allows.
-const UNIX_SEND_BUFFER_BYTES: libc::c_int = 4 << 20;
-
 /// The acceptor thread: waits on every shard's Unix listener (bound before any shard
 /// started, so a client told of a shard's socket always finds it) and hands each client to
 /// its shard. Ends when `stop` becomes readable (its other end written or closed).
@@ -434,7 +428,8 @@ fn accept_unix(
                             tracing::warn!(error = %e, "unix socket client dropped: cannot make it non-blocking");
                             continue;
                         }
-                        set_send_buffer(stream.as_raw_fd());
+                        // Read replies go this way: the same buffer as the client's.
+                        let _ = widen_send_buffer(stream.as_raw_fd());
                         if shards[k].unbounded_send(ShardMsg::UnixClient(stream.into())).is_err() {
                             return;
                         }
@@ -452,31 +447,18 @@ fn accept_unix(
     }
 }
 
-/// Asks for `UNIX_SEND_BUFFER_BYTES` of send buffer (beyond `net.core.wmem_max` only with
-/// `CAP_NET_ADMIN`); a refusal leaves the default.
-fn set_send_buffer(fd: std::os::fd::RawFd) {
-    let set = |option: libc::c_int| {
-        let n = UNIX_SEND_BUFFER_BYTES;
-        // SAFETY: setsockopt on a socket we own, with a c_int option value.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                option,
-                (&raw const n).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            ) == 0
-        }
-    };
-    let _ = set(libc::SO_SNDBUFFORCE) || set(libc::SO_SNDBUF);
-}
-
-fn stop_acceptor(acceptor: Option<(std::os::unix::net::UnixStream, std::thread::JoinHandle<()>)>) {
+/// Stops the Unix socket acceptor (if any) and removes the sockets: the node's shards have
+/// ended, or are ending.
+fn close_unix_sockets(
+    acceptor: Option<(std::os::unix::net::UnixStream, std::thread::JoinHandle<()>)>,
+    paths: &[PathBuf],
+) {
     if let Some((stop, thread)) = acceptor {
         // Closing our end makes the acceptor's end readable (end of stream).
         drop(stop);
         let _ = thread.join();
     }
+    remove_unix_sockets(paths);
 }
 
 /// Advertised address for a bound address (an unspecified IP is advertised as loopback).
@@ -731,24 +713,16 @@ impl Node {
         for h in self.handles {
             let _ = h.join();
         }
-        stop_acceptor(self.acceptor);
-        remove_unix_sockets(&self.unix_paths);
+        close_unix_sockets(self.acceptor, &self.unix_paths);
     }
 
     /// Blocks until a shard ends (which only happens on failure or stop).
     pub fn wait(self) -> Result<(), String> {
-        let mut result = Ok(());
-        for h in self.handles {
-            let r = match h.join() {
-                Ok(r) => r,
-                Err(e) => Err(format!("shard failed: {e}")),
-            };
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        stop_acceptor(self.acceptor);
-        remove_unix_sockets(&self.unix_paths);
+        let result = self.handles.into_iter().try_for_each(|h| match h.join() {
+            Ok(r) => r,
+            Err(e) => Err(format!("shard failed: {e}")),
+        });
+        close_unix_sockets(self.acceptor, &self.unix_paths);
         result
     }
 }

@@ -1,5 +1,5 @@
 //! Sluice wire protocol, shared by the server (engine, on the shard executors) and the
-//! client (tokio). This crate does no I/O: it owns the frame layout, the control messages
+//! client (tokio). This crate does no I/O (`socket` only sets a socket option): it owns the frame layout, the control messages
 //! (rkyv archives validated with bytecheck before use), the typed error codes a client can
 //! act on, the id newtypes, the event framing inside segment bytes, and the stable hashes
 //! that route a routing key to a segment and a segment to a container.
@@ -16,6 +16,7 @@ pub mod messages;
 pub mod retention;
 pub mod routing;
 pub mod scaling;
+pub mod socket;
 pub mod txn;
 
 pub use error::{ErrorCode, ProtocolError};
