@@ -75,6 +75,9 @@ pub fn problems(h: &ContainerHealth) -> Vec<String> {
         let last = h.last_damaged_read.as_deref().unwrap_or("");
         out.push(format!("{} reads refused on damaged data since the node started; the last: {last}", h.damaged_reads));
     }
+    for line in &h.salvaged {
+        out.push(format!("started past damaged log records (--salvage-damaged-log): {line}"));
+    }
     if let (Some(ms), false) = (h.scrub_ago_ms, h.scrub_damage.is_empty()) {
         for d in &h.scrub_damage {
             out.push(format!("the last log scrub ({} ago) found: {d}", ago(ms)));
@@ -102,7 +105,7 @@ pub fn json(stats: &[ShardStats]) -> serde_json::Value {
                         "no_space_ms": h.no_space_ms, "mover_failing_ms": h.mover_failing_ms,
                         "mover_error": h.mover_error, "damaged_reads": h.damaged_reads,
                         "last_damaged_read": h.last_damaged_read, "scrub_ago_ms": h.scrub_ago_ms,
-                        "scrub_damage": h.scrub_damage, "problems": problems(h)})
+                        "scrub_damage": h.scrub_damage, "salvaged": h.salvaged, "problems": problems(h)})
                 })
                 .collect();
             serde_json::json!({"shard": s.shard, "window_ms": s.window_ms, "appends": l(&s.appends),
@@ -195,6 +198,7 @@ mod tests {
             last_damaged_read: Some("record at byte 8192 fails its checksum".into()),
             scrub_ago_ms: Some(7_300_000),
             scrub_damage: vec!["file 1: damaged".into(), "file 2: damaged".into()],
+            salvaged: vec!["s/t/0: bytes 10..20 lost".into()],
         };
         let scrubbed_sound = ContainerHealth { scrub_ago_ms: Some(1_000), ..fine(1) };
         let (t, n) = health(&[shard(0, vec![fine(0), sick]), shard(1, vec![scrubbed_sound])]);
@@ -211,6 +215,7 @@ mod tests {
                 "  container 3 (shard 0): disk full for 5s: appends refused until a log file fits",
                 "  container 3 (shard 0): tier-2 mover failing for 2m 5s: tier-2 down",
                 "  container 3 (shard 0): 2 reads refused on damaged data since the node started; the last: record at byte 8192 fails its checksum",
+                "  container 3 (shard 0): started past damaged log records (--salvage-damaged-log): s/t/0: bytes 10..20 lost",
                 "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 1: damaged",
                 "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 2: damaged",
             ]

@@ -58,6 +58,9 @@ pub struct EngineConfig {
     pub scrub_every: Option<std::time::Duration>,
     /// Pace of a scheduled scrub, bytes per second per shard (0: unpaced).
     pub scrub_bytes_per_sec: u64,
+    /// Recovery replays past damaged records of a current log file instead of refusing to
+    /// start (see `CoreConfig::salvage`).
+    pub salvage_damaged_log: bool,
 }
 
 impl EngineConfig {
@@ -90,6 +93,7 @@ impl EngineConfig {
             writer_idle: std::time::Duration::from_secs(WRITER_IDLE_S_DEFAULT),
             scrub_every: None,
             scrub_bytes_per_sec: SCRUB_RATE_MB_DEFAULT * 1_000_000,
+            salvage_damaged_log: false,
         }
     }
 

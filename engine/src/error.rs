@@ -82,7 +82,8 @@ impl EngineError {
 pub enum RecoveryError {
     #[error(
         "corrupt log {file}: invalid record at byte {offset} is followed by a valid record at byte {valid_at}; \
-         this is damage to acknowledged data, not a torn write. Refusing to start; inspect with `sluice log dump`"
+         this is damage to acknowledged data, not a torn write. Refusing to start; inspect with `sluice log dump`, \
+         or start with --salvage-damaged-log to serve every sound record (the damaged ones are lost)"
     )]
     Corrupt { file: PathBuf, offset: u64, valid_at: u64 },
     #[error("log {file}: {reason}")]

@@ -240,6 +240,7 @@ fn core_config(cfg: &EngineConfig, c: u32, tier2: bool) -> CoreConfig {
         log_bytes_max: if tier2 { cfg.log_bytes_max } else { u64::MAX },
         prefill: cfg.log_prefill,
         writer_idle_ms: cfg.writer_idle.as_millis() as u64,
+        salvage: cfg.salvage_damaged_log,
     }
 }
 

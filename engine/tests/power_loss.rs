@@ -263,6 +263,7 @@ fn run_seed(seed: u64) -> (u64, usize, usize) {
         pending_bytes_max: 1 << 30,
         prefill: Default::default(),
         writer_idle_ms: 0,
+        salvage: false,
     };
     let names: Vec<String> = (0..3).map(|i| format!("s/t/{i}")).collect();
     let mut disk = Disk::default();
@@ -440,6 +441,7 @@ fn fresh_cfg() -> CoreConfig {
         pending_bytes_max: 1 << 30,
         prefill: Default::default(),
         writer_idle_ms: 0,
+        salvage: false,
     }
 }
 
@@ -515,6 +517,101 @@ fn corrupt_middle_refuses_to_start() {
         Err(e) => panic!("wrong error {e:?}"),
         Ok(_) => panic!("recovery accepted a corrupt log"),
     }
+}
+
+/// An unnumbered append of one event to `name`.
+fn event_to(name: &str, payload: &[u8]) -> Request {
+    match one_event(payload) {
+        Request::Append { writer, first_event_number, event_count, expected_offset, data, .. } => {
+            Request::Append { name: name.into(), writer, first_event_number, event_count, expected_offset, data }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Submits `reqs` and writes them in one flush (one record).
+fn one_record(core: &mut ContainerCore, sim: &mut Sim, reqs: Vec<Request>) {
+    for r in reqs {
+        core.submit(r).unwrap();
+    }
+    while flush(core, sim).ok().flatten().is_some() {}
+}
+
+/// Salvage (`CoreConfig::salvage`): a record in the middle of the current file damaged,
+/// sound ones after it. Without salvage recovery refuses; with it every sound record is
+/// replayed. `a/b/0` lost one append: a hole where it was, the events on both sides read,
+/// and a read at the hole fails as damaged data naming where the data resumes. `s/c/0`,
+/// created in the lost record, is gone (its later append dropped); `s/b/0` reads whole.
+/// Appends go on after the last sound record, and recovering again (salvaging again, the
+/// damage still in the file) finds the same and the new appends.
+#[test]
+fn salvage_replays_past_a_damaged_record_leaving_holes() {
+    use sluice_engine::error::EngineError;
+    let (mut core, mut sim) = setup();
+    one_record(&mut core, &mut sim, vec![Request::Create { name: "s/b/0".into() }]);
+    one_record(&mut core, &mut sim, vec![event_to("a/b/0", b"a1"), event_to("s/b/0", b"b1")]);
+    one_record(
+        &mut core,
+        &mut sim,
+        vec![event_to("a/b/0", b"a2-lost"), Request::Create { name: "s/c/0".into() }, event_to("s/c/0", b"c1")],
+    );
+    one_record(&mut core, &mut sim, vec![event_to("a/b/0", b"a3"), event_to("s/b/0", b"b2"), event_to("s/c/0", b"c2")]);
+    one_record(&mut core, &mut sim, vec![event_to("s/b/0", b"b3")]);
+    let scan = scan_file(&Bytes::from(sim.disk.files[&0].clone()));
+    // The checkpoint, the creation of a/b/0 and of s/b/0, then the three-append records.
+    assert_eq!(scan.records.len(), 7);
+    let victim = scan.records[4].pos;
+    sim.disk.files.get_mut(&0).unwrap()[victim as usize + 60] ^= 0xFF;
+
+    let images =
+        |disk: &Disk| -> Vec<(u64, Bytes)> { disk.files.iter().map(|(s, b)| (*s, Bytes::from(b.clone()))).collect() };
+    assert!(matches!(
+        ContainerCore::recover(fresh_cfg(), &images(&sim.disk)),
+        Err(sluice_engine::container::core::RecoverFault::Corrupt { at, .. }) if at == victim
+    ));
+    let salvage = CoreConfig { salvage: true, ..fresh_cfg() };
+    let (a1, a2) = (framed(b"a1"), framed(b"a2-lost"));
+    let check = |core: &mut ContainerCore, disk: &Disk, a_more: &[&[u8]]| {
+        let lines = core.salvaged().join("\n");
+        assert!(lines.contains(&format!("damaged records at bytes {victim}..")), "{lines}");
+        assert!(lines.contains("1 records lost"), "{lines}");
+        assert!(lines.contains(&format!("a/b/0: bytes {a1}..{} lost", a1 + a2)), "{lines}");
+        assert!(lines.contains("1 entries for segments created in the lost records dropped"), "{lines}");
+        let events = |d: Vec<u8>| EventIter::new(&d).map(|e| e.unwrap().to_vec()).collect::<Vec<_>>();
+        // A read from the start ends at the hole.
+        match core.read("a/b/0", 0, 1 << 16).unwrap().0 {
+            ReadOutcome::Log { pieces, .. } => assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), a1, "{pieces:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(events(read_range(core, disk, "a/b/0", 0, a1)), vec![b"a1".to_vec()], "up to the hole");
+        match core.read("a/b/0", a1, 1 << 16) {
+            Err(EngineError::DamagedLog { resume, message }) => {
+                assert_eq!(resume, a1 + a2, "{message}");
+                assert!(message.contains(&format!("no sound record holds offset {a1} of a/b/0")), "{message}");
+            }
+            other => panic!("a read in the hole gave {other:?}"),
+        }
+        let mut after = vec![b"a3".to_vec()];
+        after.extend(a_more.iter().map(|m| m.to_vec()));
+        assert_eq!(events(read_range(core, disk, "a/b/0", a1 + a2, u64::MAX)), after, "after the hole");
+        let b: Vec<Vec<u8>> = ["b1", "b2", "b3"].iter().map(|s| s.as_bytes().to_vec()).collect();
+        assert_eq!(events(read_range(core, disk, "s/b/0", 0, u64::MAX)), b, "untouched");
+        assert!(matches!(core.status("s/c/0"), Err(EngineError::NoSuchSegment(_))), "created in the lost record");
+    };
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&salvage, &mut disk);
+    check(&mut core, &disk, &[]);
+
+    // Appends go on after the last sound record; the next recovery salvages the same.
+    let mut sim = Sim { rng: StdRng::seed_from_u64(2), disk, steps_left: u64::MAX };
+    one_record(&mut core, &mut sim, vec![event_to("a/b/0", b"a4")]);
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&salvage, &mut disk);
+    check(&mut core, &disk, &[b"a4"]);
+    assert!(matches!(
+        ContainerCore::recover(fresh_cfg(), &images(&disk)),
+        Err(sluice_engine::container::core::RecoverFault::Corrupt { at, .. }) if at == victim
+    ));
 }
 
 #[test]

@@ -545,7 +545,7 @@ control!(
 );
 
 /// What an operator needs to know about one container: how much log it holds, and whatever
-/// is wrong with it (nothing: every `Option` `None`, `damaged_reads` 0, `scrub_damage` empty).
+/// is wrong with it (nothing: every `Option` `None`, `damaged_reads` 0, `scrub_damage` and `salvaged` empty).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct ContainerHealth {
     pub container: u32,
@@ -566,6 +566,9 @@ pub struct ContainerHealth {
     /// what that scrub found (empty: sound).
     pub scrub_ago_ms: Option<u64>,
     pub scrub_damage: Vec<String>,
+    /// What its recovery at this node's start went past and lost, with
+    /// `--salvage-damaged-log` (empty: nothing was damaged).
+    pub salvaged: Vec<String>,
 }
 
 control!(

@@ -1,5 +1,6 @@
 //! Damage to acknowledged data in a container log: the real server must refuse to start and
-//! name the file and offset; a torn tail (garbage after the last record) must be cut.
+//! name the file and offset (or, when told to salvage, start and serve every sound record);
+//! a torn tail (garbage after the last record) must be cut.
 
 use sluice_client::{Client, ReadFrom};
 use sluice_tests::{TempDir, free_ports, sluice_bin};
@@ -630,4 +631,108 @@ async fn a_damaged_record_holds_the_mover_until_the_segment_is_truncated_past_it
     }
     assert_eq!(at, length, "everything from the new start reads back");
     eprintln!("resumed at {resume}; {events} events read back to {length}");
+}
+
+/// A record damaged in the middle of the current log file (sound records after it): the
+/// node refuses to start and names the way out; with `--salvage-damaged-log` it starts and
+/// serves every sound record. The segment whose event was in the damaged record reads up to
+/// it, then fails with `DataCorrupt` saying where its data resumes, and reads on from there;
+/// the other segment reads whole; `sluice stats --check` names what was lost. Appends go on,
+/// and after another kill and a salvaging restart everything reads the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_current_log_file_is_salvaged_on_request() {
+    use sluice_net::ErrorCode;
+    use sluice_net::event::EventIter;
+    let dir = TempDir::new("salvage");
+    let data = dir.0.join("data");
+    let port = free_ports(1);
+    let base = ["--cache-mb", "0", "--containers-per-core", "1"];
+    let mut server = sluice_tests::Server::start_with(&data, port, 1, &base);
+    let url = server.url();
+    let c = Client::connect(&url).await.unwrap();
+    c.create_scope("sv").await.unwrap();
+    for s in ["s", "t"] {
+        c.create_stream("sv", s, 1).await.unwrap();
+    }
+    let (ws, wt) = (c.event_writer("sv/s").await.unwrap(), c.event_writer("sv/t").await.unwrap());
+    for i in 0..20 {
+        // One record per event.
+        ws.write_event(b"k", format!("s-{i}").into_bytes()).await.unwrap();
+        wt.write_event(b"k", format!("t-{i}").into_bytes()).await.unwrap();
+    }
+    server.kill();
+    let (file, recs) = files_with_records(&data, 40).pop().expect("the current log file");
+    let victim = recs[recs.len() / 2];
+    flip_byte(&file, victim + 60);
+
+    let out = Command::new(sluice_bin())
+        .args(["standalone", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &url, "--cores", "1", "--no-pin", "--log-file-mb", "8"])
+        .args(base)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a damaged log: {stderr}");
+    assert!(stderr.contains(&format!("byte {victim}")) && stderr.contains("--salvage-damaged-log"), "{stderr}");
+
+    let salvage = [&base[..], &["--salvage-damaged-log"]].concat();
+    let mut server = sluice_tests::Server::start_with(&data, port, 1, &salvage);
+    assert!(server.output().contains("recovery salvaged past damage"), "{}", server.output());
+
+    /// Every event of `segment`, and the offsets where reads failed on damage with the
+    /// offset they named to resume at.
+    async fn read_all(c: &Client, segment: &str) -> (Vec<String>, Vec<(u64, u64)>) {
+        let length = c.segment_info(segment).await.unwrap().length;
+        let (mut at, mut events, mut holes) = (0, Vec::new(), Vec::new());
+        while at < length {
+            match c.read_segment(segment, at, 64 << 10, Duration::ZERO).await {
+                Ok((_, d)) => {
+                    assert!(!d.is_empty(), "{segment}: nothing at {at} of {length}");
+                    events.extend(EventIter::new(&d).map(|e| String::from_utf8(e.unwrap().to_vec()).unwrap()));
+                    at += d.len() as u64;
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{segment} at {at}: {e}");
+                    let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else {
+                        panic!("no offset in {e:?}")
+                    };
+                    assert!(resume > at && holes.len() < 3, "{segment}: resume {resume} at {at}");
+                    holes.push((at, resume));
+                    at = resume;
+                }
+            }
+        }
+        (events, holes)
+    }
+    let check = |c: Client, more: usize| async move {
+        let (s, s_holes) = read_all(&c, "sv/s/0").await;
+        let (t, t_holes) = read_all(&c, "sv/t/0").await;
+        // The damaged record held one event of one segment: that segment has a hole there.
+        let (damaged, whole, holes, prefix) =
+            if s_holes.is_empty() { (t, s, t_holes, "t") } else { (s, t, s_holes, "s") };
+        assert_eq!(holes.len(), 1, "{holes:?}");
+        let expected = |p: &str, n: usize| (0..n).map(|i| format!("{p}-{i}")).collect::<Vec<_>>();
+        assert_eq!(whole, expected(if prefix == "s" { "t" } else { "s" }, 20), "the other segment reads whole");
+        let mut all = expected(prefix, 20 + more);
+        let lost = all.iter().position(|e| !damaged.contains(e)).expect("one event lost");
+        all.remove(lost);
+        assert_eq!(damaged, all, "every other event, in order ({} lost)", expected(prefix, 20)[lost]);
+        prefix.to_string()
+    };
+    let damaged = check(Client::connect(&url).await.unwrap(), 0).await;
+    let (ok, out, err) = sluice_tests::cli(&url, &["stats", "--check"], None);
+    assert!(!ok, "{out}{err}");
+    let line = |needle: &str| out.lines().any(|l| l.contains("started past damaged log records") && l.contains(needle));
+    assert!(line(&format!("damaged records at bytes {victim}..")) && line("1 records lost"), "{out}");
+    assert!(line(&format!("sv/{damaged}/0: bytes ")), "{out}");
+
+    // Appends go on after the last sound record; a kill and a salvaging restart keep all.
+    let w = c.event_writer(&format!("sv/{damaged}")).await.unwrap();
+    for i in 20..25 {
+        w.write_event(b"k", format!("{damaged}-{i}").into_bytes()).await.unwrap();
+    }
+    server.kill();
+    server.restart();
+    assert_eq!(check(Client::connect(&url).await.unwrap(), 5).await, damaged);
 }

@@ -71,7 +71,8 @@ enum Cmd {
     /// flight, then its own) and log flushes (write and sync). A client's latency minus
     /// these is the network and the client's own scheduling. Then each container's state:
     /// its log's size and anything wrong (stopped, disk full, tier-2 mover failing, reads
-    /// refused on damaged data, damage found by its last log scrub).
+    /// refused on damaged data, damage found by its last log scrub, what a start with
+    /// --salvage-damaged-log lost).
     Stats(stats::StatsArgs),
 }
 
@@ -173,6 +174,15 @@ struct StandaloneArgs {
     /// server's log as errors. Off by default; `sluice log scrub` runs one at any time.
     #[arg(long, value_name = "INTERVAL", value_parser = parse_interval)]
     scrub_every: Option<Duration>,
+    /// Start even if a container's current log file has damaged records with sound ones
+    /// after them (acknowledged data was damaged; without this flag the node refuses to
+    /// start and names the file and byte). Every sound record is replayed; each segment that
+    /// lost appends keeps a hole where they were (reads there fail as damaged data and say
+    /// where the data resumes); what was lost is logged as errors and shown by `sluice stats`
+    /// until the node restarts. The damaged bytes stay in the file for inspection (`sluice
+    /// log dump`). Appends whose segment had no later append are lost without a hole.
+    #[arg(long)]
+    salvage_damaged_log: bool,
     /// Most MB a scheduled scrub reads per second on each shard (0: as fast as the disk goes).
     #[arg(long, default_value_t = sluice_engine::constants::SCRUB_RATE_MB_DEFAULT, value_name = "MB")]
     scrub_rate_mb: u64,
@@ -446,6 +456,7 @@ fn engine_config(a: &StandaloneArgs) -> sluice_engine::EngineConfig {
     cfg.writer_idle = Duration::from_secs(a.writer_idle_hours.saturating_mul(3600));
     cfg.scrub_every = a.scrub_every;
     cfg.scrub_bytes_per_sec = a.scrub_rate_mb.saturating_mul(1_000_000);
+    cfg.salvage_damaged_log = a.salvage_damaged_log;
     cfg
 }
 

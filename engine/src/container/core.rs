@@ -19,7 +19,7 @@ use crate::error::EngineError;
 use crate::log::checkpoint::{CheckpointState, SegmentCheckpoint};
 use crate::log::entry::{APPEND_HEADER_BYTES, LogEntry, decode_entries};
 use crate::log::format::{RecordHeader, RecordKind, encode_record};
-use crate::log::scan::{FileScan, ScanEnd, scan_file};
+use crate::log::scan::{FileScan, ScanEnd, Skipped, scan_file, scan_past_damage};
 use bytes::Bytes;
 use sluice_net::event::{skip_events, validate_events};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -43,6 +43,11 @@ pub struct CoreConfig {
     /// drop resends, which a writer makes only within its retry window (a minute); without
     /// a limit every writer that ever wrote stays in memory and in every checkpoint.
     pub writer_idle_ms: u64,
+    /// What recovery does with damaged records in the current log file that have sound ones
+    /// after them (acknowledged data was damaged): `false` refuses to start; `true` replays
+    /// every sound record, leaving a hole in each segment whose appends were lost (reads
+    /// there fail with `DamagedLog`) and reporting what was lost (`RecoveryReport::salvage`).
+    pub salvage: bool,
 }
 
 /// How a new log file's blocks are prepared before records go into them.
@@ -384,6 +389,48 @@ pub struct RecoveryReport {
     pub torn_tail_at: Option<u64>,
 }
 
+/// What a salvage (recovery past damaged records, `CoreConfig::salvage`) lost.
+#[derive(Debug, Default)]
+struct Salvage {
+    /// Records missing from the LSN chain.
+    lost_records: u64,
+    /// Per segment name, the offset ranges whose appends were lost, in order.
+    holes: Vec<(String, u64, u64)>,
+    /// Entries for segments the core does not know (created in a lost record).
+    unknown_segment: u64,
+    /// Appends below a segment's replayed length (their place already taken).
+    overlapping: u64,
+}
+
+impl Salvage {
+    fn lines(&self, seq: u64, skipped: &[Skipped]) -> Vec<String> {
+        let file = crate::log::file_name(seq);
+        let mut out: Vec<String> = skipped
+            .iter()
+            .map(|k| {
+                format!("log file {file}: damaged records at bytes {}..{} skipped ({})", k.at, k.valid_at, k.reason)
+            })
+            .collect();
+        out.push(format!(
+            "{} records lost; a segment whose last appends were among them ends before them, without a hole",
+            self.lost_records
+        ));
+        for (name, from, to) in &self.holes {
+            out.push(format!("{name}: bytes {from}..{to} lost (reads there fail as damaged data)"));
+        }
+        if self.unknown_segment > 0 {
+            out.push(format!(
+                "{} entries for segments created in the lost records dropped (those segments are gone)",
+                self.unknown_segment
+            ));
+        }
+        if self.overlapping > 0 {
+            out.push(format!("{} appends below their segment's replayed length dropped", self.overlapping));
+        }
+        out
+    }
+}
+
 /// A recovery failure, before it is tied to a path.
 #[derive(Debug)]
 pub enum RecoverFault {
@@ -426,6 +473,9 @@ pub struct ContainerCore {
     /// before they are created (`LogEntry::CreationsRecorded`; true from the start for a
     /// container this build created).
     creations_recorded: bool,
+    /// What recovery salvaged past damaged records and lost, one line each (empty: nothing;
+    /// see `CoreConfig::salvage`).
+    salvaged: Vec<String>,
     /// Shadow segments whose merge is accepted but not yet durable.
     merging: HashSet<String>,
     /// Wall-clock time (Unix ms) as last told by the I/O driver (`set_now_ms`), and when it
@@ -461,6 +511,7 @@ impl ContainerCore {
             files_freeing: 0,
             garbage: Vec::new(),
             creations_recorded: true,
+            salvaged: Vec::new(),
             merging: HashSet::new(),
             now_ms: 0,
             clock_started_ms: None,
@@ -570,6 +621,11 @@ impl ContainerCore {
     /// off: then it is simply no longer here).
     pub fn poison_reason(&self) -> Option<&str> {
         self.poisoned.as_deref().filter(|_| !self.stopped)
+    }
+
+    /// What recovery lost to damaged records it went past, one line each (empty: nothing).
+    pub fn salvaged(&self) -> &[String] {
+        &self.salvaged
     }
 
     /// Bytes of the log files on disk, each counted whole.
@@ -1207,6 +1263,44 @@ impl ContainerCore {
         }
     }
 
+    /// Salvage (replay past damaged records): whether `entry` can be applied, after making
+    /// room for it. An append or merge beyond its segment's length leaves a hole there (the
+    /// lost appends): the segment's length jumps to it and its lost range maps to this file,
+    /// whose index has nothing there. Entries for unknown segments and appends below the
+    /// length are dropped and counted.
+    fn salvage_entry(&mut self, entry: &LogEntry, file_seq: u64, salvage: &mut Salvage) -> bool {
+        let segment = match entry {
+            LogEntry::Create { .. } | LogEntry::CreationsRecorded => return true,
+            LogEntry::Append { segment, .. }
+            | LogEntry::Merge { segment, .. }
+            | LogEntry::Seal { segment }
+            | LogEntry::Truncate { segment, .. }
+            | LogEntry::Delete { segment }
+            | LogEntry::Chunk { segment, .. }
+            | LogEntry::ChunksClosed { segment } => *segment,
+        };
+        let Some(s) = self.segments.get_mut(&segment) else {
+            salvage.unknown_segment += 1;
+            return false;
+        };
+        let offset = match entry {
+            LogEntry::Append { offset, .. } | LogEntry::Merge { offset, .. } => *offset,
+            _ => return true,
+        };
+        if offset < s.length {
+            salvage.overlapping += 1;
+            return false;
+        }
+        if offset > s.length {
+            if s.files.last().is_none_or(|&(_, f)| f != file_seq) {
+                s.files.push((s.length, file_seq));
+            }
+            salvage.holes.push((s.name.clone(), s.length, offset));
+            s.length = offset;
+        }
+        true
+    }
+
     /// Durable data of an append or a merge at `offset` of `segment`.
     fn apply_data(
         &mut self,
@@ -1496,20 +1590,16 @@ impl ContainerCore {
         // headers between them): one read takes up to twice the bytes asked for.
         let pieces = index.locate(status.id, offset, max as u64, 2 * max as u64);
         if pieces.is_empty() {
-            // An older file's index holds the records its scan found sound: one that misses
-            // data the segment has there lost it to damage.
-            if file_seq != self.file_seq {
-                let message = format!(
-                    "container {} log file {}: no sound record holds offset {offset} of {name} (a damaged record; \
-                     `sluice log scrub` names it)",
-                    self.cfg.container,
-                    crate::log::file_name(file_seq)
-                );
-                return Err(self.damaged(name, file_seq, Damage::Missing(offset), message));
-            }
-            return Err(EngineError::BadRequest(format!(
-                "log file {file_seq:x} has no data for offset {offset} of {name}"
-            )));
+            // A file's index holds the records its scan found sound (for the current file,
+            // those a salvaging recovery replayed): one that misses data the segment has
+            // there lost it to damage.
+            let message = format!(
+                "container {} log file {}: no sound record holds offset {offset} of {name} (a damaged record; \
+                 `sluice log scrub` names it)",
+                self.cfg.container,
+                crate::log::file_name(file_seq)
+            );
+            return Err(self.damaged(name, file_seq, Damage::Missing(offset), message));
         }
         let (first, &(last, last_len)) = (pieces[0].0, pieces.last().expect("not empty"));
         let Some(records) = index.record_span(first, last + last_len) else {
@@ -1549,10 +1639,18 @@ impl ContainerCore {
             let next = files.last().map_or(0, |(s, _)| s + 1);
             return Ok((Self::new(cfg, max_epoch + 1, next), report));
         };
-        let (seq, scan) = (files[a].0, &scans[a]);
-        if let ScanEnd::Corrupt { at, valid_at, .. } = scan.stop {
-            return Err(RecoverFault::Corrupt { file_seq: seq, at, valid_at });
-        }
+        let seq = files[a].0;
+        let salvaged;
+        let (scan, skipped) = match (&scans[a].stop, cfg.salvage) {
+            (ScanEnd::Corrupt { at, valid_at, .. }, false) => {
+                return Err(RecoverFault::Corrupt { file_seq: seq, at: *at, valid_at: *valid_at });
+            }
+            (ScanEnd::Corrupt { .. }, true) => {
+                salvaged = scan_past_damage(&files[a].1);
+                (&salvaged.0, salvaged.1.as_slice())
+            }
+            _ => (&scans[a], &[][..]),
+        };
         let invalid = |reason: String| RecoverFault::Invalid { file_seq: seq, reason };
         let ck = CheckpointState::decode(&scan.records[0].payload).map_err(invalid)?;
         let file_bytes = scan.header.as_ref().expect("checked").file_bytes;
@@ -1578,15 +1676,33 @@ impl ContainerCore {
             core.segments.insert(sc.id, s);
         }
         let mut epoch = ck.epoch.max(max_epoch);
-        for rec in &scan.records[1..] {
+        let mut salvage = Salvage::default();
+        for (i, rec) in scan.records.iter().enumerate().skip(1) {
             if rec.header.kind != RecordKind::Batch {
                 return Err(invalid(format!("unexpected checkpoint at byte {}", rec.pos)));
             }
+            let prev = &scan.records[i - 1].header;
+            if rec.header.lsn <= prev.lsn || rec.header.epoch < prev.epoch {
+                // Only across a skipped stretch (the scan checks the chain within one).
+                return Err(invalid(format!(
+                    "the record at byte {} (lsn {}, epoch {}) after damaged records does not follow lsn {}                      epoch {}: cannot salvage",
+                    rec.pos, rec.header.lsn, rec.header.epoch, prev.lsn, prev.epoch
+                )));
+            }
+            salvage.lost_records += rec.header.lsn - prev.lsn - 1;
             core.current_index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(invalid)? {
-                core.apply_durable(&entry, seq, pos, false);
+                if skipped.is_empty() || core.salvage_entry(&entry, seq, &mut salvage) {
+                    core.apply_durable(&entry, seq, pos, false);
+                }
             }
             report.records_replayed += 1;
+        }
+        if !skipped.is_empty() {
+            core.salvaged = salvage.lines(seq, skipped);
+            // A lost record may have named a tier-2 chunk before its creation: the next mover
+            // lists tier-2 and deletes chunks no entry names.
+            core.creations_recorded = false;
         }
         for r in &scan.records {
             epoch = epoch.max(r.header.epoch);
@@ -1621,6 +1737,7 @@ mod tests {
             log_bytes_max: u64::MAX,
             prefill: Prefill::Never,
             writer_idle_ms: 0,
+            salvage: false,
         };
         let mut c = ContainerCore::new(cfg, 1, 0);
         c.set_now_ms(1);

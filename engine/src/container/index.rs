@@ -65,6 +65,21 @@ impl FileIndex {
         Some((self.record_holding(from)?.0, self.record_holding(to.checked_sub(1)?)?.1))
     }
 
+    /// The end of the run of back-to-back records from the one holding file byte `at`,
+    /// looked for up to `limit` (a run reaching it ends there). A gap between records is a
+    /// damaged stretch the scan skipped: a read that spanned it would take damaged bytes.
+    fn run_end(&self, at: u64, limit: u64) -> u64 {
+        let Some(first) = self.records.partition_point(|&(p, _)| p <= at).checked_sub(1) else { return limit };
+        let mut end = self.records[first].0 + self.records[first].1;
+        for &(p, l) in &self.records[first + 1..] {
+            if p != end || end >= limit {
+                break;
+            }
+            end = p + l;
+        }
+        end.min(limit)
+    }
+
     /// The first offset of `segment` this file holds beyond `offset` (where its data resumes
     /// after a stretch the index lacks).
     pub fn offset_beyond(&self, segment: u64, offset: u64) -> Option<u64> {
@@ -87,15 +102,16 @@ impl FileIndex {
         let Some(v) = self.segments.get(&segment) else { return Vec::new() };
         let mut out: Vec<(u64, u64)> = Vec::new();
         let (mut at, mut total) = (offset, 0u64);
+        let mut span_end = u64::MAX;
         for e in &v[v.partition_point(|e| e.offset + u64::from(e.len) <= offset)..] {
             if e.offset > at || total >= max {
                 break;
             }
             let skip = at - e.offset;
             let (pos, len) = (e.file_pos + skip, (u64::from(e.len) - skip).min(max - total));
-            if let Some(&(first, _)) = out.first()
-                && pos + len > first + span_max
-            {
+            if out.is_empty() {
+                span_end = self.run_end(pos, pos.saturating_add(span_max));
+            } else if pos + len > span_end {
                 break;
             }
             out.push((pos, len));
@@ -109,6 +125,23 @@ impl FileIndex {
 #[cfg(test)]
 mod tests {
     use super::FileIndex;
+
+    /// Records with a gap between them (a damaged stretch a scan skipped): a read's span
+    /// ends at the gap, so that it never takes the damaged bytes; the next read starts after.
+    #[test]
+    fn locate_stops_at_a_gap_between_records() {
+        let mut idx = FileIndex::default();
+        idx.push_record(1000, 300);
+        idx.push(1, 0, 1040, 100);
+        idx.push_record(1300, 300);
+        idx.push(1, 100, 1340, 150);
+        // 1600..5000: damaged, not indexed.
+        idx.push_record(5000, 400);
+        idx.push(1, 250, 5040, 50);
+        assert_eq!(idx.locate(1, 0, 1 << 20, 1 << 20), vec![(1040, 100), (1340, 150)]);
+        assert_eq!(idx.record_span(1040, 1490), Some((1000, 1600)));
+        assert_eq!(idx.locate(1, 250, 1 << 20, 1 << 20), vec![(5040, 50)]);
+    }
 
     #[test]
     fn locate_gathers_consecutive_appends_within_the_span() {

@@ -661,6 +661,9 @@ impl Container {
             }
             files.current = Some(Rc::new(f));
         }
+        for line in core.salvaged() {
+            tracing::error!(container = core.config().container, "recovery salvaged past damage: {line}");
+        }
         if report.torn_tail_at.is_some() || report.records_replayed > 0 {
             tracing::info!(
                 container = core.config().container,
@@ -1119,6 +1122,7 @@ impl Container {
             last_damaged_read: self.last_damaged_read.borrow().clone(),
             scrub_ago_ms: scrub.as_ref().map(|(t, _)| ms(*t)),
             scrub_damage: scrub.as_ref().map(|(_, d)| d.clone()).unwrap_or_default(),
+            salvaged: core.salvaged().to_vec(),
         }
     }
 

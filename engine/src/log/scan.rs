@@ -108,18 +108,36 @@ pub fn scan_file(bytes: &Bytes) -> FileScan {
     scan_from(bytes, FILE_HEADER_BYTES)
 }
 
-/// Every sound record of a file: the scan's, and where it stopped at damage with a valid
-/// record after it, those from there on (again, past each damaged stretch). For indexing an
-/// older file whose records are read, not replayed: the sound records after a damaged one
-/// stay readable. The records before and after a damaged stretch do not chain (LSNs skip).
-pub fn sound_records(bytes: &Bytes) -> Vec<ScannedRecord> {
+/// A damaged stretch of a log file that a scan went past: from the invalid record at `at`
+/// to the next valid one at `valid_at`, and what was wrong at `at`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub at: u64,
+    pub valid_at: u64,
+    pub reason: String,
+}
+
+/// Scans a whole file and goes on past each damaged stretch (where the chain stops at damage
+/// with a valid record after it): every sound record in file order, with `end`, `stop` and
+/// `dirty_end` of the last stretch's scan (its `stop` is never `Corrupt`), and the stretches
+/// skipped. The records before and after a skipped stretch do not chain (LSNs skip).
+pub fn scan_past_damage(bytes: &Bytes) -> (FileScan, Vec<Skipped>) {
     let mut scan = scan_file(bytes);
     let mut records = std::mem::take(&mut scan.records);
-    while let ScanEnd::Corrupt { valid_at, .. } = scan.stop {
+    let mut skipped = Vec::new();
+    while let ScanEnd::Corrupt { at, valid_at, reason } = scan.stop {
+        skipped.push(Skipped { at, valid_at, reason });
         scan = scan_from(bytes, valid_at);
         records.append(&mut scan.records);
     }
-    records
+    scan.records = records;
+    (scan, skipped)
+}
+
+/// Every sound record of a file (see `scan_past_damage`). For indexing an older file whose
+/// records are read, not replayed: the sound records after a damaged one stay readable.
+pub fn sound_records(bytes: &Bytes) -> Vec<ScannedRecord> {
+    scan_past_damage(bytes).0.records
 }
 
 /// Scans records from `start` (a block boundary) to the end of the file.

@@ -35,6 +35,7 @@ pub fn core_cfg(container: u32, file_bytes: u64) -> CoreConfig {
         log_bytes_max: 64 << 20,
         prefill: Prefill::Never,
         writer_idle_ms: 0,
+        salvage: false,
     }
 }
 
