@@ -614,6 +614,64 @@ fn salvage_replays_past_a_damaged_record_leaving_holes() {
     ));
 }
 
+/// Salvage of a damaged checkpoint: the newest log file's opening checkpoint is damaged,
+/// its batches sound. Without salvage recovery refuses; with it the file before is replayed
+/// and this one's batches after it: nothing is lost (the checkpoint restated that state).
+/// The next flush starts a new file with a checkpoint, so a later recovery needs neither
+/// salvage nor the file before. Without that file, salvage cannot help and says so.
+#[test]
+fn salvage_rebuilds_a_damaged_checkpoint_from_the_file_before() {
+    use sluice_engine::container::core::RecoverFault;
+    let (mut core, mut sim) = setup();
+    let mut n = 0;
+    while !sim.disk.files.contains_key(&1) {
+        core.submit(one_event(format!("event-{n}").as_bytes())).unwrap();
+        while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+        n += 1;
+        assert!(n < 10_000, "the log never rolled");
+    }
+    write_some(&mut core, &mut sim, 3);
+    let expected = read_segment(&mut core, &sim.disk, "a/b/0");
+    let scan = scan_file(&Bytes::from(sim.disk.files[&1].clone()));
+    assert!(scan.records.len() >= 4, "a checkpoint and batches in file 1");
+    sim.disk.files.get_mut(&1).unwrap()[scan.records[0].pos as usize + 70] ^= 0xFF;
+
+    let images =
+        |disk: &Disk| -> Vec<(u64, Bytes)> { disk.files.iter().map(|(s, b)| (*s, Bytes::from(b.clone()))).collect() };
+    assert!(matches!(
+        ContainerCore::recover(fresh_cfg(), &images(&sim.disk)),
+        Err(RecoverFault::Corrupt { file_seq: 1, .. })
+    ));
+    let salvage = CoreConfig { salvage: true, ..fresh_cfg() };
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&salvage, &mut disk);
+    let lines = core.salvaged().join("\n");
+    assert!(lines.contains("the checkpoint opening log file 0000000000000001.log was damaged"), "{lines}");
+    assert!(!lines.contains("records lost") && !lines.contains("lost ("), "{lines}");
+    assert_eq!(read_segment(&mut core, &disk, "a/b/0"), expected, "nothing lost");
+
+    // The next write starts file 2 with a checkpoint; then recovery needs neither salvage
+    // nor file 0.
+    let mut sim = Sim { rng: StdRng::seed_from_u64(3), disk, steps_left: u64::MAX };
+    write_some(&mut core, &mut sim, 1);
+    assert!(sim.disk.files.contains_key(&2), "a new file after the salvage");
+    let mut disk = sim.disk.clone();
+    let core = recover(&fresh_cfg(), &mut disk);
+    assert!(core.salvaged().is_empty());
+    disk.files.remove(&0);
+    recover(&fresh_cfg(), &mut disk);
+
+    // Without the file before the damaged checkpoint there is nothing to rebuild from.
+    let mut without = sim.disk.clone();
+    without.files.remove(&0);
+    without.files.remove(&2);
+    match ContainerCore::recover(salvage, &images(&without)) {
+        Err(RecoverFault::Invalid { file_seq: 1, reason }) => assert!(reason.contains("cannot salvage"), "{reason}"),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("salvaged without the file before"),
+    }
+}
+
 #[test]
 fn writer_dedupe_across_recovery() {
     let (mut core, mut sim) = setup();

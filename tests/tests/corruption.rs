@@ -676,6 +676,12 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     assert!(!out.status.success(), "started on a damaged log: {stderr}");
     assert!(stderr.contains(&format!("byte {victim}")) && stderr.contains("--salvage-damaged-log"), "{stderr}");
 
+    // The offline listing shows the damage and the sound records after it.
+    let (ok, dump, err) = sluice_tests::cli(&url, &["log", "dump", data.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let damaged = dump.lines().position(|l| l.contains(&format!("DAMAGED at {victim}: "))).expect(&dump);
+    assert!(dump.lines().skip(damaged).filter(|l| l.contains(" batch ")).count() >= 10, "{dump}");
+
     let salvage = [&base[..], &["--salvage-damaged-log"]].concat();
     let mut server = sluice_tests::Server::start_with(&data, port, 1, &salvage);
     assert!(server.output().contains("recovery salvaged past damage"), "{}", server.output());

@@ -5,7 +5,7 @@ use sluice_engine::log::checkpoint::CheckpointState;
 use sluice_engine::log::entry::{LogEntry, decode_entries};
 use sluice_engine::log::format::RecordKind;
 use sluice_engine::log::parse_file_name;
-use sluice_engine::log::scan::{ScanEnd, scan_file};
+use sluice_engine::log::scan::{ScanEnd, scan_past_damage};
 use std::path::Path;
 
 fn log_files(dir: &Path) -> Result<Vec<(u64, std::path::PathBuf)>, String> {
@@ -55,7 +55,9 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
             }
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let scan = scan_file(&bytes);
+        // Past each damaged stretch too: what the records after it hold (what a salvage keeps).
+        let (scan, skipped) = scan_past_damage(&bytes);
+        let mut skipped = skipped.into_iter().peekable();
         match &scan.header {
             Ok(h) => println!(
                 "  file {} container {} seq {} epoch {} size {} bytes",
@@ -68,6 +70,9 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
             Err(e) => println!("  file {}: bad header: {e}", path.display()),
         }
         for rec in &scan.records {
+            while let Some(k) = skipped.next_if(|k| k.valid_at <= rec.pos) {
+                println!("    DAMAGED at {}: {}; sound records go on at {}", k.at, k.reason, k.valid_at);
+            }
             let h = &rec.header;
             let kind = match h.kind {
                 RecordKind::Batch => "batch",
@@ -134,8 +139,9 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
         match scan.stop {
             ScanEnd::Clean => println!("    end at {} (clean)", scan.end),
             ScanEnd::Torn { at, reason } => println!("    end at {} (torn record: {reason})", at),
+            // Not left by `scan_past_damage`, which goes on past every damaged stretch.
             ScanEnd::Corrupt { at, valid_at, reason } => {
-                println!("    CORRUPT at {at}: {reason}; a valid record follows at {valid_at}")
+                println!("    DAMAGED at {at}: {reason}; a valid record follows at {valid_at}")
             }
         }
     }

@@ -389,11 +389,15 @@ pub struct RecoveryReport {
     pub torn_tail_at: Option<u64>,
 }
 
-/// What a salvage (recovery past damaged records, `CoreConfig::salvage`) lost.
+/// What a salvage (recovery past damaged records, `CoreConfig::salvage`) skipped and lost.
 #[derive(Debug, Default)]
 struct Salvage {
-    /// Records missing from the LSN chain.
+    /// The damaged stretches skipped, per log file.
+    skipped: Vec<(u64, Skipped)>,
+    /// Records missing from the LSN chain (a lost checkpoint among them).
     lost_records: u64,
+    /// (active file, next file) when the next file's opening checkpoint was damaged.
+    lost_checkpoint: Option<(u64, u64)>,
     /// Per segment name, the offset ranges whose appends were lost, in order.
     holes: Vec<(String, u64, u64)>,
     /// Entries for segments the core does not know (created in a lost record).
@@ -403,18 +407,35 @@ struct Salvage {
 }
 
 impl Salvage {
-    fn lines(&self, seq: u64, skipped: &[Skipped]) -> Vec<String> {
-        let file = crate::log::file_name(seq);
-        let mut out: Vec<String> = skipped
+    fn lines(&self) -> Vec<String> {
+        let name = crate::log::file_name;
+        let mut out: Vec<String> = self
+            .skipped
             .iter()
-            .map(|k| {
-                format!("log file {file}: damaged records at bytes {}..{} skipped ({})", k.at, k.valid_at, k.reason)
+            .map(|(seq, k)| {
+                format!(
+                    "log file {}: damaged records at bytes {}..{} skipped ({})",
+                    name(*seq),
+                    k.at,
+                    k.valid_at,
+                    k.reason
+                )
             })
             .collect();
-        out.push(format!(
-            "{} records lost; a segment whose last appends were among them ends before them, without a hole",
-            self.lost_records
-        ));
+        let mut lost = self.lost_records;
+        if let Some((from, to)) = self.lost_checkpoint {
+            lost -= 1;
+            out.push(format!(
+                "the checkpoint opening log file {} was damaged; the state it held was rebuilt from log file {}",
+                name(to),
+                name(from)
+            ));
+        }
+        if lost > 0 {
+            out.push(format!(
+                "{lost} records lost; a segment whose last appends were among them ends before them, without a hole"
+            ));
+        }
         for (name, from, to) in &self.holes {
             out.push(format!("{name}: bytes {from}..{to} lost (reads there fail as damaged data)"));
         }
@@ -1622,10 +1643,30 @@ impl ContainerCore {
             header_ok(i) && scans[i].records.first().is_some_and(|r| r.header.kind == RecordKind::Checkpoint)
         });
         let max_epoch = scans.iter().filter_map(|s| s.header.as_ref().ok().map(|h| h.epoch)).max().unwrap_or(0);
-        let first_later = active.map_or(0, |a| a + 1);
+        // Salvaging, a file after the active one whose opening checkpoint is damaged (sound
+        // records after it) continues it: the checkpoint only restated the state the active
+        // file's records end in.
+        let chained = active.map(|a| a + 1).filter(|&l| {
+            cfg.salvage
+                && l < files.len()
+                && files[l].0 == files[l - 1].0 + 1
+                && header_ok(l)
+                && scans[l].records.is_empty()
+                && matches!(scans[l].stop, ScanEnd::Corrupt { at, .. } if at == FILE_HEADER_BYTES)
+        });
+        let first_later = chained.or(active).map_or(0, |i| i + 1);
         for (i, scan) in scans.iter().enumerate().skip(first_later) {
-            if let ScanEnd::Corrupt { at, valid_at, .. } = scan.stop {
-                return Err(RecoverFault::Corrupt { file_seq: files[i].0, at, valid_at });
+            if let ScanEnd::Corrupt { at, valid_at, reason } = &scan.stop {
+                if cfg.salvage {
+                    return Err(RecoverFault::Invalid {
+                        file_seq: files[i].0,
+                        reason: format!(
+                            "invalid record at byte {at} ({reason}) with a valid record at byte {valid_at}, and no \
+                             log file just before this one to rebuild its opening state from: cannot salvage"
+                        ),
+                    });
+                }
+                return Err(RecoverFault::Corrupt { file_seq: files[i].0, at: *at, valid_at: *valid_at });
             }
             if let Some(r) = scan.records.first() {
                 return Err(RecoverFault::Invalid {
@@ -1639,25 +1680,25 @@ impl ContainerCore {
             let next = files.last().map_or(0, |(s, _)| s + 1);
             return Ok((Self::new(cfg, max_epoch + 1, next), report));
         };
-        let seq = files[a].0;
-        let salvaged;
-        let (scan, skipped) = match (&scans[a].stop, cfg.salvage) {
-            (ScanEnd::Corrupt { at, valid_at, .. }, false) => {
-                return Err(RecoverFault::Corrupt { file_seq: seq, at: *at, valid_at: *valid_at });
+        // The files to replay, each with its sound records and the damaged stretches skipped.
+        let mut replay: Vec<(u64, FileScan, Vec<Skipped>)> = Vec::new();
+        for i in std::iter::once(a).chain(chained) {
+            match (&scans[i].stop, cfg.salvage) {
+                (ScanEnd::Corrupt { at, valid_at, .. }, false) => {
+                    return Err(RecoverFault::Corrupt { file_seq: files[i].0, at: *at, valid_at: *valid_at });
+                }
+                (ScanEnd::Corrupt { .. }, true) => {
+                    let (scan, skipped) = scan_past_damage(&files[i].1);
+                    replay.push((files[i].0, scan, skipped));
+                }
+                _ => replay.push((files[i].0, scans[i].clone(), Vec::new())),
             }
-            (ScanEnd::Corrupt { .. }, true) => {
-                salvaged = scan_past_damage(&files[a].1);
-                (&salvaged.0, salvaged.1.as_slice())
-            }
-            _ => (&scans[a], &[][..]),
-        };
-        let invalid = |reason: String| RecoverFault::Invalid { file_seq: seq, reason };
-        let ck = CheckpointState::decode(&scan.records[0].payload).map_err(invalid)?;
-        let file_bytes = scan.header.as_ref().expect("checked").file_bytes;
+        }
+        let invalid = |file_seq: u64, reason: String| RecoverFault::Invalid { file_seq, reason };
+        let (seq, first) = (files[a].0, &replay[0].1);
+        let ck = CheckpointState::decode(&first.records[0].payload).map_err(|e| invalid(seq, e))?;
         let mut core = Self::new(cfg, 0, seq);
         core.has_file = true;
-        core.file_pos = scan.end;
-        core.current_file_bytes = file_bytes;
         core.next_segment_id = ck.next_segment_id;
         core.garbage = ck.garbage;
         core.creations_recorded = ck.creations_recorded;
@@ -1677,38 +1718,63 @@ impl ContainerCore {
         }
         let mut epoch = ck.epoch.max(max_epoch);
         let mut salvage = Salvage::default();
-        for (i, rec) in scan.records.iter().enumerate().skip(1) {
-            if rec.header.kind != RecordKind::Batch {
-                return Err(invalid(format!("unexpected checkpoint at byte {}", rec.pos)));
+        let mut prev = first.records[0].header;
+        for (n, (seq, scan, skipped)) in replay.iter().enumerate() {
+            let seq = *seq;
+            if n > 0 {
+                // The next file, whose checkpoint was lost: the active file's index goes cold.
+                salvage.lost_checkpoint = Some((files[a].0, seq));
+                core.file_seq = seq;
+                core.current_index = FileIndex::default();
             }
-            let prev = &scan.records[i - 1].header;
-            if rec.header.lsn <= prev.lsn || rec.header.epoch < prev.epoch {
-                // Only across a skipped stretch (the scan checks the chain within one).
-                return Err(invalid(format!(
-                    "the record at byte {} (lsn {}, epoch {}) after damaged records does not follow lsn {}                      epoch {}: cannot salvage",
-                    rec.pos, rec.header.lsn, rec.header.epoch, prev.lsn, prev.epoch
-                )));
-            }
-            salvage.lost_records += rec.header.lsn - prev.lsn - 1;
-            core.current_index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
-            for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(invalid)? {
-                if skipped.is_empty() || core.salvage_entry(&entry, seq, &mut salvage) {
-                    core.apply_durable(&entry, seq, pos, false);
+            core.file_pos = scan.end;
+            core.current_file_bytes = scan.header.as_ref().expect("checked").file_bytes;
+            for rec in scan.records.iter().skip(if n == 0 { 1 } else { 0 }) {
+                if rec.header.kind != RecordKind::Batch {
+                    return Err(invalid(seq, format!("unexpected checkpoint at byte {}", rec.pos)));
                 }
+                if rec.header.lsn <= prev.lsn || rec.header.epoch < prev.epoch {
+                    // Only across a skipped stretch (the scan checks the chain within one).
+                    return Err(invalid(
+                        seq,
+                        format!(
+                            "the record at byte {} (lsn {}, epoch {}) after damaged records does not follow lsn {} \
+                             epoch {}: cannot salvage",
+                            rec.pos, rec.header.lsn, rec.header.epoch, prev.lsn, prev.epoch
+                        ),
+                    ));
+                }
+                salvage.lost_records += rec.header.lsn - prev.lsn - 1;
+                prev = rec.header;
+                core.current_index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
+                for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(|e| invalid(seq, e))? {
+                    if skipped.is_empty() || core.salvage_entry(&entry, seq, &mut salvage) {
+                        core.apply_durable(&entry, seq, pos, false);
+                    }
+                }
+                report.records_replayed += 1;
             }
-            report.records_replayed += 1;
+            salvage.skipped.extend(skipped.iter().map(|k| (seq, k.clone())));
         }
-        if !skipped.is_empty() {
-            core.salvaged = salvage.lines(seq, skipped);
+        if salvage.lost_checkpoint.is_some() {
+            // The next flush starts a new file, with a checkpoint: until then a restart needs
+            // the file before this one (the mover records chunks, so flushes, before it frees
+            // that file).
+            core.close_current_file();
+        }
+        if !salvage.skipped.is_empty() {
+            core.salvaged = salvage.lines();
             // A lost record may have named a tier-2 chunk before its creation: the next mover
             // lists tier-2 and deletes chunks no entry names.
             core.creations_recorded = false;
         }
-        for r in &scan.records {
+        let (seq, scan, _) = replay.last().expect("the active file");
+        let seq = *seq;
+        for r in replay.iter().flat_map(|(_, scan, _)| &scan.records) {
             epoch = epoch.max(r.header.epoch);
         }
         core.epoch = epoch + 1;
-        core.next_lsn = scan.records.last().expect("checkpoint exists").header.lsn + 1;
+        core.next_lsn = prev.lsn + 1;
         for s in core.segments.values_mut() {
             s.sync_accepted();
         }
