@@ -541,14 +541,19 @@ fn one_record(core: &mut ContainerCore, sim: &mut Sim, reqs: Vec<Request>) {
 /// sound ones after it. Without salvage recovery refuses; with it every sound record is
 /// replayed. `a/b/0` lost one append: a hole where it was, the events on both sides read,
 /// and a read at the hole fails as damaged data naming where the data resumes. `s/c/0`,
-/// created in the lost record, is gone (its later append dropped); `s/b/0` reads whole.
+/// created in the lost record, is gone (its later append dropped); `s/b/0` reads whole;
+/// `s/d/0`, untouched after the damage, is named as one whose lost appends would leave no trace.
 /// Appends go on after the last sound record, and recovering again (salvaging again, the
 /// damage still in the file) finds the same and the new appends.
 #[test]
 fn salvage_replays_past_a_damaged_record_leaving_holes() {
     use sluice_engine::error::EngineError;
     let (mut core, mut sim) = setup();
-    one_record(&mut core, &mut sim, vec![Request::Create { name: "s/b/0".into() }]);
+    one_record(
+        &mut core,
+        &mut sim,
+        vec![Request::Create { name: "s/b/0".into() }, Request::Create { name: "s/d/0".into() }],
+    );
     one_record(&mut core, &mut sim, vec![event_to("a/b/0", b"a1"), event_to("s/b/0", b"b1")]);
     one_record(
         &mut core,
@@ -574,9 +579,12 @@ fn salvage_replays_past_a_damaged_record_leaving_holes() {
     let check = |core: &mut ContainerCore, disk: &Disk, a_more: &[&[u8]]| {
         let lines = core.salvaged().join("\n");
         assert!(lines.contains(&format!("damaged records at bytes {victim}..")), "{lines}");
-        assert!(lines.contains("1 records lost"), "{lines}");
+        assert!(lines.contains("1 record lost"), "{lines}");
         assert!(lines.contains(&format!("a/b/0: bytes {a1}..{} lost", a1 + a2)), "{lines}");
-        assert!(lines.contains("1 entries for segments created in the lost records dropped"), "{lines}");
+        assert!(lines.contains("1 entry for segments created in the lost records dropped"), "{lines}");
+        // s/d/0 had no entry after the damage: appends to it could have been lost untraced.
+        assert!(lines.contains("1 open segment with no entry after the lost records"), "{lines}");
+        assert!(lines.contains("(check their writers): s/d/0"), "{lines}");
         let events = |d: Vec<u8>| EventIter::new(&d).map(|e| e.unwrap().to_vec()).collect::<Vec<_>>();
         // A read from the start ends at the hole.
         match core.read("a/b/0", 0, 1 << 16).unwrap().0 {
@@ -647,7 +655,10 @@ fn salvage_rebuilds_a_damaged_checkpoint_from_the_file_before() {
     let mut core = recover(&salvage, &mut disk);
     let lines = core.salvaged().join("\n");
     assert!(lines.contains("the checkpoint opening log file 0000000000000001.log was damaged"), "{lines}");
-    assert!(!lines.contains("records lost") && !lines.contains("lost ("), "{lines}");
+    assert!(
+        !lines.contains("records lost") && !lines.contains("lost (") && !lines.contains("no entry after"),
+        "{lines}"
+    );
     assert_eq!(read_segment(&mut core, &disk, "a/b/0"), expected, "nothing lost");
 
     // The next write starts file 2 with a checkpoint; then recovery needs neither salvage

@@ -728,9 +728,10 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     };
     let damaged = check(Client::connect(&url).await.unwrap(), 0).await;
     let (ok, out, err) = sluice_tests::cli(&url, &["stats", "--check"], None);
+    eprintln!("{out}");
     assert!(!ok, "{out}{err}");
     let line = |needle: &str| out.lines().any(|l| l.contains("started past damaged log records") && l.contains(needle));
-    assert!(line(&format!("damaged records at bytes {victim}..")) && line("1 records lost"), "{out}");
+    assert!(line(&format!("damaged records at bytes {victim}..")) && line("1 record lost"), "{out}");
     assert!(line(&format!("sv/{damaged}/0: bytes ")), "{out}");
 
     // Appends go on after the last sound record; a kill and a salvaging restart keep all.

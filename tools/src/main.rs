@@ -180,7 +180,8 @@ struct StandaloneArgs {
     /// lost appends keeps a hole where they were (reads there fail as damaged data and say
     /// where the data resumes); what was lost is logged as errors and shown by `sluice stats`
     /// until the node restarts. The damaged bytes stay in the file for inspection (`sluice
-    /// log dump`). Appends whose segment had no later append are lost without a hole.
+    /// log dump`). Appends whose segment had no later append are lost without a hole; the
+    /// report names the open segments with no entry after the lost records.
     #[arg(long)]
     salvage_damaged_log: bool,
     /// Most MB a scheduled scrub reads per second on each shard (0: as fast as the disk goes).

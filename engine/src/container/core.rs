@@ -404,6 +404,13 @@ struct Salvage {
     unknown_segment: u64,
     /// Appends below a segment's replayed length (their place already taken).
     overlapping: u64,
+    /// Whether a record with data lost has been passed (a skipped stretch with a gap in the
+    /// LSN chain beyond a lost checkpoint), and the segments with entries after it.
+    passed_loss: bool,
+    seen_after: HashSet<u64>,
+    /// Open segments with no entry after the loss (appends to them among the lost records
+    /// leave no trace), by name.
+    untraced: Vec<String>,
 }
 
 impl Salvage {
@@ -433,7 +440,8 @@ impl Salvage {
         }
         if lost > 0 {
             out.push(format!(
-                "{lost} records lost; a segment whose last appends were among them ends before them, without a hole"
+                "{} lost; a segment whose last appends were among them ends before them, without a hole",
+                count(lost, "record")
             ));
         }
         for (name, from, to) in &self.holes {
@@ -441,14 +449,34 @@ impl Salvage {
         }
         if self.unknown_segment > 0 {
             out.push(format!(
-                "{} entries for segments created in the lost records dropped (those segments are gone)",
-                self.unknown_segment
+                "{} for segments created in the lost records dropped (those segments are gone)",
+                count(self.unknown_segment, "entry")
             ));
         }
         if self.overlapping > 0 {
-            out.push(format!("{} appends below their segment's replayed length dropped", self.overlapping));
+            out.push(format!("{} below their segment's replayed length dropped", count(self.overlapping, "append")));
+        }
+        if !self.untraced.is_empty() {
+            const NAMED: usize = 20;
+            let more = self.untraced.len().saturating_sub(NAMED);
+            out.push(format!(
+                "{} with no entry after the lost records, whose appends among those would leave no trace \
+                 (check their writers): {}{}",
+                count(self.untraced.len() as u64, "open segment"),
+                self.untraced[..self.untraced.len().min(NAMED)].join(", "),
+                if more > 0 { format!(" and {more} more") } else { String::new() }
+            ));
         }
         out
+    }
+}
+
+/// `1 record`, `2 records`, `3 entries`: a count with its noun.
+fn count(n: u64, noun: &str) -> String {
+    match (n, noun.strip_suffix('y')) {
+        (1, _) => format!("1 {noun}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        _ => format!("{n} {noun}s"),
     }
 }
 
@@ -1290,15 +1318,8 @@ impl ContainerCore {
     /// whose index has nothing there. Entries for unknown segments and appends below the
     /// length are dropped and counted.
     fn salvage_entry(&mut self, entry: &LogEntry, file_seq: u64, salvage: &mut Salvage) -> bool {
-        let segment = match entry {
-            LogEntry::Create { .. } | LogEntry::CreationsRecorded => return true,
-            LogEntry::Append { segment, .. }
-            | LogEntry::Merge { segment, .. }
-            | LogEntry::Seal { segment }
-            | LogEntry::Truncate { segment, .. }
-            | LogEntry::Delete { segment }
-            | LogEntry::Chunk { segment, .. }
-            | LogEntry::ChunksClosed { segment } => *segment,
+        let Some(segment) = entry.segment().filter(|_| !matches!(entry, LogEntry::Create { .. })) else {
+            return true;
         };
         let Some(s) = self.segments.get_mut(&segment) else {
             salvage.unknown_segment += 1;
@@ -1729,7 +1750,7 @@ impl ContainerCore {
             }
             core.file_pos = scan.end;
             core.current_file_bytes = scan.header.as_ref().expect("checked").file_bytes;
-            for rec in scan.records.iter().skip(if n == 0 { 1 } else { 0 }) {
+            for (r, rec) in scan.records.iter().enumerate().skip(if n == 0 { 1 } else { 0 }) {
                 if rec.header.kind != RecordKind::Batch {
                     return Err(invalid(seq, format!("unexpected checkpoint at byte {}", rec.pos)));
                 }
@@ -1744,10 +1765,18 @@ impl ContainerCore {
                         ),
                     ));
                 }
-                salvage.lost_records += rec.header.lsn - prev.lsn - 1;
+                let gap = rec.header.lsn - prev.lsn - 1;
+                salvage.lost_records += gap;
+                // A lost checkpoint is one record of the gap and holds no appends.
+                salvage.passed_loss |= gap > u64::from(n > 0 && r == 0);
                 prev = rec.header;
                 core.current_index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
                 for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(|e| invalid(seq, e))? {
+                    if salvage.passed_loss
+                        && let Some(segment) = entry.segment()
+                    {
+                        salvage.seen_after.insert(segment);
+                    }
                     if skipped.is_empty() || core.salvage_entry(&entry, seq, &mut salvage) {
                         core.apply_durable(&entry, seq, pos, false);
                     }
@@ -1761,6 +1790,16 @@ impl ContainerCore {
             // the file before this one (the mover records chunks, so flushes, before it frees
             // that file).
             core.close_current_file();
+        }
+        if salvage.passed_loss {
+            let mut untraced: Vec<String> = core
+                .segments
+                .iter()
+                .filter(|(id, seg)| !seg.sealed && !salvage.seen_after.contains(id))
+                .map(|(_, seg)| seg.name.clone())
+                .collect();
+            untraced.sort();
+            salvage.untraced = untraced;
         }
         if !salvage.skipped.is_empty() {
             core.salvaged = salvage.lines();

@@ -72,6 +72,21 @@ pub enum LogEntry {
 }
 
 impl LogEntry {
+    /// The segment the entry is about (`None`: container-wide).
+    pub fn segment(&self) -> Option<u64> {
+        match self {
+            LogEntry::Create { segment, .. }
+            | LogEntry::Append { segment, .. }
+            | LogEntry::Merge { segment, .. }
+            | LogEntry::Seal { segment }
+            | LogEntry::Truncate { segment, .. }
+            | LogEntry::Delete { segment }
+            | LogEntry::Chunk { segment, .. }
+            | LogEntry::ChunksClosed { segment } => Some(*segment),
+            LogEntry::CreationsRecorded => None,
+        }
+    }
+
     /// Encoded size.
     pub fn encoded_len(&self) -> usize {
         match self {
