@@ -743,3 +743,88 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     server.restart();
     assert_eq!(check(Client::connect(&url).await.unwrap(), 5).await, damaged);
 }
+
+/// With tier-2 and `--salvage-damaged-log`, the mover does not stop at a damaged record: it
+/// closes the chunk before the damage, starts the next where the sound data resumes and goes
+/// on, so the log is freed and appends keep being taken (without salvage the log fills:
+/// the test above). The gap between the chunks reads as damage, with the offset to resume
+/// at, once the damaged log file is gone too, and after a restart; `sluice stats` names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salvaging_lets_the_mover_skip_a_damaged_record() {
+    use sluice_net::ErrorCode;
+    let dir = TempDir::new("damage-skip");
+    let data = dir.0.join("data");
+    let small = ["--cache-mb", "0", "--containers-per-core", "1", "--log-file-mb", "1"];
+    // Written without tier-2, so that the data is still in the log when the damage comes.
+    let server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &small);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("ds").await.unwrap();
+    c.create_stream("ds", "s", 1).await.unwrap();
+    write_rounds(&c, "ds/s", 30, |round| b'a' + round % 26).await;
+    let written = c.segment_info("ds/s/0").await.unwrap().length;
+    drop(c);
+    drop(server);
+    let mut files = files_with_records(&data, 1);
+    files.sort();
+    let (file, recs) = &files[0];
+    assert!(files.len() >= 3 && recs.len() >= 5, "the log rolled: {files:?}");
+    flip_byte(file, recs[3] + 200);
+
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    let mut args = small.to_vec();
+    args.extend(["--tier2", &tier2, "--log-budget-mb", "6", "--move-min-kb", "64", "--salvage-damaged-log"]);
+    let mut server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &args);
+    let c = Client::connect(&server.url()).await.unwrap();
+    // Twice the log budget: taken only if the mover moves past the damage and frees the log.
+    let w = c.event_writer("ds/s").await.unwrap();
+    for _ in 0..6 {
+        let acks: Vec<_> = (0..1000).map(|_| w.write_event(b"k", vec![b'z'; 2000])).collect();
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while file.exists() {
+        assert!(std::time::Instant::now() < deadline, "the damaged log file was never freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, out, err) = sluice_tests::cli(&server.url(), &["stats", "--check"], None);
+    eprintln!("{out}");
+    assert!(!ok && out.contains("ds/s/0: bytes ") && out.contains("skipped by the tier-2 mover"), "{out}{err}");
+
+    /// Reads the whole segment: the bytes read, and each (offset, resume) of a damaged stretch.
+    async fn read_all(c: &Client) -> (u64, Vec<(u64, u64)>) {
+        let length = c.segment_info("ds/s/0").await.unwrap().length;
+        let (mut at, mut read, mut holes) = (0, 0, Vec::new());
+        while at < length {
+            match c.read_segment("ds/s/0", at, 64 << 10, Duration::ZERO).await {
+                Ok((_, d)) => {
+                    assert!(!d.is_empty(), "nothing at {at} of {length}");
+                    at += d.len() as u64;
+                    read += d.len() as u64;
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "at {at}: {e}");
+                    let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else {
+                        panic!("no offset in {e:?}")
+                    };
+                    assert!(resume > at && holes.len() < 2, "resume {resume} at {at}");
+                    holes.push((at, resume));
+                    at = resume;
+                }
+            }
+        }
+        (read, holes)
+    }
+    let (read, holes) = read_all(&c).await;
+    eprintln!("read {read} bytes around {holes:?}");
+    assert_eq!(holes.len(), 1, "{holes:?}");
+    let (from, to) = holes[0];
+    assert!(from > 0 && to < written && (to - from) % 2004 == 0, "one damaged record of whole events: {holes:?}");
+    let length = c.segment_info("ds/s/0").await.unwrap().length;
+    assert_eq!(read, length - (to - from), "every byte but the damaged ones");
+    server.kill();
+    server.restart();
+    let c = Client::connect(&server.url()).await.unwrap();
+    assert_eq!(read_all(&c).await, (read, holes), "the same after a restart");
+}

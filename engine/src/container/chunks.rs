@@ -98,6 +98,11 @@ impl ChunkList {
         (offset < c.start + c.len).then_some(c)
     }
 
+    /// The start of the first chunk after `offset` (where data resumes after a gap).
+    pub fn start_after(&self, offset: u64) -> Option<u64> {
+        self.runs.get(self.runs.partition_point(|r| r.start <= offset)).map(|r| r.start)
+    }
+
     /// Whether the list holds the chunk that starts at `start` under `epoch`.
     pub fn contains(&self, start: u64, epoch: u64) -> bool {
         let upto = self.runs.partition_point(|r| r.start <= start);

@@ -672,9 +672,15 @@ impl ContainerCore {
         self.poisoned.as_deref().filter(|_| !self.stopped)
     }
 
-    /// What recovery lost to damaged records it went past, one line each (empty: nothing).
+    /// What recovery lost to damaged records it went past, and the tier-2 mover skipped,
+    /// one line each (empty: nothing).
     pub fn salvaged(&self) -> &[String] {
         &self.salvaged
+    }
+
+    /// Adds a line to what was salvaged past (the mover skipping damaged data).
+    pub fn note_salvaged(&mut self, line: String) {
+        self.salvaged.push(line);
     }
 
     /// Bytes of the log files on disk, each counted whole.
@@ -1618,6 +1624,18 @@ impl ContainerCore {
             }
         }
         let Some(file_seq) = s.file_of(offset) else {
+            if offset < s.tier2_end
+                && let Some(resume) = s.chunks.start_after(offset)
+            {
+                // A gap between chunks: damaged log data the mover skipped (salvage).
+                return Err(EngineError::DamagedLog {
+                    message: format!(
+                        "no tier-2 chunk holds offset {offset} of {name}: damaged log data the tier-2 mover \
+                         skipped (--salvage-damaged-log); the data resumes at {resume}"
+                    ),
+                    resume,
+                });
+            }
             return Err(EngineError::BadRequest(format!("neither the log nor tier-2 holds offset {offset} of {name}")));
         };
         let index = if file_seq == self.file_seq {

@@ -751,7 +751,11 @@ impl Container {
     ) -> Result<(), MoveStop> {
         let store = self.t2().cfg.store.clone();
         let chunk_bytes = self.t2().cfg.chunk_bytes;
-        while *off < task.to {
+        let salvage = self.core.borrow().config().salvage;
+        // Where the move skipped damaged data to: a chunk must start there even with nothing
+        // after it yet, so that the move goes on from there.
+        let mut skipped_to = None;
+        while *off < task.to || skipped_to == Some(*off) && chunk.is_none() {
             let at = *off;
             let c = match *chunk {
                 Some(c) => c,
@@ -775,7 +779,11 @@ impl Container {
                     ChunkMeta { start: at, epoch, len: 0 }
                 }
             };
-            let want = (chunk_bytes - c.len).min(task.to - at).min(MOVE_PIECE_BYTES);
+            let want = (chunk_bytes - c.len).min(task.to.saturating_sub(at)).min(MOVE_PIECE_BYTES);
+            if want == 0 {
+                *chunk = Some(c);
+                break;
+            }
             let data = match self.read_log_range(&task.name, at, want).await {
                 Ok(d) => d,
                 // Truncated or deleted meanwhile: nothing more to move for it now.
@@ -783,14 +791,36 @@ impl Container {
                 Err(e @ EngineError::DataCorrupt(_)) => {
                     return Err(MoveStop::Damaged(format!("reading {} at {at} for tier-2: {e}", task.name)));
                 }
+                // Salvaging: the damaged bytes are given up, the chunk being filled is closed
+                // and the next one starts where the sound data resumes, leaving a gap between
+                // chunks that reads report as damage.
+                Err(EngineError::DamagedLog { resume, message }) if salvage && resume > at => {
+                    let line = format!(
+                        "{}: bytes {at}..{resume} skipped by the tier-2 mover ({message}); they are gone once \
+                         their log file is freed",
+                        task.name
+                    );
+                    tracing::error!(container = self.id(), "salvaging past damage: {line}");
+                    self.core.borrow_mut().note_salvaged(line);
+                    if let Some(c) = chunk.take() {
+                        while let Some(r) = records.pop_front() {
+                            r.await?;
+                        }
+                        self.close_chunk(&chunk_name(&task.name, c.start, epoch), None).await?;
+                    }
+                    *off = resume;
+                    skipped_to = Some(resume);
+                    continue;
+                }
                 // Nothing past the damage moves, so the log files from here on stay: name
-                // the way out.
+                // the ways out.
                 Err(e @ EngineError::DamagedLog { resume, .. }) => {
                     let (stream, number) = task.name.rsplit_once('/').unwrap_or((&task.name, "?"));
                     return Err(MoveStop::Damaged(format!(
                         "reading {} at {at} for tier-2: {e}; its sound data resumes at {resume}: \
                          `sluice stream truncate {stream} --segment {number} --offset {resume}` gives up the \
-                         bytes before it and lets the mover go on",
+                         bytes before it and lets the mover go on, or a restart with --salvage-damaged-log \
+                         moves past the damage and keeps the sound bytes on both sides",
                         task.name
                     )));
                 }
@@ -847,7 +877,12 @@ impl Container {
         let mut at = offset;
         while (out.len() as u64) < want {
             let left = (want - out.len() as u64) as usize;
-            let r = self.read(name, at, left, Duration::ZERO).await?;
+            let r = match self.read(name, at, left, Duration::ZERO).await {
+                Ok(r) => r,
+                // What came before damage moves now; the next read meets the damage itself.
+                Err(EngineError::DamagedLog { .. } | EngineError::DataCorrupt(_)) if !out.is_empty() => break,
+                Err(e) => return Err(e),
+            };
             if r.is_empty() {
                 break;
             }
