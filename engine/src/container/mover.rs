@@ -802,12 +802,12 @@ impl Container {
                     );
                     tracing::error!(container = self.id(), "salvaging past damage: {line}");
                     self.core.borrow_mut().note_salvaged(line);
-                    if let Some(c) = chunk.take() {
-                        while let Some(r) = records.pop_front() {
-                            r.await?;
-                        }
-                        self.close_chunk(&chunk_name(&task.name, c.start, epoch), None).await?;
+                    // The chunk being filled (perhaps created just now, empty) ends here.
+                    *chunk = None;
+                    while let Some(r) = records.pop_front() {
+                        r.await?;
                     }
+                    self.close_chunk(&chunk_name(&task.name, c.start, epoch), None).await?;
                     *off = resume;
                     skipped_to = Some(resume);
                     continue;
