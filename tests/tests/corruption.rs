@@ -751,8 +751,21 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
 /// at, once the damaged log file is gone too, and after a restart; `sluice stats` names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn salvaging_lets_the_mover_skip_a_damaged_record() {
+    mover_skips_damage(3).await;
+}
+
+/// The same with the segment's first events damaged: the mover meets the damage in the
+/// chunk it has just created, before any byte is in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salvaging_lets_the_mover_skip_a_damaged_first_record() {
+    mover_skips_damage(2).await;
+}
+
+/// Damages record `victim` (2: the segment's first events; 3: a later record) of the oldest
+/// log file, then runs the scenario above.
+async fn mover_skips_damage(victim: usize) {
     use sluice_net::ErrorCode;
-    let dir = TempDir::new("damage-skip");
+    let dir = TempDir::new(&format!("damage-skip{victim}"));
     let data = dir.0.join("data");
     let small = ["--cache-mb", "0", "--containers-per-core", "1", "--log-file-mb", "1"];
     // Written without tier-2, so that the data is still in the log when the damage comes.
@@ -768,7 +781,7 @@ async fn salvaging_lets_the_mover_skip_a_damaged_record() {
     files.sort();
     let (file, recs) = &files[0];
     assert!(files.len() >= 3 && recs.len() >= 5, "the log rolled: {files:?}");
-    flip_byte(file, recs[3] + 200);
+    flip_byte(file, recs[victim] + 200);
 
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
     let mut args = small.to_vec();
@@ -820,7 +833,10 @@ async fn salvaging_lets_the_mover_skip_a_damaged_record() {
     eprintln!("read {read} bytes around {holes:?}");
     assert_eq!(holes.len(), 1, "{holes:?}");
     let (from, to) = holes[0];
-    assert!(from > 0 && to < written && (to - from) % 2004 == 0, "one damaged record of whole events: {holes:?}");
+    assert!(
+        (from > 0) == (victim > 2) && to < written && (to - from) % 2004 == 0,
+        "one damaged record of whole events: {holes:?}"
+    );
     let length = c.segment_info("ds/s/0").await.unwrap().length;
     assert_eq!(read, length - (to - from), "every byte but the damaged ones");
     server.kill();
