@@ -197,7 +197,14 @@ impl Client {
         let endpoints = self.inner.map.lock().expect("lock").endpoints.clone();
         let mut all = Vec::with_capacity(endpoints.len());
         for e in endpoints {
-            all.push(self.connection(&e).await?.call(&GetStats { reset }, Bytes::new()).await?);
+            let call = || async { self.connection(&e).await?.call(&GetStats { reset }, Bytes::new()).await };
+            let stats = match call().await {
+                // A cached connection the server has just closed (it does after refusing an
+                // append): once more, on a new one.
+                Err(ClientError::ConnectionLost(_)) => call().await?,
+                r => r?,
+            };
+            all.push(stats);
         }
         Ok(all)
     }
