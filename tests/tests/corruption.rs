@@ -528,6 +528,32 @@ async fn a_scheduled_scrub_finds_damage() {
     assert!(sluice_tests::handshake(url.parse().unwrap()), "the server still serves");
 }
 
+/// A small log, no read cache, one container.
+const SMALL_LOG: [&str; 6] = ["--cache-mb", "0", "--containers-per-core", "1", "--log-file-mb", "1"];
+
+/// Writes 30 rounds of events to `SCOPE/s` (one segment) on a server with `SMALL_LOG` and no
+/// tier-2 (so the data is still in the log when the damage comes), stops it, and damages
+/// record `victim` of the oldest log file (2: the segment's first events; 3: a later
+/// record). The data directory, the damaged file and the segment's length.
+async fn damaged_older_log(dir: &TempDir, scope: &str, victim: usize) -> (PathBuf, PathBuf, u64) {
+    let data = dir.0.join("data");
+    let server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &SMALL_LOG);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope(scope).await.unwrap();
+    c.create_stream(scope, "s", 1).await.unwrap();
+    let stream = format!("{scope}/s");
+    write_rounds(&c, &stream, 30, |round| b'a' + round % 26).await;
+    let written = c.segment_info(&format!("{stream}/0")).await.unwrap().length;
+    drop(c);
+    drop(server);
+    let mut files = files_with_records(&data, 1);
+    files.sort();
+    let (file, recs) = &files[0];
+    assert!(files.len() >= 3 && recs.len() >= 5, "the log rolled: {files:?}");
+    flip_byte(file, recs[victim] + 200);
+    (data, file.clone(), written)
+}
+
 /// A damaged record of data not yet in tier-2 stops the mover for its segment there (it
 /// never copies damaged bytes), so the log files from there on cannot be freed: the log
 /// fills its budget and appends are refused with `tier2 unavailable`. The operator's remedy
@@ -540,24 +566,10 @@ async fn a_scheduled_scrub_finds_damage() {
 async fn a_damaged_record_holds_the_mover_until_the_segment_is_truncated_past_it() {
     use sluice_net::ErrorCode;
     let dir = TempDir::new("damage-tier2");
-    let data = dir.0.join("data");
-    let small = ["--cache-mb", "0", "--containers-per-core", "1", "--log-file-mb", "1"];
-    // Written without tier-2, so that the data is still in the log when the damage comes.
-    let server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &small);
-    let c = Client::connect(&server.url()).await.unwrap();
-    c.create_scope("dt").await.unwrap();
-    c.create_stream("dt", "s", 1).await.unwrap();
-    write_rounds(&c, "dt/s", 30, |round| b'a' + round % 26).await;
-    drop(c);
-    drop(server);
-    let mut files = files_with_records(&data, 1);
-    files.sort();
-    let (file, recs) = &files[0];
-    assert!(files.len() >= 3 && recs.len() >= 5, "the log rolled: {files:?}");
-    flip_byte(file, recs[3] + 200);
+    let (data, _, _) = damaged_older_log(&dir, "dt", 3).await;
 
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
-    let mut args = small.to_vec();
+    let mut args = SMALL_LOG.to_vec();
     args.extend(["--tier2", &tier2, "--log-budget-mb", "6", "--move-min-kb", "64"]);
     let server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &args);
     // Appends refused for a full log are retried for `retry_for`, then fail.
@@ -633,6 +645,34 @@ async fn a_damaged_record_holds_the_mover_until_the_segment_is_truncated_past_it
     eprintln!("resumed at {resume}; {events} events read back to {length}");
 }
 
+/// Reads all of `segment`, going on past damage: the bytes read (whole events where the
+/// damage took whole records), and each (offset, resume offset) where a read failed on
+/// damage. At most two damaged stretches are expected.
+async fn read_past_damage(c: &Client, segment: &str) -> (Vec<u8>, Vec<(u64, u64)>) {
+    use sluice_net::ErrorCode;
+    let length = c.segment_info(segment).await.unwrap().length;
+    let (mut at, mut bytes, mut holes) = (0, Vec::new(), Vec::new());
+    while at < length {
+        match c.read_segment(segment, at, 64 << 10, Duration::ZERO).await {
+            Ok((_, d)) => {
+                assert!(!d.is_empty(), "{segment}: nothing at {at} of {length}");
+                bytes.extend_from_slice(&d);
+                at += d.len() as u64;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{segment} at {at}: {e}");
+                let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else {
+                    panic!("no offset in {e:?}")
+                };
+                assert!(resume > at && holes.len() < 2, "{segment}: resume {resume} at {at}");
+                holes.push((at, resume));
+                at = resume;
+            }
+        }
+    }
+    (bytes, holes)
+}
+
 /// A record damaged in the middle of the current log file (sound records after it): the
 /// node refuses to start and names the way out; with `--salvage-damaged-log` it starts and
 /// serves every sound record. The segment whose event was in the damaged record reads up to
@@ -641,7 +681,6 @@ async fn a_damaged_record_holds_the_mover_until_the_segment_is_truncated_past_it
 /// and after another kill and a salvaging restart everything reads the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_current_log_file_is_salvaged_on_request() {
-    use sluice_net::ErrorCode;
     use sluice_net::event::EventIter;
     let dir = TempDir::new("salvage");
     let data = dir.0.join("data");
@@ -686,34 +725,12 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     let mut server = sluice_tests::Server::start_with(&data, port, 1, &salvage);
     assert!(server.output().contains("recovery salvaged past damage"), "{}", server.output());
 
-    /// Every event of `segment`, and the offsets where reads failed on damage with the
-    /// offset they named to resume at.
-    async fn read_all(c: &Client, segment: &str) -> (Vec<String>, Vec<(u64, u64)>) {
-        let length = c.segment_info(segment).await.unwrap().length;
-        let (mut at, mut events, mut holes) = (0, Vec::new(), Vec::new());
-        while at < length {
-            match c.read_segment(segment, at, 64 << 10, Duration::ZERO).await {
-                Ok((_, d)) => {
-                    assert!(!d.is_empty(), "{segment}: nothing at {at} of {length}");
-                    events.extend(EventIter::new(&d).map(|e| String::from_utf8(e.unwrap().to_vec()).unwrap()));
-                    at += d.len() as u64;
-                }
-                Err(e) => {
-                    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "{segment} at {at}: {e}");
-                    let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else {
-                        panic!("no offset in {e:?}")
-                    };
-                    assert!(resume > at && holes.len() < 3, "{segment}: resume {resume} at {at}");
-                    holes.push((at, resume));
-                    at = resume;
-                }
-            }
-        }
-        (events, holes)
-    }
     let check = |c: Client, more: usize| async move {
-        let (s, s_holes) = read_all(&c, "sv/s/0").await;
-        let (t, t_holes) = read_all(&c, "sv/t/0").await;
+        let events = |d: Vec<u8>| -> Vec<String> {
+            EventIter::new(&d).map(|e| String::from_utf8(e.unwrap().to_vec()).unwrap()).collect()
+        };
+        let ((s, s_holes), (t, t_holes)) = (read_past_damage(&c, "sv/s/0").await, read_past_damage(&c, "sv/t/0").await);
+        let (s, t) = (events(s), events(t));
         // The damaged record held one event of one segment: that segment has a hole there.
         let (damaged, whole, holes, prefix) =
             if s_holes.is_empty() { (t, s, t_holes, "t") } else { (s, t, s_holes, "s") };
@@ -761,30 +778,14 @@ async fn salvaging_lets_the_mover_skip_a_damaged_first_record() {
     mover_skips_damage(2).await;
 }
 
-/// Damages record `victim` (2: the segment's first events; 3: a later record) of the oldest
-/// log file, then runs the scenario above.
+/// Damages record `victim` of the oldest log file (see `damaged_older_log`), then runs the
+/// scenario above.
 async fn mover_skips_damage(victim: usize) {
-    use sluice_net::ErrorCode;
     let dir = TempDir::new(&format!("damage-skip{victim}"));
-    let data = dir.0.join("data");
-    let small = ["--cache-mb", "0", "--containers-per-core", "1", "--log-file-mb", "1"];
-    // Written without tier-2, so that the data is still in the log when the damage comes.
-    let server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &small);
-    let c = Client::connect(&server.url()).await.unwrap();
-    c.create_scope("ds").await.unwrap();
-    c.create_stream("ds", "s", 1).await.unwrap();
-    write_rounds(&c, "ds/s", 30, |round| b'a' + round % 26).await;
-    let written = c.segment_info("ds/s/0").await.unwrap().length;
-    drop(c);
-    drop(server);
-    let mut files = files_with_records(&data, 1);
-    files.sort();
-    let (file, recs) = &files[0];
-    assert!(files.len() >= 3 && recs.len() >= 5, "the log rolled: {files:?}");
-    flip_byte(file, recs[victim] + 200);
+    let (data, file, written) = damaged_older_log(&dir, "ds", victim).await;
 
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
-    let mut args = small.to_vec();
+    let mut args = SMALL_LOG.to_vec();
     args.extend(["--tier2", &tier2, "--log-budget-mb", "6", "--move-min-kb", "64", "--salvage-damaged-log"]);
     let mut server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &args);
     let c = Client::connect(&server.url()).await.unwrap();
@@ -805,31 +806,8 @@ async fn mover_skips_damage(victim: usize) {
     eprintln!("{out}");
     assert!(!ok && out.contains("ds/s/0: bytes ") && out.contains("skipped by the tier-2 mover"), "{out}{err}");
 
-    /// Reads the whole segment: the bytes read, and each (offset, resume) of a damaged stretch.
-    async fn read_all(c: &Client) -> (u64, Vec<(u64, u64)>) {
-        let length = c.segment_info("ds/s/0").await.unwrap().length;
-        let (mut at, mut read, mut holes) = (0, 0, Vec::new());
-        while at < length {
-            match c.read_segment("ds/s/0", at, 64 << 10, Duration::ZERO).await {
-                Ok((_, d)) => {
-                    assert!(!d.is_empty(), "nothing at {at} of {length}");
-                    at += d.len() as u64;
-                    read += d.len() as u64;
-                }
-                Err(e) => {
-                    assert_eq!(e.code(), Some(ErrorCode::DataCorrupt), "at {at}: {e}");
-                    let sluice_client::ClientError::Server { offset: Some(resume), .. } = e else {
-                        panic!("no offset in {e:?}")
-                    };
-                    assert!(resume > at && holes.len() < 2, "resume {resume} at {at}");
-                    holes.push((at, resume));
-                    at = resume;
-                }
-            }
-        }
-        (read, holes)
-    }
-    let (read, holes) = read_all(&c).await;
+    let (bytes, holes) = read_past_damage(&c, "ds/s/0").await;
+    let read = bytes.len() as u64;
     eprintln!("read {read} bytes around {holes:?}");
     assert_eq!(holes.len(), 1, "{holes:?}");
     let (from, to) = holes[0];
@@ -842,5 +820,5 @@ async fn mover_skips_damage(victim: usize) {
     server.kill();
     server.restart();
     let c = Client::connect(&server.url()).await.unwrap();
-    assert_eq!(read_all(&c).await, (read, holes), "the same after a restart");
+    assert_eq!(read_past_damage(&c, "ds/s/0").await, (bytes, holes), "the same after a restart");
 }
