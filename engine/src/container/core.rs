@@ -46,7 +46,7 @@ pub struct CoreConfig {
     /// What recovery does with damaged records in the current log file that have sound ones
     /// after them (acknowledged data was damaged): `false` refuses to start; `true` replays
     /// every sound record, leaving a hole in each segment whose appends were lost (reads
-    /// there fail with `DamagedLog`) and reporting what was lost (`RecoveryReport::salvage`).
+    /// there fail with `DamagedLog`) and reporting what was lost (`ContainerCore::salvaged`).
     pub salvage: bool,
 }
 
@@ -1720,7 +1720,7 @@ impl ContainerCore {
             return Ok((Self::new(cfg, max_epoch + 1, next), report));
         };
         // The files to replay, each with its sound records and the damaged stretches skipped.
-        let mut replay: Vec<(u64, FileScan, Vec<Skipped>)> = Vec::new();
+        let mut replay: Vec<(u64, std::borrow::Cow<FileScan>, Vec<Skipped>)> = Vec::new();
         for i in std::iter::once(a).chain(chained) {
             match (&scans[i].stop, cfg.salvage) {
                 (ScanEnd::Corrupt { at, valid_at, .. }, false) => {
@@ -1728,9 +1728,9 @@ impl ContainerCore {
                 }
                 (ScanEnd::Corrupt { .. }, true) => {
                     let (scan, skipped) = scan_past_damage(&files[i].1);
-                    replay.push((files[i].0, scan, skipped));
+                    replay.push((files[i].0, std::borrow::Cow::Owned(scan), skipped));
                 }
-                _ => replay.push((files[i].0, scans[i].clone(), Vec::new())),
+                _ => replay.push((files[i].0, std::borrow::Cow::Borrowed(&scans[i]), Vec::new())),
             }
         }
         let invalid = |file_seq: u64, reason: String| RecoverFault::Invalid { file_seq, reason };

@@ -21,6 +21,9 @@ pub struct FileIndex {
     segments: HashMap<u64, Vec<IndexEntry>>,
     /// Batch records as (file position, bytes on disk), in file order.
     records: Vec<(u64, u64)>,
+    /// Where a run of back-to-back records ends before a gap (a damaged stretch the file's
+    /// scan skipped), in file order; empty for a sound file.
+    gaps: Vec<u64>,
 }
 
 impl FileIndex {
@@ -49,6 +52,11 @@ impl FileIndex {
     /// A batch record at `pos` taking `disk_len` bytes (records are pushed in file order).
     pub fn push_record(&mut self, pos: u64, disk_len: u64) {
         debug_assert!(self.records.last().is_none_or(|&(p, l)| p + l <= pos), "records in file order");
+        if let Some(&(p, l)) = self.records.last()
+            && p + l != pos
+        {
+            self.gaps.push(p + l);
+        }
         self.records.push((pos, disk_len));
     }
 
@@ -65,19 +73,11 @@ impl FileIndex {
         Some((self.record_holding(from)?.0, self.record_holding(to.checked_sub(1)?)?.1))
     }
 
-    /// The end of the run of back-to-back records from the one holding file byte `at`,
-    /// looked for up to `limit` (a run reaching it ends there). A gap between records is a
-    /// damaged stretch the scan skipped: a read that spanned it would take damaged bytes.
+    /// Where the run of back-to-back records holding file byte `at` ends, or `limit` if
+    /// sooner. A gap between records is a damaged stretch the scan skipped: a read that
+    /// spanned it would take damaged bytes.
     fn run_end(&self, at: u64, limit: u64) -> u64 {
-        let Some(first) = self.records.partition_point(|&(p, _)| p <= at).checked_sub(1) else { return limit };
-        let mut end = self.records[first].0 + self.records[first].1;
-        for &(p, l) in &self.records[first + 1..] {
-            if p != end || end >= limit {
-                break;
-            }
-            end = p + l;
-        }
-        end.min(limit)
+        self.gaps.get(self.gaps.partition_point(|&g| g <= at)).map_or(limit, |&g| g.min(limit))
     }
 
     /// The first offset of `segment` this file holds beyond `offset` (where its data resumes
