@@ -13,8 +13,10 @@ use crate::server;
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
 use glommio::{LocalExecutorBuilder, Placement};
-use sluice_meta::{Controller, EmbeddedStore, MetaStore};
+use sluice_meta::controller::ControllerError;
+use sluice_meta::{Controller, EmbeddedStore, MetaStore, StreamRecord, StreamState};
 use sluice_net::ShardEndpoint;
+use sluice_net::ids::ScopedStream;
 use sluice_net::routing::{Placement as SegmentPlacement, container_of, shard_of};
 use sluice_net::socket::{UNIX_SCHEME, widen_send_buffer};
 use std::cell::RefCell;
@@ -191,8 +193,11 @@ impl<S: MetaStore> Shard<S> {
         let container =
             Container::open_owned(self.core_config(c), self.container_dir(c), self.pacer.clone(), t2, epoch, source)
                 .await?;
-        self.containers.borrow_mut().insert(c, container);
+        self.containers.borrow_mut().insert(c, container.clone());
         tracing::info!(shard = self.index, container = c, epoch, ?source, "serving container");
+        if !container.untraced_after_salvage().is_empty() {
+            glommio::spawn_local(reseal_after_salvage(self.clone(), container)).detach();
+        }
         Ok(())
     }
 
@@ -728,6 +733,88 @@ impl Node {
     }
 }
 
+/// Whether the controller has segment `number` of stream `r` sealed: the stream is sealed
+/// (or being sealed), or a scaling replaced the segment (it is in no current epoch and no
+/// scaling in progress creates it). A number the stream never gave out is not sealed.
+fn sealed_by_controller(r: &StreamRecord, number: u64) -> bool {
+    match r.state {
+        StreamState::Sealed | StreamState::Sealing => true,
+        StreamState::Creating => false,
+        StreamState::Active => {
+            number < r.next_segment
+                && !r.segments.iter().any(|s| s.number == number)
+                && !r.scale.as_ref().is_some_and(|p| p.create.iter().any(|s| s.number == number))
+        }
+    }
+}
+
+/// How often the look-up of a stream's record is tried before its segments are left open
+/// (the metadata store unreachable), and how long apart.
+const RESEAL_TRIES: u32 = 10;
+const RESEAL_RETRY: Duration = Duration::from_millis(500);
+
+/// After recovery's salvage lost log records: the container's open segments with no entry
+/// after the loss may have had their seal among the lost records. Each one the controller
+/// has sealed (its stream sealed, or replaced by a scaling) is sealed again, so that no
+/// writer appends to it; each is logged and reported in `sluice stats`. Segments of streams
+/// the controller does not know, shadow and raw segments are left as they are.
+async fn reseal_after_salvage<S: MetaStore>(shard: Rc<Shard<S>>, container: Rc<Container>) {
+    let c = container.id();
+    let mut streams: HashMap<String, Option<StreamRecord>> = HashMap::new();
+    let mut resealed = Vec::new();
+    for name in container.untraced_after_salvage() {
+        let Some((stream, number)) = name.rsplit_once('/') else { continue };
+        let (Ok(number), Some(ss)) = (number.parse::<u64>(), ScopedStream::parse(stream)) else { continue };
+        if !streams.contains_key(stream) {
+            let mut tries = 0;
+            let record = loop {
+                match shard.controller.get_stream(&ss.scope, &ss.stream).await {
+                    Ok(r) => break Some(r),
+                    Err(ControllerError::NoSuchStream(_) | ControllerError::NoSuchScope(_)) => break None,
+                    Err(e) => {
+                        tries += 1;
+                        if tries == RESEAL_TRIES {
+                            tracing::error!(
+                                container = c,
+                                stream,
+                                error = %e,
+                                "after salvage: cannot read the stream's record; its segments the log lost a \
+                                 seal of stay open"
+                            );
+                            break None;
+                        }
+                        glommio::timer::sleep(RESEAL_RETRY).await;
+                    }
+                }
+            };
+            streams.insert(stream.to_string(), record);
+        }
+        if !streams[stream].as_ref().is_some_and(|r| sealed_by_controller(r, number)) {
+            continue;
+        }
+        let sealed = match shard.submit_local(&container, &name, Request::Seal { name: name.clone() }) {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
+        match sealed {
+            Ok(_) => {
+                tracing::warn!(container = c, segment = %name, "after salvage: sealed again (the controller has it sealed)");
+                resealed.push(name);
+            }
+            Err(e) => tracing::error!(container = c, segment = %name, error = %e, "after salvage: cannot seal again"),
+        }
+    }
+    if !resealed.is_empty() {
+        const NAMED: usize = 20;
+        let more = resealed.len().saturating_sub(NAMED);
+        container.note_salvaged(format!(
+            "sealed again, as the controller has them (their seal was among the lost records): {}{}",
+            resealed[..resealed.len().min(NAMED)].join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        ));
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn shard_main<S: MetaStore>(
     index: u32,
@@ -770,6 +857,9 @@ async fn shard_main<S: MetaStore>(
         tier2,
     });
     let _ = ready.send(Ok(index));
+    for c in shard.containers.borrow().values().filter(|c| !c.untraced_after_salvage().is_empty()) {
+        glommio::spawn_local(reseal_after_salvage(shard.clone(), c.clone())).detach();
+    }
     if let Some(every) = shard.cfg.scrub_every {
         glommio::spawn_local(scrub_on_schedule(shard.clone(), every)).detach();
     }

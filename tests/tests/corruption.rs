@@ -822,3 +822,98 @@ async fn mover_skips_damage(victim: usize) {
     let c = Client::connect(&server.url()).await.unwrap();
     assert_eq!(read_past_damage(&c, "ds/s/0").await, (bytes, holes), "the same after a restart");
 }
+
+/// The log records holding `Seal` entries, from `sluice log dump --entries`: per segment
+/// name, the record's file and position.
+fn seal_records(url: &str, data: &Path) -> std::collections::HashMap<String, (PathBuf, usize)> {
+    let (ok, dump, err) = sluice_tests::cli(url, &["log", "dump", "--entries", data.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let (mut dir, mut file, mut pos) = (PathBuf::new(), PathBuf::new(), 0);
+    let mut names = std::collections::HashMap::new();
+    let mut seals = std::collections::HashMap::new();
+    for line in dump.lines() {
+        let t = line.trim();
+        if let Some(d) = line.strip_prefix("container log ") {
+            dir = PathBuf::from(d);
+        } else if let Some(f) = line.strip_prefix("  file ") {
+            file = dir.join(f.split_whitespace().next().unwrap());
+        } else if let Some(p) = t.strip_prefix('@') {
+            pos = p.split_whitespace().next().unwrap().parse().unwrap();
+        } else if let Some(rest) = t.strip_prefix("Create { segment: ") {
+            let (id, name) = rest.split_once(", name: \"").unwrap();
+            names.insert(id.to_string(), name.trim_end_matches("\" }").to_string());
+        } else if let Some(id) = t.strip_prefix("Seal { segment: ") {
+            let name = names[id.trim_end_matches(" }")].clone();
+            seals.insert(name, (file.clone(), pos));
+        }
+    }
+    seals
+}
+
+/// A salvage that loses the record sealing a segment would leave the segment open to
+/// appends. The node asks the controller about every open segment with no entry after the
+/// loss and seals again those it has sealed (a sealed stream's, one a scaling replaced); it
+/// says so in `sluice stats`, and leaves the others open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seals_lost_to_a_salvage_are_made_again_from_the_controller() {
+    let dir = TempDir::new("reseal");
+    let data = dir.0.join("data");
+    let port = free_ports(1);
+    let base = ["--containers-per-core", "1"];
+    let mut server = sluice_tests::Server::start_with(&data, port, 1, &base);
+    let url = server.url();
+    let c = Client::connect(&url).await.unwrap();
+    c.create_scope("rs").await.unwrap();
+    let streams = ["sealed", "split", "open"];
+    for s in streams {
+        c.create_stream("rs", s, 1).await.unwrap();
+        let w = c.event_writer(&format!("rs/{s}")).await.unwrap();
+        for i in 0..5 {
+            w.write_event(b"k", format!("{s}-{i}").into_bytes()).await.unwrap();
+        }
+    }
+    c.seal_stream("rs", "sealed").await.unwrap();
+    c.split_segment("rs", "split", 0, 2).await.unwrap();
+    // Sound records after the seals, so that a salvage is what gets past them.
+    let w = c.event_writer("rs/open").await.unwrap();
+    for i in 5..10 {
+        w.write_event(b"k", format!("open-{i}").into_bytes()).await.unwrap();
+    }
+    drop((w, c));
+    server.kill();
+
+    let seals = seal_records(&url, &data);
+    for s in ["rs/sealed/0", "rs/split/0"] {
+        let (file, pos) = &seals.get(s).unwrap_or_else(|| panic!("no seal of {s}: {seals:?}"));
+        flip_byte(file, pos + 40);
+    }
+    let salvage = [&base[..], &["--salvage-damaged-log"]].concat();
+    drop(server); // (its drop removes the log file the next one writes)
+    let server = sluice_tests::Server::start_with(&data, port, 1, &salvage);
+    let c = Client::connect(&url).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let sealed = |s: &'static str| {
+        let c = &c;
+        async move { c.segment_info(s).await.unwrap().sealed }
+    };
+    while !(sealed("rs/sealed/0").await && sealed("rs/split/0").await) {
+        assert!(std::time::Instant::now() < deadline, "never sealed again: {}", server.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for s in ["rs/split/1", "rs/split/2", "rs/open/0"] {
+        assert!(!sealed(s).await, "{s} is current: it stays open");
+    }
+    // Appends to a segment sealed again are refused; the others' data is all there.
+    let late = c.append_raw("rs/sealed/0", bytes::Bytes::from_static(b"late"), None).await;
+    assert_eq!(late.unwrap_err().code(), Some(sluice_net::ErrorCode::Sealed));
+    for s in streams {
+        assert!(c.segment_info(&format!("rs/{s}/0")).await.unwrap().length > 0, "{s}");
+    }
+    let (ok, out, err) = sluice_tests::cli(&url, &["stats", "--check"], None);
+    assert!(!ok, "{out}{err}");
+    assert!(
+        out.lines().any(|l| l.contains("sealed again") && l.contains("rs/sealed/0") && l.contains("rs/split/0")),
+        "{out}"
+    );
+    assert!(server.output().contains("after salvage: sealed again"), "{}", server.output());
+}

@@ -525,6 +525,9 @@ pub struct ContainerCore {
     /// What recovery salvaged past damaged records and lost, one line each (empty: nothing;
     /// see `CoreConfig::salvage`).
     salvaged: Vec<String>,
+    /// Open segments with no entry after records that recovery's salvage lost: a seal among
+    /// those records would have left them open (see `untraced_after_salvage`).
+    untraced: Vec<String>,
     /// Shadow segments whose merge is accepted but not yet durable.
     merging: HashSet<String>,
     /// Wall-clock time (Unix ms) as last told by the I/O driver (`set_now_ms`), and when it
@@ -561,6 +564,7 @@ impl ContainerCore {
             garbage: Vec::new(),
             creations_recorded: true,
             salvaged: Vec::new(),
+            untraced: Vec::new(),
             merging: HashSet::new(),
             now_ms: 0,
             clock_started_ms: None,
@@ -676,6 +680,13 @@ impl ContainerCore {
     /// one line each (empty: nothing).
     pub fn salvaged(&self) -> &[String] {
         &self.salvaged
+    }
+
+    /// Open segments with no entry after the records recovery's salvage lost, by name
+    /// (empty: none lost). A seal among the lost records left such a segment open again; the
+    /// node asks the controller which of them it has sealed and seals those again.
+    pub fn untraced_after_salvage(&self) -> &[String] {
+        &self.untraced
     }
 
     /// Adds a line to what was salvaged past (the mover skipping damaged data).
@@ -1817,6 +1828,7 @@ impl ContainerCore {
                 .map(|(_, seg)| seg.name.clone())
                 .collect();
             untraced.sort();
+            core.untraced = untraced.clone();
             salvage.untraced = untraced;
         }
         if !salvage.skipped.is_empty() {

@@ -1104,6 +1104,17 @@ impl Container {
         wait_until("opens of log files", limit, || self.opens_in_flight.get() == 0).await.is_ok()
     }
 
+    /// Open segments recovery's salvage may have left open past a lost seal (see
+    /// `ContainerCore::untraced_after_salvage`).
+    pub fn untraced_after_salvage(&self) -> Vec<String> {
+        self.core.borrow().untraced_after_salvage().to_vec()
+    }
+
+    /// Adds a line to what `sluice stats` reports as salvaged.
+    pub fn note_salvaged(&self, line: String) {
+        self.core.borrow_mut().note_salvaged(line);
+    }
+
     /// What an operator should know of this container (`sluice stats`): its log's size and
     /// whatever is wrong with it.
     pub fn health(&self) -> ContainerHealth {
