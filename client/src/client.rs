@@ -191,10 +191,24 @@ impl Client {
         self.inner.map.lock().expect("lock").endpoints.len()
     }
 
-    /// Each shard's latency statistics (see `sluice_engine::stats`), in shard order; with
-    /// `reset`, every shard starts counting over once its figures are taken.
+    /// Each shard's latency statistics (see `sluice_engine::stats`), in node and shard
+    /// order; with `reset`, every shard starts counting over once its figures are taken. In a
+    /// cluster: the shards of the node this client started from and of every node serving a
+    /// container (the map is refreshed first), so that nothing wrong on another node goes
+    /// unseen; a node that does not answer fails the call.
     pub async fn shard_stats(&self, reset: bool) -> Result<Vec<ShardStats>, ClientError> {
-        let endpoints = self.inner.map.lock().expect("lock").endpoints.clone();
+        if !self.inner.map.lock().expect("lock").containers.is_empty() {
+            self.refresh().await?;
+        }
+        let mut endpoints = Vec::new();
+        {
+            let map = self.inner.map.lock().expect("lock");
+            for e in map.endpoints.iter().chain(map.containers.iter()) {
+                if !e.is_empty() && !endpoints.contains(e) {
+                    endpoints.push(e.clone());
+                }
+            }
+        }
         let mut all = Vec::with_capacity(endpoints.len());
         for e in endpoints {
             let call = || async { self.connection(&e).await?.call(&GetStats { reset }, Bytes::new()).await };
@@ -206,6 +220,7 @@ impl Client {
             };
             all.push(stats);
         }
+        all.sort_by(|a: &ShardStats, b| (&a.node, a.shard).cmp(&(&b.node, b.shard)));
         Ok(all)
     }
 

@@ -7,9 +7,28 @@ fn cells(l: &Latencies) -> String {
     format!("{:>7} {:>7} {:>7} {:>7} {:>7}", l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us)
 }
 
-/// The table `sluice stats` prints: one row per shard, latencies in microseconds.
+/// Whether the figures come from more than one node (a cluster): rows and lines then name
+/// the node too.
+fn many_nodes(stats: &[ShardStats]) -> bool {
+    stats.iter().any(|s| s.node != stats[0].node)
+}
+
+/// Where a shard is, for people: `shard 1`, or in a cluster `node n2 shard 1`.
+fn place(s: &ShardStats, many_nodes: bool) -> String {
+    match many_nodes {
+        true => format!("node {} shard {}", s.node, s.shard),
+        false => format!("shard {}", s.shard),
+    }
+}
+
+/// The table `sluice stats` prints: one row per shard, latencies in microseconds (in a
+/// cluster, the node's id first on each row).
 pub fn table(stats: &[ShardStats]) -> String {
-    let mut out = format!(
+    let nodes = many_nodes(stats);
+    let width = if nodes { stats.iter().map(|s| s.node.len()).max().unwrap_or(0).max(4) } else { 0 };
+    let node = |name: &str| if nodes { format!("{name:<width$} ") } else { String::new() };
+    let mut out = node("node");
+    out += &format!(
         "{:>5} {:>8} | {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>8} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7}\n",
         "shard",
         "window_s",
@@ -32,6 +51,7 @@ pub fn table(stats: &[ShardStats]) -> String {
         let secs = s.window_ms as f64 / 1000.0;
         let rate = if s.window_ms == 0 { 0.0 } else { s.flushes.count as f64 / secs };
         let kib = if s.flushes.count == 0 { 0.0 } else { s.flushed_bytes as f64 / 1024.0 / s.flushes.count as f64 };
+        out += &node(&s.node);
         out += &format!(
             "{:>5} {:>8.1} | {:>9} {} | {:>8} {:>8.0} {:>9.1} {}\n",
             s.shard,
@@ -108,7 +128,7 @@ pub fn json(stats: &[ShardStats]) -> serde_json::Value {
                         "scrub_damage": h.scrub_damage, "salvaged": h.salvaged, "problems": problems(h)})
                 })
                 .collect();
-            serde_json::json!({"shard": s.shard, "window_ms": s.window_ms, "appends": l(&s.appends),
+            serde_json::json!({"node": s.node, "shard": s.shard, "window_ms": s.window_ms, "appends": l(&s.appends),
                 "flushes": l(&s.flushes), "flushed_bytes": s.flushed_bytes, "containers": containers})
         })
         .collect()
@@ -117,16 +137,17 @@ pub fn json(stats: &[ShardStats]) -> serde_json::Value {
 /// The containers' part of `sluice stats`: one summary line, then a line per problem.
 /// Returns the text and how many containers have a problem.
 pub fn health(stats: &[ShardStats]) -> (String, usize) {
-    let all: Vec<(u32, &ContainerHealth)> =
-        stats.iter().flat_map(|s| s.containers.iter().map(move |h| (s.shard, h))).collect();
+    let nodes = many_nodes(stats);
+    let all: Vec<(String, &ContainerHealth)> =
+        stats.iter().flat_map(|s| s.containers.iter().map(move |h| (place(s, nodes), h))).collect();
     let log_mib = all.iter().map(|(_, h)| h.log_bytes).sum::<u64>() as f64 / (1 << 20) as f64;
     let scrubbed: Vec<u64> = all.iter().filter_map(|(_, h)| h.scrub_ago_ms).collect();
     let mut lines = Vec::new();
     let mut troubled = 0;
-    for (shard, h) in &all {
+    for (place, h) in &all {
         let p = problems(h);
         troubled += usize::from(!p.is_empty());
-        lines.extend(p.into_iter().map(|p| format!("  container {} (shard {shard}): {p}\n", h.container)));
+        lines.extend(p.into_iter().map(|p| format!("  container {} ({place}): {p}\n", h.container)));
     }
     let scrubs = match scrubbed.iter().min() {
         None => "none scrubbed since the node started".to_string(),
@@ -151,6 +172,7 @@ mod tests {
     #[test]
     fn a_row_per_shard_and_no_division_by_nothing() {
         let busy = ShardStats {
+            node: "standalone".into(),
             shard: 1,
             window_ms: 2000,
             appends: Latencies { count: 10, p50_us: 300, p90_us: 500, p99_us: 900, p999_us: 950, max_us: 990 },
@@ -177,6 +199,7 @@ mod tests {
     fn healthy_containers_make_one_line_and_each_problem_its_own() {
         let fine = |container| ContainerHealth { container, log_bytes: 64 << 20, ..Default::default() };
         let shard = |shard, containers| ShardStats {
+            node: "standalone".into(),
             shard,
             window_ms: 1000,
             appends: Latencies::default(),
@@ -221,5 +244,30 @@ mod tests {
             ]
         );
         assert_eq!(ago(2 * 86_400_000 + 4 * 3_600_000 + 59_000), "2d 4h");
+    }
+    #[test]
+    fn a_cluster_names_the_node_of_each_row_and_problem() {
+        let shard = |node: &str, shard, containers| ShardStats {
+            node: node.into(),
+            shard,
+            window_ms: 1000,
+            appends: Latencies::default(),
+            flushes: Latencies::default(),
+            flushed_bytes: 0,
+            containers,
+        };
+        let fine = |container| ContainerHealth { container, ..Default::default() };
+        let sick = ContainerHealth { damaged_reads: 1, last_damaged_read: Some("x".into()), ..fine(7) };
+        let stats = [shard("n0", 0, vec![fine(0)]), shard("node-2", 1, vec![sick])];
+        let t = table(&stats);
+        let rows: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!((rows[0][0], rows[0][1]), ("node", "shard"), "{t}");
+        assert_eq!((rows[1][0], rows[1][1], rows[2][0], rows[2][1]), ("n0", "0", "node-2", "1"), "{t}");
+        let (h, n) = health(&stats);
+        assert_eq!(n, 1);
+        assert!(h.contains("  container 7 (node node-2 shard 1): 1 reads refused"), "{h}");
+        assert_eq!(json(&stats)[1]["node"], "node-2");
+        // One node: no node column, as before.
+        assert!(table(&stats[..1]).starts_with("shard"), "{}", table(&stats[..1]));
     }
 }

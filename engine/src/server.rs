@@ -460,6 +460,7 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, via: Via, frame: Frame) -> Resul
             let mut containers: Vec<_> = shard.containers.borrow().values().map(|c| c.health()).collect();
             containers.sort_by_key(|h| h.container);
             stats.containers = containers;
+            stats.node = shard.cfg.node_name.clone();
             Dispatched::Now(reply(id, &stats))
         }
         Kind::ScrubLog => {

@@ -74,6 +74,8 @@ pub fn snapshot(shard: u32, reset: bool) -> ShardStats {
     STATS.with(|s| {
         let mut s = s.borrow_mut();
         let stats = ShardStats {
+            // The server names its node.
+            node: String::new(),
             shard,
             window_ms: s.since.elapsed().as_millis() as u64,
             appends: latencies(&s.appends),

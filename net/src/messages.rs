@@ -528,6 +528,8 @@ control!(
     ShardStats,
     /// What one shard measured since its statistics were last reset (or since it started).
     pub struct ShardStats {
+        /// The node's id (`standalone` on a standalone node).
+        pub node: String,
         pub shard: u32,
         /// How long the shard has been counting.
         pub window_ms: u64,

@@ -232,6 +232,23 @@ async fn three_nodes_move_containers_without_losing_events() {
         sluice_tests::cli("", &["cluster", "status", "--etcd", &cluster.etcd.endpoint, "--cluster", "c"], None);
     assert!(ok, "{err}");
     assert!(out.contains("12 containers") && out.contains("3 live node(s)") && out.contains("serving"), "{out}");
+    // `sluice stats` asked of one node covers every node serving containers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, err) = sluice_tests::cli(&cluster.url(0), &["stats", "--json", "--check"], None);
+        assert!(ok, "{out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let shards = v["shards"].as_array().unwrap();
+        let nodes: HashSet<&str> = shards.iter().map(|s| s["node"].as_str().unwrap()).collect();
+        let containers: usize = shards.iter().map(|s| s["containers"].as_array().unwrap().len()).sum();
+        if nodes == HashSet::from(["n0", "n1", "n2"]) && containers == CONTAINERS as usize {
+            let (_, table, _) = sluice_tests::cli(&cluster.url(0), &["stats"], None);
+            assert!(table.starts_with("node") && table.contains("containers: 12,"), "{table}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "stats never covered the cluster: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Writers bootstrap from different nodes; one from the node that will stop.
     let load = Load::start(&cluster, 3).await;

@@ -72,7 +72,8 @@ enum Cmd {
     /// these is the network and the client's own scheduling. Then each container's state:
     /// its log's size and anything wrong (stopped, disk full, tier-2 mover failing, reads
     /// refused on damaged data, damage found by its last log scrub, what a start with
-    /// --salvage-damaged-log lost).
+    /// --salvage-damaged-log lost). In a cluster: every node serving containers, whichever
+    /// node --url names.
     Stats(stats::StatsArgs),
 }
 
