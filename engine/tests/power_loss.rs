@@ -579,6 +579,13 @@ fn salvage_replays_past_a_damaged_record_leaving_holes() {
     let check = |core: &mut ContainerCore, disk: &Disk, a_more: &[&[u8]]| {
         let lines = core.salvaged().join("\n");
         assert!(lines.contains(&format!("damaged records at bytes {victim}..")), "{lines}");
+        // Its header is intact: its entries, unverified, tell what it held.
+        let c1 = framed(b"c1");
+        let held = format!(
+            "by their intact headers they held (unverified): a/b/0 bytes {a1}..{}, s/c/0 bytes 0..{c1}, creation of s/c/0",
+            a1 + a2
+        );
+        assert!(lines.contains(&held), "{lines}");
         assert!(lines.contains("1 record lost"), "{lines}");
         assert!(lines.contains(&format!("a/b/0: bytes {a1}..{} lost", a1 + a2)), "{lines}");
         assert!(lines.contains("1 entry for segments created in the lost records dropped"), "{lines}");
@@ -655,6 +662,7 @@ fn salvage_rebuilds_a_damaged_checkpoint_from_the_file_before() {
     let mut core = recover(&salvage, &mut disk);
     let lines = core.salvaged().join("\n");
     assert!(lines.contains("the checkpoint opening log file 0000000000000001.log was damaged"), "{lines}");
+    assert!(!lines.contains("they held"), "a checkpoint's payload is not taken for entries: {lines}");
     assert!(
         !lines.contains("records lost") && !lines.contains("lost (") && !lines.contains("no entry after"),
         "{lines}"

@@ -720,6 +720,12 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     assert!(ok, "{err}");
     let damaged = dump.lines().position(|l| l.contains(&format!("DAMAGED at {victim}: "))).expect(&dump);
     assert!(dump.lines().skip(damaged).filter(|l| l.contains(" batch ")).count() >= 10, "{dump}");
+    // With the entries: what the damaged record (its header intact) says it held, unverified.
+    let (ok, dump, err) = sluice_tests::cli(&url, &["log", "dump", "--entries", data.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let after: Vec<&str> = dump.lines().skip_while(|l| !l.contains(&format!("DAMAGED at {victim}: "))).collect();
+    assert!(after[1].ends_with("header intact; its entries, unverified:"), "{dump}");
+    assert!(after[2].trim_start().starts_with("append segment "), "{dump}");
 
     let salvage = [&base[..], &["--salvage-damaged-log"]].concat();
     let mut server = sluice_tests::Server::start_with(&data, port, 1, &salvage);
@@ -749,6 +755,7 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     assert!(!ok, "{out}{err}");
     let line = |needle: &str| out.lines().any(|l| l.contains("started past damaged log records") && l.contains(needle));
     assert!(line(&format!("damaged records at bytes {victim}..")) && line("1 record lost"), "{out}");
+    assert!(line(&format!("by their intact headers they held (unverified): sv/{damaged}/0 bytes ")), "{out}");
     assert!(line(&format!("sv/{damaged}/0: bytes ")), "{out}");
 
     // Appends go on after the last sound record; a kill and a salvaging restart keep all.

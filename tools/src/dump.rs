@@ -2,10 +2,10 @@
 
 use bytes::Bytes;
 use sluice_engine::log::checkpoint::CheckpointState;
-use sluice_engine::log::entry::{LogEntry, decode_entries};
+use sluice_engine::log::entry::{LogEntry, decode_entries, decode_entries_prefix};
 use sluice_engine::log::format::RecordKind;
 use sluice_engine::log::parse_file_name;
-use sluice_engine::log::scan::{ScanEnd, scan_past_damage};
+use sluice_engine::log::scan::{ScanEnd, damaged_records, scan_past_damage};
 use std::path::Path;
 
 fn log_files(dir: &Path) -> Result<Vec<(u64, std::path::PathBuf)>, String> {
@@ -72,6 +72,17 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
         for rec in &scan.records {
             while let Some(k) = skipped.next_if(|k| k.valid_at <= rec.pos) {
                 println!("    DAMAGED at {}: {}; sound records go on at {}", k.at, k.reason, k.valid_at);
+                if entries {
+                    // Records in it whose headers are intact: their entries as far as they
+                    // decode, untrusted (the payloads fail their checksums).
+                    for (h, payload) in damaged_records(&bytes, &k).iter().filter(|(h, _)| h.kind == RecordKind::Batch)
+                    {
+                        println!("      lsn {} epoch {}, header intact; its entries, unverified:", h.lsn, h.epoch);
+                        for e in decode_entries_prefix(payload) {
+                            print_entry(&e);
+                        }
+                    }
+                }
             }
             let h = &rec.header;
             let kind = match h.kind {
@@ -118,17 +129,7 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
                         println!("  ({} entries, {appends} appends)", list.len());
                         if entries {
                             for (e, _) in list {
-                                match e {
-                                    LogEntry::Append { segment, offset, writer, last_event_number, data } => println!(
-                                        "        append segment {segment} offset {offset} len {} writer {writer:x} event {last_event_number}",
-                                        data.len()
-                                    ),
-                                    LogEntry::Merge { segment, offset, source, data } => println!(
-                                        "        merge segment {source} into segment {segment} at offset {offset} len {}",
-                                        data.len()
-                                    ),
-                                    other => println!("        {other:?}"),
-                                }
+                                print_entry(&e);
                             }
                         }
                     }
@@ -146,4 +147,18 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// One entry of a batch, on its own line (an append's data by its length only).
+fn print_entry(e: &LogEntry) {
+    match e {
+        LogEntry::Append { segment, offset, writer, last_event_number, data } => println!(
+            "        append segment {segment} offset {offset} len {} writer {writer:x} event {last_event_number}",
+            data.len()
+        ),
+        LogEntry::Merge { segment, offset, source, data } => {
+            println!("        merge segment {source} into segment {segment} at offset {offset} len {}", data.len())
+        }
+        other => println!("        {other:?}"),
+    }
 }

@@ -17,9 +17,9 @@ use crate::container::cache::ReadCache;
 use crate::container::index::FileIndex;
 use crate::error::EngineError;
 use crate::log::checkpoint::{CheckpointState, SegmentCheckpoint};
-use crate::log::entry::{APPEND_HEADER_BYTES, LogEntry, decode_entries};
+use crate::log::entry::{APPEND_HEADER_BYTES, LogEntry, decode_entries, decode_entries_prefix};
 use crate::log::format::{RecordHeader, RecordKind, encode_record};
-use crate::log::scan::{FileScan, ScanEnd, Skipped, scan_file, scan_past_damage};
+use crate::log::scan::{FileScan, ScanEnd, Skipped, damaged_records, scan_file, scan_past_damage};
 use bytes::Bytes;
 use sluice_net::event::{skip_events, validate_events};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -392,8 +392,9 @@ pub struct RecoveryReport {
 /// What a salvage (recovery past damaged records, `CoreConfig::salvage`) skipped and lost.
 #[derive(Debug, Default)]
 struct Salvage {
-    /// The damaged stretches skipped, per log file.
-    skipped: Vec<(u64, Skipped)>,
+    /// The damaged stretches skipped, per log file, each with what the entries of its
+    /// records with intact headers say they held (`ContainerCore::describe_damaged`).
+    skipped: Vec<(u64, Skipped, String)>,
     /// Records missing from the LSN chain (a lost checkpoint among them).
     lost_records: u64,
     /// (active file, next file) when the next file's opening checkpoint was damaged.
@@ -419,13 +420,17 @@ impl Salvage {
         let mut out: Vec<String> = self
             .skipped
             .iter()
-            .map(|(seq, k)| {
+            .map(|(seq, k, held)| {
                 format!(
-                    "log file {}: damaged records at bytes {}..{} skipped ({})",
+                    "log file {}: damaged records at bytes {}..{} skipped ({}){}",
                     name(*seq),
                     k.at,
                     k.valid_at,
-                    k.reason
+                    k.reason,
+                    match held.is_empty() {
+                        true => String::new(),
+                        false => format!("; by their intact headers they held (unverified): {held}"),
+                    }
                 )
             })
             .collect();
@@ -468,6 +473,57 @@ impl Salvage {
             ));
         }
         out
+    }
+}
+
+impl ContainerCore {
+    /// What the entries of damaged records say they held, for people (untrusted: the
+    /// records fail their checksums): the appended byte ranges per segment, then each other
+    /// operation, segments named as this core knows them (at most 20 items).
+    fn describe_damaged(&self, entries: &[LogEntry]) -> String {
+        let mut created: HashMap<u64, &str> = HashMap::new();
+        let mut appends: Vec<(String, u64, u64)> = Vec::new();
+        let mut other: Vec<String> = Vec::new();
+        for e in entries {
+            let name = |id: &u64| match (self.segments.get(id), created.get(id)) {
+                (Some(s), _) => s.name.clone(),
+                (None, Some(n)) => n.to_string(),
+                (None, None) => format!("segment id {id}"),
+            };
+            let what = match e {
+                LogEntry::Create { segment, name } => {
+                    created.insert(*segment, name);
+                    format!("creation of {name}")
+                }
+                LogEntry::Append { segment, offset, data, .. } | LogEntry::Merge { segment, offset, data, .. } => {
+                    let (n, end) = (name(segment), offset + data.len() as u64);
+                    match appends.iter_mut().find(|(m, _, to)| *m == n && to == offset) {
+                        Some(run) => run.2 = end,
+                        None => appends.push((n, *offset, end)),
+                    }
+                    continue;
+                }
+                LogEntry::Seal { segment } => format!("seal of {}", name(segment)),
+                LogEntry::Truncate { segment, offset } => format!("truncation of {} at {offset}", name(segment)),
+                LogEntry::Delete { segment } => format!("deletion of {}", name(segment)),
+                LogEntry::Chunk { segment, .. } | LogEntry::ChunksClosed { segment } => {
+                    format!("tier-2 bookkeeping of {}", name(segment))
+                }
+                LogEntry::CreationsRecorded => continue,
+            };
+            if !other.contains(&what) {
+                other.push(what);
+            }
+        }
+        let mut parts: Vec<String> =
+            appends.into_iter().map(|(n, from, to)| format!("{n} bytes {from}..{to}")).chain(other).collect();
+        const NAMED: usize = 20;
+        if parts.len() > NAMED {
+            let more = parts.len() - NAMED;
+            parts.truncate(NAMED);
+            parts.push(format!("and {more} more"));
+        }
+        parts.join(", ")
     }
 }
 
@@ -1731,7 +1787,7 @@ impl ContainerCore {
             return Ok((Self::new(cfg, max_epoch + 1, next), report));
         };
         // The files to replay, each with its sound records and the damaged stretches skipped.
-        let mut replay: Vec<(u64, std::borrow::Cow<FileScan>, Vec<Skipped>)> = Vec::new();
+        let mut replay: Vec<(u64, std::borrow::Cow<FileScan>, Vec<Skipped>, &Bytes)> = Vec::new();
         for i in std::iter::once(a).chain(chained) {
             match (&scans[i].stop, cfg.salvage) {
                 (ScanEnd::Corrupt { at, valid_at, .. }, false) => {
@@ -1739,9 +1795,9 @@ impl ContainerCore {
                 }
                 (ScanEnd::Corrupt { .. }, true) => {
                     let (scan, skipped) = scan_past_damage(&files[i].1);
-                    replay.push((files[i].0, std::borrow::Cow::Owned(scan), skipped));
+                    replay.push((files[i].0, std::borrow::Cow::Owned(scan), skipped, &files[i].1));
                 }
-                _ => replay.push((files[i].0, std::borrow::Cow::Borrowed(&scans[i]), Vec::new())),
+                _ => replay.push((files[i].0, std::borrow::Cow::Borrowed(&scans[i]), Vec::new(), &files[i].1)),
             }
         }
         let invalid = |file_seq: u64, reason: String| RecoverFault::Invalid { file_seq, reason };
@@ -1769,8 +1825,21 @@ impl ContainerCore {
         let mut epoch = ck.epoch.max(max_epoch);
         let mut salvage = Salvage::default();
         let mut prev = first.records[0].header;
-        for (n, (seq, scan, skipped)) in replay.iter().enumerate() {
+        for (n, (seq, scan, skipped, bytes)) in replay.iter().enumerate() {
             let seq = *seq;
+            // Each damaged stretch is described in the state just before it.
+            let mut described = 0;
+            let mut describe = |core: &Self, salvage: &mut Salvage, before: u64| {
+                while let Some(k) = skipped.get(described).filter(|k| k.valid_at <= before) {
+                    let entries: Vec<LogEntry> = damaged_records(bytes, k)
+                        .iter()
+                        .filter(|(h, _)| h.kind == RecordKind::Batch)
+                        .flat_map(|(_, payload)| decode_entries_prefix(payload))
+                        .collect();
+                    salvage.skipped.push((seq, k.clone(), core.describe_damaged(&entries)));
+                    described += 1;
+                }
+            };
             if n > 0 {
                 // The next file, whose checkpoint was lost: the active file's index goes cold.
                 salvage.lost_checkpoint = Some((files[a].0, seq));
@@ -1794,6 +1863,7 @@ impl ContainerCore {
                         ),
                     ));
                 }
+                describe(&core, &mut salvage, rec.pos);
                 let gap = rec.header.lsn - prev.lsn - 1;
                 salvage.lost_records += gap;
                 // A lost checkpoint is one record of the gap and holds no appends.
@@ -1812,7 +1882,7 @@ impl ContainerCore {
                 }
                 report.records_replayed += 1;
             }
-            salvage.skipped.extend(skipped.iter().map(|k| (seq, k.clone())));
+            describe(&core, &mut salvage, u64::MAX);
         }
         if salvage.lost_checkpoint.is_some() {
             // The next flush starts a new file, with a checkpoint: until then a restart needs
@@ -1837,9 +1907,9 @@ impl ContainerCore {
             // lists tier-2 and deletes chunks no entry names.
             core.creations_recorded = false;
         }
-        let (seq, scan, _) = replay.last().expect("the active file");
+        let (seq, scan, _, _) = replay.last().expect("the active file");
         let seq = *seq;
-        for r in replay.iter().flat_map(|(_, scan, _)| &scan.records) {
+        for r in replay.iter().flat_map(|(_, scan, _, _)| &scan.records) {
             epoch = epoch.max(r.header.epoch);
         }
         core.epoch = epoch + 1;

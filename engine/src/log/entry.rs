@@ -167,8 +167,21 @@ impl LogEntry {
 /// Decodes all entries of a batch payload. `data_base` is the payload's position in the
 /// file; each entry comes with the file position of its data (for appends).
 pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, u64)>, String> {
-    let mut r = Reader { buf: payload, pos: 0 };
     let mut out = Vec::new();
+    decode_into(payload, data_base, &mut out)?;
+    Ok(out)
+}
+
+/// The entries of a payload that fails its checksum, as far as they decode (up to the first
+/// undecodable one). Untrusted: for telling an operator what damaged records probably held.
+pub fn decode_entries_prefix(payload: &Bytes) -> Vec<LogEntry> {
+    let mut out = Vec::new();
+    let _ = decode_into(payload, 0, &mut out);
+    out.into_iter().map(|(e, _)| e).collect()
+}
+
+fn decode_into(payload: &Bytes, data_base: u64, out: &mut Vec<(LogEntry, u64)>) -> Result<(), String> {
+    let mut r = Reader { buf: payload, pos: 0 };
     while r.pos < payload.len() {
         let tag = r.u8()?;
         let entry = match tag {
@@ -214,7 +227,7 @@ pub fn decode_entries(payload: &Bytes, data_base: u64) -> Result<Vec<(LogEntry, 
         };
         out.push((entry, 0));
     }
-    Ok(out)
+    Ok(())
 }
 
 struct Writer<'a> {

@@ -134,6 +134,25 @@ pub fn scan_past_damage(bytes: &Bytes) -> (FileScan, Vec<Skipped>) {
     (scan, skipped)
 }
 
+/// The records of a damaged stretch whose headers are intact (their payloads fail their
+/// checksums), in file order: header and payload, untrusted. Stops at the first record whose
+/// header is damaged too.
+pub fn damaged_records(bytes: &Bytes, k: &Skipped) -> Vec<(RecordHeader, Bytes)> {
+    let mut out = Vec::new();
+    let mut pos = k.at as usize;
+    while pos < k.valid_at as usize && pos < bytes.len() {
+        let Ok(header) = RecordHeader::decode(&bytes[pos..]) else { break };
+        let start = pos + RECORD_HEADER_BYTES;
+        let end = start + header.payload_len as usize;
+        if end > bytes.len() {
+            break;
+        }
+        out.push((header, bytes.slice(start..end)));
+        pos += RecordHeader::disk_len(header.payload_len as usize) as usize;
+    }
+    out
+}
+
 /// Every sound record of a file (see `scan_past_damage`). For indexing an older file whose
 /// records are read, not replayed: the sound records after a damaged one stay readable.
 pub fn sound_records(bytes: &Bytes) -> Vec<ScannedRecord> {
