@@ -513,10 +513,14 @@ fn existing_log_file(dir: &std::path::Path) -> Option<std::path::PathBuf> {
 /// moment (io_uring tears down asynchronously), so "address in use" is retried briefly.
 fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut told = false;
     loop {
         match std::net::TcpListener::bind(addr) {
             Ok(l) => return Ok(l),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                if !std::mem::replace(&mut told, true) {
+                    tracing::warn!(%addr, "the address is in use; trying again for 10 s (a stopped node's socket can linger a moment)");
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
