@@ -43,7 +43,8 @@ struct Cli {
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
     /// Also show the server's own figures for the timed part of the run (`sluice stats`):
-    /// its append and flush latencies, reset as the warm-up ends (produce, end-to-end).
+    /// its append and flush latencies, reset as the warm-up ends (produce, end-to-end), or
+    /// over each Sluice round (compare).
     #[arg(long, global = true)]
     server_stats: bool,
     #[command(subcommand)]
@@ -501,11 +502,12 @@ fn run() -> Result<(), String> {
         plot::ensure_font()?;
     }
     // The server's statistics start over as the timed part of the run begins.
-    let server_stats = if cli.server_stats {
+    // (`compare` takes them itself, around each Sluice round.)
+    let server_stats = if cli.server_stats && !matches!(cli.cmd, Cmd::Compare { .. }) {
         let (url, warmup) = match &cli.cmd {
             Cmd::Produce { url, warmup_s, .. } => (url.clone(), *warmup_s),
             Cmd::EndToEnd { url, .. } => (url.clone(), WARMUP_S as f64),
-            _ => return Err("--server-stats works with produce and end-to-end".into()),
+            _ => return Err("--server-stats works with produce, end-to-end and compare".into()),
         };
         let c = rt.block_on(Client::connect(&url)).map_err(|e| e.to_string())?;
         Some(rt.spawn(async move {
@@ -553,7 +555,7 @@ fn run() -> Result<(), String> {
             let urls = [sluice_url, redis_url, nats_url];
             let load = peers::Load { count, inflight, rate, batch: batch.max(1) };
             let spawn = spawn.then_some(Spawn { sluice_extra: &sluice_arg, unix });
-            compare(&rt, &targets, spawn, &urls, load, size, rounds.max(1))?
+            compare(&rt, &targets, spawn, &urls, load, size, rounds.max(1), cli.server_stats)?
         }
     };
     if let Some(reset) = server_stats {
@@ -588,8 +590,11 @@ fn compare(
     load: peers::Load,
     size: usize,
     rounds: u32,
+    // The Sluice server's own figures (`--server-stats`) over each Sluice round.
+    server_stats: bool,
 ) -> RunResult {
     let peers::Load { count, inflight, rate, batch } = load;
+    let mut server_rounds = Vec::new();
     use peers::Target;
     let base = std::env::temp_dir().join(format!("sluice-compare-{}", std::process::id()));
     /// Every run of one target.
@@ -624,6 +629,14 @@ fn compare(
                 Some(s) => s.url.clone(),
                 None => urls[target as usize].clone(),
             };
+            let stats = match server_stats && target == Target::Sluice {
+                true => {
+                    let c = rt.block_on(Client::connect(&url)).map_err(|e| format!("--server-stats: {e}"))?;
+                    rt.block_on(c.shard_stats(true)).map_err(|e| format!("--server-stats: {e}"))?;
+                    Some(c)
+                }
+                false => None,
+            };
             let out = rt.block_on(peers::produce(target, &url, load, size))?;
             println!(
                 "round {}: {target:?}: {:.0} events/s, ack p50 {} us, p99 {} us",
@@ -632,6 +645,13 @@ fn compare(
                 out.hist.value_at_quantile(0.5),
                 out.hist.value_at_quantile(0.99)
             );
+            if let Some(c) = stats {
+                let stats = rt.block_on(c.shard_stats(false)).map_err(|e| format!("--server-stats: {e}"))?;
+                println!("round {}: the Sluice server (per shard; latencies in microseconds):", round + 1);
+                print!("{}", sluice_client::stats::table(&stats));
+                server_rounds
+                    .push(serde_json::json!({"round": round + 1, "shards": sluice_client::stats::json(&stats)}));
+            }
             let r = &mut results[i];
             r.rates.push(out.events_per_s);
             r.hist.add(&out.hist).map_err(|e| e.to_string())?;
@@ -683,8 +703,11 @@ fn compare(
         );
     }
     let series = results.into_iter().map(|r| (format!("{:?}", r.target).to_lowercase(), r.hist)).collect();
-    let result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,
+    let mut result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,
         "rate": rate, "batch": batch, "rounds": rounds, "targets": json});
+    if server_stats {
+        result["server"] = serde_json::Value::Array(server_rounds);
+    }
     Ok((result, series))
 }
 

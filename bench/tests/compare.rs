@@ -59,6 +59,13 @@ fn compare_spawns_every_target_and_reports_it() {
         assert_eq!(r["transport"], via, "{t}: {stdout}");
     }
 
+    // The Sluice server's own figures over each of its rounds.
+    let (stdout, result) = compare(&["sluice", "redis"], &["--count", "2000", "--inflight", "100", "--server-stats"]);
+    assert!(stdout.contains("round 1: the Sluice server (per shard"), "{stdout}");
+    let shards = result["server"][0]["shards"].as_array().unwrap_or_else(|| panic!("{result}"));
+    let appends: u64 = shards.iter().map(|s| s["appends"]["count"].as_u64().unwrap()).sum();
+    assert!(appends > 0, "{result}");
+
     // Offered faster than 10 events in flight allow: the schedule's thread holds back, and
     // every event is still written and acknowledged once.
     let (_, result) = compare(&["sluice"], &["--count", "3000", "--inflight", "10", "--rate", "1000000"]);
