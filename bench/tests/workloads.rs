@@ -62,7 +62,10 @@ fn produce_consume_and_end_to_end_complete() {
         shards.iter().all(|s| (1..(secs * 1000.0) as u64 + 1000).contains(&s["window_ms"].as_u64().unwrap())),
         "{r}"
     );
-    assert_refused(&["consume", "--url", &url, "--server-stats"], "--server-stats works with produce and end-to-end");
+    assert_refused(
+        &["consume", "--url", &url, "--server-stats"],
+        "--server-stats works with produce, end-to-end and compare",
+    );
     assert_refused(&["produce", "--url", &url, "--seconds", "0"], "--seconds 0: must be above 0");
     assert_refused(&["--threads", "0", "produce", "--url", &url], "--threads must be at least 1");
     let r = run(&json, &["consume", "--url", &url, stream[0], stream[1], "--readers", "2", "--idle-ms", "500"]);
