@@ -198,15 +198,7 @@ mod tests {
     #[test]
     fn healthy_containers_make_one_line_and_each_problem_its_own() {
         let fine = |container| ContainerHealth { container, log_bytes: 64 << 20, ..Default::default() };
-        let shard = |shard, containers| ShardStats {
-            node: "standalone".into(),
-            shard,
-            window_ms: 1000,
-            appends: Latencies::default(),
-            flushes: Latencies::default(),
-            flushed_bytes: 0,
-            containers,
-        };
+        let shard = |shard, containers| idle_shard("standalone", shard, containers);
         let (t, n) = health(&[shard(0, vec![fine(0), fine(2)]), shard(1, vec![fine(1)])]);
         assert_eq!(n, 0);
         assert_eq!(t, "containers: 3, 192.0 MiB of log files; none scrubbed since the node started; no problems\n");
@@ -245,9 +237,10 @@ mod tests {
         );
         assert_eq!(ago(2 * 86_400_000 + 4 * 3_600_000 + 59_000), "2d 4h");
     }
-    #[test]
-    fn a_cluster_names_the_node_of_each_row_and_problem() {
-        let shard = |node: &str, shard, containers| ShardStats {
+
+    /// A shard of `node` that counted for a second and saw nothing.
+    fn idle_shard(node: &str, shard: u32, containers: Vec<ContainerHealth>) -> ShardStats {
+        ShardStats {
             node: node.into(),
             shard,
             window_ms: 1000,
@@ -255,7 +248,12 @@ mod tests {
             flushes: Latencies::default(),
             flushed_bytes: 0,
             containers,
-        };
+        }
+    }
+
+    #[test]
+    fn a_cluster_names_the_node_of_each_row_and_problem() {
+        let shard = idle_shard;
         let fine = |container| ContainerHealth { container, ..Default::default() };
         let sick = ContainerHealth { damaged_reads: 1, last_damaged_read: Some("x".into()), ..fine(7) };
         let stats = [shard("n0", 0, vec![fine(0)]), shard("node-2", 1, vec![sick])];
