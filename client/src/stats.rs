@@ -149,11 +149,10 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
         troubled += usize::from(!p.is_empty());
         lines.extend(p.into_iter().map(|p| format!("  container {} ({place}): {p}\n", h.container)));
     }
+    let since = if nodes { "their nodes started" } else { "the node started" };
     let scrubs = match scrubbed.iter().min() {
-        None => "none scrubbed since the node started".to_string(),
-        Some(latest) => {
-            format!("{} of them scrubbed since the node started, the latest {} ago", scrubbed.len(), ago(*latest))
-        }
+        None => format!("none scrubbed since {since}"),
+        Some(latest) => format!("{} of them scrubbed since {since}, the latest {} ago", scrubbed.len(), ago(*latest)),
     };
     let verdict = match troubled {
         0 => "no problems".to_string(),
@@ -264,6 +263,7 @@ mod tests {
         let (h, n) = health(&stats);
         assert_eq!(n, 1);
         assert!(h.contains("  container 7 (node node-2 shard 1): 1 reads refused"), "{h}");
+        assert!(h.contains("none scrubbed since their nodes started"), "{h}");
         assert_eq!(json(&stats)[1]["node"], "node-2");
         // One node: no node column, as before.
         assert!(table(&stats[..1]).starts_with("shard"), "{}", table(&stats[..1]));
