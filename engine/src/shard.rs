@@ -195,8 +195,8 @@ impl<S: MetaStore> Shard<S> {
                 .await?;
         self.containers.borrow_mut().insert(c, container.clone());
         tracing::info!(shard = self.index, container = c, epoch, ?source, "serving container");
-        if !container.untraced_after_salvage().is_empty() {
-            glommio::spawn_local(reseal_after_salvage(self.clone(), container)).detach();
+        if container.lost_in_salvage() {
+            glommio::spawn_local(reconcile_after_salvage(self.clone(), container)).detach();
         }
         Ok(())
     }
@@ -752,56 +752,153 @@ fn sealed_by_controller(r: &StreamRecord, number: u64) -> bool {
     }
 }
 
-/// How often the look-up of a stream's record is tried before its segments are left open
-/// (the metadata store unreachable), and how long apart.
-const RESEAL_TRIES: u32 = 10;
-const RESEAL_RETRY: Duration = Duration::from_millis(500);
+/// How often a look-up in the controller is tried before it is given up (the metadata store
+/// unreachable), and how long apart.
+const SALVAGE_TRIES: u32 = 10;
+const SALVAGE_RETRY: Duration = Duration::from_millis(500);
 
-/// After recovery's salvage lost log records: the container's open segments with no entry
-/// after the loss may have had their seal among the lost records. Each one the controller
-/// has sealed (its stream sealed, or replaced by a scaling) is sealed again, so that no
-/// writer appends to it; each is logged and reported in `sluice stats`. Segments of streams
-/// the controller does not know, shadow and raw segments are left as they are.
-async fn reseal_after_salvage<S: MetaStore>(shard: Rc<Shard<S>>, container: Rc<Container>) {
+/// Streams and scopes listed per controller call after a salvage.
+const SALVAGE_PAGE: usize = 200;
+
+/// Runs a controller look-up for `reconcile_after_salvage`, retrying while the metadata store
+/// is unreachable; `None` when the name is unknown or the tries ran out (logged).
+async fn looked_up<T, F, Fut>(container: u32, what: &str, f: F) -> Option<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ControllerError>>,
+{
+    for _ in 0..SALVAGE_TRIES {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(ControllerError::NoSuchStream(_) | ControllerError::NoSuchScope(_)) => return None,
+            Err(e) => {
+                tracing::warn!(container, what, error = %e, "after salvage: the controller did not answer; trying again");
+                glommio::timer::sleep(SALVAGE_RETRY).await;
+            }
+        }
+    }
+    tracing::error!(
+        container,
+        what,
+        "after salvage: gave up asking the controller; what it would have fixed stays as is"
+    );
+    None
+}
+
+/// `names` for a report line: the first 20, and how many more.
+fn named(names: &[String]) -> String {
+    const NAMED: usize = 20;
+    let more = names.len().saturating_sub(NAMED);
+    let listed = names[..names.len().min(NAMED)].join(", ");
+    if more > 0 { format!("{listed} and {more} more") } else { listed }
+}
+
+/// After recovery's salvage lost log records, puts the container back in line with the
+/// controller, which is not affected by the damage:
+/// - a segment whose creation was lost is missing here, though its stream has it (writers
+///   and readers of the stream would fail on it for good): each segment of every stream the
+///   controller knows that belongs to this container and is missing is created again, empty
+///   (its data is lost), and sealed if the controller has it sealed;
+/// - a seal among the lost records left its segment open again: each open segment with no
+///   entry after the loss (what a lost seal leaves) that the controller has sealed (its
+///   stream sealed, or replaced by a scaling) is sealed again, so that no writer appends to it.
+///
+/// Each fix is logged and reported in `sluice stats`. Segments of streams the controller
+/// does not know, shadow and raw segments are left as they are.
+async fn reconcile_after_salvage<S: MetaStore>(shard: Rc<Shard<S>>, container: Rc<Container>) {
     let c = container.id();
+    let ctl = &shard.controller;
     let mut streams: HashMap<String, Option<StreamRecord>> = HashMap::new();
+    let apply = |name: String, req: Request| {
+        let container = container.clone();
+        let shard = shard.clone();
+        async move {
+            match shard.submit_local(&container, &name, req) {
+                Ok(f) => f.await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        }
+    };
+
+    // Segments created in the lost records: every stream's segments, against this container.
+    let mut recreated = Vec::new();
+    let mut scopes_after = String::new();
+    'scopes: loop {
+        let Some((scopes, next)) = looked_up(c, "scopes", || ctl.list_scopes_page(&scopes_after, SALVAGE_PAGE)).await
+        else {
+            break;
+        };
+        for scope in scopes {
+            let mut after = String::new();
+            loop {
+                let Some((names, next)) =
+                    looked_up(c, &scope, || ctl.list_streams_page(&scope, &after, SALVAGE_PAGE)).await
+                else {
+                    break;
+                };
+                for stream in names {
+                    let key = format!("{scope}/{stream}");
+                    let Some(r) = looked_up(c, &key, || ctl.get_stream(&scope, &stream)).await else { continue };
+                    if r.state == StreamState::Creating {
+                        continue;
+                    }
+                    let numbers =
+                        looked_up(c, &key, || ctl.all_segments(&scope, &stream, r.epoch())).await.unwrap_or_default();
+                    for n in numbers {
+                        let name = format!("{key}/{n}");
+                        let ours = container_of(&name, shard.cfg.container_count(), shard.cfg.placement).0 == c;
+                        if !ours || !matches!(container.status(&name), Err(EngineError::NoSuchSegment(_))) {
+                            continue;
+                        }
+                        let mut done = apply(name.clone(), Request::Create { name: name.clone() }).await;
+                        if done.is_ok() && sealed_by_controller(&r, n) {
+                            done = apply(name.clone(), Request::Seal { name: name.clone() }).await;
+                        }
+                        match done {
+                            Ok(()) => {
+                                tracing::warn!(container = c, segment = %name, "after salvage: created again, empty (its creation was among the lost records)");
+                                recreated.push(name);
+                            }
+                            Err(e) => {
+                                tracing::error!(container = c, segment = %name, error = %e, "after salvage: cannot create again")
+                            }
+                        }
+                    }
+                    streams.insert(key, Some(r));
+                }
+                match next {
+                    Some(n) => after = n,
+                    None => break,
+                }
+            }
+        }
+        match next {
+            Some(n) => scopes_after = n,
+            None => break 'scopes,
+        }
+    }
+    if !recreated.is_empty() {
+        container.note_salvaged(format!(
+            "created again, empty, as the controller has them (their creation was among the lost records, \
+             their data is lost): {}",
+            named(&recreated)
+        ));
+    }
+
+    // Seals among the lost records.
     let mut resealed = Vec::new();
     for name in container.untraced_after_salvage() {
         let Some((stream, number)) = name.rsplit_once('/') else { continue };
         let (Ok(number), Some(ss)) = (number.parse::<u64>(), ScopedStream::parse(stream)) else { continue };
         if !streams.contains_key(stream) {
-            let mut tries = 0;
-            let record = loop {
-                match shard.controller.get_stream(&ss.scope, &ss.stream).await {
-                    Ok(r) => break Some(r),
-                    Err(ControllerError::NoSuchStream(_) | ControllerError::NoSuchScope(_)) => break None,
-                    Err(e) => {
-                        tries += 1;
-                        if tries == RESEAL_TRIES {
-                            tracing::error!(
-                                container = c,
-                                stream,
-                                error = %e,
-                                "after salvage: cannot read the stream's record; its segments the log lost a \
-                                 seal of stay open"
-                            );
-                            break None;
-                        }
-                        glommio::timer::sleep(RESEAL_RETRY).await;
-                    }
-                }
-            };
-            streams.insert(stream.to_string(), record);
+            let r = looked_up(c, stream, || ctl.get_stream(&ss.scope, &ss.stream)).await;
+            streams.insert(stream.to_string(), r);
         }
         if !streams[stream].as_ref().is_some_and(|r| sealed_by_controller(r, number)) {
             continue;
         }
-        let sealed = match shard.submit_local(&container, &name, Request::Seal { name: name.clone() }) {
-            Ok(f) => f.await,
-            Err(e) => Err(e),
-        };
-        match sealed {
-            Ok(_) => {
+        match apply(name.clone(), Request::Seal { name: name.clone() }).await {
+            Ok(()) => {
                 tracing::warn!(container = c, segment = %name, "after salvage: sealed again (the controller has it sealed)");
                 resealed.push(name);
             }
@@ -809,12 +906,9 @@ async fn reseal_after_salvage<S: MetaStore>(shard: Rc<Shard<S>>, container: Rc<C
         }
     }
     if !resealed.is_empty() {
-        const NAMED: usize = 20;
-        let more = resealed.len().saturating_sub(NAMED);
         container.note_salvaged(format!(
-            "sealed again, as the controller has them (their seal was among the lost records): {}{}",
-            resealed[..resealed.len().min(NAMED)].join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            "sealed again, as the controller has them (their seal was among the lost records): {}",
+            named(&resealed)
         ));
     }
 }
@@ -861,8 +955,8 @@ async fn shard_main<S: MetaStore>(
         tier2,
     });
     let _ = ready.send(Ok(index));
-    for c in shard.containers.borrow().values().filter(|c| !c.untraced_after_salvage().is_empty()) {
-        glommio::spawn_local(reseal_after_salvage(shard.clone(), c.clone())).detach();
+    for c in shard.containers.borrow().values().filter(|c| c.lost_in_salvage()) {
+        glommio::spawn_local(reconcile_after_salvage(shard.clone(), c.clone())).detach();
     }
     if let Some(every) = shard.cfg.scrub_every {
         glommio::spawn_local(scrub_on_schedule(shard.clone(), every)).detach();

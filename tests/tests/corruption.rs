@@ -830,9 +830,9 @@ async fn mover_skips_damage(victim: usize) {
     assert_eq!(read_past_damage(&c, "ds/s/0").await, (bytes, holes), "the same after a restart");
 }
 
-/// The log records holding `Seal` entries, from `sluice log dump --entries`: per segment
-/// name, the record's file and position.
-fn seal_records(url: &str, data: &Path) -> std::collections::HashMap<String, (PathBuf, usize)> {
+/// The log records holding `Create` and `Seal` entries, from `sluice log dump --entries`:
+/// per `Create NAME` and `Seal NAME`, the record's file and position.
+fn seal_and_create_records(url: &str, data: &Path) -> std::collections::HashMap<String, (PathBuf, usize)> {
     let (ok, dump, err) = sluice_tests::cli(url, &["log", "dump", "--entries", data.to_str().unwrap()], None);
     assert!(ok, "{err}");
     let (mut dir, mut file, mut pos) = (PathBuf::new(), PathBuf::new(), 0);
@@ -848,10 +848,12 @@ fn seal_records(url: &str, data: &Path) -> std::collections::HashMap<String, (Pa
             pos = p.split_whitespace().next().unwrap().parse().unwrap();
         } else if let Some(rest) = t.strip_prefix("Create { segment: ") {
             let (id, name) = rest.split_once(", name: \"").unwrap();
-            names.insert(id.to_string(), name.trim_end_matches("\" }").to_string());
+            let name = name.trim_end_matches("\" }").to_string();
+            seals.insert(format!("Create {name}"), (file.clone(), pos));
+            names.insert(id.to_string(), name);
         } else if let Some(id) = t.strip_prefix("Seal { segment: ") {
             let name = names[id.trim_end_matches(" }")].clone();
-            seals.insert(name, (file.clone(), pos));
+            seals.insert(format!("Seal {name}"), (file.clone(), pos));
         }
     }
     seals
@@ -860,7 +862,9 @@ fn seal_records(url: &str, data: &Path) -> std::collections::HashMap<String, (Pa
 /// A salvage that loses the record sealing a segment would leave the segment open to
 /// appends. The node asks the controller about every open segment with no entry after the
 /// loss and seals again those it has sealed (a sealed stream's, one a scaling replaced); it
-/// says so in `sluice stats`, and leaves the others open.
+/// says so in `sluice stats`, and leaves the others open. A segment whose creation was lost
+/// would be missing for good (its stream unreadable and unwritable): it is created again,
+/// empty, and its stream reads and takes writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seals_lost_to_a_salvage_are_made_again_from_the_controller() {
     let dir = TempDir::new("reseal");
@@ -871,7 +875,7 @@ async fn seals_lost_to_a_salvage_are_made_again_from_the_controller() {
     let url = server.url();
     let c = Client::connect(&url).await.unwrap();
     c.create_scope("rs").await.unwrap();
-    let streams = ["sealed", "split", "open"];
+    let streams = ["gone", "sealed", "split", "open"];
     for s in streams {
         c.create_stream("rs", s, 1).await.unwrap();
         let w = c.event_writer(&format!("rs/{s}")).await.unwrap();
@@ -889,9 +893,9 @@ async fn seals_lost_to_a_salvage_are_made_again_from_the_controller() {
     drop((w, c));
     server.kill();
 
-    let seals = seal_records(&url, &data);
-    for s in ["rs/sealed/0", "rs/split/0"] {
-        let (file, pos) = &seals.get(s).unwrap_or_else(|| panic!("no seal of {s}: {seals:?}"));
+    let records = seal_and_create_records(&url, &data);
+    for r in ["Seal rs/sealed/0", "Seal rs/split/0", "Create rs/gone/0"] {
+        let (file, pos) = &records.get(r).unwrap_or_else(|| panic!("no record for {r}: {records:?}"));
         flip_byte(file, pos + 40);
     }
     let salvage = [&base[..], &["--salvage-damaged-log"]].concat();
@@ -907,13 +911,21 @@ async fn seals_lost_to_a_salvage_are_made_again_from_the_controller() {
         assert!(std::time::Instant::now() < deadline, "never sealed again: {}", server.output());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for s in ["rs/split/1", "rs/split/2", "rs/open/0"] {
+    for s in ["rs/split/1", "rs/split/2", "rs/open/0", "rs/gone/0"] {
         assert!(!sealed(s).await, "{s} is current: it stays open");
     }
+    // The segment whose creation was lost is back, empty (its events are lost), and its
+    // stream takes writes and reads them back.
+    assert_eq!(c.segment_info("rs/gone/0").await.unwrap().length, 0);
+    let w = c.event_writer("rs/gone").await.unwrap();
+    w.write_event(b"k", b"gone-again".to_vec()).await.unwrap();
+    let mut r = c.event_reader("rs/gone", ReadFrom::Head).await.unwrap();
+    let e = r.read_next(Duration::from_secs(5)).await.unwrap().expect("the new event");
+    assert_eq!(&e.payload[..], b"gone-again");
     // Appends to a segment sealed again are refused; the others' data is all there.
     let late = c.append_raw("rs/sealed/0", bytes::Bytes::from_static(b"late"), None).await;
     assert_eq!(late.unwrap_err().code(), Some(sluice_net::ErrorCode::Sealed));
-    for s in streams {
+    for s in ["sealed", "split", "open"] {
         assert!(c.segment_info(&format!("rs/{s}/0")).await.unwrap().length > 0, "{s}");
     }
     let (ok, out, err) = sluice_tests::cli(&url, &["stats", "--check"], None);
@@ -922,5 +934,6 @@ async fn seals_lost_to_a_salvage_are_made_again_from_the_controller() {
         out.lines().any(|l| l.contains("sealed again") && l.contains("rs/sealed/0") && l.contains("rs/split/0")),
         "{out}"
     );
+    assert!(out.lines().any(|l| l.contains("created again, empty") && l.contains("rs/gone/0")), "{out}");
     assert!(server.output().contains("after salvage: sealed again"), "{}", server.output());
 }

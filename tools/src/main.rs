@@ -183,7 +183,8 @@ struct StandaloneArgs {
     /// until the node restarts. The damaged bytes stay in the file for inspection (`sluice
     /// log dump`). Appends whose segment had no later append are lost without a hole; the
     /// report names the open segments with no entry after the lost records, and those of
-    /// them the controller has sealed (a seal lost too) are sealed again. With --tier2,
+    /// them the controller has sealed (a seal lost too) are sealed again; a stream's segment
+    /// whose creation was lost is created again, empty. With --tier2,
     /// the mover likewise moves past damaged log data (found at start or later) instead of
     /// stopping there, so the log is freed; the skipped bytes read as damage.
     #[arg(long)]

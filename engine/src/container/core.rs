@@ -406,7 +406,7 @@ struct Salvage {
     /// Appends below a segment's replayed length (their place already taken).
     overlapping: u64,
     /// Whether a record with data lost has been passed (a skipped stretch with a gap in the
-    /// LSN chain beyond a lost checkpoint), and the segments with entries after it.
+    /// LSN chain beyond a lost checkpoint), and the segments with entries after the last one.
     passed_loss: bool,
     seen_after: HashSet<u64>,
     /// Open segments with no entry after the loss (appends to them among the lost records
@@ -584,6 +584,8 @@ pub struct ContainerCore {
     /// Open segments with no entry after records that recovery's salvage lost: a seal among
     /// those records would have left them open (see `untraced_after_salvage`).
     untraced: Vec<String>,
+    /// Recovery's salvage lost records holding data (see `lost_in_salvage`).
+    salvage_lost: bool,
     /// Shadow segments whose merge is accepted but not yet durable.
     merging: HashSet<String>,
     /// Wall-clock time (Unix ms) as last told by the I/O driver (`set_now_ms`), and when it
@@ -621,6 +623,7 @@ impl ContainerCore {
             creations_recorded: true,
             salvaged: Vec::new(),
             untraced: Vec::new(),
+            salvage_lost: false,
             merging: HashSet::new(),
             now_ms: 0,
             clock_started_ms: None,
@@ -743,6 +746,12 @@ impl ContainerCore {
     /// node asks the controller which of them it has sealed and seals those again.
     pub fn untraced_after_salvage(&self) -> &[String] {
         &self.untraced
+    }
+
+    /// Whether recovery's salvage lost records that held operations: a segment's creation may
+    /// have been among them, the segment then missing here though its stream has it.
+    pub fn lost_in_salvage(&self) -> bool {
+        self.salvage_lost
     }
 
     /// Adds a line to what was salvaged past (the mover skipping damaged data).
@@ -1867,7 +1876,12 @@ impl ContainerCore {
                 let gap = rec.header.lsn - prev.lsn - 1;
                 salvage.lost_records += gap;
                 // A lost checkpoint is one record of the gap and holds no appends.
-                salvage.passed_loss |= gap > u64::from(n > 0 && r == 0);
+                if gap > u64::from(n > 0 && r == 0) {
+                    salvage.passed_loss = true;
+                    // What counts is an entry after the *last* loss: a segment with none
+                    // may have lost its last operations in it without a trace.
+                    salvage.seen_after.clear();
+                }
                 prev = rec.header;
                 core.current_index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
                 for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(|e| invalid(seq, e))? {
@@ -1899,6 +1913,7 @@ impl ContainerCore {
                 .collect();
             untraced.sort();
             core.untraced = untraced.clone();
+            core.salvage_lost = true;
             salvage.untraced = untraced;
         }
         if !salvage.skipped.is_empty() {

@@ -1110,6 +1110,12 @@ impl Container {
         self.core.borrow().untraced_after_salvage().to_vec()
     }
 
+    /// Whether recovery's salvage lost records that held operations (see
+    /// `ContainerCore::lost_in_salvage`).
+    pub fn lost_in_salvage(&self) -> bool {
+        self.core.borrow().lost_in_salvage()
+    }
+
     /// Adds a line to what `sluice stats` reports as salvaged.
     pub fn note_salvaged(&self, line: String) {
         self.core.borrow_mut().note_salvaged(line);
