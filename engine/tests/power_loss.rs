@@ -1050,3 +1050,36 @@ fn idle_writers_are_forgotten_when_a_new_file_starts() {
     write_some(&mut core, &mut sim, 30);
     assert_eq!(core.status("a/b/0").unwrap().writers, vec![(3, 1)]);
 }
+
+/// Two damaged records in the current file: the report names the open segments with no
+/// entry after the *last* loss (whose last operation may be lost without a trace), here
+/// `s/a/0`, whose append in the second damaged record is followed only by `s/b/0`'s (the
+/// first damaged record held `s/b/0`'s append: a hole).
+#[test]
+fn salvage_names_segments_untraced_after_the_last_of_several_losses() {
+    let (mut core, mut sim) = setup();
+    one_record(
+        &mut core,
+        &mut sim,
+        vec![Request::Create { name: "s/a/0".into() }, Request::Create { name: "s/b/0".into() }],
+    );
+    one_record(&mut core, &mut sim, vec![event_to("s/a/0", b"a1"), event_to("s/b/0", b"b1")]);
+    one_record(&mut core, &mut sim, vec![event_to("s/b/0", b"b2-lost")]);
+    one_record(&mut core, &mut sim, vec![event_to("s/a/0", b"a2"), event_to("s/b/0", b"b3")]);
+    one_record(&mut core, &mut sim, vec![event_to("s/a/0", b"a3-lost")]);
+    one_record(&mut core, &mut sim, vec![event_to("s/b/0", b"b4")]);
+    let scan = scan_file(&Bytes::from(sim.disk.files[&0].clone()));
+    for victim in [scan.records[4].pos, scan.records[6].pos] {
+        sim.disk.files.get_mut(&0).unwrap()[victim as usize + 60] ^= 0xFF;
+    }
+    let salvage = CoreConfig { salvage: true, ..fresh_cfg() };
+    let mut disk = sim.disk.clone();
+    let core = recover(&salvage, &mut disk);
+    let lines = core.salvaged().join("\n");
+    assert!(lines.contains("2 records lost"), "{lines}");
+    // (`a/b/0`, which `setup` made, has no entry after the losses either.)
+    assert!(lines.contains("2 open segments with no entry after the lost records"), "{lines}");
+    assert!(lines.contains("(check their writers): a/b/0, s/a/0"), "{lines}");
+    assert_eq!(core.untraced_after_salvage(), ["a/b/0".to_string(), "s/a/0".to_string()]);
+    assert!(core.lost_in_salvage());
+}
