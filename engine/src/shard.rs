@@ -5,7 +5,7 @@
 //! (futures channels; the only cross-core traffic).
 
 use crate::config::EngineConfig;
-use crate::container::core::{CoreConfig, OpResult, Request};
+use crate::container::core::{CoreConfig, OpResult, Request, named};
 use crate::container::io::{Container, IoPacer, OpenSource};
 use crate::container::mover::Tier2Config;
 use crate::error::EngineError;
@@ -785,14 +785,6 @@ where
     None
 }
 
-/// `names` for a report line: the first 20, and how many more.
-fn named(names: &[String]) -> String {
-    const NAMED: usize = 20;
-    let more = names.len().saturating_sub(NAMED);
-    let listed = names[..names.len().min(NAMED)].join(", ");
-    if more > 0 { format!("{listed} and {more} more") } else { listed }
-}
-
 /// After recovery's salvage lost log records, puts the container back in line with the
 /// controller, which is not affected by the damage:
 /// - a segment whose creation was lost is missing here, though its stream has it (writers
@@ -809,15 +801,10 @@ async fn reconcile_after_salvage<S: MetaStore>(shard: Rc<Shard<S>>, container: R
     let c = container.id();
     let ctl = &shard.controller;
     let mut streams: HashMap<String, Option<StreamRecord>> = HashMap::new();
+    // The container is this shard's: `segment_op` submits to it here.
     let apply = |name: String, req: Request| {
-        let container = container.clone();
         let shard = shard.clone();
-        async move {
-            match shard.submit_local(&container, &name, req) {
-                Ok(f) => f.await.map(|_| ()),
-                Err(e) => Err(e),
-            }
-        }
+        async move { shard.segment_op(name, req).await.map(|_| ()) }
     };
 
     // Segments created in the lost records: every stream's segments, against this container.

@@ -462,14 +462,11 @@ impl Salvage {
             out.push(format!("{} below their segment's replayed length dropped", count(self.overlapping, "append")));
         }
         if !self.untraced.is_empty() {
-            const NAMED: usize = 20;
-            let more = self.untraced.len().saturating_sub(NAMED);
             out.push(format!(
                 "{} with no entry after the lost records, whose appends among those would leave no trace \
-                 (check their writers): {}{}",
+                 (check their writers): {}",
                 count(self.untraced.len() as u64, "open segment"),
-                self.untraced[..self.untraced.len().min(NAMED)].join(", "),
-                if more > 0 { format!(" and {more} more") } else { String::new() }
+                named(&self.untraced)
             ));
         }
         out
@@ -515,15 +512,19 @@ impl ContainerCore {
                 other.push(what);
             }
         }
-        let mut parts: Vec<String> =
+        let parts: Vec<String> =
             appends.into_iter().map(|(n, from, to)| format!("{n} bytes {from}..{to}")).chain(other).collect();
-        const NAMED: usize = 20;
-        if parts.len() > NAMED {
-            let more = parts.len() - NAMED;
-            parts.truncate(NAMED);
-            parts.push(format!("and {more} more"));
-        }
-        parts.join(", ")
+        named(&parts)
+    }
+}
+
+/// Items of a report line: the first 20, comma-separated, and how many more.
+pub(crate) fn named(items: &[String]) -> String {
+    const NAMED: usize = 20;
+    let listed = items[..items.len().min(NAMED)].join(", ");
+    match items.len().saturating_sub(NAMED) {
+        0 => listed,
+        more => format!("{listed} and {more} more"),
     }
 }
 
