@@ -269,13 +269,35 @@ struct QueueRx {
 
 impl QueueRx {
     fn try_recv(&mut self) -> Option<Cmd> {
+        self.take_queued();
+        self.taken.pop()
+    }
+
+    /// Takes what callers queued, if nothing taken is left.
+    fn take_queued(&mut self) {
         if self.taken.is_empty() {
             let mut st = self.queue.state.lock().expect("lock");
             std::mem::swap(&mut self.taken, &mut st.cmds);
             drop(st);
             self.taken.reverse();
         }
-        self.taken.pop()
+    }
+
+    /// The framed bytes and the count of the events taken and next in line, up to the first
+    /// flush or `max` bytes: what a batch starting now will hold, without waiting for more.
+    fn ready(&mut self, max: usize) -> (usize, usize) {
+        self.take_queued();
+        let (mut bytes, mut count) = (0, 0);
+        for cmd in self.taken.iter().rev() {
+            match cmd {
+                Cmd::Event(_, p, _) if bytes + framed_len(p.len()) <= max => {
+                    bytes += framed_len(p.len());
+                    count += 1;
+                }
+                _ => break,
+            }
+        }
+        (bytes, count)
     }
 
     /// The next command; `None` once the queue is closed and empty.
@@ -936,13 +958,20 @@ impl SegmentWriter {
 
     /// Builds a batch starting with `first` and sends it. Returns a command that did not fit.
     async fn collect(&mut self, first: Cmd, rx: &mut QueueRx) -> Option<Cmd> {
-        let mut payload = BytesMut::new();
-        let mut acks = Vec::new();
-        let mut points = Vec::new();
-        let mut flushes = Vec::new();
         let linger_until = Instant::now() + self.shared.config.linger;
         // A node with small log files takes smaller appends.
         let batch_max = self.shared.config.batch_bytes_max.min(self.shared.client.append_bytes_max());
+        // Sized for what is queued already: a buffer grown event by event was copied again at
+        // every doubling (a tenth of a 1 KB producer's CPU went to those copies).
+        let (queued_bytes, queued) = rx.ready(batch_max);
+        let first_bytes = match &first {
+            Cmd::Event(_, p, _) => framed_len(p.len()),
+            Cmd::Flush(_) => 0,
+        };
+        let mut payload = BytesMut::with_capacity((first_bytes + queued_bytes).min(batch_max.max(first_bytes)));
+        let mut acks = Vec::with_capacity(queued + 1);
+        let mut points = Vec::with_capacity(queued + 1);
+        let mut flushes = Vec::new();
         let mut next = Some(first);
         let mut leftover = None;
         loop {
@@ -1080,6 +1109,24 @@ mod tests {
         let (tx, rx) = queue();
         drop(rx);
         assert_eq!(number(tx.send(event(9)).err()), Some(9));
+    }
+
+    #[test]
+    fn what_is_ready_counts_queued_events_up_to_a_flush_or_the_batch_limit() {
+        let (tx, mut rx) = queue();
+        assert_eq!(rx.ready(1 << 20), (0, 0));
+        for n in 0..3 {
+            assert!(tx.send(event(n)).is_ok());
+        }
+        let (flush, _) = oneshot::channel();
+        assert!(tx.send(Cmd::Flush(flush)).is_ok());
+        assert!(tx.send(event(3)).is_ok());
+        let one = framed_len(1);
+        assert_eq!(rx.ready(1 << 20), (3 * one, 3), "up to the flush");
+        assert_eq!(rx.ready(2 * one + 1), (2 * one, 2), "up to the limit");
+        // Counting takes nothing.
+        assert_eq!(number(rx.try_recv()), Some(0));
+        assert_eq!(rx.ready(1 << 20), (2 * one, 2));
     }
 
     /// A flight of `n` one-event batches (numbers 10, 20, ...; tickets 0..n), all sent in
