@@ -70,6 +70,12 @@ fn compare_spawns_every_target_and_reports_it() {
     // every event is still written and acknowledged once.
     let (_, result) = compare(&["sluice"], &["--count", "3000", "--inflight", "10", "--rate", "1000000"]);
     assert_eq!(result["targets"][0]["ack"]["count"].as_u64(), Some(3000), "{result}");
+
+    // Sluice's writer lingering for more events before each batch, open loop.
+    let lingering = ["--count", "3000", "--inflight", "1000", "--rate", "20000", "--linger-us", "500"];
+    let (_, result) = compare(&["sluice"], &lingering);
+    assert_eq!(result["linger_us"].as_u64(), Some(500), "{result}");
+    assert_eq!(result["targets"][0]["ack"]["count"].as_u64(), Some(3000), "{result}");
 }
 
 /// One round of `compare --spawn` over `targets` with `args`: its output and JSON result.

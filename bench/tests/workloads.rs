@@ -1,5 +1,5 @@
 //! Smoke runs of `sluice-bench produce` (one future per event and per batch call, for a count
-//! and for a time after a warm-up, with the server's own figures),
+//! and for a time after a warm-up, with the server's own figures, with lingering writers),
 //! `consume` and `end-to-end` against a spawned standalone server: each completes, counts
 //! every event, and writes its JSON result. No figure is asserted (they live in
 //! docs/BENCHMARKS.md).
@@ -41,7 +41,11 @@ fn produce_consume_and_end_to_end_complete() {
     let stream = ["--stream", "bw/p"];
     let r = run(&json, &["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--inflight", "1000"]);
     assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("produce"), Some(20_000)), "{r}");
-    assert_eq!(r["ack"]["count"].as_u64(), Some(20_000), "{r}");
+    assert_eq!((r["ack"]["count"].as_u64(), r["linger_us"].as_u64()), (Some(20_000), Some(0)), "{r}");
+    // Writers that wait for more events before each batch.
+    let lingering = ["--linger-us", "300", "produce", "--url", &url, "--stream", "bw/l", "--count", "5000"];
+    let r = run(&json, &lingering);
+    assert_eq!((r["ack"]["count"].as_u64(), r["linger_us"].as_u64()), (Some(5_000), Some(300)), "{r}");
     let batches =
         ["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--batch", "100", "--threads", "1"];
     let r = run(&json, &batches);
@@ -68,12 +72,17 @@ fn produce_consume_and_end_to_end_complete() {
     );
     assert_refused(&["produce", "--url", &url, "--seconds", "0"], "--seconds 0: must be above 0");
     assert_refused(&["--threads", "0", "produce", "--url", &url], "--threads must be at least 1");
+    assert_refused(
+        &["--linger-us", "100", "consume", "--url", &url],
+        "--linger-us works with produce, end-to-end and compare",
+    );
     let r = run(&json, &["consume", "--url", &url, stream[0], stream[1], "--readers", "2", "--idle-ms", "500"]);
     assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("consume"), Some(40_000)), "{r}");
     // Consuming a stream nobody wrote says what to do, and writes no result.
     assert_refused(&["consume", "--url", &url, "--stream", "bw/none"], "bw/none does not exist: write it first");
-    let r = run(&json, &["end-to-end", "--url", &url, "--rate", "2000", "--seconds", "1", "--readers", "2"]);
-    assert_eq!(r["workload"].as_str(), Some("end-to-end"), "{r}");
+    let e2e = ["end-to-end", "--url", &url, "--rate", "2000", "--seconds", "1", "--readers", "2", "--linger-us", "100"];
+    let r = run(&json, &e2e);
+    assert_eq!((r["workload"].as_str(), r["linger_us"].as_u64()), (Some("end-to-end"), Some(100)), "{r}");
     assert!(r["end_to_end"]["count"].as_u64().unwrap_or(0) >= 1000, "{r}");
     assert_eq!(r["received"].as_u64(), r["sent"].as_u64(), "{r}");
     // How late the harness sent, for the events after the warm-up.
