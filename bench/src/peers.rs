@@ -215,6 +215,8 @@ pub struct Load {
     pub batch: u64,
     /// How long Sluice's writer waits for more events before it sends a batch (`--linger-us`).
     pub linger: std::time::Duration,
+    /// Segments of Sluice's stream.
+    pub segments: u32,
 }
 
 /// Sends `load.count` events, `load.batch` per `send(first, n)`; latency to each
@@ -371,7 +373,7 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
             let client = sluice_client::Client::connect(url).await.map_err(|e| e.to_string())?;
             let _ = client.create_scope("bench").await;
             let stream = format!("compare{}", std::process::id());
-            let _ = client.create_stream("bench", &stream, 4).await;
+            let _ = client.create_stream("bench", &stream, load.segments).await;
             let config = sluice_client::WriterConfig { linger: load.linger, ..sluice_client::WriterConfig::default() };
             let writer =
                 client.event_writer_with(&format!("bench/{stream}"), config).await.map_err(|e| e.to_string())?;

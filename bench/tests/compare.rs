@@ -31,6 +31,9 @@ fn compare_spawns_every_target_and_reports_it() {
     let (stdout, result) = compare(&targets, &["--count", "3000", "--inflight", "100"]);
     let reported = result["targets"].as_array().unwrap();
     assert_eq!(reported.len(), targets.len(), "{stdout}");
+    // By default one ordered log, as the peers' streams are.
+    assert_eq!(result["segments"].as_u64(), Some(1), "{result}");
+    assert!(stdout.contains("Sluice's stream of 1 segment,"), "{stdout}");
     for (t, r) in targets.iter().zip(reported) {
         assert_eq!(r["target"], *t);
         assert!(r["mean_events_per_s"].as_f64().unwrap() > 0.0, "{t}: {r}");
@@ -39,8 +42,8 @@ fn compare_spawns_every_target_and_reports_it() {
     }
 
     // Batched sends (Sluice write_events, a Redis pipeline, NATS publishes before their acks).
-    let (_, result) = compare(&targets, &["--count", "2000", "--inflight", "200", "--batch", "20"]);
-    assert_eq!(result["batch"].as_u64(), Some(20), "{result}");
+    let (_, result) = compare(&targets, &["--count", "2000", "--inflight", "200", "--batch", "20", "--segments", "4"]);
+    assert_eq!((result["batch"].as_u64(), result["segments"].as_u64()), (Some(20), Some(4)), "{result}");
     for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
         assert_eq!(r["ack"]["count"].as_u64(), Some(2000), "{t} acknowledged every batched event");
     }
