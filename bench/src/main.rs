@@ -704,11 +704,12 @@ fn compare(
         Some(r) => format!("offered at {r} events/s (open loop, at most {inflight} in flight)"),
         None => format!("{inflight} in flight (closed loop)"),
     };
-    let shape = match segments {
-        1 => "Sluice's stream of 1 segment".to_string(),
-        n => format!("Sluice's stream of {n} segments"),
+    let shape = match (results.iter().any(|r| r.target == Target::Sluice), segments) {
+        (false, _) => String::new(),
+        (true, 1) => ", Sluice's stream of 1 segment".to_string(),
+        (true, n) => format!(", Sluice's stream of {n} segments"),
     };
-    println!("\n{count} events x {size} B per run, {offered}, {shape}, {rounds} round(s) each:");
+    println!("\n{count} events x {size} B per run, {offered}{shape}, {rounds} round(s) each:");
     println!(
         "{:<8} {:>5} {:>12} {:>9} {:>9} {:>10}  {:>14} {:>14}  durability",
         "target", "via", "events/s", "p50 us", "p99 us", "p99.9 us", "sluice thrpt x", "sluice p99 x"

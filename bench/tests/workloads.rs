@@ -76,6 +76,7 @@ fn produce_consume_and_end_to_end_complete() {
         &["--linger-us", "100", "consume", "--url", &url],
         "--linger-us works with produce, end-to-end and compare",
     );
+    assert_refused(&["compare", "--targets", "sluice", "--segments", "0"], "--segments must be at least 1");
     let r = run(&json, &["consume", "--url", &url, stream[0], stream[1], "--readers", "2", "--idle-ms", "500"]);
     assert_eq!((r["workload"].as_str(), r["events"].as_u64()), (Some("consume"), Some(40_000)), "{r}");
     // Consuming a stream nobody wrote says what to do, and writes no result.
