@@ -393,7 +393,7 @@ async fn end_to_end(
         }));
     }
     let client = Client::connect(&url).await.map_err(e)?;
-    let writer = client.event_writer_with(&stream, writer_config.clone()).await.map_err(e)?;
+    let writer = client.event_writer_with(&stream, writer_config).await.map_err(e)?;
     // The schedule's thread writes each event as it falls due (timed from its due time, the
     // payload carries it for the readers) and passes the acknowledgements here.
     let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(sluice_client::AckFuture, u64, usize)>>();
@@ -587,8 +587,7 @@ fn run() -> Result<(), String> {
             if segments == 0 {
                 return Err("--segments must be at least 1".into());
             }
-            let load =
-                peers::Load { count, inflight, rate, batch: batch.max(1), linger: writer_config.linger, segments };
+            let load = peers::Load { count, inflight, rate, batch: batch.max(1), writer: writer_config, segments };
             let spawn = spawn.then_some(Spawn { sluice_extra: &sluice_arg, unix });
             compare(&rt, &targets, spawn, &urls, load, size, rounds.max(1), cli.server_stats)?
         }
@@ -628,7 +627,7 @@ fn compare(
     // The Sluice server's own figures (`--server-stats`) over each Sluice round.
     server_stats: bool,
 ) -> RunResult {
-    let peers::Load { count, inflight, rate, batch, linger, segments } = load;
+    let peers::Load { count, inflight, rate, batch, writer, segments } = load;
     let mut server_rounds = Vec::new();
     use peers::Target;
     let base = std::env::temp_dir().join(format!("sluice-compare-{}", std::process::id()));
@@ -744,7 +743,7 @@ fn compare(
     }
     let series = results.into_iter().map(|r| (format!("{:?}", r.target).to_lowercase(), r.hist)).collect();
     let mut result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,
-        "rate": rate, "batch": batch, "rounds": rounds, "linger_us": linger.as_micros() as u64, "segments": segments,
+        "rate": rate, "batch": batch, "rounds": rounds, "linger_us": writer.linger.as_micros() as u64, "segments": segments,
         "targets": json});
     if server_stats {
         result["server"] = serde_json::Value::Array(server_rounds);
@@ -831,12 +830,12 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
     let progress = tokio::spawn(progress_line(acked.clone(), total));
     let mut tasks = Vec::new();
     for p in 0..producers {
-        let (url, stream, acked, writer_config) = (url.clone(), stream.clone(), acked.clone(), writer.clone());
+        let (url, stream, acked) = (url.clone(), stream.clone(), acked.clone());
         // Unconstrained: tokio's cooperative budget would make a FuturesUnordered of thousands of
         // acknowledgements yield over and over, which throttles the producer (6x here).
         tasks.push(tokio::spawn(tokio::task::unconstrained(async move {
             let client = Client::connect(&url).await.map_err(|e| e.to_string())?;
-            let writer = client.event_writer_with(&stream, writer_config).await.map_err(|e| e.to_string())?;
+            let writer = client.event_writer_with(&stream, writer).await.map_err(|e| e.to_string())?;
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let payload = bytes::Bytes::from(vec![b'x'; size]);
             // Keys made once: the bench shares the cores with the server.

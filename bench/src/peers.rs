@@ -213,8 +213,8 @@ pub struct Load {
     pub rate: Option<u64>,
     /// Events per send (each target batches its own way); each event's latency is its batch's.
     pub batch: u64,
-    /// How long Sluice's writer waits for more events before it sends a batch (`--linger-us`).
-    pub linger: std::time::Duration,
+    /// How Sluice's writer batches (`--linger-us`).
+    pub writer: sluice_client::WriterConfig,
     /// Segments of Sluice's stream.
     pub segments: u32,
 }
@@ -374,9 +374,8 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
             let _ = client.create_scope("bench").await;
             let stream = format!("compare{}", std::process::id());
             let _ = client.create_stream("bench", &stream, load.segments).await;
-            let config = sluice_client::WriterConfig { linger: load.linger, ..sluice_client::WriterConfig::default() };
             let writer =
-                client.event_writer_with(&format!("bench/{stream}"), config).await.map_err(|e| e.to_string())?;
+                client.event_writer_with(&format!("bench/{stream}"), load.writer).await.map_err(|e| e.to_string())?;
             let keys: Vec<String> = (0..16).map(|k| format!("key-{k}")).collect();
             if load.batch <= 1 {
                 return tokio::task::unconstrained(drive_sluice_events(load, writer, keys, payload)).await;

@@ -34,7 +34,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct WriterConfig {
     /// Largest batch (bytes of framed events) sent in one append.
     pub batch_bytes_max: usize,
@@ -963,12 +963,12 @@ impl SegmentWriter {
         let batch_max = self.shared.config.batch_bytes_max.min(self.shared.client.append_bytes_max());
         // Sized for what is queued already: a buffer grown event by event was copied again at
         // every doubling (a tenth of a 1 KB producer's CPU went to those copies).
-        let (queued_bytes, queued) = rx.ready(batch_max);
-        let first_bytes = match &first {
-            Cmd::Event(_, p, _) => framed_len(p.len()),
-            Cmd::Flush(_) => 0,
+        let (first_bytes, (queued_bytes, queued)) = match &first {
+            Cmd::Event(_, p, _) => (framed_len(p.len()), rx.ready(batch_max.saturating_sub(framed_len(p.len())))),
+            // A flush alone is no batch.
+            Cmd::Flush(_) => (0, (0, 0)),
         };
-        let mut payload = BytesMut::with_capacity((first_bytes + queued_bytes).min(batch_max.max(first_bytes)));
+        let mut payload = BytesMut::with_capacity(first_bytes + queued_bytes);
         let mut acks = Vec::with_capacity(queued + 1);
         let mut points = Vec::with_capacity(queued + 1);
         let mut flushes = Vec::new();

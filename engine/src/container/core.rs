@@ -409,13 +409,12 @@ struct Salvage {
     /// LSN chain beyond a lost checkpoint), and the segments with entries after the last one.
     passed_loss: bool,
     seen_after: HashSet<u64>,
-    /// Open segments with no entry after the loss (appends to them among the lost records
-    /// leave no trace), by name.
-    untraced: Vec<String>,
 }
 
 impl Salvage {
-    fn lines(&self) -> Vec<String> {
+    /// The report's lines; `untraced`: the open segments with no entry after the loss
+    /// (appends to them among the lost records leave no trace), by name.
+    fn lines(&self, untraced: &[String]) -> Vec<String> {
         let name = crate::log::file_name;
         let mut out: Vec<String> = self
             .skipped
@@ -461,12 +460,12 @@ impl Salvage {
         if self.overlapping > 0 {
             out.push(format!("{} below their segment's replayed length dropped", count(self.overlapping, "append")));
         }
-        if !self.untraced.is_empty() {
+        if !untraced.is_empty() {
             out.push(format!(
                 "{} with no entry after the lost records, whose appends among those would leave no trace \
                  (check their writers): {}",
-                count(self.untraced.len() as u64, "open segment"),
-                named(&self.untraced)
+                count(untraced.len() as u64, "open segment"),
+                named(untraced)
             ));
         }
         out
@@ -1913,12 +1912,11 @@ impl ContainerCore {
                 .map(|(_, seg)| seg.name.clone())
                 .collect();
             untraced.sort();
-            core.untraced = untraced.clone();
+            core.untraced = untraced;
             core.salvage_lost = true;
-            salvage.untraced = untraced;
         }
         if !salvage.skipped.is_empty() {
-            core.salvaged = salvage.lines();
+            core.salvaged = salvage.lines(&core.untraced);
             // A lost record may have named a tier-2 chunk before its creation: the next mover
             // lists tier-2 and deletes chunks no entry names.
             core.creations_recorded = false;
