@@ -449,26 +449,48 @@ async fn fill_log_file(f: &DmaFile, header: &FileHeader, zero_fill: bool, path: 
         // A full file system must not hand out a file whose later writes would fail.
         allocate(f, header.file_bytes, path).await?;
     }
-    // Without zeroing by allocation, zero-fill by writes (or just write the header block).
+    // The header block, then (zero-filling without zeroing by allocation) zeros up to the
+    // end: one zeroed buffer written again and again (a fresh one per chunk cost a memset of
+    // the whole file: 8% of a shard's time with four containers rolling files under load).
+    let mut head = f.alloc_dma_buffer(FILE_HEADER_BYTES as usize);
+    head.as_bytes_mut().fill(0);
+    header.encode(head.as_bytes_mut());
+    write_shared_at(f, Rc::new(head), 0, path).await?;
     let end = if zero_fill && !zeroed { header.file_bytes } else { FILE_HEADER_BYTES };
-    let mut pos = 0u64;
+    let mut pos = FILE_HEADER_BYTES;
+    let mut zeros: Option<Rc<glommio::io::DmaBuffer>> = None;
     while pos < end {
         let n = (end - pos).min(PREFILL_CHUNK_BYTES as u64) as usize;
-        let mut buf = f.alloc_dma_buffer(n);
-        buf.as_bytes_mut().fill(0);
-        if pos == 0 {
-            header.encode(&mut buf.as_bytes_mut()[..FILE_HEADER_BYTES as usize]);
-        }
-        let written = f.write_at(buf, pos).await.map_err(|e| PrepareFailure::new("writing", path, e))?;
-        if written != n {
-            return Err(PrepareFailure::other(format!(
-                "short write to {}: {written} of {n} bytes at {pos}",
-                path.display()
-            )));
-        }
+        let buf = match &zeros {
+            Some(z) if z.len() == n => z.clone(),
+            _ => {
+                let mut z = f.alloc_dma_buffer(n);
+                z.as_bytes_mut().fill(0);
+                zeros.insert(Rc::new(z)).clone()
+            }
+        };
+        write_shared_at(f, buf, pos, path).await?;
         pos += n as u64;
     }
     f.fdatasync().await.map_err(|e| PrepareFailure::new("syncing", path, e))
+}
+
+/// Writes all of `buf` (which the caller may write again) at `pos` while preparing a file.
+async fn write_shared_at(
+    f: &DmaFile,
+    buf: Rc<glommio::io::DmaBuffer>,
+    pos: u64,
+    path: &Path,
+) -> Result<(), PrepareFailure> {
+    let n = buf.len();
+    let written = f.write_rc_at(buf, pos).await.map_err(|e| PrepareFailure::new("writing", path, e))?;
+    if written != n {
+        return Err(PrepareFailure::other(format!(
+            "short write to {}: {written} of {n} bytes at {pos}",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Allocates whatever of the first `len` bytes of `f` is not allocated yet (for a file
