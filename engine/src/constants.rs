@@ -14,8 +14,13 @@ pub const LOG_FILE_BYTES_MIN: u64 = 64 << 10;
 pub const FLUSH_BYTES_MAX_DEFAULT: usize = 4 << 20;
 /// Default read-cache budget per container.
 pub const CACHE_BYTES_MAX_DEFAULT: usize = 32 << 20;
-/// Default number of containers per shard.
+/// Default number of containers per shard (a cluster node; engine tests).
 pub const CONTAINERS_PER_SHARD_DEFAULT: u32 = 4;
+/// Containers per shard of a new standalone data directory: one log per core, so a shard's
+/// appends share its flushes (fewer, larger durable writes than four logs issue).
+pub const STANDALONE_CONTAINERS_PER_SHARD: u32 = 1;
+/// The read cache a shard's containers share by default, in MiB (`--cache-mb` unset).
+pub const SHARD_CACHE_MB_DEFAULT: usize = 128;
 /// Parsed file indexes kept per container for reads that miss the cache.
 pub const FILE_INDEXES_CACHED_MAX: usize = 4;
 /// Bytes per write while zero-filling a new log file.

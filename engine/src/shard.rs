@@ -528,6 +528,16 @@ fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
     }
 }
 
+/// The container count a data directory was created with (`None`: a new directory).
+pub fn recorded_container_count(data_dir: &Path) -> Result<Option<u32>, String> {
+    let path = data_dir.join("containers").join("COUNT");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map(Some).map_err(|_| format!("{} does not hold a number", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 /// The container count and the placement are fixed by the first start of a data directory:
 /// segments are placed by them, so others would lose track of them. A directory created
 /// before placements were recorded has its count only, and keeps the hashed placement.
@@ -537,9 +547,8 @@ fn check_layout(cfg: &EngineConfig) -> Result<Option<SegmentPlacement>, String> 
     let path = dir.join("COUNT");
     let placement_path = dir.join("PLACEMENT");
     let want = cfg.container_count();
-    match std::fs::read_to_string(&path) {
-        Ok(s) => {
-            let have: u32 = s.trim().parse().map_err(|_| format!("{} does not hold a number", path.display()))?;
+    match recorded_container_count(&cfg.data_dir)? {
+        Some(have) => {
             if have != want {
                 return Err(format!(
                     "{} was created with {have} containers, but {} shards x {} containers per shard gives {want}; \
@@ -560,7 +569,7 @@ fn check_layout(cfg: &EngineConfig) -> Result<Option<SegmentPlacement>, String> 
                 Err(e) => Err(format!("{}: {e}", placement_path.display())),
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        None => {
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             // The placement first: a directory with a count and no placement is an old one.
             let placement = cfg.cluster.is_none().then_some(cfg.placement);
@@ -571,7 +580,6 @@ fn check_layout(cfg: &EngineConfig) -> Result<Option<SegmentPlacement>, String> 
             std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
             Ok(placement)
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 

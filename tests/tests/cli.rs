@@ -199,6 +199,47 @@ fn a_data_directory_serves_one_server_at_a_time() {
     assert!(sluice_tests::handshake(server.url().parse().unwrap()));
 }
 
+/// A data directory keeps the container count it was created with: a restart without
+/// `--containers-per-core` takes it from the directory; a shard count that cannot share it
+/// evenly is refused, naming what would fit; an explicit count that differs is refused.
+#[test]
+fn a_data_directory_keeps_its_container_count() {
+    let dir = TempDir::new("cli-count");
+    let data = dir.0.join("data");
+    let containers = |url: &str| {
+        let out = succeeds(url, &["stats"]);
+        out.lines().find_map(|l| l.strip_prefix("containers: ")?.split(',').next()?.parse::<u32>().ok()).expect(&out)
+    };
+    let mut server = Server::start_with(&data, free_ports(2), 2, &["--containers-per-core", "3"]);
+    assert_eq!(containers(&server.url()), 6);
+    succeeds(&server.url(), &["scope", "create", "k"]);
+    succeeds(&server.url(), &["stream", "create", "k/ev", "--segments", "4"]);
+    succeeds(&server.url(), &["write", "k/ev", "--count", "100", "--keys", "8"]);
+    server.kill();
+    // No flag: the directory's count, and its events.
+    let server = Server::start(&data, free_ports(2), 2);
+    assert_eq!(containers(&server.url()), 6);
+    let read = succeeds(&server.url(), &["read", "k/ev", "--timeout-ms", "500"]);
+    assert_eq!(read.lines().count(), 100, "{read}");
+    drop(server);
+    let refused = |args: &[&str]| {
+        let port = free_ports(4).to_string();
+        let out = std::process::Command::new(sluice_tests::sluice_bin())
+            .args(["standalone", "--listen", &format!("127.0.0.1:{port}"), "--no-pin", "--data-dir"])
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with {args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&["--cores", "4"]);
+    assert!(err.contains("created with 6 containers, which 4 shards cannot share evenly"), "{err}");
+    assert!(err.contains("--containers-per-core whose product is 6"), "{err}");
+    let err = refused(&["--cores", "2", "--containers-per-core", "1"]);
+    assert!(err.contains("was created with 6 containers"), "{err}");
+}
+
 /// `sluice stats`: a row per shard counting what it served, a line on the containers,
 /// `--reset` starting over, and `--every` printing one table per interval.
 #[test]
@@ -216,7 +257,8 @@ fn stats_count_what_each_shard_served() {
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].contains("appends") && lines[0].contains("KiB/flush"), "{out}");
         assert_eq!(lines.len(), 4, "{out}");
-        assert!(lines[3].starts_with("containers: 8, ") && lines[3].ends_with("; no problems"), "{out}");
+        // A new standalone directory: one container per core.
+        assert!(lines[3].starts_with("containers: 2, ") && lines[3].ends_with("; no problems"), "{out}");
         lines[1..3]
             .iter()
             .map(|l| l.split_whitespace().filter(|w| *w != "|").map(|w| w.parse::<f64>().unwrap() as u64).collect())
@@ -239,7 +281,7 @@ fn stats_count_what_each_shard_served() {
     assert!(after.iter().all(|r| r[2] == 0 && r[8] == 0), "reset did not start over: {after:?}");
     let every = run(&["stats", "--every", "1", "--count", "2"]);
     assert_eq!(every.lines().filter(|l| l.contains("KiB/flush")).count(), 2, "{every}");
-    assert_eq!(every.lines().filter(|l| l.starts_with("containers: 8, ")).count(), 2, "{every}");
+    assert_eq!(every.lines().filter(|l| l.starts_with("containers: 2, ")).count(), 2, "{every}");
     let (ok, out, err) = cli(&url, &["stats", "--check"], None);
     assert!(ok && out.contains("; no problems"), "{out}{err}");
     let (ok, out, err) = cli(&url, &["stats", "--json", "--every", "1", "--count", "2"], None);
@@ -250,7 +292,7 @@ fn stats_count_what_each_shard_served() {
     let shards = v["shards"].as_array().unwrap();
     assert_eq!(shards.iter().map(|s| s["shard"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1], "{out}");
     let containers: Vec<_> = shards.iter().flat_map(|s| s["containers"].as_array().unwrap()).collect();
-    assert_eq!(containers.len(), 8, "{out}");
+    assert_eq!(containers.len(), 2, "{out}");
     assert!(containers.iter().all(|c| c["problems"].as_array().is_some_and(Vec::is_empty)), "{out}");
     assert!(shards[0]["window_ms"].as_u64().is_some_and(|w| (500..5000).contains(&w)), "{out}");
     let (ok, _, err) = cli(&url, &["stats", "--every", "0"], None);
