@@ -22,6 +22,8 @@ pub struct EngineConfig {
     /// sleeps at once). Polling saves the wake-up of a sleeping core on the next request or
     /// I/O completion, at the price of CPU time while idle.
     pub idle_spin: std::time::Duration,
+    /// Nice value each shard thread sets for itself at start (0: left alone).
+    pub shard_nice: i32,
     pub containers_per_shard: u32,
     /// How segments are laid over containers. Standalone: read from (or, for a new data
     /// directory, written to) `containers/PLACEMENT` at start; cluster: the cluster's.
@@ -73,6 +75,7 @@ impl EngineConfig {
             shards,
             pin: true,
             idle_spin: std::time::Duration::ZERO,
+            shard_nice: 0,
             containers_per_shard: CONTAINERS_PER_SHARD_DEFAULT,
             placement: sluice_net::routing::Placement::Spread,
             log_file_bytes: LOG_FILE_BYTES_DEFAULT,

@@ -528,6 +528,25 @@ fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
     }
 }
 
+/// Sets the calling thread's nice value (Linux: a per-thread attribute); 0 leaves it alone.
+fn set_thread_nice(nice: i32) -> Result<(), String> {
+    if nice == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscalls on the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    Err(match e.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM) => {
+            format!("{e} (a negative value needs CAP_SYS_NICE, e.g. root, or an RLIMIT_NICE that allows it)")
+        }
+        _ => e.to_string(),
+    })
+}
+
 /// The container count a data directory was created with (`None`: a new directory).
 pub fn recorded_container_count(data_dir: &Path) -> Result<Option<u32>, String> {
     let path = data_dir.join("containers").join("COUNT");
@@ -678,6 +697,11 @@ impl Node {
                 .spawn(move || async move {
                     // SAFETY: `fd` is a listening TCP socket we own; ownership moves to glommio.
                     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+                    if let Err(e) = set_thread_nice(cfg.shard_nice) {
+                        let e = format!("setting shard {k}'s nice value to {}: {e}", cfg.shard_nice);
+                        let _ = ready.send(Err(e.clone()));
+                        return Err(e);
+                    }
                     crate::stats::start();
                     let r = shard_main(k, cfg, peers, addrs, store, tier2, listener, inbox, &ready).await;
                     if let Err(e) = &r {

@@ -252,6 +252,11 @@ impl Server {
         }
     }
 
+    /// The running process' id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// What the process wrote to stdout and stderr (all its runs).
     pub fn output(&self) -> String {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()

@@ -240,6 +240,89 @@ fn a_data_directory_keeps_its_container_count() {
     assert!(err.contains("was created with 6 containers"), "{err}");
 }
 
+/// `--shard-nice`: each shard thread runs at the nice value asked for, the process' other
+/// threads as started; a value the process may not set stops the start with the reason.
+#[test]
+fn shard_threads_take_the_nice_value_asked_for() {
+    let dir = TempDir::new("cli-nice");
+    let server = Server::start_with(&dir.0.join("data"), free_ports(2), 2, &["--shard-nice", "5"]);
+    let pid = server.pid().expect("running");
+    let mut nice: Vec<(String, i64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let path = t.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?.trim().to_string();
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            // Fields after the command's closing parenthesis: state is field 3, nice field 19.
+            let nice = stat.rsplit_once(") ")?.1.split_whitespace().nth(16)?.parse().ok()?;
+            Some((comm, nice))
+        })
+        .collect();
+    nice.sort();
+    for k in 0..2 {
+        let prefix = format!("sluice-shard-{k}");
+        assert!(nice.iter().any(|(c, n)| c.starts_with(&prefix) && *n == 5), "shard {k}: {nice:?}");
+    }
+    assert!(nice.iter().any(|(c, n)| c == "sluice" && *n == 0), "main thread: {nice:?}");
+    drop(server);
+
+    // A negative value without the right to it: as an unprivileged user.
+    let data = dir.0.join("unprivileged");
+    std::fs::create_dir_all(&data).unwrap();
+    // SAFETY: a plain syscall without arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        // So that `nobody` may write there.
+        for d in [&dir.0, &data] {
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        }
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"]).arg(sluice_tests::sluice_bin());
+        c
+    } else {
+        std::process::Command::new(sluice_tests::sluice_bin())
+    };
+    let port = free_ports(2);
+    let log = dir.0.join("unprivileged.log");
+    let mut child = cmd
+        .args([
+            "standalone",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cores",
+            "2",
+            "--no-pin",
+            "--shard-nice",
+            "-5",
+        ])
+        .args(["--log-file-mb", "8", "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    if !root && status.is_none_or(|s| s.success()) {
+        // Not root, and RLIMIT_NICE lets this user raise priority: nothing to refuse.
+        eprintln!("skipped the refusal: this user may set a nice value of -5 ({err})");
+        return;
+    }
+    assert!(status.is_some_and(|s| !s.success()), "started as nobody with --shard-nice -5: {err}");
+    assert!(err.contains("setting shard") && err.contains("nice value to -5") && err.contains("CAP_SYS_NICE"), "{err}");
+}
+
 /// `sluice stats`: a row per shard counting what it served, a line on the containers,
 /// `--reset` starting over, and `--every` printing one table per interval.
 #[test]

@@ -168,6 +168,15 @@ struct StandaloneArgs {
     /// here), but a shard then burns CPU while idle, which a client on the same cores feels.
     #[arg(long, default_value_t = 0)]
     idle_spin_us: u64,
+    /// Nice value of the shard threads (-20 to 19; 0 leaves them as started). On a host
+    /// whose clients keep the cores busy, a negative value lets a shard run as soon as its
+    /// disk write or request arrives instead of after a client's time slice: 470k x 1 KB
+    /// events/s over 16 segments with the client on the same two cores, -5 gave ack p99
+    /// 5.4–6.7 ms against 7.0–14.2 ms. Below 0 needs CAP_SYS_NICE (root) or a fitting
+    /// RLIMIT_NICE; a start that cannot set it fails.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    shard_nice: i32,
     /// Hours after which a segment forgets an idempotent writer that stopped appending to
     /// it (0: never). Writers resend only within their retry window (a minute by default;
     /// keep this above it), so a day is ample; forgetting keeps memory and checkpoints from
@@ -477,6 +486,7 @@ fn engine_config(a: &StandaloneArgs, containers_default: u32) -> Result<sluice_e
     cfg.cache_bytes_max = cache_mb << 20;
     cfg.pin = !a.no_pin;
     cfg.idle_spin = Duration::from_micros(a.idle_spin_us);
+    cfg.shard_nice = a.shard_nice;
     cfg.flushes_per_second = a.iops_limit;
     cfg.flush_linger = Duration::from_micros(a.flush_linger_us);
     cfg.tier2 = a.tier2.clone();
