@@ -150,8 +150,8 @@ struct StandaloneArgs {
     /// How new log files are prepared. `always`: zero-filled, so durable writes into them
     /// need no file-system journal commit (lowest latency for small writes, but under
     /// sustained load the disk writes every byte twice); `never`: only allocated; `auto`:
-    /// zero-filled while flushes are small (light load), only allocated while they average
-    /// 128 KiB or more (heavy load). Where the file system and device zero blocks without
+    /// zero-filled at light load (flushes averaging under 128 KiB while the shard writes
+    /// under 32 MiB/s to its logs), only allocated otherwise. Where the file system and device zero blocks without
     /// moving data (Linux 6.17+ FALLOC_FL_WRITE_ZEROES), zero-filling is free and used.
     #[arg(long, default_value = "auto", value_parser = sluice_engine::container::core::Prefill::parse)]
     log_prefill: sluice_engine::container::core::Prefill,

@@ -208,13 +208,64 @@ pub struct IoPacer {
     tat: Cell<Instant>,
     /// How long a flush of a small batch that follows another flush at once waits first.
     linger: Duration,
+    /// Bytes the shard's containers wrote to their logs recently (`Prefill::Auto`).
+    written: RateMeter,
+}
+
+/// Bytes a second over the last one or two windows of `RATE_WINDOW` (a shard's log writes).
+pub(crate) struct RateMeter {
+    since: Cell<Instant>,
+    current: Cell<u64>,
+    previous: Cell<u64>,
+}
+
+const RATE_WINDOW: Duration = Duration::from_millis(500);
+
+impl RateMeter {
+    pub(crate) fn new(now: Instant) -> Self {
+        Self { since: Cell::new(now), current: Cell::new(0), previous: Cell::new(0) }
+    }
+
+    /// Starts a new window if the current one is over (a window with nothing written in
+    /// it counts as an empty previous one).
+    fn roll(&self, now: Instant) {
+        let age = now.saturating_duration_since(self.since.get());
+        if age < RATE_WINDOW {
+            return;
+        }
+        self.previous.set(if age < 2 * RATE_WINDOW { self.current.get() } else { 0 });
+        self.current.set(0);
+        self.since.set(now);
+    }
+
+    pub(crate) fn add(&self, bytes: u64, now: Instant) {
+        self.roll(now);
+        self.current.set(self.current.get() + bytes);
+    }
+
+    pub(crate) fn per_second(&self, now: Instant) -> u64 {
+        self.roll(now);
+        let span = RATE_WINDOW + now.saturating_duration_since(self.since.get());
+        ((self.previous.get() + self.current.get()) as f64 / span.as_secs_f64()) as u64
+    }
 }
 
 impl IoPacer {
     pub fn new(flushes_per_second: u64, linger: Duration) -> Self {
         let interval =
             if flushes_per_second == 0 { Duration::ZERO } else { Duration::from_secs(1) / flushes_per_second as u32 };
-        Self { interval, burst: interval * 8, tat: Cell::new(Instant::now()), linger }
+        let now = Instant::now();
+        Self { interval, burst: interval * 8, tat: Cell::new(now), linger, written: RateMeter::new(now) }
+    }
+
+    /// A container of the shard wrote `bytes` to its log.
+    fn wrote(&self, bytes: u64) {
+        self.written.add(bytes, Instant::now());
+    }
+
+    /// Bytes a second the shard's containers recently wrote to their logs.
+    fn written_per_second(&self) -> u64 {
+        self.written.per_second(Instant::now())
     }
 
     /// How long the flush of `pending` bytes waits for more: only right after another flush
@@ -946,9 +997,16 @@ impl Container {
             let core = self.core.borrow();
             let cfg = core.config();
             let header = FileHeader { container: self.id, seq, epoch: core.epoch(), file_bytes: cfg.file_bytes };
-            (header, cfg.prefill.zero_fill(self.flush_mean.get()))
+            (header, cfg.prefill.zero_fill(self.flush_mean.get(), self.pacer.written_per_second()))
         };
-        tracing::debug!(container = self.id, seq, mean_flush = self.flush_mean.get(), zero_fill, "preparing log file");
+        tracing::debug!(
+            container = self.id,
+            seq,
+            mean_flush = self.flush_mean.get(),
+            shard_bytes_per_sec = self.pacer.written_per_second(),
+            zero_fill,
+            "preparing log file"
+        );
         self.preparing.set(true);
         let container = Rc::downgrade(self);
         let prepare = prepare_log_file(self.dir.clone(), header, zero_fill);
@@ -1066,6 +1124,7 @@ impl Container {
             self.write_step(&file, step, false).await?;
             let mean = self.flush_mean.get();
             self.flush_mean.set(mean - mean / 8 + step.len / 8);
+            self.pacer.wrote(step.len);
             // Prepare the next file once this one is half used, off the commit path.
             let (half, next_seq) = {
                 let c = self.core.borrow();
@@ -1435,5 +1494,23 @@ mod tests {
         assert_eq!(two, [Bytes::from_static(&[12, 13]), Bytes::from_static(&[18, 19])]);
         assert_eq!(slices(&part, 1010, &[(1008, 4)]), None, "before the image");
         assert_eq!(slices(&part, 1010, &[(1018, 4)]), None, "past its end");
+    }
+
+    #[test]
+    fn the_write_rate_covers_the_last_windows_and_forgets_older_ones() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let m = RateMeter::new(t0);
+        assert_eq!(m.per_second(t0), 0);
+        // 10 MB in the first window: 20 MB/s over it.
+        m.add(10_000_000, at(100));
+        assert_eq!(m.per_second(at(100)), 16_666_666, "10 MB over 0.6 s");
+        // The next window: the first one's bytes count with it.
+        m.add(5_000_000, at(600));
+        assert_eq!(m.per_second(at(600)), 30_000_000, "15 MB over 0.5 s");
+        assert_eq!(m.per_second(at(850)), 20_000_000, "15 MB over 0.75 s");
+        // A quiet window, then another: what was written is forgotten.
+        assert_eq!(m.per_second(at(1200)), 10_000_000, "5 MB over 0.5 s");
+        assert_eq!(m.per_second(at(2300)), 0);
     }
 }
