@@ -20,7 +20,10 @@ pub const CONTAINERS_PER_SHARD_DEFAULT: u32 = 4;
 /// appends share its flushes (fewer, larger durable writes than four logs issue).
 pub const STANDALONE_CONTAINERS_PER_SHARD: u32 = 1;
 /// The read cache a shard's containers share by default, in MiB (`--cache-mb` unset).
-pub const SHARD_CACHE_MB_DEFAULT: usize = 128;
+pub const SHARD_CACHE_MB_DEFAULT: u64 = 128;
+/// With tier-2, the log space a shard's containers share by default, in MiB
+/// (`--log-budget-mb` unset).
+pub const SHARD_LOG_BUDGET_MB_DEFAULT: u64 = 4096;
 /// Parsed file indexes kept per container for reads that miss the cache.
 pub const FILE_INDEXES_CACHED_MAX: usize = 4;
 /// Bytes per write while zero-filling a new log file.

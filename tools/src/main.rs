@@ -228,8 +228,10 @@ struct StandaloneArgs {
     tier2: Option<String>,
     /// With --tier2: log space per container, in MiB. When tier-2 is down or slow and the
     /// log reaches it, appends fail with `tier2 unavailable` until the mover catches up.
-    #[arg(long, default_value_t = 1024)]
-    log_budget_mb: u64,
+    /// Default: 4096 per shard, shared by its containers (4096 with one container per core,
+    /// 1024 with four).
+    #[arg(long)]
+    log_budget_mb: Option<u64>,
     /// With --tier2: size of a tier-2 chunk file, in MiB.
     #[arg(long, default_value_t = 64)]
     chunk_mb: u64,
@@ -480,9 +482,9 @@ fn engine_config(a: &StandaloneArgs, containers_default: u32) -> Result<sluice_e
     cfg.containers_per_shard = containers_per_core(a, cores, containers_default)?;
     cfg.log_file_bytes = a.log_file_mb << 20;
     cfg.log_prefill = a.log_prefill;
-    let cache_mb = a.cache_mb.unwrap_or_else(|| {
-        (sluice_engine::constants::SHARD_CACHE_MB_DEFAULT / cfg.containers_per_shard.max(1) as usize).max(1)
-    });
+    let per_container = |shard_mb: u64| (shard_mb / u64::from(cfg.containers_per_shard.max(1))).max(1);
+    let cache_mb =
+        a.cache_mb.unwrap_or_else(|| per_container(sluice_engine::constants::SHARD_CACHE_MB_DEFAULT) as usize);
     cfg.cache_bytes_max = cache_mb << 20;
     cfg.pin = !a.no_pin;
     cfg.idle_spin = Duration::from_micros(a.idle_spin_us);
@@ -490,7 +492,8 @@ fn engine_config(a: &StandaloneArgs, containers_default: u32) -> Result<sluice_e
     cfg.flushes_per_second = a.iops_limit;
     cfg.flush_linger = Duration::from_micros(a.flush_linger_us);
     cfg.tier2 = a.tier2.clone();
-    cfg.log_bytes_max = a.log_budget_mb << 20;
+    cfg.log_bytes_max =
+        a.log_budget_mb.unwrap_or_else(|| per_container(sluice_engine::constants::SHARD_LOG_BUDGET_MB_DEFAULT)) << 20;
     cfg.chunk_bytes = a.chunk_mb << 20;
     cfg.move_bytes_min = a.move_min_kb << 10;
     cfg.rate_window = Duration::from_secs(a.rate_window_s.max(1));

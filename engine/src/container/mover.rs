@@ -12,9 +12,9 @@
 //!   truncated away).
 //! - The mover creates chunks only under the container's current epoch, and seals the last
 //!   chunk of an older epoch before writing more, so a deposed owner cannot append to it.
-//! - The mover never blocks appends: it runs as its own task, one segment piece at a time;
-//!   when tier-2 fails it backs off and retries, and the log's budget (`LogFull`) is the
-//!   only back-pressure writers see.
+//! - The mover never blocks appends: it runs as its own task, a few segments at a time
+//!   (each piece by piece); when tier-2 fails it backs off and retries, and the log's
+//!   budget (`LogFull`) is the only back-pressure writers see.
 //! - Checksums: the mover keeps the CRC-32C of every MiB it uploads to a chunk
 //!   (`ChunkSums`), writes them beside the chunk (`<chunk>.sum`) when it closes the chunk
 //!   or hands the container off, and every tier-2 read is checked against the sums in
@@ -42,6 +42,11 @@ use std::time::{Duration, Instant};
 
 /// Bytes copied per tier-2 append (and per `Chunk` log entry).
 const MOVE_PIECE_BYTES: u64 = 8 << 20;
+/// Segments a mover copies at once. One segment's pieces go one after another (read,
+/// upload and sync, record), about 50 MB/s here under load; a container holding many busy
+/// segments (one container per core takes all of a shard's) needs several moving at once to
+/// keep up with its writers.
+const SEGMENTS_MOVING_MAX: usize = 4;
 /// `Chunk` entries a mover may have queued in the log while it uploads the next pieces
 /// (each waits behind the writers' queued appends; waiting for each in turn would cap the
 /// mover far below the write rate).
@@ -144,6 +149,9 @@ pub struct Tier2State {
     freeing: RefCell<VecDeque<PathBuf>>,
     /// A task is working through `freeing`.
     freer_running: Cell<bool>,
+    /// Held while garbage chunks are deleted: a segment moving at the same time must not
+    /// create a chunk under a name a collection in progress is about to delete.
+    collecting: futures::lock::Mutex<()>,
 }
 
 impl Tier2State {
@@ -168,6 +176,7 @@ impl Tier2State {
             sums_files: RefCell::new(VecDeque::new()),
             freeing: RefCell::new(VecDeque::new()),
             freer_running: Cell::new(false),
+            collecting: futures::lock::Mutex::new(()),
         }
     }
 }
@@ -666,19 +675,43 @@ impl Container {
     /// Moves what each segment has to move: whether anything moved, and the first segment
     /// stopped at damaged log data (the others move on: one damaged record must not hold
     /// every segment of the container back from tier-2).
+    /// Moves every segment with enough new data, up to `SEGMENTS_MOVING_MAX` at once. After
+    /// a failure no further segment starts; those already moving finish (their pieces and
+    /// entries are valid) before the failure is returned.
     async fn move_round(self: &Rc<Self>, min_bytes: u64) -> Result<(bool, Option<String>), String> {
+        use futures::StreamExt;
         let tasks = self.core.borrow().move_tasks(min_bytes);
-        let (mut moved, mut damaged) = (false, None);
-        for task in tasks {
-            match self.move_segment(task).await {
+        let failed = Cell::new(false);
+        let results: Vec<Result<bool, MoveStop>> = futures::stream::iter(tasks)
+            .map(|task| {
+                let failed = &failed;
+                async move {
+                    if failed.get() {
+                        return Ok(false);
+                    }
+                    let r = self.move_segment(task).await;
+                    if matches!(r, Err(MoveStop::Failed(_))) {
+                        failed.set(true);
+                    }
+                    r
+                }
+            })
+            .buffer_unordered(SEGMENTS_MOVING_MAX)
+            .collect()
+            .await;
+        let (mut moved, mut damaged, mut failure) = (false, None, None);
+        for r in results {
+            match r {
                 Ok(m) => moved |= m,
                 Err(MoveStop::Damaged(e)) => {
                     damaged.get_or_insert(e);
                 }
-                Err(MoveStop::Failed(e)) => return Err(e),
+                Err(MoveStop::Failed(e)) => {
+                    failure.get_or_insert(e);
+                }
             }
         }
-        Ok((moved, damaged))
+        failure.map_or(Ok((moved, damaged)), Err)
     }
 
     async fn move_segment(self: &Rc<Self>, task: MoveTask) -> Result<bool, MoveStop> {
@@ -908,6 +941,9 @@ impl Container {
     /// the old segment's garbage (re-listed when recovery replays its deletion) can name a
     /// chunk that now belongs to the new segment.
     async fn collect_garbage(&self) -> Result<(), String> {
+        // Segments move concurrently: a second collection waits until the first has deleted
+        // what it took, so a chunk created after this returns is never among the deleted.
+        let _collecting = self.t2().collecting.lock().await;
         let mut garbage = self.core.borrow_mut().take_garbage();
         self.core.borrow().drop_live_chunks(&mut garbage);
         for (i, chunk) in garbage.iter().enumerate() {
