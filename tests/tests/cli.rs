@@ -240,6 +240,19 @@ fn a_data_directory_keeps_its_container_count() {
     assert!(err.contains("was created with 6 containers"), "{err}");
 }
 
+/// Defaults that are a shard's, shared by its containers, still give each container what it
+/// needs: with 32 containers per core and 64 MiB log files, the tier-2 log budget's default
+/// (4 GiB per shard) is raised to the four files a log needs instead of refusing to start.
+#[test]
+fn many_containers_per_core_start_with_the_default_budgets() {
+    let dir = TempDir::new("cli-many");
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    let args = ["--tier2", &tier2, "--containers-per-core", "32", "--log-file-mb", "64", "--log-prefill", "never"];
+    let server = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &args);
+    let out = succeeds(&server.url(), &["stats"]);
+    assert!(out.contains("containers: 32, ") && out.contains("; no problems"), "{out}");
+}
+
 /// `--shard-nice`: each shard thread runs at the nice value asked for, the process' other
 /// threads as started; a value the process may not set stops the start with the reason.
 #[test]

@@ -229,7 +229,7 @@ struct StandaloneArgs {
     /// With --tier2: log space per container, in MiB. When tier-2 is down or slow and the
     /// log reaches it, appends fail with `tier2 unavailable` until the mover catches up.
     /// Default: 4096 per shard, shared by its containers (4096 with one container per core,
-    /// 1024 with four).
+    /// 1024 with four), and at least four log files.
     #[arg(long)]
     log_budget_mb: Option<u64>,
     /// With --tier2: size of a tier-2 chunk file, in MiB.
@@ -492,8 +492,9 @@ fn engine_config(a: &StandaloneArgs, containers_default: u32) -> Result<sluice_e
     cfg.flushes_per_second = a.iops_limit;
     cfg.flush_linger = Duration::from_micros(a.flush_linger_us);
     cfg.tier2 = a.tier2.clone();
-    cfg.log_bytes_max =
-        a.log_budget_mb.unwrap_or_else(|| per_container(sluice_engine::constants::SHARD_LOG_BUDGET_MB_DEFAULT)) << 20;
+    // By default at least the four log files a container's log needs (many containers per core).
+    let budget = || per_container(sluice_engine::constants::SHARD_LOG_BUDGET_MB_DEFAULT).max(4 * a.log_file_mb);
+    cfg.log_bytes_max = a.log_budget_mb.unwrap_or_else(budget) << 20;
     cfg.chunk_bytes = a.chunk_mb << 20;
     cfg.move_bytes_min = a.move_min_kb << 10;
     cfg.rate_window = Duration::from_secs(a.rate_window_s.max(1));
