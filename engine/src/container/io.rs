@@ -162,6 +162,9 @@ pub struct Container {
     /// Reads refused on damaged data since the container opened, and the last one's error.
     damaged_reads: Cell<u64>,
     last_damaged_read: RefCell<Option<String>>,
+    /// The damage the tier-2 mover's reads last met: its retries of the same refusal are
+    /// counted once in `damaged_reads`.
+    mover_damage: RefCell<Option<String>>,
     /// When the last scrub of the log ended, and what it found (empty: sound).
     pub(crate) last_scrub: RefCell<Option<(Instant, Vec<String>)>>,
     /// Opens of older log files in flight (`reader_file`): freeing waits for them.
@@ -777,6 +780,7 @@ impl Container {
             checked_span: RefCell::new(None),
             damaged_reads: Cell::new(0),
             last_damaged_read: RefCell::new(None),
+            mover_damage: RefCell::new(None),
             last_scrub: RefCell::new(None),
             opens_in_flight: Cell::new(0),
         });
@@ -1235,10 +1239,33 @@ impl Container {
     ) -> Result<ReadData, EngineError> {
         let r = self.read_durable(name, offset, max, wait).await;
         if let Err(e @ (EngineError::DamagedLog { .. } | EngineError::DataCorrupt(_))) = &r {
-            self.damaged_reads.set(self.damaged_reads.get() + 1);
-            *self.last_damaged_read.borrow_mut() = Some(e.to_string());
+            self.count_damaged_read(e.to_string());
         }
         r
+    }
+
+    /// A read of the tier-2 mover: as `read`, but a refusal it met already (the mover
+    /// retries the same damaged bytes every round) is not counted again.
+    pub(crate) async fn read_for_mover(
+        self: &Rc<Self>,
+        name: &str,
+        offset: u64,
+        max: usize,
+    ) -> Result<ReadData, EngineError> {
+        let r = self.read_durable(name, offset, max, Duration::ZERO).await;
+        if let Err(e @ (EngineError::DamagedLog { .. } | EngineError::DataCorrupt(_))) = &r {
+            let message = e.to_string();
+            if self.mover_damage.borrow().as_deref() != Some(message.as_str()) {
+                *self.mover_damage.borrow_mut() = Some(message.clone());
+                self.count_damaged_read(message);
+            }
+        }
+        r
+    }
+
+    fn count_damaged_read(&self, message: String) {
+        self.damaged_reads.set(self.damaged_reads.get() + 1);
+        *self.last_damaged_read.borrow_mut() = Some(message);
     }
 
     async fn read_durable(

@@ -910,7 +910,7 @@ impl Container {
         let mut at = offset;
         while (out.len() as u64) < want {
             let left = (want - out.len() as u64) as usize;
-            let r = match self.read(name, at, left, Duration::ZERO).await {
+            let r = match self.read_for_mover(name, at, left).await {
                 Ok(r) => r,
                 // What came before damage moves now; the next read meets the damage itself.
                 Err(EngineError::DamagedLog { .. } | EngineError::DataCorrupt(_)) if !out.is_empty() => break,
