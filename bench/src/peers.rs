@@ -62,36 +62,16 @@ fn free_port() -> Result<u16, String> {
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-/// Whether a Sluice server on `port` answers the protocol handshake: its ports are bound
-/// before its shards serve (opening containers takes a moment, more on a busy disk), so an
-/// accepted TCP connection alone is not readiness.
-fn sluice_answers(port: u16) -> bool {
-    use sluice_net::messages::{Hello, Kind};
-    use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let msg = Hello {
-        magic: sluice_net::constants::HELLO_MAGIC,
-        min_version: sluice_net::constants::PROTOCOL_VERSION,
-        max_version: sluice_net::constants::PROTOCOL_VERSION,
-        client: "sluice-bench probe".into(),
-    };
-    let mut hello = Vec::new();
-    sluice_net::frame::encode_frame(&mut hello, 0, &msg, b"");
-    let mut head = [0u8; sluice_net::constants::FRAME_HEADER_BYTES];
-    s.write_all(&hello).is_ok()
-        && s.read_exact(&mut head).is_ok()
-        && u16::from_le_bytes([head[4], head[5]]) == Kind::HelloReply as u16
-}
-
 /// Waits until the spawned server is ready: a Sluice server answers a handshake, the others
 /// accept a connection.
 fn wait_listening(target: Target, port: u16, child: &mut Child, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let ready = match target {
-            Target::Sluice => sluice_answers(port),
+            // Its ports are bound before its shards serve: readiness is a handshake answered.
+            Target::Sluice => {
+                sluice_client::answers_handshake(([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+            }
             _ => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
         };
         if ready {

@@ -321,13 +321,7 @@ impl Connection {
                 }
             }
         });
-        let hello = Hello {
-            magic: HELLO_MAGIC,
-            min_version: PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            client: "sluice-client".into(),
-        };
-        if !conn.wire.send(&encode_frame_head(0, &hello, 0), &[]) {
+        if !conn.wire.send(&encode_frame_head(0, &hello("sluice-client"), 0), &[]) {
             return Err(cerr("closed during handshake".into()));
         }
         let frame = tokio::time::timeout(timeout, hello_rx)
@@ -394,6 +388,25 @@ impl Connection {
     pub async fn call<T: Control, R: Control>(&self, msg: &T, payload: Bytes) -> Result<R, ClientError> {
         expect(self.send(msg, payload).await?)
     }
+}
+
+/// The handshake a client opens with, naming itself `client`.
+fn hello(client: &str) -> Hello {
+    Hello { magic: HELLO_MAGIC, min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, client: client.into() }
+}
+
+/// Whether a Sluice server at `addr` answers the protocol handshake within `timeout` (to
+/// connect, and again to answer). Blocking, no runtime needed: for start-up checks. A bare
+/// TCP connect is not enough: a node binds its ports before its shards serve, and a killed
+/// server's listening socket can outlive it for a moment.
+pub fn answers_handshake(addr: std::net::SocketAddr, timeout: Duration) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else { return false };
+    let _ = s.set_read_timeout(Some(timeout));
+    let mut head = [0u8; sluice_net::constants::FRAME_HEADER_BYTES];
+    s.write_all(&encode_frame_head(0, &hello("probe"), 0)).is_ok()
+        && s.read_exact(&mut head).is_ok()
+        && u16::from_le_bytes([head[4], head[5]]) == Kind::HelloReply as u16
 }
 
 #[cfg(test)]

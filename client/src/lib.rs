@@ -45,6 +45,7 @@ pub mod writer;
 pub use batch::{SegmentSlice, SliceReader};
 pub use bytestream::{ByteReader, ByteWriter};
 pub use client::{Client, ClientConfig};
+pub use connection::answers_handshake;
 pub use cut::{CutAt, StreamCut};
 pub use error::ClientError;
 pub use group::{Checkpoint, GroupItem, GroupReader, GroupStream, ReaderGroup, ReaderGroupConfig};

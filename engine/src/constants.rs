@@ -19,11 +19,12 @@ pub const CONTAINERS_PER_SHARD_DEFAULT: u32 = 4;
 /// Containers per shard of a new standalone data directory: one log per core, so a shard's
 /// appends share its flushes (fewer, larger durable writes than four logs issue).
 pub const STANDALONE_CONTAINERS_PER_SHARD: u32 = 1;
-/// The read cache a shard's containers share by default, in MiB (`--cache-mb` unset).
-pub const SHARD_CACHE_MB_DEFAULT: u64 = 128;
+/// The read cache a shard's containers share by default, in MiB (`--cache-mb` unset): what
+/// the default number of containers per shard has at the per-container default (128).
+pub const SHARD_CACHE_MB_DEFAULT: u64 = (CACHE_BYTES_MAX_DEFAULT as u64 >> 20) * CONTAINERS_PER_SHARD_DEFAULT as u64;
 /// With tier-2, the log space a shard's containers share by default, in MiB
-/// (`--log-budget-mb` unset).
-pub const SHARD_LOG_BUDGET_MB_DEFAULT: u64 = 4096;
+/// (`--log-budget-mb` unset), likewise (4096).
+pub const SHARD_LOG_BUDGET_MB_DEFAULT: u64 = (LOG_BYTES_MAX_DEFAULT >> 20) * CONTAINERS_PER_SHARD_DEFAULT as u64;
 /// Parsed file indexes kept per container for reads that miss the cache.
 pub const FILE_INDEXES_CACHED_MAX: usize = 4;
 /// Bytes per write while zero-filling a new log file.

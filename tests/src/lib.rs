@@ -56,22 +56,7 @@ pub fn free_ports(n: u16) -> u16 {
 /// True when a server answers the protocol handshake at `addr` (a bare TCP connect is not
 /// enough: a killed server's listening socket can outlive it for a moment).
 pub fn handshake(addr: SocketAddr) -> bool {
-    use sluice_net::messages::{Hello, Kind};
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(300)));
-    let mut hello = Vec::new();
-    let msg = Hello {
-        magic: sluice_net::constants::HELLO_MAGIC,
-        min_version: sluice_net::constants::PROTOCOL_VERSION,
-        max_version: sluice_net::constants::PROTOCOL_VERSION,
-        client: "probe".into(),
-    };
-    sluice_net::frame::encode_frame(&mut hello, 0, &msg, b"");
-    let mut head = [0u8; sluice_net::constants::FRAME_HEADER_BYTES];
-    s.write_all(&hello).is_ok()
-        && s.read_exact(&mut head).is_ok()
-        && u16::from_le_bytes([head[4], head[5]]) == Kind::HelloReply as u16
+    sluice_client::answers_handshake(addr, Duration::from_millis(300))
 }
 
 /// A fresh temporary directory, removed on drop.

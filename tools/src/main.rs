@@ -641,7 +641,6 @@ fn node(a: NodeArgs) -> Result<(), String> {
 }
 
 fn standalone(a: StandaloneArgs) -> Result<(), String> {
-    let cores = a.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let cfg = engine_config(&a, sluice_engine::constants::STANDALONE_CONTAINERS_PER_SHARD)?;
     let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
@@ -651,7 +650,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     say!(
         "sluice standalone ready in {:.2?}: {} shards on {}, {} containers, data in {}, tier-2 {}",
         started.elapsed(),
-        cores,
+        cfg.shards,
         ports.join(", "),
         cfg.container_count(),
         a.data_dir.display(),

@@ -216,7 +216,7 @@ pub struct IoPacer {
 }
 
 /// Bytes a second over the last one or two windows of `RATE_WINDOW` (a shard's log writes).
-pub(crate) struct RateMeter {
+struct RateMeter {
     since: Cell<Instant>,
     current: Cell<u64>,
     previous: Cell<u64>,
@@ -225,7 +225,7 @@ pub(crate) struct RateMeter {
 const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 impl RateMeter {
-    pub(crate) fn new(now: Instant) -> Self {
+    fn new(now: Instant) -> Self {
         Self { since: Cell::new(now), current: Cell::new(0), previous: Cell::new(0) }
     }
 
@@ -241,12 +241,12 @@ impl RateMeter {
         self.since.set(now);
     }
 
-    pub(crate) fn add(&self, bytes: u64, now: Instant) {
+    fn add(&self, bytes: u64, now: Instant) {
         self.roll(now);
         self.current.set(self.current.get() + bytes);
     }
 
-    pub(crate) fn per_second(&self, now: Instant) -> u64 {
+    fn per_second(&self, now: Instant) -> u64 {
         self.roll(now);
         let span = RATE_WINDOW + now.saturating_duration_since(self.since.get());
         ((self.previous.get() + self.current.get()) as f64 / span.as_secs_f64()) as u64
@@ -997,17 +997,18 @@ impl Container {
 
     /// Starts preparing log file `seq`.
     fn start_prepare(self: &Rc<Self>, seq: u64) {
-        let (header, zero_fill) = {
+        let (header, shard_bytes_per_sec, zero_fill) = {
             let core = self.core.borrow();
             let cfg = core.config();
             let header = FileHeader { container: self.id, seq, epoch: core.epoch(), file_bytes: cfg.file_bytes };
-            (header, cfg.prefill.zero_fill(self.flush_mean.get(), self.pacer.written_per_second()))
+            let shard_bytes_per_sec = self.pacer.written_per_second();
+            (header, shard_bytes_per_sec, cfg.prefill.zero_fill(self.flush_mean.get(), shard_bytes_per_sec))
         };
         tracing::debug!(
             container = self.id,
             seq,
             mean_flush = self.flush_mean.get(),
-            shard_bytes_per_sec = self.pacer.written_per_second(),
+            shard_bytes_per_sec,
             zero_fill,
             "preparing log file"
         );

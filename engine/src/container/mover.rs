@@ -672,12 +672,11 @@ impl Container {
     }
 
     /// One pass over the segments with data waiting; true if anything moved.
-    /// Moves what each segment has to move: whether anything moved, and the first segment
-    /// stopped at damaged log data (the others move on: one damaged record must not hold
-    /// every segment of the container back from tier-2).
-    /// Moves every segment with enough new data, up to `SEGMENTS_MOVING_MAX` at once. After
-    /// a failure no further segment starts; those already moving finish (their pieces and
-    /// entries are valid) before the failure is returned.
+    /// Moves what each segment has to move, up to `SEGMENTS_MOVING_MAX` segments at once:
+    /// whether anything moved, and the first segment stopped at damaged log data (the others
+    /// move on: one damaged record must not hold every segment of the container back from
+    /// tier-2). After a failure no further segment starts; those already moving finish (their
+    /// pieces and entries are valid) before the failure is returned.
     async fn move_round(self: &Rc<Self>, min_bytes: u64) -> Result<(bool, Option<String>), String> {
         use futures::StreamExt;
         let tasks = self.core.borrow().move_tasks(min_bytes);
