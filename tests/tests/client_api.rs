@@ -458,3 +458,54 @@ async fn scope_and_stream_lists_come_in_pages() {
     assert!(ok, "{err}");
     assert!(want.iter().all(|s| out.contains(s.as_str())), "{out}");
 }
+
+/// Writers with and without a linger (a lingering writer's lanes send from their own tasks;
+/// the others' from the writer's one sender task) deliver every event once, in order per key,
+/// across a split, and `flush` waits for what was written before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_with_and_without_a_linger_keep_every_key_in_order() {
+    let h = sluice_tests::Harness::with_stream("lw", "s", 4).await;
+    let c = &h.client;
+    const KEYS: u64 = 16;
+    const EVENTS: u64 = 3000;
+    for (w, linger_us) in [(0u64, 0u64), (1, 2000)] {
+        let config = sluice_client::WriterConfig {
+            linger: Duration::from_micros(linger_us),
+            ..sluice_client::WriterConfig::default()
+        };
+        let writer = c.event_writer_with("lw/s", config).await.unwrap();
+        let mut acks = Vec::new();
+        for n in 0..EVENTS {
+            let k = n % KEYS;
+            acks.push(writer.write_event(format!("key-{k}").as_bytes(), format!("{w}:{k}:{}", n / KEYS).into_bytes()));
+            if n == EVENTS / 2 {
+                writer.flush().await.unwrap();
+                // Everything before a flush is durable when it returns.
+                for a in acks.drain(..) {
+                    let settled = tokio::time::timeout(Duration::from_millis(1), a).await;
+                    assert!(matches!(settled, Ok(Ok(()))), "an event written before a flush was not durable after it");
+                }
+                if w == 0 {
+                    c.split_segment("lw", "s", 0, 2).await.unwrap();
+                }
+            }
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+    c.seal_stream("lw", "s").await.unwrap();
+    let mut r = c.event_reader("lw/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut next: std::collections::HashMap<(u64, u64), u64> = std::collections::HashMap::new();
+    let mut total = 0;
+    while let Some(e) = r.read_next(Duration::from_secs(5)).await.unwrap() {
+        let text = String::from_utf8(e.payload.to_vec()).unwrap();
+        let mut parts = text.split(':').map(|p| p.parse::<u64>().unwrap());
+        let (w, k, i) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let want = next.entry((w, k)).or_insert(0);
+        assert_eq!(i, *want, "writer {w}, key {k}: events out of order or duplicated");
+        *want += 1;
+        total += 1;
+    }
+    assert_eq!(total, 2 * EVENTS, "every event exactly once");
+}

@@ -372,8 +372,8 @@ async fn a_damaged_log_shows_in_stats() {
     assert_eq!(v["containers_with_problems"], 1, "{js}");
     let h = &v["shards"][0]["containers"][0];
     // The mover retries the damaged record every round (at most 2 s apart, and 3 s passed
-    // before this look): counted once.
-    assert!(h["mover_failing_ms"].is_u64(), "{js}");
+    // before this look): counted once, and failing since the first round that met it.
+    assert!(h["mover_failing_ms"].as_u64().is_some_and(|ms| ms >= 3000), "{js}");
     assert_eq!(h["damaged_reads"].as_u64(), Some(1), "{js}");
     assert_eq!(h["scrub_damage"].as_array().map(Vec::len), Some(2), "{js}");
     assert!(h["problems"].as_array().is_some_and(|p| p.len() >= 4), "{js}");
