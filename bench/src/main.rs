@@ -416,6 +416,8 @@ async fn end_to_end(
     let send = move |due: std::ops::Range<u64>| {
         let mut sent = Vec::with_capacity(due.end.saturating_sub(due.start) as usize);
         let mut late = late.lock().expect("lateness lock");
+        // This tick's events leave from this thread, together, when the burst ends.
+        let burst = writer.burst();
         for i in due {
             let due = schedule::due_after(i, rate as f64).as_micros() as u64;
             let now = start.elapsed().as_micros() as u64;
@@ -427,6 +429,7 @@ async fn end_to_end(
             payload[8..16].copy_from_slice(&i.to_le_bytes());
             sent.push((writer.write_event(&(i % 1024).to_le_bytes(), payload), due, key_lane[(i % 1024) as usize]));
         }
+        drop(burst);
         let _ = acks_tx.send(sent);
     };
     let schedule = schedule::Schedule::start_sending(start, rate, total, tokio::runtime::Handle::current(), send)?;

@@ -308,10 +308,14 @@ async fn drive_sluice_events(
     let key_count = keys.len() as u64;
     let send = move |due: std::ops::Range<u64>| {
         let mut sent = Vec::with_capacity(due.end.saturating_sub(due.start) as usize);
+        // This tick's events leave from this thread, together, when the burst ends.
+        let mut burst = Some(writer.burst());
         for i in due {
             let full = || i.saturating_sub(seen.load(Ordering::Acquire)) >= inflight;
             if full() {
-                // What was written this tick must reach the waiting side before we wait on it.
+                // What was written this tick must be sent, and reach the waiting side,
+                // before we wait on it.
+                drop(burst.take());
                 if !sent.is_empty() {
                     let _ = tx.send(std::mem::take(&mut sent));
                 }
@@ -324,8 +328,12 @@ async fn drive_sluice_events(
             }
             let key = (i % key_count) as usize;
             let due = start + crate::schedule::due_after(i, rate as f64);
+            if burst.is_none() {
+                burst = Some(writer.burst());
+            }
             sent.push((writer.write_event(keys[key].as_bytes(), payload.clone()), due, key));
         }
+        drop(burst);
         let _ = tx.send(sent);
     };
     let schedule = Schedule::start_sending(start, rate, load.count, tokio::runtime::Handle::current(), send)?;

@@ -54,7 +54,7 @@ pub use reader::{Event, EventReader, ReadFrom};
 pub use sluice_net::ErrorCode;
 pub use sync::{StateSynchronizer, Synchronized};
 pub use txn::{Transaction, TxnConfig};
-pub use writer::{AckFuture, EventWriter, WriterConfig};
+pub use writer::{AckFuture, Burst, EventWriter, WriterConfig};
 
 /// The README's Rust example, compiled as a doc test so it cannot rot.
 #[doc = include_str!("../../README.md")]

@@ -353,12 +353,15 @@ struct DriverState {
     waiting: bool,
     /// The writer is gone.
     closed: bool,
+    /// Callers inside a `Burst`: lanes marked meanwhile are sent when the last one ends,
+    /// from its thread, and the sender task is not woken for them.
+    bursts: usize,
 }
 
 impl Driver {
     fn new() -> Self {
         Self {
-            state: Mutex::new(DriverState { lanes: Vec::new(), waiting: true, closed: false }),
+            state: Mutex::new(DriverState { lanes: Vec::new(), waiting: true, closed: false, bursts: 0 }),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -368,7 +371,7 @@ impl Driver {
         let wake = {
             let mut st = self.state.lock().expect("lock");
             st.lanes.push(lane.clone());
-            std::mem::take(&mut st.waiting)
+            st.bursts == 0 && std::mem::take(&mut st.waiting)
         };
         if wake {
             self.wake.notify_one();
@@ -396,16 +399,43 @@ impl Driver {
                 continue;
             }
             let Some(shared) = shared.upgrade() else { return };
-            for lane in lanes {
-                let pumped = {
-                    let mut p = lane.pump.lock().expect("lock");
-                    lane.pump(&shared, &mut p)
-                };
-                if matches!(pumped, Pumped::Task) {
-                    lane.queue.wake.notify_one();
-                }
-            }
+            send_lanes(&shared, lanes);
         }
+    }
+}
+
+/// Sends what `lanes` hold (each as far as it can; a lane that needs its task gets it).
+fn send_lanes(shared: &Shared, lanes: Vec<Arc<LaneCore>>) {
+    for lane in lanes {
+        let pumped = {
+            let mut p = lane.pump.lock().expect("lock");
+            lane.pump(shared, &mut p)
+        };
+        if matches!(pumped, Pumped::Task) {
+            lane.queue.wake.notify_one();
+        }
+    }
+}
+
+/// A burst of writes (`EventWriter::burst`): the events written while it lives are sent
+/// from this thread when it is dropped, without waking the writer's sender task.
+pub struct Burst<'a> {
+    writer: &'a EventWriter,
+}
+
+impl Drop for Burst<'_> {
+    fn drop(&mut self) {
+        let shared = &self.writer.shared;
+        let Some(d) = &shared.driver else { return };
+        let lanes = {
+            let mut st = d.state.lock().expect("lock");
+            st.bursts -= 1;
+            if st.bursts > 0 {
+                return;
+            }
+            std::mem::take(&mut st.lanes)
+        };
+        send_lanes(shared, lanes);
     }
 }
 
@@ -596,6 +626,19 @@ impl EventWriter {
             }
         }
         AckFuture(AckInner::Waiting(rx))
+    }
+
+    /// Starts a burst of writes: events written (by anyone) until the returned guard is
+    /// dropped are sent then, from the dropping thread, in as few appends as they make,
+    /// instead of by the writer's sender task, which is not woken for them. For a caller
+    /// that writes several events at once from a thread that is awake anyway (an open-loop
+    /// schedule): it saves a task wake-up per burst. Drop it before waiting for any of its
+    /// events. A writer with a linger sends as usual.
+    pub fn burst(&self) -> Burst<'_> {
+        if let Some(d) = &self.shared.driver {
+            d.state.lock().expect("lock").bursts += 1;
+        }
+        Burst { writer: self }
     }
 
     /// Waits until every event written so far is durable.

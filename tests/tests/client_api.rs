@@ -509,3 +509,47 @@ async fn writers_with_and_without_a_linger_keep_every_key_in_order() {
     }
     assert_eq!(total, 2 * EVENTS, "every event exactly once");
 }
+
+/// Events written inside a burst leave when the (outermost) burst ends, from the thread that
+/// ends it; until then none of them is acknowledged, afterwards all are, in order per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_sends_its_events_when_it_ends() {
+    let h = sluice_tests::Harness::with_stream("bu", "s", 4).await;
+    let c = &h.client;
+    let writer = c.event_writer("bu/s").await.unwrap();
+    // Connected first: lanes then need nothing but sending.
+    writer.write_event(b"warm", b"up".to_vec()).await.unwrap();
+    writer.flush().await.unwrap();
+    let outer = writer.burst();
+    let mut acks = Vec::new();
+    {
+        let _inner = writer.burst();
+        for n in 0..400u32 {
+            acks.push(writer.write_event(format!("key-{}", n % 8).as_bytes(), n.to_le_bytes().to_vec()));
+        }
+    }
+    // The inner burst ended inside the outer one: still nothing sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = acks.remove(0);
+    let pending = tokio::time::timeout(Duration::from_millis(1), first).await;
+    assert!(pending.is_err(), "an event of a burst was acknowledged before the burst ended");
+    drop(outer);
+    for a in acks {
+        tokio::time::timeout(Duration::from_secs(10), a).await.expect("acknowledged once the burst ended").unwrap();
+    }
+    c.seal_stream("bu", "s").await.unwrap();
+    let mut r = c.event_reader("bu/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut last: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    let mut total = 0;
+    while let Some(e) = r.read_next(Duration::from_secs(5)).await.unwrap() {
+        if e.payload.as_ref() == b"up" {
+            continue;
+        }
+        let n = u32::from_le_bytes(e.payload.as_ref().try_into().unwrap());
+        if let Some(prev) = last.insert(n % 8, n) {
+            assert!(prev < n, "key {}: {n} after {prev}", n % 8);
+        }
+        total += 1;
+    }
+    assert_eq!(total, 400, "every event of the burst once (the first's future was dropped, not its event)");
+}
