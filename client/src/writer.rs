@@ -209,6 +209,14 @@ struct Shared {
     driver: Option<Arc<Driver>>,
 }
 
+impl Shared {
+    /// The largest batch to send: the writer's limit, or less for a node with small log
+    /// files (it takes smaller appends).
+    fn batch_max(&self) -> usize {
+        self.config.batch_bytes_max.min(self.client.append_bytes_max())
+    }
+}
+
 impl Drop for Shared {
     fn drop(&mut self) {
         if let Some(d) = &self.driver {
@@ -744,6 +752,11 @@ impl FlightState {
 }
 
 impl Flight {
+    /// Whether `st` (this flight's state) has a full window.
+    fn full(&self, st: &FlightState) -> bool {
+        st.batches.len() >= self.window
+    }
+
     /// An answer to the sending of batch `first` in round `round`.
     fn answer(&self, round: u64, first: u64, r: Result<(), ClientError>) {
         let (done, wake) = {
@@ -752,7 +765,7 @@ impl Flight {
                 return;
             }
             st.pending -= 1;
-            let full = st.batches.len() >= self.window;
+            let full = self.full(&st);
             if let Some(b) = st.batches.iter_mut().find(|b| b.first == first) {
                 b.reply = Some(r);
             }
@@ -825,20 +838,18 @@ impl LaneCore {
     /// nothing of the task and the lane has a working connection. Called with `p` (the
     /// lane's pump) locked.
     fn pump(&self, shared: &Shared, p: &mut Pump) -> Pumped {
-        // A node with small log files takes smaller appends.
-        let batch_max = shared.config.batch_bytes_max.min(shared.client.append_bytes_max());
+        let batch_max = shared.batch_max();
         loop {
             if p.held {
                 return Pumped::Held;
             }
             {
                 let st = self.flight.state.lock().expect("lock");
-                if let Some(b) = st.batches.front()
-                    && (matches!(b.reply, Some(Err(_))) || st.pending == 0)
-                {
+                // Trouble at the front (an error, or no answer coming).
+                if !st.batches.is_empty() && st.needs_task() {
                     return Pumped::Task;
                 }
-                if st.batches.len() >= self.flight.window {
+                if self.flight.full(&st) {
                     return Pumped::Held;
                 }
             }
@@ -1028,9 +1039,15 @@ impl SegmentWriter {
         st.batches.drain(..).collect()
     }
 
-    /// After a retryable failure: reconnect and resend every unacknowledged batch in order.
-    /// The caller holds the lane.
-    async fn resend(&mut self, mut err: ClientError) {
+    /// After a retryable failure: reconnect and resend every unacknowledged batch in order,
+    /// holding the lane meanwhile (nothing new is sent on the old connection).
+    async fn resend(&mut self, err: ClientError) {
+        self.core.hold(true);
+        self.resend_held(err).await;
+        self.core.hold(false);
+    }
+
+    async fn resend_held(&mut self, mut err: ClientError) {
         let acked = self.core.flight.state.lock().expect("lock").acked;
         // A batch acknowledged since the episode began ends it.
         if self.retrying.is_some_and(|(_, at)| at != acked) {
@@ -1095,9 +1112,7 @@ impl SegmentWriter {
                     return;
                 }
                 Todo::Refused(e) if e.is_retryable() => {
-                    self.core.hold(true);
                     self.resend(e).await;
-                    self.core.hold(false);
                     continue;
                 }
                 Todo::Refused(e) => {
@@ -1115,9 +1130,7 @@ impl SegmentWriter {
                 // Batches held back after their connection broke, with nothing left in
                 // flight to fail: resend them now.
                 Todo::Resend => {
-                    self.core.hold(true);
                     self.resend(ClientError::ConnectionLost(self.core.segment.clone())).await;
-                    self.core.hold(false);
                     continue;
                 }
                 Todo::Nothing => {}
@@ -1145,13 +1158,16 @@ impl SegmentWriter {
         if linger.is_zero() {
             return;
         }
-        let batch_max = self.shared.config.batch_bytes_max.min(self.shared.client.append_bytes_max());
+        let batch_max = self.shared.batch_max();
         let until = Instant::now() + linger;
         loop {
             {
-                let room = self.core.flight.state.lock().expect("lock").batches.len() < self.core.flight.window;
+                let full = {
+                    let f = &self.core.flight;
+                    f.full(&f.state.lock().expect("lock"))
+                };
                 let mut p = self.core.pump.lock().expect("lock");
-                if !room || p.carry.is_some() {
+                if full || p.carry.is_some() {
                     return;
                 }
                 // Nothing queued, or a batch complete already (a flush, the size limit).
@@ -1182,10 +1198,10 @@ impl SegmentWriter {
                 // The first batch waits in the flight for the retries, and fails with them.
                 let batch = {
                     let mut p = self.core.pump.lock().expect("lock");
-                    let batch_max = self.shared.config.batch_bytes_max.min(self.shared.client.append_bytes_max());
                     match p.carry.take() {
                         Some(first) => {
-                            let (batch, leftover) = self.core.build(&self.shared, first, &mut p.rx, batch_max);
+                            let (batch, leftover) =
+                                self.core.build(&self.shared, first, &mut p.rx, self.shared.batch_max());
                             p.carry = leftover;
                             batch
                         }
@@ -1195,7 +1211,7 @@ impl SegmentWriter {
                 if let Some(b) = batch {
                     self.core.flight.state.lock().expect("lock").batches.push_back(b);
                 }
-                self.resend(e).await;
+                self.resend_held(e).await;
             }
         }
         self.core.hold(false);
