@@ -122,7 +122,9 @@ enum Cmd {
         size: usize,
     },
     /// The produce workload against Sluice and its peers (Redis Streams, NATS JetStream) at
-    /// their strongest durability, in alternating rounds on this machine; prints ratios.
+    /// their strongest durability, in alternating rounds on this machine; prints ratios. With
+    /// --rate, also each target's send lateness: how late the harness itself sent after each
+    /// due time, which every latency of the open loop includes.
     Compare {
         /// Targets, in order (alternated each round).
         #[arg(long, value_enum, value_delimiter = ',', default_value = "sluice,redis,nats")]
@@ -639,6 +641,8 @@ fn compare(
         target: Target,
         rates: Vec<f64>,
         hist: Histogram<u64>,
+        /// Open loop: how late the harness sent, over every round.
+        late: Histogram<u64>,
         version: String,
         /// `tcp` or `unix`, as the last run reached it.
         transport: &'static str,
@@ -649,6 +653,7 @@ fn compare(
             target,
             rates: Vec::new(),
             hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            late: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
             version: String::new(),
             transport: "tcp",
         })
@@ -675,8 +680,12 @@ fn compare(
                 false => None,
             };
             let out = rt.block_on(peers::produce(target, &url, load, size))?;
+            let late = match rate {
+                Some(_) => format!(" (send lateness p99 {} us)", out.lateness.value_at_quantile(0.99)),
+                None => String::new(),
+            };
             println!(
-                "round {}: {target:?}: {:.0} events/s, ack p50 {} us, p99 {} us",
+                "round {}: {target:?}: {:.0} events/s, ack p50 {} us, p99 {} us{late}",
                 round + 1,
                 out.events_per_s,
                 out.hist.value_at_quantile(0.5),
@@ -692,6 +701,7 @@ fn compare(
             let r = &mut results[i];
             r.rates.push(out.events_per_s);
             r.hist.add(&out.hist).map_err(|e| e.to_string())?;
+            r.late.add(&out.lateness).map_err(|e| e.to_string())?;
             r.transport = peers::transport_of(&url);
             if let Some(s) = &server {
                 r.version = s.version.clone();
@@ -702,6 +712,7 @@ fn compare(
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let sluice =
         results.iter().find(|r| r.target == Target::Sluice).map(|r| (mean(&r.rates), r.hist.value_at_quantile(0.99)));
+    let rate_given = rate.is_some();
     let offered = match rate {
         Some(r) => format!("offered at {r} events/s (open loop, at most {inflight} in flight)"),
         None => format!("{inflight} in flight (closed loop)"),
@@ -717,7 +728,7 @@ fn compare(
         "target", "via", "events/s", "p50 us", "p99 us", "p99.9 us", "sluice thrpt x", "sluice p99 x"
     );
     let mut json = Vec::new();
-    for Runs { target: t, rates, hist: h, version, transport } in &results {
+    for Runs { target: t, rates, hist: h, late, version, transport } in &results {
         let rate = mean(rates);
         let p99 = h.value_at_quantile(0.99);
         let (ratio, p99_ratio) = match sluice {
@@ -739,10 +750,26 @@ fn compare(
             t.durability(),
             if version.is_empty() { String::new() } else { format!(" [{version}]") }
         );
-        json.push(
-            serde_json::json!({"target": format!("{t:?}").to_lowercase(), "version": version, "transport": transport,
-            "durability": t.durability(), "events_per_s": rates, "mean_events_per_s": rate, "ack": hist_json(h)}),
-        );
+        let mut entry = serde_json::json!({"target": format!("{t:?}").to_lowercase(), "version": version,
+            "transport": transport, "durability": t.durability(), "events_per_s": rates, "mean_events_per_s": rate,
+            "ack": hist_json(h)});
+        if rate_given {
+            entry["send_lateness"] = hist_json(late);
+        }
+        json.push(entry);
+    }
+    if rate_given {
+        println!("send lateness (how late the harness itself sent each event; part of every latency above):");
+        for Runs { target: t, late, .. } in &results {
+            println!(
+                "{:<8} p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+                format!("{t:?}").to_lowercase(),
+                late.value_at_quantile(0.5),
+                late.value_at_quantile(0.99),
+                late.value_at_quantile(0.999),
+                late.max()
+            );
+        }
     }
     let series = results.into_iter().map(|r| (format!("{:?}", r.target).to_lowercase(), r.hist)).collect();
     let mut result = serde_json::json!({"workload": "compare", "count": count, "size": size, "inflight": inflight,

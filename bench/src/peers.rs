@@ -209,6 +209,14 @@ pub fn spawn(target: Target, base: &Path, sluice_extra: &[String], unix: bool) -
 pub struct Outcome {
     pub events_per_s: f64,
     pub hist: Histogram<u64>,
+    /// Open loop: how late the harness itself sent each send after its due time (part of
+    /// every latency in `hist`); empty in a closed loop.
+    pub lateness: Histogram<u64>,
+}
+
+/// A histogram of microseconds, up to a minute.
+fn micros_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
 /// How events are offered.
@@ -235,7 +243,8 @@ where
     F: FnMut(u64, u64) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut hist = micros_histogram();
+    let mut lateness = micros_histogram();
     let mut pending = FuturesUnordered::new();
     let start = Instant::now();
     let batch = load.batch.max(1);
@@ -257,6 +266,9 @@ where
             }
         }
         let n = batch.min(load.count - i);
+        if schedule.is_some() {
+            lateness.saturating_record(due.elapsed().as_micros() as u64);
+        }
         let fut = send(i, n);
         i += n;
         pending.push(async move { fut.await.map(|()| (due.elapsed().as_micros() as u64, n)) });
@@ -269,7 +281,7 @@ where
         let (lat, n) = r?;
         hist.saturating_record_n(lat, n);
     }
-    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist })
+    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist, lateness })
 }
 
 /// Sluice, one event per call: `write_event` futures awaited per key (`KeyedAcks`: no
@@ -284,7 +296,7 @@ async fn drive_sluice_events(
 ) -> Result<Outcome, String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut hist = micros_histogram();
     let mut acks = crate::inflight::KeyedAcks::new(keys.len());
     let inflight = load.inflight.max(1) as u64;
     let start = Instant::now();
@@ -299,15 +311,19 @@ async fn drive_sluice_events(
         while acks.len() > 0 {
             acks.next_ready(&mut hist).await?;
         }
-        return Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist });
+        let lateness = micros_histogram();
+        return Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist, lateness });
     };
     // Acknowledged so far: the schedule's thread holds back while `inflight` are outstanding.
     let acked = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(sluice_client::AckFuture, Instant, usize)>>();
     let seen = acked.clone();
     let key_count = keys.len() as u64;
+    let lateness = Arc::new(std::sync::Mutex::new(micros_histogram()));
+    let late = lateness.clone();
     let send = move |due: std::ops::Range<u64>| {
         let mut sent = Vec::with_capacity(due.end.saturating_sub(due.start) as usize);
+        let mut late = late.lock().expect("lateness lock");
         // This tick's events leave from this thread, together, when the burst ends.
         let mut burst = Some(writer.burst());
         for i in due {
@@ -328,6 +344,7 @@ async fn drive_sluice_events(
             }
             let key = (i % key_count) as usize;
             let due = start + crate::schedule::due_after(i, rate as f64);
+            late.saturating_record(due.elapsed().as_micros() as u64);
             if burst.is_none() {
                 burst = Some(writer.burst());
             }
@@ -362,7 +379,8 @@ async fn drive_sluice_events(
     drop(rx);
     drop(schedule);
     outcome?;
-    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist })
+    let lateness = lateness.lock().expect("lateness lock").clone();
+    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist, lateness })
 }
 
 /// Sends events `i..i + n` (keys taken in turn from `keys`): `write_event` for one, one

@@ -49,11 +49,14 @@ fn compare_spawns_every_target_and_reports_it() {
     }
 
     // Open loop (Sluice's schedule thread writes each event as it falls due).
-    let (_, result) = compare(&targets, &["--count", "3000", "--inflight", "100", "--rate", "20000"]);
+    let (stdout, result) = compare(&targets, &["--count", "3000", "--inflight", "100", "--rate", "20000"]);
     assert_eq!(result["rate"].as_u64(), Some(20000), "{result}");
     for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
         assert_eq!(r["ack"]["count"].as_u64(), Some(3000), "{t} acknowledged every event of the open loop");
+        // The harness's own lateness: one figure per send (per event here, no batching).
+        assert_eq!(r["send_lateness"]["count"].as_u64(), Some(3000), "{t}: {r}");
     }
+    assert!(stdout.contains("send lateness (how late the harness itself sent"), "{stdout}");
     // Over Unix sockets where the server has them (NATS stays on TCP).
     let (stdout, result) = compare(&targets, &["--count", "2000", "--inflight", "100", "--unix"]);
     for (t, r) in targets.iter().zip(result["targets"].as_array().unwrap()) {
