@@ -74,6 +74,9 @@ enum Waiter {
     Call(OnReply),
 }
 
+/// Most frames `Connection::send_many_then` writes in one system call (two pieces each).
+const SEND_MANY_FRAMES_MAX: usize = 256;
+
 /// A reply handler of `Connection::send_then`.
 pub type OnReply = Box<dyn FnOnce(Result<Frame, ClientError>) + Send>;
 
@@ -121,28 +124,30 @@ fn write_now(sock: &WriteHalf, bufs: &[IoSlice<'_>]) -> Option<usize> {
 }
 
 impl Wire {
-    /// Queues one frame for the socket. `false` once the connection is broken.
-    fn send(&self, head: &[u8], payload: &[u8]) -> bool {
+    /// Queues whole frames (`parts`: their pieces, in order) for the socket, in one write
+    /// when it is free. `false` once the connection is broken.
+    fn send(&self, parts: &[&[u8]]) -> bool {
         {
             let mut out = self.outbox.lock().expect("lock");
             if out.broken {
                 return false;
             }
             if out.owner != Owner::Free {
-                out.bytes.extend_from_slice(head);
-                out.bytes.extend_from_slice(payload);
+                parts.iter().for_each(|p| out.bytes.extend_from_slice(p));
                 return true;
             }
             out.owner = Owner::Caller;
         }
         // The socket is this caller's until it gives it up.
-        let Some(n) = write_now(&self.sock, &[IoSlice::new(head), IoSlice::new(payload)]) else {
+        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let Some(mut n) = write_now(&self.sock, &slices) else {
             return self.fail();
         };
         let mut rest = Vec::new();
-        if n < head.len() + payload.len() {
-            rest.extend_from_slice(head.get(n..).unwrap_or_default());
-            rest.extend_from_slice(&payload[n.saturating_sub(head.len())..]);
+        for p in parts {
+            // What the write did not take, from the first piece it did not finish.
+            rest.extend_from_slice(p.get(n..).unwrap_or_default());
+            n = n.saturating_sub(p.len());
         }
         let mut taken = Vec::new();
         loop {
@@ -321,7 +326,7 @@ impl Connection {
                 }
             }
         });
-        if !conn.wire.send(&encode_frame_head(0, &hello("sluice-client"), 0), &[]) {
+        if !conn.wire.send(&[&encode_frame_head(0, &hello("sluice-client"), 0)]) {
             return Err(cerr("closed during handshake".into()));
         }
         let frame = tokio::time::timeout(timeout, hello_rx)
@@ -356,7 +361,7 @@ impl Connection {
             }
             None => false,
         };
-        let sent = registered && self.wire.send(&encode_frame_head(id, msg, payload.len()), &payload);
+        let sent = registered && self.wire.send(&[&encode_frame_head(id, msg, payload.len()), &payload]);
         let addr = self.addr.clone();
         async move {
             if !sent {
@@ -376,12 +381,49 @@ impl Connection {
             Some(map) => map.insert(id, Waiter::Call(on_reply)),
             None => return false,
         };
-        if self.wire.send(&encode_frame_head(id, msg, payload.len()), payload) {
+        if self.wire.send(&[&encode_frame_head(id, msg, payload.len()), payload]) {
             return true;
         }
         // Taken back (dropped uncalled) unless the reader task has already answered it.
         let taken = self.pending.lock().expect("lock").as_mut().and_then(|m| m.remove(&id));
         taken.is_none()
+    }
+
+    /// `send_then` for several requests at once, written to the socket together (one
+    /// system call, one wake-up of the server, when the socket is free). Returns, for each
+    /// request in order, what `send_then` would have.
+    pub fn send_many_then<T: Control>(&self, requests: Vec<(T, Bytes, OnReply)>) -> Vec<bool> {
+        let mut sent = Vec::with_capacity(requests.len());
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            // A bounded number of pieces per write (the kernel takes at most IOV_MAX).
+            let chunk: Vec<_> = requests.by_ref().take(SEND_MANY_FRAMES_MAX).collect();
+            let mut ids = Vec::with_capacity(chunk.len());
+            let mut heads = Vec::with_capacity(chunk.len());
+            let mut payloads = Vec::with_capacity(chunk.len());
+            {
+                let mut pending = self.pending.lock().expect("lock");
+                let Some(map) = pending.as_mut() else {
+                    sent.extend(std::iter::repeat_n(false, chunk.len()));
+                    continue;
+                };
+                for (msg, payload, on_reply) in chunk {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    map.insert(id, Waiter::Call(on_reply));
+                    heads.push(encode_frame_head(id, &msg, payload.len()));
+                    payloads.push(payload);
+                    ids.push(id);
+                }
+            }
+            let parts: Vec<&[u8]> = heads.iter().zip(&payloads).flat_map(|(h, p)| [&h[..], &p[..]]).collect();
+            if self.wire.send(&parts) {
+                sent.extend(std::iter::repeat_n(true, ids.len()));
+                continue;
+            }
+            let mut pending = self.pending.lock().expect("lock");
+            sent.extend(ids.iter().map(|id| pending.as_mut().and_then(|m| m.remove(id)).is_none()));
+        }
+        sent
     }
 
     /// Sends a request and decodes its reply as `R`.
@@ -465,9 +507,14 @@ mod tests {
         for s in 0..SENDERS {
             let wire = wire.clone();
             senders.push(std::thread::spawn(move || {
-                for q in 0..FRAMES {
-                    let (head, payload) = frame(s, q);
-                    assert!(wire.send(&head, &payload));
+                // Sender s writes 1 + s % 3 frames per call (as `send_many_then` does).
+                let per_call = 1 + s % 3;
+                let mut q = 0;
+                while q < FRAMES {
+                    let frames: Vec<_> = (q..(q + per_call).min(FRAMES)).map(|q| frame(s, q)).collect();
+                    let parts: Vec<&[u8]> = frames.iter().flat_map(|(h, p)| [&h[..], &p[..]]).collect();
+                    assert!(wire.send(&parts));
+                    q += per_call;
                 }
             }));
         }
@@ -506,7 +553,7 @@ mod tests {
         // Writes to a socket whose peer is gone fail within a few tries (reset by the peer).
         let mut refused = false;
         for _ in 0..1000 {
-            if !wire.send(b"head", &[0u8; 1000]) {
+            if !wire.send(&[b"head", &[0u8; 1000]]) {
                 refused = true;
                 break;
             }
@@ -514,6 +561,6 @@ mod tests {
         }
         assert!(refused, "sends to a closed peer are refused");
         tokio::time::timeout(Duration::from_secs(5), task).await.expect("the writer task ends").expect("task");
-        assert!(!wire.send(b"head", b"body"), "a broken wire stays broken");
+        assert!(!wire.send(&[b"head", b"body"]), "a broken wire stays broken");
     }
 }

@@ -413,14 +413,71 @@ impl Driver {
 }
 
 /// Sends what `lanes` hold (each as far as it can; a lane that needs its task gets it).
+/// The batches of lanes that share a connection go out in one write: the lanes' pumps stay
+/// locked until it is done, so no later batch of a lane can overtake one gathered here.
 fn send_lanes(shared: &Shared, lanes: Vec<Arc<LaneCore>>) {
-    for lane in lanes {
-        let pumped = {
-            let mut p = lane.pump.lock().expect("lock");
-            lane.pump(shared, &mut p)
+    let mut gather = Gather::default();
+    let mut locked = Vec::with_capacity(lanes.len());
+    for lane in &lanes {
+        // Never wait for a pump while holding others (whoever holds it may be waiting for
+        // one of ours): send what is gathered and let them go first.
+        let mut p = match lane.pump.try_lock() {
+            Ok(p) => p,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                gather.send();
+                locked.clear();
+                lane.pump.lock().expect("lock")
+            }
+            Err(std::sync::TryLockError::Poisoned(e)) => panic!("a lane's pump lock is poisoned: {e}"),
         };
-        if matches!(pumped, Pumped::Task) {
+        if matches!(lane.pump(shared, &mut p, Some(&mut gather)), Pumped::Task) {
             lane.queue.wake.notify_one();
+        }
+        locked.push(p);
+    }
+    gather.send();
+}
+
+/// Batches pumped for several lanes, waiting to be sent together, per connection.
+#[derive(Default)]
+struct Gather {
+    conns: Vec<GatheredConn>,
+}
+
+struct GatheredConn {
+    conn: Arc<Connection>,
+    requests: Vec<(Append, Bytes, crate::connection::OnReply)>,
+    /// Each request's flight and round, told if it could not be sent.
+    flights: Vec<(Arc<Flight>, u64)>,
+}
+
+impl Gather {
+    fn add(
+        &mut self,
+        conn: &Arc<Connection>,
+        request: (Append, Bytes, crate::connection::OnReply),
+        flight: (Arc<Flight>, u64),
+    ) {
+        let i = match self.conns.iter().position(|g| Arc::ptr_eq(&g.conn, conn)) {
+            Some(i) => i,
+            None => {
+                self.conns.push(GatheredConn { conn: conn.clone(), requests: Vec::new(), flights: Vec::new() });
+                self.conns.len() - 1
+            }
+        };
+        self.conns[i].requests.push(request);
+        self.conns[i].flights.push(flight);
+    }
+
+    /// Sends everything gathered, one write per connection.
+    fn send(&mut self) {
+        for g in self.conns.drain(..) {
+            let sent = g.conn.send_many_then(g.requests);
+            for (ok, (flight, round)) in sent.into_iter().zip(g.flights) {
+                if !ok {
+                    flight.unsent(round);
+                }
+            }
         }
     }
 }
@@ -637,8 +694,9 @@ impl EventWriter {
     }
 
     /// Starts a burst of writes: events written (by anyone) until the returned guard is
-    /// dropped are sent then, from the dropping thread, in as few appends as they make,
-    /// instead of by the writer's sender task, which is not woken for them. For a caller
+    /// dropped are sent then, from the dropping thread, in as few appends as they make (the
+    /// appends for one server in one write), instead of by the writer's sender task, which
+    /// is not woken for them. For a caller
     /// that writes several events at once from a thread that is awake anyway (an open-loop
     /// schedule): it saves a task wake-up per burst. Drop it before waiting for any of its
     /// events. A writer with a linger sends as usual.
@@ -837,7 +895,9 @@ impl LaneCore {
     /// Sends what is queued, batch after batch, while the window has room, the flight needs
     /// nothing of the task and the lane has a working connection. Called with `p` (the
     /// lane's pump) locked.
-    fn pump(&self, shared: &Shared, p: &mut Pump) -> Pumped {
+    /// With `gather`, the batches are left there to be sent with other lanes' (the caller
+    /// keeps `p` locked until they are).
+    fn pump(&self, shared: &Shared, p: &mut Pump, mut gather: Option<&mut Gather>) -> Pumped {
         let batch_max = shared.batch_max();
         loop {
             if p.held {
@@ -867,7 +927,7 @@ impl LaneCore {
             let (batch, leftover) = self.build(shared, first, &mut p.rx, batch_max);
             p.carry = leftover;
             if let Some(batch) = batch {
-                self.launch(shared, &conn, batch);
+                self.launch(shared, &conn, batch, gather.as_deref_mut());
             }
         }
     }
@@ -926,8 +986,8 @@ impl LaneCore {
         (Some(Batch { first, count, payload: payload.freeze(), points, acks, flushes, reply: None }), leftover)
     }
 
-    /// Puts `batch` in flight and sends it on `conn`.
-    fn launch(&self, shared: &Shared, conn: &Connection, batch: Batch) {
+    /// Puts `batch` in flight and sends it on `conn` (or leaves it in `gather`).
+    fn launch(&self, shared: &Shared, conn: &Arc<Connection>, batch: Batch, gather: Option<&mut Gather>) {
         let (first, count, payload) = (batch.first, batch.count, batch.payload.clone());
         let round = {
             let mut st = self.flight.state.lock().expect("lock");
@@ -935,12 +995,17 @@ impl LaneCore {
             st.pending += 1;
             st.round
         };
-        self.send(shared, conn, round, first, count, &payload);
+        match gather {
+            Some(g) => {
+                let (msg, on_reply) = self.request(shared, round, first, count);
+                g.add(conn, (msg, payload, on_reply), (self.flight.clone(), round));
+            }
+            None => self.send(shared, conn, round, first, count, &payload),
+        }
     }
 
-    /// Sends one batch (in round `round`) on `conn`; if the connection is broken, tells the
-    /// flight that no answer will come.
-    fn send(&self, shared: &Shared, conn: &Connection, round: u64, first: u64, count: u32, payload: &Bytes) {
+    /// The append of one batch (in round `round`) and what to do with its reply.
+    fn request(&self, shared: &Shared, round: u64, first: u64, count: u32) -> (Append, crate::connection::OnReply) {
         let msg = Append {
             segment: self.segment.clone(),
             writer_id: shared.writer_id,
@@ -953,6 +1018,13 @@ impl LaneCore {
             let r = reply.and_then(expect::<AppendAck>).map(|_| ());
             flight.answer(round, first, r);
         });
+        (msg, on_reply)
+    }
+
+    /// Sends one batch (in round `round`) on `conn`; if the connection is broken, tells the
+    /// flight that no answer will come.
+    fn send(&self, shared: &Shared, conn: &Connection, round: u64, first: u64, count: u32, payload: &Bytes) {
+        let (msg, on_reply) = self.request(shared, round, first, count);
         if !conn.send_then(&msg, payload, on_reply) {
             self.flight.unsent(round);
         }
@@ -1138,7 +1210,7 @@ impl SegmentWriter {
             self.linger().await;
             let pumped = {
                 let mut p = self.core.pump.lock().expect("lock");
-                self.core.pump(&self.shared, &mut p)
+                self.core.pump(&self.shared, &mut p, None)
             };
             if matches!(pumped, Pumped::Task) && self.connect().await {
                 continue;

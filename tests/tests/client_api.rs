@@ -512,6 +512,61 @@ async fn writers_with_and_without_a_linger_keep_every_key_in_order() {
 
 /// Events written inside a burst leave when the (outermost) burst ends, from the thread that
 /// ends it; until then none of them is acknowledged, afterwards all are, in order per key.
+/// Bursts ended on several threads at once, over a stream of 16 segments (several lanes
+/// per connection, sent together and racing for the same lanes), beside writes outside any
+/// burst: every event lands once, each key's in the order written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_on_several_threads_keep_every_key_in_order() {
+    const THREADS: u32 = 4;
+    const ROUNDS: u32 = 30;
+    const PER_BURST: u32 = 40;
+    let h = sluice_tests::Harness::with_stream("bt", "s", 16).await;
+    let c = &h.client;
+    let writer = c.event_writer("bt/s").await.unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    let acks = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..=THREADS)
+            .map(|t| {
+                let (writer, runtime) = (&writer, runtime.clone());
+                scope.spawn(move || {
+                    let _context = runtime.enter();
+                    let mut acks = Vec::new();
+                    for round in 0..ROUNDS {
+                        // The last thread writes outside bursts (the sender task sends those).
+                        let burst = (t < THREADS).then(|| writer.burst());
+                        for i in 0..PER_BURST {
+                            let n = round * PER_BURST + i;
+                            let key = format!("t{t}-k{}", i % 8);
+                            acks.push(writer.write_event(key.as_bytes(), [t.to_le_bytes(), n.to_le_bytes()].concat()));
+                        }
+                        drop(burst);
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    acks
+                })
+            })
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().expect("writer thread")).collect::<Vec<_>>()
+    });
+    for a in acks {
+        tokio::time::timeout(Duration::from_secs(20), a).await.expect("acknowledged").unwrap();
+    }
+    c.seal_stream("bt", "s").await.unwrap();
+    let mut r = c.event_reader("bt/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut last: std::collections::HashMap<(u32, u32), u32> = std::collections::HashMap::new();
+    let mut total = 0;
+    while let Some(e) = r.read_next(Duration::from_secs(5)).await.unwrap() {
+        let t = u32::from_le_bytes(e.payload[..4].try_into().unwrap());
+        let n = u32::from_le_bytes(e.payload[4..8].try_into().unwrap());
+        let key = (t, (n % PER_BURST) % 8);
+        if let Some(prev) = last.insert(key, n) {
+            assert!(prev < n, "thread {t} key {}: {n} after {prev}", key.1);
+        }
+        total += 1;
+    }
+    assert_eq!(total, (THREADS + 1) * ROUNDS * PER_BURST, "every event once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_sends_its_events_when_it_ends() {
     let h = sluice_tests::Harness::with_stream("bu", "s", 4).await;
