@@ -696,10 +696,9 @@ impl EventWriter {
     /// Starts a burst of writes: events written (by anyone) until the returned guard is
     /// dropped are sent then, from the dropping thread, in as few appends as they make (the
     /// appends for one server in one write), instead of by the writer's sender task, which
-    /// is not woken for them. For a caller
-    /// that writes several events at once from a thread that is awake anyway (an open-loop
-    /// schedule): it saves a task wake-up per burst. Drop it before waiting for any of its
-    /// events. A writer with a linger sends as usual.
+    /// is not woken for them. For a caller that writes several events at once from a thread
+    /// that is awake anyway (an open-loop schedule): it saves a task wake-up per burst. Drop
+    /// it before waiting for any of its events. A writer with a linger sends as usual.
     pub fn burst(&self) -> Burst<'_> {
         if let Some(d) = &self.shared.driver {
             d.state.lock().expect("lock").bursts += 1;
