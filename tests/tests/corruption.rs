@@ -772,6 +772,68 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     assert_eq!(check(Client::connect(&url).await.unwrap(), 5).await, damaged);
 }
 
+/// The current log file's header block damaged (its records sound): the node refuses to
+/// start and says why; with `--salvage-damaged-log` it writes the header again from the
+/// file's name and its opening checkpoint, says so, and serves every event; appends go on,
+/// and the next start needs no salvage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_file_header_is_written_again_when_salvaging() {
+    let dir = TempDir::new("salvage-header");
+    let data = dir.0.join("data");
+    let port = free_ports(1);
+    let base = ["--containers-per-core", "1"];
+    let mut server = sluice_tests::Server::start_with(&data, port, 1, &base);
+    let url = server.url();
+    let c = Client::connect(&url).await.unwrap();
+    c.create_scope("sh").await.unwrap();
+    c.create_stream("sh", "s", 1).await.unwrap();
+    let w = c.event_writer("sh/s").await.unwrap();
+    for i in 0..20 {
+        w.write_event(b"k", format!("e-{i}").into_bytes()).await.unwrap();
+    }
+    server.kill();
+    let (file, _) = files_with_records(&data, 20).pop().expect("the current log file");
+    // The file's sequence number, inside the checksummed part of the header.
+    flip_byte(&file, 17);
+
+    let out = Command::new(sluice_bin())
+        .args(["standalone", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &url, "--cores", "1", "--no-pin", "--log-file-mb", "8"])
+        .args(base)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a damaged file header: {stderr}");
+    assert!(stderr.contains("damaged file header") && stderr.contains("--salvage-damaged-log"), "{stderr}");
+
+    let salvage = [&base[..], &["--salvage-damaged-log"]].concat();
+    let mut server = sluice_tests::Server::start_with(&data, port, 1, &salvage);
+    assert!(server.output().contains("was written again from the file's name"), "{}", server.output());
+    let read_all = |c: Client| async move {
+        let mut r = c.event_reader("sh/s", ReadFrom::Head).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(e) = r.read_next(Duration::from_secs(2)).await.unwrap() {
+            got.push(String::from_utf8(e.payload.to_vec()).unwrap());
+        }
+        got
+    };
+    let expected = |n: usize| (0..n).map(|i| format!("e-{i}")).collect::<Vec<_>>();
+    assert_eq!(read_all(Client::connect(&url).await.unwrap()).await, expected(20));
+    let c = Client::connect(&url).await.unwrap();
+    let w = c.event_writer("sh/s").await.unwrap();
+    for i in 20..25 {
+        w.write_event(b"k", format!("e-{i}").into_bytes()).await.unwrap();
+    }
+    server.kill();
+    drop(server);
+
+    // Without salvage now: the header was written again.
+    let server = sluice_tests::Server::start_with(&data, port, 1, &base);
+    assert!(!server.output().contains("salvaged"), "{}", server.output());
+    assert_eq!(read_all(Client::connect(&url).await.unwrap()).await, expected(25));
+}
+
 /// With tier-2 and `--salvage-damaged-log`, the mover does not stop at a damaged record: it
 /// closes the chunk before the damage, starts the next where the sound data resumes and goes
 /// on, so the log is freed and appends keep being taken (without salvage the log fills:

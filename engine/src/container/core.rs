@@ -18,7 +18,7 @@ use crate::container::index::FileIndex;
 use crate::error::EngineError;
 use crate::log::checkpoint::{CheckpointState, SegmentCheckpoint};
 use crate::log::entry::{APPEND_HEADER_BYTES, LogEntry, decode_entries, decode_entries_prefix};
-use crate::log::format::{RecordHeader, RecordKind, encode_record};
+use crate::log::format::{FileHeader, RecordHeader, RecordKind, encode_record};
 use crate::log::scan::{FileScan, ScanEnd, Skipped, damaged_records, scan_file, scan_past_damage};
 use bytes::Bytes;
 use sluice_net::event::{skip_events, validate_events};
@@ -395,6 +395,9 @@ pub struct RecoveryReport {
     pub discard_files: Vec<u64>,
     pub records_replayed: u64,
     pub torn_tail_at: Option<u64>,
+    /// Salvaging: a file whose header block was damaged, with the header rebuilt for it (from
+    /// its name and its opening checkpoint), to write before anything else.
+    pub rebuilt_header: Option<FileHeader>,
 }
 
 /// What a salvage (recovery past damaged records, `CoreConfig::salvage`) skipped and lost.
@@ -1760,10 +1763,22 @@ impl ContainerCore {
     pub fn recover(cfg: CoreConfig, files: &[(u64, Bytes)]) -> Result<(Self, RecoveryReport), RecoverFault> {
         let scans: Vec<FileScan> = files.iter().map(|(_, b)| scan_file(b)).collect();
         let mut report = RecoveryReport::default();
+        let mut header_note: Option<String> = None;
         let header_ok =
             |i: usize| scans[i].header.as_ref().is_ok_and(|h| h.seq == files[i].0 && h.container == cfg.container);
+        // A header block that fails its own check, before a sound opening checkpoint of this
+        // container: the file is known by its name and that checkpoint (salvaging, it is
+        // taken and its header written again).
+        let opens_here = |i: usize| {
+            scans[i].records.first().is_some_and(|r| {
+                r.header.kind == RecordKind::Checkpoint
+                    && CheckpointState::decode(&r.payload).is_ok_and(|ck| ck.container == cfg.container)
+            })
+        };
+        let header_damaged = |i: usize| scans[i].header.is_err() && opens_here(i);
         let active = (0..files.len()).rev().find(|&i| {
-            header_ok(i) && scans[i].records.first().is_some_and(|r| r.header.kind == RecordKind::Checkpoint)
+            (header_ok(i) || cfg.salvage && header_damaged(i))
+                && scans[i].records.first().is_some_and(|r| r.header.kind == RecordKind::Checkpoint)
         });
         let max_epoch = scans.iter().filter_map(|s| s.header.as_ref().ok().map(|h| h.epoch)).max().unwrap_or(0);
         // Salvaging, a file after the active one whose opening checkpoint is damaged (sound
@@ -1790,6 +1805,15 @@ impl ContainerCore {
                     });
                 }
                 return Err(RecoverFault::Corrupt { file_seq: files[i].0, at: *at, valid_at: *valid_at });
+            }
+            if let (Err(e), true) = (&scan.header, header_damaged(i)) {
+                return Err(RecoverFault::Invalid {
+                    file_seq: files[i].0,
+                    reason: format!(
+                        "damaged file header ({e}) before a sound opening checkpoint: --salvage-damaged-log \
+                         writes the header again from the file's name and that checkpoint"
+                    ),
+                });
             }
             if let Some(r) = scan.records.first() {
                 return Err(RecoverFault::Invalid {
@@ -1819,6 +1843,19 @@ impl ContainerCore {
         }
         let invalid = |file_seq: u64, reason: String| RecoverFault::Invalid { file_seq, reason };
         let (seq, first) = (files[a].0, &replay[0].1);
+        if let Err(e) = &scans[a].header {
+            report.rebuilt_header = Some(FileHeader {
+                container: cfg.container,
+                seq,
+                epoch: first.records[0].header.epoch,
+                file_bytes: files[a].1.len() as u64,
+            });
+            header_note = Some(format!(
+                "log file {}: its damaged header ({e}) was written again from the file's name and its opening \
+                 checkpoint",
+                crate::log::file_name(seq)
+            ));
+        }
         let ck = CheckpointState::decode(&first.records[0].payload).map_err(|e| invalid(seq, e))?;
         let mut core = Self::new(cfg, 0, seq);
         core.has_file = true;
@@ -1864,7 +1901,7 @@ impl ContainerCore {
                 core.current_index = FileIndex::default();
             }
             core.file_pos = scan.end;
-            core.current_file_bytes = scan.header.as_ref().expect("checked").file_bytes;
+            core.current_file_bytes = scan.header.as_ref().map_or(bytes.len() as u64, |h| h.file_bytes);
             for (r, rec) in scan.records.iter().enumerate().skip(if n == 0 { 1 } else { 0 }) {
                 if rec.header.kind != RecordKind::Batch {
                     return Err(invalid(seq, format!("unexpected checkpoint at byte {}", rec.pos)));
@@ -1923,8 +1960,9 @@ impl ContainerCore {
             core.untraced = untraced;
             core.salvage_lost = true;
         }
+        core.salvaged.extend(header_note);
         if !salvage.skipped.is_empty() {
-            core.salvaged = salvage.lines(&core.untraced);
+            core.salvaged.extend(salvage.lines(&core.untraced));
             // A lost record may have named a tier-2 chunk before its creation: the next mover
             // lists tier-2 and deletes chunks no entry names.
             core.creations_recorded = false;

@@ -701,6 +701,19 @@ impl Container {
             let path = dir.join(file_name(*seq));
             std::fs::remove_file(&path).map_err(|source| RecoveryError::Io { file: path, source })?;
         }
+        if let Some(header) = report.rebuilt_header {
+            // Salvaging: the damaged header block written again, so the next start needs no
+            // salvage for it.
+            let path = dir.join(file_name(header.seq));
+            let invalid = |reason| RecoveryError::Invalid { file: path.clone(), reason };
+            let f = open_log_for_writing(&path).await.map_err(invalid)?;
+            let mut head = f.alloc_dma_buffer(FILE_HEADER_BYTES as usize);
+            head.as_bytes_mut().fill(0);
+            header.encode(head.as_bytes_mut());
+            write_all_at(&f, head, 0, &path).await.map_err(invalid)?;
+            f.fdatasync().await.map_err(|e| invalid(e.to_string()))?;
+            let _ = f.close().await;
+        }
         let mut files = Files {
             current: None,
             current_seq: core.current_file(),
