@@ -57,9 +57,39 @@ impl Drop for Spawned {
     }
 }
 
-fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+/// A base port with `n` consecutive free ports on 127.0.0.1 (a Sluice shard k listens on
+/// base + k), below the kernel's ephemeral range: a port the kernel hands out would be free
+/// when probed yet could be taken by any outgoing connection (this run's own, to the
+/// previous server) before the server binds it.
+fn free_ports(n: u16) -> Result<u16, String> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let (low, span) = (20_000u32, 12_000u32);
+    for _ in 0..500 {
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = (low + std::process::id().wrapping_mul(7919).wrapping_add(k.wrapping_mul(104_729)) % span) as u16;
+        if (0..n.max(1)).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return Ok(base);
+        }
+    }
+    Err(format!("no {n} consecutive free ports on 127.0.0.1 between {low} and {}", low + span))
+}
+
+/// How many shards (so ports) a spawned Sluice takes: `--cores` among its extra arguments,
+/// else one per core here.
+fn sluice_shards(extra: &[String]) -> u16 {
+    let given = extra.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--cores") {
+        Some("") => extra.get(i + 1).and_then(|v| v.parse().ok()),
+        Some(v) => v.strip_prefix('=').and_then(|v| v.parse().ok()),
+        None => None,
+    });
+    given.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u16))
+}
+
+/// The last lines of a spawned server's log, for an error.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
 /// Waits until the spawned server is ready: a Sluice server answers a handshake, the others
@@ -111,10 +141,11 @@ pub fn transport_of(url: &str) -> &'static str {
 /// more `sluice standalone` arguments). With `unix`, Sluice and Redis also listen on a Unix
 /// socket in that directory and the returned URL names it (NATS has none: TCP).
 pub fn spawn(target: Target, base: &Path, sluice_extra: &[String], unix: bool) -> Result<Spawned, String> {
-    let port = free_port()?;
+    let port = free_ports(if target == Target::Sluice { sluice_shards(sluice_extra) } else { 1 })?;
     let dir = base.join(format!("{target:?}-{port}").to_lowercase());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let log = std::fs::File::create(dir.with_extension("log")).map_err(|e| e.to_string())?;
+    let log_path = dir.with_extension("log");
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
     let socket = dir.join(format!("{target:?}.sock").to_lowercase());
     let (bin, mut args, mut url): (PathBuf, Vec<String>, String) = match target {
         Target::Sluice => (
@@ -201,7 +232,11 @@ pub fn spawn(target: Target, base: &Path, sluice_extra: &[String], unix: bool) -
             };
             format!("starting {}: {e} ({hint})", bin.display())
         })?;
-    wait_listening(target, port, &mut child, &bin.display().to_string())?;
+    if let Err(e) = wait_listening(target, port, &mut child, &bin.display().to_string()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("{e}; its log ({}) ends:\n{}", log_path.display(), log_tail(&log_path)));
+    }
     Ok(Spawned { child, dir, url, version })
 }
 
@@ -460,6 +495,25 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
                 }
             }))
             .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawned_sluice_takes_a_port_per_shard_below_the_ephemeral_range() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(sluice_shards(&args(&["--cores", "3", "--no-pin"])), 3);
+        assert_eq!(sluice_shards(&args(&["--cores=5"])), 5);
+        let here = std::thread::available_parallelism().map_or(1, |n| n.get() as u16);
+        assert_eq!(sluice_shards(&args(&["--containers-per-core", "2"])), here);
+        let base = free_ports(4).unwrap();
+        assert!((20_000..32_000).contains(&base), "{base}");
+        for p in base..base + 4 {
+            std::net::TcpListener::bind(("127.0.0.1", p)).expect("free");
         }
     }
 }
