@@ -132,6 +132,20 @@ async fn wait_for_log(log: &Path, what: &str) {
 }
 
 /// Flips one byte in place (the server may hold the file open).
+/// Starts a node on `data` that must refuse to start (its log damaged); its error output.
+fn refused_start(data: &Path, url: &str, extra: &[&str]) -> String {
+    let out = Command::new(sluice_bin())
+        .args(["standalone", "--data-dir"])
+        .arg(data)
+        .args(["--listen", url, "--cores", "1", "--no-pin", "--log-file-mb", "8"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started on a damaged log: {stderr}");
+    stderr
+}
+
 fn flip_byte(path: &Path, at: usize) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
@@ -708,15 +722,7 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     let victim = recs[recs.len() / 2];
     flip_byte(&file, victim + 60);
 
-    let out = Command::new(sluice_bin())
-        .args(["standalone", "--data-dir"])
-        .arg(&data)
-        .args(["--listen", &url, "--cores", "1", "--no-pin", "--log-file-mb", "8"])
-        .args(base)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started on a damaged log: {stderr}");
+    let stderr = refused_start(&data, &url, &base);
     assert!(stderr.contains(&format!("byte {victim}")) && stderr.contains("--salvage-damaged-log"), "{stderr}");
 
     // The offline listing shows the damage and the sound records after it.
@@ -796,15 +802,7 @@ async fn a_damaged_log_file_header_is_written_again_when_salvaging() {
     // The file's sequence number, inside the checksummed part of the header.
     flip_byte(&file, 17);
 
-    let out = Command::new(sluice_bin())
-        .args(["standalone", "--data-dir"])
-        .arg(&data)
-        .args(["--listen", &url, "--cores", "1", "--no-pin", "--log-file-mb", "8"])
-        .args(base)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started with a damaged file header: {stderr}");
+    let stderr = refused_start(&data, &url, &base);
     assert!(stderr.contains("damaged file header") && stderr.contains("--salvage-damaged-log"), "{stderr}");
 
     let salvage = [&base[..], &["--salvage-damaged-log"]].concat();
