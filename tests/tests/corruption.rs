@@ -832,6 +832,42 @@ async fn a_damaged_log_file_header_is_written_again_when_salvaging() {
     assert_eq!(read_all(Client::connect(&url).await.unwrap()).await, expected(25));
 }
 
+/// An older log file's header block damaged: recovery does not need it (the newest file's
+/// checkpoint covers it) and reads of the records in that file do not either, so the node
+/// starts without salvage and serves every event; the scrub reports the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_header_of_an_older_log_file_stops_nothing() {
+    let dir = TempDir::new("older-header");
+    let data = dir.0.join("data");
+    let port = free_ports(1);
+    let base = ["--containers-per-core", "1", "--cache-mb", "0"];
+    let mut server = sluice_tests::Server::start_with(&data, port, 1, &base);
+    let url = server.url();
+    let c = Client::connect(&url).await.unwrap();
+    c.create_scope("oh").await.unwrap();
+    c.create_stream("oh", "s", 1).await.unwrap();
+    let w = c.event_writer("oh/s").await.unwrap();
+    // 12 MiB over 8 MiB log files: two files at least.
+    let event = |i: u8| vec![i; 1 << 20];
+    for i in 0..12u8 {
+        w.write_event(b"k", event(i)).await.unwrap();
+    }
+    server.kill();
+    let mut files: Vec<PathBuf> = files_with_records(&data, 1).into_iter().map(|(f, _)| f).collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    flip_byte(&files[0], 17);
+    server.restart();
+    let c = Client::connect(&url).await.unwrap();
+    let mut r = c.event_reader("oh/s", ReadFrom::Head).await.unwrap();
+    for i in 0..12u8 {
+        let e = r.read_next(Duration::from_secs(5)).await.unwrap().expect("every event");
+        assert_eq!(e.payload.as_ref(), &event(i)[..], "event {i}");
+    }
+    let (ok, out, err) = sluice_tests::cli(&url, &["log", "scrub"], None);
+    assert!(!ok && out.contains("bad file header"), "{out}{err}");
+}
+
 /// With tier-2 and `--salvage-damaged-log`, the mover does not stop at a damaged record: it
 /// closes the chunk before the damage, starts the next where the sound data resumes and goes
 /// on, so the log is freed and appends keep being taken (without salvage the log fills:
