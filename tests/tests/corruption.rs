@@ -778,22 +778,34 @@ async fn a_damaged_current_log_file_is_salvaged_on_request() {
     assert_eq!(check(Client::connect(&url).await.unwrap(), 5).await, damaged);
 }
 
+/// A one-shard node on a fresh data directory (`extra` flags), with stream `stream` (one
+/// segment; its scope made too) and a writer to it.
+async fn node_with_stream(
+    tag: &str,
+    stream: &str,
+    extra: &[&str],
+) -> (TempDir, PathBuf, u16, sluice_tests::Server, sluice_client::EventWriter) {
+    let dir = TempDir::new(tag);
+    let data = dir.0.join("data");
+    let port = free_ports(1);
+    let server = sluice_tests::Server::start_with(&data, port, 1, extra);
+    let c = Client::connect(&server.url()).await.unwrap();
+    let (scope, name) = stream.split_once('/').expect("scope/stream");
+    c.create_scope(scope).await.unwrap();
+    c.create_stream(scope, name, 1).await.unwrap();
+    let w = c.event_writer(stream).await.unwrap();
+    (dir, data, port, server, w)
+}
+
 /// The current log file's header block damaged (its records sound): the node refuses to
 /// start and says why; with `--salvage-damaged-log` it writes the header again from the
 /// file's name and its opening checkpoint, says so, and serves every event; appends go on,
 /// and the next start needs no salvage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_log_file_header_is_written_again_when_salvaging() {
-    let dir = TempDir::new("salvage-header");
-    let data = dir.0.join("data");
-    let port = free_ports(1);
     let base = ["--containers-per-core", "1"];
-    let mut server = sluice_tests::Server::start_with(&data, port, 1, &base);
+    let (_dir, data, port, mut server, w) = node_with_stream("salvage-header", "sh/s", &base).await;
     let url = server.url();
-    let c = Client::connect(&url).await.unwrap();
-    c.create_scope("sh").await.unwrap();
-    c.create_stream("sh", "s", 1).await.unwrap();
-    let w = c.event_writer("sh/s").await.unwrap();
     for i in 0..20 {
         w.write_event(b"k", format!("e-{i}").into_bytes()).await.unwrap();
     }
@@ -837,16 +849,9 @@ async fn a_damaged_log_file_header_is_written_again_when_salvaging() {
 /// starts without salvage and serves every event; the scrub reports the header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_header_of_an_older_log_file_stops_nothing() {
-    let dir = TempDir::new("older-header");
-    let data = dir.0.join("data");
-    let port = free_ports(1);
     let base = ["--containers-per-core", "1", "--cache-mb", "0"];
-    let mut server = sluice_tests::Server::start_with(&data, port, 1, &base);
+    let (_dir, data, _, mut server, w) = node_with_stream("older-header", "oh/s", &base).await;
     let url = server.url();
-    let c = Client::connect(&url).await.unwrap();
-    c.create_scope("oh").await.unwrap();
-    c.create_stream("oh", "s", 1).await.unwrap();
-    let w = c.event_writer("oh/s").await.unwrap();
     // 12 MiB over 8 MiB log files: two files at least.
     let event = |i: u8| vec![i; 1 << 20];
     for i in 0..12u8 {
