@@ -95,7 +95,7 @@ mod tests {
     }
 
     fn hist() -> Histogram<u64> {
-        Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
+        crate::micros_histogram()
     }
 
     #[tokio::test]

@@ -261,6 +261,12 @@ async fn progress_line(done: std::sync::Arc<std::sync::atomic::AtomicU64>, total
 }
 
 /// Latency percentiles as JSON.
+/// A histogram of microseconds, 1 µs to a minute, 3 significant digits: every latency the
+/// bench records.
+pub(crate) fn micros_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
 pub(crate) fn hist_json(hist: &Histogram<u64>) -> serde_json::Value {
     serde_json::json!({
         "p50_us": hist.value_at_quantile(0.5), "p90_us": hist.value_at_quantile(0.9),
@@ -377,7 +383,7 @@ async fn end_to_end(
         let (group, done, received) = (group.clone(), done.clone(), received.clone());
         tasks.push(tokio::spawn(async move {
             let mut reader = group.create_reader(&format!("r{r}")).await.map_err(e)?;
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut hist = micros_histogram();
             while !done.load(Ordering::Relaxed) {
                 if let Some(sluice_client::GroupItem::Event(ev)) =
                     reader.read_next(std::time::Duration::from_millis(100)).await.map_err(e)?
@@ -412,8 +418,7 @@ async fn end_to_end(
         })
         .collect();
     let mut acks = inflight::KeyedAcks::new(segment_numbers.len());
-    let lateness =
-        Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")));
+    let lateness = Arc::new(std::sync::Mutex::new(micros_histogram()));
     let late = lateness.clone();
     let send = move |due: std::ops::Range<u64>| {
         let mut sent = Vec::with_capacity(due.end.saturating_sub(due.start) as usize);
@@ -435,7 +440,7 @@ async fn end_to_end(
         let _ = acks_tx.send(sent);
     };
     let schedule = schedule::Schedule::start_sending(start, rate, total, tokio::runtime::Handle::current(), send)?;
-    let mut ack_hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut ack_hist = micros_histogram();
     let mut last_report = std::time::Instant::now();
     let mut sending = true;
     loop {
@@ -466,7 +471,7 @@ async fn end_to_end(
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     done.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut hist = micros_histogram();
     for t in tasks {
         hist.add(t.await.map_err(|e| e.to_string())??).map_err(|e| e.to_string())?;
     }
@@ -652,8 +657,8 @@ fn compare(
         .map(|&target| Runs {
             target,
             rates: Vec::new(),
-            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-            late: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            hist: micros_histogram(),
+            late: micros_histogram(),
             version: String::new(),
             transport: "tcp",
         })
@@ -866,7 +871,7 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
         tasks.push(tokio::spawn(tokio::task::unconstrained(async move {
             let client = Client::connect(&url).await.map_err(|e| e.to_string())?;
             let writer = client.event_writer_with(&stream, writer).await.map_err(|e| e.to_string())?;
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut hist = micros_histogram();
             let payload = bytes::Bytes::from(vec![b'x'; size]);
             // Keys made once: the bench shares the cores with the server.
             let keys: Vec<String> = (0..keys).map(|k| format!("{p}-{k}")).collect();
@@ -923,7 +928,7 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
             Ok::<_, String>(hist)
         })));
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut hist = micros_histogram();
     for t in tasks {
         hist.add(t.await.map_err(|e| e.to_string())??).map_err(|e| e.to_string())?;
     }

@@ -14,6 +14,7 @@
 //! With `--spawn`, each server is started on 127.0.0.1 with a fresh temporary directory and
 //! killed (and its directory removed) afterwards; otherwise the given URLs are used.
 
+use crate::micros_histogram;
 use crate::schedule::Schedule;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -57,21 +58,11 @@ impl Drop for Spawned {
     }
 }
 
-/// A base port with `n` consecutive free ports on 127.0.0.1 (a Sluice shard k listens on
-/// base + k), below the kernel's ephemeral range: a port the kernel hands out would be free
-/// when probed yet could be taken by any outgoing connection (this run's own, to the
-/// previous server) before the server binds it.
+/// A base port with `n` consecutive free ports, below the ephemeral range (a Sluice shard k
+/// listens on base + k; a port the kernel hands out could be taken by an outgoing connection
+/// before the server binds it).
 fn free_ports(n: u16) -> Result<u16, String> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let (low, span) = (20_000u32, 12_000u32);
-    for _ in 0..500 {
-        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let base = (low + std::process::id().wrapping_mul(7919).wrapping_add(k.wrapping_mul(104_729)) % span) as u16;
-        if (0..n.max(1)).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    Err(format!("no {n} consecutive free ports on 127.0.0.1 between {low} and {}", low + span))
+    sluice_net::socket::free_local_ports(n).ok_or_else(|| format!("no {n} consecutive free ports on 127.0.0.1"))
 }
 
 /// How many shards (so ports) a spawned Sluice takes: `--cores` among its extra arguments,
@@ -247,11 +238,6 @@ pub struct Outcome {
     /// Open loop: how late the harness itself sent each send after its due time (part of
     /// every latency in `hist`); empty in a closed loop.
     pub lateness: Histogram<u64>,
-}
-
-/// A histogram of microseconds, up to a minute.
-fn micros_histogram() -> Histogram<u64> {
-    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
 /// How events are offered.

@@ -126,7 +126,7 @@ mod tests {
         assert_eq!(nines(&10.0), "90%");
         assert_eq!(nines(&100.0), "99%");
         assert_eq!(nines(&1e5), "99.999%");
-        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut h = crate::micros_histogram();
         for v in 1..10_000u64 {
             h.record(v * 3).unwrap();
         }

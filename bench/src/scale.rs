@@ -6,7 +6,6 @@
 //! scaling (slow events less than 50 ms apart count as one burst).
 
 use crate::{RunResult, hist_json, report};
-use hdrhistogram::Histogram;
 use sluice_client::{Client, ClientError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,10 +22,6 @@ pub struct ScaleLoad {
     pub rate: u64,
     pub every: Duration,
     pub size: usize,
-}
-
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
 /// One scaling: split the widest segment in two on even steps, merge the narrowest
@@ -62,7 +57,7 @@ pub async fn run(url: String, load: ScaleLoad) -> RunResult {
     c.create_stream(scope, &stream, load.segments).await.map_err(e)?;
 
     // Idle: nothing writes.
-    let mut idle = hist();
+    let mut idle = crate::micros_histogram();
     for step in 0..load.scalings {
         idle.saturating_record(scale_once(&c, scope, &stream, step).await.map_err(e)?.as_micros() as u64);
     }
@@ -95,7 +90,7 @@ pub async fn run(url: String, load: ScaleLoad) -> RunResult {
         })
     };
     tokio::time::sleep(load.every).await;
-    let mut loaded = hist();
+    let mut loaded = crate::micros_histogram();
     let mut windows = Vec::new();
     for step in 0..load.scalings {
         windows.push(start.elapsed());
@@ -107,8 +102,8 @@ pub async fn run(url: String, load: ScaleLoad) -> RunResult {
     report("loaded scale", &loaded);
 
     let near = |t: Duration| windows.iter().any(|&w| t >= w && t < w + WINDOW);
-    let mut all = hist();
-    let mut away = hist();
+    let mut all = crate::micros_histogram();
+    let mut away = crate::micros_histogram();
     for &(t, lat) in &events {
         let us = lat.as_micros() as u64;
         all.saturating_record(us);

@@ -5,7 +5,6 @@
 //! also until the record says `Committed`) and the whole transaction (begin to committed).
 
 use crate::{RunResult, hist_json, report};
-use hdrhistogram::Histogram;
 use sluice_client::{Client, ClientError};
 use std::time::Instant;
 
@@ -26,7 +25,7 @@ pub async fn run(url: String, load: TxnLoad) -> RunResult {
     let _ = c.create_scope(scope).await;
     c.create_stream(scope, &stream, load.segments).await.map_err(e)?;
     let name = format!("{scope}/{stream}");
-    let new_hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let new_hist = crate::micros_histogram;
     let (mut commit, mut whole) = (new_hist(), new_hist());
     let payload = vec![b'x'; load.size];
     // One warm-up round (connections, first log files) that is not counted.

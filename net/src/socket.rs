@@ -1,7 +1,23 @@
 //! The one socket setting both ends of a Unix socket connection share (the rest of this
-//! crate does no I/O): the send buffer.
+//! crate does no I/O): the send buffer; and a probe for free local ports (test harnesses and
+//! `sluice-bench --spawn` start servers on them).
 
 use std::os::fd::RawFd;
+
+/// A base port with `n` consecutive free ports on 127.0.0.1 (a node's shard k listens on
+/// base + k), taken below the kernel's ephemeral range: a port the kernel hands out would be
+/// free when probed yet could be taken by any outgoing connection (a client's, while a server
+/// restarts) before the server binds it. Spread by process id and a counter so parallel
+/// callers do not collide; `None` if 500 tries found none.
+pub fn free_local_ports(n: u16) -> Option<u16> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let (low, span) = (20_000u32, 12_000u32);
+    (0..500).find_map(|_| {
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = (low + std::process::id().wrapping_mul(7919).wrapping_add(k.wrapping_mul(104_729)) % span) as u16;
+        (0..n.max(1)).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()).then_some(base)
+    })
+}
 
 /// How an endpoint or address names a Unix socket: `unix:PATH`.
 pub const UNIX_SCHEME: &str = "unix:";

@@ -1,7 +1,7 @@
 //! Helpers for end-to-end tests: build and locate the `sluice` binary, pick free loopback
 //! ports, and run a standalone server that is always killed (drop guard).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -36,21 +36,10 @@ pub fn sluice_bin() -> PathBuf {
     .clone()
 }
 
-/// A base port with `n` consecutive free ports on 127.0.0.1, taken below the kernel's
-/// ephemeral range (so a client's outgoing connection cannot grab it while a test restarts
-/// its server) and spread by process id and a counter so parallel tests do not collide.
+/// A base port with `n` consecutive free ports on 127.0.0.1, below the kernel's ephemeral
+/// range (`sluice_net::socket::free_local_ports`).
 pub fn free_ports(n: u16) -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let (low, span) = (20_000u32, 12_000u32);
-    for _ in 0..500 {
-        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let base = low + (std::process::id().wrapping_mul(7919).wrapping_add(k.wrapping_mul(104_729))) % span;
-        let base = base as u16;
-        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports found");
+    sluice_net::socket::free_local_ports(n).unwrap_or_else(|| panic!("no {n} consecutive free ports found"))
 }
 
 /// True when a server answers the protocol handshake at `addr` (a bare TCP connect is not

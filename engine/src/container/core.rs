@@ -1763,7 +1763,6 @@ impl ContainerCore {
     pub fn recover(cfg: CoreConfig, files: &[(u64, Bytes)]) -> Result<(Self, RecoveryReport), RecoverFault> {
         let scans: Vec<FileScan> = files.iter().map(|(_, b)| scan_file(b)).collect();
         let mut report = RecoveryReport::default();
-        let mut header_note: Option<String> = None;
         let header_ok =
             |i: usize| scans[i].header.as_ref().is_ok_and(|h| h.seq == files[i].0 && h.container == cfg.container);
         // A header block that fails its own check, before a sound opening checkpoint of this
@@ -1843,18 +1842,13 @@ impl ContainerCore {
         }
         let invalid = |file_seq: u64, reason: String| RecoverFault::Invalid { file_seq, reason };
         let (seq, first) = (files[a].0, &replay[0].1);
-        if let Err(e) = &scans[a].header {
+        if scans[a].header.is_err() {
             report.rebuilt_header = Some(FileHeader {
                 container: cfg.container,
                 seq,
                 epoch: first.records[0].header.epoch,
                 file_bytes: files[a].1.len() as u64,
             });
-            header_note = Some(format!(
-                "log file {}: its damaged header ({e}) was written again from the file's name and its opening \
-                 checkpoint",
-                crate::log::file_name(seq)
-            ));
         }
         let ck = CheckpointState::decode(&first.records[0].payload).map_err(|e| invalid(seq, e))?;
         let mut core = Self::new(cfg, 0, seq);
@@ -1960,7 +1954,13 @@ impl ContainerCore {
             core.untraced = untraced;
             core.salvage_lost = true;
         }
-        core.salvaged.extend(header_note);
+        if let Err(e) = &scans[a].header {
+            core.salvaged.push(format!(
+                "log file {}: its damaged header ({e}) was written again from the file's name and its opening \
+                 checkpoint",
+                crate::log::file_name(files[a].0)
+            ));
+        }
         if !salvage.skipped.is_empty() {
             core.salvaged.extend(salvage.lines(&core.untraced));
             // A lost record may have named a tier-2 chunk before its creation: the next mover
