@@ -31,6 +31,8 @@ pub struct EngineConfig {
     pub log_file_bytes: u64,
     /// How new log files are prepared (zero-filled or only allocated).
     pub log_prefill: crate::container::core::Prefill,
+    /// Freed log files each container keeps to reuse as later ones (with tier-2).
+    pub log_spare_files: usize,
     pub flush_bytes_max: usize,
     pub cache_bytes_max: usize,
     pub pending_bytes_max: usize,
@@ -80,6 +82,7 @@ impl EngineConfig {
             placement: sluice_net::routing::Placement::Spread,
             log_file_bytes: LOG_FILE_BYTES_DEFAULT,
             log_prefill: Default::default(),
+            log_spare_files: LOG_SPARE_FILES_DEFAULT,
             flush_bytes_max: FLUSH_BYTES_MAX_DEFAULT,
             cache_bytes_max: CACHE_BYTES_MAX_DEFAULT,
             pending_bytes_max: PENDING_BYTES_MAX_DEFAULT,

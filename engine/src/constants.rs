@@ -8,6 +8,8 @@ pub const RECORD_HEADER_BYTES: usize = 40;
 pub const FILE_HEADER_BYTES: u64 = BLOCK_BYTES;
 /// Default size of one preallocated log file.
 pub const LOG_FILE_BYTES_DEFAULT: u64 = 64 << 20;
+/// Freed log files a container keeps to reuse (`--log-spare-files`).
+pub const LOG_SPARE_FILES_DEFAULT: usize = 2;
 /// Smallest allowed log file (tests use small files to exercise rolling).
 pub const LOG_FILE_BYTES_MIN: u64 = 64 << 10;
 /// Default cap on the bytes one group-commit flush takes (a single larger append still goes alone).

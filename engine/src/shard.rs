@@ -244,6 +244,7 @@ fn core_config(cfg: &EngineConfig, c: u32, tier2: bool) -> CoreConfig {
         pending_bytes_max: cfg.pending_bytes_max,
         log_bytes_max: if tier2 { cfg.log_bytes_max } else { u64::MAX },
         prefill: cfg.log_prefill,
+        spare_files: cfg.log_spare_files,
         writer_idle_ms: cfg.writer_idle.as_millis() as u64,
         salvage: cfg.salvage_damaged_log,
     }

@@ -2,11 +2,13 @@
 //! filesystem tier-2): each is renamed `.free`, cut from its end in steps and unlinked,
 //! while a reader keeps reading the segment from its head (reads of freed data go to
 //! tier-2, and no file is cut under a read in flight); a `.free` file a crash left behind is
-//! deleted when the container opens again, and everything still reads back.
+//! deleted when the container opens again, and everything still reads back. With spare
+//! files, freed files are reused as later ones (the same inode under a new name), and
+//! nothing they held before is ever read, across reopens.
 
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
-use sluice_engine::container::core::Request;
+use sluice_engine::container::core::{CoreConfig, Request};
 use sluice_engine::container::io::{Container, IoPacer};
 use sluice_net::event::encode_event;
 use std::cell::Cell;
@@ -168,4 +170,115 @@ fn log_files_are_freed_in_steps_under_reads_and_leftovers_go_at_open() {
         .unwrap();
     stop.store(true, Ordering::Relaxed);
     assert!(watcher.join().unwrap(), "a freed log file was seen cut short before it was unlinked");
+}
+
+/// Log files of 1 MiB for the reuse test: many rolls, each prepared from a spare once the
+/// mover frees files.
+const SMALL_FILE_BYTES: u64 = 1 << 20;
+
+async fn open_reusing(dir: &Path, t2: &Path) -> Rc<Container> {
+    let cfg = CoreConfig { spare_files: 2, ..core_cfg(1, SMALL_FILE_BYTES) };
+    Container::open(cfg, dir.to_path_buf(), Rc::new(IoPacer::new(0, Duration::ZERO)), Some(tier2(t2, 2 << 20)))
+        .await
+        .unwrap()
+}
+
+/// Appends events `from..=to` to the segment, 32 at a time.
+async fn append_events(c: &Rc<Container>, from: u64, to: u64) {
+    for first in (from..=to).step_by(32) {
+        let acks: Vec<_> = (first..(first + 32).min(to + 1))
+            .map(|n| {
+                let mut data = Vec::new();
+                encode_event(&mut data, payload(n).as_bytes());
+                let req = Request::Append {
+                    name: SEGMENT.into(),
+                    writer: 7,
+                    first_event_number: n,
+                    event_count: 1,
+                    expected_offset: None,
+                    data: Bytes::from(data),
+                };
+                c.submit(req).unwrap()
+            })
+            .collect();
+        for ack in futures::future::join_all(acks).await {
+            ack.unwrap();
+        }
+    }
+}
+
+#[test]
+fn freed_log_files_are_reused_and_what_they_held_is_never_read() {
+    use std::collections::{HashMap, HashSet};
+    use std::os::unix::fs::MetadataExt;
+    let guard = Dir::new("reuse");
+    let root = guard.0.clone();
+    let (dir, t2) = (root.join("node"), root.join("tier2"));
+
+    // Watches which log file names each inode had: a reused file keeps its inode.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (dir, stop) = (dir.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut names: HashMap<u64, HashSet<PathBuf>> = HashMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                if dir.exists() {
+                    for p in with_ext(&dir, "log") {
+                        if let Ok(m) = std::fs::metadata(&p) {
+                            names.entry(m.ino()).or_default().insert(p);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            names.values().filter(|n| n.len() > 1).count()
+        })
+    };
+
+    let (half, all) = (EVENTS / 2, EVENTS);
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(move || async move {
+            first_open(&root).await;
+            let c = open_reusing(&dir, &t2).await;
+            c.submit(Request::Create { name: SEGMENT.into() }).unwrap().await.unwrap();
+            // A reader checks every event's payload while files are freed and reused.
+            let writing = Rc::new(Cell::new(true));
+            let reader = {
+                let (c, writing) = (c.clone(), writing.clone());
+                glommio::spawn_local(async move {
+                    while writing.get() {
+                        let len = c.status(SEGMENT).unwrap().length;
+                        read_all(&c, len).await;
+                        glommio::timer::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            };
+            append_events(&c, 1, half).await;
+            writing.set(false);
+            reader.await;
+            let len = c.status(SEGMENT).unwrap().length;
+            assert_eq!(read_all(&c, len).await, half);
+
+            // Reopened (the current file is a reused one, its earlier records after the new
+            // ones), everything reads back and appends go on; spares left are deleted.
+            c.stop_with("test: closing".into());
+            drop(c);
+            let c = open_reusing(&dir, &t2).await;
+            assert!(with_ext(&dir, "spare").is_empty(), "spare files are deleted at open");
+            assert_eq!(c.status(SEGMENT).unwrap().length, len);
+            assert_eq!(read_all(&c, len).await, half);
+            append_events(&c, half + 1, all).await;
+            let len = c.status(SEGMENT).unwrap().length;
+            c.stop_with("test: closing".into());
+            drop(c);
+            let c = open_reusing(&dir, &t2).await;
+            assert_eq!(read_all(&c, len).await, all, "every event reads back after the second reopen");
+            c.stop_with("test: done".into());
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let reused = watcher.join().unwrap();
+    assert!(reused >= 3, "only {reused} log files were seen under a second name (reused)");
 }

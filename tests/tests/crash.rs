@@ -40,9 +40,12 @@ async fn sigkill_during_tier2_uploads_loses_nothing() {
     let chunks = walk_files(&dir.0.join("tier2"));
     eprintln!("{} chunk files on tier-2", chunks.len());
     assert!(chunks.len() > 8, "the mover uploaded chunks: {chunks:?}");
-    let logs = walk_files(&dir.0.join("data").join("containers")).len();
-    // 4 containers, each within its 8 MiB budget of 1 MiB files.
+    let files = walk_files(&dir.0.join("data").join("containers"));
+    let with_ext = |ext: &str| files.iter().filter(|p| p.extension().is_some_and(|x| x == ext)).count();
+    let (logs, spares) = (with_ext("log"), with_ext("spare"));
+    // 4 containers, each within its 8 MiB budget of 1 MiB files, and up to 2 spares each.
     assert!(logs <= 4 * 8 + 1, "{logs} log files: the mover freed the log");
+    assert!(spares <= 4 * 2, "{spares} spare files");
 }
 
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -155,6 +155,14 @@ struct StandaloneArgs {
     /// moving data (Linux 6.17+ FALLOC_FL_WRITE_ZEROES), zero-filling is free and used.
     #[arg(long, default_value = "auto", value_parser = sluice_engine::container::core::Prefill::parse)]
     log_prefill: sluice_engine::container::core::Prefill,
+    /// With tier-2: freed log files (their data moved) each container keeps to reuse as its
+    /// next ones, instead of deleting them and creating new files. A reused file's blocks
+    /// are written already, so durable writes into it need no file-system journal commit
+    /// (as in a zero-filled file) and nothing is zero-filled; its old records stay behind
+    /// the new ones until overwritten. Each spare is a whole log file on disk beyond
+    /// --log-budget-mb. 0 turns reuse off.
+    #[arg(long, default_value_t = sluice_engine::constants::LOG_SPARE_FILES_DEFAULT)]
+    log_spare_files: usize,
     /// Read cache per container, in MiB. Default: 128 per shard, shared by its containers
     /// (128 with one container per core, 32 with four).
     #[arg(long)]
@@ -482,6 +490,7 @@ fn engine_config(a: &StandaloneArgs, containers_default: u32) -> Result<sluice_e
     cfg.containers_per_shard = containers_per_core(a, cores, containers_default)?;
     cfg.log_file_bytes = a.log_file_mb << 20;
     cfg.log_prefill = a.log_prefill;
+    cfg.log_spare_files = a.log_spare_files;
     let per_container = |shard_mb: u64| (shard_mb / u64::from(cfg.containers_per_shard.max(1))).max(1);
     let cache_mb =
         a.cache_mb.unwrap_or_else(|| per_container(sluice_engine::constants::SHARD_CACHE_MB_DEFAULT) as usize);

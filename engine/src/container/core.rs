@@ -38,6 +38,11 @@ pub struct CoreConfig {
     pub log_bytes_max: u64,
     /// How the I/O driver prepares new log files (the core itself never looks at it).
     pub prefill: Prefill,
+    /// Freed log files the I/O driver keeps to reuse as later ones (0: none; each is a
+    /// whole log file on disk beyond the budget). A reused file's blocks are written
+    /// already, so durable writes into them commit no journal (see `Prefill`), without the
+    /// cost of zero-filling.
+    pub spare_files: usize,
     /// An idempotent writer that has not appended to a segment for this long is forgotten
     /// there when the next log file starts (0: never). Its ids and numbers only serve to
     /// drop resends, which a writer makes only within its retry window (a minute); without
@@ -1848,6 +1853,8 @@ impl ContainerCore {
                 seq,
                 epoch: first.records[0].header.epoch,
                 file_bytes: files[a].1.len() as u64,
+                // The opening checkpoint's: the scan took the file's own records from there.
+                min_lsn: first.records[0].header.lsn,
             });
         }
         let ck = CheckpointState::decode(&first.records[0].payload).map_err(|e| invalid(seq, e))?;
@@ -2001,6 +2008,7 @@ mod tests {
             pending_bytes_max: 1 << 20,
             log_bytes_max: u64::MAX,
             prefill: Prefill::Never,
+            spare_files: 0,
             writer_idle_ms: 0,
             salvage: false,
         };

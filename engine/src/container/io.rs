@@ -19,7 +19,7 @@ use crate::container::core::{
 };
 use crate::container::handoff;
 use crate::container::index::FileIndex;
-use crate::container::mover::{FREEING_SUFFIX, Tier2Config, Tier2State};
+use crate::container::mover::{FREEING_SUFFIX, SPARE_SUFFIX, Tier2Config, Tier2State};
 use crate::error::{EngineError, RecoveryError};
 use crate::log::format::FileHeader;
 use crate::log::scan::{check_records, scan_file, sound_records};
@@ -98,6 +98,8 @@ pub(crate) struct Files {
     pub(crate) readers: HashMap<u64, Rc<DmaFile>>,
     /// Files being read to index them, with the reads waiting for that.
     indexing: HashMap<u64, Vec<oneshot::Sender<()>>>,
+    /// Freed log files kept for reuse as later ones (`.spare`, `CoreConfig::spare_files`).
+    pub(crate) spares: Vec<PathBuf>,
 }
 
 pub(crate) enum NextFile {
@@ -496,6 +498,52 @@ async fn prepare_log_file(dir: PathBuf, header: FileHeader, zero_fill: bool) -> 
     open_log_for_writing(&path).await.map_err(PrepareFailure::other)
 }
 
+/// Makes the spare (freed) log file `spare` log file `header.seq`: its header block written
+/// with the new sequence number and `min_lsn`, and the block after it (where the earlier
+/// use's opening checkpoint lies) cleared, both synced, before it is renamed and the
+/// directory synced. Its blocks are all allocated and mostly written already: durable
+/// writes into them need no journal commit, and nothing is zero-filled. Records of its
+/// earlier use stay after the new ones and have lower LSNs than `min_lsn` (FORMAT.md).
+/// A spare of another size (the file size changed) is not used. The spare is gone either
+/// way (`Err`: removed, or left to the next open, which deletes `.spare` files).
+async fn recycle_log_file(dir: &Path, spare: PathBuf, header: FileHeader) -> Result<DmaFile, String> {
+    let path = dir.join(file_name(header.seq));
+    let reused = async {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&spare)
+            .await
+            .map_err(|e| io_err("opening", &spare, e))?;
+        let written = async {
+            let size = f.file_size().await.map_err(|e| io_err("reading the size of", &spare, e))?;
+            if size != header.file_bytes {
+                return Err(format!("{} holds {size} bytes, not {}", spare.display(), header.file_bytes));
+            }
+            let mut head = f.alloc_dma_buffer(2 * FILE_HEADER_BYTES as usize);
+            head.as_bytes_mut().fill(0);
+            header.encode(head.as_bytes_mut());
+            write_all_at(&f, head, 0, &spare).await?;
+            f.fdatasync().await.map_err(|e| io_err("syncing", &spare, e))
+        }
+        .await;
+        let _ = f.close().await;
+        written?;
+        let (from, to) = (spare.clone(), path.clone());
+        glommio::executor()
+            .spawn_blocking(move || std::fs::rename(&from, &to))
+            .await
+            .map_err(|e| io_err("renaming", &spare, e))?;
+        sync_dir(dir).await?;
+        open_log_for_writing(&path).await
+    }
+    .await;
+    if reused.is_err() {
+        let _ = remove_files_off_shard(vec![spare]).await;
+    }
+    reused
+}
+
 /// A log file's header block (block 0), ready to write.
 fn header_block(f: &DmaFile, header: &FileHeader) -> glommio::io::DmaBuffer {
     let mut head = f.alloc_dma_buffer(FILE_HEADER_BYTES as usize);
@@ -645,8 +693,14 @@ impl Container {
                     return Err(format!("container {c}: no hand-off in tier-2 below epoch {epoch}"));
                 }
             };
-            let files =
-                Files { current: None, current_seq: 0, next: None, readers: HashMap::new(), indexing: HashMap::new() };
+            let files = Files {
+                current: None,
+                current_seq: 0,
+                next: None,
+                readers: HashMap::new(),
+                indexing: HashMap::new(),
+                spares: Vec::new(),
+            };
             (core, files)
         };
         handoff::claim(&store, c, epoch).await?;
@@ -667,8 +721,8 @@ impl Container {
         let entries: Vec<PathBuf> =
             std::fs::read_dir(&dir).map_err(ioerr)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         // Log files a crash caught while they were being freed (cut short, renamed first):
-        // their data is in tier-2.
-        for path in entries.iter().filter(|p| p.extension().is_some_and(|x| x == FREEING_SUFFIX)) {
+        // their data is in tier-2. Spare files are not kept across starts either.
+        for path in entries.iter().filter(|p| p.extension().is_some_and(|x| x == FREEING_SUFFIX || x == SPARE_SUFFIX)) {
             std::fs::remove_file(path).map_err(|source| RecoveryError::Io { file: path.clone(), source })?;
         }
         let mut seqs: Vec<u64> =
@@ -722,6 +776,7 @@ impl Container {
             next: None,
             readers: HashMap::new(),
             indexing: HashMap::new(),
+            spares: Vec::new(),
         };
         if let Some(seq) = report.current_file {
             let path = dir.join(file_name(seq));
@@ -1015,7 +1070,15 @@ impl Container {
         let (header, shard_bytes_per_sec, zero_fill) = {
             let core = self.core.borrow();
             let cfg = core.config();
-            let header = FileHeader { container: self.id, seq, epoch: core.epoch(), file_bytes: cfg.file_bytes };
+            // Whatever a recycled file holds of its earlier use is durable, so has lower LSNs
+            // than any record not yet written (those of a flush in flight included).
+            let header = FileHeader {
+                container: self.id,
+                seq,
+                epoch: core.epoch(),
+                file_bytes: cfg.file_bytes,
+                min_lsn: core.durable_lsn() + 1,
+            };
             let shard_bytes_per_sec = self.pacer.written_per_second();
             (header, shard_bytes_per_sec, cfg.prefill.zero_fill(self.flush_mean.get(), shard_bytes_per_sec))
         };
@@ -1029,7 +1092,22 @@ impl Container {
         );
         self.preparing.set(true);
         let container = Rc::downgrade(self);
-        let prepare = prepare_log_file(self.dir.clone(), header, zero_fill);
+        let spare = self.files.borrow_mut().spares.pop();
+        let (dir, id) = (self.dir.clone(), self.id);
+        let prepare = async move {
+            if let Some(spare) = spare {
+                match recycle_log_file(&dir, spare, header).await {
+                    Ok(f) => {
+                        tracing::debug!(container = id, seq, "log file recycled");
+                        return Ok(f);
+                    }
+                    Err(reason) => {
+                        tracing::warn!(container = id, %reason, "reusing a freed log file failed; creating one")
+                    }
+                }
+            }
+            prepare_log_file(dir, header, zero_fill).await
+        };
         let task = glommio::spawn_local(async move {
             let result = prepare.await;
             if let Some(c) = container.upgrade() {

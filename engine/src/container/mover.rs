@@ -89,6 +89,8 @@ const FREE_READ_WAIT: Duration = Duration::from_secs(5);
 /// Suffix of a log file being freed: recovery never takes it for a log file (a file cut
 /// short by a crash midway is deleted at the next open).
 pub(crate) const FREEING_SUFFIX: &str = "free";
+/// Extension of a freed log file kept to be reused as a later one (`CoreConfig::spare_files`).
+pub(crate) const SPARE_SUFFIX: &str = "spare";
 
 /// Waits (bounded by `HANDOFF_WAIT`) until `done`, for a hand-off.
 async fn handoff_wait(what: &str, done: impl Fn() -> bool) -> Result<(), String> {
@@ -955,9 +957,10 @@ impl Container {
     }
 
     /// Frees log files whose data is all in tier-2 (or truncated). The files are forgotten
-    /// first, so reads of their data go to tier-2 from here on; then each is renamed
-    /// `.free` and a background task cuts it in steps and unlinks it (`free_in_steps`), all
-    /// file system work on the helper thread. The deletions need not be durable: a `.log`
+    /// first, so reads of their data go to tier-2 from here on; then a few are kept as
+    /// spares (`.spare`) and each other one is renamed `.free` and a background task cuts
+    /// it in steps and unlinks it (`free_in_steps`), all file system work on the helper
+    /// thread. The deletions need not be durable: a `.log`
     /// that comes back after a crash is found unneeded again, a `.free` one is deleted at
     /// the next open. A file that cannot be renamed or deleted stays on disk (reported as the
     /// mover's error); after a restart recovery lists it again and the mover frees it.
@@ -1000,9 +1003,18 @@ impl Container {
             if idle { quiet.push(path) } else { busy.push(path) }
         }
         // A file still read is unlinked whole: its reader's descriptor keeps the data until
-        // that read ends. The others are renamed `.free` (the directory synced, so that no
-        // cut of theirs can outlast a crash under the `.log` name) for the cutting task.
+        // that read ends. Of the others, the newest are kept as spares (renamed `.spare`) to
+        // become later log files, up to the container's number of spares: reused, their
+        // blocks need neither allocating nor zero-filling. The rest are renamed `.free` (the
+        // directory synced, so that no cut of theirs can outlast a crash under the `.log`
+        // name) for the cutting task.
         let unlinked = remove_files_off_shard(busy).await;
+        let room = self.core.borrow().config().spare_files.saturating_sub(self.files.borrow().spares.len());
+        let keep = quiet.split_off(quiet.len() - room.min(quiet.len()));
+        let kept = rename_files_off_shard(&self.dir, keep, SPARE_SUFFIX).await;
+        if let Ok((spares, _)) = &kept {
+            self.files.borrow_mut().spares.extend(spares.iter().cloned());
+        }
         let renamed = rename_files_off_shard(&self.dir, quiet, FREEING_SUFFIX).await;
         let t2 = self.t2();
         let backlog = {
@@ -1031,6 +1043,7 @@ impl Container {
             .detach();
         }
         unlinked.and(unlinked_backlog)?;
+        kept.and_then(|(_, first_error)| first_error)?;
         renamed.and_then(|(_, first_error)| first_error)?;
         tracing::debug!(container = self.id(), from = oldest, to = needed, "freed log files");
         Ok(())

@@ -6,10 +6,10 @@ use crate::constants::{BLOCK_BYTES, RECORD_HEADER_BYTES};
 pub const FILE_MAGIC: &[u8; 8] = b"SLUICELG";
 /// Magic at the start of every record ("SLRC").
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"SLRC");
-/// Current on-disk format version.
+/// On-disk format version of records (and of the first file header layout).
 pub const FORMAT_VERSION: u16 = 1;
-/// Bytes of the file header covered by its checksum.
-const FILE_HEADER_CRC_AT: usize = 40;
+/// Version of the file header layout written now: the first layout plus `min_lsn`.
+pub const FILE_HEADER_VERSION: u16 = 2;
 
 /// Record kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,45 +38,64 @@ pub struct FileHeader {
     pub seq: u64,
     pub epoch: u64,
     pub file_bytes: u64,
+    /// Records of this file have LSNs from here on; a record with a lower LSN was left by
+    /// the file's earlier use (a recycled file) and is not part of it. 0 in files of the
+    /// first header layout (never recycled).
+    pub min_lsn: u64,
 }
 
 impl FileHeader {
-    /// Writes the header into the first bytes of `block` (the rest must be zero).
+    /// Writes the header (current layout) into the first bytes of `block` (the rest must be
+    /// zero).
     pub fn encode(&self, block: &mut [u8]) {
         block[0..8].copy_from_slice(FILE_MAGIC);
-        block[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        block[8..10].copy_from_slice(&FILE_HEADER_VERSION.to_le_bytes());
         block[10..12].copy_from_slice(&0u16.to_le_bytes());
         block[12..16].copy_from_slice(&self.container.to_le_bytes());
         block[16..24].copy_from_slice(&self.seq.to_le_bytes());
         block[24..32].copy_from_slice(&self.epoch.to_le_bytes());
         block[32..40].copy_from_slice(&self.file_bytes.to_le_bytes());
-        let crc = crc32c::crc32c(&block[..FILE_HEADER_CRC_AT]);
-        block[40..44].copy_from_slice(&crc.to_le_bytes());
+        block[40..48].copy_from_slice(&self.min_lsn.to_le_bytes());
+        let crc = crc32c::crc32c(&block[..48]);
+        block[48..52].copy_from_slice(&crc.to_le_bytes());
     }
 
-    /// Parses and verifies a file header.
+    /// Parses and verifies a file header of either layout.
     pub fn decode(block: &[u8]) -> Result<Self, String> {
-        if block.len() < 44 {
+        if block.len() < 52 {
             return Err("file shorter than its header".into());
         }
         if &block[0..8] != FILE_MAGIC {
             return Err("bad file magic".into());
         }
-        let crc = u32::from_le_bytes(block[40..44].try_into().expect("4 bytes"));
-        if crc != crc32c::crc32c(&block[..FILE_HEADER_CRC_AT]) {
+        let version = u16::from_le_bytes([block[8], block[9]]);
+        // Bytes covered by the checksum, which follows them.
+        let covered = match version {
+            FORMAT_VERSION => 40,
+            FILE_HEADER_VERSION => 48,
+            // A damaged version field is a checksum failure like any other damaged byte.
+            _ if [40, 48].iter().all(|&n| crc_at(block, n) != crc32c::crc32c(&block[..n])) => {
+                return Err("file header checksum mismatch".into());
+            }
+            _ => return Err(format!("unsupported log file header version {version}")),
+        };
+        if crc_at(block, covered) != crc32c::crc32c(&block[..covered]) {
             return Err("file header checksum mismatch".into());
         }
-        let version = u16::from_le_bytes([block[8], block[9]]);
-        if version != FORMAT_VERSION {
-            return Err(format!("unsupported log format version {version}"));
-        }
+        let u64_at = |at: usize| u64::from_le_bytes(block[at..at + 8].try_into().expect("8 bytes"));
         Ok(Self {
             container: u32::from_le_bytes(block[12..16].try_into().expect("4 bytes")),
-            seq: u64::from_le_bytes(block[16..24].try_into().expect("8 bytes")),
-            epoch: u64::from_le_bytes(block[24..32].try_into().expect("8 bytes")),
-            file_bytes: u64::from_le_bytes(block[32..40].try_into().expect("8 bytes")),
+            seq: u64_at(16),
+            epoch: u64_at(24),
+            file_bytes: u64_at(32),
+            min_lsn: if version == FORMAT_VERSION { 0 } else { u64_at(40) },
         })
     }
+}
+
+/// The little-endian u32 at `at` (a header checksum).
+fn crc_at(block: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(block[at..at + 4].try_into().expect("4 bytes"))
 }
 
 /// A record header.
@@ -183,10 +202,34 @@ mod tests {
     #[test]
     fn file_header_roundtrip() {
         let mut block = vec![0u8; 4096];
-        let h = FileHeader { container: 5, seq: 9, epoch: 2, file_bytes: 1 << 20 };
+        let h = FileHeader { container: 5, seq: 9, epoch: 2, file_bytes: 1 << 20, min_lsn: 1234 };
         h.encode(&mut block);
         assert_eq!(FileHeader::decode(&block).unwrap(), h);
-        block[20] ^= 0xff;
-        assert!(FileHeader::decode(&block).is_err());
+        for at in [9, 20, 44] {
+            let mut bad = block.clone();
+            bad[at] ^= 0xff;
+            assert_eq!(FileHeader::decode(&bad), Err("file header checksum mismatch".into()), "byte {at}");
+        }
+    }
+
+    #[test]
+    fn first_layout_headers_still_read() {
+        // Version 1: the checksum of bytes 0..40 at 40, no `min_lsn`.
+        let mut block = vec![0u8; 4096];
+        block[0..8].copy_from_slice(FILE_MAGIC);
+        block[8..10].copy_from_slice(&1u16.to_le_bytes());
+        block[12..16].copy_from_slice(&5u32.to_le_bytes());
+        block[16..24].copy_from_slice(&9u64.to_le_bytes());
+        block[24..32].copy_from_slice(&2u64.to_le_bytes());
+        block[32..40].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        let crc = crc32c::crc32c(&block[..40]);
+        block[40..44].copy_from_slice(&crc.to_le_bytes());
+        let h = FileHeader::decode(&block).unwrap();
+        assert_eq!(h, FileHeader { container: 5, seq: 9, epoch: 2, file_bytes: 1 << 20, min_lsn: 0 });
+        // A later layout, checksummed as this build would not know it.
+        block[8..10].copy_from_slice(&7u16.to_le_bytes());
+        let crc = crc32c::crc32c(&block[..40]);
+        block[40..44].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(FileHeader::decode(&block), Err("unsupported log file header version 7".into()));
     }
 }

@@ -5,6 +5,10 @@
 //! fdatasync'd. So after the last valid record there may be one torn record (garbage or
 //! zeros), but never a complete, valid record; finding one means acknowledged data was
 //! damaged, and recovery must refuse to start.
+//!
+//! A recycled file (a freed log file given a new name and header instead of a new file)
+//! still holds its earlier use's records after its own. Those have LSNs below the header's
+//! `min_lsn`; they end the chain like zeros and are never evidence of damage.
 
 use crate::constants::{BLOCK_BYTES, FILE_HEADER_BYTES, RECORD_HEADER_BYTES};
 use crate::log::format::{FileHeader, HeaderFault, RecordHeader};
@@ -45,7 +49,8 @@ pub struct FileScan {
     /// Position just after the last valid record (where the next record goes).
     pub end: u64,
     pub stop: ScanEnd,
-    /// End of the last non-zero block at or after `end` (torn garbage to clear), or `end`.
+    /// End of the last non-zero block at or after `end` (torn garbage to clear), or `end`;
+    /// in a recycled file, only up to the first record of its earlier use.
     pub dirty_end: u64,
 }
 
@@ -95,12 +100,19 @@ pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
     Ok(())
 }
 
-/// Whether the file's first record is a valid checkpoint (what makes a file a recovery
-/// starting point), checked without scanning the rest.
-pub fn opens_with_checkpoint(bytes: &Bytes) -> bool {
-    (bytes.len() as u64) >= FILE_HEADER_BYTES + RECORD_HEADER_BYTES as u64
-        && record_at(bytes, FILE_HEADER_BYTES)
-            .is_ok_and(|r| r.header.kind == crate::log::format::RecordKind::Checkpoint)
+/// The lowest LSN a record of this file's own use has (see the module doc): the header's,
+/// or, when the header is damaged, the LSN of the checkpoint that opens the file (a
+/// recycled file's first record block is cleared when it is reused, so a checkpoint there
+/// is its own), else 0.
+fn min_lsn(bytes: &Bytes, header: &Result<FileHeader, String>) -> u64 {
+    match header {
+        Ok(h) => h.min_lsn,
+        Err(_) => (bytes.len() as u64 >= FILE_HEADER_BYTES + RECORD_HEADER_BYTES as u64)
+            .then(|| record_at(bytes, FILE_HEADER_BYTES).ok())
+            .flatten()
+            .filter(|r| r.header.kind == crate::log::format::RecordKind::Checkpoint)
+            .map_or(0, |r| r.header.lsn),
+    }
 }
 
 /// Scans a whole log file held in memory.
@@ -162,6 +174,7 @@ pub fn sound_records(bytes: &Bytes) -> Vec<ScannedRecord> {
 /// Scans records from `start` (a block boundary) to the end of the file.
 fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     let header = FileHeader::decode(bytes);
+    let min_lsn = min_lsn(bytes, &header);
     let len = bytes.len() as u64 / BLOCK_BYTES * BLOCK_BYTES;
     let mut records: Vec<ScannedRecord> = Vec::new();
     let mut pos = start;
@@ -170,6 +183,10 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
             break None;
         }
         match record_at(bytes, pos) {
+            // The earlier use's records: the file's own end, like zeros.
+            Ok(rec) if rec.header.lsn < min_lsn => {
+                break Some((pos, HeaderFault::Zero, None, "a record of the file's earlier use".to_string()));
+            }
             Ok(rec) => {
                 if let Some(prev) = records.last() {
                     let ph = &prev.header;
@@ -189,7 +206,15 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     };
     let end = pos;
     let block = BLOCK_BYTES as usize;
-    let dirty_end = (end as usize..len as usize)
+    // Torn bytes reach at most to the first record of the earlier use after the end (a
+    // record header with a lower LSN than the file's own: a cheap test, the header only).
+    let earlier_use = |b: usize| RecordHeader::decode(&bytes[b..]).is_ok_and(|h| h.lsn < min_lsn);
+    let limit = if min_lsn == 0 {
+        len as usize
+    } else {
+        (end as usize..len as usize).step_by(block).find(|&b| earlier_use(b)).unwrap_or(len as usize)
+    };
+    let dirty_end = (end as usize..limit)
         .step_by(block)
         .rev()
         .find(|&b| bytes[b..b + block].iter().any(|&x| x != 0))
@@ -198,10 +223,9 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
         None => ScanEnd::Clean,
         Some((at, fault, extent, reason)) => {
             let resume = extent.map_or(at + BLOCK_BYTES, |e| at + e);
-            let valid_after = (resume..len)
-                .step_by(BLOCK_BYTES as usize)
-                .take_while(|&b| b < dirty_end)
-                .find(|&b| b + RECORD_HEADER_BYTES as u64 <= len && record_at(bytes, b).is_ok());
+            let valid_after = (resume..len).step_by(BLOCK_BYTES as usize).take_while(|&b| b < dirty_end).find(|&b| {
+                b + RECORD_HEADER_BYTES as u64 <= len && record_at(bytes, b).is_ok_and(|r| r.header.lsn >= min_lsn)
+            });
             match valid_after {
                 Some(valid_at) => ScanEnd::Corrupt { at, valid_at, reason },
                 None if fault == HeaderFault::Zero && dirty_end == end => ScanEnd::Clean,
@@ -247,7 +271,7 @@ mod tests {
     fn sound_records_go_on_past_each_damaged_stretch() {
         use crate::log::format::{FileHeader, RecordKind, encode_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
-        FileHeader { container: 1, seq: 0, epoch: 1, file_bytes: 1 << 20 }.encode(&mut file);
+        FileHeader { container: 1, seq: 0, epoch: 1, file_bytes: 1 << 20, min_lsn: 0 }.encode(&mut file);
         let mut at = Vec::new();
         for lsn in 1..=6u64 {
             at.push(file.len());
@@ -271,5 +295,89 @@ mod tests {
         let mut bad = file.clone();
         bad[at[5] + RECORD_HEADER_BYTES] ^= 1;
         assert_eq!(lsns(&bad), [1, 2, 3, 4, 5]);
+    }
+
+    /// A file of `records` (kind, lsn, payload length) after a header with `min_lsn`, padded
+    /// with zeros to `total` bytes; returns it and each record's position.
+    fn file_of(min_lsn: u64, records: &[(u64, usize)], total: usize) -> (Vec<u8>, Vec<usize>) {
+        use crate::log::format::{FileHeader, RecordKind, encode_record};
+        let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
+        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: total as u64, min_lsn }.encode(&mut file);
+        let mut at = Vec::new();
+        for (i, &(lsn, len)) in records.iter().enumerate() {
+            at.push(file.len());
+            let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
+            let mut rec = vec![0u8; RecordHeader::disk_len(len) as usize];
+            encode_record(&mut rec, kind, 1, lsn, len, |p| p.fill(lsn as u8));
+            file.extend_from_slice(&rec);
+        }
+        file.resize(total, 0);
+        (file, at)
+    }
+
+    /// A recycled file: its own records (LSN 100 on, a block each), then what its earlier use
+    /// left (LSN 10 on, three blocks each, from byte 4096), the first block after the header
+    /// cleared as a reused file's is.
+    fn recycled(own: u64) -> (Vec<u8>, Vec<usize>) {
+        let records: Vec<(u64, usize)> = (100..100 + own).map(|l| (l, 3000)).collect();
+        let earlier = file_of(0, &(10..30).map(|l| (l, 9000)).collect::<Vec<_>>(), 1 << 20).0;
+        let (mut file, at) = file_of(100, &records, 1 << 20);
+        let from = at.last().map_or(2 * FILE_HEADER_BYTES as usize, |&a| a + 4096);
+        file[from..].copy_from_slice(&earlier[from..]);
+        (file, at)
+    }
+
+    #[test]
+    fn a_recycled_file_ends_where_its_earlier_use_begins() {
+        let lsns = |s: &FileScan| s.records.iter().map(|r| r.header.lsn).collect::<Vec<_>>();
+        // Six records of its own end where an earlier record starts (byte 28672).
+        let (file, at) = recycled(6);
+        let scan = scan_file(&Bytes::from(file.clone()));
+        assert_eq!(lsns(&scan), [100, 101, 102, 103, 104, 105]);
+        assert_eq!(scan.stop, ScanEnd::Clean);
+        assert_eq!((scan.end, scan.dirty_end), (28672, 28672));
+        assert_eq!(sound_records(&Bytes::from(file.clone())).len(), 6);
+
+        // Four end inside an earlier record: its rest is torn-looking bytes up to the next
+        // earlier record (cleared by recovery), not damage.
+        let (four, _) = recycled(4);
+        let scan = scan_file(&Bytes::from(four));
+        assert_eq!(lsns(&scan), [100, 101, 102, 103]);
+        assert!(matches!(scan.stop, ScanEnd::Torn { at: 20480, .. }), "{:?}", scan.stop);
+        assert_eq!(scan.dirty_end, 28672);
+
+        // Reused but not written yet: nothing of its own.
+        let (unused, _) = recycled(0);
+        let scan = scan_file(&Bytes::from(unused));
+        assert!(scan.records.is_empty() && !matches!(scan.stop, ScanEnd::Corrupt { .. }), "{:?}", scan.stop);
+
+        // The last record torn: a torn end, not damage.
+        let mut torn = file.clone();
+        torn[at[5] + RECORD_HEADER_BYTES + 5] ^= 1;
+        let scan = scan_file(&Bytes::from(torn));
+        assert_eq!(lsns(&scan), [100, 101, 102, 103, 104]);
+        assert!(matches!(scan.stop, ScanEnd::Torn { at: a, .. } if a == at[5] as u64), "{:?}", scan.stop);
+        assert_eq!(scan.dirty_end, 28672);
+
+        // A damaged record with the file's own records after it is damage.
+        let mut bad = file.clone();
+        bad[at[1] + RECORD_HEADER_BYTES + 5] ^= 1;
+        let scan = scan_file(&Bytes::from(bad.clone()));
+        assert_eq!(
+            scan.stop,
+            ScanEnd::Corrupt { at: at[1] as u64, valid_at: at[2] as u64, reason: "payload checksum mismatch".into() }
+        );
+        assert_eq!(
+            sound_records(&Bytes::from(bad)).iter().map(|r| r.header.lsn).collect::<Vec<_>>(),
+            [100, 102, 103, 104, 105]
+        );
+
+        // A damaged header: the opening checkpoint's LSN marks the file's own records.
+        let mut head = file.clone();
+        head[20] ^= 1;
+        let scan = scan_file(&Bytes::from(head));
+        assert!(scan.header.is_err());
+        assert_eq!(lsns(&scan), [100, 101, 102, 103, 104, 105]);
+        assert_eq!(scan.stop, ScanEnd::Clean);
     }
 }

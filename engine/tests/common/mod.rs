@@ -34,6 +34,7 @@ pub fn core_cfg(container: u32, file_bytes: u64) -> CoreConfig {
         pending_bytes_max: 8 << 20,
         log_bytes_max: 64 << 20,
         prefill: Prefill::Never,
+        spare_files: 0,
         writer_idle_ms: 0,
         salvage: false,
     }
