@@ -57,6 +57,36 @@ async fn read_all(c: &Rc<Container>, len: u64) -> u64 {
     events
 }
 
+/// A thread that looks at a directory every 300 µs while a test runs, keeping what it finds
+/// in a `T`.
+struct Watcher<T> {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Watcher<T> {
+    fn start(dir: PathBuf, mut found: T, look: impl Fn(&Path, &mut T) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !seen.load(Ordering::Relaxed) {
+                if dir.exists() {
+                    look(&dir, &mut found);
+                }
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            found
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops the thread; what it found.
+    fn stop(self) -> T {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// Names in `dir` ending in `.ext`.
 fn with_ext(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let rd = std::fs::read_dir(dir).unwrap();
@@ -70,22 +100,11 @@ fn log_files_are_freed_in_steps_under_reads_and_leftovers_go_at_open() {
     let (dir, t2) = (root.join("node"), root.join("tier2"));
 
     // Watches the log directory for a `.free` file cut shorter than a log file.
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (dir, stop) = (dir.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut cut_seen = false;
-            while !stop.load(Ordering::Relaxed) {
-                if dir.exists() {
-                    cut_seen |= with_ext(&dir, "free")
-                        .iter()
-                        .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0 && m.len() < FILE_BYTES));
-                }
-                std::thread::sleep(Duration::from_micros(300));
-            }
-            cut_seen
-        })
-    };
+    let watcher = Watcher::start(dir.clone(), false, |dir, cut_seen| {
+        *cut_seen |= with_ext(dir, "free")
+            .iter()
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0 && m.len() < FILE_BYTES));
+    });
 
     LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(move || async move {
@@ -110,26 +129,7 @@ fn log_files_are_freed_in_steps_under_reads_and_leftovers_go_at_open() {
                     rounds
                 })
             };
-            for first in (1..=EVENTS).step_by(64) {
-                let acks: Vec<_> = (first..(first + 64).min(EVENTS + 1))
-                    .map(|n| {
-                        let mut data = Vec::new();
-                        encode_event(&mut data, payload(n).as_bytes());
-                        let req = Request::Append {
-                            name: SEGMENT.into(),
-                            writer: 7,
-                            first_event_number: n,
-                            event_count: 1,
-                            expected_offset: None,
-                            data: Bytes::from(data),
-                        };
-                        c.submit(req).unwrap()
-                    })
-                    .collect();
-                for ack in futures::future::join_all(acks).await {
-                    ack.unwrap();
-                }
-            }
+            append_events(&c, 1, EVENTS).await;
             let len = c.status(SEGMENT).unwrap().length;
 
             // The mover catches up: everything in tier-2, the older files freed and gone.
@@ -168,8 +168,7 @@ fn log_files_are_freed_in_steps_under_reads_and_leftovers_go_at_open() {
         .unwrap()
         .join()
         .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    assert!(watcher.join().unwrap(), "a freed log file was seen cut short before it was unlinked");
+    assert!(watcher.stop(), "a freed log file was seen cut short before it was unlinked");
 }
 
 /// Log files of 1 MiB for the reuse test: many rolls, each prepared from a spare once the
@@ -183,10 +182,10 @@ async fn open_reusing(dir: &Path, t2: &Path) -> Rc<Container> {
         .unwrap()
 }
 
-/// Appends events `from..=to` to the segment, 32 at a time.
+/// Appends events `from..=to` to the segment, 64 at a time.
 async fn append_events(c: &Rc<Container>, from: u64, to: u64) {
-    for first in (from..=to).step_by(32) {
-        let acks: Vec<_> = (first..(first + 32).min(to + 1))
+    for first in (from..=to).step_by(64) {
+        let acks: Vec<_> = (first..(first + 64).min(to + 1))
             .map(|n| {
                 let mut data = Vec::new();
                 encode_event(&mut data, payload(n).as_bytes());
@@ -230,25 +229,13 @@ fn freed_log_files_are_reused_and_what_they_held_is_never_read() {
     let (dir, t2) = (root.join("node"), root.join("tier2"));
 
     // Watches which log file names each inode had: a reused file keeps its inode.
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (dir, stop) = (dir.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut names: HashMap<u64, HashSet<PathBuf>> = HashMap::new();
-            while !stop.load(Ordering::Relaxed) {
-                if dir.exists() {
-                    for p in with_ext(&dir, "log") {
-                        if let Ok(m) = std::fs::metadata(&p) {
-                            names.entry(m.ino()).or_default().insert(p);
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_micros(300));
+    let watcher = Watcher::start(dir.clone(), HashMap::new(), |dir, names: &mut HashMap<u64, HashSet<PathBuf>>| {
+        for p in with_ext(dir, "log") {
+            if let Ok(m) = std::fs::metadata(&p) {
+                names.entry(m.ino()).or_default().insert(p);
             }
-            // Each name after an inode's first is one reuse (the same files come round again).
-            names.values().map(|n| n.len() - 1).sum::<usize>()
-        })
-    };
+        }
+    });
 
     let (half, all) = (EVENTS / 2, EVENTS);
     LocalExecutorBuilder::new(Placement::Unbound)
@@ -298,8 +285,8 @@ fn freed_log_files_are_reused_and_what_they_held_is_never_read() {
         .unwrap()
         .join()
         .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let reused = watcher.join().unwrap();
+    // Each name after an inode's first is one reuse (the same files come round again).
+    let reused: usize = watcher.stop().values().map(|n| n.len() - 1).sum();
     eprintln!("log files reused {reused} times");
     assert!(reused >= 3, "log files were reused only {reused} times");
 }

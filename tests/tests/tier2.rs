@@ -14,14 +14,19 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 fn bytes_under(dir: &Path) -> u64 {
+    bytes_of_files_under(dir, |_| true)
+}
+
+/// Bytes of the files under `dir` (recursively) whose paths `keep` takes.
+fn bytes_of_files_under(dir: &Path, keep: impl Fn(&Path) -> bool) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             match e.metadata() {
                 Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
+                Ok(m) if keep(&e.path()) => total += m.len(),
+                _ => {}
             }
         }
     }
@@ -31,18 +36,7 @@ fn bytes_under(dir: &Path) -> u64 {
 /// Bytes of the log files (`*.log`) under `dir`: what the log's budget bounds (freed files
 /// kept as spares for reuse, `.spare`, lie beyond it).
 fn log_bytes_under(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) if e.path().extension().is_some_and(|x| x == "log") => total += m.len(),
-                _ => {}
-            }
-        }
-    }
-    total
+    bytes_of_files_under(dir, |p| p.extension().is_some_and(|x| x == "log"))
 }
 
 /// Samples the size of the log files under `dir` until stopped; returns the largest.
