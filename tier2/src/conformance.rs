@@ -68,6 +68,11 @@ pub async fn run<S: ChunkStore>(store: &S, prefix: &str) -> Result<(), String> {
     }
     let back = store.read(&big, (3 << 20) + 17, 1000).await.map_err(|e| fail("read big", e))?;
     check!(back[..] == piece[17..1017], "big chunk bytes");
+    // Every byte of every piece, wherever a store splits its writes.
+    for k in 0..4u64 {
+        let back = store.read(&big, k << 20, 1 << 20).await.map_err(|e| fail("read big", e))?;
+        check!(back[..] == piece[..], format!("big chunk piece {k}"));
+    }
 
     // Seal.
     check!(store.is_sealed(&a).await == Ok(false), "not sealed yet");
