@@ -102,6 +102,20 @@ pub(crate) struct Files {
     pub(crate) spares: Vec<PathBuf>,
 }
 
+impl Files {
+    /// No file open yet; `current_seq` the log's current file.
+    fn new(current_seq: u64) -> Self {
+        Self {
+            current: None,
+            current_seq,
+            next: None,
+            readers: HashMap::new(),
+            indexing: HashMap::new(),
+            spares: Vec::new(),
+        }
+    }
+}
+
 pub(crate) enum NextFile {
     Preparing(u64, glommio::task::JoinHandle<Result<DmaFile, PrepareFailure>>),
     Ready(u64, DmaFile),
@@ -356,18 +370,22 @@ pub(crate) async fn remove_files_off_shard(paths: Vec<PathBuf>) -> Result<(), St
     each_path_off_shard(paths, "deleting", |p| std::fs::remove_file(p)).await.1
 }
 
-/// Renames files `paths` (in `dir`) to extension `ext` on the shard's helper thread, then
-/// syncs `dir` if any was renamed. Returns the new names and the first error (a file that
-/// failed stays as it was); `Err` only if the directory could not be synced.
+/// Renames each group of files (in `dir`) to its extension on the shard's helper thread,
+/// then syncs `dir` once if any was renamed. Returns each group's new names and the first
+/// error (a file that failed stays as it was); `Err` only if the directory could not be
+/// synced.
 pub(crate) async fn rename_files_off_shard(
     dir: &Path,
-    paths: Vec<PathBuf>,
-    ext: &'static str,
-) -> Result<(Vec<PathBuf>, Result<(), String>), String> {
-    let (done, first_error) =
-        each_path_off_shard(paths, "renaming", move |p| std::fs::rename(p, p.with_extension(ext))).await;
-    let renamed: Vec<PathBuf> = done.into_iter().map(|p| p.with_extension(ext)).collect();
-    if !renamed.is_empty() {
+    groups: Vec<(Vec<PathBuf>, &'static str)>,
+) -> Result<(Vec<Vec<PathBuf>>, Result<(), String>), String> {
+    let (mut renamed, mut first_error) = (Vec::with_capacity(groups.len()), Ok(()));
+    for (paths, ext) in groups {
+        let (done, error) =
+            each_path_off_shard(paths, "renaming", move |p| std::fs::rename(p, p.with_extension(ext))).await;
+        renamed.push(done.into_iter().map(|p| p.with_extension(ext)).collect::<Vec<_>>());
+        first_error = first_error.and(error);
+    }
+    if renamed.iter().any(|r| !r.is_empty()) {
         sync_dir(dir).await?;
     }
     Ok((renamed, first_error))
@@ -520,10 +538,7 @@ async fn recycle_log_file(dir: &Path, spare: PathBuf, header: FileHeader) -> Res
             if size != header.file_bytes {
                 return Err(format!("{} holds {size} bytes, not {}", spare.display(), header.file_bytes));
             }
-            let mut head = f.alloc_dma_buffer(2 * FILE_HEADER_BYTES as usize);
-            head.as_bytes_mut().fill(0);
-            header.encode(head.as_bytes_mut());
-            write_all_at(&f, head, 0, &spare).await?;
+            write_all_at(&f, header_blocks(&f, &header, 2), 0, &spare).await?;
             f.fdatasync().await.map_err(|e| io_err("syncing", &spare, e))
         }
         .await;
@@ -544,9 +559,9 @@ async fn recycle_log_file(dir: &Path, spare: PathBuf, header: FileHeader) -> Res
     reused
 }
 
-/// A log file's header block (block 0), ready to write.
-fn header_block(f: &DmaFile, header: &FileHeader) -> glommio::io::DmaBuffer {
-    let mut head = f.alloc_dma_buffer(FILE_HEADER_BYTES as usize);
+/// A log file's header block (block 0) followed by `blocks - 1` zeroed blocks, ready to write.
+fn header_blocks(f: &DmaFile, header: &FileHeader, blocks: usize) -> glommio::io::DmaBuffer {
+    let mut head = f.alloc_dma_buffer(blocks * FILE_HEADER_BYTES as usize);
     head.as_bytes_mut().fill(0);
     header.encode(head.as_bytes_mut());
     head
@@ -562,7 +577,7 @@ async fn fill_log_file(f: &DmaFile, header: &FileHeader, zero_fill: bool, path: 
     // The header block, then (zero-filling without zeroing by allocation) zeros up to the
     // end: one zeroed buffer written again and again (a fresh one per chunk cost a memset of
     // the whole file: 8% of a shard's time with four containers rolling files under load).
-    write_shared_at(f, Rc::new(header_block(f, header)), 0, path).await?;
+    write_shared_at(f, Rc::new(header_blocks(f, header, 1)), 0, path).await?;
     let end = if zero_fill && !zeroed { header.file_bytes } else { FILE_HEADER_BYTES };
     let mut pos = FILE_HEADER_BYTES;
     let mut zeros: Option<Rc<glommio::io::DmaBuffer>> = None;
@@ -693,15 +708,7 @@ impl Container {
                     return Err(format!("container {c}: no hand-off in tier-2 below epoch {epoch}"));
                 }
             };
-            let files = Files {
-                current: None,
-                current_seq: 0,
-                next: None,
-                readers: HashMap::new(),
-                indexing: HashMap::new(),
-                spares: Vec::new(),
-            };
-            (core, files)
+            (core, Files::new(0))
         };
         handoff::claim(&store, c, epoch).await?;
         Ok(Self::assemble(core, files, dir, pacer, Some(tier2), true))
@@ -766,18 +773,11 @@ impl Container {
             let path = dir.join(file_name(header.seq));
             let invalid = |reason| RecoveryError::Invalid { file: path.clone(), reason };
             let f = open_log_for_writing(&path).await.map_err(invalid)?;
-            write_all_at(&f, header_block(&f, &header), 0, &path).await.map_err(invalid)?;
+            write_all_at(&f, header_blocks(&f, &header, 1), 0, &path).await.map_err(invalid)?;
             f.fdatasync().await.map_err(|e| invalid(e.to_string()))?;
             let _ = f.close().await;
         }
-        let mut files = Files {
-            current: None,
-            current_seq: core.current_file(),
-            next: None,
-            readers: HashMap::new(),
-            indexing: HashMap::new(),
-            spares: Vec::new(),
-        };
+        let mut files = Files::new(core.current_file());
         if let Some(seq) = report.current_file {
             let path = dir.join(file_name(seq));
             let f = open_log_for_writing(&path)

@@ -1011,15 +1011,16 @@ impl Container {
         let unlinked = remove_files_off_shard(busy).await;
         let room = self.core.borrow().config().spare_files.saturating_sub(self.files.borrow().spares.len());
         let keep = quiet.split_off(quiet.len() - room.min(quiet.len()));
-        let kept = rename_files_off_shard(&self.dir, keep, SPARE_SUFFIX).await;
-        if let Ok((spares, _)) = &kept {
-            self.files.borrow_mut().spares.extend(spares.iter().cloned());
-        }
-        let renamed = rename_files_off_shard(&self.dir, quiet, FREEING_SUFFIX).await;
+        let renamed = rename_files_off_shard(&self.dir, vec![(keep, SPARE_SUFFIX), (quiet, FREEING_SUFFIX)]).await;
+        let (spares, freed) = match &renamed {
+            Ok((groups, _)) => (groups[0].clone(), groups[1].clone()),
+            Err(_) => (Vec::new(), Vec::new()),
+        };
+        self.files.borrow_mut().spares.extend(spares);
         let t2 = self.t2();
         let backlog = {
             let mut freeing = t2.freeing.borrow_mut();
-            freeing.extend(renamed.as_ref().map(|r| r.0.clone()).unwrap_or_default());
+            freeing.extend(freed);
             freeing.len().saturating_sub(FREE_BACKLOG_MAX)
         };
         let whole: Vec<PathBuf> = t2.freeing.borrow_mut().drain(..backlog).collect();
@@ -1043,7 +1044,6 @@ impl Container {
             .detach();
         }
         unlinked.and(unlinked_backlog)?;
-        kept.and_then(|(_, first_error)| first_error)?;
         renamed.and_then(|(_, first_error)| first_error)?;
         tracing::debug!(container = self.id(), from = oldest, to = needed, "freed log files");
         Ok(())

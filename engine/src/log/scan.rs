@@ -209,11 +209,7 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     // Torn bytes reach at most to the first record of the earlier use after the end (a
     // record header with a lower LSN than the file's own: a cheap test, the header only).
     let earlier_use = |b: usize| RecordHeader::decode(&bytes[b..]).is_ok_and(|h| h.lsn < min_lsn);
-    let limit = if min_lsn == 0 {
-        len as usize
-    } else {
-        (end as usize..len as usize).step_by(block).find(|&b| earlier_use(b)).unwrap_or(len as usize)
-    };
+    let limit = (end as usize..len as usize).step_by(block).find(|&b| earlier_use(b)).unwrap_or(len as usize);
     let dirty_end = (end as usize..limit)
         .step_by(block)
         .rev()
