@@ -46,6 +46,9 @@ pub const CHUNK_BYTES_DEFAULT: u64 = 64 << 20;
 pub const MOVE_BYTES_MIN_DEFAULT: u64 = 1 << 20;
 /// Pause between mover rounds with nothing to do.
 pub const MOVE_INTERVAL_MS: u64 = 100;
+/// Without tier-2: how often a container looks for log files it can free (their data
+/// truncated or deleted).
+pub const LOG_FREE_INTERVAL_MS: u64 = 1000;
 
 /// Rounds up to the block size.
 pub fn align_up(v: u64) -> u64 {

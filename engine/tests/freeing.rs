@@ -290,3 +290,110 @@ fn freed_log_files_are_reused_and_what_they_held_is_never_read() {
     eprintln!("log files reused {reused} times");
     assert!(reused >= 3, "log files were reused only {reused} times");
 }
+
+/// A container without tier-2, with log files of 1 MiB and one spare.
+async fn open_without_tier2(dir: &Path) -> Rc<Container> {
+    let cfg = CoreConfig { spare_files: 1, ..core_cfg(1, SMALL_FILE_BYTES) };
+    Container::open(cfg, dir.to_path_buf(), Rc::new(IoPacer::new(0, Duration::ZERO)), None).await.unwrap()
+}
+
+/// Bytes of one event of `payload` (length prefix and 1000 bytes).
+const EVENT_BYTES: u64 = 4 + 1000;
+
+/// Reads the segment from `from` (the start of event `first`) to its length and checks that
+/// it holds events `first`, `first + 1`, ... in order; returns how many.
+async fn read_events_from(c: &Rc<Container>, from: u64, first: u64) -> u64 {
+    let len = c.status(SEGMENT).unwrap().length;
+    let mut bytes = Vec::new();
+    while from + (bytes.len() as u64) < len {
+        let d = c.read(SEGMENT, from + bytes.len() as u64, 256 << 10, Duration::ZERO).await.unwrap();
+        assert!(!d.is_empty(), "a read at {} below the length {len} returns data", from + bytes.len() as u64);
+        bytes.extend_from_slice(&d.to_bytes());
+    }
+    let (mut buf, mut n) = (&bytes[..], first);
+    while !buf.is_empty() {
+        let size = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+        assert_eq!(std::str::from_utf8(&buf[4..4 + size]).unwrap(), payload(n), "event {n}");
+        buf = &buf[4 + size..];
+        n += 1;
+    }
+    n - first
+}
+
+#[test]
+fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
+    const OTHER: &str = "s/t/1";
+    let guard = Dir::new("free-no-t2");
+    let root = guard.0.clone();
+    let dir = root.join("node");
+    // Watches for more spare files than the container may keep.
+    let watcher = Watcher::start(dir.clone(), 0usize, |dir, most| *most = (*most).max(with_ext(dir, "spare").len()));
+
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(move || async move {
+            first_open(&root).await;
+            let c = open_without_tier2(&dir).await;
+            for name in [SEGMENT, OTHER] {
+                c.submit(Request::Create { name: name.into() }).unwrap().await.unwrap();
+            }
+            // A few bytes of another segment in the first file, then ~4 MiB of ours.
+            let data = Bytes::from_static(b"\x05\x00\x00\x00other");
+            let req = Request::Append {
+                name: OTHER.into(),
+                writer: 9,
+                first_event_number: 1,
+                event_count: 1,
+                expected_offset: None,
+                data,
+            };
+            c.submit(req).unwrap().await.unwrap();
+            append_events(&c, 1, 4000).await;
+            let files_before = with_ext(&dir, "log");
+            let logs_before = files_before.len();
+            assert!(logs_before >= 4, "the events fill several log files ({logs_before})");
+
+            // Truncated up to event 3500: the other segment still needs the first file, so
+            // no file is freed (the freer looks every second).
+            let cut = 3499 * EVENT_BYTES;
+            c.submit(Request::Truncate { name: SEGMENT.into(), offset: cut }).unwrap().await.unwrap();
+            glommio::timer::sleep(Duration::from_millis(2500)).await;
+            for f in &files_before {
+                assert!(f.exists(), "{} stays: another segment needs the oldest file", f.display());
+            }
+
+            // Deleted, the other segment needs nothing: every file below the one holding the
+            // cut is freed (one kept as a spare, the rest cut and unlinked). Left: that file,
+            // the current one and the next, created ahead.
+            c.submit(Request::Delete { name: OTHER.into() }).unwrap().await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let (logs, freeing) = (with_ext(&dir, "log").len(), with_ext(&dir, "free").len());
+                if logs <= 3 && freeing == 0 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "not freed: {logs} logs, {freeing} .free of {logs_before} logs");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            let err = c.read(SEGMENT, 0, 4096, Duration::ZERO).await.unwrap_err();
+            assert!(matches!(err, sluice_engine::EngineError::Truncated { .. }), "{err:?}");
+            assert_eq!(read_events_from(&c, cut, 3500).await, 501, "what is left reads back");
+
+            // Appends go on (the next file made from the spare), and a reopen finds the same.
+            append_events(&c, 4001, 6000).await;
+            assert_eq!(read_events_from(&c, cut, 3500).await, 2501);
+            let st = c.status(SEGMENT).unwrap();
+            c.stop_with("test: closing".into());
+            drop(c);
+            let c = open_without_tier2(&dir).await;
+            let again = c.status(SEGMENT).unwrap();
+            assert_eq!((again.start_offset, again.length), (st.start_offset, st.length));
+            assert!(c.status(OTHER).is_err(), "the deleted segment stays deleted");
+            assert_eq!(read_events_from(&c, cut, 3500).await, 2501, "everything kept reads back after a reopen");
+            c.stop_with("test: done".into());
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    let most = watcher.stop();
+    assert!(most <= 1, "at most one spare file at a time ({most})");
+}

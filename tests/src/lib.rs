@@ -42,6 +42,28 @@ pub fn free_ports(n: u16) -> u16 {
     sluice_net::socket::free_local_ports(n).unwrap_or_else(|| panic!("no {n} consecutive free ports found"))
 }
 
+/// Bytes of the files under `dir` (recursively) whose paths `keep` takes.
+pub fn bytes_of_files_under(dir: &Path, keep: impl Fn(&Path) -> bool) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) if keep(&e.path()) => total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Bytes of the log files (`*.log`) under `dir`: what the log's budget bounds (freed files
+/// kept as spares for reuse, `.spare`, lie beyond it).
+pub fn log_bytes_under(dir: &Path) -> u64 {
+    bytes_of_files_under(dir, |p| p.extension().is_some_and(|x| x == "log"))
+}
+
 /// True when a server answers the protocol handshake at `addr` (a bare TCP connect is not
 /// enough: a killed server's listening socket can outlive it for a moment).
 pub fn handshake(addr: SocketAddr) -> bool {

@@ -1,11 +1,12 @@
 //! Retention policies over scaled streams and with subscribers, against the real server's
 //! retention service: a size policy truncates across epochs (sealed segments wholly before
 //! the cut are emptied); a subscriber reader group holds truncation back until it
-//! checkpoints, and then bounds it by its checkpoint.
+//! checkpoints, and then bounds it by its checkpoint. Without tier-2, retention gives the
+//! log's disk space back.
 
 use sluice_client::{Checkpoint, Client, GroupItem, GroupReader, ReadFrom, ReaderGroup, ReaderGroupConfig};
 use sluice_net::{ErrorCode, Retention};
-use sluice_tests::{Server, TempDir, cli, free_ports};
+use sluice_tests::{Server, TempDir, cli, free_ports, log_bytes_under};
 use std::time::{Duration, Instant};
 
 const KIB: u64 = 1024;
@@ -84,6 +85,58 @@ async fn size_retention_truncates_across_epochs() {
         let (k, i): (usize, u64) = (f.next().unwrap().parse().unwrap(), f.next().unwrap().parse().unwrap());
         assert!(last[k].is_none_or(|l| l < i), "key {k}: {i} after {:?}", last[k]);
         last[k] = Some(i);
+        count += 1;
+    }
+    assert_eq!(count * (1020 + 4), kept, "the reader reads exactly the kept events");
+}
+
+/// A node without tier-2: a size policy's truncations free the log files behind them (the
+/// stream is the only one in its log), so the log stays near the policy's size however much
+/// is written, and a reader from the head reads exactly what is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tier2_retention_gives_the_log_space_back() {
+    const MIB: u64 = 1 << 20;
+    let dir = TempDir::new("ret-no-t2");
+    let data = dir.0.join("data");
+    let s = Server::start_with(&data, free_ports(1), 1, &["--retention-interval-ms", "100", "--log-file-mb", "1"]);
+    let c = Client::connect(&s.url()).await.unwrap();
+    c.create_scope("rn").await.unwrap();
+    c.create_stream_with("rn", "s", 1, Retention::parse("size:256K,512K").unwrap()).await.unwrap();
+    // 12 MiB in steps of 512 KiB; the log is looked at after each step.
+    let mut most = 0;
+    let w = c.event_writer("rn/s").await.unwrap();
+    for step in 0..24u64 {
+        let acks: Vec<_> = (step * 512..(step + 1) * 512)
+            .map(|i| {
+                let mut p = format!("{}:{i}:", i % 8).into_bytes();
+                p.resize(1020, b'.');
+                w.write_event(&(i % 8).to_le_bytes(), p)
+            })
+            .collect();
+        for ack in acks {
+            ack.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        most = most.max(log_bytes_under(&data));
+    }
+    // Once retention and freeing catch up: the file holding the cut, the current one and
+    // the next (created ahead), and the metadata store's small `meta.log`.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let left = loop {
+        let left = log_bytes_under(&data);
+        if left <= 3 * MIB + 64 * KIB {
+            break left;
+        }
+        assert!(Instant::now() < deadline, "the log still holds {left} bytes after 12 MiB written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("12 MiB written under size:256K,512K: log files at most {most} bytes, {left} at the end");
+    assert!(most <= 6 * MIB, "the log grew to {most} bytes while the stream held at most ~512 KiB");
+    let (kept, _) = held(&c, "rn", "s").await;
+    assert!((256 * KIB..=512 * KIB + 64 * KIB).contains(&kept), "kept {kept} bytes");
+    let mut r = c.event_reader("rn/s", ReadFrom::Head).await.unwrap();
+    let mut count = 0u64;
+    while r.read_next(Duration::from_millis(500)).await.unwrap().is_some() {
         count += 1;
     }
     assert_eq!(count * (1020 + 4), kept, "the reader reads exactly the kept events");

@@ -4,7 +4,7 @@
 
 use sluice_client::{Client, ClientConfig, ReadFrom};
 use sluice_net::ErrorCode;
-use sluice_tests::{Server, TempDir, free_ports};
+use sluice_tests::{Server, TempDir, bytes_of_files_under, free_ports, log_bytes_under};
 use sluice_tier2::sums::ChunkSums;
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,28 +15,6 @@ use tokio::task::JoinSet;
 
 fn bytes_under(dir: &Path) -> u64 {
     bytes_of_files_under(dir, |_| true)
-}
-
-/// Bytes of the files under `dir` (recursively) whose paths `keep` takes.
-fn bytes_of_files_under(dir: &Path, keep: impl Fn(&Path) -> bool) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) if keep(&e.path()) => total += m.len(),
-                _ => {}
-            }
-        }
-    }
-    total
-}
-
-/// Bytes of the log files (`*.log`) under `dir`: what the log's budget bounds (freed files
-/// kept as spares for reuse, `.spare`, lie beyond it).
-fn log_bytes_under(dir: &Path) -> u64 {
-    bytes_of_files_under(dir, |p| p.extension().is_some_and(|x| x == "log"))
 }
 
 /// Samples the size of the log files under `dir` until stopped; returns the largest.

@@ -155,12 +155,12 @@ struct StandaloneArgs {
     /// moving data (Linux 6.17+ FALLOC_FL_WRITE_ZEROES), zero-filling is free and used.
     #[arg(long, default_value = "auto", value_parser = sluice_engine::container::core::Prefill::parse)]
     log_prefill: sluice_engine::container::core::Prefill,
-    /// With tier-2: freed log files (their data moved) each container keeps to reuse as its
-    /// next ones, instead of deleting them and creating new files. A reused file's blocks
-    /// are written already, so durable writes into it need no file-system journal commit
-    /// (as in a zero-filled file) and nothing is zero-filled; its old records stay behind
-    /// the new ones until overwritten. Each spare is a whole log file on disk beyond
-    /// --log-budget-mb. 0 turns reuse off.
+    /// Freed log files (their data moved to tier-2, or truncated or deleted) each container
+    /// keeps to reuse as its next ones, instead of deleting them and creating new files. A
+    /// reused file's blocks are written already, so durable writes into it need no
+    /// file-system journal commit (as in a zero-filled file) and nothing is zero-filled; its
+    /// old records stay behind the new ones until overwritten. Each spare is a whole log
+    /// file on disk (beyond --log-budget-mb with tier-2). 0 turns reuse off.
     #[arg(long, default_value_t = sluice_engine::constants::LOG_SPARE_FILES_DEFAULT)]
     log_spare_files: usize,
     /// Read cache per container, in MiB. Default: 128 per shard, shared by its containers
@@ -289,7 +289,9 @@ enum StreamCmd {
         segments: u32,
         /// none, time:MIN[,MAX] (e.g. time:7d or time:12h,1d) or size:MIN[,MAX] (e.g.
         /// size:10G,12G): keep at least MIN; once more than MAX (default MIN) is held, the
-        /// server truncates the stream back to about MIN (needs --tier2 to free the space).
+        /// server truncates the stream back to about MIN. Without --tier2 the disk space
+        /// comes back once no stream of the same log still needs the oldest log files
+        /// (streams without retention keep theirs: give those a tier-2).
         #[arg(long, default_value = "none", value_parser = parse_retention)]
         retention: Retention,
         /// fixed:N, events:RATE,FACTOR,MIN or bytes:KBPS,FACTOR,MIN. Automatic policies

@@ -17,9 +17,10 @@ use crate::constants::{FILE_HEADER_BYTES, FILE_IMAGES_PER_SHARD, MERGE_READ_BYTE
 use crate::container::core::{
     ContainerCore, CoreConfig, Damage, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
 };
+use crate::container::freeing::{FREEING_SUFFIX, SPARE_SUFFIX};
 use crate::container::handoff;
 use crate::container::index::FileIndex;
-use crate::container::mover::{FREEING_SUFFIX, SPARE_SUFFIX, Tier2Config, Tier2State};
+use crate::container::mover::{Tier2Config, Tier2State};
 use crate::error::{EngineError, RecoveryError};
 use crate::log::format::FileHeader;
 use crate::log::scan::{check_records, scan_file, sound_records};
@@ -100,6 +101,10 @@ pub(crate) struct Files {
     indexing: HashMap<u64, Vec<oneshot::Sender<()>>>,
     /// Freed log files kept for reuse as later ones (`.spare`, `CoreConfig::spare_files`).
     pub(crate) spares: Vec<PathBuf>,
+    /// Log files renamed `.free`, waiting to be cut in steps and unlinked, oldest first.
+    pub(crate) freeing: VecDeque<PathBuf>,
+    /// A task is working through `freeing`.
+    pub(crate) cutting: bool,
 }
 
 impl Files {
@@ -112,6 +117,8 @@ impl Files {
             readers: HashMap::new(),
             indexing: HashMap::new(),
             spares: Vec::new(),
+            freeing: VecDeque::new(),
+            cutting: false,
         }
     }
 }
@@ -185,6 +192,8 @@ pub struct Container {
     pub(crate) last_scrub: RefCell<Option<(Instant, Vec<String>)>>,
     /// Opens of older log files in flight (`reader_file`): freeing waits for them.
     opens_in_flight: Cell<usize>,
+    /// Without tier-2: wakes the sleeping task that frees log files.
+    pub(crate) freer_wake: RefCell<Option<oneshot::Sender<()>>>,
 }
 
 /// Waits (bounded by `limit`, looking every 2 ms) until `done`.
@@ -853,9 +862,12 @@ impl Container {
             mover_damage: RefCell::new(None),
             last_scrub: RefCell::new(None),
             opens_in_flight: Cell::new(0),
+            freer_wake: RefCell::new(None),
         });
         if container.tier2.is_some() {
             container.start_mover();
+        } else {
+            container.start_log_freer();
         }
         if container.files.borrow().current.is_none() {
             // A container without a log file yet (a fresh one) prepares its first now, not
@@ -868,6 +880,11 @@ impl Container {
 
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// The container stopped, or stops after the flush in flight.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.core.borrow().is_poisoned() || self.stop_reason.borrow().is_some()
     }
 
     /// No flush is running (everything submitted so far is answered).
@@ -888,6 +905,7 @@ impl Container {
             t.request_stop();
         }
         self.wake_mover();
+        self.wake_freer();
         if self.flushing.get() {
             *self.stop_reason.borrow_mut() = Some(reason);
             return;
@@ -913,6 +931,10 @@ impl Container {
         self: &Rc<Self>,
         req: Request,
     ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
+        // Without tier-2 a truncation or deletion may free log files: once durable, it
+        // wakes the task that frees them.
+        let frees = (self.tier2.is_none() && matches!(req, Request::Truncate { .. } | Request::Delete { .. }))
+            .then(|| self.clone());
         // End the borrow before spawning: glommio may run a new task at once.
         let submitted = self.core.borrow_mut().submit(req);
         match &submitted {
@@ -935,12 +957,18 @@ impl Container {
         };
         let id = self.id;
         Ok(async move {
-            match state {
+            let answer = match state {
                 Either::Left(r) => Ok(r),
                 Either::Right(rx) => rx.await.unwrap_or_else(|_| {
                     Err(EngineError::Poisoned { container: id, reason: "container stopped".into() })
                 }),
+            };
+            if let Some(c) = frees
+                && answer.is_ok()
+            {
+                c.wake_freer();
             }
+            answer
         })
     }
 

@@ -1,8 +1,7 @@
 //! The tier-2 side of a container, on the shard that owns it: the mover that copies durable
-//! segment data from the log into tier-2 chunks and then frees log files, reconciliation of
-//! chunk metadata with what tier-2 holds after a restart, deletion of truncated chunks, log
-//! files freed in steps (so the disk never stalls on one whole discard), and
-//! chunk-aligned tier-2 reads with read-ahead.
+//! segment data from the log into tier-2 chunks and then frees log files (`freeing`),
+//! reconciliation of chunk metadata with what tier-2 holds after a restart, deletion of
+//! truncated chunks, and chunk-aligned tier-2 reads with read-ahead.
 //!
 //! Invariants:
 //! - Only durable log data is copied, so every byte in a chunk is a correct segment byte,
@@ -26,9 +25,8 @@
 use crate::container::chunks::ChunkList;
 use crate::container::core::{ChunkMeta, MoveTask, Request};
 use crate::container::handoff;
-use crate::container::io::{Container, remove_files_off_shard, rename_files_off_shard, wait_until};
+use crate::container::io::{Container, wait_until};
 use crate::error::EngineError;
-use crate::log::file_name;
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 use sluice_tier2::layout::{chunk_name, parse_chunk_file, segment_dir};
@@ -36,7 +34,6 @@ use sluice_tier2::sums::{ChunkSums, sums_name};
 use sluice_tier2::{ChunkError, DynStore};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -72,25 +69,6 @@ const SUMS_FILE_BYTES_MAX: usize = 1 << 20;
 /// An open chunk's sums file is rewritten once the chunk grew this much past it (and when
 /// the mover has nothing to move).
 const SUMS_WRITE_GROWTH: u64 = 16 << 20;
-
-/// A freed log file is cut from its end this much at a time, `FREE_STEP_PAUSE` apart, then
-/// unlinked. On a file system mounted with `discard` (this VM's ext4), unlinking a whole
-/// 64 MiB file discards its blocks at once and the disk stalls every write for 13-22 ms;
-/// cut in 1 MiB steps, no stall in fio's tests exceeded ~4-5 ms (docs/BENCHMARKS.md,
-/// nineteenth session).
-const FREE_STEP_BYTES: u64 = 1 << 20;
-const FREE_STEP_PAUSE: Duration = Duration::from_millis(2);
-/// Files waiting to be freed in steps beyond which the rest are unlinked whole: disk space
-/// matters more than a smooth disk when the mover frees faster than the steps go.
-const FREE_BACKLOG_MAX: usize = 2;
-/// How long freeing a log file waits for a read of it still in flight (which took the file
-/// before it was forgotten) before unlinking it whole instead of cutting it under the read.
-const FREE_READ_WAIT: Duration = Duration::from_secs(5);
-/// Suffix of a log file being freed: recovery never takes it for a log file (a file cut
-/// short by a crash midway is deleted at the next open).
-pub(crate) const FREEING_SUFFIX: &str = "free";
-/// Extension of a freed log file kept to be reused as a later one (`CoreConfig::spare_files`).
-pub(crate) const SPARE_SUFFIX: &str = "spare";
 
 /// Waits (bounded by `HANDOFF_WAIT`) until `done`, for a hand-off.
 async fn handoff_wait(what: &str, done: impl Fn() -> bool) -> Result<(), String> {
@@ -147,10 +125,6 @@ pub struct Tier2State {
     /// Asks the background mover to end after its current round.
     stop: Cell<bool>,
     running: Cell<bool>,
-    /// Log files renamed `.free`, waiting to be cut in steps and unlinked, oldest first.
-    freeing: RefCell<VecDeque<PathBuf>>,
-    /// A task is working through `freeing`.
-    freer_running: Cell<bool>,
     /// Held while garbage chunks are deleted: a segment moving at the same time must not
     /// create a chunk under a name a collection in progress is about to delete.
     collecting: futures::lock::Mutex<()>,
@@ -176,36 +150,9 @@ impl Tier2State {
             loading: RefCell::new(HashMap::new()),
             growing: RefCell::new(HashMap::new()),
             sums_files: RefCell::new(VecDeque::new()),
-            freeing: RefCell::new(VecDeque::new()),
-            freer_running: Cell::new(false),
             collecting: futures::lock::Mutex::new(()),
         }
     }
-}
-
-/// Cuts file `path` from its end `FREE_STEP_BYTES` at a time, `FREE_STEP_PAUSE` apart, each
-/// cut a short job on the helper thread (which other work may use between them), then
-/// unlinks it. A file already gone is done.
-async fn free_in_steps(path: &Path) -> Result<(), String> {
-    loop {
-        let p = path.to_path_buf();
-        let left = glommio::executor()
-            .spawn_blocking(move || -> std::io::Result<u64> {
-                let f = std::fs::OpenOptions::new().write(true).open(&p)?;
-                let to = f.metadata()?.len().saturating_sub(FREE_STEP_BYTES);
-                f.set_len(to)?;
-                Ok(to)
-            })
-            .await;
-        match left {
-            Ok(0) => break,
-            Ok(_) => glommio::timer::sleep(FREE_STEP_PAUSE).await,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            // Cut or not, the file goes.
-            Err(_) => break,
-        }
-    }
-    remove_files_off_shard(vec![path.to_path_buf()]).await
 }
 
 fn t2err(e: ChunkError) -> String {
@@ -954,105 +901,6 @@ impl Container {
             }
         }
         Ok(())
-    }
-
-    /// Frees log files whose data is all in tier-2 (or truncated). The files are forgotten
-    /// first, so reads of their data go to tier-2 from here on; then a few are kept as
-    /// spares (`.spare`) and each other one is renamed `.free` and a background task cuts
-    /// it in steps and unlinks it (`free_in_steps`), all file system work on the helper
-    /// thread. The deletions need not be durable: a `.log`
-    /// that comes back after a crash is found unneeded again, a `.free` one is deleted at
-    /// the next open. A file that cannot be renamed or deleted stays on disk (reported as the
-    /// mover's error); after a restart recovery lists it again and the mover frees it.
-    async fn free_log_files(self: &Rc<Self>) -> Result<(), String> {
-        let (oldest, needed) = {
-            let core = self.core.borrow();
-            (core.oldest_file(), core.files_needed_from())
-        };
-        if needed <= oldest {
-            return Ok(());
-        }
-        {
-            // Forgotten, the files stay in the log's budget until they are gone.
-            let waiting = self.t2().freeing.borrow().len() as u64;
-            let mut core = self.core.borrow_mut();
-            core.forget_files_below(needed);
-            core.set_files_freeing(waiting + (needed - oldest));
-        }
-        // No file below `needed` is opened from here on; one still opening is let finish
-        // (it keeps its descriptor among the readers), so none is renamed or unlinked under
-        // an open (glommio panics then). Should an open hang, the files stay for now.
-        if !self.wait_opens(FREE_READ_WAIT).await {
-            self.count_files_freeing();
-            return Err(format!(
-                "an open of a log file did not finish: files {oldest:x}..{needed:x} stay on disk until the next start"
-            ));
-        }
-        let (mut quiet, mut busy) = (Vec::new(), Vec::new());
-        for seq in oldest..needed {
-            let path = self.dir.join(file_name(seq));
-            let open = self.files.borrow_mut().readers.remove(&seq);
-            let mut idle = true;
-            if let Some(f) = open {
-                // A read that took the file before it was forgotten may still be in flight:
-                // the file is not cut under it. Closed here, so that the unlink, not a
-                // later close on the shard, frees the blocks.
-                idle = wait_until("a read", FREE_READ_WAIT, || Rc::strong_count(&f) == 1).await.is_ok();
-                let _ = f.close_rc().await;
-            }
-            if idle { quiet.push(path) } else { busy.push(path) }
-        }
-        // A file still read is unlinked whole: its reader's descriptor keeps the data until
-        // that read ends. Of the others, the newest are kept as spares (renamed `.spare`) to
-        // become later log files, up to the container's number of spares: reused, their
-        // blocks need neither allocating nor zero-filling. The rest are renamed `.free` (the
-        // directory synced, so that no cut of theirs can outlast a crash under the `.log`
-        // name) for the cutting task.
-        let unlinked = remove_files_off_shard(busy).await;
-        let room = self.core.borrow().config().spare_files.saturating_sub(self.files.borrow().spares.len());
-        let keep = quiet.split_off(quiet.len() - room.min(quiet.len()));
-        let renamed = rename_files_off_shard(&self.dir, vec![(keep, SPARE_SUFFIX), (quiet, FREEING_SUFFIX)]).await;
-        let (spares, freed) = match &renamed {
-            Ok((groups, _)) => (groups[0].clone(), groups[1].clone()),
-            Err(_) => (Vec::new(), Vec::new()),
-        };
-        self.files.borrow_mut().spares.extend(spares);
-        let t2 = self.t2();
-        let backlog = {
-            let mut freeing = t2.freeing.borrow_mut();
-            freeing.extend(freed);
-            freeing.len().saturating_sub(FREE_BACKLOG_MAX)
-        };
-        let whole: Vec<PathBuf> = t2.freeing.borrow_mut().drain(..backlog).collect();
-        let unlinked_backlog = remove_files_off_shard(whole).await;
-        self.count_files_freeing();
-        if !t2.freeing.borrow().is_empty() && !t2.freer_running.replace(true) {
-            let me = self.clone();
-            glommio::spawn_local(async move {
-                loop {
-                    // The file being cut stays at the queue's front (and in the budget).
-                    let next = me.t2().freeing.borrow().front().cloned();
-                    let Some(path) = next else { break };
-                    if let Err(e) = free_in_steps(&path).await {
-                        tracing::warn!(container = me.id(), error = %e, "freeing a log file");
-                    }
-                    me.t2().freeing.borrow_mut().retain(|p| *p != path);
-                    me.count_files_freeing();
-                }
-                me.t2().freer_running.set(false);
-            })
-            .detach();
-        }
-        unlinked.and(unlinked_backlog)?;
-        renamed.and_then(|(_, first_error)| first_error)?;
-        tracing::debug!(container = self.id(), from = oldest, to = needed, "freed log files");
-        Ok(())
-    }
-
-    /// Tells the core how many forgotten log files are still on disk (in the log's budget).
-    fn count_files_freeing(&self) {
-        let n = self.t2().freeing.borrow().len() as u64;
-        self.core.borrow_mut().set_files_freeing(n);
     }
 
     /// Reads from a tier-2 chunk through the block cache, reading ahead.
