@@ -3,8 +3,9 @@
 //! while a reader keeps reading the segment from its head (reads of freed data go to
 //! tier-2, and no file is cut under a read in flight); a `.free` file a crash left behind is
 //! deleted when the container opens again, and everything still reads back. With spare
-//! files, freed files are reused as later ones (the same inode under a new name), and
-//! nothing they held before is ever read, across reopens.
+//! files, freed files are reused as later ones, and nothing they held before is ever read,
+//! across reopens. Without tier-2, truncated and deleted data frees its files too (a file
+//! another segment still needs stays), and files waiting to be cut become later log files.
 
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -222,25 +223,15 @@ async fn caught_up(c: &Rc<Container>, dir: &Path) {
 
 #[test]
 fn freed_log_files_are_reused_and_what_they_held_is_never_read() {
-    use std::collections::{HashMap, HashSet};
-    use std::os::unix::fs::MetadataExt;
     let guard = Dir::new("reuse");
     let root = guard.0.clone();
     let (dir, t2) = (root.join("node"), root.join("tier2"));
 
-    // Watches which log file names each inode had: a reused file keeps its inode.
-    let watcher = Watcher::start(dir.clone(), HashMap::new(), |dir, names: &mut HashMap<u64, HashSet<PathBuf>>| {
-        for p in with_ext(dir, "log") {
-            if let Ok(m) = std::fs::metadata(&p) {
-                names.entry(m.ino()).or_default().insert(p);
-            }
-        }
-    });
-
     let (half, all) = (EVENTS / 2, EVENTS);
-    LocalExecutorBuilder::new(Placement::Unbound)
+    let reused = LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(move || async move {
             first_open(&root).await;
+            let mut reused = 0;
             let c = open_reusing(&dir, &t2).await;
             c.submit(Request::Create { name: SEGMENT.into() }).unwrap().await.unwrap();
             // A reader checks every event's payload while files are freed and reused.
@@ -268,6 +259,7 @@ fn freed_log_files_are_reused_and_what_they_held_is_never_read() {
 
             // Reopened (the current file is a reused one, its earlier records after the new
             // ones), everything reads back and appends go on; spares left are deleted.
+            reused += c.log_files_reused();
             c.stop_with("test: closing".into());
             drop(c);
             let c = open_reusing(&dir, &t2).await;
@@ -276,17 +268,19 @@ fn freed_log_files_are_reused_and_what_they_held_is_never_read() {
             assert_eq!(read_all(&c, len).await, half);
             append_events(&c, half + 1, all).await;
             let len = c.status(SEGMENT).unwrap().length;
+            reused += c.log_files_reused();
             c.stop_with("test: closing".into());
             drop(c);
             let c = open_reusing(&dir, &t2).await;
             assert_eq!(read_all(&c, len).await, all, "every event reads back after the second reopen");
+            reused += c.log_files_reused();
             c.stop_with("test: done".into());
+            reused
         })
         .unwrap()
         .join()
         .unwrap();
     // Each name after an inode's first is one reuse (the same files come round again).
-    let reused: usize = watcher.stop().values().map(|n| n.len() - 1).sum();
     eprintln!("log files reused {reused} times");
     assert!(reused >= 3, "log files were reused only {reused} times");
 }
@@ -329,7 +323,7 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
     // Watches for more spare files than the container may keep.
     let watcher = Watcher::start(dir.clone(), 0usize, |dir, most| *most = (*most).max(with_ext(dir, "spare").len()));
 
-    LocalExecutorBuilder::new(Placement::Unbound)
+    let reused = LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(move || async move {
             first_open(&root).await;
             let c = open_without_tier2(&dir).await;
@@ -381,7 +375,7 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
             // Appends go on (the next file made from the spare), and a reopen finds the same.
             append_events(&c, 4001, 6000).await;
             assert_eq!(read_events_from(&c, cut, 3500).await, 2501);
-            let st = c.status(SEGMENT).unwrap();
+            let (st, reused) = (c.status(SEGMENT).unwrap(), c.log_files_reused());
             c.stop_with("test: closing".into());
             drop(c);
             let c = open_without_tier2(&dir).await;
@@ -390,10 +384,51 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
             assert!(c.status(OTHER).is_err(), "the deleted segment stays deleted");
             assert_eq!(read_events_from(&c, cut, 3500).await, 2501, "everything kept reads back after a reopen");
             c.stop_with("test: done".into());
+            reused
         })
         .unwrap()
         .join()
         .unwrap();
     let most = watcher.stop();
     assert!(most <= 1, "at most one spare file at a time ({most})");
+    assert!(reused >= 1, "a freed log file was made a later one ({reused} reuses)");
+}
+
+/// Without tier-2, a truncation that frees many files at once has them cut in steps (not
+/// unlinked whole), and the log files made meanwhile come from those still whole (no spare
+/// files here: every reuse is of a file waiting to be cut).
+#[test]
+fn without_tier2_files_waiting_to_be_cut_become_later_log_files() {
+    let guard = Dir::new("free-pool");
+    let root = guard.0.clone();
+    let dir = root.join("node");
+    let reused = LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(move || async move {
+            first_open(&root).await;
+            let open = || async {
+                // No budget without tier-2 (as a node sets it).
+                let cfg = CoreConfig { log_bytes_max: u64::MAX, ..core_cfg(1, FILE_BYTES) };
+                Container::open(cfg, dir.to_path_buf(), Rc::new(IoPacer::new(0, Duration::ZERO)), None).await.unwrap()
+            };
+            let c = open().await;
+            c.submit(Request::Create { name: SEGMENT.into() }).unwrap().await.unwrap();
+            append_events(&c, 1, 64_000).await;
+            let cut = 62_999 * EVENT_BYTES;
+            c.submit(Request::Truncate { name: SEGMENT.into(), offset: cut }).unwrap().await.unwrap();
+            append_events(&c, 64_001, 80_000).await;
+            assert_eq!(read_events_from(&c, cut, 63_000).await, 17_001);
+            let (st, reused) = (c.status(SEGMENT).unwrap(), c.log_files_reused());
+            c.stop_with("test: closing".into());
+            drop(c);
+            let c = open().await;
+            assert_eq!(c.status(SEGMENT).unwrap().length, st.length);
+            assert_eq!(read_events_from(&c, cut, 63_000).await, 17_001, "everything kept reads back after a reopen");
+            c.stop_with("test: done".into());
+            reused
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    eprintln!("{reused} log files made from files waiting to be cut");
+    assert!(reused >= 1, "no file waiting to be cut was made a later log file");
 }

@@ -27,8 +27,12 @@ use std::time::{Duration, Instant};
 /// nineteenth session).
 const FREE_STEP_BYTES: u64 = 1 << 20;
 const FREE_STEP_PAUSE: Duration = Duration::from_millis(2);
-/// Files waiting to be freed in steps beyond which the rest are unlinked whole: disk space
-/// matters more than a smooth disk when the mover frees faster than the steps go.
+/// Files waiting to be freed in steps beyond which the rest are unlinked whole, with tier-2
+/// (where they count against the log's budget) or on a full disk: disk space matters more
+/// than a smooth disk when files are freed faster than the steps go. Without tier-2 a large
+/// truncation frees many files at once (a retention pass: tens of seconds of writes), and
+/// unlinking those whole stalls every write on a disk that discards; they are cut in steps
+/// instead, and the next log files are made from the whole ones meanwhile (`take_whole_freed_file`).
 const FREE_BACKLOG_MAX: usize = 2;
 /// How long freeing a log file waits for a read of it still in flight (which took the file
 /// before it was forgotten) before unlinking it whole instead of cutting it under the read.
@@ -108,7 +112,11 @@ impl Container {
         let whole: Vec<PathBuf> = {
             let mut files = self.files.borrow_mut();
             files.freeing.extend(freed);
-            let backlog = files.freeing.len().saturating_sub(FREE_BACKLOG_MAX);
+            let backlog = if self.tier2.is_some() || self.is_out_of_space() {
+                files.freeing.len().saturating_sub(FREE_BACKLOG_MAX)
+            } else {
+                0
+            };
             files.freeing.drain(..backlog).collect()
         };
         let unlinked_backlog = remove_files_off_shard(whole).await;
@@ -138,6 +146,21 @@ impl Container {
         renamed.and_then(|(_, first_error)| first_error)?;
         tracing::debug!(container = self.id(), from = oldest, to = needed, "freed log files");
         Ok(())
+    }
+
+    /// A freed file that is still whole, to be made a later log file: a spare, or else the
+    /// newest file waiting to be cut (never the oldest, which the cutting task may hold).
+    pub(crate) fn take_whole_freed_file(&self) -> Option<PathBuf> {
+        let taken = {
+            let mut files = self.files.borrow_mut();
+            match files.spares.pop() {
+                Some(spare) => return Some(spare),
+                None if files.freeing.len() >= 2 => files.freeing.pop_back(),
+                None => None,
+            }
+        };
+        self.count_files_freeing();
+        taken
     }
 
     /// Tells the core how many forgotten log files are still on disk (in the log's budget).

@@ -194,6 +194,8 @@ pub struct Container {
     opens_in_flight: Cell<usize>,
     /// Without tier-2: wakes the sleeping task that frees log files.
     pub(crate) freer_wake: RefCell<Option<oneshot::Sender<()>>>,
+    /// Log files made from freed ones since the container opened.
+    files_reused: Cell<u64>,
 }
 
 /// Waits (bounded by `limit`, looking every 2 ms) until `done`.
@@ -863,6 +865,7 @@ impl Container {
             last_scrub: RefCell::new(None),
             opens_in_flight: Cell::new(0),
             freer_wake: RefCell::new(None),
+            files_reused: Cell::new(0),
         });
         if container.tier2.is_some() {
             container.start_mover();
@@ -880,6 +883,17 @@ impl Container {
 
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Log files made from freed ones (spares, or files waiting to be cut) since the
+    /// container opened.
+    pub fn log_files_reused(&self) -> u64 {
+        self.files_reused.get()
+    }
+
+    /// The last log file could not be created for want of space (until one is).
+    pub(crate) fn is_out_of_space(&self) -> bool {
+        self.no_space_since.get().is_some()
     }
 
     /// The container stopped, or stops after the flush in flight.
@@ -1120,26 +1134,27 @@ impl Container {
         );
         self.preparing.set(true);
         let container = Rc::downgrade(self);
-        let spare = self.files.borrow_mut().spares.pop();
+        let spare = self.take_whole_freed_file();
         let (dir, id) = (self.dir.clone(), self.id);
         let prepare = async move {
             if let Some(spare) = spare {
                 match recycle_log_file(&dir, spare, header).await {
                     Ok(f) => {
                         tracing::debug!(container = id, seq, "log file recycled");
-                        return Ok(f);
+                        return (Ok(f), true);
                     }
                     Err(reason) => {
                         tracing::warn!(container = id, %reason, "reusing a freed log file failed; creating one")
                     }
                 }
             }
-            prepare_log_file(dir, header, zero_fill).await
+            (prepare_log_file(dir, header, zero_fill).await, false)
         };
         let task = glommio::spawn_local(async move {
-            let result = prepare.await;
+            let (result, recycled) = prepare.await;
             if let Some(c) = container.upgrade() {
                 c.preparing.set(false);
+                c.files_reused.set(c.files_reused.get() + u64::from(recycled));
                 c.prepared(seq, &result);
             }
             result
