@@ -121,7 +121,8 @@ pub fn json(stats: &[ShardStats]) -> serde_json::Value {
                 .containers
                 .iter()
                 .map(|h| {
-                    serde_json::json!({"container": h.container, "log_bytes": h.log_bytes, "stopped": h.stopped,
+                    serde_json::json!({"container": h.container, "log_bytes": h.log_bytes,
+                        "spare_bytes": h.spare_bytes, "files_reused": h.files_reused, "stopped": h.stopped,
                         "no_space_ms": h.no_space_ms, "mover_failing_ms": h.mover_failing_ms,
                         "mover_error": h.mover_error, "damaged_reads": h.damaged_reads,
                         "last_damaged_read": h.last_damaged_read, "scrub_ago_ms": h.scrub_ago_ms,
@@ -140,7 +141,9 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
     let nodes = many_nodes(stats);
     let all: Vec<(String, &ContainerHealth)> =
         stats.iter().flat_map(|s| s.containers.iter().map(move |h| (place(s, nodes), h))).collect();
-    let log_mib = all.iter().map(|(_, h)| h.log_bytes).sum::<u64>() as f64 / (1 << 20) as f64;
+    let mib = |f: fn(&ContainerHealth) -> u64| all.iter().map(|(_, h)| f(h)).sum::<u64>() as f64 / (1 << 20) as f64;
+    let (log_mib, spare_mib) = (mib(|h| h.log_bytes), mib(|h| h.spare_bytes));
+    let reused: u64 = all.iter().map(|(_, h)| h.files_reused).sum();
     let scrubbed: Vec<u64> = all.iter().filter_map(|(_, h)| h.scrub_ago_ms).collect();
     let mut lines = Vec::new();
     let mut troubled = 0;
@@ -159,7 +162,11 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
         1 => "1 with problems:".to_string(),
         n => format!("{n} with problems:"),
     };
-    let mut out = format!("containers: {}, {log_mib:.1} MiB of log files; {scrubs}; {verdict}\n", all.len());
+    let spares = match (spare_mib > 0.0, reused) {
+        (false, 0) => String::new(),
+        (_, reused) => format!(" (and {spare_mib:.1} MiB of freed ones kept to reuse; {reused} made from freed ones)"),
+    };
+    let mut out = format!("containers: {}, {log_mib:.1} MiB of log files{spares}; {scrubs}; {verdict}\n", all.len());
     out.extend(lines);
     (out, troubled)
 }
@@ -204,6 +211,8 @@ mod tests {
         let sick = ContainerHealth {
             container: 3,
             log_bytes: 0,
+            spare_bytes: 64 << 20,
+            files_reused: 5,
             stopped: Some("log write failed".into()),
             no_space_ms: Some(5_000),
             mover_failing_ms: Some(125_000),
@@ -220,7 +229,7 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "containers: 3, 128.0 MiB of log files; 2 of them scrubbed since the node started, the latest 1s ago; 1 with problems:"
+            "containers: 3, 128.0 MiB of log files (and 64.0 MiB of freed ones kept to reuse; 5 made from freed ones); 2 of them scrubbed since the node started, the latest 1s ago; 1 with problems:"
         );
         assert_eq!(
             &lines[1..],

@@ -553,6 +553,10 @@ pub struct ContainerHealth {
     pub container: u32,
     /// Bytes of its log files on disk (each counted whole).
     pub log_bytes: u64,
+    /// Bytes of the freed log files it keeps to reuse (`.spare`, each counted whole).
+    pub spare_bytes: u64,
+    /// Log files it made from freed ones since it opened on this node.
+    pub files_reused: u64,
     /// It stopped on an error (poisoned) and serves nothing until the node restarts.
     pub stopped: Option<String>,
     /// For how long appends have been refused for want of disk space for the next log file.

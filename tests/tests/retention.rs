@@ -92,7 +92,8 @@ async fn size_retention_truncates_across_epochs() {
 
 /// A node without tier-2: a size policy's truncations free the log files behind them (the
 /// stream is the only one in its log), so the log stays near the policy's size however much
-/// is written, and a reader from the head reads exactly what is kept.
+/// is written, freed files become later log files (`sluice stats` counts them), and a
+/// reader from the head reads exactly what is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_tier2_retention_gives_the_log_space_back() {
     const MIB: u64 = 1 << 20;
@@ -130,7 +131,14 @@ async fn without_tier2_retention_gives_the_log_space_back() {
         assert!(Instant::now() < deadline, "the log still holds {left} bytes after 12 MiB written");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    eprintln!("12 MiB written under size:256K,512K: log files at most {most} bytes, {left} at the end");
+    let stats = c.shard_stats(false).await.unwrap();
+    let h = &stats[0].containers[0];
+    eprintln!(
+        "12 MiB written under size:256K,512K: log files at most {most} bytes, {left} at the end; {} spare bytes, {} files reused",
+        h.spare_bytes, h.files_reused
+    );
+    assert!(h.files_reused >= 4, "freed files become later log files ({} did)", h.files_reused);
+    assert!(h.spare_bytes <= 2 * MIB, "at most the default two spares of 1 MiB ({} bytes)", h.spare_bytes);
     assert!(most <= 6 * MIB, "the log grew to {most} bytes while the stream held at most ~512 KiB");
     let (kept, _) = held(&c, "rn", "s").await;
     assert!((256 * KIB..=512 * KIB + 64 * KIB).contains(&kept), "kept {kept} bytes");

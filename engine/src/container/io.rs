@@ -1353,6 +1353,8 @@ impl Container {
         ContainerHealth {
             container: self.id,
             log_bytes: core.log_bytes(),
+            spare_bytes: self.files.borrow().spares.len() as u64 * core.config().file_bytes,
+            files_reused: self.files_reused.get(),
             stopped: core.poison_reason().map(str::to_string),
             no_space_ms: self.no_space_since.get().map(ms),
             mover_failing_ms: mover.as_ref().map(|(_, since)| ms(*since)),
