@@ -122,7 +122,8 @@ pub fn json(stats: &[ShardStats]) -> serde_json::Value {
                 .iter()
                 .map(|h| {
                     serde_json::json!({"container": h.container, "log_bytes": h.log_bytes,
-                        "spare_bytes": h.spare_bytes, "files_reused": h.files_reused, "stopped": h.stopped,
+                        "spare_bytes": h.spare_bytes, "files_reused": h.files_reused, "log_held_by": h.log_held_by,
+                        "stopped": h.stopped,
                         "no_space_ms": h.no_space_ms, "mover_failing_ms": h.mover_failing_ms,
                         "mover_error": h.mover_error, "damaged_reads": h.damaged_reads,
                         "last_damaged_read": h.last_damaged_read, "scrub_ago_ms": h.scrub_ago_ms,
@@ -147,10 +148,17 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
     let scrubbed: Vec<u64> = all.iter().filter_map(|(_, h)| h.scrub_ago_ms).collect();
     let mut lines = Vec::new();
     let mut troubled = 0;
+    let mut notes = Vec::new();
     for (place, h) in &all {
         let p = problems(h);
         troubled += usize::from(!p.is_empty());
         lines.extend(p.into_iter().map(|p| format!("  container {} ({place}): {p}\n", h.container)));
+        if let Some(held) = &h.log_held_by {
+            notes.push(format!(
+                "  container {} ({place}), not a problem: {held}; truncate it, give its stream a retention policy, or use a tier-2\n",
+                h.container
+            ));
+        }
     }
     let since = if nodes { "their nodes started" } else { "the node started" };
     let scrubs = match scrubbed.iter().min() {
@@ -168,6 +176,7 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
     };
     let mut out = format!("containers: {}, {log_mib:.1} MiB of log files{spares}; {scrubs}; {verdict}\n", all.len());
     out.extend(lines);
+    out.extend(notes);
     (out, troubled)
 }
 
@@ -213,6 +222,7 @@ mod tests {
             log_bytes: 0,
             spare_bytes: 64 << 20,
             files_reused: 5,
+            log_held_by: None,
             stopped: Some("log write failed".into()),
             no_space_ms: Some(5_000),
             mover_failing_ms: Some(125_000),
@@ -223,7 +233,11 @@ mod tests {
             scrub_damage: vec!["file 1: damaged".into(), "file 2: damaged".into()],
             salvaged: vec!["s/t/0: bytes 10..20 lost".into()],
         };
-        let scrubbed_sound = ContainerHealth { scrub_ago_ms: Some(1_000), ..fine(1) };
+        let scrubbed_sound = ContainerHealth {
+            scrub_ago_ms: Some(1_000),
+            log_held_by: Some("s/c/0 alone keeps 9 log files".into()),
+            ..fine(1)
+        };
         let (t, n) = health(&[shard(0, vec![fine(0), sick]), shard(1, vec![scrubbed_sound])]);
         assert_eq!(n, 1, "{t}");
         let lines: Vec<&str> = t.lines().collect();
@@ -241,6 +255,7 @@ mod tests {
                 "  container 3 (shard 0): started past damaged log records (--salvage-damaged-log): s/t/0: bytes 10..20 lost",
                 "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 1: damaged",
                 "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 2: damaged",
+                "  container 1 (shard 1), not a problem: s/c/0 alone keeps 9 log files; truncate it, give its stream a retention policy, or use a tier-2",
             ]
         );
         assert_eq!(ago(2 * 86_400_000 + 4 * 3_600_000 + 59_000), "2d 4h");

@@ -330,7 +330,7 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
             for name in [SEGMENT, OTHER] {
                 c.submit(Request::Create { name: name.into() }).unwrap().await.unwrap();
             }
-            // A few bytes of another segment in the first file, then ~4 MiB of ours.
+            // A few bytes of another segment in the first file, then ~6 MiB of ours.
             let data = Bytes::from_static(b"\x05\x00\x00\x00other");
             let req = Request::Append {
                 name: OTHER.into(),
@@ -341,19 +341,22 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
                 data,
             };
             c.submit(req).unwrap().await.unwrap();
-            append_events(&c, 1, 4000).await;
+            append_events(&c, 1, 6000).await;
             let files_before = with_ext(&dir, "log");
             let logs_before = files_before.len();
             assert!(logs_before >= 4, "the events fill several log files ({logs_before})");
 
-            // Truncated up to event 3500: the other segment still needs the first file, so
-            // no file is freed (the freer looks every second).
-            let cut = 3499 * EVENT_BYTES;
+            // Truncated up to event 5500: the other segment still needs the first file, so
+            // no file is freed (the freer looks every second), and the container's health
+            // names it.
+            let cut = 5499 * EVENT_BYTES;
             c.submit(Request::Truncate { name: SEGMENT.into(), offset: cut }).unwrap().await.unwrap();
             glommio::timer::sleep(Duration::from_millis(2500)).await;
             for f in &files_before {
                 assert!(f.exists(), "{} stays: another segment needs the oldest file", f.display());
             }
+            let held = c.health().log_held_by.expect("the health names the segment that keeps the log");
+            assert!(held.starts_with(&format!("{OTHER} alone keeps ")), "{held}");
 
             // Deleted, the other segment needs nothing: every file below the one holding the
             // cut is freed (one kept as a spare, the rest cut and unlinked). Left: that file,
@@ -368,13 +371,14 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
                 assert!(Instant::now() < deadline, "not freed: {logs} logs, {freeing} .free of {logs_before} logs");
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
+            assert_eq!(c.health().log_held_by, None);
             let err = c.read(SEGMENT, 0, 4096, Duration::ZERO).await.unwrap_err();
             assert!(matches!(err, sluice_engine::EngineError::Truncated { .. }), "{err:?}");
-            assert_eq!(read_events_from(&c, cut, 3500).await, 501, "what is left reads back");
+            assert_eq!(read_events_from(&c, cut, 5500).await, 501, "what is left reads back");
 
             // Appends go on (the next file made from the spare), and a reopen finds the same.
-            append_events(&c, 4001, 6000).await;
-            assert_eq!(read_events_from(&c, cut, 3500).await, 2501);
+            append_events(&c, 6001, 8000).await;
+            assert_eq!(read_events_from(&c, cut, 5500).await, 2501);
             let (st, reused) = (c.status(SEGMENT).unwrap(), c.log_files_reused());
             c.stop_with("test: closing".into());
             drop(c);
@@ -382,7 +386,7 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
             let again = c.status(SEGMENT).unwrap();
             assert_eq!((again.start_offset, again.length), (st.start_offset, st.length));
             assert!(c.status(OTHER).is_err(), "the deleted segment stays deleted");
-            assert_eq!(read_events_from(&c, cut, 3500).await, 2501, "everything kept reads back after a reopen");
+            assert_eq!(read_events_from(&c, cut, 5500).await, 2501, "everything kept reads back after a reopen");
             c.stop_with("test: done".into());
             reused
         })

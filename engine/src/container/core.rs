@@ -1557,6 +1557,34 @@ impl ContainerCore {
         needed
     }
 
+    /// A segment that alone keeps log files every other segment has let go (by at least
+    /// `min_files`): its name, the offset its data in the log starts at, and how many files
+    /// it alone keeps. Without tier-2 that is a segment whose stream is neither truncated
+    /// nor deleted while others are, and the reason the log does not shrink.
+    pub fn log_held_alone(&self, min_files: u64) -> Option<(String, u64, u64)> {
+        let mut lowest: Option<(u64, u64, &Segment)> = None;
+        let mut second = self.file_seq;
+        for s in self.segments.values() {
+            let from = s.log_needed_from();
+            if from >= s.length {
+                continue;
+            }
+            let Some(f) = s.file_of(from).or(s.files.first().map(|&(_, f)| f)) else { continue };
+            match lowest {
+                Some((low, _, _)) if f >= low => second = second.min(f),
+                _ => {
+                    if let Some((low, _, _)) = lowest {
+                        second = second.min(low);
+                    }
+                    lowest = Some((f, from, s));
+                }
+            }
+        }
+        let (file, from, s) = lowest?;
+        let alone = second.saturating_sub(file);
+        (alone >= min_files).then(|| (s.name.clone(), from, alone))
+    }
+
     /// How many forgotten log files are still on disk, being freed.
     pub fn set_files_freeing(&mut self, n: u64) {
         self.files_freeing = n;

@@ -157,6 +157,9 @@ impl PrepareFailure {
 
 /// How often a container whose disk is full tries again to create its next log file.
 const NO_SPACE_RETRY: Duration = Duration::from_secs(1);
+/// Without tier-2, `sluice stats` names a segment that alone keeps at least this many log
+/// files the other segments let go.
+const LOG_HELD_ALONE_NOTE_FILES: u64 = 4;
 
 pub struct Container {
     id: u32,
@@ -1355,6 +1358,11 @@ impl Container {
             log_bytes: core.log_bytes(),
             spare_bytes: self.files.borrow().spares.len() as u64 * core.config().file_bytes,
             files_reused: self.files_reused.get(),
+            log_held_by: self.tier2.is_none().then(|| core.log_held_alone(LOG_HELD_ALONE_NOTE_FILES)).flatten().map(
+                |(segment, from, files)| {
+                    format!("{segment} alone keeps {files} log files the other segments let go (its data from offset {from} is only in the log)")
+                },
+            ),
             stopped: core.poison_reason().map(str::to_string),
             no_space_ms: self.no_space_since.get().map(ms),
             mover_failing_ms: mover.as_ref().map(|(_, since)| ms(*since)),
