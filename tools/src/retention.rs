@@ -44,8 +44,10 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             streams.clear();
             continue;
         }
-        if let Err(e) = round(&client, &mut streams).await {
-            tracing::warn!(error = %e, "retention round failed; trying again next interval");
+        let started = std::time::Instant::now();
+        match round(&client, &mut streams).await {
+            Ok(()) => tracing::debug!(took = ?started.elapsed(), streams = streams.len(), "retention round"),
+            Err(e) => tracing::warn!(error = %e, "retention round failed; trying again next interval"),
         }
     }
 }
