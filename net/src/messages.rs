@@ -610,7 +610,7 @@ pub struct ContainerScrub {
     pub records: u64,
     /// Bytes read.
     pub bytes: u64,
-    /// Files deleted (freed once moved to tier-2) before the scrub reached them.
+    /// Files deleted (freed: their data moved to tier-2, truncated or deleted) before the scrub reached them.
     pub gone: u32,
     /// Each finding: the file, where, and what is wrong. Empty: the log is sound.
     pub damage: Vec<String>,

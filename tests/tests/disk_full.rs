@@ -2,7 +2,8 @@
 //! loop mount, which needs root and a loop device; the test says SKIPPED without them).
 //! Writes that find no room for the next log file get the typed `NoSpace` error and nothing
 //! acknowledged is lost; the server starts and serves reads on the full disk; once space is
-//! freed, writes resume without a restart; after SIGKILL every acknowledged event is there
+//! freed, writes resume without a restart (also when the space comes from truncating the
+//! stream, on a node without tier-2); after SIGKILL every acknowledged event is there
 //! once, in per-key order. A current log file with unallocated blocks (as older builds
 //! could leave one) on a full disk gets writes refused with `NoSpace`, not a failed write.
 //! The server's own output goes to the full disk too: lines are lost, the server is not.
@@ -351,6 +352,36 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
     writes_resume(&writer, ErrorCode::NoSpace, &mut seq, &mut acked).await;
     drop(writer);
     read_after_kill(&mut server, &url, &acked).await;
+    drop(server);
+}
+
+/// Without tier-2, truncating a stream gives a full disk its space back: the log files
+/// below the cut are freed and writes resume without a restart; what is kept reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_without_tier2_recovers_when_its_stream_is_truncated() {
+    let base = TempDir::new("disk-full-trunc");
+    let Some(mnt) = LoopMount::or_skip(&base.0, 96) else { return };
+    filler(&mnt.dir.join("filler"), 24);
+    let extra = ["--containers-per-core", "1", "--log-file-mb", "8"];
+    let server = Server::start_with(&mnt.dir.join("data"), free_ports(1), 1, &extra);
+    let url = server.url();
+    let (client, _) = client_with_stream(&url).await;
+    let writer = client.event_writer("full/events").await.unwrap();
+    let mut acked: HashSet<(u64, u64)> = HashSet::new();
+    let mut seq = [0u64; KEYS as usize];
+    let refusal = write_until_refused(&writer, &mut seq, &mut acked).await;
+    assert!(is_no_space(&refusal), "a full disk gives NoSpace, not {refusal}");
+    drop(writer);
+
+    // Everything written so far is truncated away: its files are freed.
+    let cut = client.stream_cut("full/events", sluice_client::CutAt::Tail).await.unwrap();
+    client.truncate_stream(&cut).await.expect("a truncation is taken on a full disk");
+    let writer = client.event_writer("full/events").await.unwrap();
+    let mut kept = HashSet::new();
+    writes_resume(&writer, ErrorCode::NoSpace, &mut seq, &mut kept).await;
+    drop(writer);
+    eprintln!("{} events truncated on the full disk; {} written after", acked.len(), kept.len());
+    read_exactly(&url, &kept).await;
     drop(server);
 }
 
