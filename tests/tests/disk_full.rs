@@ -268,29 +268,53 @@ fn is_no_space(e: &ClientError) -> bool {
     e.code() == Some(ErrorCode::NoSpace)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_when_space_is_freed() {
-    let base = TempDir::new("disk-full");
-    let Some(mnt) = LoopMount::or_skip(&base.0, 96) else { return };
+/// A node on a full disk; fields drop in order (the server before the unmount).
+struct FullDisk {
+    server: Server,
+    url: String,
+    client: Client,
+    config: ClientConfig,
+    /// Acknowledged events, and each key's next sequence number.
+    acked: HashSet<(u64, u64)>,
+    seq: [u64; KEYS as usize],
+    /// The write that found the disk full.
+    refusal: ClientError,
+    mnt: LoopMount,
+    _base: TempDir,
+}
+
+/// A node without tier-2 on a 96 MiB file system of its own with a 24 MiB filler, one
+/// container with 8 MiB log files (the disk fills after a few of them), written until an
+/// append gets `NoSpace`; `None` when the test is skipped (no root or loop device).
+async fn fill_a_disk(tag: &str) -> Option<FullDisk> {
+    let base = TempDir::new(tag);
+    let mnt = LoopMount::or_skip(&base.0, 96)?;
     filler(&mnt.dir.join("filler"), 24);
-    // One container with 8 MiB log files: the disk fills after a few of them.
     let extra = ["--containers-per-core", "1", "--log-file-mb", "8"];
     // The server's output goes to the full disk too (`data.log` beside the data directory):
     // log lines that find no room are lost, the server goes on.
-    let mut server = Server::start_with(&mnt.dir.join("data"), free_ports(1), 1, &extra);
+    let server = Server::start_with(&mnt.dir.join("data"), free_ports(1), 1, &extra);
     let url = server.url();
     let (client, config) = client_with_stream(&url).await;
-
-    // Write until the disk is full.
     let writer = client.event_writer("full/events").await.unwrap();
-    let mut acked: HashSet<(u64, u64)> = HashSet::new();
-    let mut seq = [0u64; KEYS as usize];
+    let (mut acked, mut seq) = (HashSet::new(), [0u64; KEYS as usize]);
     let refusal = write_until_refused(&writer, &mut seq, &mut acked).await;
     assert!(is_no_space(&refusal), "a full disk gives NoSpace, not {refusal}");
+    Some(FullDisk { server, url, client, config, acked, seq, refusal, mnt, _base: base })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_when_space_is_freed() {
+    // Write until the disk is full.
+    // Bound in this order, the server is dropped first, the mount after it.
+    let Some(FullDisk { _base, mnt, refusal, mut seq, mut acked, config, client, url, mut server }) =
+        fill_a_disk("disk-full").await
+    else {
+        return;
+    };
     assert!(refusal.to_string().contains("No space left on device"), "{refusal}");
     eprintln!("disk full after {} acknowledged events: {refusal}", acked.len());
     assert!(acked.len() > 10_000, "only {} events fit", acked.len());
-    drop(writer);
 
     // Still full: a new write is refused with the same typed error.
     let writer = client.event_writer("full/events").await.unwrap();
@@ -359,19 +383,11 @@ async fn a_full_disk_refuses_writes_keeps_what_was_acknowledged_and_recovers_whe
 /// below the cut are freed and writes resume without a restart; what is kept reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_without_tier2_recovers_when_its_stream_is_truncated() {
-    let base = TempDir::new("disk-full-trunc");
-    let Some(mnt) = LoopMount::or_skip(&base.0, 96) else { return };
-    filler(&mnt.dir.join("filler"), 24);
-    let extra = ["--containers-per-core", "1", "--log-file-mb", "8"];
-    let server = Server::start_with(&mnt.dir.join("data"), free_ports(1), 1, &extra);
-    let url = server.url();
-    let (client, _) = client_with_stream(&url).await;
-    let writer = client.event_writer("full/events").await.unwrap();
-    let mut acked: HashSet<(u64, u64)> = HashSet::new();
-    let mut seq = [0u64; KEYS as usize];
-    let refusal = write_until_refused(&writer, &mut seq, &mut acked).await;
-    assert!(is_no_space(&refusal), "a full disk gives NoSpace, not {refusal}");
-    drop(writer);
+    let Some(FullDisk { _base, mnt: _mnt, mut seq, acked, client, url, server, .. }) =
+        fill_a_disk("disk-full-trunc").await
+    else {
+        return;
+    };
 
     // Everything written so far is truncated away: its files are freed.
     let cut = client.stream_cut("full/events", sluice_client::CutAt::Tail).await.unwrap();
