@@ -352,6 +352,16 @@ impl Segment {
         self.tier2_end.max(self.start_offset)
     }
 
+    /// The oldest log file this segment still needs and the offset its data there starts
+    /// at; `None` when the log holds nothing of it that is needed.
+    fn oldest_file_needed(&self) -> Option<(u64, u64)> {
+        let from = self.log_needed_from();
+        if from >= self.length {
+            return None;
+        }
+        self.file_of(from).or(self.files.first().map(|&(_, f)| f)).map(|f| (f, from))
+    }
+
     /// The log file holding `offset`, if the log holds it.
     fn file_of(&self, offset: u64) -> Option<u64> {
         let i = self.files.partition_point(|&(o, _)| o <= offset);
@@ -1541,13 +1551,8 @@ impl ContainerCore {
     /// truncated); files below it may be deleted. Never above the current file.
     pub fn files_needed_from(&self) -> u64 {
         let mut needed = self.file_seq;
-        for s in self.segments.values() {
-            let from = s.log_needed_from();
-            if from < s.length
-                && let Some(f) = s.file_of(from).or(s.files.first().map(|&(_, f)| f))
-            {
-                needed = needed.min(f);
-            }
+        for (f, _) in self.segments.values().filter_map(Segment::oldest_file_needed) {
+            needed = needed.min(f);
         }
         if let Some(f) = &self.in_flight
             && let Some(p) = f.plan.prepare
@@ -1562,22 +1567,14 @@ impl ContainerCore {
     /// it alone keeps. Without tier-2 that is a segment whose stream is neither truncated
     /// nor deleted while others are, and the reason the log does not shrink.
     pub fn log_held_alone(&self, min_files: u64) -> Option<(String, u64, u64)> {
+        // The lowest file any segment needs, and the lowest the others need.
         let mut lowest: Option<(u64, u64, &Segment)> = None;
         let mut second = self.file_seq;
         for s in self.segments.values() {
-            let from = s.log_needed_from();
-            if from >= s.length {
-                continue;
-            }
-            let Some(f) = s.file_of(from).or(s.files.first().map(|&(_, f)| f)) else { continue };
+            let Some((f, from)) = s.oldest_file_needed() else { continue };
             match lowest {
-                Some((low, _, _)) if f >= low => second = second.min(f),
-                _ => {
-                    if let Some((low, _, _)) = lowest {
-                        second = second.min(low);
-                    }
-                    lowest = Some((f, from, s));
-                }
+                Some((low, ..)) if f >= low => second = second.min(f),
+                _ => second = second.min(lowest.replace((f, from, s)).map_or(u64::MAX, |(low, ..)| low)),
             }
         }
         let (file, from, s) = lowest?;

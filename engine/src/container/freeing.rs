@@ -15,7 +15,6 @@
 
 use crate::container::io::{Container, remove_files_off_shard, rename_files_off_shard, wait_until};
 use crate::log::file_name;
-use futures::channel::oneshot;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -177,12 +176,7 @@ impl Container {
         glommio::spawn_local(async move {
             let mut last_warn: Option<Instant> = None;
             loop {
-                let (tx, rx) = oneshot::channel();
-                *me.freer_wake.borrow_mut() = Some(tx);
-                let sleep = glommio::timer::sleep(LOG_FREE_INTERVAL);
-                futures::pin_mut!(sleep);
-                let _ = futures::future::select(rx, sleep).await;
-                me.freer_wake.borrow_mut().take();
+                me.freer_wake.sleep(LOG_FREE_INTERVAL).await;
                 if me.is_stopping() {
                     return;
                 }
@@ -199,9 +193,7 @@ impl Container {
 
     /// Wakes the task that frees log files (without tier-2), if it sleeps.
     pub(crate) fn wake_freer(&self) {
-        if let Some(tx) = self.freer_wake.borrow_mut().take() {
-            let _ = tx.send(());
-        }
+        self.freer_wake.ring();
     }
 }
 

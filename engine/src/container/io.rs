@@ -196,7 +196,7 @@ pub struct Container {
     /// Opens of older log files in flight (`reader_file`): freeing waits for them.
     opens_in_flight: Cell<usize>,
     /// Without tier-2: wakes the sleeping task that frees log files.
-    pub(crate) freer_wake: RefCell<Option<oneshot::Sender<()>>>,
+    pub(crate) freer_wake: Alarm,
     /// Log files made from freed ones since the container opened.
     files_reused: Cell<u64>,
 }
@@ -211,6 +211,29 @@ pub(crate) async fn wait_until(what: &str, limit: Duration, done: impl Fn() -> b
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
     Ok(())
+}
+
+/// A background task's sleep that others can cut short (the mover's, the freer's).
+#[derive(Default)]
+pub(crate) struct Alarm(RefCell<Option<oneshot::Sender<()>>>);
+
+impl Alarm {
+    /// Sleeps for `d`, or until `ring`.
+    pub(crate) async fn sleep(&self, d: Duration) {
+        let (tx, rx) = oneshot::channel();
+        *self.0.borrow_mut() = Some(tx);
+        let sleep = glommio::timer::sleep(d);
+        futures::pin_mut!(sleep);
+        let _ = futures::future::select(rx, sleep).await;
+        self.0.borrow_mut().take();
+    }
+
+    /// Ends the sleep in progress, if any.
+    pub(crate) fn ring(&self) {
+        if let Some(tx) = self.0.borrow_mut().take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 /// Counts an open of a log file while it is in flight (also when its future is dropped).
@@ -867,7 +890,7 @@ impl Container {
             mover_damage: RefCell::new(None),
             last_scrub: RefCell::new(None),
             opens_in_flight: Cell::new(0),
-            freer_wake: RefCell::new(None),
+            freer_wake: Alarm::default(),
             files_reused: Cell::new(0),
         });
         if container.tier2.is_some() {

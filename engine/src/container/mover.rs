@@ -25,7 +25,7 @@
 use crate::container::chunks::ChunkList;
 use crate::container::core::{ChunkMeta, MoveTask, Request};
 use crate::container::handoff;
-use crate::container::io::{Container, wait_until};
+use crate::container::io::{Alarm, Container, wait_until};
 use crate::error::EngineError;
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
@@ -110,7 +110,7 @@ pub struct Tier2State {
     /// The last tier-2 failure and since when rounds fail, until a round succeeds.
     pub last_error: RefCell<Option<(String, Instant)>>,
     /// Wakes a sleeping mover (a log file rolled, or an append hit the budget).
-    wake: RefCell<Option<oneshot::Sender<()>>>,
+    wake: Alarm,
     blocks: RefCell<VecDeque<(BlockKey, Bytes)>>,
     loading: RefCell<HashMap<BlockKey, Vec<oneshot::Sender<()>>>>,
     /// Sums of the chunks this mover is filling (by chunk name).
@@ -145,7 +145,7 @@ impl Tier2State {
             cfg,
             sealed: RefCell::new(HashSet::new()),
             last_error: RefCell::new(None),
-            wake: RefCell::new(None),
+            wake: Alarm::default(),
             blocks: RefCell::new(VecDeque::new()),
             loading: RefCell::new(HashMap::new()),
             growing: RefCell::new(HashMap::new()),
@@ -180,20 +180,9 @@ impl Container {
 
     /// Wakes the mover if it sleeps.
     pub(crate) fn wake_mover(&self) {
-        if let Some(t) = &self.tier2
-            && let Some(tx) = t.wake.borrow_mut().take()
-        {
-            let _ = tx.send(());
+        if let Some(t) = &self.tier2 {
+            t.wake.ring();
         }
-    }
-
-    async fn mover_sleep(&self, d: Duration) {
-        let (tx, rx) = oneshot::channel();
-        *self.t2().wake.borrow_mut() = Some(tx);
-        let sleep = glommio::timer::sleep(d);
-        futures::pin_mut!(sleep);
-        let _ = futures::future::select(rx, sleep).await;
-        self.t2().wake.borrow_mut().take();
     }
 
     /// The mover task: reconcile once, then move, collect garbage and free log files until
@@ -235,7 +224,7 @@ impl Container {
                     }
                     backoff = interval;
                     if !moved {
-                        self.mover_sleep(interval).await;
+                        self.t2().wake.sleep(interval).await;
                     }
                 }
                 Err(reason) => {
