@@ -40,6 +40,11 @@ const UNCLOCKED_EVENTS_MAX: u32 = 64;
 /// it. They serve `rg describe`'s lag and `reader_offline` without positions; checkpoints
 /// and releases carry their own.
 const POSITIONS_EVERY: Duration = Duration::from_secs(1);
+/// How old the group state's snapshot may grow before a reader writes a new one and
+/// truncates the state segment before it (see `ReaderGroupConfig::compact_state_every`).
+pub const STATE_COMPACT_EVERY: Duration = Duration::from_secs(10);
+/// Updates after the snapshot that make a compaction due sooner (a busy group).
+const STATE_COMPACT_BYTES: u64 = 1 << 20;
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct PendingCheckpoint {
@@ -318,6 +323,13 @@ pub struct ReaderGroupConfig {
     /// truncation never passes the group's last completed checkpoint (nor happens before
     /// its first).
     pub subscriber: bool,
+    /// How often a reader compacts the group state (writes a snapshot and truncates the
+    /// state segment before it) at the least. Uncompacted, the state grows by every
+    /// reader's position report (one a second each), every new reader replays it all, and
+    /// without tier-2 its oldest bytes keep the log files holding them, and everything
+    /// written to them since, on disk. A handle from `reader_group` uses the default;
+    /// see `ReaderGroup::compacting_state_every`.
+    pub compact_state_every: Duration,
 }
 
 impl ReaderGroupConfig {
@@ -326,6 +338,7 @@ impl ReaderGroupConfig {
             streams: vec![GroupStream { stream: stream.into(), from: None, to: None }],
             refresh: Duration::from_millis(100),
             subscriber: false,
+            compact_state_every: STATE_COMPACT_EVERY,
         }
     }
 
@@ -357,6 +370,7 @@ pub struct ReaderGroup {
     scope: String,
     name: String,
     refresh: Duration,
+    compact_state_every: Duration,
 }
 
 fn state_stream(group: &str) -> String {
@@ -412,7 +426,13 @@ impl Client {
                 self.admin::<_, Done>(msg).await?;
             }
         }
-        Ok(ReaderGroup { client: self.clone(), scope: scope.into(), name: name.into(), refresh: config.refresh })
+        Ok(ReaderGroup {
+            client: self.clone(),
+            scope: scope.into(),
+            name: name.into(),
+            refresh: config.refresh,
+            compact_state_every: config.compact_state_every,
+        })
     }
 
     /// An existing reader group.
@@ -422,6 +442,7 @@ impl Client {
             scope: scope.into(),
             name: name.into(),
             refresh: Duration::from_millis(100),
+            compact_state_every: STATE_COMPACT_EVERY,
         };
         group.state().await?;
         Ok(group)
@@ -431,6 +452,21 @@ impl Client {
 impl ReaderGroup {
     pub fn name(&self) -> String {
         format!("{}/{}", self.scope, self.name)
+    }
+
+    /// The same handle, whose readers compact the group state at least this often (see
+    /// `ReaderGroupConfig::compact_state_every`).
+    pub fn compacting_state_every(mut self, every: Duration) -> Self {
+        self.compact_state_every = every;
+        self
+    }
+
+    /// Writes a snapshot of the group state and truncates the state segment before it,
+    /// whether due or not (for a group whose readers are not running: see
+    /// `ReaderGroupConfig::compact_state_every`).
+    pub async fn compact_state(&self) -> Result<(), ClientError> {
+        let mut sync = self.sync().await?;
+        sync.compact().await
     }
 
     async fn sync(&self) -> Result<StateSynchronizer<GroupState>, ClientError> {
@@ -477,6 +513,7 @@ impl ReaderGroup {
             tx,
             rx,
             refresh: self.refresh,
+            compact_state_every: self.compact_state_every,
             next_refresh: Instant::now(),
             next_report: Instant::now(),
             unclocked: 0,
@@ -647,6 +684,7 @@ pub struct GroupReader {
     tx: mpsc::Sender<Fetched>,
     rx: mpsc::Receiver<Fetched>,
     refresh: Duration,
+    compact_state_every: Duration,
     next_refresh: Instant,
     /// When positions are next reported (if they moved).
     next_report: Instant,
@@ -813,6 +851,10 @@ impl GroupReader {
     /// delivers nothing): positions at most every `POSITIONS_EVERY`, not at every refresh.
     async fn refresh(&mut self) -> Result<Option<GroupItem>, ClientError> {
         self.sync.fetch_updates().await?;
+        let (after, seen) = self.sync.since_snapshot();
+        if seen >= self.compact_state_every || after > STATE_COMPACT_BYTES {
+            self.sync.compact_when(self.compact_state_every, STATE_COMPACT_BYTES).await?;
+        }
         self.reconcile()?;
         let now = Instant::now();
         let positions = self.positions();

@@ -4,7 +4,11 @@
 //! updaters never lose an update: the loser of a race re-reads and tries again. Appends
 //! are numbered as one writer's, so one resent after a broken connection is answered as a
 //! duplicate rather than failing its check against itself (and being applied twice).
-//! Compaction appends a snapshot and truncates the segment before it.
+//! Compaction appends a snapshot and truncates the segment before it; `compact_when` does it
+//! only once the snapshot in use has grown old or been followed by many updates, and is
+//! what a long-lived user calls now and then: an uncompacted state segment grows with every
+//! update (and every newcomer replays them all), and without tier-2 its oldest bytes keep
+//! the log files that hold them on disk.
 //!
 //! Record: event framing (`len u32`), then a type byte (1 snapshot, 2 update) and the
 //! encoded snapshot or update.
@@ -14,7 +18,7 @@ use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
 use sluice_net::ErrorCode;
 use sluice_net::event::{encode_event, split_whole_events};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const SNAPSHOT: u8 = 1;
 const UPDATE: u8 = 2;
@@ -44,6 +48,10 @@ pub struct StateSynchronizer<S: Synchronized> {
     /// first attempt (and the update then being applied twice).
     writer_id: u128,
     number: u64,
+    /// Where the snapshot in use ends (the updates since are `revision - snapshot_end`
+    /// bytes), and when this synchronizer first saw it.
+    snapshot_end: u64,
+    snapshot_seen: Instant,
 }
 
 /// How a conditional append at the current revision ended.
@@ -92,6 +100,8 @@ impl Client {
             max_attempts: 1000,
             writer_id: rand::random::<u128>() | 1,
             number: 0,
+            snapshot_end: 0,
+            snapshot_seen: Instant::now(),
         })
     }
 }
@@ -155,7 +165,8 @@ impl<S: Synchronized> StateSynchronizer<S> {
             let (ranges, used) = split_whole_events(&pending).map_err(|e| self.corrupt(e.to_string()))?;
             let whole: Bytes = pending.split_to(used).freeze();
             for r in ranges {
-                self.apply_record(&whole[r])?;
+                let end = self.revision + r.end as u64;
+                self.apply_record(&whole[r], end)?;
             }
             self.revision += used as u64;
             if data.is_empty() || self.revision + pending.len() as u64 >= reply.length {
@@ -169,9 +180,13 @@ impl<S: Synchronized> StateSynchronizer<S> {
         }
     }
 
-    fn apply_record(&mut self, rec: &[u8]) -> Result<(), ClientError> {
+    /// Applies one record, which ends at segment offset `end`.
+    fn apply_record(&mut self, rec: &[u8], end: u64) -> Result<(), ClientError> {
         match rec.first() {
-            Some(&SNAPSHOT) => self.state = Some(S::decode(&rec[1..]).map_err(|e| self.corrupt(e))?),
+            Some(&SNAPSHOT) => {
+                self.state = Some(S::decode(&rec[1..]).map_err(|e| self.corrupt(e))?);
+                self.snapshot_taken(end);
+            }
             Some(&UPDATE) => {
                 let u = S::decode_update(&rec[1..]).map_err(|e| self.corrupt(e))?;
                 match self.state.as_mut() {
@@ -198,6 +213,7 @@ impl<S: Synchronized> StateSynchronizer<S> {
                 Appended::Now(ack) => {
                     self.state = Some(initial);
                     self.revision = ack.length;
+                    self.snapshot_taken(ack.length);
                     return Ok(true);
                 }
                 Appended::Before => {
@@ -248,22 +264,52 @@ impl<S: Synchronized> StateSynchronizer<S> {
         Err(ClientError::SyncConflict { name: self.segment.clone(), attempts: self.max_attempts })
     }
 
+    fn snapshot_taken(&mut self, end: u64) {
+        if end != self.snapshot_end {
+            self.snapshot_end = end;
+            self.snapshot_seen = Instant::now();
+        }
+    }
+
+    /// Bytes of updates after the snapshot in use, and how long ago this synchronizer
+    /// first saw that snapshot (as of the last fetch).
+    pub fn since_snapshot(&self) -> (u64, Duration) {
+        (self.revision.saturating_sub(self.snapshot_end), self.snapshot_seen.elapsed())
+    }
+
     /// Writes a snapshot of the current state and truncates everything before it.
     pub async fn compact(&mut self) -> Result<(), ClientError> {
+        self.compact_when(Duration::ZERO, 0).await.map(|_| ())
+    }
+
+    /// Compacts (as `compact`) if, after a fetch, the snapshot in use was seen at least
+    /// `age` ago or more than `bytes` of updates follow it; several members calling this
+    /// together compact once (the others see the new snapshot and find nothing due).
+    /// Returns whether this call wrote a snapshot.
+    pub async fn compact_when(&mut self, age: Duration, bytes: u64) -> Result<bool, ClientError> {
         let mut wait = Duration::ZERO;
         loop {
             self.fetch(std::mem::replace(&mut wait, CONFLICT_WAIT)).await?;
-            let Some(state) = &self.state else { return Ok(()) };
+            let Some(state) = &self.state else { return Ok(false) };
+            let (after, seen) = self.since_snapshot();
+            if seen < age && after <= bytes {
+                return Ok(false);
+            }
             let mut buf = Vec::new();
             record(SNAPSHOT, &state.encode(), &mut buf);
             match self.append_at_revision(buf).await? {
                 Appended::Now(ack) => {
                     self.revision = ack.length;
-                    return self.client.truncate_segment(&self.segment, ack.offset).await;
+                    self.snapshot_taken(ack.length);
+                    self.client.truncate_segment(&self.segment, ack.offset).await?;
+                    return Ok(true);
                 }
                 // The snapshot is in, but where is not known here: the next compaction
                 // truncates (the state read back is the same either way).
-                Appended::Before => return self.fetch(Duration::ZERO).await,
+                Appended::Before => {
+                    self.fetch(Duration::ZERO).await?;
+                    return Ok(true);
+                }
                 Appended::Conflict => continue,
             }
         }

@@ -275,3 +275,81 @@ async fn readers_survive_a_server_kill() {
     assert_eq!(unique.len() as u64, total, "every event delivered");
     assert_eq!(log.len() as u64, total, "none delivered twice");
 }
+
+/// (start offset, bytes held) of a reader group's state segment.
+async fn state_segment(c: &Client, scope: &str, group: &str) -> (u64, u64) {
+    let si = c.segment_info(&format!("{scope}/_rg_{group}/0")).await.unwrap();
+    (si.start_offset, si.length - si.start_offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_readers_keep_their_group_state_compacted() {
+    let h = Harness::with_stream("rgc", "s", 4).await;
+    let c = h.client.clone();
+    let total = 20_000;
+    write_events(&c, "rgc/s", total).await;
+    let mut config = ReaderGroupConfig::stream("rgc/s");
+    config.compact_state_every = Duration::from_millis(300);
+    let fast = c.create_reader_group("rgc", "fast", config).await.unwrap();
+    // The same readers with the default (10 s): not compacted within this test.
+    let slow = c.create_reader_group("rgc", "slow", ReaderGroupConfig::stream("rgc/s")).await.unwrap();
+    let stop = Arc::new(AtomicU64::new(0));
+    let mut runs = Vec::new();
+    for group in [&fast, &slow] {
+        let (log, order): (Log, _) = (Arc::default(), Arc::new(AtomicU64::new(0)));
+        let readers: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|id| spawn_reader(group.clone(), id, log.clone(), order.clone(), stop.clone(), u64::MAX))
+            .collect();
+        runs.push((log, order, readers));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while runs.iter().any(|(_, order, _)| order.load(Ordering::SeqCst) < total) {
+        assert!(Instant::now() < deadline, "the readers did not read everything");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Readers at the end keep refreshing: positions reported (once a second), state compacted.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(1, Ordering::SeqCst);
+    for (log, _, readers) in runs {
+        for r in readers {
+            r.await.unwrap();
+        }
+        let log = log.lock().unwrap().clone();
+        let unique: HashSet<(u64, u64)> = log.iter().map(|&(_, k, q)| (k, q)).collect();
+        assert_eq!((unique.len() as u64, log.len() as u64), (total, total), "every event once");
+        let mut last: HashMap<u64, u64> = HashMap::new();
+        for (_, k, q) in log {
+            assert!(last.insert(k, q).is_none_or(|p| p < q), "key {k} out of order");
+        }
+    }
+    let (fast_start, fast_held) = state_segment(&c, "rgc", "fast").await;
+    let (slow_start, slow_held) = state_segment(&c, "rgc", "slow").await;
+    eprintln!(
+        "state segments: compacted every 300 ms from {fast_start}, {fast_held} bytes; default from {slow_start}, {slow_held} bytes"
+    );
+    assert_eq!(slow_start, 0, "not compacted within 10 s");
+    assert!(fast_start > 0, "compacted while the readers ran");
+    assert!(fast_held < slow_held, "a snapshot and the few updates since ({fast_held} against {slow_held} bytes)");
+    // The compacted state is the same: both readers hold the four segments, reported at
+    // their ends; a newcomer joins from it and takes its share once the others give theirs up.
+    let mut lengths = BTreeMap::new();
+    for n in 0..4 {
+        let name = format!("rgc/s/{n}");
+        lengths.insert(name.clone(), c.segment_info(&name).await.unwrap().length);
+    }
+    for group in [&fast, &slow] {
+        let state = group.state().await.unwrap();
+        let held: BTreeMap<String, u64> = state.readers.values().flatten().map(|(s, &o)| (s.clone(), o)).collect();
+        assert_eq!(held, lengths, "{}: every segment held and reported at its end", group.name());
+    }
+    let mut late = fast.create_reader("c").await.unwrap();
+    assert!(late.read_next(Duration::from_millis(300)).await.unwrap().is_none(), "nothing left to read");
+    fast.reader_offline("a", None).await.unwrap();
+    fast.reader_offline("b", None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while late.positions() != lengths {
+        assert!(Instant::now() < deadline, "the newcomer took {:?}", late.positions());
+        assert!(late.read_next(Duration::from_millis(50)).await.unwrap().is_none(), "no event read twice");
+    }
+}

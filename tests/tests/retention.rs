@@ -94,18 +94,27 @@ async fn size_retention_truncates_across_epochs() {
 /// stream is the only one in its log), so the log stays near the policy's size however much
 /// is written, freed files become later log files (`sluice stats` counts them), and a
 /// reader from the head reads exactly what is kept.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_tier2_retention_gives_the_log_space_back() {
-    const MIB: u64 = 1 << 20;
-    let dir = TempDir::new("ret-no-t2");
-    let data = dir.0.join("data");
-    let s = Server::start_with(&data, free_ports(1), 1, &["--retention-interval-ms", "100", "--log-file-mb", "1"]);
+/// A one-core server without tier-2, 1 MiB log files, retention every 100 ms, and the stream
+/// `scope/s` under `size:256K,512K`.
+async fn small_log_server(dir: &TempDir, scope: &str) -> (Server, Client) {
+    let s = Server::start_with(
+        &dir.0.join("data"),
+        free_ports(1),
+        1,
+        &["--retention-interval-ms", "100", "--log-file-mb", "1"],
+    );
     let c = Client::connect(&s.url()).await.unwrap();
-    c.create_scope("rn").await.unwrap();
-    c.create_stream_with("rn", "s", 1, Retention::parse("size:256K,512K").unwrap()).await.unwrap();
-    // 12 MiB in steps of 512 KiB; the log is looked at after each step.
+    c.create_scope(scope).await.unwrap();
+    c.create_stream_with(scope, "s", 1, Retention::parse("size:256K,512K").unwrap()).await.unwrap();
+    (s, c)
+}
+
+/// Writes 12 MiB to `stream` in steps of 512 KiB, looking at the log after each, then
+/// waits for retention and freeing to catch up: (the most the log held, what it holds).
+async fn write_12_mib_and_wait_for_the_log(c: &Client, stream: &str, data: &std::path::Path) -> (u64, u64) {
+    const MIB: u64 = 1 << 20;
     let mut most = 0;
-    let w = c.event_writer("rn/s").await.unwrap();
+    let w = c.event_writer(stream).await.unwrap();
     for step in 0..24u64 {
         let acks: Vec<_> = (step * 512..(step + 1) * 512)
             .map(|i| {
@@ -118,19 +127,28 @@ async fn without_tier2_retention_gives_the_log_space_back() {
             ack.await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
-        most = most.max(log_bytes_under(&data));
+        most = most.max(log_bytes_under(data));
     }
     // Once retention and freeing catch up: the file holding the cut, the current one and
     // the next (created ahead), and the metadata store's small `meta.log`.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let left = loop {
-        let left = log_bytes_under(&data);
+    loop {
+        let left = log_bytes_under(data);
         if left <= 3 * MIB + 64 * KIB {
-            break left;
+            return (most, left);
         }
         assert!(Instant::now() < deadline, "the log still holds {left} bytes after 12 MiB written");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tier2_retention_gives_the_log_space_back() {
+    const MIB: u64 = 1 << 20;
+    let dir = TempDir::new("ret-no-t2");
+    let data = dir.0.join("data");
+    let (_s, c) = small_log_server(&dir, "rn").await;
+    let (most, left) = write_12_mib_and_wait_for_the_log(&c, "rn/s", &data).await;
     let stats = c.shard_stats(false).await.unwrap();
     let h = &stats[0].containers[0];
     eprintln!(
@@ -148,6 +166,58 @@ async fn without_tier2_retention_gives_the_log_space_back() {
         count += 1;
     }
     assert_eq!(count * (1020 + 4), kept, "the reader reads exactly the kept events");
+}
+
+/// A reader group's state lives in a segment of the same log. Uncompacted, it kept every
+/// log file from its first record on; now a running group's readers compact it, and the
+/// retention service compacts an idle group's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tier2_reader_groups_do_not_hold_the_log() {
+    let dir = TempDir::new("ret-no-t2-rg");
+    let data = dir.0.join("data");
+    let (_s, c) = small_log_server(&dir, "rg").await;
+    // Idle: a reader came and left before the writes.
+    let idle = c.create_reader_group("rg", "idle", ReaderGroupConfig::stream("rg/s")).await.unwrap();
+    idle.create_reader("x").await.unwrap().close().await.unwrap();
+    // Running: a reader follows the writes, compacting every 200 ms.
+    let mut config = ReaderGroupConfig::stream("rg/s");
+    config.compact_state_every = Duration::from_millis(200);
+    let running = c.create_reader_group("rg", "running", config).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (running, stop) = (running.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut r = running.create_reader("r").await.unwrap();
+            let (mut events, mut truncated) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match r.read_next(Duration::from_millis(50)).await {
+                    Ok(Some(GroupItem::Event(_))) => events += 1,
+                    Ok(_) => {}
+                    // Retention passed the reader: it goes on from the new start.
+                    Err(e) if e.code() == Some(ErrorCode::Truncated) => truncated += 1,
+                    Err(e) => panic!("reader: {e}"),
+                }
+            }
+            (events, truncated)
+        })
+    };
+    let (most, left) = write_12_mib_and_wait_for_the_log(&c, "rg/s", &data).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (events, truncated) = reader.await.unwrap();
+    let starts = [
+        c.segment_info("rg/_rg_idle/0").await.unwrap().start_offset,
+        c.segment_info("rg/_rg_running/0").await.unwrap().start_offset,
+    ];
+    eprintln!(
+        "12 MiB under size:256K,512K with two reader groups: log at most {most} bytes, {left} at the end; \
+         the reader took {events} events ({truncated} truncations passed it); state segments start at {starts:?}"
+    );
+    assert!(starts.iter().all(|&s| s > 0), "both groups' states were compacted: {starts:?}");
+    assert!(events > 0);
+    // The idle group's compacted state is what it was: no readers, the segment at 0.
+    let state = idle.state().await.unwrap();
+    assert!(state.readers.is_empty());
+    assert_eq!(state.unassigned.into_iter().collect::<Vec<_>>(), vec![("rg/s/0".to_string(), 0)]);
 }
 
 /// Takes a checkpoint while `reader` (which has read everything there is) passes it.

@@ -13,6 +13,11 @@
 //!
 //! Marks live in memory: after a restart, time-based retention counts a stream's age from
 //! the first mark it takes (data is kept longer, never shorter).
+//!
+//! The service also compacts the state of reader groups whose readers are not running (their
+//! state segment's start has not moved since its previous round): running readers compact
+//! it themselves, but an idle group's snapshot would otherwise stay where it was written
+//! and, without tier-2, keep every log file from there on.
 
 use sluice_client::{Client, ClientConfig, ClientError, StreamCut};
 use sluice_net::{ErrorCode, Retention, ScopedStream, SegmentNumber};
@@ -38,14 +43,16 @@ struct Tracked {
 pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     let client = connect_service(&url, "retention service", interval).await;
     let mut streams: HashMap<String, Tracked> = HashMap::new();
+    let mut groups: HashMap<String, u64> = HashMap::new();
     loop {
         tokio::time::sleep(interval).await;
         if !active() {
             streams.clear();
+            groups.clear();
             continue;
         }
         let started = std::time::Instant::now();
-        match round(&client, &mut streams).await {
+        match round(&client, &mut streams, &mut groups).await {
             Ok(()) => tracing::debug!(took = ?started.elapsed(), streams = streams.len(), "retention round"),
             Err(e) => tracing::warn!(error = %e, "retention round failed; trying again next interval"),
         }
@@ -76,11 +83,28 @@ pub async fn connect_service(url: &str, service: &str, interval: Duration) -> Cl
     }
 }
 
-async fn round(c: &Client, streams: &mut HashMap<String, Tracked>) -> Result<(), ClientError> {
+async fn round(
+    c: &Client,
+    streams: &mut HashMap<String, Tracked>,
+    groups: &mut HashMap<String, u64>,
+) -> Result<(), ClientError> {
     let mut seen = std::collections::HashSet::new();
     for scope in c.list_scopes().await? {
         for name in c.list_streams(&scope).await? {
             let stream = ScopedStream::new(scope.clone(), name.clone());
+            if let Some(group) = name.strip_prefix(GROUP_STATE_PREFIX) {
+                seen.insert(stream.to_string());
+                match compact_idle_group(c, &stream, group, groups).await {
+                    Ok(()) => {}
+                    // A stream of the user's own that only looks like a group's state.
+                    Err(e @ ClientError::SyncCorrupt { .. }) => {
+                        tracing::debug!(stream = %stream, error = %e, "not a reader group's state")
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %stream, error = %e, "the state of an idle reader group was not compacted this round")
+                    }
+                }
+            }
             match apply(c, &stream, streams).await {
                 Ok(true) => {
                     seen.insert(stream.to_string());
@@ -95,6 +119,39 @@ async fn round(c: &Client, streams: &mut HashMap<String, Tracked>) -> Result<(),
         }
     }
     streams.retain(|k, _| seen.contains(k));
+    groups.retain(|k, _| seen.contains(k));
+    Ok(())
+}
+
+/// The streams holding reader groups' states (`sluice_client::group`).
+const GROUP_STATE_PREFIX: &str = "_rg_";
+
+/// Compacts a reader group's state if its segment's start has not moved since the previous
+/// round (no reader of the group compacted it meanwhile).
+async fn compact_idle_group(
+    c: &Client,
+    stream: &ScopedStream,
+    group: &str,
+    groups: &mut HashMap<String, u64>,
+) -> Result<(), ClientError> {
+    let info = match c.get_stream(&stream.scope, &stream.stream).await {
+        Ok(i) => i,
+        Err(e) if e.code() == Some(ErrorCode::NoSuchStream) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let [segment] = info.segments.as_slice() else { return Ok(()) };
+    let si = c.segment_info(&stream.segment_name(SegmentNumber(segment.number))).await?;
+    let key = stream.to_string();
+    if groups.insert(key.clone(), si.start_offset) != Some(si.start_offset) {
+        return Ok(());
+    }
+    match c.reader_group(&stream.scope, group).await {
+        Ok(g) => g.compact_state().await?,
+        Err(ClientError::NoSuchGroup(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    groups.remove(&key);
+    tracing::debug!(group = %format!("{}/{group}", stream.scope), "compacted an idle reader group's state");
     Ok(())
 }
 

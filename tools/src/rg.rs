@@ -27,25 +27,39 @@ pub enum RgCmd {
     /// handing its segments back at the exact position reached; a reader id left behind by
     /// a crashed run rejoins from its last reported position.
     Read {
+        /// scope/group
         group: String,
+        /// This reader's id, unique in the group (the group shares its segments among them).
         #[arg(long)]
         reader: String,
+        /// Stop after this many events (default: when none comes within --timeout-ms).
         #[arg(long)]
         count: Option<u64>,
+        /// Stop once no event came for this long, in ms (a reader that should follow the
+        /// stream: a large value).
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
     /// Start a checkpoint and print its stream cut(s) once every reader passed it.
     Checkpoint {
+        /// scope/group
         group: String,
+        /// A name for the checkpoint (readers see it as they pass it).
         name: String,
+        /// Give up if the readers have not all passed it within this many ms.
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
     },
     /// Show readers, assignments, positions and lag in bytes.
-    Describe { group: String },
+    Describe {
+        /// scope/group
+        group: String,
+    },
     /// Delete the group's state.
-    Delete { group: String },
+    Delete {
+        /// scope/group
+        group: String,
+    },
 }
 
 fn split_group(g: &str) -> Result<(String, String), String> {
