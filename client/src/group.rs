@@ -373,8 +373,11 @@ pub struct ReaderGroup {
     compact_state_every: Duration,
 }
 
+/// The prefix of the stream holding a group's state: `<scope>/_rg_<group>`.
+pub const GROUP_STATE_PREFIX: &str = "_rg_";
+
 fn state_stream(group: &str) -> String {
-    format!("_rg_{group}")
+    format!("{GROUP_STATE_PREFIX}{group}")
 }
 
 /// Splits `scope/stream/N` into the stream and the segment number.

@@ -19,6 +19,7 @@
 //! it themselves, but an idle group's snapshot would otherwise stay where it was written
 //! and, without tier-2, keep every log file from there on.
 
+use sluice_client::group::GROUP_STATE_PREFIX;
 use sluice_client::{Client, ClientConfig, ClientError, StreamCut};
 use sluice_net::{ErrorCode, Retention, ScopedStream, SegmentNumber};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -122,9 +123,6 @@ async fn round(
     groups.retain(|k, _| seen.contains(k));
     Ok(())
 }
-
-/// The streams holding reader groups' states (`sluice_client::group`).
-const GROUP_STATE_PREFIX: &str = "_rg_";
 
 /// Compacts a reader group's state if its segment's start has not moved since the previous
 /// round (no reader of the group compacted it meanwhile).
