@@ -49,6 +49,11 @@ pub const MOVE_INTERVAL_MS: u64 = 100;
 /// Without tier-2: how often a container looks for log files it can free (their data
 /// truncated or deleted).
 pub const LOG_FREE_INTERVAL_MS: u64 = 1000;
+/// The end of each log file kept for records that add no data (truncations, deletions,
+/// seals, tier-2 bookkeeping): on a full disk, where the next file cannot be made, the
+/// truncation or deletion that would free space still has room in the current one. At
+/// most a sixteenth of the file.
+pub const CONTROL_RESERVE_BYTES: u64 = 16 * BLOCK_BYTES;
 
 /// Rounds up to the block size.
 pub fn align_up(v: u64) -> u64 {

@@ -12,7 +12,9 @@
 //! the checkpoint (on a file roll) and the batch are separate records, each written and
 //! synced before the next is written; blocks below the write position are never rewritten.
 
-use crate::constants::{BLOCK_BYTES, FILE_HEADER_BYTES, FILE_INDEXES_CACHED_MAX, RECORD_HEADER_BYTES};
+use crate::constants::{
+    BLOCK_BYTES, CONTROL_RESERVE_BYTES, FILE_HEADER_BYTES, FILE_INDEXES_CACHED_MAX, RECORD_HEADER_BYTES,
+};
 use crate::container::cache::ReadCache;
 use crate::container::index::FileIndex;
 use crate::error::EngineError;
@@ -1216,8 +1218,8 @@ impl ContainerCore {
 
     /// How many queued operations the next flush takes, and their payload bytes: in order,
     /// at least one, then as many as fit the flush size cap.
-    fn next_batch(&self) -> (usize, usize) {
-        let (mut count, mut payload_len) = (0, 0usize);
+    fn next_batch(&self) -> (usize, usize, bool) {
+        let (mut count, mut payload_len, mut data) = (0, 0usize, false);
         for p in &self.pending {
             let len = p.entry.as_ref().map_or(0, LogEntry::encoded_len);
             if count > 0 && payload_len + len > self.cfg.flush_bytes_max {
@@ -1225,20 +1227,31 @@ impl ContainerCore {
             }
             payload_len += len;
             count += 1;
+            data |= p.entry.as_ref().is_some_and(|e| {
+                matches!(e, LogEntry::Create { .. } | LogEntry::Append { .. } | LogEntry::Merge { .. })
+            });
         }
-        (count, payload_len)
+        (count, payload_len, data)
+    }
+
+    /// Whether a record of `payload_len` fits the current file; one that adds data (`data`)
+    /// must leave the control reserve free (`CONTROL_RESERVE_BYTES`).
+    fn fits_current_file(&self, payload_len: usize, data: bool) -> bool {
+        let reserve = if data { CONTROL_RESERVE_BYTES.min(self.cfg.file_bytes / 16) } else { 0 };
+        let rec_len = RecordHeader::disk_len(payload_len);
+        self.file_pos.checked_add(rec_len + reserve).is_some_and(|end| end <= self.current_file_bytes)
     }
 
     /// The log file the next flush must roll into (the current one has no room for it, or
     /// there is none yet), if any: the I/O layer has it ready before `begin_flush`, so a
     /// file that cannot be created (a full disk) holds the flush back instead of failing it.
     pub fn next_flush_file(&self) -> Option<u64> {
-        let fits = |payload_len: usize| {
-            let rec_len = RecordHeader::disk_len(payload_len);
-            payload_len == 0 || self.file_pos.checked_add(rec_len).is_some_and(|end| end <= self.current_file_bytes)
-        };
         // Everything queued fits (the common case, no walk over the queue); else the batch.
-        if fits(self.pending_bytes) || fits(self.next_batch().1) {
+        if self.pending_bytes == 0 || self.fits_current_file(self.pending_bytes, true) {
+            return None;
+        }
+        let (_, payload_len, data) = self.next_batch();
+        if payload_len == 0 || self.fits_current_file(payload_len, data) {
             return None;
         }
         Some(self.next_file_seq())
@@ -1256,7 +1269,7 @@ impl ContainerCore {
         if self.pending.is_empty() {
             return Ok(None);
         }
-        let (count, payload_len) = self.next_batch();
+        let (count, payload_len, data) = self.next_batch();
         let ops: Vec<_> = self.pending.drain(..count).collect();
         self.pending_bytes -= payload_len;
         let mut plan = FlushPlan { ops: ops.len(), ..FlushPlan::default() };
@@ -1264,8 +1277,7 @@ impl ContainerCore {
         let (checkpoint_lsn, mut batch_lsn) = (self.next_lsn, self.next_lsn);
         if payload_len > 0 {
             let rec_len = RecordHeader::disk_len(payload_len);
-            let fits = self.file_pos.checked_add(rec_len).is_some_and(|end| end <= self.current_file_bytes);
-            let (seq, pos) = if fits {
+            let (seq, pos) = if self.fits_current_file(payload_len, data) {
                 (self.file_seq, self.file_pos)
             } else {
                 let seq = self.next_file_seq();
@@ -2058,6 +2070,45 @@ mod tests {
         while c.begin_flush().unwrap().is_some() {
             c.complete_flush();
         }
+    }
+
+    /// Records that add data stop short of the file's end by the control reserve, so on a
+    /// full disk (no next file) a truncation or deletion still fits the current file.
+    #[test]
+    fn a_truncation_fits_the_current_file_when_the_next_cannot_be_made() {
+        let mut c = core();
+        c.submit(Request::Create { name: "a".into() }).unwrap();
+        flush(&mut c);
+        // One-block records until the next one needs a new file.
+        let mut n = 0;
+        loop {
+            n += 1;
+            c.submit(append("a", n, b"x")).unwrap();
+            if c.next_flush_file().is_some() {
+                break;
+            }
+            flush(&mut c);
+            assert!(n < 1000, "a 1 MiB file holds at most 255 blocks");
+        }
+        let free = c.current_file_bytes - c.file_pos;
+        assert_eq!(free, CONTROL_RESERVE_BYTES, "data stops at the reserve");
+        // The roll fails: the append is refused, the disk marked full.
+        assert_eq!(c.refuse_pending(), 1);
+        c.set_no_space(Some("no room".into()));
+        let seq = c.file_seq;
+        c.submit(Request::Truncate { name: "a".into(), offset: 1 }).unwrap();
+        assert_eq!(c.next_flush_file(), None, "the truncation fits the reserve");
+        let plan = c.begin_flush().unwrap().unwrap();
+        assert_eq!((plan.prepare, plan.batch.as_ref().unwrap().file_seq), (None, seq));
+        c.complete_flush();
+        // The reserve holds 16 such records; then a roll is needed for them too.
+        for i in 0..15 {
+            c.submit(Request::Truncate { name: "a".into(), offset: 2 + i }).unwrap();
+            assert_eq!(c.next_flush_file(), None);
+            flush(&mut c);
+        }
+        c.submit(Request::Truncate { name: "a".into(), offset: 20 }).unwrap();
+        assert_eq!(c.next_flush_file(), Some(seq + 1));
     }
 
     /// A full disk: writes are refused while it lasts, and queued operations dropped for it
