@@ -154,10 +154,7 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
         troubled += usize::from(!p.is_empty());
         lines.extend(p.into_iter().map(|p| format!("  container {} ({place}): {p}\n", h.container)));
         if let Some(held) = &h.log_held_by {
-            notes.push(format!(
-                "  container {} ({place}), not a problem: {held}; truncate it, give its stream a retention policy, or use a tier-2\n",
-                h.container
-            ));
+            notes.push(format!("  container {} ({place}), not a problem: {held}; {}\n", h.container, held_hint(held)));
         }
     }
     let since = if nodes { "their nodes started" } else { "the node started" };
@@ -178,6 +175,16 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
     out.extend(lines);
     out.extend(notes);
     (out, troubled)
+}
+
+/// What frees the log files a segment alone holds (`log_held_by`: its name comes first).
+fn held_hint(held: &str) -> &'static str {
+    let stream = held.split_whitespace().next().and_then(|seg| seg.split('/').nth(1)).unwrap_or("");
+    if stream.starts_with(crate::group::GROUP_STATE_PREFIX) {
+        "a reader group's state: its running readers compact it every 10 s, the retention service when none runs"
+    } else {
+        "they go once a truncation or the stream's retention cuts the segment; without either they stay: give the stream a retention policy, or use a tier-2"
+    }
 }
 
 #[cfg(test)]
@@ -255,10 +262,11 @@ mod tests {
                 "  container 3 (shard 0): started past damaged log records (--salvage-damaged-log): s/t/0: bytes 10..20 lost",
                 "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 1: damaged",
                 "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 2: damaged",
-                "  container 1 (shard 1), not a problem: s/c/0 alone keeps 9 log files; truncate it, give its stream a retention policy, or use a tier-2",
+                "  container 1 (shard 1), not a problem: s/c/0 alone keeps 9 log files; they go once a truncation or the stream's retention cuts the segment; without either they stay: give the stream a retention policy, or use a tier-2",
             ]
         );
         assert_eq!(ago(2 * 86_400_000 + 4 * 3_600_000 + 59_000), "2d 4h");
+        assert!(held_hint("s/_rg_readers/0 alone keeps 4 log files").contains("reader group's state"));
     }
 
     /// A shard of `node` that counted for a second and saw nothing.
