@@ -61,6 +61,7 @@ fn cli_end_to_end() {
     assert_eq!(all_rg.len(), 2003, "an event was read twice");
     let d = run(&["rg", "describe", "demo/g"]);
     assert!(d.contains("0 reader(s)") && d.contains("(unassigned)") && d.contains("cp1 completed"), "{d}");
+    assert!(d.contains(" bytes in demo/_rg_g/0 (from offset "), "{d}");
     let (ok, _, err) = cli(&url, &["rg", "describe", "demo/nope"], None);
     assert!(!ok && err.contains("no reader group"), "{err}");
     assert!(run(&["rg", "delete", "demo/g"]).contains("deleted"));

@@ -308,8 +308,18 @@ async fn running_readers_keep_their_group_state_compacted() {
         assert!(Instant::now() < deadline, "the readers did not read everything");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Readers at the end keep refreshing: positions reported (once a second), state compacted.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Readers at the end keep refreshing: positions reported (once a second), state compacted;
+    // a checkpoint taken meanwhile (its pending state in the snapshots) ends at the tails.
+    let mut lengths = BTreeMap::new();
+    for n in 0..4 {
+        let name = format!("rgc/s/{n}");
+        lengths.insert(name.clone(), c.segment_info(&name).await.unwrap().length);
+    }
+    let waited = Instant::now();
+    let cp = fast.initiate_checkpoint("cp", Duration::from_secs(10)).await.unwrap();
+    let at: BTreeMap<String, u64> = cp.cuts[0].positions.iter().map(|(&n, &o)| (format!("rgc/s/{n}"), o)).collect();
+    assert_eq!(at, lengths, "the checkpoint is at the tails");
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(waited.elapsed())).await;
     stop.store(1, Ordering::SeqCst);
     for (log, _, readers) in runs {
         for r in readers {
@@ -333,15 +343,11 @@ async fn running_readers_keep_their_group_state_compacted() {
     assert!(fast_held < slow_held, "a snapshot and the few updates since ({fast_held} against {slow_held} bytes)");
     // The compacted state is the same: both readers hold the four segments, reported at
     // their ends; a newcomer joins from it and takes its share once the others give theirs up.
-    let mut lengths = BTreeMap::new();
-    for n in 0..4 {
-        let name = format!("rgc/s/{n}");
-        lengths.insert(name.clone(), c.segment_info(&name).await.unwrap().length);
-    }
     for group in [&fast, &slow] {
         let state = group.state().await.unwrap();
         let held: BTreeMap<String, u64> = state.readers.values().flatten().map(|(s, &o)| (s.clone(), o)).collect();
         assert_eq!(held, lengths, "{}: every segment held and reported at its end", group.name());
+        assert_eq!(state.completed.iter().any(|cp| cp.name == "cp"), group.name() == "rgc/fast");
     }
     let mut late = fast.create_reader("c").await.unwrap();
     assert!(late.read_next(Duration::from_millis(300)).await.unwrap().is_none(), "nothing left to read");

@@ -1,5 +1,6 @@
 //! `sluice rg`: reader groups from the command line.
 
+use sluice_client::group::GROUP_STATE_PREFIX;
 use sluice_client::{Client, ClientError, CutAt, GroupItem, GroupStream, ReaderGroupConfig, StreamCut};
 use std::io::Write;
 use std::time::Duration;
@@ -136,6 +137,15 @@ pub async fn run(c: &Client, cmd: RgCmd) -> Result<(), String> {
             let g = c.reader_group(&scope, &name).await.map_err(e)?;
             let state = g.state().await.map_err(e)?;
             println!("reader group {group}: {} reader(s), generation {}", state.readers.len(), state.generation);
+            // Its state's segment: a snapshot and the updates since (readers compact it).
+            let state_stream = format!("{GROUP_STATE_PREFIX}{name}");
+            let info = c.get_stream(&scope, &state_stream).await.map_err(e)?;
+            if let Some(s) = info.segments.first() {
+                let seg = sluice_net::ScopedStream::new(&scope, &state_stream)
+                    .segment_name(sluice_net::SegmentNumber(s.number));
+                let si = c.segment_info(&seg).await.map_err(e)?;
+                println!("state: {} bytes in {seg} (from offset {})", si.length - si.start_offset, si.start_offset);
+            }
             let lag = |seg: &str, off: u64| {
                 let seg = seg.to_string();
                 async move { c.segment_info(&seg).await.map(|i| i.length.saturating_sub(off)).map_err(e) }
