@@ -227,7 +227,11 @@ async fn readers_survive_a_server_kill() {
     c.create_stream("k", "s", 4).await.unwrap();
     let total = 20_000;
     write_events(&c, "k/s", total).await;
-    let group = c.create_reader_group("k", "g", ReaderGroupConfig::stream("k/s")).await.unwrap();
+    // The readers compact the group state every 100 ms, so the kill also lands around
+    // compactions (a snapshot appended, its truncation not yet sent, or sent and lost).
+    let mut config = ReaderGroupConfig::stream("k/s");
+    config.compact_state_every = Duration::from_millis(100);
+    let group = c.create_reader_group("k", "g", config).await.unwrap();
     let log: Log = Arc::default();
     let order = Arc::new(AtomicU64::new(0));
     let never = Arc::new(AtomicU64::new(0));
@@ -274,6 +278,8 @@ async fn readers_survive_a_server_kill() {
     let unique: HashSet<(u64, u64)> = log.iter().map(|&(_, k, q)| (k, q)).collect();
     assert_eq!(unique.len() as u64, total, "every event delivered");
     assert_eq!(log.len() as u64, total, "none delivered twice");
+    let state = c.segment_info("k/_rg_g/0").await.unwrap();
+    assert!(state.start_offset > 0, "the state was compacted: {state:?}");
 }
 
 /// (start offset, bytes held) of a reader group's state segment.
