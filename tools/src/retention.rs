@@ -11,31 +11,184 @@
 //! stream bound truncation: the service truncates at the newest mark that is before every
 //! subscriber's last checkpoint cut, and not at all while a subscriber has none.
 //!
-//! Marks live in memory: after a restart, time-based retention counts a stream's age from
-//! the first mark it takes (data is kept longer, never shorter).
+//! Marks are kept in a state synchronizer (the stream `_system/_retention`), so a restart or
+//! a new controller goes on from them: before, marks lived in memory, and after a restart a
+//! size policy truncated nothing until MIN more bytes had come, a time policy nothing until
+//! MAX had passed again (twice the data on disk). A mark is taken only once the stream moved
+//! a 128th of its policy's MAX (in bytes or time) past the previous one, which bounds a
+//! stream's marks to about 128 and truncations to that granularity.
 //!
 //! The service also compacts the state of reader groups whose readers are not running (their
 //! state segment's start has not moved since its previous round): running readers compact
 //! it themselves, but an idle group's snapshot would otherwise stay where it was written
 //! and, without tier-2, keep every log file from there on.
 
+use rkyv::{Archive, Deserialize, Serialize};
 use sluice_client::group::GROUP_STATE_PREFIX;
-use sluice_client::{Client, ClientConfig, ClientError, StreamCut};
+use sluice_client::{Client, ClientConfig, ClientError, StateSynchronizer, StreamCut, Synchronized};
 use sluice_net::{ErrorCode, Retention, ScopedStream, SegmentNumber};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-struct Mark {
-    at: Instant,
-    /// Bytes ever written to the stream when the mark was taken.
-    total: u64,
-    cut: StreamCut,
+/// Where the marks are kept.
+const MARKS_SCOPE: &str = "_system";
+const MARKS_STREAM: &str = "_retention";
+/// Marks per policy span (see the module doc).
+const MARKS_PER_SPAN: u64 = 128;
+
+/// Wall-clock milliseconds (marks outlive the process).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-struct Tracked {
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Mark {
+    /// When it was taken (Unix ms).
+    at_ms: u64,
+    /// Bytes ever written to the stream when the mark was taken.
+    total: u64,
+    /// The tail cut then: (segment number, offset).
+    positions: Vec<(u64, u64)>,
+}
+
+impl Mark {
+    fn cut(&self, stream: &ScopedStream) -> StreamCut {
+        StreamCut { stream: stream.clone(), positions: self.positions.iter().copied().collect() }
+    }
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Tracked {
     marks: VecDeque<Mark>,
-    /// When the data at the stream's head was written (as far as the service knows).
-    head_at: Instant,
+    /// When the data at the stream's head was written (as far as the service knows; Unix ms).
+    head_at_ms: u64,
+}
+
+/// Every tracked stream's marks, as kept in `_system/_retention`.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct SavedMarks {
+    streams: BTreeMap<String, Tracked>,
+}
+
+/// A change to the kept marks; the service writes one pass's changes together.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum MarksUpdate {
+    /// A stream is tracked from now (its head written at `head_at_ms`).
+    Track {
+        stream: String,
+        head_at_ms: u64,
+    },
+    Mark {
+        stream: String,
+        mark: Mark,
+    },
+    /// The stream was truncated at its mark `index` (that and the older ones go).
+    Truncated {
+        stream: String,
+        index: u32,
+        head_at_ms: u64,
+    },
+    /// No longer tracked (deleted, or its policy removed).
+    Forget {
+        stream: String,
+    },
+}
+
+fn archive<T>(v: &T) -> Vec<u8>
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                rkyv::util::AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rkyv::rancor::Error,
+            >,
+        >,
+{
+    rkyv::to_bytes::<rkyv::rancor::Error>(v).expect("serializing retention marks").to_vec()
+}
+
+impl Synchronized for SavedMarks {
+    type Update = MarksUpdate;
+
+    fn encode(&self) -> Vec<u8> {
+        archive(self)
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        rkyv::from_bytes::<Self, rkyv::rancor::Error>(bytes).map_err(|e| e.to_string())
+    }
+    fn encode_update(update: &MarksUpdate) -> Vec<u8> {
+        archive(update)
+    }
+    fn decode_update(bytes: &[u8]) -> Result<MarksUpdate, String> {
+        rkyv::from_bytes::<MarksUpdate, rkyv::rancor::Error>(bytes).map_err(|e| e.to_string())
+    }
+    fn apply(&mut self, u: &MarksUpdate) {
+        apply_update(&mut self.streams, u);
+    }
+}
+
+/// Applies `u` to the tracked streams (the service's own view and the kept one alike).
+fn apply_update(streams: &mut BTreeMap<String, Tracked>, u: &MarksUpdate) {
+    match u {
+        MarksUpdate::Track { stream, head_at_ms } => {
+            streams.insert(stream.clone(), Tracked { marks: VecDeque::new(), head_at_ms: *head_at_ms });
+        }
+        MarksUpdate::Mark { stream, mark } => {
+            if let Some(t) = streams.get_mut(stream) {
+                t.marks.push_back(mark.clone());
+            }
+        }
+        MarksUpdate::Truncated { stream, index, head_at_ms } => {
+            if let Some(t) = streams.get_mut(stream) {
+                let n = (*index as usize + 1).min(t.marks.len());
+                t.marks.drain(..n);
+                t.head_at_ms = *head_at_ms;
+            }
+        }
+        MarksUpdate::Forget { stream } => {
+            streams.remove(stream);
+        }
+    }
+}
+
+/// The kept marks, opened: `None` if none were ever kept and `create` is false (an unused
+/// stream would keep its shard's first log file for good without tier-2).
+async fn open_marks(c: &Client, create: bool) -> Result<Option<StateSynchronizer<SavedMarks>>, ClientError> {
+    if !create {
+        match c.get_stream(MARKS_SCOPE, MARKS_STREAM).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.code(), Some(ErrorCode::NoSuchStream | ErrorCode::NoSuchScope)) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    match c.create_scope(MARKS_SCOPE).await {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(ErrorCode::AlreadyExists) => {}
+        Err(e) => return Err(e),
+    }
+    let mut sync = c.state_synchronizer::<SavedMarks>(MARKS_SCOPE, MARKS_STREAM).await?;
+    sync.initialize(SavedMarks::default()).await?;
+    sync.fetch_updates().await?;
+    Ok(Some(sync))
+}
+
+/// Keeps one round's changes (opening the kept marks on first need) and compacts them once
+/// their snapshot is `every` old (each round): their stream's start moves with the log, so
+/// without tier-2 it never holds more than a round's log files.
+async fn keep(
+    c: &Client,
+    kept: &mut Option<StateSynchronizer<SavedMarks>>,
+    changes: Vec<MarksUpdate>,
+    every: Duration,
+) -> Result<(), ClientError> {
+    if kept.is_none() && !changes.is_empty() {
+        *kept = open_marks(c, true).await?;
+    }
+    let Some(sync) = kept.as_mut() else { return Ok(()) };
+    if !changes.is_empty() {
+        sync.update_state(|_| changes.clone()).await?;
+    }
+    sync.compact_when(every, 1 << 20).await.map(|_| ())
 }
 
 /// Runs forever: connects (retrying), then applies retention every `interval` while
@@ -43,19 +196,41 @@ struct Tracked {
 /// elected controller in a cluster). A controller that takes over starts with fresh marks.
 pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     let client = connect_service(&url, "retention service", interval).await;
-    let mut streams: HashMap<String, Tracked> = HashMap::new();
+    let mut streams: BTreeMap<String, Tracked> = BTreeMap::new();
     let mut groups: HashMap<String, u64> = HashMap::new();
+    let mut kept: Option<StateSynchronizer<SavedMarks>> = None;
+    // Whether the kept marks were loaded since this process became active.
+    let mut loaded = false;
     loop {
         tokio::time::sleep(interval).await;
         if !active() {
             streams.clear();
             groups.clear();
+            (kept, loaded) = (None, false);
             continue;
         }
+        if !loaded {
+            match open_marks(&client, false).await {
+                Ok(sync) => {
+                    streams = sync.as_ref().and_then(|s| s.state()).map(|s| s.streams.clone()).unwrap_or_default();
+                    tracing::debug!(streams = streams.len(), "retention marks loaded");
+                    (kept, loaded) = (sync, true);
+                }
+                // Retention goes on with the marks in memory; loading is tried again next
+                // round (replacing them), and nothing is kept until it succeeds.
+                Err(e) => tracing::warn!(error = %e, "retention marks cannot be loaded; trying again next interval"),
+            }
+        }
         let started = std::time::Instant::now();
-        match round(&client, &mut streams, &mut groups).await {
+        let mut changes = Vec::new();
+        match round(&client, &mut streams, &mut groups, &mut changes).await {
             Ok(()) => tracing::debug!(took = ?started.elapsed(), streams = streams.len(), "retention round"),
             Err(e) => tracing::warn!(error = %e, "retention round failed; trying again next interval"),
+        }
+        if loaded && let Err(e) = keep(&client, &mut kept, changes, interval).await {
+            // Loaded again next round: this round's changes are not kept.
+            tracing::warn!(error = %e, "retention marks not kept this round");
+            (kept, loaded) = (None, false);
         }
     }
 }
@@ -86,8 +261,9 @@ pub async fn connect_service(url: &str, service: &str, interval: Duration) -> Cl
 
 async fn round(
     c: &Client,
-    streams: &mut HashMap<String, Tracked>,
+    streams: &mut BTreeMap<String, Tracked>,
     groups: &mut HashMap<String, u64>,
+    changes: &mut Vec<MarksUpdate>,
 ) -> Result<(), ClientError> {
     let mut seen = std::collections::HashSet::new();
     for scope in c.list_scopes().await? {
@@ -106,7 +282,7 @@ async fn round(
                     }
                 }
             }
-            match apply(c, &stream, streams).await {
+            match apply(c, &stream, streams, changes).await {
                 Ok(true) => {
                     seen.insert(stream.to_string());
                 }
@@ -118,6 +294,9 @@ async fn round(
                 }
             }
         }
+    }
+    for stream in streams.keys().filter(|k| !seen.contains(*k)) {
+        changes.push(MarksUpdate::Forget { stream: stream.clone() });
     }
     streams.retain(|k, _| seen.contains(k));
     groups.retain(|k, _| seen.contains(k));
@@ -154,7 +333,12 @@ async fn compact_idle_group(
 }
 
 /// Marks and, when due, truncates one stream; false if it has no policy (or is gone).
-async fn apply(c: &Client, stream: &ScopedStream, streams: &mut HashMap<String, Tracked>) -> Result<bool, ClientError> {
+async fn apply(
+    c: &Client,
+    stream: &ScopedStream,
+    streams: &mut BTreeMap<String, Tracked>,
+    changes: &mut Vec<MarksUpdate>,
+) -> Result<bool, ClientError> {
     let info = match c.get_stream(&stream.scope, &stream.stream).await {
         Ok(i) => i,
         Err(e) if matches!(e.code(), Some(ErrorCode::NoSuchStream)) => return Ok(false),
@@ -164,7 +348,7 @@ async fn apply(c: &Client, stream: &ScopedStream, streams: &mut HashMap<String, 
         return Ok(false);
     }
     let key = stream.to_string();
-    let now = Instant::now();
+    let now = now_ms();
     // Bytes written and held count every segment the stream ever had (a scaled stream's
     // sealed segments hold data until a truncation passes them); the mark is the tail.
     let (mut total, mut held) = (0, 0);
@@ -182,14 +366,33 @@ async fn apply(c: &Client, stream: &ScopedStream, streams: &mut HashMap<String, 
             positions.insert(seg.number, si.length);
         }
     }
-    let t = streams.entry(key.clone()).or_insert_with(|| Tracked { marks: VecDeque::new(), head_at: now });
-    t.marks.push_back(Mark { at: now, total, cut: StreamCut { stream: stream.clone(), positions } });
+    let update = |streams: &mut BTreeMap<String, Tracked>, changes: &mut Vec<MarksUpdate>, u: MarksUpdate| {
+        apply_update(streams, &u);
+        changes.push(u);
+    };
+    if !streams.contains_key(&key) {
+        update(streams, changes, MarksUpdate::Track { stream: key.clone(), head_at_ms: now });
+    }
+    // A new mark once the stream moved a 128th of its policy's MAX past the last one.
+    let last = streams[&key].marks.back().map(|m| (m.at_ms, m.total));
+    let due = match (info.retention, last) {
+        (_, None) => true,
+        (Retention::Time { max_ms, .. }, Some((at, _))) => now.saturating_sub(at) >= max_ms / MARKS_PER_SPAN,
+        (Retention::Size { max_bytes, .. }, Some((_, t))) => {
+            total.saturating_sub(t) >= (max_bytes / MARKS_PER_SPAN).max(1)
+        }
+        (Retention::None, Some(_)) => false,
+    };
+    if due {
+        let mark = Mark { at_ms: now, total, positions: positions.into_iter().collect() };
+        update(streams, changes, MarksUpdate::Mark { stream: key.clone(), mark });
+    }
+    let t = &streams[&key];
     let target = match info.retention {
         Retention::None => None,
         Retention::Time { min_ms, max_ms } => {
-            let (min, max) = (Duration::from_millis(min_ms), Duration::from_millis(max_ms));
-            if now.duration_since(t.head_at) > max {
-                t.marks.iter().rposition(|m| now.duration_since(m.at) >= min)
+            if now.saturating_sub(t.head_at_ms) > max_ms {
+                t.marks.iter().rposition(|m| now.saturating_sub(m.at_ms) >= min_ms)
             } else {
                 None
             }
@@ -218,28 +421,31 @@ async fn apply(c: &Client, stream: &ScopedStream, streams: &mut HashMap<String, 
             }
         }
     }
-    let (cut, at) = if cuts.iter().all(|sub| cut_before(&t.marks[i].cut, sub, &history)) {
-        (t.marks[i].cut.clone(), Some(i))
+    let (cut, at) = if cuts.iter().all(|sub| cut_before(&t.marks[i].cut(stream), sub, &history)) {
+        (t.marks[i].cut(stream), Some(i))
     } else {
         // The policy would pass a subscriber: truncate at the slowest subscriber's
         // checkpoint if the policy allows that much, else at the newest mark before all.
         let slowest = cuts.iter().find(|a| cuts.iter().all(|b| cut_before(a, b, &history)));
         match slowest {
-            Some(low) if cut_before(low, &t.marks[i].cut, &history) => {
-                let older = t.marks.iter().rposition(|m| cut_before(&m.cut, low, &history));
+            Some(low) if cut_before(low, &t.marks[i].cut(stream), &history) => {
+                let older = t.marks.iter().rposition(|m| cut_before(&m.cut(stream), low, &history));
                 (low.clone(), older)
             }
-            _ => match (0..i).rev().find(|&j| cuts.iter().all(|sub| cut_before(&t.marks[j].cut, sub, &history))) {
-                Some(j) => (t.marks[j].cut.clone(), Some(j)),
-                None => return Ok(true),
-            },
+            _ => {
+                match (0..i).rev().find(|&j| cuts.iter().all(|sub| cut_before(&t.marks[j].cut(stream), sub, &history)))
+                {
+                    Some(j) => (t.marks[j].cut(stream), Some(j)),
+                    None => return Ok(true),
+                }
+            }
         }
     };
     c.truncate_stream(&cut).await?;
     tracing::info!(stream = %key, held, policy = %info.retention, subscribers = subs.len(), "retention truncated the stream");
     if let Some(j) = at {
-        t.head_at = t.marks[j].at;
-        t.marks.drain(..=j);
+        let head_at_ms = t.marks[j].at_ms;
+        update(streams, changes, MarksUpdate::Truncated { stream: key, index: j as u32, head_at_ms });
     }
     Ok(true)
 }
