@@ -257,6 +257,27 @@ async fn retention_marks_survive_a_restart() {
         assert!(Instant::now() < deadline, "still {kept} bytes held after the restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Deleted and created again: its old marks (of more bytes than it has) are forgotten, and
+    // the new stream is held to its policy from its own marks.
+    c.seal_stream("rr", "s").await.unwrap();
+    c.delete_stream("rr", "s").await.unwrap();
+    c.create_stream_with("rr", "s", 1, Retention::parse("size:100K,200K").unwrap()).await.unwrap();
+    for step in 0..5 {
+        write(&c, "rr/s", step * 50, 50, 1020).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // 250 KiB: cut back within a few rounds (with the old marks, no new one was taken until
+    // the stream passed their bytes, and none of them could serve).
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        let (kept, segs) = held(&c, "rr", "s").await;
+        if kept <= 200 * KIB {
+            assert!(kept >= 100 * KIB, "the new stream keeps {kept} bytes: {segs:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new stream still holds {kept} bytes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Takes a checkpoint while `reader` (which has read everything there is) passes it.

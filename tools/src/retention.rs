@@ -370,6 +370,11 @@ async fn apply(
         apply_update(streams, &u);
         changes.push(u);
     };
+    // Fewer bytes than at the last mark: the stream was deleted and created again (perhaps
+    // while the service was down); its old marks mean nothing now.
+    if streams.get(&key).and_then(|t| t.marks.back()).is_some_and(|m| m.total > total) {
+        update(streams, changes, MarksUpdate::Forget { stream: key.clone() });
+    }
     if !streams.contains_key(&key) {
         update(streams, changes, MarksUpdate::Track { stream: key.clone(), head_at_ms: now });
     }
