@@ -22,7 +22,7 @@ use crate::client::Client;
 use crate::cut::{CutAt, StreamCut};
 use crate::error::ClientError;
 use crate::reader::{Event, EventCutter, READ_CHUNK_BYTES, ReadAhead};
-use crate::sync::{StateSynchronizer, Synchronized};
+use crate::sync::{StateSynchronizer, Synchronized, archive as encode};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::messages::{AddSubscriber, Done, RemoveSubscriber, SegmentOffset, UpdateSubscriber};
 use sluice_net::{ErrorCode, ScopedStream};
@@ -169,19 +169,6 @@ impl GroupState {
     pub fn fair_share(&self) -> usize {
         self.active_segments().div_ceil(self.readers.len().max(1))
     }
-}
-
-fn encode<T>(v: &T) -> Vec<u8>
-where
-    T: for<'a> rkyv::Serialize<
-            rkyv::api::high::HighSerializer<
-                rkyv::util::AlignedVec,
-                rkyv::ser::allocator::ArenaHandle<'a>,
-                rkyv::rancor::Error,
-            >,
-        >,
-{
-    rkyv::to_bytes::<rkyv::rancor::Error>(v).expect("serializing group state").to_vec()
 }
 
 impl Synchronized for GroupState {

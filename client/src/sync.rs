@@ -71,6 +71,21 @@ fn record(kind: u8, body: &[u8], out: &mut Vec<u8>) {
     encode_event(out, &r);
 }
 
+/// An rkyv archive of `v`: how synchronized states and their updates are written (reader
+/// groups, retention marks).
+pub fn archive<T>(v: &T) -> Vec<u8>
+where
+    T: for<'a> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                rkyv::util::AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rkyv::rancor::Error,
+            >,
+        >,
+{
+    rkyv::to_bytes::<rkyv::rancor::Error>(v).expect("an in-memory value archives").to_vec()
+}
+
 impl Client {
     /// A synchronizer over the stream `scope/name` (created with one segment if missing).
     pub async fn state_synchronizer<S: Synchronized>(

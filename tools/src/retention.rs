@@ -25,6 +25,7 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_client::group::GROUP_STATE_PREFIX;
+use sluice_client::sync::archive;
 use sluice_client::{Client, ClientConfig, ClientError, StateSynchronizer, StreamCut, Synchronized};
 use sluice_net::{ErrorCode, Retention, ScopedStream, SegmentNumber};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -92,19 +93,6 @@ pub enum MarksUpdate {
     Forget {
         stream: String,
     },
-}
-
-fn archive<T>(v: &T) -> Vec<u8>
-where
-    T: for<'a> rkyv::Serialize<
-            rkyv::api::high::HighSerializer<
-                rkyv::util::AlignedVec,
-                rkyv::ser::allocator::ArenaHandle<'a>,
-                rkyv::rancor::Error,
-            >,
-        >,
-{
-    rkyv::to_bytes::<rkyv::rancor::Error>(v).expect("serializing retention marks").to_vec()
 }
 
 impl Synchronized for SavedMarks {
