@@ -363,7 +363,8 @@ pub struct ReaderGroup {
 /// The prefix of the stream holding a group's state: `<scope>/_rg_<group>`.
 pub const GROUP_STATE_PREFIX: &str = "_rg_";
 
-fn state_stream(group: &str) -> String {
+/// The stream holding the state of group `group` (in the group's scope).
+pub fn state_stream(group: &str) -> String {
     format!("{GROUP_STATE_PREFIX}{group}")
 }
 
@@ -841,8 +842,7 @@ impl GroupReader {
     /// delivers nothing): positions at most every `POSITIONS_EVERY`, not at every refresh.
     async fn refresh(&mut self) -> Result<Option<GroupItem>, ClientError> {
         self.sync.fetch_updates().await?;
-        let (after, seen) = self.sync.since_snapshot();
-        if seen >= self.compact_state_every || after > STATE_COMPACT_BYTES {
+        if self.sync.compaction_due(self.compact_state_every, STATE_COMPACT_BYTES) {
             self.sync.compact_when(self.compact_state_every, STATE_COMPACT_BYTES).await?;
         }
         self.reconcile()?;

@@ -286,10 +286,11 @@ impl<S: Synchronized> StateSynchronizer<S> {
         }
     }
 
-    /// Bytes of updates after the snapshot in use, and how long ago this synchronizer
-    /// first saw that snapshot (as of the last fetch).
-    pub fn since_snapshot(&self) -> (u64, Duration) {
-        (self.revision.saturating_sub(self.snapshot_end), self.snapshot_seen.elapsed())
+    /// Whether, as of the last fetch, a compaction is due: the snapshot in use was first seen
+    /// at least `age` ago, or more than `bytes` of updates follow it (see `compact_when`).
+    pub fn compaction_due(&self, age: Duration, bytes: u64) -> bool {
+        let after = self.revision.saturating_sub(self.snapshot_end);
+        self.state.is_some() && (self.snapshot_seen.elapsed() >= age || after > bytes)
     }
 
     /// Writes a snapshot of the current state and truncates everything before it.
@@ -305,11 +306,10 @@ impl<S: Synchronized> StateSynchronizer<S> {
         let mut wait = Duration::ZERO;
         loop {
             self.fetch(std::mem::replace(&mut wait, CONFLICT_WAIT)).await?;
-            let Some(state) = &self.state else { return Ok(false) };
-            let (after, seen) = self.since_snapshot();
-            if seen < age && after <= bytes {
+            if !self.compaction_due(age, bytes) {
                 return Ok(false);
             }
+            let Some(state) = &self.state else { return Ok(false) };
             let mut buf = Vec::new();
             record(SNAPSHOT, &state.encode(), &mut buf);
             match self.append_at_revision(buf).await? {

@@ -246,17 +246,8 @@ async fn retention_marks_survive_a_restart() {
     let c = Client::connect(&s.url()).await.unwrap();
     // At once, ~82 KiB more: 246 KiB held, over the MAX, before the first round.
     write(&c, "rr/s", 160, 80, 1020).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (kept, _) = held(&c, "rr", "s").await;
-        if kept <= 200 * KIB {
-            assert!(kept >= 100 * KIB, "kept {kept} bytes");
-            eprintln!("after the restart the stream was truncated to {kept} bytes");
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {kept} bytes held after the restart");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let kept = cut_back_within(&c, "after the restart", Duration::from_secs(10)).await;
+    eprintln!("after the restart the stream was truncated to {kept} bytes");
     // Deleted and created again: its old marks (of more bytes than it has) are forgotten, and
     // the new stream is held to its policy from its own marks.
     c.seal_stream("rr", "s").await.unwrap();
@@ -268,14 +259,20 @@ async fn retention_marks_survive_a_restart() {
     }
     // 250 KiB: cut back within a few rounds (with the old marks, no new one was taken until
     // the stream passed their bytes, and none of them could serve).
-    let deadline = Instant::now() + Duration::from_secs(4);
+    cut_back_within(&c, "created again", Duration::from_secs(4)).await;
+}
+
+/// Waits up to `limit` until `rr/s` (under `size:100K,200K`) holds at most its MAX, and
+/// checks it keeps at least its MIN; returns the bytes kept.
+async fn cut_back_within(c: &Client, when: &str, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
     loop {
-        let (kept, segs) = held(&c, "rr", "s").await;
+        let (kept, segs) = held(c, "rr", "s").await;
         if kept <= 200 * KIB {
-            assert!(kept >= 100 * KIB, "the new stream keeps {kept} bytes: {segs:?}");
-            break;
+            assert!(kept >= 100 * KIB, "{when}: kept {kept} bytes: {segs:?}");
+            return kept;
         }
-        assert!(Instant::now() < deadline, "the new stream still holds {kept} bytes");
+        assert!(Instant::now() < deadline, "{when}: still {kept} bytes held");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

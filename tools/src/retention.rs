@@ -176,12 +176,15 @@ async fn keep(
     if !changes.is_empty() {
         sync.update_state(|_| changes.clone()).await?;
     }
-    sync.compact_when(every, 1 << 20).await.map(|_| ())
+    if sync.compaction_due(every, 1 << 20) {
+        sync.compact_when(every, 1 << 20).await?;
+    }
+    Ok(())
 }
 
 /// Runs forever: connects (retrying), then applies retention every `interval` while
 /// `active()` says this process runs the cluster's duties (always in standalone; on the
-/// elected controller in a cluster). A controller that takes over starts with fresh marks.
+/// elected controller in a cluster). A controller that takes over loads the kept marks.
 pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     let client = connect_service(&url, "retention service", interval).await;
     let mut streams: BTreeMap<String, Tracked> = BTreeMap::new();

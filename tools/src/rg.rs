@@ -1,6 +1,6 @@
 //! `sluice rg`: reader groups from the command line.
 
-use sluice_client::group::GROUP_STATE_PREFIX;
+use sluice_client::group::state_stream;
 use sluice_client::{Client, ClientError, CutAt, GroupItem, GroupStream, ReaderGroupConfig, StreamCut};
 use std::io::Write;
 use std::time::Duration;
@@ -138,7 +138,7 @@ pub async fn run(c: &Client, cmd: RgCmd) -> Result<(), String> {
             let state = g.state().await.map_err(e)?;
             println!("reader group {group}: {} reader(s), generation {}", state.readers.len(), state.generation);
             // Its state's segment: a snapshot and the updates since (readers compact it).
-            let state_stream = format!("{GROUP_STATE_PREFIX}{name}");
+            let state_stream = state_stream(&name);
             let info = c.get_stream(&scope, &state_stream).await.map_err(e)?;
             if let Some(s) = info.segments.first() {
                 let seg = sluice_net::ScopedStream::new(&scope, &state_stream)
