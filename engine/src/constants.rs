@@ -1,7 +1,10 @@
 //! Engine limits and defaults, units last.
 
-/// Log block size: every record starts on a block boundary and every flush writes whole blocks.
+/// Log block size: every flush writes whole blocks (the partly used last block of the log
+/// again, with its earlier bytes unchanged, when a record starts inside it).
 pub const BLOCK_BYTES: u64 = 4096;
+/// Records are packed: each starts at the next multiple of this after the one before.
+pub const RECORD_ALIGN_BYTES: u64 = 8;
 /// Bytes of a record header.
 pub const RECORD_HEADER_BYTES: usize = 40;
 /// Bytes of a log file header (one block).
@@ -58,6 +61,11 @@ pub const CONTROL_RESERVE_BYTES: u64 = 16 * BLOCK_BYTES;
 /// Rounds up to the block size.
 pub fn align_up(v: u64) -> u64 {
     v.div_ceil(BLOCK_BYTES) * BLOCK_BYTES
+}
+
+/// `v` rounded down to a block boundary.
+pub fn align_down(v: u64) -> u64 {
+    v / BLOCK_BYTES * BLOCK_BYTES
 }
 
 /// Default TTL of a cluster node's etcd lease (seconds).

@@ -1,6 +1,7 @@
 //! Power-loss simulation of the container log. A simulated disk keeps only what a completed
-//! fdatasync covers; a crash tears the write in flight (each of its blocks lost, kept, or
-//! half written, in any combination). The real container core plans every flush; after
+//! fdatasync covers; a crash tears the write in flight (each of its 512-byte sectors lost,
+//! kept, or half written, in any combination; a write that puts a block's earlier records
+//! there again, packed records, puts the same bytes, so they survive any tear). The real container core plans every flush; after
 //! each crash the core is recovered from the disk images, every acknowledged append must be
 //! readable at its acknowledged offset, and after the client resends every unacknowledged
 //! append (same writer ids and event numbers) each event is present exactly once, in order.
@@ -32,6 +33,9 @@ struct Disk {
 
 struct Crash;
 
+/// What a device writes atomically, at least.
+const SECTOR_BYTES: usize = 512;
+
 struct Sim {
     rng: StdRng,
     disk: Disk,
@@ -49,8 +53,9 @@ impl Sim {
             file[at..at + buf.len()].copy_from_slice(buf);
             return Ok(());
         }
-        for (i, block) in buf.chunks(BLOCK_BYTES as usize).enumerate() {
-            let dst = at + i * BLOCK_BYTES as usize;
+        assert!(at.is_multiple_of(BLOCK_BYTES as usize) && buf.len().is_multiple_of(BLOCK_BYTES as usize));
+        for (i, block) in buf.chunks(SECTOR_BYTES).enumerate() {
+            let dst = at + i * SECTOR_BYTES;
             match self.rng.random_range(0..3) {
                 0 => {}
                 1 => file[dst..dst + block.len()].copy_from_slice(block),
@@ -94,7 +99,7 @@ impl Sim {
     }
 }
 
-fn step_buf(core: &ContainerCore, step: WriteStep, checkpoint: bool) -> Vec<u8> {
+fn step_buf(core: &mut ContainerCore, step: WriteStep, checkpoint: bool) -> Vec<u8> {
     let mut buf = vec![0xAAu8; step.len as usize];
     if checkpoint {
         core.encode_checkpoint(&mut buf);
@@ -134,8 +139,8 @@ fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
         disk.files.remove(&seq);
     }
     disk.spares.clear();
-    if let Some((seq, from, to)) = report.zero_range {
-        disk.files.get_mut(&seq).unwrap()[from as usize..to as usize].fill(0);
+    if let Some((seq, at, clear)) = report.zero_range {
+        disk.files.get_mut(&seq).unwrap()[at as usize..at as usize + clear.len()].copy_from_slice(&clear);
     }
     let mut core = core;
     if let Some(&first) = disk.files.keys().next() {
@@ -201,7 +206,7 @@ fn mover_step(core: &mut ContainerCore, sim: &mut Sim, rng: &mut StdRng) -> Resu
     let tasks = core.move_tasks(0);
     if let Some(t) = tasks.get(rng.random_range(0..tasks.len().max(1))).cloned() {
         let epoch = core.epoch();
-        let to = t.to.min(t.from + rng.random_range(1..30_000));
+        let to = t.to.min(t.from + rng.random_range(1..100_000));
         let data = read_range(core, &sim.disk, &t.name, t.from, to);
         if !data.is_empty() {
             let (start, len0) = match t.last_chunk {
@@ -268,7 +273,10 @@ struct Send {
 
 fn event(writer: u128, n: u64, rng: &mut StdRng) -> Vec<u8> {
     let mut e = format!("{writer}:{n}:").into_bytes();
-    e.extend(std::iter::repeat_n(b'x', rng.random_range(0..300)));
+    // Small events (many packed records to a block, the block written again by each) and
+    // large ones (records across blocks, files that fill).
+    let pad = if rng.random_bool(0.3) { rng.random_range(0..300) } else { rng.random_range(300..6000) };
+    e.extend(std::iter::repeat_n(b'x', pad));
     e
 }
 
@@ -502,9 +510,12 @@ fn one_event(payload: &[u8]) -> Request {
     }
 }
 
+/// Writes `n` events of 2,500 bytes, a flush each.
 fn write_some(core: &mut ContainerCore, sim: &mut Sim, n: usize) {
     for i in 0..n {
-        core.submit(one_event(format!("event-{i}").as_bytes())).unwrap();
+        let mut event = format!("event-{i}-").into_bytes();
+        event.resize(2500, b'x');
+        core.submit(one_event(&event)).unwrap();
         while flush(core, sim).ok().flatten().is_some() {}
     }
 }

@@ -8,13 +8,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+/// The positions of a log file's records (the chain a scan finds), and where it ends.
+fn records_of(file: &Path) -> (Vec<usize>, usize) {
+    let scan = sluice_engine::log::scan::scan_file(&bytes::Bytes::from(std::fs::read(file).unwrap()));
+    (scan.records.iter().map(|r| r.pos as usize).collect(), scan.end as usize)
+}
+
 /// Log files that hold at least `n` records, with their record positions.
 fn files_with_records(data: &Path, n: usize) -> Vec<(PathBuf, Vec<usize>)> {
     let mut out = Vec::new();
     for c in std::fs::read_dir(data.join("containers")).unwrap().flatten().filter(|e| e.path().is_dir()) {
         for f in std::fs::read_dir(c.path()).unwrap().flatten() {
-            let bytes = std::fs::read(f.path()).unwrap();
-            let recs: Vec<usize> = (4096..bytes.len()).step_by(4096).filter(|&p| &bytes[p..p + 4] == b"SLRC").collect();
+            let recs = records_of(&f.path()).0;
             if recs.len() >= n {
                 out.push((f.path(), recs));
             }
@@ -56,11 +61,13 @@ async fn corruption_refuses_start_and_torn_tail_is_cut() {
     server.kill().unwrap();
     server.wait().unwrap();
 
-    // A torn tail: garbage in the block after the last record. The server starts and cuts it.
+    // A torn tail: garbage right after the last record (in its block and the next). The
+    // server starts and cuts it.
     let (file, recs) = files_with_records(&data, 5).pop().expect("a log file with records");
+    let end = records_of(&file).1;
     let mut bytes = std::fs::read(&file).unwrap();
-    let end = recs.last().unwrap() + 4096;
-    bytes[end..end + 300].fill(0x77);
+    assert!(!end.is_multiple_of(4096) && recs.windows(2).any(|w| w[1] - w[0] < 4096), "records share blocks");
+    bytes[end..end + 5000].fill(0x77);
     std::fs::write(&file, &bytes).unwrap();
     let mut server = start(&data, port);
     assert!((0..300).any(|_| {
@@ -76,7 +83,8 @@ async fn corruption_refuses_start_and_torn_tail_is_cut() {
     server.kill().unwrap();
     server.wait().unwrap();
     let bytes = std::fs::read(&file).unwrap();
-    assert!(bytes[end..end + 300].iter().all(|&b| b == 0), "torn bytes were cleared");
+    assert!(bytes[end..end + 5000].iter().all(|&b| b == 0), "torn bytes were cleared");
+    assert_eq!(records_of(&file).0[..recs.len()], recs[..], "the records before them stay");
 
     // Damage inside an acknowledged record in the middle: refuse to start, naming the file.
     let mut bytes = bytes;
@@ -91,15 +99,14 @@ async fn corruption_refuses_start_and_torn_tail_is_cut() {
 }
 
 /// The log files of a container directory that hold records, oldest first, with their
-/// record positions (found by magic at block boundaries).
+/// record positions.
 fn container_files(container: &Path) -> Vec<(PathBuf, Vec<usize>)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(container).unwrap().flatten().map(|e| e.path()).collect();
     files.sort();
     files
         .into_iter()
         .map(|f| {
-            let bytes = std::fs::read(&f).unwrap();
-            let recs = (4096..bytes.len()).step_by(4096).filter(|&p| &bytes[p..p + 4] == b"SLRC").collect();
+            let recs = records_of(&f).0;
             (f, recs)
         })
         .filter(|(_, recs): &(PathBuf, Vec<usize>)| !recs.is_empty())

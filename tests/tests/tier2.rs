@@ -827,8 +827,8 @@ fn checkpoints_back_to_layout_2(containers: &Path) {
         };
         let mut payload = b"SLCK\x02\0\0\0".to_vec();
         payload.extend_from_slice(&rkyv::to_bytes::<rkyv::rancor::Error>(&v2).unwrap());
-        let disk_len = RecordHeader::disk_len(payload.len()) as usize;
-        assert_eq!(disk_len as u64, RecordHeader::disk_len(first.payload.len()), "same blocks");
+        let disk_len = RecordHeader::packed_len(payload.len()) as usize;
+        assert_eq!(disk_len as u64, first.header.disk_len(), "the same length on disk");
         let at = first.pos as usize;
         let out = &mut bytes[at..at + disk_len];
         let (epoch, lsn) = (first.header.epoch, first.header.lsn);

@@ -116,6 +116,29 @@ impl CoreConfig {
     }
 }
 
+/// Lays out one write into `buf` (exactly `step.len` bytes): `tail` (file, position and the
+/// bytes from the step's start up to the record, which must be exactly those: other bytes
+/// there would damage acknowledged records), the record `encode` writes, then zeros. Returns
+/// the new tail: the written bytes of the record's last, partly used block.
+fn fill_step(buf: &mut [u8], step: WriteStep, tail: (u64, u64, Vec<u8>), encode: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let head = (step.record_pos - step.pos) as usize;
+    let end = head + step.record_len as usize;
+    assert_eq!(buf.len() as u64, step.len, "a write step's buffer");
+    assert!(
+        (tail.0, tail.1, tail.2.len()) == (step.file_seq, step.record_pos, head),
+        "the log's last block is not known: file {:x} up to {} ({} bytes), writing file {:x} at {}",
+        tail.0,
+        tail.1,
+        tail.2.len(),
+        step.file_seq,
+        step.record_pos
+    );
+    buf[..head].copy_from_slice(&tail.2);
+    encode(&mut buf[head..end]);
+    buf[end..].fill(0);
+    buf[crate::constants::align_down(end as u64) as usize..end].to_vec()
+}
+
 /// A chunk list from its checkpoint form: runs of (start, epoch, len, count).
 fn chunk_list(runs: &[(u64, u64, u64, u64)]) -> ChunkList {
     ChunkList::from_runs(runs.iter().map(|&(start, epoch, len, count)| ChunkRun { start, epoch, len, count }))
@@ -212,12 +235,28 @@ pub enum Submitted {
     Queued,
 }
 
-/// One durable write the I/O layer must perform (O_DSYNC, or a write then fdatasync).
+/// One durable write the I/O layer must perform (O_DSYNC, or a write then fdatasync): whole
+/// blocks, the first of which may hold earlier records (written again, unchanged, before the
+/// new record: records are packed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriteStep {
     pub file_seq: u64,
+    /// Where the write starts: the block boundary at or before the record.
     pub pos: u64,
+    /// Bytes written: whole blocks, from `pos` to the block boundary at or after the record's end.
     pub len: u64,
+    /// Where the record starts, and the bytes it takes (packed: a multiple of 8).
+    pub record_pos: u64,
+    pub record_len: u64,
+}
+
+impl WriteStep {
+    /// The write that puts a record of `record_len` bytes at `record_pos` of file `file_seq`.
+    fn at(file_seq: u64, record_pos: u64, record_len: u64) -> Self {
+        let pos = crate::constants::align_down(record_pos);
+        let len = crate::constants::align_up(record_pos + record_len) - pos;
+        Self { file_seq, pos, len, record_pos, record_len }
+    }
 }
 
 /// A planned flush: optionally prepare a new file, write+sync its checkpoint, write+sync the batch.
@@ -406,8 +445,11 @@ pub struct Completion {
 pub struct RecoveryReport {
     /// The current file, if there is one; `None` means a new file must be prepared first.
     pub current_file: Option<u64>,
-    /// Torn garbage to zero (file seq, from, to) before any new record is written.
-    pub zero_range: Option<(u64, u64, u64)>,
+    /// Torn garbage to clear before any new record is written: (file seq, position, bytes to
+    /// write there), whole blocks, with the bytes around the garbage as they are (records
+    /// before it, in its first block; a record of a recycled file's earlier use after it,
+    /// in its last).
+    pub zero_range: Option<(u64, u64, Vec<u8>)>,
     /// Files after the current one that hold no valid record (unused or torn at creation).
     pub discard_files: Vec<u64>,
     pub records_replayed: u64,
@@ -579,6 +621,10 @@ pub struct ContainerCore {
     /// False until the first file is prepared.
     has_file: bool,
     file_pos: u64,
+    /// The current file's bytes from the block boundary before `file_pos` up to it: the
+    /// records already in the block the next record starts in, which its write puts there
+    /// again (with the file's sequence number and `file_pos` they belong to).
+    tail: (u64, u64, Vec<u8>),
     current_file_bytes: u64,
     segments: HashMap<u64, Segment>,
     by_name: HashMap<String, u64>,
@@ -632,6 +678,7 @@ impl ContainerCore {
             file_seq: first_file_seq,
             has_file: false,
             file_pos: u64::MAX,
+            tail: (u64::MAX, u64::MAX, Vec::new()),
             current_file_bytes: cfg.file_bytes,
             segments: HashMap::new(),
             by_name: HashMap::new(),
@@ -1238,7 +1285,7 @@ impl ContainerCore {
     /// must leave the control reserve free (`CONTROL_RESERVE_BYTES`).
     fn fits_current_file(&self, payload_len: usize, data: bool) -> bool {
         let reserve = if data { CONTROL_RESERVE_BYTES.min(self.cfg.file_bytes / 16) } else { 0 };
-        let rec_len = RecordHeader::disk_len(payload_len);
+        let rec_len = RecordHeader::packed_len(payload_len);
         self.file_pos.checked_add(rec_len + reserve).is_some_and(|end| end <= self.current_file_bytes)
     }
 
@@ -1276,14 +1323,14 @@ impl ContainerCore {
         let mut checkpoint = None;
         let (checkpoint_lsn, mut batch_lsn) = (self.next_lsn, self.next_lsn);
         if payload_len > 0 {
-            let rec_len = RecordHeader::disk_len(payload_len);
+            let rec_len = RecordHeader::packed_len(payload_len);
             let (seq, pos) = if self.fits_current_file(payload_len, data) {
                 (self.file_seq, self.file_pos)
             } else {
                 let seq = self.next_file_seq();
                 plan.writers_forgotten = self.forget_idle_writers();
                 let ck = self.checkpoint_state().encode();
-                let ck_len = RecordHeader::disk_len(ck.len());
+                let ck_len = RecordHeader::packed_len(ck.len());
                 let pos = FILE_HEADER_BYTES + ck_len;
                 if pos + rec_len > self.cfg.file_bytes {
                     let reason = format!(
@@ -1296,34 +1343,47 @@ impl ContainerCore {
                     return Err(reason);
                 }
                 plan.prepare = Some(seq);
-                plan.checkpoint = Some(WriteStep { file_seq: seq, pos: FILE_HEADER_BYTES, len: ck_len });
+                plan.checkpoint = Some(WriteStep::at(seq, FILE_HEADER_BYTES, ck_len));
                 checkpoint = Some(ck);
                 batch_lsn += 1;
                 (seq, pos)
             };
-            plan.batch = Some(WriteStep { file_seq: seq, pos, len: rec_len });
+            plan.batch = Some(WriteStep::at(seq, pos, rec_len));
             self.next_lsn = batch_lsn + 1;
         }
         self.in_flight = Some(InFlight { plan: plan.clone(), ops, checkpoint, checkpoint_lsn, batch_lsn, payload_len });
         Ok(Some(plan))
     }
 
-    /// Encodes the in-flight checkpoint record into `buf` (exactly its step's length).
-    pub fn encode_checkpoint(&self, buf: &mut [u8]) {
+    /// Fills `buf` (exactly the in-flight checkpoint step's length) with what its write puts
+    /// on disk: the checkpoint record (it opens a file: nothing before it), then zeros.
+    pub fn encode_checkpoint(&mut self, buf: &mut [u8]) {
         let f = self.in_flight.as_ref().expect("a flush in flight");
+        let step = f.plan.checkpoint.expect("the flush rolls");
         let ck = f.checkpoint.as_ref().expect("the flush rolls");
-        encode_record(buf, RecordKind::Checkpoint, self.epoch, f.checkpoint_lsn, ck.len(), |p| p.copy_from_slice(ck));
+        let tail = fill_step(buf, step, (step.file_seq, step.pos, Vec::new()), |rec| {
+            encode_record(rec, RecordKind::Checkpoint, self.epoch, f.checkpoint_lsn, ck.len(), |p| {
+                p.copy_from_slice(ck)
+            })
+        });
+        self.tail = (step.file_seq, step.record_pos + step.record_len, tail);
     }
 
-    /// Encodes the in-flight batch record into `buf` (exactly its step's length).
-    pub fn encode_batch(&self, buf: &mut [u8]) {
+    /// Fills `buf` (exactly the in-flight batch step's length) with what its write puts on
+    /// disk: the records already in its first block, the batch record, then zeros.
+    pub fn encode_batch(&mut self, buf: &mut [u8]) {
+        let tail = std::mem::take(&mut self.tail);
         let f = self.in_flight.as_ref().expect("a flush in flight");
-        encode_record(buf, RecordKind::Batch, self.epoch, f.batch_lsn, f.payload_len, |p| {
-            let mut at = 0;
-            for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
-                at += e.encode(&mut p[at..]);
-            }
+        let step = f.plan.batch.expect("the flush has a batch");
+        let tail = fill_step(buf, step, tail, |rec| {
+            encode_record(rec, RecordKind::Batch, self.epoch, f.batch_lsn, f.payload_len, |p| {
+                let mut at = 0;
+                for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
+                    at += e.encode(&mut p[at..]);
+                }
+            })
         });
+        self.tail = (step.file_seq, step.record_pos + step.record_len, tail);
     }
 
     /// The in-flight flush is durable: apply it.
@@ -1342,9 +1402,9 @@ impl ContainerCore {
         }
         let mut changed = Vec::new();
         if let Some(step) = f.plan.batch {
-            self.file_pos = step.pos + step.len;
-            self.current_index.push_record(step.pos, step.len);
-            let mut data_pos = step.pos + RECORD_HEADER_BYTES as u64;
+            self.file_pos = step.record_pos + step.record_len;
+            self.current_index.push_record(step.record_pos, step.record_len);
+            let mut data_pos = step.record_pos + RECORD_HEADER_BYTES as u64;
             for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
                 let pos = data_pos + e.data_header_len() as u64;
                 data_pos += e.encoded_len() as u64;
@@ -1966,7 +2026,7 @@ impl ContainerCore {
                     salvage.seen_after.clear();
                 }
                 prev = rec.header;
-                core.current_index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
+                core.current_index.push_record(rec.pos, rec.header.disk_len());
                 for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(|e| invalid(seq, e))? {
                     if salvage.passed_loss
                         && let Some(segment) = entry.segment()
@@ -2024,8 +2084,14 @@ impl ContainerCore {
         if let ScanEnd::Torn { at, .. } = scan.stop {
             report.torn_tail_at = Some(at);
         }
+        let bytes: &Bytes = replay.last().expect("the active file").3;
+        let block_start = crate::constants::align_down(scan.end);
+        core.tail = (seq, scan.end, bytes[block_start as usize..scan.end as usize].to_vec());
         if scan.dirty_end > scan.end {
-            report.zero_range = Some((seq, scan.end, scan.dirty_end));
+            let to = crate::constants::align_up(scan.dirty_end).min(bytes.len() as u64);
+            let mut clear = bytes[block_start as usize..to as usize].to_vec();
+            clear[(scan.end - block_start) as usize..(scan.dirty_end - block_start) as usize].fill(0);
+            report.zero_range = Some((seq, block_start, clear));
         }
         report.current_file = Some(seq);
         Ok((core, report))
@@ -2079,11 +2145,17 @@ mod tests {
         let mut c = core();
         c.submit(Request::Create { name: "a".into() }).unwrap();
         flush(&mut c);
-        // One-block records until the next one needs a new file.
-        let mut n = 0;
+        // Records of a block each until the next one needs a new file (the first one fills
+        // the block the checkpoint and the create began).
+        static DATA: [u8; BLOCK_BYTES as usize - RECORD_HEADER_BYTES - APPEND_HEADER_BYTES] =
+            [b'x'; BLOCK_BYTES as usize - RECORD_HEADER_BYTES - APPEND_HEADER_BYTES];
+        c.submit(append("a", 1, &DATA[(c.file_pos % BLOCK_BYTES) as usize..])).unwrap();
+        flush(&mut c);
+        assert_eq!(c.file_pos % BLOCK_BYTES, 0);
+        let mut n = 1;
         loop {
             n += 1;
-            c.submit(append("a", n, b"x")).unwrap();
+            c.submit(append("a", n, &DATA)).unwrap();
             if c.next_flush_file().is_some() {
                 break;
             }
@@ -2101,13 +2173,15 @@ mod tests {
         let plan = c.begin_flush().unwrap().unwrap();
         assert_eq!((plan.prepare, plan.batch.as_ref().unwrap().file_seq), (None, seq));
         c.complete_flush();
-        // The reserve holds 16 such records; then a roll is needed for them too.
-        for i in 0..15 {
+        // The reserve holds 1024 such records (64 bytes each); then a roll is needed for them too.
+        let each = RecordHeader::packed_len(1 + 8 + 8);
+        assert_eq!(each, 64);
+        for i in 1..CONTROL_RESERVE_BYTES / each {
             c.submit(Request::Truncate { name: "a".into(), offset: 2 + i }).unwrap();
             assert_eq!(c.next_flush_file(), None);
             flush(&mut c);
         }
-        c.submit(Request::Truncate { name: "a".into(), offset: 20 }).unwrap();
+        c.submit(Request::Truncate { name: "a".into(), offset: 2000 }).unwrap();
         assert_eq!(c.next_flush_file(), Some(seq + 1));
     }
 

@@ -5,7 +5,7 @@
 //! them (cold reads).
 
 use crate::log::entry::{LogEntry, decode_entries};
-use crate::log::format::{RecordHeader, RecordKind};
+use crate::log::format::RecordKind;
 use crate::log::scan::ScannedRecord;
 use std::collections::HashMap;
 
@@ -31,7 +31,7 @@ impl FileIndex {
     pub fn build(records: &[ScannedRecord]) -> Result<Self, String> {
         let mut index = Self::default();
         for rec in records.iter().filter(|r| r.header.kind == RecordKind::Batch) {
-            index.push_record(rec.pos, RecordHeader::disk_len(rec.header.payload_len as usize));
+            index.push_record(rec.pos, rec.header.disk_len());
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos())? {
                 if let LogEntry::Append { segment, offset, data, .. } | LogEntry::Merge { segment, offset, data, .. } =
                     entry

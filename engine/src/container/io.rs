@@ -820,12 +820,14 @@ impl Container {
             let f = open_log_for_writing(&path)
                 .await
                 .map_err(|reason| RecoveryError::Invalid { file: path.clone(), reason })?;
-            if let Some((_, from, to)) = report.zero_range {
-                // Clear the torn tail so no stale bytes sit after future records.
+            if let Some((_, at, clear)) = report.zero_range {
+                // Clear the torn tail so no stale bytes sit after future records (whole
+                // blocks: the records before it in its first block are written again as
+                // they are).
                 let invalid = |reason| RecoveryError::Invalid { file: path.clone(), reason };
-                let mut buf = f.alloc_dma_buffer((to - from) as usize);
-                buf.as_bytes_mut().fill(0);
-                write_all_at(&f, buf, from, &path).await.map_err(invalid)?;
+                let mut buf = f.alloc_dma_buffer(clear.len());
+                buf.as_bytes_mut().copy_from_slice(&clear);
+                write_all_at(&f, buf, at, &path).await.map_err(invalid)?;
                 f.fdatasync().await.map_err(|e| invalid(e.to_string()))?;
             }
             // A file made by an older build may lack blocks (it ignored a failed fallocate).
@@ -1262,7 +1264,7 @@ impl Container {
         let path = self.dir.join(file_name(step.file_seq));
         let mut buf = file.alloc_dma_buffer(step.len as usize);
         {
-            let core = self.core.borrow();
+            let mut core = self.core.borrow_mut();
             if checkpoint {
                 core.encode_checkpoint(buf.as_bytes_mut());
             } else {
@@ -1290,7 +1292,7 @@ impl Container {
         if let Some(step) = plan.batch {
             self.write_step(&file, step, false).await?;
             let mean = self.flush_mean.get();
-            self.flush_mean.set(mean - mean / 8 + step.len / 8);
+            self.flush_mean.set(mean - mean / 8 + step.record_len / 8);
             self.pacer.wrote(step.len);
             // Prepare the next file once this one is half used, off the commit path.
             let (half, next_seq) = {

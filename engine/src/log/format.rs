@@ -1,15 +1,22 @@
 //! File header and record header layouts (little-endian, crc32c).
 
-use crate::constants::{BLOCK_BYTES, RECORD_HEADER_BYTES};
+use crate::constants::{RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES};
 
 /// Magic at the start of every log file.
 pub const FILE_MAGIC: &[u8; 8] = b"SLUICELG";
 /// Magic at the start of every record ("SLRC").
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"SLRC");
-/// On-disk format version of records (and of the first file header layout).
+/// On-disk format version of the first record layout (each record padded to the next block
+/// boundary), and of the first file header layout.
 pub const FORMAT_VERSION: u16 = 1;
-/// Version of the file header layout written now: the first layout plus `min_lsn`.
-pub const FILE_HEADER_VERSION: u16 = 2;
+/// Record format version of packed records (the next one starts at the next 8-byte boundary):
+/// what this build writes.
+pub const PACKED_RECORD_VERSION: u8 = 2;
+/// The second file header layout: the first plus `min_lsn` (its records are block-padded).
+pub const FILE_HEADER_VERSION_2: u16 = 2;
+/// Version of the file header written now: the second layout, in a file whose records may be
+/// packed (a build that knows only block-padded records must not take the file).
+pub const FILE_HEADER_VERSION: u16 = 3;
 
 /// Record kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +79,7 @@ impl FileHeader {
         // Bytes covered by the checksum, which follows them.
         let covered = match version {
             FORMAT_VERSION => 40,
-            FILE_HEADER_VERSION => 48,
+            FILE_HEADER_VERSION_2 | FILE_HEADER_VERSION => 48,
             // A damaged version field is a checksum failure like any other damaged byte.
             _ if [40, 48].iter().all(|&n| crc_at(block, n) != crc32c::crc32c(&block[..n])) => {
                 return Err("file header checksum mismatch".into());
@@ -106,6 +113,10 @@ pub struct RecordHeader {
     pub lsn: u64,
     pub payload_len: u32,
     pub payload_crc: u32,
+    /// Packed (record version 2: the next record starts at the next 8-byte boundary), or
+    /// block-padded (version 1, written by earlier builds: the next one starts at the next
+    /// block boundary).
+    pub packed: bool,
 }
 
 /// Why the bytes at a position are not a valid record header.
@@ -118,14 +129,27 @@ pub enum HeaderFault {
 }
 
 impl RecordHeader {
-    /// Bytes the record takes on disk, padded to the block size.
-    pub fn disk_len(payload_len: usize) -> u64 {
+    /// Bytes a packed record of `payload_len` takes on disk (what this build writes): header
+    /// and payload, padded to the next 8-byte boundary.
+    pub fn packed_len(payload_len: usize) -> u64 {
+        ((RECORD_HEADER_BYTES + payload_len) as u64).next_multiple_of(RECORD_ALIGN_BYTES)
+    }
+
+    /// Bytes a block-padded record (record version 1) of `payload_len` takes on disk.
+    pub fn block_padded_len(payload_len: usize) -> u64 {
         crate::constants::align_up((RECORD_HEADER_BYTES + payload_len) as u64)
+    }
+
+    /// Bytes this record takes on disk: where the next record starts, counted from its own
+    /// start.
+    pub fn disk_len(&self) -> u64 {
+        let payload = self.payload_len as usize;
+        if self.packed { Self::packed_len(payload) } else { Self::block_padded_len(payload) }
     }
 
     pub fn encode(&self, out: &mut [u8]) {
         out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        out[4] = FORMAT_VERSION as u8;
+        out[4] = if self.packed { PACKED_RECORD_VERSION } else { FORMAT_VERSION as u8 };
         out[5] = self.kind as u8;
         out[6..8].copy_from_slice(&0u16.to_le_bytes());
         out[8..16].copy_from_slice(&self.epoch.to_le_bytes());
@@ -144,7 +168,10 @@ impl RecordHeader {
         if b.iter().all(|&x| x == 0) {
             return Err(HeaderFault::Zero);
         }
-        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != RECORD_MAGIC || b[4] != FORMAT_VERSION as u8 {
+        let packed = b[4] == PACKED_RECORD_VERSION;
+        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != RECORD_MAGIC
+            || !(packed || b[4] == FORMAT_VERSION as u8)
+        {
             return Err(HeaderFault::Invalid);
         }
         let crc = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes"));
@@ -158,12 +185,19 @@ impl RecordHeader {
             lsn: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
             payload_len: u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
             payload_crc: u32::from_le_bytes(b[28..32].try_into().expect("4 bytes")),
+            packed,
         })
     }
 }
 
-/// Encodes a whole record (header, payload written by `fill`, zero padding) into `out`,
-/// which must be exactly `RecordHeader::disk_len(payload_len)` bytes and zeroed past the payload.
+/// Whether the bytes at the start of `bytes` begin with the record magic (a cheap test before
+/// `RecordHeader::decode`, for scans that look for records at every 8-byte boundary).
+pub fn starts_with_magic(bytes: &[u8]) -> bool {
+    bytes.get(..4).is_some_and(|m| m == RECORD_MAGIC.to_le_bytes())
+}
+
+/// Encodes a whole packed record (header, payload written by `fill`, zero padding) into
+/// `out`, which must be exactly `RecordHeader::packed_len(payload_len)` bytes.
 pub fn encode_record(
     out: &mut [u8],
     kind: RecordKind,
@@ -172,14 +206,40 @@ pub fn encode_record(
     payload_len: usize,
     fill: impl FnOnce(&mut [u8]),
 ) {
-    debug_assert_eq!(out.len() as u64, RecordHeader::disk_len(payload_len));
+    debug_assert_eq!(out.len() as u64, RecordHeader::packed_len(payload_len));
+    encode_any(out, true, kind, epoch, lsn, payload_len, fill);
+}
+
+/// Encodes a whole block-padded record (record version 1, as builds before packed records
+/// wrote them) into `out`, exactly `RecordHeader::block_padded_len(payload_len)` bytes: for
+/// tests of directories such builds left.
+pub fn encode_block_padded_record(
+    out: &mut [u8],
+    kind: RecordKind,
+    epoch: u64,
+    lsn: u64,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) {
+    debug_assert_eq!(out.len() as u64, RecordHeader::block_padded_len(payload_len));
+    encode_any(out, false, kind, epoch, lsn, payload_len, fill);
+}
+
+fn encode_any(
+    out: &mut [u8],
+    packed: bool,
+    kind: RecordKind,
+    epoch: u64,
+    lsn: u64,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) {
     let (head, rest) = out.split_at_mut(RECORD_HEADER_BYTES);
     let payload = &mut rest[..payload_len];
     fill(payload);
     let payload_crc = crc32c::crc32c(payload);
-    RecordHeader { kind, epoch, lsn, payload_len: payload_len as u32, payload_crc }.encode(head);
+    RecordHeader { kind, epoch, lsn, payload_len: payload_len as u32, payload_crc, packed }.encode(head);
     rest[payload_len..].fill(0);
-    debug_assert_eq!(out.len() as u64 % BLOCK_BYTES, 0);
 }
 
 #[cfg(test)]
@@ -188,12 +248,21 @@ mod tests {
 
     #[test]
     fn record_roundtrip_and_damage() {
-        let len = RecordHeader::disk_len(10) as usize;
+        let len = RecordHeader::packed_len(10) as usize;
+        assert_eq!(len, 56, "40 + 10, padded to 8");
         let mut buf = vec![0u8; len];
         encode_record(&mut buf, RecordKind::Batch, 3, 77, 10, |p| p.copy_from_slice(b"0123456789"));
         let h = RecordHeader::decode(&buf).unwrap();
-        assert_eq!((h.kind, h.epoch, h.lsn, h.payload_len), (RecordKind::Batch, 3, 77, 10));
+        assert_eq!((h.kind, h.epoch, h.lsn, h.payload_len, h.packed), (RecordKind::Batch, 3, 77, 10, true));
         assert_eq!(h.payload_crc, crc32c::crc32c(b"0123456789"));
+        assert_eq!(h.disk_len(), 56);
+        // The first layout, still read: the next record at the next block boundary.
+        let mut old = vec![0u8; RecordHeader::block_padded_len(10) as usize];
+        encode_block_padded_record(&mut old, RecordKind::Batch, 3, 77, 10, |p| p.copy_from_slice(b"0123456789"));
+        let o = RecordHeader::decode(&old).unwrap();
+        assert_eq!((o.packed, o.disk_len(), o.payload_crc), (false, 4096, h.payload_crc));
+        assert_eq!(old[4], 1);
+        assert!(starts_with_magic(&old) && !starts_with_magic(&old[1..]));
         assert_eq!(RecordHeader::decode(&[0u8; 40]), Err(HeaderFault::Zero));
         buf[17] ^= 1;
         assert_eq!(RecordHeader::decode(&buf), Err(HeaderFault::Invalid));
@@ -205,6 +274,13 @@ mod tests {
         let h = FileHeader { container: 5, seq: 9, epoch: 2, file_bytes: 1 << 20, min_lsn: 1234 };
         h.encode(&mut block);
         assert_eq!(FileHeader::decode(&block).unwrap(), h);
+        assert_eq!(block[8], 3, "files of packed records");
+        // The second layout (block-padded records only) reads the same.
+        let mut v2 = block.clone();
+        v2[8] = 2;
+        let crc = crc32c::crc32c(&v2[..48]);
+        v2[48..52].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(FileHeader::decode(&v2).unwrap(), h);
         for at in [9, 20, 44] {
             let mut bad = block.clone();
             bad[at] ^= 0xff;

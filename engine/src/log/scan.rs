@@ -6,12 +6,17 @@
 //! zeros), but never a complete, valid record; finding one means acknowledged data was
 //! damaged, and recovery must refuse to start.
 //!
+//! Records are packed (each at the 8-byte boundary after the one before; files of earlier
+//! builds hold block-padded ones, each at a block boundary): a record's own header says
+//! where the next one starts, and a search for records past damage looks at every 8-byte
+//! boundary (the record magic first, a cheap test).
+//!
 //! A recycled file (a freed log file given a new name and header instead of a new file)
 //! still holds its earlier use's records after its own. Those have LSNs below the header's
 //! `min_lsn`; they end the chain like zeros and are never evidence of damage.
 
-use crate::constants::{BLOCK_BYTES, FILE_HEADER_BYTES, RECORD_HEADER_BYTES};
-use crate::log::format::{FileHeader, HeaderFault, RecordHeader};
+use crate::constants::{BLOCK_BYTES, FILE_HEADER_BYTES, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES};
+use crate::log::format::{FileHeader, HeaderFault, RecordHeader, starts_with_magic};
 use bytes::Bytes;
 
 /// A valid record.
@@ -49,8 +54,9 @@ pub struct FileScan {
     /// Position just after the last valid record (where the next record goes).
     pub end: u64,
     pub stop: ScanEnd,
-    /// End of the last non-zero block at or after `end` (torn garbage to clear), or `end`;
-    /// in a recycled file, only up to the first record of its earlier use.
+    /// End of the last block holding a non-zero byte at or after `end` (torn garbage to
+    /// clear), or `end`; in a recycled file, only up to the first record of its earlier use
+    /// (which may start inside a block).
     pub dirty_end: u64,
 }
 
@@ -60,7 +66,7 @@ fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Opt
     let header = RecordHeader::decode(&bytes[p..]).map_err(|f| (f, None, "invalid record header".to_string()))?;
     let start = p + RECORD_HEADER_BYTES;
     let end = start + header.payload_len as usize;
-    let extent = Some(RecordHeader::disk_len(header.payload_len as usize));
+    let extent = Some(header.disk_len());
     if end > bytes.len() {
         return Err((
             HeaderFault::Invalid,
@@ -88,7 +94,7 @@ pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
         })?;
         let start = pos + RECORD_HEADER_BYTES;
         let end = start + header.payload_len as usize;
-        let next = pos as u64 + RecordHeader::disk_len(header.payload_len as usize);
+        let next = pos as u64 + header.disk_len();
         if next > bytes.len() as u64 {
             return Err((at, format!("the record at byte {at} runs past the {} bytes read", bytes.len())));
         }
@@ -160,7 +166,7 @@ pub fn damaged_records(bytes: &Bytes, k: &Skipped) -> Vec<(RecordHeader, Bytes)>
             break;
         }
         out.push((header, bytes.slice(start..end)));
-        pos += RecordHeader::disk_len(header.payload_len as usize) as usize;
+        pos += header.disk_len() as usize;
     }
     out
 }
@@ -171,7 +177,16 @@ pub fn sound_records(bytes: &Bytes) -> Vec<ScannedRecord> {
     scan_past_damage(bytes).0.records
 }
 
-/// Scans records from `start` (a block boundary) to the end of the file.
+/// Positions from `from` (a multiple of 8) up to `to` where a record header could start and
+/// its magic is in place.
+fn magic_positions(bytes: &Bytes, from: u64, to: u64) -> impl Iterator<Item = u64> + '_ {
+    let last = (bytes.len() as u64).saturating_sub(RECORD_HEADER_BYTES as u64);
+    (from..to.min(last + 1))
+        .step_by(RECORD_ALIGN_BYTES as usize)
+        .filter(move |&p| starts_with_magic(&bytes[p as usize..]))
+}
+
+/// Scans records from `start` (a record boundary) to the end of the file.
 fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     let header = FileHeader::decode(bytes);
     let min_lsn = min_lsn(bytes, &header);
@@ -198,7 +213,7 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
                         break Some((pos, HeaderFault::Invalid, None, reason));
                     }
                 }
-                pos += RecordHeader::disk_len(rec.header.payload_len as usize);
+                pos += rec.header.disk_len();
                 records.push(rec);
             }
             Err((fault, extent, reason)) => break Some((pos, fault, extent, reason)),
@@ -208,20 +223,23 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     let block = BLOCK_BYTES as usize;
     // Torn bytes reach at most to the first record of the earlier use after the end (a
     // record header with a lower LSN than the file's own: a cheap test, the header only).
-    let earlier_use = |b: usize| RecordHeader::decode(&bytes[b..]).is_ok_and(|h| h.lsn < min_lsn);
-    let limit = (end as usize..len as usize).step_by(block).find(|&b| earlier_use(b)).unwrap_or(len as usize);
-    let dirty_end = (end as usize..limit)
+    let earlier_use = |p: u64| RecordHeader::decode(&bytes[p as usize..]).is_ok_and(|h| h.lsn < min_lsn);
+    let limit = if end >= len { len } else { magic_positions(bytes, end, len).find(|&p| earlier_use(p)).unwrap_or(len) }
+        as usize;
+    // The last block holding a non-zero byte at or after the end (the end's own block only
+    // from the end on: the bytes before it are records).
+    let first_block = crate::constants::align_down(end) as usize;
+    let dirty_end = (first_block..limit)
         .step_by(block)
         .rev()
-        .find(|&b| bytes[b..b + block].iter().any(|&x| x != 0))
-        .map_or(end, |b| (b + block) as u64);
+        .find(|&b| bytes[b.max(end as usize)..(b + block).min(limit)].iter().any(|&x| x != 0))
+        .map_or(end, |b| ((b + block).min(limit) as u64).max(end));
     let stop = match stop {
         None => ScanEnd::Clean,
         Some((at, fault, extent, reason)) => {
-            let resume = extent.map_or(at + BLOCK_BYTES, |e| at + e);
-            let valid_after = (resume..len).step_by(BLOCK_BYTES as usize).take_while(|&b| b < dirty_end).find(|&b| {
-                b + RECORD_HEADER_BYTES as u64 <= len && record_at(bytes, b).is_ok_and(|r| r.header.lsn >= min_lsn)
-            });
+            let resume = extent.map_or(at + RECORD_ALIGN_BYTES, |e| at + e);
+            let valid_after = magic_positions(bytes, resume, dirty_end.min(len))
+                .find(|&b| record_at(bytes, b).is_ok_and(|r| r.header.lsn >= min_lsn));
             match valid_after {
                 Some(valid_at) => ScanEnd::Corrupt { at, valid_at, reason },
                 None if fault == HeaderFault::Zero && dirty_end == end => ScanEnd::Clean,
@@ -238,11 +256,11 @@ mod tests {
 
     #[test]
     fn check_records_finds_the_damaged_record() {
-        use crate::log::format::{RecordKind, encode_record};
+        use crate::log::format::{RecordKind, encode_block_padded_record};
         let mut buf = Vec::new();
         for (lsn, len) in [(1u64, 100usize), (2, 5000), (3, 10)] {
-            let mut rec = vec![0u8; RecordHeader::disk_len(len) as usize];
-            encode_record(&mut rec, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
+            let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
+            encode_block_padded_record(&mut rec, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
             buf.extend_from_slice(&rec);
         }
         let base = 8192;
@@ -265,15 +283,15 @@ mod tests {
 
     #[test]
     fn sound_records_go_on_past_each_damaged_stretch() {
-        use crate::log::format::{FileHeader, RecordKind, encode_record};
+        use crate::log::format::{FileHeader, RecordKind, encode_block_padded_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
         FileHeader { container: 1, seq: 0, epoch: 1, file_bytes: 1 << 20, min_lsn: 0 }.encode(&mut file);
         let mut at = Vec::new();
         for lsn in 1..=6u64 {
             at.push(file.len());
             let len = if lsn == 3 { 6000 } else { 100 };
-            let mut rec = vec![0u8; RecordHeader::disk_len(len) as usize];
-            encode_record(&mut rec, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
+            let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
+            encode_block_padded_record(&mut rec, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
             file.extend_from_slice(&rec);
         }
         file.extend_from_slice(&[0u8; 8192]);
@@ -296,15 +314,15 @@ mod tests {
     /// A file of `records` (kind, lsn, payload length) after a header with `min_lsn`, padded
     /// with zeros to `total` bytes; returns it and each record's position.
     fn file_of(min_lsn: u64, records: &[(u64, usize)], total: usize) -> (Vec<u8>, Vec<usize>) {
-        use crate::log::format::{FileHeader, RecordKind, encode_record};
+        use crate::log::format::{FileHeader, RecordKind, encode_block_padded_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
         FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: total as u64, min_lsn }.encode(&mut file);
         let mut at = Vec::new();
         for (i, &(lsn, len)) in records.iter().enumerate() {
             at.push(file.len());
             let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
-            let mut rec = vec![0u8; RecordHeader::disk_len(len) as usize];
-            encode_record(&mut rec, kind, 1, lsn, len, |p| p.fill(lsn as u8));
+            let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
+            encode_block_padded_record(&mut rec, kind, 1, lsn, len, |p| p.fill(lsn as u8));
             file.extend_from_slice(&rec);
         }
         file.resize(total, 0);
@@ -375,5 +393,112 @@ mod tests {
         assert!(scan.header.is_err());
         assert_eq!(lsns(&scan), [100, 101, 102, 103, 104, 105]);
         assert_eq!(scan.stop, ScanEnd::Clean);
+    }
+    /// A file of records (lsn, payload length, packed) after a header with `min_lsn`, the
+    /// first a checkpoint, padded with zeros to `total` bytes; and each record's position.
+    fn file_with(min_lsn: u64, records: &[(u64, usize, bool)], total: usize) -> (Vec<u8>, Vec<usize>) {
+        use crate::log::format::{FileHeader, RecordKind, encode_block_padded_record, encode_record};
+        let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
+        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: total as u64, min_lsn }.encode(&mut file);
+        let mut at = Vec::new();
+        for (i, &(lsn, len, packed)) in records.iter().enumerate() {
+            at.push(file.len());
+            let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
+            let fill = |p: &mut [u8]| p.fill(lsn as u8 | 1);
+            if packed {
+                let mut rec = vec![0u8; RecordHeader::packed_len(len) as usize];
+                encode_record(&mut rec, kind, 1, lsn, len, fill);
+                file.extend_from_slice(&rec);
+            } else {
+                let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
+                encode_block_padded_record(&mut rec, kind, 1, lsn, len, fill);
+                file.extend_from_slice(&rec);
+            }
+        }
+        file.resize(total, 0);
+        (file, at)
+    }
+
+    #[test]
+    fn packed_records_share_blocks_and_a_torn_tail_among_them_is_cut() {
+        let lsns = |s: &FileScan| s.records.iter().map(|r| r.header.lsn).collect::<Vec<_>>();
+        // Several records to a block, one across a block boundary.
+        let records: Vec<(u64, usize, bool)> =
+            [(1, 300), (2, 13), (3, 1000), (4, 5000), (5, 7), (6, 100)].map(|(l, n)| (l, n, true)).to_vec();
+        let (file, at) = file_with(0, &records, 1 << 16);
+        assert_eq!(at, [4096, 4440, 4496, 5536, 10576, 10624]);
+        let scan = scan_file(&Bytes::from(file.clone()));
+        assert_eq!(lsns(&scan), [1, 2, 3, 4, 5, 6]);
+        assert_eq!((scan.stop.clone(), scan.end, scan.dirty_end), (ScanEnd::Clean, 10768, 10768));
+        let mut read = file[at[1]..scan.end as usize].to_vec();
+        assert_eq!(check_records(&read, at[1] as u64), Ok(()));
+        read[at[4] - at[1] + 45] ^= 1;
+        assert_eq!(
+            check_records(&read, at[1] as u64),
+            Err((10576, "the record at byte 10576 fails its checksum".into()))
+        );
+
+        // A torn write of a next record in the same block: garbage right after the end.
+        let mut torn = file.clone();
+        torn[10768..10800].fill(0x77);
+        let scan = scan_file(&Bytes::from(torn.clone()));
+        assert_eq!(lsns(&scan), [1, 2, 3, 4, 5, 6]);
+        assert!(matches!(scan.stop, ScanEnd::Torn { at: 10768, .. }), "{:?}", scan.stop);
+        assert_eq!(scan.dirty_end, 12288, "to the end of the block");
+        // ... and reaching into the next block.
+        torn[12290] = 1;
+        assert_eq!(scan_file(&Bytes::from(torn)).dirty_end, 16384);
+
+        // Damage to a record with sound ones after it, at no block boundary.
+        let mut bad = file.clone();
+        bad[at[2] + RECORD_HEADER_BYTES + 10] ^= 1;
+        let scan = scan_file(&Bytes::from(bad.clone()));
+        assert_eq!(
+            scan.stop,
+            ScanEnd::Corrupt { at: at[2] as u64, valid_at: at[3] as u64, reason: "payload checksum mismatch".into() }
+        );
+        assert_eq!(sound_records(&Bytes::from(bad)).iter().map(|r| r.header.lsn).collect::<Vec<_>>(), [1, 2, 4, 5, 6]);
+        // A damaged header: the next sound record is found at its own 8-byte boundary.
+        let mut bad = file.clone();
+        bad[at[4] + 20] ^= 1;
+        let scan = scan_file(&Bytes::from(bad));
+        assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 10576, valid_at: 10624, .. }), "{:?}", scan.stop);
+    }
+
+    #[test]
+    fn packed_records_follow_block_padded_ones_in_a_file_an_earlier_build_began() {
+        let records = [(1, 200, false), (2, 300, false), (3, 50, true), (4, 5000, true), (5, 9, true)];
+        let (file, at) = file_with(0, &records, 1 << 16);
+        assert_eq!(at, [4096, 8192, 12288, 12384, 17424]);
+        let scan = scan_file(&Bytes::from(file.clone()));
+        assert_eq!(scan.records.iter().map(|r| r.header.lsn).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert_eq!((scan.stop, scan.end), (ScanEnd::Clean, 17480));
+        assert_eq!(check_records(&file[at[1]..17480], at[1] as u64), Ok(()));
+    }
+
+    #[test]
+    fn a_recycled_file_of_packed_records_ends_where_its_earlier_use_begins_inside_a_block() {
+        // The earlier use: packed records of 1,000 bytes (1,040 on disk) from byte 4096.
+        let earlier = file_with(0, &(10..60).map(|l| (l, 1000, true)).collect::<Vec<_>>(), 1 << 16).0;
+        let own = |n: u64, len: usize| {
+            let records: Vec<(u64, usize, bool)> = (100..100 + n).map(|l| (l, len, true)).collect();
+            let (mut file, at) = file_with(100, &records, 1 << 16);
+            let end = at.last().map_or(4096, |&a| a + RecordHeader::packed_len(len) as usize);
+            file[end..].copy_from_slice(&earlier[end..]);
+            (file, end)
+        };
+        // Two own records of 1,560 bytes end exactly where an earlier record starts (byte
+        // 7216, inside a block): the end is clean, nothing to clear.
+        let (file, end) = own(2, 1520);
+        assert_eq!(end, 7216);
+        let scan = scan_file(&Bytes::from(file));
+        assert_eq!((scan.stop, scan.end, scan.dirty_end), (ScanEnd::Clean, 7216, 7216));
+        // Ending inside an earlier record: its rest is torn-looking bytes to clear, up to the
+        // next earlier record, not damage.
+        let (file, end) = own(2, 1500);
+        assert_eq!(end, 7184);
+        let scan = scan_file(&Bytes::from(file));
+        assert!(matches!(scan.stop, ScanEnd::Torn { at: 7184, .. }), "{:?}", scan.stop);
+        assert_eq!(scan.dirty_end, 7216, "up to the earlier record, inside the block");
     }
 }
