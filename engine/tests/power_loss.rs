@@ -1137,3 +1137,61 @@ fn salvage_names_segments_untraced_after_the_last_of_several_losses() {
     assert_eq!(core.untraced_after_salvage(), ["a/b/0".to_string(), "s/a/0".to_string()]);
     assert!(core.lost_in_salvage());
 }
+
+/// A log file in the layout of builds before packed records (header version 2, every record
+/// padded to a block): the same records, moved to block boundaries.
+fn to_block_padded(image: &[u8]) -> Vec<u8> {
+    use sluice_engine::log::format::encode_block_padded_record;
+    let scan = scan_file(&Bytes::copy_from_slice(image));
+    let mut out = vec![0u8; image.len()];
+    let mut header = scan.header.expect("a sound header");
+    header.min_lsn = 0;
+    header.encode(&mut out[..FILE_HEADER_BYTES as usize]);
+    out[8] = 2;
+    let crc = crc32c::crc32c(&out[..48]);
+    out[48..52].copy_from_slice(&crc.to_le_bytes());
+    let mut at = FILE_HEADER_BYTES as usize;
+    for r in &scan.records {
+        let h = r.header;
+        let len = sluice_engine::log::format::RecordHeader::block_padded_len(r.payload.len()) as usize;
+        encode_block_padded_record(&mut out[at..at + len], h.kind, h.epoch, h.lsn, r.payload.len(), |p| {
+            p.copy_from_slice(&r.payload)
+        });
+        at += len;
+    }
+    out
+}
+
+/// A data directory an earlier build wrote (block-padded records) opens, its current file
+/// goes on with packed records after them, and a restart reads both.
+#[test]
+fn a_log_file_of_block_padded_records_goes_on_with_packed_ones() {
+    let (mut core, mut sim) = setup();
+    write_some(&mut core, &mut sim, 4);
+    let before = read_segment(&mut core, &sim.disk, "a/b/0");
+    let old = to_block_padded(&sim.disk.files[&0]);
+    let old_end = scan_file(&Bytes::from(old.clone())).end;
+    assert_eq!(old_end % BLOCK_BYTES, 0);
+    sim.disk.files.insert(0, old);
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&fresh_cfg(), &mut disk);
+    assert_eq!(read_segment(&mut core, &disk, "a/b/0"), before, "block-padded records read");
+
+    let mut sim = Sim { rng: StdRng::seed_from_u64(5), disk, steps_left: u64::MAX };
+    for i in 0..3 {
+        core.submit(one_event(format!("small-{i}").as_bytes())).unwrap();
+        while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    }
+    let scan = scan_file(&Bytes::from(sim.disk.files[&0].clone()));
+    let packed: Vec<bool> = scan.records.iter().map(|r| r.header.packed).collect();
+    assert_eq!(packed, [false, false, false, false, false, false, true, true, true], "one file, both layouts");
+    assert_eq!(scan.records[6].pos, old_end, "the first packed record right after the last padded one");
+    assert!(scan.records[8].pos - scan.records[7].pos < 100, "small records share a block");
+    let after = read_segment(&mut core, &sim.disk, "a/b/0");
+    let mut disk = sim.disk.clone();
+    let mut core = recover(&fresh_cfg(), &mut disk);
+    assert_eq!(read_segment(&mut core, &disk, "a/b/0"), after);
+    let events: Vec<Vec<u8>> = EventIter::new(&after).map(|e| e.unwrap().to_vec()).collect();
+    assert_eq!(events.len(), 7);
+    assert_eq!(events[6], b"small-2");
+}
