@@ -1141,7 +1141,7 @@ fn salvage_names_segments_untraced_after_the_last_of_several_losses() {
 /// A log file in the layout of builds before packed records (header version 2, every record
 /// padded to a block): the same records, moved to block boundaries.
 fn to_block_padded(image: &[u8]) -> Vec<u8> {
-    use sluice_engine::log::format::encode_block_padded_record;
+    use sluice_engine::log::format::{RecordLayout, encode_record};
     let scan = scan_file(&Bytes::copy_from_slice(image));
     let mut out = vec![0u8; image.len()];
     let mut header = scan.header.expect("a sound header");
@@ -1154,9 +1154,15 @@ fn to_block_padded(image: &[u8]) -> Vec<u8> {
     for r in &scan.records {
         let h = r.header;
         let len = sluice_engine::log::format::RecordHeader::block_padded_len(r.payload.len()) as usize;
-        encode_block_padded_record(&mut out[at..at + len], h.kind, h.epoch, h.lsn, r.payload.len(), |p| {
-            p.copy_from_slice(&r.payload)
-        });
+        encode_record(
+            &mut out[at..at + len],
+            RecordLayout::BlockPadded,
+            h.kind,
+            h.epoch,
+            h.lsn,
+            r.payload.len(),
+            |p| p.copy_from_slice(&r.payload),
+        );
         at += len;
     }
     out

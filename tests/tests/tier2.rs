@@ -799,7 +799,7 @@ async fn a_recreated_stream_never_reads_the_old_streams_bytes() {
 /// recorded wrote it.
 fn checkpoints_back_to_layout_2(containers: &Path) {
     use sluice_engine::log::checkpoint::{CheckpointState, CheckpointStateV2};
-    use sluice_engine::log::format::{RecordHeader, RecordKind, encode_record};
+    use sluice_engine::log::format::{RecordHeader, RecordKind, RecordLayout, encode_record};
     for c in std::fs::read_dir(containers).unwrap() {
         let c = c.unwrap().path();
         if !c.is_dir() {
@@ -832,7 +832,9 @@ fn checkpoints_back_to_layout_2(containers: &Path) {
         let at = first.pos as usize;
         let out = &mut bytes[at..at + disk_len];
         let (epoch, lsn) = (first.header.epoch, first.header.lsn);
-        encode_record(out, RecordKind::Checkpoint, epoch, lsn, payload.len(), |p| p.copy_from_slice(&payload));
+        encode_record(out, RecordLayout::Packed, RecordKind::Checkpoint, epoch, lsn, payload.len(), |p| {
+            p.copy_from_slice(&payload)
+        });
         std::fs::write(newest, &bytes).unwrap();
     }
 }

@@ -20,7 +20,7 @@ use crate::container::index::FileIndex;
 use crate::error::EngineError;
 use crate::log::checkpoint::{CheckpointState, SegmentCheckpoint};
 use crate::log::entry::{APPEND_HEADER_BYTES, LogEntry, decode_entries, decode_entries_prefix};
-use crate::log::format::{FileHeader, RecordHeader, RecordKind, encode_record};
+use crate::log::format::{FileHeader, RecordHeader, RecordKind, RecordLayout, encode_record};
 use crate::log::scan::{FileScan, ScanEnd, Skipped, damaged_records, scan_file, scan_past_damage};
 use bytes::Bytes;
 use sluice_net::event::{skip_events, validate_events};
@@ -1362,9 +1362,15 @@ impl ContainerCore {
         let step = f.plan.checkpoint.expect("the flush rolls");
         let ck = f.checkpoint.as_ref().expect("the flush rolls");
         let tail = fill_step(buf, step, (step.file_seq, step.pos, Vec::new()), |rec| {
-            encode_record(rec, RecordKind::Checkpoint, self.epoch, f.checkpoint_lsn, ck.len(), |p| {
-                p.copy_from_slice(ck)
-            })
+            encode_record(
+                rec,
+                RecordLayout::Packed,
+                RecordKind::Checkpoint,
+                self.epoch,
+                f.checkpoint_lsn,
+                ck.len(),
+                |p| p.copy_from_slice(ck),
+            )
         });
         self.tail = (step.file_seq, step.record_pos + step.record_len, tail);
     }
@@ -1376,7 +1382,7 @@ impl ContainerCore {
         let f = self.in_flight.as_ref().expect("a flush in flight");
         let step = f.plan.batch.expect("the flush has a batch");
         let tail = fill_step(buf, step, tail, |rec| {
-            encode_record(rec, RecordKind::Batch, self.epoch, f.batch_lsn, f.payload_len, |p| {
+            encode_record(rec, RecordLayout::Packed, RecordKind::Batch, self.epoch, f.batch_lsn, f.payload_len, |p| {
                 let mut at = 0;
                 for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
                     at += e.encode(&mut p[at..]);

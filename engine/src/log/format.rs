@@ -143,8 +143,8 @@ impl RecordHeader {
     /// Bytes this record takes on disk: where the next record starts, counted from its own
     /// start.
     pub fn disk_len(&self) -> u64 {
-        let payload = self.payload_len as usize;
-        if self.packed { Self::packed_len(payload) } else { Self::block_padded_len(payload) }
+        let layout = if self.packed { RecordLayout::Packed } else { RecordLayout::BlockPadded };
+        layout.disk_len(self.payload_len as usize)
     }
 
     pub fn encode(&self, out: &mut [u8]) {
@@ -196,48 +196,43 @@ pub fn starts_with_magic(bytes: &[u8]) -> bool {
     bytes.get(..4).is_some_and(|m| m == RECORD_MAGIC.to_le_bytes())
 }
 
-/// Encodes a whole packed record (header, payload written by `fill`, zero padding) into
-/// `out`, which must be exactly `RecordHeader::packed_len(payload_len)` bytes.
+/// How records are laid out one after the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordLayout {
+    /// Record version 2, what this build writes: the next record at the next 8-byte boundary.
+    Packed,
+    /// Record version 1, as builds before packed records wrote them (still read): the next
+    /// record at the next block boundary.
+    BlockPadded,
+}
+
+impl RecordLayout {
+    /// Bytes a record of `payload_len` takes on disk in this layout.
+    pub fn disk_len(self, payload_len: usize) -> u64 {
+        match self {
+            Self::Packed => RecordHeader::packed_len(payload_len),
+            Self::BlockPadded => RecordHeader::block_padded_len(payload_len),
+        }
+    }
+}
+
+/// Encodes a whole record (header, payload written by `fill`, zero padding) into `out`, which
+/// must be exactly `layout.disk_len(payload_len)` bytes.
 pub fn encode_record(
     out: &mut [u8],
+    layout: RecordLayout,
     kind: RecordKind,
     epoch: u64,
     lsn: u64,
     payload_len: usize,
     fill: impl FnOnce(&mut [u8]),
 ) {
-    debug_assert_eq!(out.len() as u64, RecordHeader::packed_len(payload_len));
-    encode_any(out, true, kind, epoch, lsn, payload_len, fill);
-}
-
-/// Encodes a whole block-padded record (record version 1, as builds before packed records
-/// wrote them) into `out`, exactly `RecordHeader::block_padded_len(payload_len)` bytes: for
-/// tests of directories such builds left.
-pub fn encode_block_padded_record(
-    out: &mut [u8],
-    kind: RecordKind,
-    epoch: u64,
-    lsn: u64,
-    payload_len: usize,
-    fill: impl FnOnce(&mut [u8]),
-) {
-    debug_assert_eq!(out.len() as u64, RecordHeader::block_padded_len(payload_len));
-    encode_any(out, false, kind, epoch, lsn, payload_len, fill);
-}
-
-fn encode_any(
-    out: &mut [u8],
-    packed: bool,
-    kind: RecordKind,
-    epoch: u64,
-    lsn: u64,
-    payload_len: usize,
-    fill: impl FnOnce(&mut [u8]),
-) {
+    debug_assert_eq!(out.len() as u64, layout.disk_len(payload_len));
     let (head, rest) = out.split_at_mut(RECORD_HEADER_BYTES);
     let payload = &mut rest[..payload_len];
     fill(payload);
     let payload_crc = crc32c::crc32c(payload);
+    let packed = layout == RecordLayout::Packed;
     RecordHeader { kind, epoch, lsn, payload_len: payload_len as u32, payload_crc, packed }.encode(head);
     rest[payload_len..].fill(0);
 }
@@ -251,14 +246,18 @@ mod tests {
         let len = RecordHeader::packed_len(10) as usize;
         assert_eq!(len, 56, "40 + 10, padded to 8");
         let mut buf = vec![0u8; len];
-        encode_record(&mut buf, RecordKind::Batch, 3, 77, 10, |p| p.copy_from_slice(b"0123456789"));
+        encode_record(&mut buf, RecordLayout::Packed, RecordKind::Batch, 3, 77, 10, |p| {
+            p.copy_from_slice(b"0123456789")
+        });
         let h = RecordHeader::decode(&buf).unwrap();
         assert_eq!((h.kind, h.epoch, h.lsn, h.payload_len, h.packed), (RecordKind::Batch, 3, 77, 10, true));
         assert_eq!(h.payload_crc, crc32c::crc32c(b"0123456789"));
         assert_eq!(h.disk_len(), 56);
         // The first layout, still read: the next record at the next block boundary.
         let mut old = vec![0u8; RecordHeader::block_padded_len(10) as usize];
-        encode_block_padded_record(&mut old, RecordKind::Batch, 3, 77, 10, |p| p.copy_from_slice(b"0123456789"));
+        encode_record(&mut old, RecordLayout::BlockPadded, RecordKind::Batch, 3, 77, 10, |p| {
+            p.copy_from_slice(b"0123456789")
+        });
         let o = RecordHeader::decode(&old).unwrap();
         assert_eq!((o.packed, o.disk_len(), o.payload_crc), (false, 4096, h.payload_crc));
         assert_eq!(old[4], 1);

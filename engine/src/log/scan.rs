@@ -256,11 +256,11 @@ mod tests {
 
     #[test]
     fn check_records_finds_the_damaged_record() {
-        use crate::log::format::{RecordKind, encode_block_padded_record};
+        use crate::log::format::{RecordKind, RecordLayout, encode_record};
         let mut buf = Vec::new();
         for (lsn, len) in [(1u64, 100usize), (2, 5000), (3, 10)] {
             let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
-            encode_block_padded_record(&mut rec, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
+            encode_record(&mut rec, RecordLayout::BlockPadded, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
             buf.extend_from_slice(&rec);
         }
         let base = 8192;
@@ -283,7 +283,7 @@ mod tests {
 
     #[test]
     fn sound_records_go_on_past_each_damaged_stretch() {
-        use crate::log::format::{FileHeader, RecordKind, encode_block_padded_record};
+        use crate::log::format::{FileHeader, RecordKind, RecordLayout, encode_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
         FileHeader { container: 1, seq: 0, epoch: 1, file_bytes: 1 << 20, min_lsn: 0 }.encode(&mut file);
         let mut at = Vec::new();
@@ -291,7 +291,7 @@ mod tests {
             at.push(file.len());
             let len = if lsn == 3 { 6000 } else { 100 };
             let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
-            encode_block_padded_record(&mut rec, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
+            encode_record(&mut rec, RecordLayout::BlockPadded, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
             file.extend_from_slice(&rec);
         }
         file.extend_from_slice(&[0u8; 8192]);
@@ -314,7 +314,7 @@ mod tests {
     /// A file of `records` (kind, lsn, payload length) after a header with `min_lsn`, padded
     /// with zeros to `total` bytes; returns it and each record's position.
     fn file_of(min_lsn: u64, records: &[(u64, usize)], total: usize) -> (Vec<u8>, Vec<usize>) {
-        use crate::log::format::{FileHeader, RecordKind, encode_block_padded_record};
+        use crate::log::format::{FileHeader, RecordKind, RecordLayout, encode_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
         FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: total as u64, min_lsn }.encode(&mut file);
         let mut at = Vec::new();
@@ -322,7 +322,7 @@ mod tests {
             at.push(file.len());
             let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
             let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
-            encode_block_padded_record(&mut rec, kind, 1, lsn, len, |p| p.fill(lsn as u8));
+            encode_record(&mut rec, RecordLayout::BlockPadded, kind, 1, lsn, len, |p| p.fill(lsn as u8));
             file.extend_from_slice(&rec);
         }
         file.resize(total, 0);
@@ -397,23 +397,17 @@ mod tests {
     /// A file of records (lsn, payload length, packed) after a header with `min_lsn`, the
     /// first a checkpoint, padded with zeros to `total` bytes; and each record's position.
     fn file_with(min_lsn: u64, records: &[(u64, usize, bool)], total: usize) -> (Vec<u8>, Vec<usize>) {
-        use crate::log::format::{FileHeader, RecordKind, encode_block_padded_record, encode_record};
+        use crate::log::format::{FileHeader, RecordKind, RecordLayout, encode_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
         FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: total as u64, min_lsn }.encode(&mut file);
         let mut at = Vec::new();
         for (i, &(lsn, len, packed)) in records.iter().enumerate() {
             at.push(file.len());
             let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
-            let fill = |p: &mut [u8]| p.fill(lsn as u8 | 1);
-            if packed {
-                let mut rec = vec![0u8; RecordHeader::packed_len(len) as usize];
-                encode_record(&mut rec, kind, 1, lsn, len, fill);
-                file.extend_from_slice(&rec);
-            } else {
-                let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
-                encode_block_padded_record(&mut rec, kind, 1, lsn, len, fill);
-                file.extend_from_slice(&rec);
-            }
+            let layout = if packed { RecordLayout::Packed } else { RecordLayout::BlockPadded };
+            let mut rec = vec![0u8; layout.disk_len(len) as usize];
+            encode_record(&mut rec, layout, kind, 1, lsn, len, |p| p.fill(lsn as u8 | 1));
+            file.extend_from_slice(&rec);
         }
         file.resize(total, 0);
         (file, at)
