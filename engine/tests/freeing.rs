@@ -4,8 +4,9 @@
 //! tier-2, and no file is cut under a read in flight); a `.free` file a crash left behind is
 //! deleted when the container opens again, and everything still reads back. With spare
 //! files, freed files are reused as later ones, and nothing they held before is ever read,
-//! across reopens. Without tier-2, truncated and deleted data frees its files too (a file
-//! another segment still needs stays), and files waiting to be cut become later log files.
+//! across reopens. Without tier-2, truncated and deleted data frees its files too (a small
+//! segment that alone still needs a file is copied into the current one first), and files
+//! waiting to be cut become later log files.
 
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -346,22 +347,12 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
             let logs_before = files_before.len();
             assert!(logs_before >= 4, "the events fill several log files ({logs_before})");
 
-            // Truncated up to event 5500: the other segment still needs the first file, so
-            // no file is freed (the freer looks every second), and the container's health
-            // names it.
+            // Truncated up to event 5500: the other segment alone still needs the first file.
+            // It is small, so the freeing task copies it into the current file, and every file
+            // below the one holding the cut is freed (one kept as a spare, the rest cut and
+            // unlinked). Left: that file, the current one and the next, created ahead.
             let cut = 5499 * EVENT_BYTES;
             c.submit(Request::Truncate { name: SEGMENT.into(), offset: cut }).unwrap().await.unwrap();
-            glommio::timer::sleep(Duration::from_millis(2500)).await;
-            for f in &files_before {
-                assert!(f.exists(), "{} stays: another segment needs the oldest file", f.display());
-            }
-            let held = c.health().log_held_by.expect("the health names the segment that keeps the log");
-            assert!(held.starts_with(&format!("{OTHER} alone keeps ")), "{held}");
-
-            // Deleted, the other segment needs nothing: every file below the one holding the
-            // cut is freed (one kept as a spare, the rest cut and unlinked). Left: that file,
-            // the current one and the next, created ahead.
-            c.submit(Request::Delete { name: OTHER.into() }).unwrap().await.unwrap();
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let (logs, freeing) = (with_ext(&dir, "log").len(), with_ext(&dir, "free").len());
@@ -371,12 +362,17 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
                 assert!(Instant::now() < deadline, "not freed: {logs} logs, {freeing} .free of {logs_before} logs");
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
+            assert!(!files_before[0].exists(), "the first file, which only the other segment needed, is gone");
+            assert_eq!(c.log_relocations(), 1, "the other segment was copied once");
             assert_eq!(c.health().log_held_by, None);
+            let other = c.read(OTHER, 0, 4096, Duration::ZERO).await.unwrap().to_bytes();
+            assert_eq!(&other[..], b"\x05\x00\x00\x00other", "the copied segment reads back");
             let err = c.read(SEGMENT, 0, 4096, Duration::ZERO).await.unwrap_err();
             assert!(matches!(err, sluice_engine::EngineError::Truncated { .. }), "{err:?}");
             assert_eq!(read_events_from(&c, cut, 5500).await, 501, "what is left reads back");
 
-            // Appends go on (the next file made from the spare), and a reopen finds the same.
+            // Appends go on (the next file made from the spare), and a reopen finds the same:
+            // the copy is replayed from the log (or taken from a checkpoint).
             append_events(&c, 6001, 8000).await;
             assert_eq!(read_events_from(&c, cut, 5500).await, 2501);
             let (st, reused) = (c.status(SEGMENT).unwrap(), c.log_files_reused());
@@ -385,8 +381,17 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
             let c = open_without_tier2(&dir).await;
             let again = c.status(SEGMENT).unwrap();
             assert_eq!((again.start_offset, again.length), (st.start_offset, st.length));
-            assert!(c.status(OTHER).is_err(), "the deleted segment stays deleted");
             assert_eq!(read_events_from(&c, cut, 5500).await, 2501, "everything kept reads back after a reopen");
+            let other = c.read(OTHER, 0, 4096, Duration::ZERO).await.unwrap().to_bytes();
+            assert_eq!(&other[..], b"\x05\x00\x00\x00other", "the copy reads back after a reopen");
+
+            // Deleted, the other segment stays deleted across a reopen.
+            c.submit(Request::Delete { name: OTHER.into() }).unwrap().await.unwrap();
+            c.stop_with("test: closing".into());
+            drop(c);
+            let c = open_without_tier2(&dir).await;
+            assert!(c.status(OTHER).is_err(), "the deleted segment stays deleted");
+            assert_eq!(read_events_from(&c, cut, 5500).await, 2501);
             c.stop_with("test: done".into());
             reused
         })

@@ -1201,3 +1201,141 @@ fn a_log_file_of_block_padded_records_goes_on_with_packed_ones() {
     assert_eq!(events.len(), 7);
     assert_eq!(events[6], b"small-2");
 }
+
+/// Without tier-2: a small segment that alone keeps the oldest log file is copied into the
+/// current one (`relocation`, `Request::Relocate`) and the files below the one still needed
+/// are deleted (or kept to be reused), while a large segment is written and truncated; power
+/// fails at any write, the copies' included. Every acknowledged append of the small segment
+/// stays readable at its offset after each recovery, and after the writer resends what was
+/// never acknowledged each event is there once, in order.
+#[test]
+fn power_loss_while_small_segments_are_copied_to_free_the_log() {
+    let (mut crashes, mut relocated, mut freed) = (0u64, 0u64, 0usize);
+    let append = |name: &str, n: u64, payload: &[u8]| {
+        let mut data = Vec::new();
+        encode_event(&mut data, payload);
+        Request::Append {
+            name: name.into(),
+            writer: 5,
+            first_event_number: n,
+            event_count: 1,
+            expected_offset: None,
+            data: Bytes::from(data),
+        }
+    };
+    for seed in 0..300u64 {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xc0de);
+        let cfg = CoreConfig { spare_files: (seed % 2) as usize, ..fresh_cfg() };
+        let mut disk = Disk::default();
+        let mut core = recover(&cfg, &mut disk);
+        let mut sim = Sim { rng: StdRng::seed_from_u64(seed), disk: Disk::default(), steps_left: u64::MAX };
+        for name in ["big", "small"] {
+            core.submit(Request::Create { name: name.into() }).unwrap();
+        }
+        while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+        disk = sim.disk.clone();
+        // The small segment's acknowledged appends (offset, event number), and the one sent
+        // but not acknowledged when the power failed.
+        let mut acked: Vec<(u64, u64)> = Vec::new();
+        let (mut next, mut unacked): (u64, Option<u64>) = (1, None);
+        let mut big_n = 0;
+        let small_event = |n: u64| format!("small-{n}-{}", "s".repeat((n % 7 * 40) as usize)).into_bytes();
+        for _cycle in 0..4 {
+            sim.disk = disk.clone();
+            sim.steps_left = rng.random_range(0..80);
+            let crashed = 'run: loop {
+                // The small segment: the unacknowledged append again, or now and then a new one.
+                let n = match unacked.take() {
+                    Some(n) => Some(n),
+                    None if rng.random_bool(0.3) => {
+                        next += 1;
+                        Some(next - 1)
+                    }
+                    None => None,
+                };
+                if let Some(n) = n {
+                    match core.submit(append("small", n, &small_event(n))).unwrap() {
+                        Submitted::Queued => match flush(&mut core, &mut sim) {
+                            Ok(Some(r)) => {
+                                if let OpResult::Appended { offset, duplicate: false, .. } = r[0] {
+                                    acked.push((offset, n));
+                                }
+                            }
+                            Ok(None) => unreachable!("queued"),
+                            Err(Crash) => {
+                                unacked = Some(n);
+                                break 'run true;
+                            }
+                        },
+                        Submitted::Ready(OpResult::Appended { duplicate: true, .. }) => {}
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                // The large one: a few events of 2-6 KB, then truncated at its length.
+                for _ in 0..rng.random_range(1..4) {
+                    big_n += 1;
+                    let payload = vec![b'b'; rng.random_range(2000..6000)];
+                    core.submit(append("big", big_n, &payload)).unwrap();
+                }
+                let cut = core.status("big").unwrap().length;
+                core.submit(Request::Truncate { name: "big".into(), offset: cut }).unwrap();
+                loop {
+                    match flush(&mut core, &mut sim) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(Crash) => break 'run true,
+                    }
+                }
+                // The freeing task: copy what keeps the oldest file, then free what is not needed.
+                if let Some((name, from, to)) = core.relocation() {
+                    let data = read_range(&mut core, &sim.disk, &name, from, to);
+                    assert_eq!(data.len() as u64, to - from, "seed {seed}: the copy reads whole");
+                    let req = Request::Relocate { name, offset: from, data: Bytes::from(data) };
+                    assert_eq!(core.submit(req).unwrap(), Submitted::Queued);
+                    match flush(&mut core, &mut sim) {
+                        Ok(_) => relocated += 1,
+                        Err(Crash) => break 'run true,
+                    }
+                }
+                let needed = core.files_needed_from();
+                let gone: Vec<u64> = sim.disk.files.range(..needed).map(|(s, _)| *s).collect();
+                for seq in &gone {
+                    let image = sim.disk.files.remove(seq).expect("listed");
+                    if sim.disk.spares.len() < core.config().spare_files {
+                        sim.disk.spares.push(image);
+                    }
+                }
+                freed += gone.len();
+                core.forget_files_below(needed);
+                if rng.random_bool(0.03) {
+                    break false;
+                }
+            };
+            disk = sim.disk.clone();
+            crashes += u64::from(crashed);
+            core = recover(&cfg, &mut disk);
+            let small = read_segment(&mut core, &disk, "small");
+            for &(offset, n) in &acked {
+                let want = {
+                    let mut e = Vec::new();
+                    encode_event(&mut e, &small_event(n));
+                    e
+                };
+                let got = small.get(offset as usize..offset as usize + want.len());
+                assert_eq!(got, Some(&want[..]), "seed {seed}: acknowledged event {n} at {offset} lost");
+            }
+        }
+        // The writer resends what it never saw acknowledged; then every event is there once.
+        sim.disk = disk.clone();
+        sim.steps_left = u64::MAX;
+        if let Some(n) = unacked {
+            core.submit(append("small", n, &small_event(n))).unwrap();
+            while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+        }
+        let small = read_segment(&mut core, &sim.disk, "small");
+        let events: Vec<Vec<u8>> = EventIter::new(&small).map(|e| e.unwrap().to_vec()).collect();
+        assert_eq!(events, (1..next).map(small_event).collect::<Vec<_>>(), "seed {seed}: each event once, in order");
+    }
+    eprintln!("power loss with copies: {crashes} crashes, {relocated} copies, {freed} files freed over 300 seeds");
+    assert!(crashes >= 300 && relocated >= 300 && freed >= 300, "{crashes} crashes, {relocated} copies, {freed} freed");
+}

@@ -148,7 +148,20 @@ async fn without_tier2_retention_gives_the_log_space_back() {
     let dir = TempDir::new("ret-no-t2");
     let data = dir.0.join("data");
     let (_s, c) = small_log_server(&dir, "rn").await;
+    // A small stream without retention in the same log: copied forward as the log moves on,
+    // it does not keep the files the other stream's retention lets go.
+    c.create_stream("rn", "keep", 1).await.unwrap();
+    let keep = c.event_writer("rn/keep").await.unwrap();
+    for i in 0..3 {
+        keep.write_event(b"k", format!("kept-{i}").into_bytes()).await.unwrap();
+    }
     let (most, left) = write_12_mib_and_wait_for_the_log(&c, "rn/s", &data).await;
+    let mut r = c.event_reader("rn/keep", ReadFrom::Head).await.unwrap();
+    for i in 0..3 {
+        let e = r.read_next(Duration::from_secs(5)).await.unwrap().expect("a kept event");
+        assert_eq!(e.payload, format!("kept-{i}").into_bytes());
+    }
+    assert!(r.read_next(Duration::from_millis(200)).await.unwrap().is_none());
     let stats = c.shard_stats(false).await.unwrap();
     let h = &stats[0].containers[0];
     eprintln!(

@@ -207,6 +207,15 @@ pub enum Request {
         source_length: Option<u64>,
         data: Bytes,
     },
+    /// Without tier-2: the segment's bytes the log holds, all of them (`offset` up to its
+    /// length, as `relocation` named them and a read returned them), copied into the current
+    /// log file, so that the older files holding them can be freed. Refused (`BadRequest`)
+    /// if the segment changed since (truncated, appended to, deleted): the caller asks again.
+    Relocate {
+        name: String,
+        offset: u64,
+        data: Bytes,
+    },
 }
 
 /// What an operation returns once durable.
@@ -575,6 +584,7 @@ impl ContainerCore {
                 LogEntry::Chunk { segment, .. } | LogEntry::ChunksClosed { segment } => {
                     format!("tier-2 bookkeeping of {}", name(segment))
                 }
+                LogEntry::Relocate { segment, .. } => format!("a copy of {}'s older bytes", name(segment)),
                 LogEntry::CreationsRecorded => continue,
             };
             if !other.contains(&what) {
@@ -970,6 +980,21 @@ impl ContainerCore {
                 Ok(self.queue(Some(LogEntry::ChunksClosed { segment: id }), OpResult::Done))
             }
             Request::CreationsRecorded => Ok(self.queue(Some(LogEntry::CreationsRecorded), OpResult::Done)),
+            Request::Relocate { name, offset, data } => {
+                let id = self.lookup(&name)?;
+                let s = &self.segments[&id];
+                let end = offset + data.len() as u64;
+                let unchanged = s.acc_start_offset == s.start_offset && s.acc_length == s.length;
+                if !unchanged || offset != s.log_needed_from() || end != s.length || data.is_empty() {
+                    return Err(EngineError::BadRequest(format!(
+                        "relocation of {name} bytes {offset}..{end}: the log holds {}..{} of it now",
+                        s.log_needed_from(),
+                        s.length
+                    )));
+                }
+                self.no_space_error()?;
+                Ok(self.queue(Some(LogEntry::Relocate { segment: id, offset, data }), OpResult::Done))
+            }
         }
     }
 
@@ -1275,7 +1300,13 @@ impl ContainerCore {
             payload_len += len;
             count += 1;
             data |= p.entry.as_ref().is_some_and(|e| {
-                matches!(e, LogEntry::Create { .. } | LogEntry::Append { .. } | LogEntry::Merge { .. })
+                matches!(
+                    e,
+                    LogEntry::Create { .. }
+                        | LogEntry::Append { .. }
+                        | LogEntry::Merge { .. }
+                        | LogEntry::Relocate { .. }
+                )
             });
         }
         (count, payload_len, data)
@@ -1463,6 +1494,17 @@ impl ContainerCore {
                 }
                 self.apply_delete(*source);
                 self.apply_data(*segment, *offset, data, file_seq, data_pos, cache)
+            }
+            LogEntry::Relocate { segment, offset, data } => {
+                let s = self.segments.get_mut(segment)?;
+                // Always so, but after a salvage that lost records before it: then the
+                // files that held the bytes keep holding them.
+                if offset + data.len() as u64 != s.length || data.is_empty() {
+                    return None;
+                }
+                s.files = vec![(*offset, file_seq)];
+                self.current_index.relocate(*segment, *offset, data_pos, data.len() as u32);
+                None
             }
             LogEntry::Seal { segment } => {
                 self.segments.get_mut(segment)?.sealed = true;
@@ -1658,6 +1700,31 @@ impl ContainerCore {
         let (file, from, s) = lowest?;
         let alone = second.saturating_sub(file);
         (alone >= min_files).then(|| (s.name.clone(), from, alone))
+    }
+
+    /// Without tier-2: a segment to copy into the current log file (`Request::Relocate`), so
+    /// that the oldest file still needed can be freed: (name, first offset, length). Only
+    /// when every segment that needs that file can be copied whole, the lot holding at most
+    /// a quarter of a log file (so a copy frees at least three times the bytes it writes),
+    /// with nothing of theirs queued. A stream without retention that stays small then no
+    /// longer keeps the files every other stream's truncations let go.
+    pub fn relocation(&self) -> Option<(String, u64, u64)> {
+        let oldest = self.files_needed_from();
+        if oldest >= self.file_seq || !self.has_file || self.current_file_bytes < self.cfg.file_bytes {
+            return None;
+        }
+        let mut holders: Vec<(u64, &Segment, u64)> = self
+            .segments
+            .iter()
+            .filter_map(|(id, s)| s.oldest_file_needed().filter(|&(f, _)| f == oldest).map(|(_, from)| (*id, s, from)))
+            .collect();
+        let total: u64 = holders.iter().map(|(_, s, from)| s.length - from).sum();
+        let quiet = holders.iter().all(|(_, s, _)| s.acc_length == s.length && s.acc_start_offset == s.start_offset);
+        if total > self.cfg.file_bytes / 4 || !quiet {
+            return None;
+        }
+        holders.sort_unstable_by_key(|(id, ..)| *id);
+        holders.first().map(|(_, s, from)| (s.name.clone(), *from, s.length))
     }
 
     /// How many forgotten log files are still on disk, being freed.
@@ -2189,6 +2256,85 @@ mod tests {
         }
         c.submit(Request::Truncate { name: "a".into(), offset: 2000 }).unwrap();
         assert_eq!(c.next_flush_file(), Some(seq + 1));
+    }
+
+    /// Without tier-2 a small segment that alone keeps the oldest log file is copied whole
+    /// into the current one (`relocation`, `Request::Relocate`), and then no longer needs the
+    /// older files; a large one, or one with writes queued, is not.
+    #[test]
+    fn a_small_segment_keeping_the_oldest_file_is_copied_into_the_current_one() {
+        let mut c = core();
+        for name in ["big", "small"] {
+            c.submit(Request::Create { name: name.into() }).unwrap();
+        }
+        c.submit(append("small", 1, b"tiny")).unwrap();
+        flush(&mut c);
+        static BLOCK: [u8; 60_000] = [b'x'; 60_000];
+        let mut n = 1;
+        while c.current_file() < 3 {
+            n += 1;
+            c.submit(append("big", n, &BLOCK)).unwrap();
+            flush(&mut c);
+        }
+        assert_eq!((c.files_needed_from(), c.relocation()), (0, None), "big needs the first file as well");
+        let big = c.status("big").unwrap().length;
+        c.submit(Request::Truncate { name: "big".into(), offset: big - 1000 }).unwrap();
+        flush(&mut c);
+        assert_eq!(c.files_needed_from(), 0, "small keeps the first file");
+        assert_eq!(c.log_held_alone(2).map(|(n, _, files)| (n, files)), Some(("small".to_string(), 3)));
+        let (name, from, to) = c.relocation().expect("small is copied");
+        assert_eq!((name.as_str(), from, to), ("small", 0, 4));
+
+        // Stale: an append queued since the read.
+        c.submit(append("small", 2, b"more")).unwrap();
+        assert_eq!(c.relocation(), None, "not while writes are queued");
+        let stale = Request::Relocate { name: "small".into(), offset: 0, data: Bytes::from_static(b"tiny") };
+        assert!(matches!(c.submit(stale), Err(EngineError::BadRequest(_))));
+        flush(&mut c);
+        let (_, from, to) = c.relocation().expect("small is copied");
+        assert_eq!((from, to), (0, 8));
+        let req = Request::Relocate { name: "small".into(), offset: 0, data: Bytes::from_static(b"tinymore") };
+        assert_eq!(c.submit(req).unwrap(), Submitted::Queued);
+        flush(&mut c);
+        assert_eq!(c.files_needed_from(), c.current_file(), "only the file holding the cut is needed now");
+        assert_eq!(c.segments[&c.by_name["small"]].files, vec![(0, c.current_file())]);
+        assert_eq!(c.relocation(), None);
+        assert_eq!(c.log_held_alone(1), None);
+        assert_eq!(c.status("small").unwrap().length, 8, "a copy changes no length");
+
+        // The index of the current file takes the copy in place of what it held of the
+        // segment: its bytes read from there, in offset order.
+        c.submit(append("small", 3, b"last")).unwrap();
+        flush(&mut c);
+        let (outcome, _) = c.read("small", 2, 100).unwrap();
+        let (pieces, cur) = match outcome {
+            ReadOutcome::Log { file_seq, pieces, .. } => (pieces, file_seq),
+            ReadOutcome::Data(d) => panic!("served from the cache: {d:?}"),
+            _ => panic!("not from the log"),
+        };
+        assert_eq!(cur, c.current_file());
+        assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), 10, "bytes 2..12: the copy's rest, then the append");
+
+        // A segment larger than a quarter of a file is never copied.
+        let mut c = core();
+        for name in ["big", "other"] {
+            c.submit(Request::Create { name: name.into() }).unwrap();
+        }
+        for n in 1..6 {
+            c.submit(append("other", n, &BLOCK)).unwrap();
+        }
+        flush(&mut c);
+        let mut n = 1;
+        while c.current_file() < 3 {
+            n += 1;
+            c.submit(append("big", n, &BLOCK)).unwrap();
+            flush(&mut c);
+        }
+        let big = c.status("big").unwrap().length;
+        c.submit(Request::Truncate { name: "big".into(), offset: big }).unwrap();
+        flush(&mut c);
+        assert_eq!((c.files_needed_from(), c.relocation()), (0, None), "300 KB of a 1 MiB file's log stays");
+        assert_eq!(c.log_held_alone(2).map(|(n, ..)| n), Some("other".to_string()));
     }
 
     /// A full disk: writes are refused while it lasts, and queued operations dropped for it

@@ -4,7 +4,9 @@
 //! unlinked (so the disk never stalls on one whole discard). With tier-2 the mover frees
 //! files after each round; without, a small task per container looks every
 //! `LOG_FREE_INTERVAL_MS`, so that retention and deleted streams give disk space back on a
-//! node without tier-2 too.
+//! node without tier-2 too. That task also copies small segments that alone keep the oldest
+//! file into the current one (`relocate_holders`), so a small stream without retention does
+//! not keep every file the others let go.
 //!
 //! Invariants:
 //! - A log file is freed only when every segment's data in it is below the segment's
@@ -14,6 +16,7 @@
 //!   an opened file up again by its path), nor cut under a read in flight.
 
 use crate::container::io::{Container, remove_files_off_shard, rename_files_off_shard, wait_until};
+use crate::error::EngineError;
 use crate::log::file_name;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -41,6 +44,9 @@ const FREE_READ_WAIT: Duration = Duration::from_secs(5);
 pub(crate) const FREEING_SUFFIX: &str = "free";
 /// Extension of a freed log file kept to be reused as a later one (`CoreConfig::spare_files`).
 pub(crate) const SPARE_SUFFIX: &str = "spare";
+
+/// Copies (`relocate_holders`) tried at most per round of the freeing task.
+const RELOCATIONS_PER_ROUND: usize = 16;
 
 /// How often a container without tier-2 looks for log files it can free.
 const LOG_FREE_INTERVAL: Duration = Duration::from_millis(crate::constants::LOG_FREE_INTERVAL_MS);
@@ -180,7 +186,11 @@ impl Container {
                 if me.is_stopping() {
                     return;
                 }
-                if let Err(reason) = me.free_log_files().await
+                // Freeing first (on a full disk it is what makes room); a copy, once durable,
+                // wakes this task to free what it let go.
+                let freed = me.free_log_files().await;
+                let copied = me.relocate_holders().await;
+                if let Err(reason) = freed.and(copied)
                     && last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
                 {
                     tracing::warn!(container = me.id(), %reason, "freeing log files failed; retrying");
@@ -189,6 +199,61 @@ impl Container {
             }
         })
         .detach();
+    }
+
+    /// Without tier-2: copies the segments that keep the oldest needed log file into the
+    /// current one while the core names them (`ContainerCore::relocation`: small ones only,
+    /// at most a quarter of a file in all), each read through the read path (so its records
+    /// are checked) and written as one `Relocate` entry; the file is freed next
+    /// (`free_log_files`). A segment that changed between the read and the write is refused
+    /// and looked at again the next round.
+    async fn relocate_holders(self: &Rc<Self>) -> Result<(), String> {
+        // What was read for a copy the core refused (the segment grew meanwhile): the next
+        // try reads only the bytes after it.
+        let mut kept: Option<(String, u64, bytes::BytesMut)> = None;
+        for _ in 0..RELOCATIONS_PER_ROUND {
+            let next = self.core.borrow().relocation();
+            let Some((name, from, to)) = next else { return Ok(()) };
+            let mut data = match kept.take() {
+                Some((n, f, d)) if n == name && f == from && d.len() as u64 <= to - from => d,
+                _ => bytes::BytesMut::with_capacity((to - from) as usize),
+            };
+            let failed = |e: &dyn std::fmt::Display| format!("copying {name} to free a log file: {e}");
+            while (data.len() as u64) < to - from {
+                let at = from + data.len() as u64;
+                let read = match self.read(&name, at, (to - at) as usize, Duration::ZERO).await {
+                    Ok(read) => read,
+                    // Truncated or deleted meanwhile: the next round looks again.
+                    Err(EngineError::Truncated { .. } | EngineError::NoSuchSegment(_)) => return Ok(()),
+                    Err(e) => return Err(failed(&e)),
+                };
+                if read.is_empty() {
+                    return Err(failed(&format!("nothing to read at {at} of {to}")));
+                }
+                read.pieces.iter().for_each(|p| data.extend_from_slice(p));
+            }
+            data.truncate((to - from) as usize);
+            let req = crate::container::core::Request::Relocate {
+                name: name.clone(),
+                offset: from,
+                data: data.clone().freeze(),
+            };
+            match self.submit(req) {
+                Ok(done) => done.await.map_err(|e| failed(&e))?,
+                // A full disk: freeing comes first.
+                Err(EngineError::NoSpace(_)) => return Ok(()),
+                // Changed since the read (appended to, truncated): look again.
+                Err(EngineError::BadRequest(_)) => {
+                    kept = Some((name, from, data));
+                    glommio::yield_if_needed().await;
+                    continue;
+                }
+                Err(e) => return Err(failed(&e)),
+            };
+            tracing::debug!(container = self.id(), segment = %name, bytes = to - from, "copied to free the oldest log file");
+            self.relocations.set(self.relocations.get() + 1);
+        }
+        Ok(())
     }
 
     /// Wakes the task that frees log files (without tier-2), if it sleeps.

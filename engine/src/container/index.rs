@@ -33,10 +33,14 @@ impl FileIndex {
         for rec in records.iter().filter(|r| r.header.kind == RecordKind::Batch) {
             index.push_record(rec.pos, rec.header.disk_len());
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos())? {
-                if let LogEntry::Append { segment, offset, data, .. } | LogEntry::Merge { segment, offset, data, .. } =
-                    entry
-                {
-                    index.push(segment, offset, pos, data.len() as u32);
+                match entry {
+                    LogEntry::Append { segment, offset, data, .. } | LogEntry::Merge { segment, offset, data, .. } => {
+                        index.push(segment, offset, pos, data.len() as u32);
+                    }
+                    LogEntry::Relocate { segment, offset, data } => {
+                        index.relocate(segment, offset, pos, data.len() as u32);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -47,6 +51,14 @@ impl FileIndex {
         if len > 0 {
             self.segments.entry(segment).or_default().push(IndexEntry { offset, file_pos, len });
         }
+    }
+
+    /// All the bytes of `segment` the log holds, copied to `file_pos` of this file
+    /// (`LogEntry::Relocate`): they replace what the file held of it before (a copy takes
+    /// those bytes too), so the segment's entries stay in offset order.
+    pub fn relocate(&mut self, segment: u64, offset: u64, file_pos: u64, len: u32) {
+        self.segments.remove(&segment);
+        self.push(segment, offset, file_pos, len);
     }
 
     /// A batch record at `pos` taking `disk_len` bytes (records are pushed in file order).

@@ -199,6 +199,9 @@ pub struct Container {
     pub(crate) freer_wake: Alarm,
     /// Log files made from freed ones since the container opened.
     files_reused: Cell<u64>,
+    /// Without tier-2: segments copied to free the oldest log file since the container
+    /// opened (`relocate_holders`).
+    pub(crate) relocations: Cell<u64>,
 }
 
 /// Waits (bounded by `limit`, looking every 2 ms) until `done`.
@@ -894,6 +897,7 @@ impl Container {
             opens_in_flight: Cell::new(0),
             freer_wake: Alarm::default(),
             files_reused: Cell::new(0),
+            relocations: Cell::new(0),
         });
         if container.tier2.is_some() {
             container.start_mover();
@@ -917,6 +921,11 @@ impl Container {
     /// container opened.
     pub fn log_files_reused(&self) -> u64 {
         self.files_reused.get()
+    }
+
+    /// Segments copied to free the oldest log file (without tier-2) since it opened.
+    pub fn log_relocations(&self) -> u64 {
+        self.relocations.get()
     }
 
     /// The last log file could not be created for want of space (until one is).
@@ -975,8 +984,9 @@ impl Container {
     ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
         // Without tier-2 a truncation or deletion may free log files: once durable, it
         // wakes the task that frees them.
-        let frees = (self.tier2.is_none() && matches!(req, Request::Truncate { .. } | Request::Delete { .. }))
-            .then(|| self.clone());
+        let frees = (self.tier2.is_none()
+            && matches!(req, Request::Truncate { .. } | Request::Delete { .. } | Request::Relocate { .. }))
+        .then(|| self.clone());
         // End the borrow before spawning: glommio may run a new task at once.
         let submitted = self.core.borrow_mut().submit(req);
         match &submitted {

@@ -11,11 +11,14 @@ const CHUNK: u8 = 6;
 const MERGE: u8 = 7;
 const CHUNKS_CLOSED: u8 = 8;
 const CREATIONS_RECORDED: u8 = 9;
+const RELOCATE: u8 = 10;
 
 /// Bytes of an append entry before its data.
 pub const APPEND_HEADER_BYTES: usize = 1 + 8 + 8 + 16 + 8 + 4;
 /// Bytes of a merge entry before its data.
 pub const MERGE_HEADER_BYTES: usize = 1 + 8 + 8 + 8 + 4;
+/// Bytes of a relocate entry before its data.
+pub const RELOCATE_HEADER_BYTES: usize = 1 + 8 + 8 + 4;
 
 /// One operation in the log. Segment ids are local to the container.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +72,14 @@ pub enum LogEntry {
     /// here on every chunk is recorded (a `Chunk` entry of 0 bytes) before it is created; so
     /// restarts need not list tier-2 to find partial uploads.
     CreationsRecorded,
+    /// The segment's bytes the log still holds, all of them (`offset` up to its length), copied
+    /// here from the older log files that held them: reads of them come from here on, and
+    /// those files no longer hold anything of it (so they can be freed without tier-2).
+    Relocate {
+        segment: u64,
+        offset: u64,
+        data: Bytes,
+    },
 }
 
 impl LogEntry {
@@ -78,6 +89,7 @@ impl LogEntry {
             LogEntry::Create { segment, .. }
             | LogEntry::Append { segment, .. }
             | LogEntry::Merge { segment, .. }
+            | LogEntry::Relocate { segment, .. }
             | LogEntry::Seal { segment }
             | LogEntry::Truncate { segment, .. }
             | LogEntry::Delete { segment }
@@ -97,6 +109,7 @@ impl LogEntry {
             LogEntry::Chunk { .. } => 1 + 8 * 4,
             LogEntry::CreationsRecorded => 1,
             LogEntry::Merge { data, .. } => MERGE_HEADER_BYTES + data.len(),
+            LogEntry::Relocate { data, .. } => RELOCATE_HEADER_BYTES + data.len(),
         }
     }
 
@@ -104,6 +117,7 @@ impl LogEntry {
     pub fn data_header_len(&self) -> usize {
         match self {
             LogEntry::Merge { .. } => MERGE_HEADER_BYTES,
+            LogEntry::Relocate { .. } => RELOCATE_HEADER_BYTES,
             _ => APPEND_HEADER_BYTES,
         }
     }
@@ -156,6 +170,13 @@ impl LogEntry {
                 w.u64(*segment);
                 w.u64(*offset);
                 w.u64(*source);
+                w.u32(data.len() as u32);
+                w.bytes(data);
+            }
+            LogEntry::Relocate { segment, offset, data } => {
+                w.u8(RELOCATE);
+                w.u64(*segment);
+                w.u64(*offset);
                 w.u32(data.len() as u32);
                 w.bytes(data);
             }
@@ -213,6 +234,15 @@ fn decode_into(payload: &Bytes, data_base: u64, out: &mut Vec<(LogEntry, u64)>) 
                 r.take(len)?;
                 let data = payload.slice(at..at + len);
                 out.push((LogEntry::Merge { segment, offset, source, data }, data_base + at as u64));
+                continue;
+            }
+            RELOCATE => {
+                let (segment, offset) = (r.u64()?, r.u64()?);
+                let len = r.u32()? as usize;
+                let at = r.pos;
+                r.take(len)?;
+                let data = payload.slice(at..at + len);
+                out.push((LogEntry::Relocate { segment, offset, data }, data_base + at as u64));
                 continue;
             }
             SEAL => LogEntry::Seal { segment: r.u64()? },
@@ -304,6 +334,7 @@ mod tests {
             LogEntry::Merge { segment: 1, offset: 3, source: 2, data: Bytes::from_static(b"defg") },
             LogEntry::ChunksClosed { segment: 1 },
             LogEntry::CreationsRecorded,
+            LogEntry::Relocate { segment: 1, offset: 2, data: Bytes::from_static(b"bcdefg") },
         ];
         let total: usize = entries.iter().map(|e| e.encoded_len()).sum();
         let mut buf = vec![0u8; total];
@@ -318,6 +349,9 @@ mod tests {
         let merge_at: usize = entries[..6].iter().map(|e| e.encoded_len()).sum();
         assert_eq!(decoded[6].1, 1000 + (merge_at + MERGE_HEADER_BYTES) as u64);
         assert!(decode_entries(&Bytes::from_static(&[2, 0, 0]), 0).is_err());
+        let relocate_at: usize = entries[..9].iter().map(|e| e.encoded_len()).sum();
+        assert_eq!(decoded[9].1, 1000 + (relocate_at + RELOCATE_HEADER_BYTES) as u64);
         assert!(decode_entries(&Bytes::from_static(&[10]), 0).is_err());
+        assert!(decode_entries(&Bytes::from_static(&[11]), 0).is_err());
     }
 }
