@@ -230,6 +230,12 @@ fn mover_step(core: &mut ContainerCore, sim: &mut Sim, rng: &mut StdRng) -> Resu
             while flush(core, sim)?.is_some() {}
         }
     }
+    Ok(free_files(core, sim))
+}
+
+/// Deletes the log files the core no longer needs (the freeing task's work), keeping up to
+/// its number of spares to reuse; returns how many went.
+fn free_files(core: &mut ContainerCore, sim: &mut Sim) -> usize {
     let needed = core.files_needed_from();
     let gone: Vec<u64> = sim.disk.files.range(..needed).map(|(s, _)| *s).collect();
     for seq in &gone {
@@ -239,7 +245,7 @@ fn mover_step(core: &mut ContainerCore, sim: &mut Sim, rng: &mut StdRng) -> Resu
         }
     }
     core.forget_files_below(needed);
-    Ok(gone.len())
+    gone.len()
 }
 
 /// What lets a restart skip listing tier-2: after any crash, every chunk in tier-2 is named
@@ -1297,16 +1303,7 @@ fn power_loss_while_small_segments_are_copied_to_free_the_log() {
                         Err(Crash) => break 'run true,
                     }
                 }
-                let needed = core.files_needed_from();
-                let gone: Vec<u64> = sim.disk.files.range(..needed).map(|(s, _)| *s).collect();
-                for seq in &gone {
-                    let image = sim.disk.files.remove(seq).expect("listed");
-                    if sim.disk.spares.len() < core.config().spare_files {
-                        sim.disk.spares.push(image);
-                    }
-                }
-                freed += gone.len();
-                core.forget_files_below(needed);
+                freed += free_files(&mut core, &mut sim);
                 if rng.random_bool(0.03) {
                     break false;
                 }
