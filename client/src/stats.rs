@@ -122,7 +122,8 @@ pub fn json(stats: &[ShardStats]) -> serde_json::Value {
                 .iter()
                 .map(|h| {
                     serde_json::json!({"container": h.container, "log_bytes": h.log_bytes,
-                        "spare_bytes": h.spare_bytes, "files_reused": h.files_reused, "log_held_by": h.log_held_by,
+                        "spare_bytes": h.spare_bytes, "files_reused": h.files_reused,
+                        "segments_copied": h.segments_copied, "log_held_by": h.log_held_by,
                         "stopped": h.stopped,
                         "no_space_ms": h.no_space_ms, "mover_failing_ms": h.mover_failing_ms,
                         "mover_error": h.mover_error, "damaged_reads": h.damaged_reads,
@@ -145,6 +146,7 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
     let mib = |f: fn(&ContainerHealth) -> u64| all.iter().map(|(_, h)| f(h)).sum::<u64>() as f64 / (1 << 20) as f64;
     let (log_mib, spare_mib) = (mib(|h| h.log_bytes), mib(|h| h.spare_bytes));
     let reused: u64 = all.iter().map(|(_, h)| h.files_reused).sum();
+    let copied: u64 = all.iter().map(|(_, h)| h.segments_copied).sum();
     let scrubbed: Vec<u64> = all.iter().filter_map(|(_, h)| h.scrub_ago_ms).collect();
     let mut lines = Vec::new();
     let mut troubled = 0;
@@ -170,6 +172,11 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
     let spares = match (spare_mib > 0.0, reused) {
         (false, 0) => String::new(),
         (_, reused) => format!(" (and {spare_mib:.1} MiB of freed ones kept to reuse; {reused} made from freed ones)"),
+    };
+    let spares = match copied {
+        0 => spares,
+        1 => format!("{spares}, 1 small segment copied forward so older log files could go"),
+        n => format!("{spares}, {n} small segments copied forward so older log files could go"),
     };
     let mut out = format!("containers: {}, {log_mib:.1} MiB of log files{spares}; {scrubs}; {verdict}\n", all.len());
     out.extend(lines);
@@ -229,6 +236,7 @@ mod tests {
             log_bytes: 0,
             spare_bytes: 64 << 20,
             files_reused: 5,
+            segments_copied: 2,
             log_held_by: None,
             stopped: Some("log write failed".into()),
             no_space_ms: Some(5_000),
@@ -250,7 +258,7 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "containers: 3, 128.0 MiB of log files (and 64.0 MiB of freed ones kept to reuse; 5 made from freed ones); 2 of them scrubbed since the node started, the latest 1s ago; 1 with problems:"
+            "containers: 3, 128.0 MiB of log files (and 64.0 MiB of freed ones kept to reuse; 5 made from freed ones), 2 small segments copied forward so older log files could go; 2 of them scrubbed since the node started, the latest 1s ago; 1 with problems:"
         );
         assert_eq!(
             &lines[1..],

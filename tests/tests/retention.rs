@@ -169,6 +169,7 @@ async fn without_tier2_retention_gives_the_log_space_back() {
         h.spare_bytes, h.files_reused
     );
     assert!(h.files_reused >= 4, "freed files become later log files ({} did)", h.files_reused);
+    assert!(h.segments_copied >= 1, "the small stream was copied forward ({} copies)", h.segments_copied);
     assert!(h.spare_bytes <= 2 * MIB, "at most the default two spares of 1 MiB ({} bytes)", h.spare_bytes);
     assert!(most <= 6 * MIB, "the log grew to {most} bytes while the stream held at most ~512 KiB");
     let (kept, _) = held(&c, "rn", "s").await;

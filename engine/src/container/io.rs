@@ -1393,6 +1393,7 @@ impl Container {
             log_bytes: core.log_bytes(),
             spare_bytes: self.files.borrow().spares.len() as u64 * core.config().file_bytes,
             files_reused: self.files_reused.get(),
+            segments_copied: self.relocations.get(),
             log_held_by: self.tier2.is_none().then(|| core.log_held_alone(LOG_HELD_ALONE_NOTE_FILES)).flatten().map(
                 |(segment, from, files)| {
                     format!("{segment} alone keeps {files} log files the other segments let go (its data from offset {from} is only in the log)")
