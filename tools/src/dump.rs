@@ -161,6 +161,12 @@ fn print_entry(e: &LogEntry) {
         LogEntry::Merge { segment, offset, source, data } => {
             println!("        merge segment {source} into segment {segment} at offset {offset} len {}", data.len())
         }
+        LogEntry::Relocate { segment, offset, data } => {
+            println!(
+                "        relocate segment {segment} offset {offset} len {} (a copy: its bytes the log holds)",
+                data.len()
+            )
+        }
         other => println!("        {other:?}"),
     }
 }
