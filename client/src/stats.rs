@@ -175,8 +175,8 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
     };
     let spares = match copied {
         0 => spares,
-        1 => format!("{spares}, 1 small segment copied forward so older log files could go"),
-        n => format!("{spares}, {n} small segments copied forward so older log files could go"),
+        1 => format!("{spares}, a small segment copied forward once so older log files could go"),
+        n => format!("{spares}, small segments copied forward {n} times so older log files could go"),
     };
     let mut out = format!("containers: {}, {log_mib:.1} MiB of log files{spares}; {scrubs}; {verdict}\n", all.len());
     out.extend(lines);
@@ -258,7 +258,7 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "containers: 3, 128.0 MiB of log files (and 64.0 MiB of freed ones kept to reuse; 5 made from freed ones), 2 small segments copied forward so older log files could go; 2 of them scrubbed since the node started, the latest 1s ago; 1 with problems:"
+            "containers: 3, 128.0 MiB of log files (and 64.0 MiB of freed ones kept to reuse; 5 made from freed ones), small segments copied forward 2 times so older log files could go; 2 of them scrubbed since the node started, the latest 1s ago; 1 with problems:"
         );
         assert_eq!(
             &lines[1..],

@@ -557,8 +557,9 @@ pub struct ContainerHealth {
     pub spare_bytes: u64,
     /// Log files it made from freed ones since it opened on this node.
     pub files_reused: u64,
-    /// Without tier-2: segments it copied into its current log file since it opened on this
-    /// node, so that the older files they alone kept could be freed.
+    /// Without tier-2: copies of small segments into its current log file since it opened on
+    /// this node (one per segment and time), so that the older files they alone kept could
+    /// be freed.
     pub segments_copied: u64,
     /// Without tier-2: a segment that alone keeps log files every other segment has let
     /// go, why (the log does not shrink past its data).
