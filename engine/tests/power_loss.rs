@@ -139,7 +139,7 @@ fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
         disk.files.remove(&seq);
     }
     disk.spares.clear();
-    if let Some((seq, at, clear)) = report.zero_range {
+    if let Some((seq, at, clear)) = report.clear_torn {
         disk.files.get_mut(&seq).unwrap()[at as usize..at as usize + clear.len()].copy_from_slice(&clear);
     }
     let mut core = core;
@@ -1195,7 +1195,7 @@ fn a_log_file_of_block_padded_records_goes_on_with_packed_ones() {
         while flush(&mut core, &mut sim).ok().flatten().is_some() {}
     }
     let scan = scan_file(&Bytes::from(sim.disk.files[&0].clone()));
-    let packed: Vec<bool> = scan.records.iter().map(|r| r.header.packed).collect();
+    let packed: Vec<bool> = scan.records.iter().map(|r| r.header.packed()).collect();
     assert_eq!(packed, [false, false, false, false, false, false, true, true, true], "one file, both layouts");
     assert_eq!(scan.records[6].pos, old_end, "the first packed record right after the last padded one");
     assert!(scan.records[8].pos - scan.records[7].pos < 100, "small records share a block");

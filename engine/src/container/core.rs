@@ -116,27 +116,47 @@ impl CoreConfig {
     }
 }
 
-/// Lays out one write into `buf` (exactly `step.len` bytes): `tail` (file, position and the
-/// bytes from the step's start up to the record, which must be exactly those: other bytes
-/// there would damage acknowledged records), the record `encode` writes, then zeros. Returns
-/// the new tail: the written bytes of the record's last, partly used block.
-fn fill_step(buf: &mut [u8], step: WriteStep, tail: (u64, u64, Vec<u8>), encode: impl FnOnce(&mut [u8])) -> Vec<u8> {
-    let head = (step.record_pos - step.pos) as usize;
-    let end = head + step.record_len as usize;
-    assert_eq!(buf.len() as u64, step.len, "a write step's buffer");
-    assert!(
-        (tail.0, tail.1, tail.2.len()) == (step.file_seq, step.record_pos, head),
-        "the log's last block is not known: file {:x} up to {} ({} bytes), writing file {:x} at {}",
-        tail.0,
-        tail.1,
-        tail.2.len(),
-        step.file_seq,
-        step.record_pos
-    );
-    buf[..head].copy_from_slice(&tail.2);
-    encode(&mut buf[head..end]);
-    buf[end..].fill(0);
-    buf[crate::constants::align_down(end as u64) as usize..end].to_vec()
+/// The current log file's bytes from the block boundary before the log's end up to it: the
+/// records already in the block the next record starts in, which that record's write puts
+/// there again (records are packed).
+#[derive(Debug)]
+struct Tail {
+    /// The file and the position they end at (where the next record goes).
+    file_seq: u64,
+    end: u64,
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    /// Nothing before `pos` (a block boundary) of file `file_seq`.
+    fn empty(file_seq: u64, pos: u64) -> Self {
+        Self { file_seq, end: pos, bytes: Vec::new() }
+    }
+
+    /// Lays out one write into `buf` (exactly `step.len` bytes): these bytes (which must be
+    /// the ones from the step's start up to its record: other bytes there would damage
+    /// acknowledged records), the record `encode` writes, then zeros. Then holds the
+    /// record's last, partly used block, for the next record.
+    fn fill(&mut self, buf: &mut [u8], step: WriteStep, encode: impl FnOnce(&mut [u8])) {
+        let head = (step.record_pos - step.pos) as usize;
+        let end = head + step.record_len as usize;
+        assert_eq!(buf.len() as u64, step.len, "a write step's buffer");
+        assert!(
+            (self.file_seq, self.end, self.bytes.len()) == (step.file_seq, step.record_pos, head),
+            "the log's last block is not known: file {:x} up to {} ({} bytes), writing file {:x} at {}",
+            self.file_seq,
+            self.end,
+            self.bytes.len(),
+            step.file_seq,
+            step.record_pos
+        );
+        buf[..head].copy_from_slice(&self.bytes);
+        encode(&mut buf[head..end]);
+        buf[end..].fill(0);
+        self.bytes.clear();
+        self.bytes.extend_from_slice(&buf[crate::constants::align_down(end as u64) as usize..end]);
+        self.end = step.record_pos + step.record_len;
+    }
 }
 
 /// A chunk list from its checkpoint form: runs of (start, epoch, len, count).
@@ -458,7 +478,7 @@ pub struct RecoveryReport {
     /// write there), whole blocks, with the bytes around the garbage as they are (records
     /// before it, in its first block; a record of a recycled file's earlier use after it,
     /// in its last).
-    pub zero_range: Option<(u64, u64, Vec<u8>)>,
+    pub clear_torn: Option<(u64, u64, Vec<u8>)>,
     /// Files after the current one that hold no valid record (unused or torn at creation).
     pub discard_files: Vec<u64>,
     pub records_replayed: u64,
@@ -631,10 +651,8 @@ pub struct ContainerCore {
     /// False until the first file is prepared.
     has_file: bool,
     file_pos: u64,
-    /// The current file's bytes from the block boundary before `file_pos` up to it: the
-    /// records already in the block the next record starts in, which its write puts there
-    /// again (with the file's sequence number and `file_pos` they belong to).
-    tail: (u64, u64, Vec<u8>),
+    /// The records already in the block the next record starts in (see `Tail`).
+    tail: Tail,
     current_file_bytes: u64,
     segments: HashMap<u64, Segment>,
     by_name: HashMap<String, u64>,
@@ -688,7 +706,7 @@ impl ContainerCore {
             file_seq: first_file_seq,
             has_file: false,
             file_pos: u64::MAX,
-            tail: (u64::MAX, u64::MAX, Vec::new()),
+            tail: Tail::empty(u64::MAX, u64::MAX),
             current_file_bytes: cfg.file_bytes,
             segments: HashMap::new(),
             by_name: HashMap::new(),
@@ -1392,27 +1410,21 @@ impl ContainerCore {
         let f = self.in_flight.as_ref().expect("a flush in flight");
         let step = f.plan.checkpoint.expect("the flush rolls");
         let ck = f.checkpoint.as_ref().expect("the flush rolls");
-        let tail = fill_step(buf, step, (step.file_seq, step.pos, Vec::new()), |rec| {
-            encode_record(
-                rec,
-                RecordLayout::Packed,
-                RecordKind::Checkpoint,
-                self.epoch,
-                f.checkpoint_lsn,
-                ck.len(),
-                |p| p.copy_from_slice(ck),
-            )
+        self.tail = Tail::empty(step.file_seq, step.pos);
+        self.tail.fill(buf, step, |rec| {
+            let (epoch, lsn) = (self.epoch, f.checkpoint_lsn);
+            encode_record(rec, RecordLayout::Packed, RecordKind::Checkpoint, epoch, lsn, ck.len(), |p| {
+                p.copy_from_slice(ck)
+            })
         });
-        self.tail = (step.file_seq, step.record_pos + step.record_len, tail);
     }
 
     /// Fills `buf` (exactly the in-flight batch step's length) with what its write puts on
     /// disk: the records already in its first block, the batch record, then zeros.
     pub fn encode_batch(&mut self, buf: &mut [u8]) {
-        let tail = std::mem::take(&mut self.tail);
         let f = self.in_flight.as_ref().expect("a flush in flight");
         let step = f.plan.batch.expect("the flush has a batch");
-        let tail = fill_step(buf, step, tail, |rec| {
+        self.tail.fill(buf, step, |rec| {
             encode_record(rec, RecordLayout::Packed, RecordKind::Batch, self.epoch, f.batch_lsn, f.payload_len, |p| {
                 let mut at = 0;
                 for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
@@ -1420,7 +1432,6 @@ impl ContainerCore {
                 }
             })
         });
-        self.tail = (step.file_seq, step.record_pos + step.record_len, tail);
     }
 
     /// The in-flight flush is durable: apply it.
@@ -1713,7 +1724,7 @@ impl ContainerCore {
         if oldest >= self.file_seq || !self.has_file || self.current_file_bytes < self.cfg.file_bytes {
             return None;
         }
-        let mut holders: Vec<(u64, &Segment, u64)> = self
+        let holders: Vec<(u64, &Segment, u64)> = self
             .segments
             .iter()
             .filter_map(|(id, s)| s.oldest_file_needed().filter(|&(f, _)| f == oldest).map(|(_, from)| (*id, s, from)))
@@ -1723,8 +1734,7 @@ impl ContainerCore {
         if total > self.cfg.file_bytes / 4 || !quiet {
             return None;
         }
-        holders.sort_unstable_by_key(|(id, ..)| *id);
-        holders.first().map(|(_, s, from)| (s.name.clone(), *from, s.length))
+        holders.iter().min_by_key(|(id, ..)| *id).map(|(_, s, from)| (s.name.clone(), *from, s.length))
     }
 
     /// How many forgotten log files are still on disk, being freed.
@@ -2159,12 +2169,13 @@ impl ContainerCore {
         }
         let bytes: &Bytes = replay.last().expect("the active file").3;
         let block_start = crate::constants::align_down(scan.end);
-        core.tail = (seq, scan.end, bytes[block_start as usize..scan.end as usize].to_vec());
+        core.tail =
+            Tail { file_seq: seq, end: scan.end, bytes: bytes[block_start as usize..scan.end as usize].to_vec() };
         if scan.dirty_end > scan.end {
             let to = crate::constants::align_up(scan.dirty_end).min(bytes.len() as u64);
             let mut clear = bytes[block_start as usize..to as usize].to_vec();
             clear[(scan.end - block_start) as usize..(scan.dirty_end - block_start) as usize].fill(0);
-            report.zero_range = Some((seq, block_start, clear));
+            report.clear_torn = Some((seq, block_start, clear));
         }
         report.current_file = Some(seq);
         Ok((core, report))
@@ -2270,12 +2281,16 @@ mod tests {
         c.submit(append("small", 1, b"tiny")).unwrap();
         flush(&mut c);
         static BLOCK: [u8; 60_000] = [b'x'; 60_000];
-        let mut n = 1;
-        while c.current_file() < 3 {
-            n += 1;
-            c.submit(append("big", n, &BLOCK)).unwrap();
-            flush(&mut c);
-        }
+        // Appends to `big` until the log is in its fourth file.
+        let fill_big_to_file_3 = |c: &mut ContainerCore| {
+            let mut n = 1;
+            while c.current_file() < 3 {
+                n += 1;
+                c.submit(append("big", n, &BLOCK)).unwrap();
+                flush(c);
+            }
+        };
+        fill_big_to_file_3(&mut c);
         assert_eq!((c.files_needed_from(), c.relocation()), (0, None), "big needs the first file as well");
         let big = c.status("big").unwrap().length;
         c.submit(Request::Truncate { name: "big".into(), offset: big - 1000 }).unwrap();
@@ -2324,12 +2339,7 @@ mod tests {
             c.submit(append("other", n, &BLOCK)).unwrap();
         }
         flush(&mut c);
-        let mut n = 1;
-        while c.current_file() < 3 {
-            n += 1;
-            c.submit(append("big", n, &BLOCK)).unwrap();
-            flush(&mut c);
-        }
+        fill_big_to_file_3(&mut c);
         let big = c.status("big").unwrap().length;
         c.submit(Request::Truncate { name: "big".into(), offset: big }).unwrap();
         flush(&mut c);

@@ -210,14 +210,18 @@ impl Container {
     async fn relocate_holders(self: &Rc<Self>) -> Result<(), String> {
         // What was read for a copy the core refused (the segment grew meanwhile): the next
         // try reads only the bytes after it.
-        let mut kept: Option<(String, u64, bytes::BytesMut)> = None;
+        let mut kept: Option<(String, u64, bytes::Bytes)> = None;
         for _ in 0..RELOCATIONS_PER_ROUND {
             let next = self.core.borrow().relocation();
             let Some((name, from, to)) = next else { return Ok(()) };
-            let mut data = match kept.take() {
-                Some((n, f, d)) if n == name && f == from && d.len() as u64 <= to - from => d,
-                _ => bytes::BytesMut::with_capacity((to - from) as usize),
-            };
+            let mut data = bytes::BytesMut::with_capacity((to - from) as usize);
+            if let Some((n, f, d)) = kept.take()
+                && n == name
+                && f == from
+                && d.len() as u64 <= to - from
+            {
+                data.extend_from_slice(&d);
+            }
             let failed = |e: &dyn std::fmt::Display| format!("copying {name} to free a log file: {e}");
             while (data.len() as u64) < to - from {
                 let at = from + data.len() as u64;
@@ -233,11 +237,9 @@ impl Container {
                 read.pieces.iter().for_each(|p| data.extend_from_slice(p));
             }
             data.truncate((to - from) as usize);
-            let req = crate::container::core::Request::Relocate {
-                name: name.clone(),
-                offset: from,
-                data: data.clone().freeze(),
-            };
+            let data = data.freeze();
+            let req =
+                crate::container::core::Request::Relocate { name: name.clone(), offset: from, data: data.clone() };
             match self.submit(req) {
                 Ok(done) => done.await.map_err(|e| failed(&e))?,
                 // A full disk: freeing comes first.

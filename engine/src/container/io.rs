@@ -823,7 +823,7 @@ impl Container {
             let f = open_log_for_writing(&path)
                 .await
                 .map_err(|reason| RecoveryError::Invalid { file: path.clone(), reason })?;
-            if let Some((_, at, clear)) = report.zero_range {
+            if let Some((_, at, clear)) = report.clear_torn {
                 // Clear the torn tail so no stale bytes sit after future records (whole
                 // blocks: the records before it in its first block are written again as
                 // they are).

@@ -113,10 +113,9 @@ pub struct RecordHeader {
     pub lsn: u64,
     pub payload_len: u32,
     pub payload_crc: u32,
-    /// Packed (record version 2: the next record starts at the next 8-byte boundary), or
-    /// block-padded (version 1, written by earlier builds: the next one starts at the next
-    /// block boundary).
-    pub packed: bool,
+    /// Packed (record version 2, what this build writes) or block-padded (version 1, written
+    /// by earlier builds): where the next record starts.
+    pub layout: RecordLayout,
 }
 
 /// Why the bytes at a position are not a valid record header.
@@ -143,13 +142,20 @@ impl RecordHeader {
     /// Bytes this record takes on disk: where the next record starts, counted from its own
     /// start.
     pub fn disk_len(&self) -> u64 {
-        let layout = if self.packed { RecordLayout::Packed } else { RecordLayout::BlockPadded };
-        layout.disk_len(self.payload_len as usize)
+        self.layout.disk_len(self.payload_len as usize)
+    }
+
+    /// Whether the record is packed (what this build writes).
+    pub fn packed(&self) -> bool {
+        self.layout == RecordLayout::Packed
     }
 
     pub fn encode(&self, out: &mut [u8]) {
         out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        out[4] = if self.packed { PACKED_RECORD_VERSION } else { FORMAT_VERSION as u8 };
+        out[4] = match self.layout {
+            RecordLayout::Packed => PACKED_RECORD_VERSION,
+            RecordLayout::BlockPadded => FORMAT_VERSION as u8,
+        };
         out[5] = self.kind as u8;
         out[6..8].copy_from_slice(&0u16.to_le_bytes());
         out[8..16].copy_from_slice(&self.epoch.to_le_bytes());
@@ -168,10 +174,12 @@ impl RecordHeader {
         if b.iter().all(|&x| x == 0) {
             return Err(HeaderFault::Zero);
         }
-        let packed = b[4] == PACKED_RECORD_VERSION;
-        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != RECORD_MAGIC
-            || !(packed || b[4] == FORMAT_VERSION as u8)
-        {
+        let layout = match b[4] {
+            PACKED_RECORD_VERSION => RecordLayout::Packed,
+            v if v == FORMAT_VERSION as u8 => RecordLayout::BlockPadded,
+            _ => return Err(HeaderFault::Invalid),
+        };
+        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != RECORD_MAGIC {
             return Err(HeaderFault::Invalid);
         }
         let crc = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes"));
@@ -185,7 +193,7 @@ impl RecordHeader {
             lsn: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
             payload_len: u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")),
             payload_crc: u32::from_le_bytes(b[28..32].try_into().expect("4 bytes")),
-            packed,
+            layout,
         })
     }
 }
@@ -232,8 +240,7 @@ pub fn encode_record(
     let payload = &mut rest[..payload_len];
     fill(payload);
     let payload_crc = crc32c::crc32c(payload);
-    let packed = layout == RecordLayout::Packed;
-    RecordHeader { kind, epoch, lsn, payload_len: payload_len as u32, payload_crc, packed }.encode(head);
+    RecordHeader { kind, epoch, lsn, payload_len: payload_len as u32, payload_crc, layout }.encode(head);
     rest[payload_len..].fill(0);
 }
 
@@ -250,7 +257,7 @@ mod tests {
             p.copy_from_slice(b"0123456789")
         });
         let h = RecordHeader::decode(&buf).unwrap();
-        assert_eq!((h.kind, h.epoch, h.lsn, h.payload_len, h.packed), (RecordKind::Batch, 3, 77, 10, true));
+        assert_eq!((h.kind, h.epoch, h.lsn, h.payload_len, h.packed()), (RecordKind::Batch, 3, 77, 10, true));
         assert_eq!(h.payload_crc, crc32c::crc32c(b"0123456789"));
         assert_eq!(h.disk_len(), 56);
         // The first layout, still read: the next record at the next block boundary.
@@ -259,7 +266,7 @@ mod tests {
             p.copy_from_slice(b"0123456789")
         });
         let o = RecordHeader::decode(&old).unwrap();
-        assert_eq!((o.packed, o.disk_len(), o.payload_crc), (false, 4096, h.payload_crc));
+        assert_eq!((o.packed(), o.disk_len(), o.payload_crc), (false, 4096, h.payload_crc));
         assert_eq!(old[4], 1);
         assert!(starts_with_magic(&old) && !starts_with_magic(&old[1..]));
         assert_eq!(RecordHeader::decode(&[0u8; 40]), Err(HeaderFault::Zero));

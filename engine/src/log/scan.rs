@@ -311,31 +311,13 @@ mod tests {
         assert_eq!(lsns(&bad), [1, 2, 3, 4, 5]);
     }
 
-    /// A file of `records` (kind, lsn, payload length) after a header with `min_lsn`, padded
-    /// with zeros to `total` bytes; returns it and each record's position.
-    fn file_of(min_lsn: u64, records: &[(u64, usize)], total: usize) -> (Vec<u8>, Vec<usize>) {
-        use crate::log::format::{FileHeader, RecordKind, RecordLayout, encode_record};
-        let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
-        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: total as u64, min_lsn }.encode(&mut file);
-        let mut at = Vec::new();
-        for (i, &(lsn, len)) in records.iter().enumerate() {
-            at.push(file.len());
-            let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
-            let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
-            encode_record(&mut rec, RecordLayout::BlockPadded, kind, 1, lsn, len, |p| p.fill(lsn as u8));
-            file.extend_from_slice(&rec);
-        }
-        file.resize(total, 0);
-        (file, at)
-    }
-
     /// A recycled file: its own records (LSN 100 on, a block each), then what its earlier use
     /// left (LSN 10 on, three blocks each, from byte 4096), the first block after the header
     /// cleared as a reused file's is.
     fn recycled(own: u64) -> (Vec<u8>, Vec<usize>) {
-        let records: Vec<(u64, usize)> = (100..100 + own).map(|l| (l, 3000)).collect();
-        let earlier = file_of(0, &(10..30).map(|l| (l, 9000)).collect::<Vec<_>>(), 1 << 20).0;
-        let (mut file, at) = file_of(100, &records, 1 << 20);
+        let records: Vec<(u64, usize, bool)> = (100..100 + own).map(|l| (l, 3000, false)).collect();
+        let earlier = file_with(0, &(10..30).map(|l| (l, 9000, false)).collect::<Vec<_>>(), 1 << 20).0;
+        let (mut file, at) = file_with(100, &records, 1 << 20);
         let from = at.last().map_or(2 * FILE_HEADER_BYTES as usize, |&a| a + 4096);
         file[from..].copy_from_slice(&earlier[from..]);
         (file, at)
