@@ -81,6 +81,9 @@ struct Inner {
     config: ClientConfig,
     map: Mutex<ShardMap>,
     conns: Mutex<HashMap<String, Arc<Connection>>>,
+    /// One gate per address, held while connecting to it: callers that need the same
+    /// address at once (a new writer's lanes) wait for one connection and share it.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Stream histories read before, by (scope, stream): epochs never change once current,
     /// so a later read only fetches what came after (`Client::stream_history`).
     histories: Mutex<HistoryCache>,
@@ -166,6 +169,7 @@ impl Client {
                 config,
                 map: Mutex::new(map),
                 conns: Mutex::new(conns),
+                connecting: Mutex::new(HashMap::new()),
                 histories: Mutex::new(HistoryCache::default()),
             }),
         })
@@ -226,8 +230,15 @@ impl Client {
 
     /// A live connection to `addr` (cached; reconnects if the cached one broke).
     pub async fn connection(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
-        if let Some(c) = self.inner.conns.lock().expect("lock").get(addr).filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
+        let open = || self.inner.conns.lock().expect("lock").get(addr).filter(|c| !c.is_closed()).cloned();
+        if let Some(c) = open() {
+            return Ok(c);
+        }
+        let gate = self.inner.connecting.lock().expect("lock").entry(addr.to_string()).or_default().clone();
+        let _connecting = gate.lock().await;
+        // Whoever held the gate before may have connected.
+        if let Some(c) = open() {
+            return Ok(c);
         }
         let (conn, hello) = Connection::connect(addr, self.inner.config.connect_timeout).await?;
         *self.inner.map.lock().expect("lock") = ShardMap::from_hello(hello);

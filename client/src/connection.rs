@@ -74,8 +74,9 @@ enum Waiter {
     Call(OnReply),
 }
 
-/// Most frames `Connection::send_many_then` writes in one system call (two pieces each).
-const SEND_MANY_FRAMES_MAX: usize = 256;
+/// Most pieces (frame heads and payload pieces) `Connection::send_many_then` writes in one
+/// system call (the kernel takes at most 1024).
+const SEND_MANY_PIECES_MAX: usize = 512;
 
 /// A reply handler of `Connection::send_then`.
 pub type OnReply = Box<dyn FnOnce(Result<Frame, ClientError>) + Send>;
@@ -250,13 +251,17 @@ pub struct Connection {
 /// Turns a reply frame into `T`, or the server's typed error.
 pub fn expect<T: Control>(frame: Frame) -> Result<T, ClientError> {
     if frame.kind == Kind::ErrorReply {
-        let e: ErrorReply = frame.decode()?;
-        return Err(match ErrorCode::from_u16(e.code) {
-            Some(code) => ClientError::Server { code, message: e.message, endpoint: e.endpoint, offset: e.offset },
-            None => ClientError::UnknownServerError(e.code, e.message),
-        });
+        return Err(server_error(frame.decode()?));
     }
     Ok(frame.decode()?)
+}
+
+/// The client error for the server's typed error `e`.
+pub fn server_error(e: ErrorReply) -> ClientError {
+    match ErrorCode::from_u16(e.code) {
+        Some(code) => ClientError::Server { code, message: e.message, endpoint: e.endpoint, offset: e.offset },
+        None => ClientError::UnknownServerError(e.code, e.message),
+    }
 }
 
 impl Connection {
@@ -390,14 +395,24 @@ impl Connection {
     }
 
     /// `send_then` for several requests at once, written to the socket together (one
-    /// system call, one wake-up of the server, when the socket is free). Returns, for each
-    /// request in order, what `send_then` would have.
-    pub fn send_many_then<T: Control>(&self, requests: Vec<(T, Bytes, OnReply)>) -> Vec<bool> {
+    /// system call, one wake-up of the server, when the socket is free). A request's payload
+    /// is given in pieces, sent one after another. Returns, for each request in order, what
+    /// `send_then` would have.
+    pub fn send_many_then<T: Control>(&self, requests: Vec<(T, Vec<Bytes>, OnReply)>) -> Vec<bool> {
         let mut sent = Vec::with_capacity(requests.len());
         let mut requests = requests.into_iter().peekable();
         while requests.peek().is_some() {
-            // A bounded number of pieces per write (the kernel takes at most IOV_MAX).
-            let chunk: Vec<_> = requests.by_ref().take(SEND_MANY_FRAMES_MAX).collect();
+            // A bounded number of pieces per write (the kernel takes at most IOV_MAX): whole
+            // requests, at least one.
+            let mut chunk = Vec::new();
+            let mut pieces = 0;
+            while let Some((_, payload, _)) = requests.peek() {
+                if !chunk.is_empty() && pieces + 1 + payload.len() > SEND_MANY_PIECES_MAX {
+                    break;
+                }
+                pieces += 1 + payload.len();
+                chunk.push(requests.next().expect("peeked"));
+            }
             let mut ids = Vec::with_capacity(chunk.len());
             let mut heads = Vec::with_capacity(chunk.len());
             let mut payloads = Vec::with_capacity(chunk.len());
@@ -410,12 +425,16 @@ impl Connection {
                 for (msg, payload, on_reply) in chunk {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     map.insert(id, Waiter::Call(on_reply));
-                    heads.push(encode_frame_head(id, &msg, payload.len()));
+                    heads.push(encode_frame_head(id, &msg, payload.iter().map(Bytes::len).sum()));
                     payloads.push(payload);
                     ids.push(id);
                 }
             }
-            let parts: Vec<&[u8]> = heads.iter().zip(&payloads).flat_map(|(h, p)| [&h[..], &p[..]]).collect();
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(pieces);
+            for (h, p) in heads.iter().zip(&payloads) {
+                parts.push(h);
+                parts.extend(p.iter().map(|b| &b[..]));
+            }
             if self.wire.send(&parts) {
                 sent.extend(std::iter::repeat_n(true, ids.len()));
                 continue;

@@ -29,9 +29,10 @@ pub fn table(stats: &[ShardStats]) -> String {
     let node = |name: &str| if nodes { format!("{name:<width$} ") } else { String::new() };
     let mut out = node("node");
     out += &format!(
-        "{:>5} {:>8} | {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>8} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7}\n",
+        "{:>5} {:>8} {:>9} | {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>8} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7}\n",
         "shard",
         "window_s",
+        "req/s",
         "appends",
         "p50_us",
         "p90_us",
@@ -49,13 +50,15 @@ pub fn table(stats: &[ShardStats]) -> String {
     );
     for s in stats {
         let secs = s.window_ms as f64 / 1000.0;
-        let rate = if s.window_ms == 0 { 0.0 } else { s.flushes.count as f64 / secs };
+        let per_s = |n: u64| if s.window_ms == 0 { 0.0 } else { n as f64 / secs };
+        let rate = per_s(s.flushes.count);
         let kib = if s.flushes.count == 0 { 0.0 } else { s.flushed_bytes as f64 / 1024.0 / s.flushes.count as f64 };
         out += &node(&s.node);
         out += &format!(
-            "{:>5} {:>8.1} | {:>9} {} | {:>8} {:>8.0} {:>9.1} {}\n",
+            "{:>5} {:>8.1} {:>9.0} | {:>9} {} | {:>8} {:>8.0} {:>9.1} {}\n",
             s.shard,
             secs,
+            per_s(s.requests),
             s.appends.count,
             cells(&s.appends),
             s.flushes.count,
@@ -131,7 +134,7 @@ pub fn json(stats: &[ShardStats]) -> serde_json::Value {
                         "scrub_damage": h.scrub_damage, "salvaged": h.salvaged, "problems": problems(h)})
                 })
                 .collect();
-            serde_json::json!({"node": s.node, "shard": s.shard, "window_ms": s.window_ms, "appends": l(&s.appends),
+            serde_json::json!({"node": s.node, "shard": s.shard, "window_ms": s.window_ms, "requests": s.requests, "appends": l(&s.appends),
                 "flushes": l(&s.flushes), "flushed_bytes": s.flushed_bytes, "containers": containers})
         })
         .collect()
@@ -204,6 +207,7 @@ mod tests {
             node: "standalone".into(),
             shard: 1,
             window_ms: 2000,
+            requests: 8,
             appends: Latencies { count: 10, p50_us: 300, p90_us: 500, p99_us: 900, p999_us: 950, max_us: 990 },
             flushes: Latencies { count: 4, p50_us: 150, p90_us: 200, p99_us: 210, p999_us: 220, max_us: 230 },
             flushed_bytes: 16384,
@@ -217,10 +221,10 @@ mod tests {
         assert!(rows[0].contains("flush/s") && rows[0].contains("KiB/flush"), "{t}");
         // 4 flushes in 2 s of 4 KiB each.
         let busy_row: Vec<&str> = rows[2].split_whitespace().collect();
-        let want = "1 2.0 | 10 300 500 900 950 990 | 4 2 4.0 150 200 210 220 230";
+        let want = "1 2.0 4 | 10 300 500 900 950 990 | 4 2 4.0 150 200 210 220 230";
         assert_eq!(busy_row, want.split(' ').collect::<Vec<_>>(), "{t}");
         let idle_row: Vec<&str> = rows[1].split_whitespace().collect();
-        assert_eq!(idle_row, "0 0.0 | 0 0 0 0 0 0 | 0 0 0.0 0 0 0 0 0".split(' ').collect::<Vec<_>>(), "{t}");
+        assert_eq!(idle_row, "0 0.0 0 | 0 0 0 0 0 0 | 0 0 0.0 0 0 0 0 0".split(' ').collect::<Vec<_>>(), "{t}");
         assert!(!t.contains("NaN") && !t.contains("inf"), "{t}");
     }
 
@@ -283,6 +287,7 @@ mod tests {
             node: node.into(),
             shard,
             window_ms: 1000,
+            requests: 0,
             appends: Latencies::default(),
             flushes: Latencies::default(),
             flushed_bytes: 0,

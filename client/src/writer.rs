@@ -20,14 +20,14 @@
 
 use crate::acks::{Board, Look};
 use crate::client::{Client, warn_long_retry};
-use crate::connection::{Connection, expect};
+use crate::connection::{Connection, expect, server_error};
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
 use sluice_net::ErrorCode;
 use sluice_net::ScopedStream;
-use sluice_net::constants::EVENT_BYTES_MAX;
+use sluice_net::constants::{APPEND_PARTS_MAX, EVENT_BYTES_MAX};
 use sluice_net::event::{framed_len, split_whole_events};
-use sluice_net::messages::{Append, AppendAck, SegmentRange};
+use sluice_net::messages::{Append, AppendAck, AppendOutcome, AppendPart, Appends, AppendsReply, SegmentRange};
 use sluice_net::routing::key_point;
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -416,7 +416,7 @@ impl Driver {
 /// The batches of lanes that share a connection go out in one write: the lanes' pumps stay
 /// locked until it is done, so no later batch of a lane can overtake one gathered here.
 fn send_lanes(shared: &Shared, lanes: Vec<Arc<LaneCore>>) {
-    let mut gather = Gather::default();
+    let mut gather = Gather::new(shared.batch_max());
     let mut locked = Vec::with_capacity(lanes.len());
     for lane in &lanes {
         // Never wait for a pump while holding others (whoever holds it may be waiting for
@@ -438,48 +438,129 @@ fn send_lanes(shared: &Shared, lanes: Vec<Arc<LaneCore>>) {
     gather.send();
 }
 
-/// Batches pumped for several lanes, waiting to be sent together, per connection.
-#[derive(Default)]
+/// Batches pumped for several lanes, waiting to be sent together, per connection: in
+/// `Appends` frames (several segments' batches in one request and one answer), all of a
+/// connection's frames in one write.
 struct Gather {
     conns: Vec<GatheredConn>,
+    /// Most payload bytes in one `Appends` frame (the writer's batch limit: the node takes a
+    /// frame that large).
+    frame_bytes_max: usize,
 }
 
 struct GatheredConn {
     conn: Arc<Connection>,
-    requests: Vec<(Append, Bytes, crate::connection::OnReply)>,
-    /// Each request's flight and round, told if it could not be sent.
-    flights: Vec<(Arc<Flight>, u64)>,
+    parts: Vec<GatheredPart>,
+}
+
+/// One batch in a gathering: its part of an `Appends` frame, its data, and the flight (and
+/// round) told its outcome.
+struct GatheredPart {
+    part: AppendPart,
+    data: Bytes,
+    flight: Arc<Flight>,
+    round: u64,
 }
 
 impl Gather {
-    fn add(
-        &mut self,
-        conn: &Arc<Connection>,
-        request: (Append, Bytes, crate::connection::OnReply),
-        flight: (Arc<Flight>, u64),
-    ) {
+    fn new(frame_bytes_max: usize) -> Self {
+        Self { conns: Vec::new(), frame_bytes_max }
+    }
+
+    fn add(&mut self, conn: &Arc<Connection>, part: GatheredPart) {
         let i = match self.conns.iter().position(|g| Arc::ptr_eq(&g.conn, conn)) {
             Some(i) => i,
             None => {
-                self.conns.push(GatheredConn { conn: conn.clone(), requests: Vec::new(), flights: Vec::new() });
+                self.conns.push(GatheredConn { conn: conn.clone(), parts: Vec::new() });
                 self.conns.len() - 1
             }
         };
-        self.conns[i].requests.push(request);
-        self.conns[i].flights.push(flight);
+        self.conns[i].parts.push(part);
     }
 
-    /// Sends everything gathered, one write per connection.
+    /// Sends everything gathered: one write per connection, of as few `Appends` frames as
+    /// the limits allow (parts in the order gathered).
     fn send(&mut self) {
         for g in self.conns.drain(..) {
-            let sent = g.conn.send_many_then(g.requests);
-            for (ok, (flight, round)) in sent.into_iter().zip(g.flights) {
+            let sizes: Vec<usize> = g.parts.iter().map(|p| p.data.len()).collect();
+            let mut parts = g.parts.into_iter();
+            let mut frames = Vec::new();
+            let mut tells = Vec::new();
+            for n in frame_sizes(&sizes, self.frame_bytes_max, APPEND_PARTS_MAX) {
+                let (mut msg, mut data, mut told) =
+                    (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+                for p in parts.by_ref().take(n) {
+                    told.push((p.flight, p.round, p.part.first_event_number));
+                    msg.push(p.part);
+                    data.push(p.data);
+                }
+                let rounds: Vec<_> = told.iter().map(|(f, round, _)| (f.clone(), *round)).collect();
+                frames.push((Appends { parts: msg }, data, appends_answered(told)));
+                tells.push(rounds);
+            }
+            let sent = g.conn.send_many_then(frames);
+            for (ok, rounds) in sent.into_iter().zip(tells) {
                 if !ok {
-                    flight.unsent(round);
+                    for (flight, round) in rounds {
+                        flight.unsent(round);
+                    }
                 }
             }
         }
     }
+}
+
+/// How many parts of `sizes` (each part's data bytes, in order) each frame takes: at most
+/// `parts_max` parts and `bytes_max` bytes a frame, at least one part (a part alone may be
+/// larger: a batch is within the node's limit by itself).
+fn frame_sizes(sizes: &[usize], bytes_max: usize, parts_max: usize) -> Vec<usize> {
+    let mut frames = Vec::new();
+    let (mut parts, mut bytes) = (0, 0);
+    for &size in sizes {
+        if parts > 0 && (parts == parts_max || bytes + size > bytes_max) {
+            frames.push(parts);
+            (parts, bytes) = (0, 0);
+        }
+        parts += 1;
+        bytes += size;
+    }
+    if parts > 0 {
+        frames.push(parts);
+    }
+    frames
+}
+
+/// The handler of an `Appends` frame's answer: each part's flight is told its outcome (all
+/// of them the error, if the frame as a whole failed).
+fn appends_answered(told: Vec<(Arc<Flight>, u64, u64)>) -> crate::connection::OnReply {
+    Box::new(move |reply| {
+        let outcomes = reply.and_then(expect::<AppendsReply>).and_then(|r| {
+            if r.outcomes.len() == told.len() {
+                Ok(r.outcomes)
+            } else {
+                Err(ClientError::Protocol(sluice_net::ProtocolError::InvalidArchive {
+                    kind: sluice_net::Kind::AppendsReply,
+                    reason: format!("{} outcomes for {} parts", r.outcomes.len(), told.len()),
+                }))
+            }
+        });
+        match outcomes {
+            Ok(outcomes) => {
+                for ((flight, round, first), outcome) in told.into_iter().zip(outcomes) {
+                    let r = match outcome {
+                        AppendOutcome::Acked(_) => Ok(()),
+                        AppendOutcome::Failed(e) => Err(server_error(e)),
+                    };
+                    flight.answer(round, first, r);
+                }
+            }
+            Err(e) => {
+                for (flight, round, first) in told {
+                    flight.answer(round, first, Err(e.clone()));
+                }
+            }
+        }
+    })
 }
 
 /// A burst of writes (`EventWriter::burst`): the events written while it lives are sent
@@ -996,8 +1077,14 @@ impl LaneCore {
         };
         match gather {
             Some(g) => {
-                let (msg, on_reply) = self.request(shared, round, first, count);
-                g.add(conn, (msg, payload, on_reply), (self.flight.clone(), round));
+                let part = AppendPart {
+                    segment: self.segment.clone(),
+                    writer_id: shared.writer_id,
+                    first_event_number: first,
+                    event_count: count,
+                    data_bytes: payload.len() as u32,
+                };
+                g.add(conn, GatheredPart { part, data: payload, flight: self.flight.clone(), round });
             }
             None => self.send(shared, conn, round, first, count, &payload),
         }
@@ -1404,6 +1491,20 @@ impl SegmentWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gathered_batches_fill_frames_up_to_both_limits_in_order() {
+        // Bytes: 100 + 200 fit 300, the next 50 would not.
+        assert_eq!(frame_sizes(&[100, 200, 50, 50], 300, 10), vec![2, 2]);
+        // A part over the byte limit goes alone; nothing is left out.
+        assert_eq!(frame_sizes(&[10, 500, 10], 300, 10), vec![1, 1, 1]);
+        // Parts: at most three a frame.
+        assert_eq!(frame_sizes(&[1; 7], 1000, 3), vec![3, 3, 1]);
+        assert_eq!(frame_sizes(&[], 1000, 3), Vec::<usize>::new());
+        // The protocol's limit: 600 small batches make three frames.
+        let sizes = frame_sizes(&[100; 600], 512 << 10, APPEND_PARTS_MAX);
+        assert_eq!(sizes, vec![256, 256, 88]);
+    }
 
     /// A lane (no task) told of input through `driver`, or, without one, through its task's wake-up.
     fn lane(driver: Option<Arc<Driver>>) -> (QueueTx, Arc<LaneCore>) {

@@ -20,8 +20,8 @@ use sluice_meta::controller::ControllerError;
 use sluice_meta::controller::{PendingScale, StreamRecord, TxnRecord};
 use sluice_meta::{MetaError, MetaStore, StreamState};
 use sluice_net::constants::{
-    CONTROL_BYTES_MAX, FRAME_HEADER_BYTES, HELLO_MAGIC, HISTORY_PAGE_MAX, NAMES_PAGE_MAX, PROTOCOL_VERSION,
-    TXN_PAGE_MAX,
+    APPEND_PARTS_MAX, CONTROL_BYTES_MAX, FRAME_HEADER_BYTES, HELLO_MAGIC, HISTORY_PAGE_MAX, NAMES_PAGE_MAX,
+    PROTOCOL_VERSION, TXN_PAGE_MAX,
 };
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
@@ -70,8 +70,12 @@ fn error_reply(
 }
 
 fn engine_error(request_id: u64, e: &EngineError) -> Reply {
+    reply(request_id, &engine_error_message(e))
+}
+
+fn engine_error_message(e: &EngineError) -> ErrorReply {
     let (code, offset) = e.code();
-    error_reply(request_id, code, e.to_string(), None, offset)
+    ErrorReply { code: code as u16, message: e.to_string(), endpoint: None, offset }
 }
 
 fn controller_error(request_id: u64, e: &ControllerError) -> Reply {
@@ -105,6 +109,10 @@ pub enum Via {
 
 /// The `WrongHost` answer for a segment served elsewhere (`owner` is not `Local`).
 fn wrong_host<S: MetaStore>(shard: &Shard<S>, via: Via, request_id: u64, segment: &str, owner: Owner) -> Reply {
+    reply(request_id, &wrong_host_error(shard, via, segment, owner))
+}
+
+fn wrong_host_error<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, owner: Owner) -> ErrorReply {
     let (message, endpoint) = match owner {
         Owner::Remote(s) => {
             let ep = shard.endpoints_via(via).get(s as usize).map(|e| e.address.clone()).unwrap_or_default();
@@ -116,7 +124,7 @@ fn wrong_host<S: MetaStore>(shard: &Shard<S>, via: Via, request_id: u64, segment
         Owner::Node(c, None) => (format!("segment {segment}: container {c} is moving between nodes; retry"), None),
         Owner::Local(_) => unreachable!("a local segment is not redirected"),
     };
-    error_reply(request_id, ErrorCode::WrongHost, message, endpoint, None)
+    ErrorReply { code: ErrorCode::WrongHost as u16, message, endpoint, offset: None }
 }
 
 /// Serves one connection until it closes or breaks.
@@ -268,6 +276,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
         if refused.get() {
             return Err("closed after a refused append".into());
         }
+        crate::stats::record_request();
         let permit = Some(limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?);
         let frame = match Frame::from_parts(&header, body) {
             Ok(f) => f,
@@ -295,6 +304,15 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
                     let _ = tx.unbounded_send((rep, permit));
                 })
                 .detach();
+            }
+            Ok(Dispatched::CloseAfter(fut)) => {
+                let tx = tx.clone();
+                glommio::spawn_local(async move {
+                    let (rep, _) = fut.await;
+                    let _ = tx.unbounded_send((rep, permit));
+                })
+                .detach();
+                return Err("closed after a refused append".into());
             }
             Ok(Dispatched::WhileConnected(what, fut)) => {
                 let (tx, gone) = (tx.clone(), gone.clone());
@@ -324,6 +342,8 @@ enum Dispatched {
     /// Answer later; `true` with the answer: an append was refused after it was queued
     /// (a full disk), so the connection takes no further request.
     Later(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
+    /// Answer later and read no further request (an `Appends` part was refused at once).
+    CloseAfter(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
     /// Answer later, unless the connection ends first: then the work (named) is dropped.
     /// Only for work that changes nothing and that no one else waits for (a scrub).
     WhileConnected(&'static str, std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
@@ -333,49 +353,144 @@ fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
     Dispatched::Later(Box::pin(async move { (f.await, false) }))
 }
 
-/// Routes a segment request to its local container, or answers `WrongHost`.
-fn local_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, id: u64, segment: String, req: Request) -> Dispatched {
-    match shard.owner(&segment) {
+/// A queued segment request: its result, and `true` if the connection must take no further
+/// request.
+type QueuedOp = std::pin::Pin<Box<dyn std::future::Future<Output = (Result<OpResult, EngineError>, bool)>>>;
+
+/// A segment request started: queued in its local container, or answered at once.
+enum Started {
+    /// Answered now (refused, or `WrongHost`); `true`: the connection takes no further
+    /// request (a refused append must not be followed by later appends of the same writer
+    /// on this connection: the client resends them all, in order, on a new one).
+    Now(ErrorReply, bool),
+    Queued(QueuedOp),
+}
+
+/// Routes a segment request to its local container (counting append rates for
+/// auto-scaling, where the append is served), or answers `WrongHost`.
+fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req: Request) -> Started {
+    match shard.owner(segment) {
         Owner::Local(c) => {
-            // Append rates for auto-scaling are counted here, where the append is served.
-            let fut = match shard.submit_local(&c, &segment, req) {
+            let fut = match shard.submit_local(&c, segment, req) {
                 Ok(f) => f,
-                // A refused append must not be followed by later appends of the same writer
-                // on this connection (the client resends them all in order): close it.
                 Err(
                     e @ (EngineError::Overloaded(_)
                     | EngineError::LogFull(_)
                     | EngineError::NoSpace(_)
                     | EngineError::Poisoned { .. }),
-                ) => {
-                    return Dispatched::Close(engine_error(id, &e));
-                }
-                Err(e) => return Dispatched::Now(engine_error(id, &e)),
+                ) => return Started::Now(engine_error_message(&e), true),
+                Err(e) => return Started::Now(engine_error_message(&e), false),
             };
             let read_at = Instant::now();
-            Dispatched::Later(Box::pin(async move {
+            Started::Queued(Box::pin(async move {
                 let result = fut.await;
                 // Refused after it was queued: later requests of this connection must not
-                // overtake it (the client resends them all, in order, on a new one).
+                // overtake it.
                 let close = matches!(result, Err(EngineError::NoSpace(_)));
                 if matches!(result, Ok(OpResult::Appended { .. })) {
                     crate::stats::record_append(read_at.elapsed());
                 }
-                let rep = match result {
-                    Ok(OpResult::Appended { offset, length, last_event_number, duplicate }) => {
-                        reply(id, &AppendAck { offset, length, last_event_number, duplicate })
-                    }
-                    Ok(OpResult::Done) => reply(id, &Done {}),
-                    Ok(OpResult::Status { .. }) => {
-                        engine_error(id, &EngineError::BadRequest("a status is asked with GetSegmentInfo".into()))
-                    }
-                    Err(e) => engine_error(id, &e),
-                };
-                (rep, close)
+                (result, close)
             }))
         }
-        other => Dispatched::Now(wrong_host(shard, via, id, &segment, other)),
+        other => Started::Now(wrong_host_error(shard, via, segment, other), false),
     }
+}
+
+/// The answer to a segment request's result.
+fn op_reply(id: u64, result: Result<OpResult, EngineError>) -> Reply {
+    match result {
+        Ok(OpResult::Appended { offset, length, last_event_number, duplicate }) => {
+            reply(id, &AppendAck { offset, length, last_event_number, duplicate })
+        }
+        Ok(OpResult::Done) => reply(id, &Done {}),
+        Ok(OpResult::Status { .. }) => {
+            engine_error(id, &EngineError::BadRequest("a status is asked with GetSegmentInfo".into()))
+        }
+        Err(e) => engine_error(id, &e),
+    }
+}
+
+/// Routes a segment request to its local container, or answers `WrongHost`.
+fn local_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, id: u64, segment: String, req: Request) -> Dispatched {
+    match start_segment_op(shard, via, &segment, req) {
+        Started::Now(e, true) => Dispatched::Close(reply(id, &e)),
+        Started::Now(e, false) => Dispatched::Now(reply(id, &e)),
+        Started::Queued(fut) => Dispatched::Later(Box::pin(async move {
+            let (result, close) = fut.await;
+            (op_reply(id, result), close)
+        })),
+    }
+}
+
+/// The parts of an `Appends` frame, each queued as an append of its own, in order; one
+/// answer once all are done. After a part refused at once in a way that closes the
+/// connection, the later parts are not queued (one of them may be the same writer's next
+/// batch) and get the same refusal; the connection reads no further frame.
+fn appends<S: MetaStore>(shard: &Shard<S>, via: Via, id: u64, a: Appends, payload: Bytes) -> Dispatched {
+    let total: u64 = a.parts.iter().map(|p| u64::from(p.data_bytes)).sum();
+    if a.parts.is_empty() || a.parts.len() > APPEND_PARTS_MAX || total != payload.len() as u64 {
+        let message = format!(
+            "an Appends frame needs 1 to {APPEND_PARTS_MAX} parts whose data_bytes add up to its payload: {} parts, \
+             {total} bytes named, {} bytes sent",
+            a.parts.len(),
+            payload.len()
+        );
+        return Dispatched::Now(error_reply(id, ErrorCode::BadRequest, message, None, None));
+    }
+    let mut started = Vec::with_capacity(a.parts.len());
+    let mut refused: Option<ErrorReply> = None;
+    let mut at = 0;
+    for part in a.parts {
+        let data = payload.slice(at..at + part.data_bytes as usize);
+        at += part.data_bytes as usize;
+        if let Some(r) = &refused {
+            let message = format!("not queued: an earlier part of the same frame was refused ({})", r.message);
+            started.push(Started::Now(ErrorReply { message, ..r.clone() }, true));
+            continue;
+        }
+        let req = Request::Append {
+            name: part.segment.clone(),
+            writer: part.writer_id,
+            first_event_number: part.first_event_number,
+            event_count: part.event_count,
+            expected_offset: None,
+            data,
+        };
+        let s = start_segment_op(shard, via, &part.segment, req);
+        if let Started::Now(e, true) = &s {
+            refused = Some(e.clone());
+        }
+        started.push(s);
+    }
+    let answer = Box::pin(async move {
+        let mut outcomes = Vec::with_capacity(started.len());
+        let mut close = false;
+        for s in started {
+            let outcome = match s {
+                Started::Now(e, c) => {
+                    close |= c;
+                    AppendOutcome::Failed(e)
+                }
+                Started::Queued(fut) => {
+                    let (result, c) = fut.await;
+                    close |= c;
+                    match result {
+                        Ok(OpResult::Appended { offset, length, last_event_number, duplicate }) => {
+                            AppendOutcome::Acked(AppendAck { offset, length, last_event_number, duplicate })
+                        }
+                        Ok(_) => AppendOutcome::Failed(engine_error_message(&EngineError::BadRequest(
+                            "an append answered without an offset".into(),
+                        ))),
+                        Err(e) => AppendOutcome::Failed(engine_error_message(&e)),
+                    }
+                }
+            };
+            outcomes.push(outcome);
+        }
+        (reply(id, &AppendsReply { outcomes }), close)
+    });
+    if refused.is_some() { Dispatched::CloseAfter(answer) } else { Dispatched::Later(answer) }
 }
 
 /// Moves a committed transaction's shadow into its segment (same container: a shadow hashes
@@ -429,6 +544,10 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, via: Via, frame: Frame) -> Resul
                 data: frame.payload,
             };
             local_segment_op(shard, via, id, a.segment, req)
+        }
+        Kind::Appends => {
+            let a: Appends = frame.decode()?;
+            appends(shard, via, id, a, frame.payload)
         }
         Kind::Read => {
             let rd: Read = frame.decode()?;

@@ -16,6 +16,7 @@ const RECORD_MAX_US: u64 = 60_000_000;
 
 struct Stats {
     since: Instant,
+    requests: u64,
     appends: Histogram<u64>,
     flushes: Histogram<u64>,
     flushed_bytes: u64,
@@ -24,7 +25,7 @@ struct Stats {
 impl Stats {
     fn new() -> Stats {
         let hist = || Histogram::new_with_bounds(1, RECORD_MAX_US, 3).expect("histogram bounds");
-        Stats { since: Instant::now(), appends: hist(), flushes: hist(), flushed_bytes: 0 }
+        Stats { since: Instant::now(), requests: 0, appends: hist(), flushes: hist(), flushed_bytes: 0 }
     }
 }
 
@@ -40,6 +41,11 @@ fn micros(d: Duration) -> u64 {
 /// covers the shard's whole life).
 pub fn start() {
     STATS.with(|s| *s.borrow_mut() = Stats::new());
+}
+
+/// A request read from a client.
+pub fn record_request() {
+    STATS.with(|s| s.borrow_mut().requests += 1);
 }
 
 /// An append (or a transaction's merge) answered `took` after its frame was read.
@@ -78,6 +84,7 @@ pub fn snapshot(shard: u32, reset: bool) -> ShardStats {
             node: String::new(),
             shard,
             window_ms: s.since.elapsed().as_millis() as u64,
+            requests: s.requests,
             appends: latencies(&s.appends),
             flushes: latencies(&s.flushes),
             flushed_bytes: s.flushed_bytes,

@@ -1,7 +1,7 @@
 //! Protocol limits and fixed sizes, units last.
 
 /// Version spoken by this build; the handshake picks the highest common version.
-pub const PROTOCOL_VERSION: u16 = 17;
+pub const PROTOCOL_VERSION: u16 = 18;
 /// Magic carried in the `Hello` message ("SLCE").
 pub const HELLO_MAGIC: u32 = 0x534C_4345;
 /// Bytes of the fixed frame header: length u32, kind u16, flags u16, request id u64, control length u32.
@@ -16,6 +16,9 @@ pub const CONTROL_BYTES_MAX: usize = 1 << 20;
 pub const EVENT_BYTES_MAX: usize = 8 << 20;
 /// Bytes of the length prefix that frames an event inside segment bytes.
 pub const EVENT_HEADER_BYTES: usize = 4;
+/// Most parts in one `Appends` frame (a part's control is at most a few hundred bytes, so
+/// a frame's control stays far below `CONTROL_BYTES_MAX`).
+pub const APPEND_PARTS_MAX: usize = 256;
 /// Longest scope or stream name.
 pub const NAME_BYTES_MAX: usize = 64;
 

@@ -26,7 +26,7 @@ kinds! {
     StreamHistory = 40,
     CreateSegment = 30, Append = 31, AppendAck = 32, Read = 33, ReadReply = 34,
     GetSegmentInfo = 35, SegmentInfo = 36, SealSegment = 37, TruncateSegment = 38,
-    DeleteSegment = 39, MergeSegment = 41,
+    DeleteSegment = 39, MergeSegment = 41, Appends = 42, AppendsReply = 43,
     BeginTxn = 50, TxnInfo = 51, GetTxn = 52, ListTxns = 53, TxnList = 54, PingTxn = 55,
     CommitTxn = 56, FinishCommit = 57, AbortTxn = 58, ForgetTxn = 59,
     AddSubscriber = 60, RemoveSubscriber = 61, UpdateSubscriber = 62, ListSubscribers = 63,
@@ -294,6 +294,24 @@ control!(
     }
 );
 control!(
+    Appends,
+    /// Several appends in one frame, to segments served by the shard or node the frame is
+    /// sent to (a writer's batches for many segments in one request): each part is an
+    /// `Append` without `expected_offset`, its data the next `data_bytes` of the payload. The
+    /// server queues the parts in order, as if each came in a frame of its own, and answers
+    /// once all of them are done, with `AppendsReply`.
+    pub struct Appends {
+        pub parts: Vec<AppendPart>,
+    }
+);
+control!(
+    AppendsReply,
+    /// The answer to `Appends`: one outcome per part, in order.
+    pub struct AppendsReply {
+        pub outcomes: Vec<AppendOutcome>,
+    }
+);
+control!(
     Read,
     /// Reads from `offset`; at the tail waits up to `wait_ms` for data.
     pub struct Read {
@@ -533,6 +551,9 @@ control!(
         pub shard: u32,
         /// How long the shard has been counting.
         pub window_ms: u64,
+        /// Requests (frames) read from clients: an `Appends` frame is one, however many
+        /// appends it carries.
+        pub requests: u64,
         /// Appends and merges: from their frame read until their acknowledgement is ready
         /// (waiting for the flush in flight, then their own).
         pub appends: Latencies,
@@ -645,6 +666,25 @@ pub struct SubscriberInfo {
     pub group: String,
     pub positions: Option<Vec<SegmentOffset>>,
     pub updated_unix_ms: u64,
+}
+
+/// One part of an `Appends` frame.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct AppendPart {
+    pub segment: String,
+    pub writer_id: u128,
+    pub first_event_number: u64,
+    pub event_count: u32,
+    /// Bytes of the frame's payload that are this part's data (after the earlier parts').
+    pub data_bytes: u32,
+}
+
+/// How one part of an `Appends` frame ended: what a frame of its own would have been
+/// answered.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum AppendOutcome {
+    Acked(AppendAck),
+    Failed(ErrorReply),
 }
 
 /// One shard's listening address.

@@ -257,3 +257,138 @@ async fn commit_naming_wrong_shadow_lengths_is_refused() {
     let e = r.read_next(Duration::from_secs(10)).await.unwrap().expect("the committed event");
     assert_eq!(&e.payload[..], b"one");
 }
+
+/// Framed events (`u32` length, bytes) for an append's data.
+fn framed(events: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in events {
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(e.as_bytes());
+    }
+    out
+}
+
+fn part(segment: &str, first_event_number: u64, event_count: u32, data: &[u8]) -> AppendPart {
+    AppendPart {
+        segment: segment.into(),
+        writer_id: 77,
+        first_event_number,
+        event_count,
+        data_bytes: data.len() as u32,
+    }
+}
+
+fn outcomes(f: &sluice_net::Frame) -> Vec<AppendOutcome> {
+    assert_eq!(f.kind, Kind::AppendsReply, "expected an AppendsReply, got {:?}", f.kind);
+    f.decode::<AppendsReply>().unwrap().outcomes
+}
+
+fn failed_code(o: &AppendOutcome) -> Option<u16> {
+    match o {
+        AppendOutcome::Acked(_) => None,
+        AppendOutcome::Failed(e) => Some(e.code),
+    }
+}
+
+/// `Appends` frames (several segments' appends in one request): every part is answered as a
+/// frame of its own would be, in order (acknowledged, redirected to the shard that serves it,
+/// refused for its own bad data, or a duplicate), while the others go on; a frame whose parts
+/// do not match its payload, with no parts, or with too many, is refused whole and the
+/// connection goes on. What was acknowledged is read back once, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_frames_answer_every_part_and_refuse_broken_frames() {
+    use sluice_net::ErrorCode;
+    let dir = TempDir::new("appends");
+    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
+    let addr = server.addr;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_scope("ap").await.unwrap();
+    client.create_stream("ap", "s", 4).await.unwrap();
+
+    let expected = tokio::task::spawn_blocking(move || {
+        // Two events for each of the four segments (on both shards: this frame goes to shard
+        // 0), and a segment that does not exist.
+        let mut f = hello();
+        let mut parts = Vec::new();
+        let mut data = Vec::new();
+        for k in 0..4u64 {
+            let d = framed(&[format!("s{k}-e0"), format!("s{k}-e1")]);
+            parts.push(part(&format!("ap/s/{k}"), 1 + 2 * k, 2, &d));
+            data.extend_from_slice(&d);
+        }
+        let d = framed(&["nowhere".to_string()]);
+        parts.push(part("ap/s/99", 100, 1, &d));
+        data.extend_from_slice(&d);
+        encode_frame(&mut f, 40, &Appends { parts }, &data);
+        let frames = send_and_drain(addr, &f);
+        assert_eq!(frames[0].kind, Kind::HelloReply);
+        let first = outcomes(&frames[1]);
+        assert_eq!(first.len(), 5);
+        let mut local = Vec::new();
+        let mut expected = Vec::new();
+        for (k, o) in first[..4].iter().enumerate() {
+            match o {
+                AppendOutcome::Acked(a) => {
+                    assert!(!a.duplicate && a.offset == 0 && a.length > 0, "segment {k}: {a:?}");
+                    local.push(k);
+                    expected.extend([format!("s{k}-e0"), format!("s{k}-e1")]);
+                }
+                AppendOutcome::Failed(e) => {
+                    assert_eq!(e.code, ErrorCode::WrongHost as u16, "segment {k}: {e:?}");
+                    assert!(e.endpoint.is_some(), "a redirect names where to go: {e:?}");
+                }
+            }
+        }
+        // The stream's segments are spread over both shards.
+        assert_eq!(local.len(), 2, "two of four segments on each shard: {first:?}");
+        let c = failed_code(&first[4]).expect("no such segment");
+        assert!(c == ErrorCode::NoSuchSegment as u16 || c == ErrorCode::WrongHost as u16, "{:?}", first[4]);
+
+        // On a local segment: a part with broken event framing, a resend of acknowledged
+        // events, and new ones; then broken frames, and a request after them.
+        let seg = format!("ap/s/{}", local[0]);
+        let mut f = hello();
+        let broken = framed(&["only one".to_string()]);
+        let resent = framed(&[format!("s{}-e0", local[0]), format!("s{}-e1", local[0])]);
+        let new = framed(&[format!("s{}-e2", local[0])]);
+        let parts =
+            vec![part(&seg, 20, 3, &broken), part(&seg, 1 + 2 * local[0] as u64, 2, &resent), part(&seg, 30, 1, &new)];
+        encode_frame(&mut f, 41, &Appends { parts }, &[broken.clone(), resent, new].concat());
+        expected.push(format!("s{}-e2", local[0]));
+        // Parts naming more bytes than the payload has.
+        let mut p = part(&seg, 40, 1, &broken);
+        p.data_bytes += 1;
+        encode_frame(&mut f, 42, &Appends { parts: vec![p] }, &broken);
+        encode_frame(&mut f, 43, &Appends { parts: vec![] }, b"");
+        let many: Vec<_> =
+            (0..sluice_net::constants::APPEND_PARTS_MAX as u64 + 1).map(|i| part(&seg, 1000 + i, 0, b"")).collect();
+        encode_frame(&mut f, 44, &Appends { parts: many }, b"");
+        encode_frame(&mut f, 45, &GetSegmentInfo { segment: seg.clone() }, b"");
+        let frames = send_and_drain(addr, &f);
+        let by_id = |id: u64| frames.iter().find(|f| f.request_id == id).unwrap_or_else(|| panic!("no reply to {id}"));
+        let second = outcomes(by_id(41));
+        assert_eq!(failed_code(&second[0]), Some(ErrorCode::BadRequest as u16), "{:?}", second[0]);
+        assert!(matches!(&second[1], AppendOutcome::Acked(a) if a.duplicate), "{:?}", second[1]);
+        assert!(matches!(&second[2], AppendOutcome::Acked(a) if !a.duplicate && a.offset > 0), "{:?}", second[2]);
+        for id in [42, 43, 44] {
+            assert_eq!(error_code(by_id(id)), ErrorCode::BadRequest as u16, "frame {id}");
+        }
+        // Answered at once (the appends before it may still be on their way to the disk).
+        let info: SegmentInfo = by_id(45).decode().unwrap();
+        assert_eq!(info.segment, seg);
+        expected
+    })
+    .await
+    .unwrap();
+
+    client.seal_stream("ap", "s").await.unwrap();
+    let mut reader = client.event_reader("ap/s", ReadFrom::Head).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(ev) = reader.read_next(Duration::from_secs(2)).await.unwrap() {
+        got.push(String::from_utf8(ev.payload.to_vec()).unwrap());
+    }
+    got.sort();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(got, expected, "each acknowledged event once, nothing else");
+}

@@ -348,8 +348,8 @@ fn stats_count_what_each_shard_served() {
     run(&["scope", "create", "st"]);
     run(&["stream", "create", "st/ev", "--segments", "4"]);
     run(&["write", "st/ev", "--count", "3000", "--size", "64", "--keys", "8", "--inflight", "100"]);
-    // Rows: shard, window_s, |, appends, 5 latencies, |, flushes, flush/s, KiB/flush, 5 latencies;
-    // then the containers' line.
+    // Rows: shard, window_s, req/s, |, appends, 5 latencies, |, flushes, flush/s, KiB/flush,
+    // 5 latencies; then the containers' line.
     let rows = |out: &str| -> Vec<Vec<u64>> {
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].contains("appends") && lines[0].contains("KiB/flush"), "{out}");
@@ -363,19 +363,21 @@ fn stats_count_what_each_shard_served() {
     };
     let before = rows(&run(&["stats", "--reset"]));
     assert_eq!(before.iter().map(|r| r[0]).collect::<Vec<_>>(), [0, 1]);
-    let appends: u64 = before.iter().map(|r| r[2]).sum();
+    let appends: u64 = before.iter().map(|r| r[3]).sum();
     assert!((1..=3000).contains(&appends), "{before:?}");
     // A new node spreads a stream's segments: both shards served appends.
-    assert!(before.iter().all(|r| r[2] > 0), "{before:?}");
-    for r in before.iter().filter(|r| r[2] > 0) {
-        let (a, f) = (&r[3..8], &r[11..16]);
+    assert!(before.iter().all(|r| r[3] > 0), "{before:?}");
+    for r in before.iter().filter(|r| r[3] > 0) {
+        // The writes came as requests (hundreds over a window of seconds).
+        assert!(r[2] > 0, "requests per second: {r:?}");
+        let (a, f) = (&r[4..9], &r[12..17]);
         assert!(a.windows(2).all(|w| w[0] <= w[1]) && a[0] > 0, "append latencies out of order: {r:?}");
-        assert!(r[8] > 0 && f.windows(2).all(|w| w[0] <= w[1]) && f[0] > 0, "flushes: {r:?}");
+        assert!(r[9] > 0 && f.windows(2).all(|w| w[0] <= w[1]) && f[0] > 0, "flushes: {r:?}");
         // Direct I/O writes whole 4 KiB blocks.
-        assert!(r[10] >= 4, "KiB per flush: {r:?}");
+        assert!(r[11] >= 4, "KiB per flush: {r:?}");
     }
     let after = rows(&run(&["stats"]));
-    assert!(after.iter().all(|r| r[2] == 0 && r[8] == 0), "reset did not start over: {after:?}");
+    assert!(after.iter().all(|r| r[3] == 0 && r[9] == 0), "reset did not start over: {after:?}");
     let every = run(&["stats", "--every", "1", "--count", "2"]);
     assert_eq!(every.lines().filter(|l| l.contains("KiB/flush")).count(), 2, "{every}");
     assert_eq!(every.lines().filter(|l| l.starts_with("containers: 2, ")).count(), 2, "{every}");

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use sluice_client::{Client, ClientError, CutAt, StreamCut, Synchronized};
 use sluice_tests::{Harness, Server, TempDir, free_ports};
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A counter whose update is "set to v", computed from the value seen: a lost update would
@@ -565,6 +566,71 @@ async fn bursts_on_several_threads_keep_every_key_in_order() {
         total += 1;
     }
     assert_eq!(total, (THREADS + 1) * ROUNDS * PER_BURST, "every event once");
+}
+
+/// Callers that need a connection to the same shard at once (a new writer's lanes, one per
+/// segment) wait for one and share it, instead of each opening its own: a writer's batches
+/// for a shard can then go out together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_connecting_at_once_share_one_connection() {
+    let h = sluice_tests::Harness::with_stream("cc", "s", 16).await;
+    let c = &h.client;
+    let addrs: HashSet<String> = (0..16).map(|n| c.endpoint_of(&format!("cc/s/{n}"))).collect();
+    assert_eq!(addrs.len(), 2, "the stream's segments are on both shards: {addrs:?}");
+    for addr in addrs {
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, addr) = (c.clone(), addr.clone());
+                tokio::spawn(async move { c.connection(&addr).await.unwrap() })
+            })
+            .collect();
+        let mut conns = Vec::new();
+        for call in calls {
+            conns.push(call.await.unwrap());
+        }
+        assert!(conns.iter().all(|x| Arc::ptr_eq(x, &conns[0])), "{addr}: more than one connection opened");
+    }
+}
+
+/// Small batches: one burst over 16 segments makes about a thousand `Appends` frames, each
+/// connection's sent in several writes (a write takes a bounded number of pieces). Every
+/// event lands once, each key's in the order written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_many_small_batches_keeps_every_key_in_order() {
+    const EVENTS: u32 = 8000;
+    const KEYS: u32 = 64;
+    let h = sluice_tests::Harness::with_stream("bm", "s", 16).await;
+    let c = &h.client;
+    let config = sluice_client::WriterConfig { batch_bytes_max: 64, inflight_batches_max: 4096, ..Default::default() };
+    let writer = c.event_writer_with("bm/s", config).await.unwrap();
+    // Every lane connected first, so the burst's batches all go out together.
+    for k in 0..KEYS {
+        writer.write_event(format!("key-{k}").as_bytes(), b"warm".to_vec());
+    }
+    writer.flush().await.unwrap();
+    let burst = writer.burst();
+    let acks: Vec<_> = (0..EVENTS)
+        .map(|n| writer.write_event(format!("key-{}", n % KEYS).as_bytes(), n.to_le_bytes().to_vec()))
+        .collect();
+    drop(burst);
+    for a in acks {
+        tokio::time::timeout(Duration::from_secs(20), a).await.expect("acknowledged").unwrap();
+    }
+    c.seal_stream("bm", "s").await.unwrap();
+    let mut r = c.event_reader("bm/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut last: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    let mut total = 0;
+    while let Some(e) = r.read_next(Duration::from_secs(5)).await.unwrap() {
+        if e.payload.as_ref() == b"warm" {
+            continue;
+        }
+        let n = u32::from_le_bytes(e.payload[..4].try_into().unwrap());
+        if let Some(prev) = last.insert(n % KEYS, n) {
+            assert!(prev < n, "key {}: {n} after {prev}", n % KEYS);
+        }
+        total += 1;
+    }
+    assert_eq!(total, EVENTS, "every event once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
