@@ -363,6 +363,7 @@ enum Started {
     /// request (a refused append must not be followed by later appends of the same writer
     /// on this connection: the client resends them all, in order, on a new one).
     Now(ErrorReply, bool),
+    /// Queued in its container.
     Queued(QueuedOp),
 }
 

@@ -392,3 +392,58 @@ async fn appends_frames_answer_every_part_and_refuse_broken_frames() {
     expected.sort();
     assert_eq!(got, expected, "each acknowledged event once, nothing else");
 }
+
+/// A part of an `Appends` frame refused in a way that closes the connection (`Overloaded`:
+/// more bytes waiting for the disk than the node takes) is answered, the parts after it are
+/// not queued (the next could be the same writer's next batch) and get the same code, and no
+/// request after the frame is served. The parts before it are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appends_part_refused_stops_the_parts_after_it_and_the_connection() {
+    use sluice_net::ErrorCode;
+    let dir = TempDir::new("appends-refused");
+    let url = format!("127.0.0.1:{}", free_ports(1));
+    let mut cfg = sluice_engine::EngineConfig::new(dir.0.join("data"), url.parse().unwrap(), 1);
+    cfg.pin = false;
+    cfg.pending_bytes_max = 64 << 10;
+    let node = sluice_engine::shard::Node::start(cfg).unwrap();
+    let client = Client::connect(&url).await.unwrap();
+    client.create_scope("ar").await.unwrap();
+    client.create_stream("ar", "s", 1).await.unwrap();
+    let addr: SocketAddr = url.parse().unwrap();
+
+    let frames = tokio::task::spawn_blocking(move || {
+        let big = |tag: &str| framed(&[format!("{tag}{}", "x".repeat(40 << 10))]);
+        // The first goes to the disk at once; the second waits for it; the third would make
+        // 80 KiB waiting.
+        let data = [big("a"), big("b"), big("c"), framed(&["d".to_string()])];
+        let parts = data.iter().enumerate().map(|(i, d)| part("ar/s/0", 1 + i as u64, 1, d)).collect();
+        let mut f = hello();
+        encode_frame(&mut f, 50, &Appends { parts }, &data.concat());
+        encode_frame(&mut f, 51, &GetSegmentInfo { segment: "ar/s/0".into() }, b"");
+        send_and_drain(addr, &f)
+    })
+    .await
+    .unwrap();
+    assert!(frames.iter().all(|f| f.request_id != 51), "a request after the refused frame was served");
+    let got = outcomes(frames.iter().find(|f| f.request_id == 50).expect("the frame is answered"));
+    assert!(matches!(&got[0], AppendOutcome::Acked(a) if a.offset == 0), "{:?}", got[0]);
+    assert!(matches!(&got[1], AppendOutcome::Acked(_)), "{:?}", got[1]);
+    assert_eq!(failed_code(&got[2]), Some(ErrorCode::Overloaded as u16), "{:?}", got[2]);
+    match &got[3] {
+        AppendOutcome::Failed(e) => {
+            assert_eq!(e.code, ErrorCode::Overloaded as u16);
+            assert!(e.message.contains("not queued"), "{e:?}");
+        }
+        other => panic!("the part after the refused one: {other:?}"),
+    }
+
+    client.seal_stream("ar", "s").await.unwrap();
+    let mut reader = client.event_reader("ar/s", ReadFrom::Head).await.unwrap();
+    let mut read = Vec::new();
+    while let Some(ev) = reader.read_next(Duration::from_secs(2)).await.unwrap() {
+        read.push(ev.payload[0]);
+    }
+    assert_eq!(read, b"ab", "only the parts before the refused one are written");
+    drop(client);
+    tokio::task::spawn_blocking(move || node.stop()).await.unwrap();
+}
