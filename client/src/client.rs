@@ -63,6 +63,9 @@ struct ShardMap {
     append_bytes_max: usize,
 }
 
+/// Held while connecting to an address; the last failure to connect there, and when.
+type ConnectGate = Arc<tokio::sync::Mutex<Option<(Instant, ClientError)>>>;
+
 impl ShardMap {
     fn from_hello(hello: HelloReply) -> Self {
         Self {
@@ -82,8 +85,9 @@ struct Inner {
     map: Mutex<ShardMap>,
     conns: Mutex<HashMap<String, Arc<Connection>>>,
     /// One gate per address, held while connecting to it: callers that need the same
-    /// address at once (a new writer's lanes) wait for one connection and share it.
-    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// address at once (a new writer's lanes) wait for one connection and share it, or its
+    /// failure (when it came, and why), instead of each trying in turn.
+    connecting: Mutex<HashMap<String, ConnectGate>>,
     /// Stream histories read before, by (scope, stream): epochs never change once current,
     /// so a later read only fetches what came after (`Client::stream_history`).
     histories: Mutex<HistoryCache>,
@@ -234,13 +238,25 @@ impl Client {
         if let Some(c) = open() {
             return Ok(c);
         }
+        let asked = Instant::now();
         let gate = self.inner.connecting.lock().expect("lock").entry(addr.to_string()).or_default().clone();
-        let _connecting = gate.lock().await;
-        // Whoever held the gate before may have connected.
+        let mut failed = gate.lock().await;
+        // Whoever held the gate before may have connected, or failed since this call began.
         if let Some(c) = open() {
             return Ok(c);
         }
-        let (conn, hello) = Connection::connect(addr, self.inner.config.connect_timeout).await?;
+        if let Some((at, e)) = failed.as_ref()
+            && *at >= asked
+        {
+            return Err(e.clone());
+        }
+        let (conn, hello) = match Connection::connect(addr, self.inner.config.connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                *failed = Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
         *self.inner.map.lock().expect("lock") = ShardMap::from_hello(hello);
         self.inner.conns.lock().expect("lock").insert(addr.to_string(), conn.clone());
         Ok(conn)

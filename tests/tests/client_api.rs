@@ -570,7 +570,8 @@ async fn bursts_on_several_threads_keep_every_key_in_order() {
 
 /// Callers that need a connection to the same shard at once (a new writer's lanes, one per
 /// segment) wait for one and share it, instead of each opening its own: a writer's batches
-/// for a shard can then go out together.
+/// for a shard can then go out together. Callers of an address nothing listens at all get
+/// the failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_connecting_at_once_share_one_connection() {
     let h = sluice_tests::Harness::with_stream("cc", "s", 16).await;
@@ -589,6 +590,18 @@ async fn callers_connecting_at_once_share_one_connection() {
             conns.push(call.await.unwrap());
         }
         assert!(conns.iter().all(|x| Arc::ptr_eq(x, &conns[0])), "{addr}: more than one connection opened");
+    }
+    // Nothing listens there: every caller gets the failure.
+    let nowhere = format!("127.0.0.1:{}", free_ports(1));
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, addr) = (c.clone(), nowhere.clone());
+            tokio::spawn(async move { c.connection(&addr).await })
+        })
+        .collect();
+    for call in calls {
+        let e = call.await.unwrap().err().expect("nothing listens there");
+        assert!(matches!(e, ClientError::Connect { .. }), "{e}");
     }
 }
 
