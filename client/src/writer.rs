@@ -25,7 +25,7 @@ use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
 use sluice_net::ErrorCode;
 use sluice_net::ScopedStream;
-use sluice_net::constants::{APPEND_PARTS_MAX, EVENT_BYTES_MAX};
+use sluice_net::constants::{APPEND_PARTS_MAX, CONTROL_BYTES_MAX, EVENT_BYTES_MAX, FRAME_BYTES_MAX_DEFAULT};
 use sluice_net::event::{framed_len, split_whole_events};
 use sluice_net::messages::{Append, AppendAck, AppendOutcome, AppendPart, Appends, AppendsReply, SegmentRange};
 use sluice_net::routing::key_point;
@@ -416,7 +416,9 @@ impl Driver {
 /// The batches of lanes that share a connection go out in one write: the lanes' pumps stay
 /// locked until it is done, so no later batch of a lane can overtake one gathered here.
 fn send_lanes(shared: &Shared, lanes: Vec<Arc<LaneCore>>) {
-    let mut gather = Gather::new(shared.batch_max());
+    // A frame of several parts stays within a node's frame limit, whatever the writer's
+    // batch limit (a part alone is as large as its batch).
+    let mut gather = Gather::new(shared.batch_max().min(FRAME_BYTES_MAX_DEFAULT - CONTROL_BYTES_MAX));
     let mut locked = Vec::with_capacity(lanes.len());
     for lane in &lanes {
         // Never wait for a pump while holding others (whoever holds it may be waiting for
@@ -443,8 +445,8 @@ fn send_lanes(shared: &Shared, lanes: Vec<Arc<LaneCore>>) {
 /// connection's frames in one write.
 struct Gather {
     conns: Vec<GatheredConn>,
-    /// Most payload bytes in one `Appends` frame (the writer's batch limit: the node takes a
-    /// frame that large).
+    /// Most payload bytes in one `Appends` frame of several parts (the writer's batch limit,
+    /// within a node's frame limit).
     frame_bytes_max: usize,
 }
 
