@@ -298,12 +298,8 @@ fn failed_code(o: &AppendOutcome) -> Option<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_frames_answer_every_part_and_refuse_broken_frames() {
     use sluice_net::ErrorCode;
-    let dir = TempDir::new("appends");
-    let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
-    let addr = server.addr;
-    let client = Client::connect(&server.url()).await.unwrap();
-    client.create_scope("ap").await.unwrap();
-    client.create_stream("ap", "s", 4).await.unwrap();
+    let h = sluice_tests::Harness::with_stream("ap", "s", 4).await;
+    let (addr, client) = (h.server.addr, &h.client);
 
     let expected = tokio::task::spawn_blocking(move || {
         // Two events for each of the four segments (on both shards: this frame goes to shard
