@@ -43,6 +43,8 @@ pub struct EngineConfig {
     /// How long a container that is flushing small batches back to back waits before the
     /// next one, so that it carries more (zero: never waits).
     pub flush_linger: std::time::Duration,
+    /// Log flushes a container may have in flight at once (1 or 2; see `IoPacer::with_flush_depth`).
+    pub flush_depth: usize,
     /// Tier-2 store URL (`fs:DIR`); without one, log files are never freed.
     pub tier2: Option<String>,
     /// Per-container budget for log files on disk (with tier-2 only).
@@ -90,6 +92,7 @@ impl EngineConfig {
             node_name: "standalone".into(),
             flushes_per_second: 0,
             flush_linger: std::time::Duration::ZERO,
+            flush_depth: crate::container::core::FLUSHES_IN_FLIGHT_MAX,
             tier2: None,
             log_bytes_max: LOG_BYTES_MAX_DEFAULT,
             chunk_bytes: CHUNK_BYTES_DEFAULT,

@@ -946,10 +946,10 @@ async fn shard_main<S: MetaStore>(
     ready: &std::sync::mpsc::Sender<Result<u32, String>>,
 ) -> Result<(), String> {
     probe_dma(&cfg.data_dir, index).await?;
-    let pacer = Rc::new(crate::container::io::IoPacer::new(
-        cfg.flushes_per_second.div_ceil(u64::from(cfg.shards)),
-        cfg.flush_linger,
-    ));
+    let pacer = Rc::new(
+        crate::container::io::IoPacer::new(cfg.flushes_per_second.div_ceil(u64::from(cfg.shards)), cfg.flush_linger)
+            .with_flush_depth(cfg.flush_depth),
+    );
     let mut containers = HashMap::new();
     // In cluster mode containers open as the node acquires them.
     let opened_here = if cfg.cluster.is_some() { 0 } else { cfg.container_count() };

@@ -17,9 +17,9 @@ use sluice_engine::constants::{BLOCK_BYTES, FILE_HEADER_BYTES};
 use sluice_engine::container::core::{ContainerCore, CoreConfig, OpResult, ReadOutcome, Request, Submitted, WriteStep};
 use sluice_engine::container::index::FileIndex;
 use sluice_engine::log::format::FileHeader;
-use sluice_engine::log::scan::{scan_file, sound_records};
+use sluice_engine::log::scan::{ScanEnd, scan_file, sound_records};
 use sluice_net::event::{EventIter, encode_event};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 #[derive(Default, Clone)]
 struct Disk {
@@ -40,6 +40,11 @@ struct Sim {
     rng: StdRng,
     disk: Disk,
     steps_left: u64,
+    /// Whether a second flush may begin while one is written (the I/O driver's default).
+    pipelined: bool,
+    /// Batch writes under way, oldest first (`None`: a flush with nothing to write): at most
+    /// two, completed in order; a crash tears every one of them.
+    writing: VecDeque<Option<(u64, u64, Vec<u8>)>>,
 }
 
 impl Sim {
@@ -53,10 +58,25 @@ impl Sim {
             file[at..at + buf.len()].copy_from_slice(buf);
             return Ok(());
         }
+        self.tear(seq, pos, buf, true);
+        // The other write under way ends as it may: lost, whole, or torn (it may have
+        // reached the disk before the one begun first).
+        for (seq, pos, buf) in std::mem::take(&mut self.writing).into_iter().flatten() {
+            self.tear(seq, pos, &buf, false);
+        }
+        Err(Crash)
+    }
+
+    /// What a crash leaves of a write under way: each 512-byte sector lost, kept or half
+    /// written (`by_sector`), or else the whole write lost, kept, or so torn.
+    fn tear(&mut self, seq: u64, pos: u64, buf: &[u8], by_sector: bool) {
+        let file = self.disk.files.get_mut(&seq).expect("file prepared");
+        let at = pos as usize;
         assert!(at.is_multiple_of(BLOCK_BYTES as usize) && buf.len().is_multiple_of(BLOCK_BYTES as usize));
+        let whole = if by_sector { 2 } else { self.rng.random_range(0..3) };
         for (i, block) in buf.chunks(SECTOR_BYTES).enumerate() {
             let dst = at + i * SECTOR_BYTES;
-            match self.rng.random_range(0..3) {
+            match if whole == 2 { self.rng.random_range(0..3) } else { whole } {
                 0 => {}
                 1 => file[dst..dst + block.len()].copy_from_slice(block),
                 _ => {
@@ -65,7 +85,6 @@ impl Sim {
                 }
             }
         }
-        Err(Crash)
     }
 
     fn prepare(&mut self, cfg: &CoreConfig, seq: u64, epoch: u64, min_lsn: u64) -> Result<(), Crash> {
@@ -109,28 +128,52 @@ fn step_buf(core: &mut ContainerCore, step: WriteStep, checkpoint: bool) -> Vec<
     buf
 }
 
-/// Runs one flush; returns the results, or Crash.
+/// Completes one flush, as the I/O driver does: begins one if none is under way, may begin a
+/// second beside it (pipelined), then completes the oldest; returns its results (`None`:
+/// nothing queued or under way), or Crash.
 fn flush(core: &mut ContainerCore, sim: &mut Sim) -> Result<Option<Vec<OpResult>>, Crash> {
-    let Some(plan) = core.begin_flush().expect("no poison in the simulation") else {
-        return Ok(None);
-    };
-    if let Some(seq) = plan.prepare {
-        // Every record not yet durable (this flush's too) has this LSN or a later one.
-        sim.prepare(core.config(), seq, core.epoch(), core.durable_lsn() + 1)?;
+    if sim.writing.is_empty() {
+        let Some(plan) = core.begin_flush().expect("no poison in the simulation") else {
+            return Ok(None);
+        };
+        if let Some(seq) = plan.prepare {
+            // Every record not yet durable (this flush's too) has this LSN or a later one.
+            sim.prepare(core.config(), seq, core.epoch(), core.durable_lsn() + 1)?;
+        }
+        if let Some(step) = plan.checkpoint {
+            let buf = step_buf(core, step, true);
+            sim.write(step.file_seq, step.pos, &buf)?;
+        }
+        let batch = plan.batch.map(|step| (step.file_seq, step.pos, step_buf(core, step, false)));
+        sim.writing.push_back(batch);
     }
-    if let Some(step) = plan.checkpoint {
-        let buf = step_buf(core, step, true);
-        sim.write(step.file_seq, step.pos, &buf)?;
+    if sim.pipelined && core.can_begin_another() && sim.rng.random_bool(0.8) {
+        let plan = core.begin_flush().expect("no poison").expect("operations queued");
+        PIPELINED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(plan.prepare.is_none() && plan.checkpoint.is_none(), "no roll beside a flush in flight");
+        let batch = plan.batch.map(|step| {
+            for (seq, pos, buf) in sim.writing.iter().flatten() {
+                let apart = *seq != step.file_seq || pos + buf.len() as u64 <= step.pos || step.pos + step.len <= *pos;
+                assert!(apart, "a write beside another touches its blocks: {step:?} and {pos}+{}", buf.len());
+            }
+            (step.file_seq, step.pos, step_buf(core, step, false))
+        });
+        sim.writing.push_back(batch);
     }
-    if let Some(step) = plan.batch {
-        let buf = step_buf(core, step, false);
-        sim.write(step.file_seq, step.pos, &buf)?;
+    if let Some((seq, pos, buf)) = sim.writing.pop_front().expect("a flush under way") {
+        sim.write(seq, pos, &buf)?;
     }
     Ok(Some(core.complete_flush().results))
 }
 
 fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
     let images: Vec<(u64, Bytes)> = disk.files.iter().map(|(s, b)| (*s, Bytes::from(b.clone()))).collect();
+    if let Some((_, last)) = images.last()
+        && let ScanEnd::Torn { reason, .. } = scan_file(last).stop
+        && reason.contains("being written with it")
+    {
+        WRITTEN_WITH_TORN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let (core, report) = match ContainerCore::recover(cfg.clone(), &images) {
         Ok(r) => r,
         Err(e) => panic!("recovery failed: {e:?}"),
@@ -149,6 +192,10 @@ fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
     core
 }
 
+/// Crashes that left a torn record with the record written beside it whole after it.
+static WRITTEN_WITH_TORN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Flushes begun while another was written.
+static PIPELINED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Log files made from freed ones (the simulation must exercise them).
 static RECYCLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Reads served from tier-2 (the simulation must exercise them).
@@ -307,7 +354,13 @@ fn run_seed(seed: u64, recycle: bool) -> (u64, usize, usize) {
     let names: Vec<String> = (0..3).map(|i| format!("s/t/{i}")).collect();
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim { rng: StdRng::seed_from_u64(seed ^ 0x5eed), disk: Disk::default(), steps_left: u64::MAX };
+    let mut sim = Sim {
+        rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+        disk: Disk::default(),
+        steps_left: u64::MAX,
+        pipelined: !seed.is_multiple_of(4),
+        writing: VecDeque::new(),
+    };
     for n in &names {
         assert_eq!(core.submit(Request::Create { name: n.clone() }).unwrap(), Submitted::Queued);
     }
@@ -465,8 +518,13 @@ fn power_loss_500_seeds() {
     // The simulation must really crash, and crash across log file rolls.
     assert!(crashes >= 500, "only {crashes} crashes in 500 seeds");
     assert!(max_files >= 3, "logs never rolled past {max_files} files");
+    // Flushes begun beside another, and crashes that kept the second whole after a torn first.
+    let pipelined = PIPELINED.load(std::sync::atomic::Ordering::Relaxed);
+    let written_with_torn = WRITTEN_WITH_TORN.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(pipelined >= 1000, "only {pipelined} flushes began beside another");
+    assert!(written_with_torn >= 10, "only {written_with_torn} crashes kept a record written beside a torn one");
     eprintln!(
-        "power loss: {crashes} crashes over 500 seeds, up to {max_files} log files, {freed} freed after moves, {tier2_reads} tier-2 reads, {log_reads} log reads"
+        "power loss: {crashes} crashes over 500 seeds, up to {max_files} log files, {freed} freed after moves, {tier2_reads} tier-2 reads, {log_reads} log reads, {pipelined} flushes begun beside another, {written_with_torn} crashes kept one written beside a torn one"
     );
 }
 
@@ -530,7 +588,8 @@ fn setup() -> (ContainerCore, Sim) {
     let cfg = fresh_cfg();
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX };
+    let mut sim =
+        Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     while flush(&mut core, &mut sim).ok().flatten().is_some() {}
     (core, sim)
@@ -678,7 +737,8 @@ fn salvage_replays_past_a_damaged_record_leaving_holes() {
     check(&mut core, &disk, &[]);
 
     // Appends go on after the last sound record; the next recovery salvages the same.
-    let mut sim = Sim { rng: StdRng::seed_from_u64(2), disk, steps_left: u64::MAX };
+    let mut sim =
+        Sim { rng: StdRng::seed_from_u64(2), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
     one_record(&mut core, &mut sim, vec![event_to("a/b/0", b"a4")]);
     let mut disk = sim.disk.clone();
     let mut core = recover(&salvage, &mut disk);
@@ -731,7 +791,8 @@ fn salvage_rebuilds_a_damaged_checkpoint_from_the_file_before() {
 
     // The next write starts file 2 with a checkpoint; then recovery needs neither salvage
     // nor file 0.
-    let mut sim = Sim { rng: StdRng::seed_from_u64(3), disk, steps_left: u64::MAX };
+    let mut sim =
+        Sim { rng: StdRng::seed_from_u64(3), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
     write_some(&mut core, &mut sim, 1);
     assert!(sim.disk.files.contains_key(&2), "a new file after the salvage");
     let mut disk = sim.disk.clone();
@@ -843,7 +904,8 @@ fn log_budget_refuses_appends_until_files_are_freed() {
     cfg.log_bytes_max = 4 * cfg.file_bytes;
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim { rng: StdRng::seed_from_u64(7), disk, steps_left: u64::MAX };
+    let mut sim =
+        Sim { rng: StdRng::seed_from_u64(7), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     while flush(&mut core, &mut sim).ok().flatten().is_some() {}
     let append = |core: &mut ContainerCore| core.submit(one_event(&[7u8; 8000]));
@@ -1071,7 +1133,8 @@ fn idle_writers_are_forgotten_when_a_new_file_starts() {
     let cfg = CoreConfig { writer_idle_ms: 1000, ..fresh_cfg() };
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX };
+    let mut sim =
+        Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     let numbered = |writer: u128| {
         let mut p = Vec::new();
@@ -1104,7 +1167,8 @@ fn idle_writers_are_forgotten_when_a_new_file_starts() {
     // No clock, no forgetting.
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX };
+    let mut sim =
+        Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     core.submit(numbered(3)).unwrap();
     write_some(&mut core, &mut sim, 30);
@@ -1189,7 +1253,8 @@ fn a_log_file_of_block_padded_records_goes_on_with_packed_ones() {
     let mut core = recover(&fresh_cfg(), &mut disk);
     assert_eq!(read_segment(&mut core, &disk, "a/b/0"), before, "block-padded records read");
 
-    let mut sim = Sim { rng: StdRng::seed_from_u64(5), disk, steps_left: u64::MAX };
+    let mut sim =
+        Sim { rng: StdRng::seed_from_u64(5), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
     for i in 0..3 {
         core.submit(one_event(format!("small-{i}").as_bytes())).unwrap();
         while flush(&mut core, &mut sim).ok().flatten().is_some() {}
@@ -1234,7 +1299,13 @@ fn power_loss_while_small_segments_are_copied_to_free_the_log() {
         let cfg = CoreConfig { spare_files: (seed % 2) as usize, ..fresh_cfg() };
         let mut disk = Disk::default();
         let mut core = recover(&cfg, &mut disk);
-        let mut sim = Sim { rng: StdRng::seed_from_u64(seed), disk: Disk::default(), steps_left: u64::MAX };
+        let mut sim = Sim {
+            rng: StdRng::seed_from_u64(seed),
+            disk: Disk::default(),
+            steps_left: u64::MAX,
+            pipelined: false,
+            writing: VecDeque::new(),
+        };
         for name in ["big", "small"] {
             core.submit(Request::Create { name: name.into() }).unwrap();
         }

@@ -228,6 +228,12 @@ struct StandaloneArgs {
     /// writes and a lower tail; see docs/BENCHMARKS.md.
     #[arg(long, default_value_t = 0)]
     flush_linger_us: u64,
+    /// Log flushes a container may have in flight at once: 2 lets a flush begin while the
+    /// one before it is being written (its record starts a block of its own), so an append
+    /// waits for one write rather than for the rest of the write in flight and then its own;
+    /// 1 writes one flush at a time. With --iops-limit or --flush-linger-us it is always 1.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=2))]
+    flush_depth: u64,
     /// Long-term storage (tier-2): `fs:DIR` (a local or NFS directory) or
     /// `hdfs://namenode:port/path`. The mover copies segment data there and frees log files,
     /// so streams can outgrow the local disk and are read seamlessly from either tier.
@@ -502,6 +508,7 @@ fn engine_config(a: &StandaloneArgs, containers_default: u32) -> Result<sluice_e
     cfg.shard_nice = a.shard_nice;
     cfg.flushes_per_second = a.iops_limit;
     cfg.flush_linger = Duration::from_micros(a.flush_linger_us);
+    cfg.flush_depth = a.flush_depth as usize;
     cfg.tier2 = a.tier2.clone();
     // By default at least the four log files a container's log needs (many containers per core).
     let budget = || per_container(sluice_engine::constants::SHARD_LOG_BUDGET_MB_DEFAULT).max(4 * a.log_file_mb);

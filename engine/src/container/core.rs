@@ -457,7 +457,14 @@ struct InFlight {
     checkpoint_lsn: u64,
     batch_lsn: u64,
     payload_len: usize,
+    /// The batch record starts a block of its own (the record before it was still being
+    /// written when this flush began: no write may touch that record's last block again).
+    own_block: bool,
 }
+
+/// Most flushes in flight at once: a second may begin while the first is written, and the
+/// log's scan knows how to read what a crash leaves of two (see `log::scan`).
+pub const FLUSHES_IN_FLIGHT_MAX: usize = 2;
 
 /// Results of a completed flush.
 pub struct Completion {
@@ -659,7 +666,8 @@ pub struct ContainerCore {
     next_segment_id: u64,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
-    in_flight: Option<InFlight>,
+    /// Flushes begun and not yet durable, oldest first (at most `FLUSHES_IN_FLIGHT_MAX`).
+    in_flight: VecDeque<InFlight>,
     poisoned: Option<String>,
     /// The disk is full (why, as the I/O layer saw it): the next log file could not be
     /// created. Requests that add data are refused with `NoSpace` until one can be.
@@ -713,7 +721,7 @@ impl ContainerCore {
             next_segment_id: 1,
             pending: VecDeque::new(),
             pending_bytes: 0,
-            in_flight: None,
+            in_flight: VecDeque::new(),
             poisoned: None,
             no_space: None,
             stopped: false,
@@ -755,7 +763,7 @@ impl ContainerCore {
 
     /// The LSN of the newest durable record (0: none yet).
     pub fn durable_lsn(&self) -> u64 {
-        self.in_flight.as_ref().map_or(self.next_lsn, |f| f.checkpoint_lsn) - 1
+        self.in_flight.front().map_or(self.next_lsn, |f| f.checkpoint_lsn) - 1
     }
 
     pub fn current_file(&self) -> u64 {
@@ -797,7 +805,7 @@ impl ContainerCore {
     /// written (a full disk). Returns how many were dropped; their waiters are the
     /// caller's to answer. Nothing durable is touched.
     pub fn refuse_pending(&mut self) -> usize {
-        assert!(self.in_flight.is_none(), "queued operations are refused between flushes");
+        assert!(self.in_flight.is_empty(), "queued operations are refused between flushes");
         let ops: Vec<Pending> = self.pending.drain(..).collect();
         self.pending_bytes = 0;
         for p in ops.iter().rev() {
@@ -1296,7 +1304,7 @@ impl ContainerCore {
     /// request fails with `reason`. Only when no flush is in flight; returns how many queued
     /// operations the caller must fail.
     pub fn stop(&mut self, reason: String) -> usize {
-        assert!(self.in_flight.is_none(), "a container stops between flushes");
+        assert!(self.in_flight.is_empty(), "a container stops between flushes");
         self.stopped = true;
         self.fail_with(reason, Vec::new())
     }
@@ -1333,9 +1341,40 @@ impl ContainerCore {
     /// Whether a record of `payload_len` fits the current file; one that adds data (`data`)
     /// must leave the control reserve free (`CONTROL_RESERVE_BYTES`).
     fn fits_current_file(&self, payload_len: usize, data: bool) -> bool {
+        self.fits_current_file_at(self.file_pos, payload_len, data)
+    }
+
+    /// Whether a record of `payload_len` at `pos` fits the current file (see `fits_current_file`).
+    fn fits_current_file_at(&self, pos: u64, payload_len: usize, data: bool) -> bool {
         let reserve = if data { CONTROL_RESERVE_BYTES.min(self.cfg.file_bytes / 16) } else { 0 };
         let rec_len = RecordHeader::packed_len(payload_len);
-        self.file_pos.checked_add(rec_len + reserve).is_some_and(|end| end <= self.current_file_bytes)
+        pos.checked_add(rec_len + reserve).is_some_and(|end| end <= self.current_file_bytes)
+    }
+
+    /// Where the record of a flush begun now goes, and whether it starts a block of its own:
+    /// right after the log's end, or, while a record is being written, at the block boundary
+    /// after that record (its last block is not written again before it is durable).
+    fn next_record_pos(&self) -> (u64, bool) {
+        match self.in_flight.iter().rev().find_map(|f| f.plan.batch) {
+            Some(step) => (crate::constants::align_up(step.record_pos + step.record_len), true),
+            None => (self.file_pos, false),
+        }
+    }
+
+    /// Whether a flush may begin now although another is in flight: operations are queued,
+    /// fewer than `FLUSHES_IN_FLIGHT_MAX` flushes are in flight, none of them rolls into a new
+    /// file, and the next batch fits the current file after the records being written (a
+    /// roll waits until nothing is in flight).
+    pub fn can_begin_another(&self) -> bool {
+        if self.pending.is_empty()
+            || self.in_flight.len() >= FLUSHES_IN_FLIGHT_MAX
+            || self.in_flight.iter().any(|f| f.plan.prepare.is_some())
+            || !self.has_file
+        {
+            return false;
+        }
+        let (_, payload_len, data) = self.next_batch();
+        payload_len == 0 || self.fits_current_file_at(self.next_record_pos().0, payload_len, data)
     }
 
     /// The log file the next flush must roll into (the current one has no room for it, or
@@ -1358,13 +1397,15 @@ impl ContainerCore {
         if self.has_file { self.file_seq + 1 } else { self.file_seq }
     }
 
-    /// Takes queued operations into a flush. `None` when nothing is queued. At most one
-    /// flush may be in flight. An error poisons the container (the caller fails everything).
+    /// Takes queued operations into a flush. `None` when nothing is queued. With a flush in
+    /// flight, only when `can_begin_another` (the I/O layer writes both at once and
+    /// completes them in order). An error poisons the container (the caller fails everything).
     pub fn begin_flush(&mut self) -> Result<Option<FlushPlan>, String> {
-        assert!(self.in_flight.is_none(), "one flush at a time");
         if self.pending.is_empty() {
             return Ok(None);
         }
+        assert!(self.in_flight.is_empty() || self.can_begin_another(), "a flush begun beside another must fit");
+        let (record_pos, own_block) = self.next_record_pos();
         let (count, payload_len, data) = self.next_batch();
         let ops: Vec<_> = self.pending.drain(..count).collect();
         self.pending_bytes -= payload_len;
@@ -1373,8 +1414,8 @@ impl ContainerCore {
         let (checkpoint_lsn, mut batch_lsn) = (self.next_lsn, self.next_lsn);
         if payload_len > 0 {
             let rec_len = RecordHeader::packed_len(payload_len);
-            let (seq, pos) = if self.fits_current_file(payload_len, data) {
-                (self.file_seq, self.file_pos)
+            let (seq, pos) = if self.fits_current_file_at(record_pos, payload_len, data) {
+                (self.file_seq, record_pos)
             } else {
                 let seq = self.next_file_seq();
                 plan.writers_forgotten = self.forget_idle_writers();
@@ -1400,14 +1441,25 @@ impl ContainerCore {
             plan.batch = Some(WriteStep::at(seq, pos, rec_len));
             self.next_lsn = batch_lsn + 1;
         }
-        self.in_flight = Some(InFlight { plan: plan.clone(), ops, checkpoint, checkpoint_lsn, batch_lsn, payload_len });
+        // A roll starts a new file: its batch follows the checkpoint there.
+        let own_block = own_block && plan.prepare.is_none();
+        self.in_flight.push_back(InFlight {
+            plan: plan.clone(),
+            ops,
+            checkpoint,
+            checkpoint_lsn,
+            batch_lsn,
+            payload_len,
+            own_block,
+        });
         Ok(Some(plan))
     }
 
-    /// Fills `buf` (exactly the in-flight checkpoint step's length) with what its write puts
-    /// on disk: the checkpoint record (it opens a file: nothing before it), then zeros.
+    /// Fills `buf` (exactly the newest in-flight checkpoint step's length) with what its write
+    /// puts on disk: the checkpoint record (it opens a file: nothing before it), then zeros.
+    /// Flushes are encoded in the order they begin.
     pub fn encode_checkpoint(&mut self, buf: &mut [u8]) {
-        let f = self.in_flight.as_ref().expect("a flush in flight");
+        let f = self.in_flight.back().expect("a flush in flight");
         let step = f.plan.checkpoint.expect("the flush rolls");
         let ck = f.checkpoint.as_ref().expect("the flush rolls");
         self.tail = Tail::empty(step.file_seq, step.pos);
@@ -1419,11 +1471,15 @@ impl ContainerCore {
         });
     }
 
-    /// Fills `buf` (exactly the in-flight batch step's length) with what its write puts on
-    /// disk: the records already in its first block, the batch record, then zeros.
+    /// Fills `buf` (exactly the newest in-flight batch step's length) with what its write puts
+    /// on disk: the records already in its first block (none when the record starts a block
+    /// of its own), the batch record, then zeros. Flushes are encoded in the order they begin.
     pub fn encode_batch(&mut self, buf: &mut [u8]) {
-        let f = self.in_flight.as_ref().expect("a flush in flight");
+        let f = self.in_flight.back().expect("a flush in flight");
         let step = f.plan.batch.expect("the flush has a batch");
+        if f.own_block {
+            self.tail = Tail::empty(step.file_seq, step.record_pos);
+        }
         self.tail.fill(buf, step, |rec| {
             encode_record(rec, RecordLayout::Packed, RecordKind::Batch, self.epoch, f.batch_lsn, f.payload_len, |p| {
                 let mut at = 0;
@@ -1434,9 +1490,9 @@ impl ContainerCore {
         });
     }
 
-    /// The in-flight flush is durable: apply it.
+    /// The oldest in-flight flush is durable: apply it.
     pub fn complete_flush(&mut self) -> Completion {
-        let f = self.in_flight.take().expect("a flush in flight");
+        let f = self.in_flight.pop_front().expect("a flush in flight");
         let mut rolled_from = None;
         if let Some(seq) = f.plan.prepare {
             if self.has_file {
@@ -1465,10 +1521,10 @@ impl ContainerCore {
         Completion { results: f.ops.into_iter().map(|o| o.result).collect(), changed, rolled_from }
     }
 
-    /// The in-flight flush failed: the container is poisoned. Returns how many queued
-    /// operations (in flight first, then the rest, in order) must be failed.
+    /// A flush failed: the container is poisoned. Returns how many queued operations (those
+    /// of every flush in flight first, then the rest, in order) must be failed.
     pub fn fail_flush(&mut self, reason: String) -> usize {
-        let ops = self.in_flight.take().map(|f| f.ops).unwrap_or_default();
+        let ops = self.in_flight.drain(..).flat_map(|f| f.ops).collect();
         self.fail_with(reason, ops)
     }
 
@@ -1685,9 +1741,7 @@ impl ContainerCore {
         for (f, _) in self.segments.values().filter_map(Segment::oldest_file_needed) {
             needed = needed.min(f);
         }
-        if let Some(f) = &self.in_flight
-            && let Some(p) = f.plan.prepare
-        {
+        for p in self.in_flight.iter().filter_map(|f| f.plan.prepare) {
             needed = needed.min(p);
         }
         needed
@@ -2220,6 +2274,54 @@ mod tests {
         while c.begin_flush().unwrap().is_some() {
             c.complete_flush();
         }
+    }
+
+    /// A second flush may begin while the first is written: its record starts at the block
+    /// boundary after the first one's (never in a block being written), its write encodes no
+    /// earlier record, and the two complete in order; the durable LSN follows the oldest. A
+    /// flush after both packs into the second one's last block again. No second flush begins
+    /// beside one that rolls into a new file, nor a third.
+    #[test]
+    fn a_second_flush_begins_beside_the_first_in_a_block_of_its_own() {
+        let mut c = core();
+        c.submit(Request::Create { name: "a".into() }).unwrap();
+        assert!(!c.can_begin_another(), "nothing in flight, nothing queued");
+        let first = c.begin_flush().unwrap().unwrap();
+        assert!(first.prepare.is_some());
+        c.submit(append("a", 1, b"one")).unwrap();
+        assert!(!c.can_begin_another(), "not beside a flush that rolls");
+        c.complete_flush();
+        flush(&mut c);
+        c.submit(append("a", 2, b"two")).unwrap();
+        let one = c.begin_flush().unwrap().unwrap().batch.unwrap();
+        assert!(!c.can_begin_another(), "nothing queued");
+        c.submit(append("a", 3, b"three")).unwrap();
+        assert!(c.can_begin_another());
+        let durable = c.durable_lsn();
+        let two = c.begin_flush().unwrap().unwrap().batch.unwrap();
+        assert_eq!(two.record_pos, crate::constants::align_up(one.record_pos + one.record_len));
+        assert_eq!((two.pos, two.len), (two.record_pos, BLOCK_BYTES));
+        let mut enc = vec![0u8; two.len as usize];
+        c.encode_batch(&mut enc);
+        assert!(enc.starts_with(&crate::log::format::RECORD_MAGIC.to_le_bytes()), "the record opens its block");
+        c.submit(append("a", 4, b"four")).unwrap();
+        assert!(!c.can_begin_another(), "two in flight at most");
+        assert_eq!(c.durable_lsn(), durable);
+        let done = c.complete_flush();
+        assert!(matches!(done.results[..], [OpResult::Appended { offset: 3, .. }]), "{:?}", done.results);
+        assert_eq!(c.durable_lsn(), durable + 1);
+        assert_eq!(c.status("a").unwrap().length, 6);
+        let done = c.complete_flush();
+        assert!(matches!(done.results[..], [OpResult::Appended { offset: 6, .. }]), "{:?}", done.results);
+        assert_eq!((c.durable_lsn(), c.file_pos), (durable + 2, two.record_pos + two.record_len));
+        // Nothing in flight: the next record packs after the second one, in its block.
+        let three = c.begin_flush().unwrap().unwrap().batch.unwrap();
+        assert_eq!((three.record_pos, three.pos), (two.record_pos + two.record_len, two.record_pos));
+        let mut buf = vec![0u8; three.len as usize];
+        c.encode_batch(&mut buf);
+        assert_eq!(&buf[..two.record_len as usize], &enc[..two.record_len as usize], "the second record again");
+        c.complete_flush();
+        assert_eq!(c.status("a").unwrap().length, 15);
     }
 
     /// Records that add data stop short of the file's end by the control reserve, so on a

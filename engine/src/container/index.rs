@@ -22,7 +22,8 @@ pub struct FileIndex {
     /// Batch records as (file position, bytes on disk), in file order.
     records: Vec<(u64, u64)>,
     /// Where a run of back-to-back records ends before a gap (a damaged stretch the file's
-    /// scan skipped), in file order; empty for a sound file.
+    /// scan skipped), in file order; empty for a sound file. Zeros up to the block boundary
+    /// where a record written beside the one before it starts are no gap (`log::scan`).
     gaps: Vec<u64>,
 }
 
@@ -66,6 +67,7 @@ impl FileIndex {
         debug_assert!(self.records.last().is_none_or(|&(p, l)| p + l <= pos), "records in file order");
         if let Some(&(p, l)) = self.records.last()
             && p + l != pos
+            && crate::constants::align_up(p + l) != pos
         {
             self.gaps.push(p + l);
         }
@@ -153,6 +155,19 @@ mod tests {
         assert_eq!(idx.locate(1, 0, 1 << 20, 1 << 20), vec![(1040, 100), (1340, 150)]);
         assert_eq!(idx.record_span(1040, 1490), Some((1000, 1600)));
         assert_eq!(idx.locate(1, 250, 1 << 20, 1 << 20), vec![(5040, 50)]);
+    }
+
+    /// A record written beside the one before it starts at the next block boundary: the
+    /// zeros between them are no gap, a read spans them.
+    #[test]
+    fn zeros_before_a_record_of_its_own_block_are_no_gap() {
+        let mut idx = FileIndex::default();
+        idx.push_record(4096, 304);
+        idx.push(1, 0, 4136, 200);
+        idx.push_record(8192, 400);
+        idx.push(1, 200, 8232, 300);
+        assert_eq!(idx.locate(1, 0, 1 << 20, 1 << 20), vec![(4136, 200), (8232, 300)]);
+        assert_eq!(idx.record_span(4136, 8532), Some((4096, 8592)));
     }
 
     #[test]

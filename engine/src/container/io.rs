@@ -15,7 +15,8 @@
 use super::image;
 use crate::constants::{FILE_HEADER_BYTES, FILE_IMAGES_PER_SHARD, MERGE_READ_BYTES, PREFILL_CHUNK_BYTES};
 use crate::container::core::{
-    ContainerCore, CoreConfig, Damage, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus, Submitted,
+    ContainerCore, CoreConfig, Damage, FLUSHES_IN_FLIGHT_MAX, FlushPlan, OpResult, ReadOutcome, Request, SegmentStatus,
+    Submitted,
 };
 use crate::container::freeing::{FREEING_SUFFIX, SPARE_SUFFIX};
 use crate::container::handoff;
@@ -28,7 +29,7 @@ use crate::log::{file_name, parse_file_name};
 use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{Either, select};
-use glommio::io::{DmaFile, OpenOptions};
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use sluice_net::messages::ContainerHealth;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -171,6 +172,9 @@ pub struct Container {
     waiters: RefCell<VecDeque<Waiter>>,
     tail_waiters: RefCell<HashMap<u64, Vec<oneshot::Sender<()>>>>,
     flushing: Cell<bool>,
+    /// Wakes a flush loop waiting on a write when operations are queued (it may begin
+    /// another flush beside the one in flight).
+    queued: Nudge,
     /// Mean size of recent batch writes, moving average over about 8 (for `Prefill::Auto`).
     flush_mean: Cell<u64>,
     pub(crate) files: RefCell<Files>,
@@ -239,6 +243,40 @@ impl Alarm {
     }
 }
 
+/// Wakes one waiting task, or the next one to wait if none waits now (a wake is never lost).
+#[derive(Default)]
+struct Nudge {
+    nudged: Cell<bool>,
+    waiter: RefCell<Option<std::task::Waker>>,
+}
+
+impl Nudge {
+    fn nudge(&self) {
+        self.nudged.set(true);
+        if let Some(w) = self.waiter.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Returns once nudged (since the last return).
+    fn nudged(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.nudged.replace(false) {
+                return std::task::Poll::Ready(());
+            }
+            *self.waiter.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+    }
+}
+
+/// A flush's write under way, on a task of its own (so that a second can be written at once):
+/// its plan, and the write's result and time taken.
+struct Writing {
+    plan: FlushPlan,
+    task: glommio::task::JoinHandle<(Result<(), String>, Duration)>,
+}
+
 /// Counts an open of a log file while it is in flight (also when its future is dropped).
 struct OpenInFlight<'a>(&'a Cell<usize>);
 
@@ -265,6 +303,8 @@ pub struct IoPacer {
     burst: Duration,
     /// Theoretical arrival time of the next flush.
     tat: Cell<Instant>,
+    /// Flushes a container may have in flight at once (1 or 2; 1 with a rate limit or linger).
+    depth: usize,
     /// How long a flush of a small batch that follows another flush at once waits first.
     linger: Duration,
     /// Bytes the shard's containers wrote to their logs recently (`Prefill::Auto`).
@@ -314,7 +354,26 @@ impl IoPacer {
         let interval =
             if flushes_per_second == 0 { Duration::ZERO } else { Duration::from_secs(1) / flushes_per_second as u32 };
         let now = Instant::now();
-        Self { interval, burst: interval * 8, tat: Cell::new(now), linger, written: RateMeter::new(now) }
+        Self {
+            interval,
+            burst: interval * 8,
+            tat: Cell::new(now),
+            depth: FLUSHES_IN_FLIGHT_MAX,
+            linger,
+            written: RateMeter::new(now),
+        }
+    }
+
+    /// Sets how many flushes a container may have in flight at once (clamped to 1 ..=
+    /// `FLUSHES_IN_FLIGHT_MAX`). With a flush rate limit or a linger it is always 1: those
+    /// space flushes out on purpose.
+    pub fn with_flush_depth(mut self, depth: usize) -> Self {
+        self.depth = depth.clamp(1, FLUSHES_IN_FLIGHT_MAX);
+        self
+    }
+
+    fn flush_depth(&self) -> usize {
+        if self.interval.is_zero() && self.linger.is_zero() { self.depth } else { 1 }
     }
 
     /// A container of the shard wrote `bytes` to its log.
@@ -882,6 +941,7 @@ impl Container {
             waiters: RefCell::new(VecDeque::new()),
             tail_waiters: RefCell::new(HashMap::new()),
             flushing: Cell::new(false),
+            queued: Nudge::default(),
             flush_mean: Cell::new(0),
             files: RefCell::new(files),
             pacer,
@@ -1003,6 +1063,8 @@ impl Container {
                 if !self.flushing.get() {
                     self.flushing.set(true);
                     glommio::spawn_local(Self::flush_loop(self.clone())).detach();
+                } else {
+                    self.queued.nudge();
                 }
                 Either::Right(rx)
             }
@@ -1027,50 +1089,64 @@ impl Container {
     async fn flush_loop(self: Rc<Self>) {
         // Whether the last turn flushed: the operations queued now arrived while it ran.
         let mut after_flush = false;
+        // Writes under way, oldest first: they complete (are applied and answered) in order.
+        let mut writing: VecDeque<Writing> = VecDeque::new();
+        let depth = self.pacer.flush_depth();
         loop {
-            let stop = self.stop_reason.borrow_mut().take();
-            if let Some(reason) = stop {
-                self.apply_stop(reason);
-                break;
-            }
-            let linger = self.pacer.linger(std::mem::take(&mut after_flush), self.core.borrow().pending_bytes());
-            if !linger.is_zero() {
-                glommio::timer::sleep(linger).await;
-            }
-            let wait = self.pacer.delay();
-            if !wait.is_zero() {
-                glommio::timer::sleep(wait).await;
-            }
-            // A flush that rolls into a new log file waits for it. On a full disk the queued
-            // operations are refused (`NoSpace`, which writers retry) rather than left
-            // waiting for space that may never come; nothing durable is touched.
-            let roll = self.core.borrow().next_flush_file();
-            if let Some(seq) = roll
-                && self.ready_next_file(seq).await.is_err()
-            {
-                self.refuse_queued();
-                continue;
-            }
-            let plan = {
-                let mut core = self.core.borrow_mut();
-                core.set_now_ms(sluice_meta::controller::now_ms());
-                core.begin_flush()
-            };
-            let plan = match plan {
-                Ok(Some(p)) => p,
-                Ok(None) => break,
-                Err(reason) => {
-                    tracing::error!(container = self.id, %reason, "container poisoned");
-                    self.fail_waiters(usize::MAX, &reason);
+            if writing.is_empty() {
+                let stop = self.stop_reason.borrow_mut().take();
+                if let Some(reason) = stop {
+                    self.apply_stop(reason);
                     break;
                 }
-            };
-            if plan.writers_forgotten > 0 {
-                tracing::debug!(container = self.id, forgotten = plan.writers_forgotten, "idle writers forgotten");
+                let linger = self.pacer.linger(std::mem::take(&mut after_flush), self.core.borrow().pending_bytes());
+                if !linger.is_zero() {
+                    glommio::timer::sleep(linger).await;
+                }
+                let wait = self.pacer.delay();
+                if !wait.is_zero() {
+                    glommio::timer::sleep(wait).await;
+                }
+                // A flush that rolls into a new log file waits for it. On a full disk the
+                // queued operations are refused (`NoSpace`, which writers retry) rather than
+                // left waiting for space that may never come; nothing durable is touched.
+                let roll = self.core.borrow().next_flush_file();
+                if let Some(seq) = roll
+                    && self.ready_next_file(seq).await.is_err()
+                {
+                    self.refuse_queued();
+                    continue;
+                }
+                match self.begin_flush() {
+                    Some(w) => writing.push_back(w),
+                    None => break,
+                }
+                continue;
             }
-            let started = Instant::now();
-            let result = self.execute(&plan).await;
-            let took = started.elapsed();
+            // A second flush begins at once beside the one being written (its record in a
+            // block of its own), rather than after it: an operation waits for one write, not
+            // for the rest of the one in flight and then its own.
+            let another =
+                writing.len() < depth && self.stop_reason.borrow().is_none() && self.core.borrow().can_begin_another();
+            if another {
+                match self.begin_flush() {
+                    Some(w) => writing.push_back(w),
+                    None => break,
+                }
+                continue;
+            }
+            let room = writing.len() < depth;
+            let oldest = &mut writing.front_mut().expect("a write under way").task;
+            let (result, took) = if room {
+                match select(oldest, self.queued.nudged()).await {
+                    Either::Left((done, _)) => done.unwrap_or_else(|| (Err("flush task lost".into()), Duration::ZERO)),
+                    // Operations were queued: maybe another flush can begin.
+                    Either::Right(_) => continue,
+                }
+            } else {
+                oldest.await.unwrap_or_else(|| (Err("flush task lost".into()), Duration::ZERO))
+            };
+            let plan = writing.pop_front().expect("a write under way").plan;
             if result.is_ok() {
                 let bytes = plan.checkpoint.iter().chain(plan.batch.iter()).map(|w| w.len).sum();
                 crate::stats::record_flush(took, bytes);
@@ -1109,6 +1185,11 @@ impl Container {
                 }
                 Err(reason) => {
                     tracing::error!(container = self.id, %reason, "log write failed; container poisoned");
+                    // A write begun after the failed one may still be under way: it ends
+                    // before the container is given up (its buffer is the disk's until then).
+                    for w in writing.drain(..) {
+                        let _ = w.task.await;
+                    }
                     let n = self.core.borrow_mut().fail_flush(reason.clone());
                     self.fail_waiters(n, &reason);
                     break;
@@ -1116,6 +1197,57 @@ impl Container {
             }
         }
         self.flushing.set(false);
+    }
+
+    /// Begins a flush of what is queued and starts its write; `None` when nothing is queued
+    /// or the container was poisoned (its waiters are answered).
+    fn begin_flush(self: &Rc<Self>) -> Option<Writing> {
+        let plan = {
+            let mut core = self.core.borrow_mut();
+            core.set_now_ms(sluice_meta::controller::now_ms());
+            core.begin_flush()
+        };
+        let plan = match plan {
+            Ok(Some(p)) => p,
+            Ok(None) => return None,
+            Err(reason) => {
+                tracing::error!(container = self.id, %reason, "container poisoned");
+                self.fail_waiters(usize::MAX, &reason);
+                return None;
+            }
+        };
+        if plan.writers_forgotten > 0 {
+            tracing::debug!(container = self.id, forgotten = plan.writers_forgotten, "idle writers forgotten");
+        }
+        // A flush into the current file is encoded now, in the order flushes begin (the
+        // next one's first block depends on it); one that rolls is encoded once its file is
+        // ready, and no other begins while it is in flight.
+        let started = Instant::now();
+        let write = if plan.prepare.is_none() {
+            let file = self.files.borrow().current.clone();
+            let encoded = match (file, plan.batch) {
+                (Some(file), Some(step)) => Some(Ok((self.encode_step(&file, step, false), file, step))),
+                (None, Some(_)) => Some(Err("no current log file".to_string())),
+                (_, None) => None,
+            };
+            let me = self.clone();
+            futures::future::Either::Left(async move {
+                match encoded {
+                    Some(Ok((buf, file, step))) => me.write_batch(&file, step, buf).await,
+                    Some(Err(e)) => Err(e),
+                    None => Ok(()),
+                }
+            })
+        } else {
+            let (me, plan) = (self.clone(), plan.clone());
+            futures::future::Either::Right(async move { me.execute(&plan).await })
+        };
+        let task = glommio::spawn_local(async move {
+            let result = write.await;
+            (result, started.elapsed())
+        })
+        .detach();
+        Some(Writing { plan, task })
     }
 
     /// Refuses every queued operation with the disk-full error (between flushes).
@@ -1265,24 +1397,56 @@ impl Container {
         }
     }
 
+    /// Encodes the newest in-flight flush's checkpoint or batch write into a buffer of its own.
+    fn encode_step(&self, file: &DmaFile, step: crate::container::core::WriteStep, checkpoint: bool) -> DmaBuffer {
+        let mut buf = file.alloc_dma_buffer(step.len as usize);
+        let mut core = self.core.borrow_mut();
+        if checkpoint {
+            core.encode_checkpoint(buf.as_bytes_mut());
+        } else {
+            core.encode_batch(buf.as_bytes_mut());
+        }
+        buf
+    }
+
     async fn write_step(
         &self,
         file: &DmaFile,
         step: crate::container::core::WriteStep,
         checkpoint: bool,
     ) -> Result<(), String> {
-        let path = self.dir.join(file_name(step.file_seq));
-        let mut buf = file.alloc_dma_buffer(step.len as usize);
-        {
-            let mut core = self.core.borrow_mut();
-            if checkpoint {
-                core.encode_checkpoint(buf.as_bytes_mut());
-            } else {
-                core.encode_batch(buf.as_bytes_mut());
-            }
-        }
+        let buf = self.encode_step(file, step, checkpoint);
         // The file is O_DSYNC: the write is durable when it completes.
-        write_all_at(file, buf, step.pos, &path).await
+        write_all_at(file, buf, step.pos, &self.dir.join(file_name(step.file_seq))).await
+    }
+
+    /// Writes an encoded batch (durable when the write completes: the file is O_DSYNC), then
+    /// what follows a batch write (the flush size average, the pacer's count, preparing the
+    /// next file once this one is half used).
+    async fn write_batch(
+        self: &Rc<Self>,
+        file: &DmaFile,
+        step: crate::container::core::WriteStep,
+        buf: DmaBuffer,
+    ) -> Result<(), String> {
+        write_all_at(file, buf, step.pos, &self.dir.join(file_name(step.file_seq))).await?;
+        self.batch_written(step);
+        Ok(())
+    }
+
+    fn batch_written(self: &Rc<Self>, step: crate::container::core::WriteStep) {
+        let mean = self.flush_mean.get();
+        self.flush_mean.set(mean - mean / 8 + step.record_len / 8);
+        self.pacer.wrote(step.len);
+        // Prepare the next file once this one is half used, off the commit path.
+        let (half, next_seq) = {
+            let c = self.core.borrow();
+            let in_budget = (c.live_files() + 1).saturating_mul(c.config().file_bytes) <= c.config().log_bytes_max;
+            (in_budget && step.pos + step.len > c.config().file_bytes / 2, step.file_seq + 1)
+        };
+        if half && self.files.borrow().next.is_none() {
+            self.start_prepare(next_seq);
+        }
     }
 
     async fn execute(self: &Rc<Self>, plan: &FlushPlan) -> Result<(), String> {
@@ -1301,18 +1465,7 @@ impl Container {
         }
         if let Some(step) = plan.batch {
             self.write_step(&file, step, false).await?;
-            let mean = self.flush_mean.get();
-            self.flush_mean.set(mean - mean / 8 + step.record_len / 8);
-            self.pacer.wrote(step.len);
-            // Prepare the next file once this one is half used, off the commit path.
-            let (half, next_seq) = {
-                let c = self.core.borrow();
-                let in_budget = (c.live_files() + 1).saturating_mul(c.config().file_bytes) <= c.config().log_bytes_max;
-                (in_budget && step.pos + step.len > c.config().file_bytes / 2, step.file_seq + 1)
-            };
-            if half && self.files.borrow().next.is_none() {
-                self.start_prepare(next_seq);
-            }
+            self.batch_written(step);
         }
         Ok(())
     }

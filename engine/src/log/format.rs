@@ -14,9 +14,13 @@ pub const FORMAT_VERSION: u16 = 1;
 pub const PACKED_RECORD_VERSION: u8 = 2;
 /// The second file header layout: the first plus `min_lsn` (its records are block-padded).
 pub const FILE_HEADER_VERSION_2: u16 = 2;
-/// Version of the file header written now: the second layout, in a file whose records may be
-/// packed (a build that knows only block-padded records must not take the file).
-pub const FILE_HEADER_VERSION: u16 = 3;
+/// The second layout, in a file whose records may be packed (a build that knows only
+/// block-padded records must not take the file).
+pub const FILE_HEADER_VERSION_3: u16 = 3;
+/// Version of the file header written now: the second layout, in a file where a record may
+/// start a block of its own after zeros (written while the record before it was; see
+/// `log::scan`): a build that would take those zeros for the log's end must not take the file.
+pub const FILE_HEADER_VERSION: u16 = 4;
 
 /// Record kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +83,7 @@ impl FileHeader {
         // Bytes covered by the checksum, which follows them.
         let covered = match version {
             FORMAT_VERSION => 40,
-            FILE_HEADER_VERSION_2 | FILE_HEADER_VERSION => 48,
+            FILE_HEADER_VERSION_2 | FILE_HEADER_VERSION_3 | FILE_HEADER_VERSION => 48,
             // A damaged version field is a checksum failure like any other damaged byte.
             _ if [40, 48].iter().all(|&n| crc_at(block, n) != crc32c::crc32c(&block[..n])) => {
                 return Err("file header checksum mismatch".into());
@@ -280,13 +284,20 @@ mod tests {
         let h = FileHeader { container: 5, seq: 9, epoch: 2, file_bytes: 1 << 20, min_lsn: 1234 };
         h.encode(&mut block);
         assert_eq!(FileHeader::decode(&block).unwrap(), h);
-        assert_eq!(block[8], 3, "files of packed records");
-        // The second layout (block-padded records only) reads the same.
-        let mut v2 = block.clone();
-        v2[8] = 2;
-        let crc = crc32c::crc32c(&v2[..48]);
-        v2[48..52].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(FileHeader::decode(&v2).unwrap(), h);
+        assert_eq!(block[8], 4, "files where a record may start a block of its own");
+        // The second layout (block-padded records only; 3: packed records) reads the same.
+        for version in [2, 3] {
+            let mut older = block.clone();
+            older[8] = version;
+            let crc = crc32c::crc32c(&older[..48]);
+            older[48..52].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(FileHeader::decode(&older).unwrap(), h);
+        }
+        let mut later = block.clone();
+        later[8] = 5;
+        let crc = crc32c::crc32c(&later[..48]);
+        later[48..52].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(FileHeader::decode(&later), Err("unsupported log file header version 5".into()));
         for at in [9, 20, 44] {
             let mut bad = block.clone();
             bad[at] ^= 0xff;

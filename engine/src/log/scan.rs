@@ -1,10 +1,17 @@
 //! Scanning one log file: the valid record chain from the first record on, and what stops
 //! it. Recovery, the cold read path (file indexes) and `sluice log dump` all use this.
 //!
-//! Invariant relied on: the engine never has more than one record written but not yet
-//! fdatasync'd. So after the last valid record there may be one torn record (garbage or
-//! zeros), but never a complete, valid record; finding one means acknowledged data was
+//! Invariant relied on: the engine never has more than two records written but not yet
+//! durable, and the second of two starts at a block boundary of its own (the rest of the
+//! block before it stays zeros: the first record's write is not repeated). A crash leaves
+//! after the last valid record at most one torn record (garbage or zeros), and after that
+//! at most the one record that was being written with it, which is valid only if it starts
+//! at a block boundary and has the next LSN but one (neither was acknowledged: flushes
+//! complete in order). Any other valid record after a torn one means acknowledged data was
 //! damaged, and recovery must refuse to start.
+//!
+//! A record that starts a block of its own follows the one before it after zeros up to the
+//! block boundary: the chain goes on there when the record at the boundary has the next LSN.
 //!
 //! Records are packed (each at the 8-byte boundary after the one before; files of earlier
 //! builds hold block-padded ones, each at a block boundary): a record's own header says
@@ -60,6 +67,21 @@ pub struct FileScan {
     pub dirty_end: u64,
 }
 
+/// The record after zeros from `pos` (inside a block, after a valid record with header
+/// `prev`) to the next block boundary, if it continues the chain there: a record written
+/// while the one before it was still being written starts a block of its own.
+fn after_zeros(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> Option<ScannedRecord> {
+    let next = crate::constants::align_up(pos);
+    if next == pos
+        || next + RECORD_HEADER_BYTES as u64 > len
+        || bytes[pos as usize..next as usize].iter().any(|&b| b != 0)
+    {
+        return None;
+    }
+    let rec = record_at(bytes, next).ok()?;
+    (rec.header.lsn == prev.lsn + 1 && rec.header.epoch >= prev.epoch).then_some(rec)
+}
+
 /// Checks the record at `pos` in isolation (header and payload checksums).
 fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Option<u64>, String)> {
     let p = pos as usize;
@@ -86,8 +108,22 @@ fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Opt
 /// wrong with it (the records before it are sound).
 pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
     let mut pos = 0usize;
+    let mut prev: Option<RecordHeader> = None;
     while pos < bytes.len() {
         let at = base + pos as u64;
+        // Zeros up to a block boundary where the next record (the next LSN) starts a block
+        // of its own (see the module doc).
+        let next = (crate::constants::align_up(at) - base) as usize;
+        if let Some(p) = prev
+            && next > pos
+            && next + RECORD_HEADER_BYTES <= bytes.len()
+            && bytes[pos..next].iter().all(|&b| b == 0)
+            && RecordHeader::decode(&bytes[next..]).is_ok_and(|h| h.lsn == p.lsn + 1)
+        {
+            pos = next;
+            prev = None;
+            continue;
+        }
         let header = RecordHeader::decode(&bytes[pos..]).map_err(|f| match f {
             HeaderFault::Zero => (at, format!("no record at byte {at}, where the index has one (zeros)")),
             HeaderFault::Invalid => (at, format!("the record at byte {at} has a damaged header")),
@@ -102,6 +138,7 @@ pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
             return Err((at, format!("the record at byte {at} fails its checksum")));
         }
         pos = next as usize;
+        prev = Some(header);
     }
     Ok(())
 }
@@ -197,27 +234,33 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
         if pos + RECORD_HEADER_BYTES as u64 > len {
             break None;
         }
-        match record_at(bytes, pos) {
+        let fault = match record_at(bytes, pos) {
             // The earlier use's records: the file's own end, like zeros.
             Ok(rec) if rec.header.lsn < min_lsn => {
-                break Some((pos, HeaderFault::Zero, None, "a record of the file's earlier use".to_string()));
+                (pos, HeaderFault::Zero, None, "a record of the file's earlier use".to_string())
             }
-            Ok(rec) => {
-                if let Some(prev) = records.last() {
-                    let ph = &prev.header;
-                    if rec.header.lsn != ph.lsn + 1 || rec.header.epoch < ph.epoch {
-                        let reason = format!(
-                            "record lsn {} epoch {} does not follow lsn {} epoch {}",
-                            rec.header.lsn, rec.header.epoch, ph.lsn, ph.epoch
-                        );
-                        break Some((pos, HeaderFault::Invalid, None, reason));
-                    }
+            Ok(rec) => match records.last().map(|p| &p.header) {
+                Some(ph) if rec.header.lsn != ph.lsn + 1 || rec.header.epoch < ph.epoch => {
+                    let reason = format!(
+                        "record lsn {} epoch {} does not follow lsn {} epoch {}",
+                        rec.header.lsn, rec.header.epoch, ph.lsn, ph.epoch
+                    );
+                    (pos, HeaderFault::Invalid, None, reason)
                 }
-                pos += rec.header.disk_len();
-                records.push(rec);
-            }
-            Err((fault, extent, reason)) => break Some((pos, fault, extent, reason)),
+                _ => {
+                    pos += rec.header.disk_len();
+                    records.push(rec);
+                    continue;
+                }
+            },
+            Err((fault, extent, reason)) => (pos, fault, extent, reason),
+        };
+        if let Some(rec) = records.last().and_then(|p| after_zeros(bytes, pos, &p.header, len)) {
+            pos = rec.pos + rec.header.disk_len();
+            records.push(rec);
+            continue;
         }
+        break Some(fault);
     };
     let end = pos;
     let block = BLOCK_BYTES as usize;
@@ -238,9 +281,26 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
         None => ScanEnd::Clean,
         Some((at, fault, extent, reason)) => {
             let resume = extent.map_or(at + RECORD_ALIGN_BYTES, |e| at + e);
-            let valid_after = magic_positions(bytes, resume, dirty_end.min(len))
-                .find(|&b| record_at(bytes, b).is_ok_and(|r| r.header.lsn >= min_lsn));
+            let valid = |b: u64| record_at(bytes, b).ok().filter(|r| r.header.lsn >= min_lsn);
+            let valid_after = magic_positions(bytes, resume, dirty_end.min(len)).find(|&b| valid(b).is_some());
+            // The record written together with the torn one (see the module doc): packed (as
+            // builds that write two at once write them), at a block boundary, the next LSN
+            // but one, and nothing valid after it.
+            let written_with_torn = |b: u64| {
+                let (Some(prev), Some(rec)) = (records.last(), valid(b)) else { return false };
+                rec.header.packed()
+                    && b.is_multiple_of(BLOCK_BYTES)
+                    && rec.header.lsn == prev.header.lsn + 2
+                    && rec.header.epoch >= prev.header.epoch
+                    && magic_positions(bytes, b + rec.header.disk_len(), dirty_end.min(len)).all(|p| valid(p).is_none())
+            };
             match valid_after {
+                Some(valid_at) if written_with_torn(valid_at) => ScanEnd::Torn {
+                    at,
+                    reason: format!(
+                        "{reason}; the record at byte {valid_at} was being written with it (neither was acknowledged)"
+                    ),
+                },
                 Some(valid_at) => ScanEnd::Corrupt { at, valid_at, reason },
                 None if fault == HeaderFault::Zero && dirty_end == end => ScanEnd::Clean,
                 None => ScanEnd::Torn { at, reason },
@@ -439,6 +499,106 @@ mod tests {
         bad[at[4] + 20] ^= 1;
         let scan = scan_file(&Bytes::from(bad));
         assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 10576, valid_at: 10624, .. }), "{:?}", scan.stop);
+    }
+
+    /// A file of packed records (lsn, payload length, starts a block of its own) after a header,
+    /// the first a checkpoint; and each record's position.
+    fn file_of_blocks(records: &[(u64, usize, bool)]) -> (Vec<u8>, Vec<usize>) {
+        use crate::log::format::{FileHeader, RecordKind, RecordLayout, encode_record};
+        let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
+        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: 1 << 16, min_lsn: 0 }.encode(&mut file);
+        let mut at = Vec::new();
+        for (i, &(lsn, len, own_block)) in records.iter().enumerate() {
+            if own_block {
+                file.resize(crate::constants::align_up(file.len() as u64) as usize, 0);
+            }
+            at.push(file.len());
+            let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
+            let mut rec = vec![0u8; RecordLayout::Packed.disk_len(len) as usize];
+            encode_record(&mut rec, RecordLayout::Packed, kind, 1, lsn, len, |p| p.fill(lsn as u8 | 1));
+            file.extend_from_slice(&rec);
+        }
+        file.resize(1 << 16, 0);
+        (file, at)
+    }
+
+    #[test]
+    fn a_record_written_beside_the_one_before_it_starts_a_block_of_its_own() {
+        let lsns = |s: &FileScan| s.records.iter().map(|r| r.header.lsn).collect::<Vec<_>>();
+        // Record 4 was written while 3 was (zeros after 3 up to 8192), record 5 after 4 was
+        // durable (packed after it), record 6 beside 5 again.
+        let records =
+            [(1, 300, false), (2, 13, false), (3, 1000, false), (4, 5000, true), (5, 7, false), (6, 100, true)];
+        let (file, at) = file_of_blocks(&records);
+        assert_eq!(at, [4096, 4440, 4496, 8192, 13232, 16384]);
+        let scan = scan_file(&Bytes::from(file.clone()));
+        assert_eq!(lsns(&scan), [1, 2, 3, 4, 5, 6]);
+        assert_eq!((scan.stop.clone(), scan.end), (ScanEnd::Clean, 16528));
+        // A read over the zeros checks every record on both sides of them.
+        assert_eq!(check_records(&file[at[1]..16528], at[1] as u64), Ok(()));
+        let mut read = file[at[1]..16528].to_vec();
+        read[at[4] - at[1] + 45] ^= 1;
+        assert_eq!(
+            check_records(&read, at[1] as u64),
+            Err((13232, "the record at byte 13232 fails its checksum".into()))
+        );
+
+        // The record beside a torn one made it to the disk whole: both were in flight and
+        // neither was acknowledged, a torn end where the chain stops, after record 3 (the
+        // second one's blocks are cleared too).
+        let mut torn = file.clone();
+        torn[at[3] + RECORD_HEADER_BYTES + 10] ^= 1;
+        torn.truncate(at[5]);
+        torn.resize(at[4], 0);
+        let (mut beside, _) =
+            file_of_blocks(&[(1, 300, false), (2, 13, false), (3, 1000, false), (4, 5000, true), (5, 7, true)]);
+        beside[..at[4]].copy_from_slice(&torn);
+        let five = crate::constants::align_up(at[4] as u64) as usize;
+        let scan = scan_file(&Bytes::from(beside.clone()));
+        assert_eq!(lsns(&scan), [1, 2, 3]);
+        assert!(
+            matches!(&scan.stop, ScanEnd::Torn { at: 5536, reason } if reason.contains(&format!("record at byte {five} was being written with it"))),
+            "{:?}",
+            scan.stop
+        );
+        assert_eq!((scan.end, scan.dirty_end), (5536, five as u64 + 4096));
+        // Not so if another valid record follows that one: damage.
+        let mut more = beside.clone();
+        let (six, _) = file_of_blocks(&[
+            (1, 300, false),
+            (2, 13, false),
+            (3, 1000, false),
+            (4, 5000, true),
+            (5, 7, true),
+            (6, 9, false),
+        ]);
+        more[five + 48..five + 48 + 56].copy_from_slice(&six[five + 48..five + 48 + 56]);
+        assert!(matches!(scan_file(&Bytes::from(more)).stop, ScanEnd::Corrupt { at: 5536, .. }));
+        // Nor if it does not start a block, or skips an LSN.
+        let (skip, at_skip) =
+            file_of_blocks(&[(1, 300, false), (2, 13, false), (3, 1000, false), (4, 5000, true), (6, 7, true)]);
+        let mut skip = skip;
+        skip[at_skip[3] + RECORD_HEADER_BYTES + 10] ^= 1;
+        assert!(matches!(scan_file(&Bytes::from(skip)).stop, ScanEnd::Corrupt { at: 5536, .. }));
+        let mut packed = file.clone();
+        packed[at[3] + RECORD_HEADER_BYTES + 10] ^= 1;
+        packed[at[5]..].fill(0);
+        assert!(matches!(scan_file(&Bytes::from(packed)).stop, ScanEnd::Corrupt { at: 5536, valid_at: 13232, .. }));
+
+        // Bytes in the gap that are not zeros end the chain there.
+        let mut dirty = file.clone();
+        dirty[6000] = 1;
+        let scan = scan_file(&Bytes::from(dirty));
+        assert_eq!(lsns(&scan), [1, 2, 3]);
+        assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 5536, valid_at: 8192, .. }), "{:?}", scan.stop);
+        // A record zeroed out up to a block boundary is damage to a read, not a gap: the
+        // record after the zeros is not the next LSN.
+        let mut zeroed = file.clone();
+        zeroed[at[2]..8192].fill(0);
+        assert_eq!(
+            check_records(&zeroed[at[1]..16528], at[1] as u64),
+            Err((4496, "no record at byte 4496, where the index has one (zeros)".into()))
+        );
     }
 
     #[test]
