@@ -175,6 +175,8 @@ pub struct Container {
     /// Wakes a flush loop waiting on a write when operations are queued (it may begin
     /// another flush beside the one in flight).
     queued: Nudge,
+    /// Flushes begun while another was being written, since the container opened.
+    begun_beside: Cell<u64>,
     /// Mean size of recent batch writes, moving average over about 8 (for `Prefill::Auto`).
     flush_mean: Cell<u64>,
     pub(crate) files: RefCell<Files>,
@@ -354,14 +356,7 @@ impl IoPacer {
         let interval =
             if flushes_per_second == 0 { Duration::ZERO } else { Duration::from_secs(1) / flushes_per_second as u32 };
         let now = Instant::now();
-        Self {
-            interval,
-            burst: interval * 8,
-            tat: Cell::new(now),
-            depth: FLUSHES_IN_FLIGHT_MAX,
-            linger,
-            written: RateMeter::new(now),
-        }
+        Self { interval, burst: interval * 8, tat: Cell::new(now), depth: 1, linger, written: RateMeter::new(now) }
     }
 
     /// Sets how many flushes a container may have in flight at once (clamped to 1 ..=
@@ -942,6 +937,7 @@ impl Container {
             tail_waiters: RefCell::new(HashMap::new()),
             flushing: Cell::new(false),
             queued: Nudge::default(),
+            begun_beside: Cell::new(0),
             flush_mean: Cell::new(0),
             files: RefCell::new(files),
             pacer,
@@ -981,6 +977,12 @@ impl Container {
     /// container opened.
     pub fn log_files_reused(&self) -> u64 {
         self.files_reused.get()
+    }
+
+    /// Flushes begun while another was being written (`IoPacer::with_flush_depth`) since the
+    /// container opened.
+    pub fn flushes_begun_beside(&self) -> u64 {
+        self.begun_beside.get()
     }
 
     /// Segments copied to free the oldest log file (without tier-2) since it opened.
@@ -1133,6 +1135,7 @@ impl Container {
                     Some(w) => writing.push_back(w),
                     None => break,
                 }
+                self.begun_beside.set(self.begun_beside.get() + 1);
                 continue;
             }
             let room = writing.len() < depth;
