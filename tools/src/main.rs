@@ -233,8 +233,8 @@ struct StandaloneArgs {
     /// block of its own), so an append waits for one write rather than for the rest of the
     /// write in flight and then its own. 2 is for disks that serve two writes at once about
     /// as fast as one (NVMe); on the 2-core VM of docs/BENCHMARKS.md it lowered the server's
-    /// own append latency at half load in some runs, not the clients', and cost ~3% of the
-    /// top rate. With --iops-limit or --flush-linger-us it is always 1.
+    /// append latency and the clients' median at half load, not their p99, and cost ~3% of
+    /// the top rate. With --iops-limit or --flush-linger-us it is always 1.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=2))]
     flush_depth: u64,
     /// Long-term storage (tier-2): `fs:DIR` (a local or NFS directory) or
