@@ -1131,10 +1131,15 @@ impl Container {
             let another =
                 writing.len() < depth && self.stop_reason.borrow().is_none() && self.core.borrow().can_begin_another();
             if another {
-                match self.begin_flush() {
-                    Some(w) => writing.push_back(w),
-                    None => break,
-                }
+                let Some(w) = self.begin_flush() else {
+                    // The container was poisoned (every waiter is answered): the writes under
+                    // way end before it is given up (their buffers are the disk's until then).
+                    for w in writing.drain(..) {
+                        let _ = w.task.await;
+                    }
+                    break;
+                };
+                writing.push_back(w);
                 self.begun_beside.set(self.begun_beside.get() + 1);
                 continue;
             }
