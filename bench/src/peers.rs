@@ -432,7 +432,7 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
             let _ = client.create_stream("bench", &stream, load.segments).await;
             let writer =
                 client.event_writer_with(&format!("bench/{stream}"), load.writer).await.map_err(|e| e.to_string())?;
-            let keys: Vec<String> = (0..16).map(|k| format!("key-{k}")).collect();
+            let keys = keys_over_segments(load.segments);
             if load.batch <= 1 {
                 return tokio::task::unconstrained(drive_sluice_events(load, writer, keys, payload)).await;
             }
@@ -485,9 +485,46 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
     }
 }
 
+/// At least 16 routing keys, as many in each of `segments` equal key ranges (a new stream's
+/// segments): sent in turn, they load every segment alike. Keys picked at random would not:
+/// 16 of them over 16 segments left 6 segments empty and one shard with 62.5% of the bytes.
+pub fn keys_over_segments(segments: u32) -> Vec<String> {
+    let segments = segments.max(1) as usize;
+    let per_segment = 16usize.div_ceil(segments);
+    let mut by_segment: Vec<Vec<String>> = vec![Vec::new(); segments];
+    let mut left = segments * per_segment;
+    for i in 0u64.. {
+        let key = format!("key-{i}");
+        let s = ((sluice_net::routing::key_point(key.as_bytes()) * segments as f64) as usize).min(segments - 1);
+        if by_segment[s].len() < per_segment {
+            by_segment[s].push(key);
+            left -= 1;
+            if left == 0 {
+                break;
+            }
+        }
+    }
+    // Interleaved, so that consecutive events go to different segments.
+    (0..per_segment).flat_map(|k| by_segment.iter().map(move |keys| keys[k].clone())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every segment gets the same number of keys, and at least 16 keys in all.
+    #[test]
+    fn keys_fall_evenly_over_the_segments() {
+        for segments in [1u32, 2, 3, 16, 64] {
+            let keys = keys_over_segments(segments);
+            let mut count = vec![0usize; segments as usize];
+            for k in &keys {
+                count[(sluice_net::routing::key_point(k.as_bytes()) * f64::from(segments)) as usize] += 1;
+            }
+            assert!(keys.len() >= 16, "{segments} segments: {} keys", keys.len());
+            assert!(count.iter().all(|&c| c == count[0]), "{segments} segments: {count:?}");
+        }
+    }
 
     #[test]
     fn a_spawned_sluice_takes_a_port_per_shard_below_the_ephemeral_range() {
