@@ -1145,15 +1145,16 @@ impl Container {
             }
             let room = writing.len() < depth;
             let oldest = &mut writing.front_mut().expect("a write under way").task;
-            let (result, took) = if room {
+            let done = if room {
                 match select(oldest, self.queued.nudged()).await {
-                    Either::Left((done, _)) => done.unwrap_or_else(|| (Err("flush task lost".into()), Duration::ZERO)),
+                    Either::Left((done, _)) => done,
                     // Operations were queued: maybe another flush can begin.
                     Either::Right(_) => continue,
                 }
             } else {
-                oldest.await.unwrap_or_else(|| (Err("flush task lost".into()), Duration::ZERO))
+                oldest.await
             };
+            let (result, took) = done.unwrap_or_else(|| (Err("flush task lost".into()), Duration::ZERO));
             let plan = writing.pop_front().expect("a write under way").plan;
             if result.is_ok() {
                 let bytes = plan.checkpoint.iter().chain(plan.batch.iter()).map(|w| w.len).sum();

@@ -71,15 +71,21 @@ pub struct FileScan {
 /// `prev`) to the next block boundary, if it continues the chain there: a record written
 /// while the one before it was still being written starts a block of its own.
 fn after_zeros(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> Option<ScannedRecord> {
-    let next = crate::constants::align_up(pos);
-    if next == pos
-        || next + RECORD_HEADER_BYTES as u64 > len
-        || bytes[pos as usize..next as usize].iter().any(|&b| b != 0)
-    {
+    let next = own_block_after(bytes, 0, pos as usize, prev.lsn)? as u64;
+    if next + RECORD_HEADER_BYTES as u64 > len {
         return None;
     }
     let rec = record_at(bytes, next).ok()?;
-    (rec.header.lsn == prev.lsn + 1 && rec.header.epoch >= prev.epoch).then_some(rec)
+    (rec.header.epoch >= prev.epoch).then_some(rec)
+}
+
+/// Where the record that follows zeros from `pos` (an index into `bytes`, read from file
+/// position `base`) to the next block boundary starts, if a sound header with the LSN after
+/// `prev_lsn` is there: the rule for a record written beside the one before it (module doc).
+fn own_block_after(bytes: &[u8], base: u64, pos: usize, prev_lsn: u64) -> Option<usize> {
+    let next = (crate::constants::align_up(base + pos as u64) - base) as usize;
+    let zeros = next > pos && next + RECORD_HEADER_BYTES <= bytes.len() && bytes[pos..next].iter().all(|&b| b == 0);
+    (zeros && RecordHeader::decode(&bytes[next..]).is_ok_and(|h| h.lsn == prev_lsn + 1)).then_some(next)
 }
 
 /// Checks the record at `pos` in isolation (header and payload checksums).
@@ -111,23 +117,21 @@ pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
     let mut prev: Option<RecordHeader> = None;
     while pos < bytes.len() {
         let at = base + pos as u64;
-        // Zeros up to a block boundary where the next record (the next LSN) starts a block
-        // of its own (see the module doc).
-        let next = (crate::constants::align_up(at) - base) as usize;
-        if let Some(p) = prev
-            && next > pos
-            && next + RECORD_HEADER_BYTES <= bytes.len()
-            && bytes[pos..next].iter().all(|&b| b == 0)
-            && RecordHeader::decode(&bytes[next..]).is_ok_and(|h| h.lsn == p.lsn + 1)
-        {
-            pos = next;
-            prev = None;
-            continue;
-        }
-        let header = RecordHeader::decode(&bytes[pos..]).map_err(|f| match f {
-            HeaderFault::Zero => (at, format!("no record at byte {at}, where the index has one (zeros)")),
-            HeaderFault::Invalid => (at, format!("the record at byte {at} has a damaged header")),
-        })?;
+        let header = match RecordHeader::decode(&bytes[pos..]) {
+            Ok(h) => h,
+            Err(fault) => {
+                // Zeros up to a block boundary where the next record (the next LSN) starts a
+                // block of its own (see the module doc).
+                if let Some(next) = prev.and_then(|p| own_block_after(bytes, base, pos, p.lsn)) {
+                    pos = next;
+                    continue;
+                }
+                return Err(match fault {
+                    HeaderFault::Zero => (at, format!("no record at byte {at}, where the index has one (zeros)")),
+                    HeaderFault::Invalid => (at, format!("the record at byte {at} has a damaged header")),
+                });
+            }
+        };
         let start = pos + RECORD_HEADER_BYTES;
         let end = start + header.payload_len as usize;
         let next = pos as u64 + header.disk_len();
