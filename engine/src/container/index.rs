@@ -22,8 +22,9 @@ pub struct FileIndex {
     /// Batch records as (file position, bytes on disk), in file order.
     records: Vec<(u64, u64)>,
     /// Where a run of back-to-back records ends before a gap (a damaged stretch the file's
-    /// scan skipped), in file order; empty for a sound file. Zeros up to the block boundary
-    /// where a record written beside the one before it starts are no gap (`log::scan`).
+    /// scan skipped), in file order; empty for a sound file. The rest of the block before a
+    /// record written beside the one before it (at the next block boundary) is no gap
+    /// (`log::scan`).
     gaps: Vec<u64>,
 }
 
@@ -158,9 +159,9 @@ mod tests {
     }
 
     /// A record written beside the one before it starts at the next block boundary: the
-    /// zeros between them are no gap, a read spans them.
+    /// bytes between them are no gap, a read spans them.
     #[test]
-    fn zeros_before_a_record_of_its_own_block_are_no_gap() {
+    fn the_rest_of_the_block_before_a_record_of_its_own_is_no_gap() {
         let mut idx = FileIndex::default();
         idx.push_record(4096, 304);
         idx.push(1, 0, 4136, 200);

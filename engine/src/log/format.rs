@@ -18,8 +18,9 @@ pub const FILE_HEADER_VERSION_2: u16 = 2;
 /// block-padded records must not take the file).
 pub const FILE_HEADER_VERSION_3: u16 = 3;
 /// Version of the file header written now: the second layout, in a file where a record may
-/// start a block of its own after zeros (written while the record before it was; see
-/// `log::scan`): a build that would take those zeros for the log's end must not take the file.
+/// start a block of its own after the rest of the block before it (written while the record
+/// before it was; see `log::scan`): a build that would take the bytes there for the log's
+/// end must not take the file.
 pub const FILE_HEADER_VERSION: u16 = 4;
 
 /// Record kinds.

@@ -3,15 +3,17 @@
 //!
 //! Invariant relied on: the engine never has more than two records written but not yet
 //! durable, and the second of two starts at a block boundary of its own (the rest of the
-//! block before it stays zeros: the first record's write is not repeated). A crash leaves
+//! block before it is the first one's write: zeros, unless that write was torn there; in a
+//! reused file a torn write leaves the earlier use's bytes there). A crash leaves
 //! after the last valid record at most one torn record (garbage or zeros), and after that
 //! at most the one record that was being written with it, which is valid only if it starts
 //! at a block boundary and has the next LSN but one (neither was acknowledged: flushes
 //! complete in order). Any other valid record after a torn one means acknowledged data was
 //! damaged, and recovery must refuse to start.
 //!
-//! A record that starts a block of its own follows the one before it after zeros up to the
-//! block boundary: the chain goes on there when the record at the boundary has the next LSN.
+//! A record that starts a block of its own follows the one before it after the rest of that
+//! one's last block (whatever it holds): the chain goes on at the block boundary when a
+//! packed record with the next LSN starts there and none starts where the one before ends.
 //!
 //! Records are packed (each at the 8-byte boundary after the one before; files of earlier
 //! builds hold block-padded ones, each at a block boundary): a record's own header says
@@ -63,14 +65,14 @@ pub struct FileScan {
     pub stop: ScanEnd,
     /// End of the last block holding a non-zero byte at or after `end` (torn garbage to
     /// clear), or `end`; in a recycled file, only up to the first record of its earlier use
-    /// (which may start inside a block).
+    /// (which may start inside a block), unless the record written with a torn one lies
+    /// beyond that: then to the end of its last block.
     pub dirty_end: u64,
 }
 
-/// The record after zeros from `pos` (inside a block, after a valid record with header
-/// `prev`) to the next block boundary, if it continues the chain there: a record written
-/// while the one before it was still being written starts a block of its own.
-fn after_zeros(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> Option<ScannedRecord> {
+/// The record that starts a block of its own after a valid record with header `prev` that
+/// ends at `pos` (inside a block), if it continues the chain there.
+fn own_block_record(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> Option<ScannedRecord> {
     let next = own_block_after(bytes, 0, pos as usize, prev.lsn)? as u64;
     if next + RECORD_HEADER_BYTES as u64 > len {
         return None;
@@ -79,13 +81,22 @@ fn after_zeros(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> Option
     (rec.header.epoch >= prev.epoch).then_some(rec)
 }
 
-/// Where the record that follows zeros from `pos` (an index into `bytes`, read from file
-/// position `base`) to the next block boundary starts, if a sound header with the LSN after
-/// `prev_lsn` is there: the rule for a record written beside the one before it (module doc).
+/// Where the record that starts a block of its own after the record with LSN `prev_lsn`,
+/// which ends at `pos` (an index into `bytes`, read from file position `base`), starts: the
+/// next block boundary, if a sound packed header with the next LSN is there and no sound
+/// header with that LSN is at `pos` (that would be the next record, packed after its
+/// predecessor, whatever its payload). The bytes between are not looked at: zeros the first
+/// write put there, or, where that write was torn, what the sectors held before (in a
+/// reused file, its earlier use's bytes). The rule for a record written beside the one
+/// before it (module doc).
 fn own_block_after(bytes: &[u8], base: u64, pos: usize, prev_lsn: u64) -> Option<usize> {
     let next = (crate::constants::align_up(base + pos as u64) - base) as usize;
-    let zeros = next > pos && next + RECORD_HEADER_BYTES <= bytes.len() && bytes[pos..next].iter().all(|&b| b == 0);
-    (zeros && RecordHeader::decode(&bytes[next..]).is_ok_and(|h| h.lsn == prev_lsn + 1)).then_some(next)
+    let is_next = |at: usize| RecordHeader::decode(&bytes[at..]).is_ok_and(|h| h.lsn == prev_lsn + 1);
+    (next > pos
+        && next + RECORD_HEADER_BYTES <= bytes.len()
+        && !is_next(pos)
+        && RecordHeader::decode(&bytes[next..]).is_ok_and(|h| h.lsn == prev_lsn + 1 && h.packed()))
+    .then_some(next)
 }
 
 /// Checks the record at `pos` in isolation (header and payload checksums).
@@ -117,18 +128,27 @@ pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
     let mut prev: Option<RecordHeader> = None;
     while pos < bytes.len() {
         let at = base + pos as u64;
-        let header = match RecordHeader::decode(&bytes[pos..]) {
-            Ok(h) => h,
-            Err(fault) => {
-                // Zeros up to a block boundary where the next record (the next LSN) starts a
-                // block of its own (see the module doc).
+        let decoded = RecordHeader::decode(&bytes[pos..]);
+        let header = match (decoded, prev) {
+            (Ok(h), None) => h,
+            (Ok(h), Some(p)) if h.lsn == p.lsn + 1 => h,
+            (other, _) => {
+                // The next record (the next LSN) starts a block of its own (see the module doc).
                 if let Some(next) = prev.and_then(|p| own_block_after(bytes, base, pos, p.lsn)) {
                     pos = next;
                     continue;
                 }
-                return Err(match fault {
-                    HeaderFault::Zero => (at, format!("no record at byte {at}, where the index has one (zeros)")),
-                    HeaderFault::Invalid => (at, format!("the record at byte {at} has a damaged header")),
+                return Err(match other {
+                    Err(HeaderFault::Zero) => (at, format!("no record at byte {at}, where the index has one (zeros)")),
+                    Err(HeaderFault::Invalid) => (at, format!("the record at byte {at} has a damaged header")),
+                    Ok(h) => (
+                        at,
+                        format!(
+                            "the record at byte {at} has LSN {}, not the {} after the one before it",
+                            h.lsn,
+                            prev.map_or(0, |p| p.lsn + 1)
+                        ),
+                    ),
                 });
             }
         };
@@ -259,7 +279,7 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
             },
             Err((fault, extent, reason)) => (pos, fault, extent, reason),
         };
-        if let Some(rec) = records.last().and_then(|p| after_zeros(bytes, pos, &p.header, len)) {
+        if let Some(rec) = records.last().and_then(|p| own_block_record(bytes, pos, &p.header, len)) {
             pos = rec.pos + rec.header.disk_len();
             records.push(rec);
             continue;
@@ -281,31 +301,48 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
         .rev()
         .find(|&b| bytes[b.max(end as usize)..(b + block).min(limit)].iter().any(|&x| x != 0))
         .map_or(end, |b| ((b + block).min(limit) as u64).max(end));
+    // Where a record of this use may lie after the end: before the dirty end, or in a reused
+    // file anywhere up to the file's end (a torn write may have left a record of the earlier
+    // use in place inside its range, and the record written beside it lies beyond that).
+    let search_end = if limit < len as usize { len } else { dirty_end.min(len) };
+    let mut dirty_end = dirty_end;
     let stop = match stop {
         None => ScanEnd::Clean,
         Some((at, fault, extent, reason)) => {
             let resume = extent.map_or(at + RECORD_ALIGN_BYTES, |e| at + e);
-            let valid = |b: u64| record_at(bytes, b).ok().filter(|r| r.header.lsn >= min_lsn);
-            let valid_after = magic_positions(bytes, resume, dirty_end.min(len)).find(|&b| valid(b).is_some());
+            // A record of this use (its header first: the earlier use's are skipped cheaply).
+            let valid = |b: u64| {
+                RecordHeader::decode(&bytes[b as usize..])
+                    .is_ok_and(|h| h.lsn >= min_lsn)
+                    .then(|| record_at(bytes, b).ok())
+                    .flatten()
+            };
+            let valid_after = magic_positions(bytes, resume, search_end).find(|&b| valid(b).is_some());
             // The record written together with the torn one (see the module doc): packed (as
             // builds that write two at once write them), at a block boundary, the next LSN
-            // but one, and nothing valid after it.
+            // but one, and nothing valid after it. Where it ends.
             let written_with_torn = |b: u64| {
-                let (Some(prev), Some(rec)) = (records.last(), valid(b)) else { return false };
-                rec.header.packed()
+                let (Some(prev), Some(rec)) = (records.last(), valid(b)) else { return None };
+                let rec_end = b + rec.header.disk_len();
+                (rec.header.packed()
                     && b.is_multiple_of(BLOCK_BYTES)
                     && rec.header.lsn == prev.header.lsn + 2
                     && rec.header.epoch >= prev.header.epoch
-                    && magic_positions(bytes, b + rec.header.disk_len(), dirty_end.min(len)).all(|p| valid(p).is_none())
+                    && magic_positions(bytes, rec_end, search_end).all(|p| valid(p).is_none()))
+                .then_some(rec_end)
             };
-            match valid_after {
-                Some(valid_at) if written_with_torn(valid_at) => ScanEnd::Torn {
-                    at,
-                    reason: format!(
-                        "{reason}; the record at byte {valid_at} was being written with it (neither was acknowledged)"
-                    ),
-                },
-                Some(valid_at) => ScanEnd::Corrupt { at, valid_at, reason },
+            match valid_after.map(|v| (v, written_with_torn(v))) {
+                Some((valid_at, Some(rec_end))) => {
+                    // Cut with the torn one, its blocks cleared too.
+                    dirty_end = dirty_end.max(crate::constants::align_up(rec_end).min(len));
+                    ScanEnd::Torn {
+                        at,
+                        reason: format!(
+                            "{reason}; the record at byte {valid_at} was being written with it (neither was acknowledged)"
+                        ),
+                    }
+                }
+                Some((valid_at, None)) => ScanEnd::Corrupt { at, valid_at, reason },
                 None if fault == HeaderFault::Zero && dirty_end == end => ScanEnd::Clean,
                 None => ScanEnd::Torn { at, reason },
             }
@@ -589,12 +626,38 @@ mod tests {
         packed[at[5]..].fill(0);
         assert!(matches!(scan_file(&Bytes::from(packed)).stop, ScanEnd::Corrupt { at: 5536, valid_at: 13232, .. }));
 
-        // Bytes in the gap that are not zeros end the chain there.
+        // What the rest of the block before a record of its own holds does not matter: a
+        // write torn there leaves its sectors' old bytes (in a reused file, its earlier use's,
+        // a sound record of a lower LSN among them), and the chain goes on at the boundary.
         let mut dirty = file.clone();
-        dirty[6000] = 1;
-        let scan = scan_file(&Bytes::from(dirty));
+        dirty[5540] = 1;
+        dirty[6000] = 7;
+        dirty[6144..6200].copy_from_slice(&file[at[1]..at[2]]);
+        for (gap_at, stale) in [(5536, &file[at[1]..at[2]]), (5544, &[0xa5; 64][..])] {
+            let mut dirty = dirty.clone();
+            dirty[gap_at..gap_at + stale.len()].copy_from_slice(stale);
+            let scan = scan_file(&Bytes::from(dirty.clone()));
+            assert_eq!((lsns(&scan), scan.stop, scan.end), (vec![1, 2, 3, 4, 5, 6], ScanEnd::Clean, 16528));
+            assert_eq!(check_records(&dirty[at[1]..16528], at[1] as u64), Ok(()));
+        }
+        // But a sound header with the next LSN where the record before ends is that record,
+        // packed after it (its payload damaged here): the chain does not jump past it.
+        let mut damaged_next = file.clone();
+        damaged_next[5536..5536 + RECORD_HEADER_BYTES].copy_from_slice(&file[at[3]..at[3] + RECORD_HEADER_BYTES]);
+        let scan = scan_file(&Bytes::from(damaged_next.clone()));
         assert_eq!(lsns(&scan), [1, 2, 3]);
-        assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 5536, valid_at: 8192, .. }), "{:?}", scan.stop);
+        assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 5536, valid_at: 13232, .. }), "{:?}", scan.stop);
+        assert_eq!(
+            check_records(&damaged_next[at[1]..16528], at[1] as u64),
+            Err((5536, "the record at byte 5536 fails its checksum".into()))
+        );
+        // Nor is a record of another LSN after the one before it in a read.
+        let mut stale = file.clone();
+        stale[at[4]..at[4] + 56].copy_from_slice(&file[at[1]..at[2]]);
+        assert_eq!(
+            check_records(&stale[at[1]..16528], at[1] as u64),
+            Err((13232, "the record at byte 13232 has LSN 2, not the 5 after the one before it".into()))
+        );
         // A record zeroed out up to a block boundary is damage to a read, not a gap: the
         // record after the zeros is not the next LSN.
         let mut zeroed = file.clone();
@@ -614,6 +677,33 @@ mod tests {
         assert_eq!(scan.records.iter().map(|r| r.header.lsn).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
         assert_eq!((scan.stop, scan.end), (ScanEnd::Clean, 17480));
         assert_eq!(check_records(&file[at[1]..17480], at[1] as u64), Ok(()));
+    }
+
+    /// In a reused file a torn write may leave a record of the earlier use in place inside
+    /// its range; the record written beside it, beyond that, is found and cleared all the
+    /// same (left there, a later crash would find it after a new chain: damage).
+    #[test]
+    fn a_record_written_beside_a_torn_one_is_found_past_an_earlier_use_record() {
+        use crate::log::format::FileHeader;
+        let earlier = file_with(0, &(10..70).map(|l| (l, 1000, true)).collect::<Vec<_>>(), 1 << 16).0;
+        let (own, at) = file_of_blocks(&[(100, 300, false), (101, 5000, false), (102, 7, true)]);
+        let second_end = at[2] + 4096;
+        assert!(at[2] as u64 == crate::constants::align_up(at[1] as u64 + 5000) && at[1] + 512 < 5136);
+        let mut image = earlier.clone();
+        image[..at[1] + 512].copy_from_slice(&own[..at[1] + 512]);
+        image[at[2]..second_end].copy_from_slice(&own[at[2]..second_end]);
+        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: 1 << 16, min_lsn: 100 }.encode(&mut image);
+        // Record 101 torn after its first sector: the earlier use's record at 5136 is intact
+        // inside its range, record 102 (a block of its own) whole after it.
+        assert!(RecordHeader::decode(&image[5136..]).is_ok_and(|h| h.lsn < 100));
+        let scan = scan_file(&Bytes::from(image));
+        assert_eq!(scan.records.iter().map(|r| r.header.lsn).collect::<Vec<_>>(), [100]);
+        assert!(
+            matches!(&scan.stop, ScanEnd::Torn { at: a, reason } if *a == at[1] as u64 && reason.contains("being written with it")),
+            "{:?}",
+            scan.stop
+        );
+        assert_eq!((scan.end, scan.dirty_end), (at[1] as u64, second_end as u64));
     }
 
     #[test]
