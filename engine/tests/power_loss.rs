@@ -559,9 +559,9 @@ fn power_loss_seeds_a_soak_found() {
     }
 }
 
-/// A longer run of both simulations, not part of the suite (it takes as long as asked):
-/// `SLUICE_SOAK_SEEDS` seeds (default 20,000) of each kind from `SLUICE_SOAK_FROM` (default
-/// 100,000, past the suite's seeds); a progress line every 1,000 seeds. Run with
+/// A longer run of the simulations, not part of the suite (it takes as long as asked):
+/// `SLUICE_SOAK_SEEDS` seeds (default 20,000) of each kind (fresh files, reused files, copies
+/// of small segments) from `SLUICE_SOAK_FROM` (default 100,000, past the suite's seeds); a progress line every 1,000 seeds. Run with
 /// `cargo test --release -p sluice-engine --test power_loss power_loss_soak -- --ignored --nocapture`.
 #[test]
 #[ignore = "a soak: run it by name with --ignored"]
@@ -571,16 +571,18 @@ fn power_loss_soak() {
     };
     let (from, seeds) = (env("SLUICE_SOAK_FROM", 100_000), env("SLUICE_SOAK_SEEDS", 20_000));
     let started = std::time::Instant::now();
-    let (mut crashes, mut freed) = (0, 0);
+    let (mut crashes, mut copies, mut freed) = (0, 0, 0);
     for (i, seed) in (from..from + seeds).enumerate() {
         for recycle in [false, true] {
             let (c, _, d) = run_seed(seed, recycle);
             crashes += c;
             freed += d;
         }
+        let (c, r, d) = copies_seed(seed);
+        (crashes, copies, freed) = (crashes + c, copies + r, freed + d);
         if (i + 1) % 1000 == 0 {
             eprintln!(
-                "soak: seeds {from}..{} ({} of {seeds}) x 2, {crashes} crashes, {freed} files freed, {:?}",
+                "soak: seeds {from}..{} ({} of {seeds}) x 3, {crashes} crashes, {copies} copies, {freed} files freed, {:?}",
                 seed + 1,
                 i + 1,
                 started.elapsed()
@@ -590,9 +592,9 @@ fn power_loss_soak() {
     let pipelined = PIPELINED.load(std::sync::atomic::Ordering::Relaxed);
     let written_with_torn = WRITTEN_WITH_TORN.load(std::sync::atomic::Ordering::Relaxed);
     let recycled = RECYCLED.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(crashes >= 2 * seeds, "only {crashes} crashes in {seeds} seeds of each kind");
+    assert!(crashes >= 3 * seeds, "only {crashes} crashes in {seeds} seeds of each kind");
     eprintln!(
-        "soak done: {crashes} crashes over {seeds} seeds x 2 from {from}, {freed} freed, {recycled} reused, {pipelined} flushes begun beside another, {written_with_torn} crashes kept one written beside a torn one, {:?}",
+        "soak done: {crashes} crashes over {seeds} seeds x 3 from {from}, {copies} copies, {freed} freed, {recycled} reused, {pipelined} flushes begun beside another, {written_with_torn} crashes kept one written beside a torn one, {:?}",
         started.elapsed()
     );
 }
@@ -1334,6 +1336,20 @@ fn a_log_file_of_block_padded_records_goes_on_with_packed_ones() {
 #[test]
 fn power_loss_while_small_segments_are_copied_to_free_the_log() {
     let (mut crashes, mut relocated, mut freed) = (0u64, 0u64, 0usize);
+    for seed in 0..300u64 {
+        let (c, r, f) = copies_seed(seed);
+        crashes += c;
+        relocated += r;
+        freed += f;
+    }
+    eprintln!("power loss with copies: {crashes} crashes, {relocated} copies, {freed} files freed over 300 seeds");
+    assert!(crashes >= 300 && relocated >= 300 && freed >= 300, "{crashes} crashes, {relocated} copies, {freed} freed");
+}
+
+/// One seed of `power_loss_while_small_segments_are_copied_to_free_the_log`: its crashes,
+/// copies and files freed.
+fn copies_seed(seed: u64) -> (u64, u64, usize) {
+    let (mut crashes, mut relocated, mut freed) = (0u64, 0u64, 0usize);
     let append = |name: &str, n: u64, payload: &[u8]| {
         let mut data = Vec::new();
         encode_event(&mut data, payload);
@@ -1346,116 +1362,113 @@ fn power_loss_while_small_segments_are_copied_to_free_the_log() {
             data: Bytes::from(data),
         }
     };
-    for seed in 0..300u64 {
-        let mut rng = StdRng::seed_from_u64(seed ^ 0xc0de);
-        let cfg = CoreConfig { spare_files: (seed % 2) as usize, ..fresh_cfg() };
-        let mut disk = Disk::default();
-        let mut core = recover(&cfg, &mut disk);
-        let mut sim = Sim {
-            rng: StdRng::seed_from_u64(seed),
-            disk: Disk::default(),
-            steps_left: u64::MAX,
-            pipelined: false,
-            writing: VecDeque::new(),
-        };
-        for name in ["big", "small"] {
-            core.submit(Request::Create { name: name.into() }).unwrap();
-        }
-        while flush(&mut core, &mut sim).ok().flatten().is_some() {}
-        disk = sim.disk.clone();
-        // The small segment's acknowledged appends (offset, event number), and the one sent
-        // but not acknowledged when the power failed.
-        let mut acked: Vec<(u64, u64)> = Vec::new();
-        let (mut next, mut unacked): (u64, Option<u64>) = (1, None);
-        let mut big_n = 0;
-        let small_event = |n: u64| format!("small-{n}-{}", "s".repeat((n % 7 * 40) as usize)).into_bytes();
-        for _cycle in 0..4 {
-            sim.disk = disk.clone();
-            sim.steps_left = rng.random_range(0..80);
-            let crashed = 'run: loop {
-                // The small segment: the unacknowledged append again, or now and then a new one.
-                let n = match unacked.take() {
-                    Some(n) => Some(n),
-                    None if rng.random_bool(0.3) => {
-                        next += 1;
-                        Some(next - 1)
-                    }
-                    None => None,
-                };
-                if let Some(n) = n {
-                    match core.submit(append("small", n, &small_event(n))).unwrap() {
-                        Submitted::Queued => match flush(&mut core, &mut sim) {
-                            Ok(Some(r)) => {
-                                if let OpResult::Appended { offset, duplicate: false, .. } = r[0] {
-                                    acked.push((offset, n));
-                                }
-                            }
-                            Ok(None) => unreachable!("queued"),
-                            Err(Crash) => {
-                                unacked = Some(n);
-                                break 'run true;
-                            }
-                        },
-                        Submitted::Ready(OpResult::Appended { duplicate: true, .. }) => {}
-                        other => panic!("unexpected {other:?}"),
-                    }
-                }
-                // The large one: a few events of 2-6 KB, then truncated at its length.
-                for _ in 0..rng.random_range(1..4) {
-                    big_n += 1;
-                    let payload = vec![b'b'; rng.random_range(2000..6000)];
-                    core.submit(append("big", big_n, &payload)).unwrap();
-                }
-                let cut = core.status("big").unwrap().length;
-                core.submit(Request::Truncate { name: "big".into(), offset: cut }).unwrap();
-                loop {
-                    match flush(&mut core, &mut sim) {
-                        Ok(Some(_)) => {}
-                        Ok(None) => break,
-                        Err(Crash) => break 'run true,
-                    }
-                }
-                // The freeing task: copy what keeps the oldest file, then free what is not needed.
-                if let Some((name, from, to)) = core.relocation() {
-                    let data = read_range(&mut core, &sim.disk, &name, from, to);
-                    assert_eq!(data.len() as u64, to - from, "seed {seed}: the copy reads whole");
-                    let req = Request::Relocate { name, offset: from, data: Bytes::from(data) };
-                    assert_eq!(core.submit(req).unwrap(), Submitted::Queued);
-                    match flush(&mut core, &mut sim) {
-                        Ok(_) => relocated += 1,
-                        Err(Crash) => break 'run true,
-                    }
-                }
-                freed += free_files(&mut core, &mut sim);
-                if rng.random_bool(0.03) {
-                    break false;
-                }
-            };
-            disk = sim.disk.clone();
-            crashes += u64::from(crashed);
-            core = recover(&cfg, &mut disk);
-            let small = read_segment(&mut core, &disk, "small");
-            for &(offset, n) in &acked {
-                let want = {
-                    let mut e = Vec::new();
-                    encode_event(&mut e, &small_event(n));
-                    e
-                };
-                let got = small.get(offset as usize..offset as usize + want.len());
-                assert_eq!(got, Some(&want[..]), "seed {seed}: acknowledged event {n} at {offset} lost");
-            }
-        }
-        // The writer resends what it never saw acknowledged; then every event is there once.
-        sim.disk = disk.clone();
-        sim.steps_left = u64::MAX;
-        if let Some(n) = unacked {
-            core.submit(append("small", n, &small_event(n))).unwrap();
-            while flush(&mut core, &mut sim).ok().flatten().is_some() {}
-        }
-        let small = read_segment(&mut core, &sim.disk, "small");
-        let events: Vec<Vec<u8>> = EventIter::new(&small).map(|e| e.unwrap().to_vec()).collect();
-        assert_eq!(events, (1..next).map(small_event).collect::<Vec<_>>(), "seed {seed}: each event once, in order");
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xc0de);
+    let cfg = CoreConfig { spare_files: (seed % 2) as usize, ..fresh_cfg() };
+    let mut disk = Disk::default();
+    let mut core = recover(&cfg, &mut disk);
+    let mut sim = Sim {
+        rng: StdRng::seed_from_u64(seed),
+        disk: Disk::default(),
+        steps_left: u64::MAX,
+        pipelined: false,
+        writing: VecDeque::new(),
+    };
+    for name in ["big", "small"] {
+        core.submit(Request::Create { name: name.into() }).unwrap();
     }
-    eprintln!("power loss with copies: {crashes} crashes, {relocated} copies, {freed} files freed over 300 seeds");
-    assert!(crashes >= 300 && relocated >= 300 && freed >= 300, "{crashes} crashes, {relocated} copies, {freed} freed");
+    while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    disk = sim.disk.clone();
+    // The small segment's acknowledged appends (offset, event number), and the one sent
+    // but not acknowledged when the power failed.
+    let mut acked: Vec<(u64, u64)> = Vec::new();
+    let (mut next, mut unacked): (u64, Option<u64>) = (1, None);
+    let mut big_n = 0;
+    let small_event = |n: u64| format!("small-{n}-{}", "s".repeat((n % 7 * 40) as usize)).into_bytes();
+    for _cycle in 0..4 {
+        sim.disk = disk.clone();
+        sim.steps_left = rng.random_range(0..80);
+        let crashed = 'run: loop {
+            // The small segment: the unacknowledged append again, or now and then a new one.
+            let n = match unacked.take() {
+                Some(n) => Some(n),
+                None if rng.random_bool(0.3) => {
+                    next += 1;
+                    Some(next - 1)
+                }
+                None => None,
+            };
+            if let Some(n) = n {
+                match core.submit(append("small", n, &small_event(n))).unwrap() {
+                    Submitted::Queued => match flush(&mut core, &mut sim) {
+                        Ok(Some(r)) => {
+                            if let OpResult::Appended { offset, duplicate: false, .. } = r[0] {
+                                acked.push((offset, n));
+                            }
+                        }
+                        Ok(None) => unreachable!("queued"),
+                        Err(Crash) => {
+                            unacked = Some(n);
+                            break 'run true;
+                        }
+                    },
+                    Submitted::Ready(OpResult::Appended { duplicate: true, .. }) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            // The large one: a few events of 2-6 KB, then truncated at its length.
+            for _ in 0..rng.random_range(1..4) {
+                big_n += 1;
+                let payload = vec![b'b'; rng.random_range(2000..6000)];
+                core.submit(append("big", big_n, &payload)).unwrap();
+            }
+            let cut = core.status("big").unwrap().length;
+            core.submit(Request::Truncate { name: "big".into(), offset: cut }).unwrap();
+            loop {
+                match flush(&mut core, &mut sim) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(Crash) => break 'run true,
+                }
+            }
+            // The freeing task: copy what keeps the oldest file, then free what is not needed.
+            if let Some((name, from, to)) = core.relocation() {
+                let data = read_range(&mut core, &sim.disk, &name, from, to);
+                assert_eq!(data.len() as u64, to - from, "seed {seed}: the copy reads whole");
+                let req = Request::Relocate { name, offset: from, data: Bytes::from(data) };
+                assert_eq!(core.submit(req).unwrap(), Submitted::Queued);
+                match flush(&mut core, &mut sim) {
+                    Ok(_) => relocated += 1,
+                    Err(Crash) => break 'run true,
+                }
+            }
+            freed += free_files(&mut core, &mut sim);
+            if rng.random_bool(0.03) {
+                break false;
+            }
+        };
+        disk = sim.disk.clone();
+        crashes += u64::from(crashed);
+        core = recover(&cfg, &mut disk);
+        let small = read_segment(&mut core, &disk, "small");
+        for &(offset, n) in &acked {
+            let want = {
+                let mut e = Vec::new();
+                encode_event(&mut e, &small_event(n));
+                e
+            };
+            let got = small.get(offset as usize..offset as usize + want.len());
+            assert_eq!(got, Some(&want[..]), "seed {seed}: acknowledged event {n} at {offset} lost");
+        }
+    }
+    // The writer resends what it never saw acknowledged; then every event is there once.
+    sim.disk = disk.clone();
+    sim.steps_left = u64::MAX;
+    if let Some(n) = unacked {
+        core.submit(append("small", n, &small_event(n))).unwrap();
+        while flush(&mut core, &mut sim).ok().flatten().is_some() {}
+    }
+    let small = read_segment(&mut core, &sim.disk, "small");
+    let events: Vec<Vec<u8>> = EventIter::new(&small).map(|e| e.unwrap().to_vec()).collect();
+    assert_eq!(events, (1..next).map(small_event).collect::<Vec<_>>(), "seed {seed}: each event once, in order");
+    (crashes, relocated, freed)
 }
