@@ -1507,7 +1507,7 @@ impl ContainerCore {
         let mut changed = Vec::new();
         if let Some(step) = f.plan.batch {
             self.file_pos = step.record_pos + step.record_len;
-            self.current_index.push_record(step.record_pos, step.record_len);
+            self.current_index.push_record(step.record_pos, step.record_len, true);
             let mut data_pos = step.record_pos + RECORD_HEADER_BYTES as u64;
             for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
                 let pos = data_pos + e.data_header_len() as u64;
@@ -2162,8 +2162,9 @@ impl ContainerCore {
                     // may have lost its last operations in it without a trace.
                     salvage.seen_after.clear();
                 }
+                let follows = rec.header.lsn == prev.lsn + 1;
                 prev = rec.header;
-                core.current_index.push_record(rec.pos, rec.header.disk_len());
+                core.current_index.push_record(rec.pos, rec.header.disk_len(), follows);
                 for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos()).map_err(|e| invalid(seq, e))? {
                     if salvage.passed_loss
                         && let Some(segment) = entry.segment()

@@ -32,8 +32,14 @@ impl FileIndex {
     /// Builds the index of a file's scanned records (in file order).
     pub fn build(records: &[ScannedRecord]) -> Result<Self, String> {
         let mut index = Self::default();
-        for rec in records.iter().filter(|r| r.header.kind == RecordKind::Batch) {
-            index.push_record(rec.pos, rec.header.disk_len());
+        let mut prev_lsn = None;
+        for rec in records {
+            let follows = prev_lsn.is_some_and(|l: u64| rec.header.lsn == l + 1);
+            prev_lsn = Some(rec.header.lsn);
+            if rec.header.kind != RecordKind::Batch {
+                continue;
+            }
+            index.push_record(rec.pos, rec.header.disk_len(), follows);
             for (entry, pos) in decode_entries(&rec.payload, rec.payload_pos())? {
                 match entry {
                     LogEntry::Append { segment, offset, data, .. } | LogEntry::Merge { segment, offset, data, .. } => {
@@ -63,12 +69,13 @@ impl FileIndex {
         self.push(segment, offset, file_pos, len);
     }
 
-    /// A batch record at `pos` taking `disk_len` bytes (records are pushed in file order).
-    pub fn push_record(&mut self, pos: u64, disk_len: u64) {
+    /// A batch record at `pos` taking `disk_len` bytes (records are pushed in file order);
+    /// `follows`: its LSN is the one after the record before it (not so after a damaged
+    /// stretch a salvage skipped, even one that ends at the block boundary where it starts).
+    pub fn push_record(&mut self, pos: u64, disk_len: u64, follows: bool) {
         debug_assert!(self.records.last().is_none_or(|&(p, l)| p + l <= pos), "records in file order");
         if let Some(&(p, l)) = self.records.last()
-            && p + l != pos
-            && crate::constants::align_up(p + l) != pos
+            && !(follows && (p + l == pos || crate::constants::align_up(p + l) == pos))
         {
             self.gaps.push(p + l);
         }
@@ -146,12 +153,12 @@ mod tests {
     #[test]
     fn locate_stops_at_a_gap_between_records() {
         let mut idx = FileIndex::default();
-        idx.push_record(1000, 300);
+        idx.push_record(1000, 300, true);
         idx.push(1, 0, 1040, 100);
-        idx.push_record(1300, 300);
+        idx.push_record(1300, 300, true);
         idx.push(1, 100, 1340, 150);
         // 1600..5000: damaged, not indexed.
-        idx.push_record(5000, 400);
+        idx.push_record(5000, 400, true);
         idx.push(1, 250, 5040, 50);
         assert_eq!(idx.locate(1, 0, 1 << 20, 1 << 20), vec![(1040, 100), (1340, 150)]);
         assert_eq!(idx.record_span(1040, 1490), Some((1000, 1600)));
@@ -163,12 +170,21 @@ mod tests {
     #[test]
     fn the_rest_of_the_block_before_a_record_of_its_own_is_no_gap() {
         let mut idx = FileIndex::default();
-        idx.push_record(4096, 304);
+        idx.push_record(4096, 304, true);
         idx.push(1, 0, 4136, 200);
-        idx.push_record(8192, 400);
+        idx.push_record(8192, 400, true);
         idx.push(1, 200, 8232, 300);
         assert_eq!(idx.locate(1, 0, 1 << 20, 1 << 20), vec![(4136, 200), (8232, 300)]);
         assert_eq!(idx.record_span(4136, 8532), Some((4096, 8592)));
+        // Not so where the record at the boundary does not follow (a salvage skipped damaged
+        // records that ended there): a read stops before it.
+        let mut idx = FileIndex::default();
+        idx.push_record(4096, 304, true);
+        idx.push(1, 0, 4136, 200);
+        idx.push_record(8192, 400, false);
+        idx.push(1, 200, 8232, 300);
+        assert_eq!(idx.locate(1, 0, 1 << 20, 1 << 20), vec![(4136, 200)]);
+        assert_eq!(idx.locate(1, 200, 1 << 20, 1 << 20), vec![(8232, 300)]);
     }
 
     #[test]
@@ -192,9 +208,9 @@ mod tests {
     #[test]
     fn record_span_covers_whole_records() {
         let mut idx = FileIndex::default();
-        idx.push_record(4096, 4096);
-        idx.push_record(8192, 12288);
-        idx.push_record(20480, 4096);
+        idx.push_record(4096, 4096, true);
+        idx.push_record(8192, 12288, true);
+        idx.push_record(20480, 4096, true);
         assert_eq!(idx.record_span(4200, 4300), Some((4096, 8192)));
         assert_eq!(idx.record_span(5000, 9000), Some((4096, 20480)));
         assert_eq!(idx.record_span(8192, 24576), Some((8192, 24576)));
