@@ -296,16 +296,12 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     // The last block holding a non-zero byte at or after the end (the end's own block only
     // from the end on: the bytes before it are records).
     let first_block = crate::constants::align_down(end) as usize;
-    let dirty_end = (first_block..limit)
+    let mut dirty_end = (first_block..limit)
         .step_by(block)
         .rev()
         .find(|&b| bytes[b.max(end as usize)..(b + block).min(limit)].iter().any(|&x| x != 0))
         .map_or(end, |b| ((b + block).min(limit) as u64).max(end));
-    // Where a record of this use may lie after the end: before the dirty end, or in a reused
-    // file anywhere up to the file's end (a torn write may have left a record of the earlier
-    // use in place inside its range, and the record written beside it lies beyond that).
-    let search_end = if limit < len as usize { len } else { dirty_end.min(len) };
-    let mut dirty_end = dirty_end;
+    let dirty = dirty_end.min(len);
     let stop = match stop {
         None => ScanEnd::Clean,
         Some((at, fault, extent, reason)) => {
@@ -317,7 +313,16 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
                     .then(|| record_at(bytes, b).ok())
                     .flatten()
             };
-            let valid_after = magic_positions(bytes, resume, search_end).find(|&b| valid(b).is_some());
+            // The first record of this use from `from` on: at any 8-byte boundary before the
+            // dirty end, and in a reused file at any block boundary after it (a torn write may
+            // have left a record of the earlier use in place inside its range, which ends the
+            // dirty part there, and the record written beside it lies beyond).
+            let this_use_from = |from: u64| {
+                let far = crate::constants::align_up(from.max(dirty));
+                let far = (limit < len as usize).then(|| (far..len).step_by(block)).into_iter().flatten();
+                magic_positions(bytes, from, dirty).chain(far).find(|&b| valid(b).is_some())
+            };
+            let valid_after = this_use_from(resume);
             // The record written together with the torn one (see the module doc): packed (as
             // builds that write two at once write them), at a block boundary, the next LSN
             // but one, and nothing valid after it. Where it ends.
@@ -328,7 +333,7 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
                     && b.is_multiple_of(BLOCK_BYTES)
                     && rec.header.lsn == prev.header.lsn + 2
                     && rec.header.epoch >= prev.header.epoch
-                    && magic_positions(bytes, rec_end, search_end).all(|p| valid(p).is_none()))
+                    && this_use_from(rec_end).is_none())
                 .then_some(rec_end)
             };
             match valid_after.map(|v| (v, written_with_torn(v))) {
