@@ -495,7 +495,7 @@ pub fn keys_over_segments(segments: u32) -> Vec<String> {
     let mut left = segments * per_segment;
     for i in 0u64.. {
         let key = format!("key-{i}");
-        let s = ((sluice_net::routing::key_point(key.as_bytes()) * segments as f64) as usize).min(segments - 1);
+        let s = segment_of(&key, segments);
         if by_segment[s].len() < per_segment {
             by_segment[s].push(key);
             left -= 1;
@@ -506,6 +506,11 @@ pub fn keys_over_segments(segments: u32) -> Vec<String> {
     }
     // Interleaved, so that consecutive events go to different segments.
     (0..per_segment).flat_map(|k| by_segment.iter().map(move |keys| keys[k].clone())).collect()
+}
+
+/// Which of a new stream's `segments` equal key ranges `key` falls in.
+fn segment_of(key: &str, segments: usize) -> usize {
+    ((sluice_net::routing::key_point(key.as_bytes()) * segments as f64) as usize).min(segments - 1)
 }
 
 #[cfg(test)]
@@ -519,7 +524,7 @@ mod tests {
             let keys = keys_over_segments(segments);
             let mut count = vec![0usize; segments as usize];
             for k in &keys {
-                count[(sluice_net::routing::key_point(k.as_bytes()) * f64::from(segments)) as usize] += 1;
+                count[segment_of(k, segments as usize)] += 1;
             }
             assert!(keys.len() >= 16, "{segments} segments: {} keys", keys.len());
             assert!(count.iter().all(|&c| c == count[0]), "{segments} segments: {count:?}");
