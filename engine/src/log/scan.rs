@@ -70,15 +70,23 @@ pub struct FileScan {
     pub dirty_end: u64,
 }
 
+/// What stops a scan: where, the kind of fault, the damaged record's extent when its header
+/// is sound, and why.
+type Fault = (u64, HeaderFault, Option<u64>, String);
+
 /// The record that starts a block of its own after a valid record with header `prev` that
-/// ends at `pos` (inside a block), if it continues the chain there.
-fn own_block_record(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> Option<ScannedRecord> {
+/// ends at `pos` (inside a block), if its sound header continues the chain there: the record,
+/// or, when its payload is damaged, the fault at its own position (not at the rest of the
+/// block before it, where nothing was meant to be).
+fn own_block_record(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> Option<Result<ScannedRecord, Fault>> {
     let next = own_block_after(bytes, 0, pos as usize, prev.lsn)? as u64;
     if next + RECORD_HEADER_BYTES as u64 > len {
         return None;
     }
-    let rec = record_at(bytes, next).ok()?;
-    (rec.header.epoch >= prev.epoch).then_some(rec)
+    match record_at(bytes, next) {
+        Ok(rec) => (rec.header.epoch >= prev.epoch).then_some(Ok(rec)),
+        Err((fault, extent, reason)) => Some(Err((next, fault, extent, reason))),
+    }
 }
 
 /// Where the record that starts a block of its own after the record with LSN `prev_lsn`,
@@ -279,12 +287,14 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
             },
             Err((fault, extent, reason)) => (pos, fault, extent, reason),
         };
-        if let Some(rec) = records.last().and_then(|p| own_block_record(bytes, pos, &p.header, len)) {
-            pos = rec.pos + rec.header.disk_len();
-            records.push(rec);
-            continue;
+        match records.last().and_then(|p| own_block_record(bytes, pos, &p.header, len)) {
+            Some(Ok(rec)) => {
+                pos = rec.pos + rec.header.disk_len();
+                records.push(rec);
+            }
+            Some(Err(own)) => break Some(own),
+            None => break Some(fault),
         }
-        break Some(fault);
     };
     let end = pos;
     let block = BLOCK_BYTES as usize;
@@ -590,8 +600,9 @@ mod tests {
         );
 
         // The record beside a torn one made it to the disk whole: both were in flight and
-        // neither was acknowledged, a torn end where the chain stops, after record 3 (the
-        // second one's blocks are cleared too).
+        // neither was acknowledged, a torn end where the chain stops, after record 3: the
+        // fault is where the torn record 4 starts (its own block), and the second one's
+        // blocks are cleared too.
         let mut torn = file.clone();
         torn[at[3] + RECORD_HEADER_BYTES + 10] ^= 1;
         torn.truncate(at[5]);
@@ -603,7 +614,7 @@ mod tests {
         let scan = scan_file(&Bytes::from(beside.clone()));
         assert_eq!(lsns(&scan), [1, 2, 3]);
         assert!(
-            matches!(&scan.stop, ScanEnd::Torn { at: 5536, reason } if reason.contains(&format!("record at byte {five} was being written with it"))),
+            matches!(&scan.stop, ScanEnd::Torn { at: 8192, reason } if reason.contains(&format!("record at byte {five} was being written with it"))),
             "{:?}",
             scan.stop
         );
@@ -619,17 +630,33 @@ mod tests {
             (6, 9, false),
         ]);
         more[five + 48..five + 48 + 56].copy_from_slice(&six[five + 48..five + 48 + 56]);
-        assert!(matches!(scan_file(&Bytes::from(more)).stop, ScanEnd::Corrupt { at: 5536, .. }));
+        assert!(matches!(scan_file(&Bytes::from(more)).stop, ScanEnd::Corrupt { at: 8192, .. }));
         // Nor if it does not start a block, or skips an LSN.
         let (skip, at_skip) =
             file_of_blocks(&[(1, 300, false), (2, 13, false), (3, 1000, false), (4, 5000, true), (6, 7, true)]);
         let mut skip = skip;
         skip[at_skip[3] + RECORD_HEADER_BYTES + 10] ^= 1;
-        assert!(matches!(scan_file(&Bytes::from(skip)).stop, ScanEnd::Corrupt { at: 5536, .. }));
+        assert!(matches!(scan_file(&Bytes::from(skip)).stop, ScanEnd::Corrupt { at: 8192, .. }));
         let mut packed = file.clone();
         packed[at[3] + RECORD_HEADER_BYTES + 10] ^= 1;
         packed[at[5]..].fill(0);
-        assert!(matches!(scan_file(&Bytes::from(packed)).stop, ScanEnd::Corrupt { at: 5536, valid_at: 13232, .. }));
+        assert!(matches!(scan_file(&Bytes::from(packed)).stop, ScanEnd::Corrupt { at: 8192, valid_at: 13232, .. }));
+        // Damage to the payload of a record of its own block with nothing after it (the last
+        // record of a file, a byte flipped at rest) is reported at that record, with its
+        // header (the rest of the block before it is not the damage), and the chain ends
+        // where the record before it ends.
+        let mut last = file.clone();
+        last[at[5] + RECORD_HEADER_BYTES + 3] ^= 1;
+        let scan = scan_file(&Bytes::from(last.clone()));
+        assert_eq!(lsns(&scan), [1, 2, 3, 4, 5]);
+        assert_eq!(
+            (scan.stop, scan.end),
+            (ScanEnd::Torn { at: 16384, reason: "payload checksum mismatch".into() }, 13280)
+        );
+        assert_eq!(
+            check_records(&last[at[1]..16528], at[1] as u64),
+            Err((16384, "the record at byte 16384 fails its checksum".into()))
+        );
 
         // What the rest of the block before a record of its own holds does not matter: a
         // write torn there leaves its sectors' old bytes (in a reused file, its earlier use's,
