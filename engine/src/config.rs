@@ -92,7 +92,7 @@ impl EngineConfig {
             node_name: "standalone".into(),
             flushes_per_second: 0,
             flush_linger: std::time::Duration::ZERO,
-            flush_depth: 1,
+            flush_depth: 2,
             tier2: None,
             log_bytes_max: LOG_BYTES_MAX_DEFAULT,
             chunk_bytes: CHUNK_BYTES_DEFAULT,

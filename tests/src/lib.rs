@@ -309,14 +309,22 @@ impl Etcd {
     }
 
     /// Starts etcd with `extra` arguments (e.g. `--quota-backend-bytes`).
+    /// If etcd exits during start-up (another process took one of its two ports after they
+    /// were probed), it is started again on other ports, up to three times.
     pub fn start_with(extra: &[&str]) -> Etcd {
-        let dir = TempDir::new("etcd");
-        let base = free_ports(2);
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = Self::spawn(&dir, base, &extra);
-        let mut e = Etcd { child, dir, base, extra, endpoint: format!("http://127.0.0.1:{base}") };
-        e.wait_ready();
-        e
+        for attempt in 1..=3 {
+            let dir = TempDir::new("etcd");
+            let base = free_ports(2);
+            let child = Self::spawn(&dir, base, &extra);
+            let mut e = Etcd { child, dir, base, extra: extra.clone(), endpoint: format!("http://127.0.0.1:{base}") };
+            match e.wait_ready() {
+                Ok(()) => return e,
+                Err(why) if attempt < 3 => eprintln!("etcd on port {base}: {why}; starting it again on other ports"),
+                Err(why) => panic!("etcd on port {base}: {why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     fn spawn(dir: &TempDir, base: u16, extra: &[String]) -> Child {
@@ -335,15 +343,35 @@ impl Etcd {
             .expect("starting etcd: install Debian's etcd-server (scripts/test.sh does)")
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until etcd reports itself healthy on its client port (`GET /health`: it has a
+    /// leader and serves requests; a listening socket alone is not enough), for at most 30 s.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.base)).is_err() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("etcd exited during start-up with {status}");
+        loop {
+            if Self::healthy(self.base) {
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "etcd did not start within 30 s");
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("exited during start-up with {status}"));
+            }
+            if Instant::now() >= deadline {
+                return Err("not healthy within 30 s".into());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// One bounded health probe.
+    fn healthy(port: u16) -> bool {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+        let mut reply = Vec::new();
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_ok()
+            && s.take(64 << 10).read_to_end(&mut reply).is_ok()
+            && String::from_utf8_lossy(&reply).contains("\"health\":\"true\"")
     }
 
     /// SIGKILL (an outage); `restart` brings it back on the same ports and data.
@@ -354,7 +382,9 @@ impl Etcd {
 
     pub fn restart(&mut self) {
         self.child = Self::spawn(&self.dir, self.base, &self.extra);
-        self.wait_ready();
+        if let Err(why) = self.wait_ready() {
+            panic!("etcd restarted on port {}: {why}", self.base);
+        }
     }
 }
 

@@ -228,14 +228,14 @@ struct StandaloneArgs {
     /// writes and a lower tail; see docs/BENCHMARKS.md.
     #[arg(long, default_value_t = 0)]
     flush_linger_us: u64,
-    /// Log flushes a container may have in flight at once: 1 writes one flush at a time; 2
-    /// lets a flush begin while the one before it is being written (its record starts a
-    /// block of its own), so an append waits for one write rather than for the rest of the
-    /// write in flight and then its own. 2 is for disks that serve two writes at once about
-    /// as fast as one (NVMe); on the 2-core VM of docs/BENCHMARKS.md it lowered the server's
-    /// append latency and the clients' median at half load, not their p99, and cost ~3% of
-    /// the top rate. With --iops-limit or --flush-linger-us it is always 1.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=2))]
+    /// Log flushes a container may have in flight at once: 2 lets a flush begin while the
+    /// one before it is being written (its record starts a block of its own), so an append
+    /// waits for one write rather than for the rest of the write in flight and then its own;
+    /// 1 writes one flush at a time (fewer, larger writes: for a disk that serves two writes
+    /// at once no faster than one after the other). On the 2-core VM of docs/BENCHMARKS.md, 2
+    /// lowered the server's append latency and the clients' median p99 at half load, at the
+    /// same top rate. With --iops-limit or --flush-linger-us it is always 1.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=2))]
     flush_depth: u64,
     /// Long-term storage (tier-2): `fs:DIR` (a local or NFS directory) or
     /// `hdfs://namenode:port/path`. The mover copies segment data there and frees log files,
