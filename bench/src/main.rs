@@ -700,8 +700,22 @@ fn compare(
                 let stats = rt.block_on(c.shard_stats(false)).map_err(|e| format!("--server-stats: {e}"))?;
                 println!("round {}: the Sluice server (per shard; latencies in microseconds):", round + 1);
                 print!("{}", sluice_client::stats::table(&stats));
-                server_rounds
-                    .push(serde_json::json!({"round": round + 1, "shards": sluice_client::stats::json(&stats)}));
+                let mut entry = serde_json::json!({"round": round + 1, "shards": sluice_client::stats::json(&stats)});
+                if let Some(rt) = &out.round_trips {
+                    println!(
+                        "round {}: the client's append round trips ({} requests): p50 {} p90 {} p99 {} p99.9 {} max {} us",
+                        round + 1,
+                        rt.count,
+                        rt.p50_us,
+                        rt.p90_us,
+                        rt.p99_us,
+                        rt.p999_us,
+                        rt.max_us
+                    );
+                    entry["client_round_trips"] = serde_json::json!({"count": rt.count, "p50_us": rt.p50_us,
+                        "p90_us": rt.p90_us, "p99_us": rt.p99_us, "p999_us": rt.p999_us, "max_us": rt.max_us});
+                }
+                server_rounds.push(entry);
             }
             let r = &mut results[i];
             r.rates.push(out.events_per_s);

@@ -238,6 +238,9 @@ pub struct Outcome {
     /// Open loop: how late the harness itself sent each send after its due time (part of
     /// every latency in `hist`); empty in a closed loop.
     pub lateness: Histogram<u64>,
+    /// Sluice: the round trips of the writer's append requests, as its client measured them
+    /// (from just before a request is written until its reply is read).
+    pub round_trips: Option<sluice_client::stats::Latencies>,
 }
 
 /// How events are offered.
@@ -302,7 +305,7 @@ where
         let (lat, n) = r?;
         hist.saturating_record_n(lat, n);
     }
-    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist, lateness })
+    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist, lateness, round_trips: None })
 }
 
 /// Sluice, one event per call: `write_event` futures awaited per key (`KeyedAcks`: no
@@ -333,7 +336,12 @@ async fn drive_sluice_events(
             acks.next_ready(&mut hist).await?;
         }
         let lateness = micros_histogram();
-        return Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist, lateness });
+        return Ok(Outcome {
+            events_per_s: load.count as f64 / start.elapsed().as_secs_f64(),
+            hist,
+            lateness,
+            round_trips: None,
+        });
     };
     // Acknowledged so far: the schedule's thread holds back while `inflight` are outstanding.
     let acked = Arc::new(AtomicU64::new(0));
@@ -401,7 +409,7 @@ async fn drive_sluice_events(
     drop(schedule);
     outcome?;
     let lateness = lateness.lock().expect("lateness lock").clone();
-    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist, lateness })
+    Ok(Outcome { events_per_s: load.count as f64 / start.elapsed().as_secs_f64(), hist, lateness, round_trips: None })
 }
 
 /// Sends events `i..i + n` (keys taken in turn from `keys`): `write_event` for one, one
@@ -426,21 +434,27 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
     let payload = Bytes::from(vec![b'x'; size]);
     match target {
         Target::Sluice => {
-            let client = sluice_client::Client::connect(url).await.map_err(|e| e.to_string())?;
+            // The round trips are measured (per request, not per event: next to nothing).
+            let config = sluice_client::ClientConfig { measure_append_round_trips: true, ..Default::default() };
+            let client = sluice_client::Client::connect_with(url, config).await.map_err(|e| e.to_string())?;
             let _ = client.create_scope("bench").await;
             let stream = format!("compare{}", std::process::id());
             let _ = client.create_stream("bench", &stream, load.segments).await;
             let writer =
                 client.event_writer_with(&format!("bench/{stream}"), load.writer).await.map_err(|e| e.to_string())?;
             let keys = keys_over_segments(load.segments);
-            if load.batch <= 1 {
-                return tokio::task::unconstrained(drive_sluice_events(load, writer, keys, payload)).await;
-            }
-            tokio::task::unconstrained(drive(load, |i, n| {
-                let ack = sluice_send(&writer, &keys, i, n, &payload);
-                async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }
-            }))
-            .await
+            let _ = client.take_append_round_trips();
+            let mut out = if load.batch <= 1 {
+                tokio::task::unconstrained(drive_sluice_events(load, writer, keys, payload)).await
+            } else {
+                tokio::task::unconstrained(drive(load, |i, n| {
+                    let ack = sluice_send(&writer, &keys, i, n, &payload);
+                    async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }
+                }))
+                .await
+            }?;
+            out.round_trips = client.take_append_round_trips();
+            Ok(out)
         }
         Target::Redis => {
             let client = redis::Client::open(url).map_err(|e| e.to_string())?;

@@ -22,6 +22,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long calls keep retrying while the server is unreachable or restarting.
     pub retry_for: Duration,
+    /// Measure the round trip of every append request of this client's writers
+    /// (`Client::take_append_round_trips`): a lock and two clock reads per request. For
+    /// benchmarks that want to tell the client's share of a latency from the server's.
+    pub measure_append_round_trips: bool,
 }
 
 /// How long a call or a writer retries before it warns (once) what it is waiting for.
@@ -48,7 +52,11 @@ pub(crate) fn warn_long_retry(
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(5), retry_for: Duration::from_secs(60) }
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            retry_for: Duration::from_secs(60),
+            measure_append_round_trips: false,
+        }
     }
 }
 
@@ -91,6 +99,8 @@ struct Inner {
     /// Stream histories read before, by (scope, stream): epochs never change once current,
     /// so a later read only fetches what came after (`Client::stream_history`).
     histories: Mutex<HistoryCache>,
+    /// With `ClientConfig::measure_append_round_trips`.
+    round_trips: Option<Arc<crate::stats::RoundTrips>>,
 }
 
 /// Stream histories a client keeps (beyond that, the least recently used is dropped).
@@ -170,13 +180,24 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 bootstrap,
-                config,
                 map: Mutex::new(map),
                 conns: Mutex::new(conns),
                 connecting: Mutex::new(HashMap::new()),
                 histories: Mutex::new(HistoryCache::default()),
+                round_trips: config.measure_append_round_trips.then(|| Arc::new(crate::stats::RoundTrips::new())),
+                config,
             }),
         })
+    }
+
+    /// The round trips of this client's append requests since the last call (or since it
+    /// connected), in microseconds; `None` unless `ClientConfig::measure_append_round_trips`.
+    pub fn take_append_round_trips(&self) -> Option<Latencies> {
+        self.inner.round_trips.as_ref().map(|r| r.take())
+    }
+
+    pub(crate) fn round_trips(&self) -> Option<&Arc<crate::stats::RoundTrips>> {
+        self.inner.round_trips.as_ref()
     }
 
     pub fn config(&self) -> &ClientConfig {

@@ -1,7 +1,48 @@
 //! Shard statistics (`Client::shard_stats`) laid out for people: the table `sluice stats`
-//! and `sluice-bench --server-stats` print.
+//! and `sluice-bench --server-stats` print. And the client's own measure of its appends'
+//! round trips (`ClientConfig::measure_append_round_trips`).
 
 pub use sluice_net::messages::{ContainerHealth, Latencies, ShardStats};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Round trips of a client's append requests: from just before a request is written to the
+/// socket until its reply is read (on the connection's reader task). What lies between the
+/// writer and the server: the socket both ways, both sides' scheduling, and the server's own
+/// time (which its `appends` latencies count from the frame's arrival in its buffer).
+pub(crate) struct RoundTrips(Mutex<hdrhistogram::Histogram<u64>>);
+
+impl RoundTrips {
+    pub(crate) fn new() -> Self {
+        Self(Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")))
+    }
+
+    pub(crate) fn record(&self, took: Duration) {
+        let us = (took.as_micros() as u64).max(1);
+        self.0.lock().expect("lock").saturating_record(us);
+    }
+
+    /// The figures so far; counting starts over.
+    pub(crate) fn take(&self) -> Latencies {
+        let mut h = self.0.lock().expect("lock");
+        let l = latencies(&h);
+        h.reset();
+        l
+    }
+}
+
+/// Percentiles of a histogram of microseconds (zeros when it is empty).
+pub fn latencies(h: &hdrhistogram::Histogram<u64>) -> Latencies {
+    let q = |q: f64| if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+    Latencies {
+        count: h.len(),
+        p50_us: q(0.5),
+        p90_us: q(0.9),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        max_us: if h.is_empty() { 0 } else { h.max() },
+    }
+}
 
 fn cells(l: &Latencies) -> String {
     format!("{:>7} {:>7} {:>7} {:>7} {:>7}", l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us)

@@ -22,6 +22,7 @@ use crate::acks::{Board, Look};
 use crate::client::{Client, warn_long_retry};
 use crate::connection::{Connection, expect, server_error};
 use crate::error::ClientError;
+use crate::stats::RoundTrips;
 use bytes::{Bytes, BytesMut};
 use sluice_net::ErrorCode;
 use sluice_net::ScopedStream;
@@ -418,7 +419,10 @@ impl Driver {
 fn send_lanes(shared: &Shared, lanes: Vec<Arc<LaneCore>>) {
     // A frame of several parts stays within a node's frame limit, whatever the writer's
     // batch limit (a part alone is as large as its batch).
-    let mut gather = Gather::new(shared.batch_max().min(FRAME_BYTES_MAX_DEFAULT - CONTROL_BYTES_MAX));
+    let mut gather = Gather::new(
+        shared.batch_max().min(FRAME_BYTES_MAX_DEFAULT - CONTROL_BYTES_MAX),
+        shared.client.round_trips().cloned(),
+    );
     let mut locked = Vec::with_capacity(lanes.len());
     for lane in &lanes {
         // Never wait for a pump while holding others (whoever holds it may be waiting for
@@ -448,6 +452,8 @@ struct Gather {
     /// Most payload bytes in one `Appends` frame of several parts (the writer's batch limit,
     /// within a node's frame limit).
     frame_bytes_max: usize,
+    /// Where the round trips go, when the client measures them.
+    round_trips: Option<Arc<RoundTrips>>,
 }
 
 struct GatheredConn {
@@ -465,8 +471,8 @@ struct GatheredPart {
 }
 
 impl Gather {
-    fn new(frame_bytes_max: usize) -> Self {
-        Self { conns: Vec::new(), frame_bytes_max }
+    fn new(frame_bytes_max: usize, round_trips: Option<Arc<RoundTrips>>) -> Self {
+        Self { conns: Vec::new(), frame_bytes_max, round_trips }
     }
 
     fn add(&mut self, conn: &Arc<Connection>, part: GatheredPart) {
@@ -497,7 +503,7 @@ impl Gather {
                     data.push(p.data);
                 }
                 let rounds: Vec<_> = told.iter().map(|(f, round, _)| (f.clone(), *round)).collect();
-                frames.push((Appends { parts: msg }, data, appends_answered(told)));
+                frames.push((Appends { parts: msg }, data, timed(self.round_trips.as_ref(), appends_answered(told))));
                 tells.push(rounds);
             }
             let sent = g.conn.send_many_then(frames);
@@ -508,6 +514,21 @@ impl Gather {
                     }
                 }
             }
+        }
+    }
+}
+
+/// `on_reply`, measuring the round trip from now (just before its request is written) when
+/// the client measures them.
+fn timed(round_trips: Option<&Arc<RoundTrips>>, on_reply: crate::connection::OnReply) -> crate::connection::OnReply {
+    match round_trips {
+        None => on_reply,
+        Some(rt) => {
+            let (rt, sent) = (rt.clone(), Instant::now());
+            Box::new(move |reply| {
+                rt.record(sent.elapsed());
+                on_reply(reply)
+            })
         }
     }
 }
@@ -1113,7 +1134,7 @@ impl LaneCore {
     /// flight that no answer will come.
     fn send(&self, shared: &Shared, conn: &Connection, round: u64, first: u64, count: u32, payload: &Bytes) {
         let (msg, on_reply) = self.request(shared, round, first, count);
-        if !conn.send_then(&msg, payload, on_reply) {
+        if !conn.send_then(&msg, payload, timed(shared.client.round_trips(), on_reply)) {
             self.flight.unsent(round);
         }
     }

@@ -687,3 +687,36 @@ async fn a_burst_sends_its_events_when_it_ends() {
     }
     assert_eq!(total, 400, "every event of the burst once (the first's future was dropped, not its event)");
 }
+
+/// A client that measures its appends' round trips counts one per append request, each
+/// within the time the writes took, and starts over once they are taken; one that does not
+/// has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_measures_its_append_round_trips_when_asked() {
+    let h = sluice_tests::Harness::with_stream("rt", "s", 4).await;
+    assert!(h.client.take_append_round_trips().is_none(), "not measured unless asked");
+    let config = sluice_client::ClientConfig { measure_append_round_trips: true, ..Default::default() };
+    let c = Client::connect_with(&h.server.url(), config).await.unwrap();
+    let w = c.event_writer("rt/s").await.unwrap();
+    let started = std::time::Instant::now();
+    // One at a time (each its own append, sent by the lane) ...
+    for i in 0..20u32 {
+        w.write_event(&i.to_le_bytes(), vec![7u8; 100]).await.unwrap();
+    }
+    // ... and bursts over every segment (gathered into `Appends` frames).
+    for round in 0..10u32 {
+        let acks: Vec<_> = {
+            let _burst = w.burst();
+            (0..64u32).map(|k| w.write_event(&(round * 64 + k).to_le_bytes(), vec![9u8; 100])).collect()
+        };
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+    let took = started.elapsed().as_micros() as u64;
+    let rt = c.take_append_round_trips().expect("measured");
+    // 20 lone appends, and at least one request per burst.
+    assert!(rt.count >= 30 && rt.count <= 20 + 10 * 64, "{rt:?}");
+    assert!(rt.p50_us >= 1 && rt.p50_us <= rt.p99_us && rt.p99_us <= rt.max_us && rt.max_us <= took, "{rt:?}");
+    assert_eq!(c.take_append_round_trips().expect("measured").count, 0, "counting starts over");
+}
