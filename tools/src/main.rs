@@ -148,7 +148,7 @@ struct StandaloneArgs {
     #[arg(long, default_value_t = 64)]
     log_file_mb: u64,
     /// How new log files are prepared. `always`: zero-filled, so durable writes into them
-    /// need no file-system journal commit (lowest latency for small writes, but under
+    /// need no file-system metadata write (lowest latency for small writes, but under
     /// sustained load the disk writes every byte twice); `never`: only allocated; `auto`:
     /// zero-filled at light load (flushes averaging under 128 KiB while the shard writes
     /// under 32 MiB/s to its logs), only allocated otherwise. Where the file system and device zero blocks without
@@ -158,7 +158,7 @@ struct StandaloneArgs {
     /// Freed log files (their data moved to tier-2, or truncated or deleted) each container
     /// keeps to reuse as its next ones, instead of deleting them and creating new files. A
     /// reused file's blocks are written already, so durable writes into it need no
-    /// file-system journal commit (as in a zero-filled file) and nothing is zero-filled; its
+    /// file-system metadata write (as in a zero-filled file) and nothing is zero-filled; its
     /// old records stay behind the new ones until overwritten. Each spare is a whole log
     /// file on disk (beyond --log-budget-mb with tier-2). 0 turns reuse off.
     #[arg(long, default_value_t = sluice_engine::constants::LOG_SPARE_FILES_DEFAULT)]

@@ -42,7 +42,7 @@ pub struct CoreConfig {
     pub prefill: Prefill,
     /// Freed log files the I/O driver keeps to reuse as later ones (0: none; each is a
     /// whole log file on disk beyond the budget). A reused file's blocks are written
-    /// already, so durable writes into them commit no journal (see `Prefill`), without the
+    /// already, so durable writes into them need no metadata write (see `Prefill`), without the
     /// cost of zero-filling.
     pub spare_files: usize,
     /// An idempotent writer that has not appended to a segment for this long is forgotten
@@ -60,8 +60,10 @@ pub struct CoreConfig {
 /// How a new log file's blocks are prepared before records go into them.
 ///
 /// A durable (O_DSYNC) write into blocks the file system has allocated but never written
-/// ("unwritten extents") also commits the file system's journal to mark them written:
-/// about twice the latency of a small write. Zero-filling the file first avoids that, but
+/// ("unwritten extents") also makes the file system record durably that they are written
+/// (a journal commit; on ext4 without a journal, a synchronous write of the inode's block),
+/// from a kernel worker after the data write: about twice the latency of a small write
+/// (BENCHMARKS.md, thirty-fourth session, for the requests one flush makes). Zero-filling the file first avoids that, but
 /// costs a write of the whole file: under sustained load the disk then writes every byte
 /// twice. Where the file system and device can zero blocks without moving data
 /// (`FALLOC_FL_WRITE_ZEROES`), that is used instead and costs neither.
@@ -83,7 +85,7 @@ impl Prefill {
     pub const AUTO_FLUSH_BYTES: u64 = 128 << 10;
     /// Bytes a second written to a shard's logs at and above which `Auto` stops zero-filling:
     /// zero-filling doubles the bytes the disk writes, and on a busy disk the filling's
-    /// writes delay the flushes more than the journal commits it saves (470k x 1 KB events/s
+    /// writes delay the flushes more than the metadata writes it saves (470k x 1 KB events/s
     /// over 16 segments: ack p99 3.4–7.5 ms without it, 5.2–7.1 ms with; one event in flight,
     /// 20 MB/s of 4 KiB flushes: p50 190–235 µs with it, 245–310 µs without).
     pub const AUTO_RATE_BYTES: u64 = 32 << 20;

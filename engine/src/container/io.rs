@@ -614,7 +614,7 @@ async fn prepare_log_file(dir: PathBuf, header: FileHeader, zero_fill: bool) -> 
 /// with the new sequence number and `min_lsn`, and the block after it (where the earlier
 /// use's opening checkpoint lies) cleared, both synced, before it is renamed and the
 /// directory synced. Its blocks are all allocated and mostly written already: durable
-/// writes into them need no journal commit, and nothing is zero-filled. Records of its
+/// writes into them need no metadata write (`Prefill`), and nothing is zero-filled. Records of its
 /// earlier use stay after the new ones and have lower LSNs than `min_lsn` (FORMAT.md).
 /// A spare of another size (the file size changed) is not used. The spare is gone either
 /// way (`Err`: removed, or left to the next open, which deletes `.spare` files).
