@@ -25,22 +25,9 @@ impl RoundTrips {
     /// The figures so far; counting starts over.
     pub(crate) fn take(&self) -> Latencies {
         let mut h = self.0.lock().expect("lock");
-        let l = latencies(&h);
+        let l = Latencies::from_histogram(h.len(), h.max(), |q| h.value_at_quantile(q));
         h.reset();
         l
-    }
-}
-
-/// Percentiles of a histogram of microseconds (zeros when it is empty).
-pub fn latencies(h: &hdrhistogram::Histogram<u64>) -> Latencies {
-    let q = |q: f64| if h.is_empty() { 0 } else { h.value_at_quantile(q) };
-    Latencies {
-        count: h.len(),
-        p50_us: q(0.5),
-        p90_us: q(0.9),
-        p99_us: q(0.99),
-        p999_us: q(0.999),
-        max_us: if h.is_empty() { 0 } else { h.max() },
     }
 }
 

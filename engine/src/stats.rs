@@ -63,15 +63,7 @@ pub fn record_flush(took: Duration, bytes: u64) {
 }
 
 fn latencies(h: &Histogram<u64>) -> Latencies {
-    let q = |q: f64| if h.is_empty() { 0 } else { h.value_at_quantile(q) };
-    Latencies {
-        count: h.len(),
-        p50_us: q(0.5),
-        p90_us: q(0.9),
-        p99_us: q(0.99),
-        p999_us: q(0.999),
-        max_us: if h.is_empty() { 0 } else { h.max() },
-    }
+    Latencies::from_histogram(h.len(), h.max(), |q| h.value_at_quantile(q))
 }
 
 /// This shard's statistics since they were last reset (or since the shard started); with

@@ -653,6 +653,17 @@ pub struct Latencies {
     pub max_us: u64,
 }
 
+impl Latencies {
+    /// From a histogram of microseconds: how many values it holds, its largest, and its value
+    /// at a quantile (not called when it is empty: all 0 then).
+    pub fn from_histogram(count: u64, max_us: u64, at: impl Fn(f64) -> u64) -> Self {
+        if count == 0 {
+            return Self::default();
+        }
+        Self { count, p50_us: at(0.5), p90_us: at(0.9), p99_us: at(0.99), p999_us: at(0.999), max_us }
+    }
+}
+
 /// A position in one segment of a stream.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
 pub struct SegmentOffset {
