@@ -519,14 +519,16 @@ impl Gather {
 }
 
 /// `on_reply`, measuring the round trip from now (just before its request is written) when
-/// the client measures them.
+/// the client measures them: requests answered only (not those whose connection broke).
 fn timed(round_trips: Option<&Arc<RoundTrips>>, on_reply: crate::connection::OnReply) -> crate::connection::OnReply {
     match round_trips {
         None => on_reply,
         Some(rt) => {
             let (rt, sent) = (rt.clone(), Instant::now());
             Box::new(move |reply| {
-                rt.record(sent.elapsed());
+                if reply.is_ok() {
+                    rt.record(sent.elapsed());
+                }
                 on_reply(reply)
             })
         }
