@@ -712,8 +712,7 @@ fn compare(
                         rt.p999_us,
                         rt.max_us
                     );
-                    entry["client_round_trips"] = serde_json::json!({"count": rt.count, "p50_us": rt.p50_us,
-                        "p90_us": rt.p90_us, "p99_us": rt.p99_us, "p999_us": rt.p999_us, "max_us": rt.max_us});
+                    entry["client_round_trips"] = sluice_client::stats::latencies_json(rt);
                 }
                 server_rounds.push(entry);
             }

@@ -137,14 +137,17 @@ pub fn problems(h: &ContainerHealth) -> Vec<String> {
     out
 }
 
+/// A latency distribution as JSON (microseconds): the shape `json` gives the shards' figures.
+pub fn latencies_json(l: &Latencies) -> serde_json::Value {
+    serde_json::json!({"count": l.count, "p50": l.p50_us, "p90": l.p90_us, "p99": l.p99_us,
+        "p99.9": l.p999_us, "max": l.max_us})
+}
+
 /// The shards' figures and their containers' state as JSON (`sluice stats --json`,
 /// `sluice-bench --server-stats`): one object per shard; latencies in microseconds; each
 /// container with its `problems` in words (empty: healthy).
 pub fn json(stats: &[ShardStats]) -> serde_json::Value {
-    let l = |l: &Latencies| {
-        serde_json::json!({"count": l.count, "p50": l.p50_us, "p90": l.p90_us, "p99": l.p99_us,
-            "p99.9": l.p999_us, "max": l.max_us})
-    };
+    let l = latencies_json;
     stats
         .iter()
         .map(|s| {
