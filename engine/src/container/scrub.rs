@@ -154,14 +154,15 @@ impl Container {
                 ));
             }
             if seq == current && last < durable_lsn {
-                let stop = match &f.stop {
-                    ScanEnd::Torn { reason, .. } => format!(" ({reason})"),
-                    ScanEnd::Corrupt { .. } => " (above)".to_string(),
-                    _ => String::new(),
+                // Where the next record is damaged (a record of its own block lies past the
+                // end of the one before it), or where it is missing.
+                let (at, stop) = match &f.stop {
+                    ScanEnd::Torn { at, reason } => (*at, format!(" ({reason})")),
+                    ScanEnd::Corrupt { .. } => (f.end, " (above)".to_string()),
+                    ScanEnd::Clean => (f.end, String::new()),
                 };
                 out.damage.push(format!(
-                    "{name}: the record at byte {} (LSN {}) is damaged or missing{stop}; records up to LSN {durable_lsn} were acknowledged",
-                    f.end,
+                    "{name}: the record at byte {at} (LSN {}) is damaged or missing{stop}; records up to LSN {durable_lsn} were acknowledged",
                     last + 1
                 ));
             }
