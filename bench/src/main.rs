@@ -44,7 +44,10 @@ struct Cli {
     threads: Option<usize>,
     /// Also show the server's own figures for the timed part of the run (`sluice stats`):
     /// its append and flush latencies, reset as the warm-up ends (produce, end-to-end), or
-    /// over each Sluice round (compare).
+    /// over each Sluice round (compare). With produce and compare, also the client's append
+    /// round trips (from just before a request is written to the socket until its reply is
+    /// read; all producers' together): what they add to the server's figures is the socket
+    /// and both sides' scheduling, the rest of an ack's latency is the client's queueing.
     #[arg(long, global = true)]
     server_stats: bool,
     /// Microseconds a Sluice writer waits for more events before it sends a batch (the
@@ -342,6 +345,14 @@ async fn consume(url: String, stream: String, readers: u32, idle_ms: u64) -> Res
 
 const WARMUP_S: u64 = 2;
 
+/// The clients' append round trips (`--server-stats`), one line.
+fn round_trips_line(rt: &sluice_client::stats::Latencies) -> String {
+    format!(
+        "the client's append round trips ({} requests): p50 {} p90 {} p99 {} p99.9 {} max {} us",
+        rt.count, rt.p50_us, rt.p90_us, rt.p99_us, rt.p999_us, rt.max_us
+    )
+}
+
 pub(crate) fn report(name: &str, hist: &Histogram<u64>) {
     println!(
         "{name} latency (us): p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {}",
@@ -575,6 +586,7 @@ fn run() -> Result<(), String> {
             let mut load =
                 ProduceLoad::new(stream, segments, producers, count, seconds, warmup_s, size, keys, inflight, batch)?;
             load.writer = writer_config;
+            load.round_trips = cli.server_stats;
             rt.block_on(produce(url, load))?
         }
         Cmd::Compare {
@@ -702,16 +714,7 @@ fn compare(
                 print!("{}", sluice_client::stats::table(&stats));
                 let mut entry = serde_json::json!({"round": round + 1, "shards": sluice_client::stats::json(&stats)});
                 if let Some(rt) = &out.round_trips {
-                    println!(
-                        "round {}: the client's append round trips ({} requests): p50 {} p90 {} p99 {} p99.9 {} max {} us",
-                        round + 1,
-                        rt.count,
-                        rt.p50_us,
-                        rt.p90_us,
-                        rt.p99_us,
-                        rt.p999_us,
-                        rt.max_us
-                    );
+                    println!("round {}: {}", round + 1, round_trips_line(rt));
                     entry["client_round_trips"] = sluice_client::stats::latencies_json(rt);
                 }
                 server_rounds.push(entry);
@@ -827,6 +830,8 @@ struct ProduceLoad {
     batch: usize,
     /// How its writers batch (`--linger-us`).
     writer: sluice_client::WriterConfig,
+    /// Whether the clients time their append round trips (`--server-stats`).
+    round_trips: bool,
 }
 
 impl ProduceLoad {
@@ -857,13 +862,39 @@ impl ProduceLoad {
         }
         let count = count.unwrap_or(if duration.is_some() { u64::MAX } else { 1_000_000 });
         let writer = sluice_client::WriterConfig::default();
-        Ok(Self { stream, segments, producers, count, duration, warmup, size, keys, inflight, batch, writer })
+        let round_trips = false;
+        Ok(Self {
+            stream,
+            segments,
+            producers,
+            count,
+            duration,
+            warmup,
+            size,
+            keys,
+            inflight,
+            batch,
+            writer,
+            round_trips,
+        })
     }
 }
 
 async fn produce(url: String, load: ProduceLoad) -> RunResult {
-    let ProduceLoad { stream, segments, producers, count, duration, warmup, size, keys, inflight, batch, writer } =
-        load;
+    let ProduceLoad {
+        stream,
+        segments,
+        producers,
+        count,
+        duration,
+        warmup,
+        size,
+        keys,
+        inflight,
+        batch,
+        writer,
+        round_trips,
+    } = load;
     let batch = batch.max(1) as u64;
     let admin = Client::connect(&url).await.map_err(|e| e.to_string())?;
     let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
@@ -882,8 +913,17 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
         // Unconstrained: tokio's cooperative budget would make a FuturesUnordered of thousands of
         // acknowledgements yield over and over, which throttles the producer (6x here).
         tasks.push(tokio::spawn(tokio::task::unconstrained(async move {
-            let client = Client::connect(&url).await.map_err(|e| e.to_string())?;
+            let config = sluice_client::ClientConfig { measure_append_round_trips: round_trips, ..Default::default() };
+            let client = Client::connect_with(&url, config).await.map_err(|e| e.to_string())?;
             let writer = client.event_writer_with(&stream, writer).await.map_err(|e| e.to_string())?;
+            if round_trips {
+                // The warm-up's round trips are not counted either.
+                let c = client.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(measured_from.into()).await;
+                    c.take_append_round_trips()
+                });
+            }
             let mut hist = micros_histogram();
             let payload = bytes::Bytes::from(vec![b'x'; size]);
             // Keys made once: the bench shares the cores with the server.
@@ -938,12 +978,18 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
                     record(&mut hist, sent, n);
                 }
             }
-            Ok::<_, String>(hist)
+            Ok::<_, String>((hist, client.take_append_round_trips()))
         })));
     }
     let mut hist = micros_histogram();
+    let mut trips: Option<sluice_client::stats::RoundTripHistogram> = None;
     for t in tasks {
-        hist.add(t.await.map_err(|e| e.to_string())??).map_err(|e| e.to_string())?;
+        let (h, t) = t.await.map_err(|e| e.to_string())??;
+        hist.add(h).map_err(|e| e.to_string())?;
+        match (&mut trips, t) {
+            (Some(all), Some(t)) => all.merge(&t),
+            (all, t) => *all = all.take().or(t),
+        }
     }
     progress.abort();
     // The measured events: those sent after the warm-up, until the last acknowledgement.
@@ -961,10 +1007,17 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
         events as f64 * size as f64 / secs / 1e6
     );
     report("ack", &hist);
-    let json = serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
+    let trips = trips.map(|t| t.latencies());
+    if let Some(rt) = &trips {
+        println!("{}", round_trips_line(rt));
+    }
+    let mut json = serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
         "size": size, "keys": keys, "inflight": inflight, "batch": batch, "warmup_s": warmup.as_secs_f64(),
         "linger_us": writer.linger.as_micros() as u64,
         "seconds": secs, "events_per_s": events as f64 / secs,
         "mb_per_s": events as f64 * size as f64 / secs / 1e6, "ack": hist_json(&hist)});
+    if let Some(rt) = &trips {
+        json["client_round_trips"] = sluice_client::stats::latencies_json(rt);
+    }
     Ok((json, vec![("ack".to_string(), hist)]))
 }

@@ -453,7 +453,7 @@ pub async fn produce(target: Target, url: &str, load: Load, size: usize) -> Resu
                 }))
                 .await
             }?;
-            out.round_trips = client.take_append_round_trips();
+            out.round_trips = client.take_append_round_trips().map(|h| h.latencies());
             Ok(out)
         }
         Target::Redis => {

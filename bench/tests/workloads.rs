@@ -66,6 +66,11 @@ fn produce_consume_and_end_to_end_complete() {
         shards.iter().all(|s| (1..(secs * 1000.0) as u64 + 1000).contains(&s["window_ms"].as_u64().unwrap())),
         "{r}"
     );
+    // The client's append round trips after the warm-up (requests, each of one event or more).
+    let trips = &r["client_round_trips"];
+    let (p50, p99, max) = (trips["p50"].as_u64(), trips["p99"].as_u64(), trips["max"].as_u64());
+    assert!(trips["count"].as_u64() > Some(0) && p50 > Some(0) && p50 <= p99 && p99 <= max, "{r}");
+    assert!(max < Some((secs * 1e6) as u64 + 1_000_000), "{r}");
     assert_refused(
         &["consume", "--url", &url, "--server-stats"],
         "--server-stats works with produce, end-to-end and compare",

@@ -191,8 +191,9 @@ impl Client {
     }
 
     /// The round trips of this client's append requests since the last call (or since it
-    /// connected), in microseconds; `None` unless `ClientConfig::measure_append_round_trips`.
-    pub fn take_append_round_trips(&self) -> Option<Latencies> {
+    /// connected), in microseconds (`.latencies()` for their percentiles); `None` unless
+    /// `ClientConfig::measure_append_round_trips`.
+    pub fn take_append_round_trips(&self) -> Option<crate::stats::RoundTripHistogram> {
         self.inner.round_trips.as_ref().map(|r| r.take())
     }
 

@@ -22,12 +22,31 @@ impl RoundTrips {
         self.0.lock().expect("lock").saturating_record(us);
     }
 
-    /// The figures so far; counting starts over.
-    pub(crate) fn take(&self) -> Latencies {
+    /// The round trips so far; counting starts over.
+    pub(crate) fn take(&self) -> RoundTripHistogram {
         let mut h = self.0.lock().expect("lock");
-        let l = Latencies::from_histogram(h.len(), h.max(), |q| h.value_at_quantile(q));
+        let taken = RoundTripHistogram(h.clone());
         h.reset();
-        l
+        taken
+    }
+}
+
+/// A client's append round trips as taken (`Client::take_append_round_trips`), in
+/// microseconds: several clients' add up (`merge`) before their percentiles are read.
+#[derive(Clone, Debug)]
+pub struct RoundTripHistogram(hdrhistogram::Histogram<u64>);
+
+impl RoundTripHistogram {
+    /// Adds `other`'s round trips to these.
+    pub fn merge(&mut self, other: &RoundTripHistogram) {
+        // Both have the same bounds, so every value fits.
+        let _ = self.0.add(&other.0);
+    }
+
+    /// How many round trips, and their percentiles.
+    pub fn latencies(&self) -> Latencies {
+        let h = &self.0;
+        Latencies::from_histogram(h.len(), h.max(), |q| h.value_at_quantile(q))
     }
 }
 

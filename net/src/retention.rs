@@ -30,6 +30,16 @@ fn parse_with_units(s: &str, units: &[(&str, u64)], what: &str) -> Result<u64, S
 
 const TIME_UNITS: &[(&str, u64)] = &[("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000)];
 const SIZE_UNITS: &[(&str, u64)] = &[("", 1), ("b", 1), ("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30), ("t", 1 << 40)];
+/// The units `Display` writes (largest first; each value in the largest that divides it).
+const TIME_SHOWN: &[(&str, u64)] = &[("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)];
+const SIZE_SHOWN: &[(&str, u64)] = &[("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10), ("", 1)];
+
+/// `n` in the largest of `units` that divides it exactly, as `parse` reads it back.
+fn with_unit(n: u64, units: &[(&str, u64)]) -> String {
+    let (name, mult) = units.iter().find(|(_, m)| n > 0 && n.is_multiple_of(*m)).copied().unwrap_or(("", 1));
+    let name = if name.is_empty() { units.last().map_or("", |(u, _)| *u) } else { name };
+    format!("{}{name}", n / mult)
+}
 
 impl Retention {
     /// Parses `none`, `time:MIN[,MAX]` or `size:MIN[,MAX]`.
@@ -68,8 +78,12 @@ impl std::fmt::Display for Retention {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Retention::None => write!(f, "none"),
-            Retention::Time { min_ms, max_ms } => write!(f, "time:{min_ms}ms,{max_ms}ms"),
-            Retention::Size { min_bytes, max_bytes } => write!(f, "size:{min_bytes},{max_bytes}"),
+            Retention::Time { min_ms, max_ms } => {
+                write!(f, "time:{},{}", with_unit(*min_ms, TIME_SHOWN), with_unit(*max_ms, TIME_SHOWN))
+            }
+            Retention::Size { min_bytes, max_bytes } => {
+                write!(f, "size:{},{}", with_unit(*min_bytes, SIZE_SHOWN), with_unit(*max_bytes, SIZE_SHOWN))
+            }
         }
     }
 }
@@ -91,5 +105,21 @@ mod tests {
         assert_eq!(Retention::parse(&r.to_string()), Ok(r));
         let r = Retention::parse("size:1k,2k").unwrap();
         assert_eq!(Retention::parse(&r.to_string()), Ok(r));
+    }
+
+    #[test]
+    fn shown_in_the_largest_exact_unit_and_read_back() {
+        let shown = |s: &str| Retention::parse(s).unwrap().to_string();
+        assert_eq!(shown("size:8G,10G"), "size:8G,10G");
+        assert_eq!(shown("size:1536M"), "size:1536M,1536M");
+        assert_eq!(shown("size:1025"), "size:1025,1025");
+        assert_eq!(shown("size:1024K,3T"), "size:1M,3T");
+        assert_eq!(shown("time:12h,7d"), "time:12h,7d");
+        assert_eq!(shown("time:1500ms,90s"), "time:1500ms,90s");
+        assert_eq!(shown("time:120m"), "time:2h,2h");
+        for s in ["size:1025,4097", "time:61s,25h", "size:3T", "time:1ms"] {
+            let r = Retention::parse(s).unwrap();
+            assert_eq!(Retention::parse(&r.to_string()), Ok(r), "{s}");
+        }
     }
 }

@@ -756,7 +756,14 @@ async fn admin(url: &str, retry_for: Duration, cmd: Cmd) -> Result<(), String> {
                 ScalingPolicy::Fixed { segments } => segments,
                 auto => segments.max(auto.initial_segments()),
             };
-            c.create_stream_policies(&s.scope, &s.stream, segments, retention, scaling).await.map_err(err)?;
+            c.create_stream_policies(&s.scope, &s.stream, segments, retention, scaling).await.map_err(|e| {
+                match e.code() {
+                    Some(sluice_net::ErrorCode::NoSuchScope) => {
+                        format!("{e} (create it first: sluice scope create {})", s.scope)
+                    }
+                    _ => err(e),
+                }
+            })?;
             println!("created stream {s} with {segments} segment(s), retention {retention}, scaling {scaling}");
         }
         Cmd::Stream(StreamCmd::Update { stream, retention, scaling }) => {
