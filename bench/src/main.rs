@@ -73,6 +73,12 @@ enum Cmd {
         stream: String,
         #[arg(long, default_value_t = 4)]
         segments: u32,
+        /// The retention policy of the stream when this run creates it (as `sluice stream
+        /// create --retention`): e.g. size:8G,10G keeps a long run at 1 GB/s within a bounded
+        /// data directory, the server freeing and reusing log files as it goes (start the
+        /// server with --retention-interval-ms 1000 so it checks often enough).
+        #[arg(long, default_value = "none", value_parser = sluice_net::Retention::parse)]
+        retention: sluice_net::Retention,
         /// Concurrent producers (each its own connection and writer).
         #[arg(long, default_value_t = 1)]
         producers: u32,
@@ -582,10 +588,24 @@ fn run() -> Result<(), String> {
         Cmd::Consume { url, stream, readers, idle_ms } => {
             (rt.block_on(consume(url, stream, readers.max(1), idle_ms))?, Vec::new())
         }
-        Cmd::Produce { url, stream, segments, producers, count, seconds, warmup_s, size, keys, inflight, batch } => {
+        Cmd::Produce {
+            url,
+            stream,
+            segments,
+            retention,
+            producers,
+            count,
+            seconds,
+            warmup_s,
+            size,
+            keys,
+            inflight,
+            batch,
+        } => {
             let mut load =
                 ProduceLoad::new(stream, segments, producers, count, seconds, warmup_s, size, keys, inflight, batch)?;
             load.writer = writer_config;
+            load.retention = retention;
             load.round_trips = cli.server_stats;
             rt.block_on(produce(url, load))?
         }
@@ -832,6 +852,8 @@ struct ProduceLoad {
     writer: sluice_client::WriterConfig,
     /// Whether the clients time their append round trips (`--server-stats`).
     round_trips: bool,
+    /// The stream's retention policy, if this run creates it.
+    retention: sluice_net::Retention,
 }
 
 impl ProduceLoad {
@@ -862,7 +884,7 @@ impl ProduceLoad {
         }
         let count = count.unwrap_or(if duration.is_some() { u64::MAX } else { 1_000_000 });
         let writer = sluice_client::WriterConfig::default();
-        let round_trips = false;
+        let (round_trips, retention) = (false, sluice_net::Retention::None);
         Ok(Self {
             stream,
             segments,
@@ -876,6 +898,7 @@ impl ProduceLoad {
             batch,
             writer,
             round_trips,
+            retention,
         })
     }
 }
@@ -894,12 +917,14 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
         batch,
         writer,
         round_trips,
+        retention,
     } = load;
     let batch = batch.max(1) as u64;
     let admin = Client::connect(&url).await.map_err(|e| e.to_string())?;
     let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
     let _ = admin.create_scope(scope).await;
-    let _ = admin.create_stream(scope, name, segments).await;
+    let fixed = sluice_net::ScalingPolicy::Fixed { segments };
+    let _ = admin.create_stream_policies(scope, name, segments, retention, fixed).await;
     let start = Instant::now();
     // Events sent before this are neither timed nor counted.
     let measured_from = start + warmup;
@@ -1013,6 +1038,7 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
     }
     let mut json = serde_json::json!({"workload": "produce", "stream": stream, "producers": producers, "events": events,
         "size": size, "keys": keys, "inflight": inflight, "batch": batch, "warmup_s": warmup.as_secs_f64(),
+        "retention": retention.to_string(),
         "linger_us": writer.linger.as_micros() as u64,
         "seconds": secs, "events_per_s": events as f64 / secs,
         "mb_per_s": events as f64 * size as f64 / secs / 1e6, "ack": hist_json(&hist)});

@@ -1,5 +1,6 @@
 //! Smoke runs of `sluice-bench produce` (one future per event and per batch call, for a count
-//! and for a time after a warm-up, with the server's own figures, with lingering writers),
+//! and for a time after a warm-up, with the server's own figures and the client's round
+//! trips, with lingering writers, into a stream it creates with a retention policy),
 //! `consume` and `end-to-end` against a spawned standalone server: each completes, counts
 //! every event, and writes its JSON result. No figure is asserted (they live in
 //! docs/BENCHMARKS.md).
@@ -46,6 +47,17 @@ fn produce_consume_and_end_to_end_complete() {
     let lingering = ["--linger-us", "300", "produce", "--url", &url, "--stream", "bw/l", "--count", "5000"];
     let r = run(&json, &lingering);
     assert_eq!((r["ack"]["count"].as_u64(), r["linger_us"].as_u64()), (Some(5_000), Some(300)), "{r}");
+    // A stream the run creates with a retention policy.
+    let kept = ["produce", "--url", &url, "--stream", "bw/r", "--count", "1000", "--retention", "size:64M,128M"];
+    let r = run(&json, &kept);
+    assert_eq!((r["ack"]["count"].as_u64(), r["retention"].as_str()), (Some(1000), Some("size:64M,128M")), "{r}");
+    let describe = Command::new(sluice_tests::sluice_bin())
+        .args(["stream", "describe", "bw/r", "--url", &url])
+        .output()
+        .expect("running sluice");
+    let describe = String::from_utf8_lossy(&describe.stdout);
+    assert!(describe.contains("retention size:64M,128M"), "{describe}");
+    assert_refused(&["produce", "--url", &url, "--retention", "size:2G,1G"], "MIN <= MAX");
     let batches =
         ["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--batch", "100", "--threads", "1"];
     let r = run(&json, &batches);
