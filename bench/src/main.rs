@@ -924,7 +924,17 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
     let (scope, name) = stream.split_once('/').ok_or("--stream must be scope/stream")?;
     let _ = admin.create_scope(scope).await;
     let fixed = sluice_net::ScalingPolicy::Fixed { segments };
-    let _ = admin.create_stream_policies(scope, name, segments, retention, fixed).await;
+    let created = admin.create_stream_policies(scope, name, segments, retention, fixed).await;
+    if created.is_err()
+        && retention != sluice_net::Retention::None
+        && let Ok(info) = admin.get_stream(scope, name).await
+        && info.retention != retention
+    {
+        eprintln!(
+            "note: {stream} exists with retention {}; --retention {retention} applies to a new stream",
+            info.retention
+        );
+    }
     let start = Instant::now();
     // Events sent before this are neither timed nor counted.
     let measured_from = start + warmup;

@@ -58,6 +58,13 @@ fn produce_consume_and_end_to_end_complete() {
     let describe = String::from_utf8_lossy(&describe.stdout);
     assert!(describe.contains("retention size:64M,128M"), "{describe}");
     assert_refused(&["produce", "--url", &url, "--retention", "size:2G,1G"], "MIN <= MAX");
+    // An existing stream keeps its policy, and the run says so.
+    let again = Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["produce", "--url", &url, "--stream", "bw/r", "--count", "10", "--retention", "time:1h"])
+        .output()
+        .expect("running sluice-bench");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && err.contains("bw/r exists with retention size:64M,128M"), "{err}");
     let batches =
         ["produce", "--url", &url, stream[0], stream[1], "--count", "20000", "--batch", "100", "--threads", "1"];
     let r = run(&json, &batches);
