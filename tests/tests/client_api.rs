@@ -380,9 +380,10 @@ async fn a_busy_container_lingers_before_small_flushes_and_an_idle_one_does_not(
     let busy = started.elapsed();
     let flushes = c.shard_stats(false).await.unwrap()[0].flushes.count;
     // A pause of the writer longer than a flush ends the busy spell (the next flush does not
-    // wait): on a loaded machine that happens now and then, hence twice the ideal count.
+    // wait): on a loaded machine that happens now and then, hence three times the ideal
+    // count (twice was exceeded once on a fresh CI machine: 674 flushes in 1.5 s against 620).
     // Without lingering there are thousands (8,174 in one run).
-    let bound = 2 * busy.as_millis() as u64 / LINGER_MS + 20;
+    let bound = 3 * busy.as_millis() as u64 / LINGER_MS + 20;
     println!("{flushes} flushes in {busy:?} (at most {bound})");
     assert!(flushes <= bound, "{flushes} flushes in {busy:?}: a busy container flushes about once per linger");
     // Every event is there once, in order.
