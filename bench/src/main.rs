@@ -1023,7 +1023,8 @@ async fn produce(url: String, load: ProduceLoad) -> RunResult {
         hist.add(h).map_err(|e| e.to_string())?;
         match (&mut trips, t) {
             (Some(all), Some(t)) => all.merge(&t),
-            (all, t) => *all = all.take().or(t),
+            (None, t) => trips = t,
+            (Some(_), None) => {}
         }
     }
     progress.abort();

@@ -7,9 +7,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Round trips of a client's answered append requests: from just before a request is
-/// written to the socket until its reply is read (on the connection's reader task). What lies between the
-/// writer and the server: the socket both ways, both sides' scheduling, and the server's own
-/// time (which its `appends` latencies count from the frame's arrival in its buffer).
+/// written to the socket until its reply is read (on the connection's reader task). What
+/// lies between the writer and the server: the socket both ways, both sides' scheduling, and
+/// the server's own time (which its `appends` latencies count from the frame's arrival in
+/// its buffer).
 pub(crate) struct RoundTrips(Mutex<hdrhistogram::Histogram<u64>>);
 
 impl RoundTrips {

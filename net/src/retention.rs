@@ -36,8 +36,9 @@ const SIZE_SHOWN: &[(&str, u64)] = &[("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 
 
 /// `n` in the largest of `units` that divides it exactly, as `parse` reads it back.
 fn with_unit(n: u64, units: &[(&str, u64)]) -> String {
-    let (name, mult) = units.iter().find(|(_, m)| n > 0 && n.is_multiple_of(*m)).copied().unwrap_or(("", 1));
-    let name = if name.is_empty() { units.last().map_or("", |(u, _)| *u) } else { name };
+    // 0 (never a valid limit) in the smallest unit.
+    let unit = units.iter().find(|(_, m)| n > 0 && n.is_multiple_of(*m)).or(units.last());
+    let (name, mult) = unit.copied().unwrap_or(("", 1));
     format!("{}{name}", n / mult)
 }
 
