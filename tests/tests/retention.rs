@@ -90,6 +90,47 @@ async fn size_retention_truncates_across_epochs() {
     assert_eq!(count * (1020 + 4), kept, "the reader reads exactly the kept events");
 }
 
+/// With the default interval (30 s: every stream looked at once in that time), a stream that
+/// writes fast under a size policy is looked at every second: it is cut back while it is
+/// being written, not half a minute later (at 1 GB/s that was 30 GB past its MAX).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_stream_is_held_to_its_size_policy_between_intervals() {
+    const MIB: u64 = 1 << 20;
+    let dir = TempDir::new("ret-fast");
+    let s = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &["--retention-interval-ms", "30000"]);
+    let c = Client::connect(&s.url()).await.unwrap();
+    c.create_scope("rf").await.unwrap();
+    c.create_stream_with("rf", "s", 2, Retention::parse("size:1M,2M").unwrap()).await.unwrap();
+    let started = Instant::now();
+    // 12 MiB in steps of 1 MiB, a pause after each (over 3.6 s in all).
+    let mut most = 0;
+    for step in 0..12 {
+        write(&c, "rf/s", step * 1024, 1024, 1020).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        most = most.max(held(&c, "rf", "s").await.0);
+    }
+    let written = started.elapsed();
+    let (at_end, _) = held(&c, "rf", "s").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let kept = loop {
+        let (h, segs) = held(&c, "rf", "s").await;
+        if h <= 2 * MIB {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "still {h} bytes held {:?} after the writes: {segs:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "12 MiB written in {written:?} under size:1M,2M (interval 30 s): held at most {most} bytes after a step, \
+         {at_end} when the writes ended, {kept} kept {:?} after the start",
+        started.elapsed()
+    );
+    assert!(kept >= MIB, "keeps at least the min ({kept})");
+    // Cut back while the writes went on, not only after them.
+    assert!(most < 10 * MIB && at_end < 10 * MIB, "held {most} bytes at most, {at_end} at the end");
+    drop(s);
+}
+
 /// A node without tier-2: a size policy's truncations free the log files behind them (the
 /// stream is the only one in its log), so the log stays near the policy's size however much
 /// is written, freed files become later log files (`sluice stats` counts them), and a

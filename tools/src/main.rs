@@ -256,9 +256,12 @@ struct StandaloneArgs {
     /// have gathered (older log files and sealed segments are moved at once).
     #[arg(long, default_value_t = 1024)]
     move_min_kb: u64,
-    /// How often the retention service checks streams with a retention policy, in ms. A
-    /// stream can grow past its policy's MAX by what it takes in between (at 1 GB/s, 30 GB in
-    /// 30 s): for fast streams with a size policy, check more often (1000).
+    /// How often the retention service looks at every stream, in ms. A stream with a policy
+    /// is looked at sooner when it needs it (a size policy's once it may have written a 64th
+    /// of its MAX at its last rate, a time policy's every 128th of its MAX; at most once a
+    /// second, or once an interval if that is shorter), so a fast stream outgrows its MAX by
+    /// about a second's writes. An idle stream that starts writing fast is looked at again
+    /// within this interval.
     #[arg(long, default_value_t = 30_000)]
     retention_interval_ms: u64,
     /// How often the auto-scaler looks at streams with an automatic scaling policy, in ms.

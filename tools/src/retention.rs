@@ -1,9 +1,9 @@
 //! The retention service: applies each stream's retention policy. It runs once per cluster
 //! (in `sluice standalone`, next to the node) and works through the client API like any
-//! other user: every interval it records a *mark* per stream with a policy (the tail stream
-//! cut, which lies on event boundaries, the time and the stream's total bytes written), and
-//! once a stream holds more than the policy's MAX it truncates the stream at the newest mark
-//! that still leaves at least MIN. The engine then frees the log space and deletes the tier-2
+//! other user: when it looks at a stream with a policy (see "Pace" below) it records a
+//! *mark* (the tail stream cut, which lies on event boundaries, the time and the stream's
+//! total bytes written), and once a stream holds more than the policy's MAX it truncates the
+//! stream at the newest mark that still leaves at least MIN. The engine then frees the log space and deletes the tier-2
 //! chunks below the new start offsets.
 //!
 //! A scaled stream counts the bytes of every segment it ever had, and a truncation at a mark
@@ -22,6 +22,17 @@
 //! state segment's start has not moved since its previous round): running readers compact
 //! it themselves, but an idle group's snapshot would otherwise stay where it was written
 //! and, without tier-2, keep every log file from there on.
+//!
+//! Pace: the interval is how often *every* stream is looked at (and idle groups' state
+//! compacted). A stream with a policy is looked at again sooner when it needs it: a size
+//! policy's stream once it will have written about a 64th of its MAX at the rate it wrote
+//! since the previous look, a time policy's once a 128th of its MAX has passed; never more
+//! often than every second (or every interval, if that is shorter). The names are listed
+//! every second, so a new stream is looked at at once. With one look per interval, a stream
+//! writing 1 GB/s outgrew a size policy by 30 GB at the default 30 s; now by about a second's
+//! writes, and its marks (the points it can be cut at) are that much closer together. A
+//! stream that was idle at its last look is looked at again an interval later: one that
+//! starts writing fast can outgrow its MAX by that much once.
 
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_client::group::GROUP_STATE_PREFIX;
@@ -29,13 +40,19 @@ use sluice_client::sync::archive;
 use sluice_client::{Client, ClientConfig, ClientError, StateSynchronizer, StreamCut, Synchronized};
 use sluice_net::{ErrorCode, Retention, ScopedStream, SegmentNumber};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where the marks are kept.
 const MARKS_SCOPE: &str = "_system";
 const MARKS_STREAM: &str = "_retention";
 /// Marks per policy span (see the module doc).
 const MARKS_PER_SPAN: u64 = 128;
+/// Least time between two looks at a stream (unless the interval is shorter), and how often
+/// the names are listed for new streams.
+const LOOK_MIN: Duration = Duration::from_secs(1);
+/// A size policy's stream is looked at again once it has written about this share of its
+/// MAX (at the rate it was last seen writing), so it outgrows MAX by about that much.
+const SIZE_LOOK_SHARE: u64 = 64;
 
 /// Wall-clock milliseconds (marks outlive the process).
 fn now_ms() -> u64 {
@@ -182,22 +199,53 @@ async fn keep(
     Ok(())
 }
 
-/// Runs forever: connects (retrying), then applies retention every `interval` while
-/// `active()` says this process runs the cluster's duties (always in standalone; on the
-/// elected controller in a cluster). A controller that takes over loads the kept marks.
+/// When a stream is looked at next, and what it had written when it was last looked at.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    next: Instant,
+    /// (when, bytes ever written then); `None` for a stream without a policy.
+    seen: Option<(Instant, u64)>,
+}
+
+/// How long until a stream with `policy` is looked at again: `rate` is its bytes per second
+/// since the previous look (`None` if it was not looked at before). Between `floor` and
+/// `interval`.
+fn look_after(policy: Retention, rate: Option<f64>, floor: Duration, interval: Duration) -> Duration {
+    let after = match policy {
+        Retention::None => interval,
+        // A first look measures nothing yet: the next one, soon, gives the rate.
+        Retention::Size { max_bytes, .. } => match rate {
+            None => floor,
+            Some(r) if r > 0.0 => Duration::from_secs_f64(((max_bytes / SIZE_LOOK_SHARE) as f64 / r).min(1e9)),
+            Some(_) => interval,
+        },
+        Retention::Time { max_ms, .. } => Duration::from_millis(max_ms / MARKS_PER_SPAN),
+    };
+    after.clamp(floor, interval.max(floor))
+}
+
+/// Runs forever: connects (retrying), then applies retention while `active()` says this
+/// process runs the cluster's duties (always in standalone; on the elected controller in a
+/// cluster): every stream every `interval`, a fast one sooner (see the module doc). A
+/// controller that takes over loads the kept marks.
 pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     let client = connect_service(&url, "retention service", interval).await;
+    let tick = interval.min(LOOK_MIN);
     let mut streams: BTreeMap<String, Tracked> = BTreeMap::new();
     let mut groups: HashMap<String, u64> = HashMap::new();
+    let mut paces: HashMap<String, Pace> = HashMap::new();
     let mut kept: Option<StateSynchronizer<SavedMarks>> = None;
     // Whether the kept marks were loaded since this process became active.
     let mut loaded = false;
+    // When every stream was last looked at (none yet: the first round looks at all).
+    let mut last_full: Option<Instant> = None;
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(tick).await;
         if !active() {
             streams.clear();
             groups.clear();
-            (kept, loaded) = (None, false);
+            paces.clear();
+            (kept, loaded, last_full) = (None, false, None);
             continue;
         }
         if !loaded {
@@ -209,20 +257,67 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
                 }
                 // Retention goes on with the marks in memory; loading is tried again next
                 // round (replacing them), and nothing is kept until it succeeds.
-                Err(e) => tracing::warn!(error = %e, "retention marks cannot be loaded; trying again next interval"),
+                Err(e) => tracing::warn!(error = %e, "retention marks cannot be loaded; trying again next round"),
             }
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        // Every stream, and the idle groups, once an interval (less half a tick, so that the
+        // ticks' drift does not make it an interval and a tick).
+        let full = last_full.is_none_or(|t| started.duration_since(t) + tick / 2 >= interval);
+        if full {
+            last_full = Some(started);
+        }
         let mut changes = Vec::new();
-        match round(&client, &mut streams, &mut groups, &mut changes).await {
-            Ok(()) => tracing::debug!(took = ?started.elapsed(), streams = streams.len(), "retention round"),
-            Err(e) => tracing::warn!(error = %e, "retention round failed; trying again next interval"),
+        let pace = Pacing { paces: &mut paces, full, floor: tick, interval };
+        match round(&client, &mut streams, &mut groups, pace, &mut changes).await {
+            Ok(looked) if looked > 0 => {
+                tracing::debug!(took = ?started.elapsed(), streams = streams.len(), looked, full, "retention round")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention round failed; trying again next round"),
         }
         if loaded && let Err(e) = keep(&client, &mut kept, changes, interval).await {
             // Loaded again next round: this round's changes are not kept.
             tracing::warn!(error = %e, "retention marks not kept this round");
             (kept, loaded) = (None, false);
         }
+    }
+}
+
+/// Which streams a round looks at: all (`full`), or the new ones and those whose time came.
+struct Pacing<'a> {
+    paces: &'a mut HashMap<String, Pace>,
+    full: bool,
+    floor: Duration,
+    interval: Duration,
+}
+
+impl Pacing<'_> {
+    fn due(&self, stream: &str, now: Instant) -> bool {
+        self.full || self.paces.get(stream).is_none_or(|p| p.next <= now)
+    }
+
+    /// Sets when `stream` is looked at next, after a look at `now` that found `checked`.
+    fn looked(&mut self, stream: &str, now: Instant, checked: Option<(Retention, u64)>) {
+        let before = self.paces.get(stream).and_then(|p| p.seen);
+        let pace = match checked {
+            None => Pace { next: now + self.interval, seen: None },
+            Some((policy, total)) => {
+                let rate = before.map(|(at, was)| {
+                    let secs = now.duration_since(at).as_secs_f64();
+                    if secs > 0.0 { total.saturating_sub(was) as f64 / secs } else { 0.0 }
+                });
+                Pace { next: now + look_after(policy, rate, self.floor, self.interval), seen: Some((now, total)) }
+            }
+        };
+        self.paces.insert(stream.to_string(), pace);
+    }
+
+    /// A look at `stream` failed at `now`: the next is in a few ticks (its rate as it was).
+    fn failed(&mut self, stream: &str, now: Instant) {
+        let next = now + (self.floor * 5).min(self.interval);
+        let seen = self.paces.get(stream).and_then(|p| p.seen);
+        self.paces.insert(stream.to_string(), Pace { next, seen });
     }
 }
 
@@ -250,19 +345,29 @@ pub async fn connect_service(url: &str, service: &str, interval: Duration) -> Cl
     }
 }
 
+/// One round: lists the streams, looks at those due (all in a full round, which also
+/// compacts idle groups' state), forgets the marks of streams gone or without a policy.
+/// Returns how many streams it looked at.
 async fn round(
     c: &Client,
     streams: &mut BTreeMap<String, Tracked>,
     groups: &mut HashMap<String, u64>,
+    mut pace: Pacing<'_>,
     changes: &mut Vec<MarksUpdate>,
-) -> Result<(), ClientError> {
+) -> Result<usize, ClientError> {
     let mut seen = std::collections::HashSet::new();
+    let mut listed = std::collections::HashSet::new();
+    let mut looked = 0;
     for scope in c.list_scopes().await? {
         for name in c.list_streams(&scope).await? {
             let stream = ScopedStream::new(scope.clone(), name.clone());
+            let key = stream.to_string();
+            listed.insert(key.clone());
             if let Some(group) = name.strip_prefix(GROUP_STATE_PREFIX) {
-                seen.insert(stream.to_string());
-                match compact_idle_group(c, &stream, group, groups).await {
+                // Kept in view every round: its start is compared from one full round to the next.
+                seen.insert(key.clone());
+                let compacted = if pace.full { compact_idle_group(c, &stream, group, groups).await } else { Ok(()) };
+                match compacted {
                     Ok(()) => {}
                     // A stream of the user's own that only looks like a group's state.
                     Err(e @ ClientError::SyncCorrupt { .. }) => {
@@ -273,15 +378,27 @@ async fn round(
                     }
                 }
             }
-            match apply(c, &stream, streams, changes).await {
-                Ok(true) => {
-                    seen.insert(stream.to_string());
+            let now = Instant::now();
+            if !pace.due(&key, now) {
+                // Not looked at this round: its marks stay as they are.
+                if streams.contains_key(&key) {
+                    seen.insert(key);
                 }
-                Ok(false) => {}
+                continue;
+            }
+            looked += 1;
+            match apply(c, &stream, streams, changes).await {
+                Ok(checked) => {
+                    if checked.is_some() {
+                        seen.insert(key.clone());
+                    }
+                    pace.looked(&key, now, checked);
+                }
                 Err(e) => {
                     // Keep its marks: the stream is only unavailable for now.
-                    seen.insert(stream.to_string());
                     tracing::warn!(stream = %stream, error = %e, "retention skipped a stream this round");
+                    pace.failed(&key, now);
+                    seen.insert(key);
                 }
             }
         }
@@ -291,7 +408,8 @@ async fn round(
     }
     streams.retain(|k, _| seen.contains(k));
     groups.retain(|k, _| seen.contains(k));
-    Ok(())
+    pace.paces.retain(|k, _| listed.contains(k));
+    Ok(looked)
 }
 
 /// Compacts a reader group's state if its segment's start has not moved since the previous
@@ -323,20 +441,21 @@ async fn compact_idle_group(
     Ok(())
 }
 
-/// Marks and, when due, truncates one stream; false if it has no policy (or is gone).
+/// Marks and, when due, truncates one stream; returns its policy and the bytes it ever had
+/// written, or `None` if it has no policy (or is gone).
 async fn apply(
     c: &Client,
     stream: &ScopedStream,
     streams: &mut BTreeMap<String, Tracked>,
     changes: &mut Vec<MarksUpdate>,
-) -> Result<bool, ClientError> {
+) -> Result<Option<(Retention, u64)>, ClientError> {
     let info = match c.get_stream(&stream.scope, &stream.stream).await {
         Ok(i) => i,
-        Err(e) if matches!(e.code(), Some(ErrorCode::NoSuchStream)) => return Ok(false),
+        Err(e) if matches!(e.code(), Some(ErrorCode::NoSuchStream)) => return Ok(None),
         Err(e) => return Err(e),
     };
     if info.retention == Retention::None {
-        return Ok(false);
+        return Ok(None);
     }
     let key = stream.to_string();
     let now = now_ms();
@@ -357,6 +476,7 @@ async fn apply(
             positions.insert(seg.number, si.length);
         }
     }
+    let checked = Some((info.retention, total));
     let update = |streams: &mut BTreeMap<String, Tracked>, changes: &mut Vec<MarksUpdate>, u: MarksUpdate| {
         apply_update(streams, &u);
         changes.push(u);
@@ -402,7 +522,7 @@ async fn apply(
         }
     };
     // Subscribers (consumption-based retention): never past any one's last checkpoint.
-    let Some(i) = target else { return Ok(true) };
+    let Some(i) = target else { return Ok(checked) };
     let subs = c.list_subscribers(&key).await?;
     let mut cuts = Vec::new();
     for sub in &subs {
@@ -413,7 +533,7 @@ async fn apply(
             }),
             None => {
                 tracing::debug!(stream = %key, group = %sub.group, "retention waits for a subscriber's first checkpoint");
-                return Ok(true);
+                return Ok(checked);
             }
         }
     }
@@ -432,7 +552,7 @@ async fn apply(
                 match (0..i).rev().find(|&j| cuts.iter().all(|sub| cut_before(&t.marks[j].cut(stream), sub, &history)))
                 {
                     Some(j) => (t.marks[j].cut(stream), Some(j)),
-                    None => return Ok(true),
+                    None => return Ok(checked),
                 }
             }
         }
@@ -443,7 +563,7 @@ async fn apply(
         let head_at_ms = t.marks[j].at_ms;
         update(streams, changes, MarksUpdate::Truncated { stream: key, index: j as u32, head_at_ms });
     }
-    Ok(true)
+    Ok(checked)
 }
 
 #[cfg(test)]
@@ -481,5 +601,28 @@ mod tests {
         assert!(cut_before(&old, &old, &history));
         assert!(!cut_before(&old, &cut(&[(0, 80), (1, 60)]), &history));
         assert_eq!(sluice_client::cut::ancestors(&history, &new), vec![0]);
+    }
+
+    #[test]
+    fn fast_streams_are_looked_at_sooner_within_the_floor_and_the_interval() {
+        let (floor, interval) = (Duration::from_secs(1), Duration::from_secs(30));
+        let size = Retention::parse("size:8G,10G").unwrap();
+        let after = |p: Retention, rate: Option<f64>| look_after(p, rate, floor, interval);
+        // First look: soon, for the rate.
+        assert_eq!(after(size, None), floor);
+        // A 64th of 10 GiB is 160 MiB: at 16 MiB/s, 10 s; at 1 GB/s the floor.
+        assert_eq!(after(size, Some(16.0 * 1048576.0)), Duration::from_secs(10));
+        assert_eq!(after(size, Some(1e9)), floor);
+        // Slow or idle: once an interval.
+        assert_eq!(after(size, Some(1000.0)), interval);
+        assert_eq!(after(size, Some(0.0)), interval);
+        // Time: a 128th of MAX (2 h: 56.25 s, over the interval; 64 s: half a second, under
+        // the floor; 10 min: 4.687 s).
+        assert_eq!(after(Retention::parse("time:1h,2h").unwrap(), Some(5.0)), interval);
+        assert_eq!(after(Retention::parse("time:32s,64s").unwrap(), None), floor);
+        assert_eq!(after(Retention::parse("time:5m,10m").unwrap(), None), Duration::from_millis(4687));
+        assert_eq!(after(Retention::None, None), interval);
+        // A floor above the interval (the service never passes one) is kept, no panic.
+        assert_eq!(look_after(size, None, floor, Duration::from_millis(100)), floor);
     }
 }
