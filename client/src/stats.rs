@@ -2,7 +2,7 @@
 //! and `sluice-bench --server-stats` print. And the client's own measure of its appends'
 //! round trips (`ClientConfig::measure_append_round_trips`).
 
-pub use sluice_net::messages::{ContainerHealth, Latencies, ShardStats};
+pub use sluice_net::messages::{ContainerHealth, Latencies, LogHeldBy, ShardStats};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -177,7 +177,8 @@ pub fn json(stats: &[ShardStats]) -> serde_json::Value {
                 .map(|h| {
                     serde_json::json!({"container": h.container, "log_bytes": h.log_bytes,
                         "spare_bytes": h.spare_bytes, "files_reused": h.files_reused,
-                        "segments_copied": h.segments_copied, "log_held_by": h.log_held_by,
+                        "segments_copied": h.segments_copied,
+                        "log_held_by": h.log_held_by.as_ref().map(|b| serde_json::json!({"segment": b.segment, "from": b.from, "files": b.files})),
                         "stopped": h.stopped,
                         "no_space_ms": h.no_space_ms, "mover_failing_ms": h.mover_failing_ms,
                         "mover_error": h.mover_error, "damaged_reads": h.damaged_reads,
@@ -238,9 +239,9 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
     (out, troubled)
 }
 
-/// What frees the log files a segment alone holds (`log_held_by`: its name comes first).
-fn held_hint(held: &str) -> &'static str {
-    let stream = held.split_whitespace().next().and_then(|seg| seg.split('/').nth(1)).unwrap_or("");
+/// What frees the log files a segment alone holds.
+fn held_hint(held: &LogHeldBy) -> &'static str {
+    let stream = held.segment.split('/').nth(1).unwrap_or("");
     if stream.starts_with(crate::group::GROUP_STATE_PREFIX) {
         "a reader group's state: its running readers compact it every 10 s, the retention service when none runs"
     } else {
@@ -305,7 +306,7 @@ mod tests {
         };
         let scrubbed_sound = ContainerHealth {
             scrub_ago_ms: Some(1_000),
-            log_held_by: Some("s/c/0 alone keeps 9 log files".into()),
+            log_held_by: Some(LogHeldBy { segment: "s/c/0".into(), from: 4096, files: 9 }),
             ..fine(1)
         };
         let (t, n) = health(&[shard(0, vec![fine(0), sick]), shard(1, vec![scrubbed_sound])]);
@@ -325,11 +326,19 @@ mod tests {
                 "  container 3 (shard 0): started past damaged log records (--salvage-damaged-log): s/t/0: bytes 10..20 lost",
                 "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 1: damaged",
                 "  container 3 (shard 0): the last log scrub (2h 1m ago) found: file 2: damaged",
-                "  container 1 (shard 1), not a problem: s/c/0 alone keeps 9 log files; they go once a truncation or the stream's retention cuts the segment; without either they stay: give the stream a retention policy, or use a tier-2",
+                "  container 1 (shard 1), not a problem: s/c/0 alone keeps 9 log files the other segments let go (its data from offset 4096 is only in the log); they go once a truncation or the stream's retention cuts the segment; without either they stay: give the stream a retention policy, or use a tier-2",
             ]
         );
         assert_eq!(ago(2 * 86_400_000 + 4 * 3_600_000 + 59_000), "2d 4h");
-        assert!(held_hint("s/_rg_readers/0 alone keeps 4 log files").contains("reader group's state"));
+        let group = LogHeldBy { segment: "s/_rg_readers/0".into(), from: 0, files: 4 };
+        assert!(held_hint(&group).contains("reader group's state"));
+        // The JSON has the fields, not the sentence.
+        let j = json(&[shard(1, vec![ContainerHealth { log_held_by: Some(group), ..fine(1) }])]);
+        assert_eq!(
+            j[0]["containers"][0]["log_held_by"],
+            serde_json::json!({"segment": "s/_rg_readers/0", "from": 0, "files": 4})
+        );
+        assert_eq!(json(&[shard(0, vec![fine(0)])])[0]["containers"][0]["log_held_by"], serde_json::Value::Null);
     }
 
     /// A shard of `node` that counted for a second and saw nothing.

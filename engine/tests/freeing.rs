@@ -392,6 +392,13 @@ fn without_tier2_truncated_and_deleted_data_gives_its_log_files_back() {
             let c = open_without_tier2(&dir).await;
             assert!(c.status(OTHER).is_err(), "the deleted segment stays deleted");
             assert_eq!(read_events_from(&c, cut, 5500).await, 2501);
+
+            // Untruncated, the segment's data spans more and more files: the container's
+            // health names it as what keeps them (from the cut on), with how many.
+            append_events(&c, 8001, 12000).await;
+            let held = c.health().log_held_by.expect("the segment is named as what keeps the log");
+            assert_eq!((held.segment.as_str(), held.from), (SEGMENT, cut), "{held}");
+            assert!(held.files >= 4, "{held}");
             c.stop_with("test: done".into());
             reused
         })

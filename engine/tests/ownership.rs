@@ -2,7 +2,8 @@
 //! a hand-off through tier-2 carries every segment (data, seals, writer event numbers) to
 //! the next owner; the log refuses to open under an epoch older than its records; a
 //! deposed owner stops serving once a newer owner announces itself in tier-2, and can no
-//! longer write a hand-off.
+//! longer write a hand-off; a container taken back while its earlier instance still
+//! prepared a log file rolls on past that file.
 
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -119,6 +120,57 @@ fn handoff_stale_log_and_tier2_fencing() {
             let ck = sluice_engine::log::checkpoint::CheckpointState::default();
             let refused = handoff::write(&store, 3, 7, &ck).await.unwrap_err();
             assert!(refused.contains("fenced"), "{refused}");
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+/// A container stopped while it prepares its next log file (a node that lost it), then
+/// opened again from its local log (the node took it back): the opening waits for the
+/// earlier instance's preparation, so it sees that file (and drops it, empty) rather than
+/// creating it again on its next roll. Before, the roll failed with `EEXIST` and poisoned
+/// the container.
+#[test]
+fn a_container_opened_again_while_its_next_file_was_prepared_rolls_on() {
+    let guard = Dir::new("own-prep");
+    let root = guard.0.clone();
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .spawn(move || async move {
+            first_open(&root).await;
+            let (t2, dir) = (root.join("tier2"), root.join("node"));
+            let open = |epoch, source| {
+                let pacer = Rc::new(IoPacer::new(0, Duration::ZERO));
+                Container::open_owned(core_cfg(3, 1 << 20), dir.clone(), pacer, tier2(&t2, 256 << 10), epoch, source)
+            };
+            let mut c = open(1, OpenSource::Fresh).await.unwrap();
+            c.submit(Request::Create { name: "s/t/0".into() }).unwrap().await.unwrap();
+            let text = "x".repeat(4000);
+            let mut n = 1u64;
+            // Past half of the first 1 MiB file.
+            while n < 150 {
+                append(&c, "s/t/0", 7, n, &text).await.unwrap();
+                n += 1;
+            }
+            // Taken back at once: its first write prepares the next file (the current one is
+            // past half), and it is lost again at once.
+            let mut epoch = 1;
+            for _ in 0..2 {
+                c.stop_with("test: the node lost it".into());
+                drop(c);
+                epoch += 1;
+                c = open(epoch, OpenSource::Local).await.unwrap();
+                append(&c, "s/t/0", 7, n, &text).await.unwrap();
+                n += 1;
+            }
+            // Three more files' worth: every roll creates its file.
+            while n < 900 {
+                append(&c, "s/t/0", 7, n, &text).await.unwrap_or_else(|e| panic!("event {n}: {e}"));
+                n += 1;
+            }
+            let length = c.status("s/t/0").unwrap().length;
+            assert_eq!(length, (n - 1) * (4 + 4000), "every event is in the segment");
+            c.stop_with("test: done".into());
         })
         .unwrap()
         .join()

@@ -567,6 +567,27 @@ control!(
     }
 );
 
+/// A segment that alone keeps a container's older log files (`ContainerHealth::log_held_by`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct LogHeldBy {
+    /// The segment's name (`scope/stream/number`).
+    pub segment: String,
+    /// The offset from which its data is only in the log.
+    pub from: u64,
+    /// How many log files it alone keeps.
+    pub files: u64,
+}
+
+impl std::fmt::Display for LogHeldBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} alone keeps {} log files the other segments let go (its data from offset {} is only in the log)",
+            self.segment, self.files, self.from
+        )
+    }
+}
+
 /// What an operator needs to know about one container: how much log it holds, and whatever
 /// is wrong with it (nothing: every `Option` `None`, `damaged_reads` 0, `scrub_damage` and `salvaged` empty).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
@@ -583,8 +604,8 @@ pub struct ContainerHealth {
     /// be freed.
     pub segments_copied: u64,
     /// Without tier-2: a segment that alone keeps log files every other segment has let
-    /// go, why (the log does not shrink past its data).
-    pub log_held_by: Option<String>,
+    /// go (the log does not shrink past its data).
+    pub log_held_by: Option<LogHeldBy>,
     /// It stopped on an error (poisoned) and serves nothing until the node restarts.
     pub stopped: Option<String>,
     /// For how long appends have been refused for want of disk space for the next log file.

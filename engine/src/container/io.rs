@@ -210,6 +210,45 @@ pub struct Container {
     pub(crate) relocations: Cell<u64>,
 }
 
+/// Container directories with a log file being prepared, once per preparation under way
+/// (the process's, every shard's). A preparation runs on as a task of its own after its
+/// container stopped: an opening of the same directory (a container closed and opened
+/// again, as a cluster node does when it regains one) waits for it, or it would list the
+/// directory before the file exists and later create the same file (`EEXIST`, which poisons
+/// the container on its next roll).
+static PREPARING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Longest wait of an opening for an earlier instance's log file preparation.
+const EARLIER_PREPARE_WAIT: Duration = Duration::from_secs(60);
+
+/// One preparation under way in a directory (`PREPARING`), until dropped.
+struct PreparingIn(PathBuf);
+
+impl PreparingIn {
+    fn new(dir: &Path) -> Self {
+        PREPARING.lock().unwrap_or_else(|e| e.into_inner()).push(dir.to_path_buf());
+        Self(dir.to_path_buf())
+    }
+
+    fn any_in(dir: &Path) -> bool {
+        PREPARING.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|d| d == dir)
+    }
+}
+
+impl Drop for PreparingIn {
+    fn drop(&mut self) {
+        let mut all = PREPARING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = all.iter().position(|d| *d == self.0) {
+            all.swap_remove(i);
+        }
+    }
+}
+
+/// Waits until no earlier instance of the container in `dir` prepares a log file there.
+async fn wait_for_earlier_prepares(dir: &Path) -> Result<(), String> {
+    wait_until("an earlier opening's log file preparation", EARLIER_PREPARE_WAIT, || !PreparingIn::any_in(dir)).await
+}
+
 /// Waits (bounded by `limit`, looking every 2 ms) until `done`.
 pub(crate) async fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) -> Result<(), String> {
     let deadline = Instant::now() + limit;
@@ -780,6 +819,7 @@ impl Container {
             (core, files)
         } else {
             // Whatever local log there is belongs to an older term: start over.
+            wait_for_earlier_prepares(&dir).await?;
             if dir.exists() {
                 remove_dir_off_shard(&dir).await.map_err(|e| io_err("removing", &dir, e))?;
             }
@@ -811,6 +851,7 @@ impl Container {
     /// Recovers the container in `dir` from its log files.
     async fn recover_dir(cfg: CoreConfig, dir: &Path) -> Result<(ContainerCore, Files), RecoveryError> {
         let dir = dir.to_path_buf();
+        wait_for_earlier_prepares(&dir).await.map_err(|reason| RecoveryError::Invalid { file: dir.clone(), reason })?;
         let ioerr = |source: std::io::Error| RecoveryError::Io { file: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(ioerr)?;
         // Make the directory chain itself durable (containers/ and the data directory).
@@ -1315,7 +1356,9 @@ impl Container {
         let container = Rc::downgrade(self);
         let spare = self.take_whole_freed_file();
         let (dir, id) = (self.dir.clone(), self.id);
+        let under_way = PreparingIn::new(&dir);
         let prepare = async move {
+            let _under_way = under_way;
             if let Some(spare) = spare {
                 match recycle_log_file(&dir, spare, header).await {
                     Ok(f) => {
@@ -1556,11 +1599,12 @@ impl Container {
             spare_bytes: self.files.borrow().spares.len() as u64 * core.config().file_bytes,
             files_reused: self.files_reused.get(),
             segments_copied: self.relocations.get(),
-            log_held_by: self.tier2.is_none().then(|| core.log_held_alone(LOG_HELD_ALONE_NOTE_FILES)).flatten().map(
-                |(segment, from, files)| {
-                    format!("{segment} alone keeps {files} log files the other segments let go (its data from offset {from} is only in the log)")
-                },
-            ),
+            log_held_by: self
+                .tier2
+                .is_none()
+                .then(|| core.log_held_alone(LOG_HELD_ALONE_NOTE_FILES))
+                .flatten()
+                .map(|(segment, from, files)| sluice_net::LogHeldBy { segment, from, files }),
             stopped: core.poison_reason().map(str::to_string),
             no_space_ms: self.no_space_since.get().map(ms),
             mover_failing_ms: mover.as_ref().map(|(_, since)| ms(*since)),
