@@ -863,9 +863,15 @@ impl Container {
         let entries: Vec<PathBuf> =
             std::fs::read_dir(&dir).map_err(ioerr)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         // Log files a crash caught while they were being freed (cut short, renamed first):
-        // their data is in tier-2. Spare files are not kept across starts either.
+        // their data is in tier-2. Spare files are not kept across starts either. One may be
+        // gone already: a stopped instance's freeing round ends its work on its own.
         for path in entries.iter().filter(|p| p.extension().is_some_and(|x| x == FREEING_SUFFIX || x == SPARE_SUFFIX)) {
-            std::fs::remove_file(path).map_err(|source| RecoveryError::Io { file: path.clone(), source })?;
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(RecoveryError::Io { file: path.clone(), source: e });
+                }
+                _ => {}
+            }
         }
         let mut seqs: Vec<u64> =
             entries.iter().filter_map(|p| p.file_name().and_then(|n| n.to_str()).and_then(parse_file_name)).collect();
