@@ -54,8 +54,11 @@ async fn a_gibibyte_through_a_small_log_reads_back_from_the_head() {
     let watcher = watch_size(dir.0.join("data").join("containers"), stop.clone());
     let started = Instant::now();
     let mut writers = JoinSet::new();
+    // Events acknowledged per writer, for the report if acknowledgements stop coming.
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
     for w in 0..WRITERS {
         let url = url.clone();
+        let acked = acked.clone();
         writers.spawn(async move {
             let client = Client::connect(&url).await.unwrap();
             let writer = client.event_writer("big/events").await.unwrap();
@@ -68,15 +71,29 @@ async fn a_gibibyte_through_a_small_log_reads_back_from_the_head() {
                 inflight.spawn(ack);
                 while inflight.len() >= 512 {
                     inflight.join_next().await.unwrap().unwrap().expect("write acknowledged");
+                    acked[w as usize].fetch_add(1, Ordering::Relaxed);
                 }
             }
             while let Some(r) = inflight.join_next().await {
                 r.unwrap().expect("write acknowledged");
+                acked[w as usize].fetch_add(1, Ordering::Relaxed);
             }
         });
     }
-    while let Some(r) = writers.join_next().await {
-        r.unwrap();
+    // Bounded: at the slowest seen (~100 MB/s) the writes take ~10 s.
+    let all = async {
+        while let Some(r) = writers.join_next().await {
+            r.unwrap();
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(300), all).await.is_err() {
+        let counts: Vec<u64> = acked.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        stop.store(true, Ordering::Relaxed);
+        panic!(
+            "acknowledgements stopped coming: events acknowledged per writer {counts:?} of {PER_WRITER} each; \
+             the server says: {}",
+            sluice_tests::cli(&url, &["stats"], None).1
+        );
     }
     let wrote = started.elapsed();
     stop.store(true, Ordering::Relaxed);
