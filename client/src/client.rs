@@ -26,6 +26,12 @@ pub struct ClientConfig {
     /// (`Client::take_append_round_trips`): a lock and two clock reads per request. For
     /// benchmarks that want to tell the client's share of a latency from the server's.
     pub measure_append_round_trips: bool,
+    /// How long a writer waits for the answer to an append before it takes the connection
+    /// as lost (a server host gone without closing it, a lost answer): it drops the
+    /// connection (every request on it fails with `ConnectionLost`) and resends on a new one;
+    /// the server drops what it already has. The server answers an append once it is durable
+    /// or refused (a full disk or log is refused at once), within milliseconds normally.
+    pub append_answer_timeout: Duration,
 }
 
 /// How long a call or a writer retries before it warns (once) what it is waiting for.
@@ -56,6 +62,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             retry_for: Duration::from_secs(60),
             measure_append_round_trips: false,
+            append_answer_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -350,6 +350,20 @@ impl Connection {
         self.closed.load(Ordering::SeqCst)
     }
 
+    /// Gives the connection up (no answer came in time): it reports itself closed, refuses
+    /// new requests, and every waiting call fails with `ConnectionLost` now. The socket is
+    /// shut once the connection is dropped (the server then sees it closed).
+    pub fn abort(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wire.fail();
+        let waiting = self.pending.lock().expect("lock").take().unwrap_or_default();
+        for w in waiting.into_values() {
+            if let Waiter::Call(f) = w {
+                f(Err(ClientError::ConnectionLost(self.addr.clone())));
+            }
+        }
+    }
+
     /// Sends a request now and returns a future for its reply frame. The request is on the
     /// wire queue when this returns, so calls made in order are sent in order.
     pub fn send<T: Control>(

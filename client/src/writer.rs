@@ -855,6 +855,8 @@ struct Batch {
     /// The server's answer to its latest sending, kept until the batches before it are
     /// answered too (answers are handled in the order the batches were sent).
     reply: Option<Result<(), ClientError>>,
+    /// When it was last sent (for `ClientConfig::append_answer_timeout`).
+    sent: Instant,
 }
 
 impl Batch {
@@ -1088,7 +1090,9 @@ impl LaneCore {
         }
         let count = acks.len() as u32;
         let first = shared.numbers.fetch_add(u64::from(count), Ordering::Relaxed);
-        (Some(Batch { first, count, payload: payload.freeze(), points, acks, flushes, reply: None }), leftover)
+        let batch =
+            Batch { first, count, payload: payload.freeze(), points, acks, flushes, reply: None, sent: Instant::now() };
+        (Some(batch), leftover)
     }
 
     /// Puts `batch` in flight and sends it on `conn` (or leaves it in `gather`).
@@ -1150,6 +1154,12 @@ impl LaneCore {
         }
     }
 
+    /// Whether events or a flush wait in the lane, not yet sent.
+    fn has_input(&self) -> bool {
+        let p = self.pump.lock().expect("lock");
+        p.carry.is_some() || !p.rx.taken.is_empty() || !self.queue.state.lock().expect("lock").cmds.is_empty()
+    }
+
     fn hold(&self, held: bool) {
         self.pump.lock().expect("lock").held = held;
     }
@@ -1206,8 +1216,10 @@ impl SegmentWriter {
     fn new_round(&self) -> (u64, Vec<(u64, u32, Bytes)>) {
         let mut st = self.core.flight.state.lock().expect("lock");
         st.round += 1;
+        let now = Instant::now();
         for b in st.batches.iter_mut() {
             b.reply = None;
+            b.sent = now;
         }
         let sends: Vec<_> = st.batches.iter().map(|b| (b.first, b.count, b.payload.clone())).collect();
         st.pending = sends.len();
@@ -1326,11 +1338,51 @@ impl SegmentWriter {
             if matches!(pumped, Pumped::Task) && self.connect().await {
                 continue;
             }
+            // A look again after the answer timeout while anything is outstanding: at an
+            // unanswered append, or at input nobody sent (which would be a lost wake-up).
+            let timeout = self.shared.client.config().append_answer_timeout;
+            let overdue_at = self.answer_due();
+            let look_at = overdue_at.or_else(|| self.core.has_input().then(|| Instant::now() + timeout));
             tokio::select! {
                 biased;
                 _ = self.core.flight.wake.notified() => {}
                 _ = self.core.queue.wake.notified() => {}
+                _ = tokio::time::sleep_until(look_at.unwrap_or_else(Instant::now).into()), if look_at.is_some() => {
+                    if overdue_at.is_some() {
+                        self.give_up_silent_connection();
+                    } else if self.core.has_input() && self.answer_due().is_none() {
+                        tracing::warn!(segment = %self.core.segment, "a writer's lane held unsent events for {timeout:?}: sending them now");
+                    }
+                }
             }
+        }
+    }
+
+    /// When the oldest unanswered sending of the flight is overdue, if one waits.
+    fn answer_due(&self) -> Option<Instant> {
+        let st = self.core.flight.state.lock().expect("lock");
+        if st.pending == 0 {
+            return None;
+        }
+        let oldest = st.batches.iter().find(|b| b.reply.is_none())?;
+        Some(oldest.sent + self.shared.client.config().append_answer_timeout)
+    }
+
+    /// An append went unanswered for `append_answer_timeout`: the connection is given up,
+    /// which fails what waits on it and brings the lane's resend on a new one.
+    fn give_up_silent_connection(&self) {
+        if self.answer_due().is_none_or(|due| due > Instant::now()) {
+            return;
+        }
+        let conn = self.core.pump.lock().expect("lock").conn.clone();
+        if let Some(conn) = conn {
+            tracing::warn!(
+                segment = %self.core.segment,
+                addr = conn.addr(),
+                timeout = ?self.shared.client.config().append_answer_timeout,
+                "no answer to an append: giving the connection up and sending again on a new one"
+            );
+            conn.abort();
         }
     }
 
@@ -1642,6 +1694,7 @@ mod tests {
                 acks: vec![Ack::Own(t)],
                 flushes: Vec::new(),
                 reply: None,
+                sent: Instant::now(),
             });
         }
         st.pending = n as usize;

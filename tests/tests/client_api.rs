@@ -721,3 +721,47 @@ async fn a_client_measures_its_append_round_trips_when_asked() {
     assert!(rt.p50_us >= 1 && rt.p50_us <= rt.p99_us && rt.p99_us <= rt.max_us && rt.max_us <= took, "{rt:?}");
     assert_eq!(c.take_append_round_trips().expect("measured").latencies().count, 0, "counting starts over");
 }
+
+/// A server that stops answering while the connection stays open (a host gone without
+/// closing it; here the server process is stopped with SIGSTOP): a writer waits at most its
+/// `append_answer_timeout` for an append's answer, then gives the connection up and sends
+/// again on a new one, which the server answers once it runs again. The event is there once
+/// (the server drops the copy it already had). Before, the writer waited on the silent
+/// connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_gives_up_a_silent_connection_and_sends_again() {
+    let dir = TempDir::new("silent");
+    let s = Server::start(&dir.0.join("data"), free_ports(1), 1);
+    let config = sluice_client::ClientConfig {
+        append_answer_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let c = Client::connect_with(&s.url(), config).await.unwrap();
+    c.create_scope("q").await.unwrap();
+    c.create_stream("q", "s", 1).await.unwrap();
+    let w = c.event_writer("q/s").await.unwrap();
+    w.write_event(b"k", Bytes::from_static(b"before")).await.unwrap();
+    let before = c.segment_connection("q/s/0").await.unwrap();
+
+    s.signal(libc::SIGSTOP);
+    let ack = w.write_event(b"k", Bytes::from_static(b"while stopped"));
+    // Past the timeout: the silent connection is given up (its new ones cannot answer yet).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let given_up = before.is_closed();
+    s.signal(libc::SIGCONT);
+    tokio::time::timeout(Duration::from_secs(20), ack)
+        .await
+        .expect("acknowledged once the server runs again")
+        .expect("written");
+    assert!(given_up, "the silent connection was given up while the server was stopped");
+    let after = c.segment_connection("q/s/0").await.unwrap();
+    assert!(!Arc::ptr_eq(&before, &after), "the writer sent again on a new connection");
+
+    let mut r = c.event_reader("q/s", sluice_client::ReadFrom::Head).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(e) = r.read_next(Duration::from_millis(300)).await.unwrap() {
+        got.push(String::from_utf8_lossy(&e.payload).into_owned());
+    }
+    assert_eq!(got, ["before", "while stopped"], "each event once, in order");
+}
