@@ -1147,11 +1147,7 @@ impl LaneCore {
 
     /// Whether input may still come: the queue is open, or commands are left in it.
     fn input_open(&self) -> bool {
-        let p = self.pump.lock().expect("lock");
-        p.carry.is_some() || !p.rx.taken.is_empty() || {
-            let st = self.queue.state.lock().expect("lock");
-            !st.closed || !st.cmds.is_empty()
-        }
+        self.has_input() || !self.queue.state.lock().expect("lock").closed
     }
 
     /// Whether events or a flush wait in the lane, not yet sent.
