@@ -428,15 +428,27 @@ impl Client {
 
     /// An existing reader group.
     pub async fn reader_group(&self, scope: &str, name: &str) -> Result<ReaderGroup, ClientError> {
-        let group = ReaderGroup {
+        let group = self.group_handle(scope, name);
+        group.state().await?;
+        Ok(group)
+    }
+
+    /// Compacts an existing reader group's state (`ReaderGroup::compact_state`) without
+    /// reading it first to check that the group exists (`reader_group` does):
+    /// `NoSuchGroup` if it does not.
+    pub async fn compact_reader_group_state(&self, scope: &str, name: &str) -> Result<(), ClientError> {
+        self.group_handle(scope, name).compact_state().await
+    }
+
+    /// A handle on a group not checked to exist (its calls say `NoSuchGroup` if not).
+    fn group_handle(&self, scope: &str, name: &str) -> ReaderGroup {
+        ReaderGroup {
             client: self.clone(),
             scope: scope.into(),
             name: name.into(),
             refresh: Duration::from_millis(100),
             compact_state_every: STATE_COMPACT_EVERY,
-        };
-        group.state().await?;
-        Ok(group)
+        }
     }
 }
 

@@ -431,8 +431,8 @@ async fn compact_idle_group(
     if groups.insert(key.clone(), si.start_offset) != Some(si.start_offset) {
         return Ok(());
     }
-    match c.reader_group(&stream.scope, group).await {
-        Ok(g) => g.compact_state().await?,
+    match c.compact_reader_group_state(&stream.scope, group).await {
+        Ok(()) => {}
         Err(ClientError::NoSuchGroup(_)) => return Ok(()),
         Err(e) => return Err(e),
     }
