@@ -63,11 +63,17 @@ async fn synchronizer_counter_has_no_lost_updates() {
     let url = server.url();
     Client::connect(&url).await.unwrap().create_scope("sync").await.unwrap();
     let exe = std::env::current_exe().unwrap();
+    // The child test's full name in this binary (the module path without the crate's name).
+    let child = match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::child_increment"),
+        None => "child_increment".into(),
+    };
     let children: Vec<_> = (0..2)
         .map(|_| {
             std::process::Command::new(&exe)
-                .args(["child_increment", "--exact", "--quiet"])
+                .args([child.as_str(), "--exact", "--quiet"])
                 .env("SLUICE_SYNC_CHILD_URL", &url)
+                .stdout(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         })
@@ -81,8 +87,11 @@ async fn synchronizer_counter_has_no_lost_updates() {
     for t in tasks {
         t.await.unwrap();
     }
-    for mut ch in children {
-        assert!(tokio::task::spawn_blocking(move || ch.wait().unwrap()).await.unwrap().success());
+    for ch in children {
+        let out = tokio::task::spawn_blocking(move || ch.wait_with_output().unwrap()).await.unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        // A name that matched no test would pass without incrementing anything.
+        assert!(out.status.success() && said.contains("1 passed"), "child {child}: {said}");
     }
     let c = Client::connect(&url).await.unwrap();
     let mut sync = c.state_synchronizer::<Counter>("sync", "counter").await.unwrap();
