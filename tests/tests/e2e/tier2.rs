@@ -348,10 +348,14 @@ async fn a_stream_deleted_and_created_again_keeps_its_new_data() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
+    client.create_stream("re", "other", 1).await.unwrap();
     for round in 0..2u64 {
         client.create_stream("re", "s", 1).await.unwrap();
         write_events(&client, "re/s", 512 * (round + 1), 1024).await;
         let len = client.segment_info("re/s/0").await.unwrap().length;
+        // Roll the log past the stream's last file: a tail under `--move-min-kb` in the
+        // current file waits there for more (if a mover round split the writes).
+        write_events(&client, "re/other", 1500, 1024).await;
         let t = Instant::now();
         wait_moved(client.clone(), len).await;
         eprintln!("round {round}: moved in {:?}", t.elapsed());
@@ -373,7 +377,7 @@ async fn a_stream_deleted_and_created_again_keeps_its_new_data() {
         n += 1;
     }
     assert_eq!(n, 1024, "every event of the new stream reads back");
-    assert!(bytes_under(&t2dir.join("re")) >= 1024 * 1024);
+    assert!(bytes_under(&t2dir.join("re").join("s")) >= 1024 * 1024);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
