@@ -45,9 +45,23 @@ struct Sim {
     /// Batch writes under way, oldest first (`None`: a flush with nothing to write): at most
     /// two, completed in order; a crash tears every one of them.
     writing: VecDeque<Option<(u64, u64, Vec<u8>)>>,
+    /// Flushes this simulation began beside another.
+    began_beside: u64,
 }
 
 impl Sim {
+    /// A simulation over `disk` that never crashes and keeps one flush in flight.
+    fn new(seed: u64, disk: Disk) -> Sim {
+        Sim {
+            rng: StdRng::seed_from_u64(seed),
+            disk,
+            steps_left: u64::MAX,
+            pipelined: false,
+            writing: VecDeque::new(),
+            began_beside: 0,
+        }
+    }
+
     /// Applies a write; if the crash point is reached the write is torn and Crash returned.
     fn write(&mut self, seq: u64, pos: u64, buf: &[u8]) -> Result<(), Crash> {
         let crash = self.steps_left == 0;
@@ -150,6 +164,7 @@ fn flush(core: &mut ContainerCore, sim: &mut Sim) -> Result<Option<Vec<OpResult>
     if sim.pipelined && core.can_begin_another() && sim.rng.random_bool(0.8) {
         let plan = core.begin_flush().expect("no poison").expect("operations queued");
         PIPELINED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        sim.began_beside += 1;
         assert!(plan.prepare.is_none() && plan.checkpoint.is_none(), "no roll beside a flush in flight");
         let batch = plan.batch.map(|step| {
             for (seq, pos, buf) in sim.writing.iter().flatten() {
@@ -354,13 +369,7 @@ fn run_seed(seed: u64, recycle: bool) -> (u64, usize, usize) {
     let names: Vec<String> = (0..3).map(|i| format!("s/t/{i}")).collect();
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim {
-        rng: StdRng::seed_from_u64(seed ^ 0x5eed),
-        disk: Disk::default(),
-        steps_left: u64::MAX,
-        pipelined: !seed.is_multiple_of(4),
-        writing: VecDeque::new(),
-    };
+    let mut sim = Sim { pipelined: !seed.is_multiple_of(4), ..Sim::new(seed ^ 0x5eed, Disk::default()) };
     for n in &names {
         assert_eq!(core.submit(Request::Create { name: n.clone() }).unwrap(), Submitted::Queued);
     }
@@ -578,7 +587,7 @@ fn power_loss_soak() {
             crashes += c;
             freed += d;
         }
-        let (c, r, d) = copies_seed(seed);
+        let (c, r, d, _) = copies_seed(seed);
         (crashes, copies, freed) = (crashes + c, copies + r, freed + d);
         if (i + 1) % 1000 == 0 {
             eprintln!(
@@ -642,8 +651,7 @@ fn setup() -> (ContainerCore, Sim) {
     let cfg = fresh_cfg();
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim =
-        Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
+    let mut sim = Sim::new(1, disk);
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     while flush(&mut core, &mut sim).ok().flatten().is_some() {}
     (core, sim)
@@ -791,8 +799,7 @@ fn salvage_replays_past_a_damaged_record_leaving_holes() {
     check(&mut core, &disk, &[]);
 
     // Appends go on after the last sound record; the next recovery salvages the same.
-    let mut sim =
-        Sim { rng: StdRng::seed_from_u64(2), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
+    let mut sim = Sim::new(2, disk);
     one_record(&mut core, &mut sim, vec![event_to("a/b/0", b"a4")]);
     let mut disk = sim.disk.clone();
     let mut core = recover(&salvage, &mut disk);
@@ -845,8 +852,7 @@ fn salvage_rebuilds_a_damaged_checkpoint_from_the_file_before() {
 
     // The next write starts file 2 with a checkpoint; then recovery needs neither salvage
     // nor file 0.
-    let mut sim =
-        Sim { rng: StdRng::seed_from_u64(3), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
+    let mut sim = Sim::new(3, disk);
     write_some(&mut core, &mut sim, 1);
     assert!(sim.disk.files.contains_key(&2), "a new file after the salvage");
     let mut disk = sim.disk.clone();
@@ -958,8 +964,7 @@ fn log_budget_refuses_appends_until_files_are_freed() {
     cfg.log_bytes_max = 4 * cfg.file_bytes;
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim =
-        Sim { rng: StdRng::seed_from_u64(7), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
+    let mut sim = Sim::new(7, disk);
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     while flush(&mut core, &mut sim).ok().flatten().is_some() {}
     let append = |core: &mut ContainerCore| core.submit(one_event(&[7u8; 8000]));
@@ -1187,8 +1192,7 @@ fn idle_writers_are_forgotten_when_a_new_file_starts() {
     let cfg = CoreConfig { writer_idle_ms: 1000, ..fresh_cfg() };
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim =
-        Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
+    let mut sim = Sim::new(1, disk);
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     let numbered = |writer: u128| {
         let mut p = Vec::new();
@@ -1221,8 +1225,7 @@ fn idle_writers_are_forgotten_when_a_new_file_starts() {
     // No clock, no forgetting.
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim =
-        Sim { rng: StdRng::seed_from_u64(1), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
+    let mut sim = Sim::new(1, disk);
     core.submit(Request::Create { name: "a/b/0".into() }).unwrap();
     core.submit(numbered(3)).unwrap();
     write_some(&mut core, &mut sim, 30);
@@ -1307,8 +1310,7 @@ fn a_log_file_of_block_padded_records_goes_on_with_packed_ones() {
     let mut core = recover(&fresh_cfg(), &mut disk);
     assert_eq!(read_segment(&mut core, &disk, "a/b/0"), before, "block-padded records read");
 
-    let mut sim =
-        Sim { rng: StdRng::seed_from_u64(5), disk, steps_left: u64::MAX, pipelined: false, writing: VecDeque::new() };
+    let mut sim = Sim::new(5, disk);
     for i in 0..3 {
         core.submit(one_event(format!("small-{i}").as_bytes())).unwrap();
         while flush(&mut core, &mut sim).ok().flatten().is_some() {}
@@ -1335,20 +1337,39 @@ fn a_log_file_of_block_padded_records_goes_on_with_packed_ones() {
 /// never acknowledged each event is there once, in order.
 #[test]
 fn power_loss_while_small_segments_are_copied_to_free_the_log() {
-    let (mut crashes, mut relocated, mut freed) = (0u64, 0u64, 0usize);
+    let (mut crashes, mut relocated, mut freed, mut beside) = (0u64, 0u64, 0usize, 0u64);
     for seed in 0..300u64 {
-        let (c, r, f) = copies_seed(seed);
+        let (c, r, f, b) = copies_seed(seed);
         crashes += c;
         relocated += r;
         freed += f;
+        beside += b;
     }
-    eprintln!("power loss with copies: {crashes} crashes, {relocated} copies, {freed} files freed over 300 seeds");
-    assert!(crashes >= 300 && relocated >= 300 && freed >= 300, "{crashes} crashes, {relocated} copies, {freed} freed");
+    eprintln!(
+        "power loss with copies: {crashes} crashes, {relocated} copies, {freed} files freed, {beside} flushes begun beside another over 300 seeds"
+    );
+    assert!(
+        crashes >= 300 && relocated >= 300 && freed >= 300 && beside >= 1000,
+        "{crashes} crashes, {relocated} copies, {freed} freed, {beside} begun beside another"
+    );
+}
+
+/// Flushes until nothing is queued or under way: every result, in submission order, or
+/// the results before the crash.
+fn drain(core: &mut ContainerCore, sim: &mut Sim) -> Result<Vec<OpResult>, (Vec<OpResult>, Crash)> {
+    let mut results = Vec::new();
+    loop {
+        match flush(core, sim) {
+            Ok(Some(r)) => results.extend(r),
+            Ok(None) => return Ok(results),
+            Err(Crash) => return Err((results, Crash)),
+        }
+    }
 }
 
 /// One seed of `power_loss_while_small_segments_are_copied_to_free_the_log`: its crashes,
-/// copies and files freed.
-fn copies_seed(seed: u64) -> (u64, u64, usize) {
+/// copies, files freed and flushes begun beside another.
+fn copies_seed(seed: u64) -> (u64, u64, usize, u64) {
     let (mut crashes, mut relocated, mut freed) = (0u64, 0u64, 0usize);
     let append = |name: &str, n: u64, payload: &[u8]| {
         let mut data = Vec::new();
@@ -1363,16 +1384,14 @@ fn copies_seed(seed: u64) -> (u64, u64, usize) {
         }
     };
     let mut rng = StdRng::seed_from_u64(seed ^ 0xc0de);
-    let cfg = CoreConfig { spare_files: (seed % 2) as usize, ..fresh_cfg() };
+    // In three seeds of four a second flush may begin beside the first (the I/O driver's
+    // default): batches are then kept small, so what one step submits takes several flushes.
+    let pipelined = !seed.is_multiple_of(4);
+    let flush_bytes_max = if pipelined { rng.random_range(2_000..8_000) } else { fresh_cfg().flush_bytes_max };
+    let cfg = CoreConfig { spare_files: (seed % 2) as usize, flush_bytes_max, ..fresh_cfg() };
     let mut disk = Disk::default();
     let mut core = recover(&cfg, &mut disk);
-    let mut sim = Sim {
-        rng: StdRng::seed_from_u64(seed),
-        disk: Disk::default(),
-        steps_left: u64::MAX,
-        pipelined: false,
-        writing: VecDeque::new(),
-    };
+    let mut sim = Sim { pipelined, ..Sim::new(seed, Disk::default()) };
     for name in ["big", "small"] {
         core.submit(Request::Create { name: name.into() }).unwrap();
     }
@@ -1397,25 +1416,16 @@ fn copies_seed(seed: u64) -> (u64, u64, usize) {
                 }
                 None => None,
             };
+            let mut small_queued = None;
             if let Some(n) = n {
                 match core.submit(append("small", n, &small_event(n))).unwrap() {
-                    Submitted::Queued => match flush(&mut core, &mut sim) {
-                        Ok(Some(r)) => {
-                            if let OpResult::Appended { offset, duplicate: false, .. } = r[0] {
-                                acked.push((offset, n));
-                            }
-                        }
-                        Ok(None) => unreachable!("queued"),
-                        Err(Crash) => {
-                            unacked = Some(n);
-                            break 'run true;
-                        }
-                    },
+                    Submitted::Queued => small_queued = Some(n),
                     Submitted::Ready(OpResult::Appended { duplicate: true, .. }) => {}
                     other => panic!("unexpected {other:?}"),
                 }
             }
-            // The large one: a few events of 2-6 KB, then truncated at its length.
+            // The large one beside it: a few events of 2-6 KB, then truncated at its
+            // (durable) length.
             for _ in 0..rng.random_range(1..4) {
                 big_n += 1;
                 let payload = vec![b'b'; rng.random_range(2000..6000)];
@@ -1423,22 +1433,40 @@ fn copies_seed(seed: u64) -> (u64, u64, usize) {
             }
             let cut = core.status("big").unwrap().length;
             core.submit(Request::Truncate { name: "big".into(), offset: cut }).unwrap();
-            loop {
-                match flush(&mut core, &mut sim) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    Err(Crash) => break 'run true,
+            // Results come in submission order: the small append's is the first.
+            match drain(&mut core, &mut sim) {
+                Ok(r) => {
+                    if let Some(n) = small_queued
+                        && let OpResult::Appended { offset, duplicate: false, .. } = r[0]
+                    {
+                        acked.push((offset, n));
+                    }
+                }
+                Err((r, Crash)) => {
+                    match (small_queued, r.first()) {
+                        (Some(n), Some(OpResult::Appended { offset, duplicate: false, .. })) => {
+                            acked.push((*offset, n))
+                        }
+                        (Some(n), None) => unacked = Some(n),
+                        _ => {}
+                    }
+                    break 'run true;
                 }
             }
-            // The freeing task: copy what keeps the oldest file, then free what is not needed.
+            // The freeing task: copy what keeps the oldest file (now and then with another
+            // append of the large segment queued behind the copy), then free what is not needed.
             if let Some((name, from, to)) = core.relocation() {
                 let data = read_range(&mut core, &sim.disk, &name, from, to);
                 assert_eq!(data.len() as u64, to - from, "seed {seed}: the copy reads whole");
                 let req = Request::Relocate { name, offset: from, data: Bytes::from(data) };
                 assert_eq!(core.submit(req).unwrap(), Submitted::Queued);
-                match flush(&mut core, &mut sim) {
+                if rng.random_bool(0.5) {
+                    big_n += 1;
+                    core.submit(append("big", big_n, &vec![b'b'; rng.random_range(100..3000)])).unwrap();
+                }
+                match drain(&mut core, &mut sim) {
                     Ok(_) => relocated += 1,
-                    Err(Crash) => break 'run true,
+                    Err(_) => break 'run true,
                 }
             }
             freed += free_files(&mut core, &mut sim);
@@ -1470,5 +1498,5 @@ fn copies_seed(seed: u64) -> (u64, u64, usize) {
     let small = read_segment(&mut core, &sim.disk, "small");
     let events: Vec<Vec<u8>> = EventIter::new(&small).map(|e| e.unwrap().to_vec()).collect();
     assert_eq!(events, (1..next).map(small_event).collect::<Vec<_>>(), "seed {seed}: each event once, in order");
-    (crashes, relocated, freed)
+    (crashes, relocated, freed, sim.began_beside)
 }
