@@ -130,7 +130,9 @@ impl Server {
         s
     }
 
-    /// Starts `sluice node` for cluster `cluster` in etcd `etcd` with id `node_id`.
+    /// Starts `sluice node` for cluster `cluster` in etcd `etcd` with id `node_id`, with
+    /// environment `env` (e.g. `RUST_LOG`: its log is printed if the test panics).
+    #[allow(clippy::too_many_arguments)]
     pub fn start_node(
         data_dir: &Path,
         port: u16,
@@ -139,6 +141,7 @@ impl Server {
         cluster: &str,
         node_id: &str,
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Server {
         let mut s = Server {
             child: None,
@@ -147,7 +150,7 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             data_dir: data_dir.into(),
             cores,
-            env: Vec::new(),
+            env: env.iter().map(|&(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         s.restart();
         s

@@ -62,8 +62,10 @@ impl Cluster {
         ];
         extra.extend(self.extra.iter().map(|s| s.as_str()));
         let data = self.dir.0.join(format!("node{i}"));
+        // Ownership changes (hand-offs, take-overs) in the log a failing test prints.
+        let env = [("RUST_LOG", "warn,sluice_engine=info")];
         self.nodes[i] =
-            Some(Server::start_node(&data, self.ports[i], 1, &self.etcd.endpoint, "c", &format!("n{i}"), &extra));
+            Some(Server::start_node(&data, self.ports[i], 1, &self.etcd.endpoint, "c", &format!("n{i}"), &extra, &env));
     }
 
     /// SIGKILLs node `i`, waits `down`, and starts it again on the same data directory.
@@ -469,17 +471,51 @@ async fn read_back_exactly(url: &str, acked: &HashSet<(u64, u64, u64)>) {
     let mut reader = client.event_reader("cl/events", ReadFrom::Head).await.unwrap();
     let mut seen: HashSet<(u64, u64, u64)> = HashSet::new();
     let mut last: HashMap<(u64, u64), u64> = HashMap::new();
+    // Where each event was read (segment, offset): a failure names the bytes around a hole.
+    let mut at: HashMap<(u64, u64, u64), (std::sync::Arc<str>, u64)> = HashMap::new();
     while let Some(ev) = reader.read_next(Duration::from_secs(3)).await.unwrap() {
         let text = std::str::from_utf8(&ev.payload).unwrap();
         let mut f = text.split(':').map(|x| x.parse::<u64>().unwrap());
         let (w, k, s) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
         assert!(seen.insert((w, k, s)), "event {w}:{k}:{s} read twice");
+        at.insert((w, k, s), (ev.segment.clone(), ev.offset));
         if let Some(prev) = last.insert((w, k), s) {
             assert!(s > prev, "per-key order broken for writer {w} key {k}: {s} after {prev}");
         }
     }
-    let missing: Vec<_> = acked.difference(&seen).take(20).collect();
-    assert!(missing.is_empty(), "acknowledged events lost, e.g. {missing:?}");
+    let mut missing: Vec<_> = acked.difference(&seen).copied().collect();
+    if !missing.is_empty() {
+        // Each writer's and key's lost sequence numbers, as ranges, and where that key's
+        // events were read from.
+        missing.sort_unstable();
+        let mut ranges: BTreeMap<(u64, u64), Vec<(u64, u64)>> = BTreeMap::new();
+        for &(w, k, s) in &missing {
+            let r = ranges.entry((w, k)).or_default();
+            match r.last_mut() {
+                Some((_, end)) if *end + 1 == s => *end = s,
+                _ => r.push((s, s)),
+            }
+        }
+        let sent: HashMap<(u64, u64), u64> = acked.iter().fold(HashMap::new(), |mut m, &(w, k, s)| {
+            let e = m.entry((w, k)).or_insert(0);
+            *e = (*e).max(s + 1);
+            m
+        });
+        let report: Vec<String> = ranges
+            .iter()
+            .map(|((w, k), r)| {
+                let around: Vec<String> = r
+                    .iter()
+                    .map(|&(a, b)| {
+                        let before = a.checked_sub(1).and_then(|p| at.get(&(*w, *k, p)));
+                        format!("{a}..={b} after {before:?}, before {:?}", at.get(&(*w, *k, b + 1)))
+                    })
+                    .collect();
+                format!("writer {w} key {k} ({} acknowledged): {}", sent[&(*w, *k)], around.join("; "))
+            })
+            .collect();
+        panic!("{} acknowledged events lost:\n{}", missing.len(), report.join("\n"));
+    }
     assert_eq!(seen.len(), acked.len(), "events read that were never acknowledged");
 }
 
