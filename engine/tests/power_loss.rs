@@ -163,7 +163,6 @@ fn flush(core: &mut ContainerCore, sim: &mut Sim) -> Result<Option<Vec<OpResult>
     }
     if sim.pipelined && core.can_begin_another() && sim.rng.random_bool(0.8) {
         let plan = core.begin_flush().expect("no poison").expect("operations queued");
-        PIPELINED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         sim.began_beside += 1;
         assert!(plan.prepare.is_none() && plan.checkpoint.is_none(), "no roll beside a flush in flight");
         let batch = plan.batch.map(|step| {
@@ -209,8 +208,6 @@ fn recover(cfg: &CoreConfig, disk: &mut Disk) -> ContainerCore {
 
 /// Crashes that left a torn record with the record written beside it whole after it.
 static WRITTEN_WITH_TORN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-/// Flushes begun while another was written.
-static PIPELINED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Log files made from freed ones (the simulation must exercise them).
 static RECYCLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Reads served from tier-2 (the simulation must exercise them).
@@ -349,8 +346,9 @@ fn event(writer: u128, n: u64, rng: &mut StdRng) -> Vec<u8> {
 }
 
 /// One simulated run; `recycle`: with tier-2, and freed log files are reused with what they
-/// held (`spare_files`).
-fn run_seed(seed: u64, recycle: bool) -> (u64, usize, usize) {
+/// held (`spare_files`). Its crashes, most log files, files freed and flushes begun beside
+/// another.
+fn run_seed(seed: u64, recycle: bool) -> (u64, usize, usize, u64) {
     let (mut crashes, mut max_files, mut freed) = (0u64, 0usize, 0usize);
     let with_tier2 = recycle || seed % 2 == 1;
     let mut rng = StdRng::seed_from_u64(seed);
@@ -507,17 +505,18 @@ fn run_seed(seed: u64, recycle: bool) -> (u64, usize, usize) {
             assert!(seen.contains_key(&(w, n)), "seed {seed}: event {w}:{n} lost");
         }
     }
-    (crashes, max_files, freed)
+    (crashes, max_files, freed, sim.began_beside)
 }
 
 #[test]
 fn power_loss_500_seeds() {
-    let (mut crashes, mut max_files, mut freed) = (0, 0, 0);
+    let (mut crashes, mut max_files, mut freed, mut pipelined) = (0, 0, 0, 0);
     for seed in 0..500 {
-        let (c, f, d) = run_seed(seed, false);
+        let (c, f, d, b) = run_seed(seed, false);
         crashes += c;
         max_files = max_files.max(f);
         freed += d;
+        pipelined += b;
     }
     assert!(freed >= 100, "the mover freed only {freed} log files");
     let tier2_reads = TIER2_READS.load(std::sync::atomic::Ordering::Relaxed);
@@ -528,7 +527,6 @@ fn power_loss_500_seeds() {
     assert!(crashes >= 500, "only {crashes} crashes in 500 seeds");
     assert!(max_files >= 3, "logs never rolled past {max_files} files");
     // Flushes begun beside another, and crashes that kept the second whole after a torn first.
-    let pipelined = PIPELINED.load(std::sync::atomic::Ordering::Relaxed);
     let written_with_torn = WRITTEN_WITH_TORN.load(std::sync::atomic::Ordering::Relaxed);
     assert!(pipelined >= 1000, "only {pipelined} flushes began beside another");
     assert!(written_with_torn >= 10, "only {written_with_torn} crashes kept a record written beside a torn one");
@@ -544,7 +542,7 @@ fn power_loss_500_seeds() {
 fn power_loss_with_reused_log_files_1000_seeds() {
     let (mut crashes, mut freed) = (0, 0);
     for seed in 10_000..11_000 {
-        let (c, _, d) = run_seed(seed, true);
+        let (c, _, d, _) = run_seed(seed, true);
         crashes += c;
         freed += d;
     }
@@ -563,7 +561,7 @@ fn power_loss_with_reused_log_files_1000_seeds() {
 #[test]
 fn power_loss_seeds_a_soak_found() {
     for (seed, recycle) in [(100_013, true), (106_195, true)] {
-        let (crashes, _, _) = run_seed(seed, recycle);
+        let (crashes, _, _, _) = run_seed(seed, recycle);
         assert!(crashes > 0, "seed {seed}: no crash");
     }
 }
@@ -580,15 +578,14 @@ fn power_loss_soak() {
     };
     let (from, seeds) = (env("SLUICE_SOAK_FROM", 100_000), env("SLUICE_SOAK_SEEDS", 20_000));
     let started = std::time::Instant::now();
-    let (mut crashes, mut copies, mut freed) = (0, 0, 0);
+    let (mut crashes, mut copies, mut freed, mut pipelined) = (0, 0, 0, 0);
     for (i, seed) in (from..from + seeds).enumerate() {
         for recycle in [false, true] {
-            let (c, _, d) = run_seed(seed, recycle);
-            crashes += c;
-            freed += d;
+            let (c, _, d, b) = run_seed(seed, recycle);
+            (crashes, freed, pipelined) = (crashes + c, freed + d, pipelined + b);
         }
-        let (c, r, d, _) = copies_seed(seed);
-        (crashes, copies, freed) = (crashes + c, copies + r, freed + d);
+        let (c, r, d, b) = copies_seed(seed);
+        (crashes, copies, freed, pipelined) = (crashes + c, copies + r, freed + d, pipelined + b);
         if (i + 1) % 1000 == 0 {
             eprintln!(
                 "soak: seeds {from}..{} ({} of {seeds}) x 3, {crashes} crashes, {copies} copies, {freed} files freed, {:?}",
@@ -598,7 +595,6 @@ fn power_loss_soak() {
             );
         }
     }
-    let pipelined = PIPELINED.load(std::sync::atomic::Ordering::Relaxed);
     let written_with_torn = WRITTEN_WITH_TORN.load(std::sync::atomic::Ordering::Relaxed);
     let recycled = RECYCLED.load(std::sync::atomic::Ordering::Relaxed);
     assert!(crashes >= 3 * seeds, "only {crashes} crashes in {seeds} seeds of each kind");

@@ -9,7 +9,7 @@ use sluice_meta::EtcdStore;
 use sluice_meta::ownership::OwnershipView;
 use sluice_net::TxnState;
 use sluice_tests::{Etcd, Server, TempDir, free_ports};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -483,11 +483,10 @@ async fn read_back_exactly(url: &str, acked: &HashSet<(u64, u64, u64)>) {
             assert!(s > prev, "per-key order broken for writer {w} key {k}: {s} after {prev}");
         }
     }
-    let mut missing: Vec<_> = acked.difference(&seen).copied().collect();
+    let missing: BTreeSet<_> = acked.difference(&seen).copied().collect();
     if !missing.is_empty() {
         // Each writer's and key's lost sequence numbers, as ranges, and where that key's
         // events were read from.
-        missing.sort_unstable();
         let mut ranges: BTreeMap<(u64, u64), Vec<(u64, u64)>> = BTreeMap::new();
         for &(w, k, s) in &missing {
             let r = ranges.entry((w, k)).or_default();
@@ -496,11 +495,11 @@ async fn read_back_exactly(url: &str, acked: &HashSet<(u64, u64, u64)>) {
                 _ => r.push((s, s)),
             }
         }
-        let sent: HashMap<(u64, u64), u64> = acked.iter().fold(HashMap::new(), |mut m, &(w, k, s)| {
-            let e = m.entry((w, k)).or_insert(0);
-            *e = (*e).max(s + 1);
-            m
-        });
+        let mut sent: HashMap<(u64, u64), u64> = HashMap::new();
+        for &(w, k, s) in acked {
+            let n = sent.entry((w, k)).or_default();
+            *n = (*n).max(s + 1);
+        }
         let report: Vec<String> = ranges
             .iter()
             .map(|((w, k), r)| {
