@@ -54,17 +54,7 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::ConnectionLost(_) | ClientError::Timeout(_) => true,
-            ClientError::Server { code, .. } => {
-                matches!(
-                    code,
-                    ErrorCode::WrongHost
-                        | ErrorCode::Overloaded
-                        | ErrorCode::Tier2Unavailable
-                        | ErrorCode::NoSpace
-                        | ErrorCode::MetadataUnavailable
-                        | ErrorCode::ContainerPoisoned
-                )
-            }
+            ClientError::Server { code, .. } => code.is_transient(),
             _ => false,
         }
     }

@@ -369,7 +369,16 @@ enum Started {
 
 /// Routes a segment request to its local container (counting append rates for
 /// auto-scaling, where the append is served), or answers `WrongHost`.
+///
+/// An append refused with a transient error (`ErrorCode::is_transient`: `WrongHost`, a
+/// stopped or overloaded container, a full disk, ...) ends its connection: its writer sends
+/// it again, and every append it sent after it, in order, on a new connection. Were a later
+/// append of the same writer read from this connection and accepted (its container opened
+/// here meanwhile, a full disk got room), the resend of the refused one would be taken for a
+/// duplicate (its event numbers are below the accepted ones) and its events lost.
 fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req: Request) -> Started {
+    let append = matches!(req, Request::Append { .. });
+    let ends = move |e: &ErrorReply| append && ErrorCode::from_u16(e.code).is_some_and(ErrorCode::is_transient);
     match shard.owner(segment) {
         Owner::Local(c) => {
             let fut = match shard.submit_local(&c, segment, req) {
@@ -380,21 +389,33 @@ fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req
                     | EngineError::NoSpace(_)
                     | EngineError::Poisoned { .. }),
                 ) => return Started::Now(engine_error_message(&e), true),
-                Err(e) => return Started::Now(engine_error_message(&e), false),
+                Err(e) => {
+                    let e = engine_error_message(&e);
+                    let close = ends(&e);
+                    return Started::Now(e, close);
+                }
             };
             let read_at = Instant::now();
             Started::Queued(Box::pin(async move {
                 let result = fut.await;
                 // Refused after it was queued: later requests of this connection must not
                 // overtake it.
-                let close = matches!(result, Err(EngineError::NoSpace(_)));
+                let close = match &result {
+                    Err(EngineError::NoSpace(_)) => true,
+                    Err(e) => ends(&engine_error_message(e)),
+                    Ok(_) => false,
+                };
                 if matches!(result, Ok(OpResult::Appended { .. })) {
                     crate::stats::record_append(read_at.elapsed());
                 }
                 (result, close)
             }))
         }
-        other => Started::Now(wrong_host_error(shard, via, segment, other), false),
+        other => {
+            let e = wrong_host_error(shard, via, segment, other);
+            let close = ends(&e);
+            Started::Now(e, close)
+        }
     }
 }
 

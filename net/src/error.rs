@@ -56,6 +56,22 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// A refusal that may pass if the request is sent again later (elsewhere, after a
+    /// pause): writers resend what was refused with it. The server closes a connection after
+    /// refusing an append with it, so that no later append sent on that connection is
+    /// accepted before the resend (the resend would then be taken for a duplicate).
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::WrongHost
+                | ErrorCode::Overloaded
+                | ErrorCode::Tier2Unavailable
+                | ErrorCode::NoSpace
+                | ErrorCode::MetadataUnavailable
+                | ErrorCode::ContainerPoisoned
+        )
+    }
+
     pub fn from_u16(v: u16) -> Option<Self> {
         use ErrorCode::*;
         Some(match v {

@@ -291,10 +291,11 @@ fn failed_code(o: &AppendOutcome) -> Option<u16> {
 }
 
 /// `Appends` frames (several segments' appends in one request): every part is answered as a
-/// frame of its own would be, in order (acknowledged, redirected to the shard that serves it,
-/// refused for its own bad data, or a duplicate), while the others go on; a frame whose parts
-/// do not match its payload, with no parts, or with too many, is refused whole and the
-/// connection goes on. What was acknowledged is read back once, nothing else.
+/// frame of its own would be, in order (acknowledged, refused for its own bad data, or a
+/// duplicate, while the others go on; redirected to the shard that serves it, which ends the
+/// connection: the parts after it are not queued); a frame whose parts do not match its
+/// payload, with no parts, or with too many, is refused whole and the connection goes on.
+/// What was acknowledged is read back once, nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_frames_answer_every_part_and_refuse_broken_frames() {
     use sluice_net::ErrorCode;
@@ -304,13 +305,14 @@ async fn appends_frames_answer_every_part_and_refuse_broken_frames() {
     let expected = tokio::task::spawn_blocking(move || {
         // Two events for each of the four segments (on both shards: this frame goes to shard
         // 0), and a segment that does not exist.
+        let events = |k: usize| framed(&[format!("s{k}-e0"), format!("s{k}-e1")]);
+        let part_of = |k: usize, d: &[u8]| part(&format!("ap/s/{k}"), 1 + 2 * k as u64, 2, d);
         let mut f = hello();
         let mut parts = Vec::new();
         let mut data = Vec::new();
-        for k in 0..4u64 {
-            let d = framed(&[format!("s{k}-e0"), format!("s{k}-e1")]);
-            parts.push(part(&format!("ap/s/{k}"), 1 + 2 * k, 2, &d));
-            data.extend_from_slice(&d);
+        for k in 0..4 {
+            parts.push(part_of(k, &events(k)));
+            data.extend_from_slice(&events(k));
         }
         let d = framed(&["nowhere".to_string()]);
         parts.push(part("ap/s/99", 100, 1, &d));
@@ -320,25 +322,52 @@ async fn appends_frames_answer_every_part_and_refuse_broken_frames() {
         assert_eq!(frames[0].kind, Kind::HelloReply);
         let first = outcomes(&frames[1]);
         assert_eq!(first.len(), 5);
+        // In order: acknowledged until the first part served by the other shard, which is
+        // redirected and ends the connection (its writer sends it again, with every later
+        // append of its own, on a new connection); the parts after it are not queued.
         let mut local = Vec::new();
         let mut expected = Vec::new();
-        for (k, o) in first[..4].iter().enumerate() {
-            match o {
+        let mut redirected = None;
+        for (k, o) in first.iter().enumerate() {
+            match (o, redirected) {
+                (AppendOutcome::Acked(a), None) => {
+                    assert!(k < 4 && !a.duplicate && a.offset == 0 && a.length > 0, "part {k}: {a:?}");
+                    local.push(k);
+                    expected.extend([format!("s{k}-e0"), format!("s{k}-e1")]);
+                }
+                (AppendOutcome::Failed(e), None) => {
+                    assert_eq!(e.code, ErrorCode::WrongHost as u16, "part {k}: {e:?}");
+                    assert!(e.endpoint.is_some(), "a redirect names where to go: {e:?}");
+                    redirected = Some(k);
+                }
+                (AppendOutcome::Failed(e), Some(_)) => {
+                    assert!(
+                        e.code == ErrorCode::WrongHost as u16 && e.message.contains("not queued"),
+                        "part {k}: {e:?}"
+                    );
+                }
+                (AppendOutcome::Acked(a), Some(r)) => panic!("part {k} accepted after part {r} was redirected: {a:?}"),
+            }
+        }
+        assert!(redirected.is_some_and(|r| r < 4), "two of four segments are on the other shard: {first:?}");
+        assert_eq!(frames.len(), 2, "nothing is read after the redirect");
+        // The parts not acknowledged, each alone on a connection of its own.
+        let others: Vec<usize> = (0..4).filter(|k| !local.contains(k)).collect();
+        for k in others {
+            let mut f = hello();
+            encode_frame(&mut f, 46, &Appends { parts: vec![part_of(k, &events(k))] }, &events(k));
+            match &outcomes(&send_and_drain(addr, &f)[1])[0] {
                 AppendOutcome::Acked(a) => {
                     assert!(!a.duplicate && a.offset == 0 && a.length > 0, "segment {k}: {a:?}");
                     local.push(k);
                     expected.extend([format!("s{k}-e0"), format!("s{k}-e1")]);
                 }
-                AppendOutcome::Failed(e) => {
-                    assert_eq!(e.code, ErrorCode::WrongHost as u16, "segment {k}: {e:?}");
-                    assert!(e.endpoint.is_some(), "a redirect names where to go: {e:?}");
-                }
+                AppendOutcome::Failed(e) => assert_eq!(e.code, ErrorCode::WrongHost as u16, "segment {k}: {e:?}"),
             }
         }
         // The stream's segments are spread over both shards.
         assert_eq!(local.len(), 2, "two of four segments on each shard: {first:?}");
-        let c = failed_code(&first[4]).expect("no such segment");
-        assert!(c == ErrorCode::NoSuchSegment as u16 || c == ErrorCode::WrongHost as u16, "{:?}", first[4]);
+        local.sort();
 
         // On a local segment: a part with broken event framing, a resend of acknowledged
         // events, and new ones; then broken frames, and a request after them.

@@ -351,6 +351,73 @@ async fn a_node_that_loses_its_lease_stops_serving_within_the_ttl() {
     assert_eq!(n, 2000 + raw, "2000 written events and {raw} acknowledged raw appends");
 }
 
+/// A writer's append refused because its container is not served where it went (not yet:
+/// it is moving there) is sent again with every later one, in order. Had the node read a
+/// later append from the same connection once the container opened there and accepted it,
+/// the resend of the refused one would be answered as a duplicate (its event numbers are
+/// below the accepted ones) and its events lost: acknowledged events went missing this way
+/// once in the test above, while n1 took containers back. The node ends the connection
+/// after such a refusal instead, so nothing sent after it on that connection is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_refused_as_moving_ends_its_connection_so_no_later_one_overtakes_it() {
+    use sluice_net::messages::{Append, AppendAck};
+    let mut cluster = Cluster::start(2);
+    cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
+    let admin = Client::connect(&cluster.url(1)).await.unwrap();
+    admin.create_scope("wh").await.unwrap();
+    admin.create_stream("wh", "s", 12).await.unwrap();
+    let view = OwnershipView::read(&cluster.store).await.unwrap();
+    let seg = (0..12)
+        .map(|n| format!("wh/s/{n}"))
+        .find(|s| view.owner_of(container_of(s)) == Some("n0"))
+        .expect("n0 serves some segment");
+    // The nodes run one shard each.
+    let n1_endpoint = view.nodes.iter().find(|n| n.node_id == "n1").unwrap().endpoints[0].clone();
+    // One event, numbered `number`, of writer 7.
+    let append = |conn: Arc<sluice_client::connection::Connection>, number: u64, body: &'static [u8]| {
+        let seg = seg.clone();
+        async move {
+            let msg = Append {
+                segment: seg,
+                writer_id: 7,
+                first_event_number: number,
+                event_count: 1,
+                expected_offset: None,
+            };
+            let mut data = (body.len() as u32).to_le_bytes().to_vec();
+            data.extend_from_slice(body);
+            conn.call::<_, AppendAck>(&msg, bytes::Bytes::from(data)).await
+        }
+    };
+
+    // Event 0 goes to n1, which does not serve the segment.
+    let conn = admin.connection(&n1_endpoint).await.unwrap();
+    let refused = append(conn.clone(), 0, b"first").await.expect_err("n1 does not serve the segment");
+    assert_eq!(refused.code(), Some(sluice_net::ErrorCode::WrongHost), "{refused}");
+
+    // n0 stops: n1 now serves every container, the segment's among them.
+    let mut n0 = cluster.nodes[0].take().unwrap();
+    assert!(tokio::task::spawn_blocking(move || n0.terminate(Duration::from_secs(60))).await.unwrap());
+    cluster.wait_for(&[("n1", 12)], Duration::from_secs(30)).await;
+
+    // Event 1 on the same connection is not accepted: the connection ended with the refusal.
+    let later = append(conn.clone(), 1, b"second").await;
+    assert!(later.is_err(), "an append sent after a refused one on the same connection was accepted: {later:?}");
+    assert!(conn.is_closed());
+
+    // The writer sends both again, in order, on a new connection: both are written.
+    let conn = admin.connection(&n1_endpoint).await.unwrap();
+    let first = append(conn.clone(), 0, b"first").await.unwrap();
+    let second = append(conn, 1, b"second").await.unwrap();
+    assert!(!first.duplicate && !second.duplicate, "{first:?} {second:?}");
+    let mut r = admin.event_reader("wh/s", ReadFrom::Head).await.unwrap();
+    let mut read = Vec::new();
+    while let Some(ev) = r.read_next(Duration::from_secs(2)).await.unwrap() {
+        read.push(ev.payload.to_vec());
+    }
+    assert_eq!(read, vec![b"first".to_vec(), b"second".to_vec()]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_failover_keeps_retention_running() {
     use sluice_meta::ownership::controller;
