@@ -360,7 +360,7 @@ async fn a_node_that_loses_its_lease_stops_serving_within_the_ttl() {
 /// after such a refusal instead, so nothing sent after it on that connection is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_refused_as_moving_ends_its_connection_so_no_later_one_overtakes_it() {
-    use sluice_net::messages::{Append, AppendAck};
+    use sluice_net::messages::{Append, AppendAck, GetSegmentInfo, SegmentInfo};
     let mut cluster = Cluster::start(2);
     cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
     let admin = Client::connect(&cluster.url(1)).await.unwrap();
@@ -399,15 +399,42 @@ async fn an_append_refused_as_moving_ends_its_connection_so_no_later_one_overtak
     let mut n0 = cluster.nodes[0].take().unwrap();
     assert!(tokio::task::spawn_blocking(move || n0.terminate(Duration::from_secs(60))).await.unwrap());
     cluster.wait_for(&[("n1", 12)], Duration::from_secs(30)).await;
+    // ... and has opened it (asked on a connection of its own).
+    let probe = Client::connect(&cluster.url(1)).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let info = GetSegmentInfo { segment: seg.clone() };
+        match probe.connection(&n1_endpoint).await.unwrap().call::<_, SegmentInfo>(&info, bytes::Bytes::new()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(sluice_net::ErrorCode::WrongHost) => {
+                assert!(started.elapsed() < Duration::from_secs(10), "n1 never served the segment: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
 
-    // Event 1 on the same connection is not accepted: the connection ended with the refusal.
+    // Event 1 on the first connection is not accepted: that connection ended with the
+    // refusal (before, it was accepted, and the resend of event 0 below was then answered
+    // as a duplicate: event 0 lost).
     let later = append(conn.clone(), 1, b"second").await;
     assert!(later.is_err(), "an append sent after a refused one on the same connection was accepted: {later:?}");
     assert!(conn.is_closed());
 
-    // The writer sends both again, in order, on a new connection: both are written.
-    let conn = admin.connection(&n1_endpoint).await.unwrap();
-    let first = append(conn.clone(), 0, b"first").await.unwrap();
+    // The writer sends both again, in order, on a new connection (one per try: the
+    // container may still be opening on n1, answered `WrongHost` too): both are written.
+    let started = Instant::now();
+    let (conn, first) = loop {
+        let conn = admin.connection(&n1_endpoint).await.unwrap();
+        match append(conn.clone(), 0, b"first").await {
+            Ok(ack) => break (conn, ack),
+            Err(e) if e.code() == Some(sluice_net::ErrorCode::WrongHost) => {
+                assert!(started.elapsed() < Duration::from_secs(10), "n1 never served the segment: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    };
     let second = append(conn, 1, b"second").await.unwrap();
     assert!(!first.duplicate && !second.duplicate, "{first:?} {second:?}");
     let mut r = admin.event_reader("wh/s", ReadFrom::Head).await.unwrap();
