@@ -479,7 +479,16 @@ impl Client {
         .await
     }
 
+    /// Creates a scope. Names that begin with `_` are Sluice's own (`reserved_name`).
     pub async fn create_scope(&self, scope: &str) -> Result<(), ClientError> {
+        reserved_name("scope", scope)?;
+        self.create_reserved_scope(scope).await
+    }
+
+    /// Creates a scope whatever its name: for Sluice's own services (the retention service's
+    /// `_system`), which may use the names `create_scope` refuses.
+    #[doc(hidden)]
+    pub async fn create_reserved_scope(&self, scope: &str) -> Result<(), ClientError> {
         self.admin_once(CreateScope { scope: scope.into() }, ErrorCode::AlreadyExists).await
     }
 
@@ -522,6 +531,20 @@ impl Client {
     /// Creates a stream with a retention and a scaling policy (an automatic policy starts
     /// with at least its minimum segments).
     pub async fn create_stream_policies(
+        &self,
+        scope: &str,
+        stream: &str,
+        segments: u32,
+        retention: Retention,
+        scaling: ScalingPolicy,
+    ) -> Result<(), ClientError> {
+        reserved_name("stream", stream)?;
+        self.create_stream_unchecked(scope, stream, segments, retention, scaling).await
+    }
+
+    /// `create_stream_policies` for any name, the reserved ones included (reader groups'
+    /// state streams are created through `state_synchronizer`).
+    pub(crate) async fn create_stream_unchecked(
         &self,
         scope: &str,
         stream: &str,
@@ -814,6 +837,21 @@ where
             None => return Ok(all),
         }
     }
+}
+
+/// Scope and stream names that begin with `_` are Sluice's own: `<scope>/_rg_<group>` holds a
+/// reader group's state and `_system/_retention` the retention service's marks. A stream a
+/// user named `_rg_<group>` would be read as that group's state (and its events taken for
+/// the group's updates), so `create_scope` and `create_stream*` refuse such names; the
+/// server's own rules (letters, digits, `.`, `_`, `-`) apply to the rest.
+fn reserved_name(kind: &str, name: &str) -> Result<(), ClientError> {
+    if name.starts_with('_') {
+        return Err(ClientError::InvalidArgument(format!(
+            "{kind} name '{name}' begins with '_': such names are reserved for Sluice's own streams \
+             (a reader group's state is kept in <scope>/_rg_<group>)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@
 use crate::client::Client;
 use crate::error::ClientError;
 use bytes::{Bytes, BytesMut};
-use sluice_net::ErrorCode;
 use sluice_net::event::{encode_event, split_whole_events};
+use sluice_net::{ErrorCode, Retention, ScalingPolicy};
 use std::time::{Duration, Instant};
 
 const SNAPSHOT: u8 = 1;
@@ -93,7 +93,9 @@ impl Client {
         scope: &str,
         name: &str,
     ) -> Result<StateSynchronizer<S>, ClientError> {
-        match self.create_stream(scope, name, 1).await {
+        // Any name: reader groups keep their state in `_rg_<group>` streams.
+        match self.create_stream_unchecked(scope, name, 1, Retention::None, ScalingPolicy::Fixed { segments: 1 }).await
+        {
             Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::AlreadyExists) => {}
             Err(e) => return Err(e),

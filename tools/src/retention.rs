@@ -166,7 +166,7 @@ async fn open_marks(c: &Client, create: bool) -> Result<Option<StateSynchronizer
             Err(e) => return Err(e),
         }
     }
-    match c.create_scope(MARKS_SCOPE).await {
+    match c.create_reserved_scope(MARKS_SCOPE).await {
         Ok(()) => {}
         Err(e) if e.code() == Some(ErrorCode::AlreadyExists) => {}
         Err(e) => return Err(e),

@@ -131,6 +131,11 @@ fn cli_end_to_end() {
     assert!(!ok && err.contains("no such scope") && err.contains("sluice scope create nope"), "{err}");
     let (ok, _, err) = cli(&url, &["scope", "create", "bad name"], None);
     assert!(!ok && err.contains("contains ' '"), "{err}");
+    // Names beginning with '_' are Sluice's own (a reader group's state is `_rg_<group>`).
+    let (ok, _, err) = cli(&url, &["scope", "create", "_mine"], None);
+    assert!(!ok && err.contains("reserved"), "{err}");
+    let (ok, _, err) = cli(&url, &["stream", "create", "nope/_rg_g"], None);
+    assert!(!ok && err.contains("begins with '_'") && err.contains("_rg_<group>"), "{err}");
     let (ok, _, err) = cli("127.0.0.1:1", &["scope", "list"], None);
     assert!(!ok && err.contains("cannot connect"), "{err}");
 
