@@ -539,20 +539,19 @@ impl Client {
         scaling: ScalingPolicy,
     ) -> Result<(), ClientError> {
         reserved_name("stream", stream)?;
-        self.create_stream_unchecked(scope, stream, segments, retention, scaling).await
+        self.create_stream_unchecked(CreateStream {
+            scope: scope.into(),
+            stream: stream.into(),
+            segments,
+            retention,
+            scaling,
+        })
+        .await
     }
 
-    /// `create_stream_policies` for any name, the reserved ones included (reader groups'
-    /// state streams are created through `state_synchronizer`).
-    pub(crate) async fn create_stream_unchecked(
-        &self,
-        scope: &str,
-        stream: &str,
-        segments: u32,
-        retention: Retention,
-        scaling: ScalingPolicy,
-    ) -> Result<(), ClientError> {
-        let msg = CreateStream { scope: scope.into(), stream: stream.into(), segments, retention, scaling };
+    /// Creates a stream of any name, the reserved ones included (reader groups' state
+    /// streams are created through `state_synchronizer`).
+    pub(crate) async fn create_stream_unchecked(&self, msg: CreateStream) -> Result<(), ClientError> {
         self.admin_once(msg, ErrorCode::AlreadyExists).await
     }
 

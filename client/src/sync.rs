@@ -94,8 +94,14 @@ impl Client {
         name: &str,
     ) -> Result<StateSynchronizer<S>, ClientError> {
         // Any name: reader groups keep their state in `_rg_<group>` streams.
-        match self.create_stream_unchecked(scope, name, 1, Retention::None, ScalingPolicy::Fixed { segments: 1 }).await
-        {
+        let msg = sluice_net::messages::CreateStream {
+            scope: scope.into(),
+            stream: name.into(),
+            segments: 1,
+            retention: Retention::None,
+            scaling: ScalingPolicy::Fixed { segments: 1 },
+        };
+        match self.create_stream_unchecked(msg).await {
             Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::AlreadyExists) => {}
             Err(e) => return Err(e),
