@@ -36,6 +36,13 @@ pub fn sluice_bin() -> PathBuf {
     .clone()
 }
 
+/// Sends the client's own warnings (a connection given up for want of an answer, a lane that
+/// held unsent events, a long retry) to the run's stderr, even when the test passes: they
+/// are the trace of a stall a test would otherwise only show as time. Once per process.
+pub fn show_client_warnings() {
+    let _ = tracing_subscriber::fmt().with_env_filter("sluice_client=warn").with_writer(std::io::stderr).try_init();
+}
+
 /// A base port with `n` consecutive free ports on 127.0.0.1, below the kernel's ephemeral
 /// range (`sluice_net::socket::free_local_ports`).
 pub fn free_ports(n: u16) -> u16 {

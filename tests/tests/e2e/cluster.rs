@@ -33,6 +33,8 @@ impl Cluster {
     }
 
     fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        // A writer stalled by a move shows as "no answer to an append" after 30 s.
+        sluice_tests::show_client_warnings();
         let etcd = Etcd::start();
         let dir = TempDir::new("cluster");
         let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "c").unwrap();
@@ -253,7 +255,9 @@ async fn three_nodes_move_containers_without_losing_events() {
     }
 
     // Writers bootstrap from different nodes; one from the node that will stop.
+    let t = Instant::now();
     let load = Load::start(&cluster, 3).await;
+    eprintln!("writers started, 5000 events acknowledged in {:?}", t.elapsed());
 
     // Graceful stop of n1 under load: its 4 containers move to n0 and n2.
     let t = Instant::now();
@@ -263,16 +267,22 @@ async fn three_nodes_move_containers_without_losing_events() {
     assert!(clean, "n1 exits cleanly after handing off");
     let settled = cluster.wait_for(&[("n0", 6), ("n2", 6)], Duration::from_secs(30)).await;
     eprintln!("n1 stopped: process exit after {exited:?}, containers served elsewhere {settled:?} later");
+    let t = Instant::now();
     load.progress(5_000).await;
+    eprintln!("5000 more acknowledged in {:?}", t.elapsed());
 
     // n1 comes back: the containers rebalance to 4 each.
     cluster.start_node(1);
     let t = Instant::now();
     cluster.wait_for(&[("n0", 4), ("n1", 4), ("n2", 4)], Duration::from_secs(30)).await;
     eprintln!("n1 rejoined: rebalanced in {:?}", t.elapsed());
+    let t = Instant::now();
     load.progress(5_000).await;
+    eprintln!("5000 more acknowledged in {:?}", t.elapsed());
 
+    let t = Instant::now();
     let acked = load.finish().await;
+    eprintln!("writers stopped in {:?}", t.elapsed());
 
     read_back_exactly(&cluster.url(2), &acked).await;
 }
@@ -562,6 +572,7 @@ fn bad_etcd_or_container_count_is_refused_clearly() {
 /// nothing else.
 async fn read_back_exactly(url: &str, acked: &HashSet<(u64, u64, u64)>) {
     let client = Client::connect(url).await.unwrap();
+    let started = Instant::now();
     let mut reader = client.event_reader("cl/events", ReadFrom::Head).await.unwrap();
     let mut seen: HashSet<(u64, u64, u64)> = HashSet::new();
     let mut last: HashMap<(u64, u64), u64> = HashMap::new();
@@ -577,6 +588,8 @@ async fn read_back_exactly(url: &str, acked: &HashSet<(u64, u64, u64)>) {
             assert!(s > prev, "per-key order broken for writer {w} key {k}: {s} after {prev}");
         }
     }
+    // Less the 3 s of silence that ends the reading.
+    eprintln!("read {} events back in {:?}", seen.len(), started.elapsed());
     let missing: BTreeSet<_> = acked.difference(&seen).copied().collect();
     if !missing.is_empty() {
         // Each writer's and key's lost sequence numbers, as ranges, and where that key's

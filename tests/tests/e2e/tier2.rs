@@ -40,11 +40,8 @@ async fn a_gibibyte_through_a_small_log_reads_back_from_the_head() {
     const EVENT_BYTES: usize = 1024;
     const PER_WRITER: u64 = (1 << 30) / EVENT_BYTES as u64 / WRITERS;
 
-    // The writers' own warnings (a connection given up for want of an answer, a lane that
-    // held unsent events) go to the run's stderr even when the test passes: they are the
-    // trace of a hang this test once met (see the bound below).
-    let _ =
-        tracing_subscriber::fmt().with_env_filter("sluice_client::writer=warn").with_writer(std::io::stderr).try_init();
+    // The trace of a hang this test once met (see the bound below).
+    sluice_tests::show_client_warnings();
     let dir = TempDir::new("tier2-gib");
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
     let budget = BUDGET_MIB.to_string();
