@@ -40,6 +40,16 @@ type Reply = (Vec<u8>, Vec<Bytes>);
 /// Payload pieces at least this large skip the connection's write buffer (one copy less).
 const DIRECT_WRITE_BYTES: usize = 32 << 10;
 
+/// Why a connection ends after a refused append (`Started::Now(_, true)` and the like).
+const REFUSED_CLOSE: &str = "closed after a refused append";
+
+/// After a refused append ends a connection, how long the requests taken up before it may
+/// take to be answered before the connection closes anyway. Appends are answered within a
+/// flush; a read waiting at a segment's tail (up to `READ_WAIT_MS_MAX`) is not waited for:
+/// the client, not told that nothing more is read, would go on sending on the connection
+/// and wait for answers that never come.
+const REFUSED_CLOSE_GRACE: Duration = Duration::from_millis(200);
+
 /// A reply on its way to the socket, with the request slot it frees once written: a client
 /// that sends without reading cannot pile up more than `CONNECTION_REQUESTS_MAX` replies.
 type Outgoing = (Reply, Option<StaticPermit>);
@@ -169,11 +179,27 @@ where
     })
     .detach();
     let mut reader = BufReader::with_capacity(256 << 10, read_half);
-    if let Err(e) = read_loop(&shard, via, &mut reader, &tx).await {
-        tracing::debug!(%peer, error = %e, "connection closed");
-    }
+    let ended = read_loop(&shard, via, &mut reader, &tx).await;
     drop(tx);
-    let _ = writer.await;
+    match ended {
+        Err(e) if e == REFUSED_CLOSE => {
+            let mut writer = writer;
+            let grace = glommio::timer::sleep(REFUSED_CLOSE_GRACE);
+            futures::pin_mut!(grace);
+            if let futures::future::Either::Right(_) = futures::future::select(&mut writer, grace).await {
+                // Answers still pending are dropped (the client resends what it wrote); the
+                // socket closes with the writer's half and the reader's.
+                writer.cancel();
+            }
+            tracing::debug!(%peer, "connection closed after a refused append");
+        }
+        ended => {
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "connection closed");
+            }
+            let _ = writer.await;
+        }
+    }
 }
 
 /// Reads one frame's header and body: `None` at a clean end of stream. The length is checked
@@ -274,7 +300,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
     loop {
         let Some((header, body)) = read_frame(r, max, &send).await? else { return Ok(()) };
         if refused.get() {
-            return Err("closed after a refused append".into());
+            return Err(REFUSED_CLOSE.into());
         }
         crate::stats::record_request();
         let permit = Some(limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?);
@@ -292,7 +318,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
             }
             Ok(Dispatched::Close(rep)) => {
                 send(rep);
-                return Err("closed after a refused append".into());
+                return Err(REFUSED_CLOSE.into());
             }
             Ok(Dispatched::Later(fut)) => {
                 let (tx, refused) = (tx.clone(), refused.clone());
@@ -312,7 +338,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
                     let _ = tx.unbounded_send((rep, permit));
                 })
                 .detach();
-                return Err("closed after a refused append".into());
+                return Err(REFUSED_CLOSE.into());
             }
             Ok(Dispatched::WhileConnected(what, fut)) => {
                 let (tx, gone) = (tx.clone(), gone.clone());

@@ -472,3 +472,67 @@ async fn an_appends_part_refused_stops_the_parts_after_it_and_the_connection() {
     drop(client);
     tokio::task::spawn_blocking(move || node.stop()).await.unwrap();
 }
+
+/// An append refused in a way that ends the connection ends it promptly even while a read
+/// taken up before it waits at a segment's tail: the read is not waited for. (A client is not
+/// told that nothing more is read; kept open, the connection would take its next requests
+/// and answer none, and its writers would wait for their own timeout, 30 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_append_ends_its_connection_while_a_read_waits_at_a_tail() {
+    let h = sluice_tests::Harness::with_stream("tw", "s", 4).await;
+    let addr = h.server.addr;
+    let (elapsed, frames) = tokio::task::spawn_blocking(move || {
+        // Which segments shard 0 (this address) serves, and which the other shard does.
+        let mut f = hello();
+        for k in 0..4u64 {
+            encode_frame(&mut f, 10 + k, &GetSegmentInfo { segment: format!("tw/s/{k}") }, b"");
+        }
+        let frames = send_and_drain(addr, &f);
+        let answered = |k: u64, kind: Kind| frames.iter().any(|f| f.request_id == 10 + k && f.kind == kind);
+        let local = (0..4).find(|&k| answered(k, Kind::SegmentInfo)).expect("shard 0 serves a segment");
+        let remote = (0..4).find(|&k| answered(k, Kind::ErrorReply)).expect("shard 1 serves a segment");
+
+        // A read waiting up to 20 s at the local segment's (empty) tail, then an append to
+        // the other shard's segment; the client does not half-close.
+        let mut f = hello();
+        let read = sluice_net::messages::Read {
+            segment: format!("tw/s/{local}"),
+            offset: 0,
+            max_bytes: 1024,
+            wait_ms: 20_000,
+        };
+        encode_frame(&mut f, 20, &read, b"");
+        let append = Append {
+            segment: format!("tw/s/{remote}"),
+            writer_id: 5,
+            first_event_number: 1,
+            event_count: 1,
+            expected_offset: None,
+        };
+        encode_frame(&mut f, 21, &append, &framed(&["x".to_string()]));
+        let started = std::time::Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&f).unwrap();
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("the server neither answered nor closed: {e}"),
+        }
+        let elapsed = started.elapsed();
+        let mut dec = FrameDecoder::new(64 << 20);
+        dec.extend(&buf);
+        let mut frames = Vec::new();
+        while let Ok(Some(f)) = dec.next_frame() {
+            frames.push(f);
+        }
+        (elapsed, frames)
+    })
+    .await
+    .unwrap();
+    let refused = frames.iter().find(|f| f.request_id == 21).expect("the append is answered");
+    assert_eq!(error_code(refused), sluice_net::ErrorCode::WrongHost as u16);
+    assert!(frames.iter().all(|f| f.request_id != 20), "the waiting read is not answered");
+    assert!(elapsed < Duration::from_secs(10), "the connection stayed open {elapsed:?} (the read waits 20 s)");
+}
