@@ -404,7 +404,7 @@ enum Started {
 /// duplicate (its event numbers are below the accepted ones) and its events lost.
 fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req: Request) -> Started {
     let append = matches!(req, Request::Append { .. });
-    let ends = move |e: &ErrorReply| append && ErrorCode::from_u16(e.code).is_some_and(ErrorCode::is_transient);
+    let ends = move |code: Option<ErrorCode>| append && code.is_some_and(ErrorCode::is_transient);
     match shard.owner(segment) {
         Owner::Local(c) => {
             let fut = match shard.submit_local(&c, segment, req) {
@@ -417,7 +417,7 @@ fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req
                 ) => return Started::Now(engine_error_message(&e), true),
                 Err(e) => {
                     let e = engine_error_message(&e);
-                    let close = ends(&e);
+                    let close = ends(ErrorCode::from_u16(e.code));
                     return Started::Now(e, close);
                 }
             };
@@ -428,7 +428,7 @@ fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req
                 // overtake it.
                 let close = match &result {
                     Err(EngineError::NoSpace(_)) => true,
-                    Err(e) => ends(&engine_error_message(e)),
+                    Err(e) => ends(Some(e.code().0)),
                     Ok(_) => false,
                 };
                 if matches!(result, Ok(OpResult::Appended { .. })) {
@@ -438,8 +438,8 @@ fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req
             }))
         }
         other => {
+            let close = ends(Some(ErrorCode::WrongHost));
             let e = wrong_host_error(shard, via, segment, other);
-            let close = ends(&e);
             Started::Now(e, close)
         }
     }
