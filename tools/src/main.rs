@@ -258,10 +258,10 @@ struct StandaloneArgs {
     move_min_kb: u64,
     /// How often the retention service looks at every stream, in ms. A stream with a policy
     /// is looked at sooner when it needs it (a size policy's once it may have written a 64th
-    /// of its MAX at its last rate, a time policy's every 128th of its MAX; at most once a
-    /// second, or once an interval if that is shorter), so a fast stream outgrows its MAX by
-    /// about a second's writes. An idle stream that starts writing fast is looked at again
-    /// within this interval.
+    /// of its MAX, or half its MAX − MIN, at its last rate; a time policy's every 128th of its
+    /// MAX; at most every 100 ms, or once an interval if that is shorter), so a fast stream
+    /// outgrows its MAX by about 100 ms of writes. A stream idle for long that starts writing
+    /// fast is looked at again within this interval.
     #[arg(long, default_value_t = 30_000)]
     retention_interval_ms: u64,
     /// How often the auto-scaler looks at streams with an automatic scaling policy, in ms.

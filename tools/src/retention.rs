@@ -25,14 +25,20 @@
 //!
 //! Pace: the interval is how often *every* stream is looked at (and idle groups' state
 //! compacted). A stream with a policy is looked at again sooner when it needs it: a size
-//! policy's stream once it will have written about a 64th of its MAX at the rate it wrote
-//! since the previous look, a time policy's once a 128th of its MAX has passed; never more
-//! often than every second (or every interval, if that is shorter). The names are listed
-//! every second, so a new stream is looked at at once. With one look per interval, a stream
-//! writing 1 GB/s outgrew a size policy by 30 GB at the default 30 s; now by about a second's
-//! writes, and its marks (the points it can be cut at) are that much closer together. A
-//! stream that was idle at its last look is looked at again an interval later: one that
-//! starts writing fast can outgrow its MAX by that much once.
+//! policy's stream once it will have written about a 64th of its MAX (or half its MAX − MIN,
+//! if less) at the rate it wrote since the previous look, a time policy's once a 128th of its
+//! MAX has passed; never more often than every 100 ms (or every interval, if that is
+//! shorter). A size policy's stream that wrote nothing since its previous look is looked at
+//! again after twice the time since it (up to the interval), so one that pauses between
+//! bursts, or starts writing a moment after it was created, is soon looked at again. The
+//! names are listed every second, so a new stream is looked at within a second. With one
+//! look per interval, a stream writing 1 GB/s outgrew a size policy by 30 GB at the default
+//! 30 s; now by about 100 ms of writes. Its marks (the points it can be cut at) are taken at
+//! looks, so they are that much closer together too: closer than MAX − MIN while the stream
+//! writes at a steady rate, so that a mark always leaves between MIN and MAX (with marks
+//! further apart, the newest one that leaves MIN can leave more than MAX, and the stream
+//! stays above MAX until it writes again). A stream idle for long (looked at once an
+//! interval) that starts writing fast can outgrow its MAX by up to an interval's writes once.
 
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_client::group::GROUP_STATE_PREFIX;
@@ -47,11 +53,14 @@ const MARKS_SCOPE: &str = "_system";
 const MARKS_STREAM: &str = "_retention";
 /// Marks per policy span (see the module doc).
 const MARKS_PER_SPAN: u64 = 128;
-/// Least time between two looks at a stream (unless the interval is shorter), and how often
-/// the names are listed for new streams.
-const LOOK_MIN: Duration = Duration::from_secs(1);
+/// Least time between two looks at a stream (unless the interval is shorter).
+const LOOK_MIN: Duration = Duration::from_millis(100);
+/// How often the names are listed (a new stream is looked at once listed).
+const LIST_EVERY: Duration = Duration::from_secs(1);
 /// A size policy's stream is looked at again once it has written about this share of its
-/// MAX (at the rate it was last seen writing), so it outgrows MAX by about that much.
+/// MAX (at the rate it was last seen writing), so it outgrows MAX by about that much; or
+/// half its MAX − MIN if that is less, so that its marks (taken at looks) are closer
+/// together than MAX − MIN and one of them always leaves between MIN and MAX.
 const SIZE_LOOK_SHARE: u64 = 64;
 
 /// Wall-clock milliseconds (marks outlive the process).
@@ -207,17 +216,24 @@ struct Pace {
     seen: Option<(Instant, u64)>,
 }
 
-/// How long until a stream with `policy` is looked at again: `rate` is its bytes per second
-/// since the previous look (`None` if it was not looked at before). Between `floor` and
-/// `interval`.
-fn look_after(policy: Retention, rate: Option<f64>, floor: Duration, interval: Duration) -> Duration {
+/// How long until a stream with `policy` is looked at again: `since` is what it wrote since
+/// the previous look and how long ago that was (`None` if it was not looked at before).
+/// Between `floor` and `interval`.
+fn look_after(policy: Retention, since: Option<(u64, Duration)>, floor: Duration, interval: Duration) -> Duration {
     let after = match policy {
         Retention::None => interval,
         // A first look measures nothing yet: the next one, soon, gives the rate.
-        Retention::Size { max_bytes, .. } => match rate {
+        Retention::Size { min_bytes, max_bytes } => match since {
             None => floor,
-            Some(r) if r > 0.0 => Duration::from_secs_f64(((max_bytes / SIZE_LOOK_SHARE) as f64 / r).min(1e9)),
-            Some(_) => interval,
+            Some((written, gap)) if written > 0 => {
+                let share = (max_bytes / SIZE_LOOK_SHARE).min(max_bytes.saturating_sub(min_bytes) / 2).max(1);
+                let rate = written as f64 / gap.as_secs_f64().max(1e-3);
+                Duration::from_secs_f64((share as f64 / rate).min(1e9))
+            }
+            // Idle: twice the previous gap, so a stream that pauses between bursts (or
+            // was created a moment before its writes begin) is looked at again soon, and
+            // an idle one is looked at once an interval within a few.
+            Some((_, gap)) => gap.saturating_mul(2),
         },
         Retention::Time { max_ms, .. } => Duration::from_millis(max_ms / MARKS_PER_SPAN),
     };
@@ -239,13 +255,17 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     let mut loaded = false;
     // When every stream was last looked at (none yet: the first round looks at all).
     let mut last_full: Option<Instant> = None;
+    // The names as last listed, and when.
+    let mut names: Vec<ScopedStream> = Vec::new();
+    let mut last_list: Option<Instant> = None;
     loop {
         tokio::time::sleep(tick).await;
         if !active() {
             streams.clear();
             groups.clear();
             paces.clear();
-            (kept, loaded, last_full) = (None, false, None);
+            names.clear();
+            (kept, loaded, last_full, last_list) = (None, false, None, None);
             continue;
         }
         if !loaded {
@@ -267,9 +287,20 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
         if full {
             last_full = Some(started);
         }
+        // The names once a second (and in a full round); the rounds between look only at
+        // the fast streams whose time came.
+        if full || last_list.is_none_or(|t| started.duration_since(t) + tick / 2 >= LIST_EVERY) {
+            match list_names(&client).await {
+                Ok(n) => (names, last_list) = (n, Some(started)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention cannot list the streams; trying again next round");
+                    continue;
+                }
+            }
+        }
         let mut changes = Vec::new();
         let pace = Pacing { paces: &mut paces, full, floor: tick, interval };
-        match round(&client, &mut streams, &mut groups, pace, &mut changes).await {
+        match round(&client, &names, &mut streams, &mut groups, pace, &mut changes).await {
             Ok(looked) if looked > 0 => {
                 tracing::debug!(took = ?started.elapsed(), streams = streams.len(), looked, full, "retention round")
             }
@@ -303,11 +334,8 @@ impl Pacing<'_> {
         let pace = match checked {
             None => Pace { next: now + self.interval, seen: None },
             Some((policy, total)) => {
-                let rate = before.map(|(at, was)| {
-                    let secs = now.duration_since(at).as_secs_f64();
-                    if secs > 0.0 { total.saturating_sub(was) as f64 / secs } else { 0.0 }
-                });
-                Pace { next: now + look_after(policy, rate, self.floor, self.interval), seen: Some((now, total)) }
+                let since = before.map(|(at, was)| (total.saturating_sub(was), now.duration_since(at)));
+                Pace { next: now + look_after(policy, since, self.floor, self.interval), seen: Some((now, total)) }
             }
         };
         self.paces.insert(stream.to_string(), pace);
@@ -345,11 +373,23 @@ pub async fn connect_service(url: &str, service: &str, interval: Duration) -> Cl
     }
 }
 
-/// One round: lists the streams, looks at those due (all in a full round, which also
-/// compacts idle groups' state), forgets the marks of streams gone or without a policy.
-/// Returns how many streams it looked at.
+/// Every scope's streams.
+async fn list_names(c: &Client) -> Result<Vec<ScopedStream>, ClientError> {
+    let mut names = Vec::new();
+    for scope in c.list_scopes().await? {
+        for name in c.list_streams(&scope).await? {
+            names.push(ScopedStream::new(scope.clone(), name));
+        }
+    }
+    Ok(names)
+}
+
+/// One round over the streams as last listed (`names`): looks at those due (all in a full
+/// round, which also compacts idle groups' state), forgets the marks of streams gone or
+/// without a policy. Returns how many streams it looked at.
 async fn round(
     c: &Client,
+    names: &[ScopedStream],
     streams: &mut BTreeMap<String, Tracked>,
     groups: &mut HashMap<String, u64>,
     mut pace: Pacing<'_>,
@@ -358,48 +398,45 @@ async fn round(
     let mut seen = std::collections::HashSet::new();
     let mut listed = std::collections::HashSet::new();
     let mut looked = 0;
-    for scope in c.list_scopes().await? {
-        for name in c.list_streams(&scope).await? {
-            let stream = ScopedStream::new(scope.clone(), name.clone());
-            let key = stream.to_string();
-            listed.insert(key.clone());
-            if let Some(group) = name.strip_prefix(GROUP_STATE_PREFIX) {
-                // Kept in view every round: its start is compared from one full round to the next.
-                seen.insert(key.clone());
-                let compacted = if pace.full { compact_idle_group(c, &stream, group, groups).await } else { Ok(()) };
-                match compacted {
-                    Ok(()) => {}
-                    // A stream of the user's own that only looks like a group's state.
-                    Err(e @ ClientError::SyncCorrupt { .. }) => {
-                        tracing::debug!(stream = %stream, error = %e, "not a reader group's state")
-                    }
-                    Err(e) => {
-                        tracing::warn!(stream = %stream, error = %e, "the state of an idle reader group was not compacted this round")
-                    }
-                }
-            }
-            let now = Instant::now();
-            if !pace.due(&key, now) {
-                // Not looked at this round: its marks stay as they are.
-                if streams.contains_key(&key) {
-                    seen.insert(key);
-                }
-                continue;
-            }
-            looked += 1;
-            match apply(c, &stream, streams, changes).await {
-                Ok(checked) => {
-                    if checked.is_some() {
-                        seen.insert(key.clone());
-                    }
-                    pace.looked(&key, now, checked);
+    for stream in names {
+        let key = stream.to_string();
+        listed.insert(key.clone());
+        if let Some(group) = stream.stream.strip_prefix(GROUP_STATE_PREFIX) {
+            // Kept in view every round: its start is compared from one full round to the next.
+            seen.insert(key.clone());
+            let compacted = if pace.full { compact_idle_group(c, stream, group, groups).await } else { Ok(()) };
+            match compacted {
+                Ok(()) => {}
+                // A stream of the user's own that only looks like a group's state.
+                Err(e @ ClientError::SyncCorrupt { .. }) => {
+                    tracing::debug!(stream = %stream, error = %e, "not a reader group's state")
                 }
                 Err(e) => {
-                    // Keep its marks: the stream is only unavailable for now.
-                    tracing::warn!(stream = %stream, error = %e, "retention skipped a stream this round");
-                    pace.failed(&key, now);
-                    seen.insert(key);
+                    tracing::warn!(stream = %stream, error = %e, "the state of an idle reader group was not compacted this round")
                 }
+            }
+        }
+        let now = Instant::now();
+        if !pace.due(&key, now) {
+            // Not looked at this round: its marks stay as they are.
+            if streams.contains_key(&key) {
+                seen.insert(key);
+            }
+            continue;
+        }
+        looked += 1;
+        match apply(c, stream, streams, changes).await {
+            Ok(checked) => {
+                if checked.is_some() {
+                    seen.insert(key.clone());
+                }
+                pace.looked(&key, now, checked);
+            }
+            Err(e) => {
+                // Keep its marks: the stream is only unavailable for now.
+                tracing::warn!(stream = %stream, error = %e, "retention skipped a stream this round");
+                pace.failed(&key, now);
+                seen.insert(key);
             }
         }
     }
@@ -607,18 +644,27 @@ mod tests {
     fn fast_streams_are_looked_at_sooner_within_the_floor_and_the_interval() {
         let (floor, interval) = (Duration::from_secs(1), Duration::from_secs(30));
         let size = Retention::parse("size:8G,10G").unwrap();
-        let after = |p: Retention, rate: Option<f64>| look_after(p, rate, floor, interval);
+        // Bytes written in the second before.
+        let after =
+            |p: Retention, rate: Option<u64>| look_after(p, rate.map(|b| (b, Duration::from_secs(1))), floor, interval);
         // First look: soon, for the rate.
         assert_eq!(after(size, None), floor);
         // A 64th of 10 GiB is 160 MiB: at 16 MiB/s, 10 s; at 1 GB/s the floor.
-        assert_eq!(after(size, Some(16.0 * 1048576.0)), Duration::from_secs(10));
-        assert_eq!(after(size, Some(1e9)), floor);
-        // Slow or idle: once an interval.
-        assert_eq!(after(size, Some(1000.0)), interval);
-        assert_eq!(after(size, Some(0.0)), interval);
+        assert_eq!(after(size, Some(16 << 20)), Duration::from_secs(10));
+        assert_eq!(after(size, Some(1_000_000_000)), floor);
+        // A narrow window: half of MAX − MIN (512 KiB of 100M,101M) once that is under a
+        // 64th of MAX, so that marks fall closer together than the window; 256 KiB/s: 2 s.
+        assert_eq!(after(Retention::parse("size:100M,101M").unwrap(), Some(256 << 10)), Duration::from_secs(2));
+        assert_eq!(after(Retention::parse("size:100").unwrap(), Some(1)), floor);
+        // Slow: once an interval.
+        assert_eq!(after(size, Some(1000)), interval);
+        // Idle: twice the gap before, up to the interval.
+        assert_eq!(after(size, Some(0)), Duration::from_secs(2));
+        assert_eq!(look_after(size, Some((0, Duration::from_secs(20))), floor, interval), interval);
+        assert_eq!(look_after(size, Some((0, Duration::ZERO)), floor, interval), floor);
         // Time: a 128th of MAX (2 h: 56.25 s, over the interval; 64 s: half a second, under
         // the floor; 10 min: 4.687 s).
-        assert_eq!(after(Retention::parse("time:1h,2h").unwrap(), Some(5.0)), interval);
+        assert_eq!(after(Retention::parse("time:1h,2h").unwrap(), Some(5)), interval);
         assert_eq!(after(Retention::parse("time:32s,64s").unwrap(), None), floor);
         assert_eq!(after(Retention::parse("time:5m,10m").unwrap(), None), Duration::from_millis(4687));
         assert_eq!(after(Retention::None, None), interval);

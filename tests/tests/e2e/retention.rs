@@ -91,8 +91,11 @@ async fn size_retention_truncates_across_epochs() {
 }
 
 /// With the default interval (30 s: every stream looked at once in that time), a stream that
-/// writes fast under a size policy is looked at every second: it is cut back while it is
-/// being written, not half a minute later (at 1 GB/s that was 30 GB past its MAX).
+/// writes fast under a size policy is looked at every 100 ms, its pauses between bursts too:
+/// it is cut back while it is being written, not half a minute later (at 1 GB/s that was
+/// 30 GB past its MAX), and its marks are close enough together (closer than MAX − MIN)
+/// that it ends between MIN and MAX. (With looks every second, marks 2.5 MiB apart left it
+/// at 2.03 MiB for good once: no mark lay between 1 and 2 MiB before the tail.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_stream_is_held_to_its_size_policy_between_intervals() {
     const MIB: u64 = 1 << 20;
@@ -126,8 +129,8 @@ async fn a_fast_stream_is_held_to_its_size_policy_between_intervals() {
         started.elapsed()
     );
     assert!(kept >= MIB, "keeps at least the min ({kept})");
-    // Cut back while the writes went on, not only after them.
-    assert!(most < 10 * MIB && at_end < 10 * MIB, "held {most} bytes at most, {at_end} at the end");
+    // Cut back while the writes went on, not only after them: at most MAX and a step or two.
+    assert!(most <= 4 * MIB && at_end <= 4 * MIB, "held {most} bytes at most, {at_end} at the end");
     drop(s);
 }
 
