@@ -894,6 +894,12 @@ struct FlightState {
     acked: u64,
     /// The task's input has ended: it waits for the last batch.
     closing: bool,
+    /// The task waits for the last batch to be answered before it connects again: its
+    /// connection broke (or the server closed it, say after refusing another lane's append
+    /// on it) after those batches went out, and events wait unsent. Their answers may all
+    /// be acknowledgements (sent before the close), which wake nobody otherwise: the lane
+    /// then sat until the answer timeout (30 s) with its events unsent.
+    reconnect: bool,
 }
 
 impl FlightState {
@@ -911,7 +917,7 @@ impl FlightState {
     fn needs_task(&self) -> bool {
         match self.batches.front() {
             Some(b) => matches!(b.reply, Some(Err(_))) || self.pending == 0,
-            None => self.closing,
+            None => self.closing || self.reconnect,
         }
     }
 }
@@ -1212,6 +1218,7 @@ impl SegmentWriter {
     fn new_round(&self) -> (u64, Vec<(u64, u32, Bytes)>) {
         let mut st = self.core.flight.state.lock().expect("lock");
         st.round += 1;
+        st.reconnect = false;
         let now = Instant::now();
         for b in st.batches.iter_mut() {
             b.reply = None;
@@ -1344,9 +1351,11 @@ impl SegmentWriter {
                 _ = self.core.flight.wake.notified() => {}
                 _ = self.core.queue.wake.notified() => {}
                 _ = tokio::time::sleep_until(look_at.unwrap_or_else(Instant::now).into()), if look_at.is_some() => {
-                    if overdue_at.is_some() {
+                    // Input unsent with nothing in flight is a lost wake-up, whichever the
+                    // look was for (the last answer came meanwhile and woke nobody).
+                    if self.answer_due().is_some() {
                         self.give_up_silent_connection();
-                    } else if self.core.has_input() && self.answer_due().is_none() {
+                    } else if self.core.has_input() {
                         tracing::warn!(segment = %self.core.segment, "a writer's lane held unsent events for {timeout:?}: sending them now");
                     }
                 }
@@ -1419,8 +1428,14 @@ impl SegmentWriter {
     /// (or, if none is coming, the task) resend everything in order, what is queued after
     /// them; with none, connects. Returns whether anything changed.
     async fn connect(&mut self) -> bool {
-        if !self.core.flight.state.lock().expect("lock").batches.is_empty() {
-            return false;
+        {
+            let mut st = self.core.flight.state.lock().expect("lock");
+            // Not while batches are in flight on the old connection (a new one could take
+            // later batches before they are answered): the last answer wakes the task.
+            st.reconnect = !st.batches.is_empty();
+            if st.reconnect {
+                return false;
+            }
         }
         self.core.hold(true);
         match self.shared.client.segment_connection(&self.core.segment).await {
@@ -1749,6 +1764,15 @@ mod tests {
         // Input ended: the last answer wakes the task to finish; before that, none does.
         let (f, _) = flight(2, 64);
         f.state.lock().unwrap().closing = true;
+        f.answer(0, 10, Ok(()));
+        assert!(!woken(&f).await);
+        f.answer(0, 20, Ok(()));
+        assert!(woken(&f).await);
+        // The connection broke with events waiting to be sent: the last acknowledgement
+        // wakes the task to connect again (nothing did: the lane waited for the 30 s answer
+        // timeout, two of ~250 runs of the cluster move test).
+        let (f, _) = flight(2, 64);
+        f.state.lock().unwrap().reconnect = true;
         f.answer(0, 10, Ok(()));
         assert!(!woken(&f).await);
         f.answer(0, 20, Ok(()));

@@ -158,7 +158,18 @@ fn spawn_writer(
             seq[k as usize] += 1;
             i += 1;
             let ack = writer.write_event(format!("key-{k}").as_bytes(), format!("{w}:{k}:{s}").into_bytes());
-            inflight.spawn(async move { ack.await.map(|_| (w, k, s)) });
+            inflight.spawn(async move {
+                let asked = Instant::now();
+                let r = ack.await;
+                // A stall this long is no failure, but its cause is sought: say when it was.
+                if asked.elapsed() > SLOW_ACK {
+                    eprintln!(
+                        "writer {w}: key {k} event {s} answered {:?} after it was written: {r:?}",
+                        asked.elapsed()
+                    );
+                }
+                r.map(|_| (w, k, s))
+            });
             while inflight.len() >= 256 {
                 let r = inflight.join_next().await.unwrap().unwrap();
                 acked.lock().unwrap().push(r.expect("every write is eventually acknowledged"));
@@ -174,6 +185,11 @@ fn spawn_writer(
         }
     })
 }
+
+/// An acknowledgement slower than this is reported (with the nodes' logs, when the writers
+/// take as long to stop): two of ~250 local runs of the move test stalled ~30 s with no
+/// warning from the client.
+const SLOW_ACK: Duration = Duration::from_secs(5);
 
 /// Writers on `cl/events` (created here with 6 segments), writer `w` bootstrapping from
 /// node `w`, recording what is acknowledged; started once they made progress.
@@ -283,6 +299,13 @@ async fn three_nodes_move_containers_without_losing_events() {
     let t = Instant::now();
     let acked = load.finish().await;
     eprintln!("writers stopped in {:?}", t.elapsed());
+    if t.elapsed() > SLOW_ACK {
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            if let Some(node) = node {
+                eprintln!("--- n{i}'s log:\n{}", node.output());
+            }
+        }
+    }
 
     read_back_exactly(&cluster.url(2), &acked).await;
 }
