@@ -415,11 +415,7 @@ fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req
                     | EngineError::NoSpace(_)
                     | EngineError::Poisoned { .. }),
                 ) => return Started::Now(engine_error_message(&e), true),
-                Err(e) => {
-                    let e = engine_error_message(&e);
-                    let close = ends(ErrorCode::from_u16(e.code));
-                    return Started::Now(e, close);
-                }
+                Err(e) => return Started::Now(engine_error_message(&e), ends(Some(e.code().0))),
             };
             let read_at = Instant::now();
             Started::Queued(Box::pin(async move {

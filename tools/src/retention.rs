@@ -300,12 +300,9 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
         }
         let mut changes = Vec::new();
         let pace = Pacing { paces: &mut paces, full, floor: tick, interval };
-        match round(&client, &names, &mut streams, &mut groups, pace, &mut changes).await {
-            Ok(looked) if looked > 0 => {
-                tracing::debug!(took = ?started.elapsed(), streams = streams.len(), looked, full, "retention round")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "retention round failed; trying again next round"),
+        let looked = round(&client, &names, &mut streams, &mut groups, pace, &mut changes).await;
+        if looked > 0 {
+            tracing::debug!(took = ?started.elapsed(), streams = streams.len(), looked, full, "retention round");
         }
         if loaded && let Err(e) = keep(&client, &mut kept, changes, interval).await {
             // Loaded again next round: this round's changes are not kept.
@@ -386,7 +383,8 @@ async fn list_names(c: &Client) -> Result<Vec<ScopedStream>, ClientError> {
 
 /// One round over the streams as last listed (`names`): looks at those due (all in a full
 /// round, which also compacts idle groups' state), forgets the marks of streams gone or
-/// without a policy. Returns how many streams it looked at.
+/// without a policy. Returns how many streams it looked at (a stream that cannot be looked
+/// at keeps its marks and is tried again soon).
 async fn round(
     c: &Client,
     names: &[ScopedStream],
@@ -394,7 +392,7 @@ async fn round(
     groups: &mut HashMap<String, u64>,
     mut pace: Pacing<'_>,
     changes: &mut Vec<MarksUpdate>,
-) -> Result<usize, ClientError> {
+) -> usize {
     let mut seen = std::collections::HashSet::new();
     let mut listed = std::collections::HashSet::new();
     let mut looked = 0;
@@ -446,7 +444,7 @@ async fn round(
     streams.retain(|k, _| seen.contains(k));
     groups.retain(|k, _| seen.contains(k));
     pace.paces.retain(|k, _| listed.contains(k));
-    Ok(looked)
+    looked
 }
 
 /// Compacts a reader group's state if its segment's start has not moved since the previous

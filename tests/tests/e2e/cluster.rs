@@ -143,7 +143,7 @@ impl Cluster {
 struct SlowAcks {
     count: u64,
     first: Option<(u64, u64, u64)>,
-    longest: Option<Duration>,
+    longest: Duration,
 }
 
 impl SlowAcks {
@@ -153,7 +153,7 @@ impl SlowAcks {
         if took > SLOW_ACK {
             self.count += 1;
             self.first.get_or_insert(e);
-            self.longest = Some(self.longest.map_or(took, |l| l.max(took)));
+            self.longest = self.longest.max(took);
         }
     }
 }
@@ -199,10 +199,10 @@ fn spawn_writer(
         }
         // A stall this long is no failure (an etcd outage holds writes for seconds), but a
         // cause is sought when it is not expected.
-        if let Some((first, longest)) = slow.first.zip(slow.longest) {
+        if let Some((_, k, s)) = slow.first {
             eprintln!(
-                "writer {w}: {} acknowledgements took over {SLOW_ACK:?} (the longest {longest:?}), the first of key {} event {}",
-                slow.count, first.1, first.2
+                "writer {w}: {} acknowledgements took over {SLOW_ACK:?} (the longest {:?}), the first of key {k} event {s}",
+                slow.count, slow.longest
             );
         }
     })
