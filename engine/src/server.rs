@@ -9,6 +9,7 @@
 //! error reply and the connection goes on. Nothing a client sends can panic the shard.
 
 use crate::container::core::{OpResult, Request};
+use crate::container::io::RefusalNotice;
 use crate::error::EngineError;
 use crate::shard::{Owner, Shard};
 use bytes::Bytes;
@@ -299,11 +300,14 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
     let gone = gone.shared();
     loop {
         let Some((header, body)) = read_frame(r, max, &send).await? else { return Ok(()) };
+        let permit = Some(limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?);
+        // Checked after the last wait before the request is started: an append of this
+        // connection refused after it was queued raises `refused` at once (the container
+        // sets it as it refuses), so no later request overtakes that refusal.
         if refused.get() {
             return Err(REFUSED_CLOSE.into());
         }
         crate::stats::record_request();
-        let permit = Some(limit.clone().acquire_static_permit(1).await.map_err(|e| e.to_string())?);
         let frame = match Frame::from_parts(&header, body) {
             Ok(f) => f,
             Err(e) => {
@@ -312,7 +316,7 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
             }
         };
         let id = frame.request_id;
-        match dispatch(shard, via, frame) {
+        match dispatch(shard, via, frame, &refused) {
             Ok(Dispatched::Now(rep)) => {
                 let _ = tx.unbounded_send((rep, permit));
             }
@@ -366,7 +370,8 @@ enum Dispatched {
     /// Answer, then close the connection.
     Close(Reply),
     /// Answer later; `true` with the answer: an append was refused after it was queued
-    /// (a full disk), so the connection takes no further request.
+    /// (a full disk, its container stopped or poisoned), so the connection takes no further
+    /// request (the connection's refusal notice was raised already, as it was refused).
     Later(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
     /// Answer later and read no further request (an `Appends` part was refused at once).
     CloseAfter(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
@@ -401,13 +406,23 @@ enum Started {
 /// it again, and every append it sent after it, in order, on a new connection. Were a later
 /// append of the same writer read from this connection and accepted (its container opened
 /// here meanwhile, a full disk got room), the resend of the refused one would be taken for a
-/// duplicate (its event numbers are below the accepted ones) and its events lost.
-fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req: Request) -> Started {
+/// duplicate (its event numbers are below the accepted ones) and its events lost. An append
+/// refused after it was queued raises `refused` (the connection's notice) at that moment,
+/// before its answer is sent: the read loop checks it before starting each request, so a
+/// later append read in between is not started either.
+fn start_segment_op<S: MetaStore>(
+    shard: &Shard<S>,
+    via: Via,
+    segment: &str,
+    req: Request,
+    refused: &RefusalNotice,
+) -> Started {
     let append = matches!(req, Request::Append { .. });
     let ends = move |code: Option<ErrorCode>| append && code.is_some_and(ErrorCode::is_transient);
     match shard.owner(segment) {
         Owner::Local(c) => {
-            let fut = match shard.submit_local(&c, segment, req) {
+            let notice = append.then(|| refused.clone());
+            let fut = match shard.submit_local_noting(&c, segment, req, notice) {
                 Ok(f) => f,
                 Err(
                     e @ (EngineError::Overloaded(_)
@@ -420,13 +435,9 @@ fn start_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, segment: &str, req
             let read_at = Instant::now();
             Started::Queued(Box::pin(async move {
                 let result = fut.await;
-                // Refused after it was queued: later requests of this connection must not
-                // overtake it.
-                let close = match &result {
-                    Err(EngineError::NoSpace(_)) => true,
-                    Err(e) => ends(Some(e.code().0)),
-                    Ok(_) => false,
-                };
+                // An append refused after it was queued (the notice was raised as it was):
+                // the connection takes no further request.
+                let close = result.as_ref().err().is_some_and(|e| ends(Some(e.code().0)));
                 if matches!(result, Ok(OpResult::Appended { .. })) {
                     crate::stats::record_append(read_at.elapsed());
                 }
@@ -456,8 +467,15 @@ fn op_reply(id: u64, result: Result<OpResult, EngineError>) -> Reply {
 }
 
 /// Routes a segment request to its local container, or answers `WrongHost`.
-fn local_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, id: u64, segment: String, req: Request) -> Dispatched {
-    match start_segment_op(shard, via, &segment, req) {
+fn local_segment_op<S: MetaStore>(
+    shard: &Shard<S>,
+    via: Via,
+    id: u64,
+    segment: String,
+    req: Request,
+    refused: &RefusalNotice,
+) -> Dispatched {
+    match start_segment_op(shard, via, &segment, req, refused) {
         Started::Now(e, true) => Dispatched::Close(reply(id, &e)),
         Started::Now(e, false) => Dispatched::Now(reply(id, &e)),
         Started::Queued(fut) => Dispatched::Later(Box::pin(async move {
@@ -471,7 +489,14 @@ fn local_segment_op<S: MetaStore>(shard: &Shard<S>, via: Via, id: u64, segment: 
 /// answer once all are done. After a part refused at once in a way that closes the
 /// connection, the later parts are not queued (one of them may be the same writer's next
 /// batch) and get the same refusal; the connection reads no further frame.
-fn appends<S: MetaStore>(shard: &Shard<S>, via: Via, id: u64, a: Appends, payload: Bytes) -> Dispatched {
+fn appends<S: MetaStore>(
+    shard: &Shard<S>,
+    via: Via,
+    id: u64,
+    a: Appends,
+    payload: Bytes,
+    notice: &RefusalNotice,
+) -> Dispatched {
     let total: u64 = a.parts.iter().map(|p| u64::from(p.data_bytes)).sum();
     if a.parts.is_empty() || a.parts.len() > APPEND_PARTS_MAX || total != payload.len() as u64 {
         let message = format!(
@@ -501,7 +526,7 @@ fn appends<S: MetaStore>(shard: &Shard<S>, via: Via, id: u64, a: Appends, payloa
             expected_offset: None,
             data,
         };
-        let s = start_segment_op(shard, via, &part.segment, req);
+        let s = start_segment_op(shard, via, &part.segment, req, notice);
         if let Started::Now(e, true) = &s {
             refused = Some(e.clone());
         }
@@ -574,7 +599,14 @@ fn merge_segment<S: MetaStore>(shard: &Rc<Shard<S>>, via: Via, id: u64, m: Merge
     })
 }
 
-fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, via: Via, frame: Frame) -> Result<Dispatched, ProtocolError> {
+/// Starts one request of a connection; `refused`: the connection's refusal notice (see
+/// `start_segment_op`).
+fn dispatch<S: MetaStore>(
+    shard: &Rc<Shard<S>>,
+    via: Via,
+    frame: Frame,
+    refused: &RefusalNotice,
+) -> Result<Dispatched, ProtocolError> {
     let id = frame.request_id;
     Ok(match frame.kind {
         Kind::Append => {
@@ -587,11 +619,11 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, via: Via, frame: Frame) -> Resul
                 expected_offset: a.expected_offset,
                 data: frame.payload,
             };
-            local_segment_op(shard, via, id, a.segment, req)
+            local_segment_op(shard, via, id, a.segment, req, refused)
         }
         Kind::Appends => {
             let a: Appends = frame.decode()?;
-            appends(shard, via, id, a, frame.payload)
+            appends(shard, via, id, a, frame.payload, refused)
         }
         Kind::Read => {
             let rd: Read = frame.decode()?;
@@ -683,19 +715,26 @@ fn dispatch<S: MetaStore>(shard: &Rc<Shard<S>>, via: Via, frame: Frame) -> Resul
         }
         Kind::CreateSegment => {
             let m: CreateSegment = frame.decode()?;
-            local_segment_op(shard, via, id, m.segment.clone(), Request::Create { name: m.segment })
+            local_segment_op(shard, via, id, m.segment.clone(), Request::Create { name: m.segment }, refused)
         }
         Kind::SealSegment => {
             let m: SealSegment = frame.decode()?;
-            local_segment_op(shard, via, id, m.segment.clone(), Request::Seal { name: m.segment })
+            local_segment_op(shard, via, id, m.segment.clone(), Request::Seal { name: m.segment }, refused)
         }
         Kind::TruncateSegment => {
             let m: TruncateSegment = frame.decode()?;
-            local_segment_op(shard, via, id, m.segment.clone(), Request::Truncate { name: m.segment, offset: m.offset })
+            local_segment_op(
+                shard,
+                via,
+                id,
+                m.segment.clone(),
+                Request::Truncate { name: m.segment, offset: m.offset },
+                refused,
+            )
         }
         Kind::DeleteSegment => {
             let m: DeleteSegment = frame.decode()?;
-            local_segment_op(shard, via, id, m.segment.clone(), Request::Delete { name: m.segment })
+            local_segment_op(shard, via, id, m.segment.clone(), Request::Delete { name: m.segment }, refused)
         }
         Kind::MergeSegment => merge_segment(shard, via, id, frame.decode()?),
         Kind::CreateScope => {

@@ -99,6 +99,17 @@ impl<S: MetaStore> Shard<S> {
         segment: &str,
         req: Request,
     ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
+        self.submit_local_noting(c, segment, req, None)
+    }
+
+    /// `submit_local`, with `Container::submit_noting`'s refusal notice.
+    pub fn submit_local_noting(
+        &self,
+        c: &Rc<Container>,
+        segment: &str,
+        req: Request,
+        notice: Option<crate::container::io::RefusalNotice>,
+    ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
         match &req {
             Request::Append { event_count, data, .. } if !sluice_net::txn::is_shadow_segment(segment) => {
                 let now = std::time::Instant::now();
@@ -107,7 +118,7 @@ impl<S: MetaStore> Shard<S> {
             Request::Delete { .. } => self.rates.borrow_mut().remove(segment),
             _ => {}
         }
-        c.submit(req)
+        c.submit_noting(req, notice)
     }
 
     pub fn owner(&self, segment: &str) -> Owner {

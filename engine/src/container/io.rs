@@ -39,7 +39,42 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-type Waiter = oneshot::Sender<Result<OpResult, EngineError>>;
+/// A notice raised, at once, when an operation queued with it is refused with a transient
+/// error (or dropped unanswered): set by the container as it refuses, before the refusal's
+/// answer can be read. The server passes one per connection with its appends, so that it
+/// reads no later append of that connection after a refused one (see `Container::submit_noting`).
+pub type RefusalNotice = Rc<Cell<bool>>;
+
+/// The answer to one queued operation, and the notice to raise if it is refused.
+struct Waiter {
+    tx: Option<oneshot::Sender<Result<OpResult, EngineError>>>,
+    notice: Option<RefusalNotice>,
+}
+
+impl Waiter {
+    fn answer(mut self, result: Result<OpResult, EngineError>) {
+        if let (Err(e), Some(n)) = (&result, &self.notice)
+            && e.code().0.is_transient()
+        {
+            n.set(true);
+        }
+        self.notice = None;
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+impl Drop for Waiter {
+    /// Dropped unanswered (the container is going away): its operation fails `Poisoned`.
+    fn drop(&mut self) {
+        if self.tx.is_some()
+            && let Some(n) = &self.notice
+        {
+            n.set(true);
+        }
+    }
+}
 
 /// Where a container a node now owns gets its state from (cluster mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1091,6 +1126,20 @@ impl Container {
         self: &Rc<Self>,
         req: Request,
     ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
+        self.submit_noting(req, None)
+    }
+
+    /// `submit`, raising `notice` at the moment the operation, once queued, is refused with
+    /// a transient error (a full disk, a poisoned or stopped container), before anyone can
+    /// read that answer. A connection that passes one with its appends checks it before
+    /// each later request: its writer resends the refused append and every later one in
+    /// order, so a later append taken meanwhile (the disk got room in between) would make
+    /// the resend look like a duplicate of it and its events would be lost.
+    pub fn submit_noting(
+        self: &Rc<Self>,
+        req: Request,
+        notice: Option<RefusalNotice>,
+    ) -> Result<impl std::future::Future<Output = Result<OpResult, EngineError>> + 'static, EngineError> {
         // Without tier-2 a truncation or deletion may free log files: once durable, it
         // wakes the task that frees them.
         let frees = (self.tier2.is_none()
@@ -1108,7 +1157,7 @@ impl Container {
             Submitted::Ready(r) => Either::Left(r),
             Submitted::Queued => {
                 let (tx, rx) = oneshot::channel();
-                self.waiters.borrow_mut().push_back(tx);
+                self.waiters.borrow_mut().push_back(Waiter { tx: Some(tx), notice });
                 if !self.flushing.get() {
                     self.flushing.set(true);
                     glommio::spawn_local(Self::flush_loop(self.clone())).detach();
@@ -1225,7 +1274,7 @@ impl Container {
                         let mut waiters = self.waiters.borrow_mut();
                         for r in done.results {
                             let w = waiters.pop_front().expect("a waiter per queued operation");
-                            let _ = w.send(Ok(r));
+                            w.answer(Ok(r));
                         }
                     }
                     if let Some(old) = done.rolled_from {
@@ -1315,7 +1364,7 @@ impl Container {
         let mut waiters = self.waiters.borrow_mut();
         for _ in 0..n.min(waiters.len()) {
             let w = waiters.pop_front().expect("counted");
-            let _ = w.send(Err(err.clone()));
+            w.answer(Err(err.clone()));
         }
         tracing::warn!(container = self.id, refused = n, "disk full: queued operations refused");
     }
@@ -1329,7 +1378,7 @@ impl Container {
         let mut waiters = self.waiters.borrow_mut();
         for _ in 0..n.min(waiters.len()) {
             let w = waiters.pop_front().expect("counted");
-            let _ = w.send(Err(err.clone()));
+            w.answer(Err(err.clone()));
         }
     }
 
@@ -1916,6 +1965,87 @@ mod tests {
         assert_eq!(two, [Bytes::from_static(&[12, 13]), Bytes::from_static(&[18, 19])]);
         assert_eq!(slices(&part, 1010, &[(1008, 4)]), None, "before the image");
         assert_eq!(slices(&part, 1010, &[(1018, 4)]), None, "past its end");
+    }
+
+    /// A queued append refused for a full disk, or failed because its container stopped,
+    /// raises its notice as the refusal is made (before anyone reads the answer); an
+    /// acknowledged one leaves it down.
+    #[test]
+    fn a_refused_queued_operation_raises_its_notice_at_once() {
+        use crate::container::core::Prefill;
+        let root = std::env::temp_dir().join(format!("sluice-notice-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let dir = root.clone();
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                // glommio 0.9: an executor's first opened file must not be empty (shard.rs).
+                let probe = dir.join("probe");
+                std::fs::write(&probe, vec![0u8; 4096]).unwrap();
+                DmaFile::open(&probe).await.unwrap().close().await.unwrap();
+                let cfg = CoreConfig {
+                    container: 1,
+                    file_bytes: 4 << 20,
+                    flush_bytes_max: 256 << 10,
+                    cache_bytes_max: 1 << 20,
+                    pending_bytes_max: 8 << 20,
+                    log_bytes_max: 64 << 20,
+                    prefill: Prefill::Never,
+                    spare_files: 0,
+                    writer_idle_ms: 0,
+                    salvage: false,
+                };
+                let log = dir.join("log");
+                let pacer = Rc::new(IoPacer::new(0, Duration::ZERO));
+                let c = Container::open(cfg, log, pacer, None).await.unwrap();
+                c.submit(Request::Create { name: "s".into() }).unwrap().await.unwrap();
+                let append = |n: u64| {
+                    let mut data = Vec::new();
+                    sluice_net::event::encode_event(&mut data, format!("event {n}").as_bytes());
+                    let data = Bytes::from(data);
+                    Request::Append {
+                        name: "s".into(),
+                        writer: 7,
+                        first_event_number: n,
+                        event_count: 1,
+                        expected_offset: None,
+                        data,
+                    }
+                };
+                let notice: RefusalNotice = Rc::new(Cell::new(false));
+                c.submit_noting(append(1), Some(notice.clone())).unwrap().await.unwrap();
+                assert!(!notice.get(), "an acknowledged append leaves the notice down");
+                // The flush loop ends once nothing is queued (it may write a checkpoint first).
+                for _ in 0..200 {
+                    if !c.flushing.get() {
+                        break;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+                assert!(!c.flushing.get(), "the flush loop did not end");
+                // Queued and refused for a full disk between flushes, as the flush loop does
+                // when the next log file cannot be created (marked as running so that the
+                // submissions do not start it: it would put the first in flight at once).
+                c.flushing.set(true);
+                let refused = c.submit_noting(append(2), Some(notice.clone())).unwrap();
+                let bystander = c.submit(append(3)).unwrap();
+                c.refuse_queued();
+                assert!(notice.get(), "raised as the refusal is made, before its answer is read");
+                assert!(matches!(refused.await, Err(EngineError::NoSpace(_))));
+                assert!(matches!(bystander.await, Err(EngineError::NoSpace(_))));
+                // Queued when the container stops (it moved away): `NotOwner`, raised too.
+                let moved: RefusalNotice = Rc::new(Cell::new(false));
+                let fut = c.submit_noting(append(2), Some(moved.clone())).unwrap();
+                c.flushing.set(false);
+                c.stop_with("moved to another node".into());
+                assert!(moved.get(), "raised as the container stops");
+                let answer = fut.await;
+                assert!(matches!(answer, Err(EngineError::NotOwner { .. })), "{answer:?}");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
