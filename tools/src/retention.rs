@@ -1,8 +1,8 @@
 //! The retention service: applies each stream's retention policy. It runs once per cluster
 //! (in `sluice standalone`, next to the node) and works through the client API like any
 //! other user: when it looks at a stream with a policy (see "Pace" below) it records a
-//! *mark* (the tail stream cut, which lies on event boundaries, the time and the stream's
-//! total bytes written), and once a stream holds more than the policy's MAX it truncates the
+//! *mark* (the tail stream cut, which lies on event boundaries, the time (`now_ms`: the wall
+//! clock read at start, then the monotonic clock) and the stream's total bytes written), and once a stream holds more than the policy's MAX it truncates the
 //! stream at the newest mark that still leaves at least MIN. The engine then frees the log space and deletes the tier-2
 //! chunks below the new start offsets.
 //!
@@ -63,9 +63,25 @@ const LIST_EVERY: Duration = Duration::from_secs(1);
 /// together than MAX − MIN and one of them always leaves between MIN and MAX.
 const SIZE_LOOK_SHARE: u64 = 64;
 
-/// Wall-clock milliseconds (marks outlive the process).
+/// Unix milliseconds for marks (they outlive the process): the wall clock read once, at the
+/// first call, and advanced by the monotonic clock from then on. A step of the system clock
+/// while the service runs (an NTP correction, a restored VM) does not move it: read afresh
+/// each time, a forward step of more than a time policy's MIN aged every mark at once, and
+/// the next look truncated the stream at its newest mark (all but the last moments of its
+/// data); a backward step stopped marks and truncations for as long as the step. Across a
+/// restart the wall clock is read again (marks from before it keep their times).
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    static ANCHOR: std::sync::OnceLock<(u64, Instant)> = std::sync::OnceLock::new();
+    let &(wall, at) = ANCHOR.get_or_init(|| {
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        (wall as u64, Instant::now())
+    });
+    anchored_ms(wall, at, Instant::now())
+}
+
+/// `wall` (Unix ms at the monotonic instant `at`) advanced to `now`.
+fn anchored_ms(wall: u64, at: Instant, now: Instant) -> u64 {
+    wall.saturating_add(now.saturating_duration_since(at).as_millis() as u64)
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -612,6 +628,22 @@ mod tests {
 
     fn cut(p: &[(u64, u64)]) -> StreamCut {
         StreamCut { stream: ScopedStream::new("s", "t"), positions: p.iter().copied().collect() }
+    }
+
+    #[test]
+    fn the_marks_clock_moves_with_the_monotonic_clock_from_its_anchor() {
+        let at = Instant::now();
+        let wall = 1_800_000_000_000;
+        assert_eq!(anchored_ms(wall, at, at), wall);
+        assert_eq!(anchored_ms(wall, at, at + Duration::from_millis(2_500)), wall + 2_500);
+        // An instant before the anchor (never asked for): the anchor's time, not less.
+        assert_eq!(anchored_ms(wall, at + Duration::from_secs(1), at), wall);
+        // The process's clock: read once, so two readings a moment apart differ by that moment.
+        let (a, t) = (now_ms(), Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        let (b, u) = (now_ms(), Instant::now());
+        let elapsed = u.duration_since(t).as_millis() as u64;
+        assert!(b >= a + 19 && b <= a + elapsed + 1, "{a} then {b} after {elapsed} ms");
     }
 
     #[test]
