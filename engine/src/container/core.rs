@@ -112,6 +112,24 @@ impl Prefill {
 }
 
 impl CoreConfig {
+    /// Container `container` with log files of `file_bytes` and small limits: flushes of at
+    /// most 256 KiB, a 1 MiB read cache, 8 MiB queued, a 64 MiB log budget, no prefill, no
+    /// spare files, writers never forgotten, no salvage (what the engine's tests start from).
+    pub fn small(container: u32, file_bytes: u64) -> Self {
+        Self {
+            container,
+            file_bytes,
+            flush_bytes_max: 256 << 10,
+            cache_bytes_max: 1 << 20,
+            pending_bytes_max: 8 << 20,
+            log_bytes_max: 64 << 20,
+            prefill: Prefill::Never,
+            spare_files: 0,
+            writer_idle_ms: 0,
+            salvage: false,
+        }
+    }
+
     /// Largest append payload a log file of this size can carry next to a checkpoint.
     pub fn append_bytes_max(&self) -> usize {
         append_bytes_max(self.file_bytes)
@@ -2247,16 +2265,10 @@ mod tests {
 
     fn core() -> ContainerCore {
         let cfg = CoreConfig {
-            container: 3,
-            file_bytes: 1 << 20,
             flush_bytes_max: 64 << 10,
-            cache_bytes_max: 1 << 20,
             pending_bytes_max: 1 << 20,
             log_bytes_max: u64::MAX,
-            prefill: Prefill::Never,
-            spare_files: 0,
-            writer_idle_ms: 0,
-            salvage: false,
+            ..CoreConfig::small(3, 1 << 20)
         };
         let mut c = ContainerCore::new(cfg, 1, 0);
         c.set_now_ms(1);

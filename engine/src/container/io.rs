@@ -1982,7 +1982,6 @@ mod tests {
     /// acknowledged one leaves it down.
     #[test]
     fn a_refused_queued_operation_raises_its_notice_at_once() {
-        use crate::container::core::Prefill;
         let root = std::env::temp_dir().join(format!("sluice-notice-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
@@ -1993,18 +1992,7 @@ mod tests {
                 let probe = dir.join("probe");
                 std::fs::write(&probe, vec![0u8; 4096]).unwrap();
                 DmaFile::open(&probe).await.unwrap().close().await.unwrap();
-                let cfg = CoreConfig {
-                    container: 1,
-                    file_bytes: 4 << 20,
-                    flush_bytes_max: 256 << 10,
-                    cache_bytes_max: 1 << 20,
-                    pending_bytes_max: 8 << 20,
-                    log_bytes_max: 64 << 20,
-                    prefill: Prefill::Never,
-                    spare_files: 0,
-                    writer_idle_ms: 0,
-                    salvage: false,
-                };
+                let cfg = CoreConfig::small(1, 4 << 20);
                 let log = dir.join("log");
                 let pacer = Rc::new(IoPacer::new(0, Duration::ZERO));
                 let c = Container::open(cfg, log, pacer, None).await.unwrap();

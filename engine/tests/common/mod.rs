@@ -1,7 +1,7 @@
 //! Shared by the engine's glommio tests: a temporary root removed on drop, a container
 //! configuration, a filesystem tier-2, and the first-open workaround for a new executor.
 
-use sluice_engine::container::core::{CoreConfig, Prefill};
+use sluice_engine::container::core::CoreConfig;
 use sluice_engine::container::mover::Tier2Config;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,18 +26,7 @@ impl Drop for Dir {
 
 /// Container `container` with log files of `file_bytes`, a 64 MiB log budget, no prefill.
 pub fn core_cfg(container: u32, file_bytes: u64) -> CoreConfig {
-    CoreConfig {
-        container,
-        file_bytes,
-        flush_bytes_max: 256 << 10,
-        cache_bytes_max: 1 << 20,
-        pending_bytes_max: 8 << 20,
-        log_bytes_max: 64 << 20,
-        prefill: Prefill::Never,
-        spare_files: 0,
-        writer_idle_ms: 0,
-        salvage: false,
-    }
+    CoreConfig::small(container, file_bytes)
 }
 
 /// A filesystem tier-2 under `root`, with chunks of `chunk_bytes` and a mover that looks
