@@ -325,21 +325,16 @@ async fn read_loop<S: MetaStore, R: futures::AsyncBufRead + Unpin>(
                 return Err(REFUSED_CLOSE.into());
             }
             Ok(Dispatched::Later(fut)) => {
-                let (tx, refused) = (tx.clone(), refused.clone());
+                let tx = tx.clone();
                 glommio::spawn_local(async move {
-                    let (rep, close) = fut.await;
-                    if close {
-                        refused.set(true);
-                    }
-                    let _ = tx.unbounded_send((rep, permit));
+                    let _ = tx.unbounded_send((fut.await, permit));
                 })
                 .detach();
             }
             Ok(Dispatched::CloseAfter(fut)) => {
                 let tx = tx.clone();
                 glommio::spawn_local(async move {
-                    let (rep, _) = fut.await;
-                    let _ = tx.unbounded_send((rep, permit));
+                    let _ = tx.unbounded_send((fut.await, permit));
                 })
                 .detach();
                 return Err(REFUSED_CLOSE.into());
@@ -369,24 +364,23 @@ enum Dispatched {
     Now(Reply),
     /// Answer, then close the connection.
     Close(Reply),
-    /// Answer later; `true` with the answer: an append was refused after it was queued
-    /// (a full disk, its container stopped or poisoned), so the connection takes no further
-    /// request (the connection's refusal notice was raised already, as it was refused).
-    Later(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
+    /// Answer later. An append refused after it was queued (a full disk, its container
+    /// stopped or poisoned) raises the connection's refusal notice as it is refused, and
+    /// the read loop takes no further request.
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
     /// Answer later and read no further request (an `Appends` part was refused at once).
-    CloseAfter(std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, bool)>>>),
+    CloseAfter(std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
     /// Answer later, unless the connection ends first: then the work (named) is dropped.
     /// Only for work that changes nothing and that no one else waits for (a scrub).
     WhileConnected(&'static str, std::pin::Pin<Box<dyn std::future::Future<Output = Reply>>>),
 }
 
 fn later(f: impl std::future::Future<Output = Reply> + 'static) -> Dispatched {
-    Dispatched::Later(Box::pin(async move { (f.await, false) }))
+    Dispatched::Later(Box::pin(f))
 }
 
-/// A queued segment request: its result, and `true` if the connection must take no further
-/// request.
-type QueuedOp = std::pin::Pin<Box<dyn std::future::Future<Output = (Result<OpResult, EngineError>, bool)>>>;
+/// A queued segment request's result.
+type QueuedOp = std::pin::Pin<Box<dyn std::future::Future<Output = Result<OpResult, EngineError>>>>;
 
 /// A segment request started: queued in its local container, or answered at once.
 enum Started {
@@ -418,7 +412,7 @@ fn start_segment_op<S: MetaStore>(
     refused: &RefusalNotice,
 ) -> Started {
     let append = matches!(req, Request::Append { .. });
-    let ends = move |code: Option<ErrorCode>| append && code.is_some_and(ErrorCode::is_transient);
+    let ends = move |code: ErrorCode| append && code.is_transient();
     match shard.owner(segment) {
         Owner::Local(c) => {
             let notice = append.then(|| refused.clone());
@@ -430,22 +424,19 @@ fn start_segment_op<S: MetaStore>(
                     | EngineError::NoSpace(_)
                     | EngineError::Poisoned { .. }),
                 ) => return Started::Now(engine_error_message(&e), true),
-                Err(e) => return Started::Now(engine_error_message(&e), ends(Some(e.code().0))),
+                Err(e) => return Started::Now(engine_error_message(&e), ends(e.code().0)),
             };
             let read_at = Instant::now();
             Started::Queued(Box::pin(async move {
                 let result = fut.await;
-                // An append refused after it was queued (the notice was raised as it was):
-                // the connection takes no further request.
-                let close = result.as_ref().err().is_some_and(|e| ends(Some(e.code().0)));
                 if matches!(result, Ok(OpResult::Appended { .. })) {
                     crate::stats::record_append(read_at.elapsed());
                 }
-                (result, close)
+                result
             }))
         }
         other => {
-            let close = ends(Some(ErrorCode::WrongHost));
+            let close = ends(ErrorCode::WrongHost);
             let e = wrong_host_error(shard, via, segment, other);
             Started::Now(e, close)
         }
@@ -478,10 +469,7 @@ fn local_segment_op<S: MetaStore>(
     match start_segment_op(shard, via, &segment, req, refused) {
         Started::Now(e, true) => Dispatched::Close(reply(id, &e)),
         Started::Now(e, false) => Dispatched::Now(reply(id, &e)),
-        Started::Queued(fut) => Dispatched::Later(Box::pin(async move {
-            let (result, close) = fut.await;
-            (op_reply(id, result), close)
-        })),
+        Started::Queued(fut) => Dispatched::Later(Box::pin(async move { op_reply(id, fut.await) })),
     }
 }
 
@@ -534,30 +522,22 @@ fn appends<S: MetaStore>(
     }
     let answer = Box::pin(async move {
         let mut outcomes = Vec::with_capacity(started.len());
-        let mut close = false;
         for s in started {
             let outcome = match s {
-                Started::Now(e, c) => {
-                    close |= c;
-                    AppendOutcome::Failed(e)
-                }
-                Started::Queued(fut) => {
-                    let (result, c) = fut.await;
-                    close |= c;
-                    match result {
-                        Ok(OpResult::Appended { offset, length, last_event_number, duplicate }) => {
-                            AppendOutcome::Acked(AppendAck { offset, length, last_event_number, duplicate })
-                        }
-                        Ok(_) => AppendOutcome::Failed(engine_error_message(&EngineError::BadRequest(
-                            "an append answered without an offset".into(),
-                        ))),
-                        Err(e) => AppendOutcome::Failed(engine_error_message(&e)),
+                Started::Now(e, _) => AppendOutcome::Failed(e),
+                Started::Queued(fut) => match fut.await {
+                    Ok(OpResult::Appended { offset, length, last_event_number, duplicate }) => {
+                        AppendOutcome::Acked(AppendAck { offset, length, last_event_number, duplicate })
                     }
-                }
+                    Ok(_) => AppendOutcome::Failed(engine_error_message(&EngineError::BadRequest(
+                        "an append answered without an offset".into(),
+                    ))),
+                    Err(e) => AppendOutcome::Failed(engine_error_message(&e)),
+                },
             };
             outcomes.push(outcome);
         }
-        (reply(id, &AppendsReply { outcomes }), close)
+        reply(id, &AppendsReply { outcomes })
     });
     if refused.is_some() { Dispatched::CloseAfter(answer) } else { Dispatched::Later(answer) }
 }

@@ -2,9 +2,10 @@
 //! (in `sluice standalone`, next to the node) and works through the client API like any
 //! other user: when it looks at a stream with a policy (see "Pace" below) it records a
 //! *mark* (the tail stream cut, which lies on event boundaries, the time (`now_ms`: the wall
-//! clock read at start, then the monotonic clock) and the stream's total bytes written), and once a stream holds more than the policy's MAX it truncates the
-//! stream at the newest mark that still leaves at least MIN. The engine then frees the log space and deletes the tier-2
-//! chunks below the new start offsets.
+//! clock read at start, then the monotonic clock) and the stream's total bytes written),
+//! and once a stream holds more than the policy's MAX it truncates the stream at the newest
+//! mark that still leaves at least MIN. The engine then frees the log space and deletes the
+//! tier-2 chunks below the new start offsets.
 //!
 //! A scaled stream counts the bytes of every segment it ever had, and a truncation at a mark
 //! also empties the sealed segments wholly before it. Reader groups that subscribe to the

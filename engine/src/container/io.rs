@@ -58,7 +58,7 @@ impl Waiter {
         {
             n.set(true);
         }
-        self.notice = None;
+        // Answered: taking the sender keeps `drop` from raising the notice.
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(result);
         }
