@@ -101,8 +101,8 @@ impl Sim {
         }
     }
 
-    fn prepare(&mut self, cfg: &CoreConfig, seq: u64, epoch: u64, min_lsn: u64) -> Result<(), Crash> {
-        let header = FileHeader { container: cfg.container, seq, epoch, file_bytes: cfg.file_bytes, min_lsn };
+    fn prepare(&mut self, cfg: &CoreConfig, seq: u64, epoch: u64, min_lsn: u64, tag: u64) -> Result<(), Crash> {
+        let header = FileHeader { container: cfg.container, seq, epoch, file_bytes: cfg.file_bytes, min_lsn, tag };
         if let Some(mut image) = self.disk.spares.pop() {
             // A recycled file, as the I/O driver makes it: the new header and a cleared
             // block after it, synced, then the rename (which a crash may or may not keep).
@@ -152,7 +152,8 @@ fn flush(core: &mut ContainerCore, sim: &mut Sim) -> Result<Option<Vec<OpResult>
         };
         if let Some(seq) = plan.prepare {
             // Every record not yet durable (this flush's too) has this LSN or a later one.
-            sim.prepare(core.config(), seq, core.epoch(), core.durable_lsn() + 1)?;
+            let tag = core.tag_for_file(seq);
+            sim.prepare(core.config(), seq, core.epoch(), core.durable_lsn() + 1, tag)?;
         }
         if let Some(step) = plan.checkpoint {
             let buf = step_buf(core, step, true);
@@ -1264,28 +1265,22 @@ fn salvage_names_segments_untraced_after_the_last_of_several_losses() {
 /// A log file in the layout of builds before packed records (header version 2, every record
 /// padded to a block): the same records, moved to block boundaries.
 fn to_block_padded(image: &[u8]) -> Vec<u8> {
-    use sluice_engine::log::format::{RecordLayout, encode_record};
+    use sluice_engine::log::format::{RecordLayout, RecordMeta, encode_record};
     let scan = scan_file(&Bytes::copy_from_slice(image));
     let mut out = vec![0u8; image.len()];
     let mut header = scan.header.expect("a sound header");
-    header.min_lsn = 0;
+    (header.min_lsn, header.tag) = (0, 0);
     header.encode(&mut out[..FILE_HEADER_BYTES as usize]);
     out[8] = 2;
     let crc = crc32c::crc32c(&out[..48]);
     out[48..52].copy_from_slice(&crc.to_le_bytes());
+    out[52..60].fill(0);
     let mut at = FILE_HEADER_BYTES as usize;
     for r in &scan.records {
         let h = r.header;
         let len = sluice_engine::log::format::RecordHeader::block_padded_len(r.payload.len()) as usize;
-        encode_record(
-            &mut out[at..at + len],
-            RecordLayout::BlockPadded,
-            h.kind,
-            h.epoch,
-            h.lsn,
-            r.payload.len(),
-            |p| p.copy_from_slice(&r.payload),
-        );
+        let meta = RecordMeta { layout: RecordLayout::BlockPadded, kind: h.kind, epoch: h.epoch, lsn: h.lsn, tag: 0 };
+        encode_record(&mut out[at..at + len], meta, r.payload.len(), |p| p.copy_from_slice(&r.payload));
         at += len;
     }
     out

@@ -60,14 +60,16 @@ fn dump_container(dir: &Path, entries: bool) -> Result<(), String> {
         let mut skipped = skipped.into_iter().peekable();
         match &scan.header {
             Ok(h) => println!(
-                "  file {} container {} seq {} epoch {} size {} bytes{}",
+                "  file {} container {} seq {} epoch {} size {} bytes{}{}",
                 path.file_name().unwrap_or_default().to_string_lossy(),
                 h.container,
                 h.seq,
                 h.epoch,
                 h.file_bytes,
                 // A reused file: what its earlier use left after its own records is not shown.
-                if h.min_lsn > 0 { format!(", records from lsn {}", h.min_lsn) } else { String::new() }
+                if h.min_lsn > 0 { format!(", records from lsn {}", h.min_lsn) } else { String::new() },
+                // Records without it (look-alikes in event data) are not the file's.
+                if h.tag > 0 { format!(", record tag {:012x}", h.tag) } else { String::new() }
             ),
             Err(e) => println!("  file {}: bad header: {e}", path.display()),
         }

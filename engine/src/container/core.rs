@@ -20,7 +20,7 @@ use crate::container::index::FileIndex;
 use crate::error::EngineError;
 use crate::log::checkpoint::{CheckpointState, SegmentCheckpoint};
 use crate::log::entry::{APPEND_HEADER_BYTES, LogEntry, decode_entries, decode_entries_prefix};
-use crate::log::format::{FileHeader, RecordHeader, RecordKind, RecordLayout, encode_record};
+use crate::log::format::{FileHeader, RecordHeader, RecordKind, RecordLayout, RecordMeta, encode_record, new_tag};
 use crate::log::scan::{FileScan, ScanEnd, Skipped, damaged_records, scan_file, scan_past_damage};
 use bytes::Bytes;
 use sluice_net::event::{skip_events, validate_events};
@@ -681,6 +681,12 @@ pub struct ContainerCore {
     /// The records already in the block the next record starts in (see `Tail`).
     tail: Tail,
     current_file_bytes: u64,
+    /// The current file's record tag (`FileHeader::tag`): every record written into it
+    /// carries it.
+    file_tag: u64,
+    /// The record tag of the next file (its sequence number, its tag): what the I/O layer
+    /// writes into its header (`tag_for_file`) and its records carry.
+    next_tag: (u64, u64),
     segments: HashMap<u64, Segment>,
     by_name: HashMap<String, u64>,
     next_segment_id: u64,
@@ -736,6 +742,8 @@ impl ContainerCore {
             file_pos: u64::MAX,
             tail: Tail::empty(u64::MAX, u64::MAX),
             current_file_bytes: cfg.file_bytes,
+            file_tag: 0,
+            next_tag: (first_file_seq, new_tag()),
             segments: HashMap::new(),
             by_name: HashMap::new(),
             next_segment_id: 1,
@@ -1412,6 +1420,19 @@ impl ContainerCore {
         Some(self.next_file_seq())
     }
 
+    /// The record tag of log file `seq`, the current one or the next (chosen at random once
+    /// for it): the I/O layer writes it into the header of the file it prepares, and every
+    /// record written into the file carries it.
+    pub fn tag_for_file(&mut self, seq: u64) -> u64 {
+        if self.has_file && seq == self.file_seq {
+            return self.file_tag;
+        }
+        if self.next_tag.0 != seq {
+            self.next_tag = (seq, new_tag());
+        }
+        self.next_tag.1
+    }
+
     /// The sequence number of the log file the next roll creates.
     pub fn next_file_seq(&self) -> u64 {
         if self.has_file { self.file_seq + 1 } else { self.file_seq }
@@ -1480,15 +1501,13 @@ impl ContainerCore {
     /// Flushes are encoded in the order they begin.
     pub fn encode_checkpoint(&mut self, buf: &mut [u8]) {
         let f = self.in_flight.back().expect("a flush in flight");
-        let step = f.plan.checkpoint.expect("the flush rolls");
-        let ck = f.checkpoint.as_ref().expect("the flush rolls");
+        let (step, lsn) = (f.plan.checkpoint.expect("the flush rolls"), f.checkpoint_lsn);
+        let tag = self.tag_for_file(step.file_seq);
+        let meta =
+            RecordMeta { layout: RecordLayout::Packed, kind: RecordKind::Checkpoint, epoch: self.epoch, lsn, tag };
+        let ck = self.in_flight.back().and_then(|f| f.checkpoint.as_ref()).expect("the flush rolls");
         self.tail = Tail::empty(step.file_seq, step.pos);
-        self.tail.fill(buf, step, |rec| {
-            let (epoch, lsn) = (self.epoch, f.checkpoint_lsn);
-            encode_record(rec, RecordLayout::Packed, RecordKind::Checkpoint, epoch, lsn, ck.len(), |p| {
-                p.copy_from_slice(ck)
-            })
-        });
+        self.tail.fill(buf, step, |rec| encode_record(rec, meta, ck.len(), |p| p.copy_from_slice(ck)));
     }
 
     /// Fills `buf` (exactly the newest in-flight batch step's length) with what its write puts
@@ -1496,12 +1515,15 @@ impl ContainerCore {
     /// of its own), the batch record, then zeros. Flushes are encoded in the order they begin.
     pub fn encode_batch(&mut self, buf: &mut [u8]) {
         let f = self.in_flight.back().expect("a flush in flight");
-        let step = f.plan.batch.expect("the flush has a batch");
-        if f.own_block {
+        let (step, lsn, own_block) = (f.plan.batch.expect("the flush has a batch"), f.batch_lsn, f.own_block);
+        let tag = self.tag_for_file(step.file_seq);
+        let meta = RecordMeta { layout: RecordLayout::Packed, kind: RecordKind::Batch, epoch: self.epoch, lsn, tag };
+        if own_block {
             self.tail = Tail::empty(step.file_seq, step.record_pos);
         }
+        let f = self.in_flight.back().expect("a flush in flight");
         self.tail.fill(buf, step, |rec| {
-            encode_record(rec, RecordLayout::Packed, RecordKind::Batch, self.epoch, f.batch_lsn, f.payload_len, |p| {
+            encode_record(rec, meta, f.payload_len, |p| {
                 let mut at = 0;
                 for e in f.ops.iter().filter_map(|o| o.entry.as_ref()) {
                     at += e.encode(&mut p[at..]);
@@ -1520,6 +1542,7 @@ impl ContainerCore {
                 let old = std::mem::take(&mut self.current_index);
                 self.remember_index(self.file_seq, old);
             }
+            self.file_tag = self.tag_for_file(seq);
             self.file_seq = seq;
             self.has_file = true;
             self.current_file_bytes = self.cfg.file_bytes;
@@ -2109,6 +2132,7 @@ impl ContainerCore {
                 file_bytes: files[a].1.len() as u64,
                 // The opening checkpoint's: the scan took the file's own records from there.
                 min_lsn: first.records[0].header.lsn,
+                tag: first.records[0].header.tag,
             });
         }
         let ck = CheckpointState::decode(&first.records[0].payload).map_err(|e| invalid(seq, e))?;
@@ -2157,6 +2181,13 @@ impl ContainerCore {
             }
             core.file_pos = scan.end;
             core.current_file_bytes = scan.header.as_ref().map_or(bytes.len() as u64, |h| h.file_bytes);
+            // Records written into the file from here on carry its tag (a file of an earlier
+            // build: 0, as its own records do).
+            core.file_tag = match (&scan.header, scan.records.first()) {
+                (Ok(h), _) => h.tag,
+                (Err(_), Some(r)) => r.header.tag,
+                (Err(_), None) => 0,
+            };
             for (r, rec) in scan.records.iter().enumerate().skip(if n == 0 { 1 } else { 0 }) {
                 if rec.header.kind != RecordKind::Batch {
                     return Err(invalid(seq, format!("unexpected checkpoint at byte {}", rec.pos)));

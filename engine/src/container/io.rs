@@ -1385,7 +1385,8 @@ impl Container {
     /// Starts preparing log file `seq`.
     fn start_prepare(self: &Rc<Self>, seq: u64) {
         let (header, shard_bytes_per_sec, zero_fill) = {
-            let core = self.core.borrow();
+            let mut core = self.core.borrow_mut();
+            let tag = core.tag_for_file(seq);
             let cfg = core.config();
             // Whatever a recycled file holds of its earlier use is durable, so has lower LSNs
             // than any record not yet written (those of a flush in flight included).
@@ -1395,6 +1396,7 @@ impl Container {
                 epoch: core.epoch(),
                 file_bytes: cfg.file_bytes,
                 min_lsn: core.durable_lsn() + 1,
+                tag,
             };
             let shard_bytes_per_sec = self.pacer.written_per_second();
             (header, shard_bytes_per_sec, cfg.prefill.zero_fill(self.flush_mean.get(), shard_bytes_per_sec))

@@ -23,6 +23,13 @@
 //! A recycled file (a freed log file given a new name and header instead of a new file)
 //! still holds its earlier use's records after its own. Those have LSNs below the header's
 //! `min_lsn`; they end the chain like zeros and are never evidence of damage.
+//!
+//! A record is the file's own only if it carries the file's record tag (`FileHeader::tag`,
+//! random per file; 0 in files of earlier builds), and a chain's next record only if it
+//! carries its predecessor's. The searches past a damaged or torn record, and into a reused
+//! file's earlier use, look at positions that may hold any bytes a user wrote (event
+//! payloads inside records): without the tag a crafted event could pass there for a record of
+//! this use, and make recovery refuse to start (or a salvage replay it).
 
 use crate::constants::{BLOCK_BYTES, FILE_HEADER_BYTES, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES};
 use crate::log::format::{FileHeader, HeaderFault, RecordHeader, starts_with_magic};
@@ -79,7 +86,7 @@ type Fault = (u64, HeaderFault, Option<u64>, String);
 /// or, when its payload is damaged, the fault at its own position (not at the rest of the
 /// block before it, where nothing was meant to be).
 fn own_block_record(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> Option<Result<ScannedRecord, Fault>> {
-    let next = own_block_after(bytes, 0, pos as usize, prev.lsn)? as u64;
+    let next = own_block_after(bytes, 0, pos as usize, prev)? as u64;
     if next + RECORD_HEADER_BYTES as u64 > len {
         return None;
     }
@@ -89,22 +96,27 @@ fn own_block_record(bytes: &Bytes, pos: u64, prev: &RecordHeader, len: u64) -> O
     }
 }
 
-/// Where the record that starts a block of its own after the record with LSN `prev_lsn`,
-/// which ends at `pos` (an index into `bytes`, read from file position `base`), starts: the
-/// next block boundary, if a sound packed header with the next LSN is there and no sound
-/// header with that LSN is at `pos` (that would be the next record, packed after its
-/// predecessor, whatever its payload). The bytes between are not looked at: zeros the first
-/// write put there, or, where that write was torn, what the sectors held before (in a
-/// reused file, its earlier use's bytes). The rule for a record written beside the one
-/// before it (module doc).
-fn own_block_after(bytes: &[u8], base: u64, pos: usize, prev_lsn: u64) -> Option<usize> {
+/// Where the record that starts a block of its own after the record `prev`, which ends at
+/// `pos` (an index into `bytes`, read from file position `base`), starts: the next block
+/// boundary, if a sound packed header that follows `prev` (`follows`) is there and none is at
+/// `pos` (that would be the next record, packed after its predecessor, whatever its
+/// payload). The bytes between are not looked at: zeros the first write put there, or,
+/// where that write was torn, what the sectors held before (in a reused file, its earlier
+/// use's bytes). The rule for a record written beside the one before it (module doc).
+fn own_block_after(bytes: &[u8], base: u64, pos: usize, prev: &RecordHeader) -> Option<usize> {
     let next = (crate::constants::align_up(base + pos as u64) - base) as usize;
-    let is_next = |at: usize| RecordHeader::decode(&bytes[at..]).is_ok_and(|h| h.lsn == prev_lsn + 1);
+    let is_next = |at: usize| RecordHeader::decode(&bytes[at..]).is_ok_and(|h| follows(&h, prev));
     (next > pos
         && next + RECORD_HEADER_BYTES <= bytes.len()
         && !is_next(pos)
-        && RecordHeader::decode(&bytes[next..]).is_ok_and(|h| h.lsn == prev_lsn + 1 && h.packed()))
+        && RecordHeader::decode(&bytes[next..]).is_ok_and(|h| follows(&h, prev) && h.packed()))
     .then_some(next)
+}
+
+/// Whether a record with header `h` may follow `prev` in a chain: the next LSN, and the same
+/// file's tag (its epoch is checked where a chain is replayed).
+fn follows(h: &RecordHeader, prev: &RecordHeader) -> bool {
+    h.lsn == prev.lsn + 1 && h.tag == prev.tag
 }
 
 /// Checks the record at `pos` in isolation (header and payload checksums).
@@ -139,16 +151,19 @@ pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
         let decoded = RecordHeader::decode(&bytes[pos..]);
         let header = match (decoded, prev) {
             (Ok(h), None) => h,
-            (Ok(h), Some(p)) if h.lsn == p.lsn + 1 => h,
+            (Ok(h), Some(p)) if follows(&h, &p) => h,
             (other, _) => {
                 // The next record (the next LSN) starts a block of its own (see the module doc).
-                if let Some(next) = prev.and_then(|p| own_block_after(bytes, base, pos, p.lsn)) {
+                if let Some(next) = prev.and_then(|p| own_block_after(bytes, base, pos, &p)) {
                     pos = next;
                     continue;
                 }
                 return Err(match other {
                     Err(HeaderFault::Zero) => (at, format!("no record at byte {at}, where the index has one (zeros)")),
                     Err(HeaderFault::Invalid) => (at, format!("the record at byte {at} has a damaged header")),
+                    Ok(h) if prev.is_some_and(|p| h.lsn == p.lsn + 1) => {
+                        (at, format!("the record at byte {at} has another tag than the one before it"))
+                    }
                     Ok(h) => (
                         at,
                         format!(
@@ -175,18 +190,19 @@ pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
     Ok(())
 }
 
-/// The lowest LSN a record of this file's own use has (see the module doc): the header's,
-/// or, when the header is damaged, the LSN of the checkpoint that opens the file (a
-/// recycled file's first record block is cleared when it is reused, so a checkpoint there
-/// is its own), else 0.
-fn min_lsn(bytes: &Bytes, header: &Result<FileHeader, String>) -> u64 {
+/// What marks a record of this file's own use (see the module doc): the lowest LSN it has
+/// and its tag, the header's; or, when the header is damaged, those of the checkpoint that
+/// opens the file (a recycled file's first record block is cleared when it is reused, so a
+/// checkpoint there is its own), else LSN 0 and any tag (a file whose header and opening
+/// checkpoint are both damaged cannot tell its records from look-alikes).
+fn own_use(bytes: &Bytes, header: &Result<FileHeader, String>) -> (u64, Option<u64>) {
     match header {
-        Ok(h) => h.min_lsn,
+        Ok(h) => (h.min_lsn, Some(h.tag)),
         Err(_) => (bytes.len() as u64 >= FILE_HEADER_BYTES + RECORD_HEADER_BYTES as u64)
             .then(|| record_at(bytes, FILE_HEADER_BYTES).ok())
             .flatten()
             .filter(|r| r.header.kind == crate::log::format::RecordKind::Checkpoint)
-            .map_or(0, |r| r.header.lsn),
+            .map_or((0, None), |r| (r.header.lsn, Some(r.header.tag))),
     }
 }
 
@@ -258,7 +274,8 @@ fn magic_positions(bytes: &Bytes, from: u64, to: u64) -> impl Iterator<Item = u6
 /// Scans records from `start` (a record boundary) to the end of the file.
 fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     let header = FileHeader::decode(bytes);
-    let min_lsn = min_lsn(bytes, &header);
+    let (min_lsn, tag) = own_use(bytes, &header);
+    let own_tag = |h: &RecordHeader| tag.is_none_or(|t| h.tag == t);
     let len = bytes.len() as u64 / BLOCK_BYTES * BLOCK_BYTES;
     let mut records: Vec<ScannedRecord> = Vec::new();
     let mut pos = start;
@@ -270,6 +287,9 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
             // The earlier use's records: the file's own end, like zeros.
             Ok(rec) if rec.header.lsn < min_lsn => {
                 (pos, HeaderFault::Zero, None, "a record of the file's earlier use".to_string())
+            }
+            Ok(rec) if !own_tag(&rec.header) => {
+                (pos, HeaderFault::Invalid, None, "a record with another tag than the file's".to_string())
             }
             Ok(rec) => match records.last().map(|p| &p.header) {
                 Some(ph) if rec.header.lsn != ph.lsn + 1 || rec.header.epoch < ph.epoch => {
@@ -316,10 +336,11 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
         None => ScanEnd::Clean,
         Some((at, fault, extent, reason)) => {
             let resume = extent.map_or(at + RECORD_ALIGN_BYTES, |e| at + e);
-            // A record of this use (its header first: the earlier use's are skipped cheaply).
+            // A record of this use (its header first: the earlier use's, and look-alikes
+            // without the file's tag, are skipped cheaply).
             let valid = |b: u64| {
                 RecordHeader::decode(&bytes[b as usize..])
-                    .is_ok_and(|h| h.lsn >= min_lsn)
+                    .is_ok_and(|h| h.lsn >= min_lsn && own_tag(&h))
                     .then(|| record_at(bytes, b).ok())
                     .flatten()
             };
@@ -370,13 +391,21 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
 mod tests {
     use super::*;
 
+    /// The record tag of the test files.
+    const TAG: u64 = 0x5eed_0000_7a95;
+
     #[test]
     fn check_records_finds_the_damaged_record() {
-        use crate::log::format::{RecordKind, RecordLayout, encode_record};
+        use crate::log::format::{RecordKind, RecordLayout, RecordMeta, encode_record};
         let mut buf = Vec::new();
         for (lsn, len) in [(1u64, 100usize), (2, 5000), (3, 10)] {
             let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
-            encode_record(&mut rec, RecordLayout::BlockPadded, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
+            encode_record(
+                &mut rec,
+                RecordMeta { layout: RecordLayout::BlockPadded, kind: RecordKind::Batch, epoch: 1, lsn, tag: TAG },
+                len,
+                |p| p.fill(lsn as u8),
+            );
             buf.extend_from_slice(&rec);
         }
         let base = 8192;
@@ -399,15 +428,20 @@ mod tests {
 
     #[test]
     fn sound_records_go_on_past_each_damaged_stretch() {
-        use crate::log::format::{FileHeader, RecordKind, RecordLayout, encode_record};
+        use crate::log::format::{FileHeader, RecordKind, RecordLayout, RecordMeta, encode_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
-        FileHeader { container: 1, seq: 0, epoch: 1, file_bytes: 1 << 20, min_lsn: 0 }.encode(&mut file);
+        FileHeader { container: 1, seq: 0, epoch: 1, file_bytes: 1 << 20, min_lsn: 0, tag: TAG }.encode(&mut file);
         let mut at = Vec::new();
         for lsn in 1..=6u64 {
             at.push(file.len());
             let len = if lsn == 3 { 6000 } else { 100 };
             let mut rec = vec![0u8; RecordHeader::block_padded_len(len) as usize];
-            encode_record(&mut rec, RecordLayout::BlockPadded, RecordKind::Batch, 1, lsn, len, |p| p.fill(lsn as u8));
+            encode_record(
+                &mut rec,
+                RecordMeta { layout: RecordLayout::BlockPadded, kind: RecordKind::Batch, epoch: 1, lsn, tag: TAG },
+                len,
+                |p| p.fill(lsn as u8),
+            );
             file.extend_from_slice(&rec);
         }
         file.extend_from_slice(&[0u8; 8192]);
@@ -495,20 +529,101 @@ mod tests {
     /// A file of records (lsn, payload length, packed) after a header with `min_lsn`, the
     /// first a checkpoint, padded with zeros to `total` bytes; and each record's position.
     fn file_with(min_lsn: u64, records: &[(u64, usize, bool)], total: usize) -> (Vec<u8>, Vec<usize>) {
-        use crate::log::format::{FileHeader, RecordKind, RecordLayout, encode_record};
+        use crate::log::format::{FileHeader, RecordKind, RecordLayout, RecordMeta, encode_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
-        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: total as u64, min_lsn }.encode(&mut file);
+        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: total as u64, min_lsn, tag: TAG }.encode(&mut file);
         let mut at = Vec::new();
         for (i, &(lsn, len, packed)) in records.iter().enumerate() {
             at.push(file.len());
             let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
             let layout = if packed { RecordLayout::Packed } else { RecordLayout::BlockPadded };
             let mut rec = vec![0u8; layout.disk_len(len) as usize];
-            encode_record(&mut rec, layout, kind, 1, lsn, len, |p| p.fill(lsn as u8 | 1));
+            encode_record(&mut rec, RecordMeta { layout, kind, epoch: 1, lsn, tag: TAG }, len, |p| {
+                p.fill(lsn as u8 | 1)
+            });
             file.extend_from_slice(&rec);
         }
         file.resize(total, 0);
         (file, at)
+    }
+
+    /// A record that is not one: a packed batch record of `len` bytes of payload, sound in
+    /// itself (both checksums), with the tag `tag`, LSN and epoch `lsn`.
+    fn look_alike(tag: u64, lsn: u64) -> Vec<u8> {
+        use crate::log::format::{RecordKind, RecordLayout, RecordMeta, encode_record};
+        let mut rec = vec![0u8; RecordLayout::Packed.disk_len(16) as usize];
+        let meta = RecordMeta { layout: RecordLayout::Packed, kind: RecordKind::Batch, epoch: lsn, lsn, tag };
+        encode_record(&mut rec, meta, 16, |p| p.fill(0x42));
+        rec
+    }
+
+    /// Puts `bytes` at `at`, inside the payload of the record at `rec_at`, and seals that
+    /// record again (checksums): what a user's event crafted to hold them leaves there.
+    fn plant(file: &mut [u8], rec_at: usize, at: usize, bytes: &[u8]) {
+        use crate::log::format::{RecordMeta, encode_record};
+        let h = RecordHeader::decode(&file[rec_at..]).unwrap();
+        let start = rec_at + RECORD_HEADER_BYTES;
+        let mut payload = file[start..start + h.payload_len as usize].to_vec();
+        payload[at - start..at - start + bytes.len()].copy_from_slice(bytes);
+        let meta = RecordMeta { layout: h.layout, kind: h.kind, epoch: h.epoch, lsn: h.lsn, tag: h.tag };
+        let len = h.disk_len() as usize;
+        encode_record(&mut file[rec_at..rec_at + len], meta, payload.len(), |p| p.copy_from_slice(&payload));
+    }
+
+    /// Bytes that look like a record of a later LSN, in an event's data where a scan looks
+    /// (past a torn record, in a reused file's earlier use), are not taken for one: without
+    /// the file's tag they are neither damage that stops a start nor records to replay.
+    #[test]
+    fn a_look_alike_without_the_file_tag_is_not_taken_for_a_record() {
+        let lsns = |s: &FileScan| s.records.iter().map(|r| r.header.lsn).collect::<Vec<_>>();
+        // A reused file: six records of its own, then its earlier use, whose record at 28672
+        // holds a look-alike at the block boundary 32768 in its payload.
+        let (file, _) = recycled(6);
+        for (tag, taken) in [(0, false), (TAG ^ 1, false), (TAG, true)] {
+            let mut f = file.clone();
+            plant(&mut f, 28672, 32768, &look_alike(tag, 1 << 40));
+            let scan = scan_file(&Bytes::from(f.clone()));
+            assert_eq!(lsns(&scan), [100, 101, 102, 103, 104, 105]);
+            if taken {
+                // The file's own tag (which a user cannot know): damage after the end.
+                assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 28672, valid_at: 32768, .. }), "{:?}", scan.stop);
+            } else {
+                assert_eq!((scan.stop, scan.end, scan.dirty_end), (ScanEnd::Clean, 28672, 28672), "tag {tag:x}");
+                assert_eq!(sound_records(&Bytes::from(f)).len(), 6);
+            }
+        }
+
+        // Past a torn record, at an 8-byte boundary of the torn bytes.
+        let records: Vec<(u64, usize, bool)> =
+            [(1, 300), (2, 13), (3, 1000), (4, 5000), (5, 7), (6, 100)].map(|(l, n)| (l, n, true)).to_vec();
+        let (file, at) = file_with(0, &records, 1 << 16);
+        let mut torn = file.clone();
+        torn[10768..10800].fill(0x77);
+        for (tag, taken) in [(0, false), (TAG, true)] {
+            let mut t = torn.clone();
+            let fake = look_alike(tag, 9);
+            t[10800..10800 + fake.len()].copy_from_slice(&fake);
+            let scan = scan_file(&Bytes::from(t));
+            assert_eq!(lsns(&scan), [1, 2, 3, 4, 5, 6]);
+            if taken {
+                assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 10768, valid_at: 10800, .. }), "{:?}", scan.stop);
+            } else {
+                assert!(matches!(scan.stop, ScanEnd::Torn { at: 10768, .. }), "{:?}", scan.stop);
+                assert_eq!(scan.dirty_end, 12288);
+            }
+        }
+
+        // A record with the next LSN but another tag does not follow in a chain, nor in a read.
+        let mut other = file.clone();
+        let h = RecordHeader::decode(&other[at[2]..]).unwrap();
+        RecordHeader { tag: 0, ..h }.encode(&mut other[at[2]..at[2] + RECORD_HEADER_BYTES]);
+        let scan = scan_file(&Bytes::from(other.clone()));
+        assert_eq!(lsns(&scan), [1, 2]);
+        assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 4496, valid_at: 5536, .. }), "{:?}", scan.stop);
+        assert_eq!(
+            check_records(&other[at[1]..10768], at[1] as u64),
+            Err((4496, "the record at byte 4496 has another tag than the one before it".into()))
+        );
     }
 
     #[test]
@@ -560,9 +675,9 @@ mod tests {
     /// A file of packed records (lsn, payload length, starts a block of its own) after a header,
     /// the first a checkpoint; and each record's position.
     fn file_of_blocks(records: &[(u64, usize, bool)]) -> (Vec<u8>, Vec<usize>) {
-        use crate::log::format::{FileHeader, RecordKind, RecordLayout, encode_record};
+        use crate::log::format::{FileHeader, RecordKind, RecordLayout, RecordMeta, encode_record};
         let mut file = vec![0u8; FILE_HEADER_BYTES as usize];
-        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: 1 << 16, min_lsn: 0 }.encode(&mut file);
+        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: 1 << 16, min_lsn: 0, tag: TAG }.encode(&mut file);
         let mut at = Vec::new();
         for (i, &(lsn, len, own_block)) in records.iter().enumerate() {
             if own_block {
@@ -571,7 +686,12 @@ mod tests {
             at.push(file.len());
             let kind = if i == 0 { RecordKind::Checkpoint } else { RecordKind::Batch };
             let mut rec = vec![0u8; RecordLayout::Packed.disk_len(len) as usize];
-            encode_record(&mut rec, RecordLayout::Packed, kind, 1, lsn, len, |p| p.fill(lsn as u8 | 1));
+            encode_record(
+                &mut rec,
+                RecordMeta { layout: RecordLayout::Packed, kind, epoch: 1, lsn, tag: TAG },
+                len,
+                |p| p.fill(lsn as u8 | 1),
+            );
             file.extend_from_slice(&rec);
         }
         file.resize(1 << 16, 0);
@@ -724,7 +844,7 @@ mod tests {
         let mut image = earlier.clone();
         image[..at[1] + 512].copy_from_slice(&own[..at[1] + 512]);
         image[at[2]..second_end].copy_from_slice(&own[at[2]..second_end]);
-        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: 1 << 16, min_lsn: 100 }.encode(&mut image);
+        FileHeader { container: 1, seq: 3, epoch: 1, file_bytes: 1 << 16, min_lsn: 100, tag: TAG }.encode(&mut image);
         // Record 101 torn after its first sector: the earlier use's record at 5136 is intact
         // inside its range, record 102 (a block of its own) whole after it.
         assert!(RecordHeader::decode(&image[5136..]).is_ok_and(|h| h.lsn < 100));

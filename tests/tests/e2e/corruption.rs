@@ -1049,3 +1049,102 @@ async fn seals_lost_to_a_salvage_are_made_again_from_the_controller() {
     assert!(out.lines().any(|l| l.contains("created again, empty") && l.contains("rs/gone/0")), "{out}");
     assert!(server.output().contains("after salvage: sealed again"), "{}", server.output());
 }
+
+/// The LSN of the look-alike records in `crafted_event`: above any real one.
+const LOOK_ALIKE_LSN: u64 = 1 << 62;
+
+/// An event of about 60 KiB tiled with look-alike log records: each sound in itself (both
+/// checksums), LSN and epoch `LOOK_ALIKE_LSN`, tag 0 (a user's guess; they cannot know the
+/// file's), one at each of the eight 8-byte alignments in every 456 bytes, so that wherever
+/// the event lands in a log file some start at 8-byte boundaries of the file.
+fn crafted_event() -> Vec<u8> {
+    use sluice_engine::log::format::{RecordKind, RecordLayout, RecordMeta, encode_record};
+    let mut fake = vec![0u8; RecordLayout::Packed.disk_len(16) as usize];
+    let (lsn, epoch) = (LOOK_ALIKE_LSN, LOOK_ALIKE_LSN);
+    let meta = RecordMeta { layout: RecordLayout::Packed, kind: RecordKind::Batch, epoch, lsn, tag: 0 };
+    encode_record(&mut fake, meta, 16, |p| p.fill(0x42));
+    assert_eq!(fake.len(), 56);
+    let mut tile = vec![0u8; 8 * 57];
+    for j in 0..8 {
+        tile[57 * j..57 * j + 56].copy_from_slice(&fake);
+    }
+    tile.repeat(134)
+}
+
+/// Whether one of the two newest log files of a container under `data` (the current one, and
+/// the next one prepared ahead) holds look-alikes of `crafted_event` at 8-byte boundaries
+/// after the end of its own records: a reused file's earlier use, where recovery searches
+/// for records of this use.
+fn look_alikes_after_the_end(data: &Path) -> bool {
+    use sluice_engine::log::format::RecordHeader;
+    let containers = std::fs::read_dir(data.join("containers")).unwrap().flatten().filter(|e| e.path().is_dir());
+    containers.into_iter().any(|c| {
+        let mut logs: Vec<(u64, PathBuf)> = std::fs::read_dir(c.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter_map(|p| Some((sluice_engine::log::parse_file_name(p.file_name()?.to_str()?)?, p)))
+            .collect();
+        logs.sort();
+        logs.iter().rev().take(2).any(|(_, file)| {
+            let bytes = bytes::Bytes::from(std::fs::read(file).unwrap());
+            let end = sluice_engine::log::scan::scan_file(&bytes).end as usize;
+            (end..bytes.len().min(end + (64 << 10)).saturating_sub(40))
+                .step_by(8)
+                .any(|p| RecordHeader::decode(&bytes[p..]).is_ok_and(|h| h.lsn == LOOK_ALIKE_LSN))
+        })
+    })
+}
+
+/// A user cannot stop restarts with events crafted to look like log records. Retention frees
+/// 1 MiB log files that become later ones, so after each SIGKILL the newest file's own
+/// records end inside events of its earlier use: bytes recovery searches for records of this
+/// use (the rest of a record its new records partly overwrote counts as torn). The events
+/// hold sound look-alike records with a later LSN there; before records carried their file's
+/// tag, recovery took one for acknowledged data after damage and refused to start. Now every
+/// restart starts and reads every kept event whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_crafted_to_look_like_log_records_do_not_stop_a_restart() {
+    use sluice_net::Retention;
+    let dir = TempDir::new("look-alike");
+    let data = dir.0.join("data");
+    let extra = ["--retention-interval-ms", "100", "--log-file-mb", "1"];
+    let mut server = sluice_tests::Server::start_with(&data, free_ports(1), 1, &extra);
+    let c = Client::connect(&server.url()).await.unwrap();
+    c.create_scope("la").await.unwrap();
+    c.create_stream_with("la", "s", 1, Retention::parse("size:256K,512K").unwrap()).await.unwrap();
+    let event = crafted_event();
+    let mut tried = 0;
+    for round in 0..8 {
+        let c = Client::connect(&server.url()).await.unwrap();
+        let w = c.event_writer("la/s").await.unwrap();
+        for _ in 0..30 + round {
+            w.write_event(b"k", event.clone()).await.unwrap();
+        }
+        server.kill();
+        if look_alikes_after_the_end(&data) {
+            tried += 1;
+        }
+        // Panics if recovery refuses to start.
+        server.restart();
+        let c = Client::connect(&server.url()).await.unwrap();
+        let mut r = c.event_reader("la/s", ReadFrom::Head).await.unwrap();
+        let mut n = 0;
+        loop {
+            match r.read_next(Duration::from_millis(500)).await {
+                Ok(Some(e)) => assert!(e.payload == event, "a kept event read back whole"),
+                Ok(None) => break,
+                // Retention cut the head meanwhile: the reader goes on from the new start.
+                Err(e) if e.code() == Some(sluice_net::ErrorCode::Truncated) => continue,
+                Err(e) => panic!("round {round}: {e}"),
+            }
+            n += 1;
+        }
+        assert!(n > 0, "round {round}: the stream keeps events");
+        if tried >= 3 {
+            break;
+        }
+    }
+    assert!(tried > 0, "no restart met look-alikes after the end of a reused log file");
+    eprintln!("restarts that met look-alikes after the end of a reused log file: {tried}");
+}

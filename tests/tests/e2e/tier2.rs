@@ -822,7 +822,7 @@ async fn a_recreated_stream_never_reads_the_old_streams_bytes() {
 /// recorded wrote it.
 fn checkpoints_back_to_layout_2(containers: &Path) {
     use sluice_engine::log::checkpoint::{CheckpointState, CheckpointStateV2};
-    use sluice_engine::log::format::{RecordHeader, RecordKind, RecordLayout, encode_record};
+    use sluice_engine::log::format::{RecordHeader, RecordKind, RecordLayout, RecordMeta, encode_record};
     for c in std::fs::read_dir(containers).unwrap() {
         let c = c.unwrap().path();
         if !c.is_dir() {
@@ -854,10 +854,15 @@ fn checkpoints_back_to_layout_2(containers: &Path) {
         assert_eq!(disk_len as u64, first.header.disk_len(), "the same length on disk");
         let at = first.pos as usize;
         let out = &mut bytes[at..at + disk_len];
-        let (epoch, lsn) = (first.header.epoch, first.header.lsn);
-        encode_record(out, RecordLayout::Packed, RecordKind::Checkpoint, epoch, lsn, payload.len(), |p| {
-            p.copy_from_slice(&payload)
-        });
+        let h = first.header;
+        let meta = RecordMeta {
+            layout: RecordLayout::Packed,
+            kind: RecordKind::Checkpoint,
+            epoch: h.epoch,
+            lsn: h.lsn,
+            tag: h.tag,
+        };
+        encode_record(out, meta, payload.len(), |p| p.copy_from_slice(&payload));
         std::fs::write(newest, &bytes).unwrap();
     }
 }
