@@ -99,14 +99,21 @@ async fn etcd_at_its_quota_refuses_changes_with_no_space_until_freed() {
     let c = Client::connect_with(&url, config).await.unwrap();
     c.create_scope("before").await.unwrap();
 
-    // Something else fills etcd to its quota: etcd raises its NOSPACE alarm.
+    // Something else fills etcd to its quota: etcd raises its NOSPACE alarm. etcd 3.4 checks
+    // the quota against its database's size as of its last backend commit (every 100 ms),
+    // so puts faster than that all pass: they are paced, and go on until one is refused.
     let mut filled = 0;
+    let filling = std::time::Instant::now();
     let refusal = loop {
-        assert!(filled < 64, "a 4 MiB quota never filled");
+        assert!(
+            filled < 256 && filling.elapsed() < Duration::from_secs(30),
+            "a 4 MiB quota never filled ({filled} puts of 256 KiB)"
+        );
         match store.put(&format!("filler/{filled}"), vec![b'x'; 256 << 10]).await {
             Ok(_) => filled += 1,
             Err(e) => break e,
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(matches!(refusal, MetaError::NoSpace(_)), "etcd at its quota: {refusal:?}");
     assert!(refusal.to_string().contains("quota"), "{refusal}");
