@@ -724,8 +724,8 @@ pub struct ContainerCore {
     salvage_lost: bool,
     /// Shadow segments whose merge is accepted but not yet durable.
     merging: HashSet<String>,
-    /// Wall-clock time (Unix ms) as last told by the I/O driver (`set_now_ms`), and when it
-    /// was first told: the clock of writer idleness.
+    /// The time (ms on a monotonic clock) as last told by the I/O driver (`set_now_ms`), and
+    /// when it was first told: the clock of writer idleness.
     now_ms: u64,
     clock_started_ms: Option<u64>,
 }
@@ -774,7 +774,9 @@ impl ContainerCore {
         &self.cfg
     }
 
-    /// The wall-clock time (Unix ms), for writer idleness. Without it no writer is forgotten.
+    /// The time in ms, for writer idleness: any clock that never steps (the I/O driver's is
+    /// monotonic; the times are compared with each other only, and never stored). Without
+    /// it no writer is forgotten.
     pub fn set_now_ms(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
         self.clock_started_ms.get_or_insert(now_ms);

@@ -39,6 +39,16 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// Milliseconds on this process's monotonic clock (from its first reading): the clock of
+/// writer idleness. The wall clock served before: a forward step of it longer than
+/// `--writer-idle-hours` (a restored VM, an NTP correction) made every writer idle at once,
+/// and one resending a batch the container had accepted (within its retry window) got it
+/// written twice.
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// A notice raised, at once, when an operation queued with it is refused with a transient
 /// error (or dropped unanswered): set by the container as it refuses, before the refusal's
 /// answer can be read. The server passes one per connection with its appends, so that it
@@ -1309,7 +1319,7 @@ impl Container {
     fn begin_flush(self: &Rc<Self>) -> Option<Writing> {
         let plan = {
             let mut core = self.core.borrow_mut();
-            core.set_now_ms(sluice_meta::controller::now_ms());
+            core.set_now_ms(monotonic_ms());
             core.begin_flush()
         };
         let plan = match plan {
@@ -2036,6 +2046,14 @@ mod tests {
             .join()
             .unwrap();
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_writer_idleness_clock_is_monotonic() {
+        let a = monotonic_ms();
+        std::thread::sleep(Duration::from_millis(15));
+        let b = monotonic_ms();
+        assert!(b >= a + 14, "{a} then {b}");
     }
 
     #[test]
