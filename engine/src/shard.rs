@@ -629,7 +629,8 @@ impl Node {
     pub fn start(cfg: EngineConfig) -> Result<Node, String> {
         // Locked before anything in it is opened: the metadata store recovers on open.
         let lock = DataDirLock::acquire(&cfg.data_dir)?;
-        let store = EmbeddedStore::open(&cfg.data_dir.join("meta")).map_err(|e| e.to_string())?;
+        let store =
+            EmbeddedStore::open_with(&cfg.data_dir.join("meta"), cfg.salvage_damaged_log).map_err(|e| e.to_string())?;
         Self::start_locked(cfg, store, lock)
     }
 

@@ -4,8 +4,15 @@
 //! request waiting (up to `GROUP_MAX`), applies them in order, syncs the file once, and only
 //! then answers them all and tells the watchers (a read in the group is answered after the
 //! sync too, so nothing unsynced is ever seen). A failed sync stops the store: that request
-//! group and every later one gets the error. On open the file is replayed and a torn
-//! tail (an incomplete or checksum-failing last record) is cut. When the file grows well
+//! group and every later one gets the error. Each record is followed, in the same write, by a
+//! *commit* record (op 4): the length and CRC-32C of the group so far (the bytes since the
+//! last sync). On open the file is replayed up to its last sound commit, and what follows (a
+//! group whose sync never finished, its pages torn in any order) is cut. Damage before a
+//! sound commit over a group that begins after it (a group begins where a sync ended) hit
+//! changes that were synced and answered: the store then refuses to open rather than cut
+//! them away, unless told to salvage (it then keeps a copy of the file as
+//! `meta.log.damaged` and cuts at the damage). A full disk refuses the change whose record
+//! and commit do not fit, and the store goes on. When the file grows well
 //! past the live data it is rewritten (temp file, fsync, rename, directory fsync). Watches
 //! are notified after each change; keys put under a lease live in memory only and vanish
 //! when the lease expires or is revoked (leases do not survive a restart of a standalone
@@ -13,7 +20,10 @@
 //!
 //! Record: `len u32 | crc32c u32 (of body) | body`, body = `op u8 (1 put, 2 delete) |
 //! key_len u16 | key | version u64 | value_len u32 | value`, little-endian; or `op u8 = 3 |
-//! records...` (a transaction's records, framed the same way, applied all or none).
+//! records...` (a transaction's records, framed the same way, applied all or none); or
+//! `op u8 = 4 | group_len u64 | group_crc u32` (a commit: the `group_len` bytes before it,
+//! from the group's start, have that CRC-32C). A file of builds before commits has none:
+//! its sound records all count, and the first open seals them with a commit.
 
 use crate::store::{LeaseId, MetaError, MetaStore, MetaTxn, TxnOp, Versioned, Watch, WatchEvent};
 use futures::channel::{mpsc, oneshot};
@@ -86,6 +96,9 @@ struct State {
     next_lease: LeaseId,
     /// Records written since the last sync.
     dirty: bool,
+    /// Where the records written since the last commit begin, and their CRC-32C so far.
+    group_start: u64,
+    group_crc: u32,
     /// Watch events of the current group, sent after its sync.
     events: Vec<WatchEvent>,
     /// Set by a failed write or sync: the store answers every later request with it.
@@ -119,6 +132,31 @@ fn encode_group(records: &[Vec<u8>]) -> Vec<u8> {
     rec.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     rec.extend_from_slice(&body);
     rec
+}
+
+/// Bytes of a commit record's body.
+const COMMIT_BODY: usize = 13;
+
+/// The commit record of a group of `len` bytes of records with CRC-32C `crc` (op 4).
+fn encode_commit(len: u64, crc: u32) -> Vec<u8> {
+    let mut body = vec![4u8];
+    body.extend_from_slice(&len.to_le_bytes());
+    body.extend_from_slice(&crc.to_le_bytes());
+    let mut rec = Vec::with_capacity(8 + COMMIT_BODY);
+    rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    rec.extend_from_slice(&body);
+    rec
+}
+
+/// The start of the group a sound commit record at `pos` closes (up to it), if `starts`
+/// allows it and the bytes from there have the recorded CRC-32C.
+fn committed_group(bytes: &[u8], pos: usize, starts: impl Fn(usize) -> bool) -> Option<usize> {
+    let body = next_body(bytes, pos).filter(|b| b.len() == COMMIT_BODY && b[0] == 4)?;
+    let len = usize::try_from(u64::from_le_bytes(body[1..9].try_into().expect("8 bytes"))).ok()?;
+    let crc = u32::from_le_bytes(body[9..13].try_into().expect("4 bytes"));
+    let start = pos.checked_sub(len).filter(|&s| starts(s))?;
+    (crc32c::crc32c(&bytes[start..pos]) == crc).then_some(start)
 }
 
 /// The next framed record's body at `pos`, if whole and its checksum holds.
@@ -159,35 +197,87 @@ fn apply_body(map: &mut BTreeMap<String, Versioned>, body: &[u8]) -> bool {
     true
 }
 
-/// Replays records; returns the map and the length of the valid prefix.
-fn replay(bytes: &[u8]) -> (BTreeMap<String, Versioned>, usize) {
+/// What a replay of the file found.
+struct Replayed {
+    map: BTreeMap<String, Versioned>,
+    /// The end of the last record taken: the file is cut there.
+    valid: usize,
+    /// Whether the file has a commit record (a file of builds before commits has none).
+    commits: bool,
+    /// Damage to synced records: where the sound records stop, and the start of a complete
+    /// group after that.
+    damage: Option<(usize, usize)>,
+}
+
+/// Applies one record's body to `map`: a put, a delete, or a transaction's records (all or
+/// none); false if it does not parse (then `map` is unchanged).
+fn apply_record(map: &mut BTreeMap<String, Versioned>, body: &[u8]) -> bool {
+    if body[0] != 3 {
+        return apply_body(map, body);
+    }
+    // A transaction: its records are covered by the outer checksum; all must parse.
+    let mut inner = Vec::new();
+    let mut at = 1;
+    while at < body.len() {
+        match next_body(body, at) {
+            Some(b) if apply_body(&mut BTreeMap::new(), b) => {
+                inner.push(b);
+                at += 8 + b.len();
+            }
+            _ => return false,
+        }
+    }
+    for b in inner {
+        apply_body(map, b);
+    }
+    true
+}
+
+/// Replays the file: every record up to its last sound commit (in a file without commits,
+/// every sound record), and whether damage comes before a complete later group.
+fn replay(bytes: &[u8]) -> Replayed {
     let mut map = BTreeMap::new();
-    let mut pos = 0;
+    // Bodies read since the last commit, applied once a commit closes their group.
+    let mut pending: Vec<&[u8]> = Vec::new();
+    // The end of the last commit, and where its group began.
+    let (mut pos, mut committed, mut group, mut commits) = (0, 0, 0, false);
     while let Some(body) = next_body(bytes, pos) {
-        if body[0] == 3 {
-            // A group: all inner records are valid (they are covered by the outer checksum).
-            let mut staged = map.clone();
-            let mut inner = 1;
-            let mut ok = true;
-            while inner < body.len() {
-                match next_body(body, inner) {
-                    Some(b) if apply_body(&mut staged, b) => inner += 8 + b.len(),
-                    _ => {
-                        ok = false;
-                        break;
-                    }
-                }
+        let end = pos + 8 + body.len();
+        if body[0] == 4 {
+            // A commit goes on the last one's group (a later record of the same sync) or
+            // begins a group after it (the first record after a sync; or, sealing records
+            // written before commits existed, from the file's start).
+            let Some(start) = committed_group(bytes, pos, |s| s == committed || s == group) else { break };
+            for b in pending.drain(..) {
+                apply_record(&mut map, b);
             }
-            if !ok {
-                break;
-            }
-            map = staged;
-        } else if !apply_body(&mut map, body) {
+            (committed, group, commits) = (end, start, true);
+        } else if apply_record(&mut BTreeMap::new(), body) {
+            pending.push(body);
+        } else {
             break;
         }
-        pos += 8 + body.len();
+        pos = end;
     }
-    (map, pos)
+    if !commits {
+        // A file of builds before commits: every sound record counts.
+        for b in pending.drain(..) {
+            apply_record(&mut map, b);
+        }
+        committed = pos;
+    }
+    // A sound commit after the stop, over a group that begins after it: a group begins
+    // where a sync ended, so the bytes the stop is in had been synced.
+    let last = bytes.len().saturating_sub(8 + COMMIT_BODY);
+    let damage = (pos < bytes.len())
+        .then(|| {
+            (pos + 1..=last)
+                .filter(|&p| bytes[p..p + 4] == (COMMIT_BODY as u32).to_le_bytes() && bytes[p + 8] == 4)
+                .find_map(|p| committed_group(bytes, p, |s| s > pos))
+        })
+        .flatten()
+        .map(|group| (pos, group));
+    Replayed { map, valid: committed, commits, damage }
 }
 
 /// How long after a failed compaction the next is tried.
@@ -204,7 +294,13 @@ impl State {
             return Err(e.clone());
         }
         let io = |e: std::io::Error| MetaError::Io(e.to_string());
-        if let Err(e) = self.file.write_all(rec) {
+        // The record and, in the same write, a commit over the group so far (from the last
+        // sync on): the group is whole up to there if its bytes reach the disk.
+        let crc = crc32c::crc32c_append(self.group_crc, rec);
+        let mut bytes = Vec::with_capacity(rec.len() + 8 + COMMIT_BODY);
+        bytes.extend_from_slice(rec);
+        bytes.extend_from_slice(&encode_commit(self.file_bytes + rec.len() as u64 - self.group_start, crc));
+        if let Err(e) = self.file.write_all(&bytes) {
             // A full disk: cut off what part of the record went in, and the store goes on
             // (the change is refused, nothing before it is touched).
             let full = matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded);
@@ -216,7 +312,8 @@ impl State {
             self.failed = Some(e.clone());
             return Err(e);
         }
-        self.file_bytes += rec.len() as u64;
+        self.file_bytes += bytes.len() as u64;
+        self.group_crc = crc32c::crc32c_append(crc, &bytes[rec.len()..]);
         self.dirty = true;
         Ok(())
     }
@@ -236,6 +333,8 @@ impl State {
                 return Err(e);
             }
             self.dirty = false;
+            // The next group begins here.
+            (self.group_start, self.group_crc) = (self.file_bytes, 0);
         }
         let events = std::mem::take(&mut self.events);
         self.watchers.retain(|(prefix, tx)| {
@@ -265,14 +364,18 @@ impl State {
         // this compaction.
         let written = (|| -> std::io::Result<u64> {
             let mut f = File::create(&tmp)?;
-            let mut bytes = 0;
+            let (mut bytes, mut crc) = (0, 0);
             for (k, v) in self.map.iter().filter(|(k, _)| !self.leased_keys.contains_key(*k)) {
                 let rec = encode(1, k, v.version, &v.value);
                 f.write_all(&rec)?;
                 bytes += rec.len() as u64;
+                crc = crc32c::crc32c_append(crc, &rec);
             }
+            // One group: the whole map.
+            let commit = encode_commit(bytes, crc);
+            f.write_all(&commit)?;
             f.sync_all()?;
-            Ok(bytes)
+            Ok(bytes + commit.len() as u64)
         })();
         let bytes = match written {
             Ok(b) => b,
@@ -287,7 +390,7 @@ impl State {
         std::fs::rename(&tmp, self.dir.join(FILE_NAME)).map_err(io)?;
         sync_dir(&self.dir).map_err(io)?;
         self.file = OpenOptions::new().append(true).open(self.dir.join(FILE_NAME)).map_err(io)?;
-        self.file_bytes = bytes;
+        (self.file_bytes, self.group_start, self.group_crc) = (bytes, bytes, 0);
         Ok(())
     }
 
@@ -508,17 +611,51 @@ impl State {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir` and starts its thread.
     pub fn open(dir: &Path) -> Result<Self, MetaError> {
+        Self::open_with(dir, false)
+    }
+
+    /// Opens (or creates) the store in `dir` and starts its thread. A log damaged before
+    /// changes that were synced after the damaged ones stops the open with `Corrupt`, unless
+    /// `salvage`: then the file is kept whole as `meta.log.damaged`, and the store opens with
+    /// the changes before the damage.
+    pub fn open_with(dir: &Path, salvage: bool) -> Result<Self, MetaError> {
         let io = |e: std::io::Error| MetaError::Io(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join(FILE_NAME);
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io)?;
-        let (map, valid) = replay(&bytes);
+        let Replayed { map, valid, commits, damage } = replay(&bytes);
+        if let Some((at, group)) = damage {
+            let what = format!(
+                "the metadata log {} is damaged at byte {at}, before changes that were made durable after it (a \
+                 complete group of them from byte {group}); cutting it there would lose them",
+                path.display()
+            );
+            if !salvage {
+                return Err(MetaError::Corrupt(format!(
+                    "{what}. Refusing to start; start with --salvage-damaged-log to keep the changes before the \
+                     damage (the whole file is kept as {FILE_NAME}.damaged)"
+                )));
+            }
+            let copy = dir.join(format!("{FILE_NAME}.damaged"));
+            std::fs::write(&copy, &bytes).and_then(|()| File::open(&copy)?.sync_all()).map_err(io)?;
+            tracing::error!(copy = %copy.display(), "{what}: salvaging, the changes after byte {valid} are lost");
+        }
         if valid < bytes.len() {
-            tracing::warn!(file = %path.display(), at = valid, "cutting torn tail of the metadata log");
+            if damage.is_none() {
+                tracing::warn!(file = %path.display(), at = valid, "cutting torn tail of the metadata log");
+            }
             file.set_len(valid as u64).map_err(io)?;
             file.sync_all().map_err(io)?;
+        }
+        let mut file_bytes = valid as u64;
+        if !commits && valid > 0 {
+            // Records of builds before commits: sealed as one group, so that a damage among
+            // them is told from a torn tail from now on.
+            let commit = encode_commit(file_bytes, crc32c::crc32c(&bytes[..valid]));
+            file.write_all(&commit).and_then(|()| file.sync_data()).map_err(io)?;
+            file_bytes += commit.len() as u64;
         }
         sync_dir(dir).map_err(io)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -527,7 +664,9 @@ impl EmbeddedStore {
         let mut state = State {
             dir: dir.to_path_buf(),
             file,
-            file_bytes: valid as u64,
+            file_bytes,
+            group_start: file_bytes,
+            group_crc: 0,
             compact_failed_at: None,
             map,
             watchers: Vec::new(),
@@ -718,6 +857,149 @@ mod tests {
             assert_eq!(s.get("b/1").await.unwrap(), None);
             s.put("c", vec![1]).await.unwrap();
         });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Puts `k0`..`k{n-1}` (value `v{i}`), each its own synced group, into a new store in
+    /// `dir`; returns the file's bytes and where each group (its put, then its commit) ends.
+    fn groups_of_puts(dir: &Path, n: usize) -> (Vec<u8>, Vec<usize>) {
+        let s = EmbeddedStore::open(dir).unwrap();
+        let mut ends = Vec::new();
+        for i in 0..n {
+            block_on(s.put(&format!("k{i}"), format!("v{i}").into_bytes())).unwrap();
+            ends.push(std::fs::metadata(dir.join(FILE_NAME)).unwrap().len() as usize);
+        }
+        drop(s);
+        (std::fs::read(dir.join(FILE_NAME)).unwrap(), ends)
+    }
+
+    /// Which of `k0`..`k{n-1}` a store opened on `dir` holds.
+    fn keys_held(dir: &Path, n: usize, salvage: bool) -> Result<Vec<usize>, MetaError> {
+        let s = EmbeddedStore::open_with(dir, salvage)?;
+        Ok((0..n).filter(|i| block_on(s.get(&format!("k{i}"))).unwrap().is_some()).collect())
+    }
+
+    /// A group whose sync never finished may be on disk in any state: without its commit, or
+    /// with its commit and some of its bytes missing (pages written back out of order). It
+    /// was never answered, and open cuts it; the groups before it stay.
+    #[test]
+    fn a_torn_last_group_is_cut_whatever_of_it_reached_the_disk() {
+        let dir = tmp("torn-group");
+        let (file, ends) = groups_of_puts(&dir, 4);
+        let last = ends[2]..ends[3];
+        // Its put record whole, its commit missing; or its commit whole and a byte of its
+        // put zeroed; or only its commit (the put's page not written).
+        let mut no_commit = file.clone();
+        no_commit.truncate(ends[3] - (8 + COMMIT_BODY));
+        let mut hole = file.clone();
+        hole[last.start + 11] = 0;
+        let mut only_commit = file.clone();
+        only_commit[last.start..ends[3] - (8 + COMMIT_BODY)].fill(0);
+        for (what, bytes) in [("no commit", no_commit), ("a hole", hole), ("only its commit", only_commit)] {
+            std::fs::write(dir.join(FILE_NAME), &bytes).unwrap();
+            assert_eq!(keys_held(&dir, 4, false).unwrap(), [0, 1, 2], "{what}");
+            assert_eq!(std::fs::metadata(dir.join(FILE_NAME)).unwrap().len() as usize, ends[2], "{what}: cut");
+            assert!(!dir.join(format!("{FILE_NAME}.damaged")).exists());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file as the store writes it, of groups of puts `k{i}` (value `v{i}`): each record
+    /// with its commit over its group so far; and where each record begins.
+    fn file_of_groups(groups: &[&[usize]]) -> (Vec<u8>, Vec<usize>) {
+        let (mut file, mut at) = (Vec::new(), Vec::new());
+        for group in groups {
+            let start = file.len();
+            for &i in group.iter() {
+                at.push(file.len());
+                file.extend_from_slice(&encode(1, &format!("k{i}"), 1, format!("v{i}").as_bytes()));
+                let len = file.len() - start;
+                file.extend_from_slice(&encode_commit(len as u64, crc32c::crc32c(&file[start..])));
+            }
+        }
+        (file, at)
+    }
+
+    /// In a group of several changes (one sync), a later record and its commit may reach the
+    /// disk while an earlier one does not: its commits cover the group from its start, so
+    /// that is a torn group, cut; the same damage with a whole group after it is not.
+    #[test]
+    fn commits_cover_their_group_from_its_start() {
+        let dir = tmp("group-commits");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (file, at) = file_of_groups(&[&[0], &[1, 2, 3]]);
+        assert_eq!(keys_held(&dir, 4, false).unwrap(), [] as [usize; 0], "an empty store");
+        for (what, bytes, held) in [
+            ("whole", file.clone(), vec![0, 1, 2, 3]),
+            (
+                "second record torn",
+                {
+                    let mut b = file.clone();
+                    b[at[2] + 12] ^= 1;
+                    b
+                },
+                vec![0, 1],
+            ),
+        ] {
+            std::fs::write(dir.join(FILE_NAME), &bytes).unwrap();
+            assert_eq!(keys_held(&dir, 4, false).unwrap(), held, "{what}");
+        }
+        let (file, at) = file_of_groups(&[&[0], &[1, 2], &[3]]);
+        let mut bad = file.clone();
+        bad[at[1] + 12] ^= 1;
+        std::fs::write(dir.join(FILE_NAME), &bad).unwrap();
+        assert!(matches!(keys_held(&dir, 4, false), Err(MetaError::Corrupt(_))), "a whole group after the damage");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Damage to a group that a later complete group follows hit synced, answered changes:
+    /// open refuses (and leaves the file as it is) instead of cutting them away; with
+    /// salvage it keeps a copy of the file and opens with the groups before the damage.
+    #[test]
+    fn damage_before_later_durable_changes_refuses_to_open_unless_salvaging() {
+        let dir = tmp("damaged-group");
+        let (file, ends) = groups_of_puts(&dir, 6);
+        let mut bad = file.clone();
+        bad[ends[1] + 12] ^= 0x10;
+        std::fs::write(dir.join(FILE_NAME), &bad).unwrap();
+        let e = keys_held(&dir, 6, false).unwrap_err();
+        assert!(
+            matches!(&e, MetaError::Corrupt(m) if m.contains(&format!("damaged at byte {}", ends[1]))
+                && m.contains("--salvage-damaged-log")),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(dir.join(FILE_NAME)).unwrap(), bad, "nothing cut");
+        // Salvage: the copy, then the groups before the damage; later opens need nothing.
+        assert_eq!(keys_held(&dir, 6, true).unwrap(), [0, 1]);
+        assert_eq!(std::fs::read(dir.join(format!("{FILE_NAME}.damaged"))).unwrap(), bad);
+        assert_eq!(keys_held(&dir, 6, false).unwrap(), [0, 1]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file of builds before commits: its sound records all count, the first open seals
+    /// them with a commit, and damage among them is then told from a torn tail.
+    #[test]
+    fn records_of_builds_before_commits_are_taken_and_sealed() {
+        let dir = tmp("legacy");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut legacy = Vec::new();
+        for i in 0..3 {
+            legacy.extend_from_slice(&encode(1, &format!("k{i}"), 1, format!("v{i}").as_bytes()));
+        }
+        std::fs::write(dir.join(FILE_NAME), &legacy).unwrap();
+        assert_eq!(keys_held(&dir, 4, false).unwrap(), [0, 1, 2]);
+        let sealed = std::fs::read(dir.join(FILE_NAME)).unwrap();
+        assert_eq!(sealed.len(), legacy.len() + 8 + COMMIT_BODY, "sealed by one commit");
+        {
+            let s = EmbeddedStore::open(&dir).unwrap();
+            block_on(s.put("k3", b"v3".to_vec())).unwrap();
+        }
+        assert_eq!(keys_held(&dir, 4, false).unwrap(), [0, 1, 2, 3]);
+        // A byte of the first legacy record: the later groups make it damage.
+        let mut bad = std::fs::read(dir.join(FILE_NAME)).unwrap();
+        bad[12] ^= 1;
+        std::fs::write(dir.join(FILE_NAME), &bad).unwrap();
+        assert!(matches!(keys_held(&dir, 4, false), Err(MetaError::Corrupt(_))));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

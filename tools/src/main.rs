@@ -208,7 +208,10 @@ struct StandaloneArgs {
     /// them the controller has sealed (a seal lost too) are sealed again; a stream's segment
     /// whose creation was lost is created again, empty. With --tier2,
     /// the mover likewise moves past damaged log data (found at start or later) instead of
-    /// stopping there, so the log is freed; the skipped bytes read as damage.
+    /// stopping there, so the log is freed; the skipped bytes read as damage. The same for
+    /// the standalone metadata log (`meta/meta.log`) damaged before later durable changes: it
+    /// is kept whole as `meta.log.damaged` and cut at the damage (the changes after it are
+    /// lost).
     #[arg(long)]
     salvage_damaged_log: bool,
     /// Most MB a scheduled scrub reads per second on each shard (0: as fast as the disk goes).

@@ -138,7 +138,6 @@ async fn wait_for_log(log: &Path, what: &str) {
     }
 }
 
-/// Flips one byte in place (the server may hold the file open).
 /// Starts a node on `data` that must refuse to start (its log damaged); its error output.
 fn refused_start(data: &Path, url: &str, extra: &[&str]) -> String {
     let out = Command::new(sluice_bin())
@@ -153,6 +152,7 @@ fn refused_start(data: &Path, url: &str, extra: &[&str]) -> String {
     stderr
 }
 
+/// Flips one byte in place (the server may hold the file open).
 fn flip_byte(path: &Path, at: usize) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
@@ -1147,4 +1147,36 @@ async fn events_crafted_to_look_like_log_records_do_not_stop_a_restart() {
     }
     assert!(tried > 0, "no restart met look-alikes after the end of a reused log file");
     eprintln!("restarts that met look-alikes after the end of a reused log file: {tried}");
+}
+
+/// The standalone metadata log damaged before later durable changes (a scope created long
+/// ago, bit rot): the server refuses to start and says why and what to do, instead of
+/// cutting the log there and losing every scope and stream made after it; with
+/// `--salvage-damaged-log` it starts with the changes before the damage and keeps the whole
+/// file as `meta.log.damaged`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_metadata_log_refuses_start_instead_of_losing_later_changes() {
+    let dir = TempDir::new("meta-damage");
+    let data = dir.0.join("data");
+    let port = free_ports(1);
+    let mut server = sluice_tests::Server::start(&data, port, 1);
+    let c = Client::connect(&server.url()).await.unwrap();
+    for i in 0..5 {
+        c.create_scope(&format!("s{i}")).await.unwrap();
+    }
+    server.kill();
+    let meta = data.join("meta").join("meta.log");
+    let at = std::fs::read(&meta).unwrap().windows(9).position(|w| w == b"scopes/s0").expect("scope s0's record");
+    flip_byte(&meta, at + 8);
+    let err = refused_start(&data, &server.url(), &[]);
+    assert!(
+        err.contains("metadata log") && err.contains("damaged at byte") && err.contains("--salvage-damaged-log"),
+        "{err}"
+    );
+    let server = sluice_tests::Server::start_with(&data, port, 1, &["--salvage-damaged-log"]);
+    assert!(data.join("meta").join("meta.log.damaged").exists());
+    let c = Client::connect(&server.url()).await.unwrap();
+    let scopes = c.list_scopes().await.unwrap();
+    assert!(!scopes.iter().any(|s| s.starts_with('s')), "the changes from the damage on are gone: {scopes:?}");
+    c.create_scope("after").await.unwrap();
 }
