@@ -11,8 +11,10 @@
 //! sound commit over a group that begins after it (a group begins where a sync ended) hit
 //! changes that were synced and answered: the store then refuses to open rather than cut
 //! them away, unless told to salvage (it then keeps a copy of the file as
-//! `meta.log.damaged` and cuts at the damage). A full disk refuses the change whose record
-//! and commit do not fit, and the store goes on. When the file grows well
+//! `meta.log.damaged` and cuts at the damage). Once idle after a group, the store appends an
+//! empty commit and syncs it, so that damage to the last group (a compacted file is one) is
+//! told from a torn tail too. A full disk refuses the change whose record and commit do not
+//! fit, and the store goes on. When the file grows well
 //! past the live data it is rewritten (temp file, fsync, rename, directory fsync). Watches
 //! are notified after each change; keys put under a lease live in memory only and vanish
 //! when the lease expires or is revoked (leases do not survive a restart of a standalone
@@ -99,6 +101,8 @@ struct State {
     /// Where the records written since the last commit begin, and their CRC-32C so far.
     group_start: u64,
     group_crc: u32,
+    /// The last group is synced but nothing after it says so yet (`prove`).
+    unproven: bool,
     /// Watch events of the current group, sent after its sync.
     events: Vec<WatchEvent>,
     /// Set by a failed write or sync: the store answers every later request with it.
@@ -318,6 +322,29 @@ impl State {
         Ok(())
     }
 
+    /// Once the store is idle after a group: an empty commit after it, synced. Replay tells
+    /// damage from a torn tail by a later group, so without it damage to the last group (a
+    /// compacted file is one group) would be cut as a torn tail while nothing follows it. Not
+    /// kept on a full disk (it is only a proof; the next group proves as much).
+    fn prove(&mut self) {
+        if !self.unproven || self.dirty || self.failed.is_some() {
+            return;
+        }
+        let commit = encode_commit(0, 0);
+        match self.file.write_all(&commit).and_then(|()| self.file.sync_data()) {
+            Ok(()) => {
+                self.file_bytes += commit.len() as u64;
+                (self.group_start, self.unproven) = (self.file_bytes, false);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata log: the commit after the last group was not written");
+                if self.file.set_len(self.file_bytes).is_err() {
+                    self.failed = Some(MetaError::Io(format!("cutting a partial commit off the metadata log: {e}")));
+                }
+            }
+        }
+    }
+
     /// Ends a group: one fdatasync for its records, then its watch events, then a
     /// compaction if due. An error here stops the store (the memory holds changes the file
     /// may not).
@@ -334,7 +361,7 @@ impl State {
             }
             self.dirty = false;
             // The next group begins here.
-            (self.group_start, self.group_crc) = (self.file_bytes, 0);
+            (self.group_start, self.group_crc, self.unproven) = (self.file_bytes, 0, true);
         }
         let events = std::mem::take(&mut self.events);
         self.watchers.retain(|(prefix, tx)| {
@@ -390,7 +417,7 @@ impl State {
         std::fs::rename(&tmp, self.dir.join(FILE_NAME)).map_err(io)?;
         sync_dir(&self.dir).map_err(io)?;
         self.file = OpenOptions::new().append(true).open(self.dir.join(FILE_NAME)).map_err(io)?;
-        (self.file_bytes, self.group_start, self.group_crc) = (bytes, bytes, 0);
+        (self.file_bytes, self.group_start, self.group_crc, self.unproven) = (bytes, bytes, 0, true);
         Ok(())
     }
 
@@ -667,6 +694,8 @@ impl EmbeddedStore {
             file_bytes,
             group_start: file_bytes,
             group_crc: 0,
+            // The records of earlier builds just sealed.
+            unproven: !commits && valid > 0,
             compact_failed_at: None,
             map,
             watchers: Vec::new(),
@@ -687,6 +716,7 @@ impl EmbeddedStore {
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                             state.expire_leases();
                             let _ = state.sync();
+                            state.prove();
                             continue;
                         }
                         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
@@ -885,22 +915,46 @@ mod tests {
     #[test]
     fn a_torn_last_group_is_cut_whatever_of_it_reached_the_disk() {
         let dir = tmp("torn-group");
-        let (file, ends) = groups_of_puts(&dir, 4);
-        let last = ends[2]..ends[3];
+        std::fs::create_dir_all(&dir).unwrap();
+        let (file, at) = file_of_groups(&[&[0], &[1], &[2], &[3]]);
+        let commit = file.len() - (8 + COMMIT_BODY);
         // Its put record whole, its commit missing; or its commit whole and a byte of its
         // put zeroed; or only its commit (the put's page not written).
         let mut no_commit = file.clone();
-        no_commit.truncate(ends[3] - (8 + COMMIT_BODY));
+        no_commit.truncate(commit);
         let mut hole = file.clone();
-        hole[last.start + 11] = 0;
+        hole[at[3] + 11] = 0;
         let mut only_commit = file.clone();
-        only_commit[last.start..ends[3] - (8 + COMMIT_BODY)].fill(0);
+        only_commit[at[3]..commit].fill(0);
         for (what, bytes) in [("no commit", no_commit), ("a hole", hole), ("only its commit", only_commit)] {
             std::fs::write(dir.join(FILE_NAME), &bytes).unwrap();
             assert_eq!(keys_held(&dir, 4, false).unwrap(), [0, 1, 2], "{what}");
-            assert_eq!(std::fs::metadata(dir.join(FILE_NAME)).unwrap().len() as usize, ends[2], "{what}: cut");
+            let len = std::fs::metadata(dir.join(FILE_NAME)).unwrap().len() as usize;
+            // Cut there (and an empty commit after it if the store went idle meanwhile).
+            assert!(len == at[3] || len == at[3] + 8 + COMMIT_BODY, "{what}: cut at {len}");
             assert!(!dir.join(format!("{FILE_NAME}.damaged")).exists());
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The last group (a compacted file is one group) is damage too once the store has gone
+    /// idle after it: it then writes an empty commit, which nothing but a sync precedes.
+    #[test]
+    fn the_last_group_is_proven_once_the_store_goes_idle() {
+        let dir = tmp("proven");
+        let s = EmbeddedStore::open(&dir).unwrap();
+        block_on(s.put("k0", b"v0".to_vec())).unwrap();
+        let proof = encode_commit(0, 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(dir.join(FILE_NAME)).unwrap().ends_with(&proof) {
+            assert!(Instant::now() < deadline, "no empty commit after the idle group");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(s);
+        let mut bad = std::fs::read(dir.join(FILE_NAME)).unwrap();
+        bad[11] ^= 1;
+        std::fs::write(dir.join(FILE_NAME), &bad).unwrap();
+        assert!(matches!(keys_held(&dir, 1, false), Err(MetaError::Corrupt(_))));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -989,7 +1043,13 @@ mod tests {
         std::fs::write(dir.join(FILE_NAME), &legacy).unwrap();
         assert_eq!(keys_held(&dir, 4, false).unwrap(), [0, 1, 2]);
         let sealed = std::fs::read(dir.join(FILE_NAME)).unwrap();
-        assert_eq!(sealed.len(), legacy.len() + 8 + COMMIT_BODY, "sealed by one commit");
+        // One commit (and an empty one after it if the store went idle meanwhile).
+        assert!(
+            [1, 2].map(|n| legacy.len() + n * (8 + COMMIT_BODY)).contains(&sealed.len()),
+            "sealed by one commit: {} bytes after {}",
+            sealed.len(),
+            legacy.len()
+        );
         {
             let s = EmbeddedStore::open(&dir).unwrap();
             block_on(s.put("k3", b"v3".to_vec())).unwrap();
