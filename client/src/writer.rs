@@ -1341,21 +1341,27 @@ impl SegmentWriter {
             if matches!(pumped, Pumped::Task) && self.connect().await {
                 continue;
             }
-            // A look again after the answer timeout while anything is outstanding: at an
-            // unanswered append, or at input nobody sent (which would be a lost wake-up).
+            // A look again at the oldest unanswered append's deadline, else after the answer
+            // timeout: the writer's sender (`Driver`) launches batches without waking this
+            // task, so one it sent while this task waited with nothing outstanding is looked
+            // at within two timeouts (before, such a batch on a silent connection was waited
+            // for for ever); and input nobody sent would be a lost wake-up.
             let timeout = self.shared.client.config().append_answer_timeout;
-            let overdue_at = self.answer_due();
-            let look_at = overdue_at.or_else(|| self.core.has_input().then(|| Instant::now() + timeout));
+            let due = self.answer_due();
+            // Whether anything was outstanding as this wait began (only then is input found
+            // unsent at its end a lost wake-up, not input that came just now).
+            let outstanding = due.is_some() || self.core.has_input();
+            let look_at = due.unwrap_or_else(|| Instant::now() + timeout);
             tokio::select! {
                 biased;
                 _ = self.core.flight.wake.notified() => {}
                 _ = self.core.queue.wake.notified() => {}
-                _ = tokio::time::sleep_until(look_at.unwrap_or_else(Instant::now).into()), if look_at.is_some() => {
+                _ = tokio::time::sleep_until(look_at.into()) => {
                     // Input unsent with nothing in flight is a lost wake-up, whichever the
                     // look was for (the last answer came meanwhile and woke nobody).
                     if self.answer_due().is_some() {
                         self.give_up_silent_connection();
-                    } else if self.core.has_input() {
+                    } else if outstanding && self.core.has_input() {
                         tracing::warn!(segment = %self.core.segment, "a writer's lane held unsent events for {timeout:?}: sending them now");
                     }
                 }
