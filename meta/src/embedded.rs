@@ -172,33 +172,53 @@ fn next_body(bytes: &[u8], pos: usize) -> Option<&[u8]> {
     (crc32c::crc32c(body) == crc && !body.is_empty()).then_some(body)
 }
 
-/// Applies one put/delete body; false if it does not parse.
-fn apply_body(map: &mut BTreeMap<String, Versioned>, body: &[u8]) -> bool {
+/// One change a record body holds: the key, its version, and the value put (`None`: the key
+/// deleted).
+type Change<'a> = (&'a str, u64, Option<&'a [u8]>);
+
+/// The change of one put/delete body, if it parses.
+fn parse_body(body: &[u8]) -> Option<Change<'_>> {
     if body.len() < 15 {
-        return false;
+        return None;
     }
     let klen = u16::from_le_bytes([body[1], body[2]]) as usize;
-    let Some(key) = body.get(3..3 + klen).and_then(|k| std::str::from_utf8(k).ok()) else {
-        return false;
-    };
-    let Some(rest) = body.get(3 + klen..).filter(|r| r.len() >= 12) else {
-        return false;
-    };
+    let key = body.get(3..3 + klen).and_then(|k| std::str::from_utf8(k).ok())?;
+    let rest = body.get(3 + klen..).filter(|r| r.len() >= 12)?;
     let version = u64::from_le_bytes(rest[0..8].try_into().expect("8 bytes"));
     let vlen = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes")) as usize;
-    let Some(value) = rest.get(12..12 + vlen) else {
-        return false;
-    };
+    let value = rest.get(12..12 + vlen)?;
     match body[0] {
-        1 => {
-            map.insert(key.to_string(), Versioned { value: value.to_vec(), version });
-        }
-        2 => {
-            map.remove(key);
-        }
-        _ => return false,
+        1 => Some((key, version, Some(value))),
+        2 => Some((key, version, None)),
+        _ => None,
     }
-    true
+}
+
+/// The changes of one record's body: a put, a delete, or a transaction's records (all of
+/// them, or `None` if any does not parse).
+fn parse_record(body: &[u8]) -> Option<Vec<Change<'_>>> {
+    if body[0] != 3 {
+        return parse_body(body).map(|c| vec![c]);
+    }
+    // A transaction: its records are covered by the outer checksum.
+    let mut changes = Vec::new();
+    let mut at = 1;
+    while at < body.len() {
+        let b = next_body(body, at)?;
+        changes.push(parse_body(b)?);
+        at += 8 + b.len();
+    }
+    Some(changes)
+}
+
+/// Applies `changes` to `map`, in order.
+fn apply_changes(map: &mut BTreeMap<String, Versioned>, changes: Vec<Change<'_>>) {
+    for (key, version, value) in changes {
+        match value {
+            Some(v) => map.insert(key.to_string(), Versioned { value: v.to_vec(), version }),
+            None => map.remove(key),
+        };
+    }
 }
 
 /// What a replay of the file found.
@@ -213,36 +233,12 @@ struct Replayed {
     damage: Option<(usize, usize)>,
 }
 
-/// Applies one record's body to `map`: a put, a delete, or a transaction's records (all or
-/// none); false if it does not parse (then `map` is unchanged).
-fn apply_record(map: &mut BTreeMap<String, Versioned>, body: &[u8]) -> bool {
-    if body[0] != 3 {
-        return apply_body(map, body);
-    }
-    // A transaction: its records are covered by the outer checksum; all must parse.
-    let mut inner = Vec::new();
-    let mut at = 1;
-    while at < body.len() {
-        match next_body(body, at) {
-            Some(b) if apply_body(&mut BTreeMap::new(), b) => {
-                inner.push(b);
-                at += 8 + b.len();
-            }
-            _ => return false,
-        }
-    }
-    for b in inner {
-        apply_body(map, b);
-    }
-    true
-}
-
 /// Replays the file: every record up to its last sound commit (in a file without commits,
 /// every sound record), and whether damage comes before a complete later group.
 fn replay(bytes: &[u8]) -> Replayed {
     let mut map = BTreeMap::new();
-    // Bodies read since the last commit, applied once a commit closes their group.
-    let mut pending: Vec<&[u8]> = Vec::new();
+    // The changes read since the last commit, applied once a commit closes their group.
+    let mut pending: Vec<Change<'_>> = Vec::new();
     // The end of the last commit, and where its group began.
     let (mut pos, mut committed, mut group, mut commits) = (0, 0, 0, false);
     while let Some(body) = next_body(bytes, pos) {
@@ -252,12 +248,10 @@ fn replay(bytes: &[u8]) -> Replayed {
             // begins a group after it (the first record after a sync; or, sealing records
             // written before commits existed, from the file's start).
             let Some(start) = committed_group(bytes, pos, |s| s == committed || s == group) else { break };
-            for b in pending.drain(..) {
-                apply_record(&mut map, b);
-            }
+            apply_changes(&mut map, std::mem::take(&mut pending));
             (committed, group, commits) = (end, start, true);
-        } else if apply_record(&mut BTreeMap::new(), body) {
-            pending.push(body);
+        } else if let Some(changes) = parse_record(body) {
+            pending.extend(changes);
         } else {
             break;
         }
@@ -265,9 +259,7 @@ fn replay(bytes: &[u8]) -> Replayed {
     }
     if !commits {
         // A file of builds before commits: every sound record counts.
-        for b in pending.drain(..) {
-            apply_record(&mut map, b);
-        }
+        apply_changes(&mut map, pending);
         committed = pos;
     }
     // A sound commit after the stop, over a group that begins after it: a group begins
