@@ -191,18 +191,22 @@ pub fn check_records(bytes: &[u8], base: u64) -> Result<(), (u64, String)> {
 }
 
 /// What marks a record of this file's own use (see the module doc): the lowest LSN it has
-/// and its tag, the header's; or, when the header is damaged, those of the checkpoint that
-/// opens the file (a recycled file's first record block is cleared when it is reused, so a
-/// checkpoint there is its own), else LSN 0 and any tag (a file whose header and opening
-/// checkpoint are both damaged cannot tell its records from look-alikes).
+/// and its tag, the header's; or, when the header is damaged, those in the header of the
+/// checkpoint that opens the file (a recycled file's first record block is cleared when it is
+/// reused, so a checkpoint there is its own; its header has a checksum of its own, so its
+/// payload may be damaged too). Else LSN 0 and no tag: a file whose header and opening
+/// checkpoint header are both damaged cannot tell its records from look-alikes (any record
+/// found there could be one), so its scan takes none of them for its own, while any sound
+/// record after damage still counts as evidence of damage (recovery refuses to start, reads
+/// of the file get a damage error instead of data that may be forged).
 fn own_use(bytes: &Bytes, header: &Result<FileHeader, String>) -> (u64, Option<u64>) {
     match header {
         Ok(h) => (h.min_lsn, Some(h.tag)),
-        Err(_) => (bytes.len() as u64 >= FILE_HEADER_BYTES + RECORD_HEADER_BYTES as u64)
-            .then(|| record_at(bytes, FILE_HEADER_BYTES).ok())
-            .flatten()
-            .filter(|r| r.header.kind == crate::log::format::RecordKind::Checkpoint)
-            .map_or((0, None), |r| (r.header.lsn, Some(r.header.tag))),
+        Err(_) => bytes
+            .get(FILE_HEADER_BYTES as usize..)
+            .and_then(|b| RecordHeader::decode(b).ok())
+            .filter(|h| h.kind == crate::log::format::RecordKind::Checkpoint)
+            .map_or((0, None), |h| (h.lsn, Some(h.tag))),
     }
 }
 
@@ -275,7 +279,10 @@ fn magic_positions(bytes: &Bytes, from: u64, to: u64) -> impl Iterator<Item = u6
 fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
     let header = FileHeader::decode(bytes);
     let (min_lsn, tag) = own_use(bytes, &header);
-    let own_tag = |h: &RecordHeader| tag.is_none_or(|t| h.tag == t);
+    // A record is taken for the file's own only with the file's tag; when that is unknown,
+    // any sound record is still evidence of damage (see `own_use`).
+    let own_tag = |h: &RecordHeader| tag == Some(h.tag);
+    let may_be_own = |h: &RecordHeader| tag.is_none_or(|t| h.tag == t);
     let len = bytes.len() as u64 / BLOCK_BYTES * BLOCK_BYTES;
     let mut records: Vec<ScannedRecord> = Vec::new();
     let mut pos = start;
@@ -289,7 +296,11 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
                 (pos, HeaderFault::Zero, None, "a record of the file's earlier use".to_string())
             }
             Ok(rec) if !own_tag(&rec.header) => {
-                (pos, HeaderFault::Invalid, None, "a record with another tag than the file's".to_string())
+                let reason = match tag {
+                    Some(_) => "a record with another tag than the file's",
+                    None => "a record of a file whose tag is unknown (its header and opening checkpoint are damaged)",
+                };
+                (pos, HeaderFault::Invalid, None, reason.to_string())
             }
             Ok(rec) => match records.last().map(|p| &p.header) {
                 Some(ph) if rec.header.lsn != ph.lsn + 1 || rec.header.epoch < ph.epoch => {
@@ -340,7 +351,7 @@ fn scan_from(bytes: &Bytes, start: u64) -> FileScan {
             // without the file's tag, are skipped cheaply).
             let valid = |b: u64| {
                 RecordHeader::decode(&bytes[b as usize..])
-                    .is_ok_and(|h| h.lsn >= min_lsn && own_tag(&h))
+                    .is_ok_and(|h| h.lsn >= min_lsn && may_be_own(&h))
                     .then(|| record_at(bytes, b).ok())
                     .flatten()
             };
@@ -624,6 +635,36 @@ mod tests {
             check_records(&other[at[1]..10768], at[1] as u64),
             Err((4496, "the record at byte 4496 has another tag than the one before it".into()))
         );
+    }
+
+    /// A damaged file header: the opening checkpoint's header gives the file's lowest LSN and
+    /// its tag, even when the checkpoint's payload is damaged. With the checkpoint's header
+    /// damaged too, no record is taken for the file's own (any could be a look-alike), and a
+    /// sound one after the damage is still damage.
+    #[test]
+    fn a_damaged_header_takes_its_tag_from_the_opening_checkpoint_else_no_record() {
+        let lsns = |r: &[ScannedRecord]| r.iter().map(|r| r.header.lsn).collect::<Vec<_>>();
+        // A reused file: six records of its own, then its earlier use (LSNs 10..30) holding a
+        // look-alike of a later LSN with another tag.
+        let (mut file, at) = recycled(6);
+        plant(&mut file, 28672, 32768, &look_alike(TAG ^ 1, 1 << 40));
+        file[20] ^= 1;
+        file[at[0] + RECORD_HEADER_BYTES + 5] ^= 1;
+        let bytes = Bytes::from(file.clone());
+        let scan = scan_file(&bytes);
+        assert!(scan.header.is_err());
+        assert!(matches!(scan.stop, ScanEnd::Corrupt { at: 4096, valid_at: 8192, .. }), "{:?}", scan.stop);
+        // The records of its own after the checkpoint; not the earlier use's, not the look-alike.
+        assert_eq!(lsns(&sound_records(&bytes)), [101, 102, 103, 104, 105]);
+
+        file[at[0] + 20] ^= 1;
+        let bytes = Bytes::from(file);
+        let scan = scan_file(&bytes);
+        assert!(scan.records.is_empty());
+        assert!(matches!(&scan.stop, ScanEnd::Corrupt { at: 4096, valid_at: 8192, .. }), "{:?}", scan.stop);
+        let (sound, skipped) = scan_past_damage(&bytes);
+        assert!(sound.records.is_empty(), "{:?}", lsns(&sound.records));
+        assert!(skipped[1].reason.contains("whose tag is unknown"), "{:?}", skipped[1]);
     }
 
     #[test]
