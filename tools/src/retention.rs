@@ -30,16 +30,18 @@
 //! if less) at the rate it wrote since the previous look, a time policy's once a 128th of its
 //! MAX has passed; never more often than every 100 ms (or every interval, if that is
 //! shorter). A size policy's stream that wrote nothing since its previous look is looked at
-//! again after twice the time since it (up to the interval), so one that pauses between
-//! bursts, or starts writing a moment after it was created, is soon looked at again. The
+//! again after twice the time since it, so one that pauses between bursts, or starts writing
+//! a moment after it was created, is soon looked at again; and a size policy's stream, however
+//! slow or idle, at least every 5 s (`SIZE_LOOK_MAX`; or every interval, if that is shorter). The
 //! names are listed every second, so a new stream is looked at within a second. With one
 //! look per interval, a stream writing 1 GB/s outgrew a size policy by 30 GB at the default
 //! 30 s; now by about 100 ms of writes. Its marks (the points it can be cut at) are taken at
 //! looks, so they are that much closer together too: closer than MAX − MIN while the stream
 //! writes at a steady rate, so that a mark always leaves between MIN and MAX (with marks
 //! further apart, the newest one that leaves MIN can leave more than MAX, and the stream
-//! stays above MAX until it writes again). A stream idle for long (looked at once an
-//! interval) that starts writing fast can outgrow its MAX by up to an interval's writes once.
+//! stays above MAX until it writes again). A slow or idle stream that starts writing fast
+//! can outgrow its MAX by up to 5 s of its writes once (by an interval's, 30 s by default,
+//! before `SIZE_LOOK_MAX`).
 //! Nor are marks closer than MAX − MIN when a stream writes in bursts of about MAX − MIN or
 //! more with pauses between them (a look in a pause sees nothing new, so marks come at most
 //! one a burst, or one per 100 ms within one): a stream that stops after such bursts can stay
@@ -63,6 +65,12 @@ const MARKS_PER_SPAN: u64 = 128;
 const LOOK_MIN: Duration = Duration::from_millis(100);
 /// How often the names are listed (a new stream is looked at once listed).
 const LIST_EVERY: Duration = Duration::from_secs(1);
+/// The longest a size policy's stream goes without a look (unless the interval is shorter),
+/// however slowly it wrote or idle it was: a stream that starts writing fast after a slow or
+/// idle stretch outgrows its MAX by at most this long's writes (at the interval, 30 s by
+/// default, a batch job starting at 1 GB/s on an idle stream put 30 GB past MAX before its
+/// next look). A look costs a stream record read and a length per segment.
+const SIZE_LOOK_MAX: Duration = Duration::from_secs(5);
 /// A size policy's stream is looked at again once it has written about this share of its
 /// MAX (at the rate it was last seen writing), so it outgrows MAX by about that much; or
 /// half its MAX − MIN if that is less, so that its marks (taken at looks) are closer
@@ -254,9 +262,10 @@ fn look_after(policy: Retention, since: Option<(u64, Duration)>, floor: Duration
             }
             // Idle: twice the previous gap, so a stream that pauses between bursts (or
             // was created a moment before its writes begin) is looked at again soon, and
-            // an idle one is looked at once an interval within a few.
+            // an idle one is looked at once every `SIZE_LOOK_MAX` within a few.
             Some((_, gap)) => gap.saturating_mul(2),
-        },
+        }
+        .min(SIZE_LOOK_MAX),
         Retention::Time { max_ms, .. } => Duration::from_millis(max_ms / MARKS_PER_SPAN),
     };
     after.clamp(floor, interval.max(floor))
@@ -685,18 +694,23 @@ mod tests {
             |p: Retention, rate: Option<u64>| look_after(p, rate.map(|b| (b, Duration::from_secs(1))), floor, interval);
         // First look: soon, for the rate.
         assert_eq!(after(size, None), floor);
-        // A 64th of 10 GiB is 160 MiB: at 16 MiB/s, 10 s; at 1 GB/s the floor.
-        assert_eq!(after(size, Some(16 << 20)), Duration::from_secs(10));
+        // A 64th of 10 GiB is 160 MiB: at 64 MiB/s, 2.5 s; at 1 GB/s the floor; at 16 MiB/s
+        // 10 s, but never more than `SIZE_LOOK_MAX`.
+        assert_eq!(after(size, Some(64 << 20)), Duration::from_millis(2500));
+        assert_eq!(after(size, Some(16 << 20)), SIZE_LOOK_MAX);
         assert_eq!(after(size, Some(1_000_000_000)), floor);
         // A narrow window: half of MAX − MIN (512 KiB of 100M,101M) once that is under a
         // 64th of MAX, so that marks fall closer together than the window; 256 KiB/s: 2 s.
         assert_eq!(after(Retention::parse("size:100M,101M").unwrap(), Some(256 << 10)), Duration::from_secs(2));
         assert_eq!(after(Retention::parse("size:100").unwrap(), Some(1)), floor);
-        // Slow: once an interval.
-        assert_eq!(after(size, Some(1000)), interval);
-        // Idle: twice the gap before, up to the interval.
+        // Slow or idle: at most `SIZE_LOOK_MAX` apart (a slow stream may turn fast).
+        assert_eq!(after(size, Some(1000)), SIZE_LOOK_MAX);
         assert_eq!(after(size, Some(0)), Duration::from_secs(2));
-        assert_eq!(look_after(size, Some((0, Duration::from_secs(20))), floor, interval), interval);
+        assert_eq!(look_after(size, Some((0, Duration::from_secs(2))), floor, interval), Duration::from_secs(4));
+        assert_eq!(look_after(size, Some((0, Duration::from_secs(20))), floor, interval), SIZE_LOOK_MAX);
+        // A shorter interval still bounds it.
+        let short = Duration::from_secs(3);
+        assert_eq!(look_after(size, Some((1000, Duration::from_secs(1))), floor, short), short);
         assert_eq!(look_after(size, Some((0, Duration::ZERO)), floor, interval), floor);
         // Time: a 128th of MAX (2 h: 56.25 s, over the interval; 64 s: half a second, under
         // the floor; 10 min: 4.687 s).

@@ -139,6 +139,54 @@ async fn a_fast_stream_is_held_to_its_size_policy_between_intervals() {
     drop(s);
 }
 
+/// A slow stream that turns fast is cut back within seconds, not at the next interval (30 s
+/// here): the service looks at a size policy's stream at least every 5 s, however slowly it
+/// wrote. Before, a look that saw the stream writing slowly set the next one an interval
+/// later, and a batch job starting on it put up to an interval's writes past MAX.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_stream_that_turns_fast_is_cut_back_within_seconds() {
+    const MIB: u64 = 1 << 20;
+    let dir = TempDir::new("ret-turns-fast");
+    let s = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &["--retention-interval-ms", "30000"]);
+    let c = Client::connect(&s.url()).await.unwrap();
+    c.create_scope("rt").await.unwrap();
+    c.create_stream_with("rt", "s", 1, Retention::parse("size:1M,2M").unwrap()).await.unwrap();
+    // A trickle for 3 s: a small event every half second (the service's looks see a slow
+    // stream, whose next look was an interval away before).
+    for i in 0..6 {
+        write(&c, "rt/s", i, 1, 30).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Then fast for 9 s: steps of 256 events of 1 KiB (over 12 MiB in all).
+    let fast = Instant::now();
+    let (mut from, mut back_at) = (6, None);
+    let mut most = 0;
+    while fast.elapsed() < Duration::from_secs(9) {
+        write(&c, "rt/s", from, 256, 1020).await;
+        from += 256;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let h = held(&c, "rt", "s").await.0;
+        most = most.max(h);
+        if back_at.is_none() && h > 4 * MIB {
+            back_at = Some(None);
+        } else if back_at == Some(None) && h <= 3 * MIB {
+            back_at = Some(Some(fast.elapsed()));
+        }
+    }
+    let (at_end, segs) = held(&c, "rt", "s").await;
+    eprintln!(
+        "{} MiB written fast for {:?} after a trickle (interval 30 s): held at most {most} bytes, cut back under \
+         3 MiB at {back_at:?}, {at_end} bytes at the end",
+        (from - 6) * 1020 / MIB,
+        fast.elapsed()
+    );
+    assert!(from > 12 * 1024, "the fast writes came too slowly to tell ({from} events)");
+    // Cut back within about 5 s (the longest gap between looks) of turning fast, and held
+    // near the policy from then on.
+    assert!(at_end <= 3 * MIB, "{at_end} bytes held 9 s into fast writes under size:1M,2M: {segs:?}");
+    drop(s);
+}
+
 /// A node without tier-2: a size policy's truncations free the log files behind them (the
 /// stream is the only one in its log), so the log stays near the policy's size however much
 /// is written, freed files become later log files (`sluice stats` counts them), and a
