@@ -32,7 +32,8 @@
 //! shorter). A size policy's stream that wrote nothing since its previous look is looked at
 //! again after twice the time since it, so one that pauses between bursts, or starts writing
 //! a moment after it was created, is soon looked at again; and a size policy's stream, however
-//! slow or idle, at least every 5 s (`SIZE_LOOK_MAX`; or every interval, if that is shorter). The
+//! slow or idle, at least every 5 s (`SIZE_LOOK_MAX`; or every interval, if that is shorter;
+//! with more than 250 streams under a policy, as often as 50 looks a second allow). The
 //! names are listed every second, so a new stream is looked at within a second. With one
 //! look per interval, a stream writing 1 GB/s outgrew a size policy by 30 GB at the default
 //! 30 s; now by about 100 ms of writes. Its marks (the points it can be cut at) are taken at
@@ -41,7 +42,7 @@
 //! further apart, the newest one that leaves MIN can leave more than MAX, and the stream
 //! stays above MAX until it writes again). A slow or idle stream that starts writing fast
 //! can outgrow its MAX by up to 5 s of its writes once (by an interval's, 30 s by default,
-//! before `SIZE_LOOK_MAX`).
+//! before `SIZE_LOOK_MAX`; with many streams, by up to that longer gap's).
 //! Nor are marks closer than MAX − MIN when a stream writes in bursts of about MAX − MIN or
 //! more with pauses between them (a look in a pause sees nothing new, so marks come at most
 //! one a burst, or one per 100 ms within one): a stream that stops after such bursts can stay
@@ -65,12 +66,17 @@ const MARKS_PER_SPAN: u64 = 128;
 const LOOK_MIN: Duration = Duration::from_millis(100);
 /// How often the names are listed (a new stream is looked at once listed).
 const LIST_EVERY: Duration = Duration::from_secs(1);
-/// The longest a size policy's stream goes without a look (unless the interval is shorter),
-/// however slowly it wrote or idle it was: a stream that starts writing fast after a slow or
-/// idle stretch outgrows its MAX by at most this long's writes (at the interval, 30 s by
-/// default, a batch job starting at 1 GB/s on an idle stream put 30 GB past MAX before its
-/// next look). A look costs a stream record read and a length per segment.
+/// The longest a size policy's stream goes without a look (unless the interval is shorter,
+/// or there are so many streams that `SIZE_LOOKS_PER_SEC` bounds it), however slowly it
+/// wrote or idle it was: a stream that starts writing fast after a slow or idle stretch
+/// outgrows its MAX by at most this long's writes (at the interval, 30 s by default, a batch
+/// job starting at 1 GB/s on an idle stream put 30 GB past MAX before its next look).
 const SIZE_LOOK_MAX: Duration = Duration::from_secs(5);
+/// Looks a second that `SIZE_LOOK_MAX` may cost at most: with more streams under a policy
+/// than this many times its seconds (250), their longest gap grows with their number. A look
+/// at a stream of four segments costs up to 0.8 ms of CPU, the service's and the server's
+/// together (BENCHMARKS.md, forty-second session): 50 a second, about 4% of a core.
+const SIZE_LOOKS_PER_SEC: f64 = 50.0;
 /// A size policy's stream is looked at again once it has written about this share of its
 /// MAX (at the rate it was last seen writing), so it outgrows MAX by about that much; or
 /// half its MAX − MIN if that is less, so that its marks (taken at looks) are closer
@@ -246,10 +252,22 @@ struct Pace {
     seen: Option<(Instant, u64)>,
 }
 
+/// The longest a size policy's stream goes without a look with `tracked` streams under a
+/// policy: `SIZE_LOOK_MAX`, or as long as `SIZE_LOOKS_PER_SEC` allows, whichever is longer.
+fn size_look_most(tracked: usize) -> Duration {
+    SIZE_LOOK_MAX.max(Duration::from_secs_f64(tracked as f64 / SIZE_LOOKS_PER_SEC))
+}
+
 /// How long until a stream with `policy` is looked at again: `since` is what it wrote since
-/// the previous look and how long ago that was (`None` if it was not looked at before).
-/// Between `floor` and `interval`.
-fn look_after(policy: Retention, since: Option<(u64, Duration)>, floor: Duration, interval: Duration) -> Duration {
+/// the previous look and how long ago that was (`None` if it was not looked at before); a
+/// size policy's stream within `size_most` (`size_look_most`). Between `floor` and `interval`.
+fn look_after(
+    policy: Retention,
+    since: Option<(u64, Duration)>,
+    size_most: Duration,
+    floor: Duration,
+    interval: Duration,
+) -> Duration {
     let after = match policy {
         Retention::None => interval,
         // A first look measures nothing yet: the next one, soon, gives the rate.
@@ -262,10 +280,10 @@ fn look_after(policy: Retention, since: Option<(u64, Duration)>, floor: Duration
             }
             // Idle: twice the previous gap, so a stream that pauses between bursts (or
             // was created a moment before its writes begin) is looked at again soon, and
-            // an idle one is looked at once every `SIZE_LOOK_MAX` within a few.
+            // an idle one is looked at once every `size_most` within a few.
             Some((_, gap)) => gap.saturating_mul(2),
         }
-        .min(SIZE_LOOK_MAX),
+        .min(size_most),
         Retention::Time { max_ms, .. } => Duration::from_millis(max_ms / MARKS_PER_SPAN),
     };
     after.clamp(floor, interval.max(floor))
@@ -330,7 +348,8 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             }
         }
         let mut changes = Vec::new();
-        let pace = Pacing { paces: &mut paces, full, floor: tick, interval };
+        let size_most = size_look_most(streams.len());
+        let pace = Pacing { paces: &mut paces, full, floor: tick, interval, size_most };
         let looked = round(&client, &names, &mut streams, &mut groups, pace, &mut changes).await;
         if looked > 0 {
             tracing::debug!(took = ?started.elapsed(), streams = streams.len(), looked, full, "retention round");
@@ -349,6 +368,8 @@ struct Pacing<'a> {
     full: bool,
     floor: Duration,
     interval: Duration,
+    /// The longest a size policy's stream goes without a look (`size_look_most`).
+    size_most: Duration,
 }
 
 impl Pacing<'_> {
@@ -363,7 +384,10 @@ impl Pacing<'_> {
             None => Pace { next: now + self.interval, seen: None },
             Some((policy, total)) => {
                 let since = before.map(|(at, was)| (total.saturating_sub(was), now.duration_since(at)));
-                Pace { next: now + look_after(policy, since, self.floor, self.interval), seen: Some((now, total)) }
+                Pace {
+                    next: now + look_after(policy, since, self.size_most, self.floor, self.interval),
+                    seen: Some((now, total)),
+                }
             }
         };
         self.paces.insert(stream.to_string(), pace);
@@ -688,10 +712,15 @@ mod tests {
     #[test]
     fn fast_streams_are_looked_at_sooner_within_the_floor_and_the_interval() {
         let (floor, interval) = (Duration::from_secs(1), Duration::from_secs(30));
+        // Up to 250 streams under a policy, `SIZE_LOOK_MAX`; more, as 50 looks a second allow.
+        let most = size_look_most(10);
+        assert_eq!((most, size_look_most(250)), (SIZE_LOOK_MAX, SIZE_LOOK_MAX));
+        assert_eq!(size_look_most(1000), Duration::from_secs(20));
         let size = Retention::parse("size:8G,10G").unwrap();
         // Bytes written in the second before.
-        let after =
-            |p: Retention, rate: Option<u64>| look_after(p, rate.map(|b| (b, Duration::from_secs(1))), floor, interval);
+        let after = |p: Retention, rate: Option<u64>| {
+            look_after(p, rate.map(|b| (b, Duration::from_secs(1))), most, floor, interval)
+        };
         // First look: soon, for the rate.
         assert_eq!(after(size, None), floor);
         // A 64th of 10 GiB is 160 MiB: at 64 MiB/s, 2.5 s; at 1 GB/s the floor; at 16 MiB/s
@@ -706,12 +735,16 @@ mod tests {
         // Slow or idle: at most `SIZE_LOOK_MAX` apart (a slow stream may turn fast).
         assert_eq!(after(size, Some(1000)), SIZE_LOOK_MAX);
         assert_eq!(after(size, Some(0)), Duration::from_secs(2));
-        assert_eq!(look_after(size, Some((0, Duration::from_secs(2))), floor, interval), Duration::from_secs(4));
-        assert_eq!(look_after(size, Some((0, Duration::from_secs(20))), floor, interval), SIZE_LOOK_MAX);
+        assert_eq!(look_after(size, Some((0, Duration::from_secs(2))), most, floor, interval), Duration::from_secs(4));
+        assert_eq!(look_after(size, Some((0, Duration::from_secs(20))), most, floor, interval), SIZE_LOOK_MAX);
         // A shorter interval still bounds it.
         let short = Duration::from_secs(3);
-        assert_eq!(look_after(size, Some((1000, Duration::from_secs(1))), floor, short), short);
-        assert_eq!(look_after(size, Some((0, Duration::ZERO)), floor, interval), floor);
+        assert_eq!(look_after(size, Some((1000, Duration::from_secs(1))), most, floor, short), short);
+        // Many streams: slow ones further apart, fast ones as before.
+        let many = size_look_most(1000);
+        assert_eq!(look_after(size, Some((1000, Duration::from_secs(1))), many, floor, interval), many);
+        assert_eq!(look_after(size, Some((1 << 30, Duration::from_secs(1))), many, floor, interval), floor);
+        assert_eq!(look_after(size, Some((0, Duration::ZERO)), most, floor, interval), floor);
         // Time: a 128th of MAX (2 h: 56.25 s, over the interval; 64 s: half a second, under
         // the floor; 10 min: 4.687 s).
         assert_eq!(after(Retention::parse("time:1h,2h").unwrap(), Some(5)), interval);
@@ -719,6 +752,6 @@ mod tests {
         assert_eq!(after(Retention::parse("time:5m,10m").unwrap(), None), Duration::from_millis(4687));
         assert_eq!(after(Retention::None, None), interval);
         // A floor above the interval (the service never passes one) is kept, no panic.
-        assert_eq!(look_after(size, None, floor, Duration::from_millis(100)), floor);
+        assert_eq!(look_after(size, None, most, floor, Duration::from_millis(100)), floor);
     }
 }
