@@ -234,31 +234,57 @@ impl Client {
     /// container (the map is refreshed first), so that nothing wrong on another node goes
     /// unseen; a node that does not answer fails the call.
     pub async fn shard_stats(&self, reset: bool) -> Result<Vec<ShardStats>, ClientError> {
+        let mut all = Vec::new();
+        for e in self.every_shard().await? {
+            all.push(self.call_once_more(&e, &GetStats { reset }).await?);
+        }
+        all.sort_by(|a: &ShardStats, b| (&a.node, a.shard).cmp(&(&b.node, b.shard)));
+        Ok(all)
+    }
+
+    /// (name, length) of every open segment of every shard (in a cluster, as `shard_stats`
+    /// reaches them), a request (a page of up to 5000) per shard rather than one per segment:
+    /// how the retention service sees which streams grew. In no order.
+    pub async fn open_segment_lengths(&self) -> Result<Vec<(String, u64)>, ClientError> {
+        let mut all = Vec::new();
+        for e in self.every_shard().await? {
+            let mut after = String::new();
+            loop {
+                let page: SegmentLengths = self.call_once_more(&e, &ListSegmentLengths { after, limit: 0 }).await?;
+                all.extend(page.segments);
+                match page.next {
+                    Some(next) => after = next,
+                    None => break,
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// The endpoint of every shard: this node's, and in a cluster every node's that serves a
+    /// container (the map refreshed first).
+    async fn every_shard(&self) -> Result<Vec<String>, ClientError> {
         if !self.inner.map.lock().expect("lock").containers.is_empty() {
             self.refresh().await?;
         }
         let mut endpoints = Vec::new();
-        {
-            let map = self.inner.map.lock().expect("lock");
-            for e in map.endpoints.iter().chain(map.containers.iter()) {
-                if !e.is_empty() && !endpoints.contains(e) {
-                    endpoints.push(e.clone());
-                }
+        let map = self.inner.map.lock().expect("lock");
+        for e in map.endpoints.iter().chain(map.containers.iter()) {
+            if !e.is_empty() && !endpoints.contains(e) {
+                endpoints.push(e.clone());
             }
         }
-        let mut all = Vec::with_capacity(endpoints.len());
-        for e in endpoints {
-            let call = || async { self.connection(&e).await?.call(&GetStats { reset }, Bytes::new()).await };
-            let stats = match call().await {
-                // A cached connection the server has just closed (it does after refusing an
-                // append): once more, on a new one.
-                Err(ClientError::ConnectionLost(_)) => call().await?,
-                r => r?,
-            };
-            all.push(stats);
+        Ok(endpoints)
+    }
+
+    /// A control call to the shard at `endpoint`, made once more on a new connection if the
+    /// cached one was lost (the server closes one after refusing an append).
+    async fn call_once_more<M: Control, R: Control>(&self, endpoint: &str, msg: &M) -> Result<R, ClientError> {
+        let call = || async { self.connection(endpoint).await?.call(msg, Bytes::new()).await };
+        match call().await {
+            Err(ClientError::ConnectionLost(_)) => call().await,
+            r => r,
         }
-        all.sort_by(|a: &ShardStats, b| (&a.node, a.shard).cmp(&(&b.node, b.shard)));
-        Ok(all)
     }
 
     /// A live connection to `addr` (cached; reconnects if the cached one broke).

@@ -638,6 +638,21 @@ fn dispatch<S: MetaStore>(
             stats.node = shard.cfg.node_name.clone();
             Dispatched::Now(reply(id, &stats))
         }
+        Kind::ListSegmentLengths => {
+            let g: ListSegmentLengths = frame.decode()?;
+            let limit = page_limit(g.limit, NAMES_PAGE_MAX);
+            let mut segments: Vec<(String, u64)> = shard
+                .containers
+                .borrow()
+                .values()
+                .flat_map(|c| c.open_lengths())
+                .filter(|(name, _)| name.as_str() > g.after.as_str())
+                .collect();
+            segments.sort_unstable();
+            let next = (segments.len() > limit).then(|| segments[limit - 1].0.clone());
+            segments.truncate(limit);
+            Dispatched::Now(reply(id, &SegmentLengths { segments, next }))
+        }
         Kind::ScrubLog => {
             let g: ScrubLog = frame.decode()?;
             let mut mine: Vec<_> = {

@@ -1,7 +1,7 @@
 //! Protocol limits and fixed sizes, units last.
 
 /// Version spoken by this build; the handshake picks the highest common version.
-pub const PROTOCOL_VERSION: u16 = 19;
+pub const PROTOCOL_VERSION: u16 = 20;
 /// Magic carried in the `Hello` message ("SLCE").
 pub const HELLO_MAGIC: u32 = 0x534C_4345;
 /// Bytes of the fixed frame header: length u32, kind u16, flags u16, request id u64, control length u32.

@@ -31,7 +31,8 @@ kinds! {
     CommitTxn = 56, FinishCommit = 57, AbortTxn = 58, ForgetTxn = 59,
     AddSubscriber = 60, RemoveSubscriber = 61, UpdateSubscriber = 62, ListSubscribers = 63,
     SubscriberList = 64,
-    GetStats = 70, ShardStats = 71, ScrubLog = 72, ScrubReport = 73,
+    GetStats = 70, ShardStats = 71, ScrubLog = 72, ScrubReport = 73, ListSegmentLengths = 74,
+    SegmentLengths = 75,
 }
 
 /// A control message: its kind and its archive.
@@ -643,6 +644,26 @@ control!(
     pub struct ScrubReport {
         pub shard: u32,
         pub containers: Vec<ContainerScrub>,
+    }
+);
+control!(
+    ListSegmentLengths,
+    /// The length of every open (unsealed) segment the shard serves, in one answer: how the
+    /// retention service sees which streams grew without a request per segment. `after`:
+    /// names after this one only (empty: from the first), at most `limit` of them (0: the
+    /// server's cap, `NAMES_PAGE_MAX`).
+    pub struct ListSegmentLengths {
+        pub after: String,
+        pub limit: u32,
+    }
+);
+control!(
+    SegmentLengths,
+    /// (segment name, length) in name order; `next`: the name to ask after for the rest
+    /// (`None`: that was all).
+    pub struct SegmentLengths {
+        pub segments: Vec<(String, u64)>,
+        pub next: Option<String>,
     }
 );
 

@@ -263,10 +263,9 @@ struct StandaloneArgs {
     /// is looked at sooner when it needs it (a size policy's once it may have written a 64th
     /// of its MAX, or half its MAX − MIN, at its last rate; a time policy's every 128th of its
     /// MAX; at most every 100 ms, or once an interval if that is shorter), so a fast stream
-    /// outgrows its MAX by about 100 ms of writes. A size policy's stream is looked at least
-    /// every 5 s (or every interval, if shorter; with over 250 streams under a policy, as
-    /// often as 50 looks a second allow), so a slow or idle one that starts writing fast
-    /// outgrows its MAX by at most that long's writes.
+    /// outgrows its MAX by about 100 ms of writes; and every second the service reads the
+    /// open segments' lengths (a request per shard), so a slow or idle stream that starts
+    /// writing fast is looked at within a second, not at its next look.
     #[arg(long, default_value_t = 30_000)]
     retention_interval_ms: u64,
     /// How often the auto-scaler looks at streams with an automatic scaling policy, in ms.

@@ -30,19 +30,21 @@
 //! if less) at the rate it wrote since the previous look, a time policy's once a 128th of its
 //! MAX has passed; never more often than every 100 ms (or every interval, if that is
 //! shorter). A size policy's stream that wrote nothing since its previous look is looked at
-//! again after twice the time since it, so one that pauses between bursts, or starts writing
-//! a moment after it was created, is soon looked at again; and a size policy's stream, however
-//! slow or idle, at least every 5 s (`SIZE_LOOK_MAX`; or every interval, if that is shorter;
-//! with more than 250 streams under a policy, as often as 50 looks a second allow). The
-//! names are listed every second, so a new stream is looked at within a second. With one
+//! again after twice the time since it (up to the interval), so one that pauses between
+//! bursts, or starts writing a moment after it was created, is soon looked at again. The
+//! names are listed every second, so a new stream is looked at within a second; and with
+//! them the length of every open segment, one request per shard (`ListSegmentLengths`), so
+//! a size policy's stream whose open segments grew by its share since its last look (one
+//! that was slow or idle then, and whose next look was up to an interval away) is looked at
+//! within a second too, at no cost per stream (`wake_grown`). With one
 //! look per interval, a stream writing 1 GB/s outgrew a size policy by 30 GB at the default
 //! 30 s; now by about 100 ms of writes. Its marks (the points it can be cut at) are taken at
 //! looks, so they are that much closer together too: closer than MAX − MIN while the stream
 //! writes at a steady rate, so that a mark always leaves between MIN and MAX (with marks
 //! further apart, the newest one that leaves MIN can leave more than MAX, and the stream
 //! stays above MAX until it writes again). A slow or idle stream that starts writing fast
-//! can outgrow its MAX by up to 5 s of its writes once (by an interval's, 30 s by default,
-//! before `SIZE_LOOK_MAX`; with many streams, by up to that longer gap's).
+//! outgrows its MAX by about a second of its writes once (by up to an interval's, 30 s by
+//! default, before the lengths were read, or while they cannot be: a node down).
 //! Nor are marks closer than MAX − MIN when a stream writes in bursts of about MAX − MIN or
 //! more with pauses between them (a look in a pause sees nothing new, so marks come at most
 //! one a burst, or one per 100 ms within one): a stream that stops after such bursts can stay
@@ -66,17 +68,6 @@ const MARKS_PER_SPAN: u64 = 128;
 const LOOK_MIN: Duration = Duration::from_millis(100);
 /// How often the names are listed (a new stream is looked at once listed).
 const LIST_EVERY: Duration = Duration::from_secs(1);
-/// The longest a size policy's stream goes without a look (unless the interval is shorter,
-/// or there are so many streams that `SIZE_LOOKS_PER_SEC` bounds it), however slowly it
-/// wrote or idle it was: a stream that starts writing fast after a slow or idle stretch
-/// outgrows its MAX by at most this long's writes (at the interval, 30 s by default, a batch
-/// job starting at 1 GB/s on an idle stream put 30 GB past MAX before its next look).
-const SIZE_LOOK_MAX: Duration = Duration::from_secs(5);
-/// Looks a second that `SIZE_LOOK_MAX` may cost at most: with more streams under a policy
-/// than this many times its seconds (250), their longest gap grows with their number. A look
-/// at a stream of four segments costs up to 0.8 ms of CPU, the service's and the server's
-/// together (BENCHMARKS.md, forty-second session): 50 a second, about 4% of a core.
-const SIZE_LOOKS_PER_SEC: f64 = 50.0;
 /// A size policy's stream is looked at again once it has written about this share of its
 /// MAX (at the rate it was last seen writing), so it outgrows MAX by about that much; or
 /// half its MAX − MIN if that is less, so that its marks (taken at looks) are closer
@@ -244,46 +235,49 @@ async fn keep(
     Ok(())
 }
 
-/// When a stream is looked at next, and what it had written when it was last looked at.
+/// When a stream is looked at next, and what its last look found.
 #[derive(Clone, Copy, Debug)]
 struct Pace {
     next: Instant,
-    /// (when, bytes ever written then); `None` for a stream without a policy.
-    seen: Option<(Instant, u64)>,
+    /// `None` for a stream without a policy.
+    seen: Option<Seen>,
 }
 
-/// The longest a size policy's stream goes without a look with `tracked` streams under a
-/// policy: `SIZE_LOOK_MAX`, or as long as `SIZE_LOOKS_PER_SEC` allows, whichever is longer.
-fn size_look_most(tracked: usize) -> Duration {
-    SIZE_LOOK_MAX.max(Duration::from_secs_f64(tracked as f64 / SIZE_LOOKS_PER_SEC))
+/// What a look at a stream with a policy found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Seen {
+    at: Instant,
+    policy: Retention,
+    /// Bytes ever written to the stream.
+    total: u64,
+    /// Bytes in its open segments (the lengths the shards report between looks).
+    open: u64,
+}
+
+/// Bytes a size policy's stream may write between two looks (see `SIZE_LOOK_SHARE`).
+fn size_share(min_bytes: u64, max_bytes: u64) -> u64 {
+    (max_bytes / SIZE_LOOK_SHARE).min(max_bytes.saturating_sub(min_bytes) / 2).max(1)
 }
 
 /// How long until a stream with `policy` is looked at again: `since` is what it wrote since
-/// the previous look and how long ago that was (`None` if it was not looked at before); a
-/// size policy's stream within `size_most` (`size_look_most`). Between `floor` and `interval`.
-fn look_after(
-    policy: Retention,
-    since: Option<(u64, Duration)>,
-    size_most: Duration,
-    floor: Duration,
-    interval: Duration,
-) -> Duration {
+/// the previous look and how long ago that was (`None` if it was not looked at before).
+/// Between `floor` and `interval`.
+fn look_after(policy: Retention, since: Option<(u64, Duration)>, floor: Duration, interval: Duration) -> Duration {
     let after = match policy {
         Retention::None => interval,
         // A first look measures nothing yet: the next one, soon, gives the rate.
         Retention::Size { min_bytes, max_bytes } => match since {
             None => floor,
             Some((written, gap)) if written > 0 => {
-                let share = (max_bytes / SIZE_LOOK_SHARE).min(max_bytes.saturating_sub(min_bytes) / 2).max(1);
+                let share = size_share(min_bytes, max_bytes);
                 let rate = written as f64 / gap.as_secs_f64().max(1e-3);
                 Duration::from_secs_f64((share as f64 / rate).min(1e9))
             }
             // Idle: twice the previous gap, so a stream that pauses between bursts (or
             // was created a moment before its writes begin) is looked at again soon, and
-            // an idle one is looked at once every `size_most` within a few.
+            // an idle one is looked at once an interval within a few.
             Some((_, gap)) => gap.saturating_mul(2),
-        }
-        .min(size_most),
+        },
         Retention::Time { max_ms, .. } => Duration::from_millis(max_ms / MARKS_PER_SPAN),
     };
     after.clamp(floor, interval.max(floor))
@@ -307,6 +301,8 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     // The names as last listed, and when.
     let mut names: Vec<ScopedStream> = Vec::new();
     let mut last_list: Option<Instant> = None;
+    // When the lengths last could not be read (warned once a minute).
+    let mut lengths_warned: Option<Instant> = None;
     loop {
         tokio::time::sleep(tick).await;
         if !active() {
@@ -314,7 +310,7 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             groups.clear();
             paces.clear();
             names.clear();
-            (kept, loaded, last_full, last_list) = (None, false, None, None);
+            (kept, loaded, last_full, last_list, lengths_warned) = (None, false, None, None, None);
             continue;
         }
         if !loaded {
@@ -346,10 +342,28 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
                     continue;
                 }
             }
+            // With the names, the open segments' lengths: a slow stream that turned fast is
+            // looked at now (see `wake_grown`).
+            match client.open_segment_lengths().await {
+                Ok(lengths) => {
+                    let woken = wake_grown(&mut paces, &lengths, Instant::now());
+                    if woken > 0 {
+                        tracing::debug!(woken, "retention looks at streams that grew since their last look");
+                    }
+                }
+                Err(e) if lengths_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) => {
+                    lengths_warned = Some(Instant::now());
+                    tracing::warn!(
+                        error = %e,
+                        "retention cannot read the segments' lengths: a slow stream that turns fast waits for its \
+                         next look (up to an interval)"
+                    );
+                }
+                Err(_) => {}
+            }
         }
         let mut changes = Vec::new();
-        let size_most = size_look_most(streams.len());
-        let pace = Pacing { paces: &mut paces, full, floor: tick, interval, size_most };
+        let pace = Pacing { paces: &mut paces, full, floor: tick, interval };
         let looked = round(&client, &names, &mut streams, &mut groups, pace, &mut changes).await;
         if looked > 0 {
             tracing::debug!(took = ?started.elapsed(), streams = streams.len(), looked, full, "retention round");
@@ -368,8 +382,6 @@ struct Pacing<'a> {
     full: bool,
     floor: Duration,
     interval: Duration,
-    /// The longest a size policy's stream goes without a look (`size_look_most`).
-    size_most: Duration,
 }
 
 impl Pacing<'_> {
@@ -378,16 +390,14 @@ impl Pacing<'_> {
     }
 
     /// Sets when `stream` is looked at next, after a look at `now` that found `checked`.
-    fn looked(&mut self, stream: &str, now: Instant, checked: Option<(Retention, u64)>) {
+    fn looked(&mut self, stream: &str, now: Instant, checked: Option<(Retention, u64, u64)>) {
         let before = self.paces.get(stream).and_then(|p| p.seen);
         let pace = match checked {
             None => Pace { next: now + self.interval, seen: None },
-            Some((policy, total)) => {
-                let since = before.map(|(at, was)| (total.saturating_sub(was), now.duration_since(at)));
-                Pace {
-                    next: now + look_after(policy, since, self.size_most, self.floor, self.interval),
-                    seen: Some((now, total)),
-                }
+            Some((policy, total, open)) => {
+                let seen = Seen { at: now, policy, total, open };
+                let since = before.map(|b| (seen.total.saturating_sub(b.total), now.duration_since(b.at)));
+                Pace { next: now + look_after(seen.policy, since, self.floor, self.interval), seen: Some(seen) }
             }
         };
         self.paces.insert(stream.to_string(), pace);
@@ -399,6 +409,36 @@ impl Pacing<'_> {
         let seen = self.paces.get(stream).and_then(|p| p.seen);
         self.paces.insert(stream.to_string(), Pace { next, seen });
     }
+}
+
+/// Makes due now every size policy's stream whose open segments grew by its share (a 64th
+/// of its MAX, or half its MAX − MIN) since its last look, by the shards' `lengths` of every
+/// open segment (`Client::open_segment_lengths`). So a stream that was slow or idle when it
+/// was last looked at (its next look up to an interval away) and has started writing fast is
+/// looked at within a second, whatever the number of streams: a request per shard a second
+/// instead of a look per stream. Returns how many it made due.
+fn wake_grown(paces: &mut HashMap<String, Pace>, lengths: &[(String, u64)], now: Instant) -> usize {
+    let mut open: HashMap<&str, u64> = HashMap::new();
+    for (name, len) in lengths {
+        // `scope/stream/N`; a transaction's shadow segment (`N#txn.<id>`) is not the stream's yet.
+        if let Some((stream, n)) = name.rsplit_once('/')
+            && n.parse::<u64>().is_ok()
+        {
+            *open.entry(stream).or_default() += len;
+        }
+    }
+    let mut woken = 0;
+    for (stream, pace) in paces.iter_mut() {
+        let Some(Seen { policy: Retention::Size { min_bytes, max_bytes }, open: was, .. }) = pace.seen else {
+            continue;
+        };
+        let now_open = open.get(stream.as_str()).copied().unwrap_or(0);
+        if pace.next > now && now_open.saturating_sub(was) >= size_share(min_bytes, max_bytes) {
+            pace.next = now;
+            woken += 1;
+        }
+    }
+    woken
 }
 
 /// Whether truncating at `mark` keeps everything from `bound` on: each of the mark's
@@ -531,14 +571,14 @@ async fn compact_idle_group(
     Ok(())
 }
 
-/// Marks and, when due, truncates one stream; returns its policy and the bytes it ever had
-/// written, or `None` if it has no policy (or is gone).
+/// Marks and, when due, truncates one stream; returns its policy, the bytes it ever had
+/// written and those in its open segments, or `None` if it has no policy (or is gone).
 async fn apply(
     c: &Client,
     stream: &ScopedStream,
     streams: &mut BTreeMap<String, Tracked>,
     changes: &mut Vec<MarksUpdate>,
-) -> Result<Option<(Retention, u64)>, ClientError> {
+) -> Result<Option<(Retention, u64, u64)>, ClientError> {
     let info = match c.get_stream(&stream.scope, &stream.stream).await {
         Ok(i) => i,
         Err(e) if matches!(e.code(), Some(ErrorCode::NoSuchStream)) => return Ok(None),
@@ -566,7 +606,7 @@ async fn apply(
             positions.insert(seg.number, si.length);
         }
     }
-    let checked = Some((info.retention, total));
+    let checked = Some((info.retention, total, positions.values().sum()));
     let update = |streams: &mut BTreeMap<String, Tracked>, changes: &mut Vec<MarksUpdate>, u: MarksUpdate| {
         apply_update(streams, &u);
         changes.push(u);
@@ -710,41 +750,61 @@ mod tests {
     }
 
     #[test]
+    fn streams_whose_open_segments_grew_by_their_share_are_looked_at_now() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(30);
+        // A 64th of 2 MiB (32 KiB) is less than half of MAX − MIN (512 KiB).
+        let size = Retention::parse("size:1M,2M").unwrap();
+        let pace = |policy, open| Pace { next: later, seen: Some(Seen { at: now, policy, total: open, open }) };
+        let mut paces = HashMap::from([
+            ("s/grew".to_string(), pace(size, 1000)),
+            ("s/little".to_string(), pace(size, 1000)),
+            ("s/time".to_string(), pace(Retention::parse("time:1h,2h").unwrap(), 0)),
+            ("s/none".to_string(), Pace { next: later, seen: None }),
+        ]);
+        let lengths: Vec<(String, u64)> = [
+            // 32 KiB more over two segments; a transaction's shadow segment does not count.
+            ("s/grew/0", 1000 + (20 << 10)),
+            ("s/grew/3", 12 << 10),
+            ("s/little/0#txn.00000000000000000000000000000001", 1 << 30),
+            ("s/little/1", 1000 + (32 << 10) - 1),
+            ("s/time/0", 1 << 30),
+            ("s/none/0", 1 << 30),
+            ("other/9", 1 << 30),
+        ]
+        .map(|(n, l)| (n.to_string(), l))
+        .to_vec();
+        assert_eq!(wake_grown(&mut paces, &lengths, now), 1);
+        assert_eq!(paces["s/grew"].next, now);
+        for other in ["s/little", "s/time", "s/none"] {
+            assert_eq!(paces[other].next, later, "{other}");
+        }
+        // Already due: not counted again.
+        assert_eq!(wake_grown(&mut paces, &lengths, now), 0);
+    }
+
+    #[test]
     fn fast_streams_are_looked_at_sooner_within_the_floor_and_the_interval() {
         let (floor, interval) = (Duration::from_secs(1), Duration::from_secs(30));
-        // Up to 250 streams under a policy, `SIZE_LOOK_MAX`; more, as 50 looks a second allow.
-        let most = size_look_most(10);
-        assert_eq!((most, size_look_most(250)), (SIZE_LOOK_MAX, SIZE_LOOK_MAX));
-        assert_eq!(size_look_most(1000), Duration::from_secs(20));
         let size = Retention::parse("size:8G,10G").unwrap();
         // Bytes written in the second before.
-        let after = |p: Retention, rate: Option<u64>| {
-            look_after(p, rate.map(|b| (b, Duration::from_secs(1))), most, floor, interval)
-        };
+        let after =
+            |p: Retention, rate: Option<u64>| look_after(p, rate.map(|b| (b, Duration::from_secs(1))), floor, interval);
         // First look: soon, for the rate.
         assert_eq!(after(size, None), floor);
-        // A 64th of 10 GiB is 160 MiB: at 64 MiB/s, 2.5 s; at 1 GB/s the floor; at 16 MiB/s
-        // 10 s, but never more than `SIZE_LOOK_MAX`.
-        assert_eq!(after(size, Some(64 << 20)), Duration::from_millis(2500));
-        assert_eq!(after(size, Some(16 << 20)), SIZE_LOOK_MAX);
+        // A 64th of 10 GiB is 160 MiB: at 16 MiB/s, 10 s; at 1 GB/s the floor.
+        assert_eq!(after(size, Some(16 << 20)), Duration::from_secs(10));
         assert_eq!(after(size, Some(1_000_000_000)), floor);
         // A narrow window: half of MAX − MIN (512 KiB of 100M,101M) once that is under a
         // 64th of MAX, so that marks fall closer together than the window; 256 KiB/s: 2 s.
         assert_eq!(after(Retention::parse("size:100M,101M").unwrap(), Some(256 << 10)), Duration::from_secs(2));
         assert_eq!(after(Retention::parse("size:100").unwrap(), Some(1)), floor);
-        // Slow or idle: at most `SIZE_LOOK_MAX` apart (a slow stream may turn fast).
-        assert_eq!(after(size, Some(1000)), SIZE_LOOK_MAX);
+        // Slow: once an interval.
+        assert_eq!(after(size, Some(1000)), interval);
+        // Idle: twice the gap before, up to the interval.
         assert_eq!(after(size, Some(0)), Duration::from_secs(2));
-        assert_eq!(look_after(size, Some((0, Duration::from_secs(2))), most, floor, interval), Duration::from_secs(4));
-        assert_eq!(look_after(size, Some((0, Duration::from_secs(20))), most, floor, interval), SIZE_LOOK_MAX);
-        // A shorter interval still bounds it.
-        let short = Duration::from_secs(3);
-        assert_eq!(look_after(size, Some((1000, Duration::from_secs(1))), most, floor, short), short);
-        // Many streams: slow ones further apart, fast ones as before.
-        let many = size_look_most(1000);
-        assert_eq!(look_after(size, Some((1000, Duration::from_secs(1))), many, floor, interval), many);
-        assert_eq!(look_after(size, Some((1 << 30, Duration::from_secs(1))), many, floor, interval), floor);
-        assert_eq!(look_after(size, Some((0, Duration::ZERO)), most, floor, interval), floor);
+        assert_eq!(look_after(size, Some((0, Duration::from_secs(20))), floor, interval), interval);
+        assert_eq!(look_after(size, Some((0, Duration::ZERO)), floor, interval), floor);
         // Time: a 128th of MAX (2 h: 56.25 s, over the interval; 64 s: half a second, under
         // the floor; 10 min: 4.687 s).
         assert_eq!(after(Retention::parse("time:1h,2h").unwrap(), Some(5)), interval);
@@ -752,6 +812,6 @@ mod tests {
         assert_eq!(after(Retention::parse("time:5m,10m").unwrap(), None), Duration::from_millis(4687));
         assert_eq!(after(Retention::None, None), interval);
         // A floor above the interval (the service never passes one) is kept, no panic.
-        assert_eq!(look_after(size, None, most, floor, Duration::from_millis(100)), floor);
+        assert_eq!(look_after(size, None, floor, Duration::from_millis(100)), floor);
     }
 }

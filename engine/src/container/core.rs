@@ -1958,6 +1958,11 @@ impl ContainerCore {
         })
     }
 
+    /// (name, durable length) of every open segment (created, not sealed), in no order.
+    pub fn open_lengths(&self) -> Vec<(String, u64)> {
+        self.segments.values().filter(|s| s.created && !s.sealed).map(|s| (s.name.clone(), s.length)).collect()
+    }
+
     /// Where to read up to `max` bytes of `name` from `offset`.
     pub fn read(&self, name: &str, offset: u64, max: usize) -> Result<(ReadOutcome, SegmentStatus), EngineError> {
         let status = self.status(name)?;

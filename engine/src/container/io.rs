@@ -1943,6 +1943,11 @@ impl Container {
     pub fn status(&self, name: &str) -> Result<SegmentStatus, EngineError> {
         self.core.borrow().status(name)
     }
+
+    /// (name, durable length) of every open segment, in no order.
+    pub fn open_lengths(&self) -> Vec<(String, u64)> {
+        self.core.borrow().open_lengths()
+    }
 }
 
 #[cfg(test)]

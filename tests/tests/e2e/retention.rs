@@ -140,9 +140,10 @@ async fn a_fast_stream_is_held_to_its_size_policy_between_intervals() {
 }
 
 /// A slow stream that turns fast is cut back within seconds, not at the next interval (30 s
-/// here): the service looks at a size policy's stream at least every 5 s, however slowly it
-/// wrote. Before, a look that saw the stream writing slowly set the next one an interval
-/// later, and a batch job starting on it put up to an interval's writes past MAX.
+/// here): every second the service reads the open segments' lengths (a request per shard)
+/// and looks at once at a size policy's stream that grew by its share. Before, a look that
+/// saw the stream writing slowly set the next one an interval later, and a batch job starting
+/// on it put up to an interval's writes past MAX.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_stream_that_turns_fast_is_cut_back_within_seconds() {
     const MIB: u64 = 1 << 20;
