@@ -779,3 +779,53 @@ async fn a_writer_gives_up_a_silent_connection_and_sends_again() {
     }
     assert_eq!(got, ["before", "while stopped"], "each event once, in order");
 }
+
+/// The length of every open segment of every shard, a request (a page) per shard: what the
+/// retention service reads each second to see which streams grew. Sealed segments are left
+/// out; pages of one name at a time give the same list as one whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_segment_lengths_lists_every_open_segment_of_every_shard() {
+    use sluice_net::messages::{ListSegmentLengths, SegmentLengths};
+    let dir = TempDir::new("open-lengths");
+    let port = free_ports(2);
+    let s = Server::start(&dir.0.join("data"), port, 2);
+    let c = Client::connect(&s.url()).await.unwrap();
+    c.create_scope("ol").await.unwrap();
+    c.create_stream("ol", "a", 3).await.unwrap();
+    c.create_stream("ol", "b", 2).await.unwrap();
+    c.create_stream("ol", "c", 1).await.unwrap();
+    let w = c.event_writer("ol/a").await.unwrap();
+    for i in 0..30u32 {
+        w.write_event(&i.to_le_bytes(), Bytes::from(vec![b'x'; 100 + i as usize])).await.unwrap();
+    }
+    c.seal_stream("ol", "b").await.unwrap();
+    let mut got = c.open_segment_lengths().await.unwrap();
+    got.retain(|(name, _)| name.starts_with("ol/"));
+    got.sort();
+    let mut want = Vec::new();
+    for name in ["ol/a/0", "ol/a/1", "ol/a/2", "ol/c/0"] {
+        want.push((name.to_string(), c.segment_info(name).await.unwrap().length));
+    }
+    assert_eq!(got, want);
+    assert!(want.iter().map(|(_, l)| l).sum::<u64>() > 30 * 100, "{want:?}");
+    // Each shard in pages of one name.
+    for shard in 0..2 {
+        let conn = c.connection(&format!("127.0.0.1:{}", port + shard)).await.unwrap();
+        let whole: SegmentLengths =
+            conn.call(&ListSegmentLengths { after: String::new(), limit: 0 }, Bytes::new()).await.unwrap();
+        assert_eq!(whole.next, None);
+        let (mut paged, mut after) = (Vec::new(), String::new());
+        for _ in 0..100 {
+            let page: SegmentLengths = conn.call(&ListSegmentLengths { after, limit: 1 }, Bytes::new()).await.unwrap();
+            assert!(page.segments.len() <= 1);
+            paged.extend(page.segments);
+            match page.next {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        assert_eq!(paged, whole.segments, "shard {shard}");
+        assert!(!whole.segments.is_empty(), "shard {shard} serves some of them");
+    }
+    drop(s);
+}
