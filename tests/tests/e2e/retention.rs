@@ -90,6 +90,16 @@ async fn size_retention_truncates_across_epochs() {
     assert_eq!(count * (1020 + 4), kept, "the reader reads exactly the kept events");
 }
 
+/// A one-core server whose retention interval is 30 s, and the stream `scope/s` of
+/// `segments` under `size:1M,2M`.
+async fn long_interval_server(dir: &TempDir, scope: &str, segments: u32) -> (Server, Client) {
+    let s = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &["--retention-interval-ms", "30000"]);
+    let c = Client::connect(&s.url()).await.unwrap();
+    c.create_scope(scope).await.unwrap();
+    c.create_stream_with(scope, "s", segments, Retention::parse("size:1M,2M").unwrap()).await.unwrap();
+    (s, c)
+}
+
 /// With the default interval (30 s: every stream looked at once in that time), a stream that
 /// writes fast under a size policy is looked at every 100 ms, its pauses between bursts too:
 /// it is cut back while it is being written, not half a minute later (at 1 GB/s that was
@@ -105,10 +115,7 @@ async fn size_retention_truncates_across_epochs() {
 async fn a_fast_stream_is_held_to_its_size_policy_between_intervals() {
     const MIB: u64 = 1 << 20;
     let dir = TempDir::new("ret-fast");
-    let s = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &["--retention-interval-ms", "30000"]);
-    let c = Client::connect(&s.url()).await.unwrap();
-    c.create_scope("rf").await.unwrap();
-    c.create_stream_with("rf", "s", 2, Retention::parse("size:1M,2M").unwrap()).await.unwrap();
+    let (s, c) = long_interval_server(&dir, "rf", 2).await;
     let started = Instant::now();
     // 12 MiB in steps of 256 KiB, a pause after each (over 3.6 s in all).
     let mut most = 0;
@@ -148,10 +155,7 @@ async fn a_fast_stream_is_held_to_its_size_policy_between_intervals() {
 async fn a_slow_stream_that_turns_fast_is_cut_back_within_seconds() {
     const MIB: u64 = 1 << 20;
     let dir = TempDir::new("ret-turns-fast");
-    let s = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &["--retention-interval-ms", "30000"]);
-    let c = Client::connect(&s.url()).await.unwrap();
-    c.create_scope("rt").await.unwrap();
-    c.create_stream_with("rt", "s", 1, Retention::parse("size:1M,2M").unwrap()).await.unwrap();
+    let (s, c) = long_interval_server(&dir, "rt", 1).await;
     // A trickle for 3 s: a small event every half second (the service's looks see a slow
     // stream, whose next look was an interval away before).
     for i in 0..6 {
