@@ -66,8 +66,11 @@ const MARKS_STREAM: &str = "_retention";
 const MARKS_PER_SPAN: u64 = 128;
 /// Least time between two looks at a stream (unless the interval is shorter).
 const LOOK_MIN: Duration = Duration::from_millis(100);
-/// How often the names are listed (a new stream is looked at once listed).
+/// How often the names are listed (a new stream is looked at once listed), and the open
+/// segments' lengths read (a stream that grew is looked at once read).
 const LIST_EVERY: Duration = Duration::from_secs(1);
+/// How long after a failed read of the lengths the next is tried.
+const LENGTHS_RETRY: Duration = Duration::from_secs(30);
 /// A size policy's stream is looked at again once it has written about this share of its
 /// MAX (at the rate it was last seen writing), so it outgrows MAX by about that much; or
 /// half its MAX − MIN if that is less, so that its marks (taken at looks) are closer
@@ -301,8 +304,8 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     // The names as last listed, and when.
     let mut names: Vec<ScopedStream> = Vec::new();
     let mut last_list: Option<Instant> = None;
-    // When the lengths last could not be read (warned once a minute).
-    let mut lengths_warned: Option<Instant> = None;
+    // When the lengths last could not be read.
+    let mut lengths_failed: Option<Instant> = None;
     loop {
         tokio::time::sleep(tick).await;
         if !active() {
@@ -310,7 +313,7 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             groups.clear();
             paces.clear();
             names.clear();
-            (kept, loaded, last_full, last_list, lengths_warned) = (None, false, None, None, None);
+            (kept, loaded, last_full, last_list, lengths_failed) = (None, false, None, None, None);
             continue;
         }
         if !loaded {
@@ -343,23 +346,26 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
                 }
             }
             // With the names, the open segments' lengths: a slow stream that turned fast is
-            // looked at now (see `wake_grown`).
-            match client.open_segment_lengths().await {
-                Ok(lengths) => {
-                    let woken = wake_grown(&mut paces, &lengths, Instant::now());
-                    if woken > 0 {
-                        tracing::debug!(woken, "retention looks at streams that grew since their last look");
+            // looked at now (see `wake_grown`). After a failure (a node down: a silent one
+            // takes the connect timeout) not again for a while, so the looks are not held up.
+            if lengths_failed.is_none_or(|t| started.duration_since(t) >= LENGTHS_RETRY) {
+                match client.open_segment_lengths().await {
+                    Ok(lengths) => {
+                        lengths_failed = None;
+                        let woken = wake_grown(&mut paces, &lengths, Instant::now());
+                        if woken > 0 {
+                            tracing::debug!(woken, "retention looks at streams that grew since their last look");
+                        }
+                    }
+                    Err(e) => {
+                        lengths_failed = Some(started);
+                        tracing::warn!(
+                            error = %e,
+                            "retention cannot read the segments' lengths (tried again in {LENGTHS_RETRY:?}): a slow \
+                             stream that turns fast waits for its next look meanwhile (up to an interval)"
+                        );
                     }
                 }
-                Err(e) if lengths_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) => {
-                    lengths_warned = Some(Instant::now());
-                    tracing::warn!(
-                        error = %e,
-                        "retention cannot read the segments' lengths: a slow stream that turns fast waits for its \
-                         next look (up to an interval)"
-                    );
-                }
-                Err(_) => {}
             }
         }
         let mut changes = Vec::new();
