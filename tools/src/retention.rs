@@ -36,7 +36,10 @@
 //! them the length of every open segment, one request per shard (`ListSegmentLengths`), so
 //! a size policy's stream whose open segments grew by its share since its last look (one
 //! that was slow or idle then, and whose next look was up to an interval away) is looked at
-//! within a second too, at no cost per stream (`wake_grown`). With one
+//! within a second too, at no cost per stream (`wake_grown`); while a due look at a size
+//! policy's stream that had nothing to cut and has not written since (by a read of the
+//! lengths made after that look) is put off, so idle streams are looked at only in full
+//! rounds (`put_off_unchanged`). With one
 //! look per interval, a stream writing 1 GB/s outgrew a size policy by 30 GB at the default
 //! 30 s; now by about 100 ms of writes. Its marks (the points it can be cut at) are taken at
 //! looks, so they are that much closer together too: closer than MAX − MIN while the stream
@@ -246,15 +249,49 @@ struct Pace {
     seen: Option<Seen>,
 }
 
-/// What a look at a stream with a policy found.
+/// What a look at a stream with a policy found, and when it began.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Seen {
     at: Instant,
+    found: Found,
+}
+
+/// What a look at a stream with a policy found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Found {
     policy: Retention,
     /// Bytes ever written to the stream.
     total: u64,
     /// Bytes in its open segments (the lengths the shards report between looks).
     open: u64,
+    /// Nothing to cut: a size policy's stream that held no more than its MAX.
+    settled: bool,
+}
+
+/// The open segments' lengths summed per stream (`scope/stream`), as read at `read_at`.
+struct OpenLengths {
+    read_at: Instant,
+    by_stream: HashMap<String, u64>,
+}
+
+impl OpenLengths {
+    /// Sums `lengths` (segment name, length) per stream. A transaction's shadow segment
+    /// (`N#txn.<id>`) is not the stream's yet.
+    fn new(read_at: Instant, lengths: &[(String, u64)]) -> Self {
+        let mut by_stream: HashMap<String, u64> = HashMap::new();
+        for (name, len) in lengths {
+            if let Some((stream, n)) = name.rsplit_once('/')
+                && n.parse::<u64>().is_ok()
+            {
+                *by_stream.entry(stream.to_string()).or_default() += len;
+            }
+        }
+        Self { read_at, by_stream }
+    }
+
+    fn of(&self, stream: &str) -> u64 {
+        self.by_stream.get(stream).copied().unwrap_or(0)
+    }
 }
 
 /// Bytes a size policy's stream may write between two looks (see `SIZE_LOOK_SHARE`).
@@ -304,8 +341,9 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     // The names as last listed, and when.
     let mut names: Vec<ScopedStream> = Vec::new();
     let mut last_list: Option<Instant> = None;
-    // When the lengths last could not be read.
+    // When the lengths last could not be read, and the last ones read.
     let mut lengths_failed: Option<Instant> = None;
+    let mut open: Option<OpenLengths> = None;
     loop {
         tokio::time::sleep(tick).await;
         if !active() {
@@ -313,7 +351,7 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             groups.clear();
             paces.clear();
             names.clear();
-            (kept, loaded, last_full, last_list, lengths_failed) = (None, false, None, None, None);
+            (kept, loaded, last_full, last_list, lengths_failed, open) = (None, false, None, None, None, None);
             continue;
         }
         if !loaded {
@@ -352,7 +390,8 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
                 match client.open_segment_lengths().await {
                     Ok(lengths) => {
                         lengths_failed = None;
-                        let woken = wake_grown(&mut paces, &lengths, Instant::now());
+                        let read = open.insert(OpenLengths::new(started, &lengths));
+                        let woken = wake_grown(&mut paces, read, Instant::now());
                         if woken > 0 {
                             tracing::debug!(woken, "retention looks at streams that grew since their last look");
                         }
@@ -369,7 +408,8 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             }
         }
         let mut changes = Vec::new();
-        let pace = Pacing { paces: &mut paces, full, floor: tick, interval };
+        let fresh = open.as_ref().filter(|o| started.duration_since(o.read_at) <= 2 * LIST_EVERY);
+        let pace = Pacing { paces: &mut paces, full, floor: tick, interval, open: fresh };
         let looked = round(&client, &names, &mut streams, &mut groups, pace, &mut changes).await;
         if looked > 0 {
             tracing::debug!(took = ?started.elapsed(), streams = streams.len(), looked, full, "retention round");
@@ -388,6 +428,8 @@ struct Pacing<'a> {
     full: bool,
     floor: Duration,
     interval: Duration,
+    /// The open segments' lengths, if read in the last two seconds.
+    open: Option<&'a OpenLengths>,
 }
 
 impl Pacing<'_> {
@@ -395,15 +437,35 @@ impl Pacing<'_> {
         self.full || self.paces.get(stream).is_none_or(|p| p.next <= now)
     }
 
+    /// Whether the look due at `stream` at `now` can be left out, and if so puts it off: a
+    /// size policy's stream that had nothing to cut at its last look and whose open segments
+    /// had the same length in a read of the lengths made since: there is nothing to mark or
+    /// cut (a stream that writes again is woken by `wake_grown`). Its next look is then as
+    /// far again as the last one is behind. Never in a full round, which looks at every
+    /// stream (its policy may have changed).
+    fn put_off_unchanged(&mut self, stream: &str, now: Instant) -> bool {
+        let (Some(open), false) = (self.open, self.full) else { return false };
+        let Some(p) = self.paces.get_mut(stream) else { return false };
+        let Some(Seen { at, found }) = p.seen else { return false };
+        let unchanged = matches!(found.policy, Retention::Size { .. })
+            && found.settled
+            && open.read_at > at
+            && open.of(stream) == found.open;
+        if unchanged {
+            p.next = now + now.duration_since(at).clamp(self.floor, self.interval);
+        }
+        unchanged
+    }
+
     /// Sets when `stream` is looked at next, after a look at `now` that found `checked`.
-    fn looked(&mut self, stream: &str, now: Instant, checked: Option<(Retention, u64, u64)>) {
+    fn looked(&mut self, stream: &str, now: Instant, checked: Option<Found>) {
         let before = self.paces.get(stream).and_then(|p| p.seen);
         let pace = match checked {
             None => Pace { next: now + self.interval, seen: None },
-            Some((policy, total, open)) => {
-                let seen = Seen { at: now, policy, total, open };
-                let since = before.map(|b| (seen.total.saturating_sub(b.total), now.duration_since(b.at)));
-                Pace { next: now + look_after(seen.policy, since, self.floor, self.interval), seen: Some(seen) }
+            Some(found) => {
+                let since = before.map(|b| (found.total.saturating_sub(b.found.total), now.duration_since(b.at)));
+                let next = now + look_after(found.policy, since, self.floor, self.interval);
+                Pace { next, seen: Some(Seen { at: now, found }) }
             }
         };
         self.paces.insert(stream.to_string(), pace);
@@ -418,28 +480,20 @@ impl Pacing<'_> {
 }
 
 /// Makes due now every size policy's stream whose open segments grew by its share (a 64th
-/// of its MAX, or half its MAX − MIN) since its last look, by the shards' `lengths` of every
-/// open segment (`Client::open_segment_lengths`). So a stream that was slow or idle when it
-/// was last looked at (its next look up to an interval away) and has started writing fast is
-/// looked at within a second, whatever the number of streams: a request per shard a second
-/// instead of a look per stream. Returns how many it made due.
-fn wake_grown(paces: &mut HashMap<String, Pace>, lengths: &[(String, u64)], now: Instant) -> usize {
-    let mut open: HashMap<&str, u64> = HashMap::new();
-    for (name, len) in lengths {
-        // `scope/stream/N`; a transaction's shadow segment (`N#txn.<id>`) is not the stream's yet.
-        if let Some((stream, n)) = name.rsplit_once('/')
-            && n.parse::<u64>().is_ok()
-        {
-            *open.entry(stream).or_default() += len;
-        }
-    }
+/// of its MAX, or half its MAX − MIN) since its last look, by the shards' lengths of every
+/// open segment (`Client::open_segment_lengths`, summed per stream). So a stream that was
+/// slow or idle when it was last looked at (its next look up to an interval away) and has
+/// started writing fast is looked at within a second, whatever the number of streams: a
+/// request per shard a second instead of a look per stream. Returns how many it made due.
+fn wake_grown(paces: &mut HashMap<String, Pace>, open: &OpenLengths, now: Instant) -> usize {
     let mut woken = 0;
     for (stream, pace) in paces.iter_mut() {
-        let Some(Seen { policy: Retention::Size { min_bytes, max_bytes }, open: was, .. }) = pace.seen else {
+        let Some(Seen { found: Found { policy: Retention::Size { min_bytes, max_bytes }, open: was, .. }, .. }) =
+            pace.seen
+        else {
             continue;
         };
-        let now_open = open.get(stream.as_str()).copied().unwrap_or(0);
-        if pace.next > now && now_open.saturating_sub(was) >= size_share(min_bytes, max_bytes) {
+        if pace.next > now && open.of(stream).saturating_sub(was) >= size_share(min_bytes, max_bytes) {
             pace.next = now;
             woken += 1;
         }
@@ -516,7 +570,7 @@ async fn round(
             }
         }
         let now = Instant::now();
-        if !pace.due(&key, now) {
+        if !pace.due(&key, now) || pace.put_off_unchanged(&key, now) {
             // Not looked at this round: its marks stay as they are.
             if streams.contains_key(&key) {
                 seen.insert(key);
@@ -584,7 +638,7 @@ async fn apply(
     stream: &ScopedStream,
     streams: &mut BTreeMap<String, Tracked>,
     changes: &mut Vec<MarksUpdate>,
-) -> Result<Option<(Retention, u64, u64)>, ClientError> {
+) -> Result<Option<Found>, ClientError> {
     let info = match c.get_stream(&stream.scope, &stream.stream).await {
         Ok(i) => i,
         Err(e) if matches!(e.code(), Some(ErrorCode::NoSuchStream)) => return Ok(None),
@@ -612,7 +666,11 @@ async fn apply(
             positions.insert(seg.number, si.length);
         }
     }
-    let checked = Some((info.retention, total, positions.values().sum()));
+    let settled = match info.retention {
+        Retention::Size { max_bytes, .. } => held <= max_bytes,
+        _ => false,
+    };
+    let checked = Some(Found { policy: info.retention, total, open: positions.values().sum(), settled });
     let update = |streams: &mut BTreeMap<String, Tracked>, changes: &mut Vec<MarksUpdate>, u: MarksUpdate| {
         apply_update(streams, &u);
         changes.push(u);
@@ -761,7 +819,10 @@ mod tests {
         let later = now + Duration::from_secs(30);
         // A 64th of 2 MiB (32 KiB) is less than half of MAX − MIN (512 KiB).
         let size = Retention::parse("size:1M,2M").unwrap();
-        let pace = |policy, open| Pace { next: later, seen: Some(Seen { at: now, policy, total: open, open }) };
+        let pace = |policy, open| Pace {
+            next: later,
+            seen: Some(Seen { at: now, found: Found { policy, total: open, open, settled: true } }),
+        };
         let mut paces = HashMap::from([
             ("s/grew".to_string(), pace(size, 1000)),
             ("s/little".to_string(), pace(size, 1000)),
@@ -780,13 +841,61 @@ mod tests {
         ]
         .map(|(n, l)| (n.to_string(), l))
         .to_vec();
-        assert_eq!(wake_grown(&mut paces, &lengths, now), 1);
+        let open = OpenLengths::new(now, &lengths);
+        assert_eq!(
+            (open.of("s/grew"), open.of("s/little"), open.of("s/gone")),
+            (1000 + (32 << 10), 1000 + (32 << 10) - 1, 0)
+        );
+        assert_eq!(wake_grown(&mut paces, &open, now), 1);
         assert_eq!(paces["s/grew"].next, now);
         for other in ["s/little", "s/time", "s/none"] {
             assert_eq!(paces[other].next, later, "{other}");
         }
         // Already due: not counted again.
-        assert_eq!(wake_grown(&mut paces, &lengths, now), 0);
+        assert_eq!(wake_grown(&mut paces, &open, now), 0);
+    }
+
+    /// A due look at a size policy's stream that had nothing to cut and has not written since
+    /// (by lengths read after the look) is put off; not in a full round, nor when the lengths
+    /// are older than the look, nor for a stream that wrote, held more than MAX, or has a time
+    /// policy.
+    #[test]
+    fn a_due_look_at_an_unchanged_settled_stream_is_put_off() {
+        let t0 = Instant::now();
+        let (looked, read, now) = (t0, t0 + Duration::from_secs(4), t0 + Duration::from_secs(5));
+        let size = Retention::parse("size:1M,2M").unwrap();
+        let pace = |policy, open, settled| Pace {
+            next: now,
+            seen: Some(Seen { at: looked, found: Found { policy, total: open, open, settled } }),
+        };
+        let lengths: Vec<(String, u64)> = [("s/idle/0", 700), ("s/wrote/0", 701), ("s/over/0", 700), ("s/time/0", 700)]
+            .map(|(n, l)| (n.to_string(), l))
+            .to_vec();
+        let mut paces = HashMap::from([
+            ("s/idle".to_string(), pace(size, 700, true)),
+            ("s/wrote".to_string(), pace(size, 700, true)),
+            ("s/over".to_string(), pace(size, 700, false)),
+            ("s/time".to_string(), pace(Retention::parse("time:1h,2h").unwrap(), 700, true)),
+        ]);
+        let (floor, interval) = (Duration::from_millis(100), Duration::from_secs(30));
+        let fresh = OpenLengths::new(read, &lengths);
+        let mut pacing = Pacing { paces: &mut paces, full: false, floor, interval, open: Some(&fresh) };
+        assert!(pacing.put_off_unchanged("s/idle", now));
+        for other in ["s/wrote", "s/over", "s/time", "s/unknown"] {
+            assert!(!pacing.put_off_unchanged(other, now), "{other}");
+        }
+        // Put off as far again as the last look is behind (5 s).
+        assert_eq!(paces["s/idle"].next, now + Duration::from_secs(5));
+        assert_eq!(paces["s/wrote"].next, now);
+        // A full round looks; lengths read before the look say nothing of what came after it.
+        paces.get_mut("s/idle").unwrap().next = now;
+        let mut full = Pacing { paces: &mut paces, full: true, floor, interval, open: Some(&fresh) };
+        assert!(!full.put_off_unchanged("s/idle", now));
+        let stale = OpenLengths::new(looked - Duration::from_millis(1), &lengths);
+        let mut old = Pacing { paces: &mut paces, full: false, floor, interval, open: Some(&stale) };
+        assert!(!old.put_off_unchanged("s/idle", now));
+        let mut none = Pacing { paces: &mut paces, full: false, floor, interval, open: None };
+        assert!(!none.put_off_unchanged("s/idle", now));
     }
 
     #[test]
