@@ -243,7 +243,7 @@ impl Client {
     }
 
     /// (name, length) of every open segment of every shard (in a cluster, as `shard_stats`
-    /// reaches them), a request (a page of up to 5000) per shard rather than one per segment:
+    /// reaches them), a request (a page of up to 2000) per shard rather than one per segment:
     /// how the retention service sees which streams grew. In no order.
     pub async fn open_segment_lengths(&self) -> Result<Vec<(String, u64)>, ClientError> {
         let mut all = Vec::new();

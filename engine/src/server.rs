@@ -21,8 +21,8 @@ use sluice_meta::controller::ControllerError;
 use sluice_meta::controller::{PendingScale, StreamRecord, TxnRecord};
 use sluice_meta::{MetaError, MetaStore, StreamState};
 use sluice_net::constants::{
-    APPEND_PARTS_MAX, CONTROL_BYTES_MAX, FRAME_HEADER_BYTES, HELLO_MAGIC, HISTORY_PAGE_MAX, NAMES_PAGE_MAX,
-    PROTOCOL_VERSION, TXN_PAGE_MAX,
+    APPEND_PARTS_MAX, CONTROL_BYTES_MAX, FRAME_HEADER_BYTES, HELLO_MAGIC, HISTORY_PAGE_MAX, LENGTHS_PAGE_MAX,
+    NAMES_PAGE_MAX, PROTOCOL_VERSION, TXN_PAGE_MAX,
 };
 use sluice_net::frame::{Frame, FrameHeader, encode_frame_head};
 use sluice_net::messages::*;
@@ -640,7 +640,7 @@ fn dispatch<S: MetaStore>(
         }
         Kind::ListSegmentLengths => {
             let g: ListSegmentLengths = frame.decode()?;
-            let limit = page_limit(g.limit, NAMES_PAGE_MAX);
+            let limit = page_limit(g.limit, LENGTHS_PAGE_MAX);
             let mut segments: Vec<(String, u64)> = shard
                 .containers
                 .borrow()

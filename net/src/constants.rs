@@ -29,6 +29,10 @@ pub const TXN_PAGE_MAX: u32 = 1000;
 /// Most names in one `ScopeList` or `StreamList` page (names are at most 64 bytes).
 pub const NAMES_PAGE_MAX: u32 = 5000;
 
+/// Most segments in one `SegmentLengths` page (a segment name is at most about 190 bytes,
+/// a transaction's shadow included, so a page stays below half of `CONTROL_BYTES_MAX`).
+pub const LENGTHS_PAGE_MAX: u32 = 2000;
+
 /// Most epochs in one `StreamHistory` page (the server also stops a page at about a quarter
 /// of `CONTROL_BYTES_MAX` of epoch records: an epoch of a wide stream is kilobytes).
 pub const HISTORY_PAGE_MAX: u32 = 1000;

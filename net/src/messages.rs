@@ -651,7 +651,7 @@ control!(
     /// The length of every open (unsealed) segment the shard serves, in one answer: how the
     /// retention service sees which streams grew without a request per segment. `after`:
     /// names after this one only (empty: from the first), at most `limit` of them (0: the
-    /// server's cap, `NAMES_PAGE_MAX`).
+    /// server's cap, `LENGTHS_PAGE_MAX`).
     pub struct ListSegmentLengths {
         pub after: String,
         pub limit: u32,
@@ -850,4 +850,25 @@ impl StreamHistory {
 pub struct WriterState {
     pub writer_id: u128,
     pub event_number: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::constants::{CONTROL_BYTES_MAX, LENGTHS_PAGE_MAX, NAME_BYTES_MAX};
+
+    /// A full page of the longest segment names (transactions' shadows of the longest scope
+    /// and stream names, the largest segment number) stays well inside a control archive.
+    #[test]
+    fn a_full_page_of_segment_lengths_fits_a_control_archive() {
+        let (scope, stream) = ("s".repeat(NAME_BYTES_MAX), "t".repeat(NAME_BYTES_MAX));
+        let name = crate::txn::shadow_segment_name(&scope, &stream, u64::MAX, u128::MAX);
+        let page = SegmentLengths {
+            segments: (0..LENGTHS_PAGE_MAX).map(|_| (name.clone(), u64::MAX)).collect(),
+            next: Some(name.clone()),
+        };
+        let bytes = page.to_control_bytes().len();
+        assert!(bytes <= CONTROL_BYTES_MAX / 2, "{bytes} bytes for {} of {} bytes", LENGTHS_PAGE_MAX, name.len());
+        assert_eq!(SegmentLengths::from_control_bytes(&page.to_control_bytes()).unwrap(), page);
+    }
 }
