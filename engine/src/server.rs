@@ -640,17 +640,17 @@ fn dispatch<S: MetaStore>(
         }
         Kind::ListSegmentLengths => {
             let g: ListSegmentLengths = frame.decode()?;
+            // Each container's first page, then the shard's: the work is a selection over the
+            // open segments, and only a page's names are copied (this runs on the shard).
             let limit = page_limit(g.limit, LENGTHS_PAGE_MAX);
-            let mut segments: Vec<(String, u64)> = shard
-                .containers
-                .borrow()
-                .values()
-                .flat_map(|c| c.open_lengths())
-                .filter(|(name, _)| name.as_str() > g.after.as_str())
-                .collect();
-            segments.sort_unstable();
-            let next = (segments.len() > limit).then(|| segments[limit - 1].0.clone());
-            segments.truncate(limit);
+            let (mut segments, mut more) = (Vec::new(), false);
+            for c in shard.containers.borrow().values() {
+                let (first, after_them) = c.open_lengths(&g.after, limit);
+                segments.extend(first);
+                more |= after_them;
+            }
+            more |= crate::container::core::keep_first(&mut segments, limit);
+            let next = more.then(|| segments.last().map(|(name, _)| name.clone())).flatten();
             Dispatched::Now(reply(id, &SegmentLengths { segments, next }))
         }
         Kind::ScrubLog => {

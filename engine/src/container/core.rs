@@ -57,6 +57,18 @@ pub struct CoreConfig {
     pub salvage: bool,
 }
 
+/// Keeps the `n` smallest of `v`, in order (a selection, then a sort of those only); true if
+/// any were dropped.
+pub fn keep_first<T: Ord>(v: &mut Vec<T>, n: usize) -> bool {
+    let more = v.len() > n;
+    if more {
+        v.select_nth_unstable(n);
+        v.truncate(n);
+    }
+    v.sort_unstable();
+    more
+}
+
 /// How a new log file's blocks are prepared before records go into them.
 ///
 /// A durable (O_DSYNC) write into blocks the file system has allocated but never written
@@ -1958,9 +1970,17 @@ impl ContainerCore {
         })
     }
 
-    /// (name, durable length) of every open segment (created, not sealed), in no order.
-    pub fn open_lengths(&self) -> Vec<(String, u64)> {
-        self.segments.values().filter(|s| s.created && !s.sealed).map(|s| (s.name.clone(), s.length)).collect()
+    /// (name, durable length) of the first `limit` open segments (created, not sealed) in
+    /// name order after `after`, and whether more follow. Only those are copied.
+    pub fn open_lengths(&self, after: &str, limit: usize) -> (Vec<(String, u64)>, bool) {
+        let mut open: Vec<(&str, u64)> = self
+            .segments
+            .values()
+            .filter(|s| s.created && !s.sealed && s.name.as_str() > after)
+            .map(|s| (s.name.as_str(), s.length))
+            .collect();
+        let more = keep_first(&mut open, limit);
+        (open.into_iter().map(|(name, len)| (name.to_string(), len)).collect(), more)
     }
 
     /// Where to read up to `max` bytes of `name` from `offset`.
@@ -2601,6 +2621,16 @@ mod tests {
         let plan = c.begin_flush().unwrap().unwrap();
         assert_eq!(plan.prepare, Some(1));
         assert_eq!(plan.checkpoint.map(|s| s.pos), Some(FILE_HEADER_BYTES), "the new file opens with a checkpoint");
+    }
+
+    #[test]
+    fn keep_first_keeps_the_smallest_in_order() {
+        let mut v = vec![5, 1, 4, 2, 3];
+        assert!(keep_first(&mut v, 3));
+        assert_eq!(v, [1, 2, 3]);
+        let mut w = vec![2, 1];
+        assert!(!keep_first(&mut w, 2));
+        assert_eq!(w, [1, 2]);
     }
 
     #[test]

@@ -1944,9 +1944,10 @@ impl Container {
         self.core.borrow().status(name)
     }
 
-    /// (name, durable length) of every open segment, in no order.
-    pub fn open_lengths(&self) -> Vec<(String, u64)> {
-        self.core.borrow().open_lengths()
+    /// (name, durable length) of the first `limit` open segments after `after`, in name
+    /// order, and whether more follow.
+    pub fn open_lengths(&self, after: &str, limit: usize) -> (Vec<(String, u64)>, bool) {
+        self.core.borrow().open_lengths(after, limit)
     }
 }
 
