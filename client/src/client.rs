@@ -610,6 +610,24 @@ impl Client {
         after: &str,
         limit: u32,
     ) -> Result<(Vec<String>, Option<String>), ClientError> {
+        let (page, next) = self.list_stream_entries_page(scope, after, limit).await?;
+        Ok((page.into_iter().map(|s| s.name).collect(), next))
+    }
+
+    /// Every stream of `scope` in name order, each with its state and policies (what
+    /// `get_stream` says of it, less its segments), asked for a page at a time: a service
+    /// that applies a policy finds the streams that have one without a request per stream.
+    pub async fn list_stream_entries(&self, scope: &str) -> Result<Vec<ListedStream>, ClientError> {
+        all_pages(|after| async move { self.list_stream_entries_page(scope, &after, 0).await }).await
+    }
+
+    /// One page of `list_stream_entries` (as `list_scopes_page`).
+    pub async fn list_stream_entries_page(
+        &self,
+        scope: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<(Vec<ListedStream>, Option<String>), ClientError> {
         let m = ListStreams { scope: scope.into(), after: after.into(), limit };
         let page = self.admin::<_, StreamList>(m).await?;
         Ok((page.streams, cursor(page.next)))

@@ -754,8 +754,8 @@ fn dispatch<S: MetaStore>(
             let m: ListStreams = frame.decode()?;
             let shard = shard.clone();
             later(async move {
-                let r =
-                    shard.controller.list_streams_page(&m.scope, &m.after, page_limit(m.limit, NAMES_PAGE_MAX)).await;
+                let limit = page_limit(m.limit, NAMES_PAGE_MAX);
+                let r = shard.controller.list_stream_entries_page(&m.scope, &m.after, limit).await;
                 ctl_reply(id, r.map(|(streams, next)| StreamList { streams, next: next.unwrap_or_default() }))
             })
         }

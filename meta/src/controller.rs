@@ -49,7 +49,7 @@ use crate::names::validate;
 use crate::store::{MetaError, MetaStore, MetaTxn};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::ErrorCode;
-use sluice_net::messages::{EpochInfo, KeyRange, SegmentHistory, SegmentRange, StreamHistory};
+use sluice_net::messages::{EpochInfo, KeyRange, ListedStream, SegmentHistory, SegmentRange, StreamHistory};
 use sluice_net::{Retention, ScalingPolicy};
 use std::collections::HashMap;
 
@@ -346,6 +346,44 @@ impl<S: MetaStore> Controller<S> {
         limit: usize,
     ) -> Result<NamesPage, ControllerError> {
         self.names_page(&format!("streams/{scope}/"), after, limit).await
+    }
+
+    /// One page of `scope`'s streams with what a listing shows of each (state and
+    /// policies), as `list_streams_page`. A record of the first layout is read as it is (a
+    /// listing does not move it to the current layout; `get_stream` does).
+    pub async fn list_stream_entries_page(
+        &self,
+        scope: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<ListedStream>, Option<String>), ControllerError> {
+        let prefix = format!("streams/{scope}/");
+        let limit = limit.max(1);
+        let after = if after.is_empty() { String::new() } else { format!("{prefix}{after}") };
+        let page = self.store.range_page(&prefix, &after, limit + 1).await?;
+        let more = page.len() > limit;
+        let mut streams = Vec::with_capacity(page.len().min(limit));
+        for (key, v) in page.into_iter().take(limit) {
+            let (state, retention, scaling) = match v.value.strip_prefix(&STREAM_RECORD_TAG[..]) {
+                Some(_) => {
+                    let r = StreamRecord::decode(&key, &v.value)?;
+                    (r.state, r.retention, r.scaling)
+                }
+                None => {
+                    let r = LegacyStreamRecord::decode(&key, &v.value)?;
+                    (r.state, r.retention, r.scaling)
+                }
+            };
+            streams.push(ListedStream {
+                name: key[prefix.len()..].to_string(),
+                creating: state == StreamState::Creating,
+                sealed: matches!(state, StreamState::Sealed | StreamState::Sealing),
+                retention,
+                scaling,
+            });
+        }
+        let next = if more { streams.last().map(|s| s.name.clone()) } else { None };
+        Ok((streams, next))
     }
 
     /// Names (keys without `prefix`) of one page of keys under `prefix`.
@@ -948,6 +986,31 @@ mod tests {
             assert_eq!(all, c.list_streams("b").await.unwrap());
             assert_eq!(all.len(), 7);
             assert!(c.list_streams_page("a", "", 3).await.unwrap().0.is_empty());
+            // The entries pages name the same streams, each with its state and policies.
+            c.set_state("b", "s1", StreamState::Active).await.unwrap();
+            let size = Retention::Size { min_bytes: 10, max_bytes: 20 };
+            c.set_policies("b", "s1", Some(size), None).await.unwrap();
+            c.set_state("b", "s2", StreamState::Sealed).await.unwrap();
+            let (mut entries, mut after) = (Vec::new(), String::new());
+            loop {
+                let (page, next) = c.list_stream_entries_page("b", &after, 3).await.unwrap();
+                assert!(page.len() <= 3);
+                entries.extend(page);
+                match next {
+                    Some(n) => after = n,
+                    None => break,
+                }
+            }
+            assert_eq!(entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>(), all);
+            let fixed = ScalingPolicy::Fixed { segments: 1 };
+            assert_eq!(
+                entries[..3].iter().map(|e| (e.creating, e.sealed, e.retention, e.scaling)).collect::<Vec<_>>(),
+                [
+                    (true, false, Retention::None, fixed),
+                    (false, false, size, fixed),
+                    (false, true, Retention::None, fixed)
+                ]
+            );
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1,7 +1,7 @@
 //! Protocol limits and fixed sizes, units last.
 
 /// Version spoken by this build; the handshake picks the highest common version.
-pub const PROTOCOL_VERSION: u16 = 20;
+pub const PROTOCOL_VERSION: u16 = 21;
 /// Magic carried in the `Hello` message ("SLCE").
 pub const HELLO_MAGIC: u32 = 0x534C_4345;
 /// Bytes of the fixed frame header: length u32, kind u16, flags u16, request id u64, control length u32.
@@ -26,7 +26,9 @@ pub const NAME_BYTES_MAX: usize = 64;
 /// below `CONTROL_BYTES_MAX`).
 pub const TXN_PAGE_MAX: u32 = 1000;
 
-/// Most names in one `ScopeList` or `StreamList` page (names are at most 64 bytes).
+/// Most names in one `ScopeList` or `StreamList` page (names are at most 64 bytes; a
+/// `StreamList` entry adds its policies, a few dozen bytes, so a page stays below
+/// `CONTROL_BYTES_MAX`).
 pub const NAMES_PAGE_MAX: u32 = 5000;
 
 /// Most segments in one `SegmentLengths` page (a segment name is at most about 190 bytes,

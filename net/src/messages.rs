@@ -161,8 +161,11 @@ control!(
 );
 control!(
     StreamList,
+    /// One page of a scope's streams, each with its state and policies (so that a service
+    /// that applies a policy, such as retention or auto-scaling, need not ask for every
+    /// stream's record to find the few with one); `next` as in `ScopeList`.
     pub struct StreamList {
-        pub streams: Vec<String>,
+        pub streams: Vec<ListedStream>,
         pub next: String,
     }
 );
@@ -747,6 +750,18 @@ pub struct ShardEndpoint {
     pub address: String,
 }
 
+/// A stream as a `StreamList` page shows it: what `StreamInfo` says of it, less its
+/// segments.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ListedStream {
+    pub name: String,
+    /// Still being created: not yet usable (`GetStream` says there is no such stream).
+    pub creating: bool,
+    pub sealed: bool,
+    pub retention: crate::Retention,
+    pub scaling: crate::ScalingPolicy,
+}
+
 /// A segment of a stream and its routing-key range [key_low, key_high).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SegmentRange {
@@ -855,7 +870,24 @@ pub struct WriterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::constants::{CONTROL_BYTES_MAX, LENGTHS_PAGE_MAX, NAME_BYTES_MAX};
+    use crate::constants::{CONTROL_BYTES_MAX, LENGTHS_PAGE_MAX, NAME_BYTES_MAX, NAMES_PAGE_MAX};
+
+    /// A full page of the longest stream names with the largest policies stays inside a
+    /// control archive.
+    #[test]
+    fn a_full_page_of_listed_streams_fits_a_control_archive() {
+        let listed = ListedStream {
+            name: "t".repeat(NAME_BYTES_MAX),
+            creating: false,
+            sealed: true,
+            retention: crate::Retention::Size { min_bytes: u64::MAX, max_bytes: u64::MAX },
+            scaling: crate::ScalingPolicy::ByByteRate { kib_per_s: u32::MAX, factor: u32::MAX, min_segments: u32::MAX },
+        };
+        let page = StreamList { streams: vec![listed.clone(); NAMES_PAGE_MAX as usize], next: listed.name.clone() };
+        let bytes = page.to_control_bytes().len();
+        assert!(bytes <= CONTROL_BYTES_MAX, "{bytes} bytes for {NAMES_PAGE_MAX} streams");
+        assert_eq!(StreamList::from_control_bytes(&page.to_control_bytes()).unwrap(), page);
+    }
 
     /// A full page of the longest segment names (transactions' shadows of the longest scope
     /// and stream names, the largest segment number) stays well inside a control archive.

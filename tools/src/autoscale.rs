@@ -5,7 +5,8 @@
 //! is older than the cooldown, does at most one thing: splits the hottest segment above
 //! the target rate into up to FACTOR parts, or else merges the coolest pair of adjacent
 //! segments that have both been well below the target (under half, over the short and the
-//! long average, watched for at least a window), never below MIN segments.
+//! long average, watched for at least a window), never below MIN segments. The streams are
+//! listed with their policies, so a stream without an automatic policy costs no request.
 
 use sluice_client::{Client, ClientError};
 use sluice_net::{ScalingPolicy, SegmentNumber};
@@ -82,9 +83,12 @@ pub async fn run(url: String, interval: Duration, cooldown: Duration, active: im
 async fn round(c: &Client, cooldown: Duration) -> Result<(), ClientError> {
     let now_ms = sluice_meta::controller::now_ms();
     for scope in c.list_scopes().await? {
-        for stream in c.list_streams(&scope).await? {
-            if stream.starts_with('_') {
-                continue; // reader-group and synchronizer state
+        // The listing carries each stream's policy: only those with an automatic one, and
+        // not sealed, cost requests.
+        for entry in c.list_stream_entries(&scope).await? {
+            let stream = entry.name;
+            if stream.starts_with('_') || entry.creating || entry.sealed || limits(entry.scaling).is_none() {
+                continue; // reader-group and synchronizer state; nothing to scale
             }
             if let Err(e) = one_stream(c, &scope, &stream, now_ms, cooldown).await {
                 tracing::debug!(%scope, %stream, error = %e, "auto-scaling skipped a stream this round");

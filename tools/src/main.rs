@@ -259,13 +259,15 @@ struct StandaloneArgs {
     /// have gathered (older log files and sealed segments are moved at once).
     #[arg(long, default_value_t = 1024)]
     move_min_kb: u64,
-    /// How often the retention service looks at every stream, in ms. A stream with a policy
-    /// is looked at sooner when it needs it (a size policy's once it may have written a 64th
-    /// of its MAX, or half its MAX − MIN, at its last rate; a time policy's every 128th of its
-    /// MAX; at most every 100 ms, or once an interval if that is shorter), so a fast stream
-    /// outgrows its MAX by about 100 ms of writes; and every second the service reads the
-    /// open segments' lengths (a request per shard), so a slow or idle stream that starts
-    /// writing fast is looked at within a second, not at its next look.
+    /// How often the retention service looks at every stream with a policy, in ms (an idle
+    /// stream under a size policy, with nothing to cut, is not looked at again until it
+    /// writes or its policy changes). A stream is looked at sooner when it needs it (a size
+    /// policy's once it may have written a 64th of its MAX, or half its MAX − MIN, at its last
+    /// rate; a time policy's every 128th of its MAX; at most every 100 ms, or once an interval
+    /// if that is shorter), so a fast stream outgrows its MAX by about 100 ms of writes; and
+    /// every second the service lists the streams with their policies and reads the open
+    /// segments' lengths (a request per shard), so a new policy, or a slow or idle stream that
+    /// starts writing fast, is seen within a second, not at its next look.
     #[arg(long, default_value_t = 30_000)]
     retention_interval_ms: u64,
     /// How often the auto-scaler looks at streams with an automatic scaling policy, in ms.
@@ -348,8 +350,13 @@ enum StreamCmd {
         #[arg(long, requires = "segment")]
         offset: Option<u64>,
     },
-    /// List the streams of a scope.
-    List { scope: String },
+    /// List the streams of a scope, a name a line.
+    List {
+        scope: String,
+        /// Also show each stream's state, retention policy and scaling policy (columns).
+        #[arg(long, short = 'l')]
+        long: bool,
+    },
     /// Show a stream's segments, key ranges, lengths and state, and its epoch history.
     Describe { stream: String },
     /// Scale a stream by hand: split one segment into equal key ranges, or merge adjacent
@@ -801,9 +808,24 @@ async fn admin(url: &str, retry_for: Duration, cmd: Cmd) -> Result<(), String> {
                 println!("truncated stream {s} at {at}");
             }
         }
-        Cmd::Stream(StreamCmd::List { scope }) => {
+        Cmd::Stream(StreamCmd::List { scope, long: false }) => {
             for s in c.list_streams(&scope).await.map_err(err)? {
                 println!("{s}");
+            }
+        }
+        Cmd::Stream(StreamCmd::List { scope, long: true }) => {
+            let streams = c.list_stream_entries(&scope).await.map_err(err)?;
+            let width = streams.iter().map(|s| s.name.len()).max().unwrap_or(0).max("stream".len());
+            println!("{:<width$}  {:<8}  {:<20}  scaling", "stream", "state", "retention");
+            for s in streams {
+                let state = if s.creating {
+                    "creating"
+                } else if s.sealed {
+                    "sealed"
+                } else {
+                    "active"
+                };
+                println!("{:<width$}  {state:<8}  {:<20}  {}", s.name, s.retention.to_string(), s.scaling);
             }
         }
         Cmd::Stream(StreamCmd::Describe { stream }) => {

@@ -24,8 +24,11 @@
 //! it themselves, but an idle group's snapshot would otherwise stay where it was written
 //! and, without tier-2, keep every log file from there on.
 //!
-//! Pace: the interval is how often *every* stream is looked at (and idle groups' state
-//! compacted). A stream with a policy is looked at again sooner when it needs it: a size
+//! Pace: the interval is how often every stream with a policy is looked at (and idle groups'
+//! state compacted), unless a look would find nothing new (below). Streams are listed with
+//! their policies: one without a policy costs no look, and one listed with another policy
+//! than its last look found is looked at at once (a policy changed). A stream with a
+//! policy is looked at again sooner when it needs it: a size
 //! policy's stream once it will have written about a 64th of its MAX (or half its MAX − MIN,
 //! if less) at the rate it wrote since the previous look, a time policy's once a 128th of its
 //! MAX has passed; never more often than every 100 ms (or every interval, if that is
@@ -38,8 +41,8 @@
 //! that was slow or idle then, and whose next look was up to an interval away) is looked at
 //! within a second too, at no cost per stream (`wake_grown`); while a due look at a size
 //! policy's stream that had nothing to cut and has not written since (by a read of the
-//! lengths made after that look) is put off, so idle streams are looked at only in full
-//! rounds (`put_off_unchanged`). With one
+//! lengths made after that look) is put off, full rounds included, so an idle stream under
+//! an unchanged size policy costs no look at all (`put_off_unchanged`). With one
 //! look per interval, a stream writing 1 GB/s outgrew a size policy by 30 GB at the default
 //! 30 s; now by about 100 ms of writes. Its marks (the points it can be cut at) are taken at
 //! looks, so they are that much closer together too: closer than MAX − MIN while the stream
@@ -58,7 +61,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use sluice_client::group::GROUP_STATE_PREFIX;
 use sluice_client::sync::archive;
 use sluice_client::{Client, ClientConfig, ClientError, StateSynchronizer, StreamCut, Synchronized};
-use sluice_net::{ErrorCode, Retention, ScopedStream, SegmentNumber};
+use sluice_net::{ErrorCode, ListedStream, Retention, ScopedStream, SegmentNumber};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -338,8 +341,8 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
     let mut loaded = false;
     // When every stream was last looked at (none yet: the first round looks at all).
     let mut last_full: Option<Instant> = None;
-    // The names as last listed, and when.
-    let mut names: Vec<ScopedStream> = Vec::new();
+    // The streams (with their policies) as last listed, and when.
+    let mut names = Listing::default();
     let mut last_list: Option<Instant> = None;
     // When the lengths last could not be read, and the last ones read.
     let mut lengths_failed: Option<Instant> = None;
@@ -350,7 +353,7 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             streams.clear();
             groups.clear();
             paces.clear();
-            names.clear();
+            names = Listing::default();
             (kept, loaded, last_full, last_list, lengths_failed, open) = (None, false, None, None, None, None);
             continue;
         }
@@ -375,7 +378,8 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
         }
         // The names once a second (and in a full round); the rounds between look only at
         // the fast streams whose time came.
-        if full || last_list.is_none_or(|t| started.duration_since(t) + tick / 2 >= LIST_EVERY) {
+        let sweep = full || last_list.is_none_or(|t| started.duration_since(t) + tick / 2 >= LIST_EVERY);
+        if sweep {
             match list_names(&client).await {
                 Ok(n) => (names, last_list) = (n, Some(started)),
                 Err(e) => {
@@ -408,9 +412,12 @@ pub async fn run(url: String, interval: Duration, active: impl Fn() -> bool) {
             }
         }
         let mut changes = Vec::new();
+        // Every listed stream just after a listing; between listings only those whose time
+        // came (most ticks: none), so a tick costs nothing per stream.
+        let over = if sweep { None } else { Some(names.due(&paces, Instant::now())) };
         let fresh = open.as_ref().filter(|o| started.duration_since(o.read_at) <= 2 * LIST_EVERY);
         let pace = Pacing { paces: &mut paces, full, floor: tick, interval, open: fresh };
-        let looked = round(&client, &names, &mut streams, &mut groups, pace, &mut changes).await;
+        let looked = round(&client, &names, over.as_deref(), &mut streams, &mut groups, pace, &mut changes).await;
         if looked > 0 {
             tracing::debug!(took = ?started.elapsed(), streams = streams.len(), looked, full, "retention round");
         }
@@ -433,21 +440,26 @@ struct Pacing<'a> {
 }
 
 impl Pacing<'_> {
-    fn due(&self, stream: &str, now: Instant) -> bool {
-        self.full || self.paces.get(stream).is_none_or(|p| p.next <= now)
+    /// Whether `stream`, listed with policy `listed`, is to be looked at: in a full round, if
+    /// its time came, or if its policy is not the one its last look found (a policy changed
+    /// is applied at once).
+    fn due(&self, stream: &str, now: Instant, listed: Retention) -> bool {
+        self.full
+            || self.paces.get(stream).is_none_or(|p| p.next <= now || p.seen.is_some_and(|s| s.found.policy != listed))
     }
 
-    /// Whether the look due at `stream` at `now` can be left out, and if so puts it off: a
-    /// size policy's stream that had nothing to cut at its last look and whose open segments
-    /// had the same length in a read of the lengths made since: there is nothing to mark or
-    /// cut (a stream that writes again is woken by `wake_grown`). Its next look is then as
-    /// far again as the last one is behind. Never in a full round, which looks at every
-    /// stream (its policy may have changed).
-    fn put_off_unchanged(&mut self, stream: &str, now: Instant) -> bool {
-        let (Some(open), false) = (self.open, self.full) else { return false };
+    /// Whether the look due at `stream` (listed with policy `listed`) at `now` can be left
+    /// out, and if so puts it off: a size policy's stream that had nothing to cut at its
+    /// last look, whose policy is still the one that look found, and whose open segments had
+    /// the same length in a read of the lengths made since: there is nothing to mark or cut
+    /// (a stream that writes again is woken by `wake_grown`). Its next look is then as far
+    /// again as the last one is behind. In full rounds too, so an idle stream costs no look.
+    fn put_off_unchanged(&mut self, stream: &str, now: Instant, listed: Retention) -> bool {
+        let Some(open) = self.open else { return false };
         let Some(p) = self.paces.get_mut(stream) else { return false };
         let Some(Seen { at, found }) = p.seen else { return false };
         let unchanged = matches!(found.policy, Retention::Size { .. })
+            && found.policy == listed
             && found.settled
             && open.read_at > at
             && open.of(stream) == found.open;
@@ -525,38 +537,72 @@ pub async fn connect_service(url: &str, service: &str, interval: Duration) -> Cl
     }
 }
 
-/// Every scope's streams.
-async fn list_names(c: &Client) -> Result<Vec<ScopedStream>, ClientError> {
-    let mut names = Vec::new();
-    for scope in c.list_scopes().await? {
-        for name in c.list_streams(&scope).await? {
-            names.push(ScopedStream::new(scope.clone(), name));
-        }
-    }
-    Ok(names)
+/// The streams as last listed, each with its policies, in name order.
+#[derive(Default)]
+struct Listing {
+    streams: Vec<Listed>,
+    /// Index in `streams` by `scope/stream`.
+    by_key: HashMap<String, usize>,
 }
 
-/// One round over the streams as last listed (`names`): looks at those due (all in a full
+struct Listed {
+    /// `scope/stream`.
+    key: String,
+    stream: ScopedStream,
+    entry: ListedStream,
+}
+
+impl Listing {
+    /// The indices (in name order) of the listed streams whose next look is due at `now`.
+    fn due(&self, paces: &HashMap<String, Pace>, now: Instant) -> Vec<usize> {
+        let mut due: Vec<usize> =
+            paces.iter().filter(|(_, p)| p.next <= now).filter_map(|(k, _)| self.by_key.get(k).copied()).collect();
+        due.sort_unstable();
+        due
+    }
+}
+
+/// Every scope's streams, each with its policies.
+async fn list_names(c: &Client) -> Result<Listing, ClientError> {
+    let mut listing = Listing::default();
+    for scope in c.list_scopes().await? {
+        for entry in c.list_stream_entries(&scope).await? {
+            let stream = ScopedStream::new(scope.clone(), entry.name.clone());
+            let key = stream.to_string();
+            listing.by_key.insert(key.clone(), listing.streams.len());
+            listing.streams.push(Listed { key, stream, entry });
+        }
+    }
+    Ok(listing)
+}
+
+/// One round over the streams as last listed (`names`), or only those at the indices `over`:
+/// looks at those due (all in a full
 /// round, which also compacts idle groups' state), forgets the marks of streams gone or
 /// without a policy. Returns how many streams it looked at (a stream that cannot be looked
 /// at keeps its marks and is tried again soon).
 async fn round(
     c: &Client,
-    names: &[ScopedStream],
+    names: &Listing,
+    over: Option<&[usize]>,
     streams: &mut BTreeMap<String, Tracked>,
     groups: &mut HashMap<String, u64>,
     mut pace: Pacing<'_>,
     changes: &mut Vec<MarksUpdate>,
 ) -> usize {
-    let mut seen = std::collections::HashSet::new();
-    let mut listed = std::collections::HashSet::new();
+    // Streams whose marks are kept (on a pass over every listed stream: the others'
+    // marks are forgotten).
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut looked = 0;
-    for stream in names {
-        let key = stream.to_string();
-        listed.insert(key.clone());
+    let picked: Box<dyn Iterator<Item = &Listed>> = match over {
+        None => Box::new(names.streams.iter()),
+        Some(over) => Box::new(over.iter().map(|&i| &names.streams[i])),
+    };
+    for Listed { key, stream, entry } in picked {
+        let key = key.as_str();
         if let Some(group) = stream.stream.strip_prefix(GROUP_STATE_PREFIX) {
             // Kept in view every round: its start is compared from one full round to the next.
-            seen.insert(key.clone());
+            seen.insert(key);
             let compacted = if pace.full { compact_idle_group(c, stream, group, groups).await } else { Ok(()) };
             match compacted {
                 Ok(()) => {}
@@ -569,10 +615,16 @@ async fn round(
                 }
             }
         }
+        if entry.retention == Retention::None {
+            // No policy (as listed a moment ago): nothing to look at; its marks, if it had
+            // a policy before, are forgotten, and a policy set later makes it due at once.
+            pace.paces.remove(key);
+            continue;
+        }
         let now = Instant::now();
-        if !pace.due(&key, now) || pace.put_off_unchanged(&key, now) {
+        if entry.creating || !pace.due(key, now, entry.retention) || pace.put_off_unchanged(key, now, entry.retention) {
             // Not looked at this round: its marks stay as they are.
-            if streams.contains_key(&key) {
+            if streams.contains_key(key) {
                 seen.insert(key);
             }
             continue;
@@ -581,24 +633,26 @@ async fn round(
         match apply(c, stream, streams, changes).await {
             Ok(checked) => {
                 if checked.is_some() {
-                    seen.insert(key.clone());
+                    seen.insert(key);
                 }
-                pace.looked(&key, now, checked);
+                pace.looked(key, now, checked);
             }
             Err(e) => {
                 // Keep its marks: the stream is only unavailable for now.
                 tracing::warn!(stream = %stream, error = %e, "retention skipped a stream this round");
-                pace.failed(&key, now);
+                pace.failed(key, now);
                 seen.insert(key);
             }
         }
     }
-    for stream in streams.keys().filter(|k| !seen.contains(*k)) {
-        changes.push(MarksUpdate::Forget { stream: stream.clone() });
+    if over.is_none() {
+        for stream in streams.keys().filter(|k| !seen.contains(k.as_str())) {
+            changes.push(MarksUpdate::Forget { stream: stream.clone() });
+        }
+        streams.retain(|k, _| seen.contains(k.as_str()));
+        groups.retain(|k, _| seen.contains(k.as_str()));
+        pace.paces.retain(|k, _| names.by_key.contains_key(k));
     }
-    streams.retain(|k, _| seen.contains(k));
-    groups.retain(|k, _| seen.contains(k));
-    pace.paces.retain(|k, _| listed.contains(k));
     looked
 }
 
@@ -856,9 +910,9 @@ mod tests {
     }
 
     /// A due look at a size policy's stream that had nothing to cut and has not written since
-    /// (by lengths read after the look) is put off; not in a full round, nor when the lengths
-    /// are older than the look, nor for a stream that wrote, held more than MAX, or has a time
-    /// policy.
+    /// (by lengths read after the look) is put off, in a full round too; not when the lengths
+    /// are older than the look, nor for a stream that wrote, held more than MAX, has a time
+    /// policy, or is listed with another policy than its look found (which makes it due).
     #[test]
     fn a_due_look_at_an_unchanged_settled_stream_is_put_off() {
         let t0 = Instant::now();
@@ -880,22 +934,32 @@ mod tests {
         let (floor, interval) = (Duration::from_millis(100), Duration::from_secs(30));
         let fresh = OpenLengths::new(read, &lengths);
         let mut pacing = Pacing { paces: &mut paces, full: false, floor, interval, open: Some(&fresh) };
-        assert!(pacing.put_off_unchanged("s/idle", now));
+        assert!(pacing.put_off_unchanged("s/idle", now, size));
         for other in ["s/wrote", "s/over", "s/time", "s/unknown"] {
-            assert!(!pacing.put_off_unchanged(other, now), "{other}");
+            assert!(!pacing.put_off_unchanged(other, now, size), "{other}");
         }
         // Put off as far again as the last look is behind (5 s).
         assert_eq!(paces["s/idle"].next, now + Duration::from_secs(5));
         assert_eq!(paces["s/wrote"].next, now);
-        // A full round looks; lengths read before the look say nothing of what came after it.
+        // Not yet due; a changed policy makes it due, and is not put off.
+        let other = Retention::parse("size:1M,3M").unwrap();
+        let pacing = Pacing { paces: &mut paces, full: false, floor, interval, open: Some(&fresh) };
+        assert!(!pacing.due("s/idle", now, size));
+        assert!(pacing.due("s/idle", now, other));
         paces.get_mut("s/idle").unwrap().next = now;
+        let mut pacing = Pacing { paces: &mut paces, full: false, floor, interval, open: Some(&fresh) };
+        assert!(!pacing.put_off_unchanged("s/idle", now, other));
+        // A full round puts it off too (its policy is the listed one).
         let mut full = Pacing { paces: &mut paces, full: true, floor, interval, open: Some(&fresh) };
-        assert!(!full.put_off_unchanged("s/idle", now));
+        assert!(full.due("s/idle", now, size));
+        assert!(full.put_off_unchanged("s/idle", now, size));
+        // Lengths read before the look say nothing of what came after it.
+        paces.get_mut("s/idle").unwrap().next = now;
         let stale = OpenLengths::new(looked - Duration::from_millis(1), &lengths);
         let mut old = Pacing { paces: &mut paces, full: false, floor, interval, open: Some(&stale) };
-        assert!(!old.put_off_unchanged("s/idle", now));
+        assert!(!old.put_off_unchanged("s/idle", now, size));
         let mut none = Pacing { paces: &mut paces, full: false, floor, interval, open: None };
-        assert!(!none.put_off_unchanged("s/idle", now));
+        assert!(!none.put_off_unchanged("s/idle", now, size));
     }
 
     #[test]

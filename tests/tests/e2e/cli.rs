@@ -18,6 +18,19 @@ fn cli_end_to_end() {
     assert!(run(&["scope", "create", "demo"]).contains("created scope demo"));
     assert!(run(&["stream", "create", "demo/ev", "--segments", "3"]).contains("3 segment"));
     assert_eq!(run(&["stream", "list", "demo"]).trim(), "ev");
+    assert!(run(&["stream", "create", "demo/kept", "--retention", "size:1M,2M"]).contains("created stream"));
+    let long: Vec<Vec<String>> = run(&["stream", "list", "demo", "--long"])
+        .lines()
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect();
+    assert_eq!(
+        long,
+        [
+            ["stream", "state", "retention", "scaling"],
+            ["ev", "active", "none", "fixed:3"],
+            ["kept", "active", "size:1M,2M", "fixed:1"]
+        ]
+    );
     assert_eq!(run(&["scope", "list"]).trim(), "demo");
 
     let (ok, _, err) = cli(&url, &["write", "demo/ev", "--key", "k"], Some("alpha\nbeta\ngamma\n"));
@@ -119,7 +132,10 @@ fn cli_end_to_end() {
     let (ok, _, err) = cli(&url, &["write", "demo/ev"], Some("late\n"));
     assert!(!ok && err.contains("sealed"), "{err}");
     assert!(run(&["stream", "describe", "demo/ev"]).contains("sealed"));
+    assert!(run(&["stream", "list", "demo", "-l"]).lines().nth(1).is_some_and(|l| l.contains(" sealed ")));
     assert!(run(&["stream", "delete", "demo/ev"]).contains("deleted"));
+    assert!(run(&["stream", "seal", "demo/kept"]).contains("sealed"));
+    assert!(run(&["stream", "delete", "demo/kept"]).contains("deleted"));
     assert!(run(&["scope", "delete", "demo"]).contains("deleted"));
 
     // Clear errors.

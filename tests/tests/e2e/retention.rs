@@ -192,6 +192,49 @@ async fn a_slow_stream_that_turns_fast_is_cut_back_within_seconds() {
     drop(s);
 }
 
+/// A policy changed on an idle stream is applied within seconds, not at the next full
+/// round (30 s here): the service lists every stream with its policy each second, and a
+/// stream listed with another policy than its last look found is looked at at once. (Before,
+/// every full round looked at every stream to see its policy; an idle stream's look is now
+/// put off in full rounds too, so without the listing a change would wait for its writes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_changed_on_an_idle_stream_is_applied_within_seconds() {
+    const MIB: u64 = 1 << 20;
+    let dir = TempDir::new("ret-policy-change");
+    let s = Server::start_with(&dir.0.join("data"), free_ports(1), 1, &["--retention-interval-ms", "30000"]);
+    let c = Client::connect(&s.url()).await.unwrap();
+    c.create_scope("rp").await.unwrap();
+    c.create_stream_with("rp", "s", 1, Retention::parse("size:8M,16M").unwrap()).await.unwrap();
+    // 6 MiB in steps (the service's looks take marks meanwhile), then idle for 3 s.
+    for step in 0..24 {
+        write(&c, "rp/s", step * 256, 256, 1020).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (before, _) = held(&c, "rp", "s").await;
+    assert!(before > 5 * MIB, "nothing is cut under size:8M,16M ({before} bytes held)");
+    c.update_stream("rp", "s", Some(Retention::parse("size:1M,2M").unwrap()), None).await.unwrap();
+    let changed = Instant::now();
+    let kept = loop {
+        let (h, segs) = held(&c, "rp", "s").await;
+        if h <= 2 * MIB {
+            break h;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(10),
+            "{h} bytes held {:?} after the change: {segs:?}",
+            changed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "{before} bytes held under size:8M,16M; {kept} kept {:?} after the change to size:1M,2M",
+        changed.elapsed()
+    );
+    assert!(kept >= MIB, "keeps at least the new MIN ({kept})");
+    drop(s);
+}
+
 /// A node without tier-2: a size policy's truncations free the log files behind them (the
 /// stream is the only one in its log), so the log stays near the policy's size however much
 /// is written, freed files become later log files (`sluice stats` counts them), and a
