@@ -370,8 +370,7 @@ pub fn state_stream(group: &str) -> String {
 
 /// Splits `scope/stream/N` into the stream and the segment number.
 fn split_segment(segment: &str) -> Option<(ScopedStream, u64)> {
-    let (stream, n) = segment.rsplit_once('/')?;
-    Some((ScopedStream::parse(stream)?, n.parse().ok()?))
+    ScopedStream::of_segment(segment).map(|(stream, n)| (stream, n.0))
 }
 
 impl Client {

@@ -241,8 +241,9 @@ pub fn health(stats: &[ShardStats]) -> (String, usize) {
 
 /// What frees the log files a segment alone holds.
 fn held_hint(held: &LogHeldBy) -> &'static str {
-    let stream = held.segment.split('/').nth(1).unwrap_or("");
-    if stream.starts_with(crate::group::GROUP_STATE_PREFIX) {
+    let group_state = sluice_net::ScopedStream::of_segment(&held.segment)
+        .is_some_and(|(s, _)| s.stream.starts_with(crate::group::GROUP_STATE_PREFIX));
+    if group_state {
         "a reader group's state: its running readers compact it every 10 s, the retention service when none runs"
     } else {
         "they go once a truncation or the stream's retention cuts the segment; without either they stay: give the stream a retention policy, or use a tier-2"

@@ -16,7 +16,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use sluice_meta::controller::ControllerError;
 use sluice_meta::{Controller, EmbeddedStore, MetaStore, StreamRecord, StreamState};
 use sluice_net::ShardEndpoint;
-use sluice_net::ids::ScopedStream;
+use sluice_net::ids::{ScopedStream, SegmentNumber};
 use sluice_net::routing::{Placement as SegmentPlacement, container_of, shard_of};
 use sluice_net::socket::{UNIX_SCHEME, widen_send_buffer};
 use std::cell::RefCell;
@@ -920,8 +920,8 @@ async fn reconcile_after_salvage<S: MetaStore>(shard: Rc<Shard<S>>, container: R
     // Seals among the lost records.
     let mut resealed = Vec::new();
     for name in container.untraced_after_salvage() {
-        let Some((stream, number)) = name.rsplit_once('/') else { continue };
-        let (Ok(number), Some(ss)) = (number.parse::<u64>(), ScopedStream::parse(stream)) else { continue };
+        let Some((stream, SegmentNumber(number))) = sluice_net::split_segment_name(&name) else { continue };
+        let Some(ss) = ScopedStream::parse(stream) else { continue };
         if !streams.contains_key(stream) {
             let r = looked_up(c, stream, || ctl.get_stream(&ss.scope, &ss.stream)).await;
             streams.insert(stream.to_string(), r);

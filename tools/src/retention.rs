@@ -283,9 +283,7 @@ impl OpenLengths {
     fn new(read_at: Instant, lengths: &[(String, u64)]) -> Self {
         let mut by_stream: HashMap<String, u64> = HashMap::new();
         for (name, len) in lengths {
-            if let Some((stream, n)) = name.rsplit_once('/')
-                && n.parse::<u64>().is_ok()
-            {
+            if let Some((stream, _)) = sluice_net::split_segment_name(name) {
                 *by_stream.entry(stream.to_string()).or_default() += len;
             }
         }
