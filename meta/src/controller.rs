@@ -350,7 +350,9 @@ impl<S: MetaStore> Controller<S> {
 
     /// One page of `scope`'s streams with what a listing shows of each (state and
     /// policies), as `list_streams_page`. A record of the first layout is read as it is (a
-    /// listing does not move it to the current layout; `get_stream` does).
+    /// listing does not move it to the current layout; `get_stream` does); one that cannot
+    /// be read is listed as `unreadable` (with a warning), so one damaged record does not
+    /// hide the others (the services that apply policies go on with them).
     pub async fn list_stream_entries_page(
         &self,
         scope: &str,
@@ -364,22 +366,31 @@ impl<S: MetaStore> Controller<S> {
         let more = page.len() > limit;
         let mut streams = Vec::with_capacity(page.len().min(limit));
         for (key, v) in page.into_iter().take(limit) {
-            let (state, retention, scaling) = match v.value.strip_prefix(&STREAM_RECORD_TAG[..]) {
-                Some(_) => {
-                    let r = StreamRecord::decode(&key, &v.value)?;
-                    (r.state, r.retention, r.scaling)
-                }
-                None => {
-                    let r = LegacyStreamRecord::decode(&key, &v.value)?;
-                    (r.state, r.retention, r.scaling)
-                }
+            let read = match v.value.strip_prefix(&STREAM_RECORD_TAG[..]) {
+                Some(_) => StreamRecord::decode(&key, &v.value).map(|r| (r.state, r.retention, r.scaling)),
+                None => LegacyStreamRecord::decode(&key, &v.value).map(|r| (r.state, r.retention, r.scaling)),
             };
-            streams.push(ListedStream {
-                name: key[prefix.len()..].to_string(),
-                creating: state == StreamState::Creating,
-                sealed: matches!(state, StreamState::Sealed | StreamState::Sealing),
-                retention,
-                scaling,
+            let name = key[prefix.len()..].to_string();
+            streams.push(match read {
+                Ok((state, retention, scaling)) => ListedStream {
+                    name,
+                    creating: state == StreamState::Creating,
+                    sealed: matches!(state, StreamState::Sealed | StreamState::Sealing),
+                    unreadable: false,
+                    retention,
+                    scaling,
+                },
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "a stream record cannot be read; listed as unreadable");
+                    ListedStream {
+                        name,
+                        creating: false,
+                        sealed: false,
+                        unreadable: true,
+                        retention: Retention::None,
+                        scaling: ScalingPolicy::default(),
+                    }
+                }
             });
         }
         let next = if more { streams.last().map(|s| s.name.clone()) } else { None };
@@ -1011,6 +1022,14 @@ mod tests {
                     (false, true, Retention::None, fixed)
                 ]
             );
+            assert!(entries.iter().all(|e| !e.unreadable));
+            // A damaged record is listed as unreadable; the others as they are.
+            c.store.put("streams/b/s3", b"SSR\x02\0\0\0\0 not an archive".to_vec()).await.unwrap();
+            let (page, _) = c.list_stream_entries_page("b", "", 10).await.unwrap();
+            assert_eq!(page.len(), 7);
+            assert_eq!(page.iter().filter(|e| e.unreadable).map(|e| e.name.as_str()).collect::<Vec<_>>(), ["s3"]);
+            assert_eq!(page[1].retention, size);
+            assert!(c.get_stream("b", "s3").await.is_err());
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -758,6 +758,9 @@ pub struct ListedStream {
     /// Still being created: not yet usable (`GetStream` says there is no such stream).
     pub creating: bool,
     pub sealed: bool,
+    /// Its record could not be read (damaged; `GetStream` says how): the other fields are
+    /// defaults, not the stream's. Listed rather than failing the whole listing.
+    pub unreadable: bool,
     pub retention: crate::Retention,
     pub scaling: crate::ScalingPolicy,
 }
@@ -880,6 +883,7 @@ mod tests {
             name: "t".repeat(NAME_BYTES_MAX),
             creating: false,
             sealed: true,
+            unreadable: false,
             retention: crate::Retention::Size { min_bytes: u64::MAX, max_bytes: u64::MAX },
             scaling: crate::ScalingPolicy::ByByteRate { kib_per_s: u32::MAX, factor: u32::MAX, min_segments: u32::MAX },
         };

@@ -87,7 +87,12 @@ async fn round(c: &Client, cooldown: Duration) -> Result<(), ClientError> {
         // not sealed, cost requests.
         for entry in c.list_stream_entries(&scope).await? {
             let stream = entry.name;
-            if stream.starts_with('_') || entry.creating || entry.sealed || limits(entry.scaling).is_none() {
+            if stream.starts_with('_')
+                || entry.creating
+                || entry.sealed
+                || entry.unreadable
+                || limits(entry.scaling).is_none()
+            {
                 continue; // reader-group and synchronizer state; nothing to scale
             }
             if let Err(e) = one_stream(c, &scope, &stream, now_ms, cooldown).await {

@@ -816,16 +816,23 @@ async fn admin(url: &str, retry_for: Duration, cmd: Cmd) -> Result<(), String> {
         Cmd::Stream(StreamCmd::List { scope, long: true }) => {
             let streams = c.list_stream_entries(&scope).await.map_err(err)?;
             let width = streams.iter().map(|s| s.name.len()).max().unwrap_or(0).max("stream".len());
-            println!("{:<width$}  {:<8}  {:<20}  scaling", "stream", "state", "retention");
+            println!("{:<width$}  {:<10}  {:<20}  scaling", "stream", "state", "retention");
             for s in streams {
-                let state = if s.creating {
+                let state = if s.unreadable {
+                    // Its record is damaged: `stream describe` shows the error.
+                    "unreadable"
+                } else if s.creating {
                     "creating"
                 } else if s.sealed {
                     "sealed"
                 } else {
                     "active"
                 };
-                println!("{:<width$}  {state:<8}  {:<20}  {}", s.name, s.retention.to_string(), s.scaling);
+                let (retention, scaling) = match s.unreadable {
+                    true => ("?".to_string(), "?".to_string()),
+                    false => (s.retention.to_string(), s.scaling.to_string()),
+                };
+                println!("{:<width$}  {state:<10}  {retention:<20}  {scaling}", s.name);
             }
         }
         Cmd::Stream(StreamCmd::Describe { stream }) => {

@@ -613,14 +613,17 @@ async fn round(
                 }
             }
         }
-        if entry.retention == Retention::None {
+        if entry.retention == Retention::None && !entry.unreadable {
             // No policy (as listed a moment ago): nothing to look at; its marks, if it had
             // a policy before, are forgotten, and a policy set later makes it due at once.
             pace.paces.remove(key);
             continue;
         }
         let now = Instant::now();
-        if entry.creating || !pace.due(key, now, entry.retention) || pace.put_off_unchanged(key, now, entry.retention) {
+        // A stream still being created, or whose record cannot be read (its policy is not
+        // known: its marks are kept), is not looked at.
+        let skip = entry.creating || entry.unreadable;
+        if skip || !pace.due(key, now, entry.retention) || pace.put_off_unchanged(key, now, entry.retention) {
             // Not looked at this round: its marks stay as they are.
             if streams.contains_key(key) {
                 seen.insert(key);
