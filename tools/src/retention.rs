@@ -963,6 +963,37 @@ mod tests {
         assert!(!none.put_off_unchanged("s/idle", now, size));
     }
 
+    /// Between listings a tick goes over the listed streams whose look is due, in name
+    /// order; a pace of a stream no longer listed is not one of them.
+    #[test]
+    fn a_tick_between_listings_picks_the_due_streams_in_name_order() {
+        let now = Instant::now();
+        let mut listing = Listing::default();
+        for name in ["a", "b", "c", "d"] {
+            let entry = ListedStream {
+                name: name.to_string(),
+                creating: false,
+                sealed: false,
+                unreadable: false,
+                retention: Retention::parse("size:1M,2M").unwrap(),
+                scaling: sluice_net::ScalingPolicy::default(),
+            };
+            let stream = ScopedStream::new("s", name);
+            listing.by_key.insert(stream.to_string(), listing.streams.len());
+            listing.streams.push(Listed { key: stream.to_string(), stream, entry });
+        }
+        let pace = |next| Pace { next, seen: None };
+        let later = now + Duration::from_secs(1);
+        let paces = HashMap::from([
+            ("s/d".to_string(), pace(now)),
+            ("s/b".to_string(), pace(now - Duration::from_millis(5))),
+            ("s/c".to_string(), pace(later)),
+            ("s/gone".to_string(), pace(now)),
+        ]);
+        assert_eq!(listing.due(&paces, now), [1, 3]);
+        assert_eq!(listing.due(&paces, later), [1, 2, 3]);
+    }
+
     #[test]
     fn fast_streams_are_looked_at_sooner_within_the_floor_and_the_interval() {
         let (floor, interval) = (Duration::from_secs(1), Duration::from_secs(30));
