@@ -368,11 +368,6 @@ pub fn state_stream(group: &str) -> String {
     format!("{GROUP_STATE_PREFIX}{group}")
 }
 
-/// Splits `scope/stream/N` into the stream and the segment number.
-fn split_segment(segment: &str) -> Option<(ScopedStream, u64)> {
-    ScopedStream::of_segment(segment).map(|(stream, n)| (stream, n.0))
-}
-
 impl Client {
     /// Creates a reader group `scope/name` over the configured streams.
     pub async fn create_reader_group(
@@ -620,7 +615,7 @@ impl ReaderGroup {
         let mut streams: Vec<ScopedStream> = Vec::new();
         let segments = state.readers.values().flat_map(|h| h.keys()).chain(state.unassigned.keys());
         for seg in segments.chain(state.finished.keys()) {
-            if let Some((s, _)) = split_segment(seg)
+            if let Some((s, _)) = ScopedStream::of_segment(seg)
                 && !streams.contains(&s)
             {
                 streams.push(s);
@@ -644,8 +639,8 @@ impl ReaderGroup {
 pub fn positions_to_cuts(positions: &BTreeMap<String, u64>) -> Vec<StreamCut> {
     let mut cuts: BTreeMap<ScopedStream, BTreeMap<u64, u64>> = BTreeMap::new();
     for (seg, &off) in positions {
-        if let Some((stream, n)) = split_segment(seg) {
-            cuts.entry(stream).or_default().insert(n, off);
+        if let Some((stream, n)) = ScopedStream::of_segment(seg) {
+            cuts.entry(stream).or_default().insert(n.0, off);
         }
     }
     cuts.into_iter().map(|(stream, positions)| StreamCut { stream, positions }).collect()
@@ -984,11 +979,11 @@ impl GroupReader {
 
     /// The segments that replaced `segment` (a qualified name), with their predecessors.
     async fn successors(&self, segment: &str) -> Result<Vec<Successor>, ClientError> {
-        let Some((stream, n)) = split_segment(segment) else { return Ok(Vec::new()) };
+        let Some((stream, n)) = ScopedStream::of_segment(segment) else { return Ok(Vec::new()) };
         let history = self.client.stream_history(&stream.scope, &stream.stream).await?;
         let name = |n: u64| stream.segment_name(sluice_net::SegmentNumber(n));
         Ok(history
-            .successors(n)
+            .successors(n.0)
             .map(|s| Successor {
                 segment: name(s.number),
                 predecessors: s.predecessors.iter().map(|&p| name(p)).collect(),

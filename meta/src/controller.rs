@@ -46,7 +46,7 @@ pub use subscribers::SubscriberRecord;
 pub use txns::TxnRecord;
 
 use crate::names::validate;
-use crate::store::{MetaError, MetaStore, MetaTxn};
+use crate::store::{MetaError, MetaStore, MetaTxn, Versioned};
 use rkyv::{Archive, Deserialize, Serialize};
 use sluice_net::ErrorCode;
 use sluice_net::messages::{EpochInfo, KeyRange, ListedStream, SegmentHistory, SegmentRange, StreamHistory};
@@ -360,52 +360,64 @@ impl<S: MetaStore> Controller<S> {
         limit: usize,
     ) -> Result<(Vec<ListedStream>, Option<String>), ControllerError> {
         let prefix = format!("streams/{scope}/");
-        let limit = limit.max(1);
-        let after = if after.is_empty() { String::new() } else { format!("{prefix}{after}") };
-        let page = self.store.range_page(&prefix, &after, limit + 1).await?;
-        let more = page.len() > limit;
-        let mut streams = Vec::with_capacity(page.len().min(limit));
-        for (key, v) in page.into_iter().take(limit) {
-            let read = match v.value.strip_prefix(&STREAM_RECORD_TAG[..]) {
-                Some(_) => StreamRecord::decode(&key, &v.value).map(|r| (r.state, r.retention, r.scaling)),
-                None => LegacyStreamRecord::decode(&key, &v.value).map(|r| (r.state, r.retention, r.scaling)),
-            };
-            let name = key[prefix.len()..].to_string();
-            streams.push(match read {
-                Ok((state, retention, scaling)) => ListedStream {
-                    name,
-                    creating: state == StreamState::Creating,
-                    sealed: matches!(state, StreamState::Sealed | StreamState::Sealing),
-                    unreadable: false,
-                    retention,
-                    scaling,
-                },
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "a stream record cannot be read; listed as unreadable");
-                    ListedStream {
+        let (page, next) = self.keys_page(&prefix, after, limit).await?;
+        let streams = page
+            .into_iter()
+            .map(|(key, v)| {
+                let read = match v.value.strip_prefix(&STREAM_RECORD_TAG[..]) {
+                    Some(_) => StreamRecord::decode(&key, &v.value).map(|r| (r.state, r.retention, r.scaling)),
+                    None => LegacyStreamRecord::decode(&key, &v.value).map(|r| (r.state, r.retention, r.scaling)),
+                };
+                let name = key[prefix.len()..].to_string();
+                match read {
+                    Ok((state, retention, scaling)) => ListedStream {
                         name,
-                        creating: false,
-                        sealed: false,
-                        unreadable: true,
-                        retention: Retention::None,
-                        scaling: ScalingPolicy::default(),
+                        creating: state == StreamState::Creating,
+                        sealed: matches!(state, StreamState::Sealed | StreamState::Sealing),
+                        unreadable: false,
+                        retention,
+                        scaling,
+                    },
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "a stream record cannot be read; listed as unreadable");
+                        ListedStream {
+                            name,
+                            creating: false,
+                            sealed: false,
+                            unreadable: true,
+                            retention: Retention::None,
+                            scaling: ScalingPolicy::default(),
+                        }
                     }
                 }
-            });
-        }
-        let next = if more { streams.last().map(|s| s.name.clone()) } else { None };
+            })
+            .collect();
         Ok((streams, next))
     }
 
     /// Names (keys without `prefix`) of one page of keys under `prefix`.
     async fn names_page(&self, prefix: &str, after: &str, limit: usize) -> Result<NamesPage, ControllerError> {
+        let (page, next) = self.keys_page(prefix, after, limit).await?;
+        Ok((page.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect(), next))
+    }
+
+    /// One page of at most `limit` keys under `prefix` (with their values) after the name
+    /// `after` (`""`: from the first), and the next page's `after` (the last name) if there
+    /// is a next page: one more is fetched to know, so a page that ends at the last key has
+    /// none.
+    async fn keys_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<(String, Versioned)>, Option<String>), ControllerError> {
         let limit = limit.max(1);
         let after = if after.is_empty() { String::new() } else { format!("{prefix}{after}") };
-        let page = self.store.range_page(prefix, &after, limit + 1).await?;
+        let mut page = self.store.range_page(prefix, &after, limit + 1).await?;
         let more = page.len() > limit;
-        let names: Vec<String> = page.into_iter().take(limit).map(|(k, _)| k[prefix.len()..].to_string()).collect();
-        let next = if more { names.last().cloned() } else { None };
-        Ok((names, next))
+        page.truncate(limit);
+        let next = if more { page.last().map(|(k, _)| k[prefix.len()..].to_string()) } else { None };
+        Ok((page, next))
     }
 
     async fn require_scope(&self, scope: &str) -> Result<(), ControllerError> {
