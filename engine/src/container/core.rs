@@ -24,7 +24,7 @@ use crate::log::format::{FileHeader, RecordHeader, RecordKind, RecordLayout, Rec
 use crate::log::scan::{FileScan, ScanEnd, Skipped, damaged_records, scan_file, scan_past_damage};
 use bytes::Bytes;
 use sluice_net::event::{skip_events, validate_events};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// Sizes and budgets of one container.
 #[derive(Clone, Debug)]
@@ -696,9 +696,10 @@ pub struct ContainerCore {
     /// The current file's record tag (`FileHeader::tag`): every record written into it
     /// carries it.
     file_tag: u64,
-    /// The record tag of the next file (its sequence number, its tag): what the I/O layer
-    /// writes into its header (`tag_for_file`) and its records carry.
-    next_tag: (u64, u64),
+    /// The record tags chosen for files not yet current, by sequence number: what the I/O
+    /// layer writes into a file's header when it prepares it (`tag_for_file`) and the file's
+    /// records carry, whatever other file is prepared meanwhile.
+    future_tags: BTreeMap<u64, u64>,
     segments: HashMap<u64, Segment>,
     by_name: HashMap<String, u64>,
     next_segment_id: u64,
@@ -755,7 +756,7 @@ impl ContainerCore {
             tail: Tail::empty(u64::MAX, u64::MAX),
             current_file_bytes: cfg.file_bytes,
             file_tag: 0,
-            next_tag: (first_file_seq, new_tag()),
+            future_tags: BTreeMap::new(),
             segments: HashMap::new(),
             by_name: HashMap::new(),
             next_segment_id: 1,
@@ -1434,17 +1435,16 @@ impl ContainerCore {
         Some(self.next_file_seq())
     }
 
-    /// The record tag of log file `seq`, the current one or the next (chosen at random once
-    /// for it): the I/O layer writes it into the header of the file it prepares, and every
-    /// record written into the file carries it.
+    /// The record tag of log file `seq`, the current one or a later one (chosen at random
+    /// once for it, kept until the file is rolled into): the I/O layer writes it into the
+    /// header of the file it prepares, and every record written into the file carries it.
+    /// (A roll that fills more than half of its new file prepares the next file before it
+    /// completes: the tag chosen for one file must outlive the choice of the next one's.)
     pub fn tag_for_file(&mut self, seq: u64) -> u64 {
         if self.has_file && seq == self.file_seq {
             return self.file_tag;
         }
-        if self.next_tag.0 != seq {
-            self.next_tag = (seq, new_tag());
-        }
-        self.next_tag.1
+        *self.future_tags.entry(seq).or_insert_with(new_tag)
     }
 
     /// The sequence number of the log file the next roll creates.
@@ -1557,6 +1557,8 @@ impl ContainerCore {
                 self.remember_index(self.file_seq, old);
             }
             self.file_tag = self.tag_for_file(seq);
+            // This file's tag and any earlier one's are never asked for again.
+            self.future_tags = self.future_tags.split_off(&(seq + 1));
             self.file_seq = seq;
             self.has_file = true;
             self.current_file_bytes = self.cfg.file_bytes;
@@ -2329,6 +2331,20 @@ mod tests {
         let mut c = ContainerCore::new(cfg, 1, 0);
         c.set_now_ms(1);
         c
+    }
+
+    /// A file's tag, once chosen, is the one it is asked for again until it is rolled into,
+    /// whatever later file's tag is chosen meanwhile (a roll past half its new file prepares
+    /// the next one before it completes).
+    #[test]
+    fn a_file_keeps_its_tag_while_a_later_file_s_is_chosen() {
+        let mut c = core();
+        let first = c.tag_for_file(0);
+        let second = c.tag_for_file(1);
+        assert_ne!(first, second);
+        assert_eq!(c.tag_for_file(0), first);
+        assert_eq!(c.tag_for_file(1), second);
+        assert_eq!(c.tag_for_file(2), c.tag_for_file(2));
     }
 
     fn append(name: &str, first: u64, data: &'static [u8]) -> Request {
