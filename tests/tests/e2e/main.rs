@@ -14,6 +14,7 @@ mod crash;
 mod disk_full;
 mod etcd_node;
 mod reader_group;
+mod request_fuzz;
 mod retention;
 mod scaling;
 mod scaling_crash;
