@@ -1,10 +1,10 @@
-//! Requests of every kind with random contents, sent one at a time to a live server with
-//! tier-2: names of things that exist and of things that do not (shadow segments, names at
-//! and over the length limit, empty ones), numbers at their limits, NaN and infinite key
-//! ranges, random policies, broken event framing. Each request is answered or its
-//! connection is closed, never left hanging; the server does not panic, stops no container,
-//! keeps serving, and starts again from its log after a SIGKILL. Seeded, bounded in count
-//! and time.
+//! Requests of every kind with random contents, sent one at a time to a live server (with
+//! tier-2, and without): names of things that exist and of things that do not (shadow
+//! segments, names at and over the length limit, empty ones), numbers at their limits, NaN
+//! and infinite key ranges, random policies, broken event framing. Each request is answered
+//! or its connection is closed, never left hanging; the server does not panic, stops no
+//! container, keeps serving, and starts again from its log after a SIGKILL. Seeded, bounded
+//! in count and time.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -410,11 +410,22 @@ impl Conn {
     }
 }
 
+/// With tier-2 (the mover, chunks, freed log files reused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_of_every_kind_are_answered_and_break_nothing() {
-    let dir = TempDir::new("request-fuzz");
+    fuzz(true).await;
+}
+
+/// Without tier-2 (log files freed by relocating what they still hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_without_tier2_are_answered_and_break_nothing() {
+    fuzz(false).await;
+}
+
+async fn fuzz(with_tier2: bool) {
+    let dir = TempDir::new(if with_tier2 { "request-fuzz" } else { "request-fuzz-log" });
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
-    let mut args = small_log_with_tier2(&tier2);
+    let mut args = if with_tier2 { small_log_with_tier2(&tier2) } else { vec!["--log-file-mb".into(), "1".into()] };
     args.extend(
         ["--retention-interval-ms", "200", "--autoscale-interval-ms", "200", "--txn-interval-ms", "200"]
             .map(String::from),
