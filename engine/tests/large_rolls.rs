@@ -18,7 +18,7 @@ use std::time::Duration;
 // This test has no tier-2: the shared helper for one goes unused here.
 #[allow(dead_code)]
 mod common;
-use common::{Dir, core_cfg, first_open};
+use common::{Dir, core_cfg, first_open, read_segment};
 
 const SEGMENT: &str = "s/t/0";
 const EVENTS: u64 = 16;
@@ -33,18 +33,6 @@ async fn open(dir: &Path) -> Rc<Container> {
 fn event(n: u64) -> Vec<u8> {
     let len = if n.is_multiple_of(2) { 500 << 10 } else { 20 << 10 };
     (0..len).map(|i| (i as u64 * 7 + n) as u8).collect()
-}
-
-async fn read_all(c: &Rc<Container>) -> Vec<u8> {
-    let len = c.status(SEGMENT).unwrap().length;
-    let mut bytes = Vec::new();
-    while (bytes.len() as u64) < len {
-        let d = c.read(SEGMENT, bytes.len() as u64, 1 << 20, Duration::ZERO).await.unwrap();
-        assert!(!d.is_empty(), "a read at {} below the length {len} returns data", bytes.len());
-        bytes.extend_from_slice(&d.to_bytes());
-    }
-    bytes.truncate(len as usize);
-    bytes
 }
 
 #[test]
@@ -86,12 +74,12 @@ fn rolls_that_fill_half_a_file_keep_every_file_s_tag() {
             assert!(files >= 6, "the log rolled through {files} files");
             let scrub = c.scrub(0).await;
             assert!(scrub.damage.is_empty(), "the scrub found: {:?}", scrub.damage);
-            assert_eq!(read_all(&c).await, expected);
+            assert_eq!(read_segment(&c, SEGMENT).await, expected);
             c.stop_with("test: closing".into());
             drop(c);
             // Recovery takes every record for its file's own: nothing is cut.
             let c = open(&dir).await;
-            assert_eq!(read_all(&c).await, expected, "every acknowledged append after a reopen");
+            assert_eq!(read_segment(&c, SEGMENT).await, expected, "every acknowledged append after a reopen");
             c.stop_with("test: done".into());
         })
         .unwrap()

@@ -17,7 +17,7 @@ use std::time::Duration;
 // This test has no tier-2: the shared helper for one goes unused here.
 #[allow(dead_code)]
 mod common;
-use common::{Dir, core_cfg, first_open};
+use common::{Dir, core_cfg, first_open, read_segment};
 
 const SEGMENT: &str = "s/t/0";
 const WRITERS: u64 = 4;
@@ -37,15 +37,8 @@ fn payload(w: u64, n: u64) -> String {
 
 /// Reads the whole segment and returns its events as (writer, number), in order.
 async fn read_events(c: &Rc<Container>) -> Vec<(u64, u64)> {
-    let len = c.status(SEGMENT).unwrap().length;
-    let mut bytes = Vec::new();
-    while (bytes.len() as u64) < len {
-        let d = c.read(SEGMENT, bytes.len() as u64, 256 << 10, Duration::ZERO).await.unwrap();
-        assert!(!d.is_empty(), "a read at {} below the length {len} returns data", bytes.len());
-        bytes.extend_from_slice(&d.to_bytes());
-    }
-    // A read may go past the length asked for, into an event appended since.
-    let (mut buf, mut out) = (&bytes[..len as usize], Vec::new());
+    let bytes = read_segment(c, SEGMENT).await;
+    let (mut buf, mut out) = (&bytes[..], Vec::new());
     while !buf.is_empty() {
         let n = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
         let text = std::str::from_utf8(&buf[4..4 + n]).unwrap();

@@ -1,9 +1,12 @@
 //! Shared by the engine's glommio tests: a temporary root removed on drop, a container
-//! configuration, a filesystem tier-2, and the first-open workaround for a new executor.
+//! configuration, a filesystem tier-2, the first-open workaround for a new executor, and a
+//! whole segment read back.
 
 use sluice_engine::container::core::CoreConfig;
+use sluice_engine::container::io::Container;
 use sluice_engine::container::mover::Tier2Config;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Duration;
 
 /// A fresh directory under the system's temporary one, removed when dropped.
@@ -48,4 +51,19 @@ pub async fn first_open(root: &Path) {
     let f = glommio::io::DmaFile::open(&probe).await.unwrap();
     f.read_at_aligned(0, 4096).await.unwrap();
     f.close().await.unwrap();
+}
+
+/// Segment `segment`'s bytes up to its length, read in pieces of up to 1 MiB.
+#[allow(dead_code)] // Not every test that includes this module reads a segment whole.
+pub async fn read_segment(c: &Rc<Container>, segment: &str) -> Vec<u8> {
+    let len = c.status(segment).unwrap().length;
+    let mut bytes = Vec::new();
+    while (bytes.len() as u64) < len {
+        let d = c.read(segment, bytes.len() as u64, 1 << 20, Duration::ZERO).await.unwrap();
+        assert!(!d.is_empty(), "a read at {} below the length {len} returns data", bytes.len());
+        bytes.extend_from_slice(&d.to_bytes());
+    }
+    // A read may go past the length asked for, into data appended since.
+    bytes.truncate(len as usize);
+    bytes
 }
