@@ -2309,7 +2309,9 @@ impl ContainerCore {
         if scan.dirty_end > scan.end {
             let to = crate::constants::align_up(scan.dirty_end).min(bytes.len() as u64);
             let mut clear = bytes[block_start as usize..to as usize].to_vec();
-            clear[(scan.end - block_start) as usize..(scan.dirty_end - block_start) as usize].fill(0);
+            // (A file cut short ends inside its last block: clear to its end.)
+            let dirty_end = scan.dirty_end.min(to);
+            clear[(scan.end - block_start) as usize..(dirty_end - block_start) as usize].fill(0);
             report.clear_torn = Some((seq, block_start, clear));
         }
         report.current_file = Some(seq);

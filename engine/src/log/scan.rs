@@ -126,11 +126,14 @@ fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Opt
     let start = p + RECORD_HEADER_BYTES;
     let end = start + header.payload_len as usize;
     let extent = Some(header.disk_len());
-    if end > bytes.len() {
+    // The whole extent, padding included: a file cut short inside a record's padding (a
+    // damaged file system; log files are whole blocks) must not leave the scan's end past
+    // the bytes it has.
+    if end > bytes.len() || p as u64 + header.disk_len() > bytes.len() as u64 {
         return Err((
             HeaderFault::Invalid,
             None,
-            format!("payload of {} bytes runs past the file end", header.payload_len),
+            format!("the record of {} payload bytes runs past the file end", header.payload_len),
         ));
     }
     if crc32c::crc32c(&bytes[start..end]) != header.payload_crc {
