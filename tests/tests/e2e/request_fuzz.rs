@@ -1,10 +1,10 @@
 //! Requests of every kind with random contents, sent one at a time to a live server (with
-//! tier-2, and without): names of things that exist and of things that do not (shadow
+//! tier-2, without, and a two-node cluster on etcd): names of things that exist and of things that do not (shadow
 //! segments, names at and over the length limit, empty ones), numbers at their limits, NaN
 //! and infinite key ranges, random policies, broken event framing. Each request is answered
-//! or its connection is closed, never left hanging; the server does not panic, stops no
-//! container, keeps serving, and starts again from its log after a SIGKILL. Seeded, bounded
-//! in count and time.
+//! or its connection is closed, never left hanging; no server panics or stops a container,
+//! they keep serving, and start again from their logs after a SIGKILL. Seeded, bounded in
+//! count and time.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -14,13 +14,15 @@ use sluice_net::frame::{FrameDecoder, encode_frame};
 use sluice_net::messages::*;
 use sluice_net::txn::shadow_segment_name;
 use sluice_net::{Retention, ScalingPolicy};
-use sluice_tests::{Server, TempDir, cli, free_ports, small_log_with_tier2};
+use sluice_tests::{Etcd, Server, TempDir, cli, free_ports, small_log_with_tier2};
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// Requests sent at most, and the time they may take together.
+/// Requests sent at most to a standalone server and to a cluster (slower: metadata in etcd,
+/// node-to-node calls), and the time they may take together.
 const REQUESTS: usize = 10_000;
+const CLUSTER_REQUESTS: usize = 3_000;
 const FUZZ_TIME: Duration = Duration::from_secs(60);
 /// How long one request may go unanswered with its connection open.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
@@ -422,18 +424,72 @@ async fn random_requests_without_tier2_are_answered_and_break_nothing() {
     fuzz(false).await;
 }
 
+/// A cluster of two nodes (etcd, a shared tier-2): requests reach segments and streams
+/// through the node that does not serve them too (node-to-node calls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_to_a_cluster_are_answered_and_break_nothing() {
+    let etcd = Etcd::start();
+    let dir = TempDir::new("request-fuzz-cluster");
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    let mut args: Vec<String> = ["--tier2", &tier2, "--containers-per-core", "4", "--log-file-mb", "1"]
+        .iter()
+        .chain(&["--move-min-kb", "64", "--lease-ttl-s", "3"])
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(SERVICES_QUICK.map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let nodes: Vec<Server> = (0..2)
+        .map(|i| {
+            let data = dir.0.join(format!("node{i}"));
+            Server::start_node(&data, free_ports(1), 1, &etcd.endpoint, "fz", &format!("n{i}"), &args, &[])
+        })
+        .collect();
+    // Both nodes serve containers before the requests begin.
+    let url = nodes[0].url();
+    until_sound(&url, Some(2)).await;
+    fuzz_servers(nodes, CLUSTER_REQUESTS).await;
+}
+
+/// The services (retention, auto-scaling, transaction timeouts) every 200 ms.
+const SERVICES_QUICK: [&str; 6] =
+    ["--retention-interval-ms", "200", "--autoscale-interval-ms", "200", "--txn-interval-ms", "200"];
+
+/// Waits (at most 30 s) until `sluice stats --check` through `url` passes, covering `nodes`
+/// nodes if given (a cluster's ownership settles after a start).
+async fn until_sound(url: &str, nodes: Option<usize>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, err) = cli(url, &["stats", "--json", "--check"], None);
+        let covered = nodes.is_none_or(|n| {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            let shards = v["shards"].as_array().cloned().unwrap_or_default();
+            let names: std::collections::HashSet<String> =
+                shards.iter().filter_map(|s| s["node"].as_str().map(String::from)).collect();
+            names.len() == n
+        });
+        if ok && covered {
+            return;
+        }
+        assert!(Instant::now() < deadline, "a container reports a problem:\n{out}\n{err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn fuzz(with_tier2: bool) {
     let dir = TempDir::new(if with_tier2 { "request-fuzz" } else { "request-fuzz-log" });
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
     let mut args = if with_tier2 { small_log_with_tier2(&tier2) } else { vec!["--log-file-mb".into(), "1".into()] };
-    args.extend(
-        ["--retention-interval-ms", "200", "--autoscale-interval-ms", "200", "--txn-interval-ms", "200"]
-            .map(String::from),
-    );
+    args.extend(SERVICES_QUICK.map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = Server::start_with(&dir.0.join("data"), free_ports(2), 2, &args);
-    let url = server.url();
+    let server = Server::start_with(&dir.0.join("data"), free_ports(2), 2, &args);
+    fuzz_servers(vec![server], REQUESTS).await;
+}
 
+/// `requests` requests against `servers` (one standalone server, or a cluster's nodes),
+/// then the checks.
+async fn fuzz_servers(mut servers: Vec<Server>, requests: usize) {
+    let url = servers[0].url();
+    let began = Instant::now();
     // Things for the requests to find: a scope, streams with events, a transaction.
     let client = Client::connect(&url).await.unwrap();
     client.create_scope("fz").await.unwrap();
@@ -449,13 +505,16 @@ async fn fuzz(with_tier2: bool) {
     let begun = client.begin_txn("fz/s").await.unwrap();
     let txns = vec![begun.id(), 1, 2, 3];
 
-    let endpoints: Vec<String> = tokio::task::spawn_blocking({
-        let url = url.clone();
-        move || {
+    // Every shard of every server, from their handshakes.
+    let urls: Vec<String> = servers.iter().map(Server::url).collect();
+    let endpoints: Vec<String> = tokio::task::spawn_blocking(move || {
+        let mut all = Vec::new();
+        for url in urls {
             let mut c = Conn::new(&url);
             c.open();
-            c.hello.take().expect("a handshake").shards.into_iter().map(|s| s.address).collect()
+            all.extend(c.hello.take().expect("a handshake").shards.into_iter().map(|s| s.address));
         }
+        all
     })
     .await
     .unwrap();
@@ -471,7 +530,7 @@ async fn fuzz(with_tier2: bool) {
         let (mut sent, mut replies, mut closed) = (0usize, 0usize, 0usize);
         // (request kind, answer) -> count: which requests got past the first checks.
         let mut tally = std::collections::BTreeMap::<(String, String), usize>::new();
-        while sent < REQUESTS && started.elapsed() < FUZZ_TIME {
+        while sent < requests && started.elapsed() < FUZZ_TIME {
             let id = sent as u64 + 1;
             let (frame, what) = gen_.request(id);
             let mut shard = gen_.rng.random_range(0..conns.len());
@@ -515,10 +574,11 @@ async fn fuzz(with_tier2: bool) {
 
     // The services act on whatever policies the requests left.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(server.is_running(), "the server exited:\n{}", server.output());
-    assert!(!server.output().contains("panicked"), "the server panicked:\n{}", server.output());
-    let (ok, out, err) = cli(&url, &["stats", "--check"], None);
-    assert!(ok, "a container reports a problem after the requests:\n{out}\n{err}");
+    for server in &mut servers {
+        assert!(server.is_running(), "a server exited:\n{}", server.output());
+        assert!(!server.output().contains("panicked"), "a server panicked:\n{}", server.output());
+    }
+    until_sound(&url, None).await;
 
     // The streams the requests went at are read through, or refused with an error: the raw
     // segment requests may have sealed, truncated, deleted or re-created their segments.
@@ -560,11 +620,16 @@ async fn fuzz(with_tier2: bool) {
     expected.sort();
     assert_eq!(read_all(after).await, expected);
 
-    // And its log, with whatever the requests wrote into it, recovers.
-    server.kill();
-    server.restart();
-    let (ok, out, err) = cli(&url, &["stats", "--check"], None);
-    assert!(ok, "a container reports a problem after the restart:\n{out}\n{err}");
+    eprintln!("request fuzz: checked {:?} after the start", began.elapsed());
+    // And the logs, with whatever the requests wrote into them, recover.
+    for server in &mut servers {
+        server.kill();
+        server.restart();
+    }
+    until_sound(&url, Some(servers.len()).filter(|&n| n > 1)).await;
     assert_eq!(read_all(Client::connect(&url).await.unwrap()).await, expected);
-    assert!(!server.output().contains("panicked"), "the server panicked:\n{}", server.output());
+    eprintln!("request fuzz: recovered {:?} after the start", began.elapsed());
+    for server in &servers {
+        assert!(!server.output().contains("panicked"), "a server panicked:\n{}", server.output());
+    }
 }
