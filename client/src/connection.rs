@@ -13,7 +13,7 @@ use sluice_net::constants::{FRAME_BYTES_MAX_DEFAULT, HELLO_MAGIC, PROTOCOL_VERSI
 use sluice_net::frame::{FrameDecoder, encode_frame_head};
 use sluice_net::messages::{Control, ErrorReply, Hello, HelloReply, Kind};
 use sluice_net::socket::{UNIX_SCHEME, widen_send_buffer};
-use sluice_net::{ErrorCode, Frame};
+use sluice_net::{ErrorCode, Frame, ProtocolError};
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -248,6 +248,23 @@ pub struct Connection {
     closed: Arc<AtomicBool>,
 }
 
+/// Refuses a handshake reply the client could not route by (a server never sends one; a
+/// broken or foreign peer might): no container, no shard, or a container map of another
+/// length than the container count.
+fn check_hello(h: &HelloReply) -> Result<(), String> {
+    if h.container_count == 0 || h.shards.is_empty() {
+        return Err(format!("the handshake names {} containers and {} shards", h.container_count, h.shards.len()));
+    }
+    if !h.containers.is_empty() && h.containers.len() != h.container_count as usize {
+        return Err(format!(
+            "the handshake maps {} containers' endpoints for a count of {}",
+            h.containers.len(),
+            h.container_count
+        ));
+    }
+    Ok(())
+}
+
 /// Turns a reply frame into `T`, or the server's typed error.
 pub fn expect<T: Control>(frame: Frame) -> Result<T, ClientError> {
     if frame.kind == Kind::ErrorReply {
@@ -339,6 +356,7 @@ impl Connection {
             .map_err(|_| cerr("handshake timed out".into()))?
             .map_err(|_| cerr("closed during handshake".into()))?;
         let reply: HelloReply = expect(frame)?;
+        check_hello(&reply).map_err(|reason| ProtocolError::InvalidArchive { kind: Kind::HelloReply, reason })?;
         Ok((conn, reply))
     }
 
@@ -595,5 +613,68 @@ mod tests {
         assert!(refused, "sends to a closed peer are refused");
         tokio::time::timeout(Duration::from_secs(5), task).await.expect("the writer task ends").expect("task");
         assert!(!wire.send(&[b"head", b"body"]), "a broken wire stays broken");
+    }
+
+    /// A peer whose handshake reply names no container, no shard, or a container map of
+    /// another length: the connection is refused with a protocol error (the client used to
+    /// panic routing by it), not retried as if the server were down.
+    #[tokio::test]
+    async fn a_handshake_the_client_cannot_route_by_is_refused() {
+        use sluice_net::frame::encode_frame;
+        use sluice_net::messages::ShardEndpoint;
+        let shard = ShardEndpoint { shard: 0, address: "127.0.0.1:1".into() };
+        let good = HelloReply {
+            version: PROTOCOL_VERSION,
+            node: "n".into(),
+            container_count: 2,
+            shards: vec![shard],
+            containers: Vec::new(),
+            append_bytes_max: 1 << 20,
+            placement: 2,
+        };
+        let cases = [
+            HelloReply { container_count: 0, ..good.clone() },
+            HelloReply { shards: Vec::new(), ..good.clone() },
+            HelloReply { containers: vec!["127.0.0.1:1".into(); 3], ..good.clone() },
+            good,
+        ];
+        for (i, reply) in cases.into_iter().enumerate() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            let peer = tokio::spawn(async move {
+                let (mut sock, _) = listener.accept().await.expect("accept");
+                let mut dec = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+                let mut buf = vec![0u8; 4096];
+                let hello = loop {
+                    let n = sock.read(&mut buf).await.expect("read");
+                    assert!(n > 0, "the client's hello");
+                    dec.extend(&buf[..n]);
+                    if let Some(f) = dec.next_frame().expect("a frame") {
+                        break f;
+                    }
+                };
+                let mut out = Vec::new();
+                encode_frame(&mut out, hello.request_id, &reply, b"");
+                tokio::io::AsyncWriteExt::write_all(&mut sock, &out).await.expect("write");
+                // Held open until the client is done with it.
+                let _ = sock.read(&mut buf).await;
+            });
+            let outcome = Connection::connect(&addr, Duration::from_secs(5)).await;
+            if i < 3 {
+                match outcome {
+                    Err(e @ ClientError::Protocol(ProtocolError::InvalidArchive { .. })) => {
+                        assert!(!e.is_retryable(), "{e}");
+                        assert!(e.to_string().contains("handshake"), "{e}");
+                    }
+                    Err(e) => panic!("case {i}: {e}"),
+                    Ok(_) => panic!("case {i}: a handshake to refuse was taken"),
+                }
+            } else {
+                let (conn, hello) = outcome.expect("a sound handshake");
+                assert_eq!(hello.container_count, 2);
+                conn.abort();
+            }
+            peer.abort();
+        }
     }
 }
