@@ -9,7 +9,7 @@
 
 use crate::error::ClientError;
 use bytes::Bytes;
-use sluice_net::constants::{FRAME_BYTES_MAX_DEFAULT, HELLO_MAGIC, PROTOCOL_VERSION};
+use sluice_net::constants::FRAME_BYTES_MAX_DEFAULT;
 use sluice_net::frame::{FrameDecoder, encode_frame_head};
 use sluice_net::messages::{Control, ErrorReply, Hello, HelloReply, Kind};
 use sluice_net::socket::{UNIX_SCHEME, widen_send_buffer};
@@ -348,7 +348,7 @@ impl Connection {
                 }
             }
         });
-        if !conn.wire.send(&[&encode_frame_head(0, &hello("sluice-client"), 0)]) {
+        if !conn.wire.send(&[&encode_frame_head(0, &Hello::current("sluice-client"), 0)]) {
             return Err(cerr("closed during handshake".into()));
         }
         let frame = tokio::time::timeout(timeout, hello_rx)
@@ -483,11 +483,6 @@ impl Connection {
     }
 }
 
-/// The handshake a client opens with, naming itself `client`.
-fn hello(client: &str) -> Hello {
-    Hello { magic: HELLO_MAGIC, min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, client: client.into() }
-}
-
 /// Whether a Sluice server at `addr` answers the protocol handshake within `timeout` (to
 /// connect, and again to answer). Blocking, no runtime needed: for start-up checks. A bare
 /// TCP connect is not enough: a node binds its ports before its shards serve, and a killed
@@ -497,7 +492,7 @@ pub fn answers_handshake(addr: std::net::SocketAddr, timeout: Duration) -> bool 
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else { return false };
     let _ = s.set_read_timeout(Some(timeout));
     let mut head = [0u8; sluice_net::constants::FRAME_HEADER_BYTES];
-    s.write_all(&encode_frame_head(0, &hello("probe"), 0)).is_ok()
+    s.write_all(&encode_frame_head(0, &Hello::current("probe"), 0)).is_ok()
         && s.read_exact(&mut head).is_ok()
         && u16::from_le_bytes([head[4], head[5]]) == Kind::HelloReply as u16
 }
@@ -624,7 +619,7 @@ mod tests {
         use sluice_net::messages::ShardEndpoint;
         let shard = ShardEndpoint { shard: 0, address: "127.0.0.1:1".into() };
         let good = HelloReply {
-            version: PROTOCOL_VERSION,
+            version: sluice_net::constants::PROTOCOL_VERSION,
             node: "n".into(),
             container_count: 2,
             shards: vec![shard],

@@ -7,7 +7,7 @@ use crate::container::core::{OpResult, Request};
 use crate::error::EngineError;
 use bytes::Bytes;
 use futures::io::{AsyncReadExt, AsyncWriteExt};
-use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
+use sluice_net::constants::FRAME_HEADER_BYTES;
 use sluice_net::frame::{Frame, FrameHeader, encode_frame};
 use sluice_net::messages::*;
 use sluice_net::{ErrorCode, Kind};
@@ -44,13 +44,7 @@ async fn call(endpoint: &str, req: &Request, frame_max: usize) -> Result<OpResul
         .map_err(|e| unreachable(e.to_string()))?;
     let _ = s.set_nodelay(true);
     let mut out = Vec::new();
-    let hello = Hello {
-        magic: HELLO_MAGIC,
-        min_version: PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
-        client: "sluice-node".into(),
-    };
-    encode_frame(&mut out, 0, &hello, &[]);
+    encode_frame(&mut out, 0, &Hello::current("sluice-node"), &[]);
     match req {
         Request::Create { name } => encode_frame(&mut out, 1, &CreateSegment { segment: name.clone() }, &[]),
         Request::Seal { name } => encode_frame(&mut out, 1, &SealSegment { segment: name.clone() }, &[]),

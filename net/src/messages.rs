@@ -75,6 +75,19 @@ control!(
         pub client: String,
     }
 );
+impl Hello {
+    /// The first frame of a connection from this build: its magic and protocol version,
+    /// naming the client (`client`: what the server's log calls it).
+    pub fn current(client: &str) -> Hello {
+        Hello {
+            magic: crate::constants::HELLO_MAGIC,
+            min_version: crate::constants::PROTOCOL_VERSION,
+            max_version: crate::constants::PROTOCOL_VERSION,
+            client: client.into(),
+        }
+    }
+}
+
 control!(
     HelloReply,
     /// The server's half of the handshake, with its shard map.

@@ -129,7 +129,8 @@ fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Opt
     // The whole extent, padding included: a file cut short inside a record's padding (a
     // damaged file system; log files are whole blocks) must not leave the scan's end past
     // the bytes it has.
-    if end > bytes.len() || p as u64 + header.disk_len() > bytes.len() as u64 {
+    // (The extent covers the payload: its end is checked with it.)
+    if p as u64 + header.disk_len() > bytes.len() as u64 {
         return Err((
             HeaderFault::Invalid,
             None,

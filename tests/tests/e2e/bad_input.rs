@@ -4,7 +4,7 @@
 
 use rand::{Rng, SeedableRng};
 use sluice_client::{Client, ReadFrom};
-use sluice_net::constants::{FRAME_HEADER_BYTES, HELLO_MAGIC, PROTOCOL_VERSION};
+use sluice_net::constants::FRAME_HEADER_BYTES;
 use sluice_net::frame::{FrameDecoder, encode_frame, encode_header};
 use sluice_net::messages::*;
 use sluice_tests::{Server, TempDir, free_ports};
@@ -14,17 +14,7 @@ use std::time::Duration;
 
 fn hello() -> Vec<u8> {
     let mut out = Vec::new();
-    encode_frame(
-        &mut out,
-        1,
-        &Hello {
-            magic: HELLO_MAGIC,
-            min_version: PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            client: "hostile".into(),
-        },
-        b"",
-    );
+    encode_frame(&mut out, 1, &Hello::current("hostile"), b"");
     out
 }
 

@@ -9,7 +9,6 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_client::{Client, ReadFrom};
-use sluice_net::constants::{HELLO_MAGIC, PROTOCOL_VERSION};
 use sluice_net::frame::{FrameDecoder, encode_frame};
 use sluice_net::messages::*;
 use sluice_net::txn::shadow_segment_name;
@@ -349,13 +348,7 @@ impl Conn {
             let mut s = TcpStream::connect(&self.addr).unwrap_or_else(|e| panic!("connecting to {}: {e}", self.addr));
             s.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
             let mut hello = Vec::new();
-            let h = Hello {
-                magic: HELLO_MAGIC,
-                min_version: PROTOCOL_VERSION,
-                max_version: PROTOCOL_VERSION,
-                client: "request-fuzz".into(),
-            };
-            encode_frame(&mut hello, 0, &h, b"");
+            encode_frame(&mut hello, 0, &Hello::current("request-fuzz"), b"");
             s.write_all(&hello).unwrap();
             self.dec = FrameDecoder::new(64 << 20);
             self.stream = Some(s);
