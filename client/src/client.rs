@@ -32,6 +32,12 @@ pub struct ClientConfig {
     /// the server drops what it already has. The server answers an append once it is durable
     /// or refused (a full disk or log is refused at once), within milliseconds normally.
     pub append_answer_timeout: Duration,
+    /// How long any other request may go unanswered (a read: beyond its wait at the tail)
+    /// before the client takes the connection as lost, as for appends: a frozen server (its
+    /// connections open, nothing answered) fails the call with `Timeout` and its retries go
+    /// to a new connection, instead of waiting forever. A scrub (paced by the caller) has no
+    /// limit.
+    pub request_timeout: Duration,
 }
 
 /// How long a call or a writer retries before it warns (once) what it is waiting for.
@@ -63,6 +69,7 @@ impl Default for ClientConfig {
             retry_for: Duration::from_secs(60),
             measure_append_round_trips: false,
             append_answer_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -180,7 +187,7 @@ impl Client {
 
     pub async fn connect_with(url: &str, config: ClientConfig) -> Result<Client, ClientError> {
         let bootstrap = normalize(url)?;
-        let (conn, hello) = Connection::connect(&bootstrap, config.connect_timeout).await?;
+        let (conn, hello) = Connection::connect(&bootstrap, config.connect_timeout, config.request_timeout).await?;
         let map = ShardMap::from_hello(hello);
         let mut conns = HashMap::new();
         conns.insert(bootstrap.clone(), conn);
@@ -305,13 +312,15 @@ impl Client {
         {
             return Err(e.clone());
         }
-        let (conn, hello) = match Connection::connect(addr, self.inner.config.connect_timeout).await {
-            Ok(c) => c,
-            Err(e) => {
-                *failed = Some((Instant::now(), e.clone()));
-                return Err(e);
-            }
-        };
+        let (conn, hello) =
+            match Connection::connect(addr, self.inner.config.connect_timeout, self.inner.config.request_timeout).await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    *failed = Some((Instant::now(), e.clone()));
+                    return Err(e);
+                }
+            };
         *self.inner.map.lock().expect("lock") = ShardMap::from_hello(hello);
         self.inner.conns.lock().expect("lock").insert(addr.to_string(), conn.clone());
         Ok(conn)
@@ -370,7 +379,7 @@ impl Client {
         let report: ScrubReport = self
             .connection(&endpoint)
             .await?
-            .call(&ScrubLog { containers: vec![c], bytes_per_sec }, Bytes::new())
+            .call_untimed(&ScrubLog { containers: vec![c], bytes_per_sec }, Bytes::new())
             .await?;
         Ok(report.containers.into_iter().find(|s| s.container == c))
     }
@@ -789,7 +798,10 @@ impl Client {
         let msg = Self::read_request(segment, offset, max_bytes, wait);
         self.with_retry(|| {
             let msg = msg.clone();
-            async move { read_reply(self.segment_connection(segment).await?.send(&msg, Bytes::new()).await?) }
+            async move {
+                let conn = self.segment_connection(segment).await?;
+                read_reply(conn.send_waiting(&msg, Bytes::new(), Some(wait)).await?)
+            }
         })
         .await
     }

@@ -5,7 +5,10 @@
 //! that pile up while the socket is busy go out in few writes. When the connection breaks
 //! every waiting call fails with `ConnectionLost` and the connection reports itself closed.
 //! A caller may instead give a reply handler (`send_then`) that the reader task runs with
-//! the reply: no task to wake between the reply and what it settles.
+//! the reply: no task to wake between the reply and what it settles. A reply that does not
+//! come within the connection's answer timeout (a frozen peer, a lost answer) gives the
+//! connection up: the call fails with `Timeout`, every other waiting one with
+//! `ConnectionLost`, and callers retry on a new connection.
 
 use crate::error::ClientError;
 use bytes::Bytes;
@@ -246,6 +249,21 @@ pub struct Connection {
     pending: Pending,
     next_id: AtomicU64,
     closed: Arc<AtomicBool>,
+    /// How long a reply to `send` may take (beyond a read's own wait at the tail).
+    answer_timeout: Duration,
+}
+
+/// Gives a connection up: it reports itself closed, refuses new requests, and every waiting
+/// call fails with `ConnectionLost` now.
+fn give_up(addr: &str, wire: &Wire, pending: &Pending, closed: &AtomicBool) {
+    closed.store(true, Ordering::SeqCst);
+    wire.fail();
+    let waiting = pending.lock().expect("lock").take().unwrap_or_default();
+    for w in waiting.into_values() {
+        if let Waiter::Call(f) = w {
+            f(Err(ClientError::ConnectionLost(addr.to_string())));
+        }
+    }
 }
 
 /// Refuses a handshake reply the client could not route by (a server never sends one; a
@@ -282,8 +300,13 @@ pub fn server_error(e: ErrorReply) -> ClientError {
 }
 
 impl Connection {
-    /// Connects and performs the handshake.
-    pub async fn connect(addr: &str, timeout: Duration) -> Result<(Arc<Connection>, HelloReply), ClientError> {
+    /// Connects and performs the handshake, within `timeout` for each. Replies to `send`
+    /// and `call` must then come within `answer_timeout` (see `send_waiting`).
+    pub async fn connect(
+        addr: &str,
+        timeout: Duration,
+        answer_timeout: Duration,
+    ) -> Result<(Arc<Connection>, HelloReply), ClientError> {
         let cerr = |reason: String| ClientError::Connect { addr: addr.to_string(), reason };
         let (mut rd, wr) = tokio::time::timeout(timeout, open(addr))
             .await
@@ -298,6 +321,7 @@ impl Connection {
             pending: pending.clone(),
             next_id: AtomicU64::new(1),
             closed: closed.clone(),
+            answer_timeout,
         });
         let writer_closed = closed.clone();
         tokio::spawn(async move {
@@ -372,22 +396,29 @@ impl Connection {
     /// new requests, and every waiting call fails with `ConnectionLost` now. The socket is
     /// shut once the connection is dropped (the server then sees it closed).
     pub fn abort(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.wire.fail();
-        let waiting = self.pending.lock().expect("lock").take().unwrap_or_default();
-        for w in waiting.into_values() {
-            if let Waiter::Call(f) = w {
-                f(Err(ClientError::ConnectionLost(self.addr.clone())));
-            }
-        }
+        give_up(&self.addr, &self.wire, &self.pending, &self.closed);
     }
 
-    /// Sends a request now and returns a future for its reply frame. The request is on the
-    /// wire queue when this returns, so calls made in order are sent in order.
+    /// Sends a request now and returns a future for its reply frame, which must come within
+    /// the connection's answer timeout (`send_waiting`). The request is on the wire queue
+    /// when this returns, so calls made in order are sent in order.
     pub fn send<T: Control>(
         &self,
         msg: &T,
         payload: Bytes,
+    ) -> impl Future<Output = Result<Frame, ClientError>> + Send + 'static {
+        self.send_waiting(msg, payload, Some(Duration::ZERO))
+    }
+
+    /// `send` for a request the server may hold `wait` before it answers (a read's wait at
+    /// the tail; `None`: as long as it takes, e.g. a paced scrub): its reply must come
+    /// within the answer timeout after that. A reply that does not gives the connection up
+    /// (`abort`: the peer is frozen, or an answer got lost) and fails with `Timeout`.
+    pub fn send_waiting<T: Control>(
+        &self,
+        msg: &T,
+        payload: Bytes,
+        wait: Option<Duration>,
     ) -> impl Future<Output = Result<Frame, ClientError>> + Send + 'static {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -400,11 +431,24 @@ impl Connection {
         };
         let sent = registered && self.wire.send(&[&encode_frame_head(id, msg, payload.len()), &payload]);
         let addr = self.addr.clone();
+        let limit = wait.map(|w| w.saturating_add(self.answer_timeout));
+        let (wire, pending, closed) = (self.wire.clone(), self.pending.clone(), self.closed.clone());
+        let kind = T::KIND;
         async move {
             if !sent {
                 return Err(ClientError::ConnectionLost(addr));
             }
-            rx.await.map_err(|_| ClientError::ConnectionLost(addr))
+            let Some(limit) = limit else {
+                return rx.await.map_err(|_| ClientError::ConnectionLost(addr));
+            };
+            match tokio::time::timeout(limit, rx).await {
+                Ok(reply) => reply.map_err(|_| ClientError::ConnectionLost(addr)),
+                Err(_) => {
+                    tracing::warn!(%addr, ?limit, ?kind, "no answer in time; giving the connection up");
+                    give_up(&addr, &wire, &pending, &closed);
+                    Err(ClientError::Timeout(format!("no answer from {addr} to a {kind:?} request within {limit:?}")))
+                }
+            }
         }
     }
 
@@ -477,9 +521,14 @@ impl Connection {
         sent
     }
 
-    /// Sends a request and decodes its reply as `R`.
+    /// Sends a request and decodes its reply as `R` (within the answer timeout, as `send`).
     pub async fn call<T: Control, R: Control>(&self, msg: &T, payload: Bytes) -> Result<R, ClientError> {
         expect(self.send(msg, payload).await?)
+    }
+
+    /// `call` for a request the server may take as long as it needs for (a paced scrub).
+    pub async fn call_untimed<T: Control, R: Control>(&self, msg: &T, payload: Bytes) -> Result<R, ClientError> {
+        expect(self.send_waiting(msg, payload, None).await?)
     }
 }
 
@@ -654,7 +703,7 @@ mod tests {
                 // Held open until the client is done with it.
                 let _ = sock.read(&mut buf).await;
             });
-            let outcome = Connection::connect(&addr, Duration::from_secs(5)).await;
+            let outcome = Connection::connect(&addr, Duration::from_secs(5), Duration::from_secs(5)).await;
             if i < 3 {
                 match outcome {
                     Err(e @ ClientError::Protocol(ProtocolError::InvalidArchive { .. })) => {

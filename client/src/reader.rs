@@ -308,7 +308,10 @@ impl ReadAhead {
             h.abort();
         }
         let ahead = match client.open_segment_connection(segment) {
-            Some(conn) => Ahead::Sent(Box::pin(conn.send(&Client::read_request(segment, at, max, wait), Bytes::new()))),
+            Some(conn) => {
+                let read = Client::read_request(segment, at, max, wait);
+                Ahead::Sent(Box::pin(conn.send_waiting(&read, Bytes::new(), Some(wait))))
+            }
             None => {
                 let (client, segment) = (client.clone(), segment.to_string());
                 Ahead::Task(tokio::spawn(async move { client.read_segment(&segment, at, max, wait).await }))

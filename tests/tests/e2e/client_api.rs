@@ -8,7 +8,7 @@ use sluice_client::{Client, ClientError, CutAt, StreamCut, Synchronized};
 use sluice_tests::{Harness, Server, TempDir, free_ports};
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A counter whose update is "set to v", computed from the value seen: a lost update would
 /// show as a final count below the number of increments.
@@ -778,6 +778,45 @@ async fn a_writer_gives_up_a_silent_connection_and_sends_again() {
         got.push(String::from_utf8_lossy(&e.payload).into_owned());
     }
     assert_eq!(got, ["before", "while stopped"], "each event once, in order");
+}
+
+/// Any other call to a server that stopped answering (SIGSTOP: its connections stay open)
+/// fails with a timeout once `request_timeout` and the retries are past, instead of waiting
+/// for ever; a read that waits at the tail may take its wait on top. Once the server runs
+/// again, the same client's calls succeed on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_silent_server_times_out_instead_of_waiting_for_ever() {
+    let dir = TempDir::new("silent-call");
+    let s = Server::start(&dir.0.join("data"), free_ports(1), 1);
+    let config = sluice_client::ClientConfig {
+        request_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(500),
+        retry_for: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let c = Client::connect_with(&s.url(), config).await.unwrap();
+    c.create_scope("q").await.unwrap();
+    c.create_stream("q", "s", 1).await.unwrap();
+    // A read at the tail waits longer than the request timeout, and is answered.
+    let began = Instant::now();
+    let (reply, data) = c.read_segment("q/s/0", 0, 1024, Duration::from_millis(1200)).await.unwrap();
+    assert!(began.elapsed() >= Duration::from_millis(1100), "the read waited at the tail: {:?}", began.elapsed());
+    assert!(data.is_empty() && !reply.end_of_segment);
+
+    let before = c.segment_connection("q/s/0").await.unwrap();
+    s.signal(libc::SIGSTOP);
+    let began = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), c.get_stream("q", "s")).await;
+    let took = began.elapsed();
+    s.signal(libc::SIGCONT);
+    match outcome {
+        Err(_) => panic!("a call to a stopped server still waits after 20 s"),
+        Ok(Ok(_)) => panic!("a stopped server answered"),
+        Ok(Err(e)) => assert!(matches!(e, ClientError::Timeout(_) | ClientError::Connect { .. }), "{e}"),
+    }
+    assert!(took < Duration::from_secs(5), "given up after its retries, not later: {took:?}");
+    assert!(before.is_closed(), "the silent connection was given up");
+    c.get_stream("q", "s").await.expect("answered once the server runs again");
 }
 
 /// The length of every open segment of every shard, a request (a page) per shard: what the

@@ -13,6 +13,7 @@ mod corruption;
 mod crash;
 mod disk_full;
 mod etcd_node;
+mod hostile_peer;
 mod reader_group;
 mod request_fuzz;
 mod retention;
