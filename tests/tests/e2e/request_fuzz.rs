@@ -1,5 +1,6 @@
 //! Requests of every kind with random contents, sent one at a time to a live server (with
-//! tier-2, without, and a two-node cluster on etcd): names of things that exist and of things that do not (shadow
+//! tier-2, without, a two-node cluster on etcd, and that cluster with a node leaving and
+//! joining again meanwhile): names of things that exist and of things that do not (shadow
 //! segments, names at and over the length limit, empty ones), numbers at their limits, NaN
 //! and infinite key ranges, random policies, broken event framing. Each request is answered
 //! or its connection is closed, never left hanging; no server panics or stops a container,
@@ -423,6 +424,28 @@ async fn random_requests_without_tier2_are_answered_and_break_nothing() {
 async fn random_requests_to_a_cluster_are_answered_and_break_nothing() {
     let etcd = Etcd::start();
     let dir = TempDir::new("request-fuzz-cluster");
+    let nodes = cluster_nodes(&etcd, &dir);
+    // Both nodes serve containers before the requests begin.
+    until_sound(&nodes[0].url(), Some(2)).await;
+    fuzz_servers(nodes, CLUSTER_REQUESTS, false).await;
+}
+
+/// The same, with a node leaving (SIGTERM: it hands its containers to the other) after a
+/// third of the requests and joining again (it takes containers back) after two thirds:
+/// containers hand over with whatever the requests left in them (shadow segments, sealed
+/// and truncated segments, merges half done, writers' numbers), while requests keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_to_a_cluster_while_a_node_leaves_and_joins_break_nothing() {
+    let etcd = Etcd::start();
+    let dir = TempDir::new("request-fuzz-handoff");
+    let nodes = cluster_nodes(&etcd, &dir);
+    until_sound(&nodes[0].url(), Some(2)).await;
+    fuzz_servers(nodes, CLUSTER_REQUESTS, true).await;
+}
+
+/// Two nodes of cluster "fz" in `etcd`, a shared tier-2 under `dir`, small log files, the
+/// services every 200 ms.
+fn cluster_nodes(etcd: &Etcd, dir: &TempDir) -> Vec<Server> {
     let tier2 = format!("fs:{}", dir.0.join("tier2").display());
     let mut args: Vec<String> = ["--tier2", &tier2, "--containers-per-core", "4", "--log-file-mb", "1"]
         .iter()
@@ -431,16 +454,12 @@ async fn random_requests_to_a_cluster_are_answered_and_break_nothing() {
         .collect();
     args.extend(SERVICES_QUICK.map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let nodes: Vec<Server> = (0..2)
+    (0..2)
         .map(|i| {
             let data = dir.0.join(format!("node{i}"));
             Server::start_node(&data, free_ports(1), 1, &etcd.endpoint, "fz", &format!("n{i}"), &args, &[])
         })
-        .collect();
-    // Both nodes serve containers before the requests begin.
-    let url = nodes[0].url();
-    until_sound(&url, Some(2)).await;
-    fuzz_servers(nodes, CLUSTER_REQUESTS).await;
+        .collect()
 }
 
 /// The services (retention, auto-scaling, transaction timeouts) every 200 ms.
@@ -475,12 +494,13 @@ async fn fuzz(with_tier2: bool) {
     args.extend(SERVICES_QUICK.map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start_with(&dir.0.join("data"), free_ports(2), 2, &args);
-    fuzz_servers(vec![server], REQUESTS).await;
+    fuzz_servers(vec![server], REQUESTS, false).await;
 }
 
 /// `requests` requests against `servers` (one standalone server, or a cluster's nodes),
-/// then the checks.
-async fn fuzz_servers(mut servers: Vec<Server>, requests: usize) {
+/// then the checks. `handoff`: the last server leaves after a third of the requests and
+/// joins again after two thirds.
+async fn fuzz_servers(servers: Vec<Server>, requests: usize, handoff: bool) {
     let url = servers[0].url();
     let began = Instant::now();
     // Things for the requests to find: a scope, streams with events, a transaction.
@@ -500,14 +520,15 @@ async fn fuzz_servers(mut servers: Vec<Server>, requests: usize) {
 
     // Every shard of every server, from their handshakes.
     let urls: Vec<String> = servers.iter().map(Server::url).collect();
-    let endpoints: Vec<String> = tokio::task::spawn_blocking(move || {
+    // Every shard's endpoint, with the index of its server.
+    let (endpoints, owners): (Vec<String>, Vec<usize>) = tokio::task::spawn_blocking(move || {
         let mut all = Vec::new();
-        for url in urls {
-            let mut c = Conn::new(&url);
+        for (i, url) in urls.iter().enumerate() {
+            let mut c = Conn::new(url);
             c.open();
-            all.extend(c.hello.take().expect("a handshake").shards.into_iter().map(|s| s.address));
+            all.extend(c.hello.take().expect("a handshake").shards.into_iter().map(|s| (s.address, i)));
         }
-        all
+        all.into_iter().unzip()
     })
     .await
     .unwrap();
@@ -516,22 +537,43 @@ async fn fuzz_servers(mut servers: Vec<Server>, requests: usize) {
     // Another seed (e.g. to look further by hand): SLUICE_TEST_FUZZ_SEED.
     let seed = std::env::var("SLUICE_TEST_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261207);
     eprintln!("request fuzz: seed {seed}");
-    let (sent, replies, closed, tally) = tokio::task::spawn_blocking(move || {
+    let (sent, replies, closed, tally, mut servers) = tokio::task::spawn_blocking(move || {
+        let mut servers = servers;
         let mut gen_ = Gen { rng: StdRng::seed_from_u64(seed), txns };
         let mut conns: Vec<Conn> = endpoints.iter().map(|a| Conn::new(a)).collect();
         let started = Instant::now();
         let (mut sent, mut replies, mut closed) = (0usize, 0usize, 0usize);
         // (request kind, answer) -> count: which requests got past the first checks.
         let mut tally = std::collections::BTreeMap::<(String, String), usize>::new();
-        while sent < requests && started.elapsed() < FUZZ_TIME {
+        // With `handoff`: the server that is away, whose shards get no requests.
+        let leaving = servers.len() - 1;
+        let (mut away, mut left) = (None, false);
+        // The time the node took to leave and start again is not the requests'.
+        let mut paused = Duration::ZERO;
+        while sent < requests && started.elapsed().saturating_sub(paused) < FUZZ_TIME {
+            if handoff && !left && sent == requests / 3 {
+                let at = Instant::now();
+                assert!(servers[leaving].terminate(Duration::from_secs(60)), "the leaving node stopped cleanly");
+                eprintln!("request fuzz: node {leaving} left after {sent} requests (stopped in {:?})", at.elapsed());
+                paused += at.elapsed();
+                (away, left) = (Some(leaving), true);
+            } else if away.is_some() && sent == 2 * requests / 3 {
+                let at = Instant::now();
+                servers[leaving].restart();
+                eprintln!("request fuzz: node {leaving} joined again after {sent} requests");
+                paused += at.elapsed();
+                away = None;
+            }
             let id = sent as u64 + 1;
             let (frame, what) = gen_.request(id);
-            let mut shard = gen_.rng.random_range(0..conns.len());
+            let live: Vec<usize> = (0..conns.len()).filter(|&i| Some(owners[i]) != away).collect();
+            let mut shard = live[gen_.rng.random_range(0..live.len())];
             // As a client would: a redirect is followed once.
             let mut answer = conns[shard].ask_again_if_closed(&frame, id, &what);
             if let Answer::Reply(f) = &answer
                 && let Ok(ErrorReply { code: 1, endpoint: Some(to), .. }) = f.decode::<ErrorReply>()
                 && let Some(i) = endpoints.iter().position(|a| *a == to)
+                && Some(owners[i]) != away
             {
                 shard = i;
                 answer = conns[shard].ask_again_if_closed(&frame, id, &what);
@@ -553,8 +595,12 @@ async fn fuzz_servers(mut servers: Vec<Server>, requests: usize) {
             *tally.entry((kind, answer)).or_default() += 1;
             sent += 1;
         }
+        assert!(left || !handoff, "only {sent} requests in {FUZZ_TIME:?}: no node left");
+        if away.is_some() {
+            servers[leaving].restart();
+        }
         eprintln!("request fuzz: {sent} requests in {:?}", started.elapsed());
-        (sent, replies, closed, tally)
+        (sent, replies, closed, tally, servers)
     })
     .await
     .unwrap();
@@ -571,7 +617,7 @@ async fn fuzz_servers(mut servers: Vec<Server>, requests: usize) {
         assert!(server.is_running(), "a server exited:\n{}", server.output());
         assert!(!server.output().contains("panicked"), "a server panicked:\n{}", server.output());
     }
-    until_sound(&url, None).await;
+    until_sound(&url, Some(servers.len()).filter(|&n| n > 1)).await;
 
     // The streams the requests went at are read through, or refused with an error: the raw
     // segment requests may have sealed, truncated, deleted or re-created their segments.
