@@ -36,7 +36,8 @@ pub struct ClientConfig {
     /// before the client takes the connection as lost, as for appends: a frozen server (its
     /// connections open, nothing answered) fails the call with `Timeout` and its retries go
     /// to a new connection, instead of waiting forever. A scrub (paced by the caller) has no
-    /// limit.
+    /// limit. Keep it above the server's own waits: a stream operation waits up to 30 s for
+    /// a segment whose container is moving (in a cluster, a node restarting).
     pub request_timeout: Duration,
 }
 
@@ -69,7 +70,7 @@ impl Default for ClientConfig {
             retry_for: Duration::from_secs(60),
             measure_append_round_trips: false,
             append_answer_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -427,7 +427,7 @@ async fn random_requests_to_a_cluster_are_answered_and_break_nothing() {
     let nodes = cluster_nodes(&etcd, &dir);
     // Both nodes serve containers before the requests begin.
     until_sound(&nodes[0].url(), Some(2)).await;
-    fuzz_servers(nodes, CLUSTER_REQUESTS, false).await;
+    fuzz_servers(nodes, CLUSTER_REQUESTS, None).await;
 }
 
 /// The same, with a node leaving (SIGTERM: it hands its containers to the other) after a
@@ -440,7 +440,29 @@ async fn random_requests_to_a_cluster_while_a_node_leaves_and_joins_break_nothin
     let dir = TempDir::new("request-fuzz-handoff");
     let nodes = cluster_nodes(&etcd, &dir);
     until_sound(&nodes[0].url(), Some(2)).await;
-    fuzz_servers(nodes, CLUSTER_REQUESTS, true).await;
+    fuzz_servers(nodes, CLUSTER_REQUESTS, Some(Leave::HandOff)).await;
+}
+
+/// The same with the node killed (SIGKILL) instead and started again a second later: its
+/// containers wait for it (their logs are on its disk) and it takes them back from its logs,
+/// with whatever the requests left in them, while requests keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_requests_to_a_cluster_while_a_node_dies_and_comes_back_break_nothing() {
+    let etcd = Etcd::start();
+    let dir = TempDir::new("request-fuzz-failover");
+    let nodes = cluster_nodes(&etcd, &dir);
+    until_sound(&nodes[0].url(), Some(2)).await;
+    fuzz_servers(nodes, CLUSTER_REQUESTS, Some(Leave::Killed)).await;
+}
+
+/// How a node leaves in the middle of the requests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Leave {
+    /// SIGTERM: it hands its containers off and exits.
+    HandOff,
+    /// SIGKILL, and a start again a second later (in the background: requests that need
+    /// its containers wait for it).
+    Killed,
 }
 
 /// Two nodes of cluster "fz" in `etcd`, a shared tier-2 under `dir`, small log files, the
@@ -494,13 +516,13 @@ async fn fuzz(with_tier2: bool) {
     args.extend(SERVICES_QUICK.map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start_with(&dir.0.join("data"), free_ports(2), 2, &args);
-    fuzz_servers(vec![server], REQUESTS, false).await;
+    fuzz_servers(vec![server], REQUESTS, None).await;
 }
 
 /// `requests` requests against `servers` (one standalone server, or a cluster's nodes),
-/// then the checks. `handoff`: the last server leaves after a third of the requests and
+/// then the checks. `leave`: the last server leaves so after a third of the requests and
 /// joins again after two thirds.
-async fn fuzz_servers(servers: Vec<Server>, requests: usize, handoff: bool) {
+async fn fuzz_servers(servers: Vec<Server>, requests: usize, leave: Option<Leave>) {
     let url = servers[0].url();
     let began = Instant::now();
     // Things for the requests to find: a scope, streams with events, a transaction.
@@ -545,21 +567,43 @@ async fn fuzz_servers(servers: Vec<Server>, requests: usize, handoff: bool) {
         let (mut sent, mut replies, mut closed) = (0usize, 0usize, 0usize);
         // (request kind, answer) -> count: which requests got past the first checks.
         let mut tally = std::collections::BTreeMap::<(String, String), usize>::new();
-        // With `handoff`: the server that is away, whose shards get no requests.
+        // With `leave`: the server that is away, whose shards get no requests.
         let leaving = servers.len() - 1;
         let (mut away, mut left) = (None, false);
+        let mut restarting: Option<std::thread::JoinHandle<Server>> = None;
         // The time the node took to leave and start again is not the requests'.
         let mut paused = Duration::ZERO;
         while sent < requests && started.elapsed().saturating_sub(paused) < FUZZ_TIME {
-            if handoff && !left && sent == requests / 3 {
+            if let Some(how) = leave
+                && !left
+                && sent == requests / 3
+            {
                 let at = Instant::now();
-                assert!(servers[leaving].terminate(Duration::from_secs(60)), "the leaving node stopped cleanly");
-                eprintln!("request fuzz: node {leaving} left after {sent} requests (stopped in {:?})", at.elapsed());
+                match how {
+                    Leave::HandOff => assert!(
+                        servers[leaving].terminate(Duration::from_secs(60)),
+                        "the leaving node stopped cleanly:\n{}",
+                        servers[leaving].output()
+                    ),
+                    Leave::Killed => {
+                        let mut node = servers.pop().expect("the leaving node");
+                        node.kill();
+                        restarting = Some(std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_secs(1));
+                            node.restart();
+                            node
+                        }));
+                    }
+                }
+                eprintln!("request fuzz: node {leaving} left ({how:?}) after {sent} requests in {:?}", at.elapsed());
                 paused += at.elapsed();
                 (away, left) = (Some(leaving), true);
             } else if away.is_some() && sent == 2 * requests / 3 {
                 let at = Instant::now();
-                servers[leaving].restart();
+                match restarting.take() {
+                    Some(h) => servers.push(h.join().expect("the node started again")),
+                    None => servers[leaving].restart(),
+                }
                 eprintln!("request fuzz: node {leaving} joined again after {sent} requests");
                 paused += at.elapsed();
                 away = None;
@@ -595,9 +639,12 @@ async fn fuzz_servers(servers: Vec<Server>, requests: usize, handoff: bool) {
             *tally.entry((kind, answer)).or_default() += 1;
             sent += 1;
         }
-        assert!(left || !handoff, "only {sent} requests in {FUZZ_TIME:?}: no node left");
+        assert!(left || leave.is_none(), "only {sent} requests in {FUZZ_TIME:?}: no node left");
         if away.is_some() {
-            servers[leaving].restart();
+            match restarting.take() {
+                Some(h) => servers.push(h.join().expect("the node started again")),
+                None => servers[leaving].restart(),
+            }
         }
         eprintln!("request fuzz: {sent} requests in {:?}", started.elapsed());
         (sent, replies, closed, tally, servers)
