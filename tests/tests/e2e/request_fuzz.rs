@@ -604,7 +604,10 @@ async fn fuzz_servers(servers: Vec<Server>, requests: usize, leave: Option<Leave
                     Some(h) => servers.push(h.join().expect("the node started again")),
                     None => servers[leaving].restart(),
                 }
-                eprintln!("request fuzz: node {leaving} joined again after {sent} requests");
+                eprintln!(
+                    "request fuzz: node {leaving} joined again after {sent} requests ({:?} after the start)",
+                    started.elapsed()
+                );
                 paused += at.elapsed();
                 away = None;
             }
@@ -683,7 +686,7 @@ async fn fuzz_servers(servers: Vec<Server>, requests: usize, leave: Option<Leave
                 }
             }
         };
-        eprintln!("request fuzz: {stream} read from its head: {outcome}");
+        eprintln!("request fuzz: {stream} read from its head: {outcome} ({:?} after the start)", began.elapsed());
     }
     // It still serves: a new stream written and read back.
     let after = Client::connect(&url).await.unwrap();
