@@ -422,12 +422,7 @@ async fn random_requests_without_tier2_are_answered_and_break_nothing() {
 /// through the node that does not serve them too (node-to-node calls).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_to_a_cluster_are_answered_and_break_nothing() {
-    let etcd = Etcd::start();
-    let dir = TempDir::new("request-fuzz-cluster");
-    let nodes = cluster_nodes(&etcd, &dir);
-    // Both nodes serve containers before the requests begin.
-    until_sound(&nodes[0].url(), Some(2)).await;
-    fuzz_servers(nodes, CLUSTER_REQUESTS, None).await;
+    fuzz_cluster("request-fuzz-cluster", None).await;
 }
 
 /// The same, with a node leaving (SIGTERM: it hands its containers to the other) after a
@@ -436,11 +431,7 @@ async fn random_requests_to_a_cluster_are_answered_and_break_nothing() {
 /// and truncated segments, merges half done, writers' numbers), while requests keep coming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_to_a_cluster_while_a_node_leaves_and_joins_break_nothing() {
-    let etcd = Etcd::start();
-    let dir = TempDir::new("request-fuzz-handoff");
-    let nodes = cluster_nodes(&etcd, &dir);
-    until_sound(&nodes[0].url(), Some(2)).await;
-    fuzz_servers(nodes, CLUSTER_REQUESTS, Some(Leave::HandOff)).await;
+    fuzz_cluster("request-fuzz-handoff", Some(Leave::HandOff)).await;
 }
 
 /// The same with the node killed (SIGKILL) instead and started again a second later: its
@@ -448,11 +439,7 @@ async fn random_requests_to_a_cluster_while_a_node_leaves_and_joins_break_nothin
 /// with whatever the requests left in them, while requests keep coming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_to_a_cluster_while_a_node_dies_and_comes_back_break_nothing() {
-    let etcd = Etcd::start();
-    let dir = TempDir::new("request-fuzz-failover");
-    let nodes = cluster_nodes(&etcd, &dir);
-    until_sound(&nodes[0].url(), Some(2)).await;
-    fuzz_servers(nodes, CLUSTER_REQUESTS, Some(Leave::Killed)).await;
+    fuzz_cluster("request-fuzz-failover", Some(Leave::Killed)).await;
 }
 
 /// How a node leaves in the middle of the requests.
@@ -463,6 +450,17 @@ enum Leave {
     /// SIGKILL, and a start again a second later (in the background: requests that need
     /// its containers wait for it).
     Killed,
+}
+
+/// The requests to a cluster of two nodes (see `cluster_nodes`; a temporary directory
+/// named by `tag`), one of which leaves meanwhile if `leave` says how.
+async fn fuzz_cluster(tag: &str, leave: Option<Leave>) {
+    let etcd = Etcd::start();
+    let dir = TempDir::new(tag);
+    let nodes = cluster_nodes(&etcd, &dir);
+    // Both nodes serve containers before the requests begin.
+    until_sound(&nodes[0].url(), Some(2)).await;
+    fuzz_servers(nodes, CLUSTER_REQUESTS, leave).await;
 }
 
 /// Two nodes of cluster "fz" in `etcd`, a shared tier-2 under `dir`, small log files, the

@@ -25,6 +25,22 @@ async fn write(c: &Client, stream: &str, from: u64, n: u64, size: usize) {
     }
 }
 
+/// `write` with every event in flight at once, their acknowledgements awaited after: as
+/// fast as the server takes them, whatever one sync costs.
+async fn write_pipelined(c: &Client, stream: &str, from: u64, n: u64, size: usize) {
+    let w = c.event_writer(stream).await.unwrap();
+    let acks: Vec<_> = (from..from + n)
+        .map(|i| {
+            let mut p = format!("{}:{i}:", i % 8).into_bytes();
+            p.resize(size, b'.');
+            w.write_event(&(i % 8).to_le_bytes(), p)
+        })
+        .collect();
+    for a in acks {
+        a.await.unwrap();
+    }
+}
+
 /// (bytes held, (segment, start, length)) over every segment the stream ever had.
 async fn held(c: &Client, scope: &str, stream: &str) -> (u64, Vec<(u64, u64, u64)>) {
     let h = c.stream_history(scope, stream).await.unwrap();
@@ -162,14 +178,18 @@ async fn a_slow_stream_that_turns_fast_is_cut_back_within_seconds() {
         write(&c, "rt/s", i, 1, 30).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Then fast for 9 s: steps of 256 events of 1 KiB (over 12 MiB in all).
+    // Then fast for about 9 s: 54 steps of 256 events of 1 KiB (13.5 MiB), one every 170 ms
+    // (about 1.5 MiB/s), each step's events in flight together. (Written one at a time, as
+    // the trickle is, the steps took as long as the disk's syncs: too slow on a slow disk
+    // under a loaded CI machine to tell, 10.7 MiB in 9 s.)
+    const STEPS: u64 = 54;
     let fast = Instant::now();
     let (mut from, mut back_at) = (6, None);
     let mut most = 0;
-    while fast.elapsed() < Duration::from_secs(9) {
-        write(&c, "rt/s", from, 256, 1020).await;
+    for step in 0..STEPS {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(fast + Duration::from_millis(170 * step))).await;
+        write_pipelined(&c, "rt/s", from, 256, 1020).await;
         from += 256;
-        tokio::time::sleep(Duration::from_millis(50)).await;
         let h = held(&c, "rt", "s").await.0;
         most = most.max(h);
         if back_at.is_none() && h > 4 * MIB {
@@ -185,7 +205,7 @@ async fn a_slow_stream_that_turns_fast_is_cut_back_within_seconds() {
         (from - 6) * 1020 / MIB,
         fast.elapsed()
     );
-    assert!(from > 12 * 1024, "the fast writes came too slowly to tell ({from} events)");
+    assert!(fast.elapsed() < Duration::from_secs(15), "the fast writes came too slowly to tell ({:?})", fast.elapsed());
     // Cut back within about 5 s (the longest gap between looks) of turning fast, and held
     // near the policy from then on.
     assert!(at_end <= 3 * MIB, "{at_end} bytes held 9 s into fast writes under size:1M,2M: {segs:?}");
