@@ -126,10 +126,9 @@ fn record_at(bytes: &Bytes, pos: u64) -> Result<ScannedRecord, (HeaderFault, Opt
     let start = p + RECORD_HEADER_BYTES;
     let end = start + header.payload_len as usize;
     let extent = Some(header.disk_len());
-    // The whole extent, padding included: a file cut short inside a record's padding (a
-    // damaged file system; log files are whole blocks) must not leave the scan's end past
-    // the bytes it has.
-    // (The extent covers the payload: its end is checked with it.)
+    // The whole extent, padding included (it covers the payload): a file cut short inside a
+    // record's padding (a damaged file system; log files are whole blocks) must not leave
+    // the scan's end past the bytes it has.
     if p as u64 + header.disk_len() > bytes.len() as u64 {
         return Err((
             HeaderFault::Invalid,

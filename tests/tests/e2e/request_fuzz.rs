@@ -518,8 +518,8 @@ async fn fuzz(with_tier2: bool) {
 }
 
 /// `requests` requests against `servers` (one standalone server, or a cluster's nodes),
-/// then the checks. `leave`: the last server leaves so after a third of the requests and
-/// joins again after two thirds.
+/// then the checks. `leave`: the last server leaves (as it says) after a third of the
+/// requests and joins again after two thirds.
 async fn fuzz_servers(servers: Vec<Server>, requests: usize, leave: Option<Leave>) {
     let url = servers[0].url();
     let began = Instant::now();
@@ -538,9 +538,8 @@ async fn fuzz_servers(servers: Vec<Server>, requests: usize, leave: Option<Leave
     let begun = client.begin_txn("fz/s").await.unwrap();
     let txns = vec![begun.id(), 1, 2, 3];
 
-    // Every shard of every server, from their handshakes.
+    // Every shard's endpoint, with the index of its server, from their handshakes.
     let urls: Vec<String> = servers.iter().map(Server::url).collect();
-    // Every shard's endpoint, with the index of its server.
     let (endpoints, owners): (Vec<String>, Vec<usize>) = tokio::task::spawn_blocking(move || {
         let mut all = Vec::new();
         for (i, url) in urls.iter().enumerate() {
@@ -569,6 +568,14 @@ async fn fuzz_servers(servers: Vec<Server>, requests: usize, leave: Option<Leave
         let leaving = servers.len() - 1;
         let (mut away, mut left) = (None, false);
         let mut restarting: Option<std::thread::JoinHandle<Server>> = None;
+        // The away server back: the killed one's start awaited, the stopped one started.
+        let come_back =
+            |servers: &mut Vec<Server>, restarting: &mut Option<std::thread::JoinHandle<Server>>| match restarting
+                .take()
+            {
+                Some(h) => servers.push(h.join().expect("the node started again")),
+                None => servers[leaving].restart(),
+            };
         // The time the node took to leave and start again is not the requests'.
         let mut paused = Duration::ZERO;
         while sent < requests && started.elapsed().saturating_sub(paused) < FUZZ_TIME {
@@ -598,10 +605,7 @@ async fn fuzz_servers(servers: Vec<Server>, requests: usize, leave: Option<Leave
                 (away, left) = (Some(leaving), true);
             } else if away.is_some() && sent == 2 * requests / 3 {
                 let at = Instant::now();
-                match restarting.take() {
-                    Some(h) => servers.push(h.join().expect("the node started again")),
-                    None => servers[leaving].restart(),
-                }
+                come_back(&mut servers, &mut restarting);
                 eprintln!(
                     "request fuzz: node {leaving} joined again after {sent} requests ({:?} after the start)",
                     started.elapsed()
@@ -642,10 +646,7 @@ async fn fuzz_servers(servers: Vec<Server>, requests: usize, leave: Option<Leave
         }
         assert!(left || leave.is_none(), "only {sent} requests in {FUZZ_TIME:?}: no node left");
         if away.is_some() {
-            match restarting.take() {
-                Some(h) => servers.push(h.join().expect("the node started again")),
-                None => servers[leaving].restart(),
-            }
+            come_back(&mut servers, &mut restarting);
         }
         eprintln!("request fuzz: {sent} requests in {:?}", started.elapsed());
         (sent, replies, closed, tally, servers)

@@ -19,10 +19,16 @@ fn server(dir: &TempDir) -> Server {
 async fn write(c: &Client, stream: &str, from: u64, n: u64, size: usize) {
     let w = c.event_writer(stream).await.unwrap();
     for i in from..from + n {
-        let mut p = format!("{}:{i}:", i % 8).into_bytes();
-        p.resize(size, b'.');
-        w.write_event(&(i % 8).to_le_bytes(), p).await.unwrap();
+        let (key, payload) = event(i, size);
+        w.write_event(&key, payload).await.unwrap();
     }
+}
+
+/// Event `i` of `size` bytes: its key (one of eight) and its payload.
+fn event(i: u64, size: usize) -> ([u8; 8], Vec<u8>) {
+    let mut p = format!("{}:{i}:", i % 8).into_bytes();
+    p.resize(size, b'.');
+    ((i % 8).to_le_bytes(), p)
 }
 
 /// `write` with every event in flight at once, their acknowledgements awaited after: as
@@ -31,9 +37,8 @@ async fn write_pipelined(c: &Client, stream: &str, from: u64, n: u64, size: usiz
     let w = c.event_writer(stream).await.unwrap();
     let acks: Vec<_> = (from..from + n)
         .map(|i| {
-            let mut p = format!("{}:{i}:", i % 8).into_bytes();
-            p.resize(size, b'.');
-            w.write_event(&(i % 8).to_le_bytes(), p)
+            let (key, payload) = event(i, size);
+            w.write_event(&key, payload)
         })
         .collect();
     for a in acks {
@@ -283,9 +288,8 @@ async fn write_12_mib_and_wait_for_the_log(c: &Client, stream: &str, data: &std:
     for step in 0..24u64 {
         let acks: Vec<_> = (step * 512..(step + 1) * 512)
             .map(|i| {
-                let mut p = format!("{}:{i}:", i % 8).into_bytes();
-                p.resize(1020, b'.');
-                w.write_event(&(i % 8).to_le_bytes(), p)
+                let (key, payload) = event(i, 1020);
+                w.write_event(&key, payload)
             })
             .collect();
         for ack in acks {
