@@ -9,17 +9,19 @@
 //! thread may panic. Then the replies are left alone, and the same client must work again:
 //! a new stream written and read back whole and in per-key order. Nothing here asserts what
 //! a damaged reply's call returned: without a checksum on replies (TCP's is the protocol's)
-//! a damaged value can be taken for a sound one.
+//! a damaged value can be taken for a sound one. Once against a standalone server, once
+//! against a cluster of two nodes (its container map and redirects go through the proxy).
 //!
 //! Seeded (`SLUICE_TEST_FUZZ_SEED`), bounded in time. The proxy's threads are scheduled by
 //! the system, so a seed repeats the damage chosen, not its exact interleaving.
 
+use crate::request_fuzz::until_sound;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_client::{Client, ClientConfig, CutAt, GroupItem, ReadFrom, ReaderGroupConfig};
 use sluice_net::frame::{FrameHeader, encode_frame};
 use sluice_net::messages::*;
-use sluice_tests::{Server, TempDir, cli, free_ports};
+use sluice_tests::{Etcd, Server, TempDir, cli, free_ports};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -28,9 +30,9 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// How long calls are started for, by how many tasks at once.
-const FUZZ_TIME: Duration = Duration::from_secs(40);
+const FUZZ_TIME: Duration = Duration::from_secs(30);
 const TASKS: usize = 4;
-/// Replies damaged, per thousand.
+/// Replies damaged, per thousand (`SLUICE_TEST_FUZZ_PER_MILLE` for another share by hand).
 const DAMAGE_PER_MILLE: u32 = 40;
 /// How long one call of the workload may take before it counts as hung: far beyond its
 /// retries (`CONFIG`: every request answered or given up within 2 s, retries for 3 s).
@@ -114,6 +116,8 @@ struct Shared {
     stop: AtomicBool,
     connections: AtomicU64,
     frames: AtomicU64,
+    /// Error replies whose endpoint was rewritten (redirects through the proxy).
+    redirects: AtomicU64,
     /// Server endpoint → the proxy's address for it.
     routes: Mutex<HashMap<String, String>>,
     /// Every socket of the proxy, shut when it stops.
@@ -133,6 +137,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             frames: AtomicU64::new(0),
+            redirects: AtomicU64::new(0),
             routes: Mutex::new(HashMap::new()),
             sockets: Mutex::new(Vec::new()),
             tally: Mutex::new(BTreeMap::new()),
@@ -232,6 +237,8 @@ fn replies(shared: &Arc<Shared>, mut rng: StdRng, mut server: TcpStream, mut cli
             shared.frames.fetch_add(1, Ordering::Relaxed);
             if header.kind == Kind::HelloReply as u16 {
                 frame = rewrite_hello(shared, frame);
+            } else if header.kind == Kind::ErrorReply as u16 {
+                frame = rewrite_error(shared, frame);
             }
             let damage = (rng.random_range(0..1000) < shared.per_mille.load(Ordering::SeqCst))
                 .then(|| DAMAGES[rng.random_range(0..DAMAGES.len())]);
@@ -295,6 +302,24 @@ fn rewrite_hello(shared: &Arc<Shared>, frame: Vec<u8>) -> Vec<u8> {
     let mut out = Vec::new();
     encode_frame(&mut out, request_id, &hello, &frame[HEADER + control_len..]);
     out
+}
+
+/// An error reply that names an endpoint (a cluster's `WrongHost`: the node that serves a
+/// container now) with the proxy's address for it instead.
+fn rewrite_error(shared: &Arc<Shared>, frame: Vec<u8>) -> Vec<u8> {
+    let header = header_of(&frame);
+    let control = &frame[HEADER..HEADER + header.control_len as usize];
+    let mut e = ErrorReply::from_control_bytes(control).expect("the server's error reply");
+    match e.endpoint.take() {
+        Some(endpoint) if !endpoint.is_empty() => {
+            shared.redirects.fetch_add(1, Ordering::Relaxed);
+            e.endpoint = Some(route(shared, &endpoint));
+            let mut out = Vec::new();
+            encode_frame(&mut out, header.request_id, &e, &[]);
+            out
+        }
+        _ => frame,
+    }
 }
 
 /// `frame` with damage `d`: the frames to send instead (`Ok`), the frame to hold back
@@ -508,11 +533,52 @@ const CALLS: usize = 14;
 
 #[test]
 fn the_client_survives_a_peer_that_damages_its_replies() {
-    watch_panics();
-    let seed: u64 = std::env::var("SLUICE_TEST_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(11);
     let dir = TempDir::new("hostile-peer");
     let server = Server::start(&dir.0.join("data"), free_ports(2), 2);
-    let url = server.url();
+    through_a_hostile_peer(&[server]);
+}
+
+/// The same against a cluster of two nodes, a third of which joins after a third of the
+/// time and leaves (SIGTERM: a hand-off) after two thirds: the client's container map, its
+/// redirects (`WrongHost` names the node that serves a container now; the proxy names its
+/// own address for it) and its refreshes meet damaged replies while containers move. Stream
+/// operations reach other nodes' containers node to node, not through the proxy.
+#[test]
+fn the_client_survives_a_cluster_whose_replies_are_damaged() {
+    let etcd = Etcd::start();
+    let dir = TempDir::new("hostile-cluster");
+    let tier2 = format!("fs:{}", dir.0.join("tier2").display());
+    let args = ["--tier2", &tier2, "--containers-per-core", "4", "--lease-ttl-s", "3"];
+    let node = |i: usize| {
+        let data = dir.0.join(format!("node{i}"));
+        Server::start_node(&data, free_ports(1), 1, &etcd.endpoint, "hp", &format!("n{i}"), &args, &[])
+    };
+    let nodes = [node(0), node(1)];
+    let third = std::thread::scope(|s| {
+        let third = s.spawn(|| {
+            std::thread::sleep(FUZZ_TIME / 3);
+            let mut n2 = node(2);
+            eprintln!("hostile cluster: n2 joined");
+            std::thread::sleep(FUZZ_TIME / 3);
+            let status = ["cluster", "status", "--etcd", &etcd.endpoint, "--cluster", "hp"];
+            eprintln!("hostile cluster before n2 leaves:\n{}", cli("", &status, None).1);
+            let stopped = n2.terminate(Duration::from_secs(60));
+            eprintln!("hostile cluster: n2 left (clean exit: {stopped})");
+            (stopped, n2.output())
+        });
+        through_a_hostile_peer(&nodes);
+        third.join().expect("the third node's thread")
+    });
+    assert!(third.0, "the third node handed off and stopped cleanly:\n{}", third.1);
+    assert!(!third.1.contains("panicked"), "the third node panicked:\n{}", third.1);
+}
+
+/// The fuzz against `servers` (a standalone server, or a cluster's nodes: the client starts
+/// from the first), then the checks.
+fn through_a_hostile_peer(servers: &[Server]) {
+    watch_panics();
+    let seed: u64 = std::env::var("SLUICE_TEST_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(11);
+    let url = servers[0].url();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(format!("{WATCHED}client"))
@@ -520,6 +586,10 @@ fn the_client_survives_a_peer_that_damages_its_replies() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
+        if servers.len() > 1 {
+            // Every node serves containers before the calls begin.
+            until_sound(&url, Some(servers.len())).await;
+        }
         let direct = Client::connect(&url).await.unwrap();
         direct.create_scope("hp").await.unwrap();
         direct.create_stream("hp", "a", 3).await.unwrap();
@@ -533,7 +603,8 @@ fn the_client_survives_a_peer_that_damages_its_replies() {
 
         let (proxy, bootstrap) = Proxy::start(&url, seed);
         let client = Client::connect_with(&bootstrap, config()).await.unwrap();
-        proxy.damage(DAMAGE_PER_MILLE);
+        let per_mille = std::env::var("SLUICE_TEST_FUZZ_PER_MILLE").ok().and_then(|s| s.parse().ok());
+        proxy.damage(per_mille.unwrap_or(DAMAGE_PER_MILLE));
         let began = Instant::now();
         let numbers = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
@@ -568,9 +639,13 @@ fn the_client_survives_a_peer_that_damages_its_replies() {
         }
         let tally = proxy.0.tally.lock().unwrap().clone();
         eprintln!(
-            "hostile peer (seed {seed}): {} replies relayed over {} connections in {:?}; damaged: {tally:?}",
+            "hostile peer (seed {seed}, {} server(s)): {} replies ({} redirects) relayed over {} connections to {} \
+             endpoints in {:?}; damaged: {tally:?}",
+            servers.len(),
             proxy.0.frames.load(Ordering::SeqCst),
+            proxy.0.redirects.load(Ordering::SeqCst),
             proxy.0.connections.load(Ordering::SeqCst),
+            proxy.0.routes.lock().unwrap().len(),
             began.elapsed()
         );
         for ((name, ok), count) in &outcomes {
@@ -615,6 +690,8 @@ fn the_client_survives_a_peer_that_damages_its_replies() {
     // The server saw only well-formed requests, whatever the client made of its replies.
     let (ok, out, err) = cli(&url, &["stats", "--check"], None);
     assert!(ok, "the server reports a problem:\n{out}\n{err}");
-    assert!(!server.output().contains("panicked"), "the server panicked:\n{}", server.output());
+    for server in servers {
+        assert!(!server.output().contains("panicked"), "a server panicked:\n{}", server.output());
+    }
     runtime.shutdown_timeout(Duration::from_secs(5));
 }

@@ -488,7 +488,7 @@ const SERVICES_QUICK: [&str; 6] =
 
 /// Waits (at most 30 s) until `sluice stats --check` through `url` passes, covering `nodes`
 /// nodes if given (a cluster's ownership settles after a start).
-async fn until_sound(url: &str, nodes: Option<usize>) {
+pub(crate) async fn until_sound(url: &str, nodes: Option<usize>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (ok, out, err) = cli(url, &["stats", "--json", "--check"], None);
