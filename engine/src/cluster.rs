@@ -133,8 +133,7 @@ impl ClusterNode {
             lease: None,
             lease_file,
             fenced_lease: None,
-            last_renewed: Instant::now(),
-            last_attempt: Instant::now(),
+            renewal: Arc::new(Renewal::new()),
             mine: BTreeMap::new(),
         };
         agent.info.node_id = agent.opts.node_id.clone();
@@ -261,9 +260,8 @@ struct Agent<S: MetaStore> {
     /// old registration and ownership records go at once instead of at the lease's expiry
     /// (after an etcd outage, or a renewal that timed out, the lease may still be alive).
     fenced_lease: Option<LeaseId>,
-    /// Last successful lease renewal (or grant).
-    last_renewed: Instant,
-    last_attempt: Instant,
+    /// The lease's renewal, shared with the task that renews it (`renew`).
+    renewal: Arc<Renewal>,
     /// Containers this node serves, with their epochs.
     mine: BTreeMap<u32, u64>,
 }
@@ -286,6 +284,7 @@ impl<S: MetaStore> Agent<S> {
             Err(ClusterError::NodeIdTaken(_)) => self.remove_previous_run(t).await?,
             Err(e) => return Err(e.to_string().into()),
         }
+        let asked = Instant::now();
         let lease = timeout(t, self.store.grant_lease(self.opts.lease_ttl)).await?.map_err(|e| e.to_string())?;
         self.info.lease = lease;
         timeout(t, publish_node(&self.store, &self.info, lease)).await?.map_err(|e| e.to_string())?;
@@ -293,8 +292,7 @@ impl<S: MetaStore> Agent<S> {
             tracing::warn!(path = %self.lease_file.display(), error = %e, "cannot note the node's lease");
         }
         self.lease = Some(lease);
-        self.last_renewed = Instant::now();
-        self.last_attempt = Instant::now();
+        self.renewal.start(lease, asked);
         tracing::info!(node = %self.info.node_id, cluster = %self.opts.cluster, "registered");
         Ok(())
     }
@@ -337,10 +335,7 @@ impl<S: MetaStore> Agent<S> {
         c: u32,
         make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> ShardMsg,
     ) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        let shard = shard_of(ContainerId(c), self.shards) as usize;
-        self.senders[shard].unbounded_send(make(tx)).map_err(|_| "shard is gone".to_string())?;
-        rx.await.map_err(|_| "shard dropped the request".to_string())?
+        shard_call(&self.senders, self.shards, c, make).await
     }
 
     fn publish_serving(&self) {
@@ -350,12 +345,9 @@ impl<S: MetaStore> Agent<S> {
     /// Stops serving everything at once: the lease is lost or about to be.
     async fn fence_all(&mut self, why: &str) {
         tracing::error!(node = %self.info.node_id, containers = self.mine.len(), %why, "fencing: stopped serving all containers");
+        self.renewal.stop();
         let all: Vec<u32> = self.mine.keys().copied().collect();
-        let this = &*self;
-        let closes = all
-            .iter()
-            .map(|&c| this.shard_call(c, move |reply| ShardMsg::Close { container: c, handoff: false, reply }));
-        futures::future::join_all(closes).await;
+        stop_containers(&self.senders, self.shards, &all).await;
         self.mine.clear();
         self.fenced_lease = self.lease.take();
         self.ctl.controller.store(false, Ordering::SeqCst);
@@ -363,23 +355,13 @@ impl<S: MetaStore> Agent<S> {
         self.publish_serving();
     }
 
-    /// Renews the lease every third of its TTL; fences when renewals fail for too long.
-    async fn keep_lease(&mut self) {
-        let Some(lease) = self.lease else { return };
-        if self.last_attempt.elapsed() >= self.opts.lease_ttl / 3 {
-            self.last_attempt = Instant::now();
-            match timeout(self.call_timeout(), self.store.keep_alive(lease)).await {
-                Ok(Ok(())) => self.last_renewed = Instant::now(),
-                Ok(Err(MetaError::LeaseNotFound(_))) => {
-                    self.fence_all("the node's lease expired or was revoked").await;
-                    return;
-                }
-                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
-                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
-            }
-        }
-        if self.last_renewed.elapsed() > self.opts.lease_ttl * 2 / 3 {
-            self.fence_all("the lease could not be renewed for two thirds of its TTL").await;
+    /// Fences if the renewal task found the lease lost or unrenewed for too long (it has
+    /// stopped the containers then; this clears the agent's own state).
+    async fn check_lease(&mut self) {
+        if self.lease.is_some()
+            && let Some(why) = self.renewal.failed(self.opts.lease_ttl)
+        {
+            self.fence_all(&why).await;
         }
     }
 
@@ -480,6 +462,18 @@ impl<S: MetaStore> Agent<S> {
     fn run(mut self, rt: tokio::runtime::Runtime) {
         let mut last_warn: Option<Instant> = None;
         rt.block_on(async {
+            let renewer = tokio::spawn(renew(
+                self.store.clone(),
+                self.renewal.clone(),
+                self.opts.clone(),
+                Fence {
+                    senders: self.senders.clone(),
+                    shards: self.shards,
+                    count: self.count,
+                    routes: self.routes.clone(),
+                    ctl: self.ctl.clone(),
+                },
+            ));
             loop {
                 if self.ctl.stop.load(Ordering::SeqCst) {
                     return;
@@ -498,7 +492,7 @@ impl<S: MetaStore> Agent<S> {
                 } else if self.lease.is_none() {
                     break;
                 }
-                self.keep_lease().await;
+                self.check_lease().await;
                 if let Err(e) = self.round().await
                     && last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
                 {
@@ -508,10 +502,143 @@ impl<S: MetaStore> Agent<S> {
                 tokio::time::sleep(self.opts.poll).await;
             }
             // Drained: leave the cluster now rather than when the lease expires.
+            self.renewal.stop();
             if let Some(lease) = self.lease.take() {
                 let _ = timeout(self.call_timeout(), self.store.revoke_lease(lease)).await;
             }
+            renewer.abort();
             tracing::info!(node = %self.info.node_id, "left the cluster");
         });
+    }
+}
+
+/// A message to the shard that serves container `c`, and its answer.
+async fn shard_call(
+    senders: &[futures::channel::mpsc::UnboundedSender<ShardMsg>],
+    shards: u32,
+    c: u32,
+    make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> ShardMsg,
+) -> Result<(), String> {
+    let (tx, rx) = oneshot::channel();
+    let shard = shard_of(ContainerId(c), shards) as usize;
+    senders[shard].unbounded_send(make(tx)).map_err(|_| "shard is gone".to_string())?;
+    rx.await.map_err(|_| "shard dropped the request".to_string())?
+}
+
+/// Stops `containers` at once, without a hand-off (their logs stay; the node takes them
+/// back under new epochs).
+async fn stop_containers(
+    senders: &[futures::channel::mpsc::UnboundedSender<ShardMsg>],
+    shards: u32,
+    containers: &[u32],
+) {
+    let closes = containers
+        .iter()
+        .map(|&c| shard_call(senders, shards, c, move |reply| ShardMsg::Close { container: c, handoff: false, reply }));
+    futures::future::join_all(closes).await;
+}
+
+/// The node lease's renewal state, shared by the agent and the task that renews the lease
+/// (`renew`). The renewal runs beside the agent's rounds: a round can wait long (a hand-off
+/// moving a container's backlog to tier-2 may take up to a minute), and the lease must
+/// neither lapse meanwhile nor outlive its renewals unfenced.
+struct Renewal {
+    /// The lease being renewed: none before the node registers, nor once it fenced itself.
+    lease: std::sync::Mutex<Option<LeaseId>>,
+    /// When the last renewal the store confirmed was sent (or the grant asked for): the
+    /// store extends the lease from a moment after that, so it lives at least a TTL past it.
+    renewed: std::sync::Mutex<Instant>,
+    /// Why the lease is lost (the store said it is gone, or renewals failed for two thirds
+    /// of the TTL), once the renewal task found it so.
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Renewal {
+    fn new() -> Self {
+        Self {
+            lease: std::sync::Mutex::new(None),
+            renewed: std::sync::Mutex::new(Instant::now()),
+            failed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Renews `lease` from now on, granted by a request sent at `asked`.
+    fn start(&self, lease: LeaseId, asked: Instant) {
+        *self.renewed.lock().expect("lock") = asked;
+        *self.failed.lock().expect("lock") = None;
+        *self.lease.lock().expect("lock") = Some(lease);
+    }
+
+    /// Renews nothing more (fenced, or leaving).
+    fn stop(&self) {
+        *self.lease.lock().expect("lock") = None;
+    }
+
+    fn lease(&self) -> Option<LeaseId> {
+        *self.lease.lock().expect("lock")
+    }
+
+    /// Why the lease is lost, if it is: the renewal task's finding, or (if that task is held
+    /// up) renewals older than two thirds of `ttl`.
+    fn failed(&self, ttl: Duration) -> Option<String> {
+        if let Some(why) = self.failed.lock().expect("lock").clone() {
+            return Some(why);
+        }
+        (self.renewed.lock().expect("lock").elapsed() > ttl * 2 / 3)
+            .then(|| "the lease could not be renewed for two thirds of its TTL".to_string())
+    }
+}
+
+/// What the renewal task needs to fence the node on its own, without waiting for the
+/// agent's round to end.
+struct Fence {
+    senders: Vec<futures::channel::mpsc::UnboundedSender<ShardMsg>>,
+    shards: u32,
+    count: u32,
+    routes: Arc<Routes>,
+    ctl: Arc<AgentCtl>,
+}
+
+/// Renews the node's lease every third of its TTL, each attempt bounded by a third of the
+/// TTL and by the moment the node must be fenced; when the store says the lease is gone, or
+/// no renewal succeeded for two thirds of the TTL, stops every container the node serves at
+/// once and leaves the rest (its own state, registering again) to the agent.
+async fn renew<S: MetaStore>(store: S, renewal: Arc<Renewal>, opts: ClusterOptions, fence: Fence) {
+    let ttl = opts.lease_ttl;
+    let mut last_attempt: Option<(LeaseId, Instant)> = None;
+    loop {
+        tokio::time::sleep(opts.poll.min(ttl / 6)).await;
+        let Some(lease) = renewal.lease() else { continue };
+        let due = match last_attempt {
+            Some((l, at)) if l == lease => at.elapsed() >= ttl / 3,
+            _ => renewal.renewed.lock().expect("lock").elapsed() >= ttl / 3,
+        };
+        let fence_at = *renewal.renewed.lock().expect("lock") + ttl * 2 / 3;
+        if due {
+            last_attempt = Some((lease, Instant::now()));
+            let sent = Instant::now();
+            let bound = (ttl / 3).max(Duration::from_millis(500)).min(fence_at.saturating_duration_since(sent));
+            let outcome = timeout(bound.max(Duration::from_millis(1)), store.keep_alive(lease)).await;
+            if renewal.lease() != Some(lease) {
+                continue;
+            }
+            match outcome {
+                Ok(Ok(())) => *renewal.renewed.lock().expect("lock") = sent,
+                Ok(Err(MetaError::LeaseNotFound(_))) => {
+                    *renewal.failed.lock().expect("lock") = Some("the node's lease expired or was revoked".into());
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+            }
+        }
+        if let Some(why) = renewal.failed(ttl) {
+            *renewal.failed.lock().expect("lock") = Some(why.clone());
+            renewal.stop();
+            let serving: Vec<u32> = fence.ctl.serving.lock().expect("lock").keys().copied().collect();
+            tracing::error!(containers = serving.len(), %why, "fencing: stopping every container now");
+            fence.ctl.controller.store(false, Ordering::SeqCst);
+            fence.routes.set(vec![None; fence.count as usize]);
+            stop_containers(&fence.senders, fence.shards, &serving).await;
+        }
     }
 }

@@ -390,6 +390,13 @@ impl Etcd {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (e.g. `SIGSTOP`: etcd keeps its connections open and answers nothing
+    /// until `SIGCONT`, as a host that froze or a network that drops packets).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     pub fn restart(&mut self) {
         self.child = Self::spawn(&self.dir, self.base, &self.extra);
         if let Err(why) = self.wait_ready() {

@@ -33,9 +33,14 @@ impl Cluster {
     }
 
     fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        Self::start_with_etcd(n, extra, &[])
+    }
+
+    /// `start_with`, etcd started with `etcd_extra` arguments.
+    fn start_with_etcd(n: usize, extra: &[&str], etcd_extra: &[&str]) -> Cluster {
         // A writer stalled by a move shows as "no answer to an append" after 30 s.
         sluice_tests::show_client_warnings();
-        let etcd = Etcd::start();
+        let etcd = Etcd::start_with(etcd_extra);
         let dir = TempDir::new("cluster");
         let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "c").unwrap();
         let extra = extra.iter().map(|s| s.to_string()).collect();
@@ -50,18 +55,19 @@ impl Cluster {
 
     fn start_node(&mut self, i: usize) {
         let tier2 = format!("fs:{}", self.dir.0.join("tier2").display());
-        let mut extra = vec![
-            "--tier2",
-            &tier2,
-            "--containers-per-core",
-            "12",
-            "--log-file-mb",
-            "2",
-            "--move-min-kb",
-            "64",
-            "--lease-ttl-s",
-            "3",
+        let defaults = [
+            ("--tier2", tier2.as_str()),
+            ("--containers-per-core", "12"),
+            ("--log-file-mb", "2"),
+            ("--move-min-kb", "64"),
+            ("--lease-ttl-s", "3"),
         ];
+        // The test's own arguments replace these defaults.
+        let mut extra: Vec<&str> = defaults
+            .iter()
+            .filter(|(flag, _)| !self.extra.iter().any(|e| e == flag))
+            .flat_map(|&(flag, value)| [flag, value])
+            .collect();
         extra.extend(self.extra.iter().map(|s| s.as_str()));
         let data = self.dir.0.join(format!("node{i}"));
         // Ownership changes (hand-offs, take-overs) in the log a failing test prints.
@@ -674,20 +680,118 @@ async fn read_back_exactly(url: &str, acked: &HashSet<(u64, u64, u64)>) {
 /// must stop serving: they can no longer prove they own their containers), and comes back
 /// with its data: the nodes register again, take their containers back, and writers that
 /// retried through the outage lose nothing and duplicate nothing.
+/// Hand-offs that take longer than the node lease's TTL (a 1 s TTL; a backlog of hundreds of
+/// MiB the mover had not moved yet): a node that joins takes half of the other node's
+/// containers, and the other node keeps its lease through the long hand-off (it is renewed
+/// beside the agent's round) instead of fencing itself and everything it still serves.
+/// Then the same node leaves, handing off again. Nothing written is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_offs_longer_than_the_lease_ttl_keep_the_lease() {
+    let args = ["--lease-ttl-s", "1", "--move-min-kb", "4000000", "--log-file-mb", "64", "--log-budget-mb", "1024"];
+    // etcd's shortest lease is 1.5 election ticks (1.5 s by default): 150 ms here, so the
+    // 1 s TTL holds as asked.
+    let etcd = ["--heartbeat-interval", "10", "--election-timeout", "100"];
+    let mut cluster = Cluster::start_with_etcd(2, &args, &etcd);
+    cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
+    // n1 leaves while empty: n0 serves everything.
+    let mut n1 = cluster.nodes[1].take().unwrap();
+    assert!(tokio::task::spawn_blocking(move || n1.terminate(Duration::from_secs(60))).await.unwrap());
+    cluster.wait_for(&[("n0", 12)], Duration::from_secs(30)).await;
+
+    let client = Client::connect(&cluster.url(0)).await.unwrap();
+    client.create_scope("ho").await.unwrap();
+    client.create_stream("ho", "big", 12).await.unwrap();
+    let w = client.event_writer("ho/big").await.unwrap();
+    let (events, size) = (HAND_OFF_EVENTS, 64 << 10);
+    let mut acks = Vec::new();
+    for i in 0..events {
+        acks.push(w.write_event(format!("k{}", i % 48).as_bytes(), vec![(i % 251) as u8; size]));
+        if acks.len() >= 256 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    drop(w);
+    let mib = (events * size as u64) >> 20;
+
+    // n1 joins: n0 hands six containers (half the backlog) off while serving the others.
+    let t = Instant::now();
+    cluster.start_node(1);
+    cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(60)).await;
+    let log = cluster.nodes[0].as_ref().unwrap().output();
+    eprintln!("n1 took half of {mib} MiB over in {:?} (n0 fenced: {})", t.elapsed(), log.contains("fencing"));
+    assert!(!log.contains("fencing"), "n0 fenced itself during its hand-offs:\n{log}");
+
+    // n1 leaves again, handing its six off.
+    let t = Instant::now();
+    let mut n1 = cluster.nodes[1].take().unwrap();
+    let (clean, log) =
+        tokio::task::spawn_blocking(move || (n1.terminate(Duration::from_secs(120)), n1.output())).await.unwrap();
+    eprintln!("n1 left in {:?} (fenced: {})", t.elapsed(), log.contains("fencing"));
+    assert!(clean && !log.contains("fencing"), "n1 hands off and stops cleanly:\n{log}");
+    cluster.wait_for(&[("n0", 12)], Duration::from_secs(30)).await;
+    let mut r = client.event_reader("ho/big", ReadFrom::Head).await.unwrap();
+    let mut n = 0u64;
+    while let Some(e) = r.read_next(Duration::from_secs(3)).await.unwrap() {
+        assert_eq!(e.payload.len(), size);
+        n += 1;
+    }
+    assert_eq!(n, events, "every event read back");
+}
+
+/// Events of 64 KiB in `hand_offs_longer_than_the_lease_ttl_keep_the_lease` (1000 MiB).
+const HAND_OFF_EVENTS: u64 = 16_000;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_outage_holds_writes_and_loses_nothing() {
+    etcd_outages(false).await;
+}
+
+/// The same with an etcd that stops answering but keeps its connections open (SIGSTOP: a
+/// frozen host, a network that drops packets): every call of the nodes' hangs instead of
+/// failing at once, and only their own time bounds end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_stops_answering_holds_writes_and_loses_nothing() {
+    etcd_outages(true).await;
+}
+
+/// Two etcd outages under load (shorter and longer than the lease TTL): etcd killed and
+/// started again, or (`frozen`) stopped and continued.
+async fn etcd_outages(frozen: bool) {
     let mut cluster = Cluster::start(2);
     cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
     let load = Load::start(&cluster, 2).await;
 
     for outage in [Duration::from_millis(1500), Duration::from_secs(6)] {
-        cluster.etcd.kill();
+        if frozen {
+            cluster.etcd.signal(libc::SIGSTOP);
+        } else {
+            cluster.etcd.kill();
+        }
         tokio::time::sleep(outage).await;
-        cluster.etcd.restart();
+        if frozen {
+            cluster.etcd.signal(libc::SIGCONT);
+        } else {
+            cluster.etcd.restart();
+        }
+        if outage > Duration::from_secs(3) {
+            // Longer than the lease TTL: each node stopped serving (and registered again).
+            for node in cluster.nodes.iter().flatten() {
+                assert!(node.output().contains("fencing"), "a node did not fence itself:\n{}", node.output());
+            }
+        }
         let t = Instant::now();
         cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(60)).await;
         load.progress(5_000).await;
-        eprintln!("etcd down {outage:?}: writes flowing again {:?} after it came back", t.elapsed());
+        eprintln!(
+            "etcd {} {outage:?}: writes flowing again {:?} after it came back",
+            if frozen { "frozen" } else { "down" },
+            t.elapsed()
+        );
     }
     let acked = load.finish().await;
     read_back_exactly(&cluster.url(1), &acked).await;
