@@ -346,6 +346,20 @@ fn container_of(segment: &str) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_loses_its_lease_stops_serving_within_the_ttl() {
+    lose_lease(false).await;
+}
+
+/// The same when etcd stops answering (SIGSTOP) instead: no renewal comes back, and the
+/// node must fence itself on its own clock, within the TTL, however long its calls hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_etcd_stops_serving_within_the_ttl() {
+    lose_lease(true).await;
+}
+
+/// A node loses its lease (revoked behind its back, or with `frozen` etcd stopped while the
+/// node waits for answers), must stop taking writes within the TTL, and takes its own
+/// containers back under new epochs with nothing lost.
+async fn lose_lease(frozen: bool) {
     use sluice_meta::MetaStore;
     use sluice_net::messages::{Append, AppendAck};
     let cluster = Cluster::start(2);
@@ -380,8 +394,13 @@ async fn a_node_that_loses_its_lease_stops_serving_within_the_ttl() {
     append(conn.clone()).await.expect("n1 serves the segment");
     let mut raw = 1;
 
-    // Revoke n1's lease behind its back: it must stop taking writes within the TTL (3 s).
-    cluster.store.revoke_lease(n1.lease).await.unwrap();
+    // Revoke n1's lease behind its back, or freeze etcd: it must stop taking writes within
+    // the TTL (3 s).
+    if frozen {
+        cluster.etcd.signal(libc::SIGSTOP);
+    } else {
+        cluster.store.revoke_lease(n1.lease).await.unwrap();
+    }
     let revoked = Instant::now();
     loop {
         let conn = admin.connection(&n1.endpoints[0]).await.unwrap();
@@ -394,11 +413,23 @@ async fn a_node_that_loses_its_lease_stops_serving_within_the_ttl() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let fenced_after = revoked.elapsed();
+    if frozen {
+        cluster.etcd.signal(libc::SIGCONT);
+    }
 
     // n1 registers again and takes its own containers back (nobody else may: they were not
     // handed off), each under a new epoch, from its local log.
-    cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
-    let view = OwnershipView::read(&cluster.store).await.unwrap();
+    // (Right after etcd's return its view can still show the old term: the node's lease
+    // had not run out on etcd's side yet.)
+    let view = loop {
+        cluster.wait_for(&[("n0", 6), ("n1", 6)], Duration::from_secs(30)).await;
+        let view = OwnershipView::read(&cluster.store).await.unwrap();
+        if view.owners[&c].epoch > epoch {
+            break view;
+        }
+        assert!(revoked.elapsed() < Duration::from_secs(30), "container {c} never served under a new epoch");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(view.owner_of(c), Some("n1"));
     assert_eq!(view.owners[&c].epoch, epoch + 1, "a new ownership term has a new epoch");
     eprintln!("fenced {fenced_after:?} after the revocation; served again {:?} after it", revoked.elapsed());
