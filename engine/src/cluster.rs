@@ -218,6 +218,11 @@ async fn timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Res
     tokio::time::timeout(d, f).await.map_err(|_| format!("no answer from the metadata store within {d:?}"))
 }
 
+/// Bound on one call of the agent's to the metadata store, for a lease of `ttl`.
+fn call_timeout(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(500))
+}
+
 /// File in the data directory noting the lease a cluster node registered under.
 const LEASE_FILE: &str = "cluster-lease";
 
@@ -268,7 +273,7 @@ struct Agent<S: MetaStore> {
 
 impl<S: MetaStore> Agent<S> {
     fn call_timeout(&self) -> Duration {
-        (self.opts.lease_ttl / 3).max(Duration::from_millis(500))
+        call_timeout(self.opts.lease_ttl)
     }
 
     async fn register(&mut self) -> Result<(), RegisterError> {
@@ -615,9 +620,9 @@ async fn renew<S: MetaStore>(store: S, renewal: Arc<Renewal>, opts: ClusterOptio
         };
         let fence_at = *renewal.renewed.lock().expect("lock") + ttl * 2 / 3;
         if due {
-            last_attempt = Some((lease, Instant::now()));
             let sent = Instant::now();
-            let bound = (ttl / 3).max(Duration::from_millis(500)).min(fence_at.saturating_duration_since(sent));
+            last_attempt = Some((lease, sent));
+            let bound = call_timeout(ttl).min(fence_at.saturating_duration_since(sent));
             let outcome = timeout(bound.max(Duration::from_millis(1)), store.keep_alive(lease)).await;
             if renewal.lease() != Some(lease) {
                 continue;

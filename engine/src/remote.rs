@@ -71,15 +71,16 @@ async fn call(endpoint: &str, req: &Request, frame_max: usize) -> Result<OpResul
     if reply.request_id != 1 {
         return Err(unreachable(format!("an answer to request {} where 1 was asked", reply.request_id)));
     }
-    match (reply.kind, req) {
-        (Kind::Done, Request::Create { .. } | Request::Seal { .. } | Request::Delete { .. })
-        | (Kind::Done, Request::Truncate { .. }) => Ok(OpResult::Done),
-        (Kind::SegmentInfo, Request::Status { .. }) => {
+    // A status asks for `SegmentInfo`; the other operations are answered by `Done`.
+    let status = matches!(req, Request::Status { .. });
+    match reply.kind {
+        Kind::Done if !status => Ok(OpResult::Done),
+        Kind::SegmentInfo if status => {
             let info: SegmentInfo = reply.decode().map_err(|e| unreachable(e.to_string()))?;
             Ok(OpResult::Status { length: info.length, sealed: info.sealed })
         }
-        (Kind::ErrorReply, _) => Err(from_reply(reply.decode::<ErrorReply>().map_err(|e| unreachable(e.to_string()))?)),
-        (other, _) => Err(unreachable(format!("unexpected reply {other:?}"))),
+        Kind::ErrorReply => Err(from_reply(reply.decode::<ErrorReply>().map_err(|e| unreachable(e.to_string()))?)),
+        other => Err(unreachable(format!("unexpected reply {other:?}"))),
     }
 }
 

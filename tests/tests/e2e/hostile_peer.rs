@@ -538,7 +538,7 @@ fn the_client_survives_a_peer_that_damages_its_replies() {
     through_a_hostile_peer(&[server]);
 }
 
-/// The same against a cluster of two nodes, a third of which joins after a third of the
+/// The same against a cluster of two nodes, which a third node joins after a third of the
 /// time and leaves (SIGTERM: a hand-off) after two thirds: the client's container map, its
 /// redirects (`WrongHost` names the node that serves a container now; the proxy names its
 /// own address for it) and its refreshes meet damaged replies while containers move. Stream
