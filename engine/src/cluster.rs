@@ -133,7 +133,7 @@ impl ClusterNode {
             lease: None,
             lease_file,
             fenced_lease: None,
-            renewal: Arc::new(Renewal::new()),
+            renewal: Arc::new(Renewal::default()),
             mine: BTreeMap::new(),
         };
         agent.info.node_id = agent.opts.node_id.clone();
@@ -352,12 +352,20 @@ impl<S: MetaStore> Agent<S> {
         tracing::error!(node = %self.info.node_id, containers = self.mine.len(), %why, "fencing: stopped serving all containers");
         self.renewal.stop();
         let all: Vec<u32> = self.mine.keys().copied().collect();
-        stop_containers(&self.senders, self.shards, &all).await;
+        self.fence().stop(&all).await;
         self.mine.clear();
         self.fenced_lease = self.lease.take();
-        self.ctl.controller.store(false, Ordering::SeqCst);
-        self.routes.set(vec![None; self.count as usize]);
         self.publish_serving();
+    }
+
+    fn fence(&self) -> Fence {
+        Fence {
+            senders: self.senders.clone(),
+            shards: self.shards,
+            count: self.count,
+            routes: self.routes.clone(),
+            ctl: self.ctl.clone(),
+        }
     }
 
     /// Fences if the renewal task found the lease lost or unrenewed for too long (it has
@@ -467,18 +475,8 @@ impl<S: MetaStore> Agent<S> {
     fn run(mut self, rt: tokio::runtime::Runtime) {
         let mut last_warn: Option<Instant> = None;
         rt.block_on(async {
-            let renewer = tokio::spawn(renew(
-                self.store.clone(),
-                self.renewal.clone(),
-                self.opts.clone(),
-                Fence {
-                    senders: self.senders.clone(),
-                    shards: self.shards,
-                    count: self.count,
-                    routes: self.routes.clone(),
-                    ctl: self.ctl.clone(),
-                },
-            ));
+            let renewer =
+                tokio::spawn(renew(self.store.clone(), self.renewal.clone(), self.opts.clone(), self.fence()));
             loop {
                 if self.ctl.stop.load(Ordering::SeqCst) {
                     return;
@@ -547,55 +545,55 @@ async fn stop_containers(
 /// (`renew`). The renewal runs beside the agent's rounds: a round can wait long (a hand-off
 /// moving a container's backlog to tier-2 may take up to a minute), and the lease must
 /// neither lapse meanwhile nor outlive its renewals unfenced.
-struct Renewal {
-    /// The lease being renewed: none before the node registers, nor once it fenced itself.
-    lease: std::sync::Mutex<Option<LeaseId>>,
+#[derive(Default)]
+struct Renewal(std::sync::Mutex<Option<Renewing>>);
+
+/// A lease being renewed (none before the node registers, nor once it fenced itself).
+struct Renewing {
+    lease: LeaseId,
     /// When the last renewal the store confirmed was sent (or the grant asked for): the
     /// store extends the lease from a moment after that, so it lives at least a TTL past it.
-    renewed: std::sync::Mutex<Instant>,
+    renewed: Instant,
+    /// When the last renewal was sent, confirmed or not.
+    attempted: Instant,
     /// Why the lease is lost (the store said it is gone, or renewals failed for two thirds
     /// of the TTL), once the renewal task found it so.
-    failed: std::sync::Mutex<Option<String>>,
+    failed: Option<String>,
+    /// The renewal task has stopped the containers (the agent clears its state next).
+    fenced: bool,
 }
 
 impl Renewal {
-    fn new() -> Self {
-        Self {
-            lease: std::sync::Mutex::new(None),
-            renewed: std::sync::Mutex::new(Instant::now()),
-            failed: std::sync::Mutex::new(None),
-        }
-    }
-
     /// Renews `lease` from now on, granted by a request sent at `asked`.
     fn start(&self, lease: LeaseId, asked: Instant) {
-        *self.renewed.lock().expect("lock") = asked;
-        *self.failed.lock().expect("lock") = None;
-        *self.lease.lock().expect("lock") = Some(lease);
+        *self.0.lock().expect("lock") =
+            Some(Renewing { lease, renewed: asked, attempted: asked, failed: None, fenced: false });
     }
 
     /// Renews nothing more (fenced, or leaving).
     fn stop(&self) {
-        *self.lease.lock().expect("lock") = None;
-    }
-
-    fn lease(&self) -> Option<LeaseId> {
-        *self.lease.lock().expect("lock")
+        *self.0.lock().expect("lock") = None;
     }
 
     /// Why the lease is lost, if it is: the renewal task's finding, or (if that task is held
     /// up) renewals older than two thirds of `ttl`.
     fn failed(&self, ttl: Duration) -> Option<String> {
-        if let Some(why) = self.failed.lock().expect("lock").clone() {
-            return Some(why);
-        }
-        (self.renewed.lock().expect("lock").elapsed() > ttl * 2 / 3)
-            .then(|| "the lease could not be renewed for two thirds of its TTL".to_string())
+        self.0.lock().expect("lock").as_ref().and_then(|r| r.failed(ttl))
     }
 }
 
-/// What the renewal task needs to fence the node on its own, without waiting for the
-/// agent's round to end.
+impl Renewing {
+    fn failed(&self, ttl: Duration) -> Option<String> {
+        self.failed.clone().or_else(|| {
+            (self.renewed.elapsed() > ttl * 2 / 3)
+                .then(|| "the lease could not be renewed for two thirds of its TTL".to_string())
+        })
+    }
+}
+
+/// What fencing the node takes beyond its agent's own state: the containers stopped at
+/// once, the routes cleared, the controller role dropped. The renewal task fences with it
+/// without waiting for the agent's round to end; the agent, with what it knows it serves.
 struct Fence {
     senders: Vec<futures::channel::mpsc::UnboundedSender<ShardMsg>>,
     shards: u32,
@@ -604,46 +602,62 @@ struct Fence {
     ctl: Arc<AgentCtl>,
 }
 
+impl Fence {
+    async fn stop(&self, containers: &[u32]) {
+        self.ctl.controller.store(false, Ordering::SeqCst);
+        self.routes.set(vec![None; self.count as usize]);
+        stop_containers(&self.senders, self.shards, containers).await;
+    }
+}
+
 /// Renews the node's lease every third of its TTL, each attempt bounded by a third of the
 /// TTL and by the moment the node must be fenced; when the store says the lease is gone, or
 /// no renewal succeeded for two thirds of the TTL, stops every container the node serves at
 /// once and leaves the rest (its own state, registering again) to the agent.
 async fn renew<S: MetaStore>(store: S, renewal: Arc<Renewal>, opts: ClusterOptions, fence: Fence) {
     let ttl = opts.lease_ttl;
-    let mut last_attempt: Option<(LeaseId, Instant)> = None;
     loop {
         tokio::time::sleep(opts.poll.min(ttl / 6)).await;
-        let Some(lease) = renewal.lease() else { continue };
-        let due = match last_attempt {
-            Some((l, at)) if l == lease => at.elapsed() >= ttl / 3,
-            _ => renewal.renewed.lock().expect("lock").elapsed() >= ttl / 3,
+        // The lease to renew now, and until when.
+        let due = {
+            let mut state = renewal.0.lock().expect("lock");
+            match state.as_mut() {
+                Some(r) if r.failed.is_none() && r.attempted.elapsed() >= ttl / 3 => {
+                    r.attempted = Instant::now();
+                    Some((r.lease, r.attempted, r.renewed + ttl * 2 / 3))
+                }
+                _ => None,
+            }
         };
-        let fence_at = *renewal.renewed.lock().expect("lock") + ttl * 2 / 3;
-        if due {
-            let sent = Instant::now();
-            last_attempt = Some((lease, sent));
+        if let Some((lease, sent, fence_at)) = due {
             let bound = call_timeout(ttl).min(fence_at.saturating_duration_since(sent));
             let outcome = timeout(bound.max(Duration::from_millis(1)), store.keep_alive(lease)).await;
-            if renewal.lease() != Some(lease) {
-                continue;
-            }
-            match outcome {
-                Ok(Ok(())) => *renewal.renewed.lock().expect("lock") = sent,
-                Ok(Err(MetaError::LeaseNotFound(_))) => {
-                    *renewal.failed.lock().expect("lock") = Some("the node's lease expired or was revoked".into());
+            let mut state = renewal.0.lock().expect("lock");
+            match (state.as_mut().filter(|r| r.lease == lease), outcome) {
+                (None, _) => continue,
+                (Some(r), Ok(Ok(()))) => r.renewed = sent,
+                (Some(r), Ok(Err(MetaError::LeaseNotFound(_)))) => {
+                    r.failed = Some("the node's lease expired or was revoked".into());
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
-                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+                (Some(_), Ok(Err(e))) => tracing::warn!(error = %e, "lease renewal failed"),
+                (Some(_), Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
             }
         }
-        if let Some(why) = renewal.failed(ttl) {
-            *renewal.failed.lock().expect("lock") = Some(why.clone());
-            renewal.stop();
+        let failed = {
+            let mut state = renewal.0.lock().expect("lock");
+            match state.as_mut() {
+                Some(r) if !r.fenced => {
+                    r.failed = r.failed(ttl);
+                    r.fenced = r.failed.is_some();
+                    r.failed.clone()
+                }
+                _ => None,
+            }
+        };
+        if let Some(why) = failed {
             let serving: Vec<u32> = fence.ctl.serving.lock().expect("lock").keys().copied().collect();
             tracing::error!(containers = serving.len(), %why, "fencing: stopping every container now");
-            fence.ctl.controller.store(false, Ordering::SeqCst);
-            fence.routes.set(vec![None; fence.count as usize]);
-            stop_containers(&fence.senders, fence.shards, &serving).await;
+            fence.stop(&serving).await;
         }
     }
 }

@@ -117,10 +117,9 @@ mod tests {
 
     const FRAME_MAX: usize = 1 << 20;
 
+    /// A whole frame without a payload.
     fn frame<M: Control>(request_id: u64, m: &M) -> Vec<u8> {
-        let mut out = Vec::new();
-        encode_frame(&mut out, request_id, m, &[]);
-        out
+        sluice_net::frame::encode_frame_head(request_id, m, 0)
     }
 
     fn hello() -> Vec<u8> {

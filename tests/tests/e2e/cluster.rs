@@ -732,21 +732,8 @@ async fn hand_offs_longer_than_the_lease_ttl_keep_the_lease() {
     let client = Client::connect(&cluster.url(0)).await.unwrap();
     client.create_scope("ho").await.unwrap();
     client.create_stream("ho", "big", 12).await.unwrap();
-    let w = client.event_writer("ho/big").await.unwrap();
     let (events, size) = (HAND_OFF_EVENTS, 64 << 10);
-    let mut acks = Vec::new();
-    for i in 0..events {
-        acks.push(w.write_event(format!("k{}", i % 48).as_bytes(), vec![(i % 251) as u8; size]));
-        if acks.len() >= 256 {
-            for a in acks.drain(..) {
-                a.await.unwrap();
-            }
-        }
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
-    drop(w);
+    crate::tier2::write_keyed_events(&client, "ho/big", events, size, 48).await;
     let mib = (events * size as u64) >> 20;
 
     // n1 joins: n0 hands six containers (half the backlog) off while serving the others.

@@ -19,7 +19,7 @@ use crate::request_fuzz::until_sound;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sluice_client::{Client, ClientConfig, CutAt, GroupItem, ReadFrom, ReaderGroupConfig};
-use sluice_net::frame::{FrameHeader, encode_frame};
+use sluice_net::frame::{FrameHeader, encode_frame, encode_frame_head};
 use sluice_net::messages::*;
 use sluice_tests::{Etcd, Server, TempDir, cli, free_ports};
 use std::collections::{BTreeMap, HashMap};
@@ -314,9 +314,7 @@ fn rewrite_error(shared: &Arc<Shared>, frame: Vec<u8>) -> Vec<u8> {
         Some(endpoint) if !endpoint.is_empty() => {
             shared.redirects.fetch_add(1, Ordering::Relaxed);
             e.endpoint = Some(route(shared, &endpoint));
-            let mut out = Vec::new();
-            encode_frame(&mut out, header.request_id, &e, &[]);
-            out
+            encode_frame_head(header.request_id, &e, 0)
         }
         _ => frame,
     }
@@ -381,9 +379,7 @@ fn damaged(rng: &mut StdRng, d: Damage, mut frame: Vec<u8>) -> Option<Result<Vec
                 endpoint: endpoints[rng.random_range(0..endpoints.len())].clone(),
                 offset: offsets[rng.random_range(0..offsets.len())],
             };
-            let mut out = Vec::new();
-            encode_frame(&mut out, request_id, &e, &[]);
-            vec![out]
+            vec![encode_frame_head(request_id, &e, 0)]
         }
         Damage::Garbage => {
             let n = rng.random_range(1..64);

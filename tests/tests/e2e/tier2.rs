@@ -226,14 +226,19 @@ async fn tier2_outage_fills_the_log_then_refuses_and_loses_nothing() {
     assert_eq!(offset, length);
 }
 
-/// Writes `n` keyed events of `size` bytes ("i:" then padding).
+/// Writes `n` keyed events of `size` bytes ("i:" then padding) over 8 routing keys.
 async fn write_events(client: &Client, stream: &str, n: u64, size: usize) {
+    write_keyed_events(client, stream, n, size, 8).await;
+}
+
+/// `write_events` over `keys` routing keys, 256 in flight.
+pub(crate) async fn write_keyed_events(client: &Client, stream: &str, n: u64, size: usize, keys: u64) {
     let writer = client.event_writer(stream).await.unwrap();
     let mut acks = JoinSet::new();
     for i in 0..n {
         let mut payload = format!("{i}:").into_bytes();
         payload.resize(size, b'r');
-        acks.spawn(writer.write_event(format!("k{}", i % 8).as_bytes(), payload));
+        acks.spawn(writer.write_event(format!("k{}", i % keys).as_bytes(), payload));
         while acks.len() >= 256 {
             acks.join_next().await.unwrap().unwrap().unwrap();
         }
